@@ -1,0 +1,1 @@
+"""Checkpoint formats (readers, writers) and the converters between them."""

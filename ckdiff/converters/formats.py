@@ -1,0 +1,309 @@
+"""Format detection and readers. Each layout is one ``Reader`` in ``READERS``.
+
+A reader says whether a path looks like its layout (``detect``) and turns it
+into a ``Checkpoint`` of lazy tensors (``read``). New layouts register here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import InputError, UsageError
+from .lazy import Checkpoint, ConcatTensor, LazyTensor
+from .pickle_io import read_pickle_tensors
+from .safetensors_io import read_safetensors
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+@dataclass
+class Reader:
+    name: str
+    detect: Callable[[Path], bool]
+    read: Callable[..., Checkpoint]
+    description: str
+
+
+READERS: dict[str, Reader] = {}
+
+
+def register(name: str, description: str):
+    def deco(cls_or_pair):
+        detect, read = cls_or_pair()
+        READERS[name] = Reader(name, detect, read, description)
+        return cls_or_pair
+    return deco
+
+
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(path, "missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(path, f"invalid JSON ({e})") from None
+    except PermissionError as e:
+        raise InputError(path, f"cannot read: {e.strerror}") from None
+    if not isinstance(data, dict):
+        raise InputError(path, "expected a JSON object")
+    return data
+
+
+def _inside(root: Path, rel: str) -> Path:
+    """``root/rel``, refusing names that escape ``root``."""
+    p = (root / rel).resolve()
+    if os.path.isabs(rel) or root.resolve() not in p.parents:
+        raise InputError(root, f"shard path {rel!r} escapes the checkpoint directory")
+    return p
+
+
+def _merge_files(files: list[Path], read_one, root: Path) -> dict[str, LazyTensor]:
+    out: dict[str, LazyTensor] = {}
+    for f in files:
+        for k, t in read_one(f).items():
+            if k in out:
+                raise InputError(f, f"tensor {k!r} also appears in {out[k].origin}")
+            out[k] = t
+    return out
+
+
+def _read_indexed(root: Path, index: Path, read_one) -> dict[str, LazyTensor]:
+    data = _json(index)
+    wm = data.get("weight_map")
+    if not isinstance(wm, dict) or not wm:
+        raise InputError(index, "has no weight_map")
+    files = {}
+    for key, rel in wm.items():
+        if not isinstance(rel, str):
+            raise InputError(index, f"weight_map entry for {key!r} is not a file name")
+        p = _inside(root, rel)
+        if not p.is_file():
+            raise InputError(index, f"names shard {rel!r}, which is missing")
+        files.setdefault(p, []).append(key)
+    tensors = _merge_files(sorted(files), read_one, root)
+    for p, keys in files.items():
+        for k in keys:
+            if k not in tensors or tensors[k].origin != str(p):
+                raise InputError(index, f"maps {k!r} to {p.name}, which does not hold it")
+    return {k: tensors[k] for k in wm}
+
+
+def _read_single(path: Path, trust_pickle: bool = False) -> dict[str, LazyTensor]:
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    return read_pickle_tensors(path, trust_pickle)
+
+
+# ---------------------------------------------------------------- single files
+@register("file", "a single .safetensors, .bin, .pt or .pth file")
+def _file():
+    def detect(p: Path):
+        return p.is_file() and (p.suffix == ".safetensors" or p.suffix in PICKLE_SUFFIXES)
+
+    def read(p: Path, trust_pickle=False, **_):
+        return Checkpoint(str(p), "file", _read_single(p, trust_pickle), meta={"files": [str(p)]})
+    return detect, read
+
+
+# ---------------------------------------------------------------- HF directories
+def _hf_weight_files(p: Path):
+    for idx in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (p / idx).is_file():
+            return "index", p / idx
+    st = sorted(p.glob("*.safetensors"))
+    if st:
+        return "files", st
+    bins = sorted(p.glob("pytorch_model*.bin"))
+    if bins:
+        return "files", bins
+    return None, None
+
+
+@register("hf", "Hugging Face directory: config.json with model.safetensors, sharded "
+                "*.safetensors + index, or pytorch_model*.bin")
+def _hf():
+    def detect(p: Path):
+        return p.is_dir() and (p / "config.json").is_file() and _hf_weight_files(p)[0] is not None
+
+    def read(p: Path, trust_pickle=False, **_):
+        kind, what = _hf_weight_files(p)
+        one = lambda f: _read_single(f, trust_pickle)  # noqa: E731
+        if kind == "index":
+            tensors = _read_indexed(p, what, one)
+            files = sorted({t.origin for t in tensors.values()})
+        elif kind == "files":
+            tensors, files = _merge_files(what, one, p), [str(f) for f in what]
+        else:
+            raise InputError(p, "HF directory without weights (no *.safetensors or pytorch_model*.bin)")
+        config = _json(p / "config.json") if (p / "config.json").is_file() else {}
+        return Checkpoint(str(p), "hf", tensors, config=config, meta={"files": files})
+    return detect, read
+
+
+# ---------------------------------------------------------------- Meta directories
+META_SHARD = re.compile(r"^consolidated\.(\d+)\.pth$")
+# concat axis per Meta key suffix; None = replicated (take shard 0, check agreement)
+META_AXES = [
+    (r"attention\.w[qkv]\.weight$", 0), (r"attention\.wo\.weight$", 1),
+    (r"feed_forward\.w[13]\.weight$", 0), (r"feed_forward\.w2\.weight$", 1),
+    (r"^output\.weight$", 0), (r"norm\.weight$", None), (r"^rope\.freqs$", None),
+]
+REPLICA_ATOL = 1e-2  # Llama-3-70B norms differ slightly across shards (JetStream PR #101)
+
+
+def meta_shards(p: Path) -> list[Path]:
+    found = []
+    for f in p.iterdir():
+        m = META_SHARD.match(f.name)
+        if m:
+            found.append((int(m.group(1)), f))
+    found.sort()  # numeric, so consolidated.10 follows consolidated.9
+    for want, (idx, f) in enumerate(found):
+        if idx != want:
+            raise InputError(p, f"Meta shard consolidated.{want:02d}.pth is missing "
+                                f"(found {len(found)} shards, indices {[i for i, _ in found]})")
+    return [f for _, f in found]
+
+
+def meta_axis(key: str, shard_shape, params: dict, n_shards: int):
+    if key == "tok_embeddings.weight":
+        # Llama-1/2 split the embedding on the hidden axis, Llama-3 on the vocab axis.
+        dim = params.get("dim")
+        if dim and shard_shape[-1] == dim:
+            return 0
+        return 1
+    for pat, axis in META_AXES:
+        if re.search(pat, key):
+            return axis
+    return "unknown"
+
+
+def read_meta_dir(p: Path, trust_pickle=False, fmt="meta", **_) -> Checkpoint:
+    params = _json(p / "params.json") if (p / "params.json").is_file() else {}
+    shards = meta_shards(p)
+    if not shards:
+        raise InputError(p, "no consolidated.NN.pth shards")
+    per = [read_pickle_tensors(s, trust_pickle) for s in shards]
+    n_kv = params.get("n_kv_heads") or params.get("n_heads")
+    if len(shards) > 1 and n_kv and n_kv < len(shards):
+        raise InputError(p, f"{n_kv} KV heads over {len(shards)} shards: KV heads are duplicated "
+                            "across shards and cannot be merged by concatenation")
+    keys = list(per[0])
+    spread = {}
+    tensors: dict[str, LazyTensor] = {}
+    for i, shard in enumerate(per[1:], 1):
+        if set(shard) != set(keys):
+            missing = sorted(set(keys) ^ set(shard))[:3]
+            raise InputError(shards[i], f"keys differ from {shards[0].name}: {missing}")
+    for k in keys:
+        parts = [s[k] for s in per]
+        if len(parts) == 1:
+            tensors[k] = parts[0]
+            continue
+        axis = meta_axis(k, parts[0].shape, params, len(parts))
+        if axis is None:
+            ref = parts[0].load().float()
+            d = max(float((q.load().float() - ref).abs().max()) for q in parts[1:]) if ref.numel() else 0.0
+            spread[k] = d
+            if d > REPLICA_ATOL:
+                raise InputError(p, f"replicated tensor {k!r} differs across shards by {d:.3g}")
+            tensors[k] = parts[0]
+        elif axis == "unknown":
+            raise InputError(p, f"no merge rule for Meta tensor {k!r}")
+        else:
+            for q, f in zip(parts[1:], shards[1:]):
+                other = [s for j, s in enumerate(q.shape) if j != axis]
+                if other != [s for j, s in enumerate(parts[0].shape) if j != axis]:
+                    raise InputError(f, f"{k!r} shape {list(q.shape)} disagrees with shard 0 {list(parts[0].shape)}")
+            tensors[k] = ConcatTensor(k, parts, axis)
+    return Checkpoint(str(p), fmt, tensors, config=params,
+                      meta={"files": [str(s) for s in shards], "replica_spread": spread})
+
+
+@register("meta", "Meta directory: consolidated.NN.pth shards + params.json")
+def _meta():
+    def detect(p: Path):
+        return p.is_dir() and any(META_SHARD.match(f.name) for f in p.iterdir()) and \
+            (p / "params.json").is_file() and not (p / "checklist.chk").is_file()
+    return detect, read_meta_dir
+
+
+# ---------------------------------------------------------------- JetStream output
+@register("jetstream", "JetStream-pt directory: model.safetensors (or consolidated.00.pth "
+                       "+ checklist.chk) with params.json, Meta names, optional *_scaler")
+def _jetstream():
+    def detect(p: Path):
+        return p.is_dir() and not (p / "config.json").is_file() and (
+            ((p / "model.safetensors").is_file() and (p / "params.json").is_file())
+            or (p / "checklist.chk").is_file())
+
+    def read(p: Path, trust_pickle=False, **_):
+        if (p / "model.safetensors").is_file():
+            params = _json(p / "params.json") if (p / "params.json").is_file() else {}
+            return Checkpoint(str(p), "jetstream", read_safetensors(p / "model.safetensors"),
+                              config=params, meta={"files": [str(p / "model.safetensors")]})
+        return read_meta_dir(p, trust_pickle, fmt="jetstream")
+    return detect, read
+
+
+# ---------------------------------------------------------------- entry points
+def resolve_path(spec: str, cache_dir: str | None = None) -> Path:
+    """A local path, or a hub repo id resolved through the local HF cache only."""
+    p = Path(spec)
+    if p.exists():
+        return p
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not spec.startswith((".", "/")):
+        from huggingface_hub import snapshot_download
+        try:
+            return Path(snapshot_download(spec, cache_dir=cache_dir, local_files_only=True))
+        except Exception as e:  # hub raises many kinds; all mean "not in the local cache"
+            raise InputError(spec, f"not a local path, and not in the local Hugging Face cache "
+                                   f"({e.__class__.__name__}); nothing is downloaded") from None
+    raise InputError(spec, "no such file or directory")
+
+
+def detect_format(p: Path) -> str:
+    if not p.exists():
+        raise InputError(p, "no such file or directory")
+    if p.is_dir():
+        # Megatron and others register later; test the most specific first.
+        for name in ("megatron", "jetstream", "meta", "hf"):
+            if name in READERS and READERS[name].detect(p):
+                return name
+        try:
+            names = sorted(f.name for f in p.iterdir())[:8]
+        except PermissionError as e:
+            raise InputError(p, f"cannot list directory: {e.strerror}") from None
+        if not names:
+            raise InputError(p, "empty directory: no checkpoint found")
+        raise InputError(p, f"unknown checkpoint layout (found {', '.join(names)}); "
+                            f"use --format {{{','.join(READERS)}}}")
+    if READERS["file"].detect(p):
+        return "file"
+    raise InputError(p, f"unknown file type {p.suffix or '(no suffix)'}: expected .safetensors, "
+                        ".bin, .pt or .pth")
+
+
+def open_checkpoint(spec: str, fmt: str | None = None, cache_dir: str | None = None,
+                    trust_pickle: bool = False) -> Checkpoint:
+    """Read any supported checkpoint lazily; ``fmt`` overrides detection."""
+    from . import megatron  # noqa: F401  (registers the Megatron reader)
+    path = resolve_path(spec, cache_dir)
+    if fmt is None:
+        fmt = detect_format(path)
+    elif fmt not in READERS:
+        raise UsageError(f"unknown --format {fmt!r}; known: {', '.join(READERS)}")
+    ck = READERS[fmt].read(path, trust_pickle=trust_pickle)
+    if not ck.tensors:
+        raise InputError(path, f"no tensors found (read as {fmt})")
+    return ck
+
+
+def dtype_name(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")

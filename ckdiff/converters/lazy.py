@@ -1,0 +1,219 @@
+"""Lazy tensors: name, shape and dtype known up front, data read on demand.
+
+Every reader returns a ``Checkpoint``: an ordered mapping of name -> ``LazyTensor``.
+Data is read either whole (``load``) or as a range of rows along dim 0 (``rows``),
+which is what the comparator uses to stay within a bounded amount of memory.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping, Sequence
+
+import torch
+
+# Bytes per chunk when streaming a tensor; a few of these are alive at once.
+CHUNK_BYTES = 32 * 1024 * 1024
+
+
+class LazyTensor:
+    """A tensor whose data is read only when asked for."""
+
+    def __init__(self, name: str, shape: Sequence[int], dtype: torch.dtype, origin: str = ""):
+        self.name = name
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = dtype
+        self.origin = origin  # file (or description) the data comes from, for messages
+
+    # -- sizes -----------------------------------------------------------------
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def nrows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    def meta(self) -> torch.Tensor:
+        """An empty tensor on the meta device with this shape and dtype."""
+        return torch.empty(self.shape, dtype=self.dtype, device="meta")
+
+    # -- data ------------------------------------------------------------------
+    def load(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) along dim 0 (for a 0-d tensor: the scalar as shape [1])."""
+        t = self.load()
+        return t.reshape(1) if t.dim() == 0 else t[start:stop]
+
+    def row_chunks(self, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, int]]:
+        """Row ranges covering the tensor, each about ``chunk_bytes`` large."""
+        n = self.nrows
+        row_bytes = max(1, self.nbytes // max(1, n))
+        step = max(1, chunk_bytes // row_bytes)
+        for start in range(0, n, step):
+            yield start, min(n, start + step)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {list(self.shape)}, {self.dtype})"
+
+
+class EagerTensor(LazyTensor):
+    """Wraps a tensor already in memory (or memory-mapped by torch)."""
+
+    def __init__(self, name: str, tensor: torch.Tensor, origin: str = ""):
+        super().__init__(name, tensor.shape, tensor.dtype, origin)
+        self._t = tensor
+
+    def load(self) -> torch.Tensor:
+        return self._t
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return self._t.reshape(1) if self._t.dim() == 0 else self._t[start:stop]
+
+
+class ConcatTensor(LazyTensor):
+    """Parts concatenated along ``dim`` (shard merges), read part by part."""
+
+    def __init__(self, name: str, parts: Sequence[LazyTensor], dim: int, origin: str = ""):
+        shape = list(parts[0].shape)
+        shape[dim] = sum(p.shape[dim] for p in parts)
+        super().__init__(name, shape, parts[0].dtype, origin or parts[0].origin)
+        self.parts = list(parts)
+        self.dim = dim
+
+    def load(self) -> torch.Tensor:
+        return torch.cat([p.load() for p in self.parts], dim=self.dim)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        if self.dim != 0:
+            return torch.cat([p.rows(start, stop) for p in self.parts], dim=self.dim)
+        out, offset = [], 0
+        for p in self.parts:
+            lo, hi = max(start, offset), min(stop, offset + p.shape[0])
+            if lo < hi:
+                out.append(p.rows(lo - offset, hi - offset))
+            offset += p.shape[0]
+        return torch.cat(out, dim=0)
+
+
+class DerivedTensor(LazyTensor):
+    """Output ``index`` of a function of other lazy tensors (a conversion op).
+
+    Tensors derived from one group share a ``GroupCache`` so the op runs once
+    while its outputs are written one after the other.
+    """
+
+    def __init__(self, name: str, shape, dtype, group: "DerivedGroup", index: int):
+        super().__init__(name, shape, dtype, group.origin)
+        self.group = group
+        self.index = index
+
+    def load(self) -> torch.Tensor:
+        return self.group.outputs()[self.index]
+
+
+class DerivedGroup:
+    """Runs ``fn(inputs) -> list[Tensor]`` on demand and keeps the last result."""
+
+    _last: "DerivedGroup | None" = None  # one group's outputs alive at a time
+
+    def __init__(self, inputs: Sequence[LazyTensor], fn: Callable[[list], list], origin: str = ""):
+        self.inputs = list(inputs)
+        self.fn = fn
+        self.origin = origin or (inputs[0].origin if inputs else "")
+        self._cache: list | None = None
+
+    def infer(self) -> list[torch.Tensor]:
+        """Shapes and dtypes of the outputs, computed on the meta device."""
+        return self.fn([t.meta() for t in self.inputs])
+
+    def outputs(self) -> list[torch.Tensor]:
+        if self._cache is None:
+            prev = DerivedGroup._last
+            if prev is not None and prev is not self:
+                prev._cache = None
+            self._cache = [o.contiguous() for o in self.fn([t.load() for t in self.inputs])]
+            DerivedGroup._last = self
+        return self._cache
+
+    def tensors(self, names: Sequence[str]) -> list[DerivedTensor]:
+        metas = self.infer()
+        if len(metas) != len(names):
+            raise ValueError(f"op produced {len(metas)} tensors for {len(names)} names")
+        return [DerivedTensor(n, m.shape, m.dtype, self, i) for i, (n, m) in enumerate(zip(names, metas))]
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint as read: lazy tensors plus whatever configuration came with it."""
+
+    path: str
+    format: str  # hf | meta | jetstream | megatron | safetensors | pickle
+    tensors: dict[str, LazyTensor]
+    config: dict = field(default_factory=dict)  # config.json / params.json / megatron args
+    meta: dict = field(default_factory=dict)  # format specific facts (files, tp/pp, ...)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __getitem__(self, k: str) -> LazyTensor:
+        return self.tensors[k]
+
+    def __contains__(self, k: str) -> bool:
+        return k in self.tensors
+
+    @property
+    def num_params(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def as_checkpoint(path: str, fmt: str, tensors: Mapping[str, LazyTensor], **kw) -> Checkpoint:
+    return Checkpoint(path=str(path), format=fmt, tensors=dict(tensors), **kw)
+
+
+class RowSlice(LazyTensor):
+    """Rows [start, stop) of another lazy tensor."""
+
+    def __init__(self, name: str, base: LazyTensor, start: int, stop: int):
+        super().__init__(name, (stop - start,) + base.shape[1:], base.dtype, base.origin)
+        self.base, self.start, self.stop = base, start, stop
+
+    def load(self) -> torch.Tensor:
+        return self.base.rows(self.start, self.stop)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.base.rows(self.start + start, self.start + stop)
+
+
+class PadRows(LazyTensor):
+    """``base`` followed by ``extra`` copies of its last row (Megatron vocab padding)."""
+
+    def __init__(self, name: str, base: LazyTensor, extra: int):
+        super().__init__(name, (base.shape[0] + extra,) + base.shape[1:], base.dtype, base.origin)
+        self.base, self.extra = base, extra
+
+    def load(self) -> torch.Tensor:
+        return self.rows(0, self.shape[0])
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        n = self.base.shape[0]
+        parts = []
+        if start < n:
+            parts.append(self.base.rows(start, min(stop, n)))
+        if stop > n:
+            last = self.base.rows(n - 1, n)
+            parts.append(last.expand(stop - max(start, n), *last.shape[1:]))
+        return torch.cat(parts) if len(parts) > 1 else parts[0].clone() if stop > n else parts[0]

@@ -1,0 +1,338 @@
+"""Megatron-LLM checkpoints: reader (any TP/PP, legacy and native names) and writer.
+
+The reader presents a merged, TP=1/PP=1 view under native names with global
+layer indices (``layouts.MEGATRON``); the writer splits that view into
+``mp_rank_XX[_YYY]/model_optim_rng.pt`` files. Rules: megatron-llm-format.md
+sections 3-5 and 10-12.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError, UsageError
+from .config import ModelConfig
+from .formats import register
+from .lazy import Checkpoint, ConcatTensor, EagerTensor, LazyTensor, PadRows, RowSlice
+from .pickle_io import flatten_state, load_pickle
+
+TRACKER = "latest_checkpointed_iteration.txt"
+RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+
+# TP split per key suffix: 0 = rows (ColumnParallel), 1 = columns (RowParallel), None = replicated
+TP_AXIS = [
+    (r"word_embeddings\.weight$", 0), (r"word_embeddings_for_head\.weight$", 0), (r"lm_head$", 0),
+    (r"query_key_value\.weight$", 0), (r"self_attention\.dense\.weight$", 1),
+    (r"dense_h_to_4h\.weight$", "glu"), (r"dense_4h_to_h\.weight$", 1),
+    (r"(layernorm|final_layernorm)\.(weight|bias)$", None),
+]
+
+
+def tp_axis(key: str):
+    for pat, axis in TP_AXIS:
+        if re.search(pat, key):
+            return axis
+    return "unknown"
+
+
+def native_name(key: str) -> str:
+    """Legacy hf_to_megatron names -> native Megatron names."""
+    key = key.replace("language_model.transformer.", "language_model.encoder.")
+    key = re.sub(r"(layers\.\d+)\.attention\.", r"\1.self_attention.", key)
+    return key
+
+
+def _iteration_dir(root: Path) -> tuple[Path, str]:
+    tracker = root / TRACKER
+    try:
+        text = tracker.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(tracker, f"cannot read the iteration tracker ({e.__class__.__name__})") from None
+    if text == "release":
+        d = root / "release"
+    elif text.isdigit() and int(text) > 0:
+        d = root / f"iter_{int(text):07d}"
+    else:
+        raise InputError(tracker, f"holds {text[:40]!r}: expected 'release' or an iteration number > 0")
+    if not d.is_dir():
+        raise InputError(tracker, f"points to {d.name}, which does not exist")
+    return d, text
+
+
+def _rank_files(d: Path) -> dict[tuple[int, int], Path]:
+    ranks: dict[tuple[int, int], Path] = {}
+    for sub in d.iterdir():
+        m = RANK_DIR.match(sub.name)
+        if not m or not sub.is_dir():
+            continue
+        tp, pp = int(m.group(1)), int(m.group(2) or 0)
+        for fname in ("model_optim_rng.pt", "model_rng.pt"):
+            if (sub / fname).is_file():
+                ranks[(tp, pp)] = sub / fname
+                break
+        else:
+            raise InputError(sub, "has neither model_optim_rng.pt nor model_rng.pt")
+    if not ranks:
+        raise InputError(d, "no mp_rank_XX directories")
+    tps = 1 + max(t for t, _ in ranks)
+    pps = 1 + max(p for _, p in ranks)
+    for t in range(tps):
+        for p in range(pps):
+            if (t, p) not in ranks:
+                name = f"mp_rank_{t:02d}" + (f"_{p:03d}" if pps > 1 else "")
+                raise InputError(d, f"missing rank {name}: TP={tps}, PP={pps} needs every rank")
+    return ranks
+
+
+def _args_dict(obj, path) -> dict:
+    args = obj.get("args")
+    if args is None:
+        return {}
+    if isinstance(args, argparse.Namespace):
+        return dict(vars(args))
+    if isinstance(args, dict):
+        return dict(args)
+    raise InputError(path, f"'args' is a {type(args).__name__}, expected a Namespace")
+
+
+def read_megatron(root: Path, trust_pickle: bool = False, **_) -> Checkpoint:
+    root = Path(root)
+    d, iteration = _iteration_dir(root)
+    ranks = _rank_files(d)
+    TP = 1 + max(t for t, _ in ranks)
+    PP = 1 + max(p for _, p in ranks)
+    args: dict = {}
+    stages: dict[int, dict[int, dict[str, LazyTensor]]] = {}
+    for (t, p), f in sorted(ranks.items()):
+        obj = load_pickle(f, trust_pickle)
+        if not isinstance(obj, dict):
+            raise InputError(f, f"expected a dict, found {type(obj).__name__}")
+        if "model" not in obj:
+            if any(k.startswith("model") and k[5:].isdigit() for k in obj):
+                raise InputError(f, "virtual (interleaved) pipeline checkpoint (model0, model1, ...): not supported")
+            raise InputError(f, "no 'model' entry: not a Megatron checkpoint")
+        if not args:
+            args = _args_dict(obj, f)
+        flat = {native_name(k): v for k, v in flatten_state(obj["model"]).items()}
+        stages.setdefault(p, {})[t] = {k: EagerTensor(k, v, str(f)) for k, v in flat.items()}
+    L = args.get("num_layers")
+    glu = bool(args.get("glu_activation"))
+    tensors: dict[str, LazyTensor] = {}
+    for p in range(PP):
+        per_tp = stages[p]
+        keys = list(per_tp[0])
+        for t in range(1, TP):
+            if set(per_tp[t]) != set(keys):
+                diff = sorted(set(per_tp[t]) ^ set(keys))[:2]
+                raise InputError(ranks[(t, p)], f"keys differ from TP rank 0: {diff}")
+        local_layers = {int(m.group(1)) for k in keys for m in [re.search(r"layers\.(\d+)\.", k)] if m}
+        per_stage = (L // PP) if L else len(local_layers)
+        for k in keys:
+            parts = [per_tp[t][k] for t in range(TP)]
+            name = re.sub(r"layers\.(\d+)\.", lambda m: f"layers.{p * per_stage + int(m.group(1))}.", k) \
+                if PP > 1 else k
+            tensors[name] = _merge_tp(name, parts, glu, ranks, p)
+    if L is None:
+        L = len({m.group(1) for k in tensors for m in [re.search(r"layers\.(\d+)\.", k)] if m})
+        args["num_layers"] = L
+    meta = {"tp": TP, "pp": PP, "iteration": iteration, "files": [str(f) for f in ranks.values()]}
+    head = "language_model.word_embeddings_for_head.weight"
+    if head in tensors:
+        meta["word_embeddings_for_head"] = True
+    return Checkpoint(str(root), "megatron", tensors, config=args, meta=meta)
+
+
+def _merge_tp(name, parts: list[LazyTensor], glu: bool, ranks, p) -> LazyTensor:
+    TP = len(parts)
+    shape0 = parts[0].shape
+    for t, q in enumerate(parts[1:], 1):
+        if q.shape != shape0:
+            raise InputError(ranks[(t, p)], f"TP shards disagree in shape for {name}: "
+                                            f"{list(q.shape)} vs {list(shape0)} on rank 0")
+    if TP == 1:
+        return parts[0]
+    axis = tp_axis(name)
+    if axis == "unknown":
+        raise InputError(ranks[(0, p)], f"no tensor-parallel merge rule for {name!r}")
+    if axis is None:
+        return parts[0]
+    if axis == "glu":
+        if not glu:
+            return ConcatTensor(name, parts, 0)
+        h = shape0[0] // 2
+        ups = [RowSlice(name, q, 0, h) for q in parts]
+        gates = [RowSlice(name, q, h, 2 * h) for q in parts]
+        return ConcatTensor(name, ups + gates, 0)
+    return ConcatTensor(name, parts, axis)
+
+
+@register("megatron", "Megatron-LLM directory: latest_checkpointed_iteration.txt + "
+                      "{release,iter_NNNNNNN}/mp_rank_XX[_YYY]/model_optim_rng.pt")
+def _megatron():
+    def detect(p: Path):
+        return p.is_dir() and (p / TRACKER).exists()
+    return detect, read_megatron
+
+
+# ---------------------------------------------------------------- config
+def config_from_args(args: dict, tensors: dict, where="args") -> ModelConfig:
+    from .layouts import MEGATRON
+    try:
+        L, D, H = args["num_layers"], args["hidden_size"], args["num_attention_heads"]
+    except KeyError as e:
+        raise InputError(where, f"Megatron args lack {e.args[0]!r}") from None
+    K = args.get("num_attention_heads_kv") or H
+    glu = bool(args.get("glu_activation"))
+    h4h = tensors.get(MEGATRON["h4h"].format(i=0))
+    F = args.get("ffn_hidden_size") or (h4h.shape[0] // (2 if glu else 1) if h4h is not None else 4 * D)
+    emb = tensors[MEGATRON["embed"]]
+    hd = args.get("kv_channels") or D // H
+    falcon = not glu and not args.get("use_rms_norm", False)
+    tied = args.get("tie_embed_logits", falcon)
+    if MEGATRON["head"] in tensors:
+        tied = False
+    model = args.get("ckdiff_model") or ("falcon" if falcon else "llama")
+    cfg = ModelConfig(
+        family="falcon" if falcon else "llama", hidden=D, layers=L, heads=H, kv_heads=K, head_dim=hd, ffn=F,
+        vocab=emb.shape[0], norm_eps=args.get("layernorm_epsilon") or 1e-5,
+        rope_theta=float(args.get("rope_theta") or 10000.0), tied=bool(tied),
+        max_pos=args.get("max_position_embeddings") or args.get("seq_length") or 2048,
+        sliding_window=args.get("sliding_window_size"), parallel_attn=bool(args.get("parallel_attn")),
+        two_norms=bool(args.get("parallel_layernorm")), norm_bias=falcon,
+        dtype=str(emb.dtype).replace("torch.", ""),
+        extra={"model_type": "mistral" if model == "mistral" else ("falcon" if falcon else "llama"),
+               "true_vocab_size": args.get("true_vocab_size"), "model": model})
+    return cfg.check(where)
+
+
+def make_args(cfg: ModelConfig, model: str, tp: int, pp: int, padded_vocab: int, true_vocab: int,
+              divisible_by: int) -> argparse.Namespace:
+    """The ``args`` Namespace as hf_to_megatron writes it (spec section 5), plus what it forgot."""
+    a = dict(num_layers=cfg.layers, hidden_size=cfg.hidden, num_attention_heads=cfg.heads,
+             max_position_embeddings=cfg.max_pos, seq_length=cfg.max_pos, iteration="release",
+             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, bias_gelu_fusion=False,
+             bias_droput_fusion=False, position_embedding_type="rotary", padded_vocab_size=padded_vocab,
+             true_vocab_size=true_vocab, kv_channels=cfg.head_dim, rope_theta=cfg.rope_theta,
+             params_dtype=cfg.dtype, ckdiff_model=model)
+    if cfg.family == "falcon":
+        a.update(parallel_attn=True, use_flash_attn=True, hidden_dropout=0.0, tokenizer_type="FalconTokenizer",
+                 num_attention_heads_kv=cfg.kv_heads, ffn_hidden_size=cfg.ffn, tie_embed_logits=True,
+                 layernorm_epsilon=cfg.norm_eps)
+        if cfg.two_norms:
+            a["parallel_layernorm"] = True
+    else:
+        a.update(ffn_hidden_size=cfg.ffn, parallel_attn=False, make_vocab_size_divisible_by=divisible_by,
+                 glu_activation="swiglu", use_rms_norm=True, tie_embed_logits=cfg.tied,
+                 tokenizer_type="SentencePieceTokenizer", layernorm_epsilon=cfg.norm_eps)
+        if cfg.kv_heads != cfg.heads:
+            a["num_attention_heads_kv"] = cfg.kv_heads
+        if cfg.sliding_window:
+            a["sliding_window_size"] = cfg.sliding_window
+    return argparse.Namespace(**a)
+
+
+# ---------------------------------------------------------------- writer
+def padded_vocab(rows: int, tp: int, divisible_by: int | None) -> int:
+    """Rows after padding: only when asked, or when TP does not divide the rows."""
+    if divisible_by is None and rows % tp == 0:
+        return rows
+    m = (divisible_by or 128) * tp
+    return -(-rows // m) * m
+
+
+def check_parallel(cfg: ModelConfig, tp: int, pp: int) -> None:
+    if tp < 1 or pp < 1:
+        raise UsageError("--tp and --pp must be >= 1")
+    problems = []
+    if cfg.kv_heads % tp:
+        problems.append(f"TP={tp} does not divide the {cfg.kv_heads} KV heads")
+    elif cfg.heads % tp:
+        problems.append(f"TP={tp} does not divide the {cfg.heads} query heads")
+    elif cfg.ffn % tp:
+        problems.append(f"TP={tp} does not divide the FFN size {cfg.ffn}")
+    if cfg.layers % pp:
+        problems.append(f"PP={pp} does not divide the {cfg.layers} layers")
+    if problems:
+        raise UsageError("; ".join(problems))
+
+
+def _tp_slice(name: str, t: LazyTensor, rank: int, tp: int, glu: bool) -> torch.Tensor:
+    axis = tp_axis(name)
+    if tp == 1 or axis is None:
+        return t.load()
+    if axis == "glu" and glu:
+        f = t.shape[0] // 2
+        n = f // tp
+        return torch.cat([t.rows(rank * n, (rank + 1) * n), t.rows(f + rank * n, f + (rank + 1) * n)])
+    if axis in (0, "glu"):
+        n = t.shape[0] // tp
+        return t.rows(rank * n, (rank + 1) * n)
+    if axis == 1:
+        n = t.shape[1] // tp
+        return t.load()[:, rank * n:(rank + 1) * n]
+    raise UsageError(f"no tensor-parallel split rule for {name!r}")
+
+
+def write_megatron(out: Path, tensors: dict[str, LazyTensor], cfg: ModelConfig, tp: int, pp: int,
+                   args: argparse.Namespace) -> list[str]:
+    """Write rank files (legacy names, as hf_to_megatron) and the tracker last."""
+    from .layouts import MEGATRON
+    L = cfg.layers
+    per = L // pp
+    glu = cfg.family != "falcon"
+    written = []
+    embed = tensors[MEGATRON["embed"]]
+    for p in range(pp):
+        for t in range(tp):
+            enc: dict[str, torch.Tensor] = {}
+            lm: dict = {}
+            model: dict = {"language_model": lm}
+            if p == 0:
+                lm["embedding"] = {"word_embeddings.weight": _tp_slice(MEGATRON["embed"], embed, t, tp, glu).clone()}
+            for name, lt in tensors.items():
+                m = re.match(r"language_model\.encoder\.layers\.(\d+)\.(.*)$", name)
+                if m:
+                    i = int(m.group(1))
+                    if p * per <= i < (p + 1) * per:
+                        local = m.group(2).replace("self_attention.", "attention.", 1)
+                        enc[f"layers.{i - p * per}.{local}"] = _tp_slice(name, lt, t, tp, glu).clone()
+                elif name.startswith("language_model.encoder.") and p == pp - 1:
+                    enc[name[len("language_model.encoder."):]] = lt.load().clone()
+            lm["transformer"] = enc
+            if p == pp - 1:
+                if MEGATRON["head"] in tensors:
+                    lm["lm_head"] = _tp_slice(MEGATRON["head"], tensors[MEGATRON["head"]], t, tp, glu).clone()
+                elif pp > 1:
+                    model["word_embeddings_for_head"] = {
+                        "weight": _tp_slice(MEGATRON["embed"], embed, t, tp, glu).clone()}
+            rank = f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "")
+            d = out / "release" / rank
+            d.mkdir(parents=True, exist_ok=True)
+            torch.save({"iteration": "release", "checkpoint_version": 3.0, "args": args, "model": model},
+                       d / "model_optim_rng.pt")
+            written.append(str(d / "model_optim_rng.pt"))
+            del model, lm, enc
+    (out / TRACKER).write_text("release")
+    return written
+
+
+def pad_vocab_tensors(tensors: dict[str, LazyTensor], rows: int) -> dict[str, LazyTensor]:
+    """Pad embedding / lm_head to ``rows`` with copies of the last row."""
+    from .layouts import MEGATRON
+    out = dict(tensors)
+    for k in (MEGATRON["embed"], MEGATRON["head"]):
+        if k in out and out[k].shape[0] < rows:
+            out[k] = PadRows(k, out[k], rows - out[k].shape[0])
+    return out
+
+
+def strip_vocab(tensors: dict[str, LazyTensor], rows: int) -> dict[str, LazyTensor]:
+    from .layouts import MEGATRON
+    out = dict(tensors)
+    for k in (MEGATRON["embed"], MEGATRON["head"]):
+        if k in out and out[k].shape[0] > rows:
+            out[k] = RowSlice(k, out[k], 0, rows)
+    return out

@@ -1,0 +1,133 @@
+"""JetStream-pt weight quantization (meta-jetstream-format.md section 6).
+
+Symmetric, no zero point: ``s = max|w| / qmax`` over the reduction axis
+(clamped to >= 1e-5), ``q = clamp(round(w * (1/s)), qmin, qmax)`` as int8, the
+arithmetic in the source dtype, scales stored as bf16 under ``<key>_scaler``.
+Blockwise splits the input axis into blocks of 128 and stores ``q`` as
+``[nb, 128, out]`` with scales ``[nb, out]``. The embedding is always int8 per
+column. Scales are fully squeezed as the original converter did; readers accept both.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..errors import UsageError
+from .lazy import DerivedGroup, LazyTensor
+from .ops import Op
+
+QUANT_TYPES = ("int8_per_channel", "int4_per_channel", "int8_blockwise", "int4_blockwise")
+BLOCK = 128
+LINEAR = re.compile(r"(attention\.w[qkvo]\.weight|feed_forward\.w[123]\.weight|^output\.weight)$")
+EMBED = re.compile(r"^(tok_embeddings|embedder)\.weight$")
+SCALER = "_scaler"
+# per-element bound in units of the stored scale (bf16 arithmetic measured 1.14 / 0.53)
+BOUND = {8: 1.5, 4: 1.0}
+
+
+def bits_of(qtype: str) -> int:
+    return 8 if "int8" in qtype else 4
+
+
+def quantize(w: torch.Tensor, bits: int, blockwise: bool, axis: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes int8, scales bf16) for a linear weight [out, in] (or an embedding with axis=0)."""
+    qmax, qmin = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
+    if not blockwise:
+        m = w.abs().amax(dim=axis, keepdim=True).clamp(min=1e-5)
+        s = m / qmax
+        q = torch.clamp(torch.round(w * (1 / s)), qmin, qmax).to(torch.int8)
+        return q, s.to(torch.bfloat16).squeeze()
+    out, n = w.shape
+    if n % BLOCK:
+        raise UsageError(f"blockwise quantization needs the input dimension to be a multiple of {BLOCK}, got {n}")
+    wb = w.reshape(out, n // BLOCK, BLOCK)
+    m = wb.abs().amax(dim=2, keepdim=True).clamp(min=1e-5)
+    s = m / qmax
+    q = torch.clamp(torch.round(wb * (1 / s)), qmin, qmax).to(torch.int8)
+    return q.permute(1, 2, 0).contiguous(), s.squeeze(-1).T.contiguous().to(torch.bfloat16).squeeze()
+
+
+def dequantize(q: torch.Tensor, s: torch.Tensor, shape, embedding: bool = False) -> torch.Tensor:
+    """Float weight of ``shape`` from codes and scales (either layout, squeezed or not)."""
+    qf, sf = q.to(torch.float32), s.to(torch.float32)
+    if embedding:
+        return qf * sf.reshape(1, -1)
+    out, n = shape
+    if q.dim() == 3:  # blockwise [nb, 128, out]
+        nb = q.shape[0]
+        w = qf * sf.reshape(nb, 1, out)
+        return w.permute(2, 0, 1).reshape(out, n)
+    return qf * sf.reshape(-1, 1)
+
+
+def scale_per_element(s: torch.Tensor, q: torch.Tensor, shape, embedding: bool = False) -> torch.Tensor:
+    """The stored scale broadcast to every element of the float weight."""
+    return dequantize(torch.ones_like(q), s, shape, embedding)
+
+
+class Quantize(Op):
+    n_in, n_out = 1, 2
+
+    def __init__(self, bits: int, blockwise: bool, embedding: bool = False):
+        self.bits, self.blockwise, self.embedding = bits, blockwise, embedding
+
+    def __call__(self, xs):
+        if self.embedding:
+            return list(quantize(xs[0], 8, False, axis=0))
+        return list(quantize(xs[0], self.bits, self.blockwise))
+
+    def reverse(self):
+        raise NotImplementedError("quantization is lossy: use dequantize")
+
+    def describe(self):
+        return "quantize int8 per column" if self.embedding else \
+            f"quantize int{self.bits} {'blockwise-128' if self.blockwise else 'per channel'}"
+
+
+def quantize_tensors(tensors: dict[str, LazyTensor], qtype: str) -> dict[str, LazyTensor]:
+    if qtype not in QUANT_TYPES:
+        raise UsageError(f"--quantize_type {qtype!r}: expected one of {', '.join(QUANT_TYPES)}")
+    bits, block = bits_of(qtype), "blockwise" in qtype
+    out: dict[str, LazyTensor] = {}
+    for k, t in tensors.items():
+        if EMBED.search(k) or LINEAR.search(k):
+            emb = bool(EMBED.search(k))
+            if block and not emb and t.shape[1] % BLOCK:
+                raise UsageError(f"{qtype}: {k} has input dimension {t.shape[1]}, not a multiple of {BLOCK}")
+            g = DerivedGroup([t], Quantize(bits, block, emb))
+            for x in g.tensors([k, k + SCALER]):
+                out[x.name] = x
+        else:
+            out[k] = t
+    return out
+
+
+def is_quantized(tensors) -> bool:
+    return any(k.endswith(SCALER) for k in tensors)
+
+
+def dequantize_tensors(tensors: dict[str, LazyTensor], shapes: dict[str, tuple]) -> dict[str, LazyTensor]:
+    """Float (fp32) lazy tensors from a quantized JetStream mapping; ``shapes`` gives float shapes."""
+    out: dict[str, LazyTensor] = {}
+    for k, t in tensors.items():
+        if k.endswith(SCALER):
+            continue
+        if k + SCALER in tensors:
+            emb = bool(EMBED.search(k))
+            shp = shapes[k]
+            g = DerivedGroup([t, tensors[k + SCALER]], lambda xs, shp=shp, emb=emb: [
+                dequantize(xs[0], xs[1], shp, emb) if xs[0].device.type != "meta"
+                else torch.empty(shp, dtype=torch.float32, device="meta")])
+            out[k] = g.tensors([k])[0]
+        else:
+            out[k] = t
+    return out
+
+
+def float_shape(q: LazyTensor) -> tuple:
+    """Shape of the float weight behind codes ``q`` (blockwise codes are [nb, 128, out])."""
+    if len(q.shape) == 3:
+        nb, b, o = q.shape
+        return (o, nb * b)
+    return tuple(q.shape)

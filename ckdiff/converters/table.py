@@ -1,0 +1,156 @@
+"""Conversion tables: rows of (source keys, target keys, reversible op).
+
+Keys may hold ``{i}`` for the layer index. ``invert`` reverses every row, so
+a converter's inverse is derived, never written twice. ``apply`` turns a
+mapping of lazy tensors into the lazy target tensors, layer by layer; nothing
+is computed until a writer asks for the data.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+from ..errors import InputError
+from .lazy import DerivedGroup, LazyTensor
+from .ops import Identity, Op
+
+
+@dataclass(frozen=True)
+class Rule:
+    src: tuple
+    dst: tuple
+    op: Op = field(default_factory=Identity)
+
+    def inverse(self) -> "Rule":
+        return Rule(self.dst, self.src, self.op.reverse())
+
+    @property
+    def layered(self) -> bool:
+        return any("{i}" in k for k in self.src + self.dst)
+
+
+def R(src, dst, op: Op | None = None) -> Rule:
+    """Shorthand: ``R("a.{i}.w", "b.{i}.w", PermuteRope(...))``; lists for many keys."""
+    as_t = lambda x: (x,) if isinstance(x, str) else tuple(x)  # noqa: E731
+    return Rule(as_t(src), as_t(dst), op or Identity())
+
+
+def invert(rules: Sequence[Rule]) -> list[Rule]:
+    return [r.inverse() for r in rules]
+
+
+class Renamed(LazyTensor):
+    """The same data under another name (identity rows stay zero-copy)."""
+
+    def __init__(self, name: str, base: LazyTensor):
+        super().__init__(name, base.shape, base.dtype, base.origin)
+        self.base = base
+
+    def load(self):
+        return self.base.load()
+
+    def rows(self, start, stop):
+        return self.base.rows(start, stop)
+
+
+@dataclass
+class Plan:
+    """The rows a conversion used, for reports ("mapping table")."""
+    rows: list = field(default_factory=list)  # [src keys, dst keys, op description]
+
+
+def apply(tensors: Mapping[str, LazyTensor], rules: Sequence[Rule], layers: int,
+          drop: Iterable[str] = (), where: str = "input", plan: Plan | None = None) -> dict[str, LazyTensor]:
+    """Lazy targets of ``rules`` over ``tensors``; every source key must be used or dropped."""
+    drop_re = [re.compile(p) for p in drop]
+    out: dict[str, LazyTensor] = {}
+    used: set = set()
+    head = [r for r in rules if not r.layered]
+    first_layered = next((i for i, r in enumerate(rules) if r.layered), len(rules))
+    pre = [r for r in rules[:first_layered] if not r.layered]
+    post = [r for r in head if r not in pre]
+    layered = [r for r in rules if r.layered]
+
+    def run(rule: Rule, i):
+        src = [k.format(i=i) for k in rule.src]
+        dst = [k.format(i=i) for k in rule.dst]
+        missing = [k for k in src if k not in tensors]
+        if missing:
+            raise InputError(where, f"missing tensor {missing[0]!r} (needed for {dst[0]!r})")
+        used.update(src)
+        if isinstance(rule.op, Identity):
+            for s, d in zip(src, dst):
+                out[d] = Renamed(d, tensors[s])
+        else:
+            group = DerivedGroup([tensors[k] for k in src], rule.op)
+            try:
+                targets = group.tensors(dst)
+            except (ValueError, RuntimeError) as e:
+                raise InputError(where, f"cannot map {src} -> {dst}: {e}") from None
+            for t in targets:
+                out[t.name] = t
+        if plan is not None and (i in (None, 0)):
+            plan.rows.append([list(rule.src), list(rule.dst), rule.op.describe()])
+
+    for r in pre:
+        run(r, None)
+    for i in range(layers):
+        for r in layered:
+            run(r, i)
+    for r in post:
+        run(r, None)
+    unused = [k for k in tensors if k not in used and not any(p.search(k) for p in drop_re)]
+    if unused:
+        more = f" (and {len(unused) - 3} more)" if len(unused) > 3 else ""
+        raise InputError(where, f"unmapped tensors {unused[:3]}{more}: the converter does not know them")
+    return out
+
+
+def check_tie(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    if a.shape != b.shape or not torch.equal(a, b):
+        raise ValueError(f"{what}: tied tensors differ; the checkpoint is not tied")
+
+
+class Tie(Op):
+    """One tensor -> the same tensor twice (embedding reused as the output layer)."""
+    n_in, n_out = 1, 2
+
+    def __call__(self, xs):
+        return [xs[0], xs[0]]
+
+    def reverse(self):
+        return Untie()
+
+    def describe(self):
+        return "tied: copy embedding to output"
+
+    def __eq__(self, o):
+        return isinstance(o, Tie)
+
+    def __hash__(self):
+        return 1
+
+
+class Untie(Op):
+    """Two tensors that must be equal -> one (verifies the tie rather than assuming it)."""
+    n_in, n_out = 2, 1
+
+    def __call__(self, xs):
+        if xs[0].device.type != "meta":
+            check_tie(xs[0], xs[1], "untie")
+        return [xs[0]]
+
+    def reverse(self):
+        return Tie()
+
+    def describe(self):
+        return "tied: output must equal embedding, kept once"
+
+    def __eq__(self, o):
+        return isinstance(o, Untie)
+
+    def __hash__(self):
+        return 2

@@ -1,0 +1,155 @@
+"""Atomic output directories and the HF / Meta / JetStream writers.
+
+Everything is written into a temporary directory beside the target; marker
+files (index, params, tracker) are written last, and the directory is renamed
+into place only when complete. A refused or failed write leaves the target as
+it was; an input is never a write target.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from ..errors import CkdiffError, InputError, UsageError
+from .lazy import LazyTensor
+from .safetensors_io import write_safetensors
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
+@contextlib.contextmanager
+def atomic_dir(target, overwrite: bool = False, inputs: Sequence = ()):
+    """Yield a temporary directory that becomes ``target`` on success."""
+    target = Path(target)
+    for src in inputs:
+        if src is not None and Path(src).exists() and _overlaps(target, Path(src)):
+            raise UsageError(f"output {target} overlaps the input {src}; refusing to write there")
+    if target.exists():
+        if not target.is_dir():
+            raise UsageError(f"output {target} exists and is not a directory")
+        if any(target.iterdir()) and not overwrite:
+            raise UsageError(f"output directory {target} is not empty; pass --overwrite to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.ckdiff-tmp-", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.ckdiff-old-{os.getpid()}"
+        os.rename(target, old)
+    os.rename(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def disk_errors(where):
+    """Turn a full disk or an unwritable target into a one-line error."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, CkdiffError):
+            raise
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InputError(where, "no space left on device; nothing was written") from None
+        raise InputError(where, f"write failed: {e.strerror or e}") from None
+
+
+def atomic_file(path, write_fn, overwrite: bool = True):
+    """Write one file through a temporary name beside it (reports)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        with disk_errors(path):
+            write_fn(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path, obj):
+    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def shard_groups(tensors: Sequence[LazyTensor], n_shards: int) -> list[list[LazyTensor]]:
+    """Split tensors in order into ``n_shards`` groups of about equal bytes."""
+    n_shards = max(1, min(n_shards, len(tensors)))
+    total = sum(t.nbytes for t in tensors)
+    groups, cur, acc = [], [], 0
+    for t in tensors:
+        cur.append(t)
+        acc += t.nbytes
+        if len(groups) < n_shards - 1 and acc >= total * (len(groups) + 1) / n_shards:
+            groups.append(cur)
+            cur = []
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def write_hf(out_dir: Path, tensors: dict[str, LazyTensor], config: dict, num_shards: int = 1) -> list[str]:
+    """HF safetensors (sharded with an index when asked) plus config.json."""
+    items = list(tensors.values())
+    groups = shard_groups(items, num_shards)
+    files = []
+    if len(groups) == 1:
+        write_safetensors(out_dir / "model.safetensors", groups[0], {"format": "pt"})
+        files.append("model.safetensors")
+    else:
+        weight_map = {}
+        for i, g in enumerate(groups, 1):
+            name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+            write_safetensors(out_dir / name, g, {"format": "pt"})
+            files.append(name)
+            weight_map.update({t.name: name for t in g})
+        write_json(out_dir / "model.safetensors.index.json",
+                   {"metadata": {"total_size": sum(t.nbytes for t in items)}, "weight_map": weight_map})
+    write_json(out_dir / "config.json", config)
+    return files
+
+
+def write_meta_like(out_dir: Path, tensors: dict[str, LazyTensor], params: dict, safetensors: bool = True):
+    """JetStream output: model.safetensors, or consolidated.00.pth + checklist.chk; params.json last."""
+    if safetensors:
+        write_safetensors(out_dir / "model.safetensors", tensors.values(), {"format": "pt"})
+    else:
+        # torch.save needs the whole dict; this is the format JetStream asks for.
+        state = {k: t.load().clone() for k, t in tensors.items()}
+        torch.save(state, out_dir / "consolidated.00.pth")
+        del state
+        digest = hashlib.md5()
+        with open(out_dir / "consolidated.00.pth", "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        (out_dir / "checklist.chk").write_text(digest.hexdigest() + "\n")
+    write_json(out_dir / "params.json", params)
+
+
+def copy_if_exists(src_dir: Path | None, names: Iterable[str], out_dir: Path) -> list[str]:
+    copied = []
+    if src_dir is None:
+        return copied
+    for n in names:
+        p = Path(src_dir) / n
+        if p.is_file():
+            shutil.copyfile(p, out_dir / n)
+            copied.append(n)
+    return copied
