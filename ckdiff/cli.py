@@ -133,6 +133,7 @@ def emit_reports(args, kind: str, res) -> None:
 
 
 def cmd_inspect(argv) -> int:
+    from rich.markup import escape
     from rich.table import Table
 
     from .converters.formats import dtype_name, open_checkpoint
@@ -148,7 +149,7 @@ def cmd_inspect(argv) -> int:
     rows = [(n, t.shape, dtype_name(t.dtype)) for n, t in ck.tensors.items()]
     shown = [(n, list(s), d, 1) for n, s, d in rows] if args.full else collapse_layers(rows)
     console = _console()
-    console.print(f"{ck.path} [{ck.format}]: {len(ck)} tensors, {ck.num_params:,} parameters, "
+    console.print(f"{escape(ck.path)} \\[{ck.format}]: {len(ck)} tensors, {ck.num_params:,} parameters, "
                   f"{ck.num_bytes:,} bytes", highlight=False)
     for k in ("tp", "pp", "iteration"):
         if k in ck.meta:
@@ -157,7 +158,7 @@ def cmd_inspect(argv) -> int:
     for c in ("tensor", "shape", "dtype", "count"):
         table.add_column(c, overflow="fold")
     for n, s, d, c in shown:
-        table.add_row(n, str(s), d, str(c))
+        table.add_row(escape(n), str(s), d, str(c))
     console.print(table)
     if args.json:
         from .reports.render import write_json_report

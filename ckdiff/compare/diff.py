@@ -41,7 +41,7 @@ class Tolerance:
 class TensorResult:
     name: str
     # equal (bytes identical) | close (within an explicit tolerance) | cast (dtypes differ, values
-    # within the cast's rounding) | dtype (cast refused by --strict-dtype) | differ | shape | only-a | only-b
+    # within the cast's rounding) | quant (dequantized, within its scale bound) | dtype (cast refused by --strict-dtype) | differ | shape | only-a | only-b
     status: str
     shape_a: Optional[list] = None
     shape_b: Optional[list] = None
@@ -67,7 +67,7 @@ class TensorResult:
 
     @property
     def ok(self) -> bool:
-        return self.status in ("equal", "close", "cast")
+        return self.status in ("equal", "close", "cast", "quant")
 
 
 @dataclass
@@ -99,7 +99,7 @@ class CompareResult:
         return "equivalent" if self.equivalent else "differ"
 
     def worst_first(self) -> list[TensorResult]:
-        order = {"only-a": 0, "only-b": 0, "shape": 1, "differ": 2, "dtype": 3, "cast": 4, "close": 5, "equal": 6}
+        order = {"only-a": 0, "only-b": 0, "shape": 1, "differ": 2, "dtype": 3, "cast": 4, "quant": 5, "close": 6, "equal": 7}
         return sorted(self.tensors, key=lambda t: (order.get(t.status, 9), -(t.n_over_tol or 0),
                                                    -(t.max_abs or 0.0), t.name))
 
@@ -257,11 +257,20 @@ def compare_checkpoints(a: Checkpoint, b: Checkpoint, opts: Optional[Options] = 
                         progress_factory=None, diagnose_fn=None) -> CompareResult:
     """Compare every tensor of the union of keys; never stop at the first mismatch."""
     opts = opts or Options()
-    names_a = [n for n in a.tensors if opts.selected(n)]
-    names_b = [n for n in b.tensors if opts.selected(n)]
+    from .quant import compare_mixed, quantized_side
+    results: list[TensorResult] = []
+    notes: list[str] = []
+    consumed: set = set()
+    side = quantized_side(a, b)
+    if side:
+        qres, consumed = compare_mixed(a, b, side, opts.selected)
+        results += qres
+        notes.append(f"{side.upper()} is quantized: its tensors were dequantized and judged in units of "
+                     "their own scale (int8 1.5 s, int4 1.0 s)")
+    names_a = [n for n in a.tensors if opts.selected(n) and n not in consumed]
+    names_b = [n for n in b.tensors if opts.selected(n) and n not in consumed]
     set_b = set(names_b)
     common = [n for n in names_a if n in set_b]
-    results: list[TensorResult] = []
     total = sum(a.tensors[n].nbytes + b.tensors[n].nbytes for n in common)
     progress = progress_factory(total) if progress_factory else None
     for n in names_a:
@@ -277,7 +286,7 @@ def compare_checkpoints(a: Checkpoint, b: Checkpoint, opts: Optional[Options] = 
     res = CompareResult(a.path, b.path, a.format, b.format, results,
                         config_diff=config_diff(a.config, b.config),
                         options={"atol": opts.atol, "rtol": opts.rtol, "only": opts.only, "ignore": opts.ignore,
-                                 "patterns": [list(p) for p in opts.patterns]})
+                                 "patterns": [list(p) for p in opts.patterns]}, notes=notes)
     if opts.diagnose:
         from .diagnose import diagnose_result
         (diagnose_fn or diagnose_result)(res, a, b)

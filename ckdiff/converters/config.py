@@ -144,10 +144,12 @@ class ModelConfig:
         except KeyError as e:
             raise InputError(where, f"missing {e.args[0]!r}") from None
         K = params.get("n_kv_heads") or H
+        # blockwise-quantized codes are [nb, 128, out]: the output rows are the last axis
+        rows = lambda t: t.shape[2] if len(t.shape) == 3 else t.shape[0]  # noqa: E731
         wq = tensors.get("layers.0.attention.wq.weight")
-        hd = params.get("head_dim") or (wq.shape[0] // H if wq is not None else D // H)
+        hd = params.get("head_dim") or (rows(wq) // H if wq is not None else D // H)
         w1 = tensors.get("layers.0.feed_forward.w1.weight")
-        F = w1.shape[0] if w1 is not None else params.get("hidden_dim")
+        F = rows(w1) if w1 is not None else params.get("hidden_dim")
         V = tensors["tok_embeddings.weight"].shape[0]
         tied = "output.weight" not in tensors
         return cls(family="llama", hidden=D, layers=L, heads=H, kv_heads=K, head_dim=hd, ffn=F, vocab=V,

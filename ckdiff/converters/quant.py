@@ -131,3 +131,45 @@ def float_shape(q: LazyTensor) -> tuple:
         nb, b, o = q.shape
         return (o, nb * b)
     return tuple(q.shape)
+
+
+EMBED_NAMES = re.compile(r"^(tok_embeddings\.weight|model\.embed_tokens\.weight|"
+                         r"language_model\.embedding\.word_embeddings\.weight|transformer\.word_embeddings\.weight)$")
+
+
+def fake_quantize(tensors: dict[str, LazyTensor], qtype: str) -> dict[str, LazyTensor]:
+    """Quantize-then-dequantize every 2-D weight of any layout, as JetStream would.
+
+    Per-row (and per-row-block) quantization commutes with the row permutations and
+    fusions between layouts, so this gives the reference a correct quantization of
+    the float model reaches, in the float model's own layout. Embeddings: int8 per column.
+    """
+    bits, block = bits_of(qtype), "blockwise" in qtype
+    out: dict[str, LazyTensor] = {}
+    for k, t in tensors.items():
+        if len(t.shape) != 2:
+            out[k] = t
+            continue
+        emb = bool(EMBED_NAMES.search(k))
+
+        def fq(xs, emb=emb):
+            w = xs[0]
+            if w.device.type == "meta":
+                return [torch.empty(w.shape, dtype=torch.float32, device="meta")]
+            if emb:
+                q, s = quantize(w, 8, False, axis=0)
+            else:
+                q, s = quantize(w, bits, block and w.shape[1] % BLOCK == 0)
+            return [dequantize(q, s, w.shape, emb)]
+        out[k] = DerivedGroup([t], fq).tensors([k])[0]
+    return out
+
+
+def qtype_of(config: dict, tensors: dict) -> str:
+    """Quantization type from params.json, or inferred from codes and shapes."""
+    if config.get("quantize_type"):
+        return config["quantize_type"]
+    block = any(len(t.shape) == 3 for k, t in tensors.items() if k + SCALER in tensors)
+    small = all(int(t.load().abs().max()) <= 8 for k, t in tensors.items()
+                if k + SCALER in tensors and not EMBED.search(k))
+    return f"int{4 if small else 8}_{'blockwise' if block else 'per_channel'}"

@@ -90,18 +90,23 @@ def write_json(path, obj):
 
 
 def shard_groups(tensors: Sequence[LazyTensor], n_shards: int) -> list[list[LazyTensor]]:
-    """Split tensors in order into ``n_shards`` groups of about equal bytes."""
-    n_shards = max(1, min(n_shards, len(tensors)))
-    total = sum(t.nbytes for t in tensors)
-    groups, cur, acc = [], [], 0
+    """Split tensors in order into exactly ``n_shards`` non-empty groups of about equal bytes."""
+    n = max(1, min(n_shards, len(tensors)))
+    cum = [0]
     for t in tensors:
-        cur.append(t)
-        acc += t.nbytes
-        if len(groups) < n_shards - 1 and acc >= total * (len(groups) + 1) / n_shards:
-            groups.append(cur)
-            cur = []
-    if cur:
-        groups.append(cur)
+        cum.append(cum[-1] + t.nbytes)
+    groups, start = [], 0
+    for g in range(n):
+        left = n - g
+        if left == 1:
+            groups.append(list(tensors[start:]))
+            break
+        target = cum[-1] * (g + 1) / n
+        end = start + 1
+        while end < len(tensors) - (left - 1) and cum[end] < target:
+            end += 1
+        groups.append(list(tensors[start:end]))
+        start = end
     return groups
 
 
@@ -153,3 +158,37 @@ def copy_if_exists(src_dir: Path | None, names: Iterable[str], out_dir: Path) ->
             shutil.copyfile(p, out_dir / n)
             copied.append(n)
     return copied
+
+
+def write_meta_shards(out_dir: Path, tensors: dict[str, LazyTensor], params: dict, n_shards: int = 1,
+                      llama_version: int = 2, rope_freqs: bool = False) -> list[str]:
+    """Meta consolidated.NN.pth shards (split per the merge table) + params.json last.
+
+    Each shard is a torch dict, so one shard's tensors are in memory at a time.
+    ``llama_version`` picks the embedding split axis (hidden for 1/2, vocab for 3).
+    """
+    from .formats import meta_axis
+    files = []
+    for s in range(n_shards):
+        shard = {}
+        for k, t in tensors.items():
+            if k == "tok_embeddings.weight":
+                axis = 1 if llama_version < 3 else 0
+            else:
+                axis = meta_axis(k, t.shape, params, n_shards)
+            x = t.load()
+            if axis in (0, 1) and n_shards > 1:
+                if x.shape[axis] % n_shards:
+                    raise UsageError(f"{k}: {x.shape[axis]} on axis {axis} does not split into {n_shards} shards")
+                n = x.shape[axis] // n_shards
+                x = x.narrow(axis, s * n, n)
+            shard[k] = x.clone()
+        if rope_freqs:
+            hd = params["dim"] // params["n_heads"]
+            shard["rope.freqs"] = 1.0 / (params.get("rope_theta", 10000.0) ** (torch.arange(0, hd, 2).float() / hd))
+        name = f"consolidated.{s:02d}.pth"
+        torch.save(shard, out_dir / name)
+        files.append(name)
+        del shard
+    write_json(out_dir / "params.json", params)
+    return files

@@ -58,6 +58,7 @@ def fmt(x, nd=3) -> str:
 
 
 def print_compare(res, console, limit: int = 40) -> None:
+    from rich.markup import escape
     from rich.table import Table
     counts = res.counts()
     ok = res.equivalent
@@ -65,7 +66,7 @@ def print_compare(res, console, limit: int = 40) -> None:
     style = "bold green" if ok else "bold red"
     console.print(f"[{style}]{'EQUIVALENT' if ok else 'DIFFER'}[/{style}]: {len(res.tensors)} tensors ({summary})",
                   highlight=False)
-    console.print(f"A: {res.a} [{res.format_a}]\nB: {res.b} [{res.format_b}]", highlight=False)
+    console.print(f"A: {escape(res.a)} \\[{res.format_a}]\nB: {escape(res.b)} \\[{res.format_b}]", highlight=False)
     bad = [t for t in res.worst_first() if not t.ok]
     if bad:
         table = Table(title="mismatching tensors, worst first", show_lines=False)
@@ -78,9 +79,9 @@ def print_compare(res, console, limit: int = 40) -> None:
                 else f"{t.dtype_a} / {t.dtype_b}"
             where = f"{fmt(t.max_abs)} @ {t.max_abs_index}" if t.max_abs_index is not None else "-"
             nan = f" nan {t.nan_a}/{t.nan_b}" if t.nan_a or t.nan_b else ""
-            table.add_row(t.status, t.name, shape, dtype, where + nan, fmt(t.mean_abs) if t.status == "differ" else "-",
+            table.add_row(t.status, escape(t.name), shape, dtype, where + nan, fmt(t.mean_abs) if t.status == "differ" else "-",
                           fmt(t.cosine, 6) if t.cosine is not None and t.status == "differ" else "-",
-                          str(t.n_over_tol) if t.status == "differ" else "-", "; ".join(t.diagnosis) or "-")
+                          str(t.n_over_tol) if t.status == "differ" else "-", escape("; ".join(t.diagnosis)) or "-")
         console.print(table)
         if len(bad) > limit:
             console.print(f"... {len(bad) - limit} more mismatches (use --limit or --json for all)")
@@ -88,9 +89,9 @@ def print_compare(res, console, limit: int = 40) -> None:
     if rest:
         console.print("matching: " + ", ".join(f"{v} {k}" for k, v in rest.items()), highlight=False)
     for k, va, vb in res.config_diff:
-        console.print(f"config {k}: A={va!r} B={vb!r}", highlight=False)
+        console.print(escape(f"config {k}: A={va!r} B={vb!r}"), highlight=False)
     for n in res.notes:
-        console.print(f"note: {n}", highlight=False)
+        console.print(escape(f"note: {n}"), highlight=False)
 
 
 LAYER_RE = re.compile(r"(?<=\.)\d+(?=\.)")

@@ -1,0 +1,246 @@
+"""Reference forward passes, each reading a checkpoint in its own layout and conventions.
+
+Nothing here converts weights: the HF runtime applies rotate_half rotary to HF
+q/k rows; the Meta/JetStream runtime applies interleaved complex rotary to Meta
+rows and dequantizes int8/int4 weights with their scales; the Megatron runtime
+splits the fused QKV into groups and the GLU into [up; gate] at run time, as
+Megatron-LLM does. The blocks they share (attention given q/k/v, norms) are the
+parts on which the layouts agree.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as Fn
+
+from ..converters.config import ModelConfig
+from ..converters.lazy import Checkpoint
+from ..converters.layouts import FALCON, HF, META, MEGATRON
+from ..errors import InputError
+
+
+@dataclass
+class Forward:
+    logits: torch.Tensor  # [B, T, V] (float)
+    hidden: list  # residual stream after each layer, [B, T, D]
+
+
+# ---------------------------------------------------------------- shared pieces
+def inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    hd = cfg.head_dim
+    f = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    sc = cfg.rope_scaling or {}
+    if sc.get("rope_type", sc.get("type")) == "llama3":  # Llama-3.1 frequency scaling
+        factor, lo, hi = sc["factor"], sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
+        orig = sc.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / f
+        smooth = (orig / wavelen - lo) / (hi - lo)
+        scaled = torch.where(wavelen > orig / lo, f / factor, f)
+        mid = (wavelen <= orig / lo) & (wavelen >= orig / hi)
+        f = torch.where(mid, (1 - smooth) * f / factor + smooth * f, scaled)
+    return f
+
+
+def angles(cfg: ModelConfig, T: int) -> torch.Tensor:
+    return torch.outer(torch.arange(T, dtype=torch.float64), inv_freq(cfg))  # [T, hd/2]
+
+
+def rope_half(x: torch.Tensor, ang: torch.Tensor) -> torch.Tensor:
+    """HF rotate_half: element i pairs with i + hd/2. x: [B, T, heads, hd]."""
+    cos = torch.cat([ang.cos(), ang.cos()], -1).to(x.dtype)[None, :, None, :]
+    sin = torch.cat([ang.sin(), ang.sin()], -1).to(x.dtype)[None, :, None, :]
+    h = x.shape[-1] // 2
+    rot = torch.cat([-x[..., h:], x[..., :h]], -1)
+    return x * cos + rot * sin
+
+
+def rope_interleaved(x: torch.Tensor, ang: torch.Tensor) -> torch.Tensor:
+    """Meta / Megatron-LLM: pairs (2i, 2i+1) as complex numbers times exp(i*pos*theta_i)."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2).contiguous())
+    fc = torch.polar(torch.ones_like(ang), ang).to(torch.complex64)[None, :, None, :]
+    return torch.view_as_real(xc * fc).reshape(x.shape).to(x.dtype)
+
+
+def attention(q, k, v, cfg: ModelConfig, window: Optional[int] = None) -> torch.Tensor:
+    """q [B,T,H,hd], k/v [B,T,K,hd]; query head h uses KV head h // (H/K). Causal."""
+    B, T, H, hd = q.shape
+    r = H // k.shape[2]
+    k = k.repeat_interleave(r, dim=2)
+    v = v.repeat_interleave(r, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd)
+    i = torch.arange(T)
+    mask = i[None, :] <= i[:, None]
+    if window:
+        mask &= (i[:, None] - i[None, :]) < window
+    s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s.float(), -1).to(q.dtype)
+    return torch.einsum("bhqk,bkhd->bqhd", p, v).reshape(B, T, H * hd)
+
+
+def rms_norm(x, w, eps):
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+
+
+def layer_norm(x, w, b, eps):
+    return Fn.layer_norm(x, (x.shape[-1],), w, b, eps)
+
+
+class Weights:
+    """Reads tensors by name, cast to the compute dtype, with a clear error for a missing one."""
+
+    def __init__(self, ck: Checkpoint, dtype: torch.dtype, dequant: bool = False):
+        self.ck, self.dtype, self.dequant = ck, dtype, dequant
+
+    def has(self, k):
+        return k in self.ck.tensors
+
+    def __call__(self, k: str) -> torch.Tensor:
+        if k not in self.ck.tensors:
+            raise InputError(self.ck.path, f"reference runtime needs tensor {k!r}, which is missing")
+        t = self.ck.tensors[k].load()
+        if self.dequant and k + "_scaler" in self.ck.tensors:
+            from ..converters.quant import EMBED, dequantize, float_shape
+            q = self.ck.tensors[k]
+            t = dequantize(t, self.ck.tensors[k + "_scaler"].load(), float_shape(q), bool(EMBED.search(k)))
+        return t.to(self.dtype)
+
+
+def _decoder(ids, cfg: ModelConfig, embed, layer: Callable, final: Callable) -> Forward:
+    x = embed[ids]
+    hidden = []
+    for i in range(cfg.layers):
+        x = layer(i, x)
+        hidden.append(x)
+    return Forward(final(x).float(), hidden)
+
+
+# ---------------------------------------------------------------- HF llama / mistral
+def hf_llama(ck: Checkpoint, cfg: ModelConfig, ids, dtype) -> Forward:
+    W = Weights(ck, dtype)
+    ang = angles(cfg, ids.shape[1])
+    B, T = ids.shape
+    H, K, hd = cfg.heads, cfg.kv_heads, cfg.head_dim
+
+    def layer(i, x):
+        f = lambda s: W(HF[s].format(i=i))  # noqa: E731
+        h = rms_norm(x, f("attn_norm"), cfg.norm_eps)
+        q = rope_half((h @ f("q").T).view(B, T, H, hd), ang)
+        k = rope_half((h @ f("k").T).view(B, T, K, hd), ang)
+        v = (h @ f("v").T).view(B, T, K, hd)
+        x = x + attention(q, k, v, cfg, cfg.sliding_window) @ f("o").T
+        h = rms_norm(x, f("mlp_norm"), cfg.norm_eps)
+        return x + (Fn.silu(h @ f("gate").T) * (h @ f("up").T)) @ f("down").T
+
+    head = W(HF["embed"]) if cfg.tied else W(HF["head"])
+    return _decoder(ids, cfg, W(HF["embed"]), layer, lambda x: rms_norm(x, W(HF["norm"]), cfg.norm_eps) @ head.T)
+
+
+# ---------------------------------------------------------------- HF falcon
+def hf_falcon(ck: Checkpoint, cfg: ModelConfig, ids, dtype) -> Forward:
+    W = Weights(ck, dtype)
+    ang = angles(cfg, ids.shape[1])
+    B, T = ids.shape
+    H, K, hd = cfg.heads, cfg.kv_heads, cfg.head_dim
+    r = H // K
+
+    def layer(i, x):
+        f = lambda s: W(FALCON[s].format(i=i))  # noqa: E731
+        if cfg.two_norms:
+            ha = layer_norm(x, f("ln_attn"), f("ln_attn_b"), cfg.norm_eps)
+            hm = layer_norm(x, f("ln_mlp"), f("ln_mlp_b"), cfg.norm_eps)
+        else:
+            ha = hm = layer_norm(x, f("ln"), f("ln_b"), cfg.norm_eps)
+        # 7B: [q_0..q_{H-1}, k, v]; 40B: K groups of [q x r, k, v]: both are K groups of r + 2 heads
+        qkv = (ha @ f("qkv").T).view(B, T, K, r + 2, hd)
+        q = rope_half(qkv[:, :, :, :r].reshape(B, T, H, hd), ang)
+        k = rope_half(qkv[:, :, :, r], ang)
+        v = qkv[:, :, :, r + 1]
+        attn = attention(q, k, v, cfg) @ f("o").T
+        mlp = Fn.gelu(hm @ f("h4h").T) @ f("4hh").T
+        return x + attn + mlp
+
+    emb = W(FALCON["embed"])
+    return _decoder(ids, cfg, emb, layer,
+                    lambda x: layer_norm(x, W(FALCON["norm"]), W(FALCON["norm_b"]), cfg.norm_eps) @ emb.T)
+
+
+# ---------------------------------------------------------------- Meta / JetStream
+def meta_llama(ck: Checkpoint, cfg: ModelConfig, ids, dtype) -> Forward:
+    W = Weights(ck, dtype, dequant=True)
+    ang = angles(cfg, ids.shape[1])
+    B, T = ids.shape
+    H, K, hd = cfg.heads, cfg.kv_heads, cfg.head_dim
+
+    def layer(i, x):
+        f = lambda s: W(META[s].format(i=i))  # noqa: E731
+        h = rms_norm(x, f("attn_norm"), cfg.norm_eps)
+        q = rope_interleaved((h @ f("q").T).view(B, T, H, hd), ang)
+        k = rope_interleaved((h @ f("k").T).view(B, T, K, hd), ang)
+        v = (h @ f("v").T).view(B, T, K, hd)
+        x = x + attention(q, k, v, cfg, cfg.sliding_window) @ f("o").T
+        h = rms_norm(x, f("mlp_norm"), cfg.norm_eps)
+        return x + (Fn.silu(h @ f("gate").T) * (h @ f("up").T)) @ f("down").T
+
+    emb = W(META["embed"])
+    head = W(META["head"]) if W.has(META["head"]) else emb
+    return _decoder(ids, cfg, emb, layer, lambda x: rms_norm(x, W(META["norm"]), cfg.norm_eps) @ head.T)
+
+
+# ---------------------------------------------------------------- Megatron-LLM
+def megatron(ck: Checkpoint, cfg: ModelConfig, ids, dtype) -> Forward:
+    W = Weights(ck, dtype)
+    ang = angles(cfg, ids.shape[1])
+    B, T = ids.shape
+    H, K, hd = cfg.heads, cfg.kv_heads, cfg.head_dim
+    r = H // K
+    falcon = cfg.family == "falcon"
+
+    def layer(i, x):
+        f = lambda s: W(MEGATRON[s].format(i=i))  # noqa: E731
+        if falcon:
+            ha = layer_norm(x, f("attn_norm"), f("attn_norm_b"), cfg.norm_eps)
+            hm = layer_norm(x, f("mlp_ln"), f("mlp_ln_b"), cfg.norm_eps) if cfg.two_norms else ha
+        else:
+            ha = rms_norm(x, f("attn_norm"), cfg.norm_eps)
+        # Megatron views the fused projection as [s, b, n_kv, r + 2, d]
+        qkv = (ha @ f("qkv").T).view(B, T, K, r + 2, hd)
+        q = rope_interleaved(qkv[:, :, :, :r].reshape(B, T, H, hd), ang)
+        k = rope_interleaved(qkv[:, :, :, r], ang)
+        v = qkv[:, :, :, r + 1]
+        attn = attention(q, k, v, cfg, cfg.sliding_window) @ f("o").T
+        if falcon:
+            return x + attn + Fn.gelu(hm @ f("h4h").T) @ f("4hh").T
+        x = x + attn
+        h = rms_norm(x, f("mlp_norm"), cfg.norm_eps)
+        a, b = (h @ f("h4h").T).chunk(2, dim=-1)  # GLU: first half up, second half gate
+        return x + (a * Fn.silu(b)) @ f("4hh").T
+
+    emb = W(MEGATRON["embed"])
+    head = W(MEGATRON["head"]) if W.has(MEGATRON["head"]) else emb
+
+    def final(x):
+        if falcon:
+            x = layer_norm(x, W(MEGATRON["norm"]), W(MEGATRON["norm_b"]), cfg.norm_eps)
+        else:
+            x = rms_norm(x, W(MEGATRON["norm"]), cfg.norm_eps)
+        return x @ head.T
+    return _decoder(ids, cfg, emb, layer, final)
+
+
+def runtime_for(ck: Checkpoint, cfg: ModelConfig) -> Callable:
+    if ck.format == "hf":
+        return hf_falcon if cfg.family == "falcon" else hf_llama
+    if ck.format in ("meta", "jetstream"):
+        return meta_llama
+    if ck.format == "megatron":
+        return megatron
+    raise InputError(ck.path, f"no reference runtime for a {ck.format} checkpoint")
+
+
+def run(ck: Checkpoint, cfg: ModelConfig, ids: torch.Tensor, dtype=torch.float32) -> Forward:
+    with torch.no_grad():
+        return runtime_for(ck, cfg)(ck, cfg, ids, dtype)
