@@ -151,7 +151,7 @@ class ModelConfig:
         w1 = tensors.get("layers.0.feed_forward.w1.weight")
         F = rows(w1) if w1 is not None else params.get("hidden_dim")
         V = tensors["tok_embeddings.weight"].shape[0]
-        tied = "output.weight" not in tensors
+        tied = bool(params.get("tie_word_embeddings")) or "output.weight" not in tensors
         return cls(family="llama", hidden=D, layers=L, heads=H, kv_heads=K, head_dim=hd, ffn=F, vocab=V,
                    norm_eps=params.get("norm_eps", 1e-5), rope_theta=float(params.get("rope_theta", 10000.0)),
                    tied=tied, max_pos=params.get("max_seq_len", 2048),

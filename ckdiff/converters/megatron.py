@@ -139,9 +139,15 @@ def read_megatron(root: Path, trust_pickle: bool = False, **_) -> Checkpoint:
         L = len({m.group(1) for k in tensors for m in [re.search(r"layers\.(\d+)\.", k)] if m})
         args["num_layers"] = L
     meta = {"tp": TP, "pp": PP, "iteration": iteration, "files": [str(f) for f in ranks.values()]}
-    head = "language_model.word_embeddings_for_head.weight"
-    if head in tensors:
-        meta["word_embeddings_for_head"] = True
+    head, emb = "word_embeddings_for_head.weight", "language_model.embedding.word_embeddings.weight"
+    if head in tensors and emb in tensors:
+        # tied model with PP > 1: the last stage keeps a copy of the embedding. Verify the tie,
+        # then present the model once (a copy that differs stays visible to the comparator).
+        if tensors[head].shape == tensors[emb].shape and torch.equal(tensors[head].load(), tensors[emb].load()):
+            del tensors[head]
+            meta["tie_verified"] = True
+        else:
+            meta["tie_verified"] = False
     return Checkpoint(str(root), "megatron", tensors, config=args, meta=meta)
 
 
