@@ -24,6 +24,12 @@ from .lazy import LazyTensor
 from .safetensors_io import write_safetensors
 
 
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
 def _overlaps(a: Path, b: Path) -> bool:
     a, b = a.resolve(), b.resolve()
     return a == b or a in b.parents or b in a.parents
@@ -43,6 +49,7 @@ def atomic_dir(target, overwrite: bool = False, inputs: Sequence = ()):
             raise UsageError(f"output directory {target} is not empty; pass --overwrite to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.ckdiff-tmp-", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
     except BaseException:
@@ -79,6 +86,7 @@ def atomic_file(path, write_fn, overwrite: bool = True):
     try:
         with disk_errors(path):
             write_fn(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

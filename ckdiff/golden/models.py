@@ -28,7 +28,7 @@ TINY = {
                                 vocab=100, max_pos=256),
     "llama-blockwise": ModelConfig("llama", hidden=256, layers=2, heads=8, kv_heads=2, head_dim=32, ffn=768,
                                    vocab=256, max_pos=256),
-    "mistral-gqa": ModelConfig("llama", hidden=64, layers=2, heads=6, kv_heads=3, head_dim=16, ffn=160,
+    "mistral-gqa": ModelConfig("llama", hidden=64, layers=2, heads=6, kv_heads=3, head_dim=16, ffn=168,
                                vocab=120, sliding_window=16, rope_theta=1000000.0, max_pos=256,
                                extra={"model_type": "mistral"}),
     "falcon-7b": ModelConfig("falcon", hidden=64, layers=2, heads=4, kv_heads=1, head_dim=16, ffn=256,
