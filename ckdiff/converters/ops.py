@@ -257,6 +257,26 @@ class Cast(Op):
         return Cast(self.back or self.dtype, self.dtype)
 
 
+@dataclass(frozen=True)
+class Transpose(Op):
+    """Swap the two axes of a matrix (its own reverse). No correct converter here uses it."""
+
+    def __call__(self, xs):
+        return [x.T.contiguous() for x in xs]
+
+    def reverse(self):
+        return self
+
+
+def map_ops(op: Op, fn) -> Op:
+    """Rebuild ``op`` with ``fn`` applied to every leaf op (used by the mutation self-test)."""
+    if isinstance(op, Chain):
+        return Chain(tuple(map_ops(o, fn) for o in op.ops))
+    if isinstance(op, Each):
+        return Each(tuple(map_ops(o, fn) for o in op.ops))
+    return fn(op)
+
+
 def round_trip_ok(op: Op, xs: Sequence[torch.Tensor]) -> bool:
     """op.reverse()(op(xs)) == xs bit for bit."""
     back = op.reverse()(op(list(xs)))

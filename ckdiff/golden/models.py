@@ -28,6 +28,9 @@ TINY = {
                                 vocab=100, max_pos=256),
     "llama-blockwise": ModelConfig("llama", hidden=256, layers=2, heads=8, kv_heads=2, head_dim=32, ffn=768,
                                    vocab=256, max_pos=256),
+    # 12 KV heads so the Meta source can be cut into 12 shards (catches lexicographic shard sorting)
+    "llama-wide": ModelConfig("llama", hidden=96, layers=1, heads=12, kv_heads=12, head_dim=8, ffn=96, vocab=120,
+                              max_pos=256),
     "mistral-gqa": ModelConfig("llama", hidden=64, layers=2, heads=6, kv_heads=3, head_dim=16, ffn=168,
                                vocab=120, sliding_window=16, rope_theta=1000000.0, max_pos=256,
                                extra={"model_type": "mistral"}),

@@ -24,14 +24,34 @@ from ..errors import UsageError
 
 @dataclass
 class Converter:
+    """A converter under test. ``run(src, out, options)`` writes the converted checkpoint to ``out``.
+
+    ``inverse`` names the registered converter that maps ``target`` back to ``source``;
+    ``golden`` is "emit" (the independent golden emitter writes the expected target) or a
+    source layout whose conversion by this same converter is the golden (the JetStream
+    guide's workflow: Meta -> JetStream is the golden for HF -> JetStream).
+    """
     name: str
     source: str  # layout
     target: str
-    argv: Callable[[str, str, dict], list]  # (src, out, options) -> ckdiff convert argv
+    run: Callable[[str, str, dict], None]
     inverse: Optional[str]
-    golden: Optional[str]  # "emit" (independent emitter) or a golden source layout for the same converter
+    golden: Optional[str]
     models: tuple = ()
     options: dict = field(default_factory=dict)
+
+
+def cli_converter(argv: Callable[[str, str, dict], list]) -> Callable[[str, str, dict], None]:
+    """A ``run`` callable for a built-in ``ckdiff convert`` subcommand (in-process, quiet)."""
+    def run(src, out, options):
+        import contextlib
+        import io
+
+        from ..converters.cli import COMMANDS
+        args = [str(a) for a in argv(str(src), str(out), options or {})]
+        with contextlib.redirect_stdout(io.StringIO()):
+            COMMANDS[args[0]](args[1:])
+    return run
 
 
 def _model_name(cfg) -> str:
@@ -57,32 +77,26 @@ def register(c: Converter) -> Converter:
     return c
 
 
-register(Converter("hf-to-megatron", "hf", "megatron", _hf_to_megatron, "megatron-to-hf", "emit",
+register(Converter("hf-to-megatron", "hf", "megatron", cli_converter(_hf_to_megatron), "megatron-to-hf", "emit",
                    ("llama-gqa", "mistral-gqa", "llama-mha-tied", "falcon-7b", "falcon-40b")))
 register(Converter("megatron-to-hf", "megatron", "hf",
-                   lambda s, o, x: ["megatron-to-hf", "--input_dir", s, "--output_dir", o, "--overwrite"],
+                   cli_converter(lambda s, o, x: ["megatron-to-hf", "--input_dir", s, "--output_dir", o, "--overwrite"]),
                    "hf-to-megatron", "emit", ("llama-gqa", "mistral-gqa", "falcon-40b")))
 register(Converter("to-jetstream", "hf", "jetstream",
-                   lambda s, o, x: ["to-jetstream", "--model_name", "llama-2", "--input_checkpoint_dir", s,
-                                    "--output_checkpoint_dir", o, "--overwrite"]
-                   + (["--quantize_weights", "--quantize_type", x["quantize"]] if x.get("quantize") else []),
-                   "jetstream-to-hf", "meta", ("llama-gqa", "llama-mha-tied", "llama-mqa-hd")))
+                   cli_converter(lambda s, o, x: ["to-jetstream", "--model_name", "llama-2", "--input_checkpoint_dir", s,
+                                                  "--output_checkpoint_dir", o, "--overwrite"]
+                                 + (["--quantize_weights", "--quantize_type", x["quantize"]] if x.get("quantize") else [])),
+                   "jetstream-to-hf", "meta", ("llama-gqa", "llama-mha-tied", "llama-mqa-hd", "llama-wide")))
 register(Converter("jetstream-to-hf", "jetstream", "hf",
-                   lambda s, o, x: ["jetstream-to-hf", "--input_checkpoint_dir", s, "--output_checkpoint_dir", o,
-                                    "--overwrite"],
+                   cli_converter(lambda s, o, x: ["jetstream-to-hf", "--input_checkpoint_dir", s,
+                                                  "--output_checkpoint_dir", o, "--overwrite"]),
                    "to-jetstream", "emit", ("llama-gqa", "llama-spec")))
 
 
-def convert(name: str, src, out, options: Optional[dict] = None) -> Path:
-    """Run converter ``name`` in-process (quietly)."""
-    import contextlib
-    import io
-
-    from ..converters.cli import COMMANDS
-    c = REGISTRY[name]
-    argv = [str(a) for a in c.argv(str(src), str(out), options or {})]
-    with contextlib.redirect_stdout(io.StringIO()):
-        COMMANDS[argv[0]](argv[1:])
+def convert(name, src, out, options: Optional[dict] = None) -> Path:
+    """Run converter ``name`` (or a Converter) in-process."""
+    c = name if isinstance(name, Converter) else REGISTRY[name]
+    c.run(str(src), str(out), {**c.options, **(options or {})})
     return Path(out)
 
 
@@ -112,9 +126,20 @@ class SuiteResult:
 
 
 def _compare(a, b, **kw):
+    """Converters must keep dtypes: a cast counts as a mismatch here."""
     from ..compare.diff import Options, compare_checkpoints
     from ..converters.formats import open_checkpoint
+    kw.setdefault("strict_dtype", True)
     return compare_checkpoints(open_checkpoint(str(a)), open_checkpoint(str(b)), Options(**kw))
+
+
+def _guard(conv, model, check, fn) -> "CheckResult":
+    """Run one check; an error (a converter refusing, a missing tensor) fails that check."""
+    from ..errors import CkdiffError
+    try:
+        return fn()
+    except (CkdiffError, ValueError, RuntimeError, KeyError) as e:
+        return CheckResult(conv, model, check, False, f"error: {str(e).splitlines()[0][:200]}")
 
 
 def _summary(res) -> str:
@@ -143,9 +168,10 @@ def golden_for(c: Converter, model: str, work: Path, dtype="float32", options=No
                     tp=options.get("tp", 1), pp=options.get("pp", 1))
     # a supported path: the same converter from another source layout (the JetStream guide's workflow)
     from .models import tiny_config
-    shards = 2 if c.golden == "meta" and tiny_config(model).kv_heads % 2 == 0 else 1
+    kv = tiny_config(model).kv_heads
+    shards = 12 if c.golden == "meta" and kv % 12 == 0 else (2 if c.golden == "meta" and kv % 2 == 0 else 1)
     src = emit(work / f"golden-src-{c.golden}", model, c.golden, dtype, shards=shards)
-    return convert(c.name, src, work / f"golden-{c.target}", options)
+    return convert(c, src, work / f"golden-{c.target}", options)
 
 
 def check_converter(name: str, model: str, work: Path, dtype: str = "float32", options=None,
@@ -162,30 +188,39 @@ def check_converter(name: str, model: str, work: Path, dtype: str = "float32", o
         return [CheckResult(c.name, model, "registry", False, "; ".join(problems))]
     work.mkdir(parents=True, exist_ok=True)
     src = emit(work / f"src-{c.source}", model, c.source, dtype, tp=options.get("tp", 1), pp=options.get("pp", 1))
-    tgt = convert(c.name, src, work / f"out-{c.target}", options)
+    tgt = work / f"out-{c.target}"
+    try:
+        convert(c, src, tgt, options)
+    except Exception as e:  # noqa: BLE001 - a converter that fails is a failed check, never a crash
+        return [CheckResult(c.name, model, "convert", False, f"error: {str(e).splitlines()[0][:200]}")]
     inv_opts = {k: v for k, v in options.items() if k != "quantize"}
-    back = convert(c.inverse, tgt, work / f"back-{c.source}", inv_opts)
-    quantized = bool(options.get("quantize"))
-    if quantized:
-        # lossy: every element of the quantized output within its scale bound of the float weights
-        flt = emit(work / "float-jetstream", model, "jetstream", dtype)
-        rt = _compare(flt, tgt)
-        out.append(CheckResult(c.name, model, "roundtrip", rt.equivalent,
-                               "quantized vs float, in units of each scale: " + _summary(rt), rt.to_dict()))
-    else:
+
+    def roundtrip():
+        if options.get("quantize"):
+            # lossy: every element of the quantized output within its scale bound of the float weights
+            flt = emit(work / "float-jetstream", model, "jetstream", dtype)
+            rt = _compare(flt, tgt)
+            return CheckResult(c.name, model, "roundtrip", rt.equivalent,
+                               "quantized vs float, in units of each scale: " + _summary(rt), rt.to_dict())
+        back = convert(c.inverse, tgt, work / f"back-{c.source}", inv_opts)
         rt = _compare(src, back)
-        out.append(CheckResult(c.name, model, "roundtrip", rt.equivalent, _summary(rt), rt.to_dict()))
-    gold = golden_for(c, model, work, dtype, options)
-    gd = _compare(gold, tgt)
-    out.append(CheckResult(c.name, model, "golden", gd.equivalent, _summary(gd), gd.to_dict()))
+        return CheckResult(c.name, model, "roundtrip", rt.equivalent, _summary(rt), rt.to_dict())
+
+    def golden():
+        gd = _compare(golden_for(c, model, work, dtype, options), tgt)
+        return CheckResult(c.name, model, "golden", gd.equivalent, _summary(gd), gd.to_dict())
+
+    def logit_check():
+        lr = compare_logits(open_checkpoint(str(src)), open_checkpoint(str(tgt)), batch=2, length=40, dtype="float32")
+        return CheckResult(c.name, model, "logits", lr.equivalent,
+                           (f"max KL {lr.max_kl:.3g}" if lr.gate_kl is None else
+                            f"KL from reference quantization {lr.gate_kl:.3g} (quantization alone {lr.max_kl:.3g})")
+                           + f" (threshold {lr.threshold:.3g}), top-1 {lr.top1_agreement:.3f}", lr.to_dict())
+
+    out.append(_guard(c.name, model, "roundtrip", roundtrip))
+    out.append(_guard(c.name, model, "golden", golden))
     if logits:
-        lr = compare_logits(open_checkpoint(str(src)), open_checkpoint(str(tgt)), batch=2, length=40,
-                            dtype="float32")
-        out.append(CheckResult(c.name, model, "logits", lr.equivalent,
-                               (f"max KL {lr.max_kl:.3g}" if lr.gate_kl is None else
-                                f"KL from reference quantization {lr.gate_kl:.3g} (quantization alone {lr.max_kl:.3g})")
-                               + f" (threshold {lr.threshold:.3g}), top-1 {lr.top1_agreement:.3f}",
-                               lr.to_dict()))
+        out.append(_guard(c.name, model, "logits", logit_check))
     return out
 
 

@@ -1,0 +1,100 @@
+"""The converter registry, its suite, the mutation self-test, the pytest plugin and the demo."""
+import json
+
+import pytest
+from hypothesis import given, settings
+
+from ckdiff.converters.layouts import convert as layout_convert
+from ckdiff.converters.writers import atomic_dir, write_hf
+from ckdiff.golden.models import hf_state, lazy
+from ckdiff.golden.mutations import CATALOGUE, run_mutations, score
+from ckdiff.golden.suite import REGISTRY, Converter, check_converter
+from ckdiff.testing import assert_checkpoints_match, assert_logits_match, gate, tiny_configs
+
+CASES = [(name, m) for name, c in REGISTRY.items() for m in c.models]
+
+
+@pytest.mark.parametrize("name,model", CASES)
+def test_every_registered_converter_passes_its_gate(tmp_path, name, model):
+    checks = check_converter(name, model, tmp_path)
+    assert [c.check for c in checks] == ["roundtrip", "golden", "logits"]
+    assert all(c.ok for c in checks), [(c.check, c.detail) for c in checks if not c.ok]
+
+
+@pytest.mark.parametrize("opts,model", [({"tp": 2, "pp": 2}, "llama-gqa"),
+                                        ({"quantize": "int8_per_channel"}, "llama-gqa"),
+                                        ({"quantize": "int4_blockwise"}, "llama-blockwise")])
+def test_sharded_and_quantized_gates(tmp_path, opts, model):
+    name = "to-jetstream" if "quantize" in opts else "hf-to-megatron"
+    checks = check_converter(name, model, tmp_path, options=opts)
+    assert all(c.ok for c in checks), [(c.check, c.detail) for c in checks if not c.ok]
+
+
+def test_converter_without_inverse_or_golden_fails(tmp_path):
+    lonely = Converter("lonely", "hf", "jetstream", REGISTRY["to-jetstream"].run, inverse=None, golden=None)
+    checks = check_converter("lonely", "llama-gqa", tmp_path, converter=lonely)
+    assert len(checks) == 1 and not checks[0].ok and "no registered inverse" in checks[0].detail
+
+
+def test_mutation_self_test_catches_every_bug_and_flags_no_correct_conversion(tmp_path, capsys):
+    outcomes, baseline = run_mutations(tmp_path)
+    assert all(c.ok for c in baseline), [(c.converter, c.model, c.check, c.detail) for c in baseline if not c.ok]
+    s = score(outcomes)
+    with capsys.disabled():
+        print(f"\nmutation score: {sum(o.caught for o in outcomes)}/{len(outcomes)} = {s:.0%}")
+    missed = [o.mutation for o in outcomes if not o.caught]
+    assert not missed, missed
+    assert len(CATALOGUE) >= 15 and len({m.bug_class for m in CATALOGUE}) >= 10
+    # the golden diff names the cause for the permutation classes
+    by = {o.mutation: o for o in outcomes}
+    assert any("rotary permutation" in d for d in by["rotary permutation skipped"].details)
+    assert any("halves swapped" in d for d in by["gate/up swapped in the GLU"].details)
+    assert any("B == A^T" in d for d in by["square wo transposed"].details)
+    assert any("another layer" in d for d in by["two layers swapped"].details)
+
+
+# --- a converter declared the way another repository would, gated by ckdiff.testing.gate
+def _my_hf_to_jetstream(src, out, options):
+    from ckdiff.converters.cli import read_source
+    ck, cfg = read_source(src)
+    with atomic_dir(out, overwrite=True) as tmp:
+        from ckdiff.converters.writers import write_meta_like
+        write_meta_like(tmp, layout_convert(ck.tensors, "hf", "jetstream", cfg), cfg.to_meta())
+
+
+MINE = Converter("example-hf-to-jetstream", "hf", "jetstream", _my_hf_to_jetstream, inverse="jetstream-to-hf",
+                 golden="emit", models=("llama-gqa", "llama-mqa-hd"))
+test_example_gate = pytest.mark.ckdiff(gate(MINE))
+
+
+def test_plugin_fixture_and_helpers(ckdiff_golden):
+    hf, js = ckdiff_golden("llama-gqa", "hf"), ckdiff_golden("llama-gqa", "jetstream")
+    assert_logits_match(hf, js)
+    assert_checkpoints_match(hf, hf)
+    with pytest.raises(AssertionError) as e:
+        assert_checkpoints_match(hf, ckdiff_golden("llama-gqa", "hf", seed=1))
+    assert "model.embed_tokens.weight" in str(e.value) and "differ" in str(e.value)
+
+
+@settings(max_examples=8, deadline=None)
+@given(tiny_configs())
+def test_round_trip_on_random_configs(tmp_path_factory, cfg):
+    d = tmp_path_factory.mktemp("rand")
+    with atomic_dir(d / "hf", overwrite=True) as tmp:
+        write_hf(tmp, lazy(hf_state(cfg, seed=cfg.vocab)), cfg.to_hf())
+    for name in ("to-jetstream", "hf-to-megatron"):
+        from ckdiff.golden.suite import REGISTRY as R, convert
+        c = R[name]
+        tgt = convert(c, d / "hf", d / f"{name}-out")
+        back = convert(R[c.inverse], tgt, d / f"{name}-back")
+        assert_checkpoints_match(d / "hf", back)
+        assert_logits_match(d / "hf", tgt, batch=1, length=34)
+
+
+def test_demo_is_the_main_job(tmp_path, run_cli):
+    code, out, _ = run_cli("demo", "--out", tmp_path / "demo", "--quick")
+    assert code == 0 and "PASS" in out
+    doc = json.loads((tmp_path / "demo/demo.json").read_text())
+    assert doc["verdict"] == "pass" and len(doc["result"]["checks"]) >= 12
+    assert (tmp_path / "demo/demo.html").stat().st_size > 1000
+    assert "rotary permutation" in (tmp_path / "demo/broken-compare.md").read_text()
