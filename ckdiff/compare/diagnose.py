@@ -46,6 +46,16 @@ def _head_counts(rows: int, config: dict) -> list[tuple[int, int]]:
     return out
 
 
+def _which_heads(expected: int, used: int, config: dict) -> str:
+    q = config.get("num_attention_heads") or config.get("n_heads")
+    kv = config.get("num_key_value_heads") or config.get("n_kv_heads") or config.get("num_attention_heads_kv")
+    if used == q and expected == kv:
+        return " (the query head count was used where the KV head count belongs)"
+    if used == kv and expected == q:
+        return " (the KV head count was used where the query head count belongs)"
+    return ""
+
+
 def _row_perm(a: torch.Tensor, b: torch.Tensor):
     """If b's rows are a permutation of a's rows, the source row for each row of b."""
     if a.dim() != 2 or a.shape[0] < 2:
@@ -96,6 +106,21 @@ def diagnose_pair(name: str, a: torch.Tensor, b: torch.Tensor, config: dict | No
                 notes.append(f"rotary permutation: B == P(A), half-split -> interleaved, {heads} heads x {hd} rows")
             if _eq(rope_to_half(a, heads, hd), b):
                 notes.append(f"rotary permutation: B == P^-1(A), interleaved -> half-split, {heads} heads x {hd} rows")
+        cands = _head_counts(a.shape[0], config)
+        if not any(n.startswith("rotary") for n in notes):
+            # undo the permutation with one head count, redo it with another (interleaved layouts first)
+            redo = [lambda x, h1, d1, h2, d2: rope_to_interleaved(rope_to_half(x, h1, d1), h2, d2),
+                    lambda x, h1, d1, h2, d2: rope_to_half(rope_to_interleaved(x, h1, d1), h2, d2)]
+            hd = config.get("head_dim") or (config.get("hidden_size", 0) // max(1, config.get("num_attention_heads", 1))
+                                            if "hidden_size" in config else
+                                            config.get("dim", 0) // max(1, config.get("n_heads", 1)))
+            firsts = sorted(cands, key=lambda c: c[1] != hd)  # A most likely uses the true head_dim
+            hit = next(((h1, d1, h2, d2) for f in redo for h1, d1 in firsts for h2, d2 in cands
+                        if h1 != h2 and _eq(f(a, h1, d1, h2, d2), b)), None)
+            if hit:
+                h1, d1, h2, d2 = hit
+                notes.append(f"rotary permutation with the wrong head count: B == A re-permuted as {h2} heads x "
+                             f"{d2} rows where A is {h1} heads x {d1}" + _which_heads(h1, h2, config))
         h = a.shape[0] // 2
         if _eq(torch.cat([a[h:], a[:h]]), b):
             notes.append("halves swapped: B == [A[half:]; A[:half]] (e.g. [gate; up] vs [up; gate], or k/v)")

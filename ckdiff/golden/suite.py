@@ -290,9 +290,9 @@ def demo_broken(work: Path):
     from ..converters.safetensors_io import read_safetensors, write_safetensors
     from .emit import emit
     from .models import lazy, tiny_config
-    cfg = tiny_config("llama-gqa")
-    gold = emit(work / "golden", "llama-gqa", "jetstream")
-    bad = emit(work / "candidate", "llama-gqa", "jetstream")
+    cfg = tiny_config("llama-spec")  # H=4, K=2, hd=16: k as 4 heads of 8 rows is a real permutation
+    gold = emit(work / "golden", "llama-spec", "jetstream")
+    bad = emit(work / "candidate", "llama-spec", "jetstream")
     f = bad / "model.safetensors"
     state = {k: v.load().clone() for k, v in read_safetensors(f).items()}
     for i in range(cfg.layers):
