@@ -171,6 +171,9 @@ def cmd_inspect(argv) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("CKDIFF_DEBUG") == "1"
+    if not debug:
+        import warnings
+        warnings.simplefilter("ignore")  # library warnings would break the one-line error contract
     try:
         if not argv or argv[0] in ("-h", "--help"):
             compare_parser().print_help()

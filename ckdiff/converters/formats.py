@@ -57,7 +57,12 @@ def _json(path: Path) -> dict:
 
 def _inside(root: Path, rel: str) -> Path:
     """``root/rel``, refusing names that escape ``root``."""
-    p = (root / rel).resolve()
+    if "\x00" in rel:
+        raise InputError(root, f"shard path {rel!r} holds a NUL byte")
+    try:
+        p = (root / rel).resolve()
+    except (OSError, ValueError, RuntimeError) as e:
+        raise InputError(root, f"shard path {rel!r} cannot be resolved ({e.__class__.__name__})") from None
     if os.path.isabs(rel) or root.resolve() not in p.parents:
         raise InputError(root, f"shard path {rel!r} escapes the checkpoint directory")
     return p
@@ -83,7 +88,11 @@ def _read_indexed(root: Path, index: Path, read_one) -> dict[str, LazyTensor]:
         if not isinstance(rel, str):
             raise InputError(index, f"weight_map entry for {key!r} is not a file name")
         p = _inside(root, rel)
-        if not p.is_file():
+        try:
+            is_file = p.is_file()
+        except OSError:
+            is_file = False
+        if not is_file:
             raise InputError(index, f"names shard {rel!r}, which is missing")
         files.setdefault(p, []).append(key)
     tensors = _merge_files(sorted(files), read_one, root)

@@ -43,8 +43,7 @@ def load_pickle(path, trust: bool = False) -> object:
         raise InputError(path, "refused to unpickle: needs more than plain tensors "
                                f"({reason or 'unsafe content'}); pass --trust-pickle only if you "
                                "trust this file, since it can run code") from None
-    except (RuntimeError, EOFError, ValueError, OSError, AttributeError, KeyError, IndexError,
-            TypeError, UnicodeDecodeError, zipfile.BadZipFile, MemoryError) as e:
+    except Exception as e:  # noqa: BLE001 - whatever a corrupt file makes torch raise, it is an input error
         msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise InputError(path, f"not a readable torch checkpoint ({msg[:200]})") from None
 
