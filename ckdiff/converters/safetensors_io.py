@@ -100,6 +100,15 @@ class SafetensorsFile:
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         return self._mm
 
+    def read_into(self, offset: int, buf: memoryview) -> int:
+        """Read data bytes at ``offset`` (relative to the data section) into ``buf``."""
+        return os.preadv(self._fd(), [buf], self.data_start + offset)
+
+    def _fd(self) -> int:
+        if getattr(self, "_fh", None) is None:
+            self._fh = open(self.path, "rb", buffering=0)
+        return self._fh.fileno()
+
     def tensors(self) -> dict[str, "SafetensorsTensor"]:
         return {n: SafetensorsTensor(n, self, *e) for n, e in self.entries.items()}
 
@@ -120,6 +129,17 @@ class SafetensorsTensor(LazyTensor):
 
     def load(self) -> torch.Tensor:
         return self._view(self.lo, self.hi, self.shape)
+
+    def byte_chunks(self, bufs, chunk: int):
+        """Yield (offset, memoryview) over this tensor's raw bytes, read into reused buffers."""
+        n = self.hi - self.lo
+        for off in range(0, n, chunk):
+            m = min(chunk, n - off)
+            view = memoryview(bufs)[:m]
+            got = self.file.read_into(self.lo + off, view)
+            if got != m:
+                raise InputError(self.file.path, f"tensor {self.name!r}: short read ({got} of {m} bytes)")
+            yield off, view
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         if not self.shape:

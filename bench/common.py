@@ -1,0 +1,100 @@
+"""Shared pieces of the benchmarks: a streamed big model and an RssAnon sampler."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import torch
+
+from ckdiff.converters.config import ModelConfig
+from ckdiff.converters.lazy import LazyTensor
+
+# ~1.7 GB in bfloat16: Llama-shaped, GQA (H=16, K=4), 16 layers
+BIG = ModelConfig("llama", hidden=2048, layers=16, heads=16, kv_heads=4, head_dim=128, ffn=5632, vocab=32000,
+                  dtype="bfloat16", max_pos=2048)
+
+
+class RandomTensor(LazyTensor):
+    """Random data made on load (seeded by name), so a model is never held whole."""
+
+    def __init__(self, name, shape, dtype, seed):
+        super().__init__(name, shape, dtype, "<bench>")
+        self.seed = seed
+
+    def load(self):
+        g = torch.Generator().manual_seed(self.seed)
+        return (torch.randn(self.shape, generator=g) * 0.02).to(self.dtype)
+
+
+def big_hf_tensors(cfg=BIG):
+    from ckdiff.golden.models import hf_state
+    tiny = ModelConfig(**{**cfg.to_dict(), "hidden": 8, "heads": 2, "kv_heads": 1, "head_dim": 4, "ffn": 8,
+                          "vocab": 8, "layers": cfg.layers})
+    names = list(hf_state(tiny))
+    D, F, V, q, kv = cfg.hidden, cfg.ffn, cfg.vocab, cfg.q_rows, cfg.kv_rows
+    shapes = {"embed_tokens": (V, D), "q_proj": (q, D), "k_proj": (kv, D), "v_proj": (kv, D), "o_proj": (D, q),
+              "gate_proj": (F, D), "up_proj": (F, D), "down_proj": (D, F), "lm_head": (V, D)}
+    out = {}
+    for i, n in enumerate(names):
+        shape = next((s for k, s in shapes.items() if k in n), (D,))
+        out[n] = RandomTensor(n, shape, torch.bfloat16, i)
+    return out
+
+
+def rss_anon_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+    return 0
+
+
+class PeakRssAnon:
+    """Samples RssAnon every few ms in a thread; ``peak`` in MiB above the starting level too."""
+
+    def __enter__(self):
+        self.base = rss_anon_kib()
+        self.peak_kib = self.base
+        self._stop = False
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop:
+            self.peak_kib = max(self.peak_kib, rss_anon_kib())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._t.join()
+        self.peak_kib = max(self.peak_kib, rss_anon_kib())
+
+    @property
+    def peak_mib(self) -> float:
+        return self.peak_kib / 1024
+
+    @property
+    def growth_mib(self) -> float:
+        return (self.peak_kib - self.base) / 1024
+
+
+def read_bytes_seconds(paths, block=32 << 20) -> float:
+    buf = bytearray(block)
+    t = time.perf_counter()
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+    return time.perf_counter() - t
+
+
+def human(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def ensure_space(path, need: int):
+    st = os.statvfs(path)
+    if st.f_bavail * st.f_frsize < need * 1.2:
+        raise SystemExit(f"not enough free space in {path} for {human(need)}")
