@@ -22,13 +22,14 @@ def test_golden_workflow_meta_path_equals_hf_path(tiny_hf, tmp_path, version, mo
     assert_same(tmp_path / "golden", tmp_path / "new")
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "llama-mha-tied", "llama-mqa-hd", "mistral-gqa"])
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-mha-tied", "llama-mqa-hd", "mistral-gqa", "gemma", "mixtral"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("safetensors", [True, False])
 def test_round_trip_bit_exact(tiny_hf, tmp_path, name, dtype, safetensors):
     src = tiny_hf(name, dtype)
     flag = "--output_safetensors" if safetensors else "--no-output_safetensors"
-    assert convert(*JS, "llama-2", "--input_checkpoint_dir", src, "--output_checkpoint_dir", tmp_path / "js",
+    model_name = name if name in ("gemma", "mixtral") else "llama-2"
+    assert convert(*JS, model_name, "--input_checkpoint_dir", src, "--output_checkpoint_dir", tmp_path / "js",
                    "--from_hf", flag) == 0
     files = sorted(p.name for p in (tmp_path / "js").iterdir())
     assert files == (["model.safetensors", "params.json"] if safetensors else
@@ -143,3 +144,32 @@ def test_transformers_loads_jetstream_export(tiny_hf, tmp_path):
     convert("jetstream-to-hf", "--input_checkpoint_dir", tmp_path / "js", "--output_checkpoint_dir", tmp_path / "hf")
     m, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and m.config.tie_word_embeddings
+
+
+def test_gemma_and_mixtral_layouts(tiny_hf, tmp_path, run_cli):
+    convert(*JS, "gemma", "--input_checkpoint_dir", tiny_hf("gemma"), "--output_checkpoint_dir", tmp_path / "g")
+    g = open_checkpoint(str(tmp_path / "g"))
+    hf = open_checkpoint(str(tiny_hf("gemma")))
+    assert "embedder.weight" in g and "output.weight" not in g  # tied, JetStream Gemma names
+    # no rotary permutation for Gemma: q rows are HF rows (H * head_dim = 128 != hidden 64)
+    assert torch.equal(g["layers.0.self_attn.wq.weight"].load(), hf["model.layers.0.self_attn.q_proj.weight"].load())
+    assert g["layers.0.self_attn.wq.weight"].shape == (128, 64)
+    code, _, err = run_cli("convert", *JS, "gemma", "--input_checkpoint_dir", tiny_hf("gemma"),
+                           "--output_checkpoint_dir", tmp_path / "g4", "--quantize_weights", "--quantize_type",
+                           "int4_per_channel")
+    assert code == 2 and "int8 per channel only" in err
+    code, _, err = run_cli("convert", *JS, "mixtral", "--input_checkpoint_dir", tiny_hf("llama-gqa"),
+                           "--output_checkpoint_dir", tmp_path / "x")
+    assert code == 2 and "expects a mixtral checkpoint" in err
+    convert(*JS, "mixtral", "--input_checkpoint_dir", tiny_hf("mixtral"), "--output_checkpoint_dir", tmp_path / "m",
+            "--quantize_weights", "--quantize_type", "int8_per_channel")
+    m = open_checkpoint(str(tmp_path / "m"))
+    assert m["layers.0.block_sparse_moe.cond_ffn.w1"].shape == (4, 48, 64)
+    assert m["layers.0.block_sparse_moe.cond_ffn.w1_scaler"].shape == (4, 48)
+    assert m["layers.0.block_sparse_moe.cond_ffn.w2_scaler"].shape == (4, 64)
+    assert m["layers.0.block_sparse_moe.gate.weight_scaler"].shape == (4,)
+    hf = open_checkpoint(str(tiny_hf("mixtral")))
+    w2 = hf["model.layers.1.block_sparse_moe.experts.3.w2.weight"].load()
+    flt = open_checkpoint(str(emit(tmp_path / "f", "mixtral", "jetstream")))
+    assert torch.equal(flt["layers.1.block_sparse_moe.cond_ffn.w2"].load()[3], w2)
+    assert run_cli(tmp_path / "f", tmp_path / "m")[0] == 0  # each element within its scale bound

@@ -11,7 +11,8 @@ from ckdiff.golden.models import TINY, lazy, tiny_config
 from ckdiff.golden.runtimes import run
 from helpers import convert
 
-FAMILIES = ["llama-gqa", "llama-spec", "llama-mha-tied", "llama-mqa-hd", "mistral-gqa", "falcon-7b", "falcon-40b"]
+FAMILIES = ["llama-gqa", "llama-spec", "llama-mha-tied", "llama-mqa-hd", "mistral-gqa", "falcon-7b", "falcon-40b",
+            "gemma", "mixtral"]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -24,16 +25,21 @@ def test_hf_runtime_agrees_with_transformers(tiny_hf, name):
         ref = m(ids, output_hidden_states=True)
     ck = open_checkpoint(str(path))
     ours = run(ck, config_of(ck), ids)
-    torch.testing.assert_close(ours.logits, ref.logits, rtol=1e-4, atol=2e-5)
+    # float32 rounding, relative to each tensor's scale (Gemma's residual stream is ~sqrt(D) larger)
+    scale = lambda t: 1e-5 * float(t.abs().max())  # noqa: E731
+    torch.testing.assert_close(ours.logits, ref.logits, rtol=1e-4, atol=scale(ref.logits))
     # hidden states after each layer (transformers' last entry is after the final norm)
     for i, h in enumerate(ours.hidden[:-1]):
-        torch.testing.assert_close(h, ref.hidden_states[i + 1], rtol=1e-4, atol=2e-5)
+        torch.testing.assert_close(h, ref.hidden_states[i + 1], rtol=1e-4, atol=scale(ref.hidden_states[i + 1]))
 
 
 def _layouts(name, tmp_path, dtype="float32"):
-    out = {"hf": emit(tmp_path / "hf", name, "hf", dtype), "megatron": emit(tmp_path / "meg", name, "megatron", dtype),
-           "megatron-tp-pp": None}
+    out = {"hf": emit(tmp_path / "hf", name, "hf", dtype)}
     cfg = tiny_config(name)
+    if cfg.family in ("gemma", "mixtral"):
+        out["jetstream"] = emit(tmp_path / "js", name, "jetstream", dtype)
+        return out
+    out["megatron"] = emit(tmp_path / "meg", name, "megatron", dtype)
     tp = 2 if cfg.kv_heads % 2 == 0 else 1
     out["megatron-tp-pp"] = emit(tmp_path / "meg2", name, "megatron", dtype, tp=tp, pp=2)
     if cfg.family == "llama":
@@ -42,15 +48,19 @@ def _layouts(name, tmp_path, dtype="float32"):
     return out
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "mistral-gqa", "falcon-40b", "falcon-7b"])
+@pytest.mark.parametrize("name", ["llama-gqa", "mistral-gqa", "falcon-40b", "falcon-7b", "gemma", "mixtral"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_every_layout_agrees(tmp_path, name, dtype):
+    """Weights in ``dtype``; computed in float32, and also in ``dtype`` except for MoE, whose discrete
+    top-k routing turns 16-bit rounding differences between runtimes into different experts."""
     lay = _layouts(name, tmp_path, dtype)
     hf = open_checkpoint(str(lay.pop("hf")))
+    computes = ["float32"] + ([dtype] if dtype != "float32" and tiny_config(name).family != "mixtral" else [])
     for layout, path in lay.items():
-        r = compare_logits(hf, open_checkpoint(str(path)), dtype=dtype)
-        assert r.equivalent, (layout, r.max_kl, r.threshold)
-        assert r.top1_agreement == 1.0 if dtype == "float32" else r.top1_agreement > 0.95
+        for compute in computes:
+            r = compare_logits(hf, open_checkpoint(str(path)), dtype=compute)
+            assert r.equivalent, (layout, compute, r.max_kl, r.threshold)
+            assert r.top1_agreement == 1.0 if compute == "float32" else r.top1_agreement > 0.95
 
 
 def _mutate_js(src, dst, fn):

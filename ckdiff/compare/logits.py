@@ -158,6 +158,9 @@ def compare_logits(a: Checkpoint, b: Checkpoint, batch: int = 4, length: int = 4
                      f"the quantized side is {gate_kl:.3g} from the reference quantization (this value gates)")
     if threshold is not None:
         thr, reason = threshold, "--threshold"
+    if dtype in ("bfloat16", "float16") and "mixtral" in (ca.family, cb.family):
+        notes.append("MoE routing in 16-bit compute: rounding can pick different experts for near ties; "
+                     "prefer --dtype float32 for a verdict")
     if vocab < max(ca.vocab, cb.vocab):
         notes.append(f"compared the first {vocab} vocab entries (A has {ca.vocab} rows, B {cb.vocab})")
     if (ca.rope_theta, ca.norm_eps) != (cb.rope_theta, cb.norm_eps):

@@ -195,9 +195,12 @@ def to_jetstream(argv) -> int:
     p.add_argument("--debug", action="store_true")
     a = p.parse_args(argv)
     model = JS_MODELS[a.model_name]
-    if model in ("gemma", "mixtral"):
-        raise UsageError(f"--model_name {a.model_name}: only the llama family is implemented so far")
     ck, cfg = read_source(a.input_checkpoint_dir, None, a.trust_pickle)
+    family = {"llama-2": "llama", "llama-3": "llama"}.get(model, model)
+    if cfg.family != family:
+        raise UsageError(f"--model_name {a.model_name} expects a {family} checkpoint; the input is {cfg.family}")
+    if family != "llama" and ck.format != "hf":
+        raise UsageError(f"--model_name {a.model_name}: only HF sources are supported for {family}")
     if a.from_hf and ck.format != "hf":
         raise InputError(ck.path, f"--from_hf given but the input is a {ck.format} checkpoint")
     if ck.format not in ("hf", "meta"):
@@ -206,7 +209,7 @@ def to_jetstream(argv) -> int:
     tensors = convert(ck.tensors, ck.format, "jetstream", cfg, ck.path, plan)
     params = cfg.to_meta()
     if a.quantize_weights:
-        tensors = quantize_tensors(tensors, a.quantize_type)
+        tensors = quantize_tensors(tensors, a.quantize_type, cfg.family)
         params["quantize_type"] = a.quantize_type
     with disk_errors(a.output_checkpoint_dir), atomic_dir(a.output_checkpoint_dir, a.overwrite,
                                                           [ck.path]) as tmp:
@@ -217,7 +220,7 @@ def to_jetstream(argv) -> int:
 
 
 def jetstream_to_hf(argv) -> int:
-    from .quant import dequantize_tensors, float_shape, is_quantized, SCALER
+    from .quant import dequantize_tensors, is_quantized
     p = _P(prog="ckdiff convert jetstream-to-hf", description="JetStream-pt checkpoint -> HF (dequantized if needed)")
     p.add_argument("--input_checkpoint_dir", required=True)
     p.add_argument("--output_checkpoint_dir", required=True)
@@ -231,8 +234,7 @@ def jetstream_to_hf(argv) -> int:
         raise InputError(ck.path, f"expected a JetStream checkpoint, found {ck.format}")
     tensors = ck.tensors
     if is_quantized(tensors):
-        shapes = {k: float_shape(t) for k, t in tensors.items() if k + SCALER in tensors}
-        tensors = dequantize_tensors(tensors, shapes)
+        tensors = dequantize_tensors(tensors)
     cfg = ModelConfig.from_meta(ck.config, tensors, str(Path(ck.path) / "params.json"))
     if is_quantized(ck.tensors):
         cfg.dtype = "float32"

@@ -11,7 +11,7 @@ from typing import Mapping
 from ..errors import InputError
 from .config import ModelConfig
 from .lazy import LazyTensor
-from .ops import Chain, Concat, Each, FuseQKV, Identity, PermuteRope, SplitQKV
+from .ops import Chain, Concat, Each, FuseQKV, Identity, PermuteRope, SplitQKV, Stack
 from .table import Plan, R, Tie, apply, invert
 
 # ------------------------------------------------------------------ names
@@ -33,6 +33,19 @@ META = {
     "gate": "layers.{i}.feed_forward.w1.weight", "up": "layers.{i}.feed_forward.w3.weight",
     "down": "layers.{i}.feed_forward.w2.weight",
 }
+# JetStream Gemma names (embedder tied; half-split rotary like HF, so q/k are not permuted)
+GEMMA_JS = {
+    "embed": "embedder.weight", "norm": "norm.weight",
+    "attn_norm": "layers.{i}.input_layernorm.weight", "mlp_norm": "layers.{i}.post_attention_layernorm.weight",
+    "q": "layers.{i}.self_attn.wq.weight", "k": "layers.{i}.self_attn.wk.weight",
+    "v": "layers.{i}.self_attn.wv.weight", "o": "layers.{i}.self_attn.o_proj.weight",
+    "gate": "layers.{i}.mlp.gate_proj.weight", "up": "layers.{i}.mlp.up_proj.weight",
+    "down": "layers.{i}.mlp.down_proj.weight",
+}
+# Mixtral: HF experts one by one, JetStream stacked over experts (no .weight suffix)
+MOE_HF = {"router": "model.layers.{i}.block_sparse_moe.gate.weight",
+          "w": "model.layers.{{i}}.block_sparse_moe.experts.{e}.w{n}.weight"}
+MOE_JS = {"router": "layers.{i}.block_sparse_moe.gate.weight", "w": "layers.{{i}}.block_sparse_moe.cond_ffn.w{n}"}
 _ML = "language_model.encoder.layers.{i}."
 MEGATRON = {
     "embed": "language_model.embedding.word_embeddings.weight",
@@ -71,13 +84,32 @@ def _rope(cfg: ModelConfig):
     return PermuteRope(cfg.heads, cfg.head_dim), PermuteRope(cfg.kv_heads, cfg.head_dim)
 
 
+def hf_to_gemma(cfg: ModelConfig) -> list:
+    """Gemma: renames only; JetStream's Gemma rotary is half-split like HF's. Always tied."""
+    return ([R(HF["embed"], GEMMA_JS["embed"])]
+            + [R(HF[s], GEMMA_JS[s]) for s in ("attn_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down")]
+            + [R(HF["norm"], GEMMA_JS["norm"])])
+
+
+def moe_rules(cfg: ModelConfig) -> list:
+    """Router renamed; experts' w1/w2/w3 stacked on a new leading axis."""
+    E = cfg.experts
+    return [R(MOE_HF["router"], MOE_JS["router"])] + [
+        R([MOE_HF["w"].format(e=e, n=n) for e in range(E)], MOE_JS["w"].format(n=n), Stack(E)) for n in (1, 2, 3)]
+
+
 def hf_to_meta(cfg: ModelConfig) -> list:
-    if cfg.family != "llama":
+    if cfg.family == "gemma":
+        return hf_to_gemma(cfg)
+    if cfg.family not in ("llama", "mixtral"):
         raise InputError("config", f"{cfg.family} has no Meta/JetStream layout here")
     pq, pk = _rope(cfg)
     rules = [R(HF["embed"], [META["embed"], META["head"]], Tie()) if cfg.tied else R(HF["embed"], META["embed"])]
-    for slot in ("attn_norm", "v", "o", "mlp_norm", "gate", "up", "down"):
+    mlp = ("gate", "up", "down") if cfg.family == "llama" else ()
+    for slot in ("attn_norm", "v", "o", "mlp_norm") + mlp:
         rules.append(R(HF[slot], META[slot]))
+    if cfg.family == "mixtral":
+        rules += moe_rules(cfg)
     rules[1:1] = [R(HF["q"], META["q"], pq), R(HF["k"], META["k"], pk)]
     rules.append(R(HF["norm"], META["norm"]))
     if not cfg.tied:
@@ -86,6 +118,8 @@ def hf_to_meta(cfg: ModelConfig) -> list:
 
 
 def hf_to_megatron(cfg: ModelConfig) -> list:
+    if cfg.family not in ("llama", "falcon"):
+        raise InputError("config", f"{cfg.family} has no Megatron-LLM layout (llama, mistral, falcon only)")
     pq, pk = _rope(cfg)
     H, K, d, F = cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.ffn
     M = MEGATRON
@@ -152,7 +186,10 @@ def _hf_keys(cfg: ModelConfig) -> list:
         keys = [FALCON[s] for s in ("embed", "qkv", "o", "h4h", "4hh", "norm", "norm_b")]
         keys += [FALCON[s] for s in (("ln_attn", "ln_attn_b", "ln_mlp", "ln_mlp_b") if cfg.two_norms else ("ln", "ln_b"))]
         return keys
-    keys = [HF[s] for s in ("embed", "attn_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down", "norm")]
+    mlp = ("gate", "up", "down") if cfg.family != "mixtral" else ()
+    keys = [HF[s] for s in ("embed", "attn_norm", "q", "k", "v", "o", "mlp_norm") + mlp + ("norm",)]
+    if cfg.family == "mixtral":
+        keys += [MOE_HF["router"]] + [MOE_HF["w"].format(e=e, n=n) for e in range(cfg.experts) for n in (1, 2, 3)]
     if not cfg.tied:
         keys.append(HF["head"])
     return keys

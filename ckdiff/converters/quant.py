@@ -19,7 +19,10 @@ from .ops import Op
 
 QUANT_TYPES = ("int8_per_channel", "int4_per_channel", "int8_blockwise", "int4_blockwise")
 BLOCK = 128
-LINEAR = re.compile(r"(attention\.w[qkvo]\.weight|feed_forward\.w[123]\.weight|^output\.weight)$")
+LINEAR = re.compile(r"(attention\.w[qkvo]\.weight|feed_forward\.w[123]\.weight|^output\.weight"
+                    r"|self_attn\.(w[qkv]|o_proj)\.weight|mlp\.(gate|up|down)_proj\.weight"  # Gemma
+                    r"|block_sparse_moe\.gate\.weight|cond_ffn\.w[123])$")  # Mixtral router and experts
+EXPERTS = re.compile(r"cond_ffn\.w[123]$")
 EMBED = re.compile(r"^(tok_embeddings|embedder)\.weight$")
 SCALER = "_scaler"
 # per-element bound in units of the stored scale (bf16 arithmetic measured 1.14 / 0.53)
@@ -30,8 +33,9 @@ def bits_of(qtype: str) -> int:
     return 8 if "int8" in qtype else 4
 
 
-def quantize(w: torch.Tensor, bits: int, blockwise: bool, axis: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes int8, scales bf16) for a linear weight [out, in] (or an embedding with axis=0)."""
+def quantize(w: torch.Tensor, bits: int, blockwise: bool, axis: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes int8, scales bf16) for a linear weight [out, in] or stacked experts [E, out, in]
+    (reduced over the input axis), or an embedding with axis=0 (one scale per column)."""
     qmax, qmin = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
     if not blockwise:
         m = w.abs().amax(dim=axis, keepdim=True).clamp(min=1e-5)
@@ -53,6 +57,8 @@ def dequantize(q: torch.Tensor, s: torch.Tensor, shape, embedding: bool = False)
     qf, sf = q.to(torch.float32), s.to(torch.float32)
     if embedding:
         return qf * sf.reshape(1, -1)
+    if len(shape) == 3:  # stacked experts [E, out, in], per-channel scales [E, out]
+        return qf * sf.reshape(shape[0], shape[1], 1)
     out, n = shape
     if q.dim() == 3:  # blockwise [nb, 128, out]
         nb = q.shape[0]
@@ -67,6 +73,7 @@ def scale_per_element(s: torch.Tensor, q: torch.Tensor, shape, embedding: bool =
 
 
 class Quantize(Op):
+    """One weight -> (codes, scales); lossy, so it has no reverse."""
     n_in, n_out = 1, 2
 
     def __init__(self, bits: int, blockwise: bool, embedding: bool = False):
@@ -85,16 +92,22 @@ class Quantize(Op):
             f"quantize int{self.bits} {'blockwise-128' if self.blockwise else 'per channel'}"
 
 
-def quantize_tensors(tensors: dict[str, LazyTensor], qtype: str) -> dict[str, LazyTensor]:
+def quantize_tensors(tensors: dict[str, LazyTensor], qtype: str, family: str = "llama") -> dict[str, LazyTensor]:
     if qtype not in QUANT_TYPES:
         raise UsageError(f"--quantize_type {qtype!r}: expected one of {', '.join(QUANT_TYPES)}")
     bits, block = bits_of(qtype), "blockwise" in qtype
+    if family == "gemma" and (bits == 4 or block):
+        raise UsageError(f"--quantize_type {qtype}: Gemma linears are quantized int8 per channel only "
+                         "(the JetStream engine refuses int4 for Gemma)")
+    if family == "mixtral" and block:
+        raise UsageError(f"--quantize_type {qtype}: blockwise quantization of Mixtral experts is not defined "
+                         "by JetStream; use a per-channel type")
     out: dict[str, LazyTensor] = {}
     for k, t in tensors.items():
         if EMBED.search(k) or LINEAR.search(k):
             emb = bool(EMBED.search(k))
-            if block and not emb and t.shape[1] % BLOCK:
-                raise UsageError(f"{qtype}: {k} has input dimension {t.shape[1]}, not a multiple of {BLOCK}")
+            if block and not emb and t.shape[-1] % BLOCK:
+                raise UsageError(f"{qtype}: {k} has input dimension {t.shape[-1]}, not a multiple of {BLOCK}")
             g = DerivedGroup([t], Quantize(bits, block, emb))
             for x in g.tensors([k, k + SCALER]):
                 out[x.name] = x
@@ -107,7 +120,7 @@ def is_quantized(tensors) -> bool:
     return any(k.endswith(SCALER) for k in tensors)
 
 
-def dequantize_tensors(tensors: dict[str, LazyTensor], shapes: dict[str, tuple]) -> dict[str, LazyTensor]:
+def dequantize_tensors(tensors: dict[str, LazyTensor], shapes: dict[str, tuple] | None = None) -> dict[str, LazyTensor]:
     """Float (fp32) lazy tensors from a quantized JetStream mapping; ``shapes`` gives float shapes."""
     out: dict[str, LazyTensor] = {}
     for k, t in tensors.items():
@@ -115,7 +128,7 @@ def dequantize_tensors(tensors: dict[str, LazyTensor], shapes: dict[str, tuple])
             continue
         if k + SCALER in tensors:
             emb = bool(EMBED.search(k))
-            shp = shapes[k]
+            shp = (shapes or {}).get(k) or float_shape(t, k)
             g = DerivedGroup([t, tensors[k + SCALER]], lambda xs, shp=shp, emb=emb: [
                 dequantize(xs[0], xs[1], shp, emb) if xs[0].device.type != "meta"
                 else torch.empty(shp, dtype=torch.float32, device="meta")])
@@ -125,9 +138,9 @@ def dequantize_tensors(tensors: dict[str, LazyTensor], shapes: dict[str, tuple])
     return out
 
 
-def float_shape(q: LazyTensor) -> tuple:
+def float_shape(q: LazyTensor, name: str = "") -> tuple:
     """Shape of the float weight behind codes ``q`` (blockwise codes are [nb, 128, out])."""
-    if len(q.shape) == 3:
+    if len(q.shape) == 3 and not EXPERTS.search(name or q.name):
         nb, b, o = q.shape
         return (o, nb * b)
     return tuple(q.shape)
@@ -159,7 +172,7 @@ def fake_quantize(tensors: dict[str, LazyTensor], qtype: str) -> dict[str, LazyT
             if emb:
                 q, s = quantize(w, 8, False, axis=0)
             else:
-                q, s = quantize(w, bits, block and w.shape[1] % BLOCK == 0)
+                q, s = quantize(w, bits, block and w.shape[-1] % BLOCK == 0)
             return [dequantize(q, s, w.shape, emb)]
         out[k] = DerivedGroup([t], fq).tensors([k])[0]
     return out
@@ -169,7 +182,7 @@ def qtype_of(config: dict, tensors: dict) -> str:
     """Quantization type from params.json, or inferred from codes and shapes."""
     if config.get("quantize_type"):
         return config["quantize_type"]
-    block = any(len(t.shape) == 3 for k, t in tensors.items() if k + SCALER in tensors)
+    block = any(len(t.shape) == 3 for k, t in tensors.items() if k + SCALER in tensors and not EXPERTS.search(k))
     small = all(int(t.load().abs().max()) <= 8 for k, t in tensors.items()
                 if k + SCALER in tensors and not EMBED.search(k))
     return f"int{4 if small else 8}_{'blockwise' if block else 'per_channel'}"

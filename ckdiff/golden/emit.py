@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..converters.config import ModelConfig
-from ..converters.layouts import FALCON, HF, META, MEGATRON
+from ..converters.layouts import FALCON, GEMMA_JS, HF, META, MEGATRON, MOE_HF, MOE_JS
 from .models import hf_state, lazy, tiny_config
 
 
@@ -29,10 +29,26 @@ def _meta_rows(w: torch.Tensor, heads: int, hd: int) -> torch.Tensor:
 
 
 def meta_state(cfg: ModelConfig, hf: dict) -> dict:
-    assert cfg.family == "llama"
+    """Meta / JetStream layout. Gemma: renamed, not permuted. Mixtral: experts stacked per layer."""
+    if cfg.family == "gemma":
+        out = {GEMMA_JS["embed"]: hf[HF["embed"]]}
+        for i in range(cfg.layers):
+            for slot in ("attn_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down"):
+                out[GEMMA_JS[slot].format(i=i)] = hf[HF[slot].format(i=i)]
+        out[GEMMA_JS["norm"]] = hf[HF["norm"]]
+        return out
     out = {META["embed"]: hf[HF["embed"]]}
     for i in range(cfg.layers):
-        for slot in ("attn_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down"):
+        if cfg.family == "mixtral":
+            out[MOE_JS["router"].format(i=i)] = hf[MOE_HF["router"].format(i=i)]
+            for n in (1, 2, 3):
+                experts = [hf[MOE_HF["w"].format(e=e, n=n).format(i=i)] for e in range(cfg.experts)]
+                stacked = torch.empty((cfg.experts,) + tuple(experts[0].shape), dtype=experts[0].dtype)
+                for e, w in enumerate(experts):
+                    stacked[e] = w
+                out[MOE_JS["w"].format(n=n).format(i=i)] = stacked
+        slots = ("attn_norm", "q", "k", "v", "o", "mlp_norm") + (("gate", "up", "down") if cfg.family == "llama" else ())
+        for slot in slots:
             w = hf[HF[slot].format(i=i)]
             if slot == "q":
                 w = _meta_rows(w, cfg.heads, cfg.head_dim)

@@ -14,7 +14,7 @@ import torch
 
 from ..converters.config import DTYPE_BY_NAME, ModelConfig
 from ..converters.lazy import EagerTensor
-from ..converters.layouts import FALCON, HF
+from ..converters.layouts import FALCON, HF, MOE_HF
 
 # name -> config. "llama-gqa" is the main fixture: H=8, K=2 (r=4 != K), V=100.
 TINY = {
@@ -34,6 +34,10 @@ TINY = {
     "mistral-gqa": ModelConfig("llama", hidden=64, layers=2, heads=6, kv_heads=3, head_dim=16, ffn=168,
                                vocab=120, sliding_window=16, rope_theta=1000000.0, max_pos=256,
                                extra={"model_type": "mistral"}),
+    "gemma": ModelConfig("gemma", hidden=64, layers=2, heads=4, kv_heads=1, head_dim=32, ffn=96, vocab=100,
+                         tied=True, norm_eps=1e-6, max_pos=256),
+    "mixtral": ModelConfig("mixtral", hidden=64, layers=2, heads=8, kv_heads=2, head_dim=8, ffn=48, vocab=100,
+                           experts=4, experts_per_tok=2, rope_theta=1000000.0, max_pos=256),
     "falcon-7b": ModelConfig("falcon", hidden=64, layers=2, heads=4, kv_heads=1, head_dim=16, ffn=256,
                              vocab=100, parallel_attn=True, two_norms=False, norm_bias=True, tied=True,
                              max_pos=256),
@@ -84,6 +88,12 @@ def hf_state(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
             t[f("v")] = _rand(g, cfg.kv_rows, D)
             t[f("o")] = _rand(g, D, cfg.q_rows)
             t[f("mlp_norm")] = norm()
+            if cfg.family == "mixtral":
+                t[MOE_HF["router"].format(i=i)] = _rand(g, cfg.experts, D, scale=1.0)
+                for e in range(cfg.experts):
+                    for n, shape in ((1, (F, D)), (2, (D, F)), (3, (F, D))):
+                        t[MOE_HF["w"].format(e=e, n=n).format(i=i)] = _rand(g, *shape)
+                continue
             t[f("gate")] = _rand(g, F, D)
             t[f("up")] = _rand(g, F, D)
             t[f("down")] = _rand(g, D, F)

@@ -18,7 +18,7 @@ import torch.nn.functional as Fn
 
 from ..converters.config import ModelConfig
 from ..converters.lazy import Checkpoint
-from ..converters.layouts import FALCON, HF, META, MEGATRON
+from ..converters.layouts import FALCON, GEMMA_JS, HF, META, MEGATRON, MOE_HF, MOE_JS
 from ..errors import InputError
 
 
@@ -85,6 +85,29 @@ def rms_norm(x, w, eps):
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
 
 
+def gemma_norm(x, w, eps):
+    """Gemma RMSNorm: scales by (1 + w), in float32."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + w.float())).to(x.dtype)
+
+
+def moe(h, router, experts: Callable, cfg: ModelConfig):
+    """Mixtral sparse MLP: softmax router, top-k experts, weights renormalised over the top k."""
+    B, T, D = h.shape
+    x = h.reshape(-1, D)
+    probs = torch.softmax((x @ router.T).float(), -1)
+    top, idx = probs.topk(cfg.experts_per_tok, -1)
+    top = (top / top.sum(-1, keepdim=True)).to(h.dtype)
+    out = torch.zeros_like(x)
+    for e in range(cfg.experts):
+        tok, slot = (idx == e).nonzero(as_tuple=True)
+        if len(tok):
+            w1, w2, w3 = experts(e)
+            y = (Fn.silu(x[tok] @ w1.T) * (x[tok] @ w3.T)) @ w2.T
+            out.index_add_(0, tok, y * top[tok, slot, None])
+    return out.reshape(B, T, D)
+
+
 def layer_norm(x, w, b, eps):
     return Fn.layer_norm(x, (x.shape[-1],), w, b, eps)
 
@@ -120,23 +143,34 @@ def _decoder(ids, cfg: ModelConfig, embed, layer: Callable, final: Callable) -> 
 
 # ---------------------------------------------------------------- HF llama / mistral
 def hf_llama(ck: Checkpoint, cfg: ModelConfig, ids, dtype) -> Forward:
+    """HF Llama, Mistral, Mixtral and Gemma (they share names; Gemma scales embeddings by sqrt(D),
+    normalises with (1 + w) and uses a tanh-GELU gate)."""
     W = Weights(ck, dtype)
     ang = angles(cfg, ids.shape[1])
     B, T = ids.shape
     H, K, hd = cfg.heads, cfg.kv_heads, cfg.head_dim
+    gemma = cfg.family == "gemma"
+    norm = (lambda x, w: gemma_norm(x, w, cfg.norm_eps)) if gemma else (lambda x, w: rms_norm(x, w, cfg.norm_eps))
 
     def layer(i, x):
         f = lambda s: W(HF[s].format(i=i))  # noqa: E731
-        h = rms_norm(x, f("attn_norm"), cfg.norm_eps)
+        h = norm(x, f("attn_norm"))
         q = rope_half((h @ f("q").T).view(B, T, H, hd), ang)
         k = rope_half((h @ f("k").T).view(B, T, K, hd), ang)
         v = (h @ f("v").T).view(B, T, K, hd)
         x = x + attention(q, k, v, cfg, cfg.sliding_window) @ f("o").T
-        h = rms_norm(x, f("mlp_norm"), cfg.norm_eps)
-        return x + (Fn.silu(h @ f("gate").T) * (h @ f("up").T)) @ f("down").T
+        h = norm(x, f("mlp_norm"))
+        if cfg.family == "mixtral":
+            ex = lambda e: [W(MOE_HF["w"].format(e=e, n=n).format(i=i)) for n in (1, 2, 3)]  # noqa: E731
+            return x + moe(h, W(MOE_HF["router"].format(i=i)), ex, cfg)
+        act = (lambda z: Fn.gelu(z, approximate="tanh")) if gemma else Fn.silu
+        return x + (act(h @ f("gate").T) * (h @ f("up").T)) @ f("down").T
 
-    head = W(HF["embed"]) if cfg.tied else W(HF["head"])
-    return _decoder(ids, cfg, W(HF["embed"]), layer, lambda x: rms_norm(x, W(HF["norm"]), cfg.norm_eps) @ head.T)
+    emb = W(HF["embed"])
+    head = emb if cfg.tied else W(HF["head"])
+    if gemma:
+        emb = emb * torch.tensor(cfg.hidden ** 0.5, dtype=dtype)
+    return _decoder(ids, cfg, emb, layer, lambda x: norm(x, W(HF["norm"])) @ head.T)
 
 
 # ---------------------------------------------------------------- HF falcon
@@ -170,6 +204,8 @@ def hf_falcon(ck: Checkpoint, cfg: ModelConfig, ids, dtype) -> Forward:
 
 # ---------------------------------------------------------------- Meta / JetStream
 def meta_llama(ck: Checkpoint, cfg: ModelConfig, ids, dtype) -> Forward:
+    if cfg.family == "gemma":
+        return jetstream_gemma(ck, cfg, ids, dtype)
     W = Weights(ck, dtype, dequant=True)
     ang = angles(cfg, ids.shape[1])
     B, T = ids.shape
@@ -177,6 +213,15 @@ def meta_llama(ck: Checkpoint, cfg: ModelConfig, ids, dtype) -> Forward:
 
     def layer(i, x):
         f = lambda s: W(META[s].format(i=i))  # noqa: E731
+        if cfg.family == "mixtral":
+            h = rms_norm(x, f("attn_norm"), cfg.norm_eps)
+            q = rope_interleaved((h @ f("q").T).view(B, T, H, hd), ang)
+            k = rope_interleaved((h @ f("k").T).view(B, T, K, hd), ang)
+            v = (h @ f("v").T).view(B, T, K, hd)
+            x = x + attention(q, k, v, cfg, cfg.sliding_window) @ f("o").T
+            h = rms_norm(x, f("mlp_norm"), cfg.norm_eps)
+            stacked = [W(MOE_JS["w"].format(n=n).format(i=i)) for n in (1, 2, 3)]  # [E, F, D], [E, D, F], [E, F, D]
+            return x + moe(h, W(MOE_JS["router"].format(i=i)), lambda e: [w[e] for w in stacked], cfg)
         h = rms_norm(x, f("attn_norm"), cfg.norm_eps)
         q = rope_interleaved((h @ f("q").T).view(B, T, H, hd), ang)
         k = rope_interleaved((h @ f("k").T).view(B, T, K, hd), ang)
@@ -188,6 +233,28 @@ def meta_llama(ck: Checkpoint, cfg: ModelConfig, ids, dtype) -> Forward:
     emb = W(META["embed"])
     head = W(META["head"]) if W.has(META["head"]) else emb
     return _decoder(ids, cfg, emb, layer, lambda x: rms_norm(x, W(META["norm"]), cfg.norm_eps) @ head.T)
+
+
+def jetstream_gemma(ck: Checkpoint, cfg: ModelConfig, ids, dtype) -> Forward:
+    """JetStream Gemma: HF-style half-split rotary on its own names, tied ``embedder``."""
+    W = Weights(ck, dtype, dequant=True)
+    ang = angles(cfg, ids.shape[1])
+    B, T = ids.shape
+    H, K, hd = cfg.heads, cfg.kv_heads, cfg.head_dim
+
+    def layer(i, x):
+        f = lambda s: W(GEMMA_JS[s].format(i=i))  # noqa: E731
+        h = gemma_norm(x, f("attn_norm"), cfg.norm_eps)
+        q = rope_half((h @ f("q").T).view(B, T, H, hd), ang)
+        k = rope_half((h @ f("k").T).view(B, T, K, hd), ang)
+        v = (h @ f("v").T).view(B, T, K, hd)
+        x = x + attention(q, k, v, cfg) @ f("o").T
+        h = gemma_norm(x, f("mlp_norm"), cfg.norm_eps)
+        return x + (Fn.gelu(h @ f("gate").T, approximate="tanh") * (h @ f("up").T)) @ f("down").T
+
+    emb = W(GEMMA_JS["embed"])
+    return _decoder(ids, cfg, emb * torch.tensor(cfg.hidden ** 0.5, dtype=dtype), layer,
+                    lambda x: gemma_norm(x, W(GEMMA_JS["norm"]), cfg.norm_eps) @ emb.T)
 
 
 # ---------------------------------------------------------------- Megatron-LLM

@@ -69,6 +69,12 @@ def _hf_to_megatron(src, out, o):
     return ["hf-to-megatron", model, "--model-path", src, "--out", out, "--tp", str(o.get("tp", 1)), "--pp", str(o.get("pp", 1)), "--overwrite"]
 
 
+def _js_name(src) -> str:
+    from ..converters.cli import read_source
+    fam = read_source(src)[1].family
+    return "llama-2" if fam == "llama" else fam
+
+
 REGISTRY: dict[str, Converter] = {}
 
 
@@ -83,10 +89,11 @@ register(Converter("megatron-to-hf", "megatron", "hf",
                    cli_converter(lambda s, o, x: ["megatron-to-hf", "--input_dir", s, "--output_dir", o, "--overwrite"]),
                    "hf-to-megatron", "emit", ("llama-gqa", "mistral-gqa", "falcon-40b")))
 register(Converter("to-jetstream", "hf", "jetstream",
-                   cli_converter(lambda s, o, x: ["to-jetstream", "--model_name", "llama-2", "--input_checkpoint_dir", s,
+                   cli_converter(lambda s, o, x: ["to-jetstream", "--model_name", _js_name(s), "--input_checkpoint_dir", s,
                                                   "--output_checkpoint_dir", o, "--overwrite"]
                                  + (["--quantize_weights", "--quantize_type", x["quantize"]] if x.get("quantize") else [])),
-                   "jetstream-to-hf", "meta", ("llama-gqa", "llama-mha-tied", "llama-mqa-hd", "llama-wide")))
+                   "jetstream-to-hf", "meta", ("llama-gqa", "llama-mha-tied", "llama-mqa-hd", "llama-wide", "gemma",
+                                               "mixtral")))
 register(Converter("jetstream-to-hf", "jetstream", "hf",
                    cli_converter(lambda s, o, x: ["jetstream-to-hf", "--input_checkpoint_dir", s,
                                                   "--output_checkpoint_dir", o, "--overwrite"]),
@@ -162,12 +169,13 @@ def validate(c: Converter) -> list[str]:
 def golden_for(c: Converter, model: str, work: Path, dtype="float32", options=None) -> Path:
     """The golden target for converter ``c`` on tiny ``model``."""
     from .emit import emit
+    from .models import tiny_config
     options = options or {}
-    if c.golden == "emit":
+    # Meta releases exist for the Llama family only: other families take the independent emitter
+    if c.golden == "emit" or (c.golden == "meta" and tiny_config(model).family != "llama"):
         return emit(work / f"golden-{c.target}", model, c.target, dtype,
                     tp=options.get("tp", 1), pp=options.get("pp", 1))
     # a supported path: the same converter from another source layout (the JetStream guide's workflow)
-    from .models import tiny_config
     kv = tiny_config(model).kv_heads
     shards = 12 if c.golden == "meta" and kv % 12 == 0 else (2 if c.golden == "meta" and kv % 2 == 0 else 1)
     src = emit(work / f"golden-src-{c.golden}", model, c.golden, dtype, shards=shards)
