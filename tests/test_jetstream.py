@@ -8,7 +8,7 @@ from ckdiff.converters.formats import open_checkpoint
 from ckdiff.converters.ops import rope_to_interleaved
 from ckdiff.converters.quant import BOUND, dequantize, quantize
 from ckdiff.golden.emit import emit
-from helpers import assert_same, convert, diff
+from helpers import assert_same, convert
 
 JS = ["to-jetstream", "--model_name"]
 

@@ -11,7 +11,7 @@ from ckdiff.golden.emit import emit
 from helpers import assert_same, convert, diff, tree
 
 CASES = [("llama-gqa", "llama2", 1, 1), ("llama-gqa", "llama2", 2, 2), ("llama-gqa", "llama2", 2, 1),
-         ("mistral-gqa", "mistral", 3, 2), ("llama-mha-tied", "llama", 4, 1), ("falcon-7b", "falcon", 1, 2),
+         ("mistral-gqa", "mistral", 3, 2), ("llama-mha-tied", "llama", 4, 1), ("llama-mha-tied", "codellama", 2, 2), ("falcon-7b", "falcon", 1, 2),
          ("falcon-40b", "falcon", 2, 2)]
 
 

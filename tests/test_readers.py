@@ -82,8 +82,7 @@ def test_meta_shards_sorted_numerically(tmp_path):
     meta = convert(lazy(state), "hf", "meta", cfg)
     d = tmp_path / "m12"
     d.mkdir()
-    for i, f in enumerate(sorted(write_meta_shards(d, meta, cfg.to_meta(), 12))):
-        pass
+    assert len(write_meta_shards(d, meta, cfg.to_meta(), 12)) == 12
     ck = open_checkpoint(str(d))
     assert len(ck.meta["files"]) == 12
     assert ck.meta["files"][10].endswith("consolidated.10.pth")

@@ -98,3 +98,22 @@ def test_demo_is_the_main_job(tmp_path, run_cli):
     assert doc["verdict"] == "pass" and len(doc["result"]["checks"]) >= 12
     assert (tmp_path / "demo/demo.html").stat().st_size > 1000
     assert "rotary permutation" in (tmp_path / "demo/broken-compare.md").read_text()
+
+
+def test_cli_roundtrip_and_golden_on_user_checkpoints(tmp_path, run_cli, ckdiff_golden):
+    hf = ckdiff_golden("llama-gqa", "hf")
+    code, out, err = run_cli("roundtrip", "to-jetstream", hf, "--json", tmp_path / "rt.json", "--html", tmp_path / "rt.html")
+    assert code == 0, out + err
+    doc = json.loads((tmp_path / "rt.json").read_text())
+    assert doc["kind"] == "roundtrip" and doc["verdict"] == "pass"
+    ops = [row[2] for row in doc["result"]["mapping"]]
+    assert "rope half->interleaved (8 heads x 8)" in ops and "rope half->interleaved (2 heads x 8)" in ops
+    assert "Mapping" in (tmp_path / "rt.html").read_text()
+    meta = ckdiff_golden("llama-gqa", "meta", shards=2)
+    code, out, _ = run_cli("golden", "to-jetstream", meta, hf, "--markdown", tmp_path / "g.md")
+    assert code == 0 and "EQUIVALENT" in out
+    assert (tmp_path / "g.md").read_text().startswith("## :white_check_mark: ckdiff golden")
+    code, out, _ = run_cli("golden", "to-jetstream", meta, ckdiff_golden("llama-gqa", "hf", seed=3))
+    assert code == 1 and "DIFFER" in out
+    code, out, _ = run_cli("roundtrip", "hf-to-megatron", ckdiff_golden("falcon-40b", "hf"), "--tp", 2, "--pp", 2)
+    assert code == 0, out

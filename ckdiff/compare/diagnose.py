@@ -12,7 +12,7 @@ import torch
 
 from ..converters.lazy import Checkpoint
 from ..converters.ops import rope_to_half, rope_to_interleaved
-from .diff import CompareResult, TensorResult
+from .diff import CompareResult
 
 MAX_NUMEL = 1 << 26
 HEAD_DIMS = (16, 24, 32, 48, 64, 80, 96, 128, 256)

@@ -80,6 +80,7 @@ class CompareResult:
     config_diff: list = field(default_factory=list)  # [key, value_a, value_b]
     options: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+    mapping: list = field(default_factory=list)  # [source keys, target keys, op] when a converter was involved
 
     @property
     def equivalent(self) -> bool:
@@ -108,7 +109,7 @@ class CompareResult:
             "verdict": self.verdict(), "a": self.a, "b": self.b,
             "format_a": self.format_a, "format_b": self.format_b,
             "counts": self.counts(), "options": self.options, "notes": self.notes,
-            "config_diff": self.config_diff,
+            "config_diff": self.config_diff, "mapping": self.mapping,
             "tensors": [asdict(t) for t in self.tensors],
         }
 

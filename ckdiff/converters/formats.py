@@ -173,7 +173,7 @@ def meta_shards(p: Path) -> list[Path]:
         if m:
             found.append((int(m.group(1)), f))
     found.sort()  # numeric, so consolidated.10 follows consolidated.9
-    for want, (idx, f) in enumerate(found):
+    for want, (idx, _) in enumerate(found):
         if idx != want:
             raise InputError(p, f"Meta shard consolidated.{want:02d}.pth is missing "
                                 f"(found {len(found)} shards, indices {[i for i, _ in found]})")

@@ -80,6 +80,15 @@ def attention(q, k, v, cfg: ModelConfig, window: Optional[int] = None) -> torch.
     return torch.einsum("bhqk,bkhd->bqhd", p, v).reshape(B, T, H * hd)
 
 
+def self_attention(x, h, wq, wk, wv, wo, rope, ang, cfg: ModelConfig, window=None) -> torch.Tensor:
+    """Residual + attention over separate q/k/v projections, with the layout's own rotary."""
+    B, T, _ = h.shape
+    q = rope((h @ wq.T).view(B, T, cfg.heads, cfg.head_dim), ang)
+    k = rope((h @ wk.T).view(B, T, cfg.kv_heads, cfg.head_dim), ang)
+    v = (h @ wv.T).view(B, T, cfg.kv_heads, cfg.head_dim)
+    return x + attention(q, k, v, cfg, window) @ wo.T
+
+
 def rms_norm(x, w, eps):
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
@@ -147,18 +156,13 @@ def hf_llama(ck: Checkpoint, cfg: ModelConfig, ids, dtype) -> Forward:
     normalises with (1 + w) and uses a tanh-GELU gate)."""
     W = Weights(ck, dtype)
     ang = angles(cfg, ids.shape[1])
-    B, T = ids.shape
-    H, K, hd = cfg.heads, cfg.kv_heads, cfg.head_dim
     gemma = cfg.family == "gemma"
     norm = (lambda x, w: gemma_norm(x, w, cfg.norm_eps)) if gemma else (lambda x, w: rms_norm(x, w, cfg.norm_eps))
 
     def layer(i, x):
         f = lambda s: W(HF[s].format(i=i))  # noqa: E731
-        h = norm(x, f("attn_norm"))
-        q = rope_half((h @ f("q").T).view(B, T, H, hd), ang)
-        k = rope_half((h @ f("k").T).view(B, T, K, hd), ang)
-        v = (h @ f("v").T).view(B, T, K, hd)
-        x = x + attention(q, k, v, cfg, cfg.sliding_window) @ f("o").T
+        x = self_attention(x, norm(x, f("attn_norm")), f("q"), f("k"), f("v"), f("o"), rope_half, ang, cfg,
+                           cfg.sliding_window)
         h = norm(x, f("mlp_norm"))
         if cfg.family == "mixtral":
             ex = lambda e: [W(MOE_HF["w"].format(e=e, n=n).format(i=i)) for n in (1, 2, 3)]  # noqa: E731
@@ -208,26 +212,15 @@ def meta_llama(ck: Checkpoint, cfg: ModelConfig, ids, dtype) -> Forward:
         return jetstream_gemma(ck, cfg, ids, dtype)
     W = Weights(ck, dtype, dequant=True)
     ang = angles(cfg, ids.shape[1])
-    B, T = ids.shape
-    H, K, hd = cfg.heads, cfg.kv_heads, cfg.head_dim
 
     def layer(i, x):
         f = lambda s: W(META[s].format(i=i))  # noqa: E731
+        x = self_attention(x, rms_norm(x, f("attn_norm"), cfg.norm_eps), f("q"), f("k"), f("v"), f("o"),
+                           rope_interleaved, ang, cfg, cfg.sliding_window)
+        h = rms_norm(x, f("mlp_norm"), cfg.norm_eps)
         if cfg.family == "mixtral":
-            h = rms_norm(x, f("attn_norm"), cfg.norm_eps)
-            q = rope_interleaved((h @ f("q").T).view(B, T, H, hd), ang)
-            k = rope_interleaved((h @ f("k").T).view(B, T, K, hd), ang)
-            v = (h @ f("v").T).view(B, T, K, hd)
-            x = x + attention(q, k, v, cfg, cfg.sliding_window) @ f("o").T
-            h = rms_norm(x, f("mlp_norm"), cfg.norm_eps)
             stacked = [W(MOE_JS["w"].format(n=n).format(i=i)) for n in (1, 2, 3)]  # [E, F, D], [E, D, F], [E, F, D]
             return x + moe(h, W(MOE_JS["router"].format(i=i)), lambda e: [w[e] for w in stacked], cfg)
-        h = rms_norm(x, f("attn_norm"), cfg.norm_eps)
-        q = rope_interleaved((h @ f("q").T).view(B, T, H, hd), ang)
-        k = rope_interleaved((h @ f("k").T).view(B, T, K, hd), ang)
-        v = (h @ f("v").T).view(B, T, K, hd)
-        x = x + attention(q, k, v, cfg, cfg.sliding_window) @ f("o").T
-        h = rms_norm(x, f("mlp_norm"), cfg.norm_eps)
         return x + (Fn.silu(h @ f("gate").T) * (h @ f("up").T)) @ f("down").T
 
     emb = W(META["embed"])
@@ -239,16 +232,11 @@ def jetstream_gemma(ck: Checkpoint, cfg: ModelConfig, ids, dtype) -> Forward:
     """JetStream Gemma: HF-style half-split rotary on its own names, tied ``embedder``."""
     W = Weights(ck, dtype, dequant=True)
     ang = angles(cfg, ids.shape[1])
-    B, T = ids.shape
-    H, K, hd = cfg.heads, cfg.kv_heads, cfg.head_dim
 
     def layer(i, x):
         f = lambda s: W(GEMMA_JS[s].format(i=i))  # noqa: E731
-        h = gemma_norm(x, f("attn_norm"), cfg.norm_eps)
-        q = rope_half((h @ f("q").T).view(B, T, H, hd), ang)
-        k = rope_half((h @ f("k").T).view(B, T, K, hd), ang)
-        v = (h @ f("v").T).view(B, T, K, hd)
-        x = x + attention(q, k, v, cfg) @ f("o").T
+        x = self_attention(x, gemma_norm(x, f("attn_norm"), cfg.norm_eps), f("q"), f("k"), f("v"), f("o"),
+                           rope_half, ang, cfg)
         h = gemma_norm(x, f("mlp_norm"), cfg.norm_eps)
         return x + (Fn.gelu(h @ f("gate").T, approximate="tanh") * (h @ f("up").T)) @ f("down").T
 

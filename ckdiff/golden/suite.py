@@ -12,7 +12,7 @@ and ``ckdiff demo`` runs everything on the built-in tiny models and writes repor
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -120,6 +120,7 @@ class CheckResult:
 @dataclass
 class SuiteResult:
     checks: list
+    mapping: list = field(default_factory=list)
 
     @property
     def equivalent(self) -> bool:
@@ -129,7 +130,21 @@ class SuiteResult:
         return "pass" if self.equivalent else "fail"
 
     def to_dict(self) -> dict:
-        return {"verdict": self.verdict(), "checks": [asdict(c) for c in self.checks]}
+        return {"verdict": self.verdict(), "checks": [asdict(c) for c in self.checks], "mapping": self.mapping}
+
+
+def mapping_rows(c: Converter, src) -> list:
+    """The conversion table a built-in converter applies to ``src`` (first layer shown), for reports."""
+    from ..converters.cli import read_source
+    from ..converters.layouts import convert as layout_convert
+    from ..converters.table import Plan
+    try:
+        ck, cfg = read_source(str(src))
+        plan = Plan()
+        layout_convert(ck.tensors, ck.format if ck.format != "file" else c.source, c.target, cfg, plan=plan)
+        return plan.rows
+    except Exception:  # noqa: BLE001 - a report without a mapping table is still a report
+        return []
 
 
 def _compare(a, b, **kw):
@@ -312,16 +327,21 @@ def demo_broken(work: Path):
     return compare_checkpoints(open_checkpoint(str(gold)), open_checkpoint(str(bad)), Options())
 
 
-def _extra(argv):
-    if "--" in argv:
-        i = argv.index("--")
-        return argv[:i], argv[i + 1:]
-    return argv, []
+@contextlib.contextmanager
+def _workdir(keep: Optional[str], prefix: str):
+    """``keep`` if given (left in place), else a temporary directory removed afterwards."""
+    if keep:
+        yield Path(keep)
+        return
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def cmd_roundtrip(argv) -> int:
     from ..cli import _console, add_report_args, emit_reports
-    argv, extra = _extra(argv)
     p = _P(prog="ckdiff roundtrip", description="Convert SRC with CONVERTER and back; diff and compare logits.")
     p.add_argument("converter", choices=sorted(REGISTRY))
     p.add_argument("src")
@@ -332,8 +352,7 @@ def cmd_roundtrip(argv) -> int:
     add_report_args(p)
     a = p.parse_args(argv)
     c = REGISTRY[a.converter]
-    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="ckdiff-rt-"))
-    try:
+    with _workdir(a.work, "ckdiff-rt-") as work:
         opts = {"tp": a.tp, "pp": a.pp}
         tgt = convert(c.name, a.src, work / "target", opts)
         back = convert(c.inverse, tgt, work / "back", opts)
@@ -345,14 +364,10 @@ def cmd_roundtrip(argv) -> int:
             lr = compare_logits(open_checkpoint(a.src), open_checkpoint(str(tgt)))
             checks.append(CheckResult(c.name, a.src, "logits", lr.equivalent,
                                       f"max KL {lr.max_kl:.3g} (threshold {lr.threshold:.3g})", lr.to_dict()))
-        res = SuiteResult(checks)
-        _print_suite(res, _console())
-        emit_reports(a, "roundtrip", res)
-        return 0 if res.equivalent else 1
-    finally:
-        if not a.work:
-            shutil.rmtree(work, ignore_errors=True)
-    del extra
+        res = SuiteResult(checks, mapping_rows(c, a.src))
+    _print_suite(res, _console())
+    emit_reports(a, "roundtrip", res)
+    return 0 if res.equivalent else 1
 
 
 def cmd_golden(argv) -> int:
@@ -369,18 +384,15 @@ def cmd_golden(argv) -> int:
     add_report_args(p)
     a = p.parse_args(argv)
     c = REGISTRY[a.converter]
-    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="ckdiff-golden-"))
-    try:
-        opts = {"tp": a.tp, "pp": a.pp, "from": "meta"}
+    with _workdir(a.work, "ckdiff-golden-") as work:
+        opts = {"tp": a.tp, "pp": a.pp}
         g = convert(c.name, a.golden_src, work / "golden", opts)
-        n = convert(c.name, a.candidate_src, work / "candidate", {"tp": a.tp, "pp": a.pp})
+        n = convert(c.name, a.candidate_src, work / "candidate", opts)
         res = _compare(g, n)
-        print_compare(res, _console())
-        emit_reports(a, "golden", res)
-        return 0 if res.equivalent else 1
-    finally:
-        if not a.work:
-            shutil.rmtree(work, ignore_errors=True)
+        res.mapping = mapping_rows(c, a.candidate_src)
+    print_compare(res, _console())
+    emit_reports(a, "golden", res)
+    return 0 if res.equivalent else 1
 
 
 def registry_table() -> list[dict]:
@@ -388,4 +400,4 @@ def registry_table() -> list[dict]:
              "models": list(c.models)} for c in REGISTRY.values()]
 
 
-__all__ = ["REGISTRY", "Converter", "register", "check_converter", "json"]
+__all__ = ["REGISTRY", "Converter", "register", "check_converter", "registry_table"]
