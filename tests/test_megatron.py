@@ -196,3 +196,24 @@ def test_tokenizer_never_outgrows_vocab(tiny_hf, tmp_path, spm_model, run_cli):
     code, _, err = run_cli("convert", "megatron-to-hf", "--input_dir", tmp_path / "m", "--output_dir",
                            tmp_path / "hf", "--vocab_file", spm_model, "--vocab_extra_ids_list", extra)
     assert code == 2 and "do not fit" in err and not (tmp_path / "hf").exists()
+
+
+def test_rotate_half_era_is_an_explicit_option(tiny_hf, tmp_path):
+    from ckdiff.compare.logits import compare_logits
+    src = tiny_hf("llama-gqa")
+    convert("hf-to-megatron", "llama2", "--model-path", src, "--out", tmp_path / "old", "--legacy-rotate-half", "--tp", 2)
+    convert("hf-to-megatron", "llama2", "--model-path", src, "--out", tmp_path / "new")
+    old, new = open_checkpoint(str(tmp_path / "old")), open_checkpoint(str(tmp_path / "new"))
+    assert old.config["ckdiff_rotary"] == "rotate_half"
+    key = "language_model.encoder.layers.0.self_attention.query_key_value.weight"
+    assert not torch.equal(old[key].load(), new[key].load())  # q/k rows left in HF order
+    assert compare_logits(open_checkpoint(str(src)), old).equivalent  # the runtime honours the era
+    convert("megatron-to-hf", "--input_dir", tmp_path / "old", "--output_dir", tmp_path / "back")
+    assert_same(src, tmp_path / "back")
+    # the weights alone cannot tell the eras apart: forcing the wrong one is caught by the diff
+    convert("megatron-to-hf", "--input_dir", tmp_path / "old", "--output_dir", tmp_path / "wrong",
+            "--rotary_convention", "interleaved")
+    res = diff(src, tmp_path / "wrong")
+    bad = [t for t in res.tensors if t.status != "equal"]
+    assert {t.name.split(".")[-2] for t in bad} == {"q_proj", "k_proj"}
+    assert all(any("rotary permutation" in d for d in t.diagnosis) for t in bad)

@@ -44,7 +44,7 @@ def test_mutation_self_test_catches_every_bug_and_flags_no_correct_conversion(tm
         print(f"\nmutation score: {sum(o.caught for o in outcomes)}/{len(outcomes)} = {s:.0%}")
     missed = [o.mutation for o in outcomes if not o.caught]
     assert not missed, missed
-    assert len(CATALOGUE) >= 15 and len({m.bug_class for m in CATALOGUE}) >= 10
+    assert len(CATALOGUE) >= 23 and len({m.bug_class for m in CATALOGUE}) >= 14
     # the golden diff names the cause for the permutation classes
     by = {o.mutation: o for o in outcomes}
     assert any("rotary permutation" in d for d in by["rotary permutation skipped"].details)

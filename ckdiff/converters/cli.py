@@ -92,6 +92,8 @@ def hf_to_megatron(argv) -> int:
     p.add_argument("--true-vocab-size", type=int, help="real vocabulary rows (the rest is padding)")
     p.add_argument("--make-vocab-size-divisible-by", type=int,
                    help="pad the vocab to a multiple of this x TP (default: pad only when TP does not divide it)")
+    p.add_argument("--legacy-rotate-half", action="store_true",
+                   help="write q/k unpermuted for Megatron-LLM before 2023-08-01 (rotate_half model code)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--trust-pickle", action="store_true")
     p.add_argument("--debug", action="store_true")
@@ -117,6 +119,8 @@ def hf_to_megatron(argv) -> int:
     check_parallel(cfg, a.tp, a.pp)
     if a.model == "mistral":
         cfg.extra["model_type"] = "mistral"
+    if a.legacy_rotate_half:
+        cfg.extra["rotary"] = "rotate_half"
     true_vocab = a.true_vocab_size or cfg.vocab
     if true_vocab > cfg.vocab:
         raise UsageError(f"--true-vocab-size {true_vocab} exceeds the {cfg.vocab} embedding rows")
@@ -148,12 +152,18 @@ def megatron_to_hf(argv) -> int:
     p.add_argument("--vocab_extra_ids_list", default="", help="comma-separated extra tokens")
     p.add_argument("--override_special_tokens", nargs="*", default=[], metavar="KEY=VALUE")
     p.add_argument("--true_vocab_size", type=int, help="strip padding rows beyond this (default: from args)")
+    p.add_argument("--rotary_convention", choices=("interleaved", "rotate_half"),
+                   help="q/k row order of the input: interleaved (Megatron-LLM since 2023-08-01) or rotate_half "
+                        "(older checkpoints, which the weights alone cannot reveal); default: from args, "
+                        "else interleaved")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--trust-pickle", action="store_true")
     p.add_argument("--debug", action="store_true")
     a = p.parse_args(argv)
     ck = open_checkpoint(a.input_dir, "megatron", None, a.trust_pickle)
     cfg = config_from_args(ck.config, ck.tensors, ck.path)
+    if a.rotary_convention:
+        cfg.extra["rotary"] = a.rotary_convention
     if a.model:
         if (a.model == "falcon") != (cfg.family == "falcon"):
             raise UsageError(f"--model {a.model} does not match the checkpoint ({cfg.family})")

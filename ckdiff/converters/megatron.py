@@ -132,8 +132,9 @@ def read_megatron(root: Path, trust_pickle: bool = False, **_) -> Checkpoint:
         per_stage = (L // PP) if L else len(local_layers)
         for k in keys:
             parts = [per_tp[t][k] for t in range(TP)]
-            name = re.sub(r"layers\.(\d+)\.", lambda m: f"layers.{p * per_stage + int(m.group(1))}.", k) \
-                if PP > 1 else k
+            name = global_layer_name(k, p, per_stage)
+            if name in tensors:
+                raise InputError(ranks[(0, p)], f"{name!r} appears in two pipeline stages")
             tensors[name] = _merge_tp(name, parts, glu, ranks, p)
     if L is None:
         L = len({m.group(1) for k in tensors for m in [re.search(r"layers\.(\d+)\.", k)] if m})
@@ -149,6 +150,11 @@ def read_megatron(root: Path, trust_pickle: bool = False, **_) -> Checkpoint:
         else:
             meta["tie_verified"] = False
     return Checkpoint(str(root), "megatron", tensors, config=args, meta=meta)
+
+
+def global_layer_name(key: str, stage: int, per_stage: int) -> str:
+    """Stage-local layer index -> global: ``global = stage * (L / PP) + local``."""
+    return re.sub(r"layers\.(\d+)\.", lambda m: f"layers.{stage * per_stage + int(m.group(1))}.", key)
 
 
 def _merge_tp(name, parts: list[LazyTensor], glu: bool, ranks, p) -> LazyTensor:
@@ -210,7 +216,8 @@ def config_from_args(args: dict, tensors: dict, where="args") -> ModelConfig:
         two_norms=bool(args.get("parallel_layernorm")), norm_bias=falcon,
         dtype=str(emb.dtype).replace("torch.", ""),
         extra={"model_type": "mistral" if model == "mistral" else ("falcon" if falcon else "llama"),
-               "true_vocab_size": args.get("true_vocab_size"), "model": model})
+               "true_vocab_size": args.get("true_vocab_size"), "model": model,
+               "rotary": args.get("ckdiff_rotary", "interleaved")})
     return cfg.check(where)
 
 
@@ -222,7 +229,7 @@ def make_args(cfg: ModelConfig, model: str, tp: int, pp: int, padded_vocab: int,
              tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, bias_gelu_fusion=False,
              bias_droput_fusion=False, position_embedding_type="rotary", padded_vocab_size=padded_vocab,
              true_vocab_size=true_vocab, kv_channels=cfg.head_dim, rope_theta=cfg.rope_theta,
-             params_dtype=cfg.dtype, ckdiff_model=model)
+             params_dtype=cfg.dtype, ckdiff_model=model, ckdiff_rotary=cfg.extra.get("rotary", "interleaved"))
     if cfg.family == "falcon":
         a.update(parallel_attn=True, use_flash_attn=True, hidden_dropout=0.0, tokenizer_type="FalconTokenizer",
                  num_attention_heads_kv=cfg.kv_heads, ffn_hidden_size=cfg.ffn, tie_embed_logits=True,

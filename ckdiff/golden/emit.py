@@ -117,9 +117,17 @@ def megatron_state(cfg: ModelConfig, hf: dict) -> dict:
     return out
 
 
+def _pad_rows(w: torch.Tensor, rows: int) -> torch.Tensor:
+    """Megatron vocab padding: extra rows are copies of the last real row."""
+    extra = rows - w.shape[0]
+    return torch.cat([w] + [w[-1:]] * extra) if extra > 0 else w
+
+
 def emit(out: Path, name: str, layout: str, dtype: str = "float32", seed: int = 0, shards: int = 1,
-         tp: int = 1, pp: int = 1, llama_version: int = 2) -> Path:
-    """Write tiny model ``name`` in ``layout`` (hf, meta, jetstream, megatron) to ``out``."""
+         tp: int = 1, pp: int = 1, llama_version: int = 2, vocab_rows: int = 0) -> Path:
+    """Write tiny model ``name`` in ``layout`` (hf, meta, jetstream, megatron) to ``out``.
+
+    ``vocab_rows`` pads a Megatron embedding / lm_head to that many rows."""
     from ..converters.megatron import make_args, write_megatron
     from ..converters.writers import atomic_dir, write_hf, write_meta_like, write_meta_shards
     cfg = tiny_config(name, dtype)
@@ -134,8 +142,13 @@ def emit(out: Path, name: str, layout: str, dtype: str = "float32", seed: int = 
         elif layout == "megatron":
             model = "falcon" if cfg.family == "falcon" else (
                 "mistral" if cfg.extra.get("model_type") == "mistral" else "llama2")
-            args = make_args(cfg, model, tp, pp, cfg.vocab, cfg.vocab, 128)
-            write_megatron(tmp, lazy(megatron_state(cfg, hf)), cfg, tp, pp, args)
+            state = megatron_state(cfg, hf)
+            rows = max(vocab_rows, cfg.vocab)
+            for k in (MEGATRON["embed"], MEGATRON["head"]):
+                if k in state:
+                    state[k] = _pad_rows(state[k], rows)
+            args = make_args(cfg, model, tp, pp, rows, cfg.vocab, 128)
+            write_megatron(tmp, lazy(state), cfg, tp, pp, args)
         else:
             raise ValueError(f"unknown layout {layout!r}")
     return Path(out)

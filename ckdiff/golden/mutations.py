@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from ..converters import config as config_mod
-from ..converters import formats, layouts
+from ..converters import formats, layouts, megatron
 from ..converters.lazy import DerivedGroup
 from ..converters.ops import Chain, Concat, FuseQKV, Identity, PermuteRope, Transpose, map_ops
 from ..converters.table import Rule
@@ -161,6 +161,46 @@ def _embed_axis():
     return _patched(formats, "meta_axis", meta_axis)
 
 
+def _naive_glu_split():
+    """Chunk the fused [up; gate] matrix contiguously across TP ranks instead of each half."""
+    orig = megatron._tp_slice
+
+    def tp_slice(name, t, rank, tp, glu):
+        if tp > 1 and megatron.tp_axis(name) == "glu":
+            n = t.shape[0] // tp
+            return t.rows(rank * n, (rank + 1) * n)
+        return orig(name, t, rank, tp, glu)
+    return _patched(megatron, "_tp_slice", tp_slice)
+
+
+def _keep_padding():
+    return _patched(megatron, "strip_vocab", lambda tensors, rows: dict(tensors))
+
+
+def _no_stage_offset():
+    return _patched(megatron, "global_layer_name", lambda key, stage, per_stage: key)
+
+
+def _head_dim_from_hidden():
+    orig = config_mod.ModelConfig.from_hf.__func__
+
+    def from_hf(cls, cfg, tensors, where="config.json"):
+        mc = orig(cls, cfg, tensors, where)
+        mc.head_dim = mc.hidden // mc.heads
+        return mc
+    return _patched(config_mod.ModelConfig, "from_hf", classmethod(from_hf))
+
+
+def _eps_default():
+    orig = config_mod.ModelConfig.to_hf
+
+    def to_hf(self):
+        cfg = orig(self)
+        cfg.pop("rms_norm_eps", None)
+        return cfg
+    return _patched(config_mod.ModelConfig, "to_hf", to_hf)
+
+
 def _wrong_rope(o, cfg):
     return PermuteRope(o.heads, o.head_dim, not o.to_interleaved)
 
@@ -200,6 +240,15 @@ CATALOGUE = [
              "llama-wide", _lexicographic),
     Mutation("Llama-2 embedding merged on the vocab axis", "Shard merge order / axis", "to-jetstream",
              "llama-gqa", _embed_axis),
+    Mutation("fused [up; gate] chunked across TP ranks", "Fused GLU order / split", "hf-to-megatron",
+             "llama-gqa", _naive_glu_split, options={"tp": 2}),
+    Mutation("vocab padding rows exported as tokens", "Vocab padding", "hf-to-megatron", "llama-gqa",
+             _keep_padding, options={"tp": 2, "pad": 128}),
+    Mutation("pipeline-stage layer offset not applied", "Layer index / stage offset", "hf-to-megatron",
+             "llama-gqa", _no_stage_offset, options={"pp": 2}),
+    Mutation("head_dim assumed to be hidden / heads", "head_dim != hidden/heads", "to-jetstream",
+             "llama-mqa-hd", _head_dim_from_hidden),
+    Mutation("norm eps defaulted on export", "Config vs weights", "jetstream-to-hf", "gemma", _eps_default),
 ]
 
 

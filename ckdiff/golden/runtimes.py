@@ -253,6 +253,7 @@ def megatron(ck: Checkpoint, cfg: ModelConfig, ids, dtype) -> Forward:
     H, K, hd = cfg.heads, cfg.kv_heads, cfg.head_dim
     r = H // K
     falcon = cfg.family == "falcon"
+    rope = rope_half if cfg.extra.get("rotary") == "rotate_half" else rope_interleaved  # pre-2023-08 era
 
     def layer(i, x):
         f = lambda s: W(MEGATRON[s].format(i=i))  # noqa: E731
@@ -263,8 +264,8 @@ def megatron(ck: Checkpoint, cfg: ModelConfig, ids, dtype) -> Forward:
             ha = rms_norm(x, f("attn_norm"), cfg.norm_eps)
         # Megatron views the fused projection as [s, b, n_kv, r + 2, d]
         qkv = (ha @ f("qkv").T).view(B, T, K, r + 2, hd)
-        q = rope_interleaved(qkv[:, :, :, :r].reshape(B, T, H, hd), ang)
-        k = rope_interleaved(qkv[:, :, :, r], ang)
+        q = rope(qkv[:, :, :, :r].reshape(B, T, H, hd), ang)
+        k = rope(qkv[:, :, :, r], ang)
         v = qkv[:, :, :, r + 1]
         attn = attention(q, k, v, cfg, cfg.sliding_window) @ f("o").T
         if falcon:

@@ -66,7 +66,8 @@ def _hf_to_megatron(src, out, o):
     model = _model_name(cfg)
     if ck.format == "meta" and model == "mistral":
         model = "llama2"  # Meta weights are read as a llama-family source
-    return ["hf-to-megatron", model, "--model-path", src, "--out", out, "--tp", str(o.get("tp", 1)), "--pp", str(o.get("pp", 1)), "--overwrite"]
+    return ["hf-to-megatron", model, "--model-path", src, "--out", out, "--tp", str(o.get("tp", 1)), "--pp",
+            str(o.get("pp", 1)), "--overwrite"] + (["--make-vocab-size-divisible-by", str(o["pad"])] if o.get("pad") else [])
 
 
 def _js_name(src) -> str:
@@ -170,6 +171,17 @@ def _summary(res) -> str:
         or f"{len(res.tensors)} tensors, {res.counts()}"
 
 
+def config_drift(a, b) -> list:
+    """Architecture fields (as read into ModelConfig) that differ between two checkpoints.
+
+    Compared after parsing, not as raw JSON, so equivalent spellings (``rope_theta`` vs transformers
+    v5's ``rope_parameters``) do not count, while a defaulted rope_theta or eps does."""
+    from ..converters.cli import read_source
+    ca, cb = read_source(str(a))[1].to_dict(), read_source(str(b))[1].to_dict()
+    skip = {"dtype", "extra"}
+    return [f"{k}: {ca[k]!r} -> {cb[k]!r}" for k in ca if k not in skip and ca[k] != cb.get(k)]
+
+
 def validate(c: Converter) -> list[str]:
     problems = []
     if not c.inverse or c.inverse not in REGISTRY:
@@ -188,8 +200,12 @@ def golden_for(c: Converter, model: str, work: Path, dtype="float32", options=No
     options = options or {}
     # Meta releases exist for the Llama family only: other families take the independent emitter
     if c.golden == "emit" or (c.golden == "meta" and tiny_config(model).family != "llama"):
-        return emit(work / f"golden-{c.target}", model, c.target, dtype,
-                    tp=options.get("tp", 1), pp=options.get("pp", 1))
+        # one unsharded golden: the reader's merged view of any TP/PP must equal it
+        rows = 0
+        if options.get("pad"):
+            from ..converters.megatron import padded_vocab
+            rows = padded_vocab(tiny_config(model).vocab, options.get("tp", 1), options["pad"])
+        return emit(work / f"golden-{c.target}", model, c.target, dtype, vocab_rows=rows)
     # a supported path: the same converter from another source layout (the JetStream guide's workflow)
     kv = tiny_config(model).kv_heads
     shards = 12 if c.golden == "meta" and kv % 12 == 0 else (2 if c.golden == "meta" and kv % 2 == 0 else 1)
@@ -227,7 +243,9 @@ def check_converter(name: str, model: str, work: Path, dtype: str = "float32", o
                                "quantized vs float, in units of each scale: " + _summary(rt), rt.to_dict())
         back = convert(c.inverse, tgt, work / f"back-{c.source}", inv_opts)
         rt = _compare(src, back)
-        return CheckResult(c.name, model, "roundtrip", rt.equivalent, _summary(rt), rt.to_dict())
+        drift = config_drift(src, back)
+        detail = _summary(rt) + (f"; config drift: {drift}" if drift else "")
+        return CheckResult(c.name, model, "roundtrip", rt.equivalent and not drift, detail, rt.to_dict())
 
     def golden():
         gd = _compare(golden_for(c, model, work, dtype, options), tgt)
@@ -357,7 +375,9 @@ def cmd_roundtrip(argv) -> int:
         tgt = convert(c.name, a.src, work / "target", opts)
         back = convert(c.inverse, tgt, work / "back", opts)
         rt = _compare(a.src, back)
-        checks = [CheckResult(c.name, a.src, "roundtrip", rt.equivalent, _summary(rt), rt.to_dict())]
+        drift = config_drift(a.src, back)
+        checks = [CheckResult(c.name, a.src, "roundtrip", rt.equivalent and not drift,
+                              _summary(rt) + (f"; config drift: {drift}" if drift else ""), rt.to_dict())]
         if not a.no_logits:
             from ..compare.logits import compare_logits
             from ..converters.formats import open_checkpoint
