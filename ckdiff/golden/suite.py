@@ -116,6 +116,7 @@ class CheckResult:
     ok: bool
     detail: str
     result: Optional[dict] = None
+    variant: str = ""  # the converter options, e.g. "tp=2 pp=2" or "quantize=int8_per_channel"
 
 
 @dataclass
@@ -262,6 +263,9 @@ def check_converter(name: str, model: str, work: Path, dtype: str = "float32", o
     out.append(_guard(c.name, model, "golden", golden))
     if logits:
         out.append(_guard(c.name, model, "logits", logit_check))
+    variant = " ".join(f"{k}={v}" for k, v in options.items())
+    for r in out:
+        r.variant = variant
     return out
 
 
@@ -279,10 +283,10 @@ def _print_suite(res: SuiteResult, console):
     console.print(f"[{'bold green' if ok else 'bold red'}]{'PASS' if ok else 'FAIL'}[/]: "
                   f"{n_ok}/{len(res.checks)} checks passed")
     t = Table()
-    for col in ("converter", "model", "check", "ok", "detail"):
+    for col in ("converter", "model", "options", "check", "ok", "detail"):
         t.add_column(col, overflow="fold")
     for c in res.checks:
-        t.add_row(c.converter, c.model, c.check, "yes" if c.ok else "NO", escape(c.detail))
+        t.add_row(c.converter, c.model, c.variant or "-", c.check, "yes" if c.ok else "NO", escape(c.detail))
     console.print(t)
 
 

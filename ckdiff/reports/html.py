@@ -135,10 +135,11 @@ def _logits_section(d: dict) -> str:
 
 def _suite_section(d: dict) -> str:
     rows = "".join(
-        f"<tr><td>{html.escape(c['converter'])}</td><td>{html.escape(c['model'])}</td><td>{c['check']}</td>"
+        f"<tr><td>{html.escape(c['converter'])}</td><td>{html.escape(c['model'])}</td>"
+        f"<td>{html.escape(c.get('variant') or '-')}</td><td>{c['check']}</td>"
         f"<td class='s-{'yes' if c['ok'] else 'NO'}'>{'yes' if c['ok'] else 'NO'}</td><td>{html.escape(c['detail'])}</td></tr>"
         for c in d.get("checks", []))
-    return ("<h2>Checks</h2><table id=checks><tr><th>converter</th><th>model</th><th>check</th><th>ok</th>"
+    return ("<h2>Checks</h2><table id=checks><tr><th>converter</th><th>model</th><th>options</th><th>check</th><th>ok</th>"
             f"<th>detail</th></tr>{rows}</table>")
 
 
@@ -204,9 +205,10 @@ def render_markdown(kind: str, res) -> str:
     if "checks" in d:
         failed = [c for c in d["checks"] if not c["ok"]]
         lines += [f"{len(d['checks']) - len(failed)}/{len(d['checks'])} checks passed", "",
-                  "<details><summary>all checks</summary>", "", "| converter | model | check | ok | detail |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {c['converter']} | {c['model']} | {c['check']} | {'yes' if c['ok'] else '**NO**'} | "
+                  "<details><summary>all checks</summary>", "", "| converter | model | options | check | ok | detail |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {c['converter']} | {c['model']} | {c.get('variant') or '-'} | {c['check']} | "
+                  f"{'yes' if c['ok'] else '**NO**'} | "
                   f"{c['detail'].replace('|', '/')} |" for c in d["checks"]]
         lines += ["", "</details>", ""]
     lines += [f"<sub>`{doc['command']}` · ckdiff {doc['ckdiff_version']} · torch {doc['torch_version']}</sub>", ""]
