@@ -74,6 +74,8 @@ def compare_parser() -> argparse.ArgumentParser:
                    help="tolerance for tensors matching GLOB, with an optional reason shown in reports")
     p.add_argument("--strict-dtype", action="store_true", help="a dtype cast is a mismatch even within rounding")
     p.add_argument("--no-diagnose", action="store_true", help="skip the likely-cause analysis")
+    p.add_argument("--no-map", action="store_true",
+                   help="compare names as they are, even when the layouts differ (default: map one side)")
     p.add_argument("--limit", type=int, default=40, help="rows in the terminal table")
     p.add_argument("--quiet", "-q", action="store_true", help="print the verdict line only")
     add_report_args(p)
@@ -108,7 +110,8 @@ def cmd_compare(argv) -> int:
     b = open_checkpoint(args.b, fb, args.cache_dir, args.trust_pickle)
     opts = Options(atol=args.atol, rtol=args.rtol, patterns=parse_tol(args.tol), only=args.only,
                    ignore=args.ignore, diagnose=not args.no_diagnose, strict_dtype=args.strict_dtype)
-    res = compare_checkpoints(a, b, opts, progress_factory=_progress_factory(sys.stderr.isatty() and not args.quiet))
+    res = compare_checkpoints(a, b, opts, progress_factory=_progress_factory(sys.stderr.isatty() and not args.quiet),
+                              map_layouts=not args.no_map)
     console = _console()
     if args.quiet:
         console.print(("EQUIVALENT" if res.equivalent else "DIFFER") + f": {res.counts()}")

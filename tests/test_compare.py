@@ -148,3 +148,22 @@ def test_usage_error_exit_2(run_cli, tiny_hf):
     assert code == 2 and err.startswith("ckdiff: error:") and "Traceback" not in err
     code, _, err = run_cli(tiny_hf(), tiny_hf(), "--tol", "bad")
     assert code == 2 and "GLOB=ATOL" in err
+
+
+def test_different_layouts_are_mapped_and_say_so(tmp_path, run_cli, ckdiff_golden):
+    hf, meg = ckdiff_golden("llama-gqa", "hf"), ckdiff_golden("llama-gqa", "megatron", tp=2, pp=2)
+    code, out, _ = run_cli(hf, meg, "--json", tmp_path / "r.json")
+    assert code == 0 and "mapped into the hf layout" in out
+    doc = json.loads((tmp_path / "r.json").read_text())["result"]
+    assert doc["format_b"] == "megatron->hf" and any("fuse qkv" in row[2] or "split grouped qkv" in row[2]
+                                                     for row in doc["mapping"])
+    code, out, _ = run_cli(hf, meg, "--no-map", "-q")
+    assert code == 1 and "only-a" in out
+    # a bug on the mapped side is reported under A's names, with its cause
+    from ckdiff.converters.ops import rope_to_half
+    js = _edit(ckdiff_golden("llama-gqa", "jetstream"), tmp_path / "js", lambda s: {
+        **s, "layers.1.attention.wk.weight": rope_to_half(s["layers.1.attention.wk.weight"], 2, 8)})
+    code, out, _ = run_cli(hf, tmp_path / "js", "--json", tmp_path / "r2.json")
+    bad = [t for t in json.loads((tmp_path / "r2.json").read_text())["result"]["tensors"] if t["status"] != "equal"]
+    assert code == 1 and [t["name"] for t in bad] == ["model.layers.1.self_attn.k_proj.weight"]
+    assert "rotary permutation" in bad[0]["diagnosis"][0]

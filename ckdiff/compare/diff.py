@@ -297,12 +297,19 @@ def compare_tensor(name: str, ta: LazyTensor, tb: LazyTensor, opts: Options,
 
 
 def compare_checkpoints(a: Checkpoint, b: Checkpoint, opts: Optional[Options] = None,
-                        progress_factory=None, diagnose_fn=None) -> CompareResult:
-    """Compare every tensor of the union of keys; never stop at the first mismatch."""
+                        progress_factory=None, diagnose_fn=None, map_layouts: bool = True) -> CompareResult:
+    """Compare every tensor of the union of keys; never stop at the first mismatch.
+
+    Checkpoints of different layouts are lined up first (compare/align.py) unless ``map_layouts``
+    is false; the mapping used is part of the result."""
     opts = opts or Options()
     from .quant import compare_mixed, quantized_side
     results: list[TensorResult] = []
     notes: list[str] = []
+    mapping: list = []
+    if map_layouts:
+        from .align import align
+        a, b, mapping, notes = align(a, b)
     consumed: set = set()
     side = quantized_side(a, b)
     if side:
@@ -329,7 +336,7 @@ def compare_checkpoints(a: Checkpoint, b: Checkpoint, opts: Optional[Options] = 
     res = CompareResult(a.path, b.path, a.format, b.format, results,
                         config_diff=config_diff(a.config, b.config),
                         options={"atol": opts.atol, "rtol": opts.rtol, "only": opts.only, "ignore": opts.ignore,
-                                 "patterns": [list(p) for p in opts.patterns]}, notes=notes)
+                                 "patterns": [list(p) for p in opts.patterns]}, notes=notes, mapping=mapping)
     if opts.diagnose:
         from .diagnose import diagnose_result
         (diagnose_fn or diagnose_result)(res, a, b)
