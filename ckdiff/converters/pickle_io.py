@@ -29,7 +29,10 @@ def load_pickle(path, trust: bool = False) -> object:
         raise InputError(path, "is a directory, expected a torch pickle file")
     if path.stat().st_size == 0:
         raise InputError(path, "empty file")
-    is_zip = zipfile.is_zipfile(path)
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except Exception:  # noqa: BLE001 - a mangled zip directory can make the probe itself raise
+        is_zip = False
     try:
         if trust:
             return torch.load(path, map_location="cpu", weights_only=False, mmap=is_zip)
