@@ -39,8 +39,7 @@ def _progress_factory(enabled: bool):
 
         def step(n):
             prog.advance(task, n)
-            if prog.finished:
-                prog.stop()
+        step.stop = prog.stop
         return step
     return make
 

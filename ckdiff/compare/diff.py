@@ -14,7 +14,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -333,6 +333,8 @@ def compare_checkpoints(a: Checkpoint, b: Checkpoint, opts: Optional[Options] = 
             results.append(TensorResult(n, "only-b", shape_b=list(t.shape), dtype_b=dtype_name(t.dtype), numel=t.numel))
     for n in common:
         results.append(compare_tensor(n, a.tensors[n], b.tensors[n], opts, progress))
+    if progress is not None and hasattr(progress, "stop"):
+        progress.stop()
     res = CompareResult(a.path, b.path, a.format, b.format, results,
                         config_diff=config_diff(a.config, b.config),
                         options={"atol": opts.atol, "rtol": opts.rtol, "only": opts.only, "ignore": opts.ignore,
@@ -359,8 +361,3 @@ def config_diff(ca: dict, cb: dict) -> list:
             out.append([k, va, vb])
     return out
 
-
-def iter_pairs(a: Checkpoint, b: Checkpoint) -> Iterable[tuple[str, LazyTensor, LazyTensor]]:
-    for n, t in a.tensors.items():
-        if n in b.tensors:
-            yield n, t, b.tensors[n]

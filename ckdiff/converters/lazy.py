@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -121,7 +121,7 @@ class DerivedTensor(LazyTensor):
 class DerivedGroup:
     """Runs ``fn(inputs) -> list[Tensor]`` on demand and keeps the last result."""
 
-    _last: "DerivedGroup | None" = None  # one group's outputs alive at a time
+    _live: list = []  # the groups whose outputs are cached: at most two (one per side of a comparison)
 
     def __init__(self, inputs: Sequence[LazyTensor], fn: Callable[[list], list], origin: str = ""):
         self.inputs = list(inputs)
@@ -135,11 +135,11 @@ class DerivedGroup:
 
     def outputs(self) -> list[torch.Tensor]:
         if self._cache is None:
-            prev = DerivedGroup._last
-            if prev is not None and prev is not self:
-                prev._cache = None
+            live = DerivedGroup._live
+            while len(live) >= 2:
+                live.pop(0)._cache = None
             self._cache = [o.contiguous() for o in self.fn([t.load() for t in self.inputs])]
-            DerivedGroup._last = self
+            live.append(self)
         return self._cache
 
     def tensors(self, names: Sequence[str]) -> list[DerivedTensor]:
@@ -180,10 +180,6 @@ class Checkpoint:
         return sum(t.nbytes for t in self.tensors.values())
 
 
-def as_checkpoint(path: str, fmt: str, tensors: Mapping[str, LazyTensor], **kw) -> Checkpoint:
-    return Checkpoint(path=str(path), format=fmt, tensors=dict(tensors), **kw)
-
-
 class RowSlice(LazyTensor):
     """Rows [start, stop) of another lazy tensor."""
 
@@ -215,5 +211,5 @@ class PadRows(LazyTensor):
             parts.append(self.base.rows(start, min(stop, n)))
         if stop > n:
             last = self.base.rows(n - 1, n)
-            parts.append(last.expand(stop - max(start, n), *last.shape[1:]))
-        return torch.cat(parts) if len(parts) > 1 else parts[0].clone() if stop > n else parts[0]
+            parts.append(last.expand(stop - max(start, n), *last.shape[1:]).contiguous())
+        return torch.cat(parts) if len(parts) > 1 else parts[0]

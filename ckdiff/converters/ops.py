@@ -245,19 +245,6 @@ class Chain(Op):
 
 
 @dataclass(frozen=True)
-class Cast(Op):
-    """dtype cast; not exactly reversible, so its reverse casts back (lossy)."""
-    dtype: torch.dtype
-    back: torch.dtype | None = None
-
-    def __call__(self, xs):
-        return [x.to(self.dtype) for x in xs]
-
-    def reverse(self):
-        return Cast(self.back or self.dtype, self.dtype)
-
-
-@dataclass(frozen=True)
 class Transpose(Op):
     """Swap the two axes of a matrix (its own reverse). No correct converter here uses it."""
 

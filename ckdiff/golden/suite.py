@@ -419,9 +419,5 @@ def cmd_golden(argv) -> int:
     return 0 if res.equivalent else 1
 
 
-def registry_table() -> list[dict]:
-    return [{"name": c.name, "source": c.source, "target": c.target, "inverse": c.inverse, "golden": c.golden,
-             "models": list(c.models)} for c in REGISTRY.values()]
 
-
-__all__ = ["REGISTRY", "Converter", "register", "check_converter", "registry_table"]
+__all__ = ["REGISTRY", "Converter", "register", "check_converter"]
