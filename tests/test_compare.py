@@ -161,7 +161,7 @@ def test_different_layouts_are_mapped_and_say_so(tmp_path, run_cli, ckdiff_golde
     assert code == 1 and "only-a" in out
     # a bug on the mapped side is reported under A's names, with its cause
     from ckdiff.converters.ops import rope_to_half
-    js = _edit(ckdiff_golden("llama-gqa", "jetstream"), tmp_path / "js", lambda s: {
+    _edit(ckdiff_golden("llama-gqa", "jetstream"), tmp_path / "js", lambda s: {
         **s, "layers.1.attention.wk.weight": rope_to_half(s["layers.1.attention.wk.weight"], 2, 8)})
     code, out, _ = run_cli(hf, tmp_path / "js", "--json", tmp_path / "r2.json")
     bad = [t for t in json.loads((tmp_path / "r2.json").read_text())["result"]["tensors"] if t["status"] != "equal"]
