@@ -89,6 +89,17 @@ def self_attention(x, h, wq, wk, wv, wo, rope, ang, cfg: ModelConfig, window=Non
     return x + attention(q, k, v, cfg, window) @ wo.T
 
 
+def grouped_attention(h, wqkv, wo, rope, ang, cfg: ModelConfig, window=None) -> torch.Tensor:
+    """Attention over a fused QKV in group order: K groups of [q x H/K, k, v] heads (Megatron-LLM,
+    HF Falcon 40B; Falcon 7B is the K = 1 case [q_0 .. q_{H-1}, k, v])."""
+    B, T, _ = h.shape
+    K, r, hd = cfg.kv_heads, cfg.heads // cfg.kv_heads, cfg.head_dim
+    qkv = (h @ wqkv.T).view(B, T, K, r + 2, hd)
+    q = rope(qkv[:, :, :, :r].reshape(B, T, cfg.heads, hd), ang)
+    k = rope(qkv[:, :, :, r], ang)
+    return attention(q, k, qkv[:, :, :, r + 1], cfg, window) @ wo.T
+
+
 def rms_norm(x, w, eps):
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
@@ -181,9 +192,6 @@ def hf_llama(ck: Checkpoint, cfg: ModelConfig, ids, dtype) -> Forward:
 def hf_falcon(ck: Checkpoint, cfg: ModelConfig, ids, dtype) -> Forward:
     W = Weights(ck, dtype)
     ang = angles(cfg, ids.shape[1])
-    B, T = ids.shape
-    H, K, hd = cfg.heads, cfg.kv_heads, cfg.head_dim
-    r = H // K
 
     def layer(i, x):
         f = lambda s: W(FALCON[s].format(i=i))  # noqa: E731
@@ -192,14 +200,8 @@ def hf_falcon(ck: Checkpoint, cfg: ModelConfig, ids, dtype) -> Forward:
             hm = layer_norm(x, f("ln_mlp"), f("ln_mlp_b"), cfg.norm_eps)
         else:
             ha = hm = layer_norm(x, f("ln"), f("ln_b"), cfg.norm_eps)
-        # 7B: [q_0..q_{H-1}, k, v]; 40B: K groups of [q x r, k, v]: both are K groups of r + 2 heads
-        qkv = (ha @ f("qkv").T).view(B, T, K, r + 2, hd)
-        q = rope_half(qkv[:, :, :, :r].reshape(B, T, H, hd), ang)
-        k = rope_half(qkv[:, :, :, r], ang)
-        v = qkv[:, :, :, r + 1]
-        attn = attention(q, k, v, cfg) @ f("o").T
-        mlp = Fn.gelu(hm @ f("h4h").T) @ f("4hh").T
-        return x + attn + mlp
+        attn = grouped_attention(ha, f("qkv"), f("o"), rope_half, ang, cfg)
+        return x + attn + Fn.gelu(hm @ f("h4h").T) @ f("4hh").T
 
     emb = W(FALCON["embed"])
     return _decoder(ids, cfg, emb, layer,
@@ -249,9 +251,6 @@ def jetstream_gemma(ck: Checkpoint, cfg: ModelConfig, ids, dtype) -> Forward:
 def megatron(ck: Checkpoint, cfg: ModelConfig, ids, dtype) -> Forward:
     W = Weights(ck, dtype)
     ang = angles(cfg, ids.shape[1])
-    B, T = ids.shape
-    H, K, hd = cfg.heads, cfg.kv_heads, cfg.head_dim
-    r = H // K
     falcon = cfg.family == "falcon"
     rope = rope_half if cfg.extra.get("rotary") == "rotate_half" else rope_interleaved  # pre-2023-08 era
 
@@ -263,11 +262,7 @@ def megatron(ck: Checkpoint, cfg: ModelConfig, ids, dtype) -> Forward:
         else:
             ha = rms_norm(x, f("attn_norm"), cfg.norm_eps)
         # Megatron views the fused projection as [s, b, n_kv, r + 2, d]
-        qkv = (ha @ f("qkv").T).view(B, T, K, r + 2, hd)
-        q = rope(qkv[:, :, :, :r].reshape(B, T, H, hd), ang)
-        k = rope(qkv[:, :, :, r], ang)
-        v = qkv[:, :, :, r + 1]
-        attn = attention(q, k, v, cfg, cfg.sliding_window) @ f("o").T
+        attn = grouped_attention(ha, f("qkv"), f("o"), rope, ang, cfg, cfg.sliding_window)
         if falcon:
             return x + attn + Fn.gelu(hm @ f("h4h").T) @ f("4hh").T
         x = x + attn

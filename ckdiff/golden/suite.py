@@ -362,16 +362,20 @@ def _workdir(keep: Optional[str], prefix: str):
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _suite_args(p, add_report_args):
+    p.add_argument("--work", help="keep intermediate checkpoints here (default: a temporary directory)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size for Megatron targets")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size for Megatron targets")
+    add_report_args(p)
+
+
 def cmd_roundtrip(argv) -> int:
     from ..cli import _console, add_report_args, emit_reports
     p = _P(prog="ckdiff roundtrip", description="Convert SRC with CONVERTER and back; diff and compare logits.")
     p.add_argument("converter", choices=sorted(REGISTRY))
     p.add_argument("src")
-    p.add_argument("--work", help="keep intermediate checkpoints here (default: a temporary directory)")
     p.add_argument("--no-logits", action="store_true")
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
-    add_report_args(p)
+    _suite_args(p, add_report_args)
     a = p.parse_args(argv)
     c = REGISTRY[a.converter]
     with _workdir(a.work, "ckdiff-rt-") as work:
@@ -402,10 +406,7 @@ def cmd_golden(argv) -> int:
     p.add_argument("converter", choices=sorted(REGISTRY))
     p.add_argument("golden_src")
     p.add_argument("candidate_src")
-    p.add_argument("--work")
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
-    add_report_args(p)
+    _suite_args(p, add_report_args)
     a = p.parse_args(argv)
     c = REGISTRY[a.converter]
     with _workdir(a.work, "ckdiff-golden-") as work:
