@@ -107,6 +107,7 @@ def cmd_compare(argv) -> int:
     fb = args.format_b or args.format
     a = open_checkpoint(args.a, fa, args.cache_dir, args.trust_pickle)
     b = open_checkpoint(args.b, fb, args.cache_dir, args.trust_pickle)
+    check_report_paths(args, a, b)
     opts = Options(atol=args.atol, rtol=args.rtol, patterns=parse_tol(args.tol), only=args.only,
                    ignore=args.ignore, diagnose=not args.no_diagnose, strict_dtype=args.strict_dtype)
     res = compare_checkpoints(a, b, opts, progress_factory=_progress_factory(sys.stderr.isatty() and not args.quiet),
@@ -119,6 +120,19 @@ def cmd_compare(argv) -> int:
         print_compare(res, console, args.limit)
     emit_reports(args, "compare", res)
     return 0 if res.equivalent else 1
+
+
+def check_report_paths(args, *checkpoints) -> None:
+    """Refuse a report path that is one of the inputs' files (reports never overwrite an input)."""
+    from pathlib import Path
+    owned = set()
+    for ck in checkpoints:
+        owned.add(Path(ck.path).resolve())
+        owned.update(Path(f).resolve() for f in ck.meta.get("files", []))
+    for flag in ("json", "html", "markdown"):
+        target = getattr(args, flag, None)
+        if target and Path(target).resolve() in owned:
+            raise UsageError(f"--{flag} {target} is a file of an input checkpoint; refusing to overwrite it")
 
 
 def emit_reports(args, kind: str, res) -> None:

@@ -290,19 +290,28 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-@pytest.mark.parametrize("kill_at", [1, 2, 3, 4, 5])
-def test_sigkill_never_leaves_valid_looking_output(tmp_path, kill_at):
+KILL_RUNS = {
+    "megatron": ("megatron", ["hf-to-megatron", "llama2", "--model-path", "{src}", "--out", "{out}", "--tp", "2",
+                              "--pp", "2", "--overwrite"]),
+    "jetstream": ("jetstream", ["to-jetstream", "--model_name", "llama-2", "--input_checkpoint_dir", "{src}",
+                                "--output_checkpoint_dir", "{out}", "--overwrite"]),
+}
+
+
+@pytest.mark.parametrize("target,kill_at", [("megatron", k) for k in range(1, 6)] + [("jetstream", 1), ("jetstream", 2)])
+def test_sigkill_never_leaves_valid_looking_output(tmp_path, target, kill_at):
     src = emit(tmp_path / "hf", "llama-gqa", "hf")
-    old = emit(tmp_path / "out", "llama-gqa", "megatron")  # an existing output replaced with --overwrite
+    layout, argv = KILL_RUNS[target]
+    old = emit(tmp_path / "out", "llama-gqa", layout)  # an existing output replaced with --overwrite
     before = {p.name: p.read_bytes() for p in old.rglob("*") if p.is_file()}
-    r = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(kill_at), "convert", "hf-to-megatron", "llama2",
-                        "--model-path", str(src), "--out", str(old), "--tp", "2", "--pp", "2", "--overwrite"],
+    argv = [a.format(src=src, out=old) for a in argv]
+    r = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(kill_at), "convert", *argv],
                        capture_output=True, text=True, timeout=120)
     if r.returncode == -signal.SIGKILL:
         # killed mid-write: the old output is untouched, nothing new claims to be a checkpoint
         assert {p.name: p.read_bytes() for p in old.rglob("*") if p.is_file()} == before
         for tmp in tmp_path.glob(".out.ckdiff-tmp-*"):
-            assert not (tmp / "latest_checkpointed_iteration.txt").exists()
+            assert not (tmp / "latest_checkpointed_iteration.txt").exists() and not (tmp / "params.json").exists()
     else:
         assert r.returncode == 0, r.stderr  # finished before the kill point: a complete output
         open_checkpoint(str(old))
@@ -409,3 +418,11 @@ def test_mangled_zip_directory_regression(tmp_path, seeds):
     p = tmp_path / "f.pt"
     p.write_bytes(_mutate(seeds["pt"], [(51472, 1, False)]))
     assert sorted(open_checkpoint(str(p)).tensors) == ["a", "b.c"]
+
+
+def test_report_never_overwrites_an_input(tmp_path, run_cli):
+    a = _st(tmp_path, "a.safetensors")
+    b = _st(tmp_path, "b.safetensors")
+    before = a.read_bytes()
+    _expect_2(run_cli, a, b, "--json", a, words=["--json", "file of an input checkpoint"])
+    assert a.read_bytes() == before

@@ -202,7 +202,7 @@ def print_logits(res: LogitsResult, console) -> None:
 
 
 def cmd_logits(argv) -> int:
-    from ..cli import _console, add_common, add_report_args, emit_reports
+    from ..cli import _console, add_common, add_report_args, check_report_paths, emit_reports
     from ..converters.formats import open_checkpoint
 
     class P(argparse.ArgumentParser):
@@ -225,6 +225,7 @@ def cmd_logits(argv) -> int:
     args = p.parse_args(argv)
     a = open_checkpoint(args.a, args.format_a, args.cache_dir, args.trust_pickle)
     b = open_checkpoint(args.b, args.format_b, args.cache_dir, args.trust_pickle)
+    check_report_paths(args, a, b)
     res = compare_logits(a, b, args.batch, args.length, args.seed, args.dtype, args.topk,
                          args.skip_first_token, args.threshold)
     print_logits(res, _console())
