@@ -217,3 +217,17 @@ def test_rotate_half_era_is_an_explicit_option(tiny_hf, tmp_path):
     bad = [t for t in res.tensors if t.status != "equal"]
     assert {t.name.split(".")[-2] for t in bad} == {"q_proj", "k_proj"}
     assert all(any("rotary permutation" in d for d in t.diagnosis) for t in bad)
+
+
+def test_cache_dir_supplies_the_default_tokenizer_offline(tiny_hf, tmp_path, spm_model):
+    convert("hf-to-megatron", "llama2", "--model-path", tiny_hf("llama-gqa"), "--out", tmp_path / "m")
+    (tmp_path / "m" / "tokenizer.model").unlink(missing_ok=True)
+    repo = tmp_path / "cache" / "models--meta-llama--Llama-2-7b-hf"
+    (repo / "snapshots" / ("a" * 40)).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    (repo / "snapshots" / ("a" * 40) / "tokenizer.model").write_bytes(spm_model.read_bytes())
+    assert convert("megatron-to-hf", "--input_dir", tmp_path / "m", "--output_dir", tmp_path / "hf",
+                   "--cache_dir", tmp_path / "cache") == 0
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == spm_model.read_bytes()
+    assert (tmp_path / "hf" / "tokenizer_config.json").is_file()

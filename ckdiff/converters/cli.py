@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import CkdiffError, InputError, UsageError
 from .config import ModelConfig
-from .formats import open_checkpoint
+from .formats import open_checkpoint, resolve_path
 from .layouts import convert
 from .table import Plan
 from .writers import atomic_dir, copy_if_exists, disk_errors, write_hf, write_meta_like
@@ -24,6 +24,9 @@ SIZES = {
     ("codellama", 34): (48, 8192, 64, 8), ("mistral", 7): (32, 4096, 32, 8), ("falcon", 7): (32, 4544, 71, 1),
     ("falcon", 40): (60, 8192, 128, 8),
 }
+# where the original took a tokenizer from when --vocab_file was not given (looked up in the local cache only)
+DEFAULT_TOKENIZERS = {"llama": "meta-llama/Llama-2-7b-hf", "llama2": "meta-llama/Llama-2-7b-hf",
+                      "codellama": "TheBloke/CodeLlama-13B-fp16", "mistral": "mistralai/Mistral-7B-v0.1"}
 DEFAULT_SOURCES = {"falcon": "tiiuae/falcon-{size}b", "mistral": "mistralai/Mistral-7B-v0.1",
                    "llama": "decapoda-research/llama-{size}b-hf", "llama2": "meta-llama/Llama-2-{size}b-hf",
                    "codellama": "codellama/CodeLlama-{size}b-hf"}
@@ -147,7 +150,8 @@ def megatron_to_hf(argv) -> int:
     p.add_argument("--output_dir", "--output-dir", required=True)
     p.add_argument("--model", choices=MEGATRON_MODELS, default=None, help="default: from the checkpoint's args")
     p.add_argument("--num_output_shards", type=int, default=1)
-    p.add_argument("--cache_dir")
+    p.add_argument("--cache_dir", help="HF cache searched (offline) for the model's default tokenizer "
+                                       "when neither --vocab_file nor <input_dir>/tokenizer.model exists")
     p.add_argument("--vocab_file", help="SentencePiece tokenizer.model (or its directory)")
     p.add_argument("--vocab_extra_ids_list", default="", help="comma-separated extra tokens")
     p.add_argument("--override_special_tokens", nargs="*", default=[], metavar="KEY=VALUE")
@@ -176,6 +180,15 @@ def megatron_to_hf(argv) -> int:
     vocab_file = a.vocab_file
     if vocab_file is None and (Path(a.input_dir) / "tokenizer.model").is_file():
         vocab_file = str(Path(a.input_dir) / "tokenizer.model")
+    model = a.model or cfg.extra.get("model")
+    if vocab_file is None and a.cache_dir and model in DEFAULT_TOKENIZERS:
+        try:
+            cached = resolve_path(DEFAULT_TOKENIZERS[model], a.cache_dir) / "tokenizer.model"
+            vocab_file = str(cached) if cached.is_file() else None
+        except InputError:
+            vocab_file = None
+    if vocab_file is None and cfg.family != "falcon":
+        print("no tokenizer exported: pass --vocab_file (or --cache_dir holding the default tokenizer)")
     with disk_errors(a.output_dir), atomic_dir(a.output_dir, a.overwrite, [a.input_dir]) as tmp:
         _run_guarded(lambda: write_hf(tmp, hf, cfg.to_hf(), a.num_output_shards))
         if vocab_file:
