@@ -8,7 +8,6 @@ Targets (issue 2): time ratio <= 2, peak RssAnon < 300 MiB.
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import subprocess
 import sys
@@ -16,8 +15,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (PeakRssAnon, big_hf_tensors, ensure_space, human, read_bytes_seconds,  # noqa: E402
-                    rss_anon_kib)
+from common import PeakRssAnon, human, prepare, read_bytes_seconds, rss_anon_kib  # noqa: E402
 
 
 def one(fa, fb):
@@ -39,16 +37,8 @@ def one(fa, fb):
 def main():
     if sys.argv[1:2] == ["--one"]:
         return one(*sys.argv[2:4])
-    p = argparse.ArgumentParser()
-    p.add_argument("--dir", default=str(Path(__file__).parent / "out"))
-    p.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
-    a = p.parse_args()
     from ckdiff.converters.safetensors_io import write_safetensors
-    out = Path(a.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = big_hf_tensors()
-    size = sum(t.nbytes for t in tensors.values())
-    ensure_space(out, 2 * size)
+    a, out, tensors, size = prepare(2, __doc__)
     fa, fb = out / "a.safetensors", out / "b.safetensors"
     if not (fa.exists() and fa.stat().st_size > size):
         t = time.perf_counter()

@@ -9,7 +9,6 @@ Each conversion runs in a fresh process so its peak is its own.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import shutil
@@ -19,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import BIG, PeakRssAnon, big_hf_tensors, ensure_space, human  # noqa: E402
+from common import BIG, PeakRssAnon, human, prepare  # noqa: E402
 
 
 def one(argv):
@@ -34,16 +33,8 @@ def one(argv):
 def main():
     if sys.argv[1:2] == ["--one"]:
         return one(sys.argv[2:])
-    p = argparse.ArgumentParser()
-    p.add_argument("--dir", default=str(Path(__file__).parent / "out"))
-    p.add_argument("--keep", action="store_true")
-    a = p.parse_args()
     from ckdiff.converters.writers import atomic_dir, write_hf
-    out = Path(a.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = big_hf_tensors()
-    size = sum(t.nbytes for t in tensors.values())
-    ensure_space(out, 3 * size)
+    a, out, tensors, size = prepare(3, __doc__)
     src = out / "hf-big"
     if not (src / "config.json").exists():
         with atomic_dir(src, overwrite=True) as tmp:

@@ -94,6 +94,23 @@ def human(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def prepare(copies: int, description: str = ""):
+    """Parse --dir/--keep, create the directory and check room for ``copies`` of the big model.
+    Returns (args, out dir, lazy tensors, model bytes)."""
+    import argparse
+    from pathlib import Path
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--dir", default=str(Path(__file__).parent / "out"))
+    p.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    args = p.parse_args()
+    out = Path(args.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = big_hf_tensors()
+    size = sum(t.nbytes for t in tensors.values())
+    ensure_space(out, copies * size)
+    return args, out, tensors, size
+
+
 def ensure_space(path, need: int):
     st = os.statvfs(path)
     if st.f_bavail * st.f_frsize < need * 1.2:

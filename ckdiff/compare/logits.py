@@ -23,9 +23,10 @@ from typing import Optional
 
 import torch
 
-from ..converters.config import DTYPE_BY_NAME, ModelConfig
+from ..converters.config import DTYPE_BY_NAME
+from ..converters.config import model_config as config_of
 from ..converters.lazy import Checkpoint
-from ..errors import InputError, UsageError
+from ..errors import UsageError
 
 KL_THRESHOLD = {"float64": 1e-9, "float32": 1e-6, "bfloat16": 2e-2, "float16": 2e-2}
 QUANT_MARGIN = 0.02  # room for a few codes that round the other way in another quantizer
@@ -74,18 +75,6 @@ class LogitsResult:
         d = asdict(self)
         d["verdict"] = self.verdict()
         return d
-
-
-def config_of(ck: Checkpoint) -> ModelConfig:
-    from pathlib import Path
-    if ck.format == "hf":
-        return ModelConfig.from_hf(ck.config, ck.tensors, str(Path(ck.path) / "config.json"))
-    if ck.format in ("meta", "jetstream"):
-        return ModelConfig.from_meta(ck.config, ck.tensors, str(Path(ck.path) / "params.json"))
-    if ck.format == "megatron":
-        from ..converters.megatron import config_from_args
-        return config_from_args(ck.config, ck.tensors, ck.path)
-    raise InputError(ck.path, f"logits need a model directory with its config, not a {ck.format} input")
 
 
 def random_ids(vocab: int, batch: int, length: int, seed: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import CkdiffError, InputError, UsageError
-from .config import ModelConfig
+from .config import ModelConfig, model_config
 from .formats import open_checkpoint, resolve_path
 from .layouts import convert
 from .table import Plan
@@ -58,16 +58,7 @@ def _flag(p, name, default=False, help=""):
 def read_source(spec: str, cache_dir=None, trust_pickle=False, fmt=None):
     """Checkpoint plus its canonical config."""
     ck = open_checkpoint(spec, fmt, cache_dir, trust_pickle)
-    if ck.format == "hf":
-        cfg = ModelConfig.from_hf(ck.config, ck.tensors, str(Path(ck.path) / "config.json"))
-    elif ck.format in ("meta", "jetstream"):
-        cfg = ModelConfig.from_meta(ck.config, ck.tensors, str(Path(ck.path) / "params.json"))
-    elif ck.format == "megatron":
-        from .megatron import config_from_args
-        cfg = config_from_args(ck.config, ck.tensors, ck.path)
-    else:
-        raise InputError(ck.path, f"a {ck.format} input has no architecture config; convert a directory")
-    return ck, cfg
+    return ck, model_config(ck)
 
 
 def _run_guarded(fn):

@@ -213,6 +213,19 @@ class ModelConfig:
         return p
 
 
+def model_config(ck) -> ModelConfig:
+    """The canonical config of a checkpoint, from its own config file (HF, Meta/JetStream, Megatron args)."""
+    from pathlib import Path
+    if ck.format == "hf":
+        return ModelConfig.from_hf(ck.config, ck.tensors, str(Path(ck.path) / "config.json"))
+    if ck.format in ("meta", "jetstream"):
+        return ModelConfig.from_meta(ck.config, ck.tensors, str(Path(ck.path) / "params.json"))
+    if ck.format == "megatron":
+        from .megatron import config_from_args
+        return config_from_args(ck.config, ck.tensors, ck.path)
+    raise InputError(ck.path, f"a {ck.format} input has no architecture config; use a model directory")
+
+
 def _dtype_of(tensors, key, cfg) -> str:
     t = tensors.get(key)
     if t is not None:
