@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from ckdiff.compare.diff import CompareResult, TensorResult
-from ckdiff.reports.html import render_html, render_markdown, write_html
+from ckdiff.reports.html import render_html, render_markdown
 
 
 def big_result(n_layers=80, equal=True):
@@ -71,7 +71,7 @@ def test_html_in_headless_chromium(tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
     res = big_result(20, equal=False)
-    write_html(tmp_path / "r.html", "compare", res)
+    (tmp_path / "r.html").write_text(render_html("compare", res))
     d = _driver()
     try:
         d.get((tmp_path / "r.html").as_uri())

@@ -17,7 +17,6 @@ threshold plus 2% of the KL that quantization itself causes.
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -63,6 +62,8 @@ class LogitsResult:
     gate_kl: Optional[float] = None  # when set, the value compared with the threshold (quantized side)
     skip_first: bool = False
     notes: list = field(default_factory=list)
+    token_kl: list = field(default_factory=list)  # [sequence][position] per-token KL(A||B), for the report
+    worst_topk: dict = field(default_factory=dict)  # top-k of A and B at the max-KL token, for the report
 
     @property
     def equivalent(self) -> bool:
@@ -156,6 +157,10 @@ def compare_logits(a: Checkpoint, b: Checkpoint, batch: int = 4, length: int = 4
         notes.append(f"configs differ: rope_theta {ca.rope_theta} vs {cb.rope_theta}, "
                      f"norm eps {ca.norm_eps} vs {cb.norm_eps}")
     kpos = int(kidx)
+    seq, pos = kpos // T, kpos % T
+    wa, wb = lpa[seq, pos], lpb[seq, pos]
+    worst = {"a_ids": wa.topk(k).indices.tolist(), "a_logprob": wa.topk(k).values.tolist(),
+             "b_ids": wb.topk(k).indices.tolist(), "b_logprob": wb.topk(k).values.tolist()}
     return LogitsResult(
         a=a.path, b=b.path, format_a=a.format, format_b=b.format, dtype=dtype, batch=batch, length=length,
         seed=seed, vocab_compared=vocab, vocab_a=ca.vocab, vocab_b=cb.vocab, max_kl=float(kmax),
@@ -164,59 +169,5 @@ def compare_logits(a: Checkpoint, b: Checkpoint, batch: int = 4, length: int = 4
         first_topk_failure=[int(fail[0, 0]), int(fail[0, 1]) + int(skip_first)] if len(fail) else None,
         max_abs=float(dmax), max_abs_at=[di // (T * vocab), (di // vocab) % T + int(skip_first), di % vocab],
         nmse=nmse, first_divergent_layer=first_div, layer_rel_errors=rel_errors, threshold=thr,
-        threshold_reason=reason, gate_kl=gate_kl, skip_first=skip_first, notes=notes)
-
-
-def print_logits(res: LogitsResult, console) -> None:
-    from rich.markup import escape
-
-    from ..reports.render import fmt
-    style = "bold green" if res.equivalent else "bold red"
-    what = "max per-token KL" if res.gate_kl is None else "max per-token KL from the reference quantization"
-    val = res.max_kl if res.gate_kl is None else res.gate_kl
-    console.print(f"[{style}]{'EQUIVALENT' if res.equivalent else 'DIFFER'}[/{style}]: {what} "
-                  f"{fmt(val)} (threshold {fmt(res.threshold)}, {escape(res.threshold_reason)})")
-    console.print(escape(f"A: {res.a} [{res.format_a}]\nB: {res.b} [{res.format_b}]"))
-    console.print(f"tokens: {res.batch} x {res.length} (seed {res.seed}), compute {res.dtype}, vocab {res.vocab_compared}")
-    console.print(escape(f"KL max {fmt(res.max_kl)} at [seq, pos] {res.max_kl_at}, mean {fmt(res.mean_kl)}"))
-    console.print(f"top-1 agreement {res.top1_agreement:.4f}; mutual top-{res.topk} {res.topk_agreement:.4f}"
-                  + (escape(f" (first failure at {res.first_topk_failure})") if res.first_topk_failure else ""))
-    console.print(escape(f"max |logit diff| {fmt(res.max_abs)} at [seq, pos, token] {res.max_abs_at}; NMSE {fmt(res.nmse)}"))
-    if res.layer_rel_errors:
-        div = "none" if res.first_divergent_layer is None else str(res.first_divergent_layer)
-        console.print(f"first divergent layer: {div} (relative hidden-state error per layer: "
-                      + ", ".join(fmt(x, 2) for x in res.layer_rel_errors) + ")")
-    for n in res.notes:
-        console.print(escape(f"note: {n}"))
-
-
-def cmd_logits(argv) -> int:
-    from ..cli import _console, add_common, add_report_args, check_report_paths, emit_reports
-    from ..converters.formats import open_checkpoint
-
-    class P(argparse.ArgumentParser):
-        def error(self, message):
-            raise UsageError(f"ckdiff logits: {message}")
-    p = P(prog="ckdiff logits", description="Compare two checkpoints by forward passes in their own layouts.")
-    p.add_argument("a")
-    p.add_argument("b")
-    p.add_argument("--format-a")
-    p.add_argument("--format-b")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--length", type=int, default=48, help="positions per sequence (>= 32 recommended)")
-    p.add_argument("--batch", type=int, default=4, help="number of sequences")
-    p.add_argument("--dtype", default="float32", help="compute dtype: float64, float32, bfloat16, float16")
-    p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--skip-first-token", action="store_true")
-    p.add_argument("--threshold", type=float, help="override the max per-token KL threshold")
-    add_report_args(p)
-    add_common(p)
-    args = p.parse_args(argv)
-    a = open_checkpoint(args.a, args.format_a, args.cache_dir, args.trust_pickle)
-    b = open_checkpoint(args.b, args.format_b, args.cache_dir, args.trust_pickle)
-    check_report_paths(args, a, b)
-    res = compare_logits(a, b, args.batch, args.length, args.seed, args.dtype, args.topk,
-                         args.skip_first_token, args.threshold)
-    print_logits(res, _console())
-    emit_reports(args, "logits", res)
-    return 0 if res.equivalent else 1
+        threshold_reason=reason, gate_kl=gate_kl, skip_first=skip_first, notes=notes,
+        token_kl=[[float(f"{x:.4g}") for x in row] for row in kl.tolist()], worst_topk=worst)

@@ -143,8 +143,8 @@ def _suite_section(d: dict) -> str:
             f"<th>detail</th></tr>{rows}</table>")
 
 
-def render_html(kind: str, res) -> str:
-    doc = _clean(envelope(kind, res.to_dict(), res.verdict()))
+def render_html(kind: str, res, command: str = "") -> str:
+    doc = _clean(envelope(kind, res.to_dict(), res.verdict(), command))
     d = doc["result"]
     ok = res.equivalent
     title = {"compare": "Checkpoint diff", "logits": "Logit comparison", "golden": "Golden diff",
@@ -180,8 +180,8 @@ def render_html(kind: str, res) -> str:
             + "".join(body) + script + "</body></html>\n")
 
 
-def render_markdown(kind: str, res) -> str:
-    doc = _clean(envelope(kind, res.to_dict(), res.verdict()))
+def render_markdown(kind: str, res, command: str = "") -> str:
+    doc = _clean(envelope(kind, res.to_dict(), res.verdict(), command))
     d = doc["result"]
     ok = res.equivalent
     icon = ":white_check_mark:" if ok else ":x:"
@@ -215,21 +215,4 @@ def render_markdown(kind: str, res) -> str:
     return "\n".join(lines)
 
 
-def write_html(path, kind: str, res) -> None:
-    from ..converters.writers import atomic_file
-    text = render_html(kind, res)
-    atomic_file(path, lambda tmp: open(tmp, "w").write(text))
-
-
-def write_markdown(path, kind: str, res) -> None:
-    from ..converters.writers import atomic_file
-    text = render_markdown(kind, res)
-    atomic_file(path, lambda tmp: open(tmp, "w").write(text))
-
-
-def write_suite(html_path, md_path, res) -> None:
-    write_html(html_path, "demo", res)
-    write_markdown(md_path, "demo", res)
-
-
-__all__ = ["render_html", "render_markdown", "write_html", "write_markdown"]
+__all__ = ["render_html", "render_markdown"]

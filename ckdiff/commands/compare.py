@@ -1,0 +1,80 @@
+"""``ckdiff A B`` (also ``ckdiff compare A B``): compare two checkpoints tensor by tensor."""
+from __future__ import annotations
+
+from ..errors import UsageError
+from . import common
+
+NAME = "compare"
+SUMMARY = "compare two checkpoints of any supported format, tensor by tensor (the default command)"
+
+
+def parser(prog: str = "ckdiff compare"):
+    p = common.Parser(prog=prog, description="Compare two checkpoints of any supported format, tensor by tensor. "
+                      "Exit 0 equivalent, 1 differ, 2 usage or input error.")
+    p.add_argument("a", help="checkpoint A: a model directory, a directory of tensor files, a single "
+                             ".safetensors/.bin/.pt/.pth file, or a hub id (org/name) in the local cache")
+    p.add_argument("b", help="checkpoint B (same kinds as A; the layouts may differ)")
+    p.add_argument("--only", action="append", default=[], metavar="GLOB",
+                   help="compare only tensors whose name matches GLOB (repeatable)")
+    p.add_argument("--ignore", action="append", default=[], metavar="GLOB",
+                   help="skip tensors whose name matches GLOB (repeatable)")
+    p.add_argument("--atol", type=float, help="absolute tolerance for every tensor (default: dtype-aware)")
+    p.add_argument("--rtol", type=float, help="relative tolerance for every tensor (default: dtype-aware)")
+    p.add_argument("--tol", action="append", default=[], metavar="GLOB=ATOL[,RTOL][:REASON]",
+                   help="tolerance for tensors matching GLOB, with an optional reason shown in reports (repeatable)")
+    p.add_argument("--strict-dtype", action="store_true", help="a dtype cast is a mismatch even within rounding")
+    p.add_argument("--no-diagnose", action="store_true", help="skip the likely-cause analysis")
+    p.add_argument("--no-map", action="store_true",
+                   help="compare names as they are, even when the layouts differ (default: map one side)")
+    p.add_argument("--limit", type=int, default=40, metavar="N", help="mismatching rows shown in the terminal")
+    common.add_formats(p)
+    common.add_reports(p)
+    common.add_common(p)
+    return p
+
+
+def parse_tol(specs) -> list:
+    out = []
+    for s in specs:
+        try:
+            pat, rest = s.split("=", 1)
+            reason = ""
+            if ":" in rest:
+                rest, reason = rest.split(":", 1)
+            parts = rest.split(",")
+            atol = float(parts[0])
+            rtol = float(parts[1]) if len(parts) > 1 else 0.0
+        except ValueError:
+            raise UsageError(f"--tol {s!r}: expected GLOB=ATOL[,RTOL][:REASON]") from None
+        out.append((pat, atol, rtol, reason))
+    return out
+
+
+def open_pair(args):
+    """Both checkpoints, read with --format/--format-a/--format-b."""
+    from ..converters.formats import open_checkpoint
+    a = open_checkpoint(args.a, args.format_a or args.format, args.cache_dir, args.trust_pickle)
+    b = open_checkpoint(args.b, args.format_b or args.format, args.cache_dir, args.trust_pickle)
+    return a, b
+
+
+def run(argv, command: str = "") -> int:
+    from ..compare.diff import Options, compare_checkpoints
+    from ..reports.terminal import print_compare
+    args = parser().parse_args(argv)
+    common.check_reports(args)
+    tol = parse_tol(args.tol)
+    a, b = open_pair(args)
+    common.check_reports(args, (a, b))
+    opts = Options(atol=args.atol, rtol=args.rtol, patterns=tol, only=args.only, ignore=args.ignore,
+                   diagnose=not args.no_diagnose, strict_dtype=args.strict_dtype)
+    res = compare_checkpoints(a, b, opts, progress_factory=common.progress_factory(common.show_progress(args)),
+                              map_layouts=not args.no_map)
+    console = common.console(args)
+    if args.quiet:
+        console.print(("EQUIVALENT" if res.equivalent else "DIFFER") + ": "
+                      + ", ".join(f"{v} {k}" for k, v in sorted(res.counts().items())))
+    else:
+        print_compare(res, console, args.limit)
+    common.emit_reports(args, "compare", res, (a, b), command)
+    return 0 if res.equivalent else 1
