@@ -23,6 +23,13 @@ class HelpFormatter(argparse.HelpFormatter):
     def __init__(self, prog):
         super().__init__(prog, max_help_position=30, width=min(100, _columns()))
 
+    def add_argument(self, action):
+        super().add_argument(action)
+        if isinstance(action, argparse._SubParsersAction) and action.choices:
+            # sub-commands are drawn indented one level deeper than argparse measures them
+            longest = max(len(n) for n in action.choices)
+            self._action_max_length = max(self._action_max_length, longest + self._current_indent + 4)
+
     def _get_help_string(self, action):
         h = action.help or ""
         if action.choices is not None and "%(choices)" not in h and not isinstance(action, argparse._SubParsersAction):

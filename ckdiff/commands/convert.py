@@ -115,7 +115,7 @@ def parser(prog: str = "ckdiff convert"):
                       "flags; outputs appear only by atomic rename. Exit 0 written, 2 error.",
                       epilog="ckdiff convert CONVERTER --help shows a converter's flags.")
     sub = p.add_subparsers(dest="converter", metavar="CONVERTER", title="converters", required=True,
-                           parser_class=common.Parser)
+                           parser_class=common.Parser, help="one of the converters below, then its flags")
     for name, line in CONVERTERS.items():
         BUILD[name](sub.add_parser(name, help=line, description=line))
     return p

@@ -1,6 +1,7 @@
 """``ckdiff logits A B``: the same random token ids through both checkpoints, each in its own layout."""
 from __future__ import annotations
 
+from ..errors import UsageError
 from . import common
 
 NAME = "logits"
@@ -37,6 +38,11 @@ def run(argv, command: str = "") -> int:
     common.check_reports(args)
     a, b = open_pair(args)
     common.check_reports(args, (a, b))
+    for side, ck in (("A", a), ("B", b)):
+        if ck.format in ("file", "tensors"):
+            raise UsageError(f"{ck.path}: {side} is a plain set of tensors ({ck.format}); ckdiff logits runs the "
+                             "model, which needs its config: pass a model directory (HF config.json, Meta/JetStream "
+                             "params.json or a Megatron-LLM checkpoint)")
     res = compare_logits(a, b, args.batch, args.length, args.seed, args.dtype, args.topk,
                          args.skip_first_token, args.threshold)
     console = common.console(args)

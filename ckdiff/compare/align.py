@@ -22,11 +22,46 @@ def _config(ck: Checkpoint):
     return config_of(ck)
 
 
+def _without_buffers(a: Checkpoint, b: Checkpoint) -> tuple[Checkpoint, Checkpoint, list]:
+    """Leave out tensors that carry no weights in their layout (``rope.freqs``, ``inv_freq``; the converters
+    drop them) when the other side has no tensor of that name. Applied to both sides alike, so which side
+    is A never changes the verdict."""
+    import re
+
+    from ..converters.layouts import DROP
+    dropped = []
+
+    def strip(x: Checkpoint, other: Checkpoint) -> Checkpoint:
+        pats = [re.compile(p) for p in DROP.get(LAYOUT.get(x.format.split("->")[-1], ""), [])]
+        gone = [n for n in x.tensors if n not in other.tensors and any(p.search(n) for p in pats)]
+        if not gone:
+            return x
+        dropped.extend(gone)
+        return Checkpoint(x.path, x.format, {n: t for n, t in x.tensors.items() if n not in gone}, x.config, x.meta)
+    a2, b2 = strip(a, b), strip(b, a)
+    notes = [f"left out {', '.join(sorted(dropped))}: not a weight (derived from the config); the other "
+             "layout does not store it"] if dropped else []
+    return a2, b2, notes
+
+
 def align(a: Checkpoint, b: Checkpoint) -> tuple[Checkpoint, Checkpoint, list, list]:
     """(a', b', mapping rows, notes). Leaves both untouched when no mapping applies."""
+    a, b, rows, notes = _align(a, b)
+    if a.format != b.format:
+        a, b, more = _without_buffers(a, b)
+        notes = notes + more
+    return a, b, rows, notes
+
+
+def _align(a: Checkpoint, b: Checkpoint) -> tuple[Checkpoint, Checkpoint, list, list]:
     from ..converters.layouts import convert
     from ..converters.table import Plan
     la, lb = LAYOUT.get(a.format), LAYOUT.get(b.format)
+    if (la is None) != (lb is None) and a.format != b.format:
+        plain = "A" if la is None else "B"
+        return a, b, [], [f"{plain} is a plain set of tensors ({(a if la is None else b).format}, no model config): "
+                          "compared by name; mapping another layout onto it needs a model directory "
+                          "(config.json, params.json or Megatron args)"]
     if la is None or lb is None or la == lb or (la, lb) in SAME_NAMES:
         return a, b, [], []
     move_a = is_quantized(b.tensors) and not is_quantized(a.tensors)

@@ -6,8 +6,9 @@ indented line under its row.
 """
 from __future__ import annotations
 
+import textwrap
+
 from rich.markup import escape
-from rich.padding import Padding
 from rich.text import Text
 
 from .render import collapse_layers, fmt
@@ -47,8 +48,8 @@ OPTIONAL = [
 ]
 
 
-def mismatch_table(rows, width: int) -> list:
-    """Renderables for the mismatching tensors ``rows`` at console ``width``."""
+def mismatch_table(rows, width: int) -> list[Text]:
+    """Lines for the mismatching tensors ``rows`` at console ``width``."""
     cols = [("status", lambda t: t.status), ("tensor", lambda t: t.name)]
     cells = {h: [f(t) for t in rows] for h, f in cols + OPTIONAL}
     widths = {h: max([len(h)] + [len(c) for c in cells[h]]) for h in cells}
@@ -66,6 +67,8 @@ def mismatch_table(rows, width: int) -> list:
             head.append(" " * GAP)
     out.append(head)
     indent = widths["status"] + GAP
+    # when even the max-abs column finds no room beside the names, the main facts go on a line under each row
+    spill = [] if OPTIONAL[0][0] in shown else OPTIONAL[:3]
     for j, t in enumerate(rows):
         line = Text()
         for i, h in enumerate(shown):
@@ -75,8 +78,14 @@ def mismatch_table(rows, width: int) -> list:
             if not last:
                 line.append(" " * GAP)
         out.append(line)
+        if spill:
+            facts = "  ".join(f"{h.replace(' A / B', '')} {f(t)}" if h != "max abs @ index" else f"max abs {f(t)}"
+                              for h, f in spill if f(t) != "-")
+            for part in textwrap.wrap(facts, max(20, width - indent)):
+                out.append(Text(" " * indent + part))
         for d in t.diagnosis:
-            out.append(Padding(Text("-> " + d, style="cyan"), (0, 0, 0, indent)))
+            for k, part in enumerate(textwrap.wrap(d, max(20, width - indent - 3))):
+                out.append(Text(" " * indent + ("-> " if k == 0 else "   ") + part, style="cyan"))
     return out
 
 
@@ -100,11 +109,8 @@ def print_compare(res, console, limit: int = 40) -> None:
     bad = [t for t in res.worst_first() if not t.ok]
     if bad:
         console.print(Text("mismatching tensors, worst first", style="italic"))
-        for r in mismatch_table(bad[:limit], console.width):
-            if isinstance(r, Text):
-                console.print(r, no_wrap=True, crop=False, overflow="ignore")
-            else:
-                console.print(r)
+        for line in mismatch_table(bad[:limit], console.width):
+            console.print(line, no_wrap=True, crop=False, overflow="ignore")
         if len(bad) > limit:
             console.print(f"... {len(bad) - limit} more mismatches (use --limit or --json for all)")
     rest = {k: v for k, v in counts.items() if k in ("equal", "close", "cast", "quant")}
