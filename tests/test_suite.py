@@ -98,6 +98,16 @@ def test_demo_is_the_main_job(tmp_path, run_cli):
     assert doc["verdict"] == "pass" and len(doc["result"]["checks"]) >= 12
     assert (tmp_path / "demo/demo.html").stat().st_size > 1000
     assert "rotary permutation" in (tmp_path / "demo/broken-compare.md").read_text()
+    # each report names the command that reproduces its comparison, not `ckdiff demo`
+    work = tmp_path / "demo" / "work"
+    broken = (tmp_path / "demo/broken-compare.html").read_text()
+    assert f"Reproduce: <code>ckdiff {work / 'broken' / 'golden'} {work / 'broken' / 'candidate'}</code>" in broken
+    checks = doc["result"]["checks"]
+    assert all(c["command"].startswith("ckdiff ") and c["command"].split()[1] != "demo" for c in checks)
+    rt = next(c for c in checks if c["check"] == "roundtrip" and c["converter"] == "to-jetstream")
+    assert rt["command"].split()[1:3] == [str(work / "to-jetstream-llama-gqa" / "src-hf"),
+                                          str(work / "to-jetstream-llama-gqa" / "back-hf")]
+    assert "{" not in " ".join(c["detail"] for c in checks)  # details read as words, not Python dicts
 
 
 def test_cli_roundtrip_and_golden_on_user_checkpoints(tmp_path, run_cli, ckdiff_golden):

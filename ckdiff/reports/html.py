@@ -59,8 +59,8 @@ def heatmap(tensors: list[dict]) -> tuple[list[int], list[str], dict]:
 
 # (css class, label) of the legend, from passing to failing
 LEGEND = [("h0", "bit-exact"), ("h1", "within tolerance (cast, close, quantized within its scale bound)"),
-          ("h2", "cast refused (--strict-dtype)"), ("h3", "over tolerance: few elements"),
-          ("h4", "over tolerance: many elements"), ("h5", "missing or shape mismatch")]
+          ("h2", "cast refused (--strict-dtype)"), ("h3", "over tolerance: under 1% of elements"),
+          ("h4", "over tolerance: 1% of elements or more"), ("h5", "missing or shape mismatch")]
 
 
 def _heat_class(lv: float) -> str:
@@ -72,7 +72,7 @@ def _heat_class(lv: float) -> str:
         return "h2"
     if lv == float("inf"):
         return "h5"
-    return "h3" if lv < 2.5 else "h4"
+    return "h3" if lv < 2.01 else "h4"
 
 
 def _heat_html(tensors) -> str:
@@ -80,7 +80,7 @@ def _heat_html(tensors) -> str:
     if not layers:
         return ""
     head = "".join(f"<th title='{html.escape(k)}'>{html.escape(k.replace('.weight', ''))}</th>" for k in kinds)
-    rows = []
+    rows, present = [], set()
     for i in layers:
         tds = []
         for k in kinds:
@@ -90,6 +90,7 @@ def _heat_html(tensors) -> str:
                 continue
             lv, t = c
             cls = _heat_class(lv)
+            present.add(cls)
             tip = f"{t['name']}: {t['status']}, max abs {fmt(t.get('max_abs'))}"
             if t["status"] == "differ":
                 tip += f", {t.get('n_over_tol')} of {t.get('numel')} elements over tolerance"
@@ -98,7 +99,8 @@ def _heat_html(tensors) -> str:
                 text = fmt(t.get("max_abs"), 2)
             tds.append(f"<td class={cls} title='{html.escape(tip)}'>{html.escape(text)}</td>")
         rows.append(f"<tr><th>layer {i}</th>{''.join(tds)}</tr>")
-    legend = "".join(f"<span class=lg><i class={c}></i>{html.escape(label)}</span>" for c, label in LEGEND)
+    legend = "".join(f"<span class=lg><i class={c}></i>{html.escape(label)}</span>" for c, label in LEGEND
+                     if c in present)
     return ("<h2>Per layer, against the tolerance</h2><p class=legend>" + legend + "</p>"
             f"<div class=scroll><table class=heat><tr><th></th>{head}</tr>" + "".join(rows) + "</table></div>")
 
@@ -112,7 +114,7 @@ table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:
 vertical-align:top;white-space:nowrap}th{background:#f5f5f5}#tensors th{cursor:pointer}
 code{background:#f3f3f3;padding:1px 4px;overflow-wrap:anywhere}
 .scroll{overflow:auto;max-height:520px}
-#tensors td.dg{max-width:32em;overflow:hidden;text-overflow:ellipsis}
+#tensors td.dg div{max-width:32em;overflow:hidden;text-overflow:ellipsis}
 .heat td{min-width:40px;font-size:12px;text-align:center;font-variant-numeric:tabular-nums}
 .h0{background:#d7efdc}.h1{background:#9fd8a9}.h2{background:#ffd27a}.h3{background:#f08c5a;color:#111}
 .h4{background:#b3261e;color:#fff}.h5{background:#5c0a0a;color:#fff}
@@ -129,7 +131,7 @@ function render(){const rows=D.rows,q=document.getElementById('q').value.toLower
 st=document.getElementById('st').value,tb=document.querySelector('#tensors tbody');let h='',n=0;
 for(const r of rows){if(q&&!r[0].toLowerCase().includes(q))continue;if(st&&r[1]!==st)continue;n++;
 const esc=c=>c===null?'-':String(c).replace(/&/g,'&amp;').replace(/</g,'&lt;').replace(/"/g,'&quot;');
-h+='<tr>'+r.map((c,i)=>'<td'+(i===1?' class="s-'+c+'"':'')+(i===r.length-1?' class=dg title="'+esc(c)+'"':'')+'>'+esc(c)+'</td>').join('')+'</tr>';}
+const last=r.length-1;h+='<tr>'+r.map((c,i)=>'<td'+(i===1?' class="s-'+c+'"':'')+(i===last?' class=dg title="'+esc(c)+'"':'')+'>'+(i===last?'<div>'+esc(c)+'</div>':esc(c))+'</td>').join('')+'</tr>';}
 tb.innerHTML=h;document.getElementById('count').textContent=n+' of '+rows.length+' tensors';}
 let sortCol=-1,asc=true;document.querySelectorAll('#tensors th').forEach((th,i)=>th.onclick=()=>{
 asc=(sortCol===i)?!asc:(i<2);sortCol=i;D.rows.sort((a,b)=>{const x=a[i],y=b[i];
