@@ -3,7 +3,6 @@ at fixed widths, symmetry of A and B, orientation messages, and the one report-w
 import ast
 import io
 import json
-import re
 import shutil
 from pathlib import Path
 

@@ -33,9 +33,10 @@ class HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action):
         h = action.help or ""
         if action.choices is not None and "%(choices)" not in h and not isinstance(action, argparse._SubParsersAction):
-            h += " (one of: %(choices)s)" if not h.endswith(")") else "; one of: %(choices)s"
-        if action.default not in (None, False, argparse.SUPPRESS, [], "") and "%(default)" not in h \
-                and action.nargs != 0 and not isinstance(action.default, bool):
+            h += "; one of: %(choices)s" if h else "one of: %(choices)s"
+        d = action.default
+        if d is not None and not isinstance(d, bool) and d is not argparse.SUPPRESS and d not in ([], "") \
+                and "%(default)" not in h and action.nargs != 0:
             h += " [default: %(default)s]"
         return h
 

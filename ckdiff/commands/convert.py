@@ -93,7 +93,8 @@ def _to_jetstream(p):
     p.add_argument("--quantize_type", default="int8_per_channel",
                    choices=QUANT_TYPES,
                    help="quantization scheme (with --quantize_weights)")
-    _flag(p, "--output_safetensors", default=True, help="write model.safetensors (else consolidated.00.pth)")
+    _flag(p, "--output_safetensors", default=True,
+          help="write model.safetensors (else consolidated.00.pth) [default: True]")
     _outputs(p)
     common.add_common(p, cache=False)
 

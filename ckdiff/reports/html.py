@@ -235,7 +235,7 @@ def _layers_svg(d: dict) -> str:
         top = y(v)
         color = "#b3261e" if v > thr else "#2e8b57"
         bars.append(f"<rect x={left + i * bw + 1} y={top:.1f} width={bw - 2} height={max(1.0, 8 + H - top):.1f} "
-                    f"fill='{color}'><title>{'embedding' if i == 0 else 'layer ' + str(i)}: relative error "
+                    f"fill='{color}'><title>hidden state {i}: relative error "
                     f"{fmt(v)}</title></rect>")
     ticks = "".join(f"<text x=0 y={y(10.0 ** e) + 4:.1f}>1e{e}</text>" for e in (0, -6, -12, -18))
     ty = y(thr)
