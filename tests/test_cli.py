@@ -293,3 +293,15 @@ def test_report_to_stdout_and_never_onto_an_input(tiny_hf, tmp_path, run_cli):
     assert (a / "config.json").read_bytes() == before
     code, _, err = run_cli(a, b, "--json", "-", "--markdown", "-")
     assert code == 2 and "standard output" in err
+
+
+@pytest.mark.parametrize("width", [60, 120])
+def test_inspect_never_cuts_names(run_cli, ckdiff_golden, monkeypatch, width):
+    monkeypatch.setenv("COLUMNS", str(width))
+    meg = ckdiff_golden("llama-gqa", "megatron", tp=2)
+    code, out, _ = run_cli("inspect", meg)
+    assert code == 0 and "…" not in out
+    name = "language_model.encoder.layers.{0..1}.self_attention.query_key_value.weight"
+    row = next(k for k, x in enumerate(out.splitlines()) if x.startswith(name))
+    line = out.splitlines()[row] if width == 120 else out.splitlines()[row + 1]
+    assert "[96, 64]" in line and "float32" in line

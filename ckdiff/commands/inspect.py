@@ -20,7 +20,6 @@ def parser(prog: str = "ckdiff inspect"):
 
 def run(argv, command: str = "") -> int:
     from rich.markup import escape
-    from rich.table import Table
 
     from ..converters.formats import dtype_name, open_checkpoint
     from ..reports.render import collapse_layers, render_json
@@ -37,13 +36,9 @@ def run(argv, command: str = "") -> int:
         if k in ck.meta:
             console.print(f"{k}: {ck.meta[k]}")
     if not args.quiet:
-        table = Table(show_header=True)
-        table.add_column("tensor", no_wrap=True)
-        for c in ("shape", "dtype", "count"):
-            table.add_column(c, no_wrap=True)
-        for n, s, d, c in shown:
-            table.add_row(escape(n), str(s), d, str(c))
-        console.print(table, crop=False)
+        from ..reports.terminal import inspect_lines
+        for line in inspect_lines(shown, console.width):
+            console.print(line, no_wrap=True, crop=False, overflow="ignore")
     if args.json:
         doc = {"path": ck.path, "format": ck.format, "num_params": ck.num_params, "num_bytes": ck.num_bytes,
                "tensors": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in rows]}

@@ -158,3 +158,22 @@ def print_suite(res, console) -> None:
     for c in res.checks:
         t.add_row(c.converter, c.model, c.variant or "-", c.check, "yes" if c.ok else "NO", escape(c.detail))
     console.print(t)
+
+
+def inspect_lines(rows, width: int) -> list[Text]:
+    """Lines for ``inspect``: (name, shape, dtype, count) rows; names never cut, the count column left out
+    when it does not fit, shape and dtype under the name when even they do not."""
+    cells = [(n, str(sh), d, str(c)) for n, sh, d, c in rows]
+    heads = ("tensor", "shape", "dtype", "count")
+    w = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(heads)]
+    cols = 4 if sum(w) + 3 * GAP <= width else (3 if sum(w[:3]) + 2 * GAP <= width else 1)
+
+    def join(parts, widths):
+        return (" " * GAP).join(p.ljust(x) for p, x in zip(parts[:-1], widths)) + \
+            (" " * GAP if len(parts) > 1 else "") + parts[-1]
+    out = [Text(join(list(heads[:cols]), w), style="bold")]
+    for r in cells:
+        out.append(Text(join(list(r[:cols]), w)))
+        if cols == 1:
+            out.append(Text("    " + "  ".join(r[1:3]) + ("" if r[3] == "1" else f"  x{r[3]}")))
+    return out
