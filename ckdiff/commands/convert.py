@@ -144,29 +144,31 @@ def _default_source_hint(a) -> None:
 def run(argv, command: str = "") -> int:
     a = parser().parse_args(argv)
     name = a.converter
+    pf = common.progress_factory(common.show_progress(a), "writing")
+    progress = {"progress_factory": pf} if pf is not None else {}
     if name == "hf-to-megatron":
         _default_source_hint(a)
         w = api.hf_to_megatron(a.model, a.out, model_path=a.model_path, size=a.size, cache_dir=a.cache_dir,
                                tp=a.tp, pp=a.pp, true_vocab_size=a.true_vocab_size,
                                make_vocab_size_divisible_by=a.make_vocab_size_divisible_by,
                                legacy_rotate_half=a.legacy_rotate_half, overwrite=a.overwrite,
-                               trust_pickle=a.trust_pickle)
+                               trust_pickle=a.trust_pickle, **progress)
     elif name == "megatron-to-hf":
         w = api.megatron_to_hf(a.input_dir, a.output_dir, model=a.model, num_output_shards=a.num_output_shards,
                                cache_dir=a.cache_dir, vocab_file=a.vocab_file,
                                vocab_extra_ids_list=a.vocab_extra_ids_list,
                                override_special_tokens=a.override_special_tokens,
                                true_vocab_size=a.true_vocab_size, rotary_convention=a.rotary_convention,
-                               overwrite=a.overwrite, trust_pickle=a.trust_pickle)
+                               overwrite=a.overwrite, trust_pickle=a.trust_pickle, **progress)
     elif name == "to-jetstream":
         w = api.to_jetstream(a.model_name, a.input_checkpoint_dir, a.output_checkpoint_dir, from_hf=a.from_hf,
                              quantize_weights=a.quantize_weights, quantize_type=a.quantize_type,
                              output_safetensors=a.output_safetensors, overwrite=a.overwrite,
-                             trust_pickle=a.trust_pickle)
+                             trust_pickle=a.trust_pickle, **progress)
     else:
         w = api.jetstream_to_hf(a.input_checkpoint_dir, a.output_checkpoint_dir,
                                 num_output_shards=a.num_output_shards, overwrite=a.overwrite,
-                                trust_pickle=a.trust_pickle)
+                                trust_pickle=a.trust_pickle, **progress)
     console = common.console(a)
     for n in w.notes:
         console.print(f"note: {n}", markup=False)

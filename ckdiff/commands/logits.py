@@ -43,8 +43,9 @@ def run(argv, command: str = "") -> int:
             raise UsageError(f"{ck.path}: {side} is a plain set of tensors ({ck.format}); ckdiff logits runs the "
                              "model, which needs its config: pass a model directory (HF config.json, Meta/JetStream "
                              "params.json or a Megatron-LLM checkpoint)")
+    pf = common.progress_factory(common.show_progress(args), "running")
     res = compare_logits(a, b, args.batch, args.length, args.seed, args.dtype, args.topk,
-                         args.skip_first_token, args.threshold)
+                         args.skip_first_token, args.threshold, **common.progress_kw(compare_logits, pf))
     console = common.console(args)
     if args.quiet:
         val = res.max_kl if res.gate_kl is None else res.gate_kl
