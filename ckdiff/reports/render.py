@@ -70,9 +70,10 @@ def print_compare(res, console, limit: int = 40) -> None:
     bad = [t for t in res.worst_first() if not t.ok]
     if bad:
         table = Table(title="mismatching tensors, worst first", show_lines=False)
+        name_w = min(60, max(len(t.name) for t in bad[:limit]))
         for col in ("status", "tensor", "shape A / B", "dtype A / B", "max abs @ index", "mean abs",
                     "cosine", "over tol", "diagnosis"):
-            table.add_column(col, overflow="fold")
+            table.add_column(col, overflow="fold", min_width=name_w if col == "tensor" else None)
         for t in bad[:limit]:
             shape = str(t.shape_a or "-") if t.shape_a == t.shape_b else f"{t.shape_a or '-'} / {t.shape_b or '-'}"
             dtype = t.dtype_a or t.dtype_b or "-" if t.dtype_a == t.dtype_b or None in (t.dtype_a, t.dtype_b) \
