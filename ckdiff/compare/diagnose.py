@@ -531,7 +531,7 @@ def diagnose_tensor(r: TensorResult, ta: LazyTensor, tb: LazyTensor, ctx: _Ctx) 
         return notes + [so]
     if r.cosine is not None and r.cosine >= NOISE_COSINE:
         _skip(r, f"diagnosis skipped: no structural cause fits and the difference looks like noise "
-                 f"(noise, cosine {r.cosine:.6f}, {r.n_over_tol} of {r.numel} elements over tolerance)")
+                 f"(noise, cosine {r.cosine:.9g}, {r.n_over_tol} of {r.numel} elements over tolerance)")
         return notes
     # 3. another tensor of A
     other = _other_tensor(r.name, B, ta.shape, ctx, rows_idx[:3])
