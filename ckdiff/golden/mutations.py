@@ -497,6 +497,47 @@ def _megatron_padded(gold, work):
     return convert("hf-to-megatron", gold, work / "megatron-pad128", {"pad": 128, "tp": 2})
 
 
+def _quantized(qtype: str, edit: Callable):
+    """B: the golden HF model converted to quantized JetStream, then ``edit(tensors, hf_state)`` applied."""
+    def target(gold, work):
+        from ..converters.formats import open_checkpoint
+        from ..converters.safetensors_io import write_safetensors
+        from .models import lazy
+        from .suite import convert
+        out = convert("to-jetstream", gold, work, {"quantize": qtype})
+        ck = open_checkpoint(str(out))
+        st = {k: t.load().clone() for k, t in ck.tensors.items()}
+        hf = {k: t.load() for k, t in open_checkpoint(str(gold)).tensors.items()}
+        edit(st, hf)
+        f = out / "model.safetensors"
+        tmp = out / "model.safetensors.tmp"
+        write_safetensors(tmp, lazy({k: v.contiguous() for k, v in st.items()}).values())
+        tmp.replace(f)
+        return out
+    return target
+
+
+def _q_shift(st, hf):
+    k = "layers.0.feed_forward.w1.weight_scaler"
+    st[k] = torch.roll(st[k], 1, 0)
+
+
+def _q_swap(st, hf):
+    a, b = "layers.1.feed_forward.w1.weight_scaler", "layers.1.feed_forward.w3.weight_scaler"
+    st[a], st[b] = st[b], st[a]
+
+
+def _q_unsigned(st, hf):
+    k = "layers.0.feed_forward.w2.weight"
+    st[k] = (st[k].to(torch.int16) & 15).to(torch.int8)
+
+
+def _q_block_axis(st, hf):
+    from ..converters.quant import quantize
+    q, s = quantize(hf[_L(1, "o")].float().T.contiguous(), 4, True)  # blocks over the output axis
+    st["layers.1.attention.wo.weight"], st["layers.1.attention.wo.weight_scaler"] = q, s
+
+
 def _head_is_embedding(st, c, cfg):
     st[layouts.HF["head"]] = st[layouts.HF["embed"]].clone()
 
@@ -554,6 +595,15 @@ STATE_CATALOGUE = [
     StateMutation("vocab size wrong in the config", "Config only", "llama-gqa", _cfg(vocab_size=128),
                   r"vocab"),
     StateMutation("BOS id changed", "Config only", "llama-gqa", _cfg(bos_token_id=0), r"bos_token_id"),
+    StateMutation("int8 scales off by one row", "Quantization", "llama-gqa", None,
+                  r"scales off by one row", target=_quantized("int8_per_channel", _q_shift)),
+    StateMutation("two tensors' scales swapped", "Quantization", "llama-gqa", None,
+                  r"scales swapped: layers\.1\.feed_forward\.w[13]\.weight_scaler holds the scales of "
+                  r"layers\.1\.feed_forward\.w[31]", target=_quantized("int8_per_channel", _q_swap)),
+    StateMutation("int4 codes not sign-extended", "Quantization", "llama-blockwise", None,
+                  r"int4 codes not sign-extended", target=_quantized("int4_blockwise", _q_unsigned)),
+    StateMutation("int4 blocks along the wrong axis", "Quantization", "llama-blockwise", None,
+                  r"blocks along the wrong axis", target=_quantized("int4_blockwise", _q_block_axis)),
     # negatives: correct conversions and functionally equivalent rewrites
     StateMutation("config in transformers v5 spelling with explicit defaults", "negative", "llama-gqa", _v5_spelling,
                   negative=True),
@@ -562,6 +612,8 @@ STATE_CATALOGUE = [
                   r"equivalent reordering: MLP hidden units", negative=True),
     StateMutation("attention heads reordered consistently", "negative", "llama-gqa", _heads_reordered,
                   r"equivalent reordering: attention heads", negative=True),
+    StateMutation("int4 blockwise quantization, unmutated", "negative", "llama-blockwise", None, negative=True,
+                  target=_quantized("int4_blockwise", lambda st, hf: None)),
     StateMutation("hf-to-megatron --make-vocab-size-divisible-by 128 vs its HF source", "negative", "llama-gqa",
                   lambda st, c, cfg: None, r"vocab padding from its config stripped", negative=True,
                   target=_megatron_padded),
@@ -606,8 +658,9 @@ def run_state_mutations(work: Path, catalogue=None) -> list[MutationOutcome]:
         cross_check_notes(res, lr)
         checks.append(CheckResult("ckdiff", m.model, "diff", res.equivalent, _diff_summary(res), res.to_dict()))
         if lr is not None:
+            kl = lr.max_kl if lr.gate_kl is None else lr.gate_kl
             checks.append(CheckResult("ckdiff logits", m.model, "logits", lr.equivalent,
-                                      f"max KL {lr.max_kl:.3g} (threshold {lr.threshold:.3g})", lr.to_dict()))
+                                      f"max KL {kl:.3g} (threshold {lr.threshold:.3g})", lr.to_dict()))
         red = [c for c in checks if not c.ok]
         text = _findings(red if not m.negative else checks)
         outcomes.append(MutationOutcome(m.name, m.bug_class, "ckdiff", m.model, bool(red), [c.check for c in red],
