@@ -364,9 +364,8 @@ def compare_config_semantics(a: Checkpoint, b: Checkpoint) -> tuple[list, list, 
     findings = [f"{side}: {f}" for side, ck, c in (("A", a, ca), ("B", b, cb))
                 for f in config_findings(ck.format, ck.config, ck.tensors, c)]
     notes += [f"config disagrees with its tensors, {f}" for f in findings]  # shown by every report
-    if ca is None or cb is None:
-        missing = " and ".join(s for s, c in (("A", ca), ("B", cb)) if c is None)
-        notes.append(f"{missing} has no model config: configurations were not compared")
+    if (ca is None) != (cb is None):
+        notes.append(f"{'A' if ca is None else 'B'} has no model config: configurations were not compared")
     return diffs, findings, notes
 
 
