@@ -73,11 +73,34 @@ def _align(a: Checkpoint, b: Checkpoint) -> tuple[Checkpoint, Checkpoint, list, 
     except Exception as e:  # noqa: BLE001 - unmappable: compare as is and say why
         return a, b, [], [f"layouts differ ({a.format} vs {b.format}) and B could not be mapped: "
                           f"{str(e).splitlines()[0][:200]}"]
-    moved = Checkpoint(src.path, f"{src.format}->{dst_layout}", mapped, src.config, src.meta)
     side = "A" if move_a else "B"
-    note = (f"{side} ({src.format}) was mapped into the {dst_layout} layout of "
-            f"{'B' if move_a else 'A'} through ckdiff's conversion table before comparing")
-    return (moved, b, plan.rows, [note]) if move_a else (a, moved, plan.rows, [note])
+    notes = [f"{side} ({src.format}) was mapped into the {dst_layout} layout of "
+             f"{'B' if move_a else 'A'} through ckdiff's conversion table before comparing"]
+    mapped, pad_note = _strip_config_padding(mapped, src, dst_layout, side)
+    notes += pad_note
+    moved = Checkpoint(src.path, f"{src.format}->{dst_layout}", mapped, src.config, src.meta)
+    return (moved, b, plan.rows, notes) if move_a else (a, moved, plan.rows, notes)
+
+
+def _strip_config_padding(tensors: dict, src: Checkpoint, layout: str, side: str) -> tuple[dict, list]:
+    """Vocab padding the source's own config declares (Megatron ``true_vocab_size`` below the embedding
+    rows) is dropped from the mapped tensors and reported as a note, never as a mismatch."""
+    from ..converters.config import _NAMES
+    from ..converters.lazy import RowSlice
+    true = (src.config or {}).get("true_vocab_size") if src.format == "megatron" else None
+    names = _NAMES.get(layout)
+    if not isinstance(true, int) or not names:
+        return tensors, []
+    out, cut = dict(tensors), []
+    for k in names["embed"] + names["head"]:
+        t = out.get(k)
+        if t is not None and len(t.shape) == 2 and t.shape[0] > true:
+            out[k] = RowSlice(k, t, 0, true)
+            cut.append((k, t.shape[0]))
+    if not cut:
+        return tensors, []
+    return out, [f"{side}: vocab padding from its config stripped before comparing: " + ", ".join(
+        f"{k} rows {true}..{n - 1} (true_vocab_size {true})" for k, n in cut)]
 
 
 __all__ = ["align"]

@@ -42,6 +42,7 @@ class TensorResult:
     name: str
     # equal (bytes identical) | close (within an explicit tolerance) | cast (dtypes differ, values
     # within the cast's rounding) | quant (dequantized, within its scale bound) | dtype (cast refused by --strict-dtype) | differ | shape | only-a | only-b
+    # | reordered (differs only by a permutation applied consistently across tensors: same function)
     status: str
     shape_a: Optional[list] = None
     shape_b: Optional[list] = None
@@ -67,7 +68,7 @@ class TensorResult:
 
     @property
     def ok(self) -> bool:
-        return self.status in ("equal", "close", "cast", "quant")
+        return self.status in ("equal", "close", "cast", "quant", "reordered")
 
 
 @dataclass
@@ -77,15 +78,18 @@ class CompareResult:
     format_a: str
     format_b: str
     tensors: list[TensorResult]
-    config_diff: list = field(default_factory=list)  # [key, value_a, value_b]
+    # [field, value_a, value_b]: function-changing differences of the canonical configs
+    config_diff: list = field(default_factory=list)
     options: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
     mapping: list = field(default_factory=list)  # [source keys, target keys, op] when a converter was involved
+    config_findings: list = field(default_factory=list)  # "A: ..." config disagrees with its own tensors
 
     @property
     def equivalent(self) -> bool:
-        """Tensors decide the verdict; config differences are reported (round trips gate on them)."""
-        return all(t.ok for t in self.tensors)
+        """Equivalent only when every tensor is, and the configs define the same function and fit
+        their tensors (fields that do not change the function never count)."""
+        return all(t.ok for t in self.tensors) and not self.config_diff and not self.config_findings
 
     def counts(self) -> dict:
         c: dict = {}
@@ -97,7 +101,7 @@ class CompareResult:
         return "equivalent" if self.equivalent else "differ"
 
     def worst_first(self) -> list[TensorResult]:
-        order = {"only-a": 0, "only-b": 0, "shape": 1, "differ": 2, "dtype": 3, "cast": 4, "quant": 5, "close": 6, "equal": 7}
+        order = {"only-a": 0, "only-b": 0, "shape": 1, "differ": 2, "dtype": 3, "cast": 4, "quant": 5, "reordered": 6, "close": 6, "equal": 7}
         return sorted(self.tensors, key=lambda t: (order.get(t.status, 9), -(t.n_over_tol or 0),
                                                    -(t.max_abs or 0.0), t.name))
 
@@ -106,7 +110,7 @@ class CompareResult:
             "verdict": self.verdict(), "a": self.a, "b": self.b,
             "format_a": self.format_a, "format_b": self.format_b,
             "counts": self.counts(), "options": self.options, "notes": self.notes,
-            "config_diff": self.config_diff, "mapping": self.mapping,
+            "config_diff": self.config_diff, "config_findings": self.config_findings, "mapping": self.mapping,
             "tensors": [asdict(t) for t in self.tensors],
         }
 
@@ -304,9 +308,11 @@ def compare_checkpoints(a: Checkpoint, b: Checkpoint, opts: Optional[Options] = 
     results: list[TensorResult] = []
     notes: list[str] = []
     mapping: list = []
+    cdiff, cfindings, cnotes = compare_config_semantics(a, b)
     if map_layouts:
         from .align import align
         a, b, mapping, notes = align(a, b)
+    notes += cnotes
     consumed: set = set()
     side = quantized_side(a, b)
     if side:
@@ -333,13 +339,34 @@ def compare_checkpoints(a: Checkpoint, b: Checkpoint, opts: Optional[Options] = 
     if progress is not None and hasattr(progress, "stop"):
         progress.stop()
     res = CompareResult(a.path, b.path, a.format, b.format, results,
-                        config_diff=config_diff(a.config, b.config),
+                        config_diff=cdiff, config_findings=cfindings,
                         options={"atol": opts.atol, "rtol": opts.rtol, "only": opts.only, "ignore": opts.ignore,
                                  "patterns": [list(p) for p in opts.patterns]}, notes=notes, mapping=mapping)
     if opts.diagnose:
         from .diagnose import diagnose_result
         (diagnose_fn or diagnose_result)(res, a, b)
     return res
+
+
+def compare_config_semantics(a: Checkpoint, b: Checkpoint) -> tuple[list, list, list]:
+    """(function-changing config differences, config-vs-tensor findings, notes) of two checkpoints.
+
+    Each side's own config (HF ``config.json`` v4/v5, Meta/JetStream ``params.json``, Megatron ``args``)
+    is read into one canonical dict (converters/config.py), so spellings, explicit defaults and fields
+    that do not change the function never show; across layouts the same fields line up."""
+    from ..converters.config import canonical_config, compare_configs, config_findings
+    try:
+        ca = canonical_config(a.format, a.config, a.tensors)
+        cb = canonical_config(b.format, b.config, b.tensors)
+    except (TypeError, ValueError, KeyError, ZeroDivisionError) as e:
+        return [], [], [f"configs not compared: {e}"]
+    diffs, notes = compare_configs(ca, cb)
+    findings = [f"{side}: {f}" for side, ck, c in (("A", a, ca), ("B", b, cb))
+                for f in config_findings(ck.format, ck.config, ck.tensors, c)]
+    notes += [f"config disagrees with its tensors, {f}" for f in findings]  # shown by every report
+    if (ca is None) != (cb is None):
+        notes.append(f"{'A' if ca is None else 'B'} has no model config: configurations were not compared")
+    return diffs, findings, notes
 
 
 def config_diff(ca: dict, cb: dict) -> list:

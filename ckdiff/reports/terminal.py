@@ -113,7 +113,7 @@ def print_compare(res, console, limit: int = 40) -> None:
             console.print(line, no_wrap=True, crop=False, overflow="ignore")
         if len(bad) > limit:
             console.print(f"... {len(bad) - limit} more mismatches (use --limit or --json for all)")
-    rest = {k: v for k, v in counts.items() if k in ("equal", "close", "cast", "quant")}
+    rest = {k: v for k, v in counts.items() if k in ("equal", "close", "cast", "quant", "reordered")}
     if rest:
         console.print("matching: " + ", ".join(f"{v} {k}" for k, v in rest.items()))
     if counts.get("cast"):
