@@ -1,0 +1,306 @@
+"""Fused comparison kernels: every metric of a chunk pair in one pass, both cores.
+
+``chunk_metrics`` reads two equally long chunks of raw element data once and
+returns, per block of the chunk, max |a - b| with its first index, the sums of
+|a - b|, a.b, a.a and b.b (float64), max relative difference, the count over
+tolerance and NaN/Inf counts per side. No full-size temporaries: each thread
+decodes 2048 elements at a time into small float64 buffers (bf16 by a shift,
+fp16/fp8/8- and 16-bit integers through an exact lookup table) and runs a
+branch-free, vectorisable loop over them; a block holding a NaN or Inf is
+redone element by element with the NaN/Inf policy of compare/diff.py.
+
+numba compiles each array-type signature once and caches it on disk.
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import torch
+
+# numba's own thread pool, not a second OpenMP runtime spinning beside torch's on the same cores
+numba.config.THREADING_LAYER = "workqueue"
+from numba import njit, prange  # noqa: E402
+
+BLOCK = 2048
+_BIG = 1.7976931348623157e308
+_FM = {"reassoc", "contract", "nsz", "arcp"}  # reordering allowed; NaN/Inf semantics kept
+
+# decode modes
+DIRECT, BF16, LUT = 0, 1, 2
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _decode(src, lo, m, mode, lut, out):
+    if mode == 1:  # bfloat16: the high half of a float32
+        tmp = np.empty(m, np.uint32)
+        for j in range(m):
+            tmp[j] = np.uint32(src[lo + j]) << 16
+        f = tmp.view(np.float32)
+        for j in range(m):
+            out[j] = np.float64(f[j])
+    elif mode == 2:  # exact table of every value of an 8- or 16-bit type
+        for j in range(m):
+            out[j] = lut[np.int64(src[lo + j])]
+    else:
+        for j in range(m):
+            out[j] = np.float64(src[lo + j])
+
+
+@njit(cache=True, nogil=True, fastmath=_FM, inline="always")
+def _fast(x, y, m, atol, rtol):
+    s = 0.0
+    dot = 0.0
+    na = 0.0
+    nb = 0.0
+    bm = 0.0
+    rm = 0.0
+    over = 0
+    bad = 0
+    for j in range(m):
+        xv = x[j]
+        yv = y[j]
+        d = abs(xv - yv)
+        ax = abs(xv)
+        s += d
+        dot += xv * yv
+        na += xv * xv
+        nb += yv * yv
+        bm = max(bm, d)
+        over += d > atol + rtol * ax
+        bad += not (d <= _BIG)
+        rm = max(rm, d / ax if ax > 0.0 else (math.inf if d > 0.0 else 0.0))
+    return s, dot, na, nb, bm, rm, over, bad
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _metrics(a, mode_a, lut_a, b, mode_b, lut_b, atol, rtol, nblk, outf, outi):
+    n = a.size
+    step = (n + nblk - 1) // nblk
+    for k in prange(nblk):
+        lo0 = k * step
+        hi0 = min(n, lo0 + step)
+        x = np.empty(BLOCK, np.float64)
+        y = np.empty(BLOCK, np.float64)
+        mx = -1.0
+        mi = -1
+        s = 0.0
+        mr = 0.0
+        dot = 0.0
+        na = 0.0
+        nb = 0.0
+        over = 0
+        nan_a = 0
+        nan_b = 0
+        inf_a = 0
+        inf_b = 0
+        for lo in range(lo0, hi0, BLOCK):
+            m = min(hi0, lo + BLOCK) - lo
+            _decode(a, lo, m, mode_a, lut_a, x)
+            _decode(b, lo, m, mode_b, lut_b, y)
+            bs, bdot, bna, bnb, bm, brm, bover, bad = _fast(x, y, m, atol, rtol)
+            if bad == 0:
+                s += bs
+                dot += bdot
+                na += bna
+                nb += bnb
+                over += bover
+                if brm > mr:
+                    mr = brm
+                if bm > mx:
+                    for j in range(m):
+                        if abs(x[j] - y[j]) == bm:
+                            mx = bm
+                            mi = lo + j
+                            break
+                continue
+            for j in range(m):  # a NaN or Inf in this block: element by element
+                xv = x[j]
+                yv = y[j]
+                ax = abs(xv)
+                if math.isfinite(xv) and math.isfinite(yv):
+                    d = abs(xv - yv)
+                    dot += xv * yv
+                    na += xv * xv
+                    nb += yv * yv
+                    s += d
+                    if d > 0.0:
+                        r = d / ax if ax > 0.0 else math.inf
+                        if r > mr:
+                            mr = r
+                        if d > atol + rtol * ax:
+                            over += 1
+                else:
+                    xn = xv != xv
+                    yn = yv != yv
+                    if xn:
+                        nan_a += 1
+                    if yn:
+                        nan_b += 1
+                    if math.isinf(xv):
+                        inf_a += 1
+                    if math.isinf(yv):
+                        inf_b += 1
+                    if (xn and yn) or xv == yv:
+                        d = 0.0
+                    else:
+                        d = math.inf
+                        over += 1
+                        mr = math.inf
+                if d > mx:
+                    mx = d
+                    mi = lo + j
+        outf[k, 0] = mx
+        outf[k, 1] = s
+        outf[k, 2] = mr
+        outf[k, 3] = dot
+        outf[k, 4] = na
+        outf[k, 5] = nb
+        outi[k, 0] = mi
+        outi[k, 1] = over
+        outi[k, 2] = nan_a
+        outi[k, 3] = nan_b
+        outi[k, 4] = inf_a
+        outi[k, 5] = inf_b
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _equal_u64(a, b, nblk):
+    n = a.size
+    step = (n + nblk - 1) // nblk
+    res = np.ones(nblk, np.uint8)
+    for k in prange(nblk):
+        for i in range(k * step, min(n, (k + 1) * step)):
+            if a[i] != b[i]:
+                res[k] = 0
+                break
+    return res.all()
+
+
+def bytes_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Equality of the bytes of two contiguous tensors, 8 bytes at a time on every core."""
+    if x.dtype != y.dtype or x.numel() != y.numel():
+        return False
+    if x.numel() == 0:
+        return True
+    u = x.reshape(-1).view(torch.uint8).numpy()
+    v = y.reshape(-1).view(torch.uint8).numpy()
+    n = u.size
+    k = n - n % 8
+    if k and (u.ctypes.data % 8 == 0) and (v.ctypes.data % 8 == 0):
+        if not _equal_u64(u[:k].view(np.uint64), v[:k].view(np.uint64), 2 * torch.get_num_threads()):
+            return False
+        return k == n or bool(np.array_equal(u[k:], v[k:]))
+    return bool(np.array_equal(u, v))
+
+
+# ------------------------------------------------------------------ host side
+_LUTS: dict = {}
+_NO_LUT = np.zeros(1, np.float64)
+_INT16 = (torch.float16, torch.int16, torch.uint16)
+_INT8 = (torch.float8_e4m3fn, torch.float8_e5m2, torch.int8, torch.uint8, torch.bool)
+
+
+def _lut(dtype: torch.dtype) -> np.ndarray:
+    if dtype not in _LUTS:
+        if dtype in _INT16:
+            codes = torch.from_numpy(np.arange(65536, dtype=np.uint16).view(np.int16))
+            vals = codes if dtype == torch.int16 else codes.view(dtype)
+        else:
+            codes = torch.from_numpy(np.arange(256, dtype=np.uint8))
+            vals = (codes != 0) if dtype == torch.bool else codes.view(dtype)
+        lut = vals.to(torch.float64).numpy().copy()
+        _LUTS[dtype] = lut
+    return _LUTS[dtype]
+
+
+def plan(dtype: torch.dtype):
+    """(mode, numpy dtype of the raw view, lut) for element data of ``dtype``; None if the
+    raw data must be converted to float64 first (32/64-bit integers)."""
+    if dtype == torch.float32:
+        return DIRECT, np.float32, _NO_LUT
+    if dtype == torch.float64:
+        return DIRECT, np.float64, _NO_LUT
+    if dtype == torch.bfloat16:
+        return BF16, np.uint16, _NO_LUT
+    if dtype in _INT16:
+        return LUT, np.uint16, _lut(dtype)
+    if dtype in _INT8:
+        return LUT, np.uint8, _lut(dtype)
+    return None
+
+
+def as_kernel_input(t: torch.Tensor):
+    """A flat numpy view (no copy where possible) plus decode mode and table for ``t``."""
+    t = t.reshape(-1)
+    p = plan(t.dtype)
+    if p is None:
+        return t.to(torch.float64).numpy(), DIRECT, _NO_LUT
+    mode, npd, lut = p
+    if t.dtype == torch.bool:
+        t = t.view(torch.uint8)
+    if mode == DIRECT:
+        return t.numpy(), mode, lut
+    raw = t.view(torch.int16 if npd is np.uint16 else torch.uint8).numpy()
+    return (raw.view(np.uint16) if npd is np.uint16 else raw), mode, lut
+
+
+def raw_view(buf, dtype: torch.dtype, count: int):
+    """Kernel input over ``count`` elements of raw bytes in ``buf`` (a bytearray/memoryview)."""
+    p = plan(dtype)
+    if p is None:
+        t = torch.frombuffer(buf, dtype=dtype, count=count)
+        return t.to(torch.float64).numpy(), DIRECT, _NO_LUT
+    mode, npd, lut = p
+    return np.frombuffer(buf, dtype=npd, count=count), mode, lut
+
+
+class Stats:
+    """Running metrics of one tensor pair, merged from chunk results."""
+
+    __slots__ = ("max_abs", "max_idx", "sum_abs", "max_rel", "dot", "na", "nb", "over",
+                 "nan_a", "nan_b", "inf_a", "inf_b", "_f", "_i", "_nblk")
+
+    def __init__(self):
+        self.max_abs, self.max_idx, self.sum_abs, self.max_rel = -1.0, None, 0.0, 0.0
+        self.dot = self.na = self.nb = 0.0
+        self.over = self.nan_a = self.nan_b = self.inf_a = self.inf_b = 0
+        self._nblk = max(2, 4 * torch.get_num_threads())
+        self._f = np.zeros((self._nblk, 6))
+        self._i = np.zeros((self._nblk, 6), np.int64)
+
+    def add(self, a, b, offset: int, atol: float, rtol: float) -> None:
+        """``a``, ``b``: kernel inputs (array, mode, lut) of the same length, at flat ``offset``."""
+        (xa, ma, la), (xb, mb, lb) = a, b
+        n = xa.size
+        if n == 0:
+            return
+        nblk = min(self._nblk, max(1, n // (4 * BLOCK)))
+        f, i = self._f[:nblk], self._i[:nblk]
+        _metrics(xa, ma, la, xb, mb, lb, float(atol), float(rtol), nblk, f, i)
+        for k in range(nblk):
+            m, idx = float(f[k, 0]), int(i[k, 0])
+            if idx < 0:
+                continue
+            g = offset + idx
+            if m > self.max_abs or (m == self.max_abs and (self.max_idx is None or g < self.max_idx)):
+                self.max_abs, self.max_idx = m, g
+        s = f.sum(axis=0)
+        self.sum_abs += float(s[1])
+        self.max_rel = max(self.max_rel, float(f[:, 2].max()))
+        self.dot += float(s[3])
+        self.na += float(s[4])
+        self.nb += float(s[5])
+        c = i.sum(axis=0)
+        self.over += int(c[1])
+        self.nan_a += int(c[2])
+        self.nan_b += int(c[3])
+        self.inf_a += int(c[4])
+        self.inf_b += int(c[5])
+
+    @property
+    def cosine(self):
+        if self.na > 0 and self.nb > 0:
+            return self.dot / math.sqrt(self.na * self.nb)
+        return None
