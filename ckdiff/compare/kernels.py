@@ -25,27 +25,36 @@ from numba import njit, prange  # noqa: E402
 
 BLOCK = 2048
 _BIG = 1.7976931348623157e308
-_FM = {"reassoc", "contract", "nsz", "arcp"}  # reordering allowed; NaN/Inf semantics kept
+_FM = {"reassoc", "nsz"}  # sums may be reordered; no contraction or reciprocals, NaN/Inf kept
 
-# decode modes
-DIRECT, BF16, LUT = 0, 1, 2
+# decode modes: every chunk arrives as raw bytes (one compiled signature for every dtype pair)
+F32, F64, BF16, LUT16, LUT8 = 0, 1, 2, 3, 4
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _decode(src, lo, m, mode, lut, out):
-    if mode == 1:  # bfloat16: the high half of a float32
-        tmp = np.empty(m, np.uint32)
+def _decode(src, lo, m, mode, lut, out, tmp):
+    if mode == 0:
+        v = src[lo * 4:(lo + m) * 4].view(np.float32)
         for j in range(m):
-            tmp[j] = np.uint32(src[lo + j]) << 16
+            out[j] = np.float64(v[j])
+    elif mode == 1:
+        v = src[lo * 8:(lo + m) * 8].view(np.float64)
+        for j in range(m):
+            out[j] = v[j]
+    elif mode == 2:  # bfloat16: the high half of a float32
+        u = src[lo * 2:(lo + m) * 2].view(np.uint16)
+        for j in range(m):
+            tmp[j] = np.uint32(u[j]) << 16
         f = tmp.view(np.float32)
         for j in range(m):
             out[j] = np.float64(f[j])
-    elif mode == 2:  # exact table of every value of an 8- or 16-bit type
+    elif mode == 3:  # exact table of every 16-bit value
+        u = src[lo * 2:(lo + m) * 2].view(np.uint16)
         for j in range(m):
-            out[j] = lut[np.int64(src[lo + j])]
-    else:
+            out[j] = lut[u[j]]
+    else:  # exact table of every 8-bit value
         for j in range(m):
-            out[j] = np.float64(src[lo + j])
+            out[j] = lut[src[lo + j]]
 
 
 @njit(cache=True, nogil=True, fastmath=_FM, inline="always")
@@ -75,14 +84,14 @@ def _fast(x, y, m, atol, rtol):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _metrics(a, mode_a, lut_a, b, mode_b, lut_b, atol, rtol, nblk, outf, outi):
-    n = a.size
+def _metrics(a, mode_a, lut_a, b, mode_b, lut_b, n, atol, rtol, nblk, outf, outi):
     step = (n + nblk - 1) // nblk
     for k in prange(nblk):
         lo0 = k * step
         hi0 = min(n, lo0 + step)
         x = np.empty(BLOCK, np.float64)
         y = np.empty(BLOCK, np.float64)
+        tmp = np.empty(BLOCK, np.uint32)
         mx = -1.0
         mi = -1
         s = 0.0
@@ -97,8 +106,8 @@ def _metrics(a, mode_a, lut_a, b, mode_b, lut_b, atol, rtol, nblk, outf, outi):
         inf_b = 0
         for lo in range(lo0, hi0, BLOCK):
             m = min(hi0, lo + BLOCK) - lo
-            _decode(a, lo, m, mode_a, lut_a, x)
-            _decode(b, lo, m, mode_b, lut_b, y)
+            _decode(a, lo, m, mode_a, lut_a, x, tmp)
+            _decode(b, lo, m, mode_b, lut_b, y, tmp)
             bs, bdot, bna, bnb, bm, brm, bover, bad = _fast(x, y, m, atol, rtol)
             if bad == 0:
                 s += bs
@@ -216,44 +225,29 @@ def _lut(dtype: torch.dtype) -> np.ndarray:
 
 
 def plan(dtype: torch.dtype):
-    """(mode, numpy dtype of the raw view, lut) for element data of ``dtype``; None if the
-    raw data must be converted to float64 first (32/64-bit integers)."""
+    """(decode mode, lut) for element data of ``dtype``; None when the data must be converted to
+    float64 first (32- and 64-bit integers)."""
     if dtype == torch.float32:
-        return DIRECT, np.float32, _NO_LUT
+        return F32, _NO_LUT
     if dtype == torch.float64:
-        return DIRECT, np.float64, _NO_LUT
+        return F64, _NO_LUT
     if dtype == torch.bfloat16:
-        return BF16, np.uint16, _NO_LUT
+        return BF16, _NO_LUT
     if dtype in _INT16:
-        return LUT, np.uint16, _lut(dtype)
+        return LUT16, _lut(dtype)
     if dtype in _INT8:
-        return LUT, np.uint8, _lut(dtype)
+        return LUT8, _lut(dtype)
     return None
 
 
 def as_kernel_input(t: torch.Tensor):
-    """A flat numpy view (no copy where possible) plus decode mode and table for ``t``."""
+    """(raw bytes as a uint8 numpy view, element count, decode mode, table) for a tensor."""
     t = t.reshape(-1)
     p = plan(t.dtype)
     if p is None:
-        return t.to(torch.float64).numpy(), DIRECT, _NO_LUT
-    mode, npd, lut = p
-    if t.dtype == torch.bool:
-        t = t.view(torch.uint8)
-    if mode == DIRECT:
-        return t.numpy(), mode, lut
-    raw = t.view(torch.int16 if npd is np.uint16 else torch.uint8).numpy()
-    return (raw.view(np.uint16) if npd is np.uint16 else raw), mode, lut
-
-
-def raw_view(buf, dtype: torch.dtype, count: int):
-    """Kernel input over ``count`` elements of raw bytes in ``buf`` (a bytearray/memoryview)."""
-    p = plan(dtype)
-    if p is None:
-        t = torch.frombuffer(buf, dtype=dtype, count=count)
-        return t.to(torch.float64).numpy(), DIRECT, _NO_LUT
-    mode, npd, lut = p
-    return np.frombuffer(buf, dtype=npd, count=count), mode, lut
+        t, p = t.to(torch.float64), (F64, _NO_LUT)
+    t = t.contiguous()
+    return t.view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8), t.numel(), p[0], p[1]
 
 
 class Stats:
@@ -271,14 +265,15 @@ class Stats:
         self._i = np.zeros((self._nblk, 6), np.int64)
 
     def add(self, a, b, offset: int, atol: float, rtol: float) -> None:
-        """``a``, ``b``: kernel inputs (array, mode, lut) of the same length, at flat ``offset``."""
-        (xa, ma, la), (xb, mb, lb) = a, b
-        n = xa.size
+        """``a``, ``b``: kernel inputs (``as_kernel_input``) of the same length, at flat ``offset``."""
+        (xa, n, ma, la), (xb, nb_, mb, lb) = a, b
         if n == 0:
             return
+        if n != nb_:
+            raise ValueError(f"chunks of {n} and {nb_} elements")
         nblk = min(self._nblk, max(1, n // (4 * BLOCK)))
         f, i = self._f[:nblk], self._i[:nblk]
-        _metrics(xa, ma, la, xb, mb, lb, float(atol), float(rtol), nblk, f, i)
+        _metrics(xa, ma, la, xb, mb, lb, n, float(atol), float(rtol), nblk, f, i)
         for k in range(nblk):
             m, idx = float(f[k, 0]), int(i[k, 0])
             if idx < 0:
