@@ -204,6 +204,85 @@ def bytes_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
     return bool(np.array_equal(u, v))
 
 
+@njit(parallel=True, cache=True, nogil=True)
+def _quant_metrics(w, mode_w, lut_w, codes, scale, R, C, sr, sc, cdiv, percol, nblk, outf, outi):
+    """Float rows ``w`` [R, C] (raw bytes) against ``codes`` [R, C] int8 times each element's scale:
+    ``scale[i * sr + (j // cdiv) * sc]``, or ``scale[i * sr + j]`` when ``percol``; dequantized
+    in float32 as the runtimes do. Errors are judged in units of that scale."""
+    step = (R + nblk - 1) // nblk
+    for k in prange(nblk):
+        x = np.empty(C, np.float64)
+        tmp = np.empty(C, np.uint32)
+        mx = -1.0
+        mi = -1
+        s = 0.0
+        mr = 0.0
+        dot = 0.0
+        na = 0.0
+        nb = 0.0
+        umax = 0.0
+        o15 = 0
+        o10 = 0
+        nan_w = 0
+        inf_w = 0
+        cmin = 127
+        cmax = -128
+        for i in range(k * step, min(R, (k + 1) * step)):
+            _decode(w, i * C, C, mode_w, lut_w, x, tmp)
+            base = i * sr
+            for j0 in range(0, C, cdiv):
+                se_blk = np.float32(scale[base + (j0 // cdiv) * sc])
+                for j in range(j0, min(C, j0 + cdiv)):
+                    q = codes[i * C + j]
+                    cmin = min(cmin, q)
+                    cmax = max(cmax, q)
+                    se = np.float32(scale[base + j]) if percol else se_blk
+                    deq = np.float64(np.float32(q) * se)
+                    nb += deq * deq
+                    xv = x[j]
+                    d = abs(xv - deq)
+                    if d <= _BIG:
+                        s += d
+                        dot += xv * deq
+                        na += xv * xv
+                        ax = abs(xv)
+                        if d > mr * ax:
+                            mr = d / ax if ax > 0.0 else math.inf
+                        sd = np.float64(se)
+                        if d > sd:
+                            o10 += 1
+                            if d > 1.5 * sd:
+                                o15 += 1
+                        if d > umax * sd:
+                            umax = d / max(sd, 1e-30)
+                    else:
+                        d = math.inf
+                        if xv != xv:
+                            nan_w += 1
+                        else:
+                            inf_w += 1
+                        o10 += 1
+                        o15 += 1
+                        umax = math.inf
+                    if d > mx:
+                        mx = d
+                        mi = i * C + j
+        outf[k, 0] = mx
+        outf[k, 1] = s
+        outf[k, 2] = mr
+        outf[k, 3] = dot
+        outf[k, 4] = na
+        outf[k, 5] = nb
+        outf[k, 6] = umax
+        outi[k, 0] = mi
+        outi[k, 1] = o15
+        outi[k, 2] = o10
+        outi[k, 3] = nan_w
+        outi[k, 4] = inf_w
+        outi[k, 5] = cmin
+        outi[k, 6] = cmax
+
+
 # ------------------------------------------------------------------ host side
 _LUTS: dict = {}
 _NO_LUT = np.zeros(1, np.float64)
@@ -293,6 +372,54 @@ class Stats:
         self.nan_b += int(c[3])
         self.inf_a += int(c[4])
         self.inf_b += int(c[5])
+
+    @property
+    def cosine(self):
+        if self.na > 0 and self.nb > 0:
+            return self.dot / math.sqrt(self.na * self.nb)
+        return None
+
+
+class QuantStats:
+    """Running metrics of a float tensor against its quantized form (``quant_chunk``)."""
+
+    def __init__(self):
+        self.max_abs, self.max_idx, self.sum_abs, self.max_rel = -1.0, None, 0.0, 0.0
+        self.dot = self.na = self.nb = self.max_units = 0.0
+        self.over = {1.5: 0, 1.0: 0}
+        self.nan = self.inf = 0
+        self.cmin, self.cmax = 127, -128
+
+    def add(self, w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, sr: int, sc: int, cdiv: int,
+            offset: int, percol: bool = False) -> None:
+        """``w`` [R, C] float rows, ``codes`` [R, C] int8 in the same order, ``scale`` flat; element
+        (i, j) has the scale ``scale[i * sr + (j // cdiv) * sc]`` (``scale[i * sr + j]`` if ``percol``)."""
+        R, C = w.shape
+        if R * C == 0:
+            return
+        xw, _, mw, lw = as_kernel_input(w)
+        q = codes.contiguous().reshape(-1).numpy()
+        sc_ = scale.to(torch.float32).contiguous().reshape(-1).numpy()
+        nblk = min(max(2, 4 * torch.get_num_threads()), R)
+        f = np.zeros((nblk, 7))
+        i = np.zeros((nblk, 7), np.int64)
+        _quant_metrics(xw, mw, lw, q, sc_, R, C, sr, sc, max(1, min(cdiv, C)), bool(percol), nblk, f, i)
+        for k in range(nblk):
+            m, idx = float(f[k, 0]), int(i[k, 0])
+            if idx >= 0 and (m > self.max_abs or (m == self.max_abs and offset + idx < self.max_idx)):
+                self.max_abs, self.max_idx = m, offset + idx
+        self.sum_abs += float(f[:, 1].sum())
+        self.max_rel = max(self.max_rel, float(f[:, 2].max()))
+        self.dot += float(f[:, 3].sum())
+        self.na += float(f[:, 4].sum())
+        self.nb += float(f[:, 5].sum())
+        self.max_units = max(self.max_units, float(f[:, 6].max()))
+        self.over[1.5] += int(i[:, 1].sum())
+        self.over[1.0] += int(i[:, 2].sum())
+        self.nan += int(i[:, 3].sum())
+        self.inf += int(i[:, 4].sum())
+        self.cmin = min(self.cmin, int(i[:, 5].min()))
+        self.cmax = max(self.cmax, int(i[:, 6].max()))
 
     @property
     def cosine(self):

@@ -14,10 +14,9 @@ import torch
 
 from ..converters.formats import dtype_name
 from ..converters.lazy import Checkpoint
-from ..converters.quant import (BLOCK, BOUND, EMBED, SCALER, dequantize, float_shape, is_quantized,
-                                scale_per_element)
+from ..converters.quant import BLOCK, BOUND, EMBED, SCALER, float_shape, is_quantized
 from .diff import TensorResult, _unravel
-from .kernels import Stats, as_kernel_input
+from .kernels import QuantStats
 
 
 def quant_bits(ck: Checkpoint) -> int | None:
@@ -36,35 +35,37 @@ def quantized_side(a: Checkpoint, b: Checkpoint):
 
 
 def _blocks(flt, q, s, shape, emb: bool, chunk_bytes: int):
-    """(flat offset, float rows, dequantized rows, per-element scale) chunk by chunk."""
-    if len(shape) == 2 and len(q.shape) == 3:  # blockwise [nb, 128, out]: codes and scales of this tensor read once
-        codes, scale = q.load(), s.load().to(torch.float32)
-        nb, out, n = codes.shape[0], shape[0], shape[1]
+    """(flat offset, float rows [R, C], codes [R, C] in float order, flat scales, row stride,
+    block stride, block width, per column) chunk by chunk: element (i, j) has the scale
+    ``scales[i * sr + (j // cdiv) * sc]``, or ``scales[i * sr + j]`` per column."""
+    C = shape[-1]
+    if len(shape) == 2 and len(q.shape) == 3:  # blockwise [nb, 128, out]: this tensor's codes read once
+        codes, scale = q.load(), s.load()
+        nb, out = codes.shape[0], shape[0]
         scale = scale.reshape(nb, out)
-        step = max(1, chunk_bytes // max(1, 4 * n))
+        step = max(1, chunk_bytes // max(1, 4 * C))
         for lo in range(0, out, step):
             hi = min(out, lo + step)
-            sc = scale[:, lo:hi].reshape(nb, 1, hi - lo)
-            deq = (codes[:, :, lo:hi].to(torch.float32) * sc).permute(2, 0, 1).reshape(hi - lo, n)
-            per = sc.expand(nb, BLOCK, hi - lo).permute(2, 0, 1).reshape(hi - lo, n)
-            yield lo * n, flt.rows(lo, hi), deq, per, codes[:, :, lo:hi]
+            cq = codes[:, :, lo:hi].permute(2, 0, 1).reshape(hi - lo, C)
+            yield lo * C, flt.rows(lo, hi), cq, scale[:, lo:hi].T.contiguous(), nb, 1, BLOCK, False
         return
-    nrows = shape[0]
-    row = max(1, math.prod(shape[1:]))
-    step = max(1, chunk_bytes // (4 * row))
+    rows = math.prod(shape[:-1])
+    step = max(1, chunk_bytes // (4 * C * max(1, math.prod(shape[1:-1]))))
     full_scale = s.load() if emb else None
-    for lo in range(0, nrows, step):
-        hi = min(nrows, lo + step)
-        codes = q.rows(lo, hi)
-        sc = full_scale if emb else (s.rows(lo, hi) if s.shape else s.load())
-        shp = (hi - lo,) + tuple(shape[1:])
-        deq = dequantize(codes, sc, shp, emb)
-        per = scale_per_element(sc, codes, shp, emb)
-        yield lo * row, flt.rows(lo, hi), deq, per, codes
+    for lo in range(0, shape[0], step):
+        hi = min(shape[0], lo + step)
+        codes = q.rows(lo, hi).reshape(-1, C)
+        w = flt.rows(lo, hi).reshape(-1, C)
+        if emb:
+            yield lo * C, w, codes, full_scale, 0, 0, C, True
+        else:
+            sc = s.rows(lo, hi) if s.shape else s.load()
+            yield lo * C * (rows // shape[0]), w, codes, sc, 1, 0, C, False
 
 
 def compare_quantized(name: str, flt, q, s, bits: int | None, chunk_bytes: int = 8 << 20) -> TensorResult:
-    """Float tensor ``flt`` vs codes ``q`` with scales ``s`` (all lazy), streamed by row blocks."""
+    """Float tensor ``flt`` vs codes ``q`` with scales ``s`` (all lazy), streamed by row blocks
+    through one fused kernel (compare/kernels.py)."""
     emb = bool(EMBED.search(name))
     shape = float_shape(q)
     r = TensorResult(name=name, status="quant", shape_a=list(flt.shape), shape_b=list(shape),
@@ -75,33 +76,25 @@ def compare_quantized(name: str, flt, q, s, bits: int | None, chunk_bytes: int =
         return r
     if emb:
         bits = 8  # the embedding is int8 per column whatever the quantize type
-    stats = Stats()
-    over = {8: 0, 4: 0}
-    umax, cmin, cmax, scale_ok = 0.0, 0, 0, True
-    for off, w, deq, per, codes in _blocks(flt, q, s, shape, emb, chunk_bytes):
-        w = w.to(torch.float32).contiguous()
-        stats.add(as_kernel_input(w), as_kernel_input(deq.contiguous()), off, 0.0, 0.0)
-        units = (w - deq).abs_().div_(per.clamp(min=1e-30))
-        for b in over:
-            over[b] += int((units > BOUND[b]).sum())
-        umax = max(umax, float(units.max())) if units.numel() else umax
-        if codes.numel():
-            cmin, cmax = min(cmin, int(codes.min())), max(cmax, int(codes.max()))
-        scale_ok = scale_ok and bool((per > 0).all())
+    st = QuantStats()
+    scale_ok = True
+    for off, w, codes, sc, sr, scol, cdiv, percol in _blocks(flt, q, s, shape, emb, chunk_bytes):
+        st.add(w, codes.to(torch.int8), sc, sr, scol, cdiv, off, percol)
+        scale_ok = scale_ok and bool((sc > 0).all())
     if bits is None:
-        bits = 4 if cmax <= 8 and cmin >= -8 else 8
+        bits = 4 if st.cmax <= 8 and st.cmin >= -8 else 8
     bound = BOUND[8 if bits == 8 else 4]
-    r.max_abs = max(0.0, stats.max_abs)
-    r.max_abs_index = _unravel(stats.max_idx, shape) if stats.max_idx is not None else None
-    r.mean_abs = stats.sum_abs / max(1, flt.numel)
-    r.max_rel = stats.max_rel
-    r.cosine = stats.cosine
-    r.n_over_tol = over[8 if bits == 8 else 4]
-    r.nan_a, r.nan_b, r.inf_a = stats.nan_a, 0, stats.inf_a
+    r.max_abs = max(0.0, st.max_abs)
+    r.max_abs_index = _unravel(st.max_idx, shape) if st.max_idx is not None else None
+    r.mean_abs = st.sum_abs / max(1, flt.numel)
+    r.max_rel = st.max_rel
+    r.cosine = st.cosine
+    r.n_over_tol = st.over[bound]
+    r.nan_a, r.nan_b, r.inf_a = st.nan, 0, st.inf
     r.atol, r.rtol, r.tol_source = None, None, f"{bound} x scale (int{bits})"
     r.note = (f"dequantized int{bits}{' embedding per column' if emb else ''}; "
-              f"max error {umax:.3g} x scale (bound {bound})")
-    codes_ok = cmin >= -(2 ** (bits - 1)) and cmax <= 2 ** (bits - 1) - 1
+              f"max error {st.max_units:.3g} x scale (bound {bound})")
+    codes_ok = st.cmin >= -(2 ** (bits - 1)) and st.cmax <= 2 ** (bits - 1) - 1
     if not codes_ok:
         r.note += f"; codes outside the int{bits} range"
     if r.n_over_tol or not codes_ok or not scale_ok:
