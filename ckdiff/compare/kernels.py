@@ -329,19 +329,30 @@ def as_kernel_input(t: torch.Tensor):
     return t.view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8), t.numel(), p[0], p[1]
 
 
-class Stats:
-    """Running metrics of one tensor pair, merged from chunk results."""
-
-    __slots__ = ("max_abs", "max_idx", "sum_abs", "max_rel", "dot", "na", "nb", "over",
-                 "nan_a", "nan_b", "inf_a", "inf_b", "_f", "_i", "_nblk")
+class _Sums:
+    """Float sums kept per chunk and added in offset order at the end, so a result does not
+    depend on the number of threads, on the order chunks were visited or on the rank that
+    computed it (each chunk's own sum is over fixed 2048-element blocks)."""
 
     def __init__(self):
-        self.max_abs, self.max_idx, self.sum_abs, self.max_rel = -1.0, None, 0.0, 0.0
-        self.dot = self.na = self.nb = 0.0
+        self._parts: list = []
+
+    def _fold(self, k: int) -> float:
+        return float(sum(p[k] for p in sorted(self._parts, key=lambda p: p[0])))
+
+
+class Stats(_Sums):
+    """Running metrics of one tensor pair, merged from chunk results."""
+
+    def __init__(self):
+        super().__init__()
+        self.max_abs, self.max_idx, self.max_rel = -1.0, None, 0.0
         self.over = self.nan_a = self.nan_b = self.inf_a = self.inf_b = 0
-        self._nblk = max(2, 4 * torch.get_num_threads())
-        self._f = np.zeros((self._nblk, 6))
-        self._i = np.zeros((self._nblk, 6), np.int64)
+
+    sum_abs = property(lambda self: self._fold(1))
+    dot = property(lambda self: self._fold(2))
+    na = property(lambda self: self._fold(3))
+    nb = property(lambda self: self._fold(4))
 
     def add(self, a, b, offset: int, atol: float, rtol: float) -> None:
         """``a``, ``b``: kernel inputs (``as_kernel_input``) of the same length, at flat ``offset``."""
@@ -350,8 +361,8 @@ class Stats:
             return
         if n != nb_:
             raise ValueError(f"chunks of {n} and {nb_} elements")
-        nblk = min(self._nblk, max(1, n // (4 * BLOCK)))
-        f, i = self._f[:nblk], self._i[:nblk]
+        nblk = (n + BLOCK - 1) // BLOCK  # one prange iteration per 2048 elements
+        f, i = np.empty((nblk, 6)), np.empty((nblk, 6), np.int64)
         _metrics(xa, ma, la, xb, mb, lb, n, float(atol), float(rtol), nblk, f, i)
         for k in range(nblk):
             m, idx = float(f[k, 0]), int(i[k, 0])
@@ -361,11 +372,8 @@ class Stats:
             if m > self.max_abs or (m == self.max_abs and (self.max_idx is None or g < self.max_idx)):
                 self.max_abs, self.max_idx = m, g
         s = f.sum(axis=0)
-        self.sum_abs += float(s[1])
+        self._parts.append((offset, float(s[1]), float(s[3]), float(s[4]), float(s[5])))
         self.max_rel = max(self.max_rel, float(f[:, 2].max()))
-        self.dot += float(s[3])
-        self.na += float(s[4])
-        self.nb += float(s[5])
         c = i.sum(axis=0)
         self.over += int(c[1])
         self.nan_a += int(c[2])
@@ -380,12 +388,18 @@ class Stats:
         return None
 
 
-class QuantStats:
-    """Running metrics of a float tensor against its quantized form (``quant_chunk``)."""
+class QuantStats(_Sums):
+    """Running metrics of a float tensor against its quantized form."""
+
+    sum_abs = property(lambda self: self._fold(1))
+    dot = property(lambda self: self._fold(2))
+    na = property(lambda self: self._fold(3))
+    nb = property(lambda self: self._fold(4))
 
     def __init__(self):
-        self.max_abs, self.max_idx, self.sum_abs, self.max_rel = -1.0, None, 0.0, 0.0
-        self.dot = self.na = self.nb = self.max_units = 0.0
+        super().__init__()
+        self.max_abs, self.max_idx, self.max_rel = -1.0, None, 0.0
+        self.max_units = 0.0
         self.over = {1.5: 0, 1.0: 0}
         self.nan = self.inf = 0
         self.cmin, self.cmax = 127, -128
@@ -400,19 +414,17 @@ class QuantStats:
         xw, _, mw, lw = as_kernel_input(w)
         q = codes.contiguous().reshape(-1).numpy()
         sc_ = scale.to(torch.float32).contiguous().reshape(-1).numpy()
-        nblk = min(max(2, 4 * torch.get_num_threads()), R)
-        f = np.zeros((nblk, 7))
-        i = np.zeros((nblk, 7), np.int64)
+        nblk = R  # one prange iteration per row: sums independent of the thread count
+        f = np.empty((nblk, 7))
+        i = np.empty((nblk, 7), np.int64)
         _quant_metrics(xw, mw, lw, q, sc_, R, C, sr, sc, max(1, min(cdiv, C)), bool(percol), nblk, f, i)
         for k in range(nblk):
             m, idx = float(f[k, 0]), int(i[k, 0])
             if idx >= 0 and (m > self.max_abs or (m == self.max_abs and offset + idx < self.max_idx)):
                 self.max_abs, self.max_idx = m, offset + idx
-        self.sum_abs += float(f[:, 1].sum())
+        t = f.sum(axis=0)
+        self._parts.append((offset, float(t[1]), float(t[3]), float(t[4]), float(t[5])))
         self.max_rel = max(self.max_rel, float(f[:, 2].max()))
-        self.dot += float(f[:, 3].sum())
-        self.na += float(f[:, 4].sum())
-        self.nb += float(f[:, 5].sum())
         self.max_units = max(self.max_units, float(f[:, 6].max()))
         self.over[1.5] += int(i[:, 1].sum())
         self.over[1.0] += int(i[:, 2].sum())
