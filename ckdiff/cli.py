@@ -44,6 +44,16 @@ def _progress_factory(enabled: bool):
     return make
 
 
+def _positive_int(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {v!r}") from None
+    if not 1 <= n <= 1024:
+        raise argparse.ArgumentTypeError(f"expected 1..1024, got {n}")
+    return n
+
+
 def add_common(p: argparse.ArgumentParser):
     p.add_argument("--cache-dir", help="Hugging Face cache for hub repo ids (local only, never downloads)")
     p.add_argument("--trust-pickle", action="store_true",
@@ -73,6 +83,9 @@ def compare_parser() -> argparse.ArgumentParser:
                    help="tolerance for tensors matching GLOB, with an optional reason shown in reports")
     p.add_argument("--strict-dtype", action="store_true", help="a dtype cast is a mismatch even within rounding")
     p.add_argument("--no-diagnose", action="store_true", help="skip the likely-cause analysis")
+    p.add_argument("--workers", type=_positive_int, default=1, metavar="N",
+                   help="spread the tensors over N local processes (torch.distributed on 127.0.0.1); under "
+                        "torchrun the launcher's ranks are used instead")
     p.add_argument("--no-map", action="store_true",
                    help="compare names as they are, even when the layouts differ (default: map one side)")
     p.add_argument("--limit", type=int, default=40, help="rows in the terminal table")
@@ -100,18 +113,40 @@ def parse_tol(specs) -> list:
 
 
 def cmd_compare(argv) -> int:
+    from . import distributed
+    args = compare_parser().parse_args(argv)
+    if distributed.launched():
+        shard = distributed.init_from_env()
+        try:
+            return _compare(args, shard)
+        finally:
+            distributed.shutdown()
+    if args.workers > 1:
+        rest = [a for i, a in enumerate(argv) if a != "--workers" and (i == 0 or argv[i - 1] != "--workers")
+                and not a.startswith("--workers=")]
+        with distributed.LocalWorkers(args.workers, ["compare", *rest],
+                                      lambda msg: print(f"ckdiff: error: {msg}", file=sys.stderr)) as shard:
+            return _compare(args, shard)
+    return _compare(args, None)
+
+
+def _compare(args, shard) -> int:
+    """One comparison; with ``shard`` every rank runs this, rank 0 prints and writes reports."""
     from .compare.diff import Options, compare_checkpoints
     from .converters.formats import open_checkpoint
-    args = compare_parser().parse_args(argv)
+    main_rank = shard is None or shard.is_main
     fa = args.format_a or args.format
     fb = args.format_b or args.format
     a = open_checkpoint(args.a, fa, args.cache_dir, args.trust_pickle)
     b = open_checkpoint(args.b, fb, args.cache_dir, args.trust_pickle)
-    check_report_paths(args, a, b)
+    if main_rank:
+        check_report_paths(args, a, b)
     opts = Options(atol=args.atol, rtol=args.rtol, patterns=parse_tol(args.tol), only=args.only,
                    ignore=args.ignore, diagnose=not args.no_diagnose, strict_dtype=args.strict_dtype)
-    res = compare_checkpoints(a, b, opts, progress_factory=_progress_factory(sys.stderr.isatty() and not args.quiet),
-                              map_layouts=not args.no_map)
+    progress = _progress_factory(sys.stderr.isatty() and not args.quiet and main_rank)
+    res = compare_checkpoints(a, b, opts, progress_factory=progress, map_layouts=not args.no_map, shard=shard)
+    if not main_rank:
+        return shard.agree(None)
     console = _console()
     if args.quiet:
         console.print(("EQUIVALENT" if res.equivalent else "DIFFER") + f": {res.counts()}")
@@ -119,7 +154,8 @@ def cmd_compare(argv) -> int:
         from .reports.render import print_compare
         print_compare(res, console, args.limit)
     emit_reports(args, "compare", res)
-    return 0 if res.equivalent else 1
+    code = 0 if res.equivalent else 1
+    return shard.agree(code) if shard is not None else code
 
 
 def check_report_paths(args, *checkpoints) -> None:

@@ -321,44 +321,55 @@ def compare_tensor(name: str, ta: LazyTensor, tb: LazyTensor, opts: Options,
 
 
 def compare_checkpoints(a: Checkpoint, b: Checkpoint, opts: Optional[Options] = None,
-                        progress_factory=None, diagnose_fn=None, map_layouts: bool = True) -> CompareResult:
+                        progress_factory=None, diagnose_fn=None, map_layouts: bool = True,
+                        shard=None) -> Optional[CompareResult]:
     """Compare every tensor of the union of keys; never stop at the first mismatch.
 
     Checkpoints of different layouts are lined up first (compare/align.py) unless ``map_layouts``
-    is false; the mapping used is part of the result."""
+    is false; the mapping used is part of the result. With ``shard`` (ckdiff.distributed.Shard)
+    the tensors are spread over its ranks and the result exists on rank 0 only (None elsewhere),
+    identical to the one a single process computes."""
     opts = opts or Options()
-    from .quant import compare_mixed, quantized_side
-    results: list[TensorResult] = []
+    from .quant import mixed_jobs, quantized_side
     notes: list[str] = []
     mapping: list = []
     if map_layouts:
         from .align import align
         a, b, mapping, notes = align(a, b)
     consumed: set = set()
+    jobs: list = []  # (name, bytes, fn -> TensorResult), in result order
     side = quantized_side(a, b)
     if side:
-        qres, consumed = compare_mixed(a, b, side, opts.selected)
-        results += qres
+        jobs, consumed = mixed_jobs(a, b, side, opts.selected)
         notes.append(f"{side.upper()} is quantized: its tensors were dequantized and judged in units of "
                      "their own scale (int8 1.5 s, int4 1.0 s)")
     names_a = [n for n in a.tensors if opts.selected(n) and n not in consumed]
     names_b = [n for n in b.tensors if opts.selected(n) and n not in consumed]
     set_b = set(names_b)
     common = [n for n in names_a if n in set_b]
-    total = sum(a.tensors[n].nbytes + b.tensors[n].nbytes for n in common)
-    progress = progress_factory(total) if progress_factory else None
+    one_sided: list[TensorResult] = []
     for n in names_a:
         if n not in set_b:
             t = a.tensors[n]
-            results.append(TensorResult(n, "only-a", shape_a=list(t.shape), dtype_a=dtype_name(t.dtype), numel=t.numel))
+            one_sided.append(TensorResult(n, "only-a", shape_a=list(t.shape), dtype_a=dtype_name(t.dtype), numel=t.numel))
     for n in names_b:
         if n not in a.tensors:
             t = b.tensors[n]
-            results.append(TensorResult(n, "only-b", shape_b=list(t.shape), dtype_b=dtype_name(t.dtype), numel=t.numel))
-    for n in common:
-        results.append(compare_tensor(n, a.tensors[n], b.tensors[n], opts, progress))
-    if progress is not None and hasattr(progress, "stop"):
-        progress.stop()
+            one_sided.append(TensorResult(n, "only-b", shape_b=list(t.shape), dtype_b=dtype_name(t.dtype), numel=t.numel))
+    n_quant = len(jobs)
+    jobs += [(n, a.tensors[n].nbytes + b.tensors[n].nbytes,
+              lambda n=n, progress=None: compare_tensor(n, a.tensors[n], b.tensors[n], opts, progress)) for n in common]
+    if shard is not None:
+        done = shard.map(jobs)
+        if done is None:
+            return None
+    else:
+        total = sum(nb for _, nb, _ in jobs[n_quant:])
+        progress = progress_factory(total) if progress_factory else None
+        done = [fn() for _, _, fn in jobs[:n_quant]] + [fn(progress=progress) for _, _, fn in jobs[n_quant:]]
+        if progress is not None and hasattr(progress, "stop"):
+            progress.stop()
+    results = done[:n_quant] + one_sided + done[n_quant:]
     res = CompareResult(a.path, b.path, a.format, b.format, results,
                         config_diff=config_diff(a.config, b.config),
                         options={"atol": opts.atol, "rtol": opts.rtol, "only": opts.only, "ignore": opts.ignore,

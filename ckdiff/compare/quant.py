@@ -102,17 +102,27 @@ def compare_quantized(name: str, flt, q, s, bits: int | None, chunk_bytes: int =
     return r
 
 
-def compare_mixed(a: Checkpoint, b: Checkpoint, side: str, selected) -> tuple[list[TensorResult], set]:
-    """Results for every quantized tensor, and the names they consumed on each side."""
+def mixed_jobs(a: Checkpoint, b: Checkpoint, side: str, selected) -> tuple[list, set]:
+    """(jobs, consumed names): one job ``(name, bytes, fn)`` per quantized tensor, ``fn() -> TensorResult``."""
     fl, qu = (b, a) if side == "a" else (a, b)
     bits = quant_bits(qu)
-    results, used = [], set()
+    jobs, used = [], set()
     for k in qu.tensors:
         if k.endswith(SCALER) or k + SCALER not in qu.tensors or k not in fl.tensors or not selected(k):
             continue
-        r = compare_quantized(k, fl.tensors[k], qu.tensors[k], qu.tensors[k + SCALER], bits)
-        if side == "a":  # keep A/B columns the right way round
-            r.shape_a, r.shape_b, r.dtype_a, r.dtype_b = r.shape_b, r.shape_a, r.dtype_b, r.dtype_a
-        results.append(r)
+
+        def run(k=k):
+            r = compare_quantized(k, fl.tensors[k], qu.tensors[k], qu.tensors[k + SCALER], bits)
+            if side == "a":  # keep A/B columns the right way round
+                r.shape_a, r.shape_b, r.dtype_a, r.dtype_b = r.shape_b, r.shape_a, r.dtype_b, r.dtype_a
+            return r
+        nbytes = fl.tensors[k].nbytes + qu.tensors[k].nbytes + qu.tensors[k + SCALER].nbytes
+        jobs.append((k, nbytes, run))
         used.update({k, k + SCALER})
-    return results, used
+    return jobs, used
+
+
+def compare_mixed(a: Checkpoint, b: Checkpoint, side: str, selected) -> tuple[list[TensorResult], set]:
+    """Results for every quantized tensor, and the names they consumed on each side."""
+    jobs, used = mixed_jobs(a, b, side, selected)
+    return [fn() for _, _, fn in jobs], used
