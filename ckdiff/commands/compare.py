@@ -1,6 +1,8 @@
 """``ckdiff A B`` (also ``ckdiff compare A B``): compare two checkpoints tensor by tensor."""
 from __future__ import annotations
 
+import sys
+
 from ..errors import UsageError
 from . import common
 
@@ -27,10 +29,24 @@ def parser(prog: str = "ckdiff compare"):
     p.add_argument("--no-map", action="store_true",
                    help="compare names as they are, even when the layouts differ (default: map one side)")
     p.add_argument("--limit", type=int, default=40, metavar="N", help="mismatching rows shown in the terminal")
+    p.add_argument("--workers", type=_workers, default=1, metavar="N",
+                   help="spread the tensors over N local processes (torch.distributed, gloo on 127.0.0.1; "
+                        "default 1). Under torchrun the launcher's ranks are used instead")
     common.add_formats(p)
     common.add_reports(p)
     common.add_common(p)
     return p
+
+
+def _workers(v: str) -> int:
+    import argparse
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {v!r}") from None
+    if not 1 <= n <= 1024:
+        raise argparse.ArgumentTypeError(f"expected 1..1024, got {n}")
+    return n
 
 
 def parse_tol(specs) -> list:
@@ -59,17 +75,40 @@ def open_pair(args):
 
 
 def run(argv, command: str = "") -> int:
+    from .. import distributed
+    args = parser().parse_args(argv)
+    if distributed.launched():  # torchrun / SLURM: every rank runs this
+        shard = distributed.init_from_env()
+        try:
+            return _run(args, command, shard)
+        finally:
+            distributed.shutdown()
+    if args.workers > 1:
+        rest = [a for i, a in enumerate(argv) if a != "--workers" and not a.startswith("--workers=")
+                and (i == 0 or argv[i - 1] != "--workers")]
+        with distributed.LocalWorkers(args.workers, ["compare", *rest],
+                                      lambda msg: print(f"ckdiff: error: {msg}", file=sys.stderr)) as shard:
+            return _run(args, command, shard)
+    return _run(args, command, None)
+
+
+def _run(args, command: str, shard) -> int:
+    """One comparison; with ``shard`` every rank runs this and rank 0 prints and writes the reports."""
     from ..compare.diff import Options, compare_checkpoints
     from ..reports.terminal import print_compare
-    args = parser().parse_args(argv)
-    common.check_reports(args)
+    main_rank = shard is None or shard.is_main
+    if main_rank:
+        common.check_reports(args)
     tol = parse_tol(args.tol)
     a, b = open_pair(args)
-    common.check_reports(args, (a, b))
+    if main_rank:
+        common.check_reports(args, (a, b))
     opts = Options(atol=args.atol, rtol=args.rtol, patterns=tol, only=args.only, ignore=args.ignore,
                    diagnose=not args.no_diagnose, strict_dtype=args.strict_dtype)
-    res = compare_checkpoints(a, b, opts, progress_factory=common.progress_factory(common.show_progress(args)),
-                              map_layouts=not args.no_map)
+    res = compare_checkpoints(a, b, opts, progress_factory=common.progress_factory(
+        common.show_progress(args) and main_rank), map_layouts=not args.no_map, shard=shard)
+    if not main_rank:
+        return shard.agree(None)
     console = common.console(args)
     if args.quiet:
         console.print(("EQUIVALENT" if res.equivalent else "DIFFER") + ": "
@@ -77,4 +116,5 @@ def run(argv, command: str = "") -> int:
     else:
         print_compare(res, console, args.limit)
     common.emit_reports(args, "compare", res, (a, b), command)
-    return 0 if res.equivalent else 1
+    code = 0 if res.equivalent else 1
+    return shard.agree(code) if shard is not None else code
