@@ -130,3 +130,28 @@ def test_prompts_start_with_bos_and_hold_the_special_ids():
     from ckdiff.errors import UsageError
     with pytest.raises(UsageError):
         compare_logits(None, None, length=1)
+
+
+def test_roundtrip_names_a_bug_only_the_tensor_diff_sees(tiny_hf, tmp_path):
+    """A norm x 1.0001 stays under the float32 KL threshold: the logit report says the diff saw it."""
+    from ckdiff.compare.logits import cross_check_notes
+    from safetensors.torch import load_file, save_file
+    src = tiny_hf("llama-gqa")
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    f = next(bad.glob("*.safetensors"))
+    t = load_file(f)
+    t["model.layers.0.input_layernorm.weight"] = t["model.layers.0.input_layernorm.weight"] * 1.0001
+    save_file(t, f, metadata={"format": "pt"})
+    a, b = open_checkpoint(str(src)), open_checkpoint(str(bad))
+    diff = compare_checkpoints(a, b, Options())
+    lr = compare_logits(a, b, batch=2, length=16)
+    assert not diff.equivalent and lr.equivalent
+    cross_check_notes(diff, lr)
+    assert any("seen by the tensor diff only" in n and "input_layernorm" in n for n in lr.notes)
+    # and the other way round: equal tensors, logits that differ
+    clean = compare_checkpoints(a, a, Options())
+    lr_bad = compare_logits(a, b, batch=2, length=16, threshold=1e-30)
+    assert clean.equivalent and not lr_bad.equivalent
+    cross_check_notes(clean, lr_bad)
+    assert any("seen by the logit check only" in n for n in clean.notes)

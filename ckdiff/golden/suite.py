@@ -233,6 +233,7 @@ def check_converter(name: str, model: str, work: Path, dtype: str = "float32", o
     except Exception as e:  # noqa: BLE001 - a converter that fails is a failed check, never a crash
         return [CheckResult(c.name, model, "convert", False, f"error: {str(e).splitlines()[0][:200]}")]
     inv_opts = {k: v for k, v in options.items() if k != "quantize"}
+    held: dict = {}  # the golden diff and logit results, for the cross-check notes
 
     def roundtrip():
         if options.get("quantize"):
@@ -251,12 +252,13 @@ def check_converter(name: str, model: str, work: Path, dtype: str = "float32", o
 
     def golden():
         gold = golden_for(c, model, work, dtype, options)
-        gd = _compare(gold, tgt)
+        gd = held["golden"] = _compare(gold, tgt)
         return CheckResult(c.name, model, "golden", gd.equivalent, _summary(gd), gd.to_dict(),
                            command=_cmd(gold, tgt, "--strict-dtype"))
 
     def logit_check():
-        lr = compare_logits(open_checkpoint(str(src)), open_checkpoint(str(tgt)), batch=2, length=40, dtype="float32")
+        lr = held["logits"] = compare_logits(open_checkpoint(str(src)), open_checkpoint(str(tgt)), batch=2,
+                                             length=40, dtype="float32")
         return CheckResult(c.name, model, "logits", lr.equivalent,
                            (f"max KL {lr.max_kl:.3g}" if lr.gate_kl is None else
                             f"KL from reference quantization {lr.gate_kl:.3g} (quantization alone {lr.max_kl:.3g})")
@@ -267,6 +269,12 @@ def check_converter(name: str, model: str, work: Path, dtype: str = "float32", o
     out.append(_guard(c.name, model, "golden", golden))
     if logits:
         out.append(_guard(c.name, model, "logits", logit_check))
+    if "golden" in held and "logits" in held:  # a difference only one check sees is named in the other
+        from ..compare.logits import cross_check_notes
+        cross_check_notes(held["golden"], held["logits"])
+        for r in out:
+            if r.check in ("golden", "logits") and r.result is not None:
+                r.result = held[r.check].to_dict()
     variant = " ".join(f"{k}={v}" for k, v in options.items())
     for r in out:
         r.variant = variant
@@ -324,7 +332,10 @@ def roundtrip(converter: str, src, work: Path, tp: int = 1, pp: int = 1, logits:
     if logits:
         from ..compare.logits import compare_logits
         from ..converters.formats import open_checkpoint
+        from ..compare.logits import cross_check_notes
         lr = compare_logits(open_checkpoint(str(src)), open_checkpoint(str(tgt)))
+        cross_check_notes(rt, lr)
+        checks[0].result = rt.to_dict()
         checks.append(CheckResult(c.name, str(src), "logits", lr.equivalent,
                                   f"max KL {lr.max_kl:.3g} (threshold {lr.threshold:.3g})", lr.to_dict()))
     return SuiteResult(checks, mapping_rows(c, src))
