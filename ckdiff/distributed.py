@@ -134,7 +134,23 @@ def init_from_env() -> Shard:
         except Exception as e:  # noqa: BLE001
             raise DistError(f"cannot join the process group ({backend}): {type(e).__name__}: "
                             f"{str(e).splitlines()[0][:200] if str(e) else ''}") from None
+    _share_cores()
     return Shard(dist.get_rank(), dist.get_world_size())
+
+
+def _share_cores() -> None:
+    """Ranks on one machine split its cores instead of each starting a thread per core."""
+    try:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return
+    if local <= 1:
+        return
+    import numba
+    import torch
+    n = max(1, (os.cpu_count() or 1) // local)
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    torch.set_num_threads(n)
 
 
 def shutdown() -> None:
@@ -163,14 +179,14 @@ class LocalWorkers:
 
     def __enter__(self) -> Shard:
         port = _free_port()
-        base = {**os.environ, "WORLD_SIZE": str(self.n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        base = {**os.environ, "WORLD_SIZE": str(self.n), "LOCAL_WORLD_SIZE": str(self.n),
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         for r in range(1, self.n):
             env = {**base, "RANK": str(r), "LOCAL_RANK": str(r)}
             self.procs.append(subprocess.Popen([sys.executable, "-m", "ckdiff", *self.args], env=env,
                                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                                stderr=subprocess.DEVNULL))
-        os.environ.update({k: base[k] for k in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")})
+        os.environ.update({k: base[k] for k in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")})
         os.environ.update(RANK="0", LOCAL_RANK="0")
         self._stop = threading.Event()
         threading.Thread(target=self._watch, daemon=True).start()
@@ -201,6 +217,6 @@ class LocalWorkers:
                 p.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 p.kill()
-        for k in ENV_KEYS + ("LOCAL_RANK",):
+        for k in ENV_KEYS + ("LOCAL_RANK", "LOCAL_WORLD_SIZE"):
             os.environ.pop(k, None)
         return False
