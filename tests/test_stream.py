@@ -1,0 +1,168 @@
+"""Streamed writers: torch's zip format tensor by tensor, bounded memory, mmap reads."""
+import argparse
+import weakref
+import zipfile
+
+import pytest
+import torch
+
+from ckdiff.converters.formats import open_checkpoint
+from ckdiff.converters.lazy import ConcatTensor, EagerTensor, LazyTensor
+from ckdiff.converters.pickle_io import SAFE_GLOBALS, load_pickle
+from ckdiff.converters.torch_zip import TensorSource, write_torch_zip
+from helpers import convert
+
+
+def _records(path):
+    z = zipfile.ZipFile(path)
+    assert z.testzip() is None  # every CRC-32 checks
+    return {n.split("/", 1)[1]: z.read(n) for n in z.namelist()}
+
+
+def _state(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"iteration": "release", "checkpoint_version": 3.0,
+            "args": argparse.Namespace(num_layers=2, hidden_size=24, glu_activation="swiglu"),
+            "model": {"language_model": {
+                "embedding": {"word_embeddings.weight": torch.randn(37, 24, generator=g).bfloat16()},
+                "transformer": {"layers.0.attention.query_key_value.weight": torch.randn(72, 24, generator=g),
+                                "layers.0.input_layernorm.weight": torch.randn(24, generator=g).half(),
+                                "final_layernorm.weight": torch.randn(24, generator=g).double()}},
+                "ids": torch.randint(-5, 5, (3, 7), generator=g), "scalar": torch.tensor(2.5)}}
+
+
+def _streamed(obj, chunk_bytes):
+    if isinstance(obj, dict):
+        return {k: _streamed(v, chunk_bytes) for k, v in obj.items()}
+    if isinstance(obj, torch.Tensor) and obj.dim():
+        return TensorSource.rows_of(EagerTensor("t", obj), chunk_bytes=chunk_bytes)
+    return obj
+
+
+def _flat(obj, prefix=""):
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix: obj}
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 100, 1 << 20])
+def test_streamed_file_is_what_torch_save_writes(tmp_path, chunk_bytes):
+    state = _state()
+    torch.save(state, tmp_path / "ref.pt")
+    write_torch_zip(tmp_path / "ref_s.pt", _streamed(state, chunk_bytes))
+    ref, got = _records(tmp_path / "ref.pt"), _records(tmp_path / "ref_s.pt")
+    ref.pop(".data/serialization_id")  # random per save
+    assert ref == got  # the same pickle, the same storage keys and bytes, the same markers
+    for mmap in (False, True):
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            back = torch.load(tmp_path / "ref_s.pt", weights_only=True, mmap=mmap)
+        a, b = _flat(state), _flat(back)
+        assert a.keys() == b.keys()
+        for k, v in a.items():
+            if isinstance(v, torch.Tensor):
+                assert v.dtype == b[k].dtype and torch.equal(v, b[k]), k
+            else:
+                assert v == b[k], k
+    reader = torch._C.PyTorchFileReader(open(tmp_path / "ref_s.pt", "rb"))
+    assert all(reader.get_record_offset(r) % 64 == 0 for r in reader.get_all_records())
+
+
+def test_announced_size_is_checked(tmp_path):
+    bad = TensorSource((4, 3), torch.float32, lambda: [torch.zeros(3, 3)], "w")
+    with pytest.raises(RuntimeError, match="announced"):
+        write_torch_zip(tmp_path / "x.pt", {"w": bad})
+
+
+def test_megatron_rank_files_equal_torch_save_of_their_content(tiny_hf, tmp_path):
+    src = tiny_hf("llama-gqa", "bfloat16")
+    assert convert("hf-to-megatron", "llama2", "--model-path", src, "--out", tmp_path / "meg", "--tp", 2, "--pp", 2) == 0
+    files = sorted((tmp_path / "meg" / "release").glob("mp_rank_*/model_optim_rng.pt"))
+    assert len(files) == 4
+    for f in files:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            obj = torch.load(f, weights_only=True)
+        assert obj["iteration"] == "release" and obj["checkpoint_version"] == 3.0
+        assert isinstance(obj["args"], argparse.Namespace) and obj["args"].tensor_model_parallel_size == 2
+        torch.save(obj, tmp_path / "resaved.pt")
+        ref, got = _records(tmp_path / "resaved.pt"), _records(f)
+        ref.pop(".data/serialization_id")
+        assert ref == got, f
+
+
+class _Tracked(LazyTensor):
+    """Counts the tensors it has handed out that are still alive."""
+
+    alive = 0
+    peak = 0
+
+    def __init__(self, base: LazyTensor):
+        super().__init__(base.name, base.shape, base.dtype, base.origin)
+        self.base = base
+
+    @classmethod
+    def _hand_out(cls, t):
+        t = t.clone()  # a tensor of its own, so that its lifetime is what is counted
+        cls.alive += 1
+        cls.peak = max(cls.peak, cls.alive)
+        weakref.finalize(t, cls._gone)
+        return t
+
+    @classmethod
+    def _gone(cls):
+        cls.alive -= 1
+
+    def load(self):
+        return self._hand_out(self.base.load())
+
+    def rows(self, a, b):
+        return self._hand_out(self.base.rows(a, b))
+
+
+def test_megatron_writer_holds_one_chunk_not_a_rank(tiny_hf, tmp_path):
+    from ckdiff.converters.cli import read_source
+    from ckdiff.converters.layouts import convert as layout_convert
+    from ckdiff.converters.megatron import make_args, write_megatron
+    ck, cfg = read_source(str(tiny_hf("llama-gqa")))
+    tensors = {k: _Tracked(t) for k, t in layout_convert(ck.tensors, "hf", "megatron", cfg).items()}
+    assert len(tensors) > 10
+    _Tracked.alive = _Tracked.peak = 0
+    done, totals = [], []
+    write_megatron(tmp_path, tensors, cfg, 2, 1, make_args(cfg, "llama2", 2, 1, cfg.vocab, cfg.vocab, 128),
+                   progress_factory=lambda total: totals.append(total) or done.append)
+    assert _Tracked.alive == 0
+    assert _Tracked.peak <= 2, _Tracked.peak  # one chunk (and the next being read), never a rank's tensors
+    files = list(tmp_path.glob("release/mp_rank_*/model_optim_rng.pt"))
+    with torch.serialization.safe_globals(SAFE_GLOBALS):
+        written = sum(t.nbytes for f in files for t in _flat(torch.load(f, weights_only=True)).values()
+                      if isinstance(t, torch.Tensor))
+    assert totals == [written] and sum(done) == written  # every byte announced and reported once
+
+
+def _mapped_from(addr):
+    """The file mapped at address ``addr`` in this process (Linux /proc/self/maps), or None."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            if lo <= addr < hi:
+                return parts[5] if len(parts) > 5 else None
+    return None
+
+
+def test_rank_files_load_memory_mapped_and_tp_merges_read_rows(tiny_hf, tmp_path):
+    src = tiny_hf("llama-gqa")
+    assert convert("hf-to-megatron", "llama2", "--model-path", src, "--out", tmp_path / "meg", "--tp", 2) == 0
+    ck = open_checkpoint(str(tmp_path / "meg"))
+    qkv = ck.tensors["language_model.encoder.layers.0.self_attention.query_key_value.weight"]
+    assert isinstance(qkv, ConcatTensor) and len(qkv.parts) == 2
+    for p in qkv.parts:
+        assert _mapped_from(p._t.data_ptr()) == p.origin  # bytes come from the file on demand
+    whole = qkv.load()
+    n = qkv.parts[0].shape[0]
+    assert torch.equal(qkv.rows(n - 3, n + 2), whole[n - 3:n + 2])
+    # a legacy (non-zip) pickle still loads, without a memory map
+    torch.save({"w": torch.randn(3, 4)}, tmp_path / "legacy.bin", _use_new_zipfile_serialization=False)
+    assert load_pickle(tmp_path / "legacy.bin")["w"].shape == (3, 4)
