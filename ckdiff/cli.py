@@ -26,7 +26,7 @@ def _console(stream=None):
                    width=None if (stream or sys.stdout).isatty() else 160)
 
 
-def _progress_factory(enabled: bool):
+def _progress_factory(enabled: bool, label: str = "comparing"):
     if not enabled:
         return None
 
@@ -35,7 +35,7 @@ def _progress_factory(enabled: bool):
         prog = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                         TransferSpeedColumn(), transient=True, console=_console(sys.stderr))
         prog.start()
-        task = prog.add_task("comparing", total=total)
+        task = prog.add_task(label, total=total)
 
         def step(n):
             prog.advance(task, n)

@@ -1,5 +1,7 @@
 """Streamed writers: torch's zip format tensor by tensor, bounded memory, mmap reads."""
 import argparse
+import collections
+import re
 import weakref
 import zipfile
 
@@ -97,22 +99,28 @@ class _Tracked(LazyTensor):
 
     alive = 0
     peak = 0
+    names: collections.Counter = collections.Counter()
+    check = None  # called with the names of the live tensors at each hand-out
 
     def __init__(self, base: LazyTensor):
         super().__init__(base.name, base.shape, base.dtype, base.origin)
         self.base = base
 
-    @classmethod
-    def _hand_out(cls, t):
+    def _hand_out(self, t):
+        cls = _Tracked
         t = t.clone()  # a tensor of its own, so that its lifetime is what is counted
         cls.alive += 1
+        cls.names[self.name] += 1
         cls.peak = max(cls.peak, cls.alive)
-        weakref.finalize(t, cls._gone)
+        weakref.finalize(t, cls._gone, self.name)
+        if cls.check:
+            cls.check(+cls.names)
         return t
 
-    @classmethod
-    def _gone(cls):
-        cls.alive -= 1
+    @staticmethod
+    def _gone(name):
+        _Tracked.alive -= 1
+        _Tracked.names[name] -= 1
 
     def load(self):
         return self._hand_out(self.base.load())
@@ -166,3 +174,72 @@ def test_rank_files_load_memory_mapped_and_tp_merges_read_rows(tiny_hf, tmp_path
     # a legacy (non-zip) pickle still loads, without a memory map
     torch.save({"w": torch.randn(3, 4)}, tmp_path / "legacy.bin", _use_new_zipfile_serialization=False)
     assert load_pickle(tmp_path / "legacy.bin")["w"].shape == (3, 4)
+
+
+def _whole_weights(monkeypatch):
+    """The runtimes as they were: every weight read whole (the streamed reads must not change a bit)."""
+    from ckdiff.golden import runtimes
+    monkeypatch.setattr(runtimes.Weights, "gather", lambda W, k, ids: W(k)[ids])
+    monkeypatch.setattr(runtimes.Weights, "matmul_t", lambda W, k, x: x @ W(k).T)
+
+
+@pytest.mark.parametrize("name,model", [("llama-gqa", "llama2"), ("falcon-40b", "falcon")])
+def test_logits_hold_one_layer_and_equal_whole_weight_runs(tiny_hf, tmp_path, monkeypatch, name, model):
+    from ckdiff.compare.logits import compare_logits
+    from ckdiff.converters.config import model_config
+    src = tiny_hf(name)
+    assert convert("hf-to-megatron", model, "--model-path", src, "--out", tmp_path / "meg", "--tp", 2) == 0
+    a, b = open_checkpoint(str(src)), open_checkpoint(str(tmp_path / "meg"))
+    for ck in (a, b):
+        ck.tensors = {k: _Tracked(v) for k, v in ck.tensors.items()}
+    seen = []
+
+    def one_layer(live):
+        layers = {m.group(1) for n in live for m in [re.search(r"(?:layers|\.h)\.(\d+)\.", n)] if m}
+        others = [n for n in live if not re.search(r"(?:layers|\.h)\.\d+\.", n)]
+        seen.append(len(layers))
+        assert len(layers) <= 1, sorted(live)  # one layer's weights at a time, over both sides
+        assert not (layers and others), sorted(live)  # no embedding / head kept while layers run
+    _Tracked.check = one_layer
+    try:
+        small = LazyTensor.row_chunks
+        monkeypatch.setattr(LazyTensor, "row_chunks", lambda t, chunk_bytes=0: small(t, 4096))
+        streamed = compare_logits(a, b, batch=2, length=12, seed=3)
+    finally:
+        _Tracked.check = None
+    assert max(seen) == 1
+    assert b.tensors["language_model.embedding.word_embeddings.weight"].nbytes > 4 * 4096  # the head went in chunks
+    _whole_weights(monkeypatch)
+    whole = compare_logits(a, b, batch=2, length=12, seed=3)
+    got, want = streamed.to_dict(), whole.to_dict()
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        if isinstance(v, float):  # a head read in 16-row chunks may round the last bit of a logit differently
+            assert abs(got[k] - v) <= 1e-12 + 1e-6 * abs(v), (k, got[k], v)
+        else:  # verdict, locations, top-k, per-layer hidden errors: the same exactly
+            assert got[k] == v, (k, got[k], v)
+    monkeypatch.undo()  # default chunks: a tiny head is one chunk, and then not one bit may move
+    assert compare_logits(a, b, batch=2, length=12, seed=3).to_dict() == want
+    assert len(streamed.layer_rel_errors) == model_config(a).layers > 1
+
+
+def test_logits_and_hf_writer_report_progress(tiny_hf, tmp_path):
+    from ckdiff.compare.logits import compare_logits
+    from ckdiff.converters.writers import write_hf
+    src = tiny_hf("llama-gqa")
+    a = open_checkpoint(str(src))
+    calls = []
+
+    def factory(total):
+        calls.append(["total", total])
+
+        def step(n):
+            calls.append(n)
+        step.stop = lambda: calls.append("stop")
+        return step
+    compare_logits(a, a, batch=1, length=4, progress_factory=factory)
+    assert calls[0] == ["total", 2 * a.num_bytes] and calls[-1] == "stop"
+    assert sum(calls[1:-1]) >= 2 * a.num_bytes - 2 * a.tensors["model.embed_tokens.weight"].nbytes
+    calls.clear()
+    write_hf(tmp_path, a.tensors, {}, 2, progress_factory=factory)
+    assert calls[0] == ["total", a.num_bytes] and calls[-1] == "stop" and sum(calls[1:-1]) == a.num_bytes

@@ -55,6 +55,13 @@ def _flag(p, name, default=False, help=""):
                    dest=dest, action="store_false")
 
 
+def _progress(a):
+    """A progress bar on stderr (bytes written, rate) unless it is not a terminal or --quiet is given."""
+    import sys
+    from ..cli import _progress_factory
+    return _progress_factory(sys.stderr.isatty() and not getattr(a, "quiet", False), "writing")
+
+
 def read_source(spec: str, cache_dir=None, trust_pickle=False, fmt=None):
     """Checkpoint plus its canonical config."""
     ck = open_checkpoint(spec, fmt, cache_dir, trust_pickle)
@@ -91,6 +98,7 @@ def hf_to_megatron(argv) -> int:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--trust-pickle", action="store_true")
     p.add_argument("--debug", action="store_true")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     src = a.model_path
     if src is None and a.cache_dir and a.model != "falcon" and list(Path(a.cache_dir).glob("consolidated.*.pth")):
@@ -127,7 +135,7 @@ def hf_to_megatron(argv) -> int:
     tensors = pad_vocab_tensors(tensors, rows)
     args = make_args(cfg, a.model, a.tp, a.pp, rows, true_vocab, a.make_vocab_size_divisible_by or 128)
     with disk_errors(a.out), atomic_dir(a.out, a.overwrite, [ck.path]) as tmp:
-        _run_guarded(lambda: write_megatron(tmp, tensors, cfg, a.tp, a.pp, args))
+        _run_guarded(lambda: write_megatron(tmp, tensors, cfg, a.tp, a.pp, args, _progress(a)))
         copy_if_exists(Path(ck.path), ["tokenizer.model"], tmp)
     print(f"wrote Megatron checkpoint {a.out} (TP={a.tp}, PP={a.pp}, vocab rows {rows}, true vocab {true_vocab})")
     return 0
@@ -154,6 +162,7 @@ def megatron_to_hf(argv) -> int:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--trust-pickle", action="store_true")
     p.add_argument("--debug", action="store_true")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     ck = open_checkpoint(a.input_dir, "megatron", None, a.trust_pickle)
     cfg = config_from_args(ck.config, ck.tensors, ck.path)
@@ -181,7 +190,7 @@ def megatron_to_hf(argv) -> int:
     if vocab_file is None and cfg.family != "falcon":
         print("no tokenizer exported: pass --vocab_file (or --cache_dir holding the default tokenizer)")
     with disk_errors(a.output_dir), atomic_dir(a.output_dir, a.overwrite, [a.input_dir]) as tmp:
-        _run_guarded(lambda: write_hf(tmp, hf, cfg.to_hf(), a.num_output_shards))
+        _run_guarded(lambda: write_hf(tmp, hf, cfg.to_hf(), a.num_output_shards, _progress(a)))
         if vocab_file:
             from .tokenizer import export_tokenizer
             export_tokenizer(vocab_file, tmp, cfg.vocab,
@@ -207,6 +216,7 @@ def to_jetstream(argv) -> int:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--trust-pickle", action="store_true")
     p.add_argument("--debug", action="store_true")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     model = JS_MODELS[a.model_name]
     ck, cfg = read_source(a.input_checkpoint_dir, None, a.trust_pickle)
@@ -227,7 +237,7 @@ def to_jetstream(argv) -> int:
         params["quantize_type"] = a.quantize_type
     with disk_errors(a.output_checkpoint_dir), atomic_dir(a.output_checkpoint_dir, a.overwrite,
                                                           [ck.path]) as tmp:
-        _run_guarded(lambda: write_meta_like(tmp, tensors, params, a.output_safetensors))
+        _run_guarded(lambda: write_meta_like(tmp, tensors, params, a.output_safetensors, _progress(a)))
     print(f"wrote JetStream checkpoint {a.output_checkpoint_dir} ({len(tensors)} tensors"
           f"{', ' + a.quantize_type if a.quantize_weights else ''})")
     return 0
@@ -242,6 +252,7 @@ def jetstream_to_hf(argv) -> int:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--trust-pickle", action="store_true")
     p.add_argument("--debug", action="store_true")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     ck = open_checkpoint(a.input_checkpoint_dir, None, None, a.trust_pickle)
     if ck.format not in ("jetstream", "meta"):
@@ -255,7 +266,7 @@ def jetstream_to_hf(argv) -> int:
     hf = convert(tensors, "jetstream", "hf", cfg, ck.path)
     with disk_errors(a.output_checkpoint_dir), atomic_dir(a.output_checkpoint_dir, a.overwrite,
                                                           [ck.path]) as tmp:
-        _run_guarded(lambda: write_hf(tmp, hf, cfg.to_hf(), a.num_output_shards))
+        _run_guarded(lambda: write_hf(tmp, hf, cfg.to_hf(), a.num_output_shards, _progress(a)))
     print(f"wrote HF checkpoint {a.output_checkpoint_dir}"
           + (" (dequantized to float32)" if is_quantized(ck.tensors) else ""))
     return 0
