@@ -243,3 +243,26 @@ def test_logits_and_hf_writer_report_progress(tiny_hf, tmp_path):
     calls.clear()
     write_hf(tmp_path, a.tensors, {}, 2, progress_factory=factory)
     assert calls[0] == ["total", a.num_bytes] and calls[-1] == "stop" and sum(calls[1:-1]) == a.num_bytes
+
+
+def test_lazy_conversion_infers_shapes_without_torch_dynamo(tiny_hf):
+    """Meta-device cat/stack import torch._dynamo and sympy (~66 MiB RssAnon); the ops avoid them."""
+    import subprocess
+    import sys
+    code = ("import sys\n"
+            "from ckdiff.converters.cli import read_source\n"
+            "from ckdiff.converters.layouts import convert\n"
+            f"ck, cfg = read_source({str(tiny_hf('llama-gqa'))!r})\n"
+            "out = convert(ck.tensors, 'hf', 'megatron', cfg, ck.path)\n"
+            "assert out['language_model.encoder.layers.0.self_attention.query_key_value.weight'].shape[0] == "
+            "cfg.q_rows + 2 * cfg.kv_rows\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    import os
+    from pathlib import Path
+
+    import ckdiff
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(ckdiff.__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
