@@ -24,8 +24,11 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from .lazy import CHUNK_BYTES, LazyTensor
+from .lazy import LazyTensor
 
+# bytes per chunk written: large enough for full-speed writes, small enough that a chunk that must be
+# assembled (columns of a TP shard, a row block across TP parts) costs little memory
+WRITE_CHUNK = 8 << 20
 ALIGN = 64  # torch's storage alignment (serialization._get_storage_alignment)
 _PAD_ID = 0x4246  # extra-field id torch uses for its own alignment padding ("FB")
 
@@ -57,7 +60,7 @@ class TensorSource:
 
     @classmethod
     def rows_of(cls, lt: LazyTensor, ranges: Optional[Sequence[tuple[int, int]]] = None,
-                cols: Optional[tuple[int, int]] = None, chunk_bytes: int = CHUNK_BYTES) -> "TensorSource":
+                cols: Optional[tuple[int, int]] = None, chunk_bytes: int = WRITE_CHUNK) -> "TensorSource":
         """Rows ``ranges`` (concatenated along dim 0; default all) of ``lt``, optionally only columns
         [c0, c1) of a 2-d tensor, read ``chunk_bytes`` at a time."""
         if lt.numel and not lt.shape:
