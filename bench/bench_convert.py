@@ -1,16 +1,20 @@
-"""Benchmark: streaming conversions of a ~1.7 GB bfloat16 Llama-shaped checkpoint.
+"""Benchmark: the streaming converters at two model sizes (generated, never committed).
 
-Measures wall time and peak anonymous memory (RssAnon) of HF -> JetStream (one
-safetensors file, streamed tensor by tensor) and HF -> Megatron at TP=2, PP=2
-(each rank file is a torch pickle, so one rank's tensors are held at a time).
-Each conversion runs in a fresh process so its peak is its own.
+For each size (default about 1 and 4 GiB of bf16 Llama-shaped weights, GQA), an HF
+checkpoint is generated in 4 safetensors shards, then each conversion runs in a fresh
+process (so its peak is its own) and prints its wall time, the ratio to the read+write
+floor (time to read the input files from the page cache plus time to write as many
+bytes), and its peak anonymous memory (RssAnon). Targets (issue 11): ratio <= 3,
+peak RssAnon < 300 MiB at every size.
 
-    python bench/bench_convert.py [--dir bench/out] [--keep]
+    python bench/bench_convert.py [--sizes 1,4] [--dir bench/out] [--keep]
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
+import os
 import shutil
 import subprocess
 import sys
@@ -18,10 +22,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import BIG, PeakRssAnon, human, prepare  # noqa: E402
+from common import PeakRssAnon, big_hf_tensors, ensure_space, human, read_bytes_seconds, sized_config  # noqa: E402
 
 
 def one(argv):
+    """Run one ``ckdiff convert`` subcommand here; print seconds, RssAnon after imports, peak."""
     from ckdiff.commands.convert import COMMANDS
     with PeakRssAnon() as m, contextlib.redirect_stdout(io.StringIO()):
         t = time.perf_counter()
@@ -30,32 +35,86 @@ def one(argv):
     print(dt, m.base / 1024, m.peak_mib)
 
 
+def files_of(d: Path) -> list[Path]:
+    return sorted(p for p in Path(d).rglob("*") if p.is_file())
+
+
+def write_seconds(path: Path, nbytes: int, block=32 << 20) -> float:
+    """Time to write ``nbytes`` to a new file (no fsync, like the rank files), then delete it."""
+    buf = os.urandom(1 << 20) * (block >> 20)
+    t = time.perf_counter()
+    with open(path, "wb", buffering=0) as f:
+        left = nbytes
+        while left > 0:
+            left -= f.write(memoryview(buf)[:min(block, left)])
+    dt = time.perf_counter() - t
+    path.unlink()
+    return dt
+
+
+def floor_seconds(src: Path, out_bytes: int, scratch: Path) -> float:
+    files = files_of(src)
+    read_bytes_seconds(files)  # warm
+    return min(read_bytes_seconds(files) for _ in range(2)) + write_seconds(scratch, out_bytes)
+
+
+def run_one(argv) -> tuple[float, float, float]:
+    r = subprocess.run([sys.executable, __file__, "--one", *map(str, argv)], capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"{argv[0]} failed:\n{r.stderr[-2000:]}")
+    dt, base, peak = map(float, r.stdout.split())
+    return dt, base, peak
+
+
+def bench_size(gib: float, out: Path, keep: bool) -> None:
+    from ckdiff.converters.writers import atomic_dir, write_hf
+    cfg = sized_config(gib)
+    tensors = big_hf_tensors(cfg)
+    size = sum(t.nbytes for t in tensors.values())
+    ensure_space(out, 5 * size)
+    src = out / f"hf-{gib:g}g"
+    t = time.perf_counter()
+    with atomic_dir(src, overwrite=True) as tmp:
+        write_hf(tmp, tensors, cfg.to_hf(), num_shards=4)
+    print(f"\n== {human(size)} model: {cfg.layers} layers, hidden {cfg.hidden}, {len(tensors)} tensors, "
+          f"4 shards (generated in {time.perf_counter() - t:.0f}s)")
+    meg, js, back = out / f"meg-{gib:g}g", out / f"js-{gib:g}g", out / f"hf-back-{gib:g}g"
+    runs = [
+        ("hf -> megatron TP=2", src, meg,
+         ["hf-to-megatron", "llama2", "--model-path", src, "--out", meg, "--tp", "2", "--overwrite"]),
+        ("hf -> jetstream int8", src, js,
+         ["to-jetstream", "--model_name", "llama-2", "--input_checkpoint_dir", src, "--output_checkpoint_dir", js,
+          "--quantize_weights", "--quantize_type", "int8_per_channel", "--overwrite"]),
+        ("megatron TP=2 -> hf", meg, back,
+         ["megatron-to-hf", "--input_dir", meg, "--output_dir", back, "--overwrite", "--num_output_shards", "4"]),
+    ]
+    try:
+        for name, inp, outp, argv in runs:
+            dt, base, peak = run_one(argv)
+            written = sum(p.stat().st_size for p in files_of(outp))
+            floor = floor_seconds(inp, written, out / ".floor")
+            print(f"{name:22s} {dt:7.1f}s  floor {floor:6.1f}s  ratio {dt / floor:5.2f} (target <= 3)  "
+                  f"peak RssAnon {peak:6.0f} MiB (target < 300; after imports {base:.0f})  "
+                  f"in {human(sum(p.stat().st_size for p in files_of(inp)))} out {human(written)}")
+    finally:
+        if not keep:
+            for d in (src, meg, js, back):
+                shutil.rmtree(d, ignore_errors=True)
+
+
 def main():
     if sys.argv[1:2] == ["--one"]:
         return one(sys.argv[2:])
-    from ckdiff.converters.writers import atomic_dir, write_hf
-    a, out, tensors, size = prepare(3, __doc__)
-    src = out / "hf-big"
-    if not (src / "config.json").exists():
-        with atomic_dir(src, overwrite=True) as tmp:
-            write_hf(tmp, tensors, BIG.to_hf(), num_shards=4)
-    print(f"source: {src} ({human(size)}, {len(tensors)} tensors, 4 shards)")
-    runs = {
-        "hf -> jetstream (safetensors)": ["to-jetstream", "--model_name", "llama-2", "--input_checkpoint_dir",
-                                          str(src), "--output_checkpoint_dir", str(out / "js"), "--overwrite"],
-        "hf -> megatron TP=2 PP=2": ["hf-to-megatron", "llama2", "--model-path", str(src), "--out",
-                                     str(out / "meg"), "--tp", "2", "--pp", "2", "--overwrite"],
-        "megatron TP=2 PP=2 -> hf": ["megatron-to-hf", "--input_dir", str(out / "meg"), "--output_dir",
-                                     str(out / "hf-back"), "--overwrite", "--num_output_shards", "4"],
-    }
-    for name, argv in runs.items():
-        r = subprocess.run([sys.executable, __file__, "--one", *argv], capture_output=True, text=True, check=True)
-        dt, base, peak = map(float, r.stdout.split())
-        print(f"{name:32s} {dt:6.1f}s  {size / dt / 2**30:.2f} GiB/s  peak RssAnon {peak:7.1f} MiB "
-              f"(after imports {base:.0f} MiB; model {human(size)})")
-    if not a.keep:
-        for d in ("js", "meg", "hf-back", "hf-big"):
-            shutil.rmtree(out / d, ignore_errors=True)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="1,4", help="model sizes in GiB, comma separated")
+    p.add_argument("--dir", default=str(Path(__file__).parent / "out"))
+    p.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    a = p.parse_args()
+    out = Path(a.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"machine: {os.cpu_count()} CPUs; page cache warm; each conversion in a fresh process")
+    for gib in (float(s) for s in a.sizes.split(",")):
+        bench_size(gib, out, a.keep)
 
 
 if __name__ == "__main__":

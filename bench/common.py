@@ -118,13 +118,18 @@ def ensure_space(path, need: int):
         raise SystemExit(f"not enough free space in {path} for {human(need)}")
 
 
-# ---------------------------------------------------------------- sizes for the compare benchmark
 def sized_config(gib: float) -> ModelConfig:
-    """BIG's shapes with the layer count that makes about ``gib`` GiB of bfloat16 (at least 1 layer)."""
-    per_layer = 2 * (2 * BIG.hidden * BIG.q_rows + 2 * BIG.hidden * BIG.kv_rows + 3 * BIG.hidden * BIG.ffn)
-    fixed = 2 * 2 * BIG.vocab * BIG.hidden
-    layers = max(1, round((gib * 2**30 - fixed) / per_layer))
-    return ModelConfig(**{**BIG.to_dict(), "layers": layers})
+    """A Llama-shaped bf16 config (GQA) of about ``gib`` GiB: 2048 wide (16/4 heads) below 2 GiB,
+    else 7B-shaped layers (4096 wide, 32/8 heads, FFN 11008); the layer count sets the size."""
+    if gib < 2:
+        D, H, K, F = 2048, 16, 4, 5632
+    else:
+        D, H, K, F = 4096, 32, 8, 11008
+    V, hd = 32000, 128
+    per_layer = D * (H * hd * 2 + K * hd * 2) + 3 * D * F + 2 * D
+    layers = max(1, round((gib * 2**30 / 2 - 2 * V * D - D) / per_layer))
+    return ModelConfig("llama", hidden=D, layers=layers, heads=H, kv_heads=K, head_dim=hd, ffn=F, vocab=V,
+                       dtype="bfloat16", max_pos=2048)
 
 
 def child_peak_rss_anon(argv, env=None, poll=0.005):

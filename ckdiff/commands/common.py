@@ -137,14 +137,6 @@ def progress_factory(enabled: bool, label: str = "comparing"):
     return make
 
 
-def progress_kw(fn, factory) -> dict:
-    """``{"progress_factory": factory}`` for a library call that takes one; {} without a factory."""
-    import inspect
-    if factory is None or "progress_factory" not in inspect.signature(fn).parameters:
-        return {}
-    return {"progress_factory": factory}
-
-
 def show_progress(args) -> bool:
     return sys.stderr.isatty() and not getattr(args, "quiet", False)
 

@@ -45,7 +45,7 @@ def run(argv, command: str = "") -> int:
                              "params.json or a Megatron-LLM checkpoint)")
     pf = common.progress_factory(common.show_progress(args), "running")
     res = compare_logits(a, b, args.batch, args.length, args.seed, args.dtype, args.topk,
-                         args.skip_first_token, args.threshold, **common.progress_kw(compare_logits, pf))
+                         args.skip_first_token, args.threshold, progress_factory=pf)
     console = common.console(args)
     if args.quiet:
         val = res.max_kl if res.gate_kl is None else res.gate_kl

@@ -156,11 +156,36 @@ def cross_check_notes(diff_result, logits_result) -> None:
                                  "(a difference the runtime introduces, or one outside the compared tensors)")
 
 
+def _lockstep(ga, gb) -> tuple:
+    """Run both sides' layer generators in step: A's layer i, then B's layer i, each holding one layer's
+    weights. Returns (logits A, logits B, relative hidden-state error per layer); only these per-layer
+    summaries are kept, not the activations. The list is empty when the layer counts differ."""
+    rel, out, alive = [], [None, None], [True, True]
+    for_both = True
+    while any(alive):
+        hs = []
+        for j, g in enumerate((ga, gb)):
+            h = None
+            if alive[j]:
+                try:
+                    h = next(g)
+                except StopIteration as stop:
+                    alive[j], out[j] = False, stop.value
+            hs.append(h)
+        if hs[0] is not None and hs[1] is not None:
+            ha, hb = hs[0].double(), hs[1].double()
+            rel.append(float((ha - hb).norm() / ha.norm().clamp(min=1e-30)))
+        elif hs[0] is not None or hs[1] is not None:
+            for_both = False
+        del hs
+    return out[0], out[1], rel if for_both else []
+
+
 def compare_logits(a: Checkpoint, b: Checkpoint, batch: int = 4, length: int = 48, seed: int = 0,
                    dtype: str = "float32", topk: int = 5, skip_first: bool = False,
-                   threshold: Optional[float] = None) -> LogitsResult:
+                   threshold: Optional[float] = None, progress_factory=None) -> LogitsResult:
     from ..converters.quant import fake_quantize, is_quantized, qtype_of
-    from ..golden.runtimes import run
+    from ..golden.runtimes import drain, steps
     if length < 2:
         raise UsageError("--length must be >= 2: a 1-token prompt cannot show a rotary bug")
     if dtype not in DTYPE_BY_NAME:
@@ -172,8 +197,14 @@ def compare_logits(a: Checkpoint, b: Checkpoint, batch: int = 4, length: int = 4
     bos, spec = special_ids(a, b)
     ids = random_ids(vocab, batch, length, seed, bos, spec)
     tdt = DTYPE_BY_NAME[dtype]
-    fa, fb = run(a, ca, ids, tdt), run(b, cb, ids, tdt)
-    la, lb = fa.logits[..., :vocab].double(), fb.logits[..., :vocab].double()
+    hthr = HIDDEN_REL_THRESHOLD[dtype]
+    qa, qb = is_quantized(a.tensors), is_quantized(b.tensors)
+    total = a.num_bytes + b.num_bytes + ((b.num_bytes if qa else a.num_bytes) if qa != qb else 0)
+    progress = progress_factory(total) if progress_factory else None
+    with torch.no_grad():
+        logits_a, logits_b, rel_errors = _lockstep(steps(a, ca, ids, tdt, progress), steps(b, cb, ids, tdt, progress))
+    first_div = next((i for i, r in enumerate(rel_errors) if r > hthr), None)
+    la, lb = logits_a[..., :vocab].double(), logits_b[..., :vocab].double()
     if skip_first:
         la, lb = la[:, 1:], lb[:, 1:]
     lpa, lpb = torch.log_softmax(la, -1), torch.log_softmax(lb, -1)
@@ -191,30 +222,21 @@ def compare_logits(a: Checkpoint, b: Checkpoint, batch: int = 4, length: int = 4
     dmax, didx = diff.reshape(-1).max(0)
     di = int(didx)
     nmse = float(((la - lb) ** 2).mean() / la.var()) if la.var() > 0 else 0.0
-    rel_errors, first_div = [], None
-    hthr = HIDDEN_REL_THRESHOLD[dtype]
-    if len(fa.hidden) == len(fb.hidden):
-        for i, (ha, hb) in enumerate(zip(fa.hidden, fb.hidden)):
-            ha, hb = ha.double(), hb.double()
-            rel = float((ha - hb).norm() / ha.norm().clamp(min=1e-30))
-            rel_errors.append(rel)
-            if first_div is None and rel > hthr:
-                first_div = i
     notes = []
     if bos is not None or spec:
         notes.append(f"prompts: BOS {bos} at position 0" + (f", special ids {list(spec)} inside every sequence"
                                                              if spec else ""))
     thr, reason = weight_threshold(dtype, a, b)
     gate_kl = None
-    qa, qb = is_quantized(a.tensors), is_quantized(b.tensors)
     if qa != qb:
         # The quantization's own threshold: the KL that a correct quantization of the float side
         # reaches, measured by fake-quantizing the float side in its own layout.
         fl, cf, qu = (b, cb, a) if qa else (a, ca, b)
         qtype = qtype_of(qu.config or {}, qu.tensors)
         ref_ck = Checkpoint(fl.path, fl.format, fake_quantize(fl.tensors, qtype), fl.config, fl.meta)
-        fr = run(ref_ck, cf, ids, tdt)
-        lr = torch.log_softmax(fr.logits[..., :vocab].double()[:, int(skip_first):], -1)
+        with torch.no_grad():
+            fr = drain(steps(ref_ck, cf, ids, tdt, progress))
+        lr = torch.log_softmax(fr[..., :vocab].double()[:, int(skip_first):], -1)
         lpf, lpq = (lpb, lpa) if qa else (lpa, lpb)
         ref_kl = float((lpf.exp() * (lpf - lr)).sum(-1).max())
         gate_kl = float((lr.exp() * (lr - lpq)).sum(-1).max())
@@ -223,6 +245,8 @@ def compare_logits(a: Checkpoint, b: Checkpoint, batch: int = 4, length: int = 4
                   f"+ {QUANT_MARGIN} x its own KL ({ref_kl:.3g})")
         notes.append(f"{'A' if qa else 'B'} is quantized ({qtype}): quantization alone reaches max KL {ref_kl:.4g}; "
                      f"the quantized side is {gate_kl:.3g} from the reference quantization (this value gates)")
+    if progress is not None and hasattr(progress, "stop"):
+        progress.stop()
     if threshold is not None:
         thr, reason = threshold, "--threshold"
     if dtype in ("bfloat16", "float16") and "mixtral" in (ca.family, cb.family):

@@ -60,18 +60,6 @@ def read_source(spec: str, cache_dir=None, trust_pickle=False, fmt=None):
     return ck, model_config(ck)
 
 
-def _pf(progress_factory, writer=None) -> dict:
-    """The writers' ``progress_factory(total_bytes) -> step(n)`` keyword, only when one is given (and, until
-    every writer takes it, only to a writer that does)."""
-    if progress_factory is None:
-        return {}
-    if writer is not None:
-        import inspect
-        if "progress_factory" not in inspect.signature(writer).parameters:
-            return {}
-    return {"progress_factory": progress_factory}
-
-
 def _run_guarded(fn):
     """Op failures while writing (a tie that does not hold, a bad shape) -> one-line input errors."""
     try:
@@ -131,7 +119,7 @@ def hf_to_megatron(model: str, out, *, model_path=None, size: Optional[int] = No
     args = make_args(cfg, a.model, a.tp, a.pp, rows, true_vocab, a.make_vocab_size_divisible_by or 128)
     with disk_errors(a.out), atomic_dir(a.out, a.overwrite, [ck.path]) as tmp:
         _run_guarded(lambda: write_megatron(tmp, tensors, cfg, a.tp, a.pp, args,
-                                            **_pf(progress_factory, write_megatron)))
+                                            progress_factory=progress_factory))
         copy_if_exists(Path(ck.path), ["tokenizer.model"], tmp)
     return Written(a.out, f"wrote Megatron checkpoint {a.out} (TP={a.tp}, PP={a.pp}, vocab rows {rows}, "
                           f"true vocab {true_vocab})")
@@ -177,7 +165,7 @@ def megatron_to_hf(input_dir, output_dir, *, model: Optional[str] = None, num_ou
         notes.append("no tokenizer exported: pass --vocab_file (or --cache_dir holding the default tokenizer)")
     with disk_errors(a.output_dir), atomic_dir(a.output_dir, a.overwrite, [a.input_dir]) as tmp:
         _run_guarded(lambda: write_hf(tmp, hf, cfg.to_hf(), a.num_output_shards,
-                                      **_pf(progress_factory, write_hf)))
+                                      progress_factory=progress_factory))
         if vocab_file:
             from .tokenizer import export_tokenizer
             export_tokenizer(vocab_file, tmp, cfg.vocab,
@@ -222,7 +210,7 @@ def to_jetstream(model_name: str, input_checkpoint_dir, output_checkpoint_dir, *
     with disk_errors(a.output_checkpoint_dir), atomic_dir(a.output_checkpoint_dir, a.overwrite,
                                                           [ck.path]) as tmp:
         _run_guarded(lambda: write_meta_like(tmp, tensors, params, a.output_safetensors,
-                                             **_pf(progress_factory, write_meta_like)))
+                                             progress_factory=progress_factory))
     return Written(a.output_checkpoint_dir, f"wrote JetStream checkpoint {a.output_checkpoint_dir} ({len(tensors)} "
                                             f"tensors{', ' + a.quantize_type if a.quantize_weights else ''})")
 
@@ -246,7 +234,7 @@ def jetstream_to_hf(input_checkpoint_dir, output_checkpoint_dir, *, num_output_s
     with disk_errors(a.output_checkpoint_dir), atomic_dir(a.output_checkpoint_dir, a.overwrite,
                                                           [ck.path]) as tmp:
         _run_guarded(lambda: write_hf(tmp, hf, cfg.to_hf(), a.num_output_shards,
-                                      **_pf(progress_factory, write_hf)))
+                                      progress_factory=progress_factory))
     return Written(a.output_checkpoint_dir, f"wrote HF checkpoint {a.output_checkpoint_dir}"
                    + (" (dequantized to float32)" if is_quantized(ck.tensors) else ""))
 

@@ -18,6 +18,7 @@ from .config import ModelConfig
 from .formats import register
 from .lazy import Checkpoint, ConcatTensor, EagerTensor, LazyTensor, PadRows, RowSlice
 from .pickle_io import flatten_state, load_pickle
+from .torch_zip import TensorSource, iter_leaves, write_torch_zip
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
@@ -144,12 +145,17 @@ def read_megatron(root: Path, trust_pickle: bool = False, **_) -> Checkpoint:
     if head in tensors and emb in tensors:
         # tied model with PP > 1: the last stage keeps a copy of the embedding. Verify the tie,
         # then present the model once (a copy that differs stays visible to the comparator).
-        if tensors[head].shape == tensors[emb].shape and torch.equal(tensors[head].load(), tensors[emb].load()):
+        if tensors[head].shape == tensors[emb].shape and _equal_rows(tensors[head], tensors[emb]):
             del tensors[head]
             meta["tie_verified"] = True
         else:
             meta["tie_verified"] = False
     return Checkpoint(str(root), "megatron", tensors, config=args, meta=meta)
+
+
+def _equal_rows(a: LazyTensor, b: LazyTensor) -> bool:
+    """Bitwise equality, read a row chunk at a time."""
+    return all(torch.equal(a.rows(lo, hi), b.rows(lo, hi)) for lo, hi in a.row_chunks())
 
 
 def global_layer_name(key: str, stage: int, per_stage: int) -> str:
@@ -272,64 +278,73 @@ def check_parallel(cfg: ModelConfig, tp: int, pp: int) -> None:
         raise UsageError("; ".join(problems))
 
 
-def _tp_slice(name: str, t: LazyTensor, rank: int, tp: int, glu: bool) -> torch.Tensor:
+def _tp_source(name: str, t: LazyTensor, rank: int, tp: int, glu: bool) -> TensorSource:
+    """Rank ``rank``'s shard of ``t``, read row chunk by row chunk when written."""
     axis = tp_axis(name)
     if tp == 1 or axis is None:
-        return t.load()
+        return TensorSource.rows_of(t)
     if axis == "glu" and glu:
         f = t.shape[0] // 2
         n = f // tp
-        return torch.cat([t.rows(rank * n, (rank + 1) * n), t.rows(f + rank * n, f + (rank + 1) * n)])
+        return TensorSource.rows_of(t, [(rank * n, (rank + 1) * n), (f + rank * n, f + (rank + 1) * n)])
     if axis in (0, "glu"):
         n = t.shape[0] // tp
-        return t.rows(rank * n, (rank + 1) * n)
+        return TensorSource.rows_of(t, [(rank * n, (rank + 1) * n)])
     if axis == 1:
         n = t.shape[1] // tp
-        return t.load()[:, rank * n:(rank + 1) * n]
+        return TensorSource.rows_of(t, cols=(rank * n, (rank + 1) * n))
     raise UsageError(f"no tensor-parallel split rule for {name!r}")
 
 
 def write_megatron(out: Path, tensors: dict[str, LazyTensor], cfg: ModelConfig, tp: int, pp: int,
-                   args: argparse.Namespace) -> list[str]:
-    """Write rank files (legacy names, as hf_to_megatron) and the tracker last."""
+                   args: argparse.Namespace, progress_factory=None) -> list[str]:
+    """Write rank files (legacy names, as hf_to_megatron) and the tracker last.
+
+    Each rank file is streamed (``torch_zip.write_torch_zip``): one row chunk of one tensor is in
+    memory at a time. ``progress_factory(total_bytes)`` returns a callable told the bytes of each
+    chunk as it is written (like the comparator's).
+    """
     from .layouts import MEGATRON
     L = cfg.layers
     per = L // pp
     glu = cfg.family != "falcon"
-    written = []
     embed = tensors[MEGATRON["embed"]]
+    ranks = []
     for p in range(pp):
         for t in range(tp):
-            enc: dict[str, torch.Tensor] = {}
+            enc: dict[str, TensorSource] = {}
             lm: dict = {}
             model: dict = {"language_model": lm}
             if p == 0:
-                lm["embedding"] = {"word_embeddings.weight": _tp_slice(MEGATRON["embed"], embed, t, tp, glu).clone()}
+                lm["embedding"] = {"word_embeddings.weight": _tp_source(MEGATRON["embed"], embed, t, tp, glu)}
             for name, lt in tensors.items():
                 m = re.match(r"language_model\.encoder\.layers\.(\d+)\.(.*)$", name)
                 if m:
                     i = int(m.group(1))
                     if p * per <= i < (p + 1) * per:
                         local = m.group(2).replace("self_attention.", "attention.", 1)
-                        enc[f"layers.{i - p * per}.{local}"] = _tp_slice(name, lt, t, tp, glu).clone()
+                        enc[f"layers.{i - p * per}.{local}"] = _tp_source(name, lt, t, tp, glu)
                 elif name.startswith("language_model.encoder.") and p == pp - 1:
-                    enc[name[len("language_model.encoder."):]] = lt.load().clone()
+                    enc[name[len("language_model.encoder."):]] = TensorSource.rows_of(lt)
             lm["transformer"] = enc
             if p == pp - 1:
                 if MEGATRON["head"] in tensors:
-                    lm["lm_head"] = _tp_slice(MEGATRON["head"], tensors[MEGATRON["head"]], t, tp, glu).clone()
+                    lm["lm_head"] = _tp_source(MEGATRON["head"], tensors[MEGATRON["head"]], t, tp, glu)
                 elif pp > 1:
-                    model["word_embeddings_for_head"] = {
-                        "weight": _tp_slice(MEGATRON["embed"], embed, t, tp, glu).clone()}
+                    model["word_embeddings_for_head"] = {"weight": _tp_source(MEGATRON["embed"], embed, t, tp, glu)}
             rank = f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "")
-            d = out / "release" / rank
-            d.mkdir(parents=True, exist_ok=True)
-            torch.save({"iteration": "release", "checkpoint_version": 3.0, "args": args, "model": model},
-                       d / "model_optim_rng.pt")
-            written.append(str(d / "model_optim_rng.pt"))
-            del model, lm, enc
+            ranks.append((out / "release" / rank / "model_optim_rng.pt",
+                          {"iteration": "release", "checkpoint_version": 3.0, "args": args, "model": model}))
+    progress = None
+    if progress_factory is not None:
+        progress = progress_factory(sum(s.nbytes for _, obj in ranks for s in iter_leaves(obj)))
+    for path, obj in ranks:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_torch_zip(path, obj, progress)
+    if progress is not None and hasattr(progress, "stop"):
+        progress.stop()
     (out / TRACKER).write_text("release")
-    return written
+    return [str(path) for path, _ in ranks]
 
 
 def pad_vocab_tensors(tensors: dict[str, LazyTensor], rows: int) -> dict[str, LazyTensor]:

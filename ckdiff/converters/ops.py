@@ -13,6 +13,36 @@ from typing import Sequence
 import torch
 
 
+# ---------------------------------------------------------------- cat / stack
+# On the meta device (shape inference of lazy conversions) torch.cat and torch.stack run Python
+# kernels whose first call imports torch._dynamo and sympy: ~66 MiB of RssAnon for a shape. These
+# give the same shapes, dtypes and size errors with no kernel.
+def _cat(xs: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    if not all(x.is_meta for x in xs):
+        return torch.cat(list(xs), dim=dim)
+    first = xs[0]
+    d = dim % first.dim() if first.dim() else 0
+    dtype = first.dtype
+    for x in xs[1:]:
+        if x.dim() != first.dim() or any(a != b for i, (a, b) in enumerate(zip(x.shape, first.shape)) if i != d):
+            raise RuntimeError(f"Sizes of tensors must match except in dimension {d}: "
+                               f"{list(first.shape)} and {list(x.shape)}")
+        dtype = torch.promote_types(dtype, x.dtype)
+    shape = list(first.shape)
+    shape[d] = sum(x.shape[d] for x in xs)
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def _stack(xs: Sequence[torch.Tensor]) -> torch.Tensor:
+    if not all(x.is_meta for x in xs):
+        return torch.stack(list(xs))
+    for x in xs[1:]:
+        if x.shape != xs[0].shape:
+            raise RuntimeError(f"stack expects each tensor to be equal size, but got {list(xs[0].shape)} "
+                               f"and {list(x.shape)}")
+    return torch.empty((len(xs),) + tuple(xs[0].shape), dtype=xs[0].dtype, device="meta")
+
+
 # ---------------------------------------------------------------- rotary helpers
 def rope_to_interleaved(w: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
     """HF (rotate_half) row order -> Meta/Megatron (interleaved pairs), per head.
@@ -101,7 +131,7 @@ class Concat(Op):
         for x, s in zip(xs, self.sizes):
             if x.shape[self.dim] != s:
                 raise ValueError(f"concat: input has {x.shape[self.dim]} on dim {self.dim}, expected {s}")
-        return [torch.cat(list(xs), dim=self.dim)]
+        return [_cat(xs, self.dim)]
 
     def reverse(self):
         return Split(self.sizes, self.dim)
@@ -145,7 +175,7 @@ class Stack(Op):
         return self.n
 
     def __call__(self, xs):
-        return [torch.stack(list(xs))]
+        return [_stack(xs)]
 
     def reverse(self):
         return Unstack(self.n)
@@ -184,7 +214,7 @@ class FuseQKV(Op):
         r = H // K
         rest = q.shape[1:]
         qg = q.reshape(K, r * d, *rest)
-        return [torch.cat([qg, k.reshape(K, d, *rest), v.reshape(K, d, *rest)], dim=1).reshape(-1, *rest)]
+        return [_cat([qg, k.reshape(K, d, *rest), v.reshape(K, d, *rest)], 1).reshape(-1, *rest)]
 
     def reverse(self):
         return SplitQKV(self.heads, self.kv_heads, self.head_dim)

@@ -170,25 +170,32 @@ def safetensors_header(tensors: Iterable[tuple[str, tuple, torch.dtype]], metada
     return struct.pack("<Q", len(raw)) + raw, offset
 
 
-def write_safetensors(path, tensors: Iterable[LazyTensor], metadata: dict | None = None) -> int:
+def write_safetensors(path, tensors: Iterable[LazyTensor], metadata: dict | None = None, progress=None) -> int:
     """Stream lazy tensors into one safetensors file; returns bytes written.
 
-    The header is built from shapes and dtypes, then each tensor is loaded,
-    written and dropped in turn. Writing goes to ``path`` directly: callers
-    put it inside a temporary directory that is renamed when complete.
+    The header is built from shapes and dtypes, then each tensor is read, a row
+    chunk at a time, written and dropped in turn. Writing goes to ``path`` directly:
+    callers put it inside a temporary directory that is renamed when complete.
+    ``progress(n)`` is called with the bytes of each chunk written.
     """
+    from .torch_zip import TensorSource
     tensors = list(tensors)
     head, total = safetensors_header([(t.name, t.shape, t.dtype) for t in tensors], metadata)
     with open(path, "wb") as f:
         f.write(head)
         for t in tensors:
-            data = t.load()
-            if tuple(data.shape) != t.shape or data.dtype != t.dtype:
-                raise RuntimeError(f"{t.name}: produced {list(data.shape)} {data.dtype}, "
-                                   f"announced {list(t.shape)} {t.dtype}")
-            data = data.contiguous()
-            if data.numel():
-                f.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+            done = 0
+            for data in TensorSource.rows_of(t).chunks():
+                if data.dtype != t.dtype:
+                    raise RuntimeError(f"{t.name}: produced {data.dtype}, announced {t.dtype}")
+                data = data.contiguous()
+                if data.numel():
+                    f.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+                    done += data.numel() * data.element_size()
+                    if progress:
+                        progress(data.numel() * data.element_size())
+            if done != t.nbytes:
+                raise RuntimeError(f"{t.name}: produced {done} bytes, announced {list(t.shape)} {t.dtype}")
         f.flush()
         os.fsync(f.fileno())
     return len(head) + total

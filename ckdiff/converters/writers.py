@@ -22,6 +22,7 @@ import torch
 from ..errors import CkdiffError, InputError, UsageError
 from .lazy import LazyTensor
 from .safetensors_io import write_safetensors
+from .torch_zip import TensorSource, write_torch_zip
 
 
 def _umask() -> int:
@@ -118,41 +119,65 @@ def shard_groups(tensors: Sequence[LazyTensor], n_shards: int) -> list[list[Lazy
     return groups
 
 
-def write_hf(out_dir: Path, tensors: dict[str, LazyTensor], config: dict, num_shards: int = 1) -> list[str]:
-    """HF safetensors (sharded with an index when asked) plus config.json."""
+def _write_st(path: Path, tensors, progress=None):
+    if progress is None:
+        return write_safetensors(path, tensors, {"format": "pt"})
+    return write_safetensors(path, tensors, {"format": "pt"}, progress=progress)
+
+
+def _start(progress_factory, total: int):
+    return progress_factory(total) if progress_factory is not None else None
+
+
+def _stop(progress) -> None:
+    if progress is not None and hasattr(progress, "stop"):
+        progress.stop()
+
+
+def write_hf(out_dir: Path, tensors: dict[str, LazyTensor], config: dict, num_shards: int = 1,
+             progress_factory=None) -> list[str]:
+    """HF safetensors (sharded with an index when asked) plus config.json.
+
+    ``progress_factory(total_bytes)`` returns a callable told the bytes of each chunk written."""
     items = list(tensors.values())
+    progress = _start(progress_factory, sum(t.nbytes for t in items))
     groups = shard_groups(items, num_shards)
     files = []
     if len(groups) == 1:
-        write_safetensors(out_dir / "model.safetensors", groups[0], {"format": "pt"})
+        _write_st(out_dir / "model.safetensors", groups[0], progress)
         files.append("model.safetensors")
     else:
         weight_map = {}
         for i, g in enumerate(groups, 1):
             name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-            write_safetensors(out_dir / name, g, {"format": "pt"})
+            _write_st(out_dir / name, g, progress)
             files.append(name)
             weight_map.update({t.name: name for t in g})
         write_json(out_dir / "model.safetensors.index.json",
                    {"metadata": {"total_size": sum(t.nbytes for t in items)}, "weight_map": weight_map})
+    _stop(progress)
     write_json(out_dir / "config.json", config)
     return files
 
 
-def write_meta_like(out_dir: Path, tensors: dict[str, LazyTensor], params: dict, safetensors: bool = True):
-    """JetStream output: model.safetensors, or consolidated.00.pth + checklist.chk; params.json last."""
+def write_meta_like(out_dir: Path, tensors: dict[str, LazyTensor], params: dict, safetensors: bool = True,
+                    progress_factory=None):
+    """JetStream output: model.safetensors, or consolidated.00.pth + checklist.chk; params.json last.
+
+    Both are streamed one tensor (one row chunk) at a time."""
+    progress = _start(progress_factory, sum(t.nbytes for t in tensors.values()))
     if safetensors:
-        write_safetensors(out_dir / "model.safetensors", tensors.values(), {"format": "pt"})
+        _write_st(out_dir / "model.safetensors", tensors.values(), progress)
     else:
-        # torch.save needs the whole dict; this is the format JetStream asks for.
-        state = {k: t.load().clone() for k, t in tensors.items()}
-        torch.save(state, out_dir / "consolidated.00.pth")
-        del state
+        # the torch.save format JetStream asks for, written tensor by tensor
+        write_torch_zip(out_dir / "consolidated.00.pth",
+                        {k: TensorSource.rows_of(t) for k, t in tensors.items()}, progress)
         digest = hashlib.md5()
         with open(out_dir / "consolidated.00.pth", "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
         (out_dir / "checklist.chk").write_text(digest.hexdigest() + "\n")
+    _stop(progress)
     write_json(out_dir / "params.json", params)
 
 
@@ -169,34 +194,36 @@ def copy_if_exists(src_dir: Path | None, names: Iterable[str], out_dir: Path) ->
 
 
 def write_meta_shards(out_dir: Path, tensors: dict[str, LazyTensor], params: dict, n_shards: int = 1,
-                      llama_version: int = 2, rope_freqs: bool = False) -> list[str]:
+                      llama_version: int = 2, rope_freqs: bool = False, progress_factory=None) -> list[str]:
     """Meta consolidated.NN.pth shards (split per the merge table) + params.json last.
 
-    Each shard is a torch dict, so one shard's tensors are in memory at a time.
+    Each shard is streamed in torch's format, one row chunk of one tensor at a time.
     ``llama_version`` picks the embedding split axis (hidden for 1/2, vocab for 3).
     """
     from .formats import meta_axis
     files = []
+    progress = _start(progress_factory, sum(t.nbytes for t in tensors.values()))
     for s in range(n_shards):
-        shard = {}
+        shard: dict = {}
         for k, t in tensors.items():
             if k == "tok_embeddings.weight":
                 axis = 1 if llama_version < 3 else 0
             else:
                 axis = meta_axis(k, t.shape, params, n_shards)
-            x = t.load()
             if axis in (0, 1) and n_shards > 1:
-                if x.shape[axis] % n_shards:
-                    raise UsageError(f"{k}: {x.shape[axis]} on axis {axis} does not split into {n_shards} shards")
-                n = x.shape[axis] // n_shards
-                x = x.narrow(axis, s * n, n)
-            shard[k] = x.clone()
+                if t.shape[axis] % n_shards:
+                    raise UsageError(f"{k}: {t.shape[axis]} on axis {axis} does not split into {n_shards} shards")
+                n = t.shape[axis] // n_shards
+                shard[k] = (TensorSource.rows_of(t, [(s * n, (s + 1) * n)]) if axis == 0
+                            else TensorSource.rows_of(t, cols=(s * n, (s + 1) * n)))
+            else:
+                shard[k] = TensorSource.rows_of(t)
         if rope_freqs:
             hd = params["dim"] // params["n_heads"]
             shard["rope.freqs"] = 1.0 / (params.get("rope_theta", 10000.0) ** (torch.arange(0, hd, 2).float() / hd))
         name = f"consolidated.{s:02d}.pth"
-        torch.save(shard, out_dir / name)
+        write_torch_zip(out_dir / name, shard, progress)
         files.append(name)
-        del shard
+    _stop(progress)
     write_json(out_dir / "params.json", params)
     return files

@@ -164,14 +164,14 @@ def _embed_axis():
 
 def _naive_glu_split():
     """Chunk the fused [up; gate] matrix contiguously across TP ranks instead of each half."""
-    orig = megatron._tp_slice
+    orig = megatron._tp_source
 
-    def tp_slice(name, t, rank, tp, glu):
+    def tp_source(name, t, rank, tp, glu):
         if tp > 1 and megatron.tp_axis(name) == "glu":
             n = t.shape[0] // tp
-            return t.rows(rank * n, (rank + 1) * n)
+            return megatron.TensorSource.rows_of(t, [(rank * n, (rank + 1) * n)])
         return orig(name, t, rank, tp, glu)
-    return _patched(megatron, "_tp_slice", tp_slice)
+    return _patched(megatron, "_tp_source", tp_source)
 
 
 def _keep_padding():

@@ -135,8 +135,9 @@ def layer_norm(x, w, b, eps):
 class Weights:
     """Reads tensors by name, cast to the compute dtype, with a clear error for a missing one."""
 
-    def __init__(self, ck: Checkpoint, dtype: torch.dtype, dequant: bool = False):
+    def __init__(self, ck: Checkpoint, dtype: torch.dtype, dequant: bool = False, progress=None):
         self.ck, self.dtype, self.dequant = ck, dtype, dequant
+        self.progress = progress  # told the bytes of each tensor (or chunk) read
 
     def has(self, k):
         return k in self.ck.tensors
@@ -145,27 +146,59 @@ class Weights:
         if k not in self.ck.tensors:
             raise InputError(self.ck.path, f"reference runtime needs tensor {k!r}, which is missing")
         t = self.ck.tensors[k].load()
+        self._tell(self.ck.tensors[k].nbytes)
         if self.dequant and k + "_scaler" in self.ck.tensors:
             from ..converters.quant import EMBED, dequantize, float_shape
             q = self.ck.tensors[k]
             t = dequantize(t, self.ck.tensors[k + "_scaler"].load(), float_shape(q), bool(EMBED.search(k)))
         return t.to(self.dtype)
 
+    def _tell(self, n: int) -> None:
+        if self.progress is not None:
+            self.progress(n)
 
-def _decoder(ids, cfg: ModelConfig, embed, layer: Callable, final: Callable) -> Forward:
-    x = embed[ids]
-    hidden = []
+    def _plain(self, k: str) -> bool:
+        return k in self.ck.tensors and not (self.dequant and k + "_scaler" in self.ck.tensors)
+
+    def gather(self, k: str, ids: torch.Tensor) -> torch.Tensor:
+        """``W(k)[ids]``, reading only the rows the ids name."""
+        if not self._plain(k):
+            return self(k)[ids]
+        lt = self.ck.tensors[k]
+        uniq, inv = torch.unique(ids, return_inverse=True)
+        rows = torch.stack([lt.rows(int(i), int(i) + 1)[0] for i in uniq]).to(self.dtype)
+        self._tell(lt.nbytes)
+        return rows[inv]
+
+    def matmul_t(self, k: str, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W(k).T``, reading the weight a row chunk at a time (the output head)."""
+        if not self._plain(k):
+            return x @ self(k).T
+        lt = self.ck.tensors[k]
+        out = []
+        for lo, hi in lt.row_chunks():
+            out.append(x @ lt.rows(lo, hi).to(self.dtype).T)
+            self._tell(lt.nbytes * (hi - lo) // max(1, lt.nrows))
+        return torch.cat(out, -1)
+
+
+def _decoder(ids, cfg: ModelConfig, embed: Callable, layer: Callable, final: Callable):
+    """Layer by layer: yields the residual stream after each layer, returns the float logits.
+
+    ``embed(ids)`` gives the input rows, ``layer(i, x)`` reads layer i's weights, runs it and drops
+    them, ``final(x)`` gives the logits; so one layer's weights are held at a time."""
+    x = embed(ids)
     for i in range(cfg.layers):
         x = layer(i, x)
-        hidden.append(x)
-    return Forward(final(x).float(), hidden)
+        yield x
+    return final(x).float()
 
 
 # ---------------------------------------------------------------- HF llama / mistral
-def hf_llama(ck: Checkpoint, cfg: ModelConfig, ids, dtype) -> Forward:
+def hf_llama(ck: Checkpoint, cfg: ModelConfig, ids, dtype, progress=None):
     """HF Llama, Mistral, Mixtral and Gemma (they share names; Gemma scales embeddings by sqrt(D),
     normalises with (1 + w) and uses a tanh-GELU gate)."""
-    W = Weights(ck, dtype)
+    W = Weights(ck, dtype, progress=progress)
     ang = angles(cfg, ids.shape[1])
     gemma = cfg.family == "gemma"
     norm = (lambda x, w: gemma_norm(x, w, cfg.norm_eps)) if gemma else (lambda x, w: rms_norm(x, w, cfg.norm_eps))
@@ -181,16 +214,17 @@ def hf_llama(ck: Checkpoint, cfg: ModelConfig, ids, dtype) -> Forward:
         act = (lambda z: Fn.gelu(z, approximate="tanh")) if gemma else Fn.silu
         return x + (act(h @ f("gate").T) * (h @ f("up").T)) @ f("down").T
 
-    emb = W(HF["embed"])
-    head = emb if cfg.tied else W(HF["head"])
-    if gemma:
-        emb = emb * torch.tensor(cfg.hidden ** 0.5, dtype=dtype)
-    return _decoder(ids, cfg, emb, layer, lambda x: norm(x, W(HF["norm"])) @ head.T)
+    head = HF["embed"] if cfg.tied else HF["head"]
+
+    def embed(ids):
+        e = W.gather(HF["embed"], ids)
+        return e * torch.tensor(cfg.hidden ** 0.5, dtype=dtype) if gemma else e
+    return _decoder(ids, cfg, embed, layer, lambda x: W.matmul_t(head, norm(x, W(HF["norm"]))))
 
 
 # ---------------------------------------------------------------- HF falcon
-def hf_falcon(ck: Checkpoint, cfg: ModelConfig, ids, dtype) -> Forward:
-    W = Weights(ck, dtype)
+def hf_falcon(ck: Checkpoint, cfg: ModelConfig, ids, dtype, progress=None):
+    W = Weights(ck, dtype, progress=progress)
     ang = angles(cfg, ids.shape[1])
 
     def layer(i, x):
@@ -203,16 +237,16 @@ def hf_falcon(ck: Checkpoint, cfg: ModelConfig, ids, dtype) -> Forward:
         attn = grouped_attention(ha, f("qkv"), f("o"), rope_half, ang, cfg)
         return x + attn + Fn.gelu(hm @ f("h4h").T) @ f("4hh").T
 
-    emb = W(FALCON["embed"])
-    return _decoder(ids, cfg, emb, layer,
-                    lambda x: layer_norm(x, W(FALCON["norm"]), W(FALCON["norm_b"]), cfg.norm_eps) @ emb.T)
+    return _decoder(ids, cfg, lambda ids: W.gather(FALCON["embed"], ids), layer,
+                    lambda x: W.matmul_t(FALCON["embed"],
+                                         layer_norm(x, W(FALCON["norm"]), W(FALCON["norm_b"]), cfg.norm_eps)))
 
 
 # ---------------------------------------------------------------- Meta / JetStream
-def meta_llama(ck: Checkpoint, cfg: ModelConfig, ids, dtype) -> Forward:
+def meta_llama(ck: Checkpoint, cfg: ModelConfig, ids, dtype, progress=None):
     if cfg.family == "gemma":
-        return jetstream_gemma(ck, cfg, ids, dtype)
-    W = Weights(ck, dtype, dequant=True)
+        return jetstream_gemma(ck, cfg, ids, dtype, progress)
+    W = Weights(ck, dtype, dequant=True, progress=progress)
     ang = angles(cfg, ids.shape[1])
 
     def layer(i, x):
@@ -225,14 +259,14 @@ def meta_llama(ck: Checkpoint, cfg: ModelConfig, ids, dtype) -> Forward:
             return x + moe(h, W(MOE_JS["router"].format(i=i)), lambda e: [w[e] for w in stacked], cfg)
         return x + (Fn.silu(h @ f("gate").T) * (h @ f("up").T)) @ f("down").T
 
-    emb = W(META["embed"])
-    head = W(META["head"]) if W.has(META["head"]) else emb
-    return _decoder(ids, cfg, emb, layer, lambda x: rms_norm(x, W(META["norm"]), cfg.norm_eps) @ head.T)
+    head = META["head"] if W.has(META["head"]) else META["embed"]
+    return _decoder(ids, cfg, lambda ids: W.gather(META["embed"], ids), layer,
+                    lambda x: W.matmul_t(head, rms_norm(x, W(META["norm"]), cfg.norm_eps)))
 
 
-def jetstream_gemma(ck: Checkpoint, cfg: ModelConfig, ids, dtype) -> Forward:
+def jetstream_gemma(ck: Checkpoint, cfg: ModelConfig, ids, dtype, progress=None):
     """JetStream Gemma: HF-style half-split rotary on its own names, tied ``embedder``."""
-    W = Weights(ck, dtype, dequant=True)
+    W = Weights(ck, dtype, dequant=True, progress=progress)
     ang = angles(cfg, ids.shape[1])
 
     def layer(i, x):
@@ -242,14 +276,13 @@ def jetstream_gemma(ck: Checkpoint, cfg: ModelConfig, ids, dtype) -> Forward:
         h = gemma_norm(x, f("mlp_norm"), cfg.norm_eps)
         return x + (Fn.gelu(h @ f("gate").T, approximate="tanh") * (h @ f("up").T)) @ f("down").T
 
-    emb = W(GEMMA_JS["embed"])
-    return _decoder(ids, cfg, emb * torch.tensor(cfg.hidden ** 0.5, dtype=dtype), layer,
-                    lambda x: gemma_norm(x, W(GEMMA_JS["norm"]), cfg.norm_eps) @ emb.T)
+    return _decoder(ids, cfg, lambda ids: W.gather(GEMMA_JS["embed"], ids) * torch.tensor(cfg.hidden ** 0.5, dtype=dtype),
+                    layer, lambda x: W.matmul_t(GEMMA_JS["embed"], gemma_norm(x, W(GEMMA_JS["norm"]), cfg.norm_eps)))
 
 
 # ---------------------------------------------------------------- Megatron-LLM
-def megatron(ck: Checkpoint, cfg: ModelConfig, ids, dtype) -> Forward:
-    W = Weights(ck, dtype)
+def megatron(ck: Checkpoint, cfg: ModelConfig, ids, dtype, progress=None):
+    W = Weights(ck, dtype, progress=progress)
     ang = angles(cfg, ids.shape[1])
     falcon = cfg.family == "falcon"
     rope = rope_half if cfg.extra.get("rotary") == "rotate_half" else rope_interleaved  # pre-2023-08 era
@@ -270,16 +303,15 @@ def megatron(ck: Checkpoint, cfg: ModelConfig, ids, dtype) -> Forward:
         a, b = (h @ f("h4h").T).chunk(2, dim=-1)  # GLU: first half up, second half gate
         return x + (a * Fn.silu(b)) @ f("4hh").T
 
-    emb = W(MEGATRON["embed"])
-    head = W(MEGATRON["head"]) if W.has(MEGATRON["head"]) else emb
+    head = MEGATRON["head"] if W.has(MEGATRON["head"]) else MEGATRON["embed"]
 
     def final(x):
         if falcon:
             x = layer_norm(x, W(MEGATRON["norm"]), W(MEGATRON["norm_b"]), cfg.norm_eps)
         else:
             x = rms_norm(x, W(MEGATRON["norm"]), cfg.norm_eps)
-        return x @ head.T
-    return _decoder(ids, cfg, emb, layer, final)
+        return W.matmul_t(head, x)
+    return _decoder(ids, cfg, lambda ids: W.gather(MEGATRON["embed"], ids), layer, final)
 
 
 def runtime_for(ck: Checkpoint, cfg: ModelConfig) -> Callable:
@@ -292,6 +324,26 @@ def runtime_for(ck: Checkpoint, cfg: ModelConfig) -> Callable:
     raise InputError(ck.path, f"no reference runtime for a {ck.format} checkpoint")
 
 
+def steps(ck: Checkpoint, cfg: ModelConfig, ids: torch.Tensor, dtype=torch.float32, progress=None):
+    """A generator: the residual stream after each layer, then (as its return value) the logits.
+    Run it under ``torch.no_grad()``. ``progress(n)`` is told the bytes of each weight read."""
+    return runtime_for(ck, cfg)(ck, cfg, ids, dtype, progress)
+
+
+def drain(gen, on_layer: Optional[Callable] = None) -> torch.Tensor:
+    """Run a ``steps`` generator to the end; ``on_layer(x)`` sees each layer's output. Returns the logits."""
+    while True:
+        try:
+            x = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if on_layer is not None:
+            on_layer(x)
+
+
 def run(ck: Checkpoint, cfg: ModelConfig, ids: torch.Tensor, dtype=torch.float32) -> Forward:
+    """Logits and every layer's hidden state (for tests; ``compare_logits`` keeps summaries only)."""
+    hidden: list = []
     with torch.no_grad():
-        return runtime_for(ck, cfg)(ck, cfg, ids, dtype)
+        logits = drain(steps(ck, cfg, ids, dtype), hidden.append)
+    return Forward(logits, hidden)

@@ -1,0 +1,92 @@
+"""Benchmark: ``ckdiff logits`` (HF vs Megatron TP=2) at two model sizes (generated, never committed).
+
+For each size (default about 1 and 4 GiB of bf16 Llama-shaped weights, GQA), an HF
+checkpoint is generated and converted to Megatron-LLM at TP=2; then ``ckdiff logits``
+of the pair runs in a fresh process and prints its wall time and peak anonymous
+memory (RssAnon) next to its target: one layer's weights in the compute dtype (each
+side's runtime holds one layer at a time, the two sides run layer by layer in step)
+plus activations, over the interpreter's own RssAnon.
+
+    python bench/bench_logits.py [--sizes 1,4] [--dtype float32] [--dir bench/out] [--keep]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import PeakRssAnon, big_hf_tensors, ensure_space, human, sized_config  # noqa: E402
+
+
+def one(a, b, dtype):
+    """``ckdiff logits a b`` here; print seconds, RssAnon after imports, peak, verdict."""
+    from ckdiff.compare.logits import compare_logits
+    from ckdiff.converters.formats import open_checkpoint
+    with PeakRssAnon() as m:
+        t = time.perf_counter()
+        res = compare_logits(open_checkpoint(a), open_checkpoint(b), dtype=dtype)
+        dt = time.perf_counter() - t
+    print(dt, m.base / 1024, m.peak_mib, res.verdict())
+
+
+def bench_size(gib: float, out: Path, dtype: str, keep: bool) -> None:
+    import torch
+
+    from ckdiff.converters.cli import COMMANDS
+    from ckdiff.converters.writers import atomic_dir, write_hf
+    cfg = sized_config(gib)
+    tensors = big_hf_tensors(cfg)
+    size = sum(t.nbytes for t in tensors.values())
+    ensure_space(out, 2.2 * size)
+    src, meg = out / f"logits-hf-{gib:g}g", out / f"logits-meg-{gib:g}g"
+    try:
+        with atomic_dir(src, overwrite=True) as tmp:
+            write_hf(tmp, tensors, cfg.to_hf(), num_shards=4)
+        with contextlib.redirect_stdout(io.StringIO()):
+            COMMANDS["hf-to-megatron"](["llama2", "--model-path", str(src), "--out", str(meg), "--tp", "2",
+                                        "--overwrite", "--quiet"])
+        layer = sum(t.numel for n, t in tensors.items() if ".layers.0." in n)
+        item = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+        r = subprocess.run([sys.executable, __file__, "--one", str(src), str(meg), dtype],
+                           capture_output=True, text=True)
+        if r.returncode:
+            raise SystemExit(f"logits failed:\n{r.stderr[-2000:]}")
+        dt, base, peak, verdict = r.stdout.split()
+        dt, base, peak = float(dt), float(base), float(peak)
+        target = base + layer * item / 2**20
+        print(f"\n== {human(size)} model: {cfg.layers} layers, hidden {cfg.hidden}; HF vs Megatron TP=2, "
+              f"{dtype} compute, 4 x 48 tokens")
+        print(f"ckdiff logits {dt:7.1f}s ({size * 2 / dt / 2**30:.2f} GiB/s of weights)  verdict {verdict}  "
+              f"peak RssAnon {peak:6.0f} MiB (after imports {base:.0f}; one layer in {dtype} is "
+              f"{human(layer * item)}, so about {target:.0f} MiB + activations)")
+    finally:
+        if not keep:
+            for d in (src, meg):
+                shutil.rmtree(d, ignore_errors=True)
+
+
+def main():
+    if sys.argv[1:2] == ["--one"]:
+        return one(*sys.argv[2:5])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="1,4", help="model sizes in GiB, comma separated")
+    p.add_argument("--dtype", default="float32", help="compute dtype")
+    p.add_argument("--dir", default=str(Path(__file__).parent / "out"))
+    p.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    a = p.parse_args()
+    out = Path(a.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"machine: {os.cpu_count()} CPUs; page cache warm; logits in a fresh process")
+    for gib in (float(s) for s in a.sizes.split(",")):
+        bench_size(gib, out, a.dtype, a.keep)
+
+
+if __name__ == "__main__":
+    main()
