@@ -10,7 +10,7 @@ import os
 import sys
 import traceback
 
-from .errors import CkdiffError, UsageError
+from .errors import CkdiffError, UsageError, error_line
 
 SUBCOMMANDS = ("inspect", "convert", "logits", "demo", "roundtrip", "golden", "compare")
 
@@ -154,6 +154,7 @@ def cmd_inspect(argv) -> int:
 
     from .converters.formats import dtype_name, open_checkpoint
     from .reports.render import collapse_layers
+    from .text import printable
     p = _Parser(prog="ckdiff inspect", description="List tensors with repeated layers collapsed.")
     p.add_argument("path")
     p.add_argument("--format")
@@ -165,7 +166,7 @@ def cmd_inspect(argv) -> int:
     rows = [(n, t.shape, dtype_name(t.dtype)) for n, t in ck.tensors.items()]
     shown = [(n, list(s), d, 1) for n, s, d in rows] if args.full else collapse_layers(rows)
     console = _console()
-    console.print(f"{escape(ck.path)} \\[{ck.format}]: {len(ck)} tensors, {ck.num_params:,} parameters, "
+    console.print(f"{escape(printable(ck.path))} \\[{ck.format}]: {len(ck)} tensors, {ck.num_params:,} parameters, "
                   f"{ck.num_bytes:,} bytes", highlight=False)
     for k in ("tp", "pp", "iteration"):
         if k in ck.meta:
@@ -174,7 +175,7 @@ def cmd_inspect(argv) -> int:
     for c in ("tensor", "shape", "dtype", "count"):
         table.add_column(c, overflow="fold")
     for n, s, d, c in shown:
-        table.add_row(escape(n), str(s), d, str(c))
+        table.add_row(escape(printable(n)), str(s), d, str(c))
     console.print(table)
     if args.json:
         from .reports.render import write_json_report
@@ -216,7 +217,7 @@ def main(argv=None) -> int:
     except CkdiffError as e:
         if debug:
             traceback.print_exc()
-        print(f"ckdiff: error: {e}", file=sys.stderr)
+        print(f"ckdiff: error: {error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ckdiff: interrupted", file=sys.stderr)
@@ -225,7 +226,7 @@ def main(argv=None) -> int:
         if debug:
             traceback.print_exc()
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"ckdiff: error: internal error {e.__class__.__name__}: {msg[:300]} (rerun with --debug)",
+        print(f"ckdiff: error: internal error {e.__class__.__name__}: {error_line(msg[:300])} (rerun with --debug)",
               file=sys.stderr)
         return 2
 

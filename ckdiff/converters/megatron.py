@@ -17,7 +17,8 @@ from ..errors import InputError, UsageError
 from .config import ModelConfig
 from .formats import register
 from .lazy import Checkpoint, ConcatTensor, EagerTensor, LazyTensor, PadRows, RowSlice
-from .pickle_io import flatten_state, load_pickle
+from .inputs import read_input
+from .pickle_io import checked_state, load_pickle
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
@@ -45,18 +46,19 @@ def native_name(key: str) -> str:
     return key
 
 
+def read_tracker(tracker: Path) -> str:
+    """The tracker's text: 'release' or an iteration number. Errors never quote the file's contents."""
+    raw = read_input(tracker, limit=64)
+    text = raw.decode("ascii", "replace").strip()
+    if text == "release" or (text.isascii() and text.isdigit() and len(text) <= 12 and int(text) > 0):
+        return text
+    raise InputError(tracker, f"does not hold 'release' or an iteration number > 0 ({len(raw)} bytes)")
+
+
 def _iteration_dir(root: Path) -> tuple[Path, str]:
     tracker = root / TRACKER
-    try:
-        text = tracker.read_text().strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(tracker, f"cannot read the iteration tracker ({e.__class__.__name__})") from None
-    if text == "release":
-        d = root / "release"
-    elif text.isdigit() and int(text) > 0:
-        d = root / f"iter_{int(text):07d}"
-    else:
-        raise InputError(tracker, f"holds {text[:40]!r}: expected 'release' or an iteration number > 0")
+    text = read_tracker(tracker)
+    d = root / "release" if text == "release" else root / f"iter_{int(text):07d}"
     if not d.is_dir():
         raise InputError(tracker, f"points to {d.name}, which does not exist")
     return d, text
@@ -116,7 +118,7 @@ def read_megatron(root: Path, trust_pickle: bool = False, **_) -> Checkpoint:
             raise InputError(f, "no 'model' entry: not a Megatron checkpoint")
         if not args:
             args = _args_dict(obj, f)
-        flat = {native_name(k): v for k, v in flatten_state(obj["model"]).items()}
+        flat = {native_name(k): v for k, v in checked_state(f, obj["model"]).items()}
         stages.setdefault(p, {})[t] = {k: EagerTensor(k, v, str(f)) for k, v in flat.items()}
     L = args.get("num_layers")
     glu = bool(args.get("glu_activation"))
@@ -293,6 +295,7 @@ def write_megatron(out: Path, tensors: dict[str, LazyTensor], cfg: ModelConfig, 
                    args: argparse.Namespace) -> list[str]:
     """Write rank files (legacy names, as hf_to_megatron) and the tracker last."""
     from .layouts import MEGATRON
+    from .writers import save_torch
     L = cfg.layers
     per = L // pp
     glu = cfg.family != "falcon"
@@ -324,7 +327,7 @@ def write_megatron(out: Path, tensors: dict[str, LazyTensor], cfg: ModelConfig, 
             rank = f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "")
             d = out / "release" / rank
             d.mkdir(parents=True, exist_ok=True)
-            torch.save({"iteration": "release", "checkpoint_version": 3.0, "args": args, "model": model},
+            save_torch({"iteration": "release", "checkpoint_version": 3.0, "args": args, "model": model},
                        d / "model_optim_rng.pt")
             written.append(str(d / "model_optim_rng.pt"))
             del model, lm, enc

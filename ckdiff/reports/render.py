@@ -58,8 +58,13 @@ def fmt(x, nd=3) -> str:
 
 
 def print_compare(res, console, limit: int = 40) -> None:
-    from rich.markup import escape
+    from rich.markup import escape as _markup
     from rich.table import Table
+
+    from ..text import printable
+
+    def escape(s):  # markup and terminal control characters both escaped
+        return _markup(printable(s))
     counts = res.counts()
     ok = res.equivalent
     summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
