@@ -12,6 +12,7 @@ import traceback
 
 from .errors import CkdiffError, UsageError, error_line
 
+PLAIN_ROWS = 2000  # inspect tables longer than this print as plain text
 SUBCOMMANDS = ("inspect", "convert", "logits", "demo", "roundtrip", "golden", "compare")
 
 
@@ -171,12 +172,18 @@ def cmd_inspect(argv) -> int:
     for k in ("tp", "pp", "iteration"):
         if k in ck.meta:
             console.print(f"{k}: {ck.meta[k]}")
+    if len(shown) > PLAIN_ROWS:  # a rich table costs about a millisecond a row
+        from .text import plain_table
+        sys.stdout.writelines(line + "\n" for line in plain_table(
+            ("tensor", "shape", "dtype", "count"), [(printable(n), str(s), d, str(c)) for n, s, d, c in shown]))
+        shown = []
     table = Table(show_header=True)
     for c in ("tensor", "shape", "dtype", "count"):
         table.add_column(c, overflow="fold")
     for n, s, d, c in shown:
         table.add_row(escape(printable(n)), str(s), d, str(c))
-    console.print(table)
+    if shown:
+        console.print(table)
     if args.json:
         from .reports.render import write_json_report
         write_json_report(args.json, "inspect", {

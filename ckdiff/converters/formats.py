@@ -5,9 +5,9 @@ into a ``Checkpoint`` of lazy tensors (``read``). New layouts register here.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -16,7 +16,7 @@ import torch
 
 from ..errors import InputError, UsageError
 from .lazy import Checkpoint, ConcatTensor, LazyTensor
-from .inputs import read_json_object, stat_input
+from .inputs import kind_of, read_json_object, stat_input
 from .pickle_io import read_pickle_tensors
 from .safetensors_io import read_safetensors
 
@@ -119,7 +119,7 @@ def _file():
 # ---------------------------------------------------------------- HF directories
 def _hf_weight_files(p: Path):
     for idx in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (p / idx).is_file():
+        if os.path.lexists(p / idx):  # a FIFO or a broken link here is an error, not a missing index
             return "index", p / idx
     st = sorted(p.glob("*.safetensors"))
     if st:
@@ -134,7 +134,7 @@ def _hf_weight_files(p: Path):
                 "*.safetensors + index, or pytorch_model*.bin")
 def _hf():
     def detect(p: Path):
-        return p.is_dir() and (p / "config.json").is_file() and _hf_weight_files(p)[0] is not None
+        return p.is_dir() and os.path.lexists(p / "config.json") and _hf_weight_files(p)[0] is not None
 
     def read(p: Path, trust_pickle=False, **_):
         kind, what = _hf_weight_files(p)
@@ -146,7 +146,7 @@ def _hf():
             tensors, files = _merge_files(what, one, p), [str(f) for f in what]
         else:
             raise InputError(p, "HF directory without weights (no *.safetensors or pytorch_model*.bin)")
-        config = _json(p / "config.json") if (p / "config.json").is_file() else {}
+        config = _json(p / "config.json") if os.path.lexists(p / "config.json") else {}
         return Checkpoint(str(p), "hf", tensors, config=config, meta={"files": files})
     return detect, read
 
@@ -287,8 +287,9 @@ def resolve_path(spec: str, cache_dir: str | None = None) -> Path:
 
 
 def detect_format(p: Path) -> str:
-    if not p.exists():
-        raise InputError(p, "no such file or directory")
+    mode = stat_input(p).st_mode  # a loop, a dangling link, a name too long: named errors
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        raise InputError(p, f"is {kind_of(mode)}, expected a checkpoint file or directory")
     if p.is_dir():
         # Megatron and others register later; test the most specific first.
         for name in ("megatron", "jetstream", "meta", "hf"):

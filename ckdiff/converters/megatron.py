@@ -166,6 +166,10 @@ def _merge_tp(name, parts: list[LazyTensor], glu: bool, ranks, p) -> LazyTensor:
         if q.shape != shape0:
             raise InputError(ranks[(t, p)], f"TP shards disagree in shape for {name}: "
                                             f"{list(q.shape)} vs {list(shape0)} on rank 0")
+        if q.dtype != parts[0].dtype:
+            dt = [str(x.dtype).replace("torch.", "") for x in (q, parts[0])]
+            raise InputError(ranks[(t, p)], f"TP shards disagree in dtype for {name}: {dt[0]} here, "
+                                            f"{dt[1]} in {ranks[(0, p)]}")
     if TP == 1:
         return parts[0]
     axis = tp_axis(name)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from .inputs import check_input
+from .inputs import open_input
 from .lazy import EagerTensor, LazyTensor
 
 # Types Megatron rank files need beyond tensors and containers.
@@ -24,7 +24,10 @@ SAFE_GLOBALS = [argparse.Namespace]
 def load_pickle(path, trust: bool = False) -> object:
     """Load a torch pickle without executing code (unless ``trust``)."""
     path = Path(path)
-    check_input(path)  # a regular file (links followed) before torch opens it: never a FIFO or device
+    with open_input(path) as f:  # a regular file (links followed) before torch opens it: never a FIFO
+        magic = f.read(2)
+    if magic not in (b"PK", b"") and magic[:1] != b"\x80":  # torch writes a zip, or a pickle of protocol >= 2
+        raise InputError(path, "not a torch zip or pickle file")
     if not path.exists():
         raise InputError(path, "no such file")
     if path.is_dir():
@@ -45,12 +48,21 @@ def load_pickle(path, trust: bool = False) -> object:
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()
         reason = next((ln.strip() for ln in first if "GLOBAL" in ln or "Unsupported" in ln), "")
+        if reason.startswith("Unsupported operand"):  # the opcode would quote a byte of the file
+            reason = "unsupported pickle opcode"
         raise InputError(path, "refused to unpickle: needs more than plain tensors "
                                f"({reason or 'unsafe content'}); pass --trust-pickle only if you "
                                "trust this file, since it can run code") from None
     except Exception as e:  # noqa: BLE001 - whatever a corrupt file makes torch raise, it is an input error
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise InputError(path, f"not a readable torch checkpoint ({msg[:200]})") from None
+        raise InputError(path, f"not a readable torch checkpoint ({_reason(e)})") from None
+
+
+def _reason(e: Exception) -> str:
+    """torch's reason for refusing a file, without the bytes of the file it may quote."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+    if "invalid load key" in msg:
+        return "not a torch zip or pickle: invalid load key"  # torch quotes the file's first byte
+    return msg[:200]
 
 
 def flatten_state(obj, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -97,6 +97,20 @@ def _lone_surrogate(s: str) -> bool:
     return any("\ud800" <= c <= "\udfff" for c in s)
 
 
+def _repeats_possible(raw: bytes, header) -> bool:
+    """Whether an object in ``header`` (parsed keeping the last of repeated keys) may have repeated
+    a field that matters; False is a proof, reached without the slower parse that sees repeats.
+
+    Without ``\\u`` escapes every key is spelled literally: if ``"dtype"``, ``"shape"`` and
+    ``"data_offsets"`` each occur exactly once per object entry, and ``"__metadata__"`` at most
+    once, nothing was repeated.
+    """
+    if b"\\u" in raw or raw.count(b'"__metadata__"') > 1 or not isinstance(header, dict):
+        return True
+    n = sum(1 for k, v in header.items() if type(v) is dict and k != "__metadata__")
+    return not (raw.count(b'"dtype"') == raw.count(b'"shape"') == raw.count(b'"data_offsets"') == n)
+
+
 def _u64(x) -> bool:
     return type(x) is int and 0 <= x < U64
 
@@ -114,8 +128,10 @@ def parse_header(path, raw: bytes, data_len: int):
     except UnicodeDecodeError as e:
         raise bad(f"not UTF-8 (byte {e.start})") from None
     try:
-        header = json.loads(text, object_pairs_hook=_pairs, parse_float=_float, parse_constant=_no_constant,
-                            parse_int=_int if "-0" in text else None)
+        kw = dict(parse_float=_float, parse_constant=_no_constant, parse_int=_int if "-0" in text else None)
+        header = json.loads(text, **kw)
+        if _repeats_possible(raw, header):
+            header = json.loads(text, object_pairs_hook=_pairs, **kw)
     except json.JSONDecodeError as e:
         raise bad(f"invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     except ValueError as e:
@@ -157,7 +173,7 @@ def parse_header(path, raw: bytes, data_len: int):
             raise bad(f"dtype of tensor {name!r} is a {type(dt_name).__name__}, expected a string")
         if dt_name not in FORMAT_DTYPES:
             raise InputError(path, f"tensor {name!r} has unknown dtype {dt_name!r}")
-        if type(shape) is not list or not all(_u64(s) for s in shape):
+        if type(shape) is not list or not all(type(s) is int and 0 <= s < U64 for s in shape):
             raise bad(f"shape of tensor {name!r} must be a list of non-negative integers")
         if surrogates and not _depth_and_text_ok(shape, 3, True):
             raise bad(f"shape of tensor {name!r} is invalid")
@@ -247,12 +263,16 @@ class SafetensorsFile:
         return self._fh.fileno()
 
     def tensors(self) -> dict[str, "SafetensorsTensor"]:
-        return {n: SafetensorsTensor(n, self, *e) for n, e in self.entries.items()}
+        origin = str(self.path)
+        return {n: SafetensorsTensor(n, self, *e, origin=origin) for n, e in self.entries.items()}
 
 
 class SafetensorsTensor(LazyTensor):
-    def __init__(self, name, file: SafetensorsFile, dtype, shape, lo, hi):
-        super().__init__(name, shape, dtype, str(file.path))
+    def __init__(self, name, file: SafetensorsFile, dtype, shape, lo, hi, origin=None):
+        # the header parser has made ``shape`` a tuple of ints already: set the fields directly
+        # (a header can hold a million entries)
+        self.name, self.shape, self.dtype = name, shape, dtype
+        self.origin = str(file.path) if origin is None else origin
         self.file, self.lo, self.hi = file, lo, hi
 
     def _view(self, byte_lo: int, byte_hi: int, shape) -> torch.Tensor:
