@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import re
 
-# C0 and C1 controls, DEL, and the invisible direction/line-separator marks that can
-# reorder or hide what a terminal shows.
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ufeff]")
+# C0 and C1 controls, DEL, the invisible direction/line-separator marks that can reorder or
+# hide what a terminal shows, and lone surrogates (which a strict terminal encoding cannot print).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ufeff"
+                     "\ud800-\udfff]")  # last: bytes of a file name that are not UTF-8 (surrogate escapes)
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 

@@ -523,6 +523,14 @@ def symlink_loop_in_glob(d):
 
 
 @hostile
+def tracker_is_a_symlink_loop(d):
+    meg = emit(d / "meg", "llama-gqa", "megatron")
+    (meg / "latest_checkpointed_iteration.txt").unlink()
+    (meg / "latest_checkpointed_iteration.txt").symlink_to(meg / "latest_checkpointed_iteration.txt")
+    return ["inspect", meg], ["latest_checkpointed_iteration.txt", "symbolic link loop"]
+
+
+@hostile
 def dangling_symlink(d):
     (d / "w.safetensors").symlink_to(d / "gone.safetensors")
     return ["inspect", d / "w.safetensors"], ["w.safetensors", "missing"]
@@ -733,6 +741,13 @@ def newline_and_escape_in_file_name(d):
 def escape_sequence_in_tensor_name(d):
     hdr = {"a\x1b[31m\r": _entry(dtype="Q7"), "b": _entry((2,), (16, 24))}
     return ["inspect", _header_file(d, hdr, b"\0" * 24)], ["h.safetensors", "a\\x1b[31m\\r", "unknown dtype"]
+
+
+@hostile
+def non_utf8_file_name(d):
+    p = d / os.fsdecode(b"bad\xff.safetensors")
+    p.write_bytes(b"1234")
+    return ["inspect", p], ["bad\\udcff.safetensors", "shorter than"]
 
 
 # -- 10. errors never print file contents

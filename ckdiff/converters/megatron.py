@@ -8,6 +8,7 @@ sections 3-5 and 10-12.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from pathlib import Path
 
@@ -191,7 +192,7 @@ def _merge_tp(name, parts: list[LazyTensor], glu: bool, ranks, p) -> LazyTensor:
                       "{release,iter_NNNNNNN}/mp_rank_XX[_YYY]/model_optim_rng.pt")
 def _megatron():
     def detect(p: Path):
-        return p.is_dir() and (p / TRACKER).exists()
+        return p.is_dir() and os.path.lexists(p / TRACKER)  # a broken tracker link is named, not skipped
     return detect, read_megatron
 
 

@@ -9,6 +9,7 @@ then streams tensors one at a time, so a model never has to be in memory at once
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import re
@@ -38,6 +39,7 @@ FIELDS = ("dtype", "shape", "data_offsets")
 MAX_DEPTH = 127  # nesting the reference JSON reader accepts (objects and arrays, the header itself included)
 U64 = 1 << 64
 TORCH_MAX_DIM = (1 << 63) - 1
+_INT_ONLY = {int}
 
 
 class _Dups(dict):
@@ -173,7 +175,8 @@ def parse_header(path, raw: bytes, data_len: int):
             raise bad(f"dtype of tensor {name!r} is a {type(dt_name).__name__}, expected a string")
         if dt_name not in FORMAT_DTYPES:
             raise InputError(path, f"tensor {name!r} has unknown dtype {dt_name!r}")
-        if type(shape) is not list or not all(type(s) is int and 0 <= s < U64 for s in shape):
+        if type(shape) is not list or shape and (set(map(type, shape)) != _INT_ONLY or min(shape) < 0
+                                                 or max(shape) >= U64):
             raise bad(f"shape of tensor {name!r} must be a list of non-negative integers")
         if surrogates and not _depth_and_text_ok(shape, 3, True):
             raise bad(f"shape of tensor {name!r} is invalid")
@@ -181,7 +184,7 @@ def parse_header(path, raw: bytes, data_len: int):
             raise bad(f"data_offsets of tensor {name!r} must be two non-negative integers")
         spans.append((offsets[0], offsets[1], name, dt_name, shape))
     # The reference reader's checks, in its order: tensors sorted by offsets must tile the data exactly.
-    spans.sort(key=lambda s: (s[0], s[1]))
+    spans.sort()  # by offsets (names are unique, so no tie reaches the shapes)
     start = 0
     entries = {}
     for lo, hi, name, dt_name, shape in spans:
@@ -196,11 +199,11 @@ def parse_header(path, raw: bytes, data_len: int):
         if hi > data_len:
             raise InputError(path, f"tensor {name!r} offsets [{lo}, {hi}) lie outside the data ({data_len} bytes): "
                                    "file truncated or corrupt")
-        n = 1
-        for s in shape:
-            n *= s
-            if n >= U64:
-                raise InputError(path, f"tensor {name!r}: shape {shape} overflows a 64-bit size")
+        n = math.prod(shape)
+        # the reference multiplies left to right and refuses any product past 64 bits, even one a
+        # later zero would bring back to 0
+        if (math.prod(shape[:shape.index(0)]) if n == 0 and shape else n) >= U64:
+            raise InputError(path, f"tensor {name!r}: shape {shape} overflows a 64-bit size")
         if dt_name not in DTYPES:
             raise InputError(path, f"tensor {name!r} has dtype {dt_name}, which ckdiff does not support")
         dtype = DTYPES[dt_name]
@@ -208,7 +211,7 @@ def parse_header(path, raw: bytes, data_len: int):
             raise InputError(path, f"tensor {name!r}: shape {shape} {dt_name} overflows a 64-bit byte count")
         if hi - lo != n * dtype.itemsize:
             raise InputError(path, f"tensor {name!r}: {hi - lo} bytes for shape {shape} {dt_name}")
-        if any(s > TORCH_MAX_DIM for s in shape):
+        if shape and max(shape) > TORCH_MAX_DIM:
             raise InputError(path, f"tensor {name!r}: a dimension of shape {shape} exceeds what torch can index")
         entries[name] = (dtype, tuple(shape), lo, hi)
     if start != data_len:
