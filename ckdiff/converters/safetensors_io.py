@@ -38,7 +38,7 @@ FORMAT_DTYPES = set(DTYPES) | {"F4", "F6_E2M3", "F6_E3M2", "F8_E8M0", "F8_E4M3FN
 FIELDS = ("dtype", "shape", "data_offsets")
 MAX_DEPTH = 127  # nesting the reference JSON reader accepts (objects and arrays, the header itself included)
 U64 = 1 << 64
-TORCH_MAX_DIM = (1 << 63) - 1
+MAX_LAYOUT = 1 << 62  # torch's strides and sizes are int64: leave room for a concatenation
 _INT_ONLY = {int}
 
 
@@ -211,8 +211,11 @@ def parse_header(path, raw: bytes, data_len: int):
             raise InputError(path, f"tensor {name!r}: shape {shape} {dt_name} overflows a 64-bit byte count")
         if hi - lo != n * dtype.itemsize:
             raise InputError(path, f"tensor {name!r}: {hi - lo} bytes for shape {shape} {dt_name}")
-        if shape and max(shape) > TORCH_MAX_DIM:
-            raise InputError(path, f"tensor {name!r}: a dimension of shape {shape} exceeds what torch can index")
+        if n == 0 and shape and math.prod(d or 1 for d in shape) > MAX_LAYOUT:
+            # the reference reads an empty tensor of any shape; torch cannot lay such a one out or
+            # operate on it (its strides overflow), so ckdiff refuses it
+            raise InputError(path, f"tensor {name!r}: empty, but shape {shape} exceeds what torch can index "
+                                   "(its size, counting empty dimensions as 1, is past 2^62)")
         entries[name] = (dtype, tuple(shape), lo, hi)
     if start != data_len:
         if start > data_len:
