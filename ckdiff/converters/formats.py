@@ -74,28 +74,27 @@ def _read_indexed(root: Path, index: Path, read_one) -> dict[str, LazyTensor]:
     wm = data.get("weight_map")
     if not isinstance(wm, dict) or not wm:
         raise InputError(index, "has no weight_map")
-    files: dict[Path, list] = {}
-    shard_of: dict[str, Path] = {}  # each shard name is resolved once, however many tensors it holds
+    shard_of: dict[str, Path] = {}  # each shard name is resolved and checked once
     real_root = root.resolve()
     for key, rel in wm.items():
         if not isinstance(rel, str):
             raise InputError(index, f"weight_map entry for {key!r} is not a file name")
-        p = shard_of.get(rel)
-        if p is None:
-            p = shard_of[rel] = _inside(root, rel, real_root)
-            try:
-                is_file = p.is_file()
-            except OSError:
-                is_file = False
-            if not is_file:
-                raise InputError(index, f"names shard {rel!r}, which is missing or not a regular file")
-        files.setdefault(p, []).append(key)
+        if rel in shard_of:
+            continue
+        p = shard_of[rel] = _inside(root, rel, real_root)
+        try:
+            is_file = p.is_file()
+        except OSError:
+            is_file = False
+        if not is_file:
+            raise InputError(index, f"names shard {rel!r}, which is missing or not a regular file")
+    files = {p: rel for rel, p in shard_of.items()}  # two names of one file are read once
     tensors = _merge_files(sorted(files), read_one, root)
-    for p, keys in files.items():
-        origin = str(p)
-        for k in keys:
-            if k not in tensors or tensors[k].origin != origin:
-                raise InputError(index, f"maps {k!r} to {p.name}, which does not hold it")
+    origins = {rel: str(p) for rel, p in shard_of.items()}
+    for k, rel in wm.items():
+        t = tensors.get(k)
+        if t is None or t.origin != origins[rel]:
+            raise InputError(index, f"maps {k!r} to {shard_of[rel].name}, which does not hold it")
     return {k: tensors[k] for k in wm}
 
 

@@ -10,8 +10,10 @@ quotes a file's contents.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import gc
 import json
 import os
 import stat
@@ -82,12 +84,6 @@ def open_input(path):
         raise
 
 
-def check_input(path) -> int:
-    """Refuse anything but a readable regular file; returns its size (for readers that open by name)."""
-    with open_input(path) as f:
-        return os.fstat(f.fileno()).st_size
-
-
 def read_input(path, limit: int | None = None) -> bytes:
     """The bytes of a regular file; with ``limit``, refuse a file longer than that."""
     with open_input(path) as f:
@@ -100,6 +96,19 @@ def read_input(path, limit: int | None = None) -> bytes:
     return data
 
 
+@contextlib.contextmanager
+def no_gc():
+    """Pause the cyclic garbage collector while building many acyclic objects (JSON of a million
+    entries): its collections would otherwise rescan everything built so far, again and again."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def _no_constant(name):
     raise ValueError(f"{name} is not JSON")
 
@@ -107,7 +116,8 @@ def _no_constant(name):
 def parse_json(path, raw: bytes, what: str = "JSON"):
     """Parse strict JSON; defects, including nesting too deep to parse, name the file, never its text."""
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+        with no_gc():
+            return json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
     except UnicodeDecodeError as e:
         raise InputError(path, f"invalid {what}: not UTF-8 (byte offset {e.start})") from None
     except json.JSONDecodeError as e:

@@ -21,7 +21,7 @@ from typing import Iterable
 import torch
 
 from ..errors import InputError
-from .inputs import open_input, os_problem
+from .inputs import no_gc, open_input, os_problem
 from .lazy import LazyTensor
 
 DTYPES = {
@@ -180,7 +180,7 @@ def parse_header(path, raw: bytes, data_len: int):
             raise bad(f"shape of tensor {name!r} must be a list of non-negative integers")
         if surrogates and not _depth_and_text_ok(shape, 3, True):
             raise bad(f"shape of tensor {name!r} is invalid")
-        if type(offsets) is not list or len(offsets) != 2 or not all(_u64(o) for o in offsets):
+        if type(offsets) is not list or len(offsets) != 2 or not (_u64(offsets[0]) and _u64(offsets[1])):
             raise bad(f"data_offsets of tensor {name!r} must be two non-negative integers")
         spans.append((offsets[0], offsets[1], name, dt_name, shape))
     # The reference reader's checks, in its order: tensors sorted by offsets must tile the data exactly.
@@ -247,7 +247,8 @@ class SafetensorsFile:
             except OSError as e:
                 raise InputError(path, os_problem(e)) from None
         self.data_start = 8 + hlen
-        self.metadata, self.entries = parse_header(path, raw, size - self.data_start)
+        with no_gc():  # a header of a million entries allocates millions of objects, none of them cyclic
+            self.metadata, self.entries = parse_header(path, raw, size - self.data_start)
         self._mm = None
 
     def buffer(self):
@@ -270,7 +271,8 @@ class SafetensorsFile:
 
     def tensors(self) -> dict[str, "SafetensorsTensor"]:
         origin = str(self.path)
-        return {n: SafetensorsTensor(n, self, *e, origin=origin) for n, e in self.entries.items()}
+        with no_gc():
+            return {n: SafetensorsTensor(n, self, *e, origin=origin) for n, e in self.entries.items()}
 
 
 class SafetensorsTensor(LazyTensor):
