@@ -1,67 +1,150 @@
-"""Benchmark: `ckdiff A B` on two identical ~1.7 GB checkpoints (generated, never committed).
+"""Benchmark: `ckdiff A B` on generated bf16 Llama-shaped checkpoints, the cases users have.
 
-Prints the time of comparing against the time of reading both files' bytes from the
-page cache, and the peak anonymous memory (RssAnon) of the compare.
-Targets (issue 2): time ratio <= 2, peak RssAnon < 300 MiB.
+For each size (about 1 GiB and 4 GiB per side by default) it writes an HF directory A and, one
+case at a time, a B that is
+  copy     a byte-identical copy
+  one      a copy with one element changed
+  all      every element changed slightly (x * (1 + 1e-2 * noise), a fine-tune or a numerics change)
+  cast     every tensor cast bf16 -> fp16
+  int8     A converted to JetStream int8 per-channel (float vs quantized, across layouts)
+  megatron A converted to Megatron-LLM TP=2 (across layouts)
+and runs the command line `ckdiff A B` in a fresh process. Figures per row: wall time, the
+figure (wall - startup) / time to `cat` both sides' files (page cache warm), the target, and the
+peak RssAnon of the process sampled from /proc. Startup is the wall time of the same command
+on two tiny checkpoints (interpreter, torch, numba cache).
 
-    python bench/bench_compare.py [--dir bench/out] [--keep]
+    python bench/bench_compare.py [--sizes 1,4] [--cases copy,one,all,cast,int8,megatron] [--dir DIR] [--keep]
 """
 from __future__ import annotations
 
+import argparse
+import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PeakRssAnon, human, prepare, read_bytes_seconds, rss_anon_kib  # noqa: E402
+from common import (big_hf_tensors, cat_seconds, child_peak_rss_anon, ensure_space, human,  # noqa: E402
+                    sized_config)
+from ckdiff.converters.lazy import LazyTensor  # noqa: E402
+
+TARGET = {"copy": 1.5, "one": 2.0, "all": 3.0, "cast": 3.0, "int8": 4.0, "megatron": 3.0}
+MAIN = "import sys; from ckdiff.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
-def one(fa, fb):
-    """Best of three compares of the pair: seconds, RssAnon after imports, peak RssAnon, tensors."""
-    from ckdiff.compare.diff import compare_checkpoints
-    from ckdiff.converters.formats import open_checkpoint
-    base = rss_anon_kib() / 1024
-    times, peak = [], 0.0
-    for _ in range(3):
-        with PeakRssAnon() as m:
-            t = time.perf_counter()
-            res = compare_checkpoints(open_checkpoint(fa), open_checkpoint(fb))
-            times.append(time.perf_counter() - t)
-        peak = max(peak, m.peak_mib)
-        assert res.equivalent and all(r.bit_exact for r in res.tensors)
-    print(min(times), base, peak, len(res.tensors))
+class Changed(LazyTensor):
+    """``base`` with every element perturbed (``noise``) or cast to ``dtype``."""
+
+    def __init__(self, base, dtype=None, noise=0.0):
+        super().__init__(base.name, base.shape, dtype or base.dtype, "<bench>")
+        self.base, self.noise = base, noise
+
+    def load(self):
+        t = self.base.load()
+        if self.noise:
+            g = torch.Generator().manual_seed(hash(self.name) % 2**31)
+            t = (t.float() * (1 + self.noise * torch.randn(t.shape, generator=g))).to(t.dtype)
+        return t.to(self.dtype)
+
+
+def files_of(d: Path) -> list:
+    return sorted(p for p in d.rglob("*") if p.is_file())
+
+
+def ckdiff(argv, env) -> tuple:
+    return child_peak_rss_anon([sys.executable, "-c", MAIN, *map(str, argv)], env=env)
+
+
+def make_b(case: str, a: Path, b: Path, tensors: dict, cfg, env) -> None:
+    from ckdiff.converters.writers import atomic_dir, write_hf
+    if case in ("copy", "one"):
+        shutil.copytree(a, b)
+        if case == "one":  # flip a low mantissa bit of one bf16 element in the middle of a big tensor
+            from ckdiff.converters.safetensors_io import SafetensorsFile
+            f = SafetensorsFile(b / "model.safetensors")
+            name = max(f.entries, key=lambda k: f.entries[k][3] - f.entries[k][2])
+            _, shape, lo, hi = f.entries[name]
+            off = f.data_start + lo + ((hi - lo) // 4) * 2
+            with open(b / "model.safetensors", "r+b") as fh:
+                fh.seek(off)
+                x = fh.read(1)
+                fh.seek(off)
+                fh.write(bytes([x[0] ^ 1]))
+        return
+    if case in ("all", "cast"):
+        changed = {k: Changed(t, noise=1e-2) if case == "all" else Changed(t, dtype=torch.float16)
+                   for k, t in tensors.items()}
+        with atomic_dir(b, overwrite=True) as tmp:
+            write_hf(tmp, changed, cfg.to_hf(), num_shards=1)
+        return
+    if case == "int8":
+        argv = ["convert", "to-jetstream", "--model_name", "llama-2", "--input_checkpoint_dir", a,
+                "--output_checkpoint_dir", b, "--from_hf", "--quantize_weights", "--quantize_type",
+                "int8_per_channel"]
+    else:
+        argv = ["convert", "hf-to-megatron", "llama2", "--model-path", a, "--out", b, "--tp", "2"]
+    dt, peak, rc, out, err = ckdiff(argv, env)
+    if rc:
+        raise SystemExit(f"{case}: conversion failed: {err.strip()[-500:]}")
+
+
+def tiny_pair(out: Path) -> tuple:
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(0)
+    t = {"w": torch.randn(4, 4, generator=g)}
+    save_file(t, out / "tiny-a.safetensors")
+    save_file(t, out / "tiny-b.safetensors")
+    return out / "tiny-a.safetensors", out / "tiny-b.safetensors"
 
 
 def main():
-    if sys.argv[1:2] == ["--one"]:
-        return one(*sys.argv[2:4])
-    from ckdiff.converters.safetensors_io import write_safetensors
-    a, out, tensors, size = prepare(2, __doc__)
-    fa, fb = out / "a.safetensors", out / "b.safetensors"
-    if not (fa.exists() and fa.stat().st_size > size):
-        t = time.perf_counter()
-        write_safetensors(fa, tensors.values())
-        print(f"generated {fa} ({human(fa.stat().st_size)}) in {time.perf_counter() - t:.1f}s")
-    if not (fb.exists() and fb.stat().st_size == fa.stat().st_size):
-        shutil.copyfile(fa, fb)
-    read_bytes_seconds([fa, fb])  # warm the page cache
-    t_read = min(read_bytes_seconds([fa, fb]) for _ in range(3))
-    # the compare runs in a fresh process, so its peak memory is its own
-    r = subprocess.run([sys.executable, __file__, "--one", str(fa), str(fb)], capture_output=True, text=True,
-                       check=True)
-    t_cmp, base, peak, n = r.stdout.split()
-    t_cmp, peaks = float(t_cmp), [float(peak)]
-    total = fa.stat().st_size + fb.stat().st_size
-    print(f"pair: {human(total)} in {n} tensors; RssAnon after imports {float(base):.0f} MiB")
-    print(f"read both files from page cache: {t_read:.3f}s ({total / t_read / 2**30:.2f} GiB/s)")
-    print(f"ckdiff compare (identical):      {t_cmp:.3f}s ({total / t_cmp / 2**30:.2f} GiB/s)")
-    print(f"time ratio compare/read: {t_cmp / t_read:.2f}  (target <= 2)")
-    print(f"peak RssAnon during compare: {max(peaks):.1f} MiB  (target < 300 MiB; ratio {max(peaks) / 300:.2f})")
-    if not a.keep:
-        fa.unlink()
-        fb.unlink()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dir", default=str(Path(__file__).parent / "out"))
+    p.add_argument("--sizes", default="1,4", help="GiB per side, comma separated")
+    p.add_argument("--cases", default=",".join(TARGET), help="comma separated, of " + ",".join(TARGET))
+    p.add_argument("--keep", action="store_true")
+    args = p.parse_args()
+    out = Path(args.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep
+           + os.environ.get("PYTHONPATH", "")}
+    from ckdiff.converters.writers import atomic_dir, write_hf
+    ta, tb = tiny_pair(out)
+    ckdiff([ta, tb, "-q"], env)  # numba compiles and caches on a first run
+    startup = min(ckdiff([ta, tb, "-q"], env)[0] for _ in range(3))
+    print(f"startup (same command on two tiny files): {startup:.2f}s; machine: {os.cpu_count()} cores")
+    print(f"{'size':>8} {'case':9} {'wall':>7} {'cat':>6} {'figure':>7} {'target':>6} {'peak RssAnon':>13}  verdict")
+    for gib in [float(s) for s in args.sizes.split(",")]:
+        cfg = sized_config(gib)
+        tensors = big_hf_tensors(cfg)
+        size = sum(t.nbytes for t in tensors.values())
+        ensure_space(out, 3 * size)
+        a = out / f"a-{gib:g}"
+        if not (a / "config.json").exists():
+            t = time.perf_counter()
+            with atomic_dir(a, overwrite=True) as tmp:
+                write_hf(tmp, tensors, cfg.to_hf(), num_shards=1)
+            print(f"generated {a} ({human(size)}, {len(tensors)} tensors) in {time.perf_counter() - t:.0f}s")
+        for case in args.cases.split(","):
+            b = out / f"b-{gib:g}-{case}"
+            if b.exists():
+                shutil.rmtree(b)
+            make_b(case, a, b, tensors, cfg, env)
+            floor = cat_seconds(files_of(a) + files_of(b))
+            wall, peak, rc, stdout, err = ckdiff([a, b, "-q"], env)
+            verdict = (stdout.strip().splitlines() or [err.strip()])[0][:60]
+            fig = (wall - startup) / floor
+            print(f"{human(size):>8} {case:9} {wall:6.1f}s {floor:5.2f}s {fig:6.2f}x {TARGET[case]:5.1f}x "
+                  f"{peak:9.0f} MiB  rc={rc} {verdict}", flush=True)
+            if not args.keep:
+                shutil.rmtree(b)
+        if not args.keep:
+            shutil.rmtree(a)
+    for f in (ta, tb):
+        f.unlink()
 
 
 if __name__ == "__main__":

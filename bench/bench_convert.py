@@ -22,7 +22,7 @@ from common import BIG, PeakRssAnon, human, prepare  # noqa: E402
 
 
 def one(argv):
-    from ckdiff.converters.cli import COMMANDS
+    from ckdiff.commands.convert import COMMANDS
     with PeakRssAnon() as m, contextlib.redirect_stdout(io.StringIO()):
         t = time.perf_counter()
         COMMANDS[argv[0]](argv[1:])

@@ -1,6 +1,7 @@
 """Shared pieces of the benchmarks: a streamed big model and an RssAnon sampler."""
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -115,3 +116,44 @@ def ensure_space(path, need: int):
     st = os.statvfs(path)
     if st.f_bavail * st.f_frsize < need * 1.2:
         raise SystemExit(f"not enough free space in {path} for {human(need)}")
+
+
+# ---------------------------------------------------------------- sizes for the compare benchmark
+def sized_config(gib: float) -> ModelConfig:
+    """BIG's shapes with the layer count that makes about ``gib`` GiB of bfloat16 (at least 1 layer)."""
+    per_layer = 2 * (2 * BIG.hidden * BIG.q_rows + 2 * BIG.hidden * BIG.kv_rows + 3 * BIG.hidden * BIG.ffn)
+    fixed = 2 * 2 * BIG.vocab * BIG.hidden
+    layers = max(1, round((gib * 2**30 - fixed) / per_layer))
+    return ModelConfig(**{**BIG.to_dict(), "layers": layers})
+
+
+def child_peak_rss_anon(argv, env=None, poll=0.005):
+    """Run ``argv``; (wall seconds, peak RssAnon MiB sampled from /proc, returncode, stdout, stderr)."""
+    import subprocess
+    t = time.perf_counter()
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    peak = 0
+    status = f"/proc/{p.pid}/status"
+    while p.poll() is None:
+        try:
+            with open(status) as f:
+                for line in f:
+                    if line.startswith("RssAnon:"):
+                        peak = max(peak, int(line.split()[1]))
+                        break
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+        time.sleep(poll)
+    out, err = p.communicate()
+    return time.perf_counter() - t, peak / 1024, p.returncode, out.decode(), err.decode()
+
+
+def cat_seconds(paths) -> float:
+    """Best of three `cat FILES > /dev/null` (page cache warm after the first)."""
+    import subprocess
+    best = math.inf
+    for _ in range(3):
+        t = time.perf_counter()
+        subprocess.run(["cat", *map(str, paths)], stdout=subprocess.DEVNULL, check=True)
+        best = min(best, time.perf_counter() - t)
+    return best

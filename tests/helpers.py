@@ -4,7 +4,7 @@ import io
 from pathlib import Path
 
 from ckdiff.compare.diff import Options, compare_checkpoints
-from ckdiff.converters.cli import COMMANDS
+from ckdiff.commands.convert import COMMANDS
 from ckdiff.converters.formats import open_checkpoint
 
 

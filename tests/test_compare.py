@@ -45,6 +45,7 @@ def test_one_element_changed_names_tensor_and_index(tiny_hf, tmp_path, run_cli):
     bad = [t for t in doc["result"]["tensors"] if t["status"] != "equal"]
     assert len(bad) == 1 and bad[0]["max_abs_index"] == [17, 42] and bad[0]["n_over_tol"] == 1
     assert bad[0]["bit_exact"] is False and abs(bad[0]["max_abs"] - 0.5) < 1e-6
+    assert bad[0]["diagnosis"][0].startswith("one element changed at [17, 42], isolated")  # from the metrics
 
 
 def test_missing_key_shape_and_cast_reported_as_such(tiny_hf, tmp_path, run_cli):

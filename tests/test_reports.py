@@ -1,12 +1,13 @@
 """Reports: JSON schema, Markdown for PRs, self-contained HTML tested in a real browser."""
 import json
 import os
+import re
 import shutil
 
 import pytest
 
 from ckdiff.compare.diff import CompareResult, TensorResult
-from ckdiff.reports.html import render_html, render_markdown, write_html
+from ckdiff.reports.html import render_html, render_markdown
 
 
 def big_result(n_layers=80, equal=True):
@@ -49,6 +50,62 @@ def test_html_stays_small_for_70b_scale():
     assert len(md) < 5_000  # all-equal: the summary has nothing to unfold
 
 
+def _cast_result(bad: bool):
+    """A bf16 cast of 4 layers (big max-abs, within tolerance), optionally with one tensor over tolerance."""
+    ts = []
+    for i in range(4):
+        for k in ("attention.wq.weight", "attention.wk.weight"):
+            wrong = bad and i == 2 and k == "attention.wk.weight"
+            ts.append(TensorResult(f"layers.{i}.{k}", "differ" if wrong else "cast", [64, 64], [64, 64], "float32",
+                                   "bfloat16", False, 4096, 3.0 if wrong else 0.06, [1, 2], n_over_tol=900 if wrong else 0,
+                                   atol=1e-5, rtol=1.6e-2))
+    ts.append(TensorResult("layers.0.ffn_norm.weight", "quant", [64], [64], "float32", "int8", False, 64, 0.02, [3]))
+    return CompareResult("/a", "/b", "hf", "hf", ts)
+
+
+def test_passing_report_has_no_red_and_a_legend():
+    from ckdiff.reports.html import heatmap
+    ok = render_html("compare", _cast_result(False), "ckdiff /a /b")
+    assert not re.search(r"class=h[345]", ok) and "banner bad" not in ok
+    assert ok.count("<td class=h1") == 9 and "within tolerance" in ok  # cast and quant cells: passing colour
+    assert "Reproduce: <code>ckdiff /a /b</code>" in ok
+    bad = render_html("compare", _cast_result(True))
+    assert bad.count("<td class=h4") == 1 and "Reproduce:" not in bad  # no command given, none invented
+    _, _, cells = heatmap(_cast_result(True).to_dict()["tensors"])
+    assert cells[(2, "attention.wk.weight")][0] > 2 > cells[(2, "attention.wq.weight")][0] > 0
+
+
+def test_markdown_and_html_sort_worst_first():
+    ts = [TensorResult("a.small", "differ", [4], [4], "float32", "float32", False, 4, 0.1, [0], n_over_tol=1),
+          TensorResult("b.missing", "only-a", [4], None, "float32", None),
+          TensorResult("c.big", "differ", [4], [4], "float32", "float32", False, 4, 9.0, [1], n_over_tol=4)]
+    res = CompareResult("/a", "/b", "hf", "hf", ts)
+    md = render_markdown("compare", res)
+    assert md.index("`b.missing`") < md.index("`c.big`") < md.index("`a.small`")
+    assert [t.name for t in res.worst_first()] == ["b.missing", "c.big", "a.small"]
+    html = render_html("compare", res)
+    data = json.loads(html.split("<script id=data type=application/json>")[1].split("</script>")[0])
+    assert [r[0] for r in data["rows"]] == ["b.missing", "c.big", "a.small"]
+
+
+def test_logits_report_reads_as_a_report(tiny_hf):
+    from ckdiff.compare.logits import compare_logits
+    from ckdiff.converters.formats import open_checkpoint
+    a, b = open_checkpoint(str(tiny_hf())), open_checkpoint(str(tiny_hf(seed=1)))
+    res = compare_logits(a, b, batch=2, length=6)
+    html = render_html("logits", res, "ckdiff logits A B")
+    assert "gate_kl" not in html and "None" not in html
+    assert "is over the threshold" in html and "max per-token KL for float32 compute" in html
+    assert html.count("<rect") >= 2 * 6 + len(res.layer_rel_errors)  # KL picture + per-layer bars
+    assert "Per-token KL (sequence x position)" in html and "Hidden-state divergence per layer" in html
+    s, p = res.max_kl_at
+    assert f"Top-5 at the worst token (sequence {s}, position {p})" in html
+    assert len(res.token_kl) == 2 and len(res.token_kl[0]) == 6 and max(map(max, res.token_kl)) == pytest.approx(
+        res.max_kl, rel=1e-3)
+    same = render_html("logits", compare_logits(a, a, batch=2, length=6))
+    assert "is within the threshold" in same and "banner ok" in same
+
+
 def _driver():
     selenium = pytest.importorskip("selenium")  # noqa: F841
     chrome = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -67,11 +124,51 @@ def _driver():
     return webdriver.Chrome(service=Service(driver), options=o)
 
 
+def _box(d, el):
+    return d.execute_script("const r=arguments[0].getBoundingClientRect();return [r.left,r.top,r.right,r.bottom];", el)
+
+
+@pytest.mark.parametrize("width", [900, 1400])
+def test_html_layout_at_two_widths(tmp_path, width):
+    from selenium.webdriver.common.by import By
+    res = big_result(20, equal=False)
+    bug = next(t for t in res.tensors if t.status == "differ")
+    bug.n_over_tol = bug.numel // 2  # half the elements over tolerance: the darkest "over" colour
+    for t in res.tensors[:30]:  # long diagnoses, as real reports have
+        t.diagnosis = ["rotary permutation with the wrong head count: B == A re-permuted as 32 heads x 128 rows "
+                       "where A is 8 heads x 512 (the query head count was used where the KV head count belongs)"]
+    (tmp_path / "r.html").write_text(render_html("compare", res, "ckdiff /ckpt/a /ckpt/b"))
+    d = _driver()
+    try:
+        d.set_window_size(width, 1000)
+        d.get((tmp_path / "r.html").as_uri())
+        line = float(d.execute_script("return parseFloat(getComputedStyle(document.body).lineHeight)"))
+        rows = d.find_elements(By.CSS_SELECTOR, "#tensors tbody tr")[:40]
+        heights = [_box(d, r)[3] - _box(d, r)[1] for r in rows]
+        assert max(heights) < 2.2 * line, heights  # one line per row, long diagnoses included
+        for r in rows[:10]:  # shapes never wrap onto two lines
+            cell = r.find_elements(By.TAG_NAME, "td")[2]
+            assert _box(d, cell)[3] - _box(d, cell)[1] < 2.2 * line
+        # heatmap numbers stay legible: light text on the dark cell
+        cell = d.find_element(By.CSS_SELECTOR, ".heat td.h4")
+        assert d.execute_script("return getComputedStyle(arguments[0]).color", cell) == "rgb(255, 255, 255)"
+        assert float(d.execute_script("return parseFloat(getComputedStyle(arguments[0]).fontSize)", cell)) >= 12
+        # block elements do not overlap one another
+        blocks = [e for e in d.find_elements(By.CSS_SELECTOR, "body > *") if e.tag_name not in ("script", "style")]
+        boxes = [_box(d, e) for e in blocks if e.is_displayed()]
+        for (a, b) in zip(boxes, boxes[1:]):
+            assert b[1] >= a[3] - 0.5, (a, b)
+        d.save_screenshot(str(tmp_path / f"report-{width}.png"))
+        assert (tmp_path / f"report-{width}.png").stat().st_size > 10_000
+    finally:
+        d.quit()
+
+
 def test_html_in_headless_chromium(tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
     res = big_result(20, equal=False)
-    write_html(tmp_path / "r.html", "compare", res)
+    (tmp_path / "r.html").write_text(render_html("compare", res))
     d = _driver()
     try:
         d.get((tmp_path / "r.html").as_uri())

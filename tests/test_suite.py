@@ -1,5 +1,8 @@
 """The converter registry, its suite, the mutation self-test, the pytest plugin and the demo."""
 import json
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -7,7 +10,8 @@ from hypothesis import given, settings
 from ckdiff.converters.layouts import convert as layout_convert
 from ckdiff.converters.writers import atomic_dir, write_hf
 from ckdiff.golden.models import hf_state, lazy
-from ckdiff.golden.mutations import CATALOGUE, run_mutations, score
+from ckdiff.golden.mutations import (CATALOGUE, STATE_CATALOGUE, false_positives, named_rate, run_mutations,
+                                     run_state_mutations, score)
 from ckdiff.golden.suite import REGISTRY, Converter, check_converter
 from ckdiff.testing import assert_checkpoints_match, assert_logits_match, gate, tiny_configs
 
@@ -36,15 +40,34 @@ def test_converter_without_inverse_or_golden_fails(tmp_path):
     assert len(checks) == 1 and not checks[0].ok and "no registered inverse" in checks[0].detail
 
 
-def test_mutation_self_test_catches_every_bug_and_flags_no_correct_conversion(tmp_path, capsys):
-    outcomes, baseline = run_mutations(tmp_path)
+def test_mutation_self_test_catches_every_bug_and_flags_no_correct_conversion(capsys):
+    # a short work path: error messages quoted in the checks' details are cut at 200 characters
+    work = Path(tempfile.mkdtemp(prefix="ckm"))
+    try:
+        outcomes, baseline = run_mutations(work / "c")
+        state = run_state_mutations(work / "s")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     assert all(c.ok for c in baseline), [(c.converter, c.model, c.check, c.detail) for c in baseline if not c.ok]
-    s = score(outcomes)
+    everything = outcomes + state
+    pos = [o for o in everything if not o.negative]
+    s, named, fp = score(everything), named_rate(everything), false_positives(everything)
     with capsys.disabled():
-        print(f"\nmutation score: {sum(o.caught for o in outcomes)}/{len(outcomes)} = {s:.0%}")
-    missed = [o.mutation for o in outcomes if not o.caught]
+        print(f"\nmutation self-test: caught {sum(o.caught for o in pos)}/{len(pos)} = {s:.0%}; cause named "
+              f"{sum(o.caught and o.named for o in pos)}/{len(pos)} = {named:.0%}; false positives "
+              f"{len(fp)}/{len(everything) - len(pos) + len(baseline)} (correct conversions and equivalent rewrites)")
+        for o in pos:
+            if not o.named:
+                print(f"  cause not named: {o.mutation}: {'; '.join(o.details)[:300]}")
+    missed = [o.mutation for o in pos if not o.caught]
     assert not missed, missed
+    assert not fp, [(o.mutation, o.details) for o in fp]
+    assert named >= 0.9, [(o.mutation, o.details) for o in pos if not o.named]
+    # a negative's report says why it is equivalent (e.g. "equivalent reordering" with the permutation)
+    assert all(o.named for o in everything if o.negative), [(o.mutation, o.details) for o in everything
+                                                            if o.negative and not o.named]
     assert len(CATALOGUE) >= 23 and len({m.bug_class for m in CATALOGUE}) >= 14
+    assert len(STATE_CATALOGUE) >= 30
     # the golden diff names the cause for the permutation classes
     by = {o.mutation: o for o in outcomes}
     assert any("rotary permutation" in d for d in by["rotary permutation skipped"].details)
@@ -98,6 +121,16 @@ def test_demo_is_the_main_job(tmp_path, run_cli):
     assert doc["verdict"] == "pass" and len(doc["result"]["checks"]) >= 12
     assert (tmp_path / "demo/demo.html").stat().st_size > 1000
     assert "rotary permutation" in (tmp_path / "demo/broken-compare.md").read_text()
+    # each report names the command that reproduces its comparison, not `ckdiff demo`
+    work = tmp_path / "demo" / "work"
+    broken = (tmp_path / "demo/broken-compare.html").read_text()
+    assert f"Reproduce: <code>ckdiff {work / 'broken' / 'golden'} {work / 'broken' / 'candidate'}</code>" in broken
+    checks = doc["result"]["checks"]
+    assert all(c["command"].startswith("ckdiff ") and c["command"].split()[1] != "demo" for c in checks)
+    rt = next(c for c in checks if c["check"] == "roundtrip" and c["converter"] == "to-jetstream")
+    assert rt["command"].split()[1:3] == [str(work / "to-jetstream-llama-gqa" / "src-hf"),
+                                          str(work / "to-jetstream-llama-gqa" / "back-hf")]
+    assert "{" not in " ".join(c["detail"] for c in checks)  # details read as words, not Python dicts
 
 
 def test_cli_roundtrip_and_golden_on_user_checkpoints(tmp_path, run_cli, ckdiff_golden):

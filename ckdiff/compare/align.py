@@ -22,11 +22,46 @@ def _config(ck: Checkpoint):
     return config_of(ck)
 
 
+def _without_buffers(a: Checkpoint, b: Checkpoint) -> tuple[Checkpoint, Checkpoint, list]:
+    """Leave out tensors that carry no weights in their layout (``rope.freqs``, ``inv_freq``; the converters
+    drop them) when the other side has no tensor of that name. Applied to both sides alike, so which side
+    is A never changes the verdict."""
+    import re
+
+    from ..converters.layouts import DROP
+    dropped = []
+
+    def strip(x: Checkpoint, other: Checkpoint) -> Checkpoint:
+        pats = [re.compile(p) for p in DROP.get(LAYOUT.get(x.format.split("->")[-1], ""), [])]
+        gone = [n for n in x.tensors if n not in other.tensors and any(p.search(n) for p in pats)]
+        if not gone:
+            return x
+        dropped.extend(gone)
+        return Checkpoint(x.path, x.format, {n: t for n, t in x.tensors.items() if n not in gone}, x.config, x.meta)
+    a2, b2 = strip(a, b), strip(b, a)
+    notes = [f"left out {', '.join(sorted(dropped))}: not a weight (derived from the config); the other "
+             "layout does not store it"] if dropped else []
+    return a2, b2, notes
+
+
 def align(a: Checkpoint, b: Checkpoint) -> tuple[Checkpoint, Checkpoint, list, list]:
     """(a', b', mapping rows, notes). Leaves both untouched when no mapping applies."""
+    a, b, rows, notes = _align(a, b)
+    if a.format != b.format:
+        a, b, more = _without_buffers(a, b)
+        notes = notes + more
+    return a, b, rows, notes
+
+
+def _align(a: Checkpoint, b: Checkpoint) -> tuple[Checkpoint, Checkpoint, list, list]:
     from ..converters.layouts import convert
     from ..converters.table import Plan
     la, lb = LAYOUT.get(a.format), LAYOUT.get(b.format)
+    if (la is None) != (lb is None) and a.format != b.format:
+        plain = "A" if la is None else "B"
+        return a, b, [], [f"{plain} is a plain set of tensors ({(a if la is None else b).format}, no model config): "
+                          "compared by name; mapping another layout onto it needs a model directory "
+                          "(config.json, params.json or Megatron args)"]
     if la is None or lb is None or la == lb or (la, lb) in SAME_NAMES:
         return a, b, [], []
     move_a = is_quantized(b.tensors) and not is_quantized(a.tensors)
@@ -38,11 +73,34 @@ def align(a: Checkpoint, b: Checkpoint) -> tuple[Checkpoint, Checkpoint, list, l
     except Exception as e:  # noqa: BLE001 - unmappable: compare as is and say why
         return a, b, [], [f"layouts differ ({a.format} vs {b.format}) and B could not be mapped: "
                           f"{str(e).splitlines()[0][:200]}"]
-    moved = Checkpoint(src.path, f"{src.format}->{dst_layout}", mapped, src.config, src.meta)
     side = "A" if move_a else "B"
-    note = (f"{side} ({src.format}) was mapped into the {dst_layout} layout of "
-            f"{'B' if move_a else 'A'} through ckdiff's conversion table before comparing")
-    return (moved, b, plan.rows, [note]) if move_a else (a, moved, plan.rows, [note])
+    notes = [f"{side} ({src.format}) was mapped into the {dst_layout} layout of "
+             f"{'B' if move_a else 'A'} through ckdiff's conversion table before comparing"]
+    mapped, pad_note = _strip_config_padding(mapped, src, dst_layout, side)
+    notes += pad_note
+    moved = Checkpoint(src.path, f"{src.format}->{dst_layout}", mapped, src.config, src.meta)
+    return (moved, b, plan.rows, notes) if move_a else (a, moved, plan.rows, notes)
+
+
+def _strip_config_padding(tensors: dict, src: Checkpoint, layout: str, side: str) -> tuple[dict, list]:
+    """Vocab padding the source's own config declares (Megatron ``true_vocab_size`` below the embedding
+    rows) is dropped from the mapped tensors and reported as a note, never as a mismatch."""
+    from ..converters.config import _NAMES
+    from ..converters.lazy import RowSlice
+    true = (src.config or {}).get("true_vocab_size") if src.format == "megatron" else None
+    names = _NAMES.get(layout)
+    if not isinstance(true, int) or not names:
+        return tensors, []
+    out, cut = dict(tensors), []
+    for k in names["embed"] + names["head"]:
+        t = out.get(k)
+        if t is not None and len(t.shape) == 2 and t.shape[0] > true:
+            out[k] = RowSlice(k, t, 0, true)
+            cut.append((k, t.shape[0]))
+    if not cut:
+        return tensors, []
+    return out, [f"{side}: vocab padding from its config stripped before comparing: " + ", ".join(
+        f"{k} rows {true}..{n - 1} (true_vocab_size {true})" for k, n in cut)]
 
 
 __all__ = ["align"]

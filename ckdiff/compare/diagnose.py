@@ -1,30 +1,60 @@
 """Name the likely cause of a mismatch (verification-lessons.md, section 3).
 
-Each hypothesis is a cheap test on the two tensors (plus, for "another layer",
-the same key at other layer indices). Tests run cheapest first; every one that
-holds is reported. Tensors above ``MAX_NUMEL`` elements are not diagnosed.
+Works from the comparator's per-tensor metrics (TensorResult: n_over_tol, max_abs_index, cosine,
+NaN/Inf counts) and from lazy tensors, within a time budget of half the tensor's estimated read time:
+
+1. from the metrics alone, nothing read: overflow (+-Inf on one side only), NaN introduced, one
+   element changed (isolated) or a handful of elements;
+2. on a sample of rows: scaled by a constant, offset by a constant (norm conventions ``w - 1``,
+   ``1 + w``); with a cosine ~ 1 and neither fitting, the difference is noise and the diagnosis is
+   skipped with a note saying so;
+3. localised: the differences confined to one row or to one head's rows (zeroed, replaced by
+   another head's rows, or replaced);
+4. equal to another tensor of A (another layer, another kind, the embedding for the head), tested
+   on a sample of rows against every tensor of the same shape;
+5. structural hypotheses as row or column maps (rotary permutation in either direction and with
+   either head count, halves swapped, TP shards reversed) tested on a sample of rows first; then
+   whole-tensor hypotheses (transpose, each TP shard transposed, shards concatenated on the wrong
+   axis and reshaped, rows/columns permuted); only the winner is confirmed on the full tensor.
+
+Across tensors: consistent reorderings that leave the function unchanged (MLP units permuted in
+gate/up rows and down columns alike; heads permuted in q/k/v rows and o columns alike) become
+status ``reordered`` with an "equivalent reordering" diagnosis, and a rotary permutation found in
+some layers only says so.
 """
 from __future__ import annotations
 
 import re
+import time
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
-from ..converters.lazy import Checkpoint
+from ..converters.lazy import Checkpoint, LazyTensor
 from ..converters.ops import rope_to_half, rope_to_interleaved
-from .diff import CompareResult
+from .diff import CompareResult, TensorResult
 
-MAX_NUMEL = 1 << 26
+MAX_NUMEL = 1 << 26  # largest tensor loaded whole (to confirm a winner, or for whole-tensor hypotheses)
+SMALL_NUMEL = 1 << 21  # at or below: both sides are loaded once and every hypothesis indexes them
+HASH_NUMEL = 1 << 24  # largest tensor whose rows are hashed to find a generic row permutation
+READ_RATE = 1.5e9  # bytes/s, to estimate a tensor's read time for the budget
+MIN_BUDGET = 1.0  # seconds: tiny tensors always get the cheap hypotheses
+FEW = 8  # at most this many differing elements: reported as elements, no structural cause sought
+NOISE_COSINE = 1 - 1e-4
+SAMPLE = 12
 HEAD_DIMS = (16, 24, 32, 48, 64, 80, 96, 128, 256)
 LAYER = re.compile(r"(?<=\.)(\d+)(?=\.)")
+ATTN = re.compile(r"q_proj|k_proj|v_proj|o_proj|\.w[qkvo]\.|query_key_value|attention\.dense|self_attn")
 
 
-def _eq(x: torch.Tensor, y: torch.Tensor) -> bool:
+# ---------------------------------------------------------------- helpers
+def _eq(x: torch.Tensor, y: torch.Tensor, atol: float = 0.0, rtol: float = 0.0) -> bool:
     if x.shape != y.shape:
         return False
-    if x.dtype == y.dtype:
+    if x.dtype == y.dtype and not atol and not rtol:
         return torch.equal(x, y)
-    return torch.allclose(x.double(), y.double(), rtol=1.6e-2, atol=1e-5)
+    return torch.allclose(x.double(), y.double(), rtol=max(rtol, 1e-12), atol=atol, equal_nan=True)
 
 
 def _head_counts(rows: int, config: dict) -> list[tuple[int, int]]:
@@ -38,12 +68,26 @@ def _head_counts(rows: int, config: dict) -> list[tuple[int, int]]:
     for d in HEAD_DIMS:
         if rows % d == 0:
             cands.append((rows // d, d))
+    hd = config.get("head_dim") or config.get("kv_channels")
+    if isinstance(hd, int) and hd > 1 and rows % hd == 0 and hd % 2 == 0:
+        cands.insert(0, (rows // hd, hd))
     seen, out = set(), []
     for c in cands:
         if c not in seen:
             seen.add(c)
             out.append(c)
     return out
+
+
+def _head_dim(config: dict) -> Optional[int]:
+    hd = config.get("head_dim") or config.get("kv_channels")
+    if hd:
+        return hd
+    if "hidden_size" in config and config.get("num_attention_heads"):
+        return config["hidden_size"] // config["num_attention_heads"]
+    if "dim" in config and config.get("n_heads"):
+        return config["dim"] // config["n_heads"]
+    return None
 
 
 def _which_heads(expected: int, used: int, config: dict) -> str:
@@ -54,6 +98,11 @@ def _which_heads(expected: int, used: int, config: dict) -> str:
     if used == kv and expected == q:
         return " (the KV head count was used where the query head count belongs)"
     return ""
+
+
+def _index_map(fn, n: int) -> torch.Tensor:
+    """The row map of a row-permuting function: B row i is A row map[i]."""
+    return fn(torch.arange(n).unsqueeze(1)).squeeze(1)
 
 
 def _row_perm(a: torch.Tensor, b: torch.Tensor):
@@ -70,107 +119,648 @@ def _row_perm(a: torch.Tensor, b: torch.Tensor):
     return [where[k].pop(0) for k in kb]
 
 
-def _describe_perm(src: list[int]) -> str:
+def _describe_perm(src: list[int], what: str = "rows") -> str:
     n = len(src)
-    for blk in (n // 2, *[d for d in HEAD_DIMS if n % d == 0 and d < n]):
+    one = what[:-1]
+    for s in (2, 4, 8, 3, 6, 12, 16):
+        if n % s or n // s < 1:
+            continue
+        blk = n // s
+        blocks = [src[i:i + blk] for i in range(0, n, blk)]
+        # a permutation inside each of S shards only, the same in each
+        if all(sorted(b) == list(range(k * blk, (k + 1) * blk)) for k, b in enumerate(blocks)) and s > 1:
+            local = list(blocks[0])
+            if all([x - k * blk for x in b] == local for k, b in enumerate(blocks)) and local != list(range(blk)):
+                return (f"{what} permuted inside each of {s} equal blocks only (TP shards or QKV groups of {blk} "
+                        f"{what}, the same permutation in every block; first {what} of a block come from {local[:8]})")
+    for blk in (n // 2, *[d for d in HEAD_DIMS if n % d == 0 and d < n], *[n // s for s in (4, 8) if n % s == 0]):
         if blk <= 0 or n % blk:
             continue
         blocks = [src[i:i + blk] for i in range(0, n, blk)]
         if all(b == list(range(b[0], b[0] + blk)) and b[0] % blk == 0 for b in blocks):
             order = [b[0] // blk for b in blocks]
+            if order == list(range(len(order)))[::-1] and len(order) > 2:
+                return f"TP shard order reversed: B holds A's {len(order)} {one} shards of {blk} in reverse order"
             if order != sorted(order):
-                return f"{blk}-row blocks reordered: B holds A's blocks {order}"
-    return f"rows permuted (first rows of B come from A rows {src[:8]})"
+                return f"{blk}-{one} blocks reordered: B holds A's blocks {order}"
+    return f"{what} permuted (first {what} of B come from A {what} {src[:8]})"
 
 
-def diagnose_pair(name: str, a: torch.Tensor, b: torch.Tensor, config: dict | None = None) -> list[str]:
-    config = config or {}
-    notes: list[str] = []
-    if a.shape != b.shape:
-        if a.dim() == b.dim() and a.shape[1:] == b.shape[1:] and a.dim() >= 1:
-            n = min(a.shape[0], b.shape[0])
-            if _eq(a[:n], b[:n]):
-                big, which = (a, "A") if a.shape[0] > b.shape[0] else (b, "B")
-                extra = big[n:]
-                kind = "copies of the last real row" if _eq(extra, big[n - 1:n].expand_as(extra)) else (
-                    "zeros" if not extra.any() else "other values")
-                notes.append(f"padding: the first {n} rows agree; {which} has {big.shape[0] - n} extra rows ({kind})")
-        if a.dim() == 2 and a.shape == b.shape[::-1] and _eq(a.T, b):
-            notes.append("transposed: B == A^T")
-        return notes
-    if a.dim() == 2 and a.shape[0] == a.shape[1] and _eq(a.T, b):
-        notes.append("transposed: B == A^T")
-    if a.dim() == 2 and a.shape[0] % 2 == 0:
-        for heads, hd in _head_counts(a.shape[0], config):
-            if _eq(rope_to_interleaved(a, heads, hd), b):
-                notes.append(f"rotary permutation: B == P(A), half-split -> interleaved, {heads} heads x {hd} rows")
-            if _eq(rope_to_half(a, heads, hd), b):
-                notes.append(f"rotary permutation: B == P^-1(A), interleaved -> half-split, {heads} heads x {hd} rows")
-        cands = _head_counts(a.shape[0], config)
-        if not any(n.startswith("rotary") for n in notes):
-            # undo the permutation with one head count, redo it with another (interleaved layouts first)
-            redo = [lambda x, h1, d1, h2, d2: rope_to_interleaved(rope_to_half(x, h1, d1), h2, d2),
-                    lambda x, h1, d1, h2, d2: rope_to_half(rope_to_interleaved(x, h1, d1), h2, d2)]
-            hd = config.get("head_dim") or (config.get("hidden_size", 0) // max(1, config.get("num_attention_heads", 1))
-                                            if "hidden_size" in config else
-                                            config.get("dim", 0) // max(1, config.get("n_heads", 1)))
-            firsts = sorted(cands, key=lambda c: c[1] != hd)  # A most likely uses the true head_dim
-            hit = next(((h1, d1, h2, d2) for f in redo for h1, d1 in firsts for h2, d2 in cands
-                        if h1 != h2 and _eq(f(a, h1, d1, h2, d2), b)), None)
-            if hit:
-                h1, d1, h2, d2 = hit
-                notes.append(f"rotary permutation with the wrong head count: B == A re-permuted as {h2} heads x "
-                             f"{d2} rows where A is {h1} heads x {d1}" + _which_heads(h1, h2, config))
-        h = a.shape[0] // 2
-        if _eq(torch.cat([a[h:], a[:h]]), b):
-            notes.append("halves swapped: B == [A[half:]; A[:half]] (e.g. [gate; up] vs [up; gate], or k/v)")
-    if a.is_floating_point() and b.is_floating_point():
-        af, bf = a.double().reshape(-1), b.double().reshape(-1)
-        den = float(af @ af)
-        if den > 0:
-            c = float(af @ bf) / den
-            if abs(c - 1) > 1e-9 and torch.allclose(af * c, bf, rtol=1e-3, atol=1e-7):
-                notes.append(f"scaled: B == {c:.6g} * A")
-    if not any(n.startswith("rotary") or n.startswith("halves") for n in notes):
+def _fmt(x: float) -> str:
+    return f"{x:.6g}"
+
+
+@dataclass
+class _Ctx:
+    a: Checkpoint
+    b: Checkpoint
+    config: dict
+    perms: dict = field(default_factory=dict)  # (name, "rows"|"cols") -> permutation list
+    sample_cache: dict = field(default_factory=dict)
+
+
+class _Side:
+    """Row access to one side: the whole tensor when small, else cached single-row reads."""
+
+    def __init__(self, t: LazyTensor, whole: bool):
+        self.t = t
+        self.full = t.load() if whole else None
+        self.cache: dict = {}
+
+    def row(self, i: int) -> torch.Tensor:
+        if self.full is not None:
+            return self.full[i]
+        if i not in self.cache:
+            self.cache[i] = self.t.rows(i, i + 1)[0]
+        return self.cache[i]
+
+    def rows_at(self, idx) -> torch.Tensor:
+        if self.full is not None:
+            return self.full[torch.as_tensor(list(idx), dtype=torch.long)]
+        return torch.stack([self.row(int(i)) for i in idx])
+
+    def load(self) -> torch.Tensor:
+        if self.full is None:
+            self.full = self.t.load()
+        return self.full
+
+
+def _sample_rows(n: int, extra: Optional[int] = None) -> list[int]:
+    idx = {int(i * (n - 1) / max(1, SAMPLE - 1)) for i in range(min(n, SAMPLE))}
+    if extra is not None and 0 <= extra < n:
+        idx.add(extra)
+    return sorted(idx)
+
+
+# ---------------------------------------------------------------- one tensor
+def _nonfinite(r: TensorResult) -> tuple[list[str], int]:
+    notes, n = [], 0
+    where = f" (e.g. at {r.max_abs_index})" if r.max_abs_index is not None else ""
+    for side, other, k in (("B", "A", r.inf_b - r.inf_a), ("A", "B", r.inf_a - r.inf_b)):
+        if k > 0:
+            notes.append(f"overflow: {k} element(s) are +-Inf in {side} where {other} is finite{where}: values "
+                         f"beyond the range of a 16-bit staging cast (fp16 max 65504)")
+            n += k
+    for side, k in (("B", r.nan_b - r.nan_a), ("A", r.nan_a - r.nan_b)):
+        if k > 0:
+            notes.append(f"NaN introduced: {k} element(s) are NaN in {side} only{where}")
+            n += k
+    return notes, n
+
+
+def _isolated(r: TensorResult, ta: LazyTensor, tb: LazyTensor) -> list[str]:
+    idx = r.max_abs_index
+    if idx is None:
+        return []
+    if r.n_over_tol == 1:
+        try:
+            i = idx[0] if idx else 0
+            ra, rb = ta.rows(i, i + 1), tb.rows(i, i + 1)
+            j = tuple([0] + list(idx[1:]))
+            vals = f": {float(ra[j]):.3g} -> {float(rb[j]):.3g}"
+        except (IndexError, RuntimeError):
+            vals = ""
+        return [f"one element changed at {idx}, isolated{vals}"]
+    return [f"{r.n_over_tol} isolated elements changed of {r.numel} (largest difference {_fmt(r.max_abs)} at {idx}); "
+            "every other element agrees"]
+
+
+def _scale_offset(A: torch.Tensor, B: torch.Tensor, name: str) -> Optional[str]:
+    """'scaled'/'offset' if B == c*A or B == A + c on these rows (float math, finite elements)."""
+    if not (A.is_floating_point() and B.is_floating_point()):
+        return None
+    af, bf = A.double().reshape(-1), B.double().reshape(-1)
+    ok = torch.isfinite(af) & torch.isfinite(bf)
+    af, bf = af[ok], bf[ok]
+    if af.numel() == 0:
+        return None
+    den = float(af @ af)
+    tol = dict(rtol=2e-3 if A.dtype != torch.float32 or B.dtype != torch.float32 else 1e-5, atol=1e-7)
+    if den > 0:
+        c = float(af @ bf) / den
+        if abs(c - 1) > 1e-9 and torch.allclose(af * c, bf, **tol):
+            return f"scaled: B == {c:.6g} * A"
+    d = float((bf - af).mean())
+    if abs(d) > 1e-12 and torch.allclose(af + d, bf, **tol):
+        hint = ""
+        if abs(abs(d) - 1) < 1e-3 and re.search(r"norm|ln", name):
+            hint = (" (norm weight convention: one side stores w - 1 and applies 1 + w, as Gemma does; "
+                    "the other stores w)")
+        return f"offset: B == A {'+' if d > 0 else '-'} {abs(d):.6g}" + hint
+    return None
+
+
+def _localised(r: TensorResult, A: _Side, B: _Side, config: dict) -> Optional[str]:
+    """The differences confined to one row or to one head's block of rows."""
+    idx = r.max_abs_index
+    if idx is None or len(idx) != 2 or not r.n_over_tol:
+        return None
+    rows, cols = r.shape_a
+    i0 = idx[0]
+    tol = (r.atol or 0.0, r.rtol or 0.0)
+
+    def over(lo, hi) -> int:
+        a, b = A.rows_at(range(lo, hi)).double(), B.rows_at(range(lo, hi)).double()
+        d = (a - b).abs()
+        bad = ~(d <= tol[0] + tol[1] * a.abs())
+        bad &= ~(torch.isnan(a) & torch.isnan(b))
+        return int(bad.sum())
+
+    if r.n_over_tol <= cols and over(i0, i0 + 1) == r.n_over_tol:
+        rb = B.row(i0)
+        what = "zeroed" if not rb.any() else "replaced"
+        return f"only row {i0} differs ({r.n_over_tol} of its {cols} elements): {what}"
+    if not ATTN.search(r.name):
+        return None
+    for heads, hd in _head_counts(rows, config):
+        if hd < 2 or heads < 2 or r.n_over_tol > hd * cols:
+            continue
+        h = i0 // hd
+        lo, hi = h * hd, (h + 1) * hd
+        if over(lo, hi) != r.n_over_tol:
+            continue
+        blk = B.rows_at(range(lo, hi))
+        desc = f"head {h} of {heads} (rows {lo}..{hi - 1}, head_dim {hd})"
+        if not blk.any():
+            return f"one head's rows zeroed: {desc} is all zeros in B; every other row agrees"
+        for g in range(heads):
+            if g != h and _eq(A.rows_at(range(g * hd, (g + 1) * hd)), blk):
+                return f"one head's rows replaced: {desc} holds A's head {g}; every other row agrees"
+        return f"one head's rows replaced: {desc} differs; every other row agrees"
+    return None
+
+
+def _other_tensor(name: str, B: _Side, shape, ctx: _Ctx, rows_idx) -> Optional[str]:
+    """B[name] equals a different tensor of A of the same shape (sampled rows, then confirmed)."""
+    cands = [k for k, t in ctx.a.tensors.items() if k != name and tuple(t.shape) == tuple(shape)
+             and t.dtype == ctx.b.tensors[name].dtype]
+    if not cands:
+        return None
+    bs = B.rows_at(rows_idx)
+    for k in cands:
+        t = ctx.a.tensors[k]
+        key = (k, tuple(rows_idx))
+        if key not in ctx.sample_cache:
+            ctx.sample_cache[key] = torch.stack([t.rows(i, i + 1)[0] for i in rows_idx]) if len(t.shape) >= 1 else None
+        s = ctx.sample_cache[key]
+        if s is None or not torch.equal(s, bs):
+            continue
+        if t.numel <= MAX_NUMEL and not torch.equal(t.load(), B.load()):
+            continue
+        m_self, m_other = LAYER.sub("{i}", name), LAYER.sub("{i}", k)
+        if m_self == m_other:
+            return f"another layer's tensor: B[{name}] == A[{k}]"
+        la, lb = LAYER.findall(name), LAYER.findall(k)
+        where = f" of layer {lb[-1]}" if lb else ""
+        if lb and la and lb[-1] == la[-1]:
+            where = " of the same layer"
+        extra = ""
+        if re.search(r"lm_head|output\.weight|lm_head$", name) and re.search(r"embed", k):
+            extra = " (the untied output head was replaced by the embedding)"
+        return f"another tensor: B[{name}] == A[{k}], a tensor of another kind{where}{extra}"
+    return None
+
+
+def _row_maps(rows: int, config: dict) -> list[tuple[str, torch.Tensor]]:
+    maps = []
+    cands = _head_counts(rows, config)
+    for heads, hd in cands:
+        maps.append((f"rotary permutation: B == P(A), half-split -> interleaved, {heads} heads x {hd} rows",
+                     _index_map(lambda x: rope_to_interleaved(x, heads, hd), rows)))
+        maps.append((f"rotary permutation: B == P^-1(A), interleaved -> half-split, {heads} heads x {hd} rows",
+                     _index_map(lambda x: rope_to_half(x, heads, hd), rows)))
+    hd0 = _head_dim(config)
+    firsts = sorted(cands, key=lambda c: c[1] != hd0)  # A most likely uses the true head_dim
+    for h1, d1 in firsts:
+        for h2, d2 in cands:
+            if h1 == h2:
+                continue
+            for f, g in ((rope_to_half, rope_to_interleaved), (rope_to_interleaved, rope_to_half)):
+                m = _index_map(lambda x: g(f(x, h1, d1), h2, d2), rows)
+                maps.append((f"rotary permutation with the wrong head count: B == A re-permuted as {h2} heads x "
+                             f"{d2} rows where A is {h1} heads x {d1}" + _which_heads(h1, h2, config), m))
+    if rows % 2 == 0:
+        h = rows // 2
+        maps.append(("halves swapped: B == [A[half:]; A[:half]] (e.g. [gate; up] vs [up; gate], or k/v)",
+                     torch.cat([torch.arange(h, rows), torch.arange(0, h)])))
+    for s in (4, 8):
+        if rows % s == 0 and rows // s > 1:
+            blk = rows // s
+            maps.append((f"TP shard order reversed: B holds A's {s} row shards of {blk} in reverse order",
+                         torch.cat([torch.arange(k * blk, (k + 1) * blk) for k in reversed(range(s))])))
+    return maps
+
+
+def _part_options(n: int, h_true: int, h_other: int, what: str, config: dict) -> list[tuple[str, torch.Tensor]]:
+    """Row maps one part of a fused QKV (q or k) may have gone through, with their labels."""
+    opts = [("", torch.arange(n))]
+    counts = [h for h in (h_true, h_other) if h and n % h == 0 and (n // h) % 2 == 0]
+    for h in counts:
+        d = n // h
+        opts.append((f"{what}: rotary permutation P (half-split -> interleaved), {h} heads x {d} rows",
+                     _index_map(lambda x: rope_to_interleaved(x, h, d), n)))
+        opts.append((f"{what}: rotary permutation P^-1 (interleaved -> half-split), {h} heads x {d} rows",
+                     _index_map(lambda x: rope_to_half(x, h, d), n)))
+    if len(counts) == 2 and counts[0] != counts[1]:
+        for h1, h2 in ((counts[0], counts[1]), (counts[1], counts[0])):
+            d1, d2 = n // h1, n // h2
+            for f, g in ((rope_to_half, rope_to_interleaved), (rope_to_interleaved, rope_to_half)):
+                opts.append((f"{what}: rotary permutation with the wrong head count: re-permuted as {h2} heads x "
+                             f"{d2} rows where it is {h1} heads x {d1}" + _which_heads(h1, h2, config),
+                             _index_map(lambda x: g(f(x, h1, d1), h2, d2), n)))
+    return opts
+
+
+def _fused_qkv_maps(rows: int, config: dict) -> list[tuple[str, torch.Tensor]]:
+    """Hypotheses for a Megatron fused QKV ([q x H/K, k, v] x K): B row i = A row map[i]."""
+    from ..converters.ops import FuseQKV
+    H = config.get("num_attention_heads") or config.get("n_heads")
+    K = config.get("num_attention_heads_kv") or config.get("num_key_value_heads") or config.get("num_kv_heads") or H
+    d = config.get("kv_channels") or config.get("head_dim") or _head_dim(config)
+    if not (H and K and d) or rows != (H + 2 * K) * d or H % K:
+        return []
+    fuse = FuseQKV(H, K, d)
+    q_ids, k_ids, v_ids = torch.arange(H * d), H * d + torch.arange(K * d), (H + K) * d + torch.arange(K * d)
+    fused = fuse([q_ids.unsqueeze(1), k_ids.unsqueeze(1), v_ids.unsqueeze(1)])[0].squeeze(1)
+    pos = torch.argsort(fused)  # concatenated [Q; K; V] index -> row of the fused tensor
+    maps = [("QKV fused as [Q; K; V] instead of Megatron's group order [q x H/K, k, v] x K", pos)]
+    kv_opts = [("", torch.arange(K * d))] + [(lab.split(": ", 1)[1], m) for lab, m in _part_options(K * d, K, 0, "kv", config)[1:]]
+    for l1, m1 in kv_opts:
+        for l2, m2 in kv_opts:
+            extra = "; ".join(x for x in (l1 and f"v (in k's place): {l1}", l2 and f"k (in v's place): {l2}") if x)
+            maps.append(("k and v swapped in the fused QKV" + (f" ({extra})" if extra else ""),
+                         pos[fuse([q_ids.unsqueeze(1), v_ids[m1].unsqueeze(1), k_ids[m2].unsqueeze(1)])[0].squeeze(1)]))
+    for lq, mq in _part_options(H * d, H, K, "q", config):
+        for lk, mk in _part_options(K * d, K, H, "k", config):
+            if not lq and not lk:
+                continue
+            idx = fuse([q_ids[mq].unsqueeze(1), k_ids[mk].unsqueeze(1), v_ids.unsqueeze(1)])[0].squeeze(1)
+            maps.append(("in the fused QKV, " + "; ".join(x for x in (lq, lk) if x), pos[idx]))
+    return maps
+
+
+def _try_maps(label_prefix: str, maps, A: _Side, B: _Side, rows_idx, cols: bool, r: TensorResult,
+              deadline: float, perms: Optional[dict] = None) -> Optional[str]:
+    tol = (r.atol or 0.0, r.rtol or 0.0)
+    bs = B.rows_at(rows_idx)
+    for label, m in maps:
+        if time.perf_counter() > deadline:
+            return None
+        if cols:
+            pred = A.rows_at(rows_idx)[:, m]
+        else:
+            pred = A.rows_at([int(m[i]) for i in rows_idx])
+        if not _eq(pred, bs, *tol):
+            continue
+        # the winner, confirmed on the whole tensor when it can be loaded
+        numel = r.numel
+        if numel <= MAX_NUMEL:
+            a, b = A.load(), B.load()
+            full = a[:, m] if cols else a[m]
+            if not _eq(full, b, *tol):
+                continue
+            if perms is not None:
+                perms[(r.name, "cols" if cols else "rows")] = m.tolist()
+            return label_prefix + label
+        return label_prefix + label + f" (confirmed on {len(rows_idx)} sampled rows; the tensor is too large to load)"
+    return None
+
+
+def _whole_tensor(name: str, a: torch.Tensor, b: torch.Tensor, r: TensorResult, ctx: _Ctx,
+                  deadline: float) -> Optional[str]:
+    tol = (r.atol or 0.0, r.rtol or 0.0)
+    if a.dim() == 2 and a.shape[0] == a.shape[1] and _eq(a.T, b, *tol):
+        return "transposed: B == A^T"
+    if a.dim() == 2:
+        for s in (2, 4, 8):
+            for ax in (0, 1):
+                if time.perf_counter() > deadline:
+                    return None
+                if a.shape[ax] % s or a.shape[ax] // s < 1:
+                    continue
+                parts = a.chunk(s, ax)
+                if _eq(torch.cat([p.T.contiguous().reshape(p.shape) for p in parts], ax), b, *tol):
+                    return (f"each TP shard transposed: A split into {s} shards along dim {ax}, each shard "
+                            "transposed and reshaped back in place")
+                if _eq(torch.cat(parts, 1 - ax).reshape(a.shape), b, *tol):
+                    return (f"TP shards concatenated on the wrong axis: {s} shards along dim {ax} were concatenated "
+                            f"along dim {1 - ax} and reshaped to {list(a.shape)}")
+    if a.dim() == 2 and a.numel() <= HASH_NUMEL and time.perf_counter() <= deadline:
         perm = _row_perm(a, b)
         if perm is not None and perm != list(range(len(perm))):
-            notes.append(_describe_perm(perm))
-        elif a.dim() == 2 and a.shape[1] > 1:
+            ctx.perms[(name, "rows")] = perm
+            return _describe_perm(perm, "rows")
+        if a.shape[1] > 1:
             perm = _row_perm(a.T.contiguous(), b.T.contiguous())
             if perm is not None and perm != list(range(len(perm))):
-                notes.append("columns " + _describe_perm(perm).replace("rows", "columns", 1)
-                             .replace("-row", "-column"))
+                ctx.perms[(name, "cols")] = perm
+                return _describe_perm(perm, "columns")
+    return None
+
+
+def _diagnose_shape(a: torch.Tensor, b: torch.Tensor) -> list[str]:
+    notes = []
+    if a.dim() == b.dim() and a.dim() >= 1 and a.shape[1:] == b.shape[1:]:
+        n = min(a.shape[0], b.shape[0])
+        if _eq(a[:n], b[:n]):
+            big, which = (a, "A") if a.shape[0] > b.shape[0] else (b, "B")
+            extra = big[n:]
+            kind = "copies of the last real row" if _eq(extra, big[n - 1:n].expand_as(extra)) else (
+                "zeros" if not extra.any() else "other values")
+            notes.append(f"padding: the first {n} rows agree; {which} has {big.shape[0] - n} extra rows ({kind})")
+    if a.dim() == 2 and a.shape == b.shape[::-1] and _eq(a.T, b):
+        notes.append("transposed: B == A^T")
+    if a.dim() == 2 and b.dim() == 2 and a.numel() == b.numel() and not notes:
+        for s in (2, 3, 4, 6, 8, 12, 16):
+            for ax in (0, 1):
+                if a.shape[ax] % s:
+                    continue
+                if _eq(torch.cat(a.chunk(s, ax), 1 - ax), b) if torch.cat(a.chunk(s, ax), 1 - ax).shape == b.shape \
+                        else False:
+                    notes.append(f"shards concatenated on the wrong axis: B is A's {s} shards along dim {ax} "
+                                 f"concatenated along dim {1 - ax} ({list(a.shape)} -> {list(b.shape)})")
+                    return notes
     return notes
 
 
-def _other_layers(name: str, a: Checkpoint, b_tensor: torch.Tensor) -> list[str]:
-    m = list(LAYER.finditer(name))
-    if not m:
+def diagnose_pair(name: str, a: torch.Tensor, b: torch.Tensor, config: dict | None = None) -> list[str]:
+    """Diagnose two in-memory tensors (for tests and callers without a checkpoint)."""
+    from ..converters.lazy import EagerTensor
+    from .diff import Options, compare_tensor
+    if a.shape != b.shape:
+        return _diagnose_shape(a, b)
+    ta, tb = EagerTensor(name, a), EagerTensor(name + " ", b)
+    r = compare_tensor(name, ta, tb, Options(diagnose=False))
+    if r.ok:
         return []
-    last = m[-1]
-    hits = []
-    pattern = re.compile(re.escape(name[:last.start()]) + r"(\d+)" + re.escape(name[last.end():]) + "$")
-    for other, t in a.tensors.items():
-        mm = pattern.match(other)
-        if mm and other != name and t.shape == tuple(b_tensor.shape) and t.numel <= MAX_NUMEL:
-            if _eq(t.load(), b_tensor):
-                hits.append(f"another layer's tensor: B[{name}] == A[{other}]")
-    return hits
+    ck_a = Checkpoint("A", "tensors", {name: ta}, config or {}, {})
+    ck_b = Checkpoint("B", "tensors", {name: tb}, config or {}, {})
+    notes = diagnose_tensor(r, ta, tb, _Ctx(ck_a, ck_b, config or {}))
+    return notes
+
+
+def diagnose_tensor(r: TensorResult, ta: LazyTensor, tb: LazyTensor, ctx: _Ctx) -> list[str]:
+    """Causes for one mismatching tensor; a skipped or cut-short diagnosis is said in ``r.note``."""
+    if r.status == "shape":
+        if ta.numel > MAX_NUMEL or tb.numel > MAX_NUMEL:
+            _skip(r, f"diagnosis skipped: the tensors are too large to load ({ta.numel} elements)")
+            return []
+        return _diagnose_shape(ta.load(), tb.load())
+    if not (ta.dtype.is_floating_point or ta.dtype == tb.dtype):
+        return []
+    t0 = time.perf_counter()
+    budget = max(MIN_BUDGET, 0.5 * (ta.nbytes + tb.nbytes) / READ_RATE)
+    deadline = t0 + budget
+    # 1. from the metrics alone
+    notes, nonfinite = _nonfinite(r)
+    if notes and r.n_over_tol <= nonfinite:
+        return notes  # the non-finite elements are the whole difference: no scale for the rest
+    if r.n_over_tol - nonfinite <= FEW and not nonfinite:
+        return _isolated(r, ta, tb)
+    if len(ta.shape) == 0 or ta.numel == 0:
+        return notes
+    # 2. a sample of rows: constant scale or offset
+    whole = ta.numel <= SMALL_NUMEL
+    A, B = _Side(ta, whole), _Side(tb, whole)
+    n = ta.shape[0]
+    rows_idx = _sample_rows(n, r.max_abs_index[0] if r.max_abs_index else None)
+    so = _scale_offset(A.rows_at(rows_idx), B.rows_at(rows_idx), r.name)
+    if so and ta.numel <= MAX_NUMEL:
+        so = _scale_offset(A.load(), B.load(), r.name)  # confirm on the whole tensor
+    if so:
+        return notes + [so]
+    if r.cosine is not None and r.cosine >= NOISE_COSINE:
+        _skip(r, f"diagnosis skipped: no structural cause fits and the difference looks like noise "
+                 f"(noise, cosine {r.cosine:.9g}, {r.n_over_tol} of {r.numel} elements over tolerance)")
+        return notes
+    # 3. another tensor of A
+    other = _other_tensor(r.name, B, ta.shape, ctx, rows_idx[:3])
+    if other:
+        return notes + [other]
+    if len(ta.shape) != 2:
+        return notes
+    # 4. localised to a row or a head
+    loc = _localised(r, A, B, ctx.config)
+    if loc:
+        return notes + [loc]
+    # 5. structural: row maps, column maps, then whole-tensor hypotheses
+    found = None
+    if "query_key_value" in r.name:
+        found = _try_maps("", _fused_qkv_maps(n, ctx.config), A, B, rows_idx, False, r, deadline, ctx.perms)
+    if not found:
+        found = _try_maps("", _row_maps(n, ctx.config), A, B, rows_idx, False, r, deadline, ctx.perms)
+    if not found:
+        found = _try_maps("columns: ", _row_maps(ta.shape[1], ctx.config), A, B, rows_idx, True, r, deadline,
+                         ctx.perms)
+        if found:
+            found = found.replace(" rows", " columns").replace("[A[half:]; A[:half]]", "[A[:, half:], A[:, :half]]")
+    if not found and ta.numel <= MAX_NUMEL and time.perf_counter() <= deadline:
+        found = _whole_tensor(r.name, A.load(), B.load(), r, ctx, deadline)
+    if found:
+        m = re.search(r"(v_proj|\.wv\.|o_proj|\.wo\.|dense\.weight|down_proj|\.w2\.)", r.name)
+        if m and found.lstrip("columns: ").startswith("rotary"):
+            found += f" (applied to the wrong tensor: {m.group(1).strip('.')} takes no rotary permutation)"
+        return notes + [found]
+    if time.perf_counter() > deadline:
+        _skip(r, f"diagnosis stopped: its time budget ({budget:.2g} s, half the tensor's estimated read time) "
+                 "was spent before a cause was found")
+    return notes
+
+
+def _skip(r: TensorResult, text: str) -> None:
+    r.note = f"{r.note}; {text}" if r.note else text
+
+
+# ---------------------------------------------------------------- quantized vs float
+def _shifted(x: torch.Tensor, ref: torch.Tensor, dim: int) -> Optional[int]:
+    """+1 when x[i] == ref[i-1] along ``dim`` (every entry but the first), -1 when x[i] == ref[i+1]."""
+    n = x.shape[dim]
+    if n < 3:
+        return None
+    close = lambda u, v: torch.allclose(u.float(), v.float(), rtol=1e-2, atol=0)  # noqa: E731
+    if close(x.narrow(dim, 1, n - 1), ref.narrow(dim, 0, n - 1)):
+        return 1
+    if close(x.narrow(dim, 0, n - 1), ref.narrow(dim, 1, n - 1)):
+        return -1
+    return None
+
+
+def diagnose_quantized(name: str, flt: LazyTensor, q: LazyTensor, s: LazyTensor, ctx: _Ctx,
+                       bits: Optional[int], qside: Checkpoint, fside: Checkpoint) -> list[str]:
+    """Causes for a quantized tensor that misses its float source, in units of the quantization:
+    the codes and scales are compared with a reference quantization of the float weight in the same
+    scheme (scales off by one row or block, another tensor's scales, int4 codes not sign-extended,
+    blocks along the wrong axis)."""
+    from ..converters.quant import EMBED, SCALER, quantize
+    if flt.numel > MAX_NUMEL or flt.dtype.is_floating_point is False:
+        return []
+    emb = bool(EMBED.search(name))
+    w, codes, sc = flt.load().float(), q.load(), s.load()
+    blockwise = codes.dim() == 3 and codes.shape[1] == 128 and w.dim() == 2
+    if w.dim() != 2:
+        return []
+    bits = 8 if emb else (bits or (4 if int(codes.max()) <= 15 and int(codes.min()) >= -8 else 8))
+    try:
+        q_ref, s_ref = quantize(w, bits, blockwise, axis=0 if emb else -1)
+    except Exception:  # noqa: BLE001 - a weight the scheme cannot quantize: nothing to say
+        return []
+    if sc.numel() != s_ref.numel() or codes.shape != q_ref.shape:
+        return []
+    sc = sc.reshape(s_ref.shape)
+    codes_eq = torch.equal(codes, q_ref)
+    scales_eq = torch.allclose(sc.float(), s_ref.float(), rtol=1e-2, atol=0)
+    unit = f"int{bits} {'blockwise' if blockwise else ('per column' if emb else 'per channel')}"
+    if bits == 4 and not codes_eq and int(codes.min()) >= 0 and int(codes.max()) <= 15 \
+            and torch.equal(codes, (q_ref.to(torch.int16) & 15).to(torch.int8)):
+        return [f"int4 codes not sign-extended: negative codes are stored as 0..15 (q + 16) instead of -8..-1 "
+                f"({int((q_ref < 0).sum())} codes); scales {'agree' if scales_eq else 'differ too'}"]
+    if blockwise and w.shape[0] == w.shape[1]:
+        q_t, s_t = quantize(w.T.contiguous(), bits, True)
+        if torch.equal(codes, q_t) and torch.allclose(sc.float(), s_t.float().reshape(sc.shape), rtol=1e-2):
+            return ["quantization blocks along the wrong axis: the codes and scales are those of the transposed "
+                    "weight (blocks of 128 over the output axis instead of the input axis)"]
+    if codes_eq and not scales_eq:
+        dims = [(sc.dim() - 1, "row" if not emb else "column")] + ([(0, "block")] if blockwise and sc.dim() == 2 else [])
+        for dim, what in dims:
+            k = _shifted(sc, s_ref, dim)
+            if k:
+                return [f"scales off by one {what}: the scale stored for {what} i is the reference scale of "
+                        f"{what} i{'-' if k > 0 else '+'}1 (codes agree with a reference {unit} quantization)"]
+        for other in qside.tensors:
+            if other == name or not other.endswith(SCALER) or other[:-len(SCALER)] not in fside.tensors:
+                continue
+            o = other[:-len(SCALER)]
+            ft = fside.tensors[o]
+            if tuple(qside.tensors[other].shape) != tuple(s.shape) or ft.numel > MAX_NUMEL or len(ft.shape) != 2:
+                continue
+            try:
+                _, s_o = quantize(ft.load().float(), bits, blockwise, axis=0 if EMBED.search(o) else -1)
+            except Exception:  # noqa: BLE001
+                continue
+            if s_o.numel() == sc.numel() and torch.allclose(sc.float(), s_o.float().reshape(sc.shape), rtol=1e-2):
+                return [f"scales swapped: {name}{SCALER} holds the scales of {o} (codes agree with a reference "
+                        f"{unit} quantization)"]
+        ratio = (sc.float() / s_ref.float().clamp(min=1e-30))
+        return [f"codes agree with a reference {unit} quantization but the scales do not (stored / reference "
+                f"between {float(ratio.min()):.3g} and {float(ratio.max()):.3g})"]
+    if scales_eq and not codes_eq:
+        return [f"scales agree with a reference {unit} quantization; {int((codes != q_ref).sum())} codes differ "
+                f"(largest code difference {int((codes.int() - q_ref.int()).abs().max())})"]
+    return []
+
+
+# ---------------------------------------------------------------- across tensors
+_MLP = [(r"mlp\.gate_proj\.weight$", r"mlp\.up_proj\.weight$", r"mlp\.down_proj\.weight$"),
+        (r"feed_forward\.w1\.weight$", r"feed_forward\.w3\.weight$", r"feed_forward\.w2\.weight$")]
+_ATTN = [("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight"),
+         ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight")]
+
+
+def _block_perm(perm: list, blk: int) -> Optional[list]:
+    """The block order if ``perm`` moves whole blocks of ``blk`` entries, else None."""
+    n = len(perm)
+    if blk < 1 or n % blk:
+        return None
+    order = []
+    for k in range(0, n, blk):
+        b = perm[k:k + blk]
+        if b[0] % blk or b != list(range(b[0], b[0] + blk)):
+            return None
+        order.append(b[0] // blk)
+    return order
+
+
+def _equivalent_reorderings(res: CompareResult, ctx: _Ctx) -> None:
+    by = {t.name: t for t in res.tensors}
+    perms = ctx.perms
+
+    def mark(names, text):
+        for nm in names:
+            t = by[nm]
+            t.status = "reordered"
+            t.diagnosis = [text]
+
+    for g, u, d in _MLP:
+        for name in list(by):
+            if not re.search(g, name):
+                continue
+            pre = name[:re.search(g, name).start()]
+            un = next((k for k in by if k.startswith(pre) and re.search(u, k)), None)
+            dn = next((k for k in by if k.startswith(pre) and re.search(d, k)), None)
+            pg, pu, pd = perms.get((name, "rows")), perms.get((un, "rows")), perms.get((dn, "cols"))
+            if un and dn and pg and pg == pu == pd:
+                mark((name, un, dn), f"equivalent reordering: MLP hidden units permuted alike in gate/up rows and "
+                                     f"down columns (B unit i = A unit {pg[:8]}...); the function is unchanged")
+    H = ctx.config.get("num_attention_heads") or ctx.config.get("n_heads")
+    K = ctx.config.get("num_key_value_heads") or ctx.config.get("n_kv_heads") or H
+    hd = _head_dim(ctx.config)
+    if not (H and K and hd):
+        return
+    r = H // K
+    for q, k, v, o in _ATTN:
+        for name in list(by):
+            if not name.endswith(q):
+                continue
+            pre = name[:-len(q)]
+            kn, vn, on = pre + k, pre + v, pre + o
+            pq, po = perms.get((name, "rows")), perms.get((on, "cols"))
+            if not (pq and po and pq == po):
+                continue
+            oq = _block_perm(pq, hd)
+            pk = perms.get((kn, "rows"), list(range(K * hd)) if by.get(kn) and by[kn].status == "equal" else None)
+            pv = perms.get((vn, "rows"), list(range(K * hd)) if by.get(vn) and by[vn].status == "equal" else None)
+            ok_, ov = (_block_perm(pk, hd) if pk else None), (_block_perm(pv, hd) if pv else None)
+            if oq is None or ok_ is None or ok_ != ov:
+                continue
+            # each query head must still meet its own KV head: B's kv head h//r is A's kv head oq[h]//r
+            if all(ok_[h // r] == oq[h] // r for h in range(H)):
+                names = [x for x in (name, kn, vn, on) if (x, "rows") in perms or (x, "cols") in perms]
+                mark(names, f"equivalent reordering: attention heads permuted alike in q/k/v rows and o columns "
+                            f"(B query head i = A head {oq}, KV heads {ok_}); the function is unchanged")
+
+
+def _rotary_some_layers(res: CompareResult) -> None:
+    rot: dict = {}
+    for t in res.tensors:
+        kind = LAYER.sub("{i}", t.name)
+        if kind == t.name:
+            continue
+        lay = LAYER.findall(t.name)[-1]
+        has = any("rotary permutation" in d for d in t.diagnosis)
+        rot.setdefault(kind, {})[int(lay)] = "rot" if has else t.status
+    for kind, layers in rot.items():
+        hit = sorted(i for i, s in layers.items() if s == "rot")
+        clean = sorted(i for i, s in layers.items() if s == "equal")
+        if hit and clean:
+            text = (f"rotary permutation in some layers only: {kind} differs by a rotary permutation in layers "
+                    f"{hit} and is equal in layers {clean}")
+            res.notes.append(text)
+            for t in res.tensors:
+                if LAYER.sub("{i}", t.name) == kind and any("rotary permutation" in d for d in t.diagnosis):
+                    t.diagnosis.append(f"in some layers only (layers {hit}; layers {clean} are equal)")
 
 
 def diagnose_result(res: CompareResult, a: Checkpoint, b: Checkpoint) -> None:
     """Fill ``diagnosis`` for every mismatching tensor of ``res`` (in place)."""
     config = {**(b.config or {}), **(a.config or {})}
+    ctx = _Ctx(a, b, config)
+    sc = "_scaler"
     for r in res.tensors:
-        if r.status not in ("differ", "shape"):
+        if r.status not in ("differ", "shape") or r.name not in a.tensors or r.name not in b.tensors:
             continue
-        ta, tb = a.tensors[r.name], b.tensors[r.name]
-        if ta.numel > MAX_NUMEL or tb.numel > MAX_NUMEL:
+        qa, qb = (r.name + sc) in a.tensors, (r.name + sc) in b.tensors
+        if qa != qb:  # quantized vs float: judged in units of the quantization
+            qs, fs = (a, b) if qa else (b, a)
+            m = re.search(r"int(\d)", r.tol_source or "")
+            r.diagnosis = diagnose_quantized(r.name, fs.tensors[r.name], qs.tensors[r.name],
+                                             qs.tensors[r.name + sc], ctx, int(m.group(1)) if m else None, qs, fs)
             continue
-        ra, rb = ta.load(), tb.load()
-        r.diagnosis = diagnose_pair(r.name, ra, rb, config)
-        if r.status == "differ":
-            r.diagnosis += _other_layers(r.name, a, rb)
+        r.diagnosis = diagnose_tensor(r, a.tensors[r.name], b.tensors[r.name], ctx)
+    _equivalent_reorderings(res, ctx)
+    _rotary_some_layers(res)
+    if any(t.status == "reordered" for t in res.tensors):
+        res.notes.append("equivalent reordering: some tensors differ only by a permutation applied consistently "
+                         "to every tensor that uses it; the logits will agree")
     swapped = [r.name for r in res.tensors if r.status == "only-a"]
     if swapped and any(r.status == "only-b" for r in res.tensors):
         res.notes.append("key sets differ: the two checkpoints may use different naming "

@@ -12,14 +12,17 @@ Policy (documented in the README):
 from __future__ import annotations
 
 import fnmatch
-import math
+import queue
+import threading
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
 from ..converters.formats import dtype_name
 from ..converters.lazy import Checkpoint, LazyTensor
+from ..errors import InputError
+from .kernels import Stats, as_kernel_input, bytes_equal
 
 # rtol, atol per dtype (torch.testing's _DTYPE_PRECISIONS, fp32/fp64 from its defaults)
 DTYPE_TOL = {
@@ -42,6 +45,7 @@ class TensorResult:
     name: str
     # equal (bytes identical) | close (within an explicit tolerance) | cast (dtypes differ, values
     # within the cast's rounding) | quant (dequantized, within its scale bound) | dtype (cast refused by --strict-dtype) | differ | shape | only-a | only-b
+    # | reordered (differs only by a permutation applied consistently across tensors: same function)
     status: str
     shape_a: Optional[list] = None
     shape_b: Optional[list] = None
@@ -67,7 +71,7 @@ class TensorResult:
 
     @property
     def ok(self) -> bool:
-        return self.status in ("equal", "close", "cast", "quant")
+        return self.status in ("equal", "close", "cast", "quant", "reordered")
 
 
 @dataclass
@@ -77,15 +81,18 @@ class CompareResult:
     format_a: str
     format_b: str
     tensors: list[TensorResult]
-    config_diff: list = field(default_factory=list)  # [key, value_a, value_b]
+    # [field, value_a, value_b]: function-changing differences of the canonical configs
+    config_diff: list = field(default_factory=list)
     options: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
     mapping: list = field(default_factory=list)  # [source keys, target keys, op] when a converter was involved
+    config_findings: list = field(default_factory=list)  # "A: ..." config disagrees with its own tensors
 
     @property
     def equivalent(self) -> bool:
-        """Tensors decide the verdict; config differences are reported (round trips gate on them)."""
-        return all(t.ok for t in self.tensors)
+        """Equivalent only when every tensor is, and the configs define the same function and fit
+        their tensors (fields that do not change the function never count)."""
+        return all(t.ok for t in self.tensors) and not self.config_diff and not self.config_findings
 
     def counts(self) -> dict:
         c: dict = {}
@@ -97,7 +104,7 @@ class CompareResult:
         return "equivalent" if self.equivalent else "differ"
 
     def worst_first(self) -> list[TensorResult]:
-        order = {"only-a": 0, "only-b": 0, "shape": 1, "differ": 2, "dtype": 3, "cast": 4, "quant": 5, "close": 6, "equal": 7}
+        order = {"only-a": 0, "only-b": 0, "shape": 1, "differ": 2, "dtype": 3, "cast": 4, "quant": 5, "reordered": 6, "close": 6, "equal": 7}
         return sorted(self.tensors, key=lambda t: (order.get(t.status, 9), -(t.n_over_tol or 0),
                                                    -(t.max_abs or 0.0), t.name))
 
@@ -106,7 +113,7 @@ class CompareResult:
             "verdict": self.verdict(), "a": self.a, "b": self.b,
             "format_a": self.format_a, "format_b": self.format_b,
             "counts": self.counts(), "options": self.options, "notes": self.notes,
-            "config_diff": self.config_diff, "mapping": self.mapping,
+            "config_diff": self.config_diff, "config_findings": self.config_findings, "mapping": self.mapping,
             "tensors": [asdict(t) for t in self.tensors],
         }
 
@@ -131,7 +138,7 @@ class Options:
     ignore: list = field(default_factory=list)
     diagnose: bool = True
     strict_dtype: bool = False
-    chunk_bytes: int = 32 * 1024 * 1024
+    chunk_bytes: int = 8 * 1024 * 1024  # per side and read-ahead slot
 
     def tolerance(self, name: str, da, db) -> Tolerance:
         for pat, atol, rtol, reason in self.patterns:
@@ -148,51 +155,112 @@ class Options:
         return not any(fnmatch.fnmatchcase(name, p) for p in self.ignore)
 
 
-def _u8_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
-    """Equality of two flat uint8 tensors, compared 8 bytes at a time (uint8 compares are slow)."""
-    n = x.numel()
-    if n != y.numel():
-        return False
-    k = n - n % 8
-    try:
-        if k and not torch.equal(x[:k].view(torch.int64), y[:k].view(torch.int64)):
-            return False
-    except RuntimeError:  # storage offset not 8-byte aligned: compare bytes one by one
-        return torch.equal(x, y)
-    return k == n or torch.equal(x[k:], y[k:])
-
-
 def _bytes_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
-    x, y = x.contiguous(), y.contiguous()
-    if x.numel() == 0:
-        return True
-    return _u8_equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))
+    return bytes_equal(x.contiguous(), y.contiguous())
 
 
 def _raw(t: LazyTensor) -> bool:
-    return hasattr(t, "byte_chunks")
+    return hasattr(t, "byte_chunks") and hasattr(t, "file")
+
+
+_SLOTS = 3  # read-ahead buffers per side: one being compared, one queued, one being read
+
+
+class _Buffers:
+    """Reusable read buffers (bounded memory whatever the checkpoint size)."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+        self.a = [bytearray(nbytes) for _ in range(_SLOTS)]
+        self.b = [bytearray(nbytes) for _ in range(_SLOTS)]
 
 
 _BUFS: dict = {}
 
 
-def _buffers(n: int):
-    """Two reusable read buffers (bounded memory whatever the checkpoint size)."""
-    if _BUFS.get("n") != n:
-        _BUFS.update(n=n, a=bytearray(n), b=bytearray(n))
-    return _BUFS["a"], _BUFS["b"]
+def _buffers(nbytes: int) -> _Buffers:
+    if _BUFS.get("n") != nbytes:
+        _BUFS.clear()
+        _BUFS.update(n=nbytes, bufs=_Buffers(nbytes))
+    return _BUFS["bufs"]
 
 
-def _raw_equal(ta, tb, chunk: int, progress) -> bool:
-    """Compare two file-backed tensors' bytes with pread into reused buffers (no page faults)."""
-    ba, bb = _buffers(chunk)
-    for (_, va), (_, vb) in zip(ta.byte_chunks(ba, chunk), tb.byte_chunks(bb, chunk)):
-        if len(va) and not _u8_equal(torch.frombuffer(va, dtype=torch.uint8),
-                                     torch.frombuffer(vb, dtype=torch.uint8)):
-            return False
-        if progress:
-            progress(2 * len(va))
-    return True
+def _prefetch(items: Iterator, depth: int = 1) -> Iterator:
+    """Iterate ``items`` on a reader thread, ``depth`` items ahead (pread and torch release the GIL)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def run():
+        try:
+            for x in items:
+                while not stop.is_set():
+                    try:
+                        q.put(x, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((done, None))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            q.put((done, e))
+
+    th = threading.Thread(target=run, name="ckdiff-read-ahead", daemon=True)
+    th.start()
+    try:
+        while True:
+            x = q.get()
+            if isinstance(x, tuple) and len(x) == 2 and x[0] is done:
+                if x[1] is not None:
+                    raise x[1]
+                return
+            yield x
+    finally:
+        stop.set()
+        th.join()
+
+
+def _read_raw(t, lo: int, hi: int, buf: bytearray) -> torch.Tensor:
+    """Elements [lo, hi) of a file-backed tensor, pread into ``buf``."""
+    isz = t.dtype.itemsize
+    n = (hi - lo) * isz
+    if n == 0:
+        return torch.empty(0, dtype=t.dtype)
+    view = memoryview(buf)[:n]
+    got = t.file.read_into(t.lo + lo * isz, view)
+    if got != n:
+        raise InputError(t.file.path, f"tensor {t.name!r}: short read ({got} of {n} bytes)")
+    return torch.frombuffer(view, dtype=t.dtype, count=hi - lo)
+
+
+def _read_rows(t: LazyTensor, lo: int, hi: int, row: int) -> torch.Tensor:
+    if not t.shape:
+        return t.load().reshape(1)
+    return t.rows(lo // row, hi // row).contiguous().reshape(-1)
+
+
+def _ranges(ta: LazyTensor, tb: LazyTensor, chunk_bytes: int, raw: bool) -> tuple[list, int]:
+    """Element ranges covering both tensors; whole rows unless both sides are file-backed."""
+    n = ta.numel
+    isz = max(ta.dtype.itemsize, tb.dtype.itemsize)
+    row = max(1, n // max(1, ta.nrows)) if ta.shape else 1
+    if raw:
+        step = max(1, chunk_bytes // isz)
+    else:
+        step = max(1, chunk_bytes // max(1, row * isz)) * row
+    return [(lo, min(n, lo + step)) for lo in range(0, n, step)], row
+
+
+def _pairs(ta, tb, ranges, row: int, bufs: Optional[_Buffers]) -> Iterator:
+    """(lo, hi, chunk a, chunk b) as flat tensors, read on a thread one chunk ahead."""
+    def gen():
+        for k, (lo, hi) in enumerate(ranges):
+            slot = k % _SLOTS
+            ca = _read_raw(ta, lo, hi, bufs.a[slot]) if bufs and _raw(ta) else _read_rows(ta, lo, hi, row)
+            cb = _read_raw(tb, lo, hi, bufs.b[slot]) if bufs and _raw(tb) else _read_rows(tb, lo, hi, row)
+            yield lo, hi, ca, cb
+    return _prefetch(gen()) if len(ranges) > 1 else gen()
 
 
 def _unravel(flat: int, shape) -> list:
@@ -203,44 +271,10 @@ def _unravel(flat: int, shape) -> list:
     return list(reversed(idx))
 
 
-class _Acc:
-    """Running float64 metrics over chunks."""
-
-    def __init__(self, tol: Tolerance):
-        self.tol = tol
-        self.max_abs, self.max_idx, self.sum_abs, self.max_rel = 0.0, None, 0.0, 0.0
-        self.dot = self.na = self.nb = 0.0
-        self.over = self.nan_a = self.nan_b = self.inf_a = self.inf_b = 0
-
-    def add(self, a: torch.Tensor, b: torch.Tensor, offset: int):
-        a = a.reshape(-1).to(torch.float64)
-        b = b.reshape(-1).to(torch.float64)
-        an, bn = torch.isnan(a), torch.isnan(b)
-        ai, bi = torch.isinf(a), torch.isinf(b)
-        self.nan_a += int(an.sum()); self.nan_b += int(bn.sum())
-        self.inf_a += int(ai.sum()); self.inf_b += int(bi.sum())
-        both_nan = an & bn
-        same_inf = ai & bi & (a == b)
-        diff = (a - b).abs()
-        diff = torch.where(both_nan | same_inf, torch.zeros_like(diff), diff)
-        diff = torch.where((an ^ bn) | ((ai | bi) & ~same_inf), torch.full_like(diff, math.inf), diff)
-        if diff.numel():
-            m, i = torch.max(diff, 0)
-            if float(m) > self.max_abs or self.max_idx is None:
-                self.max_abs, self.max_idx = float(m), offset + int(i)
-            finite = torch.isfinite(diff)
-            self.sum_abs += float(diff[finite].sum())
-            denom = a.abs()
-            rel = torch.where(denom > 0, diff / denom, torch.where(diff > 0, torch.full_like(diff, math.inf), diff))
-            self.max_rel = max(self.max_rel, float(rel.max()))
-            self.over += int((diff > self.tol.atol + self.tol.rtol * a.abs()).sum())
-            ok = torch.isfinite(a) & torch.isfinite(b)
-            af, bf = a[ok], b[ok]
-            self.dot += float((af * bf).sum()); self.na += float((af * af).sum()); self.nb += float((bf * bf).sum())
-
-
 def compare_tensor(name: str, ta: LazyTensor, tb: LazyTensor, opts: Options,
                    progress: Optional[Callable[[int], None]] = None) -> TensorResult:
+    """One pass over both tensors: bytes first, and from the first differing chunk on every
+    metric from the fused kernel (chunks before it are read once more for their norms)."""
     r = TensorResult(name=name, status="equal", shape_a=list(ta.shape), shape_b=list(tb.shape),
                      dtype_a=dtype_name(ta.dtype), dtype_b=dtype_name(tb.dtype), numel=ta.numel)
     if ta.shape != tb.shape:
@@ -251,39 +285,36 @@ def compare_tensor(name: str, ta: LazyTensor, tb: LazyTensor, opts: Options,
     tol = opts.tolerance(name, ta.dtype, tb.dtype)
     r.atol, r.rtol, r.tol_source = tol.atol, tol.rtol, tol.source
     same_dtype = ta.dtype == tb.dtype
-    # Pass 1: bytes only. Identical tensors never touch float math.
-    exact = same_dtype
-    if same_dtype and _raw(ta) and _raw(tb):
-        exact = _raw_equal(ta, tb, opts.chunk_bytes, progress)
-    elif same_dtype:
-        for lo, hi in ta.row_chunks(opts.chunk_bytes):
-            ca, cb = ta.rows(lo, hi), tb.rows(lo, hi)
-            if not _bytes_equal(ca, cb):
-                exact = False
-                break
-            if progress:
-                progress(ca.numel() * ca.element_size() * 2)
-    r.bit_exact = exact
-    if exact:
+    raw = _raw(ta) or _raw(tb)
+    ranges, row = _ranges(ta, tb, opts.chunk_bytes, _raw(ta) and _raw(tb))
+    bufs = _buffers(opts.chunk_bytes) if raw else None
+    stats = Stats()
+    first_diff = None if same_dtype else 0
+    for k, (lo, hi, ca, cb) in enumerate(_pairs(ta, tb, ranges, row, bufs)):
+        if first_diff is None:
+            if _bytes_equal(ca, cb):
+                if progress:
+                    progress((hi - lo) * (ta.dtype.itemsize + tb.dtype.itemsize))
+                continue
+            first_diff = k
+        stats.add(as_kernel_input(ca), as_kernel_input(cb), lo, tol.atol, tol.rtol)
+        if progress:
+            progress((hi - lo) * (ta.dtype.itemsize + tb.dtype.itemsize))
+    r.bit_exact = first_diff is None
+    if r.bit_exact:
         r.cosine = 1.0 if ta.numel else None
         return r
-    # Pass 2: float metrics over every chunk.
-    acc = _Acc(tol)
-    offset = 0
-    for lo, hi in ta.row_chunks(opts.chunk_bytes):
-        ca, cb = ta.rows(lo, hi), tb.rows(lo, hi)
-        acc.add(ca, cb, offset)
-        offset += ca.numel()
-        if progress:
-            progress(ca.numel() * (ca.element_size() + cb.element_size()))
-    r.max_abs = acc.max_abs
-    r.max_abs_index = _unravel(acc.max_idx, ta.shape) if acc.max_idx is not None else None
-    r.mean_abs = acc.sum_abs / max(1, ta.numel)
-    r.max_rel = acc.max_rel
-    r.cosine = acc.dot / math.sqrt(acc.na * acc.nb) if acc.na > 0 and acc.nb > 0 else None
-    r.n_over_tol = acc.over
-    r.nan_a, r.nan_b, r.inf_a, r.inf_b = acc.nan_a, acc.nan_b, acc.inf_a, acc.inf_b
-    r.status = "differ" if acc.over else ("close" if same_dtype else "cast")
+    if first_diff:  # the equal chunks before the first difference still count in norms and NaN/Inf
+        for lo, hi, ca, cb in _pairs(ta, tb, ranges[:first_diff], row, bufs):
+            stats.add(as_kernel_input(ca), as_kernel_input(cb), lo, tol.atol, tol.rtol)
+    r.max_abs = max(0.0, stats.max_abs)
+    r.max_abs_index = _unravel(stats.max_idx, ta.shape) if stats.max_idx is not None else None
+    r.mean_abs = stats.sum_abs / max(1, ta.numel)
+    r.max_rel = stats.max_rel
+    r.cosine = stats.cosine
+    r.n_over_tol = stats.over
+    r.nan_a, r.nan_b, r.inf_a, r.inf_b = stats.nan_a, stats.nan_b, stats.inf_a, stats.inf_b
+    r.status = "differ" if stats.over else ("close" if same_dtype else "cast")
     if not same_dtype and r.status == "cast" and opts.strict_dtype:
         r.status = "dtype"
     if not same_dtype:
@@ -294,52 +325,86 @@ def compare_tensor(name: str, ta: LazyTensor, tb: LazyTensor, opts: Options,
 
 
 def compare_checkpoints(a: Checkpoint, b: Checkpoint, opts: Optional[Options] = None,
-                        progress_factory=None, diagnose_fn=None, map_layouts: bool = True) -> CompareResult:
+                        progress_factory=None, diagnose_fn=None, map_layouts: bool = True,
+                        shard=None) -> Optional[CompareResult]:
     """Compare every tensor of the union of keys; never stop at the first mismatch.
 
     Checkpoints of different layouts are lined up first (compare/align.py) unless ``map_layouts``
-    is false; the mapping used is part of the result."""
+    is false; the mapping used is part of the result. With ``shard`` (ckdiff.distributed.Shard)
+    the tensors are spread over its ranks and the result exists on rank 0 only (None elsewhere),
+    identical to the one a single process computes."""
     opts = opts or Options()
-    from .quant import compare_mixed, quantized_side
-    results: list[TensorResult] = []
+    from .quant import mixed_jobs, quantized_side
     notes: list[str] = []
     mapping: list = []
+    cdiff, cfindings, cnotes = compare_config_semantics(a, b)
     if map_layouts:
         from .align import align
         a, b, mapping, notes = align(a, b)
+    notes += cnotes
     consumed: set = set()
+    jobs: list = []  # (name, bytes, fn -> TensorResult), in result order
     side = quantized_side(a, b)
     if side:
-        qres, consumed = compare_mixed(a, b, side, opts.selected)
-        results += qres
+        jobs, consumed = mixed_jobs(a, b, side, opts.selected)
         notes.append(f"{side.upper()} is quantized: its tensors were dequantized and judged in units of "
                      "their own scale (int8 1.5 s, int4 1.0 s)")
     names_a = [n for n in a.tensors if opts.selected(n) and n not in consumed]
     names_b = [n for n in b.tensors if opts.selected(n) and n not in consumed]
     set_b = set(names_b)
     common = [n for n in names_a if n in set_b]
-    total = sum(a.tensors[n].nbytes + b.tensors[n].nbytes for n in common)
-    progress = progress_factory(total) if progress_factory else None
+    one_sided: list[TensorResult] = []
     for n in names_a:
         if n not in set_b:
             t = a.tensors[n]
-            results.append(TensorResult(n, "only-a", shape_a=list(t.shape), dtype_a=dtype_name(t.dtype), numel=t.numel))
+            one_sided.append(TensorResult(n, "only-a", shape_a=list(t.shape), dtype_a=dtype_name(t.dtype), numel=t.numel))
     for n in names_b:
         if n not in a.tensors:
             t = b.tensors[n]
-            results.append(TensorResult(n, "only-b", shape_b=list(t.shape), dtype_b=dtype_name(t.dtype), numel=t.numel))
-    for n in common:
-        results.append(compare_tensor(n, a.tensors[n], b.tensors[n], opts, progress))
-    if progress is not None and hasattr(progress, "stop"):
-        progress.stop()
+            one_sided.append(TensorResult(n, "only-b", shape_b=list(t.shape), dtype_b=dtype_name(t.dtype), numel=t.numel))
+    n_quant = len(jobs)
+    jobs += [(n, a.tensors[n].nbytes + b.tensors[n].nbytes,
+              lambda n=n, progress=None: compare_tensor(n, a.tensors[n], b.tensors[n], opts, progress)) for n in common]
+    if shard is not None:
+        done = shard.map(jobs)
+        if done is None:
+            return None
+    else:
+        total = sum(nb for _, nb, _ in jobs[n_quant:])
+        progress = progress_factory(total) if progress_factory else None
+        done = [fn() for _, _, fn in jobs[:n_quant]] + [fn(progress=progress) for _, _, fn in jobs[n_quant:]]
+        if progress is not None and hasattr(progress, "stop"):
+            progress.stop()
+    results = done[:n_quant] + one_sided + done[n_quant:]
     res = CompareResult(a.path, b.path, a.format, b.format, results,
-                        config_diff=config_diff(a.config, b.config),
+                        config_diff=cdiff, config_findings=cfindings,
                         options={"atol": opts.atol, "rtol": opts.rtol, "only": opts.only, "ignore": opts.ignore,
                                  "patterns": [list(p) for p in opts.patterns]}, notes=notes, mapping=mapping)
     if opts.diagnose:
         from .diagnose import diagnose_result
         (diagnose_fn or diagnose_result)(res, a, b)
     return res
+
+
+def compare_config_semantics(a: Checkpoint, b: Checkpoint) -> tuple[list, list, list]:
+    """(function-changing config differences, config-vs-tensor findings, notes) of two checkpoints.
+
+    Each side's own config (HF ``config.json`` v4/v5, Meta/JetStream ``params.json``, Megatron ``args``)
+    is read into one canonical dict (converters/config.py), so spellings, explicit defaults and fields
+    that do not change the function never show; across layouts the same fields line up."""
+    from ..converters.config import canonical_config, compare_configs, config_findings
+    try:
+        ca = canonical_config(a.format, a.config, a.tensors)
+        cb = canonical_config(b.format, b.config, b.tensors)
+    except (TypeError, ValueError, KeyError, ZeroDivisionError) as e:
+        return [], [], [f"configs not compared: {e}"]
+    diffs, notes = compare_configs(ca, cb)
+    findings = [f"{side}: {f}" for side, ck, c in (("A", a, ca), ("B", b, cb))
+                for f in config_findings(ck.format, ck.config, ck.tensors, c)]
+    notes += [f"config disagrees with its tensors, {f}" for f in findings]  # shown by every report
+    if (ca is None) != (cb is None):
+        notes.append(f"{'A' if ca is None else 'B'} has no model config: configurations were not compared")
+    return diffs, findings, notes
 
 
 def config_diff(ca: dict, cb: dict) -> list:

@@ -14,8 +14,9 @@ import torch
 
 from ..converters.formats import dtype_name
 from ..converters.lazy import Checkpoint
-from ..converters.quant import BOUND, EMBED, SCALER, dequantize, float_shape, is_quantized, scale_per_element
+from ..converters.quant import BLOCK, BOUND, EMBED, SCALER, float_shape, is_quantized
 from .diff import TensorResult, _unravel
+from .kernels import QuantStats
 
 
 def quant_bits(ck: Checkpoint) -> int | None:
@@ -33,8 +34,38 @@ def quantized_side(a: Checkpoint, b: Checkpoint):
     return "a" if qa else "b"
 
 
-def compare_quantized(name: str, flt, q, s, bits: int | None) -> TensorResult:
-    """Float tensor ``flt`` vs codes ``q`` with scales ``s`` (all lazy)."""
+def _blocks(flt, q, s, shape, emb: bool, chunk_bytes: int):
+    """(flat offset, float rows [R, C], codes [R, C] in float order, flat scales, row stride,
+    block stride, block width, per column) chunk by chunk: element (i, j) has the scale
+    ``scales[i * sr + (j // cdiv) * sc]``, or ``scales[i * sr + j]`` per column."""
+    C = shape[-1]
+    if len(shape) == 2 and len(q.shape) == 3:  # blockwise [nb, 128, out]: this tensor's codes read once
+        codes, scale = q.load(), s.load()
+        nb, out = codes.shape[0], shape[0]
+        scale = scale.reshape(nb, out)
+        step = max(1, chunk_bytes // max(1, 4 * C))
+        for lo in range(0, out, step):
+            hi = min(out, lo + step)
+            cq = codes[:, :, lo:hi].permute(2, 0, 1).reshape(hi - lo, C)
+            yield lo * C, flt.rows(lo, hi), cq, scale[:, lo:hi].T.contiguous(), nb, 1, BLOCK, False
+        return
+    rows = math.prod(shape[:-1])
+    step = max(1, chunk_bytes // (4 * C * max(1, math.prod(shape[1:-1]))))
+    full_scale = s.load() if emb else None
+    for lo in range(0, shape[0], step):
+        hi = min(shape[0], lo + step)
+        codes = q.rows(lo, hi).reshape(-1, C)
+        w = flt.rows(lo, hi).reshape(-1, C)
+        if emb:
+            yield lo * C, w, codes, full_scale, 0, 0, C, True
+        else:
+            sc = s.rows(lo, hi) if s.shape else s.load()
+            yield lo * C * (rows // shape[0]), w, codes, sc, 1, 0, C, False
+
+
+def compare_quantized(name: str, flt, q, s, bits: int | None, chunk_bytes: int = 8 << 20) -> TensorResult:
+    """Float tensor ``flt`` vs codes ``q`` with scales ``s`` (all lazy), streamed by row blocks
+    through one fused kernel (compare/kernels.py)."""
     emb = bool(EMBED.search(name))
     shape = float_shape(q)
     r = TensorResult(name=name, status="quant", shape_a=list(flt.shape), shape_b=list(shape),
@@ -43,48 +74,55 @@ def compare_quantized(name: str, flt, q, s, bits: int | None) -> TensorResult:
     if tuple(flt.shape) != tuple(shape):
         r.status = "shape"
         return r
-    codes, scale = q.load(), s.load()
-    w = flt.load().to(torch.float32)
     if emb:
         bits = 8  # the embedding is int8 per column whatever the quantize type
+    st = QuantStats()
+    scale_ok = True
+    for off, w, codes, sc, sr, scol, cdiv, percol in _blocks(flt, q, s, shape, emb, chunk_bytes):
+        st.add(w, codes.to(torch.int8), sc, sr, scol, cdiv, off, percol)
+        scale_ok = scale_ok and bool((sc > 0).all())
     if bits is None:
-        bits = 4 if int(codes.abs().max()) <= 8 and int(codes.min()) >= -8 else 8
+        bits = 4 if st.cmax <= 8 and st.cmin >= -8 else 8
     bound = BOUND[8 if bits == 8 else 4]
-    deq = dequantize(codes, scale, shape, emb)
-    per = scale_per_element(scale, codes, shape, emb)
-    diff = (w - deq).abs()
-    units = diff / per.clamp(min=1e-30)
-    m, i = torch.max(diff.reshape(-1), 0)
-    r.max_abs, r.max_abs_index = float(m), _unravel(int(i), shape)
-    r.mean_abs = float(diff.mean())
-    r.max_rel = float((diff / w.abs().clamp(min=1e-30)).max())
-    wf, df = w.reshape(-1).double(), deq.reshape(-1).double()
-    den = math.sqrt(float(wf @ wf) * float(df @ df))
-    r.cosine = float(wf @ df) / den if den else None
-    r.n_over_tol = int((units > bound).sum())
-    r.nan_a, r.nan_b = int(torch.isnan(w).sum()), 0
+    r.max_abs = max(0.0, st.max_abs)
+    r.max_abs_index = _unravel(st.max_idx, shape) if st.max_idx is not None else None
+    r.mean_abs = st.sum_abs / max(1, flt.numel)
+    r.max_rel = st.max_rel
+    r.cosine = st.cosine
+    r.n_over_tol = st.over[bound]
+    r.nan_a, r.nan_b, r.inf_a = st.nan, 0, st.inf
     r.atol, r.rtol, r.tol_source = None, None, f"{bound} x scale (int{bits})"
     r.note = (f"dequantized int{bits}{' embedding per column' if emb else ''}; "
-              f"max error {float(units.max()):.3g} x scale (bound {bound})")
-    codes_ok = int(codes.min()) >= -(2 ** (bits - 1)) and int(codes.max()) <= 2 ** (bits - 1) - 1
+              f"max error {st.max_units:.3g} x scale (bound {bound})")
+    codes_ok = st.cmin >= -(2 ** (bits - 1)) and st.cmax <= 2 ** (bits - 1) - 1
     if not codes_ok:
         r.note += f"; codes outside the int{bits} range"
-    if r.n_over_tol or not codes_ok or not bool((scale > 0).all()):
+    if r.n_over_tol or not codes_ok or not scale_ok:
         r.status = "differ"
     return r
 
 
-def compare_mixed(a: Checkpoint, b: Checkpoint, side: str, selected) -> tuple[list[TensorResult], set]:
-    """Results for every quantized tensor, and the names they consumed on each side."""
+def mixed_jobs(a: Checkpoint, b: Checkpoint, side: str, selected) -> tuple[list, set]:
+    """(jobs, consumed names): one job ``(name, bytes, fn)`` per quantized tensor, ``fn() -> TensorResult``."""
     fl, qu = (b, a) if side == "a" else (a, b)
     bits = quant_bits(qu)
-    results, used = [], set()
+    jobs, used = [], set()
     for k in qu.tensors:
         if k.endswith(SCALER) or k + SCALER not in qu.tensors or k not in fl.tensors or not selected(k):
             continue
-        r = compare_quantized(k, fl.tensors[k], qu.tensors[k], qu.tensors[k + SCALER], bits)
-        if side == "a":  # keep A/B columns the right way round
-            r.shape_a, r.shape_b, r.dtype_a, r.dtype_b = r.shape_b, r.shape_a, r.dtype_b, r.dtype_a
-        results.append(r)
+
+        def run(k=k):
+            r = compare_quantized(k, fl.tensors[k], qu.tensors[k], qu.tensors[k + SCALER], bits)
+            if side == "a":  # keep A/B columns the right way round
+                r.shape_a, r.shape_b, r.dtype_a, r.dtype_b = r.shape_b, r.shape_a, r.dtype_b, r.dtype_a
+            return r
+        nbytes = fl.tensors[k].nbytes + qu.tensors[k].nbytes + qu.tensors[k + SCALER].nbytes
+        jobs.append((k, nbytes, run))
         used.update({k, k + SCALER})
-    return results, used
+    return jobs, used
+
+
+def compare_mixed(a: Checkpoint, b: Checkpoint, side: str, selected) -> tuple[list[TensorResult], set]:
+    """Results for every quantized tensor, and the names they consumed on each side."""
+    jobs, used = mixed_jobs(a, b, side, selected)
+    return [fn() for _, _, fn in jobs], used

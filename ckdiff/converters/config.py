@@ -87,7 +87,7 @@ class ModelConfig:
                                               if rope.get("rope_type", "default") != "default" else None)
         family = arch if arch in ("gemma", "mixtral") else "llama"
         return cls(family=family, hidden=D, layers=L, heads=H, kv_heads=K, head_dim=hd, ffn=F, vocab=V,
-                   norm_eps=cfg.get("rms_norm_eps", 1e-5),
+                   norm_eps=cfg.get("rms_norm_eps") or HF_DEFAULTS.get(arch, HF_DEFAULTS["llama"])["rms_norm_eps"],
                    rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0),
                    tied=bool(tied), max_pos=cfg.get("max_position_embeddings", 2048),
                    sliding_window=cfg.get("sliding_window"), rope_scaling=scaling,
@@ -231,3 +231,252 @@ def _dtype_of(tensors, key, cfg) -> str:
     if t is not None:
         return str(t.dtype).replace("torch.", "")
     return cfg.get("torch_dtype", "float32")
+
+
+# ---------------------------------------------------------------- canonical config for comparison
+# Fields that change the function a checkpoint computes. Everything else a config file may hold
+# (use_cache, dtype/torch_dtype, attention_dropout at inference, initializer_range, architectures,
+# transformers_version, ...) is irrelevant by construction: it never enters the canonical dict.
+FUNCTION_FIELDS = ("family", "hidden", "layers", "heads", "kv_heads", "head_dim", "ffn", "vocab", "norm_eps",
+                   "rope_theta", "rope_scaling", "rotary", "tied", "sliding_window", "activation", "parallel_attn",
+                   "two_norms", "experts", "experts_per_tok", "logit_softcap", "bos_token_id", "eos_token_id",
+                   "pad_token_id")
+# Fields that differ between correct checkpoints of the same model without changing any output
+# within the shorter context: reported as notes.
+NOTE_FIELDS = ("max_pos",)
+# transformers' per-model defaults (what a loader assumes when the key is absent)
+HF_DEFAULTS = {
+    "llama": dict(rms_norm_eps=1e-6, tie=False, act="silu"), "mistral": dict(rms_norm_eps=1e-6, tie=False, act="silu"),
+    "mixtral": dict(rms_norm_eps=1e-5, tie=False, act="silu"), "gemma": dict(rms_norm_eps=1e-6, tie=True, act="gelu_tanh"),
+    "qwen2": dict(rms_norm_eps=1e-6, tie=False, act="silu"), "falcon": dict(rms_norm_eps=1e-5, tie=True, act="gelu"),
+}
+_ACT = {"silu": "silu", "swish": "silu", "swiglu": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
+        "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh", "geglu": "gelu", "relu": "relu"}
+
+
+def _rope_scaling(d) -> Optional[dict]:
+    """One spelling of rope scaling: rope_type (v4 "type"), float values, "default" meaning none."""
+    if not isinstance(d, dict) or not d:
+        return None
+    out = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+           for k, v in d.items() if k not in ("type", "rope_type", "rope_theta")}
+    kind = d.get("rope_type") or d.get("type") or "default"
+    if kind == "default" and not out:
+        return None
+    out["rope_type"] = kind
+    return dict(sorted(out.items()))
+
+
+def _ids(v):
+    if isinstance(v, list):
+        return sorted(v) if len(v) > 1 else (v[0] if v else None)
+    return v
+
+
+def _rows(t) -> int:
+    # blockwise-quantized codes are [nb, 128, out]: the output rows are the last axis
+    return t.shape[2] if len(t.shape) == 3 and t.shape[1] == 128 else t.shape[0]
+
+
+def canonical_config(fmt: str, cfg: dict, tensors: dict) -> Optional[dict]:
+    """The function-defining fields of a checkpoint's own config, one spelling for every layout.
+
+    HF ``config.json`` (transformers v4 and v5 spellings, per-model defaults made explicit), Meta/JetStream
+    ``params.json`` and Megatron ``args`` all read into the same keys. Values the config leaves
+    implicit come from the tensor shapes (FFN size, head_dim, Meta's ``vocab_size: -1``). None when
+    the format has no config."""
+    fmt = (fmt or "").split("->")[0]
+    cfg = cfg or {}
+    if fmt == "hf" and cfg:
+        return _canonical_hf(cfg, tensors)
+    if fmt in ("meta", "jetstream") and cfg:
+        return _canonical_meta(cfg, tensors)
+    if fmt == "megatron" and cfg:
+        return _canonical_megatron(cfg, tensors)
+    return None
+
+
+def _canonical_hf(cfg: dict, tensors: dict) -> dict:
+    mt = (cfg.get("model_type") or "llama").lower()
+    falcon = mt in ("falcon", "refinedweb", "refinedwebmodel", "rw")
+    dflt = HF_DEFAULTS.get("falcon" if falcon else mt, HF_DEFAULTS["llama"])
+    rope = cfg.get("rope_parameters") or {}  # transformers v5
+    H = cfg.get("num_attention_heads", cfg.get("n_head"))
+    D = cfg.get("hidden_size")
+    if falcon:
+        new = bool(cfg.get("new_decoder_architecture", False))
+        K = (cfg.get("num_kv_heads") or H) if new else (1 if cfg.get("multi_query", True) else H)
+    else:
+        K = cfg.get("num_key_value_heads") or H
+    hd = cfg.get("head_dim") or (D // H if D and H else None)
+    up = tensors.get("model.layers.0.mlp.up_proj.weight") or tensors.get("transformer.h.0.mlp.dense_h_to_4h.weight")
+    ffn = cfg.get("intermediate_size") or cfg.get("ffn_hidden_size") or (up.shape[0] if up is not None else None)
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or dflt["act"]
+    sw = cfg.get("sliding_window") if (mt in ("mistral", "mixtral", "qwen2") or cfg.get("use_sliding_window", True)) else None
+    out = dict(family="falcon" if falcon else ("llama" if mt in ("llama", "mistral") else mt),
+               hidden=D, layers=cfg.get("num_hidden_layers", cfg.get("n_layer")), heads=H, kv_heads=K, head_dim=hd,
+               ffn=ffn, vocab=cfg.get("vocab_size"),
+               norm_eps=float(cfg.get("layer_norm_epsilon" if falcon else "rms_norm_eps") or dflt["rms_norm_eps"]),
+               rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+               rope_scaling=_rope_scaling(cfg.get("rope_scaling") or rope),
+               tied=bool(cfg.get("tie_word_embeddings", dflt["tie"])), sliding_window=sw or None,
+               activation=_ACT.get(str(act), str(act)), max_pos=cfg.get("max_position_embeddings"),
+               bos_token_id=_ids(cfg.get("bos_token_id")), eos_token_id=_ids(cfg.get("eos_token_id")),
+               pad_token_id=_ids(cfg.get("pad_token_id")))
+    if falcon:
+        out.update(parallel_attn=bool(cfg.get("parallel_attn", True)),
+                   two_norms=bool(cfg.get("new_decoder_architecture", False)))
+    if mt == "mixtral":
+        out.update(experts=cfg.get("num_local_experts"), experts_per_tok=cfg.get("num_experts_per_tok"))
+    if cfg.get("final_logit_softcapping"):
+        out["logit_softcap"] = float(cfg["final_logit_softcapping"])
+    return out
+
+
+def _canonical_meta(p: dict, tensors: dict) -> dict:
+    fam = p.get("model_type") if p.get("model_type") in ("gemma", "mixtral") else "llama"
+    D, H = p.get("dim"), p.get("n_heads")
+    emb = tensors.get("tok_embeddings.weight") or tensors.get("embedder.weight")
+    w1 = tensors.get("layers.0.feed_forward.w1.weight") or tensors.get("layers.0.mlp.gate_proj.weight")
+    moe = tensors.get("layers.0.block_sparse_moe.cond_ffn.w1")
+    ffn = p.get("hidden_dim") or (_rows(w1) if w1 is not None else (moe.shape[1] if moe is not None else None))
+    vocab = p.get("vocab_size")
+    if not isinstance(vocab, int) or vocab <= 0:
+        vocab = emb.shape[0] if emb is not None else None
+    scaling = _rope_scaling(p.get("rope_scaling"))
+    if scaling is None and p.get("use_scaled_rope"):
+        scaling = _rope_scaling({"rope_type": "llama3", "factor": p.get("rope_scaling_factor", 8.0),
+                                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": 8192})
+    out = dict(family=fam, hidden=D, layers=p.get("n_layers"), heads=H, kv_heads=p.get("n_kv_heads") or H,
+               head_dim=p.get("head_dim") or (D // H if D and H else None), ffn=ffn, vocab=vocab,
+               norm_eps=float(p.get("norm_eps", 1e-5 if fam != "gemma" else 1e-6)),
+               rope_theta=float(p.get("rope_theta", 10000.0)), rope_scaling=scaling,
+               tied=fam == "gemma" or bool(p.get("tie_word_embeddings")) or "output.weight" not in tensors,
+               sliding_window=p.get("sliding_window") or None,
+               activation="gelu_tanh" if fam == "gemma" else "silu", max_pos=p.get("max_seq_len"))
+    if fam == "mixtral":
+        out.update(experts=p.get("num_experts", moe.shape[0] if moe is not None else None),
+                   experts_per_tok=p.get("num_experts_per_tok", 2))
+    return out
+
+
+def _canonical_megatron(a: dict, tensors: dict) -> dict:
+    glu = bool(a.get("glu_activation"))
+    falcon = not glu and not a.get("use_rms_norm", False)
+    H, D = a.get("num_attention_heads"), a.get("hidden_size")
+    out = dict(family="falcon" if falcon else "llama", hidden=D, layers=a.get("num_layers"), heads=H,
+               kv_heads=a.get("num_attention_heads_kv") or H, head_dim=a.get("kv_channels") or (D // H if D and H else None),
+               ffn=a.get("ffn_hidden_size"), vocab=a.get("true_vocab_size") or a.get("padded_vocab_size"),
+               norm_eps=float(a.get("layernorm_epsilon") or 1e-5), rope_theta=float(a.get("rope_theta") or 10000.0),
+               rope_scaling=None, rotary=a.get("ckdiff_rotary", "interleaved"),
+               tied=bool(a.get("tie_embed_logits", falcon)), sliding_window=a.get("sliding_window_size") or None,
+               activation="silu" if glu else "gelu", max_pos=a.get("max_position_embeddings") or a.get("seq_length"))
+    if falcon:
+        out.update(parallel_attn=bool(a.get("parallel_attn")), two_norms=bool(a.get("parallel_layernorm")))
+    return out
+
+
+def compare_configs(ca: Optional[dict], cb: Optional[dict]) -> tuple[list, list]:
+    """(function-changing differences as [field, a, b], notes) between two canonical configs.
+
+    Fields present on one side only are not differences (a layout that cannot say, e.g. Meta's
+    special token ids, is not a disagreement); ``rotary`` is compared only when both sides record it."""
+    if not ca or not cb:
+        return [], []
+    diffs, notes = [], []
+    for k in FUNCTION_FIELDS:
+        if k not in ca or k not in cb:
+            continue
+        va, vb = ca[k], cb[k]
+        if k in ("bos_token_id", "eos_token_id", "pad_token_id") and (va is None or vb is None):
+            continue
+        if isinstance(va, float) and isinstance(vb, float) and va == vb:
+            continue
+        if va != vb:
+            diffs.append([k, va, vb])
+    for k in NOTE_FIELDS:
+        if ca.get(k) is not None and cb.get(k) is not None and ca[k] != cb[k]:
+            notes.append(f"config {k} differs ({ca[k]} vs {cb[k]}); it does not change the outputs within "
+                         "the shorter context")
+    return diffs, notes
+
+
+# names of the tensors the config-vs-tensors checks look at, per layout
+_NAMES = {
+    "hf": dict(embed=("model.embed_tokens.weight", "transformer.word_embeddings.weight"), head=("lm_head.weight",),
+               q=("model.layers.0.self_attn.q_proj.weight",), k=("model.layers.0.self_attn.k_proj.weight",),
+               qkv=("transformer.h.0.self_attention.query_key_value.weight",)),
+    "meta": dict(embed=("tok_embeddings.weight", "embedder.weight"), head=("output.weight",),
+                 q=("layers.0.attention.wq.weight", "layers.0.self_attn.wq.weight"),
+                 k=("layers.0.attention.wk.weight", "layers.0.self_attn.wk.weight"), qkv=()),
+    "megatron": dict(embed=("language_model.embedding.word_embeddings.weight",), head=("language_model.lm_head",),
+                     q=(), k=(), qkv=("language_model.encoder.layers.0.self_attention.query_key_value.weight",)),
+}
+_NAMES["jetstream"] = _NAMES["meta"]
+SAMPLE_ROWS = 4
+
+
+def _first(tensors: dict, names) -> Optional[tuple]:
+    for n in names:
+        if n in tensors:
+            return n, tensors[n]
+    return None
+
+
+def _rows_equal(x, y) -> bool:
+    """Whether two lazy tensors of one shape are equal, judged on a few rows spread over the tensor
+    first (a difference shows there almost always) and on the whole tensor only when those agree and
+    the tensor is small."""
+    if tuple(x.shape) != tuple(y.shape) or x.dtype != y.dtype:
+        return False
+    n = x.shape[0]
+    for i in sorted({0, n // 3, (2 * n) // 3, n - 1})[:SAMPLE_ROWS]:
+        if not torch.equal(x.rows(i, i + 1), y.rows(i, i + 1)):
+            return False
+    return x.numel > (1 << 24) or torch.equal(x.load(), y.load())
+
+
+def config_findings(fmt: str, cfg: dict, tensors: dict, canon: Optional[dict]) -> list[str]:
+    """Places where a checkpoint's own config disagrees with its tensors, each with its cause.
+
+    - the tie flag against the presence (and equality) of the output head;
+    - the vocab size against the embedding rows (padding rows a Megatron config accounts for aside);
+    - head counts and head_dim against the attention projections' rows."""
+    fmt = (fmt or "").split("->")[0]
+    names = _NAMES.get(fmt)
+    if not canon or not names:
+        return []
+    out = []
+    emb, head = _first(tensors, names["embed"]), _first(tensors, names["head"])
+    tied = canon.get("tied")
+    if tied is not None and emb is not None:
+        if not tied and head is None and canon.get("family") not in ("falcon", "gemma"):
+            out.append(f"config says the output head is untied but there is no {names['head'][0]} tensor: "
+                       "a loader leaves the head at its random initialisation (or ties it silently)")
+        if tied and head is not None and fmt in ("hf", "megatron") and emb[1].shape == head[1].shape \
+                and not _rows_equal(emb[1], head[1]):
+            out.append(f"config says the output head is tied to the embedding but {head[0]} differs from "
+                       f"{emb[0]}: a loader that ties them ignores the trained head")
+    V = canon.get("vocab")
+    if isinstance(V, int) and emb is not None:
+        rows = emb[1].shape[0]
+        if rows < V:
+            out.append(f"config vocab size {V} exceeds the {rows} rows of {emb[0]}: token ids >= {rows} have no "
+                       "embedding")
+        elif rows > V and fmt != "megatron":
+            out.append(f"{emb[0]} has {rows} rows but the config's vocab size is {V}: {rows - V} rows are "
+                       "unaccounted for (padding exported as tokens, or a vocab size left at its default)")
+    H, K, hd = canon.get("heads"), canon.get("kv_heads"), canon.get("head_dim")
+    if all(isinstance(v, int) and v > 0 for v in (H, K, hd)):
+        q, k, qkv = _first(tensors, names["q"]), _first(tensors, names["k"]), _first(tensors, names["qkv"])
+        if q is not None and len(q[1].shape) in (2, 3) and _rows(q[1]) != H * hd:
+            out.append(f"{q[0]} has {_rows(q[1])} rows, not heads x head_dim = {H} x {hd} = {H * hd}: "
+                       "the config's head count or head_dim does not fit the weights")
+        if k is not None and len(k[1].shape) in (2, 3) and _rows(k[1]) != K * hd:
+            out.append(f"{k[0]} has {_rows(k[1])} rows, not kv_heads x head_dim = {K} x {hd} = {K * hd}: "
+                       "the config's KV head count or head_dim does not fit the weights")
+        if qkv is not None and qkv[1].shape[0] != (H + 2 * K) * hd and fmt in ("megatron", "hf"):
+            out.append(f"{qkv[0]} has {qkv[1].shape[0]} rows, not (heads + 2 kv_heads) x head_dim = "
+                       f"({H} + 2 x {K}) x {hd}: the config's head counts or head_dim do not fit the weights")
+    return out

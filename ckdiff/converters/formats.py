@@ -150,6 +150,41 @@ def _hf():
     return detect, read
 
 
+# ---------------------------------------------------------------- plain directories of tensor files
+def _plain_weight_files(p: Path):
+    """A directory's tensor files without a model config: an index, *.safetensors, or pickles."""
+    for pattern in ("*.safetensors.index.json", "*.bin.index.json"):
+        idx = sorted(p.glob(pattern))
+        if len(idx) == 1:
+            return "index", idx[0]
+    st = sorted(f for f in p.glob("*.safetensors") if f.is_file())
+    if st:
+        return "files", st
+    pk = sorted(f for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES and f.is_file())
+    return ("files", pk) if pk else (None, None)
+
+
+@register("tensors", "a directory of tensor files without a model config (model.safetensors, shards + "
+                     "index, or .bin/.pt/.pth files): a plain set of tensors, compared by name")
+def _tensors():
+    def detect(p: Path):
+        return p.is_dir() and not (p / "config.json").is_file() and not (p / "params.json").is_file() \
+            and _plain_weight_files(p)[0] is not None
+
+    def read(p: Path, trust_pickle=False, **_):
+        kind, what = _plain_weight_files(p)
+        one = lambda f: _read_single(f, trust_pickle)  # noqa: E731
+        if kind == "index":
+            tensors = _read_indexed(p, what, one)
+            files = sorted({t.origin for t in tensors.values()})
+        elif kind == "files":
+            tensors, files = _merge_files(what, one, p), [str(f) for f in what]
+        else:
+            raise InputError(p, "no tensor files (*.safetensors, *.bin, *.pt, *.pth)")
+        return Checkpoint(str(p), "tensors", tensors, meta={"files": files})
+    return detect, read
+
+
 # ---------------------------------------------------------------- Meta directories
 META_SHARD = re.compile(r"^consolidated\.(\d+)\.pth$")
 # concat axis per Meta key suffix; None = replicated (take shard 0, check agreement)
@@ -285,13 +320,21 @@ def resolve_path(spec: str, cache_dir: str | None = None) -> Path:
     raise InputError(spec, "no such file or directory")
 
 
+def _parent_hint(p: Path) -> str:
+    """When ``p`` lies inside a checkpoint (a Megatron iteration or rank directory), name the root to pass."""
+    for up in list(p.resolve().parents)[:2]:
+        if (up / "latest_checkpointed_iteration.txt").is_file():
+            return f"it lies inside the Megatron-LLM checkpoint {up}: pass that directory instead"
+    return ""
+
+
 def detect_format(p: Path) -> str:
     mode = stat_input(p).st_mode  # a loop, a dangling link, a name too long: named errors
     if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
         raise InputError(p, f"is {kind_of(mode)}, expected a checkpoint file or directory")
     if p.is_dir():
         # Megatron and others register later; test the most specific first.
-        for name in ("megatron", "jetstream", "meta", "hf"):
+        for name in ("megatron", "jetstream", "meta", "hf", "tensors"):
             if name in READERS and READERS[name].detect(p):
                 return name
         try:
@@ -300,8 +343,9 @@ def detect_format(p: Path) -> str:
             raise InputError(p, f"cannot list directory: {e.strerror}") from None
         if not names:
             raise InputError(p, "empty directory: no checkpoint found")
+        hint = _parent_hint(p)
         raise InputError(p, f"unknown checkpoint layout (found {', '.join(names)}); "
-                            f"use --format {{{','.join(READERS)}}}")
+                            + (hint or f"use --format {{{','.join(READERS)}}}"))
     if READERS["file"].detect(p):
         return "file"
     raise InputError(p, f"unknown file type {p.suffix or '(no suffix)'}: expected .safetensors, "

@@ -106,7 +106,9 @@ class DerivedTensor(LazyTensor):
     """Output ``index`` of a function of other lazy tensors (a conversion op).
 
     Tensors derived from one group share a ``GroupCache`` so the op runs once
-    while its outputs are written one after the other.
+    while its outputs are written one after the other. When the op only moves
+    whole rows (``rowwise``: renames, rotary permutations, QKV fusion and splits,
+    concatenations on dim 0), ``rows`` reads just the source rows it needs.
     """
 
     def __init__(self, name: str, shape, dtype, group: "DerivedGroup", index: int):
@@ -116,6 +118,16 @@ class DerivedTensor(LazyTensor):
 
     def load(self) -> torch.Tensor:
         return self.group.outputs()[self.index]
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        m = self.group.row_map(self.index) if self.shape else None
+        if m is None:
+            t = self.load()
+            return t.reshape(1) if t.dim() == 0 else t[start:stop]
+        return self.group.gather(m[start:stop], (stop - start,) + self.shape[1:], self.dtype)
+
+
+_SRC_SHIFT = 40  # a row's provenance: input index << 40 | row
 
 
 class DerivedGroup:
@@ -128,6 +140,7 @@ class DerivedGroup:
         self.fn = fn
         self.origin = origin or (inputs[0].origin if inputs else "")
         self._cache: list | None = None
+        self._maps: list | None = None
 
     def infer(self) -> list[torch.Tensor]:
         """Shapes and dtypes of the outputs, computed on the meta device."""
@@ -141,6 +154,47 @@ class DerivedGroup:
             self._cache = [o.contiguous() for o in self.fn([t.load() for t in self.inputs])]
             live.append(self)
         return self._cache
+
+    def row_map(self, index: int):
+        """For a row-moving op: the provenance of each row of output ``index`` (else None).
+
+        The op runs once on small integer tensors holding each input row's provenance
+        in place of its data, so the map is exact for whatever the op does with rows."""
+        if self._maps is None:
+            self._maps = []
+            if getattr(self.fn, "rowwise", False) and all(t.shape for t in self.inputs):
+                provs = [((j << _SRC_SHIFT) + torch.arange(t.shape[0], dtype=torch.int64)).reshape(
+                    (t.shape[0],) + (1,) * (len(t.shape) - 1)) for j, t in enumerate(self.inputs)]
+                try:
+                    outs = self.fn(provs)
+                    metas = self.infer()
+                except (ValueError, RuntimeError):
+                    outs = None
+                if outs is not None and all(
+                        o.dtype == torch.int64 and o.dim() == len(m.shape) and m.shape and o.shape[0] == m.shape[0]
+                        and o.numel() == m.shape[0] for o, m in zip(outs, metas)):
+                    self._maps = [o.reshape(-1) for o in outs]
+        return self._maps[index] if self._maps else None
+
+    def gather(self, codes: torch.Tensor, shape, dtype) -> torch.Tensor:
+        """Rows named by provenance ``codes``, each source read as one span of rows."""
+        out = torch.empty(shape, dtype=dtype)
+        src = codes >> _SRC_SHIFT
+        rows = codes & ((1 << _SRC_SHIFT) - 1)
+        for j in torch.unique(src).tolist():
+            sel = (src == j).nonzero().reshape(-1)
+            r = rows[sel]
+            lo, hi = int(r.min()), int(r.max()) + 1
+            t = self.inputs[j]
+            if hi - lo <= 2 * len(r) + 64:
+                out[sel] = t.rows(lo, hi)[r - lo]
+                continue
+            order = torch.argsort(r)  # scattered rows: read runs of consecutive rows
+            rs, ss = r[order], sel[order]
+            breaks = (torch.nonzero(rs[1:] != rs[:-1] + 1).reshape(-1) + 1).tolist()
+            for a, b in zip([0] + breaks, breaks + [len(rs)]):
+                out[ss[a:b]] = t.rows(int(rs[a]), int(rs[b - 1]) + 1)
+        return out
 
     def tensors(self, names: Sequence[str]) -> list[DerivedTensor]:
         metas = self.infer()

@@ -37,6 +37,7 @@ def rope_to_half(w: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
 class Op:
     n_in = 1
     n_out = 1
+    rowwise = False  # True when the op only moves whole rows along dim 0 (lazy row reads)
 
     def __call__(self, xs: list) -> list:
         raise NotImplementedError
@@ -50,6 +51,8 @@ class Op:
 
 @dataclass(frozen=True)
 class Identity(Op):
+    rowwise = True
+
     def __call__(self, xs):
         return list(xs)
 
@@ -66,6 +69,7 @@ class PermuteRope(Op):
     heads: int
     head_dim: int
     to_interleaved: bool = True
+    rowwise = True
 
     def __call__(self, xs):
         f = rope_to_interleaved if self.to_interleaved else rope_to_half
@@ -84,6 +88,10 @@ class Concat(Op):
     """Concatenate inputs along ``dim``; ``sizes`` makes the reverse exact."""
     sizes: tuple
     dim: int = 0
+
+    @property
+    def rowwise(self):
+        return self.dim == 0
 
     @property
     def n_in(self):
@@ -106,6 +114,10 @@ class Concat(Op):
 class Split(Op):
     sizes: tuple
     dim: int = 0
+
+    @property
+    def rowwise(self):
+        return self.dim == 0
 
     @property
     def n_out(self):
@@ -162,6 +174,7 @@ class FuseQKV(Op):
     head_dim: int
 
     n_in = 3
+    rowwise = True
 
     def __call__(self, xs):
         q, k, v = xs
@@ -187,6 +200,7 @@ class SplitQKV(Op):
     head_dim: int
 
     n_out = 3
+    rowwise = True
 
     def __call__(self, xs):
         w = xs[0]
@@ -211,6 +225,10 @@ class Each(Op):
     ops: tuple
 
     @property
+    def rowwise(self):
+        return all(op.rowwise for op in self.ops)
+
+    @property
     def n_in(self):
         return len(self.ops)
 
@@ -231,6 +249,10 @@ class Each(Op):
 @dataclass(frozen=True)
 class Chain(Op):
     ops: tuple
+
+    @property
+    def rowwise(self):
+        return all(op.rowwise for op in self.ops)
 
     def __call__(self, xs):
         for op in self.ops:

@@ -117,6 +117,7 @@ def check_tie(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 class Tie(Op):
     """One tensor -> the same tensor twice (embedding reused as the output layer)."""
     n_in, n_out = 1, 2
+    rowwise = True
 
     def __call__(self, xs):
         return [xs[0], xs[0]]

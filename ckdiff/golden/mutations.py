@@ -32,6 +32,7 @@ class Mutation:
     patch: Callable  # () -> context manager
     dtype: str = "float32"
     options: dict = field(default_factory=dict)
+    names: str = ""  # regex the checks' findings must match for the cause to count as named
 
 
 @contextlib.contextmanager
@@ -248,8 +249,37 @@ CATALOGUE = [
              "llama-gqa", _no_stage_offset, options={"pp": 2}),
     Mutation("head_dim assumed to be hidden / heads", "head_dim != hidden/heads", "to-jetstream",
              "llama-mqa-hd", _head_dim_from_hidden),
-    Mutation("norm eps defaulted on export", "Config vs weights", "jetstream-to-hf", "gemma", _eps_default),
+    Mutation("norm eps defaulted on export", "Config vs weights", "jetstream-to-hf", "llama-gqa", _eps_default),
 ]
+
+
+NAMES = {
+    "rotary permutation skipped": r"rotary permutation",
+    "rotary permutation in the wrong direction": r"rotary permutation",
+    "rotary permutation applied twice": r"rotary permutation",
+    "k permuted with the query head count": r"rotary permutation",
+    "q permuted with the KV head count": r"wrong head count",
+    "gate/up swapped in the GLU": r"halves swapped",
+    "w1/w3 swapped": r"another tensor: B\[layers\.\d\.feed_forward\.w[13]\.weight\] == A\[layers\.\d\.feed_forward\.w[31]",
+    "k/v swapped in the fused QKV": r"k and v swapped",
+    "QKV fused as [Q; K; V] instead of group order": r"\[Q; K; V\] instead of",
+    "square wo transposed": r"B == A\^T",
+    "two layers swapped": r"another layer",
+    "norm weight x 1.01": r"scaled: B == 1\.0",
+    "lm_head dropped": r"missing tensor 'output\.weight'|output\.weight: only-a|untied but there is no",
+    "LayerNorm biases dropped": r"bias: only-a|missing tensor '[^']*bias'",
+    "rope_theta defaulted on export": r"rope_theta",
+    "silent fp32 upcast": r": dtype\b",
+    "Meta shards sorted lexicographically (12 shards)": r"blocks reordered|shard",
+    "Llama-2 embedding merged on the vocab axis": r"wrong axis",
+    "fused [up; gate] chunked across TP ranks": r"TP shards|blocks reordered",
+    "vocab padding rows exported as tokens": r"padding",
+    "pipeline-stage layer offset not applied": r"two pipeline stages|another layer",
+    "head_dim assumed to be hidden / heads": r"head_dim|not \d+ heads x \d+",
+    "norm eps defaulted on export": r"norm_eps",
+}
+for _m in CATALOGUE:
+    _m.names = NAMES[_m.name]
 
 
 @dataclass
@@ -261,6 +291,8 @@ class MutationOutcome:
     caught: bool
     caught_by: list
     details: list
+    named: bool = False
+    negative: bool = False  # a correct or functionally equivalent rewrite: must not be caught
 
 
 def run_mutations(work: Path, catalogue=None) -> tuple[list[MutationOutcome], list]:
@@ -280,9 +312,367 @@ def run_mutations(work: Path, catalogue=None) -> tuple[list[MutationOutcome], li
             checks = check_converter(m.converter, m.model, work / f"mut{i:02d}", m.dtype, m.options)
         red = [c for c in checks if not c.ok]
         outcomes.append(MutationOutcome(m.name, m.bug_class, m.converter, m.model, bool(red),
-                                        [c.check for c in red], [f"{c.check}: {c.detail}" for c in red]))
+                                        [c.check for c in red], [f"{c.check}: {c.detail}" for c in red],
+                                        named=bool(re.search(m.names, _findings(red)))))
     return outcomes, baseline
 
 
+def _findings(checks) -> str:
+    """Everything a reviewer reads about red checks: details, diagnoses, config differences, notes."""
+    parts = []
+    for c in checks:
+        parts.append(c.detail)
+        res = c.result or {}
+        for t in res.get("tensors", []):
+            if t.get("status") not in ("equal", "close", "cast", "quant"):
+                parts.append(f"{t['name']}: {t['status']}")
+                parts += list(t.get("diagnosis") or [])
+        parts += [f"{k}: {a} -> {b}" for k, a, b in res.get("config_diff", [])]
+        parts += list(res.get("config_findings", [])) + list(res.get("notes", []))
+    return "\n".join(parts)
+
+
 def score(outcomes) -> float:
-    return sum(o.caught for o in outcomes) / max(1, len(outcomes))
+    pos = [o for o in outcomes if not o.negative]
+    return sum(o.caught for o in pos) / max(1, len(pos))
+
+
+def named_rate(outcomes) -> float:
+    pos = [o for o in outcomes if not o.negative]
+    return sum(o.caught and o.named for o in pos) / max(1, len(pos))
+
+
+def false_positives(outcomes) -> list:
+    return [o for o in outcomes if o.negative and o.caught]
+
+
+# ---------------------------------------------------------------- checkpoint-level mutations
+# Bugs (and correct rewrites) injected directly into a tiny model's HF tensors and config.json, for
+# classes that no converter here can be patched to produce: each is judged by the diff and the logit
+# check of the golden against the mutated copy, the way a reviewer would run ``ckdiff`` and
+# ``ckdiff logits``.
+@dataclass
+class StateMutation:
+    name: str
+    bug_class: str
+    model: str
+    edit: Callable  # (state: dict[str, Tensor], config: dict, cfg: ModelConfig) -> None, in place
+    names: str = ""  # regex the findings must match (for a negative: what its report must say)
+    dtype: str = "float32"
+    negative: bool = False
+    target: Callable | None = None  # (golden hf dir, work dir) -> path: B built by a converter instead
+
+
+def _L(i, k):
+    return layouts.HF[k].format(i=i)
+
+
+def _rope_v(st, c, cfg):
+    from ..converters.ops import rope_to_interleaved
+    for i in range(cfg.layers):
+        st[_L(i, "v")] = rope_to_interleaved(st[_L(i, "v")], cfg.kv_heads, cfg.head_dim)
+
+
+def _rope_wo(st, c, cfg):
+    from ..converters.ops import rope_to_interleaved
+    for i in range(cfg.layers):
+        st[_L(i, "o")] = rope_to_interleaved(st[_L(i, "o")].T, cfg.heads, cfg.head_dim).T.contiguous()
+
+
+def _rope_one_layer(st, c, cfg):
+    from ..converters.ops import rope_to_interleaved
+    st[_L(0, "q")] = rope_to_interleaved(st[_L(0, "q")], cfg.heads, cfg.head_dim)
+    st[_L(0, "k")] = rope_to_interleaved(st[_L(0, "k")], cfg.kv_heads, cfg.head_dim)
+
+
+def _rope_granularity(st, c, cfg):
+    from ..converters.ops import rope_to_interleaved
+    for i in range(cfg.layers):  # the whole projection treated as one head (halves of all rows paired)
+        st[_L(i, "q")] = rope_to_interleaved(st[_L(i, "q")], 1, cfg.q_rows)
+
+
+def _shard_perm(st, c, cfg):
+    for i in range(cfg.layers):
+        w = st[_L(i, "gate")]
+        st[_L(i, "gate")] = torch.cat([p.flip(0) for p in w.chunk(2, 0)])
+
+
+def _shard_transpose(st, c, cfg):
+    for i in range(cfg.layers):
+        w = st[_L(i, "o")]
+        st[_L(i, "o")] = torch.cat([p.T.contiguous().reshape(p.shape) for p in w.chunk(2, 1)], 1)
+
+
+def _shard_axis(st, c, cfg):
+    for i in range(cfg.layers):
+        w = st[_L(i, "down")]
+        st[_L(i, "down")] = torch.cat(w.chunk(2, 1), 0).reshape(w.shape).contiguous()
+
+
+def _shard_reverse(st, c, cfg):
+    for i in range(cfg.layers):
+        w = st[_L(i, "up")]
+        st[_L(i, "up")] = torch.cat(list(reversed(w.chunk(4, 0))))
+
+
+def _swap_norms(st, c, cfg):
+    a, b = _L(1, "attn_norm"), _L(1, "mlp_norm")
+    st[a], st[b] = st[b], st[a]
+
+
+def _head_zeroed(st, c, cfg):
+    w = st[_L(0, "q")].clone()
+    w[3 * cfg.head_dim:4 * cfg.head_dim] = 0
+    st[_L(0, "q")] = w
+
+
+def _head_replaced(st, c, cfg):
+    w = st[_L(1, "q")].clone()
+    w[5 * cfg.head_dim:6 * cfg.head_dim] = w[2 * cfg.head_dim:3 * cfg.head_dim]
+    st[_L(1, "q")] = w
+
+
+def _one_element(st, c, cfg):
+    w = st[_L(0, "o")].clone()
+    w[3, 7] += 0.5
+    st[_L(0, "o")] = w
+
+
+def _overflow(st, c, cfg):
+    w = st[layouts.HF["embed"]].clone()
+    w[7, 3], w[42, 0], w[42, 1] = float("inf"), float("-inf"), float("inf")
+    st[layouts.HF["embed"]] = w
+
+
+def _each_layer(key, fn):
+    def edit(st, c, cfg):
+        for i in range(cfg.layers):
+            st[_L(i, key)] = fn(st[_L(i, key)])
+    return edit
+
+
+def _mlp_units(st, c, cfg):
+    perm = torch.randperm(cfg.ffn, generator=torch.Generator().manual_seed(5))
+    for i in range(cfg.layers):
+        st[_L(i, "gate")], st[_L(i, "up")] = st[_L(i, "gate")][perm], st[_L(i, "up")][perm]
+        st[_L(i, "down")] = st[_L(i, "down")][:, perm].contiguous()
+
+
+def _heads_reordered(st, c, cfg):
+    r, hd = cfg.heads // cfg.kv_heads, cfg.head_dim
+    kv = list(reversed(range(cfg.kv_heads)))  # KV heads reversed; each keeps its own query group
+    qh = [g * r + j for g in kv for j in reversed(range(r))]  # and the heads inside each group reversed
+    rows = lambda heads: torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in heads])  # noqa: E731
+    for i in range(cfg.layers):
+        st[_L(i, "q")] = st[_L(i, "q")][rows(qh)]
+        st[_L(i, "k")], st[_L(i, "v")] = st[_L(i, "k")][rows(kv)], st[_L(i, "v")][rows(kv)]
+        st[_L(i, "o")] = st[_L(i, "o")][:, rows(qh)].contiguous()
+
+
+def _cfg(**kv):
+    def edit(st, c, cfg):
+        for k, v in kv.items():
+            if v is None:
+                c.pop(k, None)
+            else:
+                c[k] = v
+    return edit
+
+
+def _v5_spelling(st, c, cfg):
+    c["rope_parameters"] = {"rope_type": "default", "rope_theta": c.pop("rope_theta")}
+    c["dtype"] = c.pop("torch_dtype")
+    c.update(use_cache=True, attention_dropout=0.0, initializer_range=0.02, pretraining_tp=1,
+             transformers_version="5.0.0", num_key_value_heads=c["num_key_value_heads"])
+
+
+def _cast_bf16(st, c, cfg):
+    for k in st:
+        st[k] = st[k].to(torch.bfloat16)
+    c["torch_dtype"] = "bfloat16"
+
+
+def _megatron_padded(gold, work):
+    from .suite import convert
+    return convert("hf-to-megatron", gold, work / "megatron-pad128", {"pad": 128, "tp": 2})
+
+
+def _quantized(qtype: str, edit: Callable):
+    """B: the golden HF model converted to quantized JetStream, then ``edit(tensors, hf_state)`` applied."""
+    def target(gold, work):
+        from ..converters.formats import open_checkpoint
+        from ..converters.safetensors_io import write_safetensors
+        from .models import lazy
+        from .suite import convert
+        out = convert("to-jetstream", gold, work, {"quantize": qtype})
+        ck = open_checkpoint(str(out))
+        st = {k: t.load().clone() for k, t in ck.tensors.items()}
+        hf = {k: t.load() for k, t in open_checkpoint(str(gold)).tensors.items()}
+        edit(st, hf)
+        f = out / "model.safetensors"
+        tmp = out / "model.safetensors.tmp"
+        write_safetensors(tmp, lazy({k: v.contiguous() for k, v in st.items()}).values())
+        tmp.replace(f)
+        return out
+    return target
+
+
+def _q_shift(st, hf):
+    k = "layers.0.feed_forward.w1.weight_scaler"
+    st[k] = torch.roll(st[k], 1, 0)
+
+
+def _q_swap(st, hf):
+    a, b = "layers.1.feed_forward.w1.weight_scaler", "layers.1.feed_forward.w3.weight_scaler"
+    st[a], st[b] = st[b], st[a]
+
+
+def _q_unsigned(st, hf):
+    k = "layers.0.feed_forward.w2.weight"
+    st[k] = (st[k].to(torch.int16) & 15).to(torch.int8)
+
+
+def _q_block_axis(st, hf):
+    from ..converters.quant import quantize
+    q, s = quantize(hf[_L(1, "o")].float().T.contiguous(), 4, True)  # blocks over the output axis
+    st["layers.1.attention.wo.weight"], st["layers.1.attention.wo.weight_scaler"] = q, s
+
+
+def _head_is_embedding(st, c, cfg):
+    st[layouts.HF["head"]] = st[layouts.HF["embed"]].clone()
+
+
+def _mixed_kinds(st, c, cfg):
+    st[_L(1, "gate")] = st[_L(0, "up")].clone()
+
+
+STATE_CATALOGUE = [
+    StateMutation("input and post-attention norms swapped in a layer", "Tensor equals another", "llama-gqa",
+                  _swap_norms, r"another tensor: B\[model\.layers\.1\.\w+_layernorm\.weight\] == A\[model\.layers\.1\."),
+    StateMutation("untied head replaced by the embedding", "Tied embeddings", "llama-gqa", _head_is_embedding,
+                  r"untied output head was replaced by the embedding"),
+    StateMutation("a tensor replaced by another kind from another layer", "Tensor equals another", "llama-gqa",
+                  _mixed_kinds, r"another tensor: B\[model\.layers\.1\.mlp\.gate_proj\.weight\] == A\[model\.layers\.0\.mlp\.up_proj"),
+    StateMutation("norm stored as w - 1", "Norm convention", "llama-gqa", _each_layer("attn_norm", lambda w: w - 1),
+                  r"offset: B == A - 1\b.*norm weight convention"),
+    StateMutation("norm stored as 1 + w", "Norm convention", "llama-gqa", _each_layer("mlp_norm", lambda w: w + 1),
+                  r"offset: B == A \+ 1\b"),
+    StateMutation("norm weight x 1.001", "Constant scale", "llama-gqa", _each_layer("mlp_norm", lambda w: w * 1.001),
+                  r"scaled: B == 1\.001 \* A"),
+    StateMutation("one head's rows zeroed", "Head rows", "llama-gqa", _head_zeroed, r"head's rows zeroed: head 3 of 8"),
+    StateMutation("one head's rows replaced by another head", "Head rows", "llama-gqa", _head_replaced,
+                  r"head's rows replaced: head 5 of 8 .* holds A's head 2"),
+    StateMutation("one element changed", "One element", "llama-gqa", _one_element,
+                  r"one element changed at \[3, 7\].*isolated"),
+    StateMutation("rows permuted inside each TP shard", "TP shard merge", "llama-gqa", _shard_perm,
+                  r"permuted inside each of 2 equal blocks"),
+    StateMutation("each TP shard transposed", "TP shard merge", "llama-gqa", _shard_transpose,
+                  r"each TP shard transposed"),
+    StateMutation("TP shards concatenated on the wrong axis and reshaped", "TP shard merge", "llama-gqa", _shard_axis,
+                  r"concatenated on the wrong axis"),
+    StateMutation("TP shard order reversed", "TP shard merge", "llama-gqa", _shard_reverse, r"shard order reversed"),
+    StateMutation("rotary permutation applied to v", "Rotary permutation", "llama-gqa", _rope_v,
+                  r"rotary permutation.*wrong tensor"),
+    StateMutation("rotary permutation applied to wo columns", "Rotary permutation", "llama-gqa", _rope_wo,
+                  r"columns: rotary permutation.*wrong tensor"),
+    StateMutation("rotary permutation at the wrong granularity", "Rotary permutation", "llama-gqa", _rope_granularity,
+                  r"rotary permutation.* 1 heads x 64"),
+    StateMutation("rotary permutation in some layers only", "Rotary permutation", "llama-gqa", _rope_one_layer,
+                  r"rotary permutation in some layers only"),
+    StateMutation("overflow in a 16-bit staging cast", "Overflow", "llama-gqa", _overflow,
+                  r"overflow: 3 element\(s\) are \+-Inf in B"),
+    StateMutation("rope_theta changed", "Config only", "llama-gqa", _cfg(rope_theta=500000.0), r"rope_theta"),
+    StateMutation("rope scaling added", "Config only", "llama-gqa",
+                  _cfg(rope_scaling={"rope_type": "linear", "factor": 2.0}), r"rope_scaling"),
+    StateMutation("norm eps changed", "Config only", "llama-gqa", _cfg(rms_norm_eps=1e-6), r"norm_eps"),
+    StateMutation("tie flag set on an untied model", "Config only", "llama-gqa", _cfg(tie_word_embeddings=True),
+                  r"tied"),
+    StateMutation("sliding window dropped", "Config only", "mistral-gqa", _cfg(sliding_window=None),
+                  r"sliding_window"),
+    StateMutation("activation changed", "Config only", "llama-gqa", _cfg(hidden_act="gelu"), r"activation"),
+    StateMutation("KV head count wrong in the config", "Config only", "llama-gqa", _cfg(num_key_value_heads=4),
+                  r"kv_heads|KV head count"),
+    StateMutation("vocab size wrong in the config", "Config only", "llama-gqa", _cfg(vocab_size=128),
+                  r"vocab"),
+    StateMutation("BOS id changed", "Config only", "llama-gqa", _cfg(bos_token_id=0), r"bos_token_id"),
+    StateMutation("int8 scales off by one row", "Quantization", "llama-gqa", None,
+                  r"scales off by one row", target=_quantized("int8_per_channel", _q_shift)),
+    StateMutation("two tensors' scales swapped", "Quantization", "llama-gqa", None,
+                  r"scales swapped: layers\.1\.feed_forward\.w[13]\.weight_scaler holds the scales of "
+                  r"layers\.1\.feed_forward\.w[31]", target=_quantized("int8_per_channel", _q_swap)),
+    StateMutation("int4 codes not sign-extended", "Quantization", "llama-blockwise", None,
+                  r"int4 codes not sign-extended", target=_quantized("int4_blockwise", _q_unsigned)),
+    StateMutation("int4 blocks along the wrong axis", "Quantization", "llama-blockwise", None,
+                  r"blocks along the wrong axis", target=_quantized("int4_blockwise", _q_block_axis)),
+    # negatives: correct conversions and functionally equivalent rewrites
+    StateMutation("config in transformers v5 spelling with explicit defaults", "negative", "llama-gqa", _v5_spelling,
+                  negative=True),
+    StateMutation("plain fp32 -> bf16 cast", "negative", "llama-gqa", _cast_bf16, negative=True),
+    StateMutation("MLP hidden units permuted consistently", "negative", "llama-gqa", _mlp_units,
+                  r"equivalent reordering: MLP hidden units", negative=True),
+    StateMutation("attention heads reordered consistently", "negative", "llama-gqa", _heads_reordered,
+                  r"equivalent reordering: attention heads", negative=True),
+    StateMutation("int4 blockwise quantization, unmutated", "negative", "llama-blockwise", None, negative=True,
+                  target=_quantized("int4_blockwise", lambda st, hf: None)),
+    StateMutation("hf-to-megatron --make-vocab-size-divisible-by 128 vs its HF source", "negative", "llama-gqa",
+                  lambda st, c, cfg: None, r"vocab padding from its config stripped", negative=True,
+                  target=_megatron_padded),
+]
+
+
+def run_state_mutations(work: Path, catalogue=None) -> list[MutationOutcome]:
+    """Each entry: golden HF model vs its mutated copy, through ``ckdiff`` (diff) and ``ckdiff logits``."""
+    import json
+
+    from ..compare.diff import compare_checkpoints
+    from ..compare.logits import compare_logits, cross_check_notes
+    from ..converters.formats import open_checkpoint
+    from ..converters.writers import atomic_dir, write_hf
+    from ..errors import CkdiffError
+    from .emit import emit
+    from .models import hf_state, lazy, tiny_config
+    from .suite import CheckResult
+    outcomes = []
+    for i, m in enumerate(catalogue or STATE_CATALOGUE):
+        gold = work / f"gold-{m.model}-{m.dtype}"
+        if not gold.exists():
+            emit(gold, m.model, "hf", m.dtype)
+        if m.target:
+            mut = m.target(gold, work / f"state{i:02d}")
+        else:
+            cfg = tiny_config(m.model, m.dtype)
+            state = hf_state(cfg)
+            config = json.loads((gold / "config.json").read_text())
+            m.edit(state, config, cfg)
+            mut = work / f"state{i:02d}"
+            with atomic_dir(mut, overwrite=True) as tmp:
+                write_hf(tmp, lazy({k: v.contiguous() for k, v in state.items()}), config)
+        checks = []
+        a, b = open_checkpoint(str(gold)), open_checkpoint(str(mut))
+        res = compare_checkpoints(a, b)
+        try:
+            lr = compare_logits(a, b, batch=2, length=40)
+        except (CkdiffError, ValueError, RuntimeError, KeyError, IndexError) as e:
+            lr = None
+            checks.append(CheckResult("ckdiff logits", m.model, "logits", False, f"error: {str(e)[:200]}"))
+        cross_check_notes(res, lr)
+        checks.append(CheckResult("ckdiff", m.model, "diff", res.equivalent, _diff_summary(res), res.to_dict()))
+        if lr is not None:
+            kl = lr.max_kl if lr.gate_kl is None else lr.gate_kl
+            checks.append(CheckResult("ckdiff logits", m.model, "logits", lr.equivalent,
+                                      f"max KL {kl:.3g} (threshold {lr.threshold:.3g})", lr.to_dict()))
+        red = [c for c in checks if not c.ok]
+        text = _findings(red if not m.negative else checks)
+        outcomes.append(MutationOutcome(m.name, m.bug_class, "ckdiff", m.model, bool(red), [c.check for c in red],
+                                        [f"{c.check}: {c.detail}" for c in (red or checks)],
+                                        named=bool(re.search(m.names, text)) if m.names else not red,
+                                        negative=m.negative))
+    return outcomes
+
+
+def _diff_summary(res) -> str:
+    bad = [t for t in res.worst_first() if not t.ok][:3]
+    parts = [f"{t.name}: {t.status}" + (f" ({t.diagnosis[0]})" if t.diagnosis else "") for t in bad]
+    parts += [f"config {k}: {a} -> {b}" for k, a, b in res.config_diff]
+    parts += list(res.config_findings)
+    return ", ".join(parts) or f"{len(res.tensors)} tensors, {res.counts()}"

@@ -11,15 +11,10 @@ and ``ckdiff demo`` runs everything on the built-in tiny models and writes repor
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..errors import UsageError
 
 
 @dataclass
@@ -41,19 +36,6 @@ class Converter:
     options: dict = field(default_factory=dict)
 
 
-def cli_converter(argv: Callable[[str, str, dict], list]) -> Callable[[str, str, dict], None]:
-    """A ``run`` callable for a built-in ``ckdiff convert`` subcommand (in-process, quiet)."""
-    def run(src, out, options):
-        import contextlib
-        import io
-
-        from ..converters.cli import COMMANDS
-        args = [str(a) for a in argv(str(src), str(out), options or {})]
-        with contextlib.redirect_stdout(io.StringIO()):
-            COMMANDS[args[0]](args[1:])
-    return run
-
-
 def _model_name(cfg) -> str:
     if cfg.family == "falcon":
         return "falcon"
@@ -61,19 +43,35 @@ def _model_name(cfg) -> str:
 
 
 def _hf_to_megatron(src, out, o):
-    from ..converters.cli import read_source
-    ck, cfg = read_source(src)
+    from ..converters import api
+    ck, cfg = api.read_source(src)
     model = _model_name(cfg)
     if ck.format == "meta" and model == "mistral":
         model = "llama2"  # Meta weights are read as a llama-family source
-    return ["hf-to-megatron", model, "--model-path", src, "--out", out, "--tp", str(o.get("tp", 1)), "--pp",
-            str(o.get("pp", 1)), "--overwrite"] + (["--make-vocab-size-divisible-by", str(o["pad"])] if o.get("pad") else [])
+    api.hf_to_megatron(model, out, model_path=src, tp=o.get("tp", 1), pp=o.get("pp", 1), overwrite=True,
+                       make_vocab_size_divisible_by=o.get("pad") or None)
+
+
+def _megatron_to_hf(src, out, o):
+    from ..converters import api
+    api.megatron_to_hf(src, out, overwrite=True)
 
 
 def _js_name(src) -> str:
-    from ..converters.cli import read_source
+    from ..converters.api import read_source
     fam = read_source(src)[1].family
     return "llama-2" if fam == "llama" else fam
+
+
+def _to_jetstream(src, out, o):
+    from ..converters import api
+    api.to_jetstream(_js_name(src), src, out, overwrite=True, quantize_weights=bool(o.get("quantize")),
+                     quantize_type=o.get("quantize") or "int8_per_channel")
+
+
+def _jetstream_to_hf(src, out, o):
+    from ..converters import api
+    api.jetstream_to_hf(src, out, overwrite=True)
 
 
 REGISTRY: dict[str, Converter] = {}
@@ -84,21 +82,14 @@ def register(c: Converter) -> Converter:
     return c
 
 
-register(Converter("hf-to-megatron", "hf", "megatron", cli_converter(_hf_to_megatron), "megatron-to-hf", "emit",
+register(Converter("hf-to-megatron", "hf", "megatron", _hf_to_megatron, "megatron-to-hf", "emit",
                    ("llama-gqa", "mistral-gqa", "llama-mha-tied", "falcon-7b", "falcon-40b")))
-register(Converter("megatron-to-hf", "megatron", "hf",
-                   cli_converter(lambda s, o, x: ["megatron-to-hf", "--input_dir", s, "--output_dir", o, "--overwrite"]),
-                   "hf-to-megatron", "emit", ("llama-gqa", "mistral-gqa", "falcon-40b")))
-register(Converter("to-jetstream", "hf", "jetstream",
-                   cli_converter(lambda s, o, x: ["to-jetstream", "--model_name", _js_name(s), "--input_checkpoint_dir", s,
-                                                  "--output_checkpoint_dir", o, "--overwrite"]
-                                 + (["--quantize_weights", "--quantize_type", x["quantize"]] if x.get("quantize") else [])),
-                   "jetstream-to-hf", "meta", ("llama-gqa", "llama-mha-tied", "llama-mqa-hd", "llama-wide", "gemma",
-                                               "mixtral")))
-register(Converter("jetstream-to-hf", "jetstream", "hf",
-                   cli_converter(lambda s, o, x: ["jetstream-to-hf", "--input_checkpoint_dir", s,
-                                                  "--output_checkpoint_dir", o, "--overwrite"]),
-                   "to-jetstream", "emit", ("llama-gqa", "llama-spec")))
+register(Converter("megatron-to-hf", "megatron", "hf", _megatron_to_hf, "hf-to-megatron", "emit",
+                   ("llama-gqa", "mistral-gqa", "falcon-40b")))
+register(Converter("to-jetstream", "hf", "jetstream", _to_jetstream, "jetstream-to-hf", "meta",
+                   ("llama-gqa", "llama-mha-tied", "llama-mqa-hd", "llama-wide", "gemma", "mixtral")))
+register(Converter("jetstream-to-hf", "jetstream", "hf", _jetstream_to_hf, "to-jetstream", "emit",
+                   ("llama-gqa", "llama-spec")))
 
 
 def convert(name, src, out, options: Optional[dict] = None) -> Path:
@@ -117,6 +108,7 @@ class CheckResult:
     detail: str
     result: Optional[dict] = None
     variant: str = ""  # the converter options, e.g. "tp=2 pp=2" or "quantize=int8_per_channel"
+    command: str = ""  # the ckdiff command that reproduces this check's comparison
 
 
 @dataclass
@@ -137,7 +129,7 @@ class SuiteResult:
 
 def mapping_rows(c: Converter, src) -> list:
     """The conversion table a built-in converter applies to ``src`` (first layer shown), for reports."""
-    from ..converters.cli import read_source
+    from ..converters.api import read_source
     from ..converters.layouts import convert as layout_convert
     from ..converters.table import Plan
     try:
@@ -168,8 +160,15 @@ def _guard(conv, model, check, fn) -> "CheckResult":
 
 def _summary(res) -> str:
     bad = [t for t in res.worst_first() if not t.ok][:3]
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(res.counts().items()))
     return ", ".join(f"{t.name}: {t.status}" + (f" ({t.diagnosis[0]})" if t.diagnosis else "") for t in bad) \
-        or f"{len(res.tensors)} tensors, {res.counts()}"
+        or f"{len(res.tensors)} tensors: {counts}"
+
+
+def _cmd(*argv) -> str:
+    """A shell line that reproduces a comparison."""
+    import shlex
+    return "ckdiff " + " ".join(shlex.quote(str(a)) for a in argv)
 
 
 def config_drift(a, b) -> list:
@@ -177,7 +176,7 @@ def config_drift(a, b) -> list:
 
     Compared after parsing, not as raw JSON, so equivalent spellings (``rope_theta`` vs transformers
     v5's ``rope_parameters``) do not count, while a defaulted rope_theta or eps does."""
-    from ..converters.cli import read_source
+    from ..converters.api import read_source
     ca, cb = read_source(str(a))[1].to_dict(), read_source(str(b))[1].to_dict()
     skip = {"dtype", "extra"}
     return [f"{k}: {ca[k]!r} -> {cb[k]!r}" for k in ca if k not in skip and ca[k] != cb.get(k)]
@@ -241,23 +240,28 @@ def check_converter(name: str, model: str, work: Path, dtype: str = "float32", o
             flt = emit(work / "float-jetstream", model, "jetstream", dtype)
             rt = _compare(flt, tgt)
             return CheckResult(c.name, model, "roundtrip", rt.equivalent,
-                               "quantized vs float, in units of each scale: " + _summary(rt), rt.to_dict())
+                               "quantized vs float, in units of each scale: " + _summary(rt), rt.to_dict(),
+                               command=_cmd(flt, tgt, "--strict-dtype"))
         back = convert(c.inverse, tgt, work / f"back-{c.source}", inv_opts)
         rt = _compare(src, back)
         drift = config_drift(src, back)
-        detail = _summary(rt) + (f"; config drift: {drift}" if drift else "")
-        return CheckResult(c.name, model, "roundtrip", rt.equivalent and not drift, detail, rt.to_dict())
+        detail = _summary(rt) + (f"; config drift: {', '.join(drift)}" if drift else "")
+        return CheckResult(c.name, model, "roundtrip", rt.equivalent and not drift, detail, rt.to_dict(),
+                           command=_cmd(src, back, "--strict-dtype"))
 
     def golden():
-        gd = _compare(golden_for(c, model, work, dtype, options), tgt)
-        return CheckResult(c.name, model, "golden", gd.equivalent, _summary(gd), gd.to_dict())
+        gold = golden_for(c, model, work, dtype, options)
+        gd = _compare(gold, tgt)
+        return CheckResult(c.name, model, "golden", gd.equivalent, _summary(gd), gd.to_dict(),
+                           command=_cmd(gold, tgt, "--strict-dtype"))
 
     def logit_check():
         lr = compare_logits(open_checkpoint(str(src)), open_checkpoint(str(tgt)), batch=2, length=40, dtype="float32")
         return CheckResult(c.name, model, "logits", lr.equivalent,
                            (f"max KL {lr.max_kl:.3g}" if lr.gate_kl is None else
                             f"KL from reference quantization {lr.gate_kl:.3g} (quantization alone {lr.max_kl:.3g})")
-                           + f" (threshold {lr.threshold:.3g}), top-1 {lr.top1_agreement:.3f}", lr.to_dict())
+                           + f" (threshold {lr.threshold:.3g}), top-1 {lr.top1_agreement:.3f}", lr.to_dict(),
+                           command=_cmd("logits", src, tgt, "--batch", 2, "--length", 40))
 
     out.append(_guard(c.name, model, "roundtrip", roundtrip))
     out.append(_guard(c.name, model, "golden", golden))
@@ -269,62 +273,20 @@ def check_converter(name: str, model: str, work: Path, dtype: str = "float32", o
     return out
 
 
-# ---------------------------------------------------------------- CLI
-class _P(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(f"{self.prog}: {message}")
-
-
-def _print_suite(res: SuiteResult, console):
-    from rich.markup import escape
-    from rich.table import Table
-    ok = res.equivalent
-    n_ok = sum(c.ok for c in res.checks)
-    console.print(f"[{'bold green' if ok else 'bold red'}]{'PASS' if ok else 'FAIL'}[/]: "
-                  f"{n_ok}/{len(res.checks)} checks passed")
-    t = Table()
-    for col in ("converter", "model", "options", "check", "ok", "detail"):
-        t.add_column(col, overflow="fold")
-    for c in res.checks:
-        t.add_row(c.converter, c.model, c.variant or "-", c.check, "yes" if c.ok else "NO", escape(c.detail))
-    console.print(t)
-
-
-def cmd_demo(argv) -> int:
-    from ..cli import _console
-    from ..reports.render import write_json_report
-    p = _P(prog="ckdiff demo", description="Build tiny models, convert along every path, verify, write reports.")
-    p.add_argument("--out", default="ckdiff-demo", help="directory for checkpoints and reports")
-    p.add_argument("--quick", action="store_true", help="one model per converter")
-    a = p.parse_args(argv)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    console = _console()
-    checks = []
+# ---------------------------------------------------------------- demo, roundtrip, golden on user input
+def demo_plan(quick: bool = False) -> list:
+    """(converter, tiny model, options) for every converter and model, plus TP/PP and quantized variants."""
     plan = []
     for c in REGISTRY.values():
-        models = c.models[:1] if a.quick else c.models
-        for m in models:
+        for m in (c.models[:1] if quick else c.models):
             plan.append((c.name, m, {}))
-    plan += [("hf-to-megatron", "llama-gqa", {"tp": 2, "pp": 2}),
-             ("to-jetstream", "llama-gqa", {"quantize": "int8_per_channel"}),
-             ("to-jetstream", "llama-blockwise", {"quantize": "int4_blockwise"})]
-    for name, model, opts in plan:
-        tag = "-".join([name, model] + [f"{k}{v}" for k, v in opts.items()])
-        console.print(f"checking {tag} ...")
-        checks += check_converter(name, model, out / "work" / tag, options=opts)
-    res = SuiteResult(checks)
-    _print_suite(res, console)
-    write_json_report(out / "demo.json", "demo", res.to_dict(), res.verdict())
-    from ..reports import html as H
-    H.write_suite(out / "demo.html", out / "demo.md", res)
-    # a deliberately broken conversion, to show what a caught bug looks like
-    broken = demo_broken(out / "work" / "broken")
-    H.write_html(out / "broken-compare.html", "compare", broken)
-    H.write_markdown(out / "broken-compare.md", "compare", broken)
-    console.print(f"reports: {out / 'demo.html'}, {out / 'demo.md'}, {out / 'demo.json'}; "
-                  f"a caught bug: {out / 'broken-compare.html'}")
-    return 0 if res.equivalent else 1
+    return plan + [("hf-to-megatron", "llama-gqa", {"tp": 2, "pp": 2}),
+                   ("to-jetstream", "llama-gqa", {"quantize": "int8_per_channel"}),
+                   ("to-jetstream", "llama-blockwise", {"quantize": "int4_blockwise"})]
+
+
+def demo_tag(name: str, model: str, opts: dict) -> str:
+    return "-".join([name, model] + [f"{k}{v}" for k, v in opts.items()])
 
 
 def demo_broken(work: Path):
@@ -349,76 +311,34 @@ def demo_broken(work: Path):
     return compare_checkpoints(open_checkpoint(str(gold)), open_checkpoint(str(bad)), Options())
 
 
-@contextlib.contextmanager
-def _workdir(keep: Optional[str], prefix: str):
-    """``keep`` if given (left in place), else a temporary directory removed afterwards."""
-    if keep:
-        yield Path(keep)
-        return
-    work = Path(tempfile.mkdtemp(prefix=prefix))
-    try:
-        yield work
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+def roundtrip(converter: str, src, work: Path, tp: int = 1, pp: int = 1, logits: bool = True) -> SuiteResult:
+    """Convert ``src`` with ``converter`` and back (into ``work``); diff, config drift and logits."""
+    c = REGISTRY[converter]
+    opts = {"tp": tp, "pp": pp}
+    tgt = convert(c.name, src, work / "target", opts)
+    back = convert(c.inverse, tgt, work / "back", opts)
+    rt = _compare(src, back)
+    drift = config_drift(src, back)
+    checks = [CheckResult(c.name, str(src), "roundtrip", rt.equivalent and not drift,
+                          _summary(rt) + (f"; config drift: {', '.join(drift)}" if drift else ""), rt.to_dict())]
+    if logits:
+        from ..compare.logits import compare_logits
+        from ..converters.formats import open_checkpoint
+        lr = compare_logits(open_checkpoint(str(src)), open_checkpoint(str(tgt)))
+        checks.append(CheckResult(c.name, str(src), "logits", lr.equivalent,
+                                  f"max KL {lr.max_kl:.3g} (threshold {lr.threshold:.3g})", lr.to_dict()))
+    return SuiteResult(checks, mapping_rows(c, src))
 
 
-def _suite_args(p, add_report_args):
-    p.add_argument("--work", help="keep intermediate checkpoints here (default: a temporary directory)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size for Megatron targets")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size for Megatron targets")
-    add_report_args(p)
-
-
-def cmd_roundtrip(argv) -> int:
-    from ..cli import _console, add_report_args, emit_reports
-    p = _P(prog="ckdiff roundtrip", description="Convert SRC with CONVERTER and back; diff and compare logits.")
-    p.add_argument("converter", choices=sorted(REGISTRY))
-    p.add_argument("src")
-    p.add_argument("--no-logits", action="store_true")
-    _suite_args(p, add_report_args)
-    a = p.parse_args(argv)
-    c = REGISTRY[a.converter]
-    with _workdir(a.work, "ckdiff-rt-") as work:
-        opts = {"tp": a.tp, "pp": a.pp}
-        tgt = convert(c.name, a.src, work / "target", opts)
-        back = convert(c.inverse, tgt, work / "back", opts)
-        rt = _compare(a.src, back)
-        drift = config_drift(a.src, back)
-        checks = [CheckResult(c.name, a.src, "roundtrip", rt.equivalent and not drift,
-                              _summary(rt) + (f"; config drift: {drift}" if drift else ""), rt.to_dict())]
-        if not a.no_logits:
-            from ..compare.logits import compare_logits
-            from ..converters.formats import open_checkpoint
-            lr = compare_logits(open_checkpoint(a.src), open_checkpoint(str(tgt)))
-            checks.append(CheckResult(c.name, a.src, "logits", lr.equivalent,
-                                      f"max KL {lr.max_kl:.3g} (threshold {lr.threshold:.3g})", lr.to_dict()))
-        res = SuiteResult(checks, mapping_rows(c, a.src))
-    _print_suite(res, _console())
-    emit_reports(a, "roundtrip", res)
-    return 0 if res.equivalent else 1
-
-
-def cmd_golden(argv) -> int:
-    from ..cli import _console, add_report_args, emit_reports
-    from ..reports.render import print_compare
-    p = _P(prog="ckdiff golden",
-           description="Convert GOLDEN_SRC (supported path) and CANDIDATE_SRC (new path) with CONVERTER; diff.")
-    p.add_argument("converter", choices=sorted(REGISTRY))
-    p.add_argument("golden_src")
-    p.add_argument("candidate_src")
-    _suite_args(p, add_report_args)
-    a = p.parse_args(argv)
-    c = REGISTRY[a.converter]
-    with _workdir(a.work, "ckdiff-golden-") as work:
-        opts = {"tp": a.tp, "pp": a.pp}
-        g = convert(c.name, a.golden_src, work / "golden", opts)
-        n = convert(c.name, a.candidate_src, work / "candidate", opts)
-        res = _compare(g, n)
-        res.mapping = mapping_rows(c, a.candidate_src)
-    print_compare(res, _console())
-    emit_reports(a, "golden", res)
-    return 0 if res.equivalent else 1
-
+def golden_diff(converter: str, golden_src, candidate_src, work: Path, tp: int = 1, pp: int = 1):
+    """Convert both sources with ``converter`` (into ``work``) and diff the outputs: a CompareResult."""
+    c = REGISTRY[converter]
+    opts = {"tp": tp, "pp": pp}
+    g = convert(c.name, golden_src, work / "golden", opts)
+    n = convert(c.name, candidate_src, work / "candidate", opts)
+    res = _compare(g, n)
+    res.mapping = mapping_rows(c, candidate_src)
+    return res
 
 
 __all__ = ["REGISTRY", "Converter", "register", "check_converter"]

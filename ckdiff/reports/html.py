@@ -9,15 +9,38 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import re
 
-from .render import _clean, envelope, fmt
+from .render import _clean, envelope, fmt, worst_first_key
 
 LAYER = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.(.+)$")
+OK_STATUSES = ("equal", "close", "cast", "quant")
+
+
+def _num(x) -> float:
+    return float(x) if x is not None else 0.0  # "nan"/"inf" strings in a cleaned dict included
+
+
+def cell_level(t: dict) -> float:
+    """How far a tensor is from its tolerance, on one scale for every status:
+    0 bit-exact; (0, 1] within tolerance (cast, close, quantized: judged against their own tolerance or
+    scale unit); > 1 over tolerance, growing with the share of elements over it; inf missing or shape."""
+    st = t["status"]
+    if st == "equal":
+        return 0.0
+    if st in OK_STATUSES:
+        return 0.5
+    if st in ("only-a", "only-b", "shape"):
+        return float("inf")
+    if st == "dtype":
+        return 1.5
+    share = (t.get("n_over_tol") or 0) / max(1, t.get("numel") or 1)
+    return 2.0 + share  # differ: 2 (a few elements) .. 3 (every element)
 
 
 def heatmap(tensors: list[dict]) -> tuple[list[int], list[str], dict]:
-    """(layers, kinds, {(layer, kind): max_abs}) over tensors with a layer index."""
+    """(layers, kinds, {(layer, kind): (level, tensor)}) over tensors with a layer index; worst tensor per cell."""
     cells: dict = {}
     layers, kinds = set(), []
     for t in tensors:
@@ -28,53 +51,87 @@ def heatmap(tensors: list[dict]) -> tuple[list[int], list[str], dict]:
         layers.add(i)
         if kind not in kinds:
             kinds.append(kind)
-        v = t.get("max_abs") or 0.0
-        if t["status"] in ("only-a", "only-b", "shape"):
-            v = float("inf")
-        cells[(i, kind)] = max(cells.get((i, kind), 0.0), v)
+        lv = cell_level(t)
+        if (i, kind) not in cells or lv > cells[(i, kind)][0]:
+            cells[(i, kind)] = (lv, t)
     return sorted(layers), kinds, cells
+
+
+# (css class, label) of the legend, from passing to failing
+LEGEND = [("h0", "bit-exact"), ("h1", "within tolerance (cast, close, quantized within its scale bound)"),
+          ("h2", "cast refused (--strict-dtype)"), ("h3", "over tolerance: under 1% of elements"),
+          ("h4", "over tolerance: 1% of elements or more"), ("h5", "missing or shape mismatch")]
+
+
+def _heat_class(lv: float) -> str:
+    if lv == 0:
+        return "h0"
+    if lv <= 1:
+        return "h1"
+    if lv < 2:
+        return "h2"
+    if lv == float("inf"):
+        return "h5"
+    return "h3" if lv < 2.01 else "h4"
 
 
 def _heat_html(tensors) -> str:
     layers, kinds, cells = heatmap(tensors)
     if not layers:
         return ""
-    finite = [v for v in cells.values() if v not in (float("inf"),) and v > 0]
-    top = max(finite) if finite else 1.0
     head = "".join(f"<th title='{html.escape(k)}'>{html.escape(k.replace('.weight', ''))}</th>" for k in kinds)
-    rows = []
+    rows, present = [], set()
     for i in layers:
         tds = []
         for k in kinds:
-            v = cells.get((i, k))
-            if v is None:
+            c = cells.get((i, k))
+            if c is None:
                 tds.append("<td class=na></td>")
-            elif v == float("inf"):
-                tds.append("<td style='background:#7a0000;color:#fff' title='missing or shape'>x</td>")
-            elif v == 0:
-                tds.append("<td style='background:#e6f4ea' title='0'></td>")
-            else:
-                a = 0.25 + 0.75 * (v / top)
-                tds.append(f"<td style='background:rgba(200,30,30,{a:.2f})' title='{fmt(v)}'>{fmt(v, 2)}</td>")
+                continue
+            lv, t = c
+            cls = _heat_class(lv)
+            present.add(cls)
+            tip = f"{t['name']}: {t['status']}, max abs {fmt(t.get('max_abs'))}"
+            if t["status"] == "differ":
+                tip += f", {t.get('n_over_tol')} of {t.get('numel')} elements over tolerance"
+            text = {"h5": "x", "h2": "dtype"}.get(cls, "")
+            if cls in ("h3", "h4"):
+                text = fmt(t.get("max_abs"), 2)
+            tds.append(f"<td class={cls} title='{html.escape(tip)}'>{html.escape(text)}</td>")
         rows.append(f"<tr><th>layer {i}</th>{''.join(tds)}</tr>")
-    return (f"<h2>Max-abs difference per layer</h2><div class=scroll><table class=heat><tr><th></th>{head}</tr>"
-            + "".join(rows) + "</table></div>")
+    legend = "".join(f"<span class=lg><i class={c}></i>{html.escape(label)}</span>" for c, label in LEGEND
+                     if c in present)
+    return ("<h2>Per layer, against the tolerance</h2><p class=legend>" + legend + "</p>"
+            f"<div class=scroll><table class=heat><tr><th></th>{head}</tr>" + "".join(rows) + "</table></div>")
 
 
-CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222}h1{font-size:20px}
+CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:1600px}h1{font-size:20px}
+h2{font-size:16px;margin:20px 0 6px}
 .banner{padding:12px 16px;border-radius:6px;font-size:18px;font-weight:600;margin-bottom:12px}
+.banner small{display:block;font-size:14px;font-weight:400}
 .ok{background:#e6f4ea;color:#0b6b2b}.bad{background:#fde7e7;color:#9b1111}
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 6px;text-align:left;
-vertical-align:top}th{background:#f5f5f5;cursor:pointer}code{background:#f3f3f3;padding:1px 4px}
-.scroll{overflow:auto;max-height:520px}.heat td{min-width:36px;font-size:11px;text-align:center}
+vertical-align:top;white-space:nowrap}th{background:#f5f5f5}#tensors th{cursor:pointer}
+code{background:#f3f3f3;padding:1px 4px;overflow-wrap:anywhere}
+.scroll{overflow:auto;max-height:520px}
+#tensors td.dg div{max-width:32em;overflow:hidden;text-overflow:ellipsis}
+.heat td{min-width:40px;font-size:12px;text-align:center;font-variant-numeric:tabular-nums}
+.h0{background:#d7efdc}.h1{background:#9fd8a9}.h2{background:#ffd27a}.h3{background:#f08c5a;color:#111}
+.h4{background:#b3261e;color:#fff}.h5{background:#5c0a0a;color:#fff}
+.legend{font-size:12px}.lg{margin-right:14px;white-space:nowrap}
+.lg i{display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:-1px;border:1px solid #bbb}
 .na{background:#fafafa}#tensors td.s-differ,#tensors td.s-shape,#tensors td.s-only-a,#tensors td.s-only-b,
-#checks td.s-NO{color:#9b1111;font-weight:600}small{color:#666}"""
+#checks td.s-NO{color:#9b1111;font-weight:600}small{color:#666}
+#checks td.dt{white-space:normal;min-width:16em}#checks td.rp{white-space:normal;font-size:12px}
+.kv th{cursor:default;font-weight:500}.kv td{white-space:normal}
+svg text{font:11px system-ui,sans-serif;fill:#333}"""
 
 JS = """const D=JSON.parse(document.getElementById('data').textContent);
 function render(){const rows=D.rows,q=document.getElementById('q').value.toLowerCase(),
 st=document.getElementById('st').value,tb=document.querySelector('#tensors tbody');let h='',n=0;
 for(const r of rows){if(q&&!r[0].toLowerCase().includes(q))continue;if(st&&r[1]!==st)continue;n++;
-h+='<tr>'+r.map((c,i)=>'<td'+(i===1?' class="s-'+c+'"':'')+'>'+(c===null?'-':String(c).replace(/&/g,'&amp;').replace(/</g,'&lt;'))+'</td>').join('')+'</tr>';}
+const esc=c=>c===null?'-':String(c).replace(/&/g,'&amp;').replace(/</g,'&lt;').replace(/"/g,'&quot;');
+const last=r.length-1;h+='<tr>'+r.map((c,i)=>'<td'+(i===1?' class="s-'+c+'"':'')+(i===last?' class=dg title="'+esc(c)+'"':'')+'>'+(i===last?'<div>'+esc(c)+'</div>':esc(c))+'</td>').join('')+'</tr>';}
 tb.innerHTML=h;document.getElementById('count').textContent=n+' of '+rows.length+' tensors';}
 let sortCol=-1,asc=true;document.querySelectorAll('#tensors th').forEach((th,i)=>th.onclick=()=>{
 asc=(sortCol===i)?!asc:(i<2);sortCol=i;D.rows.sort((a,b)=>{const x=a[i],y=b[i];
@@ -86,9 +143,7 @@ COLUMNS = ["tensor", "status", "shape A", "shape B", "dtype A", "dtype B", "max 
 
 
 def _rows(tensors):
-    order = {"only-a": 0, "only-b": 0, "shape": 1, "differ": 2, "dtype": 3, "cast": 4, "quant": 5, "close": 6,
-             "equal": 7}
-    ts = sorted(tensors, key=lambda t: (order.get(t["status"], 9), -(t.get("max_abs") or 0)))
+    ts = sorted(tensors, key=worst_first_key)
     num = lambda x: None if x is None else (float(f"{x:.4g}") if isinstance(x, float) else x)  # noqa: E731
     return [[t["name"], t["status"], str(t.get("shape_a")), str(t.get("shape_b")), t.get("dtype_a"), t.get("dtype_b"),
              num(t.get("max_abs")), str(t.get("max_abs_index")) if t.get("max_abs_index") is not None else None,
@@ -124,27 +179,121 @@ def _compare_section(d: dict) -> str:
     return "".join(parts)
 
 
+def logits_gate(d: dict) -> str:
+    """The verdict's reason in words: which value gates, against which threshold, and why that threshold."""
+    gated = d.get("gate_kl") if d.get("gate_kl") is not None else d.get("max_kl")
+    what = "max per-token KL" if d.get("gate_kl") is None else "max per-token KL from the reference quantization"
+    ok = _num(gated) <= _num(d.get("threshold"))
+    return (f"{what} {fmt(_num(gated))} is {'within' if ok else 'over'} the threshold {fmt(_num(d.get('threshold')))} "
+            f"({d.get('threshold_reason')})")
+
+
+def _kl_color(kl: float, thr: float) -> str:
+    if kl != kl or kl > thr:
+        r = min(1.0, math.log10(max(kl / thr, 1.0) + 1) / 3) if kl == kl else 1.0
+        return f"rgb({int(240 - 80 * r)},{int(140 - 110 * r)},{int(90 - 60 * r)})"
+    r = 0.0 if kl <= 0 else min(1.0, max(0.0, (math.log10(kl / thr) + 9) / 9))  # 1e-9 x thr .. thr
+    return f"rgb({int(215 - 60 * r)},{int(239 - 40 * r)},{int(220 - 90 * r)})"
+
+
+def _token_kl_svg(d: dict) -> str:
+    grid = d.get("token_kl") or []
+    if not grid or not grid[0]:
+        return ""
+    thr = _num(d.get("threshold")) or 1e-30
+    T = len(grid[0])
+    w = max(4, min(16, 760 // T))
+    h = 16
+    left, top = 46, 16
+    rects = []
+    for si, row in enumerate(grid):
+        for pi, v in enumerate(row):
+            v = _num(v)
+            rects.append(f"<rect x={left + pi * w} y={top + si * h} width={w - 1} height={h - 1} "
+                         f"fill='{_kl_color(v, thr)}'><title>seq {si}, pos {pi + int(bool(d.get('skip_first')))}: "
+                         f"KL {fmt(v)}</title></rect>")
+        rects.append(f"<text x=0 y={top + si * h + 12}>seq {si}</text>")
+    width, height = left + T * w + 4, top + len(grid) * h + 18
+    axis = (f"<text x={left} y=11>position 0</text>"
+            f"<text x={left + T * w} y=11 text-anchor=end>{T - 1 + int(bool(d.get('skip_first')))}</text>")
+    return (f"<h2>Per-token KL (sequence x position)</h2><p class=legend>green: below the threshold "
+            f"{fmt(thr)} (darker = closer to it); orange to red: over it. Hover a cell for its value.</p>"
+            f"<svg width={width} height={height} role=img aria-label='per-token KL'>{axis}{''.join(rects)}</svg>")
+
+
+def _layers_svg(d: dict) -> str:
+    errs = [_num(x) for x in d.get("layer_rel_errors") or []]
+    if not errs:
+        return ""
+    from ..compare.logits import HIDDEN_REL_THRESHOLD
+    thr = HIDDEN_REL_THRESHOLD.get(d.get("dtype"), 1e-4)
+    lo, hi = -18, 1  # log10 range drawn
+    H, bw, left = 160, max(10, min(36, 700 // len(errs))), 44
+    y = lambda v: 8 + H * (hi - max(lo, min(hi, math.log10(v) if v > 0 else lo))) / (hi - lo)  # noqa: E731
+    bars = []
+    for i, v in enumerate(errs):
+        top = y(v)
+        color = "#b3261e" if v > thr else "#2e8b57"
+        bars.append(f"<rect x={left + i * bw + 1} y={top:.1f} width={bw - 2} height={max(1.0, 8 + H - top):.1f} "
+                    f"fill='{color}'><title>hidden state {i}: relative error "
+                    f"{fmt(v)}</title></rect>")
+    ticks = "".join(f"<text x=0 y={y(10.0 ** e) + 4:.1f}>1e{e}</text>" for e in (0, -6, -12, -18))
+    ty = y(thr)
+    line = (f"<line x1={left} x2={left + len(errs) * bw} y1={ty:.1f} y2={ty:.1f} stroke='#b3261e' "
+            f"stroke-dasharray='4 3'/><text x={left + len(errs) * bw + 4} y={ty + 4:.1f}>threshold {fmt(thr)}</text>")
+    first = d.get("first_divergent_layer")
+    return (f"<h2>Hidden-state divergence per layer</h2><p class=legend>relative error of each layer's hidden state "
+            f"(log scale); first divergent layer: {'none' if first is None else first}</p>"
+            f"<svg width={left + len(errs) * bw + 130} height={H + 30} role=img aria-label='per-layer divergence'>"
+            f"{ticks}{line}{''.join(bars)}</svg>")
+
+
+def _topk_table(d: dict) -> str:
+    w = d.get("worst_topk") or {}
+    if not w.get("a_ids"):
+        return ""
+    seq, pos = (d.get("max_kl_at") or [0, 0])[:2]
+    rows = "".join(f"<tr><td>{i + 1}</td><td>{a}</td><td>{fmt(_num(la), 4)}</td><td>{b}</td><td>{fmt(_num(lb), 4)}</td></tr>"
+                   for i, (a, la, b, lb) in enumerate(zip(w["a_ids"], w["a_logprob"], w["b_ids"], w["b_logprob"])))
+    return (f"<h2>Top-{len(w['a_ids'])} at the worst token (sequence {seq}, position {pos})</h2><table>"
+            "<tr><th>rank</th><th>A token id</th><th>A log-prob</th><th>B token id</th><th>B log-prob</th></tr>"
+            f"{rows}</table>")
+
+
 def _logits_section(d: dict) -> str:
-    keys = ["max_kl", "mean_kl", "max_kl_at", "gate_kl", "threshold", "threshold_reason", "top1_agreement",
-            "topk_agreement", "first_topk_failure", "max_abs", "max_abs_at", "nmse", "first_divergent_layer",
-            "layer_rel_errors", "dtype", "batch", "length", "seed", "vocab_compared"]
-    rows = "".join(f"<tr><th>{k}</th><td>{html.escape(str(d.get(k)))}</td></tr>" for k in keys if k in d)
+    at = lambda x: "-" if x is None else ", ".join(map(str, x))  # noqa: E731
+    kv = [("verdict", logits_gate(d)),
+          ("tokens", f"{d.get('batch')} sequences x {d.get('length')} positions of random ids (seed {d.get('seed')}), "
+                     f"compute {d.get('dtype')}, vocabulary {d.get('vocab_compared')}"),
+          ("max per-token KL", f"{fmt(_num(d.get('max_kl')))} at sequence, position {at(d.get('max_kl_at'))}; "
+                               f"mean {fmt(_num(d.get('mean_kl')))}"),
+          ("top-1 agreement", f"{_num(d.get('top1_agreement')):.4f}"),
+          (f"mutual top-{d.get('topk')}", f"{_num(d.get('topk_agreement')):.4f}"
+           + (f" (first failure at sequence, position {at(d.get('first_topk_failure'))})"
+              if d.get("first_topk_failure") else "")),
+          ("max |logit difference|", f"{fmt(_num(d.get('max_abs')))} at sequence, position, token "
+                                     f"{at(d.get('max_abs_at'))}"),
+          ("NMSE", fmt(_num(d.get("nmse"))))]
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in kv)
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in d.get("notes", []))
-    return f"<h2>Logits</h2><table>{rows}</table>" + (f"<ul>{notes}</ul>" if notes else "")
+    return (f"<h2>Logits</h2><table class=kv>{rows}</table>" + (f"<ul>{notes}</ul>" if notes else "")
+            + _token_kl_svg(d) + _layers_svg(d) + _topk_table(d))
 
 
 def _suite_section(d: dict) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(c['converter'])}</td><td>{html.escape(c['model'])}</td>"
         f"<td>{html.escape(c.get('variant') or '-')}</td><td>{c['check']}</td>"
-        f"<td class='s-{'yes' if c['ok'] else 'NO'}'>{'yes' if c['ok'] else 'NO'}</td><td>{html.escape(c['detail'])}</td></tr>"
+        f"<td class='s-{'yes' if c['ok'] else 'NO'}'>{'yes' if c['ok'] else 'NO'}</td>"
+        f"<td class=dt>{html.escape(c['detail'])}</td>"
+        f"<td class=rp>{'<code>' + html.escape(c['command']) + '</code>' if c.get('command') else '-'}</td></tr>"
         for c in d.get("checks", []))
-    return ("<h2>Checks</h2><table id=checks><tr><th>converter</th><th>model</th><th>options</th><th>check</th><th>ok</th>"
-            f"<th>detail</th></tr>{rows}</table>")
+    return ("<h2>Checks</h2><div class=scroll><table id=checks><tr><th>converter</th><th>model</th><th>options</th>"
+            f"<th>check</th><th>ok</th><th>detail</th><th>reproduce</th></tr>{rows}</table></div>")
 
 
-def render_html(kind: str, res) -> str:
-    doc = _clean(envelope(kind, res.to_dict(), res.verdict()))
+def render_html(kind: str, res, command: str = "") -> str:
+    doc = _clean(envelope(kind, res.to_dict(), res.verdict(), command))
     d = doc["result"]
     ok = res.equivalent
     title = {"compare": "Checkpoint diff", "logits": "Logit comparison", "golden": "Golden diff",
@@ -154,12 +303,18 @@ def render_html(kind: str, res) -> str:
         sides = (f"<p>A: <code>{html.escape(str(d['a']))}</code> [{html.escape(str(d.get('format_a')))}]<br>"
                  f"B: <code>{html.escape(str(d['b']))}</code> [{html.escape(str(d.get('format_b')))}]</p>")
     counts = d.get("counts")
-    headline = f"{'EQUIVALENT' if ok else 'DIFFER'}" if kind != "demo" else ("PASS" if ok else "FAIL")
+    headline = f"{'EQUIVALENT' if ok else 'DIFFER'}" if "checks" not in d else ("PASS" if ok else "FAIL")
     if counts:
         headline += ": " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-    body = [f"<div class='banner {'ok' if ok else 'bad'}' id=verdict>{html.escape(headline)}</div>",
+    sub = ""
+    if "max_kl" in d:
+        sub = f"<small>{html.escape(logits_gate(d))}</small>"
+    elif "checks" in d:
+        sub = f"<small>{sum(c['ok'] for c in d['checks'])} of {len(d['checks'])} checks passed</small>"
+    reproduce = f"Reproduce: <code>{html.escape(doc['command'])}</code><br>" if doc["command"] else ""
+    body = [f"<div class='banner {'ok' if ok else 'bad'}' id=verdict>{html.escape(headline)}{sub}</div>",
             f"<h1>ckdiff {html.escape(title)}</h1>", sides,
-            f"<p>Reproduce: <code>{html.escape(doc['command'])}</code><br><small>ckdiff {doc['ckdiff_version']}, "
+            f"<p>{reproduce}<small>ckdiff {doc['ckdiff_version']}, "
             f"torch {doc['torch_version']}, schema {doc['schema']}</small></p>"]
     rows = []
     if "tensors" in d:
@@ -180,8 +335,8 @@ def render_html(kind: str, res) -> str:
             + "".join(body) + script + "</body></html>\n")
 
 
-def render_markdown(kind: str, res) -> str:
-    doc = _clean(envelope(kind, res.to_dict(), res.verdict()))
+def render_markdown(kind: str, res, command: str = "") -> str:
+    doc = _clean(envelope(kind, res.to_dict(), res.verdict(), command))
     d = doc["result"]
     ok = res.equivalent
     icon = ":white_check_mark:" if ok else ":x:"
@@ -192,9 +347,9 @@ def render_markdown(kind: str, res) -> str:
     if d.get("counts"):
         lines += ["| status | tensors |", "|---|---|"] + [f"| {k} | {v} |" for k, v in sorted(d["counts"].items())] + [""]
     if "max_kl" in d:
-        lines += [f"max per-token KL **{fmt(d['max_kl'])}** (threshold {fmt(d['threshold'])}, {d['threshold_reason']}); "
-                  f"top-1 agreement {d['top1_agreement']:.4f}; first divergent layer {d['first_divergent_layer']}", ""]
-    bad = [t for t in d.get("tensors", []) if t["status"] not in ("equal", "close", "cast", "quant")]
+        lines += [f"{logits_gate(d)}; top-1 agreement {_num(d['top1_agreement']):.4f}; first divergent layer "
+                  f"{'none' if d['first_divergent_layer'] is None else d['first_divergent_layer']}", ""]
+    bad = sorted((t for t in d.get("tensors", []) if t["status"] not in OK_STATUSES), key=worst_first_key)
     if bad:
         lines += ["<details><summary>" + f"{len(bad)} mismatching tensors</summary>", "",
                   "| tensor | status | max abs @ index | diagnosis |", "|---|---|---|---|"]
@@ -211,25 +366,8 @@ def render_markdown(kind: str, res) -> str:
                   f"{'yes' if c['ok'] else '**NO**'} | "
                   f"{c['detail'].replace('|', '/')} |" for c in d["checks"]]
         lines += ["", "</details>", ""]
-    lines += [f"<sub>`{doc['command']}` · ckdiff {doc['ckdiff_version']} · torch {doc['torch_version']}</sub>", ""]
+    lines += [f"<sub>{'`' + doc['command'] + '` · ' if doc['command'] else ''}ckdiff {doc['ckdiff_version']} · torch {doc['torch_version']}</sub>", ""]
     return "\n".join(lines)
 
 
-def write_html(path, kind: str, res) -> None:
-    from ..converters.writers import atomic_file
-    text = render_html(kind, res)
-    atomic_file(path, lambda tmp: open(tmp, "w").write(text))
-
-
-def write_markdown(path, kind: str, res) -> None:
-    from ..converters.writers import atomic_file
-    text = render_markdown(kind, res)
-    atomic_file(path, lambda tmp: open(tmp, "w").write(text))
-
-
-def write_suite(html_path, md_path, res) -> None:
-    write_html(html_path, "demo", res)
-    write_markdown(md_path, "demo", res)
-
-
-__all__ = ["render_html", "render_markdown", "write_html", "write_markdown"]
+__all__ = ["render_html", "render_markdown"]

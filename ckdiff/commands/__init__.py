@@ -1,0 +1,60 @@
+"""The command layer: every ``ckdiff`` command parses its flags, prints, writes reports and picks its
+exit code here, one module per command; the library modules below it never do.
+
+Exit codes follow diff: 0 equivalent, 1 different, 2 usage or input error (one line on stderr,
+a traceback only with --debug).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+from ..errors import CkdiffError, error_line
+from . import compare, convert, demo, golden, help, inspect, logits, roundtrip
+
+COMMANDS = {m.NAME: m for m in (compare, inspect, logits, convert, roundtrip, golden, demo, help)}
+
+
+def _dispatch(argv: list) -> int:
+    from .common import command_line
+    if not argv:
+        print(help.overview(), file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
+        print(help.overview())
+        return 0
+    if argv[0] == "--version":
+        from .. import __version__
+        print(f"ckdiff {__version__}")
+        return 0
+    if argv[0] in COMMANDS:
+        return COMMANDS[argv[0]].run(argv[1:], command_line(argv))
+    return compare.run(argv, command_line(argv))
+
+
+def main(argv=None) -> int:
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    debug = "--debug" in argv or os.environ.get("CKDIFF_DEBUG") == "1"
+    if not debug:
+        import warnings
+        warnings.simplefilter("ignore")  # library warnings would break the one-line error contract
+    try:
+        return _dispatch(argv)
+    except SystemExit as e:  # argparse's --help
+        return e.code if isinstance(e.code, int) else 0
+    except CkdiffError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"ckdiff: error: {error_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ckdiff: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # never a traceback for the user; --debug shows it
+        if debug:
+            traceback.print_exc()
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"ckdiff: error: internal error {e.__class__.__name__}: {error_line(msg[:300])} (rerun with --debug)",
+              file=sys.stderr)
+        return 2

@@ -1,0 +1,120 @@
+"""``ckdiff A B`` (also ``ckdiff compare A B``): compare two checkpoints tensor by tensor."""
+from __future__ import annotations
+
+import sys
+
+from ..errors import UsageError
+from . import common
+
+NAME = "compare"
+SUMMARY = "compare two checkpoints of any supported format, tensor by tensor (the default command)"
+
+
+def parser(prog: str = "ckdiff compare"):
+    p = common.Parser(prog=prog, description="Compare two checkpoints of any supported format, tensor by tensor. "
+                      "Exit 0 equivalent, 1 differ, 2 usage or input error.")
+    p.add_argument("a", help="checkpoint A: a model directory, a directory of tensor files, a single "
+                             ".safetensors/.bin/.pt/.pth file, or a hub id (org/name) in the local cache")
+    p.add_argument("b", help="checkpoint B (same kinds as A; the layouts may differ)")
+    p.add_argument("--only", action="append", default=[], metavar="GLOB",
+                   help="compare only tensors whose name matches GLOB (repeatable)")
+    p.add_argument("--ignore", action="append", default=[], metavar="GLOB",
+                   help="skip tensors whose name matches GLOB (repeatable)")
+    p.add_argument("--atol", type=float, help="absolute tolerance for every tensor (default: dtype-aware)")
+    p.add_argument("--rtol", type=float, help="relative tolerance for every tensor (default: dtype-aware)")
+    p.add_argument("--tol", action="append", default=[], metavar="GLOB=ATOL[,RTOL][:REASON]",
+                   help="tolerance for tensors matching GLOB, with an optional reason shown in reports (repeatable)")
+    p.add_argument("--strict-dtype", action="store_true", help="a dtype cast is a mismatch even within rounding")
+    p.add_argument("--no-diagnose", action="store_true", help="skip the likely-cause analysis")
+    p.add_argument("--no-map", action="store_true",
+                   help="compare names as they are, even when the layouts differ (default: map one side)")
+    p.add_argument("--limit", type=int, default=40, metavar="N", help="mismatching rows shown in the terminal")
+    p.add_argument("--workers", type=_workers, default=1, metavar="N",
+                   help="spread the tensors over N local processes (torch.distributed, gloo on 127.0.0.1; "
+                        "default 1). Under torchrun the launcher's ranks are used instead")
+    common.add_formats(p)
+    common.add_reports(p)
+    common.add_common(p)
+    return p
+
+
+def _workers(v: str) -> int:
+    import argparse
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {v!r}") from None
+    if not 1 <= n <= 1024:
+        raise argparse.ArgumentTypeError(f"expected 1..1024, got {n}")
+    return n
+
+
+def parse_tol(specs) -> list:
+    out = []
+    for s in specs:
+        try:
+            pat, rest = s.split("=", 1)
+            reason = ""
+            if ":" in rest:
+                rest, reason = rest.split(":", 1)
+            parts = rest.split(",")
+            atol = float(parts[0])
+            rtol = float(parts[1]) if len(parts) > 1 else 0.0
+        except ValueError:
+            raise UsageError(f"--tol {s!r}: expected GLOB=ATOL[,RTOL][:REASON]") from None
+        out.append((pat, atol, rtol, reason))
+    return out
+
+
+def open_pair(args):
+    """Both checkpoints, read with --format/--format-a/--format-b."""
+    from ..converters.formats import open_checkpoint
+    a = open_checkpoint(args.a, args.format_a or args.format, args.cache_dir, args.trust_pickle)
+    b = open_checkpoint(args.b, args.format_b or args.format, args.cache_dir, args.trust_pickle)
+    return a, b
+
+
+def run(argv, command: str = "") -> int:
+    from .. import distributed
+    args = parser().parse_args(argv)
+    if distributed.launched():  # torchrun / SLURM: every rank runs this
+        shard = distributed.init_from_env()
+        try:
+            return _run(args, command, shard)
+        finally:
+            distributed.shutdown()
+    if args.workers > 1:
+        rest = [a for i, a in enumerate(argv) if a != "--workers" and not a.startswith("--workers=")
+                and (i == 0 or argv[i - 1] != "--workers")]
+        with distributed.LocalWorkers(args.workers, ["compare", *rest],
+                                      lambda msg: print(f"ckdiff: error: {msg}", file=sys.stderr)) as shard:
+            return _run(args, command, shard)
+    return _run(args, command, None)
+
+
+def _run(args, command: str, shard) -> int:
+    """One comparison; with ``shard`` every rank runs this and rank 0 prints and writes the reports."""
+    from ..compare.diff import Options, compare_checkpoints
+    from ..reports.terminal import print_compare
+    main_rank = shard is None or shard.is_main
+    if main_rank:
+        common.check_reports(args)
+    tol = parse_tol(args.tol)
+    a, b = open_pair(args)
+    if main_rank:
+        common.check_reports(args, (a, b))
+    opts = Options(atol=args.atol, rtol=args.rtol, patterns=tol, only=args.only, ignore=args.ignore,
+                   diagnose=not args.no_diagnose, strict_dtype=args.strict_dtype)
+    res = compare_checkpoints(a, b, opts, progress_factory=common.progress_factory(
+        common.show_progress(args) and main_rank), map_layouts=not args.no_map, shard=shard)
+    if not main_rank:
+        return shard.agree(None)
+    console = common.console(args)
+    if args.quiet:
+        console.print(("EQUIVALENT" if res.equivalent else "DIFFER") + ": "
+                      + ", ".join(f"{v} {k}" for k, v in sorted(res.counts().items())))
+    else:
+        print_compare(res, console, args.limit)
+    common.emit_reports(args, "compare", res, (a, b), command)
+    code = 0 if res.equivalent else 1
+    return shard.agree(code) if shard is not None else code

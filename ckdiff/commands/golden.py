@@ -1,0 +1,37 @@
+"""``ckdiff golden CONVERTER GOLDEN_SRC CANDIDATE_SRC``: the supported path is the golden, the new one is diffed."""
+from __future__ import annotations
+
+from . import common
+from .roundtrip import add_suite_args, converter_names, workdir
+
+NAME = "golden"
+SUMMARY = "convert a golden source and a candidate source with one converter; diff the outputs"
+
+
+def parser(prog: str = "ckdiff golden"):
+    p = common.Parser(prog=prog, description="The JetStream guide's workflow: convert GOLDEN_SRC (a supported "
+                      "path, e.g. Meta weights) and CANDIDATE_SRC (the new path, e.g. HF weights) with CONVERTER "
+                      "and diff the two outputs. Exit 0 equivalent, 1 differ, 2 error.")
+    p.add_argument("converter", choices=converter_names(), help="a registered converter")
+    p.add_argument("golden_src", help="source whose conversion is the golden")
+    p.add_argument("candidate_src", help="source whose conversion is checked against the golden")
+    add_suite_args(p)
+    return p
+
+
+def run(argv, command: str = "") -> int:
+    from ..golden.suite import golden_diff
+    from ..reports.terminal import print_compare
+    a = parser().parse_args(argv)
+    inputs = (a.golden_src, a.candidate_src)
+    common.check_reports(a, inputs)
+    with workdir(a.work, "ckdiff-golden-") as work:
+        res = golden_diff(a.converter, a.golden_src, a.candidate_src, work, a.tp, a.pp)
+    console = common.console(a)
+    if a.quiet:
+        console.print(("EQUIVALENT" if res.equivalent else "DIFFER") + ": "
+                      + ", ".join(f"{v} {k}" for k, v in sorted(res.counts().items())))
+    else:
+        print_compare(res, console)
+    common.emit_reports(a, "golden", res, inputs, command)
+    return 0 if res.equivalent else 1

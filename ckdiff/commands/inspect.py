@@ -1,0 +1,48 @@
+"""``ckdiff inspect PATH``: names, shapes, dtypes and sizes of one checkpoint."""
+from __future__ import annotations
+
+from . import common
+
+NAME = "inspect"
+SUMMARY = "list a checkpoint's tensors (layers collapsed), parameter count and bytes"
+
+
+def parser(prog: str = "ckdiff inspect"):
+    p = common.Parser(prog=prog, description="List a checkpoint's tensors with repeated layers collapsed "
+                      "(layers.{0..31}.attention.wq.weight), its parameter count and bytes.")
+    p.add_argument("path", help="a model directory, a directory of tensor files, a tensor file or a hub id")
+    p.add_argument("--full", action="store_true", help="one row per tensor, no collapsing")
+    common.add_formats(p, sides=1)
+    common.add_reports(p, ("json",))
+    common.add_common(p)
+    return p
+
+
+def run(argv, command: str = "") -> int:
+    from rich.markup import escape
+
+    from ..converters.formats import dtype_name, open_checkpoint
+    from ..reports.render import collapse_layers, render_json
+    from ..text import printable
+    args = parser().parse_args(argv)
+    common.check_reports(args)
+    ck = open_checkpoint(args.path, args.format, args.cache_dir, args.trust_pickle)
+    common.check_reports(args, (ck,))
+    rows = [(n, t.shape, dtype_name(t.dtype)) for n, t in ck.tensors.items()]
+    shown = [(n, list(s), d, 1) for n, s, d in rows] if args.full else collapse_layers(rows)
+    console = common.console(args)
+    console.print(f"{escape(printable(ck.path))} \\[{ck.format}]: {len(ck)} tensors, {ck.num_params:,} parameters, "
+                  f"{ck.num_bytes:,} bytes")
+    for k in ("tp", "pp", "iteration"):
+        if k in ck.meta:
+            console.print(f"{k}: {ck.meta[k]}")
+    if not args.quiet:
+        from ..reports.terminal import inspect_lines
+        for line in inspect_lines(shown, console.width):
+            console.print(line, no_wrap=True, crop=False, overflow="ignore")
+    if args.json:
+        doc = {"path": ck.path, "format": ck.format, "num_params": ck.num_params, "num_bytes": ck.num_bytes,
+               "tensors": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in rows]}
+        common.write_report(args.json, render_json("inspect", doc, "ok", command), (ck,), "json")
+    return 0
+

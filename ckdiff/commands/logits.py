@@ -1,0 +1,57 @@
+"""``ckdiff logits A B``: the same random token ids through both checkpoints, each in its own layout."""
+from __future__ import annotations
+
+from ..errors import UsageError
+from . import common
+
+NAME = "logits"
+SUMMARY = "run the same random tokens through both checkpoints in their own layouts; compare the logits"
+DTYPES = ("float64", "float32", "bfloat16", "float16")
+
+
+def parser(prog: str = "ckdiff logits"):
+    p = common.Parser(prog=prog, description="Compare two model checkpoints by forward passes, each in its own "
+                      "layout's reference runtime (needs a model config: config.json, params.json or Megatron "
+                      "args). Exit 0 equivalent, 1 differ, 2 error.")
+    p.add_argument("a", help="model checkpoint A (HF, Meta, JetStream-pt or Megatron-LLM directory, or hub id)")
+    p.add_argument("b", help="model checkpoint B (any of the same layouts)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
+    p.add_argument("--length", type=int, default=48, help="positions per sequence (>= 2; >= 32 recommended)")
+    p.add_argument("--batch", type=int, default=4, help="number of sequences")
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="compute dtype of both forward passes (sets the KL threshold)")
+    p.add_argument("--topk", type=int, default=5, help="k of the mutual top-k containment check")
+    p.add_argument("--skip-first-token", action="store_true",
+                   help="leave position 0 out of the metrics (models with an attention sink)")
+    p.add_argument("--threshold", type=float, help="override the max per-token KL threshold")
+    common.add_formats(p)
+    common.add_reports(p)
+    common.add_common(p)
+    return p
+
+
+def run(argv, command: str = "") -> int:
+    from ..compare.logits import compare_logits
+    from ..reports.terminal import print_logits
+    from .compare import open_pair
+    args = parser().parse_args(argv)
+    common.check_reports(args)
+    a, b = open_pair(args)
+    common.check_reports(args, (a, b))
+    for side, ck in (("A", a), ("B", b)):
+        if ck.format in ("file", "tensors"):
+            raise UsageError(f"{ck.path}: {side} is a plain set of tensors ({ck.format}); ckdiff logits runs the "
+                             "model, which needs its config: pass a model directory (HF config.json, Meta/JetStream "
+                             "params.json or a Megatron-LLM checkpoint)")
+    pf = common.progress_factory(common.show_progress(args), "running")
+    res = compare_logits(a, b, args.batch, args.length, args.seed, args.dtype, args.topk,
+                         args.skip_first_token, args.threshold, **common.progress_kw(compare_logits, pf))
+    console = common.console(args)
+    if args.quiet:
+        val = res.max_kl if res.gate_kl is None else res.gate_kl
+        console.print(f"{'EQUIVALENT' if res.equivalent else 'DIFFER'}: max per-token KL {val:.3g} "
+                      f"(threshold {res.threshold:.3g})")
+    else:
+        print_logits(res, console)
+    common.emit_reports(args, "logits", res, (a, b), command)
+    return 0 if res.equivalent else 1

@@ -1,0 +1,440 @@
+"""Fused comparison kernels: every metric of a chunk pair in one pass, both cores.
+
+``chunk_metrics`` reads two equally long chunks of raw element data once and
+returns, per block of the chunk, max |a - b| with its first index, the sums of
+|a - b|, a.b, a.a and b.b (float64), max relative difference, the count over
+tolerance and NaN/Inf counts per side. No full-size temporaries: each thread
+decodes 2048 elements at a time into small float64 buffers (bf16 by a shift,
+fp16/fp8/8- and 16-bit integers through an exact lookup table) and runs a
+branch-free, vectorisable loop over them; a block holding a NaN or Inf is
+redone element by element with the NaN/Inf policy of compare/diff.py.
+
+numba compiles each array-type signature once and caches it on disk.
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import torch
+
+# numba's own thread pool, not a second OpenMP runtime spinning beside torch's on the same cores
+numba.config.THREADING_LAYER = "workqueue"
+from numba import njit, prange  # noqa: E402
+
+BLOCK = 2048
+_BIG = 1.7976931348623157e308
+_FM = {"reassoc", "nsz"}  # sums may be reordered; no contraction or reciprocals, NaN/Inf kept
+
+# decode modes: every chunk arrives as raw bytes (one compiled signature for every dtype pair)
+F32, F64, BF16, LUT16, LUT8 = 0, 1, 2, 3, 4
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _decode(src, lo, m, mode, lut, out, tmp):
+    if mode == 0:
+        v = src[lo * 4:(lo + m) * 4].view(np.float32)
+        for j in range(m):
+            out[j] = np.float64(v[j])
+    elif mode == 1:
+        v = src[lo * 8:(lo + m) * 8].view(np.float64)
+        for j in range(m):
+            out[j] = v[j]
+    elif mode == 2:  # bfloat16: the high half of a float32
+        u = src[lo * 2:(lo + m) * 2].view(np.uint16)
+        for j in range(m):
+            tmp[j] = np.uint32(u[j]) << 16
+        f = tmp.view(np.float32)
+        for j in range(m):
+            out[j] = np.float64(f[j])
+    elif mode == 3:  # exact table of every 16-bit value
+        u = src[lo * 2:(lo + m) * 2].view(np.uint16)
+        for j in range(m):
+            out[j] = lut[u[j]]
+    else:  # exact table of every 8-bit value
+        for j in range(m):
+            out[j] = lut[src[lo + j]]
+
+
+@njit(cache=True, nogil=True, fastmath=_FM, inline="always")
+def _fast(x, y, m, atol, rtol):
+    s = 0.0
+    dot = 0.0
+    na = 0.0
+    nb = 0.0
+    bm = 0.0
+    rm = 0.0
+    over = 0
+    bad = 0
+    for j in range(m):
+        xv = x[j]
+        yv = y[j]
+        d = abs(xv - yv)
+        ax = abs(xv)
+        s += d
+        dot += xv * yv
+        na += xv * xv
+        nb += yv * yv
+        bm = max(bm, d)
+        over += d > atol + rtol * ax
+        bad += not (d <= _BIG)
+        rm = max(rm, d / ax if ax > 0.0 else (math.inf if d > 0.0 else 0.0))
+    return s, dot, na, nb, bm, rm, over, bad
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _metrics(a, mode_a, lut_a, b, mode_b, lut_b, n, atol, rtol, nblk, outf, outi):
+    step = (n + nblk - 1) // nblk
+    for k in prange(nblk):
+        lo0 = k * step
+        hi0 = min(n, lo0 + step)
+        x = np.empty(BLOCK, np.float64)
+        y = np.empty(BLOCK, np.float64)
+        tmp = np.empty(BLOCK, np.uint32)
+        mx = -1.0
+        mi = -1
+        s = 0.0
+        mr = 0.0
+        dot = 0.0
+        na = 0.0
+        nb = 0.0
+        over = 0
+        nan_a = 0
+        nan_b = 0
+        inf_a = 0
+        inf_b = 0
+        for lo in range(lo0, hi0, BLOCK):
+            m = min(hi0, lo + BLOCK) - lo
+            _decode(a, lo, m, mode_a, lut_a, x, tmp)
+            _decode(b, lo, m, mode_b, lut_b, y, tmp)
+            bs, bdot, bna, bnb, bm, brm, bover, bad = _fast(x, y, m, atol, rtol)
+            if bad == 0:
+                s += bs
+                dot += bdot
+                na += bna
+                nb += bnb
+                over += bover
+                if brm > mr:
+                    mr = brm
+                if bm > mx:
+                    for j in range(m):
+                        if abs(x[j] - y[j]) == bm:
+                            mx = bm
+                            mi = lo + j
+                            break
+                continue
+            for j in range(m):  # a NaN or Inf in this block: element by element
+                xv = x[j]
+                yv = y[j]
+                ax = abs(xv)
+                if math.isfinite(xv) and math.isfinite(yv):
+                    d = abs(xv - yv)
+                    dot += xv * yv
+                    na += xv * xv
+                    nb += yv * yv
+                    s += d
+                    if d > 0.0:
+                        r = d / ax if ax > 0.0 else math.inf
+                        if r > mr:
+                            mr = r
+                        if d > atol + rtol * ax:
+                            over += 1
+                else:
+                    xn = xv != xv
+                    yn = yv != yv
+                    if xn:
+                        nan_a += 1
+                    if yn:
+                        nan_b += 1
+                    if math.isinf(xv):
+                        inf_a += 1
+                    if math.isinf(yv):
+                        inf_b += 1
+                    if (xn and yn) or xv == yv:
+                        d = 0.0
+                    else:
+                        d = math.inf
+                        over += 1
+                        mr = math.inf
+                if d > mx:
+                    mx = d
+                    mi = lo + j
+        outf[k, 0] = mx
+        outf[k, 1] = s
+        outf[k, 2] = mr
+        outf[k, 3] = dot
+        outf[k, 4] = na
+        outf[k, 5] = nb
+        outi[k, 0] = mi
+        outi[k, 1] = over
+        outi[k, 2] = nan_a
+        outi[k, 3] = nan_b
+        outi[k, 4] = inf_a
+        outi[k, 5] = inf_b
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _equal_u64(a, b, nblk):
+    n = a.size
+    step = (n + nblk - 1) // nblk
+    res = np.ones(nblk, np.uint8)
+    for k in prange(nblk):
+        for i in range(k * step, min(n, (k + 1) * step)):
+            if a[i] != b[i]:
+                res[k] = 0
+                break
+    return res.all()
+
+
+def bytes_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Equality of the bytes of two contiguous tensors, 8 bytes at a time on every core."""
+    if x.dtype != y.dtype or x.numel() != y.numel():
+        return False
+    if x.numel() == 0:
+        return True
+    u = x.reshape(-1).view(torch.uint8).numpy()
+    v = y.reshape(-1).view(torch.uint8).numpy()
+    n = u.size
+    k = n - n % 8
+    if k and (u.ctypes.data % 8 == 0) and (v.ctypes.data % 8 == 0):
+        if not _equal_u64(u[:k].view(np.uint64), v[:k].view(np.uint64), 2 * torch.get_num_threads()):
+            return False
+        return k == n or bool(np.array_equal(u[k:], v[k:]))
+    return bool(np.array_equal(u, v))
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _quant_metrics(w, mode_w, lut_w, codes, scale, R, C, sr, sc, cdiv, percol, nblk, outf, outi):
+    """Float rows ``w`` [R, C] (raw bytes) against ``codes`` [R, C] int8 times each element's scale:
+    ``scale[i * sr + (j // cdiv) * sc]``, or ``scale[i * sr + j]`` when ``percol``; dequantized
+    in float32 as the runtimes do. Errors are judged in units of that scale."""
+    step = (R + nblk - 1) // nblk
+    for k in prange(nblk):
+        x = np.empty(C, np.float64)
+        tmp = np.empty(C, np.uint32)
+        mx = -1.0
+        mi = -1
+        s = 0.0
+        mr = 0.0
+        dot = 0.0
+        na = 0.0
+        nb = 0.0
+        umax = 0.0
+        o15 = 0
+        o10 = 0
+        nan_w = 0
+        inf_w = 0
+        cmin = 127
+        cmax = -128
+        for i in range(k * step, min(R, (k + 1) * step)):
+            _decode(w, i * C, C, mode_w, lut_w, x, tmp)
+            base = i * sr
+            for j0 in range(0, C, cdiv):
+                se_blk = np.float32(scale[base + (j0 // cdiv) * sc])
+                for j in range(j0, min(C, j0 + cdiv)):
+                    q = codes[i * C + j]
+                    cmin = min(cmin, q)
+                    cmax = max(cmax, q)
+                    se = np.float32(scale[base + j]) if percol else se_blk
+                    deq = np.float64(np.float32(q) * se)
+                    nb += deq * deq
+                    xv = x[j]
+                    d = abs(xv - deq)
+                    if d <= _BIG:
+                        s += d
+                        dot += xv * deq
+                        na += xv * xv
+                        ax = abs(xv)
+                        if d > mr * ax:
+                            mr = d / ax if ax > 0.0 else math.inf
+                        sd = np.float64(se)
+                        if d > sd:
+                            o10 += 1
+                            if d > 1.5 * sd:
+                                o15 += 1
+                        if d > umax * sd:
+                            umax = d / max(sd, 1e-30)
+                    else:
+                        d = math.inf
+                        if xv != xv:
+                            nan_w += 1
+                        else:
+                            inf_w += 1
+                        o10 += 1
+                        o15 += 1
+                        umax = math.inf
+                    if d > mx:
+                        mx = d
+                        mi = i * C + j
+        outf[k, 0] = mx
+        outf[k, 1] = s
+        outf[k, 2] = mr
+        outf[k, 3] = dot
+        outf[k, 4] = na
+        outf[k, 5] = nb
+        outf[k, 6] = umax
+        outi[k, 0] = mi
+        outi[k, 1] = o15
+        outi[k, 2] = o10
+        outi[k, 3] = nan_w
+        outi[k, 4] = inf_w
+        outi[k, 5] = cmin
+        outi[k, 6] = cmax
+
+
+# ------------------------------------------------------------------ host side
+_LUTS: dict = {}
+_NO_LUT = np.zeros(1, np.float64)
+_INT16 = (torch.float16, torch.int16, torch.uint16)
+_INT8 = (torch.float8_e4m3fn, torch.float8_e5m2, torch.int8, torch.uint8, torch.bool)
+
+
+def _lut(dtype: torch.dtype) -> np.ndarray:
+    if dtype not in _LUTS:
+        if dtype in _INT16:
+            codes = torch.from_numpy(np.arange(65536, dtype=np.uint16).view(np.int16))
+            vals = codes if dtype == torch.int16 else codes.view(dtype)
+        else:
+            codes = torch.from_numpy(np.arange(256, dtype=np.uint8))
+            vals = (codes != 0) if dtype == torch.bool else codes.view(dtype)
+        lut = vals.to(torch.float64).numpy().copy()
+        _LUTS[dtype] = lut
+    return _LUTS[dtype]
+
+
+def plan(dtype: torch.dtype):
+    """(decode mode, lut) for element data of ``dtype``; None when the data must be converted to
+    float64 first (32- and 64-bit integers)."""
+    if dtype == torch.float32:
+        return F32, _NO_LUT
+    if dtype == torch.float64:
+        return F64, _NO_LUT
+    if dtype == torch.bfloat16:
+        return BF16, _NO_LUT
+    if dtype in _INT16:
+        return LUT16, _lut(dtype)
+    if dtype in _INT8:
+        return LUT8, _lut(dtype)
+    return None
+
+
+def as_kernel_input(t: torch.Tensor):
+    """(raw bytes as a uint8 numpy view, element count, decode mode, table) for a tensor."""
+    t = t.reshape(-1)
+    p = plan(t.dtype)
+    if p is None:
+        t, p = t.to(torch.float64), (F64, _NO_LUT)
+    t = t.contiguous()
+    return t.view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8), t.numel(), p[0], p[1]
+
+
+class _Sums:
+    """Float sums kept per chunk and added in offset order at the end, so a result does not
+    depend on the number of threads, on the order chunks were visited or on the rank that
+    computed it (each chunk's own sum is over fixed 2048-element blocks)."""
+
+    def __init__(self):
+        self._parts: list = []
+
+    def _fold(self, k: int) -> float:
+        return float(sum(p[k] for p in sorted(self._parts, key=lambda p: p[0])))
+
+
+class Stats(_Sums):
+    """Running metrics of one tensor pair, merged from chunk results."""
+
+    def __init__(self):
+        super().__init__()
+        self.max_abs, self.max_idx, self.max_rel = -1.0, None, 0.0
+        self.over = self.nan_a = self.nan_b = self.inf_a = self.inf_b = 0
+
+    sum_abs = property(lambda self: self._fold(1))
+    dot = property(lambda self: self._fold(2))
+    na = property(lambda self: self._fold(3))
+    nb = property(lambda self: self._fold(4))
+
+    def add(self, a, b, offset: int, atol: float, rtol: float) -> None:
+        """``a``, ``b``: kernel inputs (``as_kernel_input``) of the same length, at flat ``offset``."""
+        (xa, n, ma, la), (xb, nb_, mb, lb) = a, b
+        if n == 0:
+            return
+        if n != nb_:
+            raise ValueError(f"chunks of {n} and {nb_} elements")
+        nblk = (n + BLOCK - 1) // BLOCK  # one prange iteration per 2048 elements
+        f, i = np.empty((nblk, 6)), np.empty((nblk, 6), np.int64)
+        _metrics(xa, ma, la, xb, mb, lb, n, float(atol), float(rtol), nblk, f, i)
+        for k in range(nblk):
+            m, idx = float(f[k, 0]), int(i[k, 0])
+            if idx < 0:
+                continue
+            g = offset + idx
+            if m > self.max_abs or (m == self.max_abs and (self.max_idx is None or g < self.max_idx)):
+                self.max_abs, self.max_idx = m, g
+        s = f.sum(axis=0)
+        self._parts.append((offset, float(s[1]), float(s[3]), float(s[4]), float(s[5])))
+        self.max_rel = max(self.max_rel, float(f[:, 2].max()))
+        c = i.sum(axis=0)
+        self.over += int(c[1])
+        self.nan_a += int(c[2])
+        self.nan_b += int(c[3])
+        self.inf_a += int(c[4])
+        self.inf_b += int(c[5])
+
+    @property
+    def cosine(self):
+        if self.na > 0 and self.nb > 0:
+            return self.dot / math.sqrt(self.na * self.nb)
+        return None
+
+
+class QuantStats(_Sums):
+    """Running metrics of a float tensor against its quantized form."""
+
+    sum_abs = property(lambda self: self._fold(1))
+    dot = property(lambda self: self._fold(2))
+    na = property(lambda self: self._fold(3))
+    nb = property(lambda self: self._fold(4))
+
+    def __init__(self):
+        super().__init__()
+        self.max_abs, self.max_idx, self.max_rel = -1.0, None, 0.0
+        self.max_units = 0.0
+        self.over = {1.5: 0, 1.0: 0}
+        self.nan = self.inf = 0
+        self.cmin, self.cmax = 127, -128
+
+    def add(self, w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, sr: int, sc: int, cdiv: int,
+            offset: int, percol: bool = False) -> None:
+        """``w`` [R, C] float rows, ``codes`` [R, C] int8 in the same order, ``scale`` flat; element
+        (i, j) has the scale ``scale[i * sr + (j // cdiv) * sc]`` (``scale[i * sr + j]`` if ``percol``)."""
+        R, C = w.shape
+        if R * C == 0:
+            return
+        xw, _, mw, lw = as_kernel_input(w)
+        q = codes.contiguous().reshape(-1).numpy()
+        sc_ = scale.to(torch.float32).contiguous().reshape(-1).numpy()
+        nblk = R  # one prange iteration per row: sums independent of the thread count
+        f = np.empty((nblk, 7))
+        i = np.empty((nblk, 7), np.int64)
+        _quant_metrics(xw, mw, lw, q, sc_, R, C, sr, sc, max(1, min(cdiv, C)), bool(percol), nblk, f, i)
+        for k in range(nblk):
+            m, idx = float(f[k, 0]), int(i[k, 0])
+            if idx >= 0 and (m > self.max_abs or (m == self.max_abs and offset + idx < self.max_idx)):
+                self.max_abs, self.max_idx = m, offset + idx
+        t = f.sum(axis=0)
+        self._parts.append((offset, float(t[1]), float(t[3]), float(t[4]), float(t[5])))
+        self.max_rel = max(self.max_rel, float(f[:, 2].max()))
+        self.max_units = max(self.max_units, float(f[:, 6].max()))
+        self.over[1.5] += int(i[:, 1].sum())
+        self.over[1.0] += int(i[:, 2].sum())
+        self.nan += int(i[:, 3].sum())
+        self.inf += int(i[:, 4].sum())
+        self.cmin = min(self.cmin, int(i[:, 5].min()))
+        self.cmax = max(self.cmax, int(i[:, 6].max()))
+
+    @property
+    def cosine(self):
+        if self.na > 0 and self.nb > 0:
+            return self.dot / math.sqrt(self.na * self.nb)
+        return None

@@ -1,0 +1,255 @@
+"""The converters as library functions (``ckdiff convert`` parses its flags in ckdiff/commands/convert.py).
+
+read -> canonical view (ModelConfig + HF-layout lazy tensors) -> transform -> write.
+Each function writes its output atomically and returns a ``Written`` summary; none prints.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from ..errors import CkdiffError, InputError, UsageError
+from .config import ModelConfig, model_config
+from .formats import open_checkpoint, resolve_path
+from . import layouts
+from .table import Plan
+from .writers import atomic_dir, copy_if_exists, disk_errors, write_hf, write_meta_like
+
+LLAMA_MODELS = ("llama", "llama2", "codellama", "mistral")
+MEGATRON_MODELS = LLAMA_MODELS + ("falcon",)
+# the original's size table (L, H, n, n_kv), used only to check --size against the config
+SIZES = {
+    ("llama", 7): (32, 4096, 32, 32), ("llama", 13): (40, 5120, 40, 40), ("llama", 30): (60, 6656, 52, 52),
+    ("llama", 65): (80, 8192, 64, 64), ("llama2", 7): (32, 4096, 32, 32), ("llama2", 13): (40, 5120, 40, 40),
+    ("llama2", 70): (80, 8192, 64, 8), ("codellama", 7): (32, 4096, 32, 32), ("codellama", 13): (40, 5120, 40, 40),
+    ("codellama", 34): (48, 8192, 64, 8), ("mistral", 7): (32, 4096, 32, 8), ("falcon", 7): (32, 4544, 71, 1),
+    ("falcon", 40): (60, 8192, 128, 8),
+}
+# where the original took a tokenizer from when --vocab_file was not given (looked up in the local cache only)
+DEFAULT_TOKENIZERS = {"llama": "meta-llama/Llama-2-7b-hf", "llama2": "meta-llama/Llama-2-7b-hf",
+                      "codellama": "TheBloke/CodeLlama-13B-fp16", "mistral": "mistralai/Mistral-7B-v0.1"}
+DEFAULT_SOURCES = {"falcon": "tiiuae/falcon-{size}b", "mistral": "mistralai/Mistral-7B-v0.1",
+                   "llama": "decapoda-research/llama-{size}b-hf", "llama2": "meta-llama/Llama-2-{size}b-hf",
+                   "codellama": "codellama/CodeLlama-{size}b-hf"}
+
+
+@dataclass
+class Written:
+    """What a conversion wrote: the output directory, a one-line summary and notes for the user."""
+    path: str
+    summary: str
+    notes: list = field(default_factory=list)
+
+
+def default_source(model: str, size: Optional[int]) -> str:
+    """The hub id the original tool used when no --model-path was given."""
+    return DEFAULT_SOURCES[model].format(size=size or 7)
+
+
+class _NS:
+    """Attribute access to a conversion's settings (the bodies below read ``a.name``)."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def read_source(spec: str, cache_dir=None, trust_pickle=False, fmt=None):
+    """Checkpoint plus its canonical config."""
+    ck = open_checkpoint(spec, fmt, cache_dir, trust_pickle)
+    return ck, model_config(ck)
+
+
+def _pf(progress_factory, writer=None) -> dict:
+    """The writers' ``progress_factory(total_bytes) -> step(n)`` keyword, only when one is given (and, until
+    every writer takes it, only to a writer that does)."""
+    if progress_factory is None:
+        return {}
+    if writer is not None:
+        import inspect
+        if "progress_factory" not in inspect.signature(writer).parameters:
+            return {}
+    return {"progress_factory": progress_factory}
+
+
+def _run_guarded(fn):
+    """Op failures while writing (a tie that does not hold, a bad shape) -> one-line input errors."""
+    try:
+        return fn()
+    except CkdiffError:
+        raise
+    except (ValueError, RuntimeError) as e:
+        raise InputError("input", f"conversion failed: {str(e).splitlines()[0]}") from None
+
+
+# ---------------------------------------------------------------- hf-to-megatron
+def hf_to_megatron(model: str, out, *, model_path=None, size: Optional[int] = None, cache_dir=None, tp: int = 1,
+                   pp: int = 1, true_vocab_size: Optional[int] = None,
+                   make_vocab_size_divisible_by: Optional[int] = None, legacy_rotate_half: bool = False,
+                   overwrite: bool = False, trust_pickle: bool = False, progress_factory=None) -> Written:
+    """HF or Meta weights -> Megatron-LLM checkpoint at ``out`` (TP x PP rank files)."""
+    from .megatron import check_parallel, make_args, pad_vocab_tensors, padded_vocab, write_megatron
+    if model not in MEGATRON_MODELS:
+        raise UsageError(f"model {model!r}: expected one of {', '.join(MEGATRON_MODELS)}")
+    a = _NS(model=model, out=str(out), model_path=None if model_path is None else str(model_path), size=size,
+            cache_dir=cache_dir, tp=tp, pp=pp, true_vocab_size=true_vocab_size,
+            make_vocab_size_divisible_by=make_vocab_size_divisible_by, legacy_rotate_half=legacy_rotate_half,
+            overwrite=overwrite, trust_pickle=trust_pickle)
+    src = a.model_path
+    if src is None and a.cache_dir and a.model != "falcon" and list(Path(a.cache_dir).glob("consolidated.*.pth")):
+        src = a.cache_dir  # the original reads Meta weights from --cache-dir
+    if src is None:
+        src = default_source(a.model, a.size)
+    ck, cfg = read_source(src, a.cache_dir, a.trust_pickle)
+    if ck.format not in ("hf", "meta"):
+        raise InputError(ck.path, f"expected an HF or Meta checkpoint, found {ck.format}")
+    if (a.model == "falcon") != (cfg.family == "falcon"):
+        raise UsageError(f"model {a.model!r} does not match the checkpoint's architecture ({cfg.family})")
+    if ck.format == "meta" and a.model not in ("llama", "llama2", "codellama"):
+        raise UsageError(f"Meta weights are a source for llama, llama2 and codellama, not {a.model}")
+    if a.size is not None and (a.model, a.size) in SIZES:
+        want = SIZES[(a.model, a.size)]
+        have = (cfg.layers, cfg.hidden, cfg.heads, cfg.kv_heads)
+        if want != have:
+            raise UsageError(f"--size {a.size} expects (layers, hidden, heads, kv heads) {want}, "
+                             f"the checkpoint has {have}")
+    check_parallel(cfg, a.tp, a.pp)
+    if a.model == "mistral":
+        cfg.extra["model_type"] = "mistral"
+    if a.legacy_rotate_half:
+        cfg.extra["rotary"] = "rotate_half"
+    true_vocab = a.true_vocab_size or cfg.vocab
+    if true_vocab > cfg.vocab:
+        raise UsageError(f"--true-vocab-size {true_vocab} exceeds the {cfg.vocab} embedding rows")
+    rows = padded_vocab(true_vocab, a.tp, a.make_vocab_size_divisible_by)
+    if rows < cfg.vocab:
+        raise UsageError(f"padding to {rows} rows would drop {cfg.vocab - rows} trained rows")
+    if rows % a.tp:
+        raise UsageError(f"TP={a.tp} does not divide the padded vocab {rows}")
+    tensors = layouts.convert(ck.tensors, ck.format, "megatron", cfg, ck.path)
+    tensors = pad_vocab_tensors(tensors, rows)
+    args = make_args(cfg, a.model, a.tp, a.pp, rows, true_vocab, a.make_vocab_size_divisible_by or 128)
+    with disk_errors(a.out), atomic_dir(a.out, a.overwrite, [ck.path]) as tmp:
+        _run_guarded(lambda: write_megatron(tmp, tensors, cfg, a.tp, a.pp, args,
+                                            **_pf(progress_factory, write_megatron)))
+        copy_if_exists(Path(ck.path), ["tokenizer.model"], tmp)
+    return Written(a.out, f"wrote Megatron checkpoint {a.out} (TP={a.tp}, PP={a.pp}, vocab rows {rows}, "
+                          f"true vocab {true_vocab})")
+
+
+# ---------------------------------------------------------------- megatron-to-hf
+def megatron_to_hf(input_dir, output_dir, *, model: Optional[str] = None, num_output_shards: int = 1,
+                   cache_dir=None, vocab_file=None, vocab_extra_ids_list: str = "",
+                   override_special_tokens=(), true_vocab_size: Optional[int] = None,
+                   rotary_convention: Optional[str] = None, overwrite: bool = False,
+                   trust_pickle: bool = False, progress_factory=None) -> Written:
+    """Megatron-LLM checkpoint (any TP/PP) -> HF safetensors (+ tokenizer files when a tokenizer is found)."""
+    from .megatron import config_from_args, strip_vocab
+    a = _NS(input_dir=str(input_dir), output_dir=str(output_dir), model=model, num_output_shards=num_output_shards,
+            cache_dir=cache_dir, vocab_file=vocab_file, vocab_extra_ids_list=vocab_extra_ids_list,
+            override_special_tokens=list(override_special_tokens), true_vocab_size=true_vocab_size,
+            rotary_convention=rotary_convention, overwrite=overwrite, trust_pickle=trust_pickle)
+    notes = []
+    ck = open_checkpoint(a.input_dir, "megatron", None, a.trust_pickle)
+    cfg = config_from_args(ck.config, ck.tensors, ck.path)
+    if a.rotary_convention:
+        cfg.extra["rotary"] = a.rotary_convention
+    if a.model:
+        if (a.model == "falcon") != (cfg.family == "falcon"):
+            raise UsageError(f"--model {a.model} does not match the checkpoint ({cfg.family})")
+        if a.model == "mistral":
+            cfg.extra["model_type"] = "mistral"
+    true_vocab = a.true_vocab_size or ck.config.get("true_vocab_size") or cfg.vocab
+    tensors = strip_vocab(ck.tensors, true_vocab)
+    cfg.vocab = min(cfg.vocab, true_vocab)
+    hf = layouts.convert(tensors, "megatron", "hf", cfg, ck.path)
+    vocab_file = a.vocab_file
+    if vocab_file is None and (Path(a.input_dir) / "tokenizer.model").is_file():
+        vocab_file = str(Path(a.input_dir) / "tokenizer.model")
+    model = a.model or cfg.extra.get("model")
+    if vocab_file is None and a.cache_dir and model in DEFAULT_TOKENIZERS:
+        try:
+            cached = resolve_path(DEFAULT_TOKENIZERS[model], a.cache_dir) / "tokenizer.model"
+            vocab_file = str(cached) if cached.is_file() else None
+        except InputError:
+            vocab_file = None
+    if vocab_file is None and cfg.family != "falcon":
+        notes.append("no tokenizer exported: pass --vocab_file (or --cache_dir holding the default tokenizer)")
+    with disk_errors(a.output_dir), atomic_dir(a.output_dir, a.overwrite, [a.input_dir]) as tmp:
+        _run_guarded(lambda: write_hf(tmp, hf, cfg.to_hf(), a.num_output_shards,
+                                      **_pf(progress_factory, write_hf)))
+        if vocab_file:
+            from .tokenizer import export_tokenizer
+            export_tokenizer(vocab_file, tmp, cfg.vocab,
+                             [t for t in a.vocab_extra_ids_list.split(",") if t], a.override_special_tokens)
+    return Written(a.output_dir, f"wrote HF checkpoint {a.output_dir} (vocab {cfg.vocab}, "
+                                 f"{a.num_output_shards} shard(s))", notes)
+
+
+# ---------------------------------------------------------------- to-jetstream
+JS_MODELS = {"llama": "llama-2", "llama-2": "llama-2", "llama-3": "llama-3", "gemma": "gemma", "mixtral": "mixtral"}
+
+
+def to_jetstream(model_name: str, input_checkpoint_dir, output_checkpoint_dir, *, from_hf: bool = False,
+                 quantize_weights: bool = False, quantize_type: str = "int8_per_channel",
+                 output_safetensors: bool = True, overwrite: bool = False, trust_pickle: bool = False,
+                 progress_factory=None) -> Written:
+    """HF or Meta weights -> JetStream-pt checkpoint, optionally quantized."""
+    from .quant import quantize_tensors
+    if model_name not in JS_MODELS:
+        raise UsageError(f"--model_name {model_name!r}: expected one of {', '.join(sorted(JS_MODELS))}")
+    a = _NS(model_name=model_name, input_checkpoint_dir=str(input_checkpoint_dir),
+            output_checkpoint_dir=str(output_checkpoint_dir), from_hf=from_hf, quantize_weights=quantize_weights,
+            quantize_type=quantize_type, output_safetensors=output_safetensors, overwrite=overwrite,
+            trust_pickle=trust_pickle)
+    model = JS_MODELS[a.model_name]
+    ck, cfg = read_source(a.input_checkpoint_dir, None, a.trust_pickle)
+    family = {"llama-2": "llama", "llama-3": "llama"}.get(model, model)
+    if cfg.family != family:
+        raise UsageError(f"--model_name {a.model_name} expects a {family} checkpoint; the input is {cfg.family}")
+    if family != "llama" and ck.format != "hf":
+        raise UsageError(f"--model_name {a.model_name}: only HF sources are supported for {family}")
+    if a.from_hf and ck.format != "hf":
+        raise InputError(ck.path, f"--from_hf given but the input is a {ck.format} checkpoint")
+    if ck.format not in ("hf", "meta"):
+        raise InputError(ck.path, f"expected an HF or Meta checkpoint, found {ck.format}")
+    plan = Plan()
+    tensors = layouts.convert(ck.tensors, ck.format, "jetstream", cfg, ck.path, plan)
+    params = cfg.to_meta()
+    if a.quantize_weights:
+        tensors = quantize_tensors(tensors, a.quantize_type, cfg.family)
+        params["quantize_type"] = a.quantize_type
+    with disk_errors(a.output_checkpoint_dir), atomic_dir(a.output_checkpoint_dir, a.overwrite,
+                                                          [ck.path]) as tmp:
+        _run_guarded(lambda: write_meta_like(tmp, tensors, params, a.output_safetensors,
+                                             **_pf(progress_factory, write_meta_like)))
+    return Written(a.output_checkpoint_dir, f"wrote JetStream checkpoint {a.output_checkpoint_dir} ({len(tensors)} "
+                                            f"tensors{', ' + a.quantize_type if a.quantize_weights else ''})")
+
+
+def jetstream_to_hf(input_checkpoint_dir, output_checkpoint_dir, *, num_output_shards: int = 1,
+                    overwrite: bool = False, trust_pickle: bool = False, progress_factory=None) -> Written:
+    """JetStream-pt checkpoint -> HF (dequantized to float32 when quantized)."""
+    from .quant import dequantize_tensors, is_quantized
+    a = _NS(input_checkpoint_dir=str(input_checkpoint_dir), output_checkpoint_dir=str(output_checkpoint_dir),
+            num_output_shards=num_output_shards, overwrite=overwrite, trust_pickle=trust_pickle)
+    ck = open_checkpoint(a.input_checkpoint_dir, None, None, a.trust_pickle)
+    if ck.format not in ("jetstream", "meta"):
+        raise InputError(ck.path, f"expected a JetStream checkpoint, found {ck.format}")
+    tensors = ck.tensors
+    if is_quantized(tensors):
+        tensors = dequantize_tensors(tensors)
+    cfg = ModelConfig.from_meta(ck.config, tensors, str(Path(ck.path) / "params.json"))
+    if is_quantized(ck.tensors):
+        cfg.dtype = "float32"
+    hf = layouts.convert(tensors, "jetstream", "hf", cfg, ck.path)
+    with disk_errors(a.output_checkpoint_dir), atomic_dir(a.output_checkpoint_dir, a.overwrite,
+                                                          [ck.path]) as tmp:
+        _run_guarded(lambda: write_hf(tmp, hf, cfg.to_hf(), a.num_output_shards,
+                                      **_pf(progress_factory, write_hf)))
+    return Written(a.output_checkpoint_dir, f"wrote HF checkpoint {a.output_checkpoint_dir}"
+                   + (" (dequantized to float32)" if is_quantized(ck.tensors) else ""))
+
+
+CONVERTERS = {"hf-to-megatron": hf_to_megatron, "megatron-to-hf": megatron_to_hf,
+              "to-jetstream": to_jetstream, "jetstream-to-hf": jetstream_to_hf}

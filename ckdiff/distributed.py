@@ -1,0 +1,206 @@
+"""Sharding a comparison over torch.distributed ranks (torchrun, SLURM, or ``--workers N``).
+
+Rank 0 plans: the jobs (one per tensor, with its bytes) are assigned to ranks, largest first to the
+least loaded rank. Every rank reads only its own tensors' bytes and runs the same single-pass code
+as a single process; results are gathered to rank 0 in the original order, so the result is the
+one a single process computes. A failure on any rank becomes the same one-line error on every
+rank. Nothing here prints.
+
+Backends: ``gloo`` (CPU, what CI has) unless CUDA is present (``nccl``); ``CKDIFF_DIST_BACKEND``
+overrides. Collectives time out after ``CKDIFF_DIST_TIMEOUT`` seconds (default 1800), so a rank
+that disappears never makes the others wait forever; torchrun also stops the other workers when
+one dies, and ``--workers`` does the same for its local processes.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from .errors import CkdiffError
+
+ENV_KEYS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class DistError(CkdiffError):
+    """A failure on some rank, reported the same way on every rank."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
+def launched() -> bool:
+    """True in a process started by torchrun/SLURM-style launchers (or --workers) with several ranks."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+    except ValueError:
+        return False
+
+
+def assign(sizes: Sequence[int], world: int) -> list[int]:
+    """Rank of each job: largest first onto the least loaded rank (ties: lowest rank)."""
+    load = [0] * world
+    out = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        out[i] = r
+        load[r] += sizes[i]
+    return out
+
+
+@dataclass
+class Shard:
+    rank: int
+    world: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _dist(self):
+        import torch.distributed as dist
+        return dist
+
+    def map(self, jobs: list) -> Optional[list]:
+        """Run ``jobs`` [(name, bytes, fn)] spread over the ranks; results in job order on rank 0."""
+        dist = self._dist()
+        plan = [assign([nb for _, nb, _ in jobs], self.world) if self.is_main else None]
+        self._collective(dist.broadcast_object_list, plan, src=0)
+        if os.environ.get("CKDIFF_TEST_KILL_RANK") == str(self.rank):  # fault-injection hook for the tests
+            os.kill(os.getpid(), signal.SIGKILL)
+        mine, err = {}, None
+        for i, r in enumerate(plan[0]):
+            if r != self.rank:
+                continue
+            try:
+                mine[i] = jobs[i][2]()
+            except CkdiffError as e:
+                err = str(e)
+                break
+            except Exception as e:  # noqa: BLE001 - reported on every rank as one line
+                err = f"internal error on rank {self.rank} ({jobs[i][0]}): {type(e).__name__}: {e}"
+                break
+        gathered = [None] * self.world if self.is_main else None
+        self._collective(dist.gather_object, (mine, err), gathered, dst=0)
+        first = [next((e for _, e in gathered if e), None) if self.is_main else None]
+        self._collective(dist.broadcast_object_list, first, src=0)
+        if first[0]:
+            raise DistError(first[0])
+        if not self.is_main:
+            return None
+        merged: dict = {}
+        for part, _ in gathered:
+            merged.update(part)
+        return [merged[i] for i in range(len(jobs))]
+
+    def agree(self, value):
+        """Rank 0's ``value`` on every rank (e.g. the exit code)."""
+        box = [value if self.is_main else None]
+        self._collective(self._dist().broadcast_object_list, box, src=0)
+        return box[0]
+
+    def _collective(self, fn, *args, **kw):
+        try:
+            fn(*args, **kw)
+        except DistError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a rank vanished or timed out
+            raise DistError(f"rank {self.rank}: another rank stopped answering ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else 'no detail'})") from None
+
+
+def init_from_env() -> Shard:
+    """Join the process group described by the launcher's environment."""
+    import torch
+    import torch.distributed as dist
+    try:
+        timeout = float(os.environ.get("CKDIFF_DIST_TIMEOUT", "1800"))
+    except ValueError:
+        raise DistError(f"CKDIFF_DIST_TIMEOUT={os.environ.get('CKDIFF_DIST_TIMEOUT')!r}: expected seconds") from None
+    backend = os.environ.get("CKDIFF_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
+    if not dist.is_initialized():
+        try:
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+        except Exception as e:  # noqa: BLE001
+            raise DistError(f"cannot join the process group ({backend}): {type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else ''}") from None
+    return Shard(dist.get_rank(), dist.get_world_size())
+
+
+def shutdown() -> None:
+    import torch.distributed as dist
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalWorkers:
+    """``--workers N`` on one machine: this process is rank 0, N-1 local processes run the same
+    command as ranks 1..N-1 (same machinery as torchrun, on 127.0.0.1). If a worker dies, this
+    process stops the others and ends with a one-line error instead of waiting."""
+
+    def __init__(self, n: int, argv: Sequence[str], on_failure):
+        self.n, self.args, self.on_failure = n, list(argv), on_failure
+        self.procs: list = []
+
+    def __enter__(self) -> Shard:
+        port = _free_port()
+        base = {**os.environ, "WORLD_SIZE": str(self.n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        for r in range(1, self.n):
+            env = {**base, "RANK": str(r), "LOCAL_RANK": str(r)}
+            self.procs.append(subprocess.Popen([sys.executable, "-m", "ckdiff", *self.args], env=env,
+                                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                               stderr=subprocess.DEVNULL))
+        os.environ.update({k: base[k] for k in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")})
+        os.environ.update(RANK="0", LOCAL_RANK="0")
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch, daemon=True).start()
+        return init_from_env()
+
+    def _watch(self):
+        while not self._stop.wait(0.2):
+            for r, p in enumerate(self.procs, 1):
+                code = p.poll()
+                if code not in (None, 0, 1, 2):
+                    self._kill()
+                    how = f"signal {-code}" if code < 0 else f"exit {code}"
+                    self.on_failure(f"worker rank {r} died ({how}); stopped the others")
+                    os._exit(2)
+
+    def _kill(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+
+    def __exit__(self, exc_type, *exc):
+        self._stop.set()
+        if exc_type is not None:  # rank 0 failed: the workers would wait for it until the timeout
+            self._kill()
+        shutdown()
+        for p in self.procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for k in ENV_KEYS + ("LOCAL_RANK",):
+            os.environ.pop(k, None)
+        return False

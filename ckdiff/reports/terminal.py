@@ -1,0 +1,180 @@
+"""Terminal renderers (rich). Each takes a result object and the console the command chose.
+
+The compare table fits the console width: tensor names are never wrapped or cut, columns are dropped
+from the right (least important first) when they do not fit, and each diagnosis goes on its own
+indented line under its row.
+"""
+from __future__ import annotations
+
+import textwrap
+
+from rich.markup import escape
+from rich.text import Text
+
+from ..text import printable
+from .render import collapse_layers, fmt
+
+GAP = 2
+STATUS_STYLE = {"only-a": "bold red", "only-b": "bold red", "shape": "bold red", "differ": "bold red",
+                "dtype": "red", "cast": "yellow", "quant": "green", "close": "green", "equal": "green"}
+
+
+def _shape(t) -> str:
+    if t.shape_a == t.shape_b:
+        return str(t.shape_a or "-")
+    return f"{t.shape_a or '-'} / {t.shape_b or '-'}"
+
+
+def _dtype(t) -> str:
+    if t.dtype_a == t.dtype_b or None in (t.dtype_a, t.dtype_b):
+        return t.dtype_a or t.dtype_b or "-"
+    return f"{t.dtype_a} / {t.dtype_b}"
+
+
+def _where(t) -> str:
+    if t.max_abs_index is None:
+        return "-"
+    nan = f" nan {t.nan_a}/{t.nan_b}" if t.nan_a or t.nan_b else ""
+    return f"{fmt(t.max_abs)} @ {t.max_abs_index}{nan}"
+
+
+# optional columns, most important first: (header, cell)
+OPTIONAL = [
+    ("max abs @ index", _where),
+    ("shape A / B", _shape),
+    ("dtype A / B", _dtype),
+    ("over tol", lambda t: str(t.n_over_tol) if t.status == "differ" else "-"),
+    ("mean abs", lambda t: fmt(t.mean_abs) if t.status == "differ" else "-"),
+    ("cosine", lambda t: fmt(t.cosine, 6) if t.cosine is not None and t.status == "differ" else "-"),
+]
+
+
+def mismatch_table(rows, width: int) -> list[Text]:
+    """Lines for the mismatching tensors ``rows`` at console ``width``."""
+    cols = [("status", lambda t: t.status), ("tensor", lambda t: printable(t.name))]
+    cells = {h: [f(t) for t in rows] for h, f in cols + OPTIONAL}
+    widths = {h: max([len(h)] + [len(c) for c in cells[h]]) for h in cells}
+    used = widths["status"] + GAP + widths["tensor"]
+    shown = ["status", "tensor"]
+    for h, _ in OPTIONAL:
+        if used + GAP + widths[h] <= width:
+            shown.append(h)
+            used += GAP + widths[h]
+    out = []
+    head = Text()
+    for i, h in enumerate(shown):
+        head.append(h.ljust(widths[h]) if i < len(shown) - 1 else h, style="bold")
+        if i < len(shown) - 1:
+            head.append(" " * GAP)
+    out.append(head)
+    indent = widths["status"] + GAP
+    # when even the max-abs column finds no room beside the names, the main facts go on a line under each row
+    spill = [] if OPTIONAL[0][0] in shown else OPTIONAL[:3]
+    for j, t in enumerate(rows):
+        line = Text()
+        for i, h in enumerate(shown):
+            c = cells[h][j]
+            last = i == len(shown) - 1
+            line.append(c if last else c.ljust(widths[h]), style=STATUS_STYLE.get(c) if h == "status" else None)
+            if not last:
+                line.append(" " * GAP)
+        out.append(line)
+        if spill:
+            facts = "  ".join(f"{h.replace(' A / B', '')} {f(t)}" if h != "max abs @ index" else f"max abs {f(t)}"
+                              for h, f in spill if f(t) != "-")
+            for part in textwrap.wrap(facts, max(20, width - indent)):
+                out.append(Text(" " * indent + part))
+        for d in t.diagnosis:
+            for k, part in enumerate(textwrap.wrap(printable(d), max(20, width - indent - 3))):
+                out.append(Text(" " * indent + ("-> " if k == 0 else "   ") + part, style="cyan"))
+    return out
+
+
+def named_casts(res, most: int = 6) -> str:
+    """The cast tensors, named, with repeated layers collapsed: ``layers.{0..31}.x (float32 -> bfloat16)``."""
+    rows = [(t.name, [], f"{t.dtype_a} -> {t.dtype_b}") for t in res.tensors if t.status == "cast"]
+    groups = collapse_layers(rows)
+    parts = [f"{n} ({d})" for n, _, d, _ in groups[:most]]
+    if len(groups) > most:
+        parts.append(f"... {len(groups) - most} more (see --json)")
+    return ", ".join(parts)
+
+
+def print_compare(res, console, limit: int = 40) -> None:
+    counts = res.counts()
+    ok = res.equivalent
+    summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+    style = "bold green" if ok else "bold red"
+    console.print(f"[{style}]{'EQUIVALENT' if ok else 'DIFFER'}[/{style}]: {len(res.tensors)} tensors ({summary})")
+    console.print(f"A: {escape(printable(res.a))} \\[{res.format_a}]\nB: {escape(printable(res.b))} \\[{res.format_b}]")
+    bad = [t for t in res.worst_first() if not t.ok]
+    if bad:
+        console.print(Text("mismatching tensors, worst first", style="italic"))
+        for line in mismatch_table(bad[:limit], console.width):
+            console.print(line, no_wrap=True, crop=False, overflow="ignore")
+        if len(bad) > limit:
+            console.print(f"... {len(bad) - limit} more mismatches (use --limit or --json for all)")
+    rest = {k: v for k, v in counts.items() if k in ("equal", "close", "cast", "quant", "reordered")}
+    if rest:
+        console.print("matching: " + ", ".join(f"{v} {k}" for k, v in rest.items()))
+    if counts.get("cast"):
+        console.print(escape("cast: " + named_casts(res)))
+    for k, va, vb in res.config_diff:
+        console.print(escape(printable(f"config {k}: A={va!r} B={vb!r}")))
+    for n in res.notes:
+        console.print(escape(printable(f"note: {n}")))
+
+
+def print_logits(res, console) -> None:
+    style = "bold green" if res.equivalent else "bold red"
+    what = "max per-token KL" if res.gate_kl is None else "max per-token KL from the reference quantization"
+    val = res.max_kl if res.gate_kl is None else res.gate_kl
+    console.print(f"[{style}]{'EQUIVALENT' if res.equivalent else 'DIFFER'}[/{style}]: {what} "
+                  f"{fmt(val)} (threshold {fmt(res.threshold)}, {escape(res.threshold_reason)})")
+    console.print(escape(f"A: {res.a} [{res.format_a}]\nB: {res.b} [{res.format_b}]"))
+    console.print(f"tokens: {res.batch} x {res.length} (seed {res.seed}), compute {res.dtype}, vocab {res.vocab_compared}")
+    console.print(escape(f"KL max {fmt(res.max_kl)} at [seq, pos] {res.max_kl_at}, mean {fmt(res.mean_kl)}"))
+    console.print(f"top-1 agreement {res.top1_agreement:.4f}; mutual top-{res.topk} {res.topk_agreement:.4f}"
+                  + (escape(f" (first failure at {res.first_topk_failure})") if res.first_topk_failure else ""))
+    console.print(escape(f"max |logit diff| {fmt(res.max_abs)} at [seq, pos, token] {res.max_abs_at}; "
+                         f"NMSE {fmt(res.nmse)}"))
+    if res.layer_rel_errors:
+        div = "none" if res.first_divergent_layer is None else str(res.first_divergent_layer)
+        console.print(f"first divergent layer: {div} (relative hidden-state error per layer: "
+                      + ", ".join(fmt(x, 2) for x in res.layer_rel_errors) + ")")
+    for n in res.notes:
+        console.print(escape(printable(f"note: {n}")))
+
+
+def print_suite(res, console) -> None:
+    from rich.table import Table
+    ok = res.equivalent
+    n_ok = sum(c.ok for c in res.checks)
+    console.print(f"[{'bold green' if ok else 'bold red'}]{'PASS' if ok else 'FAIL'}[/]: "
+                  f"{n_ok}/{len(res.checks)} checks passed")
+    t = Table()
+    for col in ("converter", "model", "options", "check", "ok"):
+        t.add_column(col, no_wrap=col != "model", overflow="fold")
+    t.add_column("detail", overflow="fold", ratio=1)
+    for c in res.checks:
+        t.add_row(c.converter, c.model, c.variant or "-", c.check, "yes" if c.ok else "NO", escape(c.detail))
+    console.print(t)
+
+
+def inspect_lines(rows, width: int) -> list[Text]:
+    """Lines for ``inspect``: (name, shape, dtype, count) rows; names never cut, the count column left out
+    when it does not fit, shape and dtype under the name when even they do not."""
+    cells = [(printable(n), str(sh), d, str(c)) for n, sh, d, c in rows]
+    heads = ("tensor", "shape", "dtype", "count")
+    w = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(heads)]
+    cols = 4 if sum(w) + 3 * GAP <= width else (3 if sum(w[:3]) + 2 * GAP <= width else 1)
+
+    def join(parts, widths):
+        return (" " * GAP).join(p.ljust(x) for p, x in zip(parts[:-1], widths)) + \
+            (" " * GAP if len(parts) > 1 else "") + parts[-1]
+    out = [Text(join(list(heads[:cols]), w), style="bold")]
+    for r in cells:
+        out.append(Text(join(list(r[:cols]), w)))
+        if cols == 1:
+            out.append(Text("    " + "  ".join(r[1:3]) + ("" if r[3] == "1" else f"  x{r[3]}")))
+    return out
