@@ -25,13 +25,3 @@ def printable(s) -> str:
     s = str(s)
     return _UNSAFE.sub(_escape, s) if _UNSAFE.search(s) else s
 
-
-def plain_table(headers, rows):
-    """Lines of a left-aligned text table, for tables too long for a rich one (linear in the rows).
-
-    Cells are shown as given: escape names with ``printable`` first."""
-    cells = rows
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    yield "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()
-    for r in cells:
-        yield "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()

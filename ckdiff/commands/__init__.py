@@ -51,6 +51,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("ckdiff: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # whoever read the output went away (``| head``): stop quietly, as a pipe would
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141
     except Exception as e:  # never a traceback for the user; --debug shows it
         if debug:
             traceback.print_exc()
