@@ -1,4 +1,5 @@
 """Errors that the CLI turns into a one-line message and exit code 2."""
+from .text import printable
 
 
 class CkdiffError(Exception):
@@ -11,8 +12,13 @@ class InputError(CkdiffError):
     def __init__(self, path, problem):
         self.path = str(path)
         self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
+        super().__init__(f"{printable(self.path)}: {printable(problem)}")
 
 
 class UsageError(CkdiffError):
     """The command line or an option value is wrong."""
+
+
+def error_line(e: BaseException) -> str:
+    """The one line shown for an error: control characters escaped, so it stays one line."""
+    return printable(str(e))

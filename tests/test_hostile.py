@@ -1,5 +1,6 @@
 """Broken and hostile inputs: exit 2, one line naming the file and the problem, nothing executed or written."""
 import errno
+import math
 import json
 import os
 import pickle
@@ -88,7 +89,7 @@ def invalid_json(tmp_path):
     raw = p.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     p.write_bytes(raw[:8] + b"{" * n + raw[8 + n:])
-    return p, ["invalid safetensors header JSON"]
+    return p, ["invalid safetensors header", "invalid JSON"]
 
 
 @case
@@ -222,14 +223,14 @@ def test_converters_write_nothing_on_bad_input(tmp_path, run_cli):
 
 def test_unreadable_file(tmp_path, run_cli, monkeypatch):
     p = _st(tmp_path)
-    real_open = open
+    real_open = os.open
 
-    def deny(path, *a, **k):
+    def deny(path, *a, **k):  # as root, chmod would not stop the read
         if str(path) == str(p):
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return real_open(path, *a, **k)
-    monkeypatch.setattr("builtins.open", deny)
-    _expect_2(run_cli, "inspect", p, words=["m.safetensors", "cannot read", "Permission denied"])
+    monkeypatch.setattr("os.open", deny)
+    _expect_2(run_cli, "inspect", p, words=["m.safetensors", "cannot read", "permission denied"])
 
 
 def test_trust_pickle_is_an_explicit_opt_in(tmp_path):
@@ -426,3 +427,751 @@ def test_report_never_overwrites_an_input(tmp_path, run_cli):
     before = a.read_bytes()
     _expect_2(run_cli, a, b, "--json", a, words=["--json", "file of an input checkpoint"])
     assert a.read_bytes() == before
+
+
+# ============================================================== round two: the hostile-input suite
+# Each builder makes one hostile input under ``d`` and returns (ckdiff argv, words the error line must hold).
+# test_hostile_suite runs them all (and the CASES above) and counts how many end cleanly.
+
+HOSTILE = {}
+
+
+def hostile(f):
+    HOSTILE[f.__name__] = f
+    return f
+
+
+def _hf_fifo(d, name):
+    src = emit(d / "hf", "llama-gqa", "hf")
+    (src / name).unlink()
+    os.mkfifo(src / name)
+    return src
+
+
+def _header_file(d, header, data=b"", name="h.safetensors", raw=None):
+    raw = json.dumps(header).encode() if raw is None else raw
+    p = d / name
+    p.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return p
+
+
+def _entry(shape=(2, 2), offsets=(0, 16), dtype="F32", **extra):
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets), **extra}
+
+
+# -- 2. hangs: every opened file is a regular file first
+@hostile
+def fifo_reached_by_glob(d):
+    return ["inspect", _hf_fifo(d, "model.safetensors")], ["model.safetensors", "FIFO"]
+
+
+@hostile
+def fifo_as_megatron_tracker(d):
+    meg = emit(d / "meg", "llama-gqa", "megatron")
+    (meg / "latest_checkpointed_iteration.txt").unlink()
+    os.mkfifo(meg / "latest_checkpointed_iteration.txt")
+    return ["inspect", meg], ["latest_checkpointed_iteration.txt", "FIFO"]
+
+
+@hostile
+def fifo_as_meta_shard(d):
+    meta = emit(d / "meta", "llama-gqa", "meta", shards=2)
+    (meta / "consolidated.01.pth").unlink()
+    os.mkfifo(meta / "consolidated.01.pth")
+    return ["inspect", meta], ["consolidated.01.pth", "FIFO"]
+
+
+@hostile
+def fifo_as_index(d):
+    src = emit(d / "hf", "llama-gqa", "hf", shards=2)
+    (src / "model.safetensors.index.json").unlink()
+    os.mkfifo(src / "model.safetensors.index.json")
+    return ["inspect", src], ["model.safetensors.index.json", "FIFO"]
+
+
+@hostile
+def fifo_as_config(d):
+    return ["inspect", _hf_fifo(d, "config.json")], ["config.json", "FIFO"]
+
+
+@hostile
+def fifo_as_argument(d):
+    os.mkfifo(d / "w.safetensors")
+    return ["inspect", d / "w.safetensors"], ["w.safetensors", "FIFO"]
+
+
+@hostile
+def device_behind_symlink(d):
+    src = emit(d / "hf", "llama-gqa", "hf")
+    (src / "model.safetensors").unlink()
+    (src / "model.safetensors").symlink_to("/dev/zero")
+    return ["inspect", src], ["model.safetensors", "character device"]
+
+
+@hostile
+def symlink_loop_argument(d):
+    (d / "a.safetensors").symlink_to(d / "b.safetensors")
+    (d / "b.safetensors").symlink_to(d / "a.safetensors")
+    return ["inspect", d / "a.safetensors"], ["a.safetensors", "symbolic link loop"]
+
+
+@hostile
+def symlink_loop_in_glob(d):
+    src = emit(d / "hf", "llama-gqa", "hf")
+    (src / "extra.safetensors").symlink_to(src / "extra.safetensors")
+    return ["inspect", src], ["extra.safetensors", "symbolic link loop"]
+
+
+@hostile
+def tracker_is_a_symlink_loop(d):
+    meg = emit(d / "meg", "llama-gqa", "megatron")
+    (meg / "latest_checkpointed_iteration.txt").unlink()
+    (meg / "latest_checkpointed_iteration.txt").symlink_to(meg / "latest_checkpointed_iteration.txt")
+    return ["inspect", meg], ["latest_checkpointed_iteration.txt", "symbolic link loop"]
+
+
+@hostile
+def dangling_symlink(d):
+    (d / "w.safetensors").symlink_to(d / "gone.safetensors")
+    return ["inspect", d / "w.safetensors"], ["w.safetensors", "missing"]
+
+
+# -- 3. memory bombs in allowlisted pickles
+def _expanded(n_rows=1 << 24):
+    return torch.randn(256).expand(n_rows, 256)  # 1 KB of storage claiming 16 GiB
+
+
+@hostile
+def stride0_expand_pickle(d):
+    torch.save({"w": _expanded(), "b": torch.randn(3)}, d / "bomb.pt")
+    return ["inspect", d / "bomb.pt"], ["bomb.pt", "'w'", "reuses its storage"]
+
+
+@hostile
+def overlapping_strides_pickle(d):
+    base = torch.randn(64)
+    torch.save({"w": base.as_strided((33, 32), (1, 1))}, d / "bomb.pt")
+    return ["inspect", d / "bomb.pt"], ["bomb.pt", "'w'", "reuses its storage"]
+
+
+@hostile
+def stride0_in_megatron_rank(d):
+    meg = emit(d / "meg", "llama-gqa", "megatron")
+    f = meg / "release/mp_rank_00/model_optim_rng.pt"
+    obj = torch.load(f, weights_only=False)
+    tr = obj["model"]["language_model"]["transformer"]
+    w = tr["layers.0.input_layernorm.weight"]
+    tr["layers.0.input_layernorm.weight"] = torch.randn(1, dtype=w.dtype).expand(*w.shape)
+    torch.save(obj, f)
+    return ["inspect", meg], ["model_optim_rng.pt", "input_layernorm.weight", "reuses its storage"]
+
+
+@hostile
+def stride0_in_meta_shard(d):
+    meta = emit(d / "meta", "llama-gqa", "meta")
+    f = meta / "consolidated.00.pth"
+    sd = torch.load(f)
+    w = sd["norm.weight"]
+    sd["norm.weight"] = torch.randn(1, dtype=w.dtype).expand(*w.shape)
+    torch.save(sd, f)
+    return ["inspect", meta], ["consolidated.00.pth", "norm.weight", "reuses its storage"]
+
+
+# -- 4. shards that disagree in dtype
+@hostile
+def meta_shard_in_float64(d):
+    meta = emit(d / "meta", "llama-gqa", "meta", dtype="bfloat16", shards=2)
+    f = meta / "consolidated.01.pth"
+    torch.save({k: v.double() for k, v in torch.load(f).items()}, f)
+    return ["inspect", meta], ["consolidated.01.pth", "disagree in dtype", "float64", "bfloat16"]
+
+
+@hostile
+def megatron_tp_rank_in_float64(d):
+    meg = emit(d / "meg", "llama-gqa", "megatron", tp=2)
+    f = meg / "release/mp_rank_01/model_optim_rng.pt"
+    obj = torch.load(f, weights_only=False)
+    tr = obj["model"]["language_model"]["transformer"]
+    tr["layers.0.attention.dense.weight"] = tr["layers.0.attention.dense.weight"].double()
+    torch.save(obj, f)
+    return ["inspect", meg], ["mp_rank_01", "disagree in dtype", "float64"]
+
+
+# -- 5. what used to be internal errors
+DEEP = 100_000
+
+
+@hostile
+def deeply_nested_header(d):
+    return ["inspect", _header_file(d, None, raw=b"[" * DEEP)], ["h.safetensors", "invalid safetensors header"]
+
+
+@hostile
+def deeply_nested_metadata(d):
+    raw = b'{"__metadata__":' + b'{"a":' * DEEP + b'"x"' + b"}" * DEEP + b"}"
+    return ["inspect", _header_file(d, None, raw=raw)], ["h.safetensors", "invalid safetensors header"]
+
+
+@hostile
+def deeply_nested_index(d):
+    src = emit(d / "hf", "llama-gqa", "hf", shards=2)
+    (src / "model.safetensors.index.json").write_text('{"weight_map":' + "[" * DEEP)
+    return ["inspect", src], ["model.safetensors.index.json", "invalid JSON"]
+
+
+@hostile
+def deeply_nested_config(d):
+    src = emit(d / "hf", "llama-gqa", "hf")
+    (src / "config.json").write_text('{"a":' * DEEP + "1" + "}" * DEEP)
+    return ["inspect", src], ["config.json", "nested too deeply"]
+
+
+@hostile
+def deeply_nested_params(d):
+    meta = emit(d / "meta", "llama-gqa", "meta")
+    (meta / "params.json").write_text("[" * DEEP + "]" * DEEP)
+    return ["inspect", meta], ["params.json", "JSON"]
+
+
+@hostile
+def dtype_is_a_list(d):
+    return ["inspect", _header_file(d, {"a": _entry(dtype=["F32"])}, b"\0" * 16)], ["h.safetensors", "'a'", "dtype"]
+
+
+@hostile
+def shape_overflows(d):
+    hdr = {"a": _entry((1 << 40, 1 << 40, 0), (0, 0)), "b": _entry((4,), (0, 16))}
+    return ["inspect", _header_file(d, hdr, b"\0" * 16)], ["h.safetensors", "'a'", "overflows"]
+
+
+@hostile
+def dimension_beyond_torch(d):
+    hdr = {"a": _entry((1 << 63, 0), (0, 0)), "b": _entry((4,), (0, 16))}
+    return ["inspect", _header_file(d, hdr, b"\0" * 16)], ["h.safetensors", "'a'", "exceeds"]
+
+
+@hostile
+def empty_tensor_beyond_torch(d):
+    hdr = {"a": _entry((0, 1 << 62, 1 << 62), (0, 0)), "b": _entry((4,), (0, 16))}
+    return ["inspect", _header_file(d, hdr, b"\0" * 16)], ["h.safetensors", "'a'", "exceeds what torch can index"]
+
+
+@hostile
+def tracker_of_thousands_of_digits(d):
+    meg = emit(d / "meg", "llama-gqa", "megatron")
+    (meg / "latest_checkpointed_iteration.txt").write_text("9" * 5000)
+    return ["inspect", meg], ["latest_checkpointed_iteration.txt", "longer than"]
+
+
+@hostile
+def tracker_of_twenty_digits(d):
+    meg = emit(d / "meg", "llama-gqa", "megatron")
+    (meg / "latest_checkpointed_iteration.txt").write_text("9" * 20)
+    return ["inspect", meg], ["latest_checkpointed_iteration.txt", "iteration number"]
+
+
+@hostile
+def file_name_too_long(d):
+    return ["inspect", d / ("w" * 300 + ".safetensors")], ["www", "file name too long"]
+
+
+@hostile
+def index_names_a_too_long_shard(d):
+    src = emit(d / "hf", "llama-gqa", "hf", shards=2)
+    idx = json.loads((src / "model.safetensors.index.json").read_text())
+    idx["weight_map"] = {k: "x" * 400 + ".safetensors" for k in idx["weight_map"]}
+    (src / "model.safetensors.index.json").write_text(json.dumps(idx))
+    return ["inspect", src], ["model.safetensors.index.json", "missing"]
+
+
+# -- 6. the header schema is the format's (see also test_header_schema_matches_the_reference_reader)
+SCHEMA_BREAKS = {
+    "shape_string": {"a": _entry(shape="22")},
+    "shape_float": {"a": _entry(shape=(2.0, 2))},
+    "shape_bool": {"a": _entry(shape=(True, 2))},
+    "shape_negative": {"a": _entry(shape=(-2, -2))},
+    "offsets_float": {"a": _entry(offsets=(0.0, 16))},
+    "offsets_three": {"a": _entry(offsets=(0, 16, 16))},
+    "offsets_bool": {"a": _entry(offsets=(False, 16))},
+    "metadata_list": {"__metadata__": ["x"], "a": _entry()},
+    "metadata_int_value": {"__metadata__": {"k": 1}, "a": _entry()},
+    "metadata_nested": {"__metadata__": {"k": {"x": "y"}}, "a": _entry()},
+    "entry_missing_offsets": {"a": {"dtype": "F32", "shape": [2, 2]}},
+    "entry_is_a_number": {"a": 7},
+    "dtype_lowercase": {"a": _entry(dtype="f32")},
+    "gap_in_data": {"a": _entry((2,), (8, 16))},
+    "uncovered_tail": {"a": _entry((2,), (0, 8))},
+}
+
+
+def _schema_case(name, header):
+    def build(d):
+        return ["inspect", _header_file(d, header, b"\0" * 16)], ["h.safetensors"]
+    build.__name__ = f"schema_{name}"
+    return build
+
+
+for _n, _h in SCHEMA_BREAKS.items():
+    hostile(_schema_case(_n, _h))
+
+RAW_BREAKS = {
+    "repeated_field": b'{"a":{"dtype":"F32","dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}',
+    "nan_in_extra_key": b'{"a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16],"x":NaN}}',
+    "lone_surrogate_name": b'{"\\ud800":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}',
+    "byte_order_mark": b'\xef\xbb\xbf{"a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}',
+    "trailing_nul": b'{"a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}\0',
+    "repeated_metadata": b'{"__metadata__":{},"__metadata__":{},"a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}',
+}
+
+
+def _raw_case(name, raw):
+    def build(d):
+        return ["inspect", _header_file(d, None, b"\0" * 16, raw=raw)], ["h.safetensors", "invalid safetensors header"]
+    build.__name__ = f"raw_{name}"
+    return build
+
+
+for _n, _r in RAW_BREAKS.items():
+    hostile(_raw_case(_n, _r))
+
+
+# -- 7. control characters in names and paths
+@hostile
+def newline_and_escape_in_file_name(d):
+    p = _st(d, "evil\n\x1b[2J\x1b]0;pwned\x07.safetensors")
+    p.write_bytes(p.read_bytes()[:-20])
+    return ["inspect", p], ["evil\\n\\x1b[2J", "truncated"]
+
+
+@hostile
+def escape_sequence_in_tensor_name(d):
+    hdr = {"a\x1b[31m\r": _entry(dtype="Q7"), "b": _entry((2,), (16, 24))}
+    return ["inspect", _header_file(d, hdr, b"\0" * 24)], ["h.safetensors", "a\\x1b[31m\\r", "unknown dtype"]
+
+
+@hostile
+def non_utf8_file_name(d):
+    p = d / os.fsdecode(b"bad\xff.safetensors")
+    p.write_bytes(b"1234")
+    return ["inspect", p], ["bad\\udcff.safetensors", "shorter than"]
+
+
+# -- 10. errors never print file contents
+SECRET = "s3cr3t-TOKEN-" + "q" * 30
+
+
+@hostile
+def tracker_links_to_a_secret(d):
+    meg = emit(d / "meg", "llama-gqa", "megatron")
+    (d / "secret.txt").write_text(SECRET + "\n")
+    (meg / "latest_checkpointed_iteration.txt").unlink()
+    (meg / "latest_checkpointed_iteration.txt").symlink_to(d / "secret.txt")
+    return ["inspect", meg], ["latest_checkpointed_iteration.txt", "iteration number"]
+
+
+@hostile
+def config_links_to_a_secret(d):
+    src = emit(d / "hf", "llama-gqa", "hf")
+    (d / "secret.txt").write_text(SECRET + "\n")
+    (src / "config.json").unlink()
+    (src / "config.json").symlink_to(d / "secret.txt")
+    return ["inspect", src], ["config.json", "invalid JSON"]
+
+
+@hostile
+def pickle_that_is_a_secret(d):
+    (d / "secret.pt").write_text(SECRET)
+    return ["inspect", d / "secret.pt"], ["secret.pt", "not a torch zip or pickle"]
+
+
+# -- outputs: a symlinked output directory is refused, its target untouched
+@hostile
+def output_is_a_symlink(d):
+    src = emit(d / "hf", "llama-gqa", "hf")
+    (d / "elsewhere").mkdir()
+    (d / "elsewhere" / "keep.txt").write_text("keep")
+    (d / "out").symlink_to(d / "elsewhere")
+    return (["convert", "to-jetstream", "--model_name", "llama-2", "--input_checkpoint_dir", src,
+             "--output_checkpoint_dir", d / "out", "--overwrite"], ["out", "symbolic link"])
+
+
+def _snapshot(root):
+    """Every entry under root: regular files by sha256, links by target, others by type (never opened)."""
+    import hashlib
+    import stat as st_
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for n in dirs + files:
+            p = os.path.join(dirpath, n)
+            m = os.lstat(p).st_mode
+            if st_.S_ISLNK(m):
+                out[p] = ("link", os.readlink(p))
+            elif st_.S_ISREG(m):
+                with open(p, "rb") as f:
+                    out[p] = ("file", hashlib.sha256(f.read()).hexdigest())
+            else:
+                out[p] = ("dir" if st_.S_ISDIR(m) else "special", None)
+    return out
+
+
+class _Hang(Exception):
+    pass
+
+
+def _run_hostile(run_cli, d, argv, words):
+    """None if the input ended cleanly, else why not."""
+    before = _snapshot(d)
+
+    def alarm(*_):
+        raise _Hang()
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(60)
+    try:
+        code, out, err = run_cli(*argv)
+    except _Hang:
+        return "hung"
+    except BaseException as e:  # noqa: BLE001 - an exception out of main() is a failure to count, not to stop on
+        return f"main() raised {e.__class__.__name__}"
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    lines = err.strip().splitlines()
+    if code != 2:
+        return f"exit {code}: {err.strip()[:300]}"
+    if len(lines) != 1 or not lines[0].startswith("ckdiff: error:") or "Traceback" in err:
+        return f"not one error line: {err[:300]!r}"
+    if "internal error" in lines[0]:
+        return f"internal error: {lines[0]}"
+    if any(c in lines[0] for c in "\x1b\r\x07"):
+        return f"control character in {lines[0]!r}"
+    missing = [w for w in words if w not in lines[0]]
+    if missing:
+        return f"line lacks {missing}: {lines[0]}"
+    if "s3cr3t" in err or "s3cr3t" in out:
+        return "printed file contents"
+    if _snapshot(d) != before:
+        return "files changed or written"
+    return None
+
+
+def test_hostile_suite(tmp_path, run_cli, capsys):
+    """Every hostile input: exit 2, one line naming the file and the problem, no traceback,
+    nothing written, inputs (and links' targets) unchanged, no hang."""
+    failures, tried = {}, 0
+    for name, build in [*((f"case_{n}", f) for n, f in CASES.items()), *HOSTILE.items()]:
+        d = tmp_path / name
+        d.mkdir()
+        got = build(d)
+        argv, words = (got if isinstance(got[0], list) else (["inspect", got[0]], got[1]))
+        tried += 1
+        why = _run_hostile(run_cli, d, [str(a) for a in argv], words)
+        if why:
+            failures[name] = why
+    assert not (tmp_path / "CANARY").exists()
+    with capsys.disabled():
+        print(f"\nhostile inputs: {tried} tried, {tried - len(failures)} ended cleanly "
+              "(exit 2, one line naming file and problem, nothing written, inputs unchanged)")
+    assert not failures, "\n".join(f"{k}: {v}" for k, v in failures.items())
+
+
+# -------------------------------------------------------------- 6. the reference reader as the oracle
+_ORACLE_DTYPES = ["F32", "F16", "BF16", "I64", "U8", "BOOL", "F64"]
+_INT = st.one_of(st.integers(0, 4), st.sampled_from([-1, 1 << 63, 1 << 64, 1 << 40]))
+_BAD = st.sampled_from(["2", 2.0, True, None, [], {}, -1])
+
+
+def _rarely(draw, valid, defect, one_in=8):
+    """``valid``, or a drawn defect about once in ``one_in`` draws."""
+    return draw(defect) if draw(st.integers(0, one_in - 1)) == 0 else valid
+
+
+_ITEM = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "U8": 1, "BOOL": 1, "F64": 8}
+
+
+@st.composite
+def _headers(draw):
+    """A valid header with, now and then, a defect drawn into a field; plus the data length and padding."""
+    n = draw(st.integers(0, 3))
+    header, offset = {}, 0
+    for i in range(n):
+        dtype = draw(st.sampled_from(_ORACLE_DTYPES))
+        shape = draw(st.lists(st.integers(0, 4), max_size=3))
+        lo, hi = offset, offset + math.prod(shape) * _ITEM[dtype]
+        offset = hi
+        dtype = _rarely(draw, dtype, st.sampled_from(["f32", "Q7", ["F32"], 5, None]), 12)
+        shape = _rarely(draw, shape, st.one_of(
+            st.lists(st.one_of(_INT, _BAD), min_size=1, max_size=3), st.sampled_from(["4", None, {}]),
+            st.just([1 << 40, 1 << 40, 0]), st.just([0, 1 << 63]), st.just([0, 1 << 62, 1 << 62])), 12)
+        offsets = _rarely(draw, [lo, hi], st.one_of(
+            st.sampled_from([[lo, hi + 4], [hi, lo], [lo + 4, hi + 4], [lo], [lo, hi, hi], [float(lo), hi],
+                             [lo, True], [-1, hi], [lo, 1 << 64], "0-4"])), 12)
+        entry = {"dtype": dtype, "shape": shape, "data_offsets": offsets}
+        shape_ = draw(st.integers(0, 15))
+        if shape_ == 0:
+            entry = [dtype, shape, offsets]  # the reference reader also takes the fields as a list
+        elif shape_ == 1:
+            entry = draw(st.sampled_from([[dtype, shape], [dtype, shape, offsets, 1], 7, "x", None]))
+        elif shape_ == 2:
+            entry["extra"] = draw(st.one_of(_BAD, st.just("F32"), st.just([[[]]])))
+        elif shape_ == 3:
+            del entry[draw(st.sampled_from(["dtype", "shape", "data_offsets"]))]
+        name = _rarely(draw, f"t{i}", st.sampled_from(["t0", "", "a\x1b", "__metadata__"]), 10)
+        header[name] = entry
+    if draw(st.booleans()):
+        header["__metadata__"] = _rarely(draw, {"format": "pt"}, st.one_of(
+            st.just(None), st.just({}), st.dictionaries(st.text(max_size=3), st.one_of(st.text(max_size=3), _BAD),
+                                                          max_size=2), _BAD), 3)
+    extra = _rarely(draw, 0, st.sampled_from([4, -4, 1]), 10)
+    pad = _rarely(draw, b"", st.sampled_from([b"  ", b"\n\t", b"\0", b"\x0c", b" x"]), 6)
+    return header, max(0, offset + extra), pad
+
+
+def _reference_accepts(p) -> bool:
+    from safetensors.torch import load_file
+    try:
+        load_file(p)
+        return True
+    except Exception:  # noqa: BLE001 - any refusal by the reference reader
+        return False
+
+
+@_fuzz_settings()
+@given(h=_headers())
+def test_header_schema_matches_the_reference_reader(tmp_path_factory, h):
+    """For generated headers, ckdiff's reader accepts exactly when the safetensors library does."""
+    from ckdiff.converters.safetensors_io import SafetensorsFile
+    header, data_len, pad = h
+    p = tmp_path_factory.mktemp("oracle") / "h.safetensors"
+    raw = json.dumps(header).encode() + pad
+    p.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\1" * data_len)
+    try:
+        SafetensorsFile(p)
+        ours = True
+    except CkdiffError:
+        ours = False
+    if _beyond_torch(header):  # the one documented difference: empty tensors torch cannot lay out
+        assert not ours
+    else:
+        assert ours == _reference_accepts(p), (header, data_len, pad)
+
+
+def _beyond_torch(header) -> bool:
+    for e in header.values():
+        shape = e.get("shape") if isinstance(e, dict) else e[1] if isinstance(e, list) and len(e) == 3 else None
+        if isinstance(shape, list) and all(type(d) is int and 0 <= d < 1 << 64 for d in shape) and 0 in shape \
+                and math.prod(d or 1 for d in shape) > 1 << 62:
+            return True
+    return False
+
+
+def test_header_schema_fixed_examples_match_the_reference_reader(tmp_path):
+    """The schema breaks of the hostile suite, and their valid twins, against the reference reader."""
+    from ckdiff.converters.safetensors_io import SafetensorsFile
+    headers = [*(json.dumps(h).encode() for h in SCHEMA_BREAKS.values()), *RAW_BREAKS.values()]
+    valid = [json.dumps({"a": _entry()}).encode(), json.dumps({"__metadata__": None, "a": _entry()}).encode(),
+             json.dumps({"a": _entry(extra={"x": [1]})}).encode(), b'{"a":["F32",[2,2],[0,16]]}',
+             json.dumps({"z": _entry((0, 1 << 30, 1 << 30), (0, 0)), "a": _entry()}).encode(),
+             b' {"a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}\t\n']
+    seen = []
+    for raw in headers + valid:
+        p = _header_file(tmp_path, None, b"\0" * 16, raw=raw)
+        try:
+            SafetensorsFile(p)
+            ours = True
+        except CkdiffError:
+            ours = False
+        seen.append(ours)
+        assert ours == _reference_accepts(p), raw
+    assert seen == [False] * len(headers) + [True] * len(valid)
+
+
+# -------------------------------------------------------------- 3. layouts that are not bombs still load
+def test_views_transposes_and_tied_storages_are_accepted(tmp_path):
+    big = torch.randn(8, 16)
+    tied = torch.randn(5, 4)
+    torch.save({"t": big.t(), "slice": big[2:4], "col": big[:, 3], "tied_a": tied, "tied_b": tied,
+                "scalar": torch.tensor(2.5), "empty": torch.randn(0, 3).expand(0, 3)}, tmp_path / "v.pt")
+    ck = open_checkpoint(str(tmp_path / "v.pt"))
+    assert torch.equal(ck.tensors["t"].load(), big.t()) and torch.equal(ck.tensors["col"].load(), big[:, 3])
+    assert ck.tensors["tied_b"].shape == (5, 4)
+
+
+# -------------------------------------------------------------- 7. names reach the terminal escaped
+def test_control_characters_in_names_are_escaped_on_the_terminal(tmp_path, run_cli):
+    from safetensors.torch import save_file
+    evil = "w\x1b]0;pwned\x07\x1b[2J\u202e"
+    save_file({evil: torch.randn(3), "ok": torch.randn(2)}, tmp_path / "a.safetensors")
+    save_file({evil: torch.randn(3), "ok": torch.randn(2)}, tmp_path / "b.safetensors")
+    code, out, err = run_cli("inspect", tmp_path / "a.safetensors")
+    assert code == 0 and "\\x1b]0;pwned\\x07\\x1b[2J\\u202e" in out
+    code, out2, _ = run_cli(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    assert code == 1 and "\\x1b[2J" in out2
+    for text in (out, out2):
+        assert not any(c in text for c in "\x1b\x07\u202e"), text
+
+
+def test_printable_is_idempotent_and_leaves_plain_text_alone():
+    from ckdiff.text import printable
+    assert printable("layers.0.weight é 中") == "layers.0.weight é 中"
+    once = printable("a\nb\x1b\x9b\u2066c")
+    assert once == "a\\nb\\x1b\\x9b\\u2066c" and printable(once) == once
+
+
+# -------------------------------------------------------------- 8. concurrency and faults
+def _convert_argv(src, out, *extra):
+    return ["convert", "to-jetstream", "--model_name", "llama-2", "--input_checkpoint_dir", str(src),
+            "--output_checkpoint_dir", str(out), *extra]
+
+
+@pytest.mark.parametrize("renameat2", [True, False])
+def test_output_that_appears_meanwhile_is_never_replaced(tmp_path, run_cli, monkeypatch, renameat2):
+    from ckdiff.converters import writers
+    if not renameat2:  # the fallback for systems without renameat2
+        def nosys(*a):
+            raise OSError(errno.ENOSYS, "renameat2 not available")
+        monkeypatch.setattr(writers, "_renameat2", nosys)
+    src = emit(tmp_path / "hf", "llama-gqa", "hf")
+    out = tmp_path / "out"
+    real = writers.write_meta_like
+
+    def racing(*a, **k):  # another convert finishes into the same output while this one writes
+        real(*a, **k)
+        out.mkdir()
+        (out / "params.json").write_text('{"other": 1}')
+    monkeypatch.setattr("ckdiff.converters.api.write_meta_like", racing)
+    _expect_2(run_cli, *_convert_argv(src, out), words=["out", "appeared", "nothing was replaced"])
+    assert sorted(os.listdir(out)) == ["params.json"] and (out / "params.json").read_text() == '{"other": 1}'
+    assert not list(tmp_path.glob(".out.ckdiff-tmp-*"))
+
+
+@pytest.mark.parametrize("renameat2", [True, False])
+def test_overwrite_replaces_in_one_step(tmp_path, run_cli, monkeypatch, renameat2):
+    from ckdiff.converters import writers
+    calls = []
+    real = writers._renameat2
+
+    def spy(src, dst, flags):
+        calls.append(flags)
+        if not renameat2:
+            raise OSError(errno.EINVAL, "not supported here")
+        return real(src, dst, flags)
+    monkeypatch.setattr(writers, "_renameat2", spy)
+    src = emit(tmp_path / "hf", "llama-gqa", "hf")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    assert run_cli(*_convert_argv(src, out, "--overwrite"))[0] == 0
+    assert not (out / "stale.txt").exists() and (out / "params.json").is_file()
+    assert writers.RENAME_EXCHANGE in calls
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out"]  # no temp or old directory left
+
+
+def test_atomic_file_without_overwrite_never_replaces(tmp_path):
+    from ckdiff.converters.writers import atomic_file
+    target = tmp_path / "r.json"
+    target.write_text("theirs")
+    with pytest.raises(CkdiffError, match="exists"):
+        atomic_file(target, lambda tmp: open(tmp, "w").write("ours"), overwrite=False)
+    assert target.read_text() == "theirs" and os.listdir(tmp_path) == ["r.json"]
+
+
+class _FullDisk:
+    """A file whose writes fail with ENOSPC after ``room`` bytes."""
+
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+
+    def write(self, b):
+        self.room -= len(b)
+        if self.room < 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.f.write(b)
+
+    def __getattr__(self, k):
+        return getattr(self.f, k)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.f.close()
+
+
+@pytest.mark.parametrize("target", ["megatron", "pth"])
+def test_full_disk_during_torch_save(tmp_path, run_cli, monkeypatch, target):
+    from ckdiff.converters import torch_zip, writers
+    src = emit(tmp_path / "hf", "llama-gqa", "hf")
+    for mod in (writers, torch_zip):  # the streamed torch-zip writer opens its own files
+        monkeypatch.setattr(mod, "open", lambda p, m="r", *a, **k: _FullDisk(open(p, m, *a, **k), 3000),
+                            raising=False)
+    out = tmp_path / "out"
+    if target == "megatron":
+        argv = ["convert", "hf-to-megatron", "llama2", "--model-path", src, "--out", out, "--tp", "2"]
+    else:
+        argv = _convert_argv(src, out, "--output_safetensors=False")
+    _expect_2(run_cli, *argv, words=["out", "no space left on device"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_report_into_read_only_directory(tmp_path, run_cli, monkeypatch):
+    a = _st(tmp_path, "a.safetensors")
+
+    def denied(*a, **k):  # as root a chmod would not stop the write, so the refusal is simulated
+        raise PermissionError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr("tempfile.mkstemp", denied)
+    for flag in ("--html", "--json", "--markdown"):
+        _expect_2(run_cli, a, a, flag, tmp_path / "ro" / "r.out", words=["r.out", "Read-only file system"])
+
+
+SIGINT_SCRIPT = r"""
+import os, signal, sys
+from ckdiff.converters import torch_zip
+count = [0]
+real = torch_zip.write_torch_zip
+def save(*a, **k):  # Ctrl-C while the second rank file is being written
+    count[0] += 1
+    if count[0] == 2:
+        os.kill(os.getpid(), signal.SIGINT)
+    return real(*a, **k)
+torch_zip.write_torch_zip = save
+from ckdiff.converters import megatron
+megatron.write_torch_zip = save
+from ckdiff.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_exits_130_and_leaves_no_temp_directory(tmp_path):
+    src = emit(tmp_path / "hf", "llama-gqa", "hf")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-c", SIGINT_SCRIPT, "convert", "hf-to-megatron", "llama2", "--model-path",
+                        str(src), "--out", str(out), "--tp", "2", "--pp", "2"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 130, r.stderr
+    assert r.stderr.strip() == "ckdiff: interrupted"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+# -------------------------------------------------------------- 9. metadata at scale
+def test_inspect_of_a_200k_entry_header_is_linear(tmp_path, run_cli):
+    n = 200_000
+    parts = [f'"t{i}.w":{{"dtype":"U8","shape":[1],"data_offsets":[{i},{i + 1}]}}' for i in range(n)]
+    raw = ("{" + ",".join(parts) + "}").encode()
+    p = tmp_path / "many.safetensors"
+    p.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(range(256)) * (n // 256) + bytes(n % 256))
+    code, out, _ = run_cli("inspect", p)
+    lines = out.splitlines()
+    assert code == 0 and f"{n} tensors" in lines[0] and lines[-1].split()[0] == f"t{n - 1}.w"
+    assert len(lines) == n + 2  # summary, column header, one line a tensor
+
+
+def test_empty_tensors_with_huge_dimensions_compare_without_overflow(tmp_path, run_cli):
+    """Within the layout limit, empty tensors with enormous dimensions go through compare and diagnosis."""
+    a = _header_file(tmp_path, {"z": _entry((0, 1 << 31, 1 << 31), (0, 0)), "y": _entry((1 << 61, 0), (0, 0)),
+                                "w": _entry((4,), (0, 16))}, torch.randn(4).numpy().tobytes(), name="a.safetensors")
+    b = _header_file(tmp_path, {"z": _entry((0, 1 << 61), (0, 0)), "y": _entry((1 << 61, 0), (0, 0)),
+                                "w": _entry((4,), (0, 16))}, torch.randn(4).numpy().tobytes(), name="b.safetensors")
+    code, out, err = run_cli(a, b, "--json", tmp_path / "r.json")
+    assert code == 1 and not err, err
+    rows = {t["name"]: t["status"] for t in json.loads((tmp_path / "r.json").read_text())["result"]["tensors"]}
+    assert rows == {"z": "shape", "y": "equal", "w": "differ"}

@@ -10,7 +10,7 @@ import os
 import sys
 import traceback
 
-from ..errors import CkdiffError
+from ..errors import CkdiffError, error_line
 from . import compare, convert, demo, golden, help, inspect, logits, roundtrip
 
 COMMANDS = {m.NAME: m for m in (compare, inspect, logits, convert, roundtrip, golden, demo, help)}
@@ -46,15 +46,21 @@ def main(argv=None) -> int:
     except CkdiffError as e:
         if debug:
             traceback.print_exc()
-        print(f"ckdiff: error: {e}", file=sys.stderr)
+        print(f"ckdiff: error: {error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ckdiff: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # whoever read the output went away (``| head``): stop quietly, as a pipe would
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141
     except Exception as e:  # never a traceback for the user; --debug shows it
         if debug:
             traceback.print_exc()
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"ckdiff: error: internal error {e.__class__.__name__}: {msg[:300]} (rerun with --debug)",
+        print(f"ckdiff: error: internal error {e.__class__.__name__}: {error_line(msg[:300])} (rerun with --debug)",
               file=sys.stderr)
         return 2

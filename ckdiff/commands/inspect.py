@@ -4,6 +4,7 @@ from __future__ import annotations
 from . import common
 
 NAME = "inspect"
+LONG = 2000  # listings longer than this are written as plain text
 SUMMARY = "list a checkpoint's tensors (layers collapsed), parameter count and bytes"
 
 
@@ -23,6 +24,7 @@ def run(argv, command: str = "") -> int:
 
     from ..converters.formats import dtype_name, open_checkpoint
     from ..reports.render import collapse_layers, render_json
+    from ..text import printable
     args = parser().parse_args(argv)
     common.check_reports(args)
     ck = open_checkpoint(args.path, args.format, args.cache_dir, args.trust_pickle)
@@ -30,14 +32,18 @@ def run(argv, command: str = "") -> int:
     rows = [(n, t.shape, dtype_name(t.dtype)) for n, t in ck.tensors.items()]
     shown = [(n, list(s), d, 1) for n, s, d in rows] if args.full else collapse_layers(rows)
     console = common.console(args)
-    console.print(f"{escape(ck.path)} \\[{ck.format}]: {len(ck)} tensors, {ck.num_params:,} parameters, "
+    console.print(f"{escape(printable(ck.path))} \\[{ck.format}]: {len(ck)} tensors, {ck.num_params:,} parameters, "
                   f"{ck.num_bytes:,} bytes")
     for k in ("tp", "pp", "iteration"):
         if k in ck.meta:
             console.print(f"{k}: {ck.meta[k]}")
     if not args.quiet:
         from ..reports.terminal import inspect_lines
-        for line in inspect_lines(shown, console.width):
+        lines = inspect_lines(shown, console.width)
+        if len(lines) > LONG:  # a rich print costs ~0.1 ms a line: a 200k-tensor listing goes out as plain text
+            console.print(lines[0], no_wrap=True, crop=False, overflow="ignore")
+            console.file.writelines(line.plain + "\n" for line in lines[1:])
+        for line in lines if len(lines) <= LONG else ():
             console.print(line, no_wrap=True, crop=False, overflow="ignore")
     if args.json:
         doc = {"path": ck.path, "format": ck.format, "num_params": ck.num_params, "num_bytes": ck.num_bytes,

@@ -5,9 +5,9 @@ into a ``Checkpoint`` of lazy tensors (``read``). New layouts register here.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -16,6 +16,7 @@ import torch
 
 from ..errors import InputError, UsageError
 from .lazy import Checkpoint, ConcatTensor, LazyTensor
+from .inputs import kind_of, read_json_object, stat_input
 from .pickle_io import read_pickle_tensors
 from .safetensors_io import read_safetensors
 
@@ -42,28 +43,18 @@ def register(name: str, description: str):
 
 
 def _json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(path, "missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(path, f"invalid JSON ({e})") from None
-    except PermissionError as e:
-        raise InputError(path, f"cannot read: {e.strerror}") from None
-    if not isinstance(data, dict):
-        raise InputError(path, "expected a JSON object")
-    return data
+    return read_json_object(path)
 
 
-def _inside(root: Path, rel: str) -> Path:
-    """``root/rel``, refusing names that escape ``root``."""
+def _inside(root: Path, rel: str, real_root: Path | None = None) -> Path:
+    """``root/rel``, refusing names that escape ``root`` (``real_root``: ``root`` resolved, if known)."""
     if "\x00" in rel:
         raise InputError(root, f"shard path {rel!r} holds a NUL byte")
     try:
         p = (root / rel).resolve()
     except (OSError, ValueError, RuntimeError) as e:
         raise InputError(root, f"shard path {rel!r} cannot be resolved ({e.__class__.__name__})") from None
-    if os.path.isabs(rel) or root.resolve() not in p.parents:
+    if os.path.isabs(rel) or (real_root or root.resolve()) not in p.parents:
         raise InputError(root, f"shard path {rel!r} escapes the checkpoint directory")
     return p
 
@@ -83,23 +74,27 @@ def _read_indexed(root: Path, index: Path, read_one) -> dict[str, LazyTensor]:
     wm = data.get("weight_map")
     if not isinstance(wm, dict) or not wm:
         raise InputError(index, "has no weight_map")
-    files = {}
+    shard_of: dict[str, Path] = {}  # each shard name is resolved and checked once
+    real_root = root.resolve()
     for key, rel in wm.items():
         if not isinstance(rel, str):
             raise InputError(index, f"weight_map entry for {key!r} is not a file name")
-        p = _inside(root, rel)
+        if rel in shard_of:
+            continue
+        p = shard_of[rel] = _inside(root, rel, real_root)
         try:
             is_file = p.is_file()
         except OSError:
             is_file = False
         if not is_file:
-            raise InputError(index, f"names shard {rel!r}, which is missing")
-        files.setdefault(p, []).append(key)
+            raise InputError(index, f"names shard {rel!r}, which is missing or not a regular file")
+    files = {p: rel for rel, p in shard_of.items()}  # two names of one file are read once
     tensors = _merge_files(sorted(files), read_one, root)
-    for p, keys in files.items():
-        for k in keys:
-            if k not in tensors or tensors[k].origin != str(p):
-                raise InputError(index, f"maps {k!r} to {p.name}, which does not hold it")
+    origins = {rel: str(p) for rel, p in shard_of.items()}
+    for k, rel in wm.items():
+        t = tensors.get(k)
+        if t is None or t.origin != origins[rel]:
+            raise InputError(index, f"maps {k!r} to {shard_of[rel].name}, which does not hold it")
     return {k: tensors[k] for k in wm}
 
 
@@ -123,7 +118,7 @@ def _file():
 # ---------------------------------------------------------------- HF directories
 def _hf_weight_files(p: Path):
     for idx in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (p / idx).is_file():
+        if os.path.lexists(p / idx):  # a FIFO or a broken link here is an error, not a missing index
             return "index", p / idx
     st = sorted(p.glob("*.safetensors"))
     if st:
@@ -138,7 +133,7 @@ def _hf_weight_files(p: Path):
                 "*.safetensors + index, or pytorch_model*.bin")
 def _hf():
     def detect(p: Path):
-        return p.is_dir() and (p / "config.json").is_file() and _hf_weight_files(p)[0] is not None
+        return p.is_dir() and os.path.lexists(p / "config.json") and _hf_weight_files(p)[0] is not None
 
     def read(p: Path, trust_pickle=False, **_):
         kind, what = _hf_weight_files(p)
@@ -150,7 +145,7 @@ def _hf():
             tensors, files = _merge_files(what, one, p), [str(f) for f in what]
         else:
             raise InputError(p, "HF directory without weights (no *.safetensors or pytorch_model*.bin)")
-        config = _json(p / "config.json") if (p / "config.json").is_file() else {}
+        config = _json(p / "config.json") if os.path.lexists(p / "config.json") else {}
         return Checkpoint(str(p), "hf", tensors, config=config, meta={"files": files})
     return detect, read
 
@@ -247,6 +242,7 @@ def read_meta_dir(p: Path, trust_pickle=False, fmt="meta", **_) -> Checkpoint:
             raise InputError(shards[i], f"keys differ from {shards[0].name}: {missing}")
     for k in keys:
         parts = [s[k] for s in per]
+        check_same_dtype(k, parts, shards)
         if len(parts) == 1:
             tensors[k] = parts[0]
             continue
@@ -268,6 +264,14 @@ def read_meta_dir(p: Path, trust_pickle=False, fmt="meta", **_) -> Checkpoint:
             tensors[k] = ConcatTensor(k, parts, axis)
     return Checkpoint(str(p), fmt, tensors, config=params,
                       meta={"files": [str(s) for s in shards], "replica_spread": spread})
+
+
+def check_same_dtype(name: str, parts: list[LazyTensor], files: list) -> None:
+    """Shards of one tensor must agree in dtype: merging a float64 shard into bf16 ones hides a cast."""
+    for q, f in zip(parts[1:], files[1:]):
+        if q.dtype != parts[0].dtype:
+            raise InputError(f, f"shards disagree in dtype for {name!r}: {dtype_name(q.dtype)} here, "
+                                f"{dtype_name(parts[0].dtype)} in {Path(files[0]).name}")
 
 
 @register("meta", "Meta directory: consolidated.NN.pth shards + params.json")
@@ -300,8 +304,12 @@ def _jetstream():
 def resolve_path(spec: str, cache_dir: str | None = None) -> Path:
     """A local path, or a hub repo id resolved through the local HF cache only."""
     p = Path(spec)
-    if p.exists():
+    try:
+        stat_input(p)
         return p
+    except InputError:
+        if os.path.lexists(p) or len(os.fsencode(spec)) > 255 or "\x00" in spec:
+            raise  # a symbolic-link loop, a dangling link, a name too long: name the real problem
     if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not spec.startswith((".", "/")):
         from huggingface_hub import snapshot_download
         try:
@@ -321,8 +329,9 @@ def _parent_hint(p: Path) -> str:
 
 
 def detect_format(p: Path) -> str:
-    if not p.exists():
-        raise InputError(p, "no such file or directory")
+    mode = stat_input(p).st_mode  # a loop, a dangling link, a name too long: named errors
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        raise InputError(p, f"is {kind_of(mode)}, expected a checkpoint file or directory")
     if p.is_dir():
         # Megatron and others register later; test the most specific first.
         for name in ("megatron", "jetstream", "meta", "hf", "tensors"):

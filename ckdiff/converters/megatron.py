@@ -8,6 +8,7 @@ sections 3-5 and 10-12.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from ..errors import InputError, UsageError
 from .config import ModelConfig
 from .formats import register
 from .lazy import Checkpoint, ConcatTensor, EagerTensor, LazyTensor, PadRows, RowSlice
-from .pickle_io import flatten_state, load_pickle
+from .inputs import read_input
+from .pickle_io import checked_state, load_pickle
 from .torch_zip import TensorSource, iter_leaves, write_torch_zip
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -46,18 +48,19 @@ def native_name(key: str) -> str:
     return key
 
 
+def read_tracker(tracker: Path) -> str:
+    """The tracker's text: 'release' or an iteration number. Errors never quote the file's contents."""
+    raw = read_input(tracker, limit=64)
+    text = raw.decode("ascii", "replace").strip()
+    if text == "release" or (text.isascii() and text.isdigit() and len(text) <= 12 and int(text) > 0):
+        return text
+    raise InputError(tracker, f"does not hold 'release' or an iteration number > 0 ({len(raw)} bytes)")
+
+
 def _iteration_dir(root: Path) -> tuple[Path, str]:
     tracker = root / TRACKER
-    try:
-        text = tracker.read_text().strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(tracker, f"cannot read the iteration tracker ({e.__class__.__name__})") from None
-    if text == "release":
-        d = root / "release"
-    elif text.isdigit() and int(text) > 0:
-        d = root / f"iter_{int(text):07d}"
-    else:
-        raise InputError(tracker, f"holds {text[:40]!r}: expected 'release' or an iteration number > 0")
+    text = read_tracker(tracker)
+    d = root / "release" if text == "release" else root / f"iter_{int(text):07d}"
     if not d.is_dir():
         raise InputError(tracker, f"points to {d.name}, which does not exist")
     return d, text
@@ -117,7 +120,7 @@ def read_megatron(root: Path, trust_pickle: bool = False, **_) -> Checkpoint:
             raise InputError(f, "no 'model' entry: not a Megatron checkpoint")
         if not args:
             args = _args_dict(obj, f)
-        flat = {native_name(k): v for k, v in flatten_state(obj["model"]).items()}
+        flat = {native_name(k): v for k, v in checked_state(f, obj["model"]).items()}
         stages.setdefault(p, {})[t] = {k: EagerTensor(k, v, str(f)) for k, v in flat.items()}
     L = args.get("num_layers")
     glu = bool(args.get("glu_activation"))
@@ -170,6 +173,10 @@ def _merge_tp(name, parts: list[LazyTensor], glu: bool, ranks, p) -> LazyTensor:
         if q.shape != shape0:
             raise InputError(ranks[(t, p)], f"TP shards disagree in shape for {name}: "
                                             f"{list(q.shape)} vs {list(shape0)} on rank 0")
+        if q.dtype != parts[0].dtype:
+            dt = [str(x.dtype).replace("torch.", "") for x in (q, parts[0])]
+            raise InputError(ranks[(t, p)], f"TP shards disagree in dtype for {name}: {dt[0]} here, "
+                                            f"{dt[1]} in {ranks[(0, p)]}")
     if TP == 1:
         return parts[0]
     axis = tp_axis(name)
@@ -191,7 +198,7 @@ def _merge_tp(name, parts: list[LazyTensor], glu: bool, ranks, p) -> LazyTensor:
                       "{release,iter_NNNNNNN}/mp_rank_XX[_YYY]/model_optim_rng.pt")
 def _megatron():
     def detect(p: Path):
-        return p.is_dir() and (p / TRACKER).exists()
+        return p.is_dir() and os.path.lexists(p / TRACKER)  # a broken tracker link is named, not skipped
     return detect, read_megatron
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import io
+import os
 import pickle
 import struct
 import sys
@@ -109,7 +110,8 @@ class _ArchiveWriter:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.prefix = self.path.stem or "archive"
-        self.zf = zipfile.ZipFile(self.path, "w", zipfile.ZIP_STORED, allowZip64=True)
+        self.fh = open(self.path, "wb")  # our own handle: a full disk surfaces as the OSError it is
+        self.zf = zipfile.ZipFile(self.fh, "w", zipfile.ZIP_STORED, allowZip64=True)
 
     def _info(self, name: str, size: int) -> tuple[zipfile.ZipInfo, bool]:
         zi = zipfile.ZipInfo(f"{self.prefix}/{name}", date_time=(1980, 1, 1, 0, 0, 0))
@@ -146,7 +148,12 @@ class _ArchiveWriter:
                                f"({list(src.shape)} {src.dtype})")
 
     def close(self) -> None:
-        self.zf.close()
+        try:
+            self.zf.close()
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
+        finally:
+            self.fh.close()
 
 
 def write_torch_zip(path, obj, progress: Optional[Callable[[int], None]] = None) -> None:

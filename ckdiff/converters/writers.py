@@ -36,13 +36,112 @@ def _overlaps(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2  # renameat2(2) flags (Linux >= 3.15)
+_AT_FDCWD = -100
+
+
+def _renameat2(src, dst, flags: int) -> None:
+    """renameat2(2) through libc; OSError(ENOSYS/EINVAL) where the libc or filesystem lacks it."""
+    import ctypes
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None:
+        raise OSError(errno.ENOSYS, "renameat2 not available")
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(dst))
+
+
+def _unsupported(e: OSError) -> bool:
+    return e.errno in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP)
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` only if ``dst`` does not exist, atomically; FileExistsError if it does.
+
+    renameat2(RENAME_NOREPLACE) where available; otherwise a hard link for a file (link(2) never
+    replaces) or, for a directory, mkdir(2) as the claim followed by a rename over that empty claim.
+    """
+    try:
+        return _renameat2(src, dst, RENAME_NOREPLACE)
+    except OSError as e:
+        if e.errno == errno.EEXIST:
+            raise FileExistsError(errno.EEXIST, "exists", str(dst)) from None
+        if not _unsupported(e):
+            raise
+    if src.is_dir():
+        os.mkdir(dst)  # FileExistsError if someone else has it
+        try:
+            os.rename(src, dst)  # replaces only our empty claim; ENOTEMPTY if it was written into
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise FileExistsError(errno.EEXIST, "exists", str(dst)) from None
+            raise
+    else:
+        os.link(src, dst)
+        os.unlink(src)
+
+
+def exchange(src: Path, dst: Path) -> bool:
+    """Swap ``src`` and ``dst`` atomically (both exist); False where the system cannot."""
+    try:
+        _renameat2(src, dst, RENAME_EXCHANGE)
+        return True
+    except OSError as e:
+        if _unsupported(e):
+            return False
+        raise
+
+
+def _appeared(target: Path) -> UsageError:
+    return UsageError(f"output {target} appeared while this run was writing (another process?); "
+                      "nothing was replaced; pass --overwrite to replace it")
+
+
+def _place_dir(tmp: Path, target: Path, overwrite: bool) -> None:
+    """Move the finished ``tmp`` to ``target``: never replacing anything unless ``overwrite``."""
+    if os.path.islink(target):
+        raise UsageError(f"output {target} is a symbolic link; refusing to replace it (give the real path)")
+    if overwrite and target.is_dir():
+        if exchange(tmp, target):  # one atomic step: readers see the old or the new output
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        old = target.parent / f".{target.name}.ckdiff-old-{os.getpid()}"
+        os.rename(target, old)
+        try:
+            rename_noreplace(tmp, target)
+        except FileExistsError:
+            raise _appeared(target) from None
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    if target.is_dir():
+        try:
+            os.rmdir(target)  # an empty directory may be taken over; a non-empty one is refused
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise _appeared(target) from None
+            raise
+    try:
+        rename_noreplace(tmp, target)
+    except FileExistsError:
+        raise _appeared(target) from None
+
+
 @contextlib.contextmanager
 def atomic_dir(target, overwrite: bool = False, inputs: Sequence = ()):
-    """Yield a temporary directory that becomes ``target`` on success."""
+    """Yield a temporary directory that becomes ``target`` on success.
+
+    The final step never replaces an output that appeared meanwhile (rename without replace);
+    with ``overwrite`` an existing output is swapped for the new one in one atomic step.
+    """
     target = Path(target)
     for src in inputs:
         if src is not None and Path(src).exists() and _overlaps(target, Path(src)):
             raise UsageError(f"output {target} overlaps the input {src}; refusing to write there")
+    if os.path.islink(target):
+        raise UsageError(f"output {target} is a symbolic link; refusing to replace it (give the real path)")
     if target.exists():
         if not target.is_dir():
             raise UsageError(f"output {target} exists and is not a directory")
@@ -50,19 +149,13 @@ def atomic_dir(target, overwrite: bool = False, inputs: Sequence = ()):
             raise UsageError(f"output directory {target} is not empty; pass --overwrite to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.ckdiff-tmp-", dir=target.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
     try:
+        os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.ckdiff-old-{os.getpid()}"
-        os.rename(target, old)
-    os.rename(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _place_dir(tmp, target, overwrite)
+    finally:
+        if tmp.exists():  # failed, interrupted or refused: leave nothing behind
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -79,18 +172,29 @@ def disk_errors(where):
 
 
 def atomic_file(path, write_fn, overwrite: bool = True):
-    """Write one file through a temporary name beside it (reports)."""
+    """Write one file through a temporary name beside it (reports).
+
+    With ``overwrite`` the file replaces ``path`` atomically; without, the final rename fails if
+    ``path`` exists by then. An unwritable directory or a full disk is a one-line error.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
         with disk_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+            os.close(fd)
             write_fn(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+            os.chmod(tmp, 0o666 & ~_umask())
+            if overwrite:
+                os.replace(tmp, path)
+            else:
+                try:
+                    rename_noreplace(Path(tmp), path)
+                except FileExistsError:
+                    raise UsageError(f"{path} exists; refusing to replace it") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 

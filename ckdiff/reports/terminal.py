@@ -11,6 +11,7 @@ import textwrap
 from rich.markup import escape
 from rich.text import Text
 
+from ..text import printable
 from .render import collapse_layers, fmt
 
 GAP = 2
@@ -50,7 +51,7 @@ OPTIONAL = [
 
 def mismatch_table(rows, width: int) -> list[Text]:
     """Lines for the mismatching tensors ``rows`` at console ``width``."""
-    cols = [("status", lambda t: t.status), ("tensor", lambda t: t.name)]
+    cols = [("status", lambda t: t.status), ("tensor", lambda t: printable(t.name))]
     cells = {h: [f(t) for t in rows] for h, f in cols + OPTIONAL}
     widths = {h: max([len(h)] + [len(c) for c in cells[h]]) for h in cells}
     used = widths["status"] + GAP + widths["tensor"]
@@ -84,7 +85,7 @@ def mismatch_table(rows, width: int) -> list[Text]:
             for part in textwrap.wrap(facts, max(20, width - indent)):
                 out.append(Text(" " * indent + part))
         for d in t.diagnosis:
-            for k, part in enumerate(textwrap.wrap(d, max(20, width - indent - 3))):
+            for k, part in enumerate(textwrap.wrap(printable(d), max(20, width - indent - 3))):
                 out.append(Text(" " * indent + ("-> " if k == 0 else "   ") + part, style="cyan"))
     return out
 
@@ -105,7 +106,7 @@ def print_compare(res, console, limit: int = 40) -> None:
     summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
     style = "bold green" if ok else "bold red"
     console.print(f"[{style}]{'EQUIVALENT' if ok else 'DIFFER'}[/{style}]: {len(res.tensors)} tensors ({summary})")
-    console.print(f"A: {escape(res.a)} \\[{res.format_a}]\nB: {escape(res.b)} \\[{res.format_b}]")
+    console.print(f"A: {escape(printable(res.a))} \\[{res.format_a}]\nB: {escape(printable(res.b))} \\[{res.format_b}]")
     bad = [t for t in res.worst_first() if not t.ok]
     if bad:
         console.print(Text("mismatching tensors, worst first", style="italic"))
@@ -119,9 +120,9 @@ def print_compare(res, console, limit: int = 40) -> None:
     if counts.get("cast"):
         console.print(escape("cast: " + named_casts(res)))
     for k, va, vb in res.config_diff:
-        console.print(escape(f"config {k}: A={va!r} B={vb!r}"))
+        console.print(escape(printable(f"config {k}: A={va!r} B={vb!r}")))
     for n in res.notes:
-        console.print(escape(f"note: {n}"))
+        console.print(escape(printable(f"note: {n}")))
 
 
 def print_logits(res, console) -> None:
@@ -142,7 +143,7 @@ def print_logits(res, console) -> None:
         console.print(f"first divergent layer: {div} (relative hidden-state error per layer: "
                       + ", ".join(fmt(x, 2) for x in res.layer_rel_errors) + ")")
     for n in res.notes:
-        console.print(escape(f"note: {n}"))
+        console.print(escape(printable(f"note: {n}")))
 
 
 def print_suite(res, console) -> None:
@@ -163,7 +164,7 @@ def print_suite(res, console) -> None:
 def inspect_lines(rows, width: int) -> list[Text]:
     """Lines for ``inspect``: (name, shape, dtype, count) rows; names never cut, the count column left out
     when it does not fit, shape and dtype under the name when even they do not."""
-    cells = [(n, str(sh), d, str(c)) for n, sh, d, c in rows]
+    cells = [(printable(n), str(sh), d, str(c)) for n, sh, d, c in rows]
     heads = ("tensor", "shape", "dtype", "count")
     w = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(heads)]
     cols = 4 if sum(w) + 3 * GAP <= width else (3 if sum(w[:3]) + 2 * GAP <= width else 1)
