@@ -456,3 +456,49 @@ def test_golden_emitter_writes_the_new_layouts(tmp_path):
         ck = open_checkpoint(str(out))
         assert ck.format == layout.split("-")[0]
         assert compare_checkpoints(open_checkpoint(str(gold)), ck).equivalent
+
+
+def test_logits_run_mcore_and_gguf_through_the_hf_convention(tmp_path, run_cli):
+    from ckdiff.golden.emit import emit
+    gold = emit(tmp_path / "hf", "llama-gqa", "hf")
+    code, out, _ = run_cli("logits", gold, emit(tmp_path / "mc", "llama-gqa", "mcore"), "--length", 8)
+    assert code == 0, out
+    code, out, _ = run_cli("logits", gold, emit(tmp_path / "g", "llama-gqa", "gguf-F32"), "--length", 8)
+    assert code == 0, out
+    cfg = tiny_config("llama-gqa")
+    st = hf_state(cfg)
+    st["model.layers.1.mlp.down_proj.weight"] = st["model.layers.1.mlp.down_proj.weight"] * 1.5
+    from ckdiff.converters.gguf_io import write_gguf
+    bad = write_gguf(tmp_path / "bad.gguf", st, cfg, "F32")
+    code, out, _ = run_cli("logits", gold, bad, "--length", 8)
+    assert code == 1
+
+
+def test_dcp_reads_only_the_bytes_of_the_rows_asked_for(tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(4, 30, 8, generator=g)  # a layer-stacked tensor in one chunk
+    root = write_chunked(tmp_path / "ck", {"w": w}, {"w": [(0, 4)]})
+    ck = open_checkpoint(str(root))
+    sizes = []
+    real = dcp_mod.read_range
+    monkeypatch.setattr(dcp_mod, "read_range", lambda f, o, n, t=(): sizes.append(n) or real(f, o, n, t))
+    from ckdiff.converters.dcp import SubTensor
+    layer = SubTensor("w2", ck["w"], (2,))
+    assert torch.equal(layer.rows(5, 9), w[2, 5:9])
+    assert sizes == [4 * 8 * 4]  # rows 5..8 of layer 2 only
+    # a chunk whose storage is not plain contiguous falls back to torch.load of the whole chunk
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex,
+                                                       TensorProperties, TensorStorageMetadata)
+    t = torch.randn(6, 5, generator=g)
+    d = tmp_path / "nc"
+    d.mkdir()
+    buf = io.BytesIO()
+    torch.save(t.T.contiguous().T, buf)  # column-major storage
+    (d / "__0_0.distcp").write_bytes(buf.getvalue())
+    md = Metadata(state_dict_metadata={"t": TensorStorageMetadata(TensorProperties(dtype=t.dtype), t.shape,
+                                                                  [ChunkStorageMetadata(torch.Size([0, 0]), t.shape)])},
+                  storage_data={MetadataIndex("t", torch.Size([0, 0]), 0): _StorageInfo("__0_0.distcp", 0, len(buf.getvalue()))})
+    (d / ".metadata").write_bytes(pickle.dumps(md))
+    ck2 = open_checkpoint(str(d))
+    assert torch.equal(ck2["t"].rows(1, 4), t[1:4]) and ck2["t"].chunks[0].raw is False

@@ -25,6 +25,7 @@ import io
 import math
 import pathlib
 import pickle
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -113,9 +114,10 @@ def read_metadata(path: Path):
 
 # ---------------------------------------------------------------- byte ranges
 class _Chunk:
-    __slots__ = ("offsets", "sizes", "file", "offset", "length", "transforms")
+    __slots__ = ("offsets", "sizes", "file", "offset", "length", "transforms", "raw")
 
     def __init__(self, offsets, sizes, file, offset, length, transforms):
+        self.raw = None if not transforms else False  # (data start, strides) once located; False: use torch.load
         self.offsets, self.sizes = tuple(int(x) for x in offsets), tuple(int(x) for x in sizes)
         self.file, self.offset, self.length, self.transforms = file, int(offset), int(length), tuple(transforms or ())
 
@@ -133,6 +135,115 @@ def read_range(file: Path, offset: int, length: int, transforms=()) -> bytes:
     if len(data) != length:
         raise InputError(file, f"short read: {len(data)} of {length} bytes at offset {offset}")
     return data
+
+
+class _Window(io.RawIOBase):
+    """A read-only file view of ``[offset, offset + length)``: the torch.save archive of one chunk."""
+
+    def __init__(self, f, offset: int, length: int):
+        self.f, self.base, self.n, self.pos = f, offset, length, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self.pos
+
+    def seek(self, pos, whence=0):
+        self.pos = {0: pos, 1: self.pos + pos, 2: self.n + pos}[whence]
+        return self.pos
+
+    def readinto(self, b):
+        k = max(0, min(len(b), self.n - self.pos))
+        self.f.seek(self.base + self.pos)
+        got = self.f.readinto(memoryview(b)[:k])
+        self.pos += got
+        return got
+
+
+class _Rebuild:
+    def __init__(self, storage, offset, size, stride, *_):
+        self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
+
+
+class _ArchiveUnpickler(pickle.Unpickler):
+    """Reads a chunk archive's ``data.pkl`` for its layout only: which storage, offset, size, stride."""
+
+    def find_class(self, module, name):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _Rebuild
+        if (module, name) == ("collections", "OrderedDict"):
+            return OrderedDict
+        if module == "torch" and name.endswith("Storage") and isinstance(getattr(torch, name, None), type):
+            return name
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+    def persistent_load(self, pid):
+        return pid
+
+
+def _raw_layout(c: "_Chunk", dtype):
+    """(absolute byte offset of the chunk's first element, element strides) when the chunk's archive
+    stores it as one uncompressed little-endian contiguous storage of ``dtype``; None otherwise (then the
+    whole chunk is read with torch.load)."""
+    import struct
+    import zipfile
+    try:
+        with open(c.file, "rb") as f:
+            z = zipfile.ZipFile(io.BufferedReader(_Window(f, c.offset, c.length)))
+            names = z.namelist()
+            pkl = next(n for n in names if n.endswith("/data.pkl"))
+            prefix = pkl[: -len("data.pkl")]
+            order = z.read(prefix + "byteorder") if prefix + "byteorder" in names else b"little"
+            rec = _ArchiveUnpickler(io.BytesIO(z.read(pkl))).load()
+            if order != b"little" or not isinstance(rec, _Rebuild) or not isinstance(rec.storage, tuple):
+                return None
+            _, stype, key, _loc, _numel = rec.storage
+            with warnings.catch_warnings():  # the legacy typed-storage class only names the dtype here
+                warnings.simplefilter("ignore")
+                sdt = getattr(torch, stype).dtype
+            if sdt != dtype or rec.size != c.sizes:
+                return None
+            want, acc = [], 1
+            for n in reversed(rec.size):
+                want.append(acc)
+                acc *= n
+            if tuple(reversed(want)) != rec.stride and math.prod(rec.size) > 1:
+                return None
+            info = z.getinfo(f"{prefix}data/{key}")
+            if info.compress_type != zipfile.ZIP_STORED:
+                return None
+            f.seek(c.offset + info.header_offset)
+            head = f.read(30)
+            if len(head) != 30 or head[:4] != b"PK\x03\x04":
+                return None
+            nlen, xlen = struct.unpack("<HH", head[26:30])
+            start = c.offset + info.header_offset + 30 + nlen + xlen + rec.offset * dtype.itemsize
+            if start + math.prod(rec.size) * dtype.itemsize > c.offset + c.length:
+                return None
+            return start, tuple(reversed(want))
+    except (OSError, ValueError, KeyError, StopIteration, pickle.UnpicklingError, EOFError, AttributeError,
+            TypeError, IndexError, zipfile.BadZipFile, struct.error):
+        return None
+
+
+def _read_chunk_box(c: "_Chunk", lo, hi, name: str, dtype) -> torch.Tensor:
+    """``chunk[lo:hi]`` (local box): the span of bytes from its first to its last element when the
+    chunk's storage can be located, else the whole chunk through torch.load."""
+    if c.raw is None:
+        c.raw = _raw_layout(c, dtype) or False
+    if not c.raw:
+        t = _load_chunk(c, name, dtype)
+        return t[tuple(slice(a, b) for a, b in zip(lo, hi))]
+    start, strides = c.raw
+    first = sum(a * s for a, s in zip(lo, strides))
+    n = sum((b - 1) * s for b, s in zip(hi, strides)) - first + 1
+    buf = bytearray(read_range(c.file, start + first * dtype.itemsize, n * dtype.itemsize))
+    flat = torch.frombuffer(buf, dtype=dtype, count=n) if n else torch.empty(0, dtype=dtype)
+    return torch.as_strided(flat, [b - a for a, b in zip(lo, hi)], strides)
 
 
 _CACHE: OrderedDict = OrderedDict()  # (file, offset) -> tensor; the last two chunks read
@@ -177,8 +288,8 @@ class DcpTensor(LazyTensor):
             b = [min(h, o + s) for h, o, s in zip(hi, c.offsets, c.sizes)]
             if any(x >= y for x, y in zip(a, b)):
                 continue
-            t = _load_chunk(c, self.name, self.dtype)
-            src = t[tuple(slice(x - o, y - o) for x, y, o in zip(a, b, c.offsets))]
+            src = _read_chunk_box(c, [x - o for x, o in zip(a, c.offsets)], [y - o for y, o in zip(b, c.offsets)],
+                                  self.name, self.dtype)
             out[tuple(slice(x - l, y - l) for x, y, l in zip(a, b, lo))] = src
         return out
 
