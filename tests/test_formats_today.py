@@ -502,3 +502,33 @@ def test_dcp_reads_only_the_bytes_of_the_rows_asked_for(tmp_path, monkeypatch):
     (d / ".metadata").write_bytes(pickle.dumps(md))
     ck2 = open_checkpoint(str(d))
     assert torch.equal(ck2["t"].rows(1, 4), t[1:4]) and ck2["t"].chunks[0].raw is False
+
+
+@pytest.mark.parametrize("what", ["truncated-gguf", "truncated-distcp", "evil-archive"])
+def test_bad_new_format_inputs_are_one_line_exit_2(tmp_path, run_cli, what):
+    from ckdiff.converters.gguf_io import write_gguf
+    cfg = tiny_config("llama-gqa")
+    if what == "truncated-gguf":
+        p = write_gguf(tmp_path / "m.gguf", hf_state(cfg), cfg, "Q8_0")
+        p.write_bytes(p.read_bytes()[:5000])
+    elif what == "truncated-distcp":
+        _dcp_save({"a": torch.randn(50, 50)}, tmp_path / "ck")
+        f = tmp_path / "ck" / "__0_0.distcp"
+        f.write_bytes(f.read_bytes()[:3000])
+        p = tmp_path / "ck"
+    else:  # a chunk archive whose data.pkl calls a function
+        class Evil:
+            def __reduce__(self):
+                import os
+                return (os.system, ("true",))
+        p = tmp_path / "ck"
+        write_chunked(p, {"a": torch.randn(4, 3)}, {"a": [(0, 4)]})
+        buf = io.BytesIO()
+        torch.save(Evil(), buf)
+        md = pickle.loads((p / ".metadata").read_bytes())
+        (p / "__0_0.distcp").write_bytes(buf.getvalue())
+        for info in md.storage_data.values():
+            info.length = len(buf.getvalue())
+        (p / ".metadata").write_bytes(pickle.dumps(md))
+    code, out, err = run_cli("inspect", p) if what != "evil-archive" else run_cli(p, p)
+    assert code == 2 and err.count("\n") == 1 and str(p.name) in err, (code, out, err)

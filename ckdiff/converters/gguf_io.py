@@ -122,6 +122,10 @@ class GgufQuant(LazyTensor):
         super().__init__(name, shape, torch.float32, str(path))
         self.bound = UNIT[self.qtype][1] if self.qtype in UNIT else None
 
+    @property
+    def nbytes(self) -> int:  # stored bytes (codes and scales), not the dequantized size
+        return int(self.rt.n_bytes)
+
     def raw_rows(self, start, stop) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(self.rt.data[start:stop]).copy())
 
