@@ -532,3 +532,24 @@ def test_bad_new_format_inputs_are_one_line_exit_2(tmp_path, run_cli, what):
         (p / ".metadata").write_bytes(pickle.dumps(md))
     code, out, err = run_cli("inspect", p) if what != "evil-archive" else run_cli(p, p)
     assert code == 2 and err.count("\n") == 1 and str(p.name) in err, (code, out, err)
+
+
+def test_mcore_grouped_gemm_expert_names_are_read_per_expert(tmp_path, tiny_hf):
+    """Experts saved one tensor each as ``linear_fc1.weight<e>`` (TE grouped-GEMM parameter names)."""
+    import re
+
+    from ckdiff.converters.mcore import COMMON_KEY, to_args
+    cfg = tiny_config("mixtral")
+    base = open_checkpoint(str(write_mcore(tmp_path / "mc", hf_state(cfg), cfg, stacked=False)))
+    state = {}
+    for k, t in base.tensors.items():
+        m = re.match(r"^(decoder\.layers\.\d+\.mlp\.experts)\.local_experts\.(\d+)\.(linear_fc[12])\.weight$", k)
+        state[f"{m.group(1)}.{m.group(3)}.weight{m.group(2)}" if m else k] = t.load().clone()
+    assert sum("weight3" in k for k in state) == 2 * cfg.layers
+    state[COMMON_KEY] = [{"args": to_args(cfg, cfg.vocab), "iteration": 1}]
+    it = tmp_path / "grouped"
+    _dcp_save(state, it, flatten=False)
+    (it / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
+    ck = open_checkpoint(str(it))
+    assert ck.format == "mcore" and set(ck.tensors) == set(base.tensors)
+    assert compare_checkpoints(open_checkpoint(str(tiny_hf("mixtral"))), ck).equivalent
