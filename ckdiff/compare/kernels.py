@@ -438,3 +438,13 @@ class QuantStats(_Sums):
         if self.na > 0 and self.nb > 0:
             return self.dot / math.sqrt(self.na * self.nb)
         return None
+
+
+def warm() -> None:
+    """Compile (or load from numba's on-disk cache) every kernel once, on tiny inputs."""
+    a = torch.arange(8192, dtype=torch.float32).to(torch.bfloat16)
+    b = a.clone()
+    b[3] += 1
+    bytes_equal(a, b)
+    Stats().add(as_kernel_input(a), as_kernel_input(b), 0, 0.0, 0.0)
+    QuantStats().add(a.reshape(64, 128), torch.ones(64, 128, dtype=torch.int8), torch.ones(64), 1, 0, 128, 0)

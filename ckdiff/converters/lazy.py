@@ -181,16 +181,25 @@ class DerivedGroup:
 
     def gather(self, codes: torch.Tensor, shape, dtype) -> torch.Tensor:
         """Rows named by provenance ``codes``, each source read as one span of rows."""
-        out = torch.empty(shape, dtype=dtype)
         src = codes >> _SRC_SHIFT
         rows = codes & ((1 << _SRC_SHIFT) - 1)
-        for j in torch.unique(src).tolist():
+        sources = torch.unique(src).tolist()
+        if len(sources) == 1:  # one source (a permutation, a split): one span, one index_select
+            t = self.inputs[sources[0]]
+            lo, hi = int(rows.min()), int(rows.max()) + 1
+            if hi - lo <= 2 * len(rows) + 64:
+                block = t.rows(lo, hi)
+                if hi - lo == len(rows) and bool((rows[1:] > rows[:-1]).all()):
+                    return block.reshape(shape)  # the rows in order: no copy
+                return block.index_select(0, rows - lo).reshape(shape)
+        out = torch.empty(shape, dtype=dtype)
+        for j in sources:
             sel = (src == j).nonzero().reshape(-1)
             r = rows[sel]
             lo, hi = int(r.min()), int(r.max()) + 1
             t = self.inputs[j]
             if hi - lo <= 2 * len(r) + 64:
-                out[sel] = t.rows(lo, hi)[r - lo]
+                out.index_copy_(0, sel, t.rows(lo, hi).index_select(0, r - lo))
                 continue
             order = torch.argsort(r)  # scattered rows: read runs of consecutive rows
             rs, ss = r[order], sel[order]
