@@ -1118,6 +1118,7 @@ def test_report_into_read_only_directory(tmp_path, run_cli, monkeypatch):
 
     def denied(*a, **k):  # as root a chmod would not stop the write, so the refusal is simulated
         raise PermissionError(errno.EROFS, "Read-only file system")
+    (tmp_path / "ro").mkdir()  # a missing directory is its own error (see report_into_a_missing_directory)
     monkeypatch.setattr("tempfile.mkstemp", denied)
     for flag in ("--html", "--json", "--markdown"):
         _expect_2(run_cli, a, a, flag, tmp_path / "ro" / "r.out", words=["r.out", "Read-only file system"])
