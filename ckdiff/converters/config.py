@@ -204,7 +204,7 @@ _KEYS = {"hf": dict(hidden="hidden_size", layers="num_hidden_layers", heads="num
                       ffn="hidden_dim", vocab="vocab_size"),
          "megatron": dict(hidden="hidden_size", layers="num_layers", heads="num_attention_heads",
                           kv_heads="num_attention_heads_kv", head_dim="kv_channels", ffn="ffn_hidden_size",
-                          vocab="padded_vocab_size")}
+                          vocab="padded_vocab_size", _label="args key")}
 _KEYS["jetstream"] = _KEYS["meta"]
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 
@@ -219,8 +219,11 @@ def check_tensors(cfg: "ModelConfig", fmt: str, tensors: dict, where, raw: Optio
     names = _NAMES.get(fmt, {})
     raw = raw or {}
 
-    def bad(field_, msg):
-        raise ConfigError(where, f"key {keys[field_]!r}: {msg}")
+    label = keys.get("_label", "key")
+
+    def bad(field_, msg, also=None):
+        both = f" and {keys[also]!r}" if also and raw.get(keys[also]) is not None else ""
+        raise ConfigError(where, f"{label} {keys[field_]!r}{both}: {msg}")
     emb = _first(tensors, names.get("embed", ()))
     if emb is not None and len(emb[1].shape) == 2 and emb[1].dtype.is_floating_point \
             and emb[1].shape[1] != cfg.hidden:
@@ -234,18 +237,18 @@ def check_tensors(cfg: "ModelConfig", fmt: str, tensors: dict, where, raw: Optio
     H, K, hd = cfg.heads, cfg.kv_heads, cfg.head_dim
     q, k, qkv = (_first(tensors, names.get(x, ())) for x in ("q", "k", "qkv"))
     if q is not None and len(q[1].shape) in (2, 3) and _rows(q[1]) != H * hd:
-        bad("heads", f"{H} heads x head_dim {hd} = {H * hd} rows, but {q[0]} has {_rows(q[1])}")
+        bad("heads", f"{H} heads x head_dim {hd} = {H * hd} rows, but {q[0]} has {_rows(q[1])}", "head_dim")
     if k is not None and len(k[1].shape) in (2, 3) and _rows(k[1]) != K * hd:
-        bad("kv_heads", f"{K} KV heads x head_dim {hd} = {K * hd} rows, but {k[0]} has {_rows(k[1])}")
+        bad("kv_heads", f"{K} KV heads x head_dim {hd} = {K * hd} rows, but {k[0]} has {_rows(k[1])}", "head_dim")
     if qkv is not None and len(qkv[1].shape) == 2 and qkv[1].shape[0] != (H + 2 * K) * hd:
         bad("heads", f"({H} heads + 2 x {K} KV heads) x head_dim {hd} = {(H + 2 * K) * hd} rows, but "
-                     f"{qkv[0]} has {qkv[1].shape[0]}")
+                     f"{qkv[0]} has {qkv[1].shape[0]}", "head_dim")
     want_ffn = raw.get(keys["ffn"])
     if _is_int(want_ffn) and want_ffn != cfg.ffn and cfg.family != "falcon":
         bad("ffn", f"{want_ffn}, but the FFN weights have {cfg.ffn} rows")
     V = raw.get("true_vocab_size") if fmt == "megatron" else raw.get(keys["vocab"])
     if _is_int(V) and V > 0 and emb is not None and V > emb[1].shape[0]:
-        raise ConfigError(where, f"key {'true_vocab_size' if fmt == 'megatron' else keys['vocab']!r}: vocab "
+        raise ConfigError(where, f"{label} {'true_vocab_size' if fmt == 'megatron' else keys['vocab']!r}: vocab "
                                  f"size {V} exceeds the {emb[1].shape[0]} rows of {emb[0]}")
     return cfg
 
@@ -288,7 +291,7 @@ class ModelConfig:
         return asdict(self)
 
     def check(self, where: str = "config", keys: Optional[dict] = None) -> "ModelConfig":
-        key = lambda f: f"key {(keys or {}).get(f, f)!r}: "  # noqa: E731
+        key = lambda f: f"{(keys or {}).get('_label', 'key')} {(keys or {}).get(f, f)!r}: "  # noqa: E731
         if self.heads % self.kv_heads:
             raise ConfigError(where, f"{key('kv_heads')}{self.heads} query heads are not a multiple of "
                                      f"{self.kv_heads} KV heads")
