@@ -892,7 +892,7 @@ HF_CONFIG_BREAKS = {  # key: value -> words the error must hold (besides config.
     "tie_flag_string": ("tie_word_embeddings", "false", "true or false"),
     "dtype_unknown": ("torch_dtype", "float33", "dtype name"),
     "dtype_list": ("torch_dtype", ["float32"], "dtype name"),
-    "eos_negative": ("eos_token_id", -1, "token id"),
+    "eos_negative": ("eos_token_id", -2, "token id"),
     "max_positions_float": ("max_position_embeddings", 2.5, "positive integer"),
 }
 
@@ -1434,3 +1434,33 @@ def test_typed_fields_refuse_bools_strings_and_non_finite_values():
     assert parse_config("meta", {"vocab_size": -1}, "p.json") == {}  # Meta's "unset"
     with pytest.raises(ConfigError, match="args key 'num_layers'"):
         parse_config("megatron", {"num_layers": 2.0}, "rank.pt")
+
+
+def test_real_world_config_spellings_stay_valid():
+    from ckdiff.converters.config import parse_config
+    llama3 = {"rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+              "eos_token_id": [128001, 128008, 128009], "rope_theta": 500000.0, "torch_dtype": "bfloat16",
+              "sliding_window": None, "max_position_embeddings": 131072}
+    assert parse_config("hf", llama3, "c.json")["eos_token_id"] == [128001, 128008, 128009]
+    assert "pad_token_id" not in parse_config("hf", {"pad_token_id": -1, "bos_token_id": 0}, "c.json")
+    assert parse_config("meta", {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-05,
+                                 "vocab_size": -1, "ffn_dim_multiplier": 1.3, "use_scaled_rope": True}, "p.json")
+    assert parse_config("megatron", {"params_dtype": torch.bfloat16, "glu_activation": None,
+                                     "num_attention_heads_kv": None}, "r.pt") == {"params_dtype": "bfloat16"}
+
+
+def test_report_to_a_link_to_standard_outputs_own_file_goes_to_stdout(tmp_path):
+    """`ckdiff A B --markdown /dev/stdout > out.txt`, with a link of our own standing in for /dev/stdout:
+    the report joins standard output (terminal lines go to stderr), the link is never replaced."""
+    a = _st(tmp_path, "a.safetensors")
+    (tmp_path / "stdout").symlink_to(tmp_path / "out.txt")
+    with open(tmp_path / "out.txt", "wb") as out:
+        p = subprocess.run([sys.executable, "-m", "ckdiff", str(a), str(a), "--markdown", str(tmp_path / "stdout")],
+                           stdout=out, stderr=subprocess.PIPE, timeout=120,
+                           env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert p.returncode == 0, p.stderr
+    assert os.readlink(tmp_path / "stdout") == str(tmp_path / "out.txt")
+    text = (tmp_path / "out.txt").read_text()
+    assert text.startswith("## ") and "ckdiff compare" in text and "EQUIVALENT" not in text
+    assert b"EQUIVALENT" in p.stderr

@@ -109,7 +109,18 @@ def command_line(argv) -> str:
 
 
 def to_stdout(args) -> bool:
-    return any(getattr(args, f, None) == "-" for f in REPORT_FLAGS)
+    """Whether a report goes to standard output: '-', or a path naming the same file (/dev/stdout)."""
+    return any(getattr(args, f, None) == "-" or _is_stdout(getattr(args, f, None)) for f in REPORT_FLAGS)
+
+
+def _is_stdout(path) -> bool:
+    if not path:
+        return False
+    try:
+        a, b = os.stat(path), os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def console(args=None, stream=None):
@@ -162,7 +173,7 @@ def _owned(inputs) -> tuple[set, list]:
 def check_target(flag: str, target, inputs=(), force: bool = False) -> Optional[tuple]:
     """Where a report may go, decided before any work; raises UsageError when it may not.
 
-    Returns None for ``-`` (standard output), ("stream", path) for a FIFO or character device (written
+    Returns None for ``-`` or a name of standard output's own file (/dev/stdout), ("stream", path) for a FIFO or character device (written
     to as it is, never replaced), ("file", path) for a regular file or a new name (temp file + rename).
     Refused: a path that is an input, a file of an input or an existing file inside an input directory
     (symbolic links resolved); a symbolic link, unless ``force`` and its target is no input's and is a
@@ -180,6 +191,8 @@ def check_target(flag: str, target, inputs=(), force: bool = False) -> Optional[
     files, dirs = _owned(inputs)
     if t in files or t in dirs or (t.exists() and any(d in t.parents for d in dirs)):
         raise UsageError(f"{name} is a file of an input checkpoint; refusing to overwrite it")
+    if _is_stdout(p):
+        return None  # /dev/stdout (or any name of the file standard output already is): written as '-'
     try:
         link = S.S_ISLNK(os.lstat(p).st_mode)
     except FileNotFoundError:

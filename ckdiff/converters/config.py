@@ -111,7 +111,7 @@ class Fields:
 
     def token_ids(self, key):
         v = self.src.get(key)
-        if v is None:
+        if v is None or (_is_int(v) and v == -1):  # -1: "no such token" in older configs (pad_token_id)
             return None
         ok = lambda t: _is_int(t) and 0 <= t <= MAX_TOKEN_ID  # noqa: E731
         if not (ok(v) or (isinstance(v, list) and all(ok(t) for t in v))):
@@ -125,8 +125,7 @@ class Fields:
         if not isinstance(v, dict):
             self.fail(key, "an object (rope_type, factor, ...)", v)
         sub = Fields(v, self.where, f"{self.label} {key!r} field")
-        for k in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow", "rope_theta",
-                  "attention_factor", "mscale", "mscale_all_dim"):
+        for k in ("factor", "low_freq_factor", "high_freq_factor", "rope_theta"):
             sub.num(k)
         sub.int("original_max_position_embeddings", hi=MAX_POSITIONS)
         sub.text("rope_type")
