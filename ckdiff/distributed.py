@@ -20,12 +20,14 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from .errors import CkdiffError
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+ABORT_CLEANUP: set = set()  # temporary output directories to remove if the run is aborted
 
 
 class DistError(CkdiffError):
@@ -62,6 +64,7 @@ def assign(sizes: Sequence[int], world: int) -> list[int]:
 class Shard:
     rank: int
     world: int
+    explain: Optional[object] = None  # () -> str naming a dead local worker, set by LocalWorkers
 
     @property
     def is_main(self) -> bool:
@@ -115,6 +118,9 @@ class Shard:
         except DistError:
             raise
         except Exception as e:  # noqa: BLE001 - a rank vanished or timed out
+            known = self.explain() if self.explain else None
+            if known:
+                raise DistError(known) from None
             raise DistError(f"rank {self.rank}: another rank stopped answering ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:200] if str(e) else 'no detail'})") from None
 
@@ -190,7 +196,20 @@ class LocalWorkers:
         os.environ.update(RANK="0", LOCAL_RANK="0")
         self._stop = threading.Event()
         threading.Thread(target=self._watch, daemon=True).start()
-        return init_from_env()
+        shard = init_from_env()
+        shard.explain = self._dead
+        return shard
+
+    def _dead(self) -> Optional[str]:
+        """The first worker that died, waiting a moment for the one whose socket just closed."""
+        for _ in range(20):
+            for r, p in enumerate(self.procs, 1):
+                code = p.poll()
+                if code not in (None, 0, 1, 2):
+                    how = f"signal {-code}" if code < 0 else f"exit {code}"
+                    return f"worker rank {r} died ({how}); stopped the others"
+            time.sleep(0.1)
+        return None
 
     def _watch(self):
         while not self._stop.wait(0.2):
@@ -198,6 +217,9 @@ class LocalWorkers:
                 code = p.poll()
                 if code not in (None, 0, 1, 2):
                     self._kill()
+                    import shutil
+                    for d in list(ABORT_CLEANUP):
+                        shutil.rmtree(d, ignore_errors=True)
                     how = f"signal {-code}" if code < 0 else f"exit {code}"
                     self.on_failure(f"worker rank {r} died ({how}); stopped the others")
                     os._exit(2)

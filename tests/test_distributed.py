@@ -99,3 +99,37 @@ def test_killed_worker_ends_the_run_promptly(pair):
     r = ckdiff(a, b, "--workers", "2", CKDIFF_TEST_KILL_RANK="1", timeout=120)
     assert r.returncode == 2 and "rank 1" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert time.monotonic() - t < 60
+
+
+def _tree(d: Path) -> dict:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("launch", ["workers", "torchrun"])
+def test_sharded_conversions_write_the_same_bytes(tmp_path, launch):
+    """hf-to-megatron TP=2 PP=2 and megatron-to-hf in 3 shards, from 2 ranks: byte for byte the
+    single-process output; rank 0 wrote the markers, every rank its share of the files."""
+    src = emit(tmp_path / "hf", "llama-gqa", "hf")
+    extra = {"workers": ("--workers", "2"), "torchrun": ()}[launch]
+    launcher = () if launch == "workers" else (sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                               "--nproc_per_node", "2")
+    for tag, more, how in (("1", (), ()), ("2", extra, launcher)):
+        r = ckdiff("convert", "hf-to-megatron", "llama2", "--model-path", src, "--out", tmp_path / f"meg{tag}",
+                   "--tp", "2", "--pp", "2", *more, launcher=how)
+        assert r.returncode == 0, r.stderr[-2000:]
+        r = ckdiff("convert", "megatron-to-hf", "--input_dir", tmp_path / f"meg{tag}", "--output_dir",
+                   tmp_path / f"back{tag}", "--num_output_shards", "3", *more, launcher=how)
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert _tree(tmp_path / "meg1") == _tree(tmp_path / "meg2")
+    assert _tree(tmp_path / "back1") == _tree(tmp_path / "back2")
+    assert len(list((tmp_path / "back2").glob("model-*.safetensors"))) == 3
+
+
+def test_sharded_conversion_with_a_dead_rank_leaves_no_output(tmp_path):
+    src = emit(tmp_path / "hf", "llama-gqa", "hf")
+    t = time.monotonic()
+    r = ckdiff("convert", "hf-to-megatron", "llama2", "--model-path", src, "--out", tmp_path / "meg", "--tp", "2",
+               "--workers", "2", CKDIFF_TEST_KILL_RANK="1", timeout=120)
+    assert r.returncode == 2 and "rank 1" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert time.monotonic() - t < 60
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no output, no temporary directory

@@ -183,3 +183,16 @@ def test_result_independent_of_thread_count_and_visit_order():
     x, y, z = results
     assert x == y and not x.bit_exact and x.max_abs > 0
     assert (x.mean_abs, x.cosine, x.max_abs, x.max_abs_index) == (z.mean_abs, z.cosine, z.max_abs, z.max_abs_index)
+
+
+def test_per_channel_quantization_reads_row_blocks():
+    """A per-channel quantized weight (codes and scales) read by row blocks equals the whole result."""
+    from ckdiff.converters.quant import Quantize
+    w = EagerTensor("w", torch.randn(37, 256, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16))
+    for bits in (8, 4):
+        g = DerivedGroup([w], Quantize(bits, False))
+        codes, scale = g.tensors(["w", "w_scaler"])
+        whole_c, whole_s = g.fn([w.load()])
+        for lo, hi in [(0, 1), (3, 20), (36, 37), (0, 37)]:
+            assert torch.equal(codes.rows(lo, hi), whole_c[lo:hi])
+            assert torch.equal(scale.rows(lo, hi), whole_s[lo:hi])

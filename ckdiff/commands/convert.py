@@ -18,6 +18,16 @@ CONVERTERS = {
 }
 
 
+def _workers(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {v!r}") from None
+    if not 1 <= n <= 1024:
+        raise argparse.ArgumentTypeError(f"expected 1..1024, got {n}")
+    return n
+
+
 def str2bool(v):
     if isinstance(v, bool):
         return v
@@ -39,6 +49,9 @@ def _flag(p, name, default=False, help=""):
 
 def _outputs(p):
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--workers", type=_workers, default=1, metavar="N",
+                   help="write the output files from N local processes (torch.distributed on 127.0.0.1; "
+                        "default 1); under torchrun the launcher's ranks are used instead")
 
 
 def _hf_to_megatron(p):
@@ -142,10 +155,30 @@ def _default_source_hint(a) -> None:
 
 
 def run(argv, command: str = "") -> int:
+    import sys
+
+    from .. import distributed
     a = parser().parse_args(argv)
+    if distributed.launched():  # torchrun / SLURM: every rank runs this and writes its share of the files
+        shard = distributed.init_from_env()
+        try:
+            return _run(a, shard)
+        finally:
+            distributed.shutdown()
+    if a.workers > 1:
+        rest = [x for i, x in enumerate(argv) if x != "--workers" and not x.startswith("--workers=")
+                and (i == 0 or argv[i - 1] != "--workers")]
+        with distributed.LocalWorkers(a.workers, ["convert", *rest],
+                                      lambda msg: print(f"ckdiff: error: {msg}", file=sys.stderr)) as shard:
+            return _run(a, shard)
+    return _run(a, None)
+
+
+def _run(a, shard) -> int:
     name = a.converter
-    pf = common.progress_factory(common.show_progress(a), "writing")
-    progress = {"progress_factory": pf} if pf is not None else {}
+    main_rank = shard is None or shard.is_main
+    pf = common.progress_factory(common.show_progress(a) and main_rank, "writing")
+    progress = {"progress_factory": pf, "shard": shard}
     if name == "hf-to-megatron":
         _default_source_hint(a)
         w = api.hf_to_megatron(a.model, a.out, model_path=a.model_path, size=a.size, cache_dir=a.cache_dir,
@@ -169,6 +202,8 @@ def run(argv, command: str = "") -> int:
         w = api.jetstream_to_hf(a.input_checkpoint_dir, a.output_checkpoint_dir,
                                 num_output_shards=a.num_output_shards, overwrite=a.overwrite,
                                 trust_pickle=a.trust_pickle, **progress)
+    if not main_rank:
+        return 0
     console = common.console(a)
     for n in w.notes:
         console.print(f"note: {n}", markup=False)

@@ -14,7 +14,8 @@ from ..converters.config import ConfigError
 from ..converters.lazy import Checkpoint
 from ..converters.quant import is_quantized
 
-LAYOUT = {"hf": "hf", "meta": "meta", "jetstream": "jetstream", "megatron": "megatron"}
+LAYOUT = {"hf": "hf", "meta": "meta", "jetstream": "jetstream", "megatron": "megatron", "mcore": "mcore",
+          "gguf": "gguf"}
 SAME_NAMES = {("meta", "jetstream"), ("jetstream", "meta")}
 
 
@@ -65,12 +66,15 @@ def _align(a: Checkpoint, b: Checkpoint) -> tuple[Checkpoint, Checkpoint, list, 
                           "(config.json, params.json or Megatron args)"]
     if la is None or lb is None or la == lb or (la, lb) in SAME_NAMES:
         return a, b, [], []
-    move_a = is_quantized(b.tensors) and not is_quantized(a.tensors)
+    from .blockscaled import is_block_scaled
+    quant = lambda x: is_quantized(x.tensors) or any(is_block_scaled(t) for t in x.tensors.values())  # noqa: E731
+    move_a = quant(b) and not quant(a)  # the float side moves, so quantized tensors keep their own scales
     src, dst_layout = (a, lb) if move_a else (b, la)
     try:
         cfg = _config(src)
         plan = Plan()
-        mapped = convert(src.tensors, src.format, dst_layout, cfg, src.path, plan)
+        cover: list = []
+        mapped = convert(src.tensors, src.format, dst_layout, cfg, src.path, plan, cover)
     except ConfigError:
         raise  # mapping across layouts needs a sound config: fatal, one line naming the file and key
     except Exception as e:  # noqa: BLE001 - unmappable: compare as is and say why
@@ -81,7 +85,8 @@ def _align(a: Checkpoint, b: Checkpoint) -> tuple[Checkpoint, Checkpoint, list, 
              f"{'B' if move_a else 'A'} through ckdiff's conversion table before comparing"]
     mapped, pad_note = _strip_config_padding(mapped, src, dst_layout, side)
     notes += pad_note
-    moved = Checkpoint(src.path, f"{src.format}->{dst_layout}", mapped, src.config, src.meta)
+    moved = Checkpoint(src.path, f"{src.format}->{dst_layout}", mapped, src.config,
+                       {**src.meta, "cover": cover, "source_tensors": list(src.tensors)})
     return (moved, b, plan.rows, notes) if move_a else (a, moved, plan.rows, notes)
 
 

@@ -87,12 +87,15 @@ class CompareResult:
     notes: list = field(default_factory=list)
     mapping: list = field(default_factory=list)  # [source keys, target keys, op] when a converter was involved
     config_findings: list = field(default_factory=list)  # "A: ..." config disagrees with its own tensors
+    # per side: tensors read, consumed by rules, dropped (name -> named rule), unaccounted (compare/coverage.py)
+    coverage: dict = field(default_factory=dict)
 
     @property
     def equivalent(self) -> bool:
         """Equivalent only when every tensor is, and the configs define the same function and fit
         their tensors (fields that do not change the function never count)."""
-        return all(t.ok for t in self.tensors) and not self.config_diff and not self.config_findings
+        return all(t.ok for t in self.tensors) and not self.config_diff and not self.config_findings \
+            and not any(c.get("unaccounted") for c in self.coverage.values())
 
     def counts(self) -> dict:
         c: dict = {}
@@ -114,7 +117,7 @@ class CompareResult:
             "format_a": self.format_a, "format_b": self.format_b,
             "counts": self.counts(), "options": self.options, "notes": self.notes,
             "config_diff": self.config_diff, "config_findings": self.config_findings, "mapping": self.mapping,
-            "tensors": [asdict(t) for t in self.tensors],
+            "coverage": self.coverage, "tensors": [asdict(t) for t in self.tensors],
         }
 
 
@@ -282,6 +285,12 @@ def compare_tensor(name: str, ta: LazyTensor, tb: LazyTensor, opts: Options,
         if progress:
             progress(ta.nbytes + tb.nbytes)
         return r
+    from .blockscaled import compare_block_scaled, is_block_scaled
+    if is_block_scaled(ta) or is_block_scaled(tb):  # GGUF blocks, FP8 block scales: judged in scale units
+        out = compare_block_scaled(name, ta, tb, opts.chunk_bytes)
+        if progress:
+            progress(ta.nbytes + tb.nbytes)
+        return out
     tol = opts.tolerance(name, ta.dtype, tb.dtype)
     r.atol, r.rtol, r.tol_source = tol.atol, tol.rtol, tol.source
     same_dtype = ta.dtype == tb.dtype
@@ -338,10 +347,15 @@ def compare_checkpoints(a: Checkpoint, b: Checkpoint, opts: Optional[Options] = 
     notes: list[str] = []
     mapping: list = []
     cdiff, cfindings, cnotes = compare_config_semantics(a, b)
+    a0, b0 = a, b
     if map_layouts:
         from .align import align
         a, b, mapping, notes = align(a, b)
+    notes += [f"{side}: {n}" for side, ck in (("A", a0), ("B", b0)) for n in (ck.meta or {}).get("notes", [])]
     notes += cnotes
+    from ..converters.fp8 import fp8_views
+    a, b, fp8_notes = fp8_views(a, b)  # FP8 weights with block scales vs a float side
+    notes += fp8_notes
     consumed: set = set()
     jobs: list = []  # (name, bytes, fn -> TensorResult), in result order
     side = quantized_side(a, b)
@@ -380,6 +394,9 @@ def compare_checkpoints(a: Checkpoint, b: Checkpoint, opts: Optional[Options] = 
                         config_diff=cdiff, config_findings=cfindings,
                         options={"atol": opts.atol, "rtol": opts.rtol, "only": opts.only, "ignore": opts.ignore,
                                  "patterns": [list(p) for p in opts.patterns]}, notes=notes, mapping=mapping)
+    from .coverage import coverage, unaccounted_note
+    res.coverage = coverage(a0, b0, a, b, results, consumed, opts.selected)
+    res.notes += unaccounted_note(res.coverage)
     if opts.diagnose:
         from .diagnose import diagnose_result
         (diagnose_fn or diagnose_result)(res, a, b)

@@ -14,7 +14,7 @@ from .config import ModelConfig, model_config
 from .formats import open_checkpoint, resolve_path
 from . import layouts
 from .table import Plan
-from .writers import atomic_dir, copy_if_exists, disk_errors, write_hf, write_meta_like
+from .writers import atomic_output, copy_if_exists, write_hf, write_meta_like
 
 LLAMA_MODELS = ("llama", "llama2", "codellama", "mistral")
 MEGATRON_MODELS = LLAMA_MODELS + ("falcon",)
@@ -74,7 +74,8 @@ def _run_guarded(fn):
 def hf_to_megatron(model: str, out, *, model_path=None, size: Optional[int] = None, cache_dir=None, tp: int = 1,
                    pp: int = 1, true_vocab_size: Optional[int] = None,
                    make_vocab_size_divisible_by: Optional[int] = None, legacy_rotate_half: bool = False,
-                   overwrite: bool = False, trust_pickle: bool = False, progress_factory=None) -> Written:
+                   overwrite: bool = False, trust_pickle: bool = False, progress_factory=None,
+                   shard=None) -> Written:
     """HF or Meta weights -> Megatron-LLM checkpoint at ``out`` (TP x PP rank files)."""
     from .megatron import check_parallel, make_args, pad_vocab_tensors, padded_vocab, write_megatron
     if model not in MEGATRON_MODELS:
@@ -117,10 +118,11 @@ def hf_to_megatron(model: str, out, *, model_path=None, size: Optional[int] = No
     tensors = layouts.convert(ck.tensors, ck.format, "megatron", cfg, ck.path)
     tensors = pad_vocab_tensors(tensors, rows)
     args = make_args(cfg, a.model, a.tp, a.pp, rows, true_vocab, a.make_vocab_size_divisible_by or 128)
-    with disk_errors(a.out), atomic_dir(a.out, a.overwrite, [ck.path]) as tmp:
+    with atomic_output(a.out, a.overwrite, [ck.path], shard) as (tmp, files):
         _run_guarded(lambda: write_megatron(tmp, tensors, cfg, a.tp, a.pp, args,
-                                            progress_factory=progress_factory))
-        copy_if_exists(Path(ck.path), ["tokenizer.model"], tmp)
+                                            progress_factory=progress_factory, files=files))
+        if files.is_main:
+            copy_if_exists(Path(ck.path), ["tokenizer.model"], tmp)
     return Written(a.out, f"wrote Megatron checkpoint {a.out} (TP={a.tp}, PP={a.pp}, vocab rows {rows}, "
                           f"true vocab {true_vocab})")
 
@@ -130,7 +132,7 @@ def megatron_to_hf(input_dir, output_dir, *, model: Optional[str] = None, num_ou
                    cache_dir=None, vocab_file=None, vocab_extra_ids_list: str = "",
                    override_special_tokens=(), true_vocab_size: Optional[int] = None,
                    rotary_convention: Optional[str] = None, overwrite: bool = False,
-                   trust_pickle: bool = False, progress_factory=None) -> Written:
+                   trust_pickle: bool = False, progress_factory=None, shard=None) -> Written:
     """Megatron-LLM checkpoint (any TP/PP) -> HF safetensors (+ tokenizer files when a tokenizer is found)."""
     from .megatron import config_from_args, strip_vocab
     a = _NS(input_dir=str(input_dir), output_dir=str(output_dir), model=model, num_output_shards=num_output_shards,
@@ -163,10 +165,10 @@ def megatron_to_hf(input_dir, output_dir, *, model: Optional[str] = None, num_ou
             vocab_file = None
     if vocab_file is None and cfg.family != "falcon":
         notes.append("no tokenizer exported: pass --vocab_file (or --cache_dir holding the default tokenizer)")
-    with disk_errors(a.output_dir), atomic_dir(a.output_dir, a.overwrite, [a.input_dir]) as tmp:
+    with atomic_output(a.output_dir, a.overwrite, [a.input_dir], shard) as (tmp, files):
         _run_guarded(lambda: write_hf(tmp, hf, cfg.to_hf(), a.num_output_shards,
-                                      progress_factory=progress_factory))
-        if vocab_file:
+                                      progress_factory=progress_factory, files=files))
+        if vocab_file and files.is_main:
             from .tokenizer import export_tokenizer
             export_tokenizer(vocab_file, tmp, cfg.vocab,
                              [t for t in a.vocab_extra_ids_list.split(",") if t], a.override_special_tokens)
@@ -181,7 +183,7 @@ JS_MODELS = {"llama": "llama-2", "llama-2": "llama-2", "llama-3": "llama-3", "ge
 def to_jetstream(model_name: str, input_checkpoint_dir, output_checkpoint_dir, *, from_hf: bool = False,
                  quantize_weights: bool = False, quantize_type: str = "int8_per_channel",
                  output_safetensors: bool = True, overwrite: bool = False, trust_pickle: bool = False,
-                 progress_factory=None) -> Written:
+                 progress_factory=None, shard=None) -> Written:
     """HF or Meta weights -> JetStream-pt checkpoint, optionally quantized."""
     from .quant import quantize_tensors
     if model_name not in JS_MODELS:
@@ -207,16 +209,16 @@ def to_jetstream(model_name: str, input_checkpoint_dir, output_checkpoint_dir, *
     if a.quantize_weights:
         tensors = quantize_tensors(tensors, a.quantize_type, cfg.family)
         params["quantize_type"] = a.quantize_type
-    with disk_errors(a.output_checkpoint_dir), atomic_dir(a.output_checkpoint_dir, a.overwrite,
-                                                          [ck.path]) as tmp:
+    with atomic_output(a.output_checkpoint_dir, a.overwrite, [ck.path], shard) as (tmp, files):
         _run_guarded(lambda: write_meta_like(tmp, tensors, params, a.output_safetensors,
-                                             progress_factory=progress_factory))
+                                             progress_factory=progress_factory, files=files))
     return Written(a.output_checkpoint_dir, f"wrote JetStream checkpoint {a.output_checkpoint_dir} ({len(tensors)} "
                                             f"tensors{', ' + a.quantize_type if a.quantize_weights else ''})")
 
 
 def jetstream_to_hf(input_checkpoint_dir, output_checkpoint_dir, *, num_output_shards: int = 1,
-                    overwrite: bool = False, trust_pickle: bool = False, progress_factory=None) -> Written:
+                    overwrite: bool = False, trust_pickle: bool = False, progress_factory=None,
+                   shard=None) -> Written:
     """JetStream-pt checkpoint -> HF (dequantized to float32 when quantized)."""
     from .quant import dequantize_tensors, is_quantized
     a = _NS(input_checkpoint_dir=str(input_checkpoint_dir), output_checkpoint_dir=str(output_checkpoint_dir),
@@ -231,10 +233,9 @@ def jetstream_to_hf(input_checkpoint_dir, output_checkpoint_dir, *, num_output_s
     if is_quantized(ck.tensors):
         cfg.dtype = "float32"
     hf = layouts.convert(tensors, "jetstream", "hf", cfg, ck.path)
-    with disk_errors(a.output_checkpoint_dir), atomic_dir(a.output_checkpoint_dir, a.overwrite,
-                                                          [ck.path]) as tmp:
+    with atomic_output(a.output_checkpoint_dir, a.overwrite, [ck.path], shard) as (tmp, files):
         _run_guarded(lambda: write_hf(tmp, hf, cfg.to_hf(), a.num_output_shards,
-                                      progress_factory=progress_factory))
+                                      progress_factory=progress_factory, files=files))
     return Written(a.output_checkpoint_dir, f"wrote HF checkpoint {a.output_checkpoint_dir}"
                    + (" (dequantized to float32)" if is_quantized(ck.tensors) else ""))
 

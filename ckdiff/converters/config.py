@@ -485,6 +485,12 @@ def model_config(ck) -> ModelConfig:
     if ck.format == "megatron":
         from .megatron import config_from_args
         return config_from_args(ck.config, ck.tensors, config_where(ck))
+    if ck.format == "mcore":
+        from .mcore import config_from_args as mcore_config
+        return mcore_config(ck.config, ck.tensors, ck.path)
+    if ck.format == "gguf":
+        from .gguf_io import config_from_gguf
+        return config_from_gguf(ck.config, ck.tensors, ck.path)
     raise InputError(ck.path, f"a {ck.format} input has no architecture config; use a model directory")
 
 
@@ -557,6 +563,12 @@ def canonical_config(fmt: str, cfg: dict, tensors: dict, where: str = "config") 
         return _canonical_meta(cfg, tensors)
     if fmt == "megatron" and cfg:
         return _canonical_megatron(cfg, tensors)
+    if fmt == "mcore" and cfg:
+        from .mcore import canonical
+        return canonical(cfg, tensors)
+    if fmt == "gguf" and cfg:
+        from .gguf_io import canonical
+        return canonical(cfg, tensors)
     return None
 
 

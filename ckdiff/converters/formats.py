@@ -301,6 +301,32 @@ def _jetstream():
     return detect, read
 
 
+# ---------------------------------------------------------------- formats people convert today (issue 16)
+# Each format's knowledge lives in its own module (imported on first use); these entries only register it.
+def _lazy_reader(module: str, detect: str, read: str):
+    import importlib
+
+    def mod():
+        return importlib.import_module(f".{module}", __package__)
+    return (lambda p: getattr(mod(), detect)(p)), (lambda p, **kw: getattr(mod(), read)(p, **kw))
+
+
+@register("mcore", "Megatron-Core torch_dist iteration directory (or its save root): metadata.json naming "
+                   "torch_dist, .metadata + *.distcp, args from common.pt or the common state inside DCP")
+def _mcore():
+    return _lazy_reader("mcore", "is_mcore_dir", "read_mcore")
+
+
+@register("dcp", "torch.distributed.checkpoint directory: .metadata + *.distcp (read without a process group)")
+def _dcp():
+    return _lazy_reader("dcp", "is_dcp_dir", "read_dcp")
+
+
+@register("gguf", "a .gguf file (llama.cpp), read through the gguf package")
+def _gguf():
+    return _lazy_reader("gguf_io", "is_gguf", "read_gguf")
+
+
 # ---------------------------------------------------------------- entry points
 def resolve_path(spec: str, cache_dir: str | None = None) -> Path:
     """A local path, or a hub repo id resolved through the local HF cache only."""
@@ -335,7 +361,7 @@ def detect_format(p: Path) -> str:
         raise InputError(p, f"is {kind_of(mode)}, expected a checkpoint file or directory")
     if p.is_dir():
         # Megatron and others register later; test the most specific first.
-        for name in ("megatron", "jetstream", "meta", "hf", "tensors"):
+        for name in ("mcore", "dcp", "megatron", "jetstream", "meta", "hf", "tensors"):
             if name in READERS and READERS[name].detect(p):
                 return name
         try:
@@ -349,6 +375,8 @@ def detect_format(p: Path) -> str:
                             + (hint or f"use --format {{{','.join(READERS)}}}"))
     if READERS["file"].detect(p):
         return "file"
+    if READERS["gguf"].detect(p):
+        return "gguf"
     raise InputError(p, f"unknown file type {p.suffix or '(no suffix)'}: expected .safetensors, "
                         ".bin, .pt or .pth")
 

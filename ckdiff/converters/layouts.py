@@ -75,6 +75,8 @@ DROP = {
     "meta": [r"^rope\.freqs$", r"freqs_cis$"],
     "jetstream": [r"^rope\.freqs$", r"freqs_cis$"],
     "megatron": [r"word_embeddings_for_head\.weight$"],
+    "mcore": [r"\._extra_state(/.*)?$"],
+    "gguf": [r"^rope_freqs\.weight$"],
 }
 LAYOUTS = ("hf", "meta", "jetstream", "megatron")
 
@@ -160,6 +162,12 @@ def hf_to(layout: str, cfg: ModelConfig) -> list:
         return hf_to_meta(cfg)
     if layout == "megatron":
         return hf_to_megatron(cfg)
+    if layout == "mcore":  # formats of issue 16 keep their tables in their own modules
+        from .mcore import hf_to_mcore
+        return hf_to_mcore(cfg)
+    if layout == "gguf":
+        from .gguf_io import hf_to_gguf
+        return hf_to_gguf(cfg)
     raise InputError(layout, "unknown layout")
 
 
@@ -171,16 +179,17 @@ def hf_drop(cfg: ModelConfig) -> list:
 
 
 def convert(tensors: Mapping[str, LazyTensor], src: str, dst: str, cfg: ModelConfig,
-            where: str = "input", plan: Plan | None = None) -> dict[str, LazyTensor]:
-    """Lazy tensors of layout ``dst`` from tensors of layout ``src`` (through canonical HF)."""
+            where: str = "input", plan: Plan | None = None, cover: list | None = None) -> dict[str, LazyTensor]:
+    """Lazy tensors of layout ``dst`` from tensors of layout ``src`` (through canonical HF).
+    ``cover`` collects what each pass consumed and dropped (see table.apply)."""
     canon = dict(tensors)
     if src != "hf":
-        canon = apply(tensors, invert(hf_to(src, cfg)), cfg.layers, DROP.get(src, ()), where, plan)
+        canon = apply(tensors, invert(hf_to(src, cfg)), cfg.layers, DROP.get(src, ()), where, plan, cover)
     else:
-        canon = apply(tensors, [R(k, k) for k in _hf_keys(cfg)], cfg.layers, hf_drop(cfg), where)
+        canon = apply(tensors, [R(k, k) for k in _hf_keys(cfg)], cfg.layers, hf_drop(cfg), where, cover=cover)
     if dst == "hf":
         return canon
-    return apply(canon, hf_to(dst, cfg), cfg.layers, (), where, plan)
+    return apply(canon, hf_to(dst, cfg), cfg.layers, (), where, plan, cover)
 
 
 def _hf_keys(cfg: ModelConfig) -> list:

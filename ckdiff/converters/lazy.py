@@ -120,6 +120,9 @@ class DerivedTensor(LazyTensor):
         return self.group.outputs()[self.index]
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
+        if self.shape and getattr(self.group.fn, "rowlocal", False):  # output rows from the same input rows
+            out = self.group.fn([t.rows(start, stop) for t in self.group.inputs])[self.index]
+            return out.reshape((stop - start,) + self.shape[1:])
         m = self.group.row_map(self.index) if self.shape else None
         if m is None:
             t = self.load()

@@ -313,7 +313,7 @@ def _tp_source(name: str, t: LazyTensor, rank: int, tp: int, glu: bool) -> Tenso
 
 
 def write_megatron(out: Path, tensors: dict[str, LazyTensor], cfg: ModelConfig, tp: int, pp: int,
-                   args: argparse.Namespace, progress_factory=None) -> list[str]:
+                   args: argparse.Namespace, progress_factory=None, files=None) -> list[str]:
     """Write rank files (legacy names, as hf_to_megatron) and the tracker last.
 
     Each rank file is streamed (``torch_zip.write_torch_zip``): one row chunk of one tensor is in
@@ -351,15 +351,23 @@ def write_megatron(out: Path, tensors: dict[str, LazyTensor], cfg: ModelConfig, 
             rank = f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "")
             ranks.append((out / "release" / rank / "model_optim_rng.pt",
                           {"iteration": "release", "checkpoint_version": 3.0, "args": args, "model": model}))
+    from .writers import FileJobs
+    files = files or FileJobs()  # ranks of a sharded conversion each write their own rank files
     progress = None
     if progress_factory is not None:
         progress = progress_factory(sum(s.nbytes for _, obj in ranks for s in iter_leaves(obj)))
-    for path, obj in ranks:
+
+    def write(path, obj):
         path.parent.mkdir(parents=True, exist_ok=True)
         write_torch_zip(path, obj, progress)
+    for path, obj in ranks:
+        files.add(str(path), sum(s.nbytes for s in iter_leaves(obj)), lambda path=path, obj=obj: write(path, obj))
+    if files.is_main:
+        for path, _ in ranks:  # directories exist even for ranks written elsewhere
+            path.parent.mkdir(parents=True, exist_ok=True)
+        (out / TRACKER).write_text("release")
     if progress is not None and hasattr(progress, "stop"):
         progress.stop()
-    (out / TRACKER).write_text("release")
     return [str(path) for path, _ in ranks]
 
 

@@ -79,6 +79,11 @@ class Quantize(Op):
     def __init__(self, bits: int, blockwise: bool, embedding: bool = False):
         self.bits, self.blockwise, self.embedding = bits, blockwise, embedding
 
+    @property
+    def rowlocal(self) -> bool:
+        """Per-channel scales of a linear come from its own row: any row block quantizes alone."""
+        return not self.blockwise and not self.embedding
+
     def __call__(self, xs):
         if self.embedding:
             return list(quantize(xs[0], 8, False, axis=0))

@@ -63,11 +63,16 @@ class Plan:
 
 
 def apply(tensors: Mapping[str, LazyTensor], rules: Sequence[Rule], layers: int,
-          drop: Iterable[str] = (), where: str = "input", plan: Plan | None = None) -> dict[str, LazyTensor]:
-    """Lazy targets of ``rules`` over ``tensors``; every source key must be used or dropped."""
+          drop: Iterable[str] = (), where: str = "input", plan: Plan | None = None,
+          cover: list | None = None) -> dict[str, LazyTensor]:
+    """Lazy targets of ``rules`` over ``tensors``; every source key must be used or dropped.
+
+    With ``cover`` (a list), one record of this pass is appended: how many times each source key was
+    consumed by a rule and which were dropped by which named pattern (compare/coverage.py checks them)."""
     drop_re = [re.compile(p) for p in drop]
     out: dict[str, LazyTensor] = {}
     used: set = set()
+    uses: dict = {}
     head = [r for r in rules if not r.layered]
     first_layered = next((i for i, r in enumerate(rules) if r.layered), len(rules))
     pre = [r for r in rules[:first_layered] if not r.layered]
@@ -81,6 +86,9 @@ def apply(tensors: Mapping[str, LazyTensor], rules: Sequence[Rule], layers: int,
         if missing:
             raise InputError(where, f"missing tensor {missing[0]!r} (needed for {dst[0]!r})")
         used.update(src)
+        if cover is not None:
+            for k in src:
+                uses[k] = uses.get(k, 0) + 1
         if isinstance(rule.op, Identity):
             for s, d in zip(src, dst):
                 out[d] = Renamed(d, tensors[s])
@@ -103,6 +111,10 @@ def apply(tensors: Mapping[str, LazyTensor], rules: Sequence[Rule], layers: int,
     for r in post:
         run(r, None)
     unused = [k for k in tensors if k not in used and not any(p.search(k) for p in drop_re)]
+    if cover is not None:
+        cover.append({"sources": list(tensors), "uses": uses, "dropped": {
+            k: next(p.pattern for p in drop_re if p.search(k)) for k in tensors
+            if k not in used and any(p.search(k) for p in drop_re)}})
     if unused:
         more = f" (and {len(unused) - 3} more)" if len(unused) > 3 else ""
         raise InputError(where, f"unmapped tensors {unused[:3]}{more}: the converter does not know them")

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Optional, Iterable, Sequence
 
 import torch
 
@@ -198,6 +198,60 @@ def atomic_file(path, write_fn, overwrite: bool = True):
             os.unlink(tmp)
 
 
+class FileJobs:
+    """Where a writer's output files are made: at once (one process), or spread over the ranks of a
+    ``distributed.Shard`` by bytes, each rank writing its own files into the shared temporary output
+    directory. Small marker files (index, config, tracker) are written by rank 0 only (``is_main``)."""
+
+    def __init__(self, shard=None):
+        self.shard = shard
+        self.jobs: list = []
+
+    @property
+    def is_main(self) -> bool:
+        return self.shard is None or self.shard.is_main
+
+    def add(self, name: str, nbytes: int, fn) -> None:
+        if self.shard is None:
+            fn()
+        else:
+            self.jobs.append((name, nbytes, fn))
+
+    def finish(self) -> None:
+        """Run the jobs on their ranks; an error on any rank is raised on every rank."""
+        if self.shard is not None:
+            self.shard.map([(n, b, lambda fn=fn: bool(fn() or True)) for n, b, fn in self.jobs])
+            self.jobs = []
+
+
+@contextlib.contextmanager
+def atomic_output(target, overwrite: bool = False, inputs: Sequence = (), shard=None):
+    """``(temporary directory, FileJobs)`` for an output that appears at ``target`` by one rename, once
+    every rank's files are written (a failure on any rank leaves no output). Without ``shard`` this is
+    ``atomic_dir`` with files written at once."""
+    if shard is None:
+        with disk_errors(target), atomic_dir(target, overwrite, inputs) as tmp:
+            yield tmp, FileJobs()
+        return
+    from ..distributed import ABORT_CLEANUP
+    files = FileJobs(shard)
+    if shard.is_main:
+        with disk_errors(target), atomic_dir(target, overwrite, inputs) as tmp:
+            ABORT_CLEANUP.add(str(tmp))
+            try:
+                shard.agree(str(tmp))
+                yield tmp, files
+                with disk_errors(target):
+                    files.finish()
+            finally:
+                ABORT_CLEANUP.discard(str(tmp))
+    else:
+        tmp = Path(shard.agree(None))
+        with disk_errors(target):
+            yield tmp, files
+            files.finish()
+
+
 def write_json(path, obj):
     Path(path).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
@@ -239,41 +293,39 @@ def _stop(progress) -> None:
 
 
 def write_hf(out_dir: Path, tensors: dict[str, LazyTensor], config: dict, num_shards: int = 1,
-             progress_factory=None) -> list[str]:
+             progress_factory=None, files: Optional[FileJobs] = None) -> list[str]:
     """HF safetensors (sharded with an index when asked) plus config.json.
 
-    ``progress_factory(total_bytes)`` returns a callable told the bytes of each chunk written."""
+    ``progress_factory(total_bytes)`` returns a callable told the bytes of each chunk written;
+    ``files`` spreads the shard files over ranks (``FileJobs``)."""
+    files = files or FileJobs()
     items = list(tensors.values())
     progress = _start(progress_factory, sum(t.nbytes for t in items))
     groups = shard_groups(items, num_shards)
-    files = []
-    if len(groups) == 1:
-        _write_st(out_dir / "model.safetensors", groups[0], progress)
-        files.append("model.safetensors")
-    else:
-        weight_map = {}
-        for i, g in enumerate(groups, 1):
-            name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-            _write_st(out_dir / name, g, progress)
-            files.append(name)
-            weight_map.update({t.name: name for t in g})
-        write_json(out_dir / "model.safetensors.index.json",
-                   {"metadata": {"total_size": sum(t.nbytes for t in items)}, "weight_map": weight_map})
+    names = (["model.safetensors"] if len(groups) == 1 else
+             [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)])
+    for name, g in zip(names, groups):
+        files.add(name, sum(t.nbytes for t in g), lambda name=name, g=g: _write_st(out_dir / name, g, progress))
+    if files.is_main:
+        if len(groups) > 1:
+            write_json(out_dir / "model.safetensors.index.json",
+                       {"metadata": {"total_size": sum(t.nbytes for t in items)},
+                        "weight_map": {t.name: name for name, g in zip(names, groups) for t in g}})
+        write_json(out_dir / "config.json", config)
     _stop(progress)
-    write_json(out_dir / "config.json", config)
-    return files
+    return names
 
 
 def write_meta_like(out_dir: Path, tensors: dict[str, LazyTensor], params: dict, safetensors: bool = True,
-                    progress_factory=None):
+                    progress_factory=None, files: Optional[FileJobs] = None):
     """JetStream output: model.safetensors, or consolidated.00.pth + checklist.chk; params.json last.
 
-    Both are streamed one tensor (one row chunk) at a time."""
+    Both are streamed one tensor (one row chunk) at a time (one file: one rank writes it)."""
+    files = files or FileJobs()
     progress = _start(progress_factory, sum(t.nbytes for t in tensors.values()))
-    if safetensors:
-        _write_st(out_dir / "model.safetensors", tensors.values(), progress)
-    else:
-        # the torch.save format JetStream asks for, written tensor by tensor
+    total = sum(t.nbytes for t in tensors.values())
+
+    def pth():  # the torch.save format JetStream asks for, written tensor by tensor
         write_torch_zip(out_dir / "consolidated.00.pth",
                         {k: TensorSource.rows_of(t) for k, t in tensors.items()}, progress)
         digest = hashlib.md5()
@@ -281,8 +333,14 @@ def write_meta_like(out_dir: Path, tensors: dict[str, LazyTensor], params: dict,
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
         (out_dir / "checklist.chk").write_text(digest.hexdigest() + "\n")
+    if safetensors:
+        files.add("model.safetensors", total, lambda: _write_st(out_dir / "model.safetensors", tensors.values(),
+                                                                progress))
+    else:
+        files.add("consolidated.00.pth", total, pth)
+    if files.is_main:
+        write_json(out_dir / "params.json", params)
     _stop(progress)
-    write_json(out_dir / "params.json", params)
 
 
 def copy_if_exists(src_dir: Path | None, names: Iterable[str], out_dir: Path) -> list[str]:

@@ -125,7 +125,8 @@ def _pad_rows(w: torch.Tensor, rows: int) -> torch.Tensor:
 
 def emit(out: Path, name: str, layout: str, dtype: str = "float32", seed: int = 0, shards: int = 1,
          tp: int = 1, pp: int = 1, llama_version: int = 2, vocab_rows: int = 0) -> Path:
-    """Write tiny model ``name`` in ``layout`` (hf, meta, jetstream, megatron) to ``out``.
+    """Write tiny model ``name`` in ``layout`` (hf, meta, jetstream, megatron, mcore, gguf[-QTYPE]) to ``out``
+    (for gguf, ``out`` is a directory holding ``model.gguf``, whose path is returned).
 
     ``vocab_rows`` pads a Megatron embedding / lm_head to that many rows."""
     from ..converters.megatron import make_args, write_megatron
@@ -149,6 +150,12 @@ def emit(out: Path, name: str, layout: str, dtype: str = "float32", seed: int = 
                     state[k] = _pad_rows(state[k], rows)
             args = make_args(cfg, model, tp, pp, rows, cfg.vocab, 128)
             write_megatron(tmp, lazy(state), cfg, tp, pp, args)
+        elif layout == "mcore":  # torch DCP in megatron-core's key layout (megatron-core itself needs CUDA)
+            from ..converters.mcore import write_mcore
+            write_mcore(tmp, hf, cfg)
+        elif layout.startswith("gguf"):  # "gguf" (F16) or "gguf-Q8_0" etc.: the gguf package's writer
+            from ..converters.gguf_io import write_gguf
+            write_gguf(tmp / "model.gguf", hf, cfg, layout.partition("-")[2] or "F16")
         else:
             raise ValueError(f"unknown layout {layout!r}")
-    return Path(out)
+    return Path(out) / "model.gguf" if layout.startswith("gguf") else Path(out)

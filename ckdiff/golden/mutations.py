@@ -58,8 +58,8 @@ def output_mutation(transform: Callable[[dict, object], dict]):
     """Patch ``layouts.convert`` so its lazy output passes through ``transform(tensors, cfg)``."""
     orig = layouts.convert
 
-    def convert(tensors, src, dst, cfg, where="input", plan=None):
-        return transform(orig(tensors, src, dst, cfg, where, plan), cfg)
+    def convert(tensors, src, dst, cfg, where="input", plan=None, cover=None):
+        return transform(orig(tensors, src, dst, cfg, where, plan, cover), cfg)
     from ..converters import cli as conv_cli
     return lambda: _stack(_patched(layouts, "convert", convert), _patched(conv_cli, "convert", convert))
 
@@ -676,3 +676,113 @@ def _diff_summary(res) -> str:
     parts += [f"config {k}: {a} -> {b}" for k, a, b in res.config_diff]
     parts += list(res.config_findings)
     return ", ".join(parts) or f"{len(res.tensors)} tensors, {res.counts()}"
+
+
+# ---------------------------------------------------------------- format mutations (issue 16)
+# Bugs injected into the writers of the formats people convert today (Megatron-Core torch_dist via
+# torch DCP, GGUF via the gguf package): the tiny model is written with the bug, then compared with
+# its HF golden the way a user runs ``ckdiff hf/ ckpt``. A bug counts as caught when the comparison
+# is not equivalent or the reader refuses the checkpoint with one line.
+@dataclass
+class FormatMutation:
+    name: str
+    bug_class: str
+    layout: str  # golden/emit.py layout: mcore, gguf-Q8_0, ...
+    model: str
+    patch: Callable  # () -> context manager, active while the checkpoint is written
+    names: str = ""
+
+
+def _table_patch(module: str, fn: str, transform):
+    import importlib
+    mod = importlib.import_module(f"ckdiff.converters.{module}")
+    orig = getattr(mod, fn)
+    return lambda: _patched(mod, fn, lambda cfg: transform(orig(cfg), cfg))
+
+
+@dataclass(frozen=True)
+class _LlamaCppPermute:
+    """llama.cpp's reshape ``[n, 2, rows/n/2]`` with a given n (the bug: n = H for k)."""
+    n: int
+    rowwise = True
+
+    def __call__(self, xs):
+        w = xs[0]
+        return [w.reshape(self.n, 2, -1, *w.shape[1:]).transpose(1, 2).reshape(w.shape)]
+
+    def reverse(self):
+        return self
+
+    def describe(self):
+        return f"llama.cpp permute n={self.n}"
+
+
+def _k_with_h(rules, cfg):
+    return [Rule(r.src, r.dst, _LlamaCppPermute(cfg.heads)) if r.dst == ("blk.{i}.attn_k.weight",) else r
+            for r in rules]
+
+
+def _fc1_up_gate(rules, cfg):
+    return [Rule(r.src[::-1], r.dst, r.op) if len(r.src) == 2 and isinstance(r.op, Concat) else r for r in rules]
+
+
+def _drop_last_expert():
+    from ..converters import mcore
+    orig = mcore.mcore_state
+
+    def state(hf, cfg, stacked=True, pad_to=128):
+        out, vp = orig(hf, cfg, stacked, pad_to)
+        k = "decoder.layers.mlp.experts.linear_fc2.weight"
+        out[k] = out[k][:, :-1].clone()
+        return out, vp
+    return _patched(mcore, "mcore_state", state)
+
+
+FORMAT_CATALOGUE = [
+    FormatMutation("GGUF k permuted with the query head count", "GQA grouping", "gguf-Q8_0", "llama-gqa",
+                   _table_patch("gguf_io", "hf_to_gguf", _k_with_h), r"attn_k\.weight|k_proj"),
+    FormatMutation("GGUF q/k not permuted", "Rotary permutation", "gguf-F16", "llama-gqa",
+                   _table_patch("gguf_io", "hf_to_gguf", _rope(lambda o, cfg: Identity())),
+                   r"attn_[qk]\.weight|self_attn\.[qk]_proj"),
+    FormatMutation("mcore linear_fc1 written [up; gate]", "Fused GLU order", "mcore", "llama-gqa",
+                   _table_patch("mcore", "hf_to_mcore", _fc1_up_gate), r"(gate|up)_proj"),
+    FormatMutation("mcore QKV fused as [Q; K; V]", "Fused QKV order", "mcore", "llama-gqa",
+                   _table_patch("mcore", "hf_to_mcore", _map(lambda o, cfg: Concat((cfg.q_rows, cfg.kv_rows, cfg.kv_rows))
+                                                            if isinstance(o, FuseQKV) else o)), r"[qkv]_proj"),
+    FormatMutation("mcore MoE expert dropped", "Dropped tensors (MoE experts)", "mcore", "mixtral",
+                   _drop_last_expert, r"expert"),
+]
+
+
+def run_format_mutations(work: Path, catalogue=None) -> tuple[list[MutationOutcome], list]:
+    """(outcomes, baseline outcomes): each mutation written and compared with its HF golden; the
+    unmutated baseline of every (layout, model) must compare equivalent."""
+    from ..compare.diff import compare_checkpoints
+    from ..converters.formats import open_checkpoint
+    from ..errors import CkdiffError
+    from .emit import emit
+    catalogue = catalogue or FORMAT_CATALOGUE
+
+    def judge(model, path):
+        gold = work / f"hf-{model}"
+        if not gold.exists():
+            emit(gold, model, "hf")
+        try:
+            res = compare_checkpoints(open_checkpoint(str(gold)), open_checkpoint(str(path)))
+        except CkdiffError as e:
+            return True, [f"refused: {e}"]
+        d = res.to_dict()
+        found = [f"{t['name']}: {t['status']}" for t in d["tensors"] if t["status"] not in ("equal", "close", "cast", "quant")]
+        return not res.equivalent, found + d["notes"] + [f"{k}: {a} -> {b}" for k, a, b in d["config_diff"]]
+    baseline = []
+    for layout, model in sorted({(m.layout, m.model) for m in catalogue}):
+        red, found = judge(model, emit(work / f"base-{layout}-{model}", model, layout))
+        baseline.append(MutationOutcome("baseline", "", layout, model, red, [], found, negative=True))
+    outcomes = []
+    for i, m in enumerate(catalogue):
+        with m.patch():
+            out = emit(work / f"fmut{i:02d}", m.model, m.layout)
+        red, found = judge(m.model, out)
+        outcomes.append(MutationOutcome(m.name, m.bug_class, m.layout, m.model, red, ["diff"] if red else [],
+                                        found, named=bool(re.search(m.names, "\n".join(found)))))
+    return outcomes, baseline

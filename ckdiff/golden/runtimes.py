@@ -321,6 +321,8 @@ def runtime_for(ck: Checkpoint, cfg: ModelConfig) -> Callable:
         return meta_llama
     if ck.format == "megatron":
         return megatron
+    if ck.format in ("mcore", "gguf"):
+        return via_hf
     raise InputError(ck.path, f"no reference runtime for a {ck.format} checkpoint")
 
 
@@ -339,6 +341,15 @@ def drain(gen, on_layer: Optional[Callable] = None) -> torch.Tensor:
             return stop.value
         if on_layer is not None:
             on_layer(x)
+
+
+def via_hf(ck: Checkpoint, cfg: ModelConfig, ids, dtype=torch.float32, progress=None):
+    """Megatron-Core and GGUF checkpoints run with the HF convention after their own layout table maps
+    them to HF names lazily (so this runtime is not independent of that table: the tensor diff and the
+    format mutations check the table; GGUF quantized tensors are dequantized on read)."""
+    from ..converters.layouts import convert
+    hf = Checkpoint(ck.path, "hf", convert(ck.tensors, ck.format, "hf", cfg, ck.path), ck.config, ck.meta)
+    return (hf_falcon if cfg.family == "falcon" else hf_llama)(hf, cfg, ids, dtype, progress)
 
 
 def run(ck: Checkpoint, cfg: ModelConfig, ids: torch.Tensor, dtype=torch.float32) -> Forward:

@@ -1,0 +1,378 @@
+"""Megatron-Core ``torch_dist`` iteration directories: read in place, mapped to HF by a table.
+
+Everything Megatron-Core-specific lives here, declaratively (names, orders, args), so a
+registry can pick it up as one declaration. Facts were checked against NVIDIA/Megatron-LM
+``megatron/core`` at commit d98e8a64 (2026-08-22) and ``megatron/training/arguments.py`` (see
+/work/shared/specs/formats-today.md section 2 for the functions each fact comes from):
+
+- ``metadata.json`` = ``{"sharded_backend": "torch_dist", ...}``; the tensors are a torch DCP
+  checkpoint (``.metadata`` + ``*.distcp``, read by converters/dcp.py) at their global shapes.
+- Common state: ``common.pt`` (legacy) or a DCP byte item ``common_state/shard_0_1`` holding
+  ``torch.save([state])``; ``state["args"]`` is the training ``argparse.Namespace``.
+- Homogeneous layers are stacked: ``decoder.layers.<suffix>`` with a leading ``num_layers`` axis;
+  otherwise ``decoder.layers.<i>.<suffix>``. MoE experts add an expert axis
+  (``mlp.experts.linear_fc1.weight`` = ``[L?, E, 2F, H]``); sequential and grouped-GEMM experts
+  are stored alike. Both forms are read as per-layer, per-expert tensors here.
+- ``linear_qkv`` rows are in query-group order ``[q x H/K, k, v] x K``; ``linear_fc1`` is
+  ``[gate; up]``; layer norms are ``linear_qkv.layer_norm_weight`` / ``linear_fc1.layer_norm_weight``
+  (fused, TE and local specs alike on disk) or ``input_layernorm`` / ``pre_mlp_layernorm``
+  (separate, MoE layers); rotary is rotate_half unless ``args.rotary_interleaved``.
+- The embedding (and ``output_layer``) are padded to ``args.padded_vocab_size``; rows past
+  ``args.vocab_size`` are padding. ``output_layer.weight`` is absent when tied.
+- ``*._extra_state`` (Transformer Engine FP8 metadata) carries no weights: skipped with a note.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import pathlib
+import pickle
+import re
+import types
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from .inputs import read_json_object
+from .config import ModelConfig
+from .lazy import Checkpoint, LazyTensor, RowSlice
+from .ops import Chain, Concat, Each, FuseQKV, Identity, PermuteRope
+from .table import R
+
+BACKEND = "torch_dist"
+COMMON_KEY = "common_state/shard_0_1"
+TRACKER = "latest_checkpointed_iteration.txt"
+
+# ------------------------------------------------------------------ names (per layer, as read)
+_L = "decoder.layers.{i}."
+MCORE = {
+    "embed": "embedding.word_embeddings.weight", "norm": "decoder.final_layernorm.weight",
+    "head": "output_layer.weight",
+    "qkv": _L + "self_attention.linear_qkv.weight", "o": _L + "self_attention.linear_proj.weight",
+    "attn_norm": _L + "self_attention.linear_qkv.layer_norm_weight",
+    "attn_norm_sep": _L + "input_layernorm.weight",
+    "mlp_norm": _L + "mlp.linear_fc1.layer_norm_weight", "mlp_norm_sep": _L + "pre_mlp_layernorm.weight",
+    "fc1": _L + "mlp.linear_fc1.weight", "fc2": _L + "mlp.linear_fc2.weight",
+    "router": _L + "mlp.router.weight",
+    "expert": _L + "mlp.experts.local_experts.{e}.linear_{n}.weight",
+}
+# keys with an expert axis on disk, and the per-expert name each expert is read as
+_EXPERT_KEY = re.compile(r"^(decoder\.layers\.(?:\d+\.)?mlp\.experts)\.(linear_fc[12]\.weight)$")
+_GROUPED = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts)\.(linear_fc[12])\.weight(\d+)$")
+DROP = [r"\._extra_state(/.*)?$"]
+
+
+# ------------------------------------------------------------------ common state (args)
+class _Opaque:
+    """An allowlisted foreign object (a Megatron enum or config, a numpy value) kept inert."""
+
+    def __init__(self, *a, **k):
+        self.args = a
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __repr__(self):
+        return f"<opaque {self.args!r}>"
+
+
+_FOREIGN = ("megatron.", "numpy.", "numpy", "transformer_engine.")
+
+
+def _common_pickle_module(where):
+    from torch._weights_only_unpickler import _get_allowed_globals
+    allowed = dict(_get_allowed_globals())
+    allowed.update({"argparse.Namespace": argparse.Namespace, "types.SimpleNamespace": types.SimpleNamespace,
+                    **{f"pathlib.{n}": getattr(pathlib, n) for n in ("PosixPath", "PurePosixPath", "WindowsPath",
+                                                                       "PureWindowsPath")}})
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            obj = allowed.get(f"{module}.{name}")
+            if obj is not None:
+                return obj
+            if module.startswith(_FOREIGN):
+                return _Opaque  # Megatron enums/configs, numpy rng state: inert stand-ins
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed")
+
+    return types.SimpleNamespace(Unpickler=Unpickler, load=pickle.load, __name__="ckdiff_restricted")
+
+
+def load_common(data: bytes, where) -> dict:
+    """The common state (``args`` and friends) of a torch.save blob, allowlisted types only."""
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False,
+                         pickle_module=_common_pickle_module(where))
+    except pickle.UnpicklingError as e:
+        raise InputError(where, f"refused to unpickle the common state: {e}; only plain data, "
+                                "argparse.Namespace and inert Megatron enums are read") from None
+    except Exception as e:  # noqa: BLE001 - a corrupt archive is an input error
+        raise InputError(where, f"common state is not a readable torch.save archive ({str(e)[:120]})") from None
+    if isinstance(obj, list) and obj:  # the in-DCP form is torch.save([state, ...])
+        obj = obj[0]
+    if not isinstance(obj, dict):
+        raise InputError(where, f"common state is a {type(obj).__name__}, expected a dict")
+    return obj
+
+
+def _args_dict(state: dict) -> dict:
+    a = state.get("args")
+    if a is None:
+        return {}
+    d = vars(a) if isinstance(a, (argparse.Namespace, types.SimpleNamespace)) else a
+    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool, type(None), list, tuple))} \
+        if isinstance(d, dict) else {}
+
+
+# ------------------------------------------------------------------ reader
+def _iteration_dir(p: Path) -> Path:
+    if (p / TRACKER).exists() or (p / TRACKER).is_symlink():
+        from .megatron import read_tracker  # regular file only, bounded, never quoted in errors
+        tag = read_tracker(p / TRACKER)
+        sub = p / ("release" if tag == "release" else f"iter_{int(tag):07d}")
+        if sub.is_dir():
+            return sub
+    return p
+
+
+def _backend(p: Path):
+    f = p / "metadata.json"
+    if not f.is_file():
+        return None
+    try:
+        return read_json_object(f).get("sharded_backend")
+    except (InputError, ValueError, OSError, AttributeError):
+        return None
+
+
+def is_mcore_dir(p: Path) -> bool:
+    if not p.is_dir():
+        return False
+    it = _iteration_dir(p)
+    return _backend(it) == BACKEND and (it / ".metadata").is_file()
+
+
+def _per_layer(name: str, t, args: dict, notes: list) -> dict:
+    """Per-layer (and per-expert) tensors of one DCP key."""
+    from .dcp import SubTensor
+    out = {}
+    L = args.get("num_layers")
+    m = _EXPERT_KEY.match(name)
+    stacked_layers = name.startswith("decoder.layers.") and not re.match(r"^decoder\.layers\.\d+\.", name)
+    if stacked_layers:
+        if not isinstance(L, int) or not t.shape or t.shape[0] != L:
+            raise InputError(t.origin, f"{name!r} has shape {list(t.shape)}: expected a leading axis of "
+                                       f"num_layers = {L} (layer-stacked key)")
+    if m:
+        E = args.get("num_experts")
+        lead = 1 if stacked_layers else 0
+        if len(t.shape) < lead + 1 or (isinstance(E, int) and t.shape[lead] != E):
+            raise InputError(t.origin, f"{name!r} has shape {list(t.shape)}: expected an expert axis of "
+                                       f"num_experts = {E}")
+        n = m.group(2).split(".")[0].replace("linear_", "")
+        for i in range(L if stacked_layers else 1):
+            for e in range(t.shape[lead]):
+                base = m.group(1).replace("decoder.layers.", f"decoder.layers.{i}.") if stacked_layers else m.group(1)
+                k = f"{base}.local_experts.{e}.linear_{n}.weight"
+                out[k] = SubTensor(k, t, (i, e) if stacked_layers else (e,))
+        return out
+    if stacked_layers:
+        suffix = name[len("decoder.layers."):]
+        for i in range(L):
+            k = f"decoder.layers.{i}.{suffix}"
+            out[k] = SubTensor(k, t, (i,))
+        return out
+    g = _GROUPED.match(name)
+    if g:
+        k = f"{g.group(1)}.local_experts.{g.group(3)}.{g.group(2)}.weight"
+        out[k] = t
+        return out
+    out[name] = t
+    return out
+
+
+def read_mcore(p: Path, **_) -> Checkpoint:
+    from .dcp import load_byte_item, read_dcp_entries
+    it = _iteration_dir(p)
+    raw, items, _md = read_dcp_entries(it)
+    notes: list = []
+    if COMMON_KEY in items:
+        state = load_common(load_byte_item(items[COMMON_KEY], COMMON_KEY), it / items[COMMON_KEY][0].name)
+    elif (it / "common.pt").is_file():
+        state = load_common((it / "common.pt").read_bytes(), it / "common.pt")
+    else:
+        raise InputError(it, "Megatron-Core checkpoint without common state (no common.pt and no "
+                             f"{COMMON_KEY!r} item): the model config (args) is missing")
+    args = _args_dict(state)
+    if not args:
+        raise InputError(it, "the common state holds no args: the model config is missing")
+    skipped = {k: "Transformer Engine extra state (no weights)" if "_extra_state" in k else "non-tensor item"
+               for k in items if k != COMMON_KEY}
+    tensors: dict[str, LazyTensor] = {}
+    for name, t in raw.items():
+        if any(re.search(d, name) for d in DROP):
+            skipped[name] = "Transformer Engine extra state (no weights)"
+            continue
+        tensors.update(_per_layer(name, t, args, notes))
+    V = args.get("vocab_size")
+    for k in (MCORE["embed"], MCORE["head"]):
+        t = tensors.get(k)
+        if t is not None and isinstance(V, int) and 0 < V < t.shape[0]:
+            tensors[k] = RowSlice(k, t, 0, V)
+            notes.append(f"{k}: vocab padding rows {V}..{t.shape[0] - 1} stripped (args.vocab_size {V}, "
+                         f"padded_vocab_size {args.get('padded_vocab_size')})")
+    n_extra = sum(1 for v in skipped.values() if v.startswith("Transformer"))
+    if n_extra:
+        notes.append(f"{n_extra} _extra_state entries skipped: Transformer Engine metadata, no weights")
+    return Checkpoint(str(it), "mcore", tensors, config=args,
+                      meta={"files": sorted({str(c.file) for t in raw.values() for c in t.chunks}),
+                            "skipped": skipped, "notes": notes, "iteration": state.get("iteration")})
+
+
+# ------------------------------------------------------------------ config
+def config_from_args(a: dict, tensors: dict, where="args") -> ModelConfig:
+    try:
+        D, L, H = a["hidden_size"], a["num_layers"], a["num_attention_heads"]
+    except KeyError as e:
+        raise InputError(where, f"Megatron-Core args lack {e.args[0]!r}") from None
+    K = a.get("num_query_groups") if a.get("group_query_attention") else H
+    K = K or H
+    E = a.get("num_experts") or 0
+    F = (a.get("moe_ffn_hidden_size") if E else None) or a.get("ffn_hidden_size") or 4 * D
+    emb = tensors.get(MCORE["embed"])
+    V = emb.shape[0] if emb is not None else a.get("vocab_size") or a.get("padded_vocab_size")
+    sep = MCORE["attn_norm_sep"].format(i=0) in tensors
+    msep = MCORE["mlp_norm_sep"].format(i=0) in tensors
+    return ModelConfig(
+        family="mixtral" if E else "llama", hidden=D, layers=L, heads=H, kv_heads=K,
+        head_dim=a.get("kv_channels") or D // H, ffn=F, vocab=V, norm_eps=float(a.get("norm_epsilon") or 1e-5),
+        rope_theta=float(a.get("rotary_base") or 10000.0),
+        tied=not a.get("untie_embeddings_and_output_weights", False), max_pos=a.get("max_position_embeddings") or 2048,
+        experts=E, experts_per_tok=a.get("moe_router_topk") or (2 if E else 0),
+        extra={"model_type": "mixtral" if E else "llama", "rotary": "interleaved" if a.get("rotary_interleaved")
+               else "rotate_half", "attn_norm": "separate" if sep else "fused",
+               "mlp_norm": "separate" if msep else "fused"}).check(where)
+
+
+def canonical(a: dict, tensors: dict) -> dict:
+    c = config_from_args(a, tensors)
+    out = dict(family=c.family, hidden=c.hidden, layers=c.layers, heads=c.heads, kv_heads=c.kv_heads,
+               head_dim=c.head_dim, ffn=c.ffn, vocab=c.vocab, norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+               tied=c.tied, activation="silu" if a.get("swiglu") else "gelu", max_pos=c.max_pos)
+    if c.experts:
+        out.update(experts=c.experts, experts_per_tok=c.experts_per_tok)
+    return out
+
+
+# ------------------------------------------------------------------ layout table (HF -> mcore)
+def hf_to_mcore(cfg: ModelConfig) -> list:
+    from .layouts import HF, MOE_HF
+    if cfg.family not in ("llama", "mixtral"):
+        raise InputError("config", f"{cfg.family} has no Megatron-Core GPT layout here")
+    H, K, d, F = cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.ffn
+    if cfg.extra.get("rotary") == "interleaved":
+        rope = Each((PermuteRope(H, d), PermuteRope(K, d), Identity()))
+        qkv = Chain((rope, FuseQKV(H, K, d)))
+    else:
+        qkv = FuseQKV(H, K, d)
+    moe = cfg.family == "mixtral"
+    an = MCORE["attn_norm_sep" if cfg.extra.get("attn_norm") == "separate" else "attn_norm"]
+    mn = MCORE["mlp_norm_sep" if moe or cfg.extra.get("mlp_norm") == "separate" else "mlp_norm"]
+    rules = [R(HF["embed"], MCORE["embed"]),
+             R(HF["attn_norm"], an),
+             R([HF["q"], HF["k"], HF["v"]], MCORE["qkv"], qkv),
+             R(HF["o"], MCORE["o"]),
+             R(HF["mlp_norm"], mn)]
+    if moe:
+        rules.append(R(MOE_HF["router"], MCORE["router"]))
+        for e in range(cfg.experts):
+            w = lambda n: MOE_HF["w"].format(e=e, n=n)  # noqa: E731  (w1 gate, w2 down, w3 up)
+            x = lambda n: MCORE["expert"].replace("{e}", str(e)).replace("{n}", n)  # noqa: E731
+            rules += [R([w(1), w(3)], x("fc1"), Concat((F, F), 0)), R(w(2), x("fc2"))]
+    else:
+        rules += [R([HF["gate"], HF["up"]], MCORE["fc1"], Concat((F, F), 0)),  # mcore GLU is [gate; up]
+                  R(HF["down"], MCORE["fc2"])]
+    rules.append(R(HF["norm"], MCORE["norm"]))
+    if not cfg.tied:
+        rules.append(R(HF["head"], MCORE["head"]))
+    return rules
+
+
+# ------------------------------------------------------------------ writer for fixtures and golden entries
+def to_args(cfg: ModelConfig, padded_vocab: int) -> argparse.Namespace:
+    """The Megatron-Core training args a checkpoint of ``cfg`` carries (names from arguments.py)."""
+    return argparse.Namespace(
+        num_layers=cfg.layers, hidden_size=cfg.hidden, ffn_hidden_size=cfg.ffn, num_attention_heads=cfg.heads,
+        group_query_attention=cfg.kv_heads != cfg.heads, num_query_groups=cfg.kv_heads, kv_channels=cfg.head_dim,
+        vocab_size=cfg.vocab, padded_vocab_size=padded_vocab, make_vocab_size_divisible_by=128,
+        untie_embeddings_and_output_weights=not cfg.tied, swiglu=True, normalization="RMSNorm",
+        norm_epsilon=cfg.norm_eps, position_embedding_type="rope", rotary_base=int(cfg.rope_theta),
+        rotary_interleaved=cfg.extra.get("rotary") == "interleaved", max_position_embeddings=cfg.max_pos,
+        num_experts=cfg.experts or None, moe_router_topk=cfg.experts_per_tok or 2,
+        moe_ffn_hidden_size=cfg.ffn if cfg.experts else None, add_bias_linear=False,
+        params_dtype=torch.float32, transformer_impl="transformer_engine", ckpt_format=BACKEND)
+
+
+def mcore_state(hf: dict, cfg: ModelConfig, stacked: bool = True, pad_to: int = 128) -> tuple[dict, int]:
+    """HF tensors -> the DCP state dict of a Megatron-Core checkpoint (stacked or per-layer keys,
+    experts on an expert axis, vocab padded, ``_extra_state`` byte items as TE writes them)."""
+    from .lazy import EagerTensor
+    from .table import apply
+    src = {k: EagerTensor(k, v, "<generated>") for k, v in hf.items()}
+    per = {k: v.load() for k, v in apply(src, hf_to_mcore(cfg), cfg.layers).items()}
+    Vp = -(-cfg.vocab // pad_to) * pad_to
+    for k in (MCORE["embed"], MCORE["head"]):
+        if k in per:
+            per[k] = torch.cat([per[k], torch.zeros(Vp - cfg.vocab, per[k].shape[1], dtype=per[k].dtype)])
+    out: dict = {}
+    exp = re.compile(r"^decoder\.layers\.(\d+)\.mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12]\.weight)$")
+    groups: dict = {}
+    for k, v in per.items():
+        m = exp.match(k)
+        if m:
+            groups.setdefault(m.group(3), {}).setdefault(int(m.group(1)), {})[int(m.group(2))] = v
+            continue
+        lm = re.match(r"^decoder\.layers\.(\d+)\.(.*)$", k)
+        if lm and stacked:
+            groups.setdefault(lm.group(2), {})[int(lm.group(1))] = v
+        else:
+            out[k] = v
+    for suffix, by_layer in groups.items():
+        if suffix.startswith("linear_fc"):
+            per_layer = {i: torch.stack([by_layer[i][e] for e in sorted(by_layer[i])]) for i in by_layer}
+            if stacked:
+                out[f"decoder.layers.mlp.experts.{suffix}"] = torch.stack([per_layer[i] for i in sorted(per_layer)])
+            else:
+                for i, v in per_layer.items():
+                    out[f"decoder.layers.{i}.mlp.experts.{suffix}"] = v
+        else:
+            out[f"decoder.layers.{suffix}"] = torch.stack([by_layer[i] for i in sorted(by_layer)])
+    te = "decoder.layers.self_attention.linear_qkv._extra_state" if stacked else \
+        "decoder.layers.0.self_attention.linear_qkv._extra_state"
+    out[te] = b"\x00fp8-meta"
+    return out, Vp
+
+
+def write_mcore(out: Path, hf: dict, cfg: ModelConfig, stacked: bool = True, common: str = "dcp",
+                iteration: int = 10) -> Path:
+    """A Megatron-Core ``torch_dist`` checkpoint root written with torch.distributed.checkpoint.save in one
+    process, in megatron-core's key layout (megatron-core itself does not run on CPU here)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    state, Vp = mcore_state(hf, cfg, stacked)
+    it = Path(out) / f"iter_{iteration:07d}"
+    it.mkdir(parents=True, exist_ok=True)
+    if common == "dcp":  # DCP's default planner stores a non-tensor value as torch.save(value)
+        state[COMMON_KEY] = [{"args": to_args(cfg, Vp), "checkpoint_version": 3.0, "iteration": iteration}]
+    else:
+        torch.save({"args": to_args(cfg, Vp), "checkpoint_version": 3.0, "iteration": iteration}, it / "common.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torch.distributed.checkpoint import DefaultSavePlanner
+        dcp.save(state, checkpoint_id=str(it), no_dist=True, planner=DefaultSavePlanner(flatten_state_dict=False))
+    (it / "metadata.json").write_text(json.dumps({"sharded_backend": BACKEND, "sharded_backend_version": 1}))
+    (Path(out) / TRACKER).write_text(str(iteration))
+    return Path(out)
