@@ -795,6 +795,192 @@ def output_is_a_symlink(d):
              "--output_checkpoint_dir", d / "out", "--overwrite"], ["out", "symbolic link"])
 
 
+# -- 1. reports never overwrite what they must not (one report-writing path for every format)
+@hostile
+def report_onto_an_input_config(d):
+    a, b = emit(d / "a", "llama-gqa", "hf"), emit(d / "b", "llama-gqa", "hf")
+    return [a, b, "--markdown", a / "config.json"], ["--markdown", "config.json", "file of an input"]
+
+
+def _report_link_case(flag):
+    def build(d):
+        a = _st(d, "a.safetensors")
+        (d / "elsewhere.txt").write_text("keep")
+        (d / "r.link").symlink_to(d / "elsewhere.txt")
+        return [a, a, f"--{flag}", d / "r.link"], [f"--{flag}", "r.link", "symbolic link", "--force"]
+    build.__name__ = f"report_{flag}_onto_a_symlink"
+    return build
+
+
+for _f in ("json", "html", "markdown"):
+    hostile(_report_link_case(_f))
+
+
+@hostile
+def report_forced_through_a_link_to_an_input(d):
+    a, b = emit(d / "a", "llama-gqa", "hf"), emit(d / "b", "llama-gqa", "hf")
+    (d / "r.md").symlink_to(a / "config.json")
+    return [a, b, "--markdown", d / "r.md", "--force"], ["r.md", "file of an input"]
+
+
+@hostile
+def report_forced_through_a_link_into_an_input_file(d):
+    a = _st(d, "a.safetensors")
+    (d / "r.json").symlink_to(d / "a.safetensors")
+    return [a, a, "--json", d / "r.json", "--force"], ["r.json", "file of an input"]
+
+
+@hostile
+def report_into_a_missing_directory(d):
+    a = _st(d, "a.safetensors")
+    return [a, a, "--html", d / "nodir" / "r.html"], ["--html", "nodir", "does not exist"]
+
+
+@hostile
+def report_onto_a_directory(d):
+    a = _st(d, "a.safetensors")
+    (d / "sub").mkdir()
+    return [a, a, "--json", d / "sub"], ["--json", "sub", "is a directory"]
+
+
+@hostile
+def report_onto_a_symlink_loop(d):
+    a = _st(d, "a.safetensors")
+    (d / "loop.md").symlink_to(d / "loop.md")
+    return [a, a, "--markdown", d / "loop.md"], ["loop.md", "symbolic link loop"]
+
+
+@hostile
+def inspect_json_onto_a_symlink(d):
+    a = _st(d, "a.safetensors")
+    (d / "out.json").symlink_to(d / "gone.json")  # dangling: a write would create a file elsewhere
+    return ["inspect", a, "--json", d / "out.json"], ["out.json", "symbolic link"]
+
+
+# -- 4. config values: typed, range-checked, and checked against the tensors before any work
+def _edit_json(path, **changes):
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg))  # NaN/Infinity written as JSON's common extension, as Python reads it
+
+
+HF_CONFIG_BREAKS = {  # key: value -> words the error must hold (besides config.json and the key)
+    "rms_norm_eps_string": ("rms_norm_eps", "abc", "positive finite number"),
+    "rms_norm_eps_nan": ("rms_norm_eps", float("nan"), "NaN is not JSON"),  # refused as JSON already
+    "rms_norm_eps_inf": ("rms_norm_eps", float("inf"), "Infinity is not JSON"),
+    "rms_norm_eps_zero": ("rms_norm_eps", 0, "positive finite number"),
+    "heads_string": ("num_attention_heads", "8", "positive integer"),
+    "heads_bool": ("num_attention_heads", True, "positive integer"),
+    "heads_float": ("num_attention_heads", 8.0, "positive integer"),
+    "kv_heads_do_not_divide": ("num_key_value_heads", 3, "not a multiple"),
+    "kv_heads_zero": ("num_key_value_heads", 0, "positive integer"),
+    "hidden_negative": ("hidden_size", -64, "positive integer"),
+    "hidden_mismatch": ("hidden_size", 128, "columns of model.embed_tokens.weight"),
+    "layers_zero": ("num_hidden_layers", 0, "positive integer"),
+    "layers_mismatch": ("num_hidden_layers", 5, "tensors hold 2"),
+    "layers_absurd": ("num_hidden_layers", 10 ** 30, "at most"),
+    "vocab_absurd": ("vocab_size", 10 ** 12, "at most"),
+    "vocab_beyond_embedding": ("vocab_size", 1000, "exceeds the 100 rows"),
+    "ffn_mismatch": ("intermediate_size", 97, "FFN weights have 96 rows"),
+    "head_dim_odd": ("head_dim", 7, "positive even number"),
+    "head_dim_mismatch": ("head_dim", 16, "heads x head_dim"),
+    "rope_theta_negative": ("rope_theta", -1, "positive finite number"),
+    "rope_theta_string": ("rope_theta", "1e4", "positive finite number"),
+    "rope_scaling_string": ("rope_scaling", "linear", "an object"),
+    "rope_scaling_bad_factor": ("rope_scaling", {"rope_type": "linear", "factor": "x"}, "'factor'"),
+    "sliding_window_negative": ("sliding_window", -5, "integer"),
+    "tie_flag_string": ("tie_word_embeddings", "false", "true or false"),
+    "dtype_unknown": ("torch_dtype", "float33", "dtype name"),
+    "dtype_list": ("torch_dtype", ["float32"], "dtype name"),
+    "eos_negative": ("eos_token_id", -2, "token id"),
+    "max_positions_float": ("max_position_embeddings", 2.5, "positive integer"),
+}
+
+
+def _hf_config_case(name, key, value, want):
+    def build(d):
+        src = emit(d / "hf", "llama-gqa", "hf")
+        _edit_json(src / "config.json", **{key: value})
+        return _convert_argv(src, d / "out"), ["config.json", want] + ([] if "JSON" in want else [f"'{key}'"])
+    build.__name__ = f"config_{name}"
+    return build
+
+
+for _n, (_k, _v, _w) in HF_CONFIG_BREAKS.items():
+    hostile(_hf_config_case(_n, _k, _v, _w))
+
+
+@hostile
+def config_is_a_list(d):
+    src = emit(d / "hf", "llama-gqa", "hf")
+    (src / "config.json").write_text("[1, 2]")
+    return _convert_argv(src, d / "out"), ["config.json", "JSON object"]
+
+
+META_PARAMS_BREAKS = {
+    "n_heads_string": ("n_heads", "8", "positive integer"),
+    "norm_eps_zero": ("norm_eps", 0.0, "positive finite number"),
+    "dim_mismatch": ("dim", 48, "columns of tok_embeddings.weight"),
+    "n_kv_heads_bool": ("n_kv_heads", True, "positive integer"),
+    "n_layers_negative": ("n_layers", -2, "positive integer"),
+    "vocab_zero": ("vocab_size", 0, "positive integer"),
+}
+
+
+def _meta_case(name, key, value, want):
+    def build(d):
+        src = emit(d / "meta", "llama-gqa", "meta")
+        _edit_json(src / "params.json", **{key: value})
+        return _convert_argv(src, d / "out"), ["params.json", f"'{key}'", want]
+    build.__name__ = f"params_{name}"
+    return build
+
+
+for _n, (_k, _v, _w) in META_PARAMS_BREAKS.items():
+    hostile(_meta_case(_n, _k, _v, _w))
+
+MEGATRON_ARGS_BREAKS = {
+    "hidden_string": ("hidden_size", "64", "positive integer"),
+    "eps_nan": ("layernorm_epsilon", float("nan"), "positive finite number"),
+    "kv_heads_do_not_divide": ("num_attention_heads_kv", 3, "not a multiple"),
+    "ffn_mismatch": ("ffn_hidden_size", 95, "dense_h_to_4h"),
+    "tie_flag_string": ("tie_embed_logits", "yes", "true or false"),
+    "kv_channels_zero": ("kv_channels", 0, "positive integer"),
+    "true_vocab_beyond_embedding": ("true_vocab_size", 500, "exceeds the 100 rows"),
+}
+
+
+def _megatron_case(name, key, value, want):
+    def build(d):
+        meg = emit(d / "meg", "llama-gqa", "megatron")
+        f = meg / "release/mp_rank_00/model_optim_rng.pt"
+        obj = torch.load(f, weights_only=False)
+        setattr(obj["args"], key, value)
+        torch.save(obj, f)
+        return (["convert", "megatron-to-hf", "--input_dir", meg, "--output_dir", d / "out"],
+                ["model_optim_rng.pt", f"args key '{key}'", want])
+    build.__name__ = f"megatron_args_{name}"
+    return build
+
+
+for _n, (_k, _v, _w) in MEGATRON_ARGS_BREAKS.items():
+    hostile(_megatron_case(_n, _k, _v, _w))
+
+
+@hostile
+def logits_with_a_string_eps(d):
+    a, b = emit(d / "a", "llama-gqa", "hf"), emit(d / "b", "llama-gqa", "hf")
+    _edit_json(b / "config.json", rms_norm_eps="abc")
+    return ["logits", a, b], ["b/config.json", "'rms_norm_eps'", "'abc'"]
+
+
+@hostile
+def cross_layout_compare_with_a_bad_config(d):
+    a, b = emit(d / "a", "llama-gqa", "hf"), emit(d / "b", "llama-gqa", "meta")
+    _edit_json(b / "params.json", dim=48)
+    return [a, b], ["params.json", "'dim'", "columns"]
+
+
 def _snapshot(root):
     """Every entry under root: regular files by sha256, links by target, others by type (never opened)."""
     import hashlib
@@ -1118,6 +1304,7 @@ def test_report_into_read_only_directory(tmp_path, run_cli, monkeypatch):
 
     def denied(*a, **k):  # as root a chmod would not stop the write, so the refusal is simulated
         raise PermissionError(errno.EROFS, "Read-only file system")
+    (tmp_path / "ro").mkdir()  # a missing directory is its own error (see report_into_a_missing_directory)
     monkeypatch.setattr("tempfile.mkstemp", denied)
     for flag in ("--html", "--json", "--markdown"):
         _expect_2(run_cli, a, a, flag, tmp_path / "ro" / "r.out", words=["r.out", "Read-only file system"])
@@ -1175,3 +1362,105 @@ def test_empty_tensors_with_huge_dimensions_compare_without_overflow(tmp_path, r
     assert code == 1 and not err, err
     rows = {t["name"]: t["status"] for t in json.loads((tmp_path / "r.json").read_text())["result"]["tensors"]}
     assert rows == {"z": "shape", "y": "equal", "w": "differ"}
+
+
+# -------------------------------------------------------------- 1. reports to streams and through links
+def _drain(fifo, sink):
+    import threading
+
+    def read():
+        with open(fifo, "rb") as f:
+            sink.append(f.read())
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("via_link", [False, True])
+def test_report_to_a_fifo_is_a_stream_never_replaced(tmp_path, run_cli, via_link):
+    """Like `--markdown /dev/stdout` (a link to a pipe): the FIFO (and the link) stay as they are."""
+    a = _st(tmp_path, "a.safetensors")
+    os.mkfifo(tmp_path / "pipe")
+    target = tmp_path / "pipe"
+    if via_link:
+        (tmp_path / "stdout").symlink_to(tmp_path / "pipe")
+        target = tmp_path / "stdout"
+    got = []
+    t = _drain(tmp_path / "pipe", got)
+    code, out, err = run_cli(a, a, "-q", "--markdown", target)
+    t.join(10)
+    assert code == 0, err
+    assert got and b"ckdiff compare" in got[0] and b"equivalent" in got[0]
+    import stat as st_
+    assert st_.S_ISFIFO(os.lstat(tmp_path / "pipe").st_mode)
+    if via_link:
+        assert os.readlink(tmp_path / "stdout") == str(tmp_path / "pipe")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a.safetensors", "pipe"] + (["stdout"] if via_link else []))
+
+
+def test_force_writes_through_a_link_and_keeps_it(tmp_path, run_cli):
+    a = _st(tmp_path, "a.safetensors")
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "r.json").symlink_to(tmp_path / "reports" / "r.json")
+    code, _, err = run_cli(a, a, "-q", "--json", tmp_path / "r.json", "--force")
+    assert code == 0, err
+    assert os.path.islink(tmp_path / "r.json")
+    assert json.loads((tmp_path / "reports" / "r.json").read_text())["verdict"] == "equivalent"
+
+
+# -------------------------------------------------------------- 4. config values
+def test_odd_config_of_a_same_layout_pair_is_a_finding_not_a_crash(tmp_path, run_cli):
+    """Same-layout tensors need no config: the pair is compared, the bad value is a finding (DIFFER)."""
+    a, b = emit(tmp_path / "a", "llama-gqa", "hf"), emit(tmp_path / "b", "llama-gqa", "hf")
+    _edit_json(b / "config.json", rms_norm_eps="abc")
+    code, out, err = run_cli(a, b, "--json", "-")
+    assert code == 1, err
+    doc = json.loads(out)
+    assert doc["verdict"] == "differ"
+    res = doc.get("result", doc)
+    assert all(t["status"] == "equal" for t in res["tensors"]), res["tensors"][:2]
+    assert any("config.json" in f and "'rms_norm_eps'" in f and "'abc'" in f for f in res["config_findings"])
+
+
+def test_typed_fields_refuse_bools_strings_and_non_finite_values():
+    from ckdiff.converters.config import ConfigError, parse_config
+    ok = parse_config("hf", {"num_attention_heads": 8, "rms_norm_eps": 1, "tie_word_embeddings": None}, "c.json")
+    assert ok == {"num_attention_heads": 8, "rms_norm_eps": 1.0} and isinstance(ok["rms_norm_eps"], float)
+    for key, v in [("num_attention_heads", True), ("num_attention_heads", "8"), ("hidden_size", 0),
+                   ("rms_norm_eps", float("nan")), ("rms_norm_eps", float("-inf")), ("rope_theta", False),
+                   ("vocab_size", 1 << 40), ("tie_word_embeddings", 1)]:
+        with pytest.raises(ConfigError, match=f"c.json: key '{key}': expected"):
+            parse_config("hf", {key: v}, "c.json")
+    assert parse_config("meta", {"vocab_size": -1}, "p.json") == {}  # Meta's "unset"
+    with pytest.raises(ConfigError, match="args key 'num_layers'"):
+        parse_config("megatron", {"num_layers": 2.0}, "rank.pt")
+
+
+def test_real_world_config_spellings_stay_valid():
+    from ckdiff.converters.config import parse_config
+    llama3 = {"rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+              "eos_token_id": [128001, 128008, 128009], "rope_theta": 500000.0, "torch_dtype": "bfloat16",
+              "sliding_window": None, "max_position_embeddings": 131072}
+    assert parse_config("hf", llama3, "c.json")["eos_token_id"] == [128001, 128008, 128009]
+    assert "pad_token_id" not in parse_config("hf", {"pad_token_id": -1, "bos_token_id": 0}, "c.json")
+    assert parse_config("meta", {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-05,
+                                 "vocab_size": -1, "ffn_dim_multiplier": 1.3, "use_scaled_rope": True}, "p.json")
+    assert parse_config("megatron", {"params_dtype": torch.bfloat16, "glu_activation": None,
+                                     "num_attention_heads_kv": None}, "r.pt") == {"params_dtype": "bfloat16"}
+
+
+def test_report_to_a_link_to_standard_outputs_own_file_goes_to_stdout(tmp_path):
+    """`ckdiff A B --markdown /dev/stdout > out.txt`, with a link of our own standing in for /dev/stdout:
+    the report joins standard output (terminal lines go to stderr), the link is never replaced."""
+    a = _st(tmp_path, "a.safetensors")
+    (tmp_path / "stdout").symlink_to(tmp_path / "out.txt")
+    with open(tmp_path / "out.txt", "wb") as out:
+        p = subprocess.run([sys.executable, "-m", "ckdiff", str(a), str(a), "--markdown", str(tmp_path / "stdout")],
+                           stdout=out, stderr=subprocess.PIPE, timeout=120,
+                           env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert p.returncode == 0, p.stderr
+    assert os.readlink(tmp_path / "stdout") == str(tmp_path / "out.txt")
+    text = (tmp_path / "out.txt").read_text()
+    assert text.startswith("## ") and "ckdiff compare" in text and "EQUIVALENT" not in text
+    assert b"EQUIVALENT" in p.stderr

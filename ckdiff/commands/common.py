@@ -11,8 +11,10 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import Optional
 
 from ..errors import UsageError
+from ..text import printable
 
 REPORT_FLAGS = ("json", "html", "markdown")
 
@@ -97,6 +99,8 @@ def add_reports(p: argparse.ArgumentParser, flags=REPORT_FLAGS) -> None:
             "markdown": "write a Markdown summary (PR comment, job summary)"}
     for f in flags:
         g.add_argument(f"--{f}", metavar="PATH", help=text[f])
+    g.add_argument("--force", action="store_true",
+                   help="write a report through a symbolic link (never onto an input's files)")
 
 
 def command_line(argv) -> str:
@@ -105,7 +109,18 @@ def command_line(argv) -> str:
 
 
 def to_stdout(args) -> bool:
-    return any(getattr(args, f, None) == "-" for f in REPORT_FLAGS)
+    """Whether a report goes to standard output: '-', or a path naming the same file (/dev/stdout)."""
+    return any(getattr(args, f, None) == "-" or _is_stdout(getattr(args, f, None)) for f in REPORT_FLAGS)
+
+
+def _is_stdout(path) -> bool:
+    if not path:
+        return False
+    try:
+        a, b = os.stat(path), os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def console(args=None, stream=None):
@@ -155,15 +170,61 @@ def _owned(inputs) -> tuple[set, list]:
     return files, dirs
 
 
-def check_target(flag: str, target, inputs=()) -> None:
-    """Refuse a report path that is an input, a file of an input, or an existing file inside an input
-    directory (reports never overwrite a checkpoint's files, config.json included)."""
+def check_target(flag: str, target, inputs=(), force: bool = False) -> Optional[tuple]:
+    """Where a report may go, decided before any work; raises UsageError when it may not.
+
+    Returns None for ``-`` or a name of standard output's own file (/dev/stdout), ("stream", path) for a FIFO or character device (written
+    to as it is, never replaced), ("file", path) for a regular file or a new name (temp file + rename).
+    Refused: a path that is an input, a file of an input or an existing file inside an input directory
+    (symbolic links resolved); a symbolic link, unless ``force`` and its target is no input's and is a
+    regular file or a new name in an existing directory (then the target is written); a directory,
+    socket or block device; a missing parent directory (never created)."""
+    import stat as S
     if target in (None, "-"):
-        return
-    t = Path(target).resolve()
+        return None
+    p = Path(target)
+    name = f"--{flag} {printable(str(target))}"
+    try:
+        t = p.resolve()
+    except (OSError, RuntimeError) as e:  # a symbolic-link loop, a name too long
+        raise UsageError(f"{name}: {_why(e, 'symbolic link loop')}") from None
     files, dirs = _owned(inputs)
     if t in files or t in dirs or (t.exists() and any(d in t.parents for d in dirs)):
-        raise UsageError(f"--{flag} {target} is a file of an input checkpoint; refusing to overwrite it")
+        raise UsageError(f"{name} is a file of an input checkpoint; refusing to overwrite it")
+    if _is_stdout(p):
+        return None  # /dev/stdout (or any name of the file standard output already is): written as '-'
+    try:
+        link = S.S_ISLNK(os.lstat(p).st_mode)
+    except FileNotFoundError:
+        link = False
+    except OSError as e:
+        raise UsageError(f"{name}: {_why(e)}") from None
+    try:
+        mode = os.stat(p).st_mode  # follows links (/dev/stdout -> /proc/self/fd/1 -> a pipe)
+    except FileNotFoundError:
+        mode = None
+    except OSError as e:
+        raise UsageError(f"{name}: {_why(e)}") from None
+    if mode is not None and (S.S_ISFIFO(mode) or S.S_ISCHR(mode)):
+        return ("stream", p)  # opened for writing as it is: nothing is replaced, links stay links
+    if mode is not None and not S.S_ISREG(mode):
+        kind = "a directory" if S.S_ISDIR(mode) else "a special file"
+        raise UsageError(f"{name} is {kind}; a report is written to a regular file, a FIFO, a character "
+                         "device or '-'")
+    if link and not force:
+        raise UsageError(f"{name} is a symbolic link; refusing to replace it (pass --force to write the "
+                         "report to the link's target)")
+    dest = t if link else p
+    if not dest.parent.is_dir():
+        raise UsageError(f"{name}: directory {printable(str(dest.parent))} does not exist (it is not created)")
+    return ("file", dest)
+
+
+def _why(e: OSError, loop: str = "") -> str:
+    import errno
+    if isinstance(e, RuntimeError) or getattr(e, "errno", None) == errno.ELOOP:
+        return loop or "symbolic link loop"
+    return (e.strerror or str(e)).lower()
 
 
 def check_reports(args, inputs=()) -> None:
@@ -172,14 +233,16 @@ def check_reports(args, inputs=()) -> None:
     if len(dashes) > 1:
         raise UsageError(f"only one report can go to standard output ('-'); got {', '.join('--' + f for f in dashes)}")
     for f in REPORT_FLAGS:
-        check_target(f, getattr(args, f, None), inputs)
+        check_target(f, getattr(args, f, None), inputs, getattr(args, "force", False))
 
 
-def write_report(path, content, inputs=(), flag: str = "report") -> None:
-    """Write one report: ``-`` is standard output, anything else appears only by atomic rename and
-    never onto an input's files."""
+def write_report(path, content, inputs=(), flag: str = "report", force: bool = False) -> None:
+    """Write one report: ``-`` is standard output, a FIFO or character device is written as a stream,
+    anything else appears only by atomic rename; never onto an input's files, never replacing a link."""
+    import stat as S
     data = content.encode() if isinstance(content, str) else content
-    if str(path) == "-":
+    where = check_target(flag, path, inputs, force)
+    if where is None:
         sys.stdout.flush()
         out = getattr(sys.stdout, "buffer", None)
         if out is not None:
@@ -188,13 +251,29 @@ def write_report(path, content, inputs=(), flag: str = "report") -> None:
         else:
             sys.stdout.write(data.decode())
         return
-    check_target(flag, path, inputs)
+    kind, dest = where
+    if kind == "stream":
+        name = f"--{flag} {printable(str(path))}"
+        try:
+            fd = os.open(dest, os.O_WRONLY | getattr(os, "O_NOCTTY", 0))  # no O_CREAT, no O_TRUNC
+        except OSError as e:
+            raise UsageError(f"{name}: {_why(e)}") from None
+        try:
+            if not (S.S_ISFIFO(os.fstat(fd).st_mode) or S.S_ISCHR(os.fstat(fd).st_mode)):
+                raise UsageError(f"{name} changed into a regular file while being opened; not written")
+            with os.fdopen(fd, "wb", closefd=False) as f:
+                f.write(data)
+        except OSError as e:
+            raise UsageError(f"{name}: {_why(e)}") from None
+        finally:
+            os.close(fd)
+        return
     from ..converters.writers import atomic_file
 
     def write(tmp):
         with open(tmp, "wb") as f:
             f.write(data)
-    atomic_file(path, write)
+    atomic_file(dest, write)
 
 
 def emit_reports(args, kind: str, res, inputs=(), command: str = "") -> None:
@@ -207,4 +286,4 @@ def emit_reports(args, kind: str, res, inputs=(), command: str = "") -> None:
     for f in REPORT_FLAGS:
         target = getattr(args, f, None)
         if target:
-            write_report(target, render[f](), inputs, f)
+            write_report(target, render[f](), inputs, f, getattr(args, "force", False))

@@ -48,6 +48,7 @@ def run(argv, command: str = "") -> int:
     if args.json:
         doc = {"path": ck.path, "format": ck.format, "num_params": ck.num_params, "num_bytes": ck.num_bytes,
                "tensors": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in rows]}
-        common.write_report(args.json, render_json("inspect", doc, "ok", command), (ck,), "json")
+        common.write_report(args.json, render_json("inspect", doc, "ok", command), (ck,), "json",
+                            args.force)
     return 0
 

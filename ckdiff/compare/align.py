@@ -10,6 +10,7 @@ the layouts agree, or when the user passes ``--no-map``.
 from __future__ import annotations
 
 
+from ..converters.config import ConfigError
 from ..converters.lazy import Checkpoint
 from ..converters.quant import is_quantized
 
@@ -74,6 +75,8 @@ def _align(a: Checkpoint, b: Checkpoint) -> tuple[Checkpoint, Checkpoint, list, 
         plan = Plan()
         cover: list = []
         mapped = convert(src.tensors, src.format, dst_layout, cfg, src.path, plan, cover)
+    except ConfigError:
+        raise  # mapping across layouts needs a sound config: fatal, one line naming the file and key
     except Exception as e:  # noqa: BLE001 - unmappable: compare as is and say why
         return a, b, [], [f"layouts differ ({a.format} vs {b.format}) and B could not be mapped: "
                           f"{str(e).splitlines()[0][:200]}"]

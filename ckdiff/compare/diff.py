@@ -409,17 +409,23 @@ def compare_config_semantics(a: Checkpoint, b: Checkpoint) -> tuple[list, list, 
     Each side's own config (HF ``config.json`` v4/v5, Meta/JetStream ``params.json``, Megatron ``args``)
     is read into one canonical dict (converters/config.py), so spellings, explicit defaults and fields
     that do not change the function never show; across layouts the same fields line up."""
-    from ..converters.config import canonical_config, compare_configs, config_findings
-    try:
-        ca = canonical_config(a.format, a.config, a.tensors)
-        cb = canonical_config(b.format, b.config, b.tensors)
-    except (TypeError, ValueError, KeyError, ZeroDivisionError) as e:
-        return [], [], [f"configs not compared: {e}"]
+    from ..converters.config import ConfigError, canonical_config, compare_configs, config_findings, config_where
+    canon, bad = {}, []
+    for side, ck in (("A", a), ("B", b)):
+        try:  # a malformed value is a finding (verdict DIFFER), not a crash: same-layout tensors need no config
+            canon[side] = canonical_config(ck.format, ck.config, ck.tensors, config_where(ck))
+        except ConfigError as e:
+            canon[side] = None
+            bad.append(f"{side}: invalid config, {e}")
+        except (TypeError, ValueError, KeyError, ZeroDivisionError) as e:
+            canon[side] = None
+            bad.append(f"{side}: config not read: {e}")
+    ca, cb = canon["A"], canon["B"]
     diffs, notes = compare_configs(ca, cb)
-    findings = [f"{side}: {f}" for side, ck, c in (("A", a, ca), ("B", b, cb))
-                for f in config_findings(ck.format, ck.config, ck.tensors, c)]
-    notes += [f"config disagrees with its tensors, {f}" for f in findings]  # shown by every report
-    if (ca is None) != (cb is None):
+    findings = bad + [f"{side}: {f}" for side, ck, c in (("A", a, ca), ("B", b, cb))
+                      for f in config_findings(ck.format, ck.config, ck.tensors, c)]
+    notes += bad + [f"config disagrees with its tensors, {f}" for f in findings[len(bad):]]  # every report shows it
+    if (ca is None) != (cb is None) and not bad:
         notes.append(f"{'A' if ca is None else 'B'} has no model config: configurations were not compared")
     return diffs, findings, notes
 

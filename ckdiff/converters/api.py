@@ -141,7 +141,7 @@ def megatron_to_hf(input_dir, output_dir, *, model: Optional[str] = None, num_ou
             rotary_convention=rotary_convention, overwrite=overwrite, trust_pickle=trust_pickle)
     notes = []
     ck = open_checkpoint(a.input_dir, "megatron", None, a.trust_pickle)
-    cfg = config_from_args(ck.config, ck.tensors, ck.path)
+    cfg = model_config(ck)
     if a.rotary_convention:
         cfg.extra["rotary"] = a.rotary_convention
     if a.model:

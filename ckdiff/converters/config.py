@@ -6,6 +6,8 @@ FFN size are read from shapes when the config leaves them implicit.
 """
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -15,6 +17,239 @@ from ..errors import InputError
 
 DTYPE_BY_NAME = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                  "float64": torch.float64}
+
+
+# ---------------------------------------------------------------- typed, range-checked config values
+class ConfigError(InputError):
+    """A value of config.json, params.json or Megatron args that is malformed, out of range, or
+    contradicts the tensors."""
+
+
+MAX_SIZE = 1 << 20       # hidden, FFN, head_dim, sliding window
+MAX_COUNT = 1 << 16      # heads, layers, experts, parallel sizes
+MAX_VOCAB = 1 << 24
+MAX_POSITIONS = 1 << 32
+MAX_THETA = 1e12
+MAX_TOKEN_ID = (1 << 31) - 1
+
+
+def _show(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # True is an int in Python
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def valid_int(v, lo: int = 1, hi: int = MAX_COUNT) -> Optional[int]:
+    """``v`` when it is an int in [lo, hi], else None (readers that only use a value when it is sound)."""
+    return v if _is_int(v) and lo <= v <= hi else None
+
+
+class Fields:
+    """Reads one config file's values with their types and ranges checked; every parser uses it.
+
+    JSON ``null`` is an absent key. A wrong type or range is a ``ConfigError`` naming the file and the
+    key: ``config.json: key 'rms_norm_eps': expected a positive finite number, got 'abc'``."""
+
+    def __init__(self, src, where, label: str = "key"):
+        if not isinstance(src, dict):
+            raise ConfigError(where, f"expected a JSON object of keys and values, got {type(src).__name__}")
+        self.src, self.where, self.label = src, where, label
+
+    def fail(self, key, want, v):
+        raise ConfigError(self.where, f"{self.label} {key!r}: expected {want}, got {_show(v)}")
+
+    def int(self, key, lo: int = 1, hi: int = MAX_COUNT, unset=()) -> Optional[int]:
+        v = self.src.get(key)
+        if v is None or (_is_int(v) and v in unset):
+            return None
+        if not _is_int(v) or not lo <= v <= hi:
+            want = "a positive integer" if lo == 1 else f"an integer >= {lo}"
+            self.fail(key, f"{want} (at most {hi})" if _is_int(v) and v > hi else want, v)
+        return v
+
+    def num(self, key, hi: float = MAX_THETA) -> Optional[float]:
+        v = self.src.get(key)
+        if v is None:
+            return None
+        if not _is_num(v) or not math.isfinite(v) or v <= 0:
+            self.fail(key, "a positive finite number", v)
+        if v > hi:
+            self.fail(key, f"a positive finite number (at most {hi:g})", v)
+        return float(v)
+
+    def flag(self, key) -> Optional[bool]:
+        v = self.src.get(key)
+        if v is None:
+            return None
+        if not isinstance(v, bool):
+            self.fail(key, "true or false", v)
+        return v
+
+    def text(self, key, choices=None) -> Optional[str]:
+        v = self.src.get(key)
+        if v is None:
+            return None
+        if not isinstance(v, str) or (choices is not None and v not in choices):
+            self.fail(key, "one of " + ", ".join(choices) if choices else "a string", v)
+        return v
+
+    def dtype(self, key) -> Optional[str]:
+        v = self.src.get(key)
+        if v is None or isinstance(v, torch.dtype):
+            return None if v is None else str(v).replace("torch.", "")
+        name = v.replace("torch.", "") if isinstance(v, str) else None
+        if name != "auto" and not (name and isinstance(getattr(torch, name, None), torch.dtype)):
+            self.fail(key, "a dtype name (float32, bfloat16, ...)", v)
+        return name
+
+    def token_ids(self, key):
+        v = self.src.get(key)
+        if v is None or (_is_int(v) and v == -1):  # -1: "no such token" in older configs (pad_token_id)
+            return None
+        ok = lambda t: _is_int(t) and 0 <= t <= MAX_TOKEN_ID  # noqa: E731
+        if not (ok(v) or (isinstance(v, list) and all(ok(t) for t in v))):
+            self.fail(key, "a token id (a non-negative integer) or a list of them", v)
+        return v
+
+    def rope_scaling(self, key) -> Optional[dict]:
+        v = self.src.get(key)
+        if v is None:
+            return None
+        if not isinstance(v, dict):
+            self.fail(key, "an object (rope_type, factor, ...)", v)
+        sub = Fields(v, self.where, f"{self.label} {key!r} field")
+        for k in ("factor", "low_freq_factor", "high_freq_factor", "rope_theta"):
+            sub.num(k)
+        sub.int("original_max_position_embeddings", hi=MAX_POSITIONS)
+        sub.text("rope_type")
+        sub.text("type")
+        return v
+
+
+# per layout: key -> kind; every value a parser uses is listed here
+_SIZE = ("int", dict(hi=MAX_SIZE))
+_COUNT = ("int", {})
+_VOCAB = ("int", dict(hi=MAX_VOCAB))
+_POS = ("int", dict(hi=MAX_POSITIONS))
+_WINDOW = ("int", dict(hi=MAX_POSITIONS, unset=(0,)))
+_EPS = ("num", dict(hi=1.0))
+_THETA = ("num", {})
+_FLAG = ("flag", {})
+_TEXT = ("text", {})
+SCHEMA = {
+    "hf": {
+        "hidden_size": _SIZE, "num_attention_heads": _COUNT, "n_head": _COUNT, "num_key_value_heads": _COUNT,
+        "num_kv_heads": _COUNT, "num_hidden_layers": _COUNT, "n_layer": _COUNT, "head_dim": _SIZE,
+        "intermediate_size": _SIZE, "ffn_hidden_size": _SIZE, "vocab_size": _VOCAB, "rms_norm_eps": _EPS,
+        "layer_norm_epsilon": _EPS, "rope_theta": _THETA, "rope_scaling": ("rope_scaling", {}),
+        "rope_parameters": ("rope_scaling", {}), "tie_word_embeddings": _FLAG,
+        "new_decoder_architecture": _FLAG, "multi_query": _FLAG, "parallel_attn": _FLAG,
+        "use_sliding_window": _FLAG, "max_position_embeddings": _POS, "sliding_window": _WINDOW,
+        "num_local_experts": _COUNT, "num_experts_per_tok": _COUNT, "model_type": _TEXT, "hidden_act": _TEXT,
+        "hidden_activation": _TEXT, "torch_dtype": ("dtype", {}), "dtype": ("dtype", {}),
+        "bos_token_id": ("token_ids", {}), "eos_token_id": ("token_ids", {}), "pad_token_id": ("token_ids", {}),
+        "final_logit_softcapping": _THETA},
+    "meta": {
+        "dim": _SIZE, "n_heads": _COUNT, "n_kv_heads": _COUNT, "n_layers": _COUNT, "head_dim": _SIZE,
+        "hidden_dim": _SIZE, "vocab_size": ("int", dict(hi=MAX_VOCAB, unset=(-1,))), "norm_eps": _EPS,
+        "rope_theta": _THETA, "rope_scaling": ("rope_scaling", {}), "use_scaled_rope": _FLAG,
+        "rope_scaling_factor": _THETA, "max_seq_len": _POS, "sliding_window": _WINDOW,
+        "tie_word_embeddings": _FLAG, "num_experts": _COUNT, "num_experts_per_tok": _COUNT, "model_type": _TEXT,
+        "multiple_of": _SIZE, "ffn_dim_multiplier": _THETA, "quantize_type": _TEXT},
+    "megatron": {
+        "num_layers": _COUNT, "hidden_size": _SIZE, "num_attention_heads": _COUNT,
+        "num_attention_heads_kv": _COUNT, "kv_channels": _SIZE, "ffn_hidden_size": _SIZE,
+        "padded_vocab_size": _VOCAB, "true_vocab_size": _VOCAB, "max_position_embeddings": _POS,
+        "seq_length": _POS, "sliding_window_size": _WINDOW, "tensor_model_parallel_size": _COUNT,
+        "pipeline_model_parallel_size": _COUNT, "layernorm_epsilon": _EPS, "rope_theta": _THETA,
+        "use_rms_norm": _FLAG, "tie_embed_logits": _FLAG, "parallel_attn": _FLAG, "parallel_layernorm": _FLAG,
+        "params_dtype": ("dtype", {}), "ckdiff_rotary": ("text", dict(choices=("interleaved", "rotate_half"))),
+        "ckdiff_model": _TEXT, "glu_activation": _TEXT},
+}
+SCHEMA["jetstream"] = SCHEMA["meta"]
+
+
+def parse_config(fmt: str, cfg, where) -> dict:
+    """The one validation step: every value a parser uses, type- and range-checked. Returns the config
+    with those values in their canonical types (floats as float, null keys dropped); other keys pass
+    through unread. Raises ConfigError naming the file and the key."""
+    fmt = (fmt or "").split("->")[0]
+    schema = SCHEMA.get(fmt)
+    if schema is None:
+        return dict(cfg or {})
+    f = Fields(cfg, where, "args key" if fmt == "megatron" else "key")
+    out = {k: v for k, v in cfg.items() if v is not None}
+    for key, (kind, kw) in schema.items():
+        if key in out:
+            v = getattr(f, kind)(key, **kw)
+            if v is None:
+                out.pop(key)
+            else:
+                out[key] = v
+    return out
+
+
+# the config key behind each canonical field, per layout (for the messages of check_tensors)
+_KEYS = {"hf": dict(hidden="hidden_size", layers="num_hidden_layers", heads="num_attention_heads",
+                    kv_heads="num_key_value_heads", head_dim="head_dim", ffn="intermediate_size", vocab="vocab_size"),
+         "meta": dict(hidden="dim", layers="n_layers", heads="n_heads", kv_heads="n_kv_heads", head_dim="head_dim",
+                      ffn="hidden_dim", vocab="vocab_size"),
+         "megatron": dict(hidden="hidden_size", layers="num_layers", heads="num_attention_heads",
+                          kv_heads="num_attention_heads_kv", head_dim="kv_channels", ffn="ffn_hidden_size",
+                          vocab="padded_vocab_size", _label="args key")}
+_KEYS["jetstream"] = _KEYS["meta"]
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
+
+
+def check_tensors(cfg: "ModelConfig", fmt: str, tensors: dict, where, raw: Optional[dict] = None) -> "ModelConfig":
+    """The config against the tensors' shapes, before any work: embedding width = hidden size, layer count,
+    attention rows = heads x head_dim (query, KV, fused QKV), FFN rows, vocab within the embedding rows.
+    Raises ConfigError naming the key."""
+    keys = dict(_KEYS.get(fmt, _KEYS["hf"]))
+    if cfg.family == "falcon" and fmt == "hf":
+        keys["kv_heads"] = "num_kv_heads"
+    names = _NAMES.get(fmt, {})
+    raw = raw or {}
+
+    label = keys.get("_label", "key")
+
+    def bad(field_, msg, also=None):
+        both = f" and {keys[also]!r}" if also and raw.get(keys[also]) is not None else ""
+        raise ConfigError(where, f"{label} {keys[field_]!r}{both}: {msg}")
+    emb = _first(tensors, names.get("embed", ()))
+    if emb is not None and len(emb[1].shape) == 2 and emb[1].dtype.is_floating_point \
+            and emb[1].shape[1] != cfg.hidden:
+        rows, cols = emb[1].shape
+        hint = (f" (the rows and columns of {cfg.hidden // cols} shards merged on the wrong axis?)"
+                if cols < cfg.hidden and cfg.hidden % cols == 0 and rows % (cfg.hidden // cols) == 0 else "")
+        bad("hidden", f"{cfg.hidden} does not match the {cols} columns of {emb[0]}{hint}")
+    found = {int(m.group(1)) for n in tensors for m in [_LAYER.search(n)] if m}
+    if found and len(found) != cfg.layers:
+        bad("layers", f"{cfg.layers} layers, but the tensors hold {len(found)}")
+    H, K, hd = cfg.heads, cfg.kv_heads, cfg.head_dim
+    q, k, qkv = (_first(tensors, names.get(x, ())) for x in ("q", "k", "qkv"))
+    if q is not None and len(q[1].shape) in (2, 3) and _rows(q[1]) != H * hd:
+        bad("heads", f"{H} heads x head_dim {hd} = {H * hd} rows, but {q[0]} has {_rows(q[1])}", "head_dim")
+    if k is not None and len(k[1].shape) in (2, 3) and _rows(k[1]) != K * hd:
+        bad("kv_heads", f"{K} KV heads x head_dim {hd} = {K * hd} rows, but {k[0]} has {_rows(k[1])}", "head_dim")
+    if qkv is not None and len(qkv[1].shape) == 2 and qkv[1].shape[0] != (H + 2 * K) * hd:
+        bad("heads", f"({H} heads + 2 x {K} KV heads) x head_dim {hd} = {(H + 2 * K) * hd} rows, but "
+                     f"{qkv[0]} has {qkv[1].shape[0]}", "head_dim")
+    want_ffn = raw.get(keys["ffn"])
+    if _is_int(want_ffn) and want_ffn != cfg.ffn and cfg.family != "falcon":
+        bad("ffn", f"{want_ffn}, but the FFN weights have {cfg.ffn} rows")
+    V = raw.get("true_vocab_size") if fmt == "megatron" else raw.get(keys["vocab"])
+    if _is_int(V) and V > 0 and emb is not None and V > emb[1].shape[0]:
+        raise ConfigError(where, f"{label} {'true_vocab_size' if fmt == 'megatron' else keys['vocab']!r}: vocab "
+                                 f"size {V} exceeds the {emb[1].shape[0]} rows of {emb[0]}")
+    return cfg
 
 
 @dataclass
@@ -54,19 +289,25 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def check(self, where: str = "config") -> "ModelConfig":
+    def check(self, where: str = "config", keys: Optional[dict] = None) -> "ModelConfig":
+        key = lambda f: f"{(keys or {}).get('_label', 'key')} {(keys or {}).get(f, f)!r}: "  # noqa: E731
         if self.heads % self.kv_heads:
-            raise InputError(where, f"{self.heads} query heads are not a multiple of {self.kv_heads} KV heads")
-        if self.head_dim % 2:
-            raise InputError(where, f"head_dim {self.head_dim} is odd: rotary needs pairs")
+            raise ConfigError(where, f"{key('kv_heads')}{self.heads} query heads are not a multiple of "
+                                     f"{self.kv_heads} KV heads")
+        if self.head_dim < 1 or self.head_dim % 2:
+            raise ConfigError(where, f"{key('head_dim')}head_dim {self.head_dim} is not a positive even number "
+                                     "(rotary needs pairs)")
+        if self.ffn is None or self.ffn < 1:
+            raise ConfigError(where, f"{key('ffn')}no FFN size: neither the config nor the weights give one")
         return self
 
     # ------------------------------------------------------------ HF config.json
     @classmethod
     def from_hf(cls, cfg: dict, tensors: dict, where: str = "config.json") -> "ModelConfig":
+        cfg = parse_config("hf", cfg, where)
         arch = (cfg.get("model_type") or "").lower()
         if arch in ("falcon", "refinedweb", "refinedwebmodel", "rw"):
-            return cls._falcon_from_hf(cfg, tensors, where)
+            return check_tensors(cls._falcon_from_hf(cfg, tensors, where), "hf", tensors, where, cfg)
         rope = cfg.get("rope_parameters") or {}  # transformers v5 keeps theta and scaling here
         try:
             H, L, D = cfg["num_attention_heads"], cfg["num_hidden_layers"], cfg["hidden_size"]
@@ -86,7 +327,7 @@ class ModelConfig:
         scaling = cfg.get("rope_scaling") or ({k: v for k, v in rope.items() if k != "rope_theta"}
                                               if rope.get("rope_type", "default") != "default" else None)
         family = arch if arch in ("gemma", "mixtral") else "llama"
-        return cls(family=family, hidden=D, layers=L, heads=H, kv_heads=K, head_dim=hd, ffn=F, vocab=V,
+        out = cls(family=family, hidden=D, layers=L, heads=H, kv_heads=K, head_dim=hd, ffn=F, vocab=V,
                    norm_eps=cfg.get("rms_norm_eps") or HF_DEFAULTS.get(arch, HF_DEFAULTS["llama"])["rms_norm_eps"],
                    rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0),
                    tied=bool(tied), max_pos=cfg.get("max_position_embeddings", 2048),
@@ -94,12 +335,19 @@ class ModelConfig:
                    experts=cfg.get("num_local_experts", 0) if family == "mixtral" else 0,
                    experts_per_tok=cfg.get("num_experts_per_tok", 0) if family == "mixtral" else 0,
                    dtype=_dtype_of(tensors, "model.embed_tokens.weight", cfg),
-                   extra={"model_type": arch or "llama"}).check(where)
+                   extra={"model_type": arch or "llama"}).check(where, _KEYS["hf"])
+        return check_tensors(out, "hf", tensors, where, cfg)
 
     @classmethod
     def _falcon_from_hf(cls, cfg, tensors, where):
-        D, H, L = cfg["hidden_size"], cfg.get("num_attention_heads", cfg.get("n_head")), cfg.get(
+        D, H, L = cfg.get("hidden_size"), cfg.get("num_attention_heads", cfg.get("n_head")), cfg.get(
             "num_hidden_layers", cfg.get("n_layer"))
+        for k, v in (("hidden_size", D), ("num_attention_heads", H), ("num_hidden_layers", L)):
+            if v is None:
+                raise ConfigError(where, f"missing {k!r}")
+        for k in ("transformer.word_embeddings.weight", "transformer.h.0.mlp.dense_h_to_4h.weight"):
+            if k not in tensors:
+                raise InputError(where, f"no {k} tensor for this falcon config")
         new = bool(cfg.get("new_decoder_architecture", False))
         if new:
             K = cfg.get("num_kv_heads") or H
@@ -117,7 +365,7 @@ class ModelConfig:
                    tied=True, max_pos=cfg.get("max_position_embeddings", 2048), parallel_attn=True,
                    two_norms=new, norm_bias=True,
                    dtype=_dtype_of(tensors, "transformer.word_embeddings.weight", cfg),
-                   extra={"model_type": "falcon"}).check(where)
+                   extra={"model_type": "falcon"}).check(where, dict(_KEYS["hf"], kv_heads="num_kv_heads"))
 
     def to_hf(self) -> dict:
         if self.family == "falcon":
@@ -167,6 +415,7 @@ class ModelConfig:
     # ------------------------------------------------------------ Meta params.json
     @classmethod
     def from_meta(cls, params: dict, tensors: dict, where: str = "params.json") -> "ModelConfig":
+        params = parse_config("meta", params, where)
         try:
             D, H, L = params["dim"], params["n_heads"], params["n_layers"]
         except KeyError as e:
@@ -185,13 +434,14 @@ class ModelConfig:
             raise InputError(where, "no tok_embeddings.weight (or embedder.weight) tensor")
         V = emb.shape[0]
         tied = bool(params.get("tie_word_embeddings")) or "output.weight" not in tensors
-        return cls(family=family, experts=params.get("num_experts", moe.shape[0] if moe is not None else 0),
+        out = cls(family=family, experts=params.get("num_experts", moe.shape[0] if moe is not None else 0),
                    experts_per_tok=params.get("num_experts_per_tok", 2 if moe is not None else 0), hidden=D, layers=L, heads=H, kv_heads=K, head_dim=hd, ffn=F, vocab=V,
                    norm_eps=params.get("norm_eps", 1e-5), rope_theta=float(params.get("rope_theta", 10000.0)),
                    tied=tied, max_pos=params.get("max_seq_len", 2048),
                    sliding_window=params.get("sliding_window"), rope_scaling=params.get("rope_scaling"),
                    dtype=str(emb.dtype).replace("torch.", "") if emb.dtype.is_floating_point else "float32",
-                   extra={"model_type": params.get("model_type", "llama")}).check(where)
+                   extra={"model_type": params.get("model_type", "llama")}).check(where, _KEYS["meta"])
+        return check_tensors(out, "meta", tensors, where, params)
 
     def to_meta(self) -> dict:
         p = {"dim": self.hidden, "n_layers": self.layers, "n_heads": self.heads, "n_kv_heads": self.kv_heads,
@@ -213,16 +463,28 @@ class ModelConfig:
         return p
 
 
-def model_config(ck) -> ModelConfig:
-    """The canonical config of a checkpoint, from its own config file (HF, Meta/JetStream, Megatron args)."""
+def config_where(ck) -> str:
+    """The file a checkpoint's config comes from, for messages (Megatron: the first rank file's args)."""
     from pathlib import Path
+    fmt = (ck.format or "").split("->")[0]
+    if fmt == "hf":
+        return str(Path(ck.path) / "config.json")
+    if fmt in ("meta", "jetstream"):
+        return str(Path(ck.path) / "params.json")
+    files = (ck.meta or {}).get("files") or [ck.path]
+    return str(sorted(files)[0])
+
+
+def model_config(ck) -> ModelConfig:
+    """The canonical config of a checkpoint, from its own config file (HF, Meta/JetStream, Megatron args),
+    validated (parse_config) and checked against the tensors (check_tensors): a ConfigError otherwise."""
     if ck.format == "hf":
-        return ModelConfig.from_hf(ck.config, ck.tensors, str(Path(ck.path) / "config.json"))
+        return ModelConfig.from_hf(ck.config, ck.tensors, config_where(ck))
     if ck.format in ("meta", "jetstream"):
-        return ModelConfig.from_meta(ck.config, ck.tensors, str(Path(ck.path) / "params.json"))
+        return ModelConfig.from_meta(ck.config, ck.tensors, config_where(ck))
     if ck.format == "megatron":
         from .megatron import config_from_args
-        return config_from_args(ck.config, ck.tensors, ck.path)
+        return config_from_args(ck.config, ck.tensors, config_where(ck))
     if ck.format == "mcore":
         from .mcore import config_from_args as mcore_config
         return mcore_config(ck.config, ck.tensors, ck.path)
@@ -284,7 +546,7 @@ def _rows(t) -> int:
     return t.shape[2] if len(t.shape) == 3 and t.shape[1] == 128 else t.shape[0]
 
 
-def canonical_config(fmt: str, cfg: dict, tensors: dict) -> Optional[dict]:
+def canonical_config(fmt: str, cfg: dict, tensors: dict, where: str = "config") -> Optional[dict]:
     """The function-defining fields of a checkpoint's own config, one spelling for every layout.
 
     HF ``config.json`` (transformers v4 and v5 spellings, per-model defaults made explicit), Meta/JetStream
@@ -293,6 +555,8 @@ def canonical_config(fmt: str, cfg: dict, tensors: dict) -> Optional[dict]:
     the format has no config."""
     fmt = (fmt or "").split("->")[0]
     cfg = cfg or {}
+    if cfg and fmt in SCHEMA:
+        cfg = parse_config(fmt, cfg, where)
     if fmt == "hf" and cfg:
         return _canonical_hf(cfg, tensors)
     if fmt in ("meta", "jetstream") and cfg:

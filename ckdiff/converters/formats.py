@@ -229,7 +229,8 @@ def read_meta_dir(p: Path, trust_pickle=False, fmt="meta", **_) -> Checkpoint:
     if not shards:
         raise InputError(p, "no consolidated.NN.pth shards")
     per = [read_pickle_tensors(s, trust_pickle) for s in shards]
-    n_kv = params.get("n_kv_heads") or params.get("n_heads")
+    from .config import valid_int
+    n_kv = valid_int(params.get("n_kv_heads")) or valid_int(params.get("n_heads"))
     if len(shards) > 1 and n_kv and n_kv < len(shards):
         raise InputError(p, f"{n_kv} KV heads over {len(shards)} shards: KV heads are duplicated "
                             "across shards and cannot be merged by concatenation")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError, UsageError
-from .config import ModelConfig
+from .config import ModelConfig, valid_int
 from .formats import register
 from .lazy import Checkpoint, ConcatTensor, EagerTensor, LazyTensor, PadRows, RowSlice
 from .inputs import read_input
@@ -122,7 +122,7 @@ def read_megatron(root: Path, trust_pickle: bool = False, **_) -> Checkpoint:
             args = _args_dict(obj, f)
         flat = {native_name(k): v for k, v in checked_state(f, obj["model"]).items()}
         stages.setdefault(p, {})[t] = {k: EagerTensor(k, v, str(f)) for k, v in flat.items()}
-    L = args.get("num_layers")
+    L = valid_int(args.get("num_layers"))  # a bad value is named by config_from_args; here it is unused
     glu = bool(args.get("glu_activation"))
     tensors: dict[str, LazyTensor] = {}
     for p in range(PP):
@@ -140,7 +140,7 @@ def read_megatron(root: Path, trust_pickle: bool = False, **_) -> Checkpoint:
             if name in tensors:
                 raise InputError(ranks[(0, p)], f"{name!r} appears in two pipeline stages")
             tensors[name] = _merge_tp(name, parts, glu, ranks, p)
-    if L is None:
+    if args.get("num_layers") is None:
         L = len({m.group(1) for k in tensors for m in [re.search(r"layers\.(\d+)\.", k)] if m})
         args["num_layers"] = L
     meta = {"tp": TP, "pp": PP, "iteration": iteration, "files": [str(f) for f in ranks.values()]}
@@ -204,7 +204,10 @@ def _megatron():
 
 # ---------------------------------------------------------------- config
 def config_from_args(args: dict, tensors: dict, where="args") -> ModelConfig:
+    from .config import _KEYS, ConfigError, check_tensors, parse_config
     from .layouts import MEGATRON
+    raw = parse_config("megatron", args, where)
+    args = raw
     try:
         L, D, H = args["num_layers"], args["hidden_size"], args["num_attention_heads"]
     except KeyError as e:
@@ -213,6 +216,11 @@ def config_from_args(args: dict, tensors: dict, where="args") -> ModelConfig:
     glu = bool(args.get("glu_activation"))
     h4h = tensors.get(MEGATRON["h4h"].format(i=0))
     F = args.get("ffn_hidden_size") or (h4h.shape[0] // (2 if glu else 1) if h4h is not None else 4 * D)
+    if h4h is not None and len(h4h.shape) == 2 and h4h.shape[0] != F * (2 if glu else 1):
+        raise ConfigError(where, f"args key 'ffn_hidden_size': {F}{' (x 2 for the GLU)' if glu else ''}, but "
+                                 f"{MEGATRON['h4h'].format(i=0)} has {h4h.shape[0]} rows")
+    if MEGATRON["embed"] not in tensors:
+        raise InputError(where, f"no {MEGATRON['embed']} tensor")
     emb = tensors[MEGATRON["embed"]]
     hd = args.get("kv_channels") or D // H
     falcon = not glu and not args.get("use_rms_norm", False)
@@ -231,7 +239,8 @@ def config_from_args(args: dict, tensors: dict, where="args") -> ModelConfig:
         extra={"model_type": "mistral" if model == "mistral" else ("falcon" if falcon else "llama"),
                "true_vocab_size": args.get("true_vocab_size"), "model": model,
                "rotary": args.get("ckdiff_rotary", "interleaved")})
-    return cfg.check(where)
+    cfg.check(where, _KEYS["megatron"])
+    return check_tensors(cfg, "megatron", tensors, where, raw)
 
 
 def make_args(cfg: ModelConfig, model: str, tp: int, pp: int, padded_vocab: int, true_vocab: int,
