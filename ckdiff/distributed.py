@@ -195,13 +195,24 @@ class LocalWorkers:
         os.environ.update({k: base[k] for k in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")})
         os.environ.update(RANK="0", LOCAL_RANK="0")
         self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._claimed = False  # who reports a dead worker: the watcher or the main thread, never both
         threading.Thread(target=self._watch, daemon=True).start()
         shard = init_from_env()
         shard.explain = self._dead
         return shard
 
+    def _claim(self) -> bool:
+        with self._lock:
+            if self._claimed:
+                return False
+            self._claimed = True
+            return True
+
     def _dead(self) -> Optional[str]:
         """The first worker that died, waiting a moment for the one whose socket just closed."""
+        if not self._claim():  # the watcher is reporting it and ending the process
+            time.sleep(60)
         for _ in range(20):
             for r, p in enumerate(self.procs, 1):
                 code = p.poll()
@@ -216,6 +227,8 @@ class LocalWorkers:
             for r, p in enumerate(self.procs, 1):
                 code = p.poll()
                 if code not in (None, 0, 1, 2):
+                    if not self._claim():  # the main thread saw it first and reports it
+                        return
                     self._kill()
                     import shutil
                     for d in list(ABORT_CLEANUP):
