@@ -287,3 +287,22 @@ def emit_reports(args, kind: str, res, inputs=(), command: str = "") -> None:
         target = getattr(args, f, None)
         if target:
             write_report(target, render[f](), inputs, f, getattr(args, "force", False))
+
+
+def run_sharded(name: str, argv, workers: int, fn):
+    """``fn(shard)`` on every rank: the launcher's ranks under torchrun/SLURM, ``workers`` local
+    processes running ``ckdiff NAME argv`` (without --workers) otherwise, or one process (shard None)."""
+    from .. import distributed
+    if distributed.launched():
+        shard = distributed.init_from_env()
+        try:
+            return fn(shard)
+        finally:
+            distributed.shutdown()
+    if workers > 1:
+        rest = [x for i, x in enumerate(argv) if x != "--workers" and not x.startswith("--workers=")
+                and (i == 0 or argv[i - 1] != "--workers")]
+        with distributed.LocalWorkers(workers, [name, *rest],
+                                      lambda msg: print(f"ckdiff: error: {msg}", file=sys.stderr)) as shard:
+            return fn(shard)
+    return fn(None)

@@ -1,8 +1,6 @@
 """``ckdiff A B`` (also ``ckdiff compare A B``): compare two checkpoints tensor by tensor."""
 from __future__ import annotations
 
-import sys
-
 from ..errors import UsageError
 from . import common
 from .convert import _workers as workers_arg
@@ -65,21 +63,8 @@ def open_pair(args):
 
 
 def run(argv, command: str = "") -> int:
-    from .. import distributed
     args = parser().parse_args(argv)
-    if distributed.launched():  # torchrun / SLURM: every rank runs this
-        shard = distributed.init_from_env()
-        try:
-            return _run(args, command, shard)
-        finally:
-            distributed.shutdown()
-    if args.workers > 1:
-        rest = [a for i, a in enumerate(argv) if a != "--workers" and not a.startswith("--workers=")
-                and (i == 0 or argv[i - 1] != "--workers")]
-        with distributed.LocalWorkers(args.workers, ["compare", *rest],
-                                      lambda msg: print(f"ckdiff: error: {msg}", file=sys.stderr)) as shard:
-            return _run(args, command, shard)
-    return _run(args, command, None)
+    return common.run_sharded("compare", argv, args.workers, lambda shard: _run(args, command, shard))
 
 
 def _run(args, command: str, shard) -> int:

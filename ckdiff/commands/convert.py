@@ -155,23 +155,8 @@ def _default_source_hint(a) -> None:
 
 
 def run(argv, command: str = "") -> int:
-    import sys
-
-    from .. import distributed
     a = parser().parse_args(argv)
-    if distributed.launched():  # torchrun / SLURM: every rank runs this and writes its share of the files
-        shard = distributed.init_from_env()
-        try:
-            return _run(a, shard)
-        finally:
-            distributed.shutdown()
-    if a.workers > 1:
-        rest = [x for i, x in enumerate(argv) if x != "--workers" and not x.startswith("--workers=")
-                and (i == 0 or argv[i - 1] != "--workers")]
-        with distributed.LocalWorkers(a.workers, ["convert", *rest],
-                                      lambda msg: print(f"ckdiff: error: {msg}", file=sys.stderr)) as shard:
-            return _run(a, shard)
-    return _run(a, None)
+    return common.run_sharded("convert", argv, a.workers, lambda shard: _run(a, shard))
 
 
 def _run(a, shard) -> int:

@@ -103,6 +103,7 @@ def _common_pickle_module(where):
 def load_common(data: bytes, where) -> dict:
     """The common state (``args`` and friends) of a torch.save blob, allowlisted types only."""
     try:
+        # weights_only=False only because the pickle module is our own allowlisting one (find_class above)
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False,
                          pickle_module=_common_pickle_module(where))
     except pickle.UnpicklingError as e:
