@@ -1,6 +1,7 @@
 """Issue 16: torch DCP, Megatron-Core torch_dist, coverage. Fixtures are written by the real libraries
 (torch.distributed.checkpoint.save in one process; megatron-core's key layout, since megatron-core does
 not run on CPU here) during the tests."""
+from dataclasses import replace
 import io
 import json
 import pickle
@@ -137,7 +138,7 @@ def test_mcore_maps_and_compares_with_hf(tmp_path, tiny_hf, run_cli, model, stac
 
 def test_mcore_interleaved_rotary_from_args(tmp_path, tiny_hf):
     cfg = tiny_config("llama-gqa")
-    cfg.extra["rotary"] = "interleaved"
+    cfg = replace(cfg, rotary_rows="interleaved")
     root = write_mcore(tmp_path / "mc", hf_state(cfg), cfg)
     assert open_checkpoint(str(root)).config["rotary_interleaved"] is True
     assert compare_checkpoints(open_checkpoint(str(tiny_hf("llama-gqa"))), open_checkpoint(str(root))).equivalent

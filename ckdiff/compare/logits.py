@@ -191,8 +191,8 @@ def compare_logits(a: Checkpoint, b: Checkpoint, batch: int = 4, length: int = 4
     if dtype not in DTYPE_BY_NAME:
         raise UsageError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPE_BY_NAME)}")
     ca, cb = config_of(a), config_of(b)
-    true_a = ca.extra.get("true_vocab_size") or ca.vocab
-    true_b = cb.extra.get("true_vocab_size") or cb.vocab
+    true_a = ca.true_vocab or ca.vocab
+    true_b = cb.true_vocab or cb.vocab
     vocab = min(true_a, true_b)
     bos, spec = special_ids(a, b)
     ids = random_ids(vocab, batch, length, seed, bos, spec)

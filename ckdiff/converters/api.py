@@ -5,7 +5,7 @@ Each function writes its output atomically and returns a ``Written`` summary; no
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -103,10 +103,8 @@ def hf_to_megatron(model: str, out, *, model_path=None, size: Optional[int] = No
             raise UsageError(f"--size {a.size} expects (layers, hidden, heads, kv heads) {want}, "
                              f"the checkpoint has {have}")
     check_parallel(cfg, a.tp, a.pp)
-    if a.model == "mistral":
-        cfg.extra["model_type"] = "mistral"
-    if a.legacy_rotate_half:
-        cfg.extra["rotary"] = "rotate_half"
+    cfg = replace(cfg, hf_model_type="mistral" if a.model == "mistral" else cfg.hf_model_type,
+                  rotary_rows="rotate_half" if a.legacy_rotate_half else cfg.rotary_rows)
     true_vocab = a.true_vocab_size or cfg.vocab
     if true_vocab > cfg.vocab:
         raise UsageError(f"--true-vocab-size {true_vocab} exceeds the {cfg.vocab} embedding rows")
@@ -143,12 +141,12 @@ def megatron_to_hf(input_dir, output_dir, *, model: Optional[str] = None, num_ou
     ck = open_checkpoint(a.input_dir, "megatron", None, a.trust_pickle)
     cfg = model_config(ck)
     if a.rotary_convention:
-        cfg.extra["rotary"] = a.rotary_convention
+        cfg = replace(cfg, rotary_rows=a.rotary_convention)
     if a.model:
         if (a.model == "falcon") != (cfg.family == "falcon"):
             raise UsageError(f"--model {a.model} does not match the checkpoint ({cfg.family})")
         if a.model == "mistral":
-            cfg.extra["model_type"] = "mistral"
+            cfg = replace(cfg, hf_model_type="mistral")
     true_vocab = a.true_vocab_size or ck.config.get("true_vocab_size") or cfg.vocab
     tensors = strip_vocab(ck.tensors, true_vocab)
     cfg.vocab = min(cfg.vocab, true_vocab)
@@ -156,7 +154,7 @@ def megatron_to_hf(input_dir, output_dir, *, model: Optional[str] = None, num_ou
     vocab_file = a.vocab_file
     if vocab_file is None and (Path(a.input_dir) / "tokenizer.model").is_file():
         vocab_file = str(Path(a.input_dir) / "tokenizer.model")
-    model = a.model or cfg.extra.get("model")
+    model = a.model or cfg.megatron_model
     if vocab_file is None and a.cache_dir and model in DEFAULT_TOKENIZERS:
         try:
             cached = resolve_path(DEFAULT_TOKENIZERS[model], a.cache_dir) / "tokenizer.model"

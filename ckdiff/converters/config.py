@@ -276,7 +276,14 @@ class ModelConfig:
     experts: int = 0
     experts_per_tok: int = 0
     dtype: str = "float32"
-    extra: dict = field(default_factory=dict)
+    # set once when a config is parsed (or by a converter's explicit option), never edited afterwards
+    hf_model_type: str = ""                  # config.json model_type as written (llama | mistral | ...)
+    rotary_rows: Optional[str] = None        # q/k row order of a Megatron/mcore layout: "interleaved" |
+    #                                          "rotate_half" (Megatron-LLM before 2023-08); None = the layout's default
+    megatron_model: Optional[str] = None     # Megatron-LLM --model (llama2, mistral, codellama, falcon)
+    true_vocab: Optional[int] = None         # Megatron true_vocab_size (rows above it are padding)
+    separate_attn_norm: bool = False         # Megatron-Core: input_layernorm as its own tensor
+    separate_mlp_norm: bool = False          # Megatron-Core: pre_mlp_layernorm as its own tensor
 
     @property
     def q_rows(self) -> int:
@@ -335,7 +342,7 @@ class ModelConfig:
                    experts=cfg.get("num_local_experts", 0) if family == "mixtral" else 0,
                    experts_per_tok=cfg.get("num_experts_per_tok", 0) if family == "mixtral" else 0,
                    dtype=_dtype_of(tensors, "model.embed_tokens.weight", cfg),
-                   extra={"model_type": arch or "llama"}).check(where, _KEYS["hf"])
+                   hf_model_type=arch or "llama").check(where, _KEYS["hf"])
         return check_tensors(out, "hf", tensors, where, cfg)
 
     @classmethod
@@ -365,7 +372,7 @@ class ModelConfig:
                    tied=True, max_pos=cfg.get("max_position_embeddings", 2048), parallel_attn=True,
                    two_norms=new, norm_bias=True,
                    dtype=_dtype_of(tensors, "transformer.word_embeddings.weight", cfg),
-                   extra={"model_type": "falcon"}).check(where, dict(_KEYS["hf"], kv_heads="num_kv_heads"))
+                   hf_model_type="falcon").check(where, dict(_KEYS["hf"], kv_heads="num_kv_heads"))
 
     def to_hf(self) -> dict:
         if self.family == "falcon":
@@ -395,7 +402,7 @@ class ModelConfig:
                    "hidden_act": "silu", "sliding_window": self.sliding_window, "router_jitter_noise": 0.0,
                    "bos_token_id": 1, "eos_token_id": 2}
         else:
-            mt = self.extra.get("model_type", "llama")
+            mt = self.hf_model_type or "llama"
             mt = mt if mt in ("llama", "mistral") else "llama"
             cfg = {"architectures": ["MistralForCausalLM" if mt == "mistral" else "LlamaForCausalLM"],
                    "model_type": mt, "hidden_size": self.hidden, "intermediate_size": self.ffn,
@@ -440,7 +447,7 @@ class ModelConfig:
                    tied=tied, max_pos=params.get("max_seq_len", 2048),
                    sliding_window=params.get("sliding_window"), rope_scaling=params.get("rope_scaling"),
                    dtype=str(emb.dtype).replace("torch.", "") if emb.dtype.is_floating_point else "float32",
-                   extra={"model_type": params.get("model_type", "llama")}).check(where, _KEYS["meta"])
+                   hf_model_type=params.get("model_type", "llama")).check(where, _KEYS["meta"])
         return check_tensors(out, "meta", tensors, where, params)
 
     def to_meta(self) -> dict:
@@ -456,8 +463,8 @@ class ModelConfig:
             p["tie_word_embeddings"] = True
         if self.family in ("gemma", "mixtral"):
             p["model_type"] = self.family
-        elif self.extra.get("model_type") not in (None, "llama"):
-            p["model_type"] = self.extra["model_type"]
+        elif self.hf_model_type not in ("", "llama"):
+            p["model_type"] = self.hf_model_type
         if self.family == "mixtral":
             p.update(num_experts=self.experts, num_experts_per_tok=self.experts_per_tok)
         return p

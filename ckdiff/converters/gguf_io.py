@@ -207,7 +207,7 @@ def config_from_gguf(f: dict, tensors: dict, where="gguf") -> ModelConfig:
         vocab=emb.shape[0] if emb is not None else g("vocab_size"),
         norm_eps=float(g("attention.layer_norm_rms_epsilon") or 1e-5), rope_theta=float(g("rope.freq_base") or 10000.0),
         tied=GGUF["head"] not in tensors, max_pos=g("context_length") or 2048, experts=E,
-        experts_per_tok=g("expert_used_count") or 0, extra={"model_type": "mixtral" if E else "llama"}).check(where)
+        experts_per_tok=g("expert_used_count") or 0, hf_model_type="mixtral" if E else "llama").check(where)
 
 
 def canonical(f: dict, tensors: dict) -> dict:

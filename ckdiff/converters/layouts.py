@@ -123,7 +123,7 @@ def hf_to_megatron(cfg: ModelConfig) -> list:
     if cfg.family not in ("llama", "falcon"):
         raise InputError("config", f"{cfg.family} has no Megatron-LLM layout (llama, mistral, falcon only)")
     pq, pk = _rope(cfg)
-    if cfg.extra.get("rotary") == "rotate_half":
+    if cfg.rotary_rows == "rotate_half":
         # Megatron-LLM before 2023-08-01 applied rotate_half rotary: q/k rows stay in HF order
         pq, pk = Identity(), Identity()
     H, K, d, F = cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.ffn

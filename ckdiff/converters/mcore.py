@@ -252,9 +252,9 @@ def config_from_args(a: dict, tensors: dict, where="args") -> ModelConfig:
         rope_theta=float(a.get("rotary_base") or 10000.0),
         tied=not a.get("untie_embeddings_and_output_weights", False), max_pos=a.get("max_position_embeddings") or 2048,
         experts=E, experts_per_tok=a.get("moe_router_topk") or (2 if E else 0),
-        extra={"model_type": "mixtral" if E else "llama", "rotary": "interleaved" if a.get("rotary_interleaved")
-               else "rotate_half", "attn_norm": "separate" if sep else "fused",
-               "mlp_norm": "separate" if msep else "fused"}).check(where)
+        hf_model_type="mixtral" if E else "llama",
+        rotary_rows="interleaved" if a.get("rotary_interleaved") else "rotate_half",
+        separate_attn_norm=sep, separate_mlp_norm=msep).check(where)
 
 
 def canonical(a: dict, tensors: dict) -> dict:
@@ -273,14 +273,14 @@ def hf_to_mcore(cfg: ModelConfig) -> list:
     if cfg.family not in ("llama", "mixtral"):
         raise InputError("config", f"{cfg.family} has no Megatron-Core GPT layout here")
     H, K, d, F = cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.ffn
-    if cfg.extra.get("rotary") == "interleaved":
+    if cfg.rotary_rows == "interleaved":
         rope = Each((PermuteRope(H, d), PermuteRope(K, d), Identity()))
         qkv = Chain((rope, FuseQKV(H, K, d)))
     else:
         qkv = FuseQKV(H, K, d)
     moe = cfg.family == "mixtral"
-    an = MCORE["attn_norm_sep" if cfg.extra.get("attn_norm") == "separate" else "attn_norm"]
-    mn = MCORE["mlp_norm_sep" if moe or cfg.extra.get("mlp_norm") == "separate" else "mlp_norm"]
+    an = MCORE["attn_norm_sep" if cfg.separate_attn_norm else "attn_norm"]
+    mn = MCORE["mlp_norm_sep" if moe or cfg.separate_mlp_norm else "mlp_norm"]
     rules = [R(HF["embed"], MCORE["embed"]),
              R(HF["attn_norm"], an),
              R([HF["q"], HF["k"], HF["v"]], MCORE["qkv"], qkv),
@@ -310,7 +310,7 @@ def to_args(cfg: ModelConfig, padded_vocab: int) -> argparse.Namespace:
         vocab_size=cfg.vocab, padded_vocab_size=padded_vocab, make_vocab_size_divisible_by=128,
         untie_embeddings_and_output_weights=not cfg.tied, swiglu=True, normalization="RMSNorm",
         norm_epsilon=cfg.norm_eps, position_embedding_type="rope", rotary_base=int(cfg.rope_theta),
-        rotary_interleaved=cfg.extra.get("rotary") == "interleaved", max_position_embeddings=cfg.max_pos,
+        rotary_interleaved=cfg.rotary_rows == "interleaved", max_position_embeddings=cfg.max_pos,
         num_experts=cfg.experts or None, moe_router_topk=cfg.experts_per_tok or 2,
         moe_ffn_hidden_size=cfg.ffn if cfg.experts else None, add_bias_linear=False,
         params_dtype=torch.float32, transformer_impl="transformer_engine", ckpt_format=BACKEND)

@@ -236,9 +236,9 @@ def config_from_args(args: dict, tensors: dict, where="args") -> ModelConfig:
         sliding_window=args.get("sliding_window_size"), parallel_attn=bool(args.get("parallel_attn")),
         two_norms=bool(args.get("parallel_layernorm")), norm_bias=falcon,
         dtype=str(emb.dtype).replace("torch.", ""),
-        extra={"model_type": "mistral" if model == "mistral" else ("falcon" if falcon else "llama"),
-               "true_vocab_size": args.get("true_vocab_size"), "model": model,
-               "rotary": args.get("ckdiff_rotary", "interleaved")})
+        hf_model_type="mistral" if model == "mistral" else ("falcon" if falcon else "llama"),
+        true_vocab=args.get("true_vocab_size"), megatron_model=model,
+        rotary_rows=args.get("ckdiff_rotary", "interleaved"))
     cfg.check(where, _KEYS["megatron"])
     return check_tensors(cfg, "megatron", tensors, where, raw)
 
@@ -251,7 +251,7 @@ def make_args(cfg: ModelConfig, model: str, tp: int, pp: int, padded_vocab: int,
              tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, bias_gelu_fusion=False,
              bias_droput_fusion=False, position_embedding_type="rotary", padded_vocab_size=padded_vocab,
              true_vocab_size=true_vocab, kv_channels=cfg.head_dim, rope_theta=cfg.rope_theta,
-             params_dtype=cfg.dtype, ckdiff_model=model, ckdiff_rotary=cfg.extra.get("rotary", "interleaved"))
+             params_dtype=cfg.dtype, ckdiff_model=model, ckdiff_rotary=cfg.rotary_rows or "interleaved")
     if cfg.family == "falcon":
         a.update(parallel_attn=True, use_flash_attn=True, hidden_dropout=0.0, tokenizer_type="FalconTokenizer",
                  num_attention_heads_kv=cfg.kv_heads, ffn_hidden_size=cfg.ffn, tie_embed_logits=True,

@@ -142,7 +142,7 @@ def emit(out: Path, name: str, layout: str, dtype: str = "float32", seed: int = 
             write_meta_like(tmp, lazy(meta_state(cfg, hf)), cfg.to_meta())
         elif layout == "megatron":
             model = "falcon" if cfg.family == "falcon" else (
-                "mistral" if cfg.extra.get("model_type") == "mistral" else "llama2")
+                "mistral" if cfg.hf_model_type == "mistral" else "llama2")
             state = megatron_state(cfg, hf)
             rows = max(vocab_rows, cfg.vocab)
             for k in (MEGATRON["embed"], MEGATRON["head"]):

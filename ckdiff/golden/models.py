@@ -33,7 +33,7 @@ TINY = {
                               max_pos=256),
     "mistral-gqa": ModelConfig("llama", hidden=64, layers=2, heads=6, kv_heads=3, head_dim=16, ffn=168,
                                vocab=120, sliding_window=16, rope_theta=1000000.0, max_pos=256,
-                               extra={"model_type": "mistral"}),
+                               hf_model_type="mistral"),
     "gemma": ModelConfig("gemma", hidden=64, layers=2, heads=4, kv_heads=1, head_dim=32, ffn=96, vocab=100,
                          tied=True, norm_eps=1e-6, max_pos=256),
     "mixtral": ModelConfig("mixtral", hidden=64, layers=2, heads=8, kv_heads=2, head_dim=8, ffn=48, vocab=100,
@@ -50,7 +50,7 @@ TINY = {
 def tiny_config(name: str, dtype: str = "float32") -> ModelConfig:
     if name not in TINY:
         raise KeyError(f"unknown tiny model {name!r}; known: {', '.join(TINY)}")
-    return replace(TINY[name], dtype=dtype, extra=dict(TINY[name].extra))
+    return replace(TINY[name], dtype=dtype)
 
 
 def _rand(g: torch.Generator, *shape, scale: float = 0.2) -> torch.Tensor:

@@ -285,7 +285,7 @@ def megatron(ck: Checkpoint, cfg: ModelConfig, ids, dtype, progress=None):
     W = Weights(ck, dtype, progress=progress)
     ang = angles(cfg, ids.shape[1])
     falcon = cfg.family == "falcon"
-    rope = rope_half if cfg.extra.get("rotary") == "rotate_half" else rope_interleaved  # pre-2023-08 era
+    rope = rope_half if cfg.rotary_rows == "rotate_half" else rope_interleaved  # pre-2023-08 era
 
     def layer(i, x):
         f = lambda s: W(MEGATRON[s].format(i=i))  # noqa: E731

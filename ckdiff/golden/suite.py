@@ -39,7 +39,7 @@ class Converter:
 def _model_name(cfg) -> str:
     if cfg.family == "falcon":
         return "falcon"
-    return "mistral" if cfg.extra.get("model_type") == "mistral" else "llama2"
+    return "mistral" if cfg.hf_model_type == "mistral" else "llama2"
 
 
 def _hf_to_megatron(src, out, o):
@@ -178,7 +178,7 @@ def config_drift(a, b) -> list:
     v5's ``rope_parameters``) do not count, while a defaulted rope_theta or eps does."""
     from ..converters.api import read_source
     ca, cb = read_source(str(a))[1].to_dict(), read_source(str(b))[1].to_dict()
-    skip = {"dtype", "extra"}
+    skip = {"dtype"}
     return [f"{k}: {ca[k]!r} -> {cb[k]!r}" for k in ca if k not in skip and ca[k] != cb.get(k)]
 
 
