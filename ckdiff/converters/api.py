@@ -12,6 +12,7 @@ from typing import Optional
 from .. import families
 from ..errors import CkdiffError, InputError, UsageError
 from .config import ModelConfig, model_config
+from .faults import NONE as NO_FAULTS, Faults, Step
 from .formats import open_checkpoint, resolve_path
 from . import layouts
 from .table import Plan
@@ -55,10 +56,12 @@ class _NS:
         self.__dict__.update(kw)
 
 
-def read_source(spec: str, cache_dir=None, trust_pickle=False, fmt=None):
-    """Checkpoint plus its canonical config."""
-    ck = open_checkpoint(spec, fmt, cache_dir, trust_pickle)
-    return ck, model_config(ck)
+def read_source(spec: str, cache_dir=None, trust_pickle=False, fmt=None, faults: Optional[Faults] = None,
+                step: Optional[Step] = None):
+    """Checkpoint plus its canonical config (through ``faults``' read and parse hooks when given)."""
+    F = faults or NO_FAULTS
+    ck = F.on_read(open_checkpoint(spec, fmt, cache_dir, trust_pickle), step or Step("read", ""))
+    return ck, F.on_parsed(model_config(ck))
 
 
 def _run_guarded(fn):
@@ -76,8 +79,9 @@ def hf_to_megatron(model: str, out, *, model_path=None, size: Optional[int] = No
                    pp: int = 1, true_vocab_size: Optional[int] = None,
                    make_vocab_size_divisible_by: Optional[int] = None, legacy_rotate_half: bool = False,
                    overwrite: bool = False, trust_pickle: bool = False, progress_factory=None,
-                   shard=None) -> Written:
-    """HF or Meta weights -> Megatron-LLM checkpoint at ``out`` (TP x PP rank files)."""
+                   shard=None, faults: Optional[Faults] = None) -> Written:
+    """HF or Meta weights -> Megatron-LLM checkpoint at ``out`` (TP x PP rank files).
+    ``faults`` (tests only): injection points, see converters/faults.py."""
     from .megatron import check_parallel, make_args, pad_vocab_tensors, padded_vocab, write_megatron
     fam, mm = _megatron_model(model)
     a = _NS(model=model, out=str(out), model_path=None if model_path is None else str(model_path), size=size,
@@ -89,7 +93,8 @@ def hf_to_megatron(model: str, out, *, model_path=None, size: Optional[int] = No
         src = a.cache_dir  # the original reads Meta weights from --cache-dir
     if src is None:
         src = default_source(a.model, a.size)
-    ck, cfg = read_source(src, a.cache_dir, a.trust_pickle)
+    step = Step("hf-to-megatron", "megatron", None, a.tp, a.pp)
+    ck, cfg = read_source(src, a.cache_dir, a.trust_pickle, faults=faults, step=step)
     if ck.format not in ("hf", "meta"):
         raise InputError(ck.path, f"expected an HF or Meta checkpoint, found {ck.format}")
     if fam.name != cfg.family:
@@ -114,7 +119,8 @@ def hf_to_megatron(model: str, out, *, model_path=None, size: Optional[int] = No
         raise UsageError(f"padding to {rows} rows would drop {cfg.vocab - rows} trained rows")
     if rows % a.tp:
         raise UsageError(f"TP={a.tp} does not divide the padded vocab {rows}")
-    tensors = layouts.convert(ck.tensors, ck.format, "megatron", cfg, ck.path)
+    tensors = layouts.convert(ck.tensors, ck.format, "megatron", cfg, ck.path, faults=faults)
+    tensors = (faults or NO_FAULTS).on_output(tensors, replace(step, cfg=cfg))
     tensors = pad_vocab_tensors(tensors, rows)
     args = make_args(cfg, a.model, a.tp, a.pp, rows, true_vocab, a.make_vocab_size_divisible_by or 128)
     with atomic_output(a.out, a.overwrite, [ck.path], shard) as (tmp, files):
@@ -131,16 +137,18 @@ def megatron_to_hf(input_dir, output_dir, *, model: Optional[str] = None, num_ou
                    cache_dir=None, vocab_file=None, vocab_extra_ids_list: str = "",
                    override_special_tokens=(), true_vocab_size: Optional[int] = None,
                    rotary_convention: Optional[str] = None, overwrite: bool = False,
-                   trust_pickle: bool = False, progress_factory=None, shard=None) -> Written:
-    """Megatron-LLM checkpoint (any TP/PP) -> HF safetensors (+ tokenizer files when a tokenizer is found)."""
+                   trust_pickle: bool = False, progress_factory=None, shard=None,
+                   faults: Optional[Faults] = None) -> Written:
+    """Megatron-LLM checkpoint (any TP/PP) -> HF safetensors (+ tokenizer files when a tokenizer is found).
+    ``faults`` (tests only): injection points, see converters/faults.py."""
     from .megatron import config_from_args, strip_vocab
     a = _NS(input_dir=str(input_dir), output_dir=str(output_dir), model=model, num_output_shards=num_output_shards,
             cache_dir=cache_dir, vocab_file=vocab_file, vocab_extra_ids_list=vocab_extra_ids_list,
             override_special_tokens=list(override_special_tokens), true_vocab_size=true_vocab_size,
             rotary_convention=rotary_convention, overwrite=overwrite, trust_pickle=trust_pickle)
     notes = []
-    ck = open_checkpoint(a.input_dir, "megatron", None, a.trust_pickle)
-    cfg = model_config(ck)
+    F, step = faults or NO_FAULTS, Step("megatron-to-hf", "hf")
+    ck, cfg = read_source(a.input_dir, None, a.trust_pickle, "megatron", faults, step)
     if a.rotary_convention:
         cfg = replace(cfg, rotary_rows=a.rotary_convention)
     if a.model:
@@ -152,7 +160,7 @@ def megatron_to_hf(input_dir, output_dir, *, model: Optional[str] = None, num_ou
     true_vocab = a.true_vocab_size or ck.config.get("true_vocab_size") or cfg.vocab
     tensors = strip_vocab(ck.tensors, true_vocab)
     cfg.vocab = min(cfg.vocab, true_vocab)
-    hf = layouts.convert(tensors, "megatron", "hf", cfg, ck.path)
+    hf = F.on_output(layouts.convert(tensors, "megatron", "hf", cfg, ck.path, faults=faults), replace(step, cfg=cfg))
     vocab_file = a.vocab_file
     if vocab_file is None and (Path(a.input_dir) / "tokenizer.model").is_file():
         vocab_file = str(Path(a.input_dir) / "tokenizer.model")
@@ -168,7 +176,7 @@ def megatron_to_hf(input_dir, output_dir, *, model: Optional[str] = None, num_ou
     if vocab_file is None and any(m.tokenizer for m in fam.megatron_models):  # a SentencePiece family
         notes.append("no tokenizer exported: pass --vocab_file (or --cache_dir holding the default tokenizer)")
     with atomic_output(a.output_dir, a.overwrite, [a.input_dir], shard) as (tmp, files):
-        _run_guarded(lambda: write_hf(tmp, hf, cfg.to_hf(), a.num_output_shards,
+        _run_guarded(lambda: write_hf(tmp, hf, F.on_config(cfg.to_hf(), step), a.num_output_shards,
                                       progress_factory=progress_factory, files=files))
         if vocab_file and files.is_main:
             from .tokenizer import export_tokenizer
@@ -185,8 +193,9 @@ JS_MODELS = {n: f.name for f in families.FAMILIES.values() for n in f.jetstream_
 def to_jetstream(model_name: str, input_checkpoint_dir, output_checkpoint_dir, *, from_hf: bool = False,
                  quantize_weights: bool = False, quantize_type: str = "int8_per_channel",
                  output_safetensors: bool = True, overwrite: bool = False, trust_pickle: bool = False,
-                 progress_factory=None, shard=None) -> Written:
-    """HF or Meta weights -> JetStream-pt checkpoint, optionally quantized."""
+                 progress_factory=None, shard=None, faults: Optional[Faults] = None) -> Written:
+    """HF or Meta weights -> JetStream-pt checkpoint, optionally quantized.
+    ``faults`` (tests only): injection points, see converters/faults.py."""
     from .quant import quantize_tensors
     fam = families.for_jetstream_name(model_name)
     if fam is None:
@@ -196,7 +205,8 @@ def to_jetstream(model_name: str, input_checkpoint_dir, output_checkpoint_dir, *
             output_checkpoint_dir=str(output_checkpoint_dir), from_hf=from_hf, quantize_weights=quantize_weights,
             quantize_type=quantize_type, output_safetensors=output_safetensors, overwrite=overwrite,
             trust_pickle=trust_pickle)
-    ck, cfg = read_source(a.input_checkpoint_dir, None, a.trust_pickle)
+    step = Step("to-jetstream", "jetstream")
+    ck, cfg = read_source(a.input_checkpoint_dir, None, a.trust_pickle, faults=faults, step=step)
     if cfg.family != fam.name:
         raise UsageError(f"--model_name {a.model_name} expects a {fam.name} checkpoint; the input is {cfg.family}")
     if not fam.jetstream_from_meta and ck.format != "hf":
@@ -206,7 +216,8 @@ def to_jetstream(model_name: str, input_checkpoint_dir, output_checkpoint_dir, *
     if ck.format not in ("hf", "meta"):
         raise InputError(ck.path, f"expected an HF or Meta checkpoint, found {ck.format}")
     plan = Plan()
-    tensors = layouts.convert(ck.tensors, ck.format, "jetstream", cfg, ck.path, plan)
+    tensors = layouts.convert(ck.tensors, ck.format, "jetstream", cfg, ck.path, plan, faults=faults)
+    tensors = (faults or NO_FAULTS).on_output(tensors, replace(step, cfg=cfg))
     params = cfg.to_meta()
     if a.quantize_weights:
         tensors = quantize_tensors(tensors, a.quantize_type, cfg.family)
@@ -220,23 +231,25 @@ def to_jetstream(model_name: str, input_checkpoint_dir, output_checkpoint_dir, *
 
 def jetstream_to_hf(input_checkpoint_dir, output_checkpoint_dir, *, num_output_shards: int = 1,
                     overwrite: bool = False, trust_pickle: bool = False, progress_factory=None,
-                   shard=None) -> Written:
-    """JetStream-pt checkpoint -> HF (dequantized to float32 when quantized)."""
+                   shard=None, faults: Optional[Faults] = None) -> Written:
+    """JetStream-pt checkpoint -> HF (dequantized to float32 when quantized).
+    ``faults`` (tests only): injection points, see converters/faults.py."""
     from .quant import dequantize_tensors, is_quantized
     a = _NS(input_checkpoint_dir=str(input_checkpoint_dir), output_checkpoint_dir=str(output_checkpoint_dir),
             num_output_shards=num_output_shards, overwrite=overwrite, trust_pickle=trust_pickle)
-    ck = open_checkpoint(a.input_checkpoint_dir, None, None, a.trust_pickle)
+    F, step = faults or NO_FAULTS, Step("jetstream-to-hf", "hf")
+    ck = F.on_read(open_checkpoint(a.input_checkpoint_dir, None, None, a.trust_pickle), step)
     if ck.format not in ("jetstream", "meta"):
         raise InputError(ck.path, f"expected a JetStream checkpoint, found {ck.format}")
     tensors = ck.tensors
     if is_quantized(tensors):
         tensors = dequantize_tensors(tensors)
-    cfg = ModelConfig.from_meta(ck.config, tensors, str(Path(ck.path) / "params.json"))
+    cfg = F.on_parsed(ModelConfig.from_meta(ck.config, tensors, str(Path(ck.path) / "params.json")))
     if is_quantized(ck.tensors):
         cfg.dtype = "float32"
-    hf = layouts.convert(tensors, "jetstream", "hf", cfg, ck.path)
+    hf = F.on_output(layouts.convert(tensors, "jetstream", "hf", cfg, ck.path, faults=faults), replace(step, cfg=cfg))
     with atomic_output(a.output_checkpoint_dir, a.overwrite, [ck.path], shard) as (tmp, files):
-        _run_guarded(lambda: write_hf(tmp, hf, cfg.to_hf(), a.num_output_shards,
+        _run_guarded(lambda: write_hf(tmp, hf, F.on_config(cfg.to_hf(), step), a.num_output_shards,
                                       progress_factory=progress_factory, files=files))
     return Written(a.output_checkpoint_dir, f"wrote HF checkpoint {a.output_checkpoint_dir}"
                    + (" (dequantized to float32)" if is_quantized(ck.tensors) else ""))

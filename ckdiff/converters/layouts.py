@@ -174,17 +174,20 @@ def hf_drop(cfg: ModelConfig) -> list:
 
 
 def convert(tensors: Mapping[str, LazyTensor], src: str, dst: str, cfg: ModelConfig,
-            where: str = "input", plan: Plan | None = None, cover: list | None = None) -> dict[str, LazyTensor]:
+            where: str = "input", plan: Plan | None = None, cover: list | None = None,
+            faults=None) -> dict[str, LazyTensor]:
     """Lazy tensors of layout ``dst`` from tensors of layout ``src`` (through canonical HF).
-    ``cover`` collects what each pass consumed and dropped (see table.apply)."""
+    ``cover`` collects what each pass consumed and dropped (see table.apply); ``faults`` (tests only)
+    sees every table on its way (converters/faults.py)."""
+    table = hf_to if faults is None else (lambda layout, cfg: faults.on_rules(layout, cfg, hf_to(layout, cfg)))
     canon = dict(tensors)
     if src != "hf":
-        canon = apply(tensors, invert(hf_to(src, cfg)), cfg.layers, DROP.get(src, ()), where, plan, cover)
+        canon = apply(tensors, invert(table(src, cfg)), cfg.layers, DROP.get(src, ()), where, plan, cover)
     else:
         canon = apply(tensors, [R(k, k) for k in _hf_keys(cfg)], cfg.layers, hf_drop(cfg), where, cover=cover)
     if dst == "hf":
         return canon
-    return apply(canon, hf_to(dst, cfg), cfg.layers, (), where, plan, cover)
+    return apply(canon, table(dst, cfg), cfg.layers, (), where, plan, cover)
 
 
 def _hf_keys(cfg: ModelConfig) -> list:
