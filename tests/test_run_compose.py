@@ -143,3 +143,11 @@ def test_toy_megatron_layout_agrees_with_hf_layout(toy):
     # the fused bias is read in the grouped, rotary-permuted row order: left in HF row order, it differs
     bad = run(Checkpoint("toy-meg", "megatron", lazy(_megatron_state(st, CFG, permute_bias=False))), CFG, ids)
     assert (bad.logits - ref.logits).abs().max() > 1e-2
+
+
+def test_a_block_the_layout_cannot_store_is_one_clear_error(toy):
+    from ckdiff.errors import InputError
+    st = _megatron_state(_hf_state(CFG), CFG)
+    moe = dataclasses.replace(CFG, family="mixtral", experts=2, experts_per_tok=1)
+    with pytest.raises(InputError, match="megatron layout stores no 'router' tensor"):
+        run(Checkpoint("toy-meg", "megatron", lazy(st)), moe, _ids(CFG))

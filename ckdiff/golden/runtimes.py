@@ -25,7 +25,7 @@ from ..converters.config import ModelConfig
 from ..converters.lazy import Checkpoint
 from ..converters.layouts import GEMMA_JS, META, MEGATRON, MOE_JS
 from ..errors import InputError
-from ..families import Act, Block, Mlp, Norm, Rotary, family
+from ..families import Act, Block, Family, Mlp, Norm, Rotary, family
 
 
 @dataclass
@@ -251,9 +251,9 @@ def _bias_key(names: dict, slot: str) -> dict:
     return {slot + "_b": w[:-len("weight")] + "bias"} if w and w.endswith(".weight") else {}
 
 
-def hf_layout(ck: Checkpoint, cfg: ModelConfig, block: Block) -> Layout:
+def hf_layout(ck: Checkpoint, cfg: ModelConfig, fam: Family) -> Layout:
     """HF: the family's declared names; rotate_half rows; one tensor per expert."""
-    n = dict(family(cfg.family).hf_names)
+    n = dict(fam.hf_names)
     if cfg.two_norms:  # Falcon 40B: attention and MLP norms of their own (ln_attn, ln_mlp)
         for role, slot in (("attn_norm", "ln_attn"), ("mlp_norm", "ln_mlp")):
             for suffix in ("", "_b"):
@@ -264,7 +264,7 @@ def hf_layout(ck: Checkpoint, cfg: ModelConfig, block: Block) -> Layout:
     return Layout("hf", n, Rotary.HALF)
 
 
-def meta_layout(ck: Checkpoint, cfg: ModelConfig, block: Block) -> Layout:
+def meta_layout(ck: Checkpoint, cfg: ModelConfig, fam: Family) -> Layout:
     """Meta / JetStream: interleaved rows, experts stacked on a leading axis, quantized weights with scales.
     JetStream's Gemma model code has names of its own (``embedder``) and reads half-split rows."""
     if GEMMA_JS["embed"] in ck.tensors:
@@ -273,10 +273,10 @@ def meta_layout(ck: Checkpoint, cfg: ModelConfig, block: Block) -> Layout:
     return Layout(ck.format, n, Rotary.INTERLEAVED, dequant=True, head_if_stored=True)
 
 
-def megatron_layout(ck: Checkpoint, cfg: ModelConfig, block: Block) -> Layout:
+def megatron_layout(ck: Checkpoint, cfg: ModelConfig, fam: Family) -> Layout:
     """Megatron-LLM: grouped fused QKV (and bias), GLU as rows [up; gate]; interleaved rows since
     2023-08 (``rotary_rows="rotate_half"`` for older checkpoints)."""
-    M = MEGATRON
+    M, block = MEGATRON, fam.block
     n = {s: M[s] for s in ("embed", "head", "norm", "norm_b", "attn_norm", "attn_norm_b", "qkv", "o")}
     n.update({"qkv_b": M["qkv_b"]} if "qkv_b" in M else _bias_key(M, "qkv"))
     if block.parallel:  # parallel blocks: the MLP's own LayerNorm, when the model has one
@@ -289,6 +289,7 @@ def megatron_layout(ck: Checkpoint, cfg: ModelConfig, block: Block) -> Layout:
     return Layout("megatron", n, rows, head_if_stored=True)
 
 
+# checkpoint format -> adapter(ck, cfg, family) -> Layout: a new layout is one function and one entry here
 LAYOUT_ADAPTERS: dict = {"hf": hf_layout, "meta": meta_layout, "jetstream": meta_layout,
                          "megatron": megatron_layout}
 
@@ -359,14 +360,14 @@ def runtime_for(ck: Checkpoint, cfg: ModelConfig) -> Callable:
     adapter = LAYOUT_ADAPTERS.get(ck.format)
     if adapter is None:
         raise InputError(ck.path, f"no reference runtime for a {ck.format} checkpoint")
-    block = _block(ck, cfg)
-    return lambda ck, cfg, ids, dtype, progress=None: decoder(adapter(ck, cfg, block), ck, cfg, block, ids,
+    fam = _family(ck, cfg)
+    return lambda ck, cfg, ids, dtype, progress=None: decoder(adapter(ck, cfg, fam), ck, cfg, fam.block, ids,
                                                               dtype, progress)
 
 
-def _block(ck: Checkpoint, cfg: ModelConfig) -> Block:
+def _family(ck: Checkpoint, cfg: ModelConfig) -> Family:
     try:
-        return family(cfg.family).block
+        return family(cfg.family)
     except KeyError:
         raise InputError(ck.path, f"no reference runtime for model family {cfg.family!r}") from None
 
