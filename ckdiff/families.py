@@ -7,7 +7,14 @@ scale) from which the reference runtime is composed. Layout tables, tiny golden 
 runtimes derive what they need from here; nothing else branches on a family's name.
 
 Adding a family = one ``register(Family(...))`` call (in this module or in any module the user
-imports). ``tests/test_family_decl.py`` builds a toy family this way.
+imports). It must declare: a name, its config.json model types and architecture, a Block, its HF
+names per slot (biases as ``X_b``) and the layouts it supports; and, only where they differ from
+llama's, ``config_keys`` (HF key per ModelConfig field, alternates as a tuple, None = absent),
+``hf_defaults``/``block_keys`` (what to_hf writes), ``always_tied``/``default_eps``/``hf_default_eps``,
+``hf_read``/``hf_write`` hooks for what a table cannot say, ``layout_names``/``layout_rotary`` where a
+layout names or orders the family's tensors differently, and the converters' --model values
+(``megatron_models``, ``jetstream_names``). ``tests/test_fam_declarations.py`` builds a toy family
+this way.
 """
 from __future__ import annotations
 

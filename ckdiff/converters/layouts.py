@@ -60,7 +60,6 @@ DROP = {
     "mcore": [r"\._extra_state(/.*)?$"],
     "gguf": [r"^rope_freqs\.weight$"],
 }
-LAYOUTS = ("hf", "meta", "jetstream", "megatron")
 
 
 def _rope(cfg: ModelConfig):
