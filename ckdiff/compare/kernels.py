@@ -57,16 +57,25 @@ def _decode(src, lo, m, mode, lut, out, tmp):
             out[j] = lut[src[lo + j]]
 
 
-@njit(cache=True, nogil=True, fastmath=_FM, inline="always")
-def _fast(x, y, m, atol, rtol):
+_INF_BITS = np.uint64(0x7FF0000000000000)
+_TINY = 2.0 ** -1000  # below this a running max relative difference is treated as 0 (see _fast)
+_SLACK = 1.0 - 2.0 ** -40
+
+
+@njit(cache=True, nogil=True, fastmath=_FM, error_model="numpy")
+def _fast(x, y, m, atol, rtol, rmc, dbuf):
+    """One block, branch-free so that LLVM vectorises it: the four sums, the over-tolerance
+    count, |a - b| into ``dbuf`` with the bits of its maximum (an integer maximum: non-negative
+    floats order like their bit patterns, NaN and Inf above every finite value; a float maximum
+    does not vectorise without 'nnan'), and ``hit``, the number of elements whose relative
+    difference may exceed ``rmc`` (a running maximum lowered by 2**-40, so that rounding of
+    ``rmc * |a|`` never hides one; below 2**-1022 the product is subnormal and any d > 0 counts)."""
     s = 0.0
     dot = 0.0
     na = 0.0
     nb = 0.0
-    bm = 0.0
-    rm = 0.0
     over = 0
-    bad = 0
+    hit = 0
     for j in range(m):
         xv = x[j]
         yv = y[j]
@@ -76,54 +85,84 @@ def _fast(x, y, m, atol, rtol):
         dot += xv * yv
         na += xv * xv
         nb += yv * yv
-        bm = max(bm, d)
         over += d > atol + rtol * ax
-        bad += not (d <= _BIG)
-        rm = max(rm, d / ax if ax > 0.0 else (math.inf if d > 0.0 else 0.0))
-    return s, dot, na, nb, bm, rm, over, bad
+        p = rmc * ax
+        hit += (d > p) | ((d > 0.0) & (p < 2.2250738585072014e-308))
+        dbuf[j] = d
+    du = dbuf.view(np.uint64)
+    dm = np.uint64(0)
+    for j in range(m):
+        dm = max(dm, du[j])
+    return s, dot, na, nb, dm, over, hit
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def _metrics(a, mode_a, lut_a, b, mode_b, lut_b, n, atol, rtol, nblk, outf, outi):
-    step = (n + nblk - 1) // nblk
-    for k in prange(nblk):
-        lo0 = k * step
-        hi0 = min(n, lo0 + step)
+@njit(cache=True, nogil=True, fastmath=_FM, error_model="numpy")
+def _rel(x, dbuf, m, rbuf):
+    """Bits of the largest |a - b| / |a| of a block of finite values (0 where they are equal, Inf
+    where a is 0 and b is not)."""
+    for j in range(m):
+        d = dbuf[j]
+        r = d / abs(x[j])
+        rbuf[j] = 0.0 if d == 0.0 else r
+    ru = rbuf.view(np.uint64)
+    rm = np.uint64(0)
+    for j in range(m):
+        rm = max(rm, ru[j])
+    return rm
+
+
+@njit(parallel=True, cache=True, nogil=True, error_model="numpy")
+def _metrics(a, mode_a, lut_a, b, mode_b, lut_b, n, atol, rtol, nstripe, outf, outi, sf, si):
+    """Blocks of BLOCK elements, split into ``nstripe`` runs of consecutive blocks, one thread each.
+    Per block: ``outf`` = sum |d|, dot, a.a, b.b and ``outi`` = count over tolerance (fixed block
+    sums: the result does not depend on the thread count). Per stripe: ``sf`` = max |d|, max rel;
+    ``si`` = index of that max |d| (first), NaN a, NaN b, Inf a, Inf b."""
+    nblk = (n + BLOCK - 1) // BLOCK
+    per = (nblk + nstripe - 1) // nstripe
+    for t in prange(nstripe):
         x = np.empty(BLOCK, np.float64)
         y = np.empty(BLOCK, np.float64)
         tmp = np.empty(BLOCK, np.uint32)
+        dbuf = np.empty(BLOCK, np.float64)
+        rbuf = np.empty(BLOCK, np.float64)
+        one = np.empty(1, np.uint64)
         mx = -1.0
         mi = -1
-        s = 0.0
         mr = 0.0
-        dot = 0.0
-        na = 0.0
-        nb = 0.0
-        over = 0
         nan_a = 0
         nan_b = 0
         inf_a = 0
         inf_b = 0
-        for lo in range(lo0, hi0, BLOCK):
-            m = min(hi0, lo + BLOCK) - lo
+        for kb in range(t * per, min(nblk, (t + 1) * per)):
+            lo = kb * BLOCK
+            m = min(n, lo + BLOCK) - lo
             _decode(a, lo, m, mode_a, lut_a, x, tmp)
             _decode(b, lo, m, mode_b, lut_b, y, tmp)
-            bs, bdot, bna, bnb, bm, brm, bover, bad = _fast(x, y, m, atol, rtol)
-            if bad == 0:
-                s += bs
-                dot += bdot
-                na += bna
-                nb += bnb
-                over += bover
-                if brm > mr:
-                    mr = brm
+            rmc = mr * _SLACK if mr >= _TINY else 0.0
+            bs, bdot, bna, bnb, dm, bover, hit = _fast(x, y, m, atol, rtol, rmc, dbuf)
+            if dm < _INF_BITS:
+                outf[kb, 0] = bs
+                outf[kb, 1] = bdot
+                outf[kb, 2] = bna
+                outf[kb, 3] = bnb
+                outi[kb] = bover
+                if hit:
+                    one[0] = _rel(x, dbuf, m, rbuf)
+                    mr = max(mr, one.view(np.float64)[0])
+                one[0] = dm
+                bm = one.view(np.float64)[0]
                 if bm > mx:
                     for j in range(m):
-                        if abs(x[j] - y[j]) == bm:
+                        if dbuf[j] == bm:
                             mx = bm
                             mi = lo + j
                             break
                 continue
+            s = 0.0
+            dot = 0.0
+            na = 0.0
+            nb = 0.0
+            over = 0
             for j in range(m):  # a NaN or Inf in this block: element by element
                 xv = x[j]
                 yv = y[j]
@@ -160,18 +199,18 @@ def _metrics(a, mode_a, lut_a, b, mode_b, lut_b, n, atol, rtol, nblk, outf, outi
                 if d > mx:
                     mx = d
                     mi = lo + j
-        outf[k, 0] = mx
-        outf[k, 1] = s
-        outf[k, 2] = mr
-        outf[k, 3] = dot
-        outf[k, 4] = na
-        outf[k, 5] = nb
-        outi[k, 0] = mi
-        outi[k, 1] = over
-        outi[k, 2] = nan_a
-        outi[k, 3] = nan_b
-        outi[k, 4] = inf_a
-        outi[k, 5] = inf_b
+            outf[kb, 0] = s
+            outf[kb, 1] = dot
+            outf[kb, 2] = na
+            outf[kb, 3] = nb
+            outi[kb] = over
+        sf[t, 0] = mx
+        sf[t, 1] = mr
+        si[t, 0] = mi
+        si[t, 1] = nan_a
+        si[t, 2] = nan_b
+        si[t, 3] = inf_a
+        si[t, 4] = inf_b
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -204,57 +243,163 @@ def bytes_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
     return bool(np.array_equal(u, v))
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def _quant_metrics(w, mode_w, lut_w, codes, scale, R, C, sr, sc, cdiv, percol, nblk, outf, outi):
+@njit(cache=True, nogil=True, fastmath=_FM, error_model="numpy")
+def _qfast(x, q, scv, se, percol, m, rmc, deq, dbuf, ubuf):
+    """One block of float ``x`` against codes ``q`` times the scale ``se`` (or ``scv[j]`` per column),
+    dequantized in float32 as the runtimes do, branch-free (see _fast): sums, counts over 1.0 and
+    1.5 scales, the rel ``hit`` count, code range, bits of max |d| (``dbuf``) and, per column, of
+    the largest error in scale units (``ubuf``)."""
+    s = 0.0
+    dot = 0.0
+    na = 0.0
+    nb = 0.0
+    o10 = 0
+    o15 = 0
+    hit = 0
+    cmin = 127
+    cmax = -128
+    if percol:
+        for j in range(m):
+            qj = q[j]
+            sj = scv[j]
+            dv = np.float64(np.float32(qj) * sj)
+            sd = np.float64(sj)
+            xv = x[j]
+            d = abs(xv - dv)
+            s += d
+            dot += xv * dv
+            na += xv * xv
+            nb += dv * dv
+            o10 += d > sd
+            o15 += d > 1.5 * sd
+            p = rmc * abs(xv)
+            hit += (d > p) | ((d > 0.0) & (p < 2.2250738585072014e-308))
+            cmin = min(cmin, qj)
+            cmax = max(cmax, qj)
+            dbuf[j] = d
+            ubuf[j] = d / max(sd, 1e-30)
+    else:
+        sd = np.float64(se)
+        s15 = 1.5 * sd
+        for j in range(m):
+            qj = q[j]
+            dv = np.float64(np.float32(qj) * se)
+            xv = x[j]
+            d = abs(xv - dv)
+            s += d
+            dot += xv * dv
+            na += xv * xv
+            nb += dv * dv
+            o10 += d > sd
+            o15 += d > s15
+            p = rmc * abs(xv)
+            hit += (d > p) | ((d > 0.0) & (p < 2.2250738585072014e-308))
+            cmin = min(cmin, qj)
+            cmax = max(cmax, qj)
+            dbuf[j] = d
+    du = dbuf.view(np.uint64)
+    dm = np.uint64(0)
+    um = np.uint64(0)
+    if percol:
+        uu = ubuf.view(np.uint64)
+        for j in range(m):
+            dm = max(dm, du[j])
+            um = max(um, uu[j])
+    else:
+        for j in range(m):
+            dm = max(dm, du[j])
+    return s, dot, na, nb, o10, o15, hit, cmin, cmax, dm, um
+
+
+@njit(parallel=True, cache=True, nogil=True, error_model="numpy")
+def _quant_metrics(w, mode_w, lut_w, codes, scale, R, C, sr, sc, cdiv, percol, nstripe, outf, outi, sf, si):
     """Float rows ``w`` [R, C] (raw bytes) against ``codes`` [R, C] int8 times each element's scale:
     ``scale[i * sr + (j // cdiv) * sc]``, or ``scale[i * sr + j]`` when ``percol``; dequantized
-    in float32 as the runtimes do. Errors are judged in units of that scale."""
-    step = (R + nblk - 1) // nblk
-    for k in prange(nblk):
+    in float32 as the runtimes do. Errors are judged in units of that scale. Rows are split into
+    ``nstripe`` runs, one thread each. Per row: ``outf`` = sum |d|, dot, w.w, deq.deq; ``outi`` =
+    counts over 1.5 and 1.0 scales. Per stripe: ``sf`` = max |d|, max rel, max units; ``si`` =
+    index of max |d| (first), NaN, Inf, min code, max code."""
+    per = (R + nstripe - 1) // nstripe
+    for t in prange(nstripe):
         x = np.empty(C, np.float64)
         tmp = np.empty(C, np.uint32)
+        deq = np.empty(C, np.float64)
+        dbuf = np.empty(C, np.float64)
+        ubuf = np.empty(C, np.float64)
+        rbuf = np.empty(C, np.float64)
+        one = np.empty(1, np.uint64)
         mx = -1.0
         mi = -1
-        s = 0.0
         mr = 0.0
-        dot = 0.0
-        na = 0.0
-        nb = 0.0
         umax = 0.0
-        o15 = 0
-        o10 = 0
         nan_w = 0
         inf_w = 0
         cmin = 127
         cmax = -128
-        for i in range(k * step, min(R, (k + 1) * step)):
+        for i in range(t * per, min(R, (t + 1) * per)):
             _decode(w, i * C, C, mode_w, lut_w, x, tmp)
             base = i * sr
+            s = 0.0
+            dot = 0.0
+            na = 0.0
+            nb = 0.0
+            o15 = 0
+            o10 = 0
             for j0 in range(0, C, cdiv):
-                se_blk = np.float32(scale[base + (j0 // cdiv) * sc])
-                for j in range(j0, min(C, j0 + cdiv)):
-                    q = codes[i * C + j]
-                    cmin = min(cmin, q)
-                    cmax = max(cmax, q)
-                    se = np.float32(scale[base + j]) if percol else se_blk
-                    deq = np.float64(np.float32(q) * se)
-                    nb += deq * deq
+                m = min(C, j0 + cdiv) - j0
+                se = np.float32(scale[base + (j0 // cdiv) * sc])
+                scv = scale[base + j0:base + j0 + m] if percol else scale[0:1]
+                xb = x[j0:j0 + m]
+                qb = codes[i * C + j0:i * C + j0 + m]
+                db = dbuf[j0:j0 + m]
+                rmc = mr * _SLACK if mr >= _TINY else 0.0
+                bs, bdot, bna, bnb, b10, b15, hit, bmin, bmax, dm, um = _qfast(
+                    xb, qb, scv, se, percol, m, rmc, deq, db, ubuf)
+                cmin = min(cmin, bmin)
+                cmax = max(cmax, bmax)
+                if dm < _INF_BITS:
+                    s += bs
+                    dot += bdot
+                    na += bna
+                    nb += bnb
+                    o10 += b10
+                    o15 += b15
+                    if hit:
+                        one[0] = _rel(xb, db, m, rbuf)
+                        mr = max(mr, one.view(np.float64)[0])
+                    one[0] = dm
+                    bm = one.view(np.float64)[0]
+                    if percol:
+                        one[0] = um
+                        umax = max(umax, one.view(np.float64)[0])
+                    else:
+                        umax = max(umax, bm / max(np.float64(se), 1e-30))
+                    if bm > mx:
+                        for j in range(m):
+                            if db[j] == bm:
+                                mx = bm
+                                mi = i * C + j0 + j
+                                break
+                    continue
+                for j in range(j0, j0 + m):  # a NaN or Inf in this block: element by element
+                    sej = np.float32(scale[base + j]) if percol else se
+                    deqj = np.float64(np.float32(codes[i * C + j]) * sej)
+                    nb += deqj * deqj
                     xv = x[j]
-                    d = abs(xv - deq)
+                    d = abs(xv - deqj)
                     if d <= _BIG:
                         s += d
-                        dot += xv * deq
+                        dot += xv * deqj
                         na += xv * xv
                         ax = abs(xv)
-                        if d > mr * ax:
-                            mr = d / ax if ax > 0.0 else math.inf
-                        sd = np.float64(se)
+                        if d > 0.0:
+                            mr = max(mr, d / ax if ax > 0.0 else math.inf)
+                        sd = np.float64(sej)
                         if d > sd:
                             o10 += 1
                             if d > 1.5 * sd:
                                 o15 += 1
-                        if d > umax * sd:
-                            umax = d / max(sd, 1e-30)
+                        umax = max(umax, d / max(sd, 1e-30))
                     else:
                         d = math.inf
                         if xv != xv:
@@ -267,20 +412,20 @@ def _quant_metrics(w, mode_w, lut_w, codes, scale, R, C, sr, sc, cdiv, percol, n
                     if d > mx:
                         mx = d
                         mi = i * C + j
-        outf[k, 0] = mx
-        outf[k, 1] = s
-        outf[k, 2] = mr
-        outf[k, 3] = dot
-        outf[k, 4] = na
-        outf[k, 5] = nb
-        outf[k, 6] = umax
-        outi[k, 0] = mi
-        outi[k, 1] = o15
-        outi[k, 2] = o10
-        outi[k, 3] = nan_w
-        outi[k, 4] = inf_w
-        outi[k, 5] = cmin
-        outi[k, 6] = cmax
+            outf[i, 0] = s
+            outf[i, 1] = dot
+            outf[i, 2] = na
+            outf[i, 3] = nb
+            outi[i, 0] = o15
+            outi[i, 1] = o10
+        sf[t, 0] = mx
+        sf[t, 1] = mr
+        sf[t, 2] = umax
+        si[t, 0] = mi
+        si[t, 1] = nan_w
+        si[t, 2] = inf_w
+        si[t, 3] = cmin
+        si[t, 4] = cmax
 
 
 # ------------------------------------------------------------------ host side
@@ -361,25 +506,26 @@ class Stats(_Sums):
             return
         if n != nb_:
             raise ValueError(f"chunks of {n} and {nb_} elements")
-        nblk = (n + BLOCK - 1) // BLOCK  # one prange iteration per 2048 elements
-        f, i = np.empty((nblk, 6)), np.empty((nblk, 6), np.int64)
-        _metrics(xa, ma, la, xb, mb, lb, n, float(atol), float(rtol), nblk, f, i)
-        for k in range(nblk):
-            m, idx = float(f[k, 0]), int(i[k, 0])
-            if idx < 0:
-                continue
-            g = offset + idx
-            if m > self.max_abs or (m == self.max_abs and (self.max_idx is None or g < self.max_idx)):
-                self.max_abs, self.max_idx = m, g
+        nblk = (n + BLOCK - 1) // BLOCK
+        nstripe = min(nblk, 4 * numba.get_num_threads())
+        f, i = np.empty((nblk, 4)), np.empty(nblk, np.int64)
+        sf, si = np.empty((nstripe, 2)), np.empty((nstripe, 5), np.int64)
+        _metrics(xa, ma, la, xb, mb, lb, n, float(atol), float(rtol), nstripe, f, i, sf, si)
+        found = si[:, 0] >= 0
+        if found.any():
+            m = float(sf[found, 0].max())  # never NaN: a NaN difference counts as Inf
+            idx = offset + int(si[found & (sf[:, 0] == m), 0].min())
+            if m > self.max_abs or (m == self.max_abs and (self.max_idx is None or idx < self.max_idx)):
+                self.max_abs, self.max_idx = m, idx
         s = f.sum(axis=0)
-        self._parts.append((offset, float(s[1]), float(s[3]), float(s[4]), float(s[5])))
-        self.max_rel = max(self.max_rel, float(f[:, 2].max()))
-        c = i.sum(axis=0)
-        self.over += int(c[1])
-        self.nan_a += int(c[2])
-        self.nan_b += int(c[3])
-        self.inf_a += int(c[4])
-        self.inf_b += int(c[5])
+        self._parts.append((offset, float(s[0]), float(s[1]), float(s[2]), float(s[3])))
+        self.max_rel = max(self.max_rel, float(sf[:, 1].max()))
+        c = si.sum(axis=0)
+        self.over += int(i.sum())
+        self.nan_a += int(c[1])
+        self.nan_b += int(c[2])
+        self.inf_a += int(c[3])
+        self.inf_b += int(c[4])
 
     @property
     def cosine(self):
@@ -414,24 +560,27 @@ class QuantStats(_Sums):
         xw, _, mw, lw = as_kernel_input(w)
         q = codes.contiguous().reshape(-1).numpy()
         sc_ = scale.to(torch.float32).contiguous().reshape(-1).numpy()
-        nblk = R  # one prange iteration per row: sums independent of the thread count
-        f = np.empty((nblk, 7))
-        i = np.empty((nblk, 7), np.int64)
-        _quant_metrics(xw, mw, lw, q, sc_, R, C, sr, sc, max(1, min(cdiv, C)), bool(percol), nblk, f, i)
-        for k in range(nblk):
-            m, idx = float(f[k, 0]), int(i[k, 0])
-            if idx >= 0 and (m > self.max_abs or (m == self.max_abs and offset + idx < self.max_idx)):
-                self.max_abs, self.max_idx = m, offset + idx
+        nstripe = min(R, 4 * numba.get_num_threads())
+        f, i = np.empty((R, 4)), np.empty((R, 2), np.int64)
+        sf, si = np.empty((nstripe, 3)), np.empty((nstripe, 5), np.int64)
+        _quant_metrics(xw, mw, lw, q, sc_, R, C, sr, sc, max(1, min(cdiv, C)), bool(percol), nstripe, f, i, sf, si)
+        found = si[:, 0] >= 0
+        if found.any():
+            m = float(sf[found, 0].max())
+            idx = offset + int(si[found & (sf[:, 0] == m), 0].min())
+            if m > self.max_abs or (m == self.max_abs and idx < self.max_idx):
+                self.max_abs, self.max_idx = m, idx
         t = f.sum(axis=0)
-        self._parts.append((offset, float(t[1]), float(t[3]), float(t[4]), float(t[5])))
-        self.max_rel = max(self.max_rel, float(f[:, 2].max()))
-        self.max_units = max(self.max_units, float(f[:, 6].max()))
-        self.over[1.5] += int(i[:, 1].sum())
-        self.over[1.0] += int(i[:, 2].sum())
-        self.nan += int(i[:, 3].sum())
-        self.inf += int(i[:, 4].sum())
-        self.cmin = min(self.cmin, int(i[:, 5].min()))
-        self.cmax = max(self.cmax, int(i[:, 6].max()))
+        self._parts.append((offset, float(t[0]), float(t[1]), float(t[2]), float(t[3])))
+        self.max_rel = max(self.max_rel, float(sf[:, 1].max()))
+        self.max_units = max(self.max_units, float(sf[:, 2].max()))
+        c = i.sum(axis=0)
+        self.over[1.5] += int(c[0])
+        self.over[1.0] += int(c[1])
+        self.nan += int(si[:, 1].sum())
+        self.inf += int(si[:, 2].sum())
+        self.cmin = min(self.cmin, int(si[:, 3].min()))
+        self.cmax = max(self.cmax, int(si[:, 4].max()))
 
     @property
     def cosine(self):

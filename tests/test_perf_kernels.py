@@ -1,0 +1,149 @@
+"""The vectorised kernels against straightforward float64 references where the first property tests
+(tests/test_kernels.py) reach little: many blocks (the running maximum of the relative difference
+skips blocks that cannot beat it), tiny and subnormal magnitudes, the quantized-vs-float kernel
+(per channel, blockwise, per-column scales), and the comparison's own read buffers."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ckdiff.compare.diff import Options, compare_tensor
+from ckdiff.compare.kernels import BLOCK, QuantStats, Stats, as_kernel_input
+from ckdiff.converters.lazy import EagerTensor
+
+FLOATS = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def ref_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    x, y = a.reshape(-1).double(), b.reshape(-1).double()
+    fin = torch.isfinite(x) & torch.isfinite(y)
+    d = (x - y).abs()
+    rel = torch.where(d > 0, torch.where(fin & (x.abs() > 0), d / x.abs(), math.inf), 0.0)
+    return float(rel.max())
+
+
+@st.composite
+def many_blocks(draw):
+    dt = draw(st.sampled_from(FLOATS))
+    nblk = draw(st.integers(2, 24))
+    n = nblk * BLOCK - draw(st.integers(0, BLOCK - 1))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 10**6)))
+    mag = draw(st.sampled_from([1e-38, 1e-30, 1e-3, 1.0, 1e30]))
+    a = torch.randn(n, generator=g, dtype=torch.float64) * mag
+    # relative noise that grows, shrinks or peaks anywhere, so the running maximum changes late
+    shape = draw(st.sampled_from(["up", "down", "peak", "flat"]))
+    pos = torch.linspace(0, 1, n, dtype=torch.float64)
+    amp = {"up": pos, "down": 1 - pos, "peak": (pos - draw(st.floats(0, 1))).abs().neg().exp() ** 40,
+           "flat": torch.ones(n, dtype=torch.float64)}[shape]
+    b = a * (1 + 1e-2 * amp * torch.randn(n, generator=g, dtype=torch.float64))
+    for _ in range(draw(st.integers(0, 4))):  # zeros and subnormals on either side
+        i = draw(st.integers(0, n - 1))
+        v = draw(st.sampled_from([0.0, -0.0, 1e-45, 1e-310, 5e-324]))
+        (a if draw(st.booleans()) else b)[i] = v
+    return a.to(dt), b.to(draw(st.sampled_from([dt, torch.float32, torch.float64])))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(many_blocks())
+def test_max_rel_exact_over_many_blocks(case):
+    a, b = case
+    s = Stats()
+    s.add(as_kernel_input(a), as_kernel_input(b), 0, 0.0, 0.0)
+    assert s.max_rel == ref_rel(a, b)
+    d = (a.double() - b.double()).abs()
+    assert s.max_abs == float(d.max()) and s.max_idx == int(torch.nonzero(d == d.max())[0])
+    assert s.over == int((d > 0).sum())
+
+
+def test_max_rel_blocks_skipped_only_when_they_cannot_win():
+    """A later block whose relative difference beats the earlier maximum by the last bit is found."""
+    n = 8 * BLOCK
+    a = torch.ones(n, dtype=torch.float64)
+    b = a.clone()
+    b[10] = 1 + 2.0 ** -30
+    b[7 * BLOCK + 5] = 1 + 2.0 ** -30 + 2.0 ** -52  # beats it by one ulp of 1
+    s = Stats()
+    s.add(as_kernel_input(a), as_kernel_input(b), 0, 0.0, 0.0)
+    assert s.max_rel == 2.0 ** -30 + 2.0 ** -52 and s.max_idx == 7 * BLOCK + 5
+
+
+def quant_reference(w, q, scale_of):
+    """float64 reference of the quantized-vs-float metrics; ``scale_of`` [R, C] float32 per element."""
+    x = w.double()
+    se = scale_of.float()
+    deq = (q.float() * se).double()
+    sd = se.double()
+    d = (x - deq).abs()
+    fin = d <= 1.7976931348623157e308
+    ax = x.abs()
+    rel = torch.where(fin & (d > 0), torch.where(ax > 0, d / ax, math.inf), 0.0)
+    units = torch.where(fin, d / sd.clamp_min(1e-30), math.inf)
+    dd = torch.where(fin, d, math.inf)
+    m = float(dd.max())
+    return {"max_abs": m, "idx": int(torch.nonzero(dd.reshape(-1) == m)[0]), "sum": float(d[fin].sum()),
+            "rel": float(rel.max()), "units": float(units.max()),
+            "o10": int((~fin | (d > sd)).sum()), "o15": int((~fin | (d > 1.5 * sd)).sum()),
+            "nan": int((~fin & torch.isnan(x)).sum()), "inf": int((~fin & ~torch.isnan(x)).sum()),
+            "dot": float((x * deq)[fin].sum()), "na": float((x * x)[fin].sum()), "nb": float((deq * deq).sum()),
+            "cmin": int(q.min()), "cmax": int(q.max())}
+
+
+@st.composite
+def quant_case(draw):
+    kind = draw(st.sampled_from(["channel", "block", "column"]))
+    R = draw(st.integers(1, 20))
+    cdiv = draw(st.sampled_from([4, 16, 128]))
+    C = cdiv * draw(st.integers(1, 5)) if kind == "block" else draw(st.integers(1, 300))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 10**6)))
+    dt = draw(st.sampled_from([torch.bfloat16, torch.float32, torch.float16]))
+    w = (torch.randn(R, C, generator=g) * draw(st.sampled_from([1e-3, 1.0]))).to(dt)
+    for _ in range(draw(st.integers(0, 3))):
+        w[draw(st.integers(0, R - 1)), draw(st.integers(0, C - 1))] = draw(st.sampled_from(
+            [math.nan, math.inf, -math.inf, 0.0, 1e-40]))
+    q = torch.randint(-128, 128, (R, C), generator=g, dtype=torch.int8)
+    if kind == "channel":
+        scale = torch.rand(R, generator=g) * 0.01 + draw(st.sampled_from([0.0, 1e-4]))
+        return w, q, scale, 1, 0, C, False, scale[:, None].expand(R, C)
+    if kind == "block":
+        nb = C // cdiv
+        scale = torch.rand(R * nb, generator=g) * 0.01
+        return w, q, scale, nb, 1, cdiv, False, scale.reshape(R, nb).repeat_interleave(cdiv, 1)
+    scale = torch.rand(C, generator=g) * 0.01 + 1e-5
+    return w, q, scale, 0, 0, C, True, scale[None, :].expand(R, C)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(quant_case(), st.integers(1, 4))
+def test_quant_kernel_matches_reference(case, pieces):
+    w, q, scale, sr, sc, cdiv, percol, full = case
+    ref = quant_reference(w, q, full)
+    st_ = QuantStats()
+    R = w.shape[0]
+    step = max(1, -(-R // pieces))
+    for lo in range(0, R, step):  # row blocks, as compare/quant.py streams them
+        hi = min(R, lo + step)
+        s = scale if percol else (scale[lo * sr:hi * sr] if sr else scale)
+        st_.add(w[lo:hi], q[lo:hi], s, sr, sc, cdiv, lo * w.shape[1], percol)
+    assert st_.max_abs == ref["max_abs"] and st_.max_idx == ref["idx"]
+    assert (st_.over[1.0], st_.over[1.5], st_.nan, st_.inf) == (ref["o10"], ref["o15"], ref["nan"], ref["inf"])
+    assert (st_.cmin, st_.cmax) == (ref["cmin"], ref["cmax"])
+    assert st_.max_rel == ref["rel"]
+    assert st_.max_units == pytest.approx(ref["units"], rel=1e-12)
+    assert st_.sum_abs == pytest.approx(ref["sum"], rel=1e-9, abs=1e-300)
+    for k in ("dot", "na", "nb"):
+        assert getattr(st_, k) == pytest.approx(ref[k], rel=1e-9, abs=1e-300)
+
+
+def test_quant_reference_can_fail():
+    """One code off by 3 scales is found at its index and counted over both bounds."""
+    w = torch.randn(5, 64).to(torch.bfloat16)
+    scale = w.float().abs().amax(1) / 127
+    q = torch.round(w.float() / scale[:, None]).to(torch.int8)
+    q[3, 17] = (q[3, 17].int() - 3 if q[3, 17] > 0 else q[3, 17].int() + 3).to(torch.int8)
+    st_ = QuantStats()
+    st_.add(w, q, scale, 1, 0, 64, 0)
+    assert st_.max_idx == 3 * 64 + 17 and st_.over[1.5] == 1 and st_.over[1.0] == 1 and 2.4 < st_.max_units < 3.6
