@@ -76,9 +76,20 @@ def add_common(p: argparse.ArgumentParser, *, cache: bool = True, pickle: bool =
 
 
 def format_names() -> list[str]:
-    from ..converters import megatron  # noqa: F401  (registers the Megatron reader)
-    from ..converters.formats import READERS
-    return list(READERS)
+    from ..converters import registry
+    return registry.names()
+
+
+def formats_help() -> str:
+    """One line per registered format: its name and what it is (the --format choices)."""
+    import textwrap
+
+    from ..converters import registry
+    fs = registry.formats()
+    width = max(len(f.name) for f in fs)
+    return "formats (--format; detected from the files otherwise):\n" + "\n".join(
+        textwrap.fill(f.description, min(100, _columns()), initial_indent=f"  {f.name.ljust(width)}  ",
+                      subsequent_indent=" " * (width + 4)) for f in fs)
 
 
 def add_formats(p: argparse.ArgumentParser, sides: int = 2) -> None:

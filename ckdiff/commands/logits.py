@@ -13,8 +13,11 @@ def parser(prog: str = "ckdiff logits"):
     p = common.Parser(prog=prog, description="Compare two model checkpoints by forward passes, each in its own "
                       "layout's reference runtime (needs a model config: config.json, params.json or Megatron "
                       "args). Exit 0 equivalent, 1 differ, 2 error.")
-    p.add_argument("a", help="model checkpoint A (HF, Meta, JetStream-pt or Megatron-LLM directory, or hub id)")
-    p.add_argument("b", help="model checkpoint B (any of the same layouts)")
+    from ..converters import registry
+    runnable = [f.name for f in registry.formats() if f.runtime is not registry.Runtime.NONE]
+    p.add_argument("a", help=f"model checkpoint A, of a format with a model config ({', '.join(runnable)}), or a "
+                             "hub id")
+    p.add_argument("b", help="model checkpoint B (any of the same formats)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
     p.add_argument("--length", type=int, default=48, help="positions per sequence (>= 2; >= 32 recommended)")
     p.add_argument("--batch", type=int, default=4, help="number of sequences")
@@ -38,8 +41,10 @@ def run(argv, command: str = "") -> int:
     common.check_reports(args)
     a, b = open_pair(args)
     common.check_reports(args, (a, b))
+    from ..converters import registry
     for side, ck in (("A", a), ("B", b)):
-        if ck.format in ("file", "tensors"):
+        f = registry.lookup(ck.format)
+        if f is not None and f.runtime is registry.Runtime.NONE:
             raise UsageError(f"{ck.path}: {side} is a plain set of tensors ({ck.format}); ckdiff logits runs the "
                              "model, which needs its config: pass a model directory (HF config.json, Meta/JetStream "
                              "params.json or a Megatron-LLM checkpoint)")

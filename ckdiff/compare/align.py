@@ -10,13 +10,10 @@ the layouts agree, or when the user passes ``--no-map``.
 from __future__ import annotations
 
 
+from ..converters import registry
 from ..converters.config import ConfigError
 from ..converters.lazy import Checkpoint
 from ..converters.quant import is_quantized
-
-LAYOUT = {"hf": "hf", "meta": "meta", "jetstream": "jetstream", "megatron": "megatron", "mcore": "mcore",
-          "gguf": "gguf"}
-SAME_NAMES = {("meta", "jetstream"), ("jetstream", "meta")}
 
 
 def _config(ck: Checkpoint):
@@ -28,13 +25,10 @@ def _without_buffers(a: Checkpoint, b: Checkpoint) -> tuple[Checkpoint, Checkpoi
     """Leave out tensors that carry no weights in their layout (``rope.freqs``, ``inv_freq``; the converters
     drop them) when the other side has no tensor of that name. Applied to both sides alike, so which side
     is A never changes the verdict."""
-    import re
-
-    from ..converters.layouts import DROP
     dropped = []
 
     def strip(x: Checkpoint, other: Checkpoint) -> Checkpoint:
-        pats = [re.compile(p) for p in DROP.get(LAYOUT.get(x.format.split("->")[-1], ""), [])]
+        pats = registry.drop_patterns(x.format)
         gone = [n for n in x.tensors if n not in other.tensors and any(p.search(n) for p in pats)]
         if not gone:
             return x
@@ -58,44 +52,46 @@ def align(a: Checkpoint, b: Checkpoint) -> tuple[Checkpoint, Checkpoint, list, l
 def _align(a: Checkpoint, b: Checkpoint) -> tuple[Checkpoint, Checkpoint, list, list]:
     from ..converters.layouts import convert
     from ..converters.table import Plan
-    la, lb = LAYOUT.get(a.format), LAYOUT.get(b.format)
+    fa, fb = registry.lookup(a.format), registry.lookup(b.format)
+    la, lb = (f.layout if f is not None and "->" not in x.format else None for f, x in ((fa, a), (fb, b)))
     if (la is None) != (lb is None) and a.format != b.format:
         plain = "A" if la is None else "B"
         return a, b, [], [f"{plain} is a plain set of tensors ({(a if la is None else b).format}, no model config): "
                           "compared by name; mapping another layout onto it needs a model directory "
                           "(config.json, params.json or Megatron args)"]
-    if la is None or lb is None or la == lb or (la, lb) in SAME_NAMES:
+    if la is None or lb is None or fa.key_names == fb.key_names:
         return a, b, [], []
     from .blockscaled import is_block_scaled
     quant = lambda x: is_quantized(x.tensors) or any(is_block_scaled(t) for t in x.tensors.values())  # noqa: E731
     move_a = quant(b) and not quant(a)  # the float side moves, so quantized tensors keep their own scales
-    src, dst_layout = (a, lb) if move_a else (b, la)
+    (src, fsrc), dst_layout = ((a, fa), lb) if move_a else ((b, fb), la)
     try:
         cfg = _config(src)
         plan = Plan()
         cover: list = []
-        mapped = convert(src.tensors, src.format, dst_layout, cfg, src.path, plan, cover)
+        mapped = convert(src.tensors, fsrc.layout, dst_layout, cfg, src.path, plan, cover)
     except ConfigError:
         raise  # mapping across layouts needs a sound config: fatal, one line naming the file and key
     except Exception as e:  # noqa: BLE001 - unmappable: compare as is and say why
-        return a, b, [], [f"layouts differ ({a.format} vs {b.format}) and B could not be mapped: "
-                          f"{str(e).splitlines()[0][:200]}"]
+        return a, b, [], [f"layouts differ ({a.format} vs {b.format}) and {'A' if move_a else 'B'} could not be "
+                          f"mapped: {str(e).splitlines()[0][:200]}"]
     side = "A" if move_a else "B"
     notes = [f"{side} ({src.format}) was mapped into the {dst_layout} layout of "
              f"{'B' if move_a else 'A'} through ckdiff's conversion table before comparing"]
-    mapped, pad_note = _strip_config_padding(mapped, src, dst_layout, side)
+    mapped, pad_note = _strip_config_padding(mapped, src, fsrc.true_vocab, dst_layout, side)
     notes += pad_note
     moved = Checkpoint(src.path, f"{src.format}->{dst_layout}", mapped, src.config,
                        {**src.meta, "cover": cover, "source_tensors": list(src.tensors)})
     return (moved, b, plan.rows, notes) if move_a else (a, moved, plan.rows, notes)
 
 
-def _strip_config_padding(tensors: dict, src: Checkpoint, layout: str, side: str) -> tuple[dict, list]:
-    """Vocab padding the source's own config declares (Megatron ``true_vocab_size`` below the embedding
-    rows) is dropped from the mapped tensors and reported as a note, never as a mismatch."""
+def _strip_config_padding(tensors: dict, src: Checkpoint, true_vocab, layout: str, side: str) -> tuple[dict, list]:
+    """Vocab padding the source's own config declares (its format's ``true_vocab``, e.g. Megatron
+    ``true_vocab_size`` below the embedding rows) is dropped from the mapped tensors and reported as a
+    note, never as a mismatch."""
     from ..converters.config import _NAMES
     from ..converters.lazy import RowSlice
-    true = (src.config or {}).get("true_vocab_size") if src.format == "megatron" else None
+    true = true_vocab(src.config or {}) if true_vocab is not None else None
     names = _NAMES.get(layout)
     if not isinstance(true, int) or not names:
         return tensors, []

@@ -13,6 +13,7 @@ import math
 import torch
 
 from ..converters.formats import dtype_name
+from .status import Status
 
 
 def is_block_scaled(t) -> bool:
@@ -25,10 +26,10 @@ def _kind(t) -> str:
 
 def compare_block_scaled(name, ta, tb, chunk_bytes: int = 8 << 20):
     from .diff import TensorResult, _unravel
-    r = TensorResult(name=name, status="quant", shape_a=list(ta.shape), shape_b=list(tb.shape),
+    r = TensorResult(name=name, status=Status.QUANT, shape_a=list(ta.shape), shape_b=list(tb.shape),
                      dtype_a=_kind(ta), dtype_b=_kind(tb), numel=ta.numel)
     if tuple(ta.shape) != tuple(tb.shape):
-        r.status = "shape"
+        r.status = Status.SHAPE
         return r
     n = ta.shape[0] if ta.shape else 1
     row = max(1, math.prod(ta.shape[1:]))
@@ -38,7 +39,7 @@ def compare_block_scaled(name, ta, tb, chunk_bytes: int = 8 << 20):
         equal = all(torch.equal(ta.raw_rows(lo, min(n, lo + step)), tb.raw_rows(lo, min(n, lo + step)))
                     for lo in range(0, n, step))
         if equal:
-            r.status, r.bit_exact, r.cosine, r.tol_source = "equal", True, 1.0, "exact (codes and scales)"
+            r.status, r.bit_exact, r.cosine, r.tol_source = Status.EQUAL, True, 1.0, "exact (codes and scales)"
             r.note = f"{_kind(ta)} codes and scales identical"
             return r
     over = 0
@@ -76,7 +77,7 @@ def compare_block_scaled(name, ta, tb, chunk_bytes: int = 8 << 20):
     r.tol_source = " + ".join(kinds)
     r.note = f"dequantized; max error {max_units:.3g} x its bound ({r.tol_source})"
     if over or bad_units:
-        r.status = "differ"
+        r.status = Status.DIFFER
         if bad_units:
             r.note += "; non-finite block scales"
     return r

@@ -9,15 +9,13 @@ equivalent. This is the check that catches the "MoE experts silently dropped" cl
 """
 from __future__ import annotations
 
-import re
-
 from ..converters.lazy import Checkpoint
+from .status import Status
 
 
 def _layout_drops(fmt: str) -> list:
-    from ..converters.layouts import DROP
-    from .align import LAYOUT
-    return [re.compile(p) for p in DROP.get(LAYOUT.get(fmt.split("->")[-1], ""), [])]
+    from ..converters.registry import drop_patterns
+    return drop_patterns(fmt)
 
 
 def account(x0: Checkpoint, x: Checkpoint, in_results: set, consumed: set, selected) -> dict:
@@ -43,7 +41,7 @@ def account(x0: Checkpoint, x: Checkpoint, in_results: set, consumed: set, selec
     else:
         targets = set(x0.tensors)
     pats = _layout_drops(x.format)
-    compared = one_sided = ignored = 0
+    compared = ignored = 0
     folded = (x.meta or {}).get("folded", {})
     for k in targets:
         if k in folded:
@@ -65,8 +63,8 @@ def account(x0: Checkpoint, x: Checkpoint, in_results: set, consumed: set, selec
 
 def coverage(a0: Checkpoint, b0: Checkpoint, a: Checkpoint, b: Checkpoint, results, consumed: set,
              selected) -> dict:
-    names_a = {r.name for r in results if r.status != "only-b"}
-    names_b = {r.name for r in results if r.status != "only-a"}
+    names_a = {r.name for r in results if r.status != Status.ONLY_B}
+    names_b = {r.name for r in results if r.status != Status.ONLY_A}
     return {"A": account(a0, a, names_a, consumed, selected), "B": account(b0, b, names_b, consumed, selected)}
 
 

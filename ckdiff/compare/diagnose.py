@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from enum import Enum
 from typing import Optional
 
 import torch
@@ -34,6 +35,7 @@ import torch
 from ..converters.lazy import Checkpoint, LazyTensor
 from ..converters.ops import rope_to_half, rope_to_interleaved
 from .diff import CompareResult, TensorResult
+from .status import Status
 
 MAX_NUMEL = 1 << 26  # largest tensor loaded whole (to confirm a winner, or for whole-tensor hypotheses)
 SMALL_NUMEL = 1 << 21  # at or below: both sides are loaded once and every hypothesis indexes them
@@ -46,6 +48,29 @@ SAMPLE = 12
 HEAD_DIMS = (16, 24, 32, 48, 64, 80, 96, 128, 256)
 LAYER = re.compile(r"(?<=\.)(\d+)(?=\.)")
 ATTN = re.compile(r"q_proj|k_proj|v_proj|o_proj|\.w[qkvo]\.|query_key_value|attention\.dense|self_attn")
+
+
+class Cause(Enum):
+    """The kind of a structural hypothesis (a row or column map) that explains a mismatch."""
+    ROTARY = "rotary permutation"
+    ROTARY_HEADS = "rotary permutation with the wrong head count"
+    HALVES = "halves swapped"
+    TP_ORDER = "TP shard order reversed"
+    QKV_ORDER = "QKV fused in the wrong order"
+    QKV_KV_SWAP = "k and v swapped in the fused QKV"
+    QKV_PARTS = "a part of the fused QKV permuted"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One diagnosis: its kind, whether it involves a rotary permutation, and the text reports show."""
+    cause: Cause
+    text: str
+    rotary: bool = False
+
+
+def _rotary(cause: Cause, text: str) -> Finding:
+    return Finding(cause, text, rotary=True)
 
 
 # ---------------------------------------------------------------- helpers
@@ -157,6 +182,7 @@ class _Ctx:
     config: dict
     perms: dict = field(default_factory=dict)  # (name, "rows"|"cols") -> permutation list
     sample_cache: dict = field(default_factory=dict)
+    rotary: set = field(default_factory=set)  # tensors whose diagnosis is a rotary permutation
 
 
 class _Side:
@@ -321,13 +347,16 @@ def _other_tensor(name: str, B: _Side, shape, ctx: _Ctx, rows_idx) -> Optional[s
     return None
 
 
-def _row_maps(rows: int, config: dict) -> list[tuple[str, torch.Tensor]]:
+def _row_maps(rows: int, config: dict, unit: str = "rows") -> list[tuple[Finding, torch.Tensor]]:
+    """Row maps (``unit`` "rows") or column maps ("columns") to try, each with the finding it stands for."""
     maps = []
     cands = _head_counts(rows, config)
     for heads, hd in cands:
-        maps.append((f"rotary permutation: B == P(A), half-split -> interleaved, {heads} heads x {hd} rows",
+        maps.append((_rotary(Cause.ROTARY, f"rotary permutation: B == P(A), half-split -> interleaved, {heads} heads "
+                                           f"x {hd} {unit}"),
                      _index_map(lambda x: rope_to_interleaved(x, heads, hd), rows)))
-        maps.append((f"rotary permutation: B == P^-1(A), interleaved -> half-split, {heads} heads x {hd} rows",
+        maps.append((_rotary(Cause.ROTARY, f"rotary permutation: B == P^-1(A), interleaved -> half-split, {heads} "
+                                           f"heads x {hd} {unit}"),
                      _index_map(lambda x: rope_to_half(x, heads, hd), rows)))
     hd0 = _head_dim(config)
     firsts = sorted(cands, key=lambda c: c[1] != hd0)  # A most likely uses the true head_dim
@@ -337,16 +366,19 @@ def _row_maps(rows: int, config: dict) -> list[tuple[str, torch.Tensor]]:
                 continue
             for f, g in ((rope_to_half, rope_to_interleaved), (rope_to_interleaved, rope_to_half)):
                 m = _index_map(lambda x: g(f(x, h1, d1), h2, d2), rows)
-                maps.append((f"rotary permutation with the wrong head count: B == A re-permuted as {h2} heads x "
-                             f"{d2} rows where A is {h1} heads x {d1}" + _which_heads(h1, h2, config), m))
+                maps.append((_rotary(Cause.ROTARY_HEADS, f"rotary permutation with the wrong head count: B == A "
+                                                         f"re-permuted as {h2} heads x {d2} {unit} where A is {h1} "
+                                                         f"heads x {d1}" + _which_heads(h1, h2, config)), m))
     if rows % 2 == 0:
         h = rows // 2
-        maps.append(("halves swapped: B == [A[half:]; A[:half]] (e.g. [gate; up] vs [up; gate], or k/v)",
+        swapped = "[A[half:]; A[:half]]" if unit == "rows" else "[A[:, half:], A[:, :half]]"
+        maps.append((Finding(Cause.HALVES, f"halves swapped: B == {swapped} (e.g. [gate; up] vs [up; gate], or k/v)"),
                      torch.cat([torch.arange(h, rows), torch.arange(0, h)])))
     for s in (4, 8):
         if rows % s == 0 and rows // s > 1:
             blk = rows // s
-            maps.append((f"TP shard order reversed: B holds A's {s} row shards of {blk} in reverse order",
+            maps.append((Finding(Cause.TP_ORDER, f"TP shard order reversed: B holds A's {s} row shards of {blk} in "
+                                                 "reverse order"),
                          torch.cat([torch.arange(k * blk, (k + 1) * blk) for k in reversed(range(s))])))
     return maps
 
@@ -371,7 +403,7 @@ def _part_options(n: int, h_true: int, h_other: int, what: str, config: dict) ->
     return opts
 
 
-def _fused_qkv_maps(rows: int, config: dict) -> list[tuple[str, torch.Tensor]]:
+def _fused_qkv_maps(rows: int, config: dict) -> list[tuple[Finding, torch.Tensor]]:
     """Hypotheses for a Megatron fused QKV ([q x H/K, k, v] x K): B row i = A row map[i]."""
     from ..converters.ops import FuseQKV
     H = config.get("num_attention_heads") or config.get("n_heads")
@@ -383,27 +415,29 @@ def _fused_qkv_maps(rows: int, config: dict) -> list[tuple[str, torch.Tensor]]:
     q_ids, k_ids, v_ids = torch.arange(H * d), H * d + torch.arange(K * d), (H + K) * d + torch.arange(K * d)
     fused = fuse([q_ids.unsqueeze(1), k_ids.unsqueeze(1), v_ids.unsqueeze(1)])[0].squeeze(1)
     pos = torch.argsort(fused)  # concatenated [Q; K; V] index -> row of the fused tensor
-    maps = [("QKV fused as [Q; K; V] instead of Megatron's group order [q x H/K, k, v] x K", pos)]
+    maps = [(Finding(Cause.QKV_ORDER, "QKV fused as [Q; K; V] instead of Megatron's group order [q x H/K, k, v] x K"),
+             pos)]
     kv_opts = [("", torch.arange(K * d))] + [(lab.split(": ", 1)[1], m) for lab, m in _part_options(K * d, K, 0, "kv", config)[1:]]
     for l1, m1 in kv_opts:
         for l2, m2 in kv_opts:
             extra = "; ".join(x for x in (l1 and f"v (in k's place): {l1}", l2 and f"k (in v's place): {l2}") if x)
-            maps.append(("k and v swapped in the fused QKV" + (f" ({extra})" if extra else ""),
+            maps.append((Finding(Cause.QKV_KV_SWAP, "k and v swapped in the fused QKV" + (f" ({extra})" if extra else ""),
+                                 rotary=bool(l1 or l2)),
                          pos[fuse([q_ids.unsqueeze(1), v_ids[m1].unsqueeze(1), k_ids[m2].unsqueeze(1)])[0].squeeze(1)]))
     for lq, mq in _part_options(H * d, H, K, "q", config):
         for lk, mk in _part_options(K * d, K, H, "k", config):
             if not lq and not lk:
                 continue
             idx = fuse([q_ids[mq].unsqueeze(1), k_ids[mk].unsqueeze(1), v_ids.unsqueeze(1)])[0].squeeze(1)
-            maps.append(("in the fused QKV, " + "; ".join(x for x in (lq, lk) if x), pos[idx]))
+            maps.append((_rotary(Cause.QKV_PARTS, "in the fused QKV, " + "; ".join(x for x in (lq, lk) if x)), pos[idx]))
     return maps
 
 
 def _try_maps(label_prefix: str, maps, A: _Side, B: _Side, rows_idx, cols: bool, r: TensorResult,
-              deadline: float, perms: Optional[dict] = None) -> Optional[str]:
+              deadline: float, perms: Optional[dict] = None) -> Optional[Finding]:
     tol = (r.atol or 0.0, r.rtol or 0.0)
     bs = B.rows_at(rows_idx)
-    for label, m in maps:
+    for finding, m in maps:
         if time.perf_counter() > deadline:
             return None
         if cols:
@@ -421,8 +455,9 @@ def _try_maps(label_prefix: str, maps, A: _Side, B: _Side, rows_idx, cols: bool,
                 continue
             if perms is not None:
                 perms[(r.name, "cols" if cols else "rows")] = m.tolist()
-            return label_prefix + label
-        return label_prefix + label + f" (confirmed on {len(rows_idx)} sampled rows; the tensor is too large to load)"
+            return replace(finding, text=label_prefix + finding.text)
+        return replace(finding, text=label_prefix + finding.text + f" (confirmed on {len(rows_idx)} sampled rows; the "
+                                                                   "tensor is too large to load)")
     return None
 
 
@@ -501,7 +536,7 @@ def diagnose_pair(name: str, a: torch.Tensor, b: torch.Tensor, config: dict | No
 
 def diagnose_tensor(r: TensorResult, ta: LazyTensor, tb: LazyTensor, ctx: _Ctx) -> list[str]:
     """Causes for one mismatching tensor; a skipped or cut-short diagnosis is said in ``r.note``."""
-    if r.status == "shape":
+    if r.status == Status.SHAPE:
         if ta.numel > MAX_NUMEL or tb.numel > MAX_NUMEL:
             _skip(r, f"diagnosis skipped: the tensors are too large to load ({ta.numel} elements)")
             return []
@@ -550,17 +585,21 @@ def diagnose_tensor(r: TensorResult, ta: LazyTensor, tb: LazyTensor, ctx: _Ctx) 
     if not found:
         found = _try_maps("", _row_maps(n, ctx.config), A, B, rows_idx, False, r, deadline, ctx.perms)
     if not found:
-        found = _try_maps("columns: ", _row_maps(ta.shape[1], ctx.config), A, B, rows_idx, True, r, deadline,
-                         ctx.perms)
-        if found:
-            found = found.replace(" rows", " columns").replace("[A[half:]; A[:half]]", "[A[:, half:], A[:, :half]]")
-    if not found and ta.numel <= MAX_NUMEL and time.perf_counter() <= deadline:
-        found = _whole_tensor(r.name, A.load(), B.load(), r, ctx, deadline)
+        found = _try_maps("columns: ", _row_maps(ta.shape[1], ctx.config, "columns"), A, B, rows_idx, True, r,
+                          deadline, ctx.perms)
     if found:
+        text = found.text
         m = re.search(r"(v_proj|\.wv\.|o_proj|\.wo\.|dense\.weight|down_proj|\.w2\.)", r.name)
-        if m and found.lstrip("columns: ").startswith("rotary"):
-            found += f" (applied to the wrong tensor: {m.group(1).strip('.')} takes no rotary permutation)"
-        return notes + [found]
+        if m and found.cause in (Cause.ROTARY, Cause.ROTARY_HEADS):
+            text += f" (applied to the wrong tensor: {m.group(1).strip('.')} takes no rotary permutation)"
+        if found.rotary:
+            ctx.rotary.add(r.name)
+        return notes + [text]
+    whole = None
+    if ta.numel <= MAX_NUMEL and time.perf_counter() <= deadline:
+        whole = _whole_tensor(r.name, A.load(), B.load(), r, ctx, deadline)
+    if whole:
+        return notes + [whole]
     if time.perf_counter() > deadline:
         _skip(r, f"diagnosis stopped: its time budget ({budget:.2g} s, half the tensor's estimated read time) "
                  "was spent before a cause was found")
@@ -677,8 +716,9 @@ def _equivalent_reorderings(res: CompareResult, ctx: _Ctx) -> None:
     def mark(names, text):
         for nm in names:
             t = by[nm]
-            t.status = "reordered"
+            t.status = Status.REORDERED
             t.diagnosis = [text]
+            ctx.rotary.discard(nm)
 
     for g, u, d in _MLP:
         for name in list(by):
@@ -707,8 +747,8 @@ def _equivalent_reorderings(res: CompareResult, ctx: _Ctx) -> None:
             if not (pq and po and pq == po):
                 continue
             oq = _block_perm(pq, hd)
-            pk = perms.get((kn, "rows"), list(range(K * hd)) if by.get(kn) and by[kn].status == "equal" else None)
-            pv = perms.get((vn, "rows"), list(range(K * hd)) if by.get(vn) and by[vn].status == "equal" else None)
+            pk = perms.get((kn, "rows"), list(range(K * hd)) if by.get(kn) and by[kn].status == Status.EQUAL else None)
+            pv = perms.get((vn, "rows"), list(range(K * hd)) if by.get(vn) and by[vn].status == Status.EQUAL else None)
             ok_, ov = (_block_perm(pk, hd) if pk else None), (_block_perm(pv, hd) if pv else None)
             if oq is None or ok_ is None or ok_ != ov:
                 continue
@@ -719,24 +759,23 @@ def _equivalent_reorderings(res: CompareResult, ctx: _Ctx) -> None:
                             f"(B query head i = A head {oq}, KV heads {ok_}); the function is unchanged")
 
 
-def _rotary_some_layers(res: CompareResult) -> None:
+def _rotary_some_layers(res: CompareResult, ctx: _Ctx) -> None:
     rot: dict = {}
     for t in res.tensors:
         kind = LAYER.sub("{i}", t.name)
         if kind == t.name:
             continue
         lay = LAYER.findall(t.name)[-1]
-        has = any("rotary permutation" in d for d in t.diagnosis)
-        rot.setdefault(kind, {})[int(lay)] = "rot" if has else t.status
+        rot.setdefault(kind, {})[int(lay)] = t.name in ctx.rotary, t.status
     for kind, layers in rot.items():
-        hit = sorted(i for i, s in layers.items() if s == "rot")
-        clean = sorted(i for i, s in layers.items() if s == "equal")
+        hit = sorted(i for i, (has, _) in layers.items() if has)
+        clean = sorted(i for i, (has, st) in layers.items() if not has and st == Status.EQUAL)
         if hit and clean:
             text = (f"rotary permutation in some layers only: {kind} differs by a rotary permutation in layers "
                     f"{hit} and is equal in layers {clean}")
             res.notes.append(text)
             for t in res.tensors:
-                if LAYER.sub("{i}", t.name) == kind and any("rotary permutation" in d for d in t.diagnosis):
+                if LAYER.sub("{i}", t.name) == kind and t.name in ctx.rotary:
                     t.diagnosis.append(f"in some layers only (layers {hit}; layers {clean} are equal)")
 
 
@@ -746,7 +785,7 @@ def diagnose_result(res: CompareResult, a: Checkpoint, b: Checkpoint) -> None:
     ctx = _Ctx(a, b, config)
     sc = "_scaler"
     for r in res.tensors:
-        if r.status not in ("differ", "shape") or r.name not in a.tensors or r.name not in b.tensors:
+        if r.status not in (Status.DIFFER, Status.SHAPE) or r.name not in a.tensors or r.name not in b.tensors:
             continue
         qa, qb = (r.name + sc) in a.tensors, (r.name + sc) in b.tensors
         if qa != qb:  # quantized vs float: judged in units of the quantization
@@ -757,11 +796,11 @@ def diagnose_result(res: CompareResult, a: Checkpoint, b: Checkpoint) -> None:
             continue
         r.diagnosis = diagnose_tensor(r, a.tensors[r.name], b.tensors[r.name], ctx)
     _equivalent_reorderings(res, ctx)
-    _rotary_some_layers(res)
-    if any(t.status == "reordered" for t in res.tensors):
+    _rotary_some_layers(res, ctx)
+    if any(t.status == Status.REORDERED for t in res.tensors):
         res.notes.append("equivalent reordering: some tensors differ only by a permutation applied consistently "
                          "to every tensor that uses it; the logits will agree")
-    swapped = [r.name for r in res.tensors if r.status == "only-a"]
-    if swapped and any(r.status == "only-b" for r in res.tensors):
+    swapped = [r.name for r in res.tensors if r.status == Status.ONLY_A]
+    if swapped and any(r.status == Status.ONLY_B for r in res.tensors):
         res.notes.append("key sets differ: the two checkpoints may use different naming "
                          "(compare like with like, or convert one side first)")

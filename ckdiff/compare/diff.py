@@ -23,6 +23,7 @@ from ..converters.formats import dtype_name
 from ..converters.lazy import Checkpoint, LazyTensor
 from ..errors import InputError
 from .kernels import Stats, as_kernel_input, bytes_equal
+from .status import Status, rank
 
 # rtol, atol per dtype (torch.testing's _DTYPE_PRECISIONS, fp32/fp64 from its defaults)
 DTYPE_TOL = {
@@ -43,10 +44,7 @@ class Tolerance:
 @dataclass
 class TensorResult:
     name: str
-    # equal (bytes identical) | close (within an explicit tolerance) | cast (dtypes differ, values
-    # within the cast's rounding) | quant (dequantized, within its scale bound) | dtype (cast refused by --strict-dtype) | differ | shape | only-a | only-b
-    # | reordered (differs only by a permutation applied consistently across tensors: same function)
-    status: str
+    status: Status  # compare/status.py: equal, close, cast, quant, reordered, dtype, differ, shape, only-a, only-b
     shape_a: Optional[list] = None
     shape_b: Optional[list] = None
     dtype_a: Optional[str] = None
@@ -71,7 +69,7 @@ class TensorResult:
 
     @property
     def ok(self) -> bool:
-        return self.status in ("equal", "close", "cast", "quant", "reordered")
+        return Status(self.status).ok
 
 
 @dataclass
@@ -107,8 +105,7 @@ class CompareResult:
         return "equivalent" if self.equivalent else "differ"
 
     def worst_first(self) -> list[TensorResult]:
-        order = {"only-a": 0, "only-b": 0, "shape": 1, "differ": 2, "dtype": 3, "cast": 4, "quant": 5, "reordered": 6, "close": 6, "equal": 7}
-        return sorted(self.tensors, key=lambda t: (order.get(t.status, 9), -(t.n_over_tol or 0),
+        return sorted(self.tensors, key=lambda t: (rank(t.status), -(t.n_over_tol or 0),
                                                    -(t.max_abs or 0.0), t.name))
 
     def to_dict(self) -> dict:
@@ -278,10 +275,10 @@ def compare_tensor(name: str, ta: LazyTensor, tb: LazyTensor, opts: Options,
                    progress: Optional[Callable[[int], None]] = None) -> TensorResult:
     """One pass over both tensors: bytes first, and from the first differing chunk on every
     metric from the fused kernel (chunks before it are read once more for their norms)."""
-    r = TensorResult(name=name, status="equal", shape_a=list(ta.shape), shape_b=list(tb.shape),
+    r = TensorResult(name=name, status=Status.EQUAL, shape_a=list(ta.shape), shape_b=list(tb.shape),
                      dtype_a=dtype_name(ta.dtype), dtype_b=dtype_name(tb.dtype), numel=ta.numel)
     if ta.shape != tb.shape:
-        r.status, r.bit_exact = "shape", False
+        r.status, r.bit_exact = Status.SHAPE, False
         if progress:
             progress(ta.nbytes + tb.nbytes)
         return r
@@ -323,12 +320,12 @@ def compare_tensor(name: str, ta: LazyTensor, tb: LazyTensor, opts: Options,
     r.cosine = stats.cosine
     r.n_over_tol = stats.over
     r.nan_a, r.nan_b, r.inf_a, r.inf_b = stats.nan_a, stats.nan_b, stats.inf_a, stats.inf_b
-    r.status = "differ" if stats.over else ("close" if same_dtype else "cast")
-    if not same_dtype and r.status == "cast" and opts.strict_dtype:
-        r.status = "dtype"
+    r.status = Status.DIFFER if stats.over else (Status.CLOSE if same_dtype else Status.CAST)
+    if not same_dtype and r.status == Status.CAST and opts.strict_dtype:
+        r.status = Status.DTYPE
     if not same_dtype:
         r.note = f"cast {r.dtype_a} -> {r.dtype_b}"
-    elif r.status == "close" and tol.source == "exact":
+    elif r.status == Status.CLOSE and tol.source == "exact":
         r.note = "bytes differ only in NaN payloads or signed zeros"
     return r
 
@@ -353,9 +350,10 @@ def compare_checkpoints(a: Checkpoint, b: Checkpoint, opts: Optional[Options] = 
         a, b, mapping, notes = align(a, b)
     notes += [f"{side}: {n}" for side, ck in (("A", a0), ("B", b0)) for n in (ck.meta or {}).get("notes", [])]
     notes += cnotes
-    from ..converters.fp8 import fp8_views
-    a, b, fp8_notes = fp8_views(a, b)  # FP8 weights with block scales vs a float side
-    notes += fp8_notes
+    from ..converters import registry
+    for enc in registry.encodings():  # FP8 weights with block scales vs a float side (converters/fp8.py)
+        a, b, enc_notes = enc.fold(a, b)
+        notes += enc_notes
     consumed: set = set()
     jobs: list = []  # (name, bytes, fn -> TensorResult), in result order
     side = quantized_side(a, b)
@@ -371,11 +369,11 @@ def compare_checkpoints(a: Checkpoint, b: Checkpoint, opts: Optional[Options] = 
     for n in names_a:
         if n not in set_b:
             t = a.tensors[n]
-            one_sided.append(TensorResult(n, "only-a", shape_a=list(t.shape), dtype_a=dtype_name(t.dtype), numel=t.numel))
+            one_sided.append(TensorResult(n, Status.ONLY_A, shape_a=list(t.shape), dtype_a=dtype_name(t.dtype), numel=t.numel))
     for n in names_b:
         if n not in a.tensors:
             t = b.tensors[n]
-            one_sided.append(TensorResult(n, "only-b", shape_b=list(t.shape), dtype_b=dtype_name(t.dtype), numel=t.numel))
+            one_sided.append(TensorResult(n, Status.ONLY_B, shape_b=list(t.shape), dtype_b=dtype_name(t.dtype), numel=t.numel))
     n_quant = len(jobs)
     jobs += [(n, a.tensors[n].nbytes + b.tensors[n].nbytes,
               lambda n=n, progress=None: compare_tensor(n, a.tensors[n], b.tensors[n], opts, progress)) for n in common]

@@ -17,6 +17,7 @@ from ..converters.lazy import Checkpoint
 from ..converters.quant import BLOCK, BOUND, EMBED, SCALER, float_shape, is_quantized
 from .diff import TensorResult, _unravel
 from .kernels import QuantStats
+from .status import Status
 
 
 def quant_bits(ck: Checkpoint) -> int | None:
@@ -68,11 +69,11 @@ def compare_quantized(name: str, flt, q, s, bits: int | None, chunk_bytes: int =
     through one fused kernel (compare/kernels.py)."""
     emb = bool(EMBED.search(name))
     shape = float_shape(q)
-    r = TensorResult(name=name, status="quant", shape_a=list(flt.shape), shape_b=list(shape),
+    r = TensorResult(name=name, status=Status.QUANT, shape_a=list(flt.shape), shape_b=list(shape),
                      dtype_a=dtype_name(flt.dtype), dtype_b=f"{dtype_name(q.dtype)}+{dtype_name(s.dtype)} scale",
                      numel=flt.numel)
     if tuple(flt.shape) != tuple(shape):
-        r.status = "shape"
+        r.status = Status.SHAPE
         return r
     if emb:
         bits = 8  # the embedding is int8 per column whatever the quantize type
@@ -98,7 +99,7 @@ def compare_quantized(name: str, flt, q, s, bits: int | None, chunk_bytes: int =
     if not codes_ok:
         r.note += f"; codes outside the int{bits} range"
     if r.n_over_tol or not codes_ok or not scale_ok:
-        r.status = "differ"
+        r.status = Status.DIFFER
     return r
 
 

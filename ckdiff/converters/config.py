@@ -464,33 +464,20 @@ class ModelConfig:
 
 def config_where(ck) -> str:
     """The file a checkpoint's config comes from, for messages (Megatron: the first rank file's args)."""
-    from pathlib import Path
-    fmt = (ck.format or "").split("->")[0]
-    if fmt == "hf":
-        return str(Path(ck.path) / "config.json")
-    if fmt in ("meta", "jetstream"):
-        return str(Path(ck.path) / "params.json")
+    from .registry import lookup
+    f = lookup(ck.format)
+    if f is not None:
+        return f.where(ck)
     files = (ck.meta or {}).get("files") or [ck.path]
     return str(sorted(files)[0])
 
 
 def model_config(ck) -> ModelConfig:
     """The canonical config of a checkpoint, from its own config file (HF, Meta/JetStream, Megatron args),
-    validated (parse_config) and checked against the tensors (check_tensors): a ConfigError otherwise."""
-    if ck.format == "hf":
-        return ModelConfig.from_hf(ck.config, ck.tensors, config_where(ck))
-    if ck.format in ("meta", "jetstream"):
-        return ModelConfig.from_meta(ck.config, ck.tensors, config_where(ck))
-    if ck.format == "megatron":
-        from .megatron import config_from_args
-        return config_from_args(ck.config, ck.tensors, config_where(ck))
-    if ck.format == "mcore":
-        from .mcore import config_from_args as mcore_config
-        return mcore_config(ck.config, ck.tensors, ck.path)
-    if ck.format == "gguf":
-        from .gguf_io import config_from_gguf
-        return config_from_gguf(ck.config, ck.tensors, ck.path)
-    raise InputError(ck.path, f"a {ck.format} input has no architecture config; use a model directory")
+    validated (parse_config) and checked against the tensors (check_tensors): a ConfigError otherwise.
+    Each format declares its config reader (converters/registry.py)."""
+    from .registry import model_config as from_registry
+    return from_registry(ck)
 
 
 def _dtype_of(tensors, key, cfg) -> str:
@@ -550,18 +537,10 @@ def canonical_config(fmt: str, cfg: dict, tensors: dict, where: str = "config") 
     cfg = cfg or {}
     if cfg and fmt in SCHEMA:
         cfg = parse_config(fmt, cfg, where)
-    if fmt == "hf" and cfg:
-        return _canonical_hf(cfg, tensors)
-    if fmt in ("meta", "jetstream") and cfg:
-        return _canonical_meta(cfg, tensors)
-    if fmt == "megatron" and cfg:
-        return _canonical_megatron(cfg, tensors)
-    if fmt == "mcore" and cfg:
-        from .mcore import canonical
-        return canonical(cfg, tensors)
-    if fmt == "gguf" and cfg:
-        from .gguf_io import canonical
-        return canonical(cfg, tensors)
+    from .registry import lookup
+    f = lookup(fmt)  # each format declares its canonical reader (converters/registry.py)
+    if cfg and f is not None and f.canonical is not None:
+        return f.canonical(cfg, tensors)
     return None
 
 

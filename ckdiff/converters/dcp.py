@@ -404,4 +404,14 @@ def read_dcp(p: Path, **_) -> Checkpoint:
                       meta={"files": files, "skipped": {k: "non-tensor (BYTE_IO) item" for k in items}})
 
 
+# ---------------------------------------------------------------- declaration (converters/registry.py)
+def _declare() -> None:
+    from .registry import Format, register
+    register(Format("dcp", "torch.distributed.checkpoint directory: .metadata + *.distcp (read without a process "
+                           "group)", is_dcp_dir, read_dcp, priority=20))
+
+
+_declare()
+
+
 __all__ = ["read_dcp", "read_dcp_entries", "read_metadata", "DcpTensor", "SubTensor", "is_dcp_dir"]

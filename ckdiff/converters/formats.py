@@ -1,16 +1,15 @@
-"""Format detection and readers. Each layout is one ``Reader`` in ``READERS``.
+"""Readers of the plain formats (single files, HF, plain tensor directories, Meta, JetStream-pt), their
+declarations, and the entry points: ``detect_format`` and ``open_checkpoint``.
 
-A reader says whether a path looks like its layout (``detect``) and turns it
-into a ``Checkpoint`` of lazy tensors (``read``). New layouts register here.
+Every format is one ``registry.Format`` declared next to its reader (here, or in its own module:
+megatron.py, mcore.py, dcp.py, gguf_io.py); detection and ``--format`` come from the registry.
 """
 from __future__ import annotations
 
 import os
 import re
 import stat
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -19,27 +18,10 @@ from .lazy import Checkpoint, ConcatTensor, LazyTensor
 from .inputs import kind_of, read_json_object, stat_input
 from .pickle_io import read_pickle_tensors
 from .safetensors_io import read_safetensors
+from . import registry
+from .registry import Format, Input, Runtime
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-
-
-@dataclass
-class Reader:
-    name: str
-    detect: Callable[[Path], bool]
-    read: Callable[..., Checkpoint]
-    description: str
-
-
-READERS: dict[str, Reader] = {}
-
-
-def register(name: str, description: str):
-    def deco(cls_or_pair):
-        detect, read = cls_or_pair()
-        READERS[name] = Reader(name, detect, read, description)
-        return cls_or_pair
-    return deco
 
 
 def _json(path: Path) -> dict:
@@ -105,14 +87,12 @@ def _read_single(path: Path, trust_pickle: bool = False) -> dict[str, LazyTensor
 
 
 # ---------------------------------------------------------------- single files
-@register("file", "a single .safetensors, .bin, .pt or .pth file")
-def _file():
-    def detect(p: Path):
-        return p.is_file() and (p.suffix == ".safetensors" or p.suffix in PICKLE_SUFFIXES)
+def is_tensor_file(p: Path) -> bool:
+    return p.is_file() and (p.suffix == ".safetensors" or p.suffix in PICKLE_SUFFIXES)
 
-    def read(p: Path, trust_pickle=False, **_):
-        return Checkpoint(str(p), "file", _read_single(p, trust_pickle), meta={"files": [str(p)]})
-    return detect, read
+
+def read_file(p: Path, trust_pickle=False, **_) -> Checkpoint:
+    return Checkpoint(str(p), "file", _read_single(p, trust_pickle), meta={"files": [str(p)]})
 
 
 # ---------------------------------------------------------------- HF directories
@@ -129,25 +109,22 @@ def _hf_weight_files(p: Path):
     return None, None
 
 
-@register("hf", "Hugging Face directory: config.json with model.safetensors, sharded "
-                "*.safetensors + index, or pytorch_model*.bin")
-def _hf():
-    def detect(p: Path):
-        return p.is_dir() and os.path.lexists(p / "config.json") and _hf_weight_files(p)[0] is not None
+def is_hf_dir(p: Path) -> bool:
+    return p.is_dir() and os.path.lexists(p / "config.json") and _hf_weight_files(p)[0] is not None
 
-    def read(p: Path, trust_pickle=False, **_):
-        kind, what = _hf_weight_files(p)
-        one = lambda f: _read_single(f, trust_pickle)  # noqa: E731
-        if kind == "index":
-            tensors = _read_indexed(p, what, one)
-            files = sorted({t.origin for t in tensors.values()})
-        elif kind == "files":
-            tensors, files = _merge_files(what, one, p), [str(f) for f in what]
-        else:
-            raise InputError(p, "HF directory without weights (no *.safetensors or pytorch_model*.bin)")
-        config = _json(p / "config.json") if os.path.lexists(p / "config.json") else {}
-        return Checkpoint(str(p), "hf", tensors, config=config, meta={"files": files})
-    return detect, read
+
+def read_hf(p: Path, trust_pickle=False, **_) -> Checkpoint:
+    kind, what = _hf_weight_files(p)
+    one = lambda f: _read_single(f, trust_pickle)  # noqa: E731
+    if kind == "index":
+        tensors = _read_indexed(p, what, one)
+        files = sorted({t.origin for t in tensors.values()})
+    elif kind == "files":
+        tensors, files = _merge_files(what, one, p), [str(f) for f in what]
+    else:
+        raise InputError(p, "HF directory without weights (no *.safetensors or pytorch_model*.bin)")
+    config = _json(p / "config.json") if os.path.lexists(p / "config.json") else {}
+    return Checkpoint(str(p), "hf", tensors, config=config, meta={"files": files})
 
 
 # ---------------------------------------------------------------- plain directories of tensor files
@@ -164,25 +141,22 @@ def _plain_weight_files(p: Path):
     return ("files", pk) if pk else (None, None)
 
 
-@register("tensors", "a directory of tensor files without a model config (model.safetensors, shards + "
-                     "index, or .bin/.pt/.pth files): a plain set of tensors, compared by name")
-def _tensors():
-    def detect(p: Path):
-        return p.is_dir() and not (p / "config.json").is_file() and not (p / "params.json").is_file() \
-            and _plain_weight_files(p)[0] is not None
+def is_tensor_dir(p: Path) -> bool:
+    return p.is_dir() and not (p / "config.json").is_file() and not (p / "params.json").is_file() \
+        and _plain_weight_files(p)[0] is not None
 
-    def read(p: Path, trust_pickle=False, **_):
-        kind, what = _plain_weight_files(p)
-        one = lambda f: _read_single(f, trust_pickle)  # noqa: E731
-        if kind == "index":
-            tensors = _read_indexed(p, what, one)
-            files = sorted({t.origin for t in tensors.values()})
-        elif kind == "files":
-            tensors, files = _merge_files(what, one, p), [str(f) for f in what]
-        else:
-            raise InputError(p, "no tensor files (*.safetensors, *.bin, *.pt, *.pth)")
-        return Checkpoint(str(p), "tensors", tensors, meta={"files": files})
-    return detect, read
+
+def read_tensor_dir(p: Path, trust_pickle=False, **_) -> Checkpoint:
+    kind, what = _plain_weight_files(p)
+    one = lambda f: _read_single(f, trust_pickle)  # noqa: E731
+    if kind == "index":
+        tensors = _read_indexed(p, what, one)
+        files = sorted({t.origin for t in tensors.values()})
+    elif kind == "files":
+        tensors, files = _merge_files(what, one, p), [str(f) for f in what]
+    else:
+        raise InputError(p, "no tensor files (*.safetensors, *.bin, *.pt, *.pth)")
+    return Checkpoint(str(p), "tensors", tensors, meta={"files": files})
 
 
 # ---------------------------------------------------------------- Meta directories
@@ -275,56 +249,61 @@ def check_same_dtype(name: str, parts: list[LazyTensor], files: list) -> None:
                                 f"{dtype_name(parts[0].dtype)} in {Path(files[0]).name}")
 
 
-@register("meta", "Meta directory: consolidated.NN.pth shards + params.json")
-def _meta():
-    def detect(p: Path):
-        return p.is_dir() and any(META_SHARD.match(f.name) for f in p.iterdir()) and \
-            (p / "params.json").is_file() and not (p / "checklist.chk").is_file()
-    return detect, read_meta_dir
+def is_meta_dir(p: Path) -> bool:
+    return p.is_dir() and any(META_SHARD.match(f.name) for f in p.iterdir()) and \
+        (p / "params.json").is_file() and not (p / "checklist.chk").is_file()
 
 
 # ---------------------------------------------------------------- JetStream output
-@register("jetstream", "JetStream-pt directory: model.safetensors (or consolidated.00.pth "
-                       "+ checklist.chk) with params.json, Meta names, optional *_scaler")
-def _jetstream():
-    def detect(p: Path):
-        return p.is_dir() and not (p / "config.json").is_file() and (
-            ((p / "model.safetensors").is_file() and (p / "params.json").is_file())
-            or (p / "checklist.chk").is_file())
-
-    def read(p: Path, trust_pickle=False, **_):
-        if (p / "model.safetensors").is_file():
-            params = _json(p / "params.json") if (p / "params.json").is_file() else {}
-            return Checkpoint(str(p), "jetstream", read_safetensors(p / "model.safetensors"),
-                              config=params, meta={"files": [str(p / "model.safetensors")]})
-        return read_meta_dir(p, trust_pickle, fmt="jetstream")
-    return detect, read
+def is_jetstream_dir(p: Path) -> bool:
+    return p.is_dir() and not (p / "config.json").is_file() and (
+        ((p / "model.safetensors").is_file() and (p / "params.json").is_file())
+        or (p / "checklist.chk").is_file())
 
 
-# ---------------------------------------------------------------- formats people convert today (issue 16)
-# Each format's knowledge lives in its own module (imported on first use); these entries only register it.
-def _lazy_reader(module: str, detect: str, read: str):
-    import importlib
-
-    def mod():
-        return importlib.import_module(f".{module}", __package__)
-    return (lambda p: getattr(mod(), detect)(p)), (lambda p, **kw: getattr(mod(), read)(p, **kw))
+def read_jetstream(p: Path, trust_pickle=False, **_) -> Checkpoint:
+    if (p / "model.safetensors").is_file():
+        params = _json(p / "params.json") if (p / "params.json").is_file() else {}
+        return Checkpoint(str(p), "jetstream", read_safetensors(p / "model.safetensors"),
+                          config=params, meta={"files": [str(p / "model.safetensors")]})
+    return read_meta_dir(p, trust_pickle, fmt="jetstream")
 
 
-@register("mcore", "Megatron-Core torch_dist iteration directory (or its save root): metadata.json naming "
-                   "torch_dist, .metadata + *.distcp, args from common.pt or the common state inside DCP")
-def _mcore():
-    return _lazy_reader("mcore", "is_mcore_dir", "read_mcore")
+# ---------------------------------------------------------------- declarations (converters/registry.py)
+def _hf_config(raw: dict, tensors: dict, where: str):
+    from .config import ModelConfig  # looked up per call: golden/mutations.py swaps ModelConfig.from_hf
+    return ModelConfig.from_hf(raw, tensors, where)
 
 
-@register("dcp", "torch.distributed.checkpoint directory: .metadata + *.distcp (read without a process group)")
-def _dcp():
-    return _lazy_reader("dcp", "is_dcp_dir", "read_dcp")
+def _meta_config(raw: dict, tensors: dict, where: str):
+    from .config import ModelConfig
+    return ModelConfig.from_meta(raw, tensors, where)
 
 
-@register("gguf", "a .gguf file (llama.cpp), read through the gguf package")
-def _gguf():
-    return _lazy_reader("gguf_io", "is_gguf", "read_gguf")
+def _declare() -> None:
+    from .config import _canonical_hf, _canonical_meta
+    from .layouts import DROP
+    register = registry.register
+    # the mapping-free formats read the generic layer pattern (layers.N., h.N., blk.N.)
+    register(Format("file", "a single .safetensors, .bin, .pt or .pth file", is_tensor_file, read_file,
+                    priority=10, input=Input.FILE))
+    register(Format("hf", "Hugging Face directory: config.json with model.safetensors, sharded *.safetensors + "
+                          "index, or pytorch_model*.bin", is_hf_dir, read_hf, priority=60, layout="hf",
+                    config_file="config.json", config=_hf_config, canonical=_canonical_hf,
+                    drop=tuple(DROP["hf"]), runtime=Runtime.NATIVE, layer=r"(?:^|\.)(?:layers|h)\.(\d+)\."))
+    register(Format("tensors", "a directory of tensor files without a model config (model.safetensors, shards + "
+                               "index, or .bin/.pt/.pth files): a plain set of tensors, compared by name",
+                    is_tensor_dir, read_tensor_dir, priority=90))
+    meta = dict(names="meta", config_file="params.json", config=_meta_config, canonical=_canonical_meta,
+                runtime=Runtime.NATIVE, layer=r"^layers\.(\d+)\.")
+    register(Format("meta", "Meta directory: consolidated.NN.pth shards + params.json", is_meta_dir, read_meta_dir,
+                    priority=50, layout="meta", drop=tuple(DROP["meta"]), **meta))
+    register(Format("jetstream", "JetStream-pt directory: model.safetensors (or consolidated.00.pth + checklist.chk) "
+                                 "with params.json, Meta names, optional *_scaler", is_jetstream_dir, read_jetstream,
+                    priority=40, layout="jetstream", drop=tuple(DROP["jetstream"]), **meta))
+
+
+_declare()
 
 
 # ---------------------------------------------------------------- entry points
@@ -356,14 +335,14 @@ def _parent_hint(p: Path) -> str:
 
 
 def detect_format(p: Path) -> str:
+    """The name of the first registered format, in priority order, that recognises ``p``."""
     mode = stat_input(p).st_mode  # a loop, a dangling link, a name too long: named errors
     if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
         raise InputError(p, f"is {kind_of(mode)}, expected a checkpoint file or directory")
     if p.is_dir():
-        # Megatron and others register later; test the most specific first.
-        for name in ("mcore", "dcp", "megatron", "jetstream", "meta", "hf", "tensors"):
-            if name in READERS and READERS[name].detect(p):
-                return name
+        f = registry.detect(p, Input.DIR)
+        if f is not None:
+            return f.name
         try:
             names = sorted(f.name for f in p.iterdir())[:8]
         except PermissionError as e:
@@ -372,11 +351,10 @@ def detect_format(p: Path) -> str:
             raise InputError(p, "empty directory: no checkpoint found")
         hint = _parent_hint(p)
         raise InputError(p, f"unknown checkpoint layout (found {', '.join(names)}); "
-                            + (hint or f"use --format {{{','.join(READERS)}}}"))
-    if READERS["file"].detect(p):
-        return "file"
-    if READERS["gguf"].detect(p):
-        return "gguf"
+                            + (hint or f"use --format {{{','.join(registry.names())}}}"))
+    f = registry.detect(p, Input.FILE)
+    if f is not None:
+        return f.name
     raise InputError(p, f"unknown file type {p.suffix or '(no suffix)'}: expected .safetensors, "
                         ".bin, .pt or .pth")
 
@@ -384,13 +362,12 @@ def detect_format(p: Path) -> str:
 def open_checkpoint(spec: str, fmt: str | None = None, cache_dir: str | None = None,
                     trust_pickle: bool = False) -> Checkpoint:
     """Read any supported checkpoint lazily; ``fmt`` overrides detection."""
-    from . import megatron  # noqa: F401  (registers the Megatron reader)
     path = resolve_path(spec, cache_dir)
     if fmt is None:
         fmt = detect_format(path)
-    elif fmt not in READERS:
-        raise UsageError(f"unknown --format {fmt!r}; known: {', '.join(READERS)}")
-    ck = READERS[fmt].read(path, trust_pickle=trust_pickle)
+    elif fmt not in registry.names():
+        raise UsageError(f"unknown --format {fmt!r}; known: {', '.join(registry.names())}")
+    ck = registry.get(fmt).read(path, trust_pickle=trust_pickle)
     if not ck.tensors:
         raise InputError(path, f"no tensors found (read as {fmt})")
     return ck

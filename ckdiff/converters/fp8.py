@@ -98,3 +98,13 @@ def fp8_views(a: Checkpoint, b: Checkpoint) -> tuple[Checkpoint, Checkpoint, lis
     note = (f"{side} holds {len(pairs)} FP8 weights with {blk[0]}x{blk[1]} block scales: dequantized block by "
             f"block and judged in units of each element's FP8 spacing times its block scale (bound {BOUND})")
     return (new, b, [note]) if side == "A" else (a, new, [note])
+
+
+# ---------------------------------------------------------------- declaration (converters/registry.py)
+def _declare() -> None:
+    from .registry import Encoding, register_encoding
+    register_encoding(Encoding("fp8", "FP8 weights with block scales (<name>_scale_inv), dequantized when the "
+                                      "other side is not FP8", fp8_views))
+
+
+_declare()

@@ -284,3 +284,16 @@ def write_gguf(path: Path, hf: dict, cfg: ModelConfig, qtype: str = "F16", keep_
     w.write_tensors_to_file()
     w.close()
     return Path(path)
+
+
+# ------------------------------------------------------------------ declaration (converters/registry.py)
+def _declare() -> None:
+    from .layouts import DROP
+    from .registry import Format, Input, Runtime, register
+    register(Format("gguf", "a .gguf file (llama.cpp), read through the gguf package", is_gguf, read_gguf,
+                    priority=20, input=Input.FILE, layout="gguf", config_file=".", config=config_from_gguf,
+                    canonical=canonical, drop=tuple(DROP["gguf"]), runtime=Runtime.VIA_HF,
+                    layer=r"^blk\.(\d+)\."))
+
+
+_declare()

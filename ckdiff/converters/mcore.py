@@ -379,3 +379,17 @@ def write_mcore(out: Path, hf: dict, cfg: ModelConfig, stacked: bool = True, com
     (it / "metadata.json").write_text(json.dumps({"sharded_backend": BACKEND, "sharded_backend_version": 1}))
     (Path(out) / TRACKER).write_text(str(iteration))
     return Path(out)
+
+
+# ------------------------------------------------------------------ declaration (converters/registry.py)
+def _declare() -> None:
+    from .layouts import DROP
+    from .registry import Format, Runtime, register
+    register(Format("mcore", "Megatron-Core torch_dist iteration directory (or its save root): metadata.json naming "
+                             "torch_dist, .metadata + *.distcp, args from common.pt or the common state inside DCP",
+                    is_mcore_dir, read_mcore, priority=10, layout="mcore", config_file=".", config=config_from_args,
+                    canonical=canonical, drop=tuple(DROP["mcore"]), runtime=Runtime.VIA_HF,
+                    layer=r"(?:^|\.)layers\.(\d+)\."))
+
+
+_declare()

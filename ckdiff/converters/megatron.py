@@ -16,7 +16,6 @@ import torch
 
 from ..errors import InputError, UsageError
 from .config import ModelConfig, valid_int
-from .formats import register
 from .lazy import Checkpoint, ConcatTensor, EagerTensor, LazyTensor, PadRows, RowSlice
 from .inputs import read_input
 from .pickle_io import checked_state, load_pickle
@@ -194,12 +193,8 @@ def _merge_tp(name, parts: list[LazyTensor], glu: bool, ranks, p) -> LazyTensor:
     return ConcatTensor(name, parts, axis)
 
 
-@register("megatron", "Megatron-LLM directory: latest_checkpointed_iteration.txt + "
-                      "{release,iter_NNNNNNN}/mp_rank_XX[_YYY]/model_optim_rng.pt")
-def _megatron():
-    def detect(p: Path):
-        return p.is_dir() and os.path.lexists(p / TRACKER)  # a broken tracker link is named, not skipped
-    return detect, read_megatron
+def is_megatron_dir(p: Path) -> bool:
+    return p.is_dir() and os.path.lexists(p / TRACKER)  # a broken tracker link is named, not skipped
 
 
 # ---------------------------------------------------------------- config
@@ -420,3 +415,19 @@ def strip_vocab(tensors: dict[str, LazyTensor], rows: int) -> dict[str, LazyTens
         if k in out and out[k].shape[0] > rows:
             out[k] = RowSlice(k, out[k], 0, rows)
     return out
+
+
+# ---------------------------------------------------------------- declaration (converters/registry.py)
+def _declare() -> None:
+    from .config import _canonical_megatron
+    from .layouts import DROP
+    from .registry import Format, Runtime, register
+    register(Format("megatron", "Megatron-LLM directory: latest_checkpointed_iteration.txt + "
+                                "{release,iter_NNNNNNN}/mp_rank_XX[_YYY]/model_optim_rng.pt",
+                    is_megatron_dir, read_megatron, priority=30, layout="megatron", config=config_from_args,
+                    canonical=_canonical_megatron, drop=tuple(DROP["megatron"]),
+                    true_vocab=lambda args: args.get("true_vocab_size"), runtime=Runtime.NATIVE,
+                    layer=r"(?:^|\.)layers\.(\d+)\."))
+
+
+_declare()

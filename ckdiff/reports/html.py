@@ -10,12 +10,10 @@ from __future__ import annotations
 import html
 import json
 import math
-import re
+from typing import Optional
 
+from ..compare.status import Status, is_ok
 from .render import _clean, envelope, fmt, worst_first_key
-
-LAYER = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.(.+)$")
-OK_STATUSES = ("equal", "close", "cast", "quant")
 
 
 def _num(x) -> float:
@@ -27,27 +25,40 @@ def cell_level(t: dict) -> float:
     0 bit-exact; (0, 1] within tolerance (cast, close, quantized: judged against their own tolerance or
     scale unit); > 1 over tolerance, growing with the share of elements over it; inf missing or shape."""
     st = t["status"]
-    if st == "equal":
+    if st == Status.EQUAL:
         return 0.0
-    if st in OK_STATUSES:
+    if is_ok(st):
         return 0.5
-    if st in ("only-a", "only-b", "shape"):
+    if st in (Status.ONLY_A, Status.ONLY_B, Status.SHAPE):
         return float("inf")
-    if st == "dtype":
+    if st == Status.DTYPE:
         return 1.5
     share = (t.get("n_over_tol") or 0) / max(1, t.get("numel") or 1)
     return 2.0 + share  # differ: 2 (a few elements) .. 3 (every element)
 
 
-def heatmap(tensors: list[dict]) -> tuple[list[int], list[str], dict]:
-    """(layers, kinds, {(layer, kind): (level, tensor)}) over tensors with a layer index; worst tensor per cell."""
+def _layer_of(name: str, patterns) -> Optional[tuple[int, str]]:
+    """(layer index, the rest of the name) by the first of the formats' layer patterns that matches."""
+    for pat in patterns:
+        m = pat.search(name)
+        if m and m.end() < len(name):
+            return int(m.group(1)), name[m.end():]
+    return None
+
+
+def heatmap(tensors: list[dict], formats=()) -> tuple[list[int], list[str], dict]:
+    """(layers, kinds, {(layer, kind): (level, tensor)}) over tensors with a layer index; worst tensor per cell.
+    A layer index is found by the layer pattern each format declares (``formats``: the result's format
+    names; converters/registry.py), the generic one otherwise."""
+    from ..converters.registry import layer_patterns
+    patterns = layer_patterns(*formats)
     cells: dict = {}
     layers, kinds = set(), []
     for t in tensors:
-        m = LAYER.search(t["name"])
+        m = _layer_of(t["name"], patterns)
         if not m:
             continue
-        i, kind = int(m.group(1)), m.group(2)
+        i, kind = m
         layers.add(i)
         if kind not in kinds:
             kinds.append(kind)
@@ -75,8 +86,8 @@ def _heat_class(lv: float) -> str:
     return "h3" if lv < 2.01 else "h4"
 
 
-def _heat_html(tensors) -> str:
-    layers, kinds, cells = heatmap(tensors)
+def _heat_html(tensors, formats=()) -> str:
+    layers, kinds, cells = heatmap(tensors, formats)
     if not layers:
         return ""
     head = "".join(f"<th title='{html.escape(k)}'>{html.escape(k.replace('.weight', ''))}</th>" for k in kinds)
@@ -92,7 +103,7 @@ def _heat_html(tensors) -> str:
             cls = _heat_class(lv)
             present.add(cls)
             tip = f"{t['name']}: {t['status']}, max abs {fmt(t.get('max_abs'))}"
-            if t["status"] == "differ":
+            if t["status"] == Status.DIFFER:
                 tip += f", {t.get('n_over_tol')} of {t.get('numel')} elements over tolerance"
             text = {"h5": "x", "h2": "dtype"}.get(cls, "")
             if cls in ("h3", "h4"):
@@ -154,8 +165,8 @@ def _rows(tensors):
 def _compare_section(d: dict) -> str:
     tensors = d.get("tensors", [])
     parts = []
-    only_a = [t["name"] for t in tensors if t["status"] == "only-a"]
-    only_b = [t["name"] for t in tensors if t["status"] == "only-b"]
+    only_a = [t["name"] for t in tensors if t["status"] == Status.ONLY_A]
+    only_b = [t["name"] for t in tensors if t["status"] == Status.ONLY_B]
     if only_a or only_b:
         parts.append("<h2>Key-set differences</h2><ul>" + "".join(
             f"<li>only in A: <code>{html.escape(n)}</code></li>" for n in only_a[:200]) + "".join(
@@ -169,7 +180,7 @@ def _compare_section(d: dict) -> str:
         parts.append("<h2>Config differences</h2><table><tr><th>key</th><th>A</th><th>B</th></tr>" + "".join(
             f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(repr(a))}</td><td>{html.escape(repr(b))}</td></tr>"
             for k, a, b in d["config_diff"]) + "</table>")
-    parts.append(_heat_html(tensors))
+    parts.append(_heat_html(tensors, (d.get("format_a"), d.get("format_b"))))
     statuses = sorted({t["status"] for t in tensors})
     opts = "".join(f"<option>{s}</option>" for s in statuses)
     parts.append("<h2>Tensors</h2><p><input id=q placeholder='filter by name' size=40> "
@@ -292,24 +303,41 @@ def _suite_section(d: dict) -> str:
             f"<th>check</th><th>ok</th><th>detail</th><th>reproduce</th></tr>{rows}</table></div>")
 
 
+class _Shape:
+    """What a result holds, from its type: two sides with tensors (compare, golden), two sides run as
+    models (logits), or converter checks (roundtrip, demo)."""
+
+    def __init__(self, res):
+        from ..compare.diff import CompareResult
+        from ..compare.logits import LogitsResult
+        from ..golden.suite import SuiteResult
+        self.tensors = isinstance(res, CompareResult)
+        self.logits = isinstance(res, LogitsResult)
+        self.checks = isinstance(res, SuiteResult)
+        self.sides = self.tensors or self.logits
+        self.mapping = self.tensors or self.checks
+        if not (self.tensors or self.logits or self.checks):
+            raise TypeError(f"no report layout for a {type(res).__name__}")
+
+
 def render_html(kind: str, res, command: str = "") -> str:
+    shape = _Shape(res)
     doc = _clean(envelope(kind, res.to_dict(), res.verdict(), command))
     d = doc["result"]
     ok = res.equivalent
     title = {"compare": "Checkpoint diff", "logits": "Logit comparison", "golden": "Golden diff",
              "roundtrip": "Round trip", "demo": "Converter suite"}.get(kind, kind)
     sides = ""
-    if "a" in d:
+    if shape.sides:
         sides = (f"<p>A: <code>{html.escape(str(d['a']))}</code> [{html.escape(str(d.get('format_a')))}]<br>"
                  f"B: <code>{html.escape(str(d['b']))}</code> [{html.escape(str(d.get('format_b')))}]</p>")
-    counts = d.get("counts")
-    headline = f"{'EQUIVALENT' if ok else 'DIFFER'}" if "checks" not in d else ("PASS" if ok else "FAIL")
-    if counts:
-        headline += ": " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+    headline = f"{'EQUIVALENT' if ok else 'DIFFER'}" if not shape.checks else ("PASS" if ok else "FAIL")
+    if shape.tensors and d["counts"]:
+        headline += ": " + ", ".join(f"{v} {k}" for k, v in sorted(d["counts"].items()))
     sub = ""
-    if "max_kl" in d:
+    if shape.logits:
         sub = f"<small>{html.escape(logits_gate(d))}</small>"
-    elif "checks" in d:
+    elif shape.checks:
         sub = f"<small>{sum(c['ok'] for c in d['checks'])} of {len(d['checks'])} checks passed</small>"
     reproduce = f"Reproduce: <code>{html.escape(doc['command'])}</code><br>" if doc["command"] else ""
     body = [f"<div class='banner {'ok' if ok else 'bad'}' id=verdict>{html.escape(headline)}{sub}</div>",
@@ -317,14 +345,14 @@ def render_html(kind: str, res, command: str = "") -> str:
             f"<p>{reproduce}<small>ckdiff {doc['ckdiff_version']}, "
             f"torch {doc['torch_version']}, schema {doc['schema']}</small></p>"]
     rows = []
-    if "tensors" in d:
+    if shape.tensors:
         body.append(_compare_section(d))
         rows = _rows(d["tensors"])
-    if "max_kl" in d:
+    if shape.logits:
         body.append(_logits_section(d))
-    if "checks" in d:
+    if shape.checks:
         body.append(_suite_section(d))
-    if d.get("mapping"):
+    if shape.mapping and d["mapping"]:
         body.append("<h2>Mapping</h2><table><tr><th>source</th><th>target</th><th>op</th></tr>" + "".join(
             f"<tr><td>{html.escape(', '.join(s))}</td><td>{html.escape(', '.join(t))}</td><td>{html.escape(o)}</td></tr>"
             for s, t, o in d["mapping"]) + "</table>")
@@ -335,36 +363,43 @@ def render_html(kind: str, res, command: str = "") -> str:
             + "".join(body) + script + "</body></html>\n")
 
 
+def md_cell(x) -> str:
+    """Text for one Markdown table cell: ``|`` escaped (also inside code spans, as GFM requires) and line
+    breaks folded, so a tensor name, a diagnosis or a detail can never split or end the row."""
+    return str(x).replace("|", "\\|").replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
+
+
 def render_markdown(kind: str, res, command: str = "") -> str:
+    shape = _Shape(res)
     doc = _clean(envelope(kind, res.to_dict(), res.verdict(), command))
     d = doc["result"]
     ok = res.equivalent
     icon = ":white_check_mark:" if ok else ":x:"
     lines = [f"## {icon} ckdiff {kind}: **{'equivalent' if ok else 'differ'}**" if kind != "demo"
              else f"## {icon} ckdiff converter suite: **{'pass' if ok else 'fail'}**", ""]
-    if "a" in d:
+    if shape.sides:
         lines += [f"A: `{d['a']}` ({d.get('format_a')}) · B: `{d['b']}` ({d.get('format_b')})", ""]
-    if d.get("counts"):
+    if shape.tensors and d["counts"]:
         lines += ["| status | tensors |", "|---|---|"] + [f"| {k} | {v} |" for k, v in sorted(d["counts"].items())] + [""]
-    if "max_kl" in d:
+    if shape.logits:
         lines += [f"{logits_gate(d)}; top-1 agreement {_num(d['top1_agreement']):.4f}; first divergent layer "
                   f"{'none' if d['first_divergent_layer'] is None else d['first_divergent_layer']}", ""]
-    bad = sorted((t for t in d.get("tensors", []) if t["status"] not in OK_STATUSES), key=worst_first_key)
+    bad = sorted((t for t in d["tensors"] if not is_ok(t["status"])), key=worst_first_key) if shape.tensors else []
     if bad:
         lines += ["<details><summary>" + f"{len(bad)} mismatching tensors</summary>", "",
                   "| tensor | status | max abs @ index | diagnosis |", "|---|---|---|---|"]
         for t in bad[:200]:
-            lines.append(f"| `{t['name']}` | {t['status']} | {fmt(t.get('max_abs'))} @ {t.get('max_abs_index')} | "
-                         f"{'; '.join(t.get('diagnosis') or []) or '-'} |")
+            lines.append(f"| `{md_cell(t['name'])}` | {t['status']} | {fmt(t.get('max_abs'))} @ {t.get('max_abs_index')} | "
+                         f"{md_cell('; '.join(t.get('diagnosis') or []) or '-')} |")
         lines += ["", "</details>", ""]
-    if "checks" in d:
+    if shape.checks:
         failed = [c for c in d["checks"] if not c["ok"]]
         lines += [f"{len(d['checks']) - len(failed)}/{len(d['checks'])} checks passed", "",
                   "<details><summary>all checks</summary>", "", "| converter | model | options | check | ok | detail |",
                   "|---|---|---|---|---|---|"]
-        lines += [f"| {c['converter']} | {c['model']} | {c.get('variant') or '-'} | {c['check']} | "
+        lines += [f"| {md_cell(c['converter'])} | {md_cell(c['model'])} | {md_cell(c.get('variant') or '-')} | {md_cell(c['check'])} | "
                   f"{'yes' if c['ok'] else '**NO**'} | "
-                  f"{c['detail'].replace('|', '/')} |" for c in d["checks"]]
+                  f"{md_cell(c['detail'])} |" for c in d["checks"]]
         lines += ["", "</details>", ""]
     lines += [f"<sub>{'`' + doc['command'] + '` · ' if doc['command'] else ''}ckdiff {doc['ckdiff_version']} · torch {doc['torch_version']}</sub>", ""]
     return "\n".join(lines)

@@ -14,6 +14,7 @@ import re
 import torch
 
 from .. import __version__
+from ..compare.status import rank
 
 SCHEMA = "ckdiff.result/1"
 
@@ -25,15 +26,11 @@ def envelope(kind: str, result: dict, verdict: str, command: str = "") -> dict:
             "command": command or "", "verdict": verdict, "result": result}
 
 
-# one order for every report: the worst first (missing, shape, differ, refused cast, then the passing kinds)
-STATUS_ORDER = {"only-a": 0, "only-b": 0, "shape": 1, "differ": 2, "dtype": 3, "cast": 4, "quant": 5, "close": 6,
-                "equal": 7}
-
-
 def worst_first_key(t: dict):
-    """Sort key of a tensor row (a to_dict() entry), the same order as CompareResult.worst_first()."""
+    """Sort key of a tensor row (a to_dict() entry), the same order as CompareResult.worst_first()
+    (the status order of compare/status.py)."""
     m = float(t.get("max_abs") or 0.0)  # "nan"/"inf" strings in a cleaned dict
-    return (STATUS_ORDER.get(t["status"], 9), -(t.get("n_over_tol") or 0), -(m if m == m else float("inf")), t["name"])
+    return (rank(t["status"]), -(t.get("n_over_tol") or 0), -(m if m == m else float("inf")), t["name"])
 
 
 def _clean(o):

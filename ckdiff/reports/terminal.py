@@ -12,11 +12,13 @@ from rich.markup import escape
 from rich.text import Text
 
 from ..text import printable
+from ..compare.status import Status, is_ok
 from .render import collapse_layers, fmt
 
 GAP = 2
-STATUS_STYLE = {"only-a": "bold red", "only-b": "bold red", "shape": "bold red", "differ": "bold red",
-                "dtype": "red", "cast": "yellow", "quant": "green", "close": "green", "equal": "green"}
+STATUS_STYLE = {Status.ONLY_A: "bold red", Status.ONLY_B: "bold red", Status.SHAPE: "bold red",
+                Status.DIFFER: "bold red", Status.DTYPE: "red", Status.CAST: "yellow", Status.QUANT: "green",
+                Status.CLOSE: "green", Status.EQUAL: "green", Status.REORDERED: "green"}
 
 
 def _shape(t) -> str:
@@ -43,9 +45,9 @@ OPTIONAL = [
     ("max abs @ index", _where),
     ("shape A / B", _shape),
     ("dtype A / B", _dtype),
-    ("over tol", lambda t: str(t.n_over_tol) if t.status == "differ" else "-"),
-    ("mean abs", lambda t: fmt(t.mean_abs) if t.status == "differ" else "-"),
-    ("cosine", lambda t: fmt(t.cosine, 6) if t.cosine is not None and t.status == "differ" else "-"),
+    ("over tol", lambda t: str(t.n_over_tol) if t.status == Status.DIFFER else "-"),
+    ("mean abs", lambda t: fmt(t.mean_abs) if t.status == Status.DIFFER else "-"),
+    ("cosine", lambda t: fmt(t.cosine, 6) if t.cosine is not None and t.status == Status.DIFFER else "-"),
 ]
 
 
@@ -92,7 +94,7 @@ def mismatch_table(rows, width: int) -> list[Text]:
 
 def named_casts(res, most: int = 6) -> str:
     """The cast tensors, named, with repeated layers collapsed: ``layers.{0..31}.x (float32 -> bfloat16)``."""
-    rows = [(t.name, [], f"{t.dtype_a} -> {t.dtype_b}") for t in res.tensors if t.status == "cast"]
+    rows = [(t.name, [], f"{t.dtype_a} -> {t.dtype_b}") for t in res.tensors if t.status == Status.CAST]
     groups = collapse_layers(rows)
     parts = [f"{n} ({d})" for n, _, d, _ in groups[:most]]
     if len(groups) > most:
@@ -114,10 +116,10 @@ def print_compare(res, console, limit: int = 40) -> None:
             console.print(line, no_wrap=True, crop=False, overflow="ignore")
         if len(bad) > limit:
             console.print(f"... {len(bad) - limit} more mismatches (use --limit or --json for all)")
-    rest = {k: v for k, v in counts.items() if k in ("equal", "close", "cast", "quant", "reordered")}
+    rest = {k: v for k, v in counts.items() if is_ok(k)}
     if rest:
         console.print("matching: " + ", ".join(f"{v} {k}" for k, v in rest.items()))
-    if counts.get("cast"):
+    if counts.get(Status.CAST):
         console.print(escape("cast: " + named_casts(res)))
     for k, va, vb in res.config_diff:
         console.print(escape(printable(f"config {k}: A={va!r} B={vb!r}")))
