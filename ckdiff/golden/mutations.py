@@ -158,7 +158,8 @@ def _embed_axis():
 
     def meta_axis(key, shape, params, n):
         a = orig(key, shape, params, n)
-        return (1 - a) if key == "tok_embeddings.weight" else a
+        swap = {formats.Shard.ROWS: formats.Shard.COLS, formats.Shard.COLS: formats.Shard.ROWS}
+        return swap.get(a, a) if key == "tok_embeddings.weight" else a
     return _patched(formats, "meta_axis", meta_axis)
 
 
