@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ckdiff.converters.formats import open_checkpoint
-from ckdiff.converters.lazy import ConcatTensor, EagerTensor, LazyTensor
+from ckdiff.converters.lazy import EagerTensor, LazyTensor
+from ckdiff.converters.ops import ShardMerge
 from ckdiff.converters.pickle_io import SAFE_GLOBALS, load_pickle
 from ckdiff.converters.torch_zip import TensorSource, write_torch_zip
 from helpers import convert
@@ -165,11 +166,12 @@ def test_rank_files_load_memory_mapped_and_tp_merges_read_rows(tiny_hf, tmp_path
     assert convert("hf-to-megatron", "llama2", "--model-path", src, "--out", tmp_path / "meg", "--tp", 2) == 0
     ck = open_checkpoint(str(tmp_path / "meg"))
     qkv = ck.tensors["language_model.encoder.layers.0.self_attention.query_key_value.weight"]
-    assert isinstance(qkv, ConcatTensor) and len(qkv.parts) == 2
-    for p in qkv.parts:
+    parts = qkv.group.inputs  # the TP merge (ShardMerge of megatron.TP_TABLE) over the two rank shards
+    assert isinstance(qkv.group.fn, ShardMerge) and len(parts) == 2
+    for p in parts:
         assert _mapped_from(p._t.data_ptr()) == p.origin  # bytes come from the file on demand
     whole = qkv.load()
-    n = qkv.parts[0].shape[0]
+    n = parts[0].shape[0]
     assert torch.equal(qkv.rows(n - 3, n + 2), whole[n - 3:n + 2])
     # a legacy (non-zip) pickle still loads, without a memory map
     torch.save({"w": torch.randn(3, 4)}, tmp_path / "legacy.bin", _use_new_zipfile_serialization=False)

@@ -204,7 +204,7 @@ def _raw_layout(c: "_Chunk", dtype):
                 return None
             _, stype, key, _loc, _numel = rec.storage
             with warnings.catch_warnings():  # the legacy typed-storage class only names the dtype here
-                warnings.simplefilter("ignore")
+                warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)
                 sdt = getattr(torch, stype).dtype
             if sdt != dtype or rec.size != c.sizes:
                 return None

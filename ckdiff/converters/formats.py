@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError, UsageError
-from .lazy import Checkpoint, ConcatTensor, LazyTensor
+from .lazy import Checkpoint, DerivedGroup, LazyTensor
+from .ops import Shard, ShardRow, ShardSplit, ShardTable
 from .inputs import kind_of, read_json_object, stat_input
 from .pickle_io import read_pickle_tensors
 from .safetensors_io import read_safetensors
@@ -161,12 +162,22 @@ def read_tensor_dir(p: Path, trust_pickle=False, **_) -> Checkpoint:
 
 # ---------------------------------------------------------------- Meta directories
 META_SHARD = re.compile(r"^consolidated\.(\d+)\.pth$")
-# concat axis per Meta key suffix; None = replicated (take shard 0, check agreement)
-META_AXES = [
-    (r"attention\.w[qkv]\.weight$", 0), (r"attention\.wo\.weight$", 1),
-    (r"feed_forward\.w[13]\.weight$", 0), (r"feed_forward\.w2\.weight$", 1),
-    (r"^output\.weight$", 0), (r"norm\.weight$", None), (r"^rope\.freqs$", None),
-]
+# How Meta's consolidated.NN.pth shards cut each tensor (meta-jetstream-format.md): the writer splits
+# with this table, the reader merges with its reverse. The embedding's cut depends on the Llama version.
+META_SHARDS = ShardTable([
+    ShardRow(r"^tok_embeddings\.weight$", {2: Shard.COLS, 3: Shard.ROWS}),  # hidden axis (1/2), vocab (3)
+    ShardRow(r"attention\.w[qkv]\.weight$", Shard.ROWS), ShardRow(r"attention\.wo\.weight$", Shard.COLS),
+    ShardRow(r"feed_forward\.w[13]\.weight$", Shard.ROWS), ShardRow(r"feed_forward\.w2\.weight$", Shard.COLS),
+    ShardRow(r"^output\.weight$", Shard.ROWS),
+    ShardRow(r"norm\.weight$", Shard.REPLICATED), ShardRow(r"^rope\.freqs$", Shard.REPLICATED),
+])
+
+
+def meta_variant(llama_version: int) -> int:
+    """The ``META_SHARDS`` variant of a Llama version (1 and 2 cut alike)."""
+    return 3 if llama_version >= 3 else 2
+
+
 REPLICA_ATOL = 1e-2  # Llama-3-70B norms differ slightly across shards (JetStream PR #101)
 
 
@@ -184,17 +195,18 @@ def meta_shards(p: Path) -> list[Path]:
     return [f for _, f in found]
 
 
-def meta_axis(key: str, shard_shape, params: dict, n_shards: int):
-    if key == "tok_embeddings.weight":
-        # Llama-1/2 split the embedding on the hidden axis, Llama-3 on the vocab axis.
-        dim = params.get("dim")
-        if dim and shard_shape[-1] == dim:
-            return 0
-        return 1
-    for pat, axis in META_AXES:
-        if re.search(pat, key):
-            return axis
-    return "unknown"
+def meta_axis(key: str, shard_shape, params: dict, n_shards: int) -> "Shard | None":
+    """How Meta shards of ``key`` were cut (None: no rule). Where the cut depends on the Llama version
+    (the embedding), the version is the one whose merged shape has ``params["dim"]`` columns."""
+    row = META_SHARDS.row(key)
+    if row is None or isinstance(row.how, Shard):
+        return None if row is None else row.how
+    dim = params.get("dim")
+    for how in row.how.values():
+        cols = shard_shape[-1] * (n_shards if how is Shard.COLS else 1)
+        if dim and cols == dim:
+            return how
+    return row.cut()
 
 
 def read_meta_dir(p: Path, trust_pickle=False, fmt="meta", **_) -> Checkpoint:
@@ -221,22 +233,25 @@ def read_meta_dir(p: Path, trust_pickle=False, fmt="meta", **_) -> Checkpoint:
         if len(parts) == 1:
             tensors[k] = parts[0]
             continue
-        axis = meta_axis(k, parts[0].shape, params, len(parts))
-        if axis is None:
+        how = meta_axis(k, parts[0].shape, params, len(parts))
+        if how is Shard.REPLICATED:
             ref = parts[0].load().float()
             d = max(float((q.load().float() - ref).abs().max()) for q in parts[1:]) if ref.numel() else 0.0
             spread[k] = d
             if d > REPLICA_ATOL:
                 raise InputError(p, f"replicated tensor {k!r} differs across shards by {d:.3g}")
             tensors[k] = parts[0]
-        elif axis == "unknown":
+        elif how is None:
             raise InputError(p, f"no merge rule for Meta tensor {k!r}")
         else:
             for q, f in zip(parts[1:], shards[1:]):
-                other = [s for j, s in enumerate(q.shape) if j != axis]
-                if other != [s for j, s in enumerate(parts[0].shape) if j != axis]:
+                other = [s for j, s in enumerate(q.shape) if j != how.axis]
+                if other != [s for j, s in enumerate(parts[0].shape) if j != how.axis]:
                     raise InputError(f, f"{k!r} shape {list(q.shape)} disagrees with shard 0 {list(parts[0].shape)}")
-            tensors[k] = ConcatTensor(k, parts, axis)
+            try:
+                tensors[k] = DerivedGroup(parts, ShardSplit(how, len(parts)).reverse()).tensors([k])[0]
+            except (ValueError, RuntimeError) as e:
+                raise InputError(p, f"cannot merge the shards of {k!r}: {e}") from None
     return Checkpoint(str(p), fmt, tensors, config=params,
                       meta={"files": [str(s) for s in shards], "replica_spread": spread})
 

@@ -77,35 +77,10 @@ class EagerTensor(LazyTensor):
         return self._t.reshape(1) if self._t.dim() == 0 else self._t[start:stop]
 
 
-class ConcatTensor(LazyTensor):
-    """Parts concatenated along ``dim`` (shard merges), read part by part."""
-
-    def __init__(self, name: str, parts: Sequence[LazyTensor], dim: int, origin: str = ""):
-        shape = list(parts[0].shape)
-        shape[dim] = sum(p.shape[dim] for p in parts)
-        super().__init__(name, shape, parts[0].dtype, origin or parts[0].origin)
-        self.parts = list(parts)
-        self.dim = dim
-
-    def load(self) -> torch.Tensor:
-        return torch.cat([p.load() for p in self.parts], dim=self.dim)
-
-    def rows(self, start: int, stop: int) -> torch.Tensor:
-        if self.dim != 0:
-            return torch.cat([p.rows(start, stop) for p in self.parts], dim=self.dim)
-        out, offset = [], 0
-        for p in self.parts:
-            lo, hi = max(start, offset), min(stop, offset + p.shape[0])
-            if lo < hi:
-                out.append(p.rows(lo - offset, hi - offset))
-            offset += p.shape[0]
-        return torch.cat(out, dim=0)
-
-
 class DerivedTensor(LazyTensor):
     """Output ``index`` of a function of other lazy tensors (a conversion op).
 
-    Tensors derived from one group share a ``GroupCache`` so the op runs once
+    Tensors derived from one group share its ``OutputCache`` so the op runs once
     while its outputs are written one after the other. When the op only moves
     whole rows (``rowwise``: renames, rotary permutations, QKV fusion and splits,
     concatenations on dim 0), ``rows`` reads just the source rows it needs.
@@ -133,15 +108,40 @@ class DerivedTensor(LazyTensor):
 _SRC_SHIFT = 40  # a row's provenance: input index << 40 | row
 
 
+class OutputCache:
+    """Keeps the computed outputs of the ``keep`` groups computed last; older ones are dropped.
+
+    Owned by whoever derives the tensors (a conversion pass, a quantization) and passed to each
+    ``DerivedGroup`` it makes, so the outputs of an op with several outputs (a QKV split, a tie) are
+    computed once while they are written one after the other, and memory stays bounded."""
+
+    def __init__(self, keep: int = 1):
+        self.keep = max(1, keep)
+        self._groups: list = []
+
+    def hold(self, group: "DerivedGroup") -> None:
+        if group in self._groups:
+            return
+        while len(self._groups) >= self.keep:
+            self._groups.pop(0)._cache = None
+        self._groups.append(group)
+
+    def clear(self) -> None:
+        for g in self._groups:
+            g._cache = None
+        self._groups = []
+
+
 class DerivedGroup:
-    """Runs ``fn(inputs) -> list[Tensor]`` on demand and keeps the last result."""
+    """Runs ``fn(inputs) -> list[Tensor]`` on demand. With a ``cache`` (an ``OutputCache``) the
+    outputs stay until the cache drops them; without one nothing is kept between calls."""
 
-    _live: list = []  # the groups whose outputs are cached: at most two (one per side of a comparison)
-
-    def __init__(self, inputs: Sequence[LazyTensor], fn: Callable[[list], list], origin: str = ""):
+    def __init__(self, inputs: Sequence[LazyTensor], fn: Callable[[list], list], origin: str = "",
+                 cache: "OutputCache | None" = None):
         self.inputs = list(inputs)
         self.fn = fn
         self.origin = origin or (inputs[0].origin if inputs else "")
+        self.cache = cache
         self._cache: list | None = None
         self._maps: list | None = None
 
@@ -150,13 +150,13 @@ class DerivedGroup:
         return self.fn([t.meta() for t in self.inputs])
 
     def outputs(self) -> list[torch.Tensor]:
-        if self._cache is None:
-            live = DerivedGroup._live
-            while len(live) >= 2:
-                live.pop(0)._cache = None
-            self._cache = [o.contiguous() for o in self.fn([t.load() for t in self.inputs])]
-            live.append(self)
-        return self._cache
+        if self._cache is not None:
+            return self._cache
+        out = [o.contiguous() for o in self.fn([t.load() for t in self.inputs])]
+        if self.cache is not None:
+            self._cache = out
+            self.cache.hold(self)
+        return out
 
     def row_map(self, index: int):
         """For a row-moving op: the provenance of each row of output ``index`` (else None).
@@ -258,24 +258,3 @@ class RowSlice(LazyTensor):
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         return self.base.rows(self.start + start, self.start + stop)
-
-
-class PadRows(LazyTensor):
-    """``base`` followed by ``extra`` copies of its last row (Megatron vocab padding)."""
-
-    def __init__(self, name: str, base: LazyTensor, extra: int):
-        super().__init__(name, (base.shape[0] + extra,) + base.shape[1:], base.dtype, base.origin)
-        self.base, self.extra = base, extra
-
-    def load(self) -> torch.Tensor:
-        return self.rows(0, self.shape[0])
-
-    def rows(self, start: int, stop: int) -> torch.Tensor:
-        n = self.base.shape[0]
-        parts = []
-        if start < n:
-            parts.append(self.base.rows(start, min(stop, n)))
-        if stop > n:
-            last = self.base.rows(n - 1, n)
-            parts.append(last.expand(stop - max(start, n), *last.shape[1:]).contiguous())
-        return torch.cat(parts) if len(parts) > 1 else parts[0]

@@ -372,9 +372,9 @@ def write_mcore(out: Path, hf: dict, cfg: ModelConfig, stacked: bool = True, com
         state[COMMON_KEY] = [{"args": to_args(cfg, Vp), "checkpoint_version": 3.0, "iteration": iteration}]
     else:
         torch.save({"args": to_args(cfg, Vp), "checkpoint_version": 3.0, "iteration": iteration}, it / "common.pt")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from torch.distributed.checkpoint import DefaultSavePlanner
+    from torch.distributed.checkpoint import DefaultSavePlanner
+    with warnings.catch_warnings():  # one process on purpose: DCP says it assumes so
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
         dcp.save(state, checkpoint_id=str(it), no_dist=True, planner=DefaultSavePlanner(flatten_state_dict=False))
     (it / "metadata.json").write_text(json.dumps({"sharded_backend": BACKEND, "sharded_backend_version": 1}))
     (Path(out) / TRACKER).write_text(str(iteration))

@@ -16,7 +16,9 @@ import torch
 
 from ..errors import InputError, UsageError
 from .config import ModelConfig, valid_int
-from .lazy import Checkpoint, ConcatTensor, EagerTensor, LazyTensor, PadRows, RowSlice
+from .lazy import Checkpoint, DerivedGroup, EagerTensor, LazyTensor
+from .ops import PadRows, Shard, ShardRow, ShardTable
+from .table import R, Rename, apply_present, invert, rename
 from .inputs import read_input
 from .pickle_io import checked_state, load_pickle
 from .torch_zip import TensorSource, iter_leaves, write_torch_zip
@@ -24,27 +26,41 @@ from .torch_zip import TensorSource, iter_leaves, write_torch_zip
 TRACKER = "latest_checkpointed_iteration.txt"
 RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
 
-# TP split per key suffix: 0 = rows (ColumnParallel), 1 = columns (RowParallel), None = replicated
-TP_AXIS = [
-    (r"word_embeddings\.weight$", 0), (r"word_embeddings_for_head\.weight$", 0), (r"lm_head$", 0),
-    (r"query_key_value\.weight$", 0), (r"self_attention\.dense\.weight$", 1),
-    (r"dense_h_to_4h\.weight$", "glu"), (r"dense_4h_to_h\.weight$", 1),
-    (r"(layernorm|final_layernorm)\.(weight|bias)$", None),
+# How each tensor is cut over TP ranks (megatron-llm-format.md section 10). The writer splits with
+# this table, the reader merges with its reverse. Keys not listed have no rule (an error at TP > 1).
+TP_TABLE = ShardTable([
+    ShardRow(r"word_embeddings\.weight$", Shard.ROWS),            # vocab-parallel embedding
+    ShardRow(r"word_embeddings_for_head\.weight$", Shard.ROWS),
+    ShardRow(r"lm_head$", Shard.ROWS),
+    ShardRow(r"query_key_value\.(weight|bias)$", Shard.ROWS),     # column-parallel, whole groups per rank
+    ShardRow(r"self_attention\.dense\.weight$", Shard.COLS),      # row-parallel
+    ShardRow(r"dense_h_to_4h\.weight$", {True: Shard.GLU, False: Shard.ROWS}),  # GLU halves / plain (Falcon)
+    ShardRow(r"dense_4h_to_h\.weight$", Shard.COLS),
+    ShardRow(r"(layernorm|final_layernorm)\.(weight|bias)$", Shard.REPLICATED),
+])
+
+
+def tp_axis(key: str, glu: bool = True) -> "Shard | None":
+    """How ``key`` is cut over TP ranks (None: no rule). ``glu``: the MLP input holds [up; gate]."""
+    return TP_TABLE.cut(key, glu)
+
+
+# Legacy hf_to_megatron key names (written by the writer, as the original tool does) from the
+# native names of the canonical view; the reader renames with the inverse of this table.
+LEGACY_NAMES = [
+    Rename("language_model.encoder.", "language_model.transformer."),
+    Rename("layers.{i}.self_attention.", "layers.{i}.attention."),
 ]
-
-
-def tp_axis(key: str):
-    for pat, axis in TP_AXIS:
-        if re.search(pat, key):
-            return axis
-    return "unknown"
 
 
 def native_name(key: str) -> str:
     """Legacy hf_to_megatron names -> native Megatron names."""
-    key = key.replace("language_model.transformer.", "language_model.encoder.")
-    key = re.sub(r"(layers\.\d+)\.attention\.", r"\1.self_attention.", key)
-    return key
+    return rename(key, invert(LEGACY_NAMES))
+
+
+def legacy_name(key: str) -> str:
+    """Native Megatron names -> the legacy names hf_to_megatron writes."""
+    return rename(key, LEGACY_NAMES)
 
 
 def read_tracker(tracker: Path) -> str:
@@ -178,19 +194,13 @@ def _merge_tp(name, parts: list[LazyTensor], glu: bool, ranks, p) -> LazyTensor:
                                             f"{dt[1]} in {ranks[(0, p)]}")
     if TP == 1:
         return parts[0]
-    axis = tp_axis(name)
-    if axis == "unknown":
+    op = TP_TABLE.merge(name, TP, glu)
+    if op is None:
         raise InputError(ranks[(0, p)], f"no tensor-parallel merge rule for {name!r}")
-    if axis is None:
-        return parts[0]
-    if axis == "glu":
-        if not glu:
-            return ConcatTensor(name, parts, 0)
-        h = shape0[0] // 2
-        ups = [RowSlice(name, q, 0, h) for q in parts]
-        gates = [RowSlice(name, q, h, 2 * h) for q in parts]
-        return ConcatTensor(name, ups + gates, 0)
-    return ConcatTensor(name, parts, axis)
+    try:
+        return DerivedGroup(parts, op).tensors([name])[0]
+    except (ValueError, RuntimeError) as e:
+        raise InputError(ranks[(0, p)], f"{name}: {e}") from None
 
 
 def is_megatron_dir(p: Path) -> bool:
@@ -322,21 +332,15 @@ def check_parallel(cfg: ModelConfig, tp: int, pp: int) -> None:
 
 
 def _tp_source(name: str, t: LazyTensor, rank: int, tp: int, glu: bool) -> TensorSource:
-    """Rank ``rank``'s shard of ``t``, read row chunk by row chunk when written."""
-    axis = tp_axis(name)
-    if tp == 1 or axis is None:
+    """Rank ``rank``'s shard of ``t`` (cut as ``TP_TABLE`` says), read row chunk by row chunk when written."""
+    if tp == 1:
         return TensorSource.rows_of(t)
-    if axis == "glu" and glu:
-        f = t.shape[0] // 2
-        n = f // tp
-        return TensorSource.rows_of(t, [(rank * n, (rank + 1) * n), (f + rank * n, f + (rank + 1) * n)])
-    if axis in (0, "glu"):
-        n = t.shape[0] // tp
-        return TensorSource.rows_of(t, [(rank * n, (rank + 1) * n)])
-    if axis == 1:
-        n = t.shape[1] // tp
-        return TensorSource.rows_of(t, cols=(rank * n, (rank + 1) * n))
-    raise UsageError(f"no tensor-parallel split rule for {name!r}")
+    op = TP_TABLE.split(name, tp, glu)
+    if op is None:
+        raise UsageError(f"no tensor-parallel split rule for {name!r}")
+    if op.how is Shard.REPLICATED:
+        return TensorSource.rows_of(t)
+    return TensorSource.rows_of(DerivedGroup([t], op).tensors([name] * tp)[rank])
 
 
 def write_megatron(out: Path, tensors: dict[str, LazyTensor], cfg: ModelConfig, tp: int, pp: int,
@@ -365,10 +369,10 @@ def write_megatron(out: Path, tensors: dict[str, LazyTensor], cfg: ModelConfig, 
                 if m:
                     i = int(m.group(1))
                     if p * per <= i < (p + 1) * per:
-                        local = m.group(2).replace("self_attention.", "attention.", 1)
-                        enc[f"layers.{i - p * per}.{local}"] = _tp_source(name, lt, t, tp, glu)
+                        local = legacy_name(f"language_model.encoder.layers.{i - p * per}.{m.group(2)}")
+                        enc[local[len("language_model.transformer."):]] = _tp_source(name, lt, t, tp, glu)
                 elif name.startswith("language_model.encoder.") and p == pp - 1:
-                    enc[name[len("language_model.encoder."):]] = TensorSource.rows_of(lt)
+                    enc[legacy_name(name)[len("language_model.transformer."):]] = TensorSource.rows_of(lt)
             lm["transformer"] = enc
             if p == pp - 1:
                 if MEGATRON["head"] in tensors:
@@ -398,23 +402,32 @@ def write_megatron(out: Path, tensors: dict[str, LazyTensor], cfg: ModelConfig, 
     return [str(path) for path, _ in ranks]
 
 
+def vocab_rules(tensors: dict[str, LazyTensor], rows: int, padded: int | None = None) -> list:
+    """The vocab rows of the Megatron view: embedding and output layer padded from ``rows`` (default:
+    the rows they have) to ``padded`` with copies of the last row. The writer applies these rows; the
+    reader applies their inverse, which strips the padding."""
+    from .layouts import MEGATRON
+    out = []
+    for k in (MEGATRON["embed"], MEGATRON["head"]):
+        if k in tensors:
+            have = tensors[k].shape[0]
+            lo, hi = (have, rows) if padded is None else (rows, padded)
+            if lo < hi:
+                out.append(R(k, k, PadRows(lo, hi)))
+    return out
+
+
 def pad_vocab_tensors(tensors: dict[str, LazyTensor], rows: int) -> dict[str, LazyTensor]:
     """Pad embedding / lm_head to ``rows`` with copies of the last row."""
-    from .layouts import MEGATRON
-    out = dict(tensors)
-    for k in (MEGATRON["embed"], MEGATRON["head"]):
-        if k in out and out[k].shape[0] < rows:
-            out[k] = PadRows(k, out[k], rows - out[k].shape[0])
-    return out
+    return apply_present(tensors, vocab_rules(tensors, rows))
 
 
 def strip_vocab(tensors: dict[str, LazyTensor], rows: int) -> dict[str, LazyTensor]:
+    """Drop the rows past ``rows``: the inverse of the rows that would pad ``rows`` to the rows found."""
     from .layouts import MEGATRON
-    out = dict(tensors)
-    for k in (MEGATRON["embed"], MEGATRON["head"]):
-        if k in out and out[k].shape[0] > rows:
-            out[k] = RowSlice(k, out[k], 0, rows)
-    return out
+    found = {k: t for k, t in tensors.items() if k in (MEGATRON["embed"], MEGATRON["head"]) and t.shape[0] > rows}
+    return apply_present(tensors, invert([r for k, t in found.items()
+                                          for r in vocab_rules({k: t}, rows, t.shape[0])]))
 
 
 # ---------------------------------------------------------------- declaration (converters/registry.py)

@@ -8,6 +8,7 @@ takes them explicitly: q and k are permuted with their own head counts.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Sequence
 
 import torch
@@ -305,6 +306,194 @@ class Transpose(Op):
 
     def reverse(self):
         return self
+
+
+# ---------------------------------------------------------------- vocab padding
+@dataclass(frozen=True)
+class PadRows(Op):
+    """``rows`` rows -> ``to`` rows, the extra rows copies of the last one (Megatron vocab padding).
+    The reverse keeps the first ``rows`` rows (strips the padding)."""
+    rows: int
+    to: int
+    rowwise = True
+
+    def __call__(self, xs):
+        x = xs[0]
+        if x.shape[0] != self.rows or self.to < self.rows:
+            raise ValueError(f"pad rows: {x.shape[0]} rows, expected {self.rows} (to pad to {self.to})")
+        if self.to == self.rows:
+            return [x]
+        last = x[-1:]
+        return [_cat([x, last.expand(self.to - self.rows, *x.shape[1:])], 0)]
+
+    def reverse(self):
+        return StripRows(self.rows, self.to)
+
+    def describe(self):
+        return f"pad rows {self.rows} -> {self.to} (copies of the last row)"
+
+
+@dataclass(frozen=True)
+class StripRows(Op):
+    """``of`` rows -> the first ``rows`` (drops vocab padding); the reverse pads with the last row."""
+    rows: int
+    of: int
+    rowwise = True
+
+    def __call__(self, xs):
+        x = xs[0]
+        if x.shape[0] != self.of or self.rows > self.of:
+            raise ValueError(f"strip rows: {x.shape[0]} rows, expected {self.of} (to keep {self.rows})")
+        return [x[:self.rows]]
+
+    def reverse(self):
+        return PadRows(self.rows, self.of)
+
+    def describe(self):
+        return f"strip rows {self.of} -> {self.rows}"
+
+
+# ---------------------------------------------------------------- sharding (TP ranks, Meta shards)
+class Shard(str, Enum):
+    """How one tensor is cut over ``n`` ranks (tensor parallel) or Meta ``consolidated`` shards."""
+    ROWS = "rows"              # dim 0 in n equal blocks (column-parallel layers, vocab-parallel embeddings)
+    COLS = "cols"              # dim 1 in n equal blocks (row-parallel layers)
+    GLU = "glu"                # rows [up; gate]: each half cut in n blocks, rank r holds [up_r; gate_r]
+    REPLICATED = "replicated"  # every rank holds the whole tensor (norms)
+
+    @property
+    def axis(self):
+        """The dimension the pieces are cut along (None: not cut)."""
+        return {Shard.ROWS: 0, Shard.GLU: 0, Shard.COLS: 1}.get(self)
+
+
+def _shard_size(x: torch.Tensor, how: Shard, n: int) -> int:
+    """Rows (columns) each piece gets; ValueError where ``n`` does not divide the tensor."""
+    if how is Shard.COLS:
+        if x.dim() < 2 or x.shape[1] % n:
+            raise ValueError(f"cannot cut {list(x.shape)} into {n} column blocks")
+        return x.shape[1] // n
+    total = x.shape[0] // 2 if how is Shard.GLU else x.shape[0]
+    if x.dim() < 1 or (how is Shard.GLU and x.shape[0] % 2) or total % n:
+        what = "two halves of " if how is Shard.GLU else ""
+        raise ValueError(f"cannot cut {what}{list(x.shape)} into {n} row blocks")
+    return total // n
+
+
+@dataclass(frozen=True)
+class ShardSplit(Op):
+    """One tensor -> its ``n`` pieces, cut as ``how`` says; the reverse merges them."""
+    how: Shard
+    n: int
+
+    @property
+    def n_out(self):
+        return self.n
+
+    @property
+    def rowwise(self):
+        return self.how is not Shard.COLS
+
+    @property
+    def rowlocal(self):  # a column cut: output rows come from the same input rows
+        return self.how is Shard.COLS
+
+    def __call__(self, xs):
+        x, n, how = xs[0], self.n, self.how
+        if how is Shard.REPLICATED:
+            return [x] * n
+        m = _shard_size(x, how, n)
+        if how is Shard.COLS:
+            return [x[:, r * m:(r + 1) * m] for r in range(n)]
+        if how is Shard.ROWS:
+            return [x[r * m:(r + 1) * m] for r in range(n)]
+        f = x.shape[0] // 2
+        return [_cat([x[r * m:(r + 1) * m], x[f + r * m:f + (r + 1) * m]], 0) for r in range(n)]
+
+    def reverse(self):
+        return ShardMerge(self.how, self.n)
+
+    def describe(self):
+        return f"split in {self.n} ({self.how.value})"
+
+
+@dataclass(frozen=True)
+class ShardMerge(Op):
+    """``n`` pieces -> the whole tensor (a replicated tensor: rank 0's copy)."""
+    how: Shard
+    n: int
+
+    @property
+    def n_in(self):
+        return self.n
+
+    @property
+    def rowwise(self):
+        return self.how is not Shard.COLS
+
+    @property
+    def rowlocal(self):
+        return self.how is Shard.COLS
+
+    def __call__(self, xs):
+        if len(xs) != self.n:
+            raise ValueError(f"merge of {self.n} pieces given {len(xs)}")
+        how = self.how
+        if how is Shard.REPLICATED:
+            return [xs[0]]
+        if how is Shard.COLS:
+            return [_cat(xs, 1)]
+        if how is Shard.ROWS:
+            return [_cat(xs, 0)]
+        h = xs[0].shape[0] // 2
+        if xs[0].shape[0] % 2:
+            raise ValueError(f"GLU piece of {xs[0].shape[0]} rows has no two halves")
+        return [_cat([x[:h] for x in xs] + [x[h:] for x in xs], 0)]
+
+    def reverse(self):
+        return ShardSplit(self.how, self.n)
+
+    def describe(self):
+        return f"merge {self.n} pieces ({self.how.value})"
+
+
+@dataclass(frozen=True)
+class ShardRow:
+    """One row of a sharding table: keys matching ``pattern`` are cut as ``how``; ``how`` may map a
+    variant (e.g. the Llama version) to its cut."""
+    pattern: str
+    how: object  # Shard | Mapping[variant, Shard]
+
+    def cut(self, variant=None) -> Shard:
+        if isinstance(self.how, Shard):
+            return self.how
+        return self.how[variant] if variant in self.how else next(iter(self.how.values()))
+
+
+class ShardTable:
+    """Which cut each tensor of a format gets. The writer splits with ``split(key, n)``, the reader
+    merges with its reverse: one table, both directions."""
+
+    def __init__(self, rows: Sequence[ShardRow]):
+        import re
+        self.rows = list(rows)
+        self._re = [(re.compile(r.pattern), r) for r in self.rows]
+
+    def row(self, key: str) -> "ShardRow | None":
+        return next((r for rx, r in self._re if rx.search(key)), None)
+
+    def cut(self, key: str, variant=None) -> "Shard | None":
+        """The cut of ``key`` (None: the table has no row for it)."""
+        r = self.row(key)
+        return None if r is None else r.cut(variant)
+
+    def split(self, key: str, n: int, variant=None) -> "ShardSplit | None":
+        how = self.cut(key, variant)
+        return None if how is None else ShardSplit(how, n)
+
+    def merge(self, key: str, n: int, variant=None) -> "ShardMerge | None":
+        op = self.split(key, n, variant)
+        return None if op is None else op.reverse()
 
 
 def map_ops(op: Op, fn) -> Op:

@@ -14,7 +14,7 @@ import re
 import torch
 
 from ..errors import UsageError
-from .lazy import DerivedGroup, LazyTensor
+from .lazy import DerivedGroup, LazyTensor, OutputCache
 from .ops import Op
 
 QUANT_TYPES = ("int8_per_channel", "int4_per_channel", "int8_blockwise", "int4_blockwise")
@@ -108,12 +108,13 @@ def quantize_tensors(tensors: dict[str, LazyTensor], qtype: str, family: str = "
         raise UsageError(f"--quantize_type {qtype}: blockwise quantization of Mixtral experts is not defined "
                          "by JetStream; use a per-channel type")
     out: dict[str, LazyTensor] = {}
+    cache = OutputCache()  # this quantization's computed outputs (codes and scales of one weight)
     for k, t in tensors.items():
         if EMBED.search(k) or LINEAR.search(k):
             emb = bool(EMBED.search(k))
             if block and not emb and t.shape[-1] % BLOCK:
                 raise UsageError(f"{qtype}: {k} has input dimension {t.shape[-1]}, not a multiple of {BLOCK}")
-            g = DerivedGroup([t], Quantize(bits, block, emb))
+            g = DerivedGroup([t], Quantize(bits, block, emb), cache=cache)
             for x in g.tensors([k, k + SCALER]):
                 out[x.name] = x
         else:
@@ -128,6 +129,7 @@ def is_quantized(tensors) -> bool:
 def dequantize_tensors(tensors: dict[str, LazyTensor], shapes: dict[str, tuple] | None = None) -> dict[str, LazyTensor]:
     """Float (fp32) lazy tensors from a quantized JetStream mapping; ``shapes`` gives float shapes."""
     out: dict[str, LazyTensor] = {}
+    cache = OutputCache()
     for k, t in tensors.items():
         if k.endswith(SCALER):
             continue
@@ -136,7 +138,7 @@ def dequantize_tensors(tensors: dict[str, LazyTensor], shapes: dict[str, tuple] 
             shp = (shapes or {}).get(k) or float_shape(t, k)
             g = DerivedGroup([t, tensors[k + SCALER]], lambda xs, shp=shp, emb=emb: [
                 dequantize(xs[0], xs[1], shp, emb) if xs[0].device.type != "meta"
-                else torch.empty(shp, dtype=torch.float32, device="meta")])
+                else torch.empty(shp, dtype=torch.float32, device="meta")], cache=cache)
             out[k] = g.tensors([k])[0]
         else:
             out[k] = t
@@ -164,6 +166,7 @@ def fake_quantize(tensors: dict[str, LazyTensor], qtype: str) -> dict[str, LazyT
     """
     bits, block = bits_of(qtype), "blockwise" in qtype
     out: dict[str, LazyTensor] = {}
+    cache = OutputCache()
     for k, t in tensors.items():
         if len(t.shape) != 2:
             out[k] = t
@@ -179,7 +182,7 @@ def fake_quantize(tensors: dict[str, LazyTensor], qtype: str) -> dict[str, LazyT
             else:
                 q, s = quantize(w, bits, block and w.shape[-1] % BLOCK == 0)
             return [dequantize(q, s, w.shape, emb)]
-        out[k] = DerivedGroup([t], fq).tensors([k])[0]
+        out[k] = DerivedGroup([t], fq, cache=cache).tensors([k])[0]
     return out
 
 

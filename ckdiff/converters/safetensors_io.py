@@ -287,8 +287,8 @@ class SafetensorsTensor(LazyTensor):
         if byte_hi == byte_lo:
             return torch.empty(shape, dtype=self.dtype)
         start = self.file.data_start + byte_lo
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings():  # a read-only map: the data is never written through this view
+            warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
             raw = torch.frombuffer(self.file.buffer(), dtype=torch.uint8, count=byte_hi - byte_lo, offset=start)
         return raw.view(self.dtype).reshape(shape)
 

@@ -14,7 +14,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 from ..errors import InputError
-from .lazy import DerivedGroup, LazyTensor
+from .lazy import DerivedGroup, LazyTensor, OutputCache
 from .ops import Identity, Op
 
 
@@ -38,8 +38,38 @@ def R(src, dst, op: Op | None = None) -> Rule:
     return Rule(as_t(src), as_t(dst), op or Identity())
 
 
-def invert(rules: Sequence[Rule]) -> list[Rule]:
+def invert(rules: Sequence) -> list:
+    """The reverse table: each row reversed (and, for rows applied in sequence, in reverse order
+    where the order matters: rename rows)."""
+    if rules and all(isinstance(r, Rename) for r in rules):
+        return [r.inverse() for r in reversed(rules)]
     return [r.inverse() for r in rules]
+
+
+@dataclass(frozen=True)
+class Rename:
+    """A key rename row: every occurrence of ``src`` in a key becomes ``dst`` (``{i}`` = a layer number).
+
+    For names that differ between versions of one format (Megatron-LLM's legacy ``transformer`` /
+    ``attention`` keys): a table of these maps one way, ``invert`` of it the other."""
+    src: str
+    dst: str
+
+    def inverse(self) -> "Rename":
+        return Rename(self.dst, self.src)
+
+    def pattern(self) -> "re.Pattern":
+        return re.compile(re.escape(self.src).replace(re.escape("{i}"), r"(?P<i>\d+)"))
+
+    def __call__(self, key: str) -> str:
+        return self.pattern().sub(lambda m: self.dst.format(i=m.groupdict().get("i")), key)
+
+
+def rename(key: str, rows: Sequence[Rename]) -> str:
+    """``key`` passed through every row in order."""
+    for r in rows:
+        key = r(key)
+    return key
 
 
 class Renamed(LazyTensor):
@@ -64,12 +94,16 @@ class Plan:
 
 def apply(tensors: Mapping[str, LazyTensor], rules: Sequence[Rule], layers: int,
           drop: Iterable[str] = (), where: str = "input", plan: Plan | None = None,
-          cover: list | None = None) -> dict[str, LazyTensor]:
+          cover: list | None = None, cache: OutputCache | None = None) -> dict[str, LazyTensor]:
     """Lazy targets of ``rules`` over ``tensors``; every source key must be used or dropped.
+
+    The groups of this pass keep their computed outputs in ``cache`` (a fresh ``OutputCache`` of this
+    pass when none is given).
 
     With ``cover`` (a list), one record of this pass is appended: how many times each source key was
     consumed by a rule and which were dropped by which named pattern (compare/coverage.py checks them)."""
     drop_re = [re.compile(p) for p in drop]
+    cache = cache if cache is not None else OutputCache()
     out: dict[str, LazyTensor] = {}
     used: set = set()
     uses: dict = {}
@@ -93,7 +127,7 @@ def apply(tensors: Mapping[str, LazyTensor], rules: Sequence[Rule], layers: int,
             for s, d in zip(src, dst):
                 out[d] = Renamed(d, tensors[s])
         else:
-            group = DerivedGroup([tensors[k] for k in src], rule.op)
+            group = DerivedGroup([tensors[k] for k in src], rule.op, cache=cache)
             try:
                 targets = group.tensors(dst)
             except (ValueError, RuntimeError) as e:
@@ -118,6 +152,28 @@ def apply(tensors: Mapping[str, LazyTensor], rules: Sequence[Rule], layers: int,
     if unused:
         more = f" (and {len(unused) - 3} more)" if len(unused) > 3 else ""
         raise InputError(where, f"unmapped tensors {unused[:3]}{more}: the converter does not know them")
+    return out
+
+
+def apply_present(tensors: Mapping[str, LazyTensor], rules: Sequence[Rule], where: str = "input",
+                  cache: OutputCache | None = None) -> dict[str, LazyTensor]:
+    """``tensors`` with the rows of ``rules`` (no ``{i}``) applied where all their sources are present;
+    other tensors pass through unchanged, in their order (a target replaces its source in place)."""
+    cache = cache if cache is not None else OutputCache()
+    out = dict(tensors)
+    for rule in rules:
+        if not all(k in out for k in rule.src):
+            continue
+        group = DerivedGroup([out[k] for k in rule.src], rule.op, cache=cache)
+        try:
+            targets = group.tensors(list(rule.dst))
+        except (ValueError, RuntimeError) as e:
+            raise InputError(where, f"cannot map {list(rule.src)} -> {list(rule.dst)}: {e}") from None
+        for k in rule.src:
+            if k not in rule.dst:
+                del out[k]
+        for t in targets:
+            out[t.name] = t
     return out
 
 

@@ -362,26 +362,25 @@ def write_meta_shards(out_dir: Path, tensors: dict[str, LazyTensor], params: dic
     Each shard is streamed in torch's format, one row chunk of one tensor at a time.
     ``llama_version`` picks the embedding split axis (hidden for 1/2, vocab for 3).
     """
-    from .formats import meta_axis
+    from .formats import META_SHARDS, meta_variant
+    from .lazy import DerivedGroup
+    from .ops import Shard, ShardSplit
     files = []
     progress = _start(progress_factory, sum(t.nbytes for t in tensors.values()))
+    pieces: dict = {}  # key -> its n_shards lazy pieces (or None: the whole tensor in every shard)
+    for k, t in tensors.items():
+        how = META_SHARDS.cut(k, meta_variant(llama_version))
+        if how in (None, Shard.REPLICATED) or n_shards == 1:
+            pieces[k] = None
+            continue
+        if t.shape[how.axis] % n_shards:
+            raise UsageError(f"{k}: {t.shape[how.axis]} on axis {how.axis} does not split into {n_shards} shards")
+        pieces[k] = DerivedGroup([t], ShardSplit(how, n_shards)).tensors([k] * n_shards)
     for s in range(n_shards):
-        shard: dict = {}
-        for k, t in tensors.items():
-            if k == "tok_embeddings.weight":
-                axis = 1 if llama_version < 3 else 0
-            else:
-                axis = meta_axis(k, t.shape, params, n_shards)
-            if axis in (0, 1) and n_shards > 1:
-                if t.shape[axis] % n_shards:
-                    raise UsageError(f"{k}: {t.shape[axis]} on axis {axis} does not split into {n_shards} shards")
-                n = t.shape[axis] // n_shards
-                shard[k] = (TensorSource.rows_of(t, [(s * n, (s + 1) * n)]) if axis == 0
-                            else TensorSource.rows_of(t, cols=(s * n, (s + 1) * n)))
-            else:
-                shard[k] = TensorSource.rows_of(t)
+        shard: dict = {k: TensorSource.rows_of(t if pieces[k] is None else pieces[k][s])
+                       for k, t in tensors.items()}
         if rope_freqs:
-            hd = params["dim"] // params["n_heads"]
+            hd = params.get("head_dim") or params["dim"] // params["n_heads"]
             shard["rope.freqs"] = 1.0 / (params.get("rope_theta", 10000.0) ** (torch.arange(0, hd, 2).float() / hd))
         name = f"consolidated.{s:02d}.pth"
         write_torch_zip(out_dir / name, shard, progress)

@@ -21,8 +21,8 @@ import torch
 
 from ..converters import layouts
 from ..converters.faults import Faults
-from ..converters.lazy import Checkpoint, ConcatTensor, DerivedGroup
-from ..converters.ops import Chain, Concat, FuseQKV, Identity, PermuteRope, Transpose, map_ops
+from ..converters.lazy import Checkpoint, DerivedGroup, DerivedTensor
+from ..converters.ops import Chain, Concat, FuseQKV, Identity, PermuteRope, Shard, ShardMerge, Transpose, map_ops
 from ..converters.table import Rule
 from ..errors import InputError
 
@@ -119,25 +119,34 @@ def _config_drops(key: str) -> Faults:
 
 
 def _on_meta_merge(fn) -> Faults:
-    """A Meta reader bug: ``fn(key, ConcatTensor, file names)`` rebuilds each merged tensor."""
+    """A Meta reader bug: ``fn(key, parts, how, file names)`` re-merges each tensor the reader merged
+    from its shards (``parts`` in shard order, ``how`` the Shard cut the reader chose)."""
     def read(ck, step):
         if ck.format != "meta" or len(ck.meta.get("files", [])) < 2:
             return ck
         names = [Path(f).name for f in ck.meta["files"]]
-        tensors = {k: fn(k, t, names) if isinstance(t, ConcatTensor) else t for k, t in ck.tensors.items()}
+        tensors = {}
+        for k, t in ck.tensors.items():
+            merged = isinstance(t, DerivedTensor) and isinstance(t.group.fn, ShardMerge)
+            tensors[k] = fn(k, t.group.inputs, t.group.fn.how, names) if merged else t
         return Checkpoint(ck.path, ck.format, tensors, ck.config, ck.meta)
     return Faults(read=read)
 
 
-def _lexicographic(k, t, names):
+def _merge(k, parts, how):
+    return DerivedGroup(parts, ShardMerge(how, len(parts))).tensors([k])[0]
+
+
+def _lexicographic(k, parts, how, names):
     """Shards concatenated in the order of their sorted file names (consolidated.10 before .2)."""
     order = sorted(range(len(names)), key=lambda i: names[i].replace("consolidated.0", "consolidated."))
-    return ConcatTensor(k, [t.parts[i] for i in order], t.dim)
+    return _merge(k, [parts[i] for i in order], how)
 
 
-def _embed_axis(k, t, names):
+def _embed_axis(k, parts, how, names):
     """The Llama-2 embedding (split on the hidden axis) merged on the vocab axis."""
-    return ConcatTensor(k, t.parts, 1 - t.dim) if k == "tok_embeddings.weight" else t
+    swap = {Shard.ROWS: Shard.COLS, Shard.COLS: Shard.ROWS}
+    return _merge(k, parts, swap.get(how, how) if k == "tok_embeddings.weight" else how)
 
 
 def _naive_glu_split(tensors, step):

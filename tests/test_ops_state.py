@@ -1,0 +1,106 @@
+"""No process-wide state: warnings are silenced only around the call that warns, and only that
+warning; the exported tokenizer means what the tokenizer library would have saved."""
+import json
+import warnings
+
+import pytest
+import torch
+
+from ckdiff.converters.safetensors_io import read_safetensors, write_safetensors
+from ckdiff.converters.lazy import EagerTensor
+
+
+def test_safetensors_reads_silence_only_the_read_only_buffer_note(tmp_path, monkeypatch):
+    t = torch.randn(6, 3)
+    write_safetensors(tmp_path / "a.safetensors", [EagerTensor("w", t)], {"format": "pt"})
+    real = torch.frombuffer
+
+    def frombuffer(*a, **kw):  # torch's own note, and another warning the reader must not hide
+        warnings.warn("The given buffer is not writable, and PyTorch does not support it", UserWarning)
+        warnings.warn("something else went odd", UserWarning)
+        return real(*a, **kw)
+    monkeypatch.setattr(torch, "frombuffer", frombuffer)
+    before = list(warnings.filters)
+    with pytest.warns(UserWarning) as seen:
+        got = read_safetensors(tmp_path / "a.safetensors")["w"].load()
+    assert [str(w.message) for w in seen] == ["something else went odd"]
+    assert torch.equal(got, t) and warnings.filters == before
+
+
+def test_mcore_writer_silences_only_the_single_process_note(tmp_path, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+    from ckdiff.converters.mcore import write_mcore
+    from ckdiff.golden.models import hf_state, tiny_config
+    cfg = tiny_config("llama-gqa")
+    real = dcp.save
+
+    def save(*a, **kw):
+        warnings.warn("unrelated save trouble", UserWarning)
+        return real(*a, **kw)
+    monkeypatch.setattr(dcp, "save", save)
+    with pytest.warns(UserWarning) as seen:
+        write_mcore(tmp_path / "mc", hf_state(cfg), cfg)
+    msgs = [str(w.message) for w in seen]
+    assert "unrelated save trouble" in msgs
+    assert not any(m.startswith("torch.distributed is disabled") for m in msgs)
+
+
+def test_dcp_storage_dtype_lookup_silences_only_the_deprecation(tmp_path, monkeypatch):
+    from ckdiff.converters import dcp as dcp_mod
+    from ckdiff.converters.formats import open_checkpoint
+    from ckdiff.converters.mcore import write_mcore
+    from ckdiff.golden.models import hf_state, tiny_config
+    cfg = tiny_config("llama-gqa")
+    root = write_mcore(tmp_path / "mc", hf_state(cfg), cfg)
+    real = torch._warn_typed_storage_removal
+
+    def noisy(*a, **kw):  # the deprecation note the reader expects, and one it must not hide
+        warnings.warn("TypedStorage is deprecated (test)", UserWarning)
+        warnings.warn("storage lookup went odd", UserWarning)
+    monkeypatch.setattr(torch, "_warn_typed_storage_removal", noisy)
+    dcp_mod._CACHE.clear()
+    with pytest.warns(UserWarning) as seen:
+        ck = open_checkpoint(str(root))
+        for t in ck.tensors.values():
+            t.load()
+    monkeypatch.setattr(torch, "_warn_typed_storage_removal", real)
+    msgs = {str(w.message) for w in seen}
+    assert "storage lookup went odd" in msgs and not any(m.startswith("TypedStorage") for m in msgs)
+
+
+@pytest.fixture(scope="module")
+def spm_dir(tmp_path_factory):
+    spm = pytest.importorskip("sentencepiece")
+    d = tmp_path_factory.mktemp("spm")
+    words = ["rotary", "shard", "vocab", "merge", "split", "tensor", "rank", "pad", "strip", "glu", "half"]
+    g = torch.Generator().manual_seed(1)
+    lines = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (9,), generator=g)) for _ in range(150)]
+    (d / "corpus.txt").write_text("\n".join(lines))
+    spm.SentencePieceTrainer.train(input=str(d / "corpus.txt"), model_prefix=str(d / "tokenizer"), vocab_size=48,
+                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+    (d / "corpus.txt").unlink()
+    return d
+
+
+def test_exported_tokenizer_means_what_the_library_builds(tmp_path, spm_dir):
+    """The hand-written tokenizer_config.json loads to the tokenizer transformers builds from the same
+    SentencePiece model with the same added and special tokens (ids, specials, encodings)."""
+    transformers = pytest.importorskip("transformers")
+    from ckdiff.converters.tokenizer import MEGATRON_SPECIALS, export_tokenizer
+    out = tmp_path / "out"
+    out.mkdir()
+    info = export_tokenizer(spm_dir / "tokenizer.model", out, 64, ["<extra_0>", "<extra_1>"], ["pad=<EOD>"])
+    ours = transformers.AutoTokenizer.from_pretrained(out)
+    lib = transformers.LlamaTokenizer.from_pretrained(spm_dir, legacy=True, add_bos_token=True, add_eos_token=False)
+    added = MEGATRON_SPECIALS + ["<extra_0>", "<extra_1>"]
+    lib.add_tokens([transformers.AddedToken(t, special=True, normalized=False) for t in added], special_tokens=True)
+    lib.cls_token, lib.sep_token, lib.mask_token, lib.pad_token = "<CLS>", "<SEP>", "<MASK>", "<EOD>"
+    assert info["added"] == added
+    assert ours.convert_tokens_to_ids(added) == lib.convert_tokens_to_ids(added) == list(range(48, 55))
+    for attr in ("bos_token", "eos_token", "unk_token", "cls_token", "sep_token", "mask_token", "pad_token"):
+        assert getattr(ours, attr) == getattr(lib, attr), attr
+    for text in ("rotary shard vocab", "merge<EOD>split <extra_1> tensor", "glu half pad strip rank"):
+        assert ours(text).input_ids == lib(text).input_ids, text
+        assert ours(text).input_ids[0] == ours.bos_token_id
+    written = json.loads((out / "tokenizer_config.json").read_text())
+    assert written["tokenizer_class"] == "LlamaTokenizer" and written["pad_token"] == "<EOD>"
