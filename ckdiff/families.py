@@ -110,6 +110,7 @@ class Family:
     megatron_models: tuple = ()           # MegatronModel values (Megatron-LLM --model)
     megatron_args: Mapping[str, object] = field(default_factory=dict)  # extra Megatron args written as is
     jetstream_names: tuple = ()           # JetStream-pt --model_name values
+    megatron_default: str = ""            # the --model used for a checkpoint of this family when none is named
     jetstream_from_meta: bool = False     # JetStream's converter accepts Meta weights for this family
     hf_type_defaults: Mapping[str, Mapping] = field(default_factory=dict)  # model types other than the
     #     first that to_hf writes as themselves -> config.json values written for them (architectures, ...)
@@ -164,6 +165,15 @@ class Family:
         if self.megatron_models:
             return tuple(m.name for m in self.megatron_models)
         return (self.name,) if "megatron" in self.layouts else ()
+
+    def default_megatron_model(self, hf_model_type: str = "") -> str:
+        """The --model for a checkpoint of this family: the one declared for its config model_type, else
+        ``megatron_default``, else the first declared (or the family's own name)."""
+        for m in self.megatron_models:
+            if m.hf_model_type and m.hf_model_type == hf_model_type:
+                return m.name
+        names = self.megatron_model_names()
+        return self.megatron_default or (names[0] if names else self.name)
 
     def megatron_model(self, name: str) -> MegatronModel:
         for m in self.megatron_models:
@@ -311,7 +321,7 @@ LLAMA = register(Family(
                       "codellama/CodeLlama-{size}b-hf", "TheBloke/CodeLlama-13B-fp16", True),
         MegatronModel("mistral", {7: (32, 4096, 32, 8)}, "mistralai/Mistral-7B-v0.1", "mistralai/Mistral-7B-v0.1",
                       hf_model_type="mistral")),
-    jetstream_names=("llama", "llama-2", "llama-3"), jetstream_from_meta=True))
+    jetstream_names=("llama", "llama-2", "llama-3"), jetstream_from_meta=True, megatron_default="llama2"))
 GEMMA = register(Family(
     "gemma", ("gemma",), "GemmaForCausalLM",
     Block(norm=Norm.RMS_PLUS_ONE, act=Act.GELU_TANH, embed_scale=True), LLAMA_NAMES,

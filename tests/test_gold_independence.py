@@ -33,8 +33,9 @@ def test_wrong_megatron_key_in_the_converters_is_caught_by_the_golden_diff(tmp_p
 
 def test_wrong_tp_axis_in_the_converters_is_caught_by_the_golden_diff(tmp_path, monkeypatch):
     # attention dense split by rows instead of columns, in the writer and the reader alike
-    orig = megatron.tp_axis
-    monkeypatch.setattr(megatron, "tp_axis", lambda key: 0 if key.endswith("attention.dense.weight") else orig(key))
+    from ckdiff.converters.ops import Shard, ShardRow, ShardTable
+    wrong = ShardTable([ShardRow(r"self_attention\.dense\.weight$", Shard.ROWS)] + megatron.TP_TABLE.rows)
+    monkeypatch.setattr(megatron, "TP_TABLE", wrong)
     checks = _by_check(check_converter("hf-to-megatron", "llama-gqa", tmp_path, options={"tp": 2}))
     assert checks["roundtrip"].ok, checks["roundtrip"].detail  # split and merge agree with each other
     assert not checks["golden"].ok  # the golden's rank files split columns, as the spec says

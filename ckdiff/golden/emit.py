@@ -197,10 +197,9 @@ def _shard(w: torch.Tensor, rule, t: int, tp: int) -> torch.Tensor:
     raise ValueError(f"unknown split {rule!r}")
 
 
-def megatron_model_name(cfg: ModelConfig) -> str:
-    if cfg.family == "falcon":
-        return "falcon"
-    return "mistral" if cfg.hf_model_type == "mistral" else "llama2"
+def megatron_model_name(cfg) -> str:
+    from .. import families
+    return families.family(cfg.family).default_megatron_model(cfg.hf_model_type)
 
 
 def megatron_args(cfg: ModelConfig, tp: int, pp: int, padded: int, divisor: int = FX.DEFAULT_DIVISOR,

@@ -37,9 +37,8 @@ class Converter:
 
 
 def _model_name(cfg) -> str:
-    if cfg.family == "falcon":
-        return "falcon"
-    return "mistral" if cfg.hf_model_type == "mistral" else "llama2"
+    from .. import families
+    return families.family(cfg.family).default_megatron_model(cfg.hf_model_type)
 
 
 def _hf_to_megatron(src, out, o, faults=None):
