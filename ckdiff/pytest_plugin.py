@@ -4,12 +4,21 @@ Fixtures:
   ckdiff_golden(model, layout, dtype="float32", **kw) -> Path   tiny golden checkpoint (cached per session)
   ckdiff_work -> Path                                           a scratch directory
 Marker:
-  @pytest.mark.ckdiff  tags converter gates (select with ``-m ckdiff``)
+  @pytest.mark.ckdiff  tags converter gates (every ``ckdiff.testing.gate`` test; select with ``-m ckdiff``)
+Option:
+  --ckdiff-reports DIR  an HTML and a JSON report per gate run; each names the pytest command that
+                        reproduces that test (never pytest's own command line)
 Helpers live in ``ckdiff.testing``: gate, assert_checkpoints_match, assert_logits_match, tiny_configs.
 """
 from __future__ import annotations
 
 import pytest
+
+
+def pytest_addoption(parser):
+    parser.getgroup("ckdiff").addoption(
+        "--ckdiff-reports", metavar="DIR", default=None, dest="ckdiff_reports",
+        help="write an HTML and a JSON report of every ckdiff gate run into DIR")
 
 
 def pytest_configure(config):

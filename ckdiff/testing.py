@@ -7,19 +7,23 @@
     test_my_converter = gate(MINE)    # round trip, golden diff and logits, per tiny model
 
 The pytest plugin (entry point ``pytest11``) adds the fixtures ``ckdiff_golden`` and
-``ckdiff_work`` and the ``ckdiff`` marker; the helpers here raise ``AssertionError``
-with the mismatch table as the message.
+``ckdiff_work``, the ``ckdiff`` marker (every ``gate`` test carries it: select with ``-m ckdiff``)
+and ``--ckdiff-reports DIR`` (an HTML and a JSON report per gate run); the helpers here raise
+``AssertionError`` with the mismatch table as the message. ``gate`` leaves the converter registry
+as it is: the converter under test is resolved beside it, not registered into it.
 """
 from __future__ import annotations
 
+import shlex
+from collections import ChainMap
 from pathlib import Path
 
 from .compare.diff import Options, compare_checkpoints
 from .converters.formats import open_checkpoint
-from .golden.suite import REGISTRY, CheckResult, Converter, check_converter, register, validate
+from .golden.suite import REGISTRY, CheckResult, Converter, SuiteResult, check_converter, register, validate
 
 __all__ = ["Converter", "gate", "assert_checkpoints_match", "assert_logits_match", "tiny_configs", "register",
-           "REGISTRY", "check_converter"]
+           "REGISTRY", "check_converter", "write_gate_report", "pytest_command"]
 
 
 def _table(res, limit=30) -> str:
@@ -53,19 +57,52 @@ def _fail(checks: list[CheckResult]) -> str:
     return "\n".join(f"{c.converter} on {c.model}: {c.check} failed: {c.detail}" for c in checks if not c.ok)
 
 
-def gate(converter: Converter, models=None, dtypes=("float32",), logits: bool = True):
-    """A pytest test function (parametrized per model and dtype) that runs the whole gate."""
+def pytest_command(node) -> str:
+    """The command that reproduces one pytest test: ``python -m pytest '<file>::<test>[<params>]'``."""
+    where = str(node.path) + node.nodeid[node.nodeid.index("::"):] if "::" in node.nodeid else str(node.path)
+    return "python -m pytest " + shlex.quote(where)
+
+
+def write_gate_report(checks: list[CheckResult], out: Path, command: str) -> list[Path]:
+    """``out``.html and ``out``.json for one gate run; ``command`` is the reproduce line they show."""
+    from .converters.writers import atomic_file
+    from .reports.html import render_html
+    from .reports.render import render_json
+    res = SuiteResult(list(checks))
+    out = Path(out)
+    written = []
+    for path, text in ((out.with_name(out.name + ".html"), render_html("demo", res, command)),
+                       (out.with_name(out.name + ".json"), render_json("demo", res.to_dict(), res.verdict(), command))):
+        atomic_file(path, lambda tmp, text=text: Path(tmp).write_text(text))  # appears only by atomic rename
+        written.append(path)
+    return written
+
+
+def _report_name(nodeid: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in nodeid)[-150:]
+
+
+def gate(converter: Converter, models=None, dtypes=("float32",), logits: bool = True, registry=None):
+    """A pytest test function (parametrized per model and dtype, marked ``ckdiff``) that runs the whole gate.
+
+    The inverse is looked up in ``registry`` (default: ckdiff's registry) with ``converter`` beside
+    it; nothing is registered. With ``--ckdiff-reports DIR`` each run writes DIR/<test id>.html/.json,
+    whose "Reproduce" line is this test's own pytest command."""
     import pytest
-    if converter.name not in REGISTRY:
-        register(converter)
-    problems = validate(converter)
+    reg = ChainMap({converter.name: converter}, registry if registry is not None else REGISTRY)
+    problems = validate(converter, reg)
     params = [(m, d) for m in (models or converter.models) for d in dtypes]
 
+    @pytest.mark.ckdiff
     @pytest.mark.parametrize("model,dtype", params)
-    def test_gate(model, dtype, tmp_path):
+    def test_gate(model, dtype, tmp_path, request):
         if problems:
             pytest.fail("; ".join(problems))
-        checks = check_converter(converter.name, model, Path(tmp_path), dtype, logits=logits, converter=converter)
+        checks = check_converter(converter.name, model, Path(tmp_path), dtype, logits=logits, converter=converter,
+                                 registry=reg)
+        reports = request.config.getoption("ckdiff_reports", None)
+        if reports:
+            write_gate_report(checks, Path(reports) / _report_name(request.node.nodeid), pytest_command(request.node))
         assert all(c.ok for c in checks), _fail(checks)
     test_gate.__name__ = f"test_gate_{converter.name.replace('-', '_')}"
     return test_gate

@@ -246,14 +246,18 @@ def hf_to_gguf(cfg: ModelConfig) -> list:
 
 
 # ------------------------------------------------------------------ writer (fixtures, golden entries)
-def write_gguf(path: Path, hf: dict, cfg: ModelConfig, qtype: str = "F16", keep_float=("norm",)) -> Path:
+def write_gguf(path: Path, hf: dict, cfg: ModelConfig, qtype: str = "F16", keep_float=("norm",),
+               faults=None) -> Path:
     """A llama GGUF file of the HF tensors ``hf``, written by the gguf package's writer; 2-D weights are
-    quantized to ``qtype`` by the package's own quantizer (norms stay F32, as llama.cpp keeps them)."""
+    quantized to ``qtype`` by the package's own quantizer (norms stay F32, as llama.cpp keeps them).
+    ``faults`` (tests only, converters/faults.py) sees the table."""
+    from .faults import NONE
     gguf = _gguf()
     from .lazy import EagerTensor
     from .table import apply
     src = {k: EagerTensor(k, v, "<generated>") for k, v in hf.items()}
-    tensors = {k: v.load().float().numpy() for k, v in apply(src, hf_to_gguf(cfg), cfg.layers).items()}
+    table = (faults or NONE).on_rules("gguf", cfg, hf_to_gguf(cfg))
+    tensors = {k: v.load().float().numpy() for k, v in apply(src, table, cfg.layers).items()}
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(cfg.layers)
     w.add_embedding_length(cfg.hidden)

@@ -318,13 +318,17 @@ def to_args(cfg: ModelConfig, padded_vocab: int) -> argparse.Namespace:
         params_dtype=torch.float32, transformer_impl="transformer_engine", ckpt_format=BACKEND)
 
 
-def mcore_state(hf: dict, cfg: ModelConfig, stacked: bool = True, pad_to: int = 128) -> tuple[dict, int]:
+def mcore_state(hf: dict, cfg: ModelConfig, stacked: bool = True, pad_to: int = 128,
+                faults=None) -> tuple[dict, int]:
     """HF tensors -> the DCP state dict of a Megatron-Core checkpoint (stacked or per-layer keys,
-    experts on an expert axis, vocab padded, ``_extra_state`` byte items as TE writes them)."""
+    experts on an expert axis, vocab padded, ``_extra_state`` byte items as TE writes them).
+    ``faults`` (tests only, converters/faults.py) sees the table and the state dict."""
+    from .faults import NONE, Step
     from .lazy import EagerTensor
     from .table import apply
+    F = faults or NONE
     src = {k: EagerTensor(k, v, "<generated>") for k, v in hf.items()}
-    per = {k: v.load() for k, v in apply(src, hf_to_mcore(cfg), cfg.layers).items()}
+    per = {k: v.load() for k, v in apply(src, F.on_rules("mcore", cfg, hf_to_mcore(cfg)), cfg.layers).items()}
     Vp = -(-cfg.vocab // pad_to) * pad_to
     for k in (MCORE["embed"], MCORE["head"]):
         if k in per:
@@ -355,17 +359,17 @@ def mcore_state(hf: dict, cfg: ModelConfig, stacked: bool = True, pad_to: int = 
     te = "decoder.layers.self_attention.linear_qkv._extra_state" if stacked else \
         "decoder.layers.0.self_attention.linear_qkv._extra_state"
     out[te] = b"\x00fp8-meta"
-    return out, Vp
+    return F.on_output(out, Step("write_mcore", "mcore", cfg)), Vp
 
 
 def write_mcore(out: Path, hf: dict, cfg: ModelConfig, stacked: bool = True, common: str = "dcp",
-                iteration: int = 10) -> Path:
+                iteration: int = 10, faults=None) -> Path:
     """A Megatron-Core ``torch_dist`` checkpoint root written with torch.distributed.checkpoint.save in one
     process, in megatron-core's key layout (megatron-core itself does not run on CPU here)."""
     import warnings
 
     import torch.distributed.checkpoint as dcp
-    state, Vp = mcore_state(hf, cfg, stacked)
+    state, Vp = mcore_state(hf, cfg, stacked, faults=faults)
     it = Path(out) / f"iter_{iteration:07d}"
     it.mkdir(parents=True, exist_ok=True)
     if common == "dcp":  # DCP's default planner stores a non-tensor value as torch.save(value)

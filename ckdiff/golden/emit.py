@@ -310,12 +310,13 @@ def write_meta_golden(out: Path, state: dict, params: dict, shards: int = 1, lla
 
 def emit(out: Path, name: str, layout: str, dtype: str = "float32", seed: int = 0, shards: int = 1,
          tp: int = 1, pp: int = 1, llama_version: int = 2, vocab_rows: int = 0, form: str = "legacy",
-         cfg: ModelConfig | None = None) -> Path:
+         cfg: ModelConfig | None = None, faults=None) -> Path:
     """Write tiny model ``name`` (or ``cfg``) in ``layout`` (hf, meta, jetstream, megatron, mcore, gguf[-QTYPE])
     to ``out`` (for gguf, ``out`` is a directory holding ``model.gguf``, whose path is returned).
 
     ``vocab_rows`` pads a Megatron embedding / lm_head to that many rows; ``form`` picks Megatron's
-    legacy or native names."""
+    legacy or native names. ``faults`` (format mutations only) reaches the mcore / GGUF writers, which
+    are the formats' production writers (the golden for those formats is the HF checkpoint)."""
     from ..converters.writers import atomic_dir, write_hf, write_meta_like
     cfg = cfg or tiny_config(name, dtype)
     hf = hf_state(cfg, seed)
@@ -331,10 +332,10 @@ def emit(out: Path, name: str, layout: str, dtype: str = "float32", seed: int = 
                                   iteration="release" if form == "legacy" else "1000")
         elif layout == "mcore":  # torch DCP in megatron-core's key layout (megatron-core itself needs CUDA)
             from ..converters.mcore import write_mcore
-            write_mcore(tmp, hf, cfg)
+            write_mcore(tmp, hf, cfg, faults=faults)
         elif layout.startswith("gguf"):  # "gguf" (F16) or "gguf-Q8_0" etc.: the gguf package's writer
             from ..converters.gguf_io import write_gguf
-            write_gguf(tmp / "model.gguf", hf, cfg, layout.partition("-")[2] or "F16")
+            write_gguf(tmp / "model.gguf", hf, cfg, layout.partition("-")[2] or "F16", faults=faults)
         else:
             raise ValueError(f"unknown layout {layout!r}")
     return Path(out) / "model.gguf" if layout.startswith("gguf") else Path(out)

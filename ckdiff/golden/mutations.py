@@ -11,7 +11,6 @@ score of 100% means something.
 """
 from __future__ import annotations
 
-import contextlib
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -678,26 +677,13 @@ class FormatMutation:
     bug_class: str
     layout: str  # golden/emit.py layout: mcore, gguf-Q8_0, ...
     model: str
-    patch: Callable  # () -> context manager, active while the checkpoint is written
+    faults: Faults  # handed to the format's writer (its ``faults`` parameter) while the checkpoint is written
     names: str = ""
 
 
-@contextlib.contextmanager
-def _patched(obj, attr, value):
-    """Still used by the format mutations below: the mcore / GGUF writers have no injection points yet."""
-    old = getattr(obj, attr)
-    setattr(obj, attr, value)
-    try:
-        yield
-    finally:
-        setattr(obj, attr, old)
-
-
-def _table_patch(module: str, fn: str, transform):
-    import importlib
-    mod = importlib.import_module(f"ckdiff.converters.{module}")
-    orig = getattr(mod, fn)
-    return lambda: _patched(mod, fn, lambda cfg: transform(orig(cfg), cfg))
+def _table_fault(transform) -> Faults:
+    """The writer's conversion table passes through ``transform(rules, cfg)``."""
+    return Faults(rules=lambda layout, cfg, rules: transform(rules, cfg))
 
 
 @dataclass(frozen=True)
@@ -726,31 +712,26 @@ def _fc1_up_gate(rules, cfg):
     return [Rule(r.src[::-1], r.dst, r.op) if len(r.src) == 2 and isinstance(r.op, Concat) else r for r in rules]
 
 
-def _drop_last_expert():
-    from ..converters import mcore
-    orig = mcore.mcore_state
-
-    def state(hf, cfg, stacked=True, pad_to=128):
-        out, vp = orig(hf, cfg, stacked, pad_to)
-        k = "decoder.layers.mlp.experts.linear_fc2.weight"
-        out[k] = out[k][:, :-1].clone()
-        return out, vp
-    return _patched(mcore, "mcore_state", state)
+def _drop_last_expert(state, step):
+    out = dict(state)
+    k = "decoder.layers.mlp.experts.linear_fc2.weight"
+    out[k] = out[k][:, :-1].clone()
+    return out
 
 
 FORMAT_CATALOGUE = [
     FormatMutation("GGUF k permuted with the query head count", "GQA grouping", "gguf-Q8_0", "llama-gqa",
-                   _table_patch("gguf_io", "hf_to_gguf", _k_with_h), r"attn_k\.weight|k_proj"),
+                   _table_fault(_k_with_h), r"attn_k\.weight|k_proj"),
     FormatMutation("GGUF q/k not permuted", "Rotary permutation", "gguf-F16", "llama-gqa",
-                   _table_patch("gguf_io", "hf_to_gguf", _rope(lambda o, cfg: Identity())),
+                   _table_fault(_rope(lambda o, cfg: Identity())),
                    r"attn_[qk]\.weight|self_attn\.[qk]_proj"),
     FormatMutation("mcore linear_fc1 written [up; gate]", "Fused GLU order", "mcore", "llama-gqa",
-                   _table_patch("mcore", "hf_to_mcore", _fc1_up_gate), r"(gate|up)_proj"),
+                   _table_fault(_fc1_up_gate), r"(gate|up)_proj"),
     FormatMutation("mcore QKV fused as [Q; K; V]", "Fused QKV order", "mcore", "llama-gqa",
-                   _table_patch("mcore", "hf_to_mcore", _map(lambda o, cfg: Concat((cfg.q_rows, cfg.kv_rows, cfg.kv_rows))
+                   _table_fault(_map(lambda o, cfg: Concat((cfg.q_rows, cfg.kv_rows, cfg.kv_rows))
                                                             if isinstance(o, FuseQKV) else o)), r"[qkv]_proj"),
     FormatMutation("mcore MoE expert dropped", "Dropped tensors (MoE experts)", "mcore", "mixtral",
-                   _drop_last_expert, r"expert"),
+                   Faults(output=_drop_last_expert), r"expert"),
 ]
 
 
@@ -780,8 +761,7 @@ def run_format_mutations(work: Path, catalogue=None) -> tuple[list[MutationOutco
         baseline.append(MutationOutcome("baseline", "", layout, model, red, [], found, negative=True))
     outcomes = []
     for i, m in enumerate(catalogue):
-        with m.patch():
-            out = emit(work / f"fmut{i:02d}", m.model, m.layout)
+        out = emit(work / f"fmut{i:02d}", m.model, m.layout, faults=m.faults)
         red, found = judge(m.model, out)
         outcomes.append(MutationOutcome(m.name, m.bug_class, m.layout, m.model, red, ["diff"] if red else [],
                                         found, named=bool(re.search(m.names, "\n".join(found)))))
