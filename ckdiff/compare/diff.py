@@ -17,12 +17,13 @@ import threading
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Optional
 
+import numpy as np
 import torch
 
 from ..converters.formats import dtype_name
 from ..converters.lazy import Checkpoint, LazyTensor
 from ..errors import InputError
-from .kernels import Stats, as_kernel_input, bytes_equal
+from .kernels import Stats, as_kernel_input, bytes_equal, memory_equal
 from .status import Status, rank
 
 # rtol, atol per dtype (torch.testing's _DTYPE_PRECISIONS, fp32/fp64 from its defaults)
@@ -164,25 +165,23 @@ def _raw(t: LazyTensor) -> bool:
 
 
 _SLOTS = 3  # read-ahead buffers per side: one being compared, one queued, one being read
+_PIECE = 1 << 20  # pread and byte-compare this much of each side at a time, while it is in cache
 
 
-class _Buffers:
-    """Reusable read buffers (bounded memory whatever the checkpoint size)."""
+class ReadBuffers:
+    """The read buffers of one comparison: ``_SLOTS`` per side of ``nbytes`` each, made when
+    first needed (uninitialised: pages are touched only as far as data is read) and reused for
+    every tensor of the comparison, so memory stays bounded whatever the checkpoint size."""
 
     def __init__(self, nbytes: int):
         self.nbytes = nbytes
-        self.a = [bytearray(nbytes) for _ in range(_SLOTS)]
-        self.b = [bytearray(nbytes) for _ in range(_SLOTS)]
+        self._slots: dict = {}
 
-
-_BUFS: dict = {}
-
-
-def _buffers(nbytes: int) -> _Buffers:
-    if _BUFS.get("n") != nbytes:
-        _BUFS.clear()
-        _BUFS.update(n=nbytes, bufs=_Buffers(nbytes))
-    return _BUFS["bufs"]
+    def get(self, side: str, k: int, need: int = 0) -> np.ndarray:
+        key = (side, k % _SLOTS)
+        if key not in self._slots or self._slots[key].size < need:
+            self._slots[key] = np.empty(max(self.nbytes, need), np.uint8)
+        return self._slots[key]
 
 
 def _prefetch(items: Iterator, depth: int = 1) -> Iterator:
@@ -221,7 +220,7 @@ def _prefetch(items: Iterator, depth: int = 1) -> Iterator:
         th.join()
 
 
-def _read_raw(t, lo: int, hi: int, buf: bytearray) -> torch.Tensor:
+def _read_raw(t, lo: int, hi: int, buf: np.ndarray) -> torch.Tensor:
     """Elements [lo, hi) of a file-backed tensor, pread into ``buf``."""
     isz = t.dtype.itemsize
     n = (hi - lo) * isz
@@ -232,6 +231,27 @@ def _read_raw(t, lo: int, hi: int, buf: bytearray) -> torch.Tensor:
     if got != n:
         raise InputError(t.file.path, f"tensor {t.name!r}: short read ({got} of {n} bytes)")
     return torch.frombuffer(view, dtype=t.dtype, count=hi - lo)
+
+
+def _read_raw_pair(ta, tb, lo: int, hi: int, ba: np.ndarray, bb: np.ndarray):
+    """Elements [lo, hi) of two file-backed tensors of the same dtype, pread piece by piece into
+    ``ba``/``bb``; each piece pair is byte-compared right after it is read, while it is in cache.
+    Returns (chunk a, chunk b, bytes equal)."""
+    isz = ta.dtype.itemsize
+    n = (hi - lo) * isz
+    equal = True
+    va, vb = memoryview(ba), memoryview(bb)
+    for off in range(0, n, _PIECE):
+        end = min(n, off + _PIECE)
+        for t, v in ((ta, va), (tb, vb)):
+            got = t.file.read_into(t.lo + lo * isz + off, v[off:end])
+            if got != end - off:
+                raise InputError(t.file.path, f"tensor {t.name!r}: short read ({off + got} of {n} bytes)")
+        equal = equal and memory_equal(ba, bb, off, end - off)
+    if n == 0:
+        return torch.empty(0, dtype=ta.dtype), torch.empty(0, dtype=tb.dtype), True
+    return (torch.frombuffer(va[:n], dtype=ta.dtype, count=hi - lo),
+            torch.frombuffer(vb[:n], dtype=tb.dtype, count=hi - lo), equal)
 
 
 def _read_rows(t: LazyTensor, lo: int, hi: int, row: int) -> torch.Tensor:
@@ -252,14 +272,21 @@ def _ranges(ta: LazyTensor, tb: LazyTensor, chunk_bytes: int, raw: bool) -> tupl
     return [(lo, min(n, lo + step)) for lo in range(0, n, step)], row
 
 
-def _pairs(ta, tb, ranges, row: int, bufs: Optional[_Buffers]) -> Iterator:
-    """(lo, hi, chunk a, chunk b) as flat tensors, read on a thread one chunk ahead."""
+def _pairs(ta, tb, ranges, row: int, bufs: Optional[ReadBuffers], first: int = 0) -> Iterator:
+    """(lo, hi, chunk a, chunk b, bytes equal or None if not known) as flat tensors, read on a
+    thread one chunk ahead. Two file-backed sides of one dtype are byte-compared as they are read."""
+    same = ta.dtype == tb.dtype
+
     def gen():
-        for k, (lo, hi) in enumerate(ranges):
-            slot = k % _SLOTS
-            ca = _read_raw(ta, lo, hi, bufs.a[slot]) if bufs and _raw(ta) else _read_rows(ta, lo, hi, row)
-            cb = _read_raw(tb, lo, hi, bufs.b[slot]) if bufs and _raw(tb) else _read_rows(tb, lo, hi, row)
-            yield lo, hi, ca, cb
+        for k, (lo, hi) in enumerate(ranges, first):
+            na, nb = (hi - lo) * ta.dtype.itemsize, (hi - lo) * tb.dtype.itemsize
+            if bufs is not None and _raw(ta) and _raw(tb) and same:
+                ca, cb, eq = _read_raw_pair(ta, tb, lo, hi, bufs.get("a", k, na), bufs.get("b", k, nb))
+                yield lo, hi, ca, cb, eq
+                continue
+            ca = _read_raw(ta, lo, hi, bufs.get("a", k, na)) if bufs and _raw(ta) else _read_rows(ta, lo, hi, row)
+            cb = _read_raw(tb, lo, hi, bufs.get("b", k, nb)) if bufs and _raw(tb) else _read_rows(tb, lo, hi, row)
+            yield lo, hi, ca, cb, None
     return _prefetch(gen()) if len(ranges) > 1 else gen()
 
 
@@ -272,9 +299,11 @@ def _unravel(flat: int, shape) -> list:
 
 
 def compare_tensor(name: str, ta: LazyTensor, tb: LazyTensor, opts: Options,
-                   progress: Optional[Callable[[int], None]] = None) -> TensorResult:
+                   progress: Optional[Callable[[int], None]] = None,
+                   bufs: Optional[ReadBuffers] = None) -> TensorResult:
     """One pass over both tensors: bytes first, and from the first differing chunk on every
-    metric from the fused kernel (chunks before it are read once more for their norms)."""
+    metric from the fused kernel (chunks before it are read once more for their norms).
+    ``bufs``: the comparison's read buffers (made for this tensor alone when not given)."""
     r = TensorResult(name=name, status=Status.EQUAL, shape_a=list(ta.shape), shape_b=list(tb.shape),
                      dtype_a=dtype_name(ta.dtype), dtype_b=dtype_name(tb.dtype), numel=ta.numel)
     if ta.shape != tb.shape:
@@ -293,12 +322,15 @@ def compare_tensor(name: str, ta: LazyTensor, tb: LazyTensor, opts: Options,
     same_dtype = ta.dtype == tb.dtype
     raw = _raw(ta) or _raw(tb)
     ranges, row = _ranges(ta, tb, opts.chunk_bytes, _raw(ta) and _raw(tb))
-    bufs = _buffers(opts.chunk_bytes) if raw else None
+    if raw and bufs is None:
+        bufs = ReadBuffers(min(opts.chunk_bytes, max(ta.nbytes, tb.nbytes)))
+    elif not raw:
+        bufs = None
     stats = Stats()
     first_diff = None if same_dtype else 0
-    for k, (lo, hi, ca, cb) in enumerate(_pairs(ta, tb, ranges, row, bufs)):
+    for k, (lo, hi, ca, cb, eq) in enumerate(_pairs(ta, tb, ranges, row, bufs)):
         if first_diff is None:
-            if _bytes_equal(ca, cb):
+            if eq if eq is not None else _bytes_equal(ca, cb):
                 if progress:
                     progress((hi - lo) * (ta.dtype.itemsize + tb.dtype.itemsize))
                 continue
@@ -311,7 +343,7 @@ def compare_tensor(name: str, ta: LazyTensor, tb: LazyTensor, opts: Options,
         r.cosine = 1.0 if ta.numel else None
         return r
     if first_diff:  # the equal chunks before the first difference still count in norms and NaN/Inf
-        for lo, hi, ca, cb in _pairs(ta, tb, ranges[:first_diff], row, bufs):
+        for lo, hi, ca, cb, _ in _pairs(ta, tb, ranges[:first_diff], row, bufs):
             stats.add(as_kernel_input(ca), as_kernel_input(cb), lo, tol.atol, tol.rtol)
     r.max_abs = max(0.0, stats.max_abs)
     r.max_abs_index = _unravel(stats.max_idx, ta.shape) if stats.max_idx is not None else None
@@ -375,8 +407,10 @@ def compare_checkpoints(a: Checkpoint, b: Checkpoint, opts: Optional[Options] = 
             t = b.tensors[n]
             one_sided.append(TensorResult(n, Status.ONLY_B, shape_b=list(t.shape), dtype_b=dtype_name(t.dtype), numel=t.numel))
     n_quant = len(jobs)
+    bufs = ReadBuffers(opts.chunk_bytes)  # this comparison's own, shared by its tensors (one at a time)
     jobs += [(n, a.tensors[n].nbytes + b.tensors[n].nbytes,
-              lambda n=n, progress=None: compare_tensor(n, a.tensors[n], b.tensors[n], opts, progress)) for n in common]
+              lambda n=n, progress=None: compare_tensor(n, a.tensors[n], b.tensors[n], opts, progress, bufs))
+             for n in common]
     if shard is not None:
         done = shard.map(jobs)
         if done is None:
