@@ -141,7 +141,7 @@ def megatron_to_hf(input_dir, output_dir, *, model: Optional[str] = None, num_ou
                    faults: Optional[Faults] = None) -> Written:
     """Megatron-LLM checkpoint (any TP/PP) -> HF safetensors (+ tokenizer files when a tokenizer is found).
     ``faults`` (tests only): injection points, see converters/faults.py."""
-    from .megatron import config_from_args, strip_vocab
+    from .megatron import strip_vocab
     a = _NS(input_dir=str(input_dir), output_dir=str(output_dir), model=model, num_output_shards=num_output_shards,
             cache_dir=cache_dir, vocab_file=vocab_file, vocab_extra_ids_list=vocab_extra_ids_list,
             override_special_tokens=list(override_special_tokens), true_vocab_size=true_vocab_size,
