@@ -24,14 +24,14 @@ def _is_toy(p: Path) -> bool:
     return p.is_dir() and (p / MARKER).is_file()
 
 
-def _read_toy(p: Path, **_) -> Checkpoint:
+def _read_toy(p: Path, fmt: str = "toy", **_) -> Checkpoint:
     """A directory holding ``toy.marker``, ``toy.json`` (an HF config) and one ``<tensor name>.npy`` per tensor."""
     tensors = {}
     for f in sorted(p.glob("*.npy")):
         name = f.name[:-len(".npy")]
         tensors[name] = EagerTensor(name, torch.from_numpy(np.load(f)), str(f))
     config = json.loads((p / "toy.json").read_text())
-    return Checkpoint(str(p), "toy", tensors, config=config, meta={"files": [str(f) for f in sorted(p.glob("*.npy"))]})
+    return Checkpoint(str(p), fmt, tensors, config=config, meta={"files": [str(f) for f in sorted(p.glob("*.npy"))]})
 
 
 def _toy_format(priority: int = 5, name: str = "toy", detect=_is_toy) -> Format:
@@ -274,3 +274,74 @@ def test_rotary_in_some_layers_only_comes_from_the_findings(tiny_hf, tmp_path):
     assert by[q].diagnosis[-1] == "in some layers only (layers [0]; layers [1] are equal)"
     assert any(n.startswith("rotary permutation in some layers only: model.layers.{i}.self_attn.q_proj.weight")
                for n in res.notes)
+
+
+# ---------------------------------------------------------------- a toy format with its own key table
+NAMES = {"embed": "t.embed", "norm": "t.norm", "head": "t.head", "attn_norm": "t.{i}.ln1", "q": "t.{i}.q",
+         "k": "t.{i}.k", "v": "t.{i}.v", "o": "t.{i}.o", "mlp_norm": "t.{i}.ln2", "gate": "t.{i}.gate",
+         "up": "t.{i}.up", "down": "t.{i}.down"}
+
+
+def _toy_table(cfg) -> list:
+    """Rows from canonical HF (llama slots) to the toy's own names: renames only."""
+    from ckdiff.converters.table import R
+    from ckdiff.families import LLAMA_NAMES
+    return [R(LLAMA_NAMES[s], NAMES[s]) for s in NAMES if not (s == "head" and cfg.tied)]
+
+
+def _toy_config(raw: dict, tensors: dict, where: str):
+    """The toy's config reader: its HF-style toy.json, checked against its tensors under their HF names."""
+    from ckdiff.converters.config import ModelConfig
+    from ckdiff.families import LLAMA_NAMES
+    hf = {}
+    for s, pat in NAMES.items():
+        for i in range(raw["num_hidden_layers"]) if "{i}" in pat else [0]:
+            if pat.format(i=i) in tensors:
+                hf[LLAMA_NAMES[s].format(i=i)] = tensors[pat.format(i=i)]
+    return ModelConfig.from_hf(raw, hf, where)
+
+
+@pytest.fixture
+def toy_names():
+    from ckdiff.converters.config import _canonical_hf
+    detect = lambda p: p.is_dir() and (p / "toy-names.marker").is_file()  # noqa: E731
+    read = lambda p, **_: _read_toy(p, "toy-names")  # noqa: E731
+    f = registry.register(Format("toy-names", "toy with its own tensor names", detect, read, priority=6,
+                                 layout="toy-names", table=_toy_table, config_file="toy.json",
+                                 config=_toy_config, canonical=_canonical_hf, layer=r"^t\.(\d+)\."))
+    yield f
+    registry.unregister(f.name)
+
+
+def write_toy_names(hf_dir: Path, out: Path, change=None) -> Path:
+    """An HF checkpoint written in the toy's names through the toy's own table (registry.convert)."""
+    hf = open_checkpoint(str(hf_dir))
+    cfg = registry.model_config(hf)
+    tensors = registry.convert(hf.tensors, registry.get("hf"), registry.get("toy-names"), cfg)
+    out.mkdir()
+    (out / "toy-names.marker").write_text("toy\n")
+    (out / "toy.json").write_text(json.dumps(hf.config))
+    for name, t in tensors.items():
+        a = t.load().numpy().copy()
+        np.save(out / f"{name}.npy", change(name, a) if change else a)
+    return out
+
+
+def test_toy_format_with_its_own_names_maps_both_ways(toy_names, tiny_hf, ckdiff_golden, tmp_path, run_cli):
+    hf = tiny_hf()
+    d = write_toy_names(hf, tmp_path / "toy")
+    assert detect_format(d) == "toy-names" and "t.0.q" in open_checkpoint(str(d)).tensors
+    # HF mapped into the toy's names (B moves), and the toy mapped into Megatron's when Megatron is A
+    for a, b, moved in ((d, hf, "hf->toy-names"), (ckdiff_golden("llama-gqa", "megatron"), d, "toy-names->megatron")):
+        code, out, _ = run_cli(a, b, "--json", tmp_path / "r.json")
+        res = json.loads((tmp_path / "r.json").read_text())["result"]
+        assert code == 0, out
+        assert res["format_b"] == moved and set(res["counts"]) == {"equal"} and res["mapping"]
+        assert not any(c["unaccounted"] for c in res["coverage"].values())
+    bad = write_toy_names(hf, tmp_path / "bad", lambda n, x: x * 2 if n == "t.1.ln2" else x)
+    code, out, _ = run_cli(bad, hf, "--json", tmp_path / "r.json", "--html", tmp_path / "r.html")
+    res = json.loads((tmp_path / "r.json").read_text())["result"]
+    assert code == 1
+    wrong = [t for t in res["tensors"] if t["status"] != "equal"]
+    assert [t["name"] for t in wrong] == ["t.1.ln2"] and wrong[0]["diagnosis"] == ["scaled: B == 0.5 * A"]
+    assert "<th>layer 1</th>" in (tmp_path / "r.html").read_text()  # the toy's layer pattern

@@ -50,7 +50,6 @@ def align(a: Checkpoint, b: Checkpoint) -> tuple[Checkpoint, Checkpoint, list, l
 
 
 def _align(a: Checkpoint, b: Checkpoint) -> tuple[Checkpoint, Checkpoint, list, list]:
-    from ..converters.layouts import convert
     from ..converters.table import Plan
     fa, fb = registry.lookup(a.format), registry.lookup(b.format)
     la, lb = (f.layout if f is not None and "->" not in x.format else None for f, x in ((fa, a), (fb, b)))
@@ -64,12 +63,13 @@ def _align(a: Checkpoint, b: Checkpoint) -> tuple[Checkpoint, Checkpoint, list, 
     from .blockscaled import is_block_scaled
     quant = lambda x: is_quantized(x.tensors) or any(is_block_scaled(t) for t in x.tensors.values())  # noqa: E731
     move_a = quant(b) and not quant(a)  # the float side moves, so quantized tensors keep their own scales
-    (src, fsrc), dst_layout = ((a, fa), lb) if move_a else ((b, fb), la)
+    (src, fsrc), fdst = ((a, fa), fb) if move_a else ((b, fb), fa)
+    dst_layout = fdst.layout
     try:
         cfg = _config(src)
         plan = Plan()
         cover: list = []
-        mapped = convert(src.tensors, fsrc.layout, dst_layout, cfg, src.path, plan, cover)
+        mapped = registry.convert(src.tensors, fsrc, fdst, cfg, src.path, plan, cover)
     except ConfigError:
         raise  # mapping across layouts needs a sound config: fatal, one line naming the file and key
     except Exception as e:  # noqa: BLE001 - unmappable: compare as is and say why

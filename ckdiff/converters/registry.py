@@ -4,10 +4,10 @@ A declaration says how to recognise the format (``detect``, tried in ``priority`
 formats of the same ``input`` kind), how to read it (``read``), where its model config comes from
 (``config_file``, ``config``: raw config -> ModelConfig, ``canonical``: raw config -> the canonical
 dict compared across layouts), which key table it follows (``layout``: the name ``layouts.hf_to`` and
-``layouts.convert`` take; None for a plain set of tensors), which formats share its tensor names (``names``), the
-tensors that carry no weights (``drop``), the vocab padding its config declares (``true_vocab``),
-how the logit check runs it (``runtime``) and how a layer index appears in its tensor names
-(``layer``). The CLI's ``--format`` choices and help, detection, alignment, coverage, the
+``layouts.convert`` take, or the format's own ``table`` of rows from canonical HF; None for a plain set
+of tensors), which formats share its tensor names (``names``), the tensors that carry no weights
+(``drop``), the vocab padding its config declares (``true_vocab``), how the logit check runs it
+(``runtime``) and how a layer index appears in its tensor names (``layer``). The CLI's ``--format`` choices and help, detection, alignment, coverage, the
 commands' checks and the reports' per-layer views are derived from these declarations.
 
 The built-in formats register in their own modules (listed in ``BUILTIN``, imported on the first
@@ -52,13 +52,14 @@ class Format:
     input: Input = Input.DIR
     layout: Optional[str] = None  # key table (``layouts.hf_to(layout, cfg)``); None: compared by name only
     names: Optional[str] = None  # formats with the same names need no mapping (default: the layout)
-    config_file: Optional[str] = None  # the config's file in the checkpoint directory; None: its first file
+    config_file: Optional[str] = None  # the config's file in the checkpoint ("." itself); None: its first file
     config: Optional[Callable] = None  # (raw config, tensors, where) -> ModelConfig
     canonical: Optional[Callable] = None  # (raw config, tensors) -> canonical config dict
     drop: tuple = ()  # regexes of tensors that carry no weights in this layout
     true_vocab: Optional[Callable[[dict], Optional[int]]] = None  # rows past it are padding the config declares
     runtime: Runtime = Runtime.NONE
     layer: str = GENERIC_LAYER  # regex; group 1 is the layer index, the rest of the name follows the match
+    table: Optional[Callable] = None  # cfg -> rows from canonical HF, for a layout ``layouts.hf_to`` does not know
 
     @property
     def key_names(self) -> Optional[str]:
@@ -210,6 +211,22 @@ def drop_patterns(fmt_name: Optional[str]) -> list[re.Pattern]:
     return [_compiled(p) for p in (f.drop if f is not None else ())]
 
 
+def convert(tensors, src: Format, dst: Format, cfg, where: str = "input", plan=None, cover=None) -> dict:
+    """Lazy tensors in ``dst``'s layout from tensors in ``src``'s, through canonical HF: the built-in
+    layouts by ``layouts.convert``, a format's own ``table`` by the same ``apply``/``invert``."""
+    from . import layouts
+    from .table import apply, invert
+    if src.table is None and dst.table is None:
+        return layouts.convert(tensors, src.layout, dst.layout, cfg, where, plan, cover)
+    if src.table is not None:
+        canon = apply(tensors, invert(src.table(cfg)), cfg.layers, src.drop, where, plan, cover)
+    else:
+        canon = layouts.convert(tensors, src.layout, "hf", cfg, where, plan, cover)
+    if dst.table is not None:
+        return apply(canon, dst.table(cfg), cfg.layers, (), where, plan, cover)
+    return layouts.convert(canon, "hf", dst.layout, cfg, where, plan, cover)
+
+
 def model_config(ck):
     """The canonical ModelConfig of a checkpoint from its own config (the format's ``config`` reader)."""
     from ..errors import InputError
@@ -221,4 +238,4 @@ def model_config(ck):
 
 __all__ = ["Format", "Input", "Runtime", "Encoding", "register", "unregister", "register_encoding", "formats",
            "names", "encodings", "get", "lookup", "detect", "detection_order", "layer_patterns", "drop_patterns",
-           "model_config", "GENERIC_LAYER"]
+           "model_config", "convert", "GENERIC_LAYER"]
