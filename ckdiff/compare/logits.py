@@ -156,6 +156,12 @@ def cross_check_notes(diff_result, logits_result) -> None:
                                  "(a difference the runtime introduces, or one outside the compared tensors)")
 
 
+def _is_moe(cfg) -> bool:
+    from ..families import FAMILIES, Mlp
+    f = FAMILIES.get(cfg.family)
+    return f is not None and f.block.mlp is Mlp.MOE
+
+
 def _lockstep(ga, gb) -> tuple:
     """Run both sides' layer generators in step: A's layer i, then B's layer i, each holding one layer's
     weights. Returns (logits A, logits B, relative hidden-state error per layer); only these per-layer
@@ -249,7 +255,7 @@ def compare_logits(a: Checkpoint, b: Checkpoint, batch: int = 4, length: int = 4
         progress.stop()
     if threshold is not None:
         thr, reason = threshold, "--threshold"
-    if dtype in ("bfloat16", "float16") and "mixtral" in (ca.family, cb.family):
+    if dtype in ("bfloat16", "float16") and any(_is_moe(c) for c in (ca, cb)):
         notes.append("MoE routing in 16-bit compute: rounding can pick different experts for near ties; "
                      "prefer --dtype float32 for a verdict")
     if vocab < max(ca.vocab, cb.vocab):

@@ -9,29 +9,28 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
+from .. import families
 from ..errors import CkdiffError, InputError, UsageError
 from .config import ModelConfig, model_config
+from .faults import NONE as NO_FAULTS, Faults, Step
 from .formats import open_checkpoint, resolve_path
 from . import layouts
 from .table import Plan
 from .writers import atomic_output, copy_if_exists, write_hf, write_meta_like
 
-LLAMA_MODELS = ("llama", "llama2", "codellama", "mistral")
-MEGATRON_MODELS = LLAMA_MODELS + ("falcon",)
-# the original's size table (L, H, n, n_kv), used only to check --size against the config
-SIZES = {
-    ("llama", 7): (32, 4096, 32, 32), ("llama", 13): (40, 5120, 40, 40), ("llama", 30): (60, 6656, 52, 52),
-    ("llama", 65): (80, 8192, 64, 64), ("llama2", 7): (32, 4096, 32, 32), ("llama2", 13): (40, 5120, 40, 40),
-    ("llama2", 70): (80, 8192, 64, 8), ("codellama", 7): (32, 4096, 32, 32), ("codellama", 13): (40, 5120, 40, 40),
-    ("codellama", 34): (48, 8192, 64, 8), ("mistral", 7): (32, 4096, 32, 8), ("falcon", 7): (32, 4544, 71, 1),
-    ("falcon", 40): (60, 8192, 128, 8),
-}
-# where the original took a tokenizer from when --vocab_file was not given (looked up in the local cache only)
-DEFAULT_TOKENIZERS = {"llama": "meta-llama/Llama-2-7b-hf", "llama2": "meta-llama/Llama-2-7b-hf",
-                      "codellama": "TheBloke/CodeLlama-13B-fp16", "mistral": "mistralai/Mistral-7B-v0.1"}
-DEFAULT_SOURCES = {"falcon": "tiiuae/falcon-{size}b", "mistral": "mistralai/Mistral-7B-v0.1",
-                   "llama": "decapoda-research/llama-{size}b-hf", "llama2": "meta-llama/Llama-2-{size}b-hf",
-                   "codellama": "codellama/CodeLlama-{size}b-hf"}
+# Megatron-LLM --model values, the original's size table (L, H, n, n_kv; used only to check --size against
+# the config) and default sources / tokenizers: all from the families' declarations (ckdiff/families.py)
+MEGATRON_MODELS = families.megatron_models()
+SIZES = {(m.name, size): dims for f in families.FAMILIES.values() for m in f.megatron_models
+         for size, dims in m.sizes.items()}
+
+
+def _megatron_model(name: str):
+    """(family, MegatronModel) of a --model value, or a usage error naming the choices."""
+    fam = families.for_megatron_model(name)
+    if fam is None:
+        raise UsageError(f"model {name!r}: expected one of {', '.join(families.megatron_models())}")
+    return fam, fam.megatron_model(name)
 
 
 @dataclass
@@ -44,7 +43,10 @@ class Written:
 
 def default_source(model: str, size: Optional[int]) -> str:
     """The hub id the original tool used when no --model-path was given."""
-    return DEFAULT_SOURCES[model].format(size=size or 7)
+    source = _megatron_model(model)[1].source
+    if source is None:
+        raise UsageError(f"model {model!r} has no default source: pass --model-path")
+    return source.format(size=size or 7)
 
 
 class _NS:
@@ -54,10 +56,12 @@ class _NS:
         self.__dict__.update(kw)
 
 
-def read_source(spec: str, cache_dir=None, trust_pickle=False, fmt=None):
-    """Checkpoint plus its canonical config."""
-    ck = open_checkpoint(spec, fmt, cache_dir, trust_pickle)
-    return ck, model_config(ck)
+def read_source(spec: str, cache_dir=None, trust_pickle=False, fmt=None, faults: Optional[Faults] = None,
+                step: Optional[Step] = None):
+    """Checkpoint plus its canonical config (through ``faults``' read and parse hooks when given)."""
+    F = faults or NO_FAULTS
+    ck = F.on_read(open_checkpoint(spec, fmt, cache_dir, trust_pickle), step or Step("read", ""))
+    return ck, F.on_parsed(model_config(ck))
 
 
 def _run_guarded(fn):
@@ -75,35 +79,37 @@ def hf_to_megatron(model: str, out, *, model_path=None, size: Optional[int] = No
                    pp: int = 1, true_vocab_size: Optional[int] = None,
                    make_vocab_size_divisible_by: Optional[int] = None, legacy_rotate_half: bool = False,
                    overwrite: bool = False, trust_pickle: bool = False, progress_factory=None,
-                   shard=None) -> Written:
-    """HF or Meta weights -> Megatron-LLM checkpoint at ``out`` (TP x PP rank files)."""
+                   shard=None, faults: Optional[Faults] = None) -> Written:
+    """HF or Meta weights -> Megatron-LLM checkpoint at ``out`` (TP x PP rank files).
+    ``faults`` (tests only): injection points, see converters/faults.py."""
     from .megatron import check_parallel, make_args, pad_vocab_tensors, padded_vocab, write_megatron
-    if model not in MEGATRON_MODELS:
-        raise UsageError(f"model {model!r}: expected one of {', '.join(MEGATRON_MODELS)}")
+    fam, mm = _megatron_model(model)
     a = _NS(model=model, out=str(out), model_path=None if model_path is None else str(model_path), size=size,
             cache_dir=cache_dir, tp=tp, pp=pp, true_vocab_size=true_vocab_size,
             make_vocab_size_divisible_by=make_vocab_size_divisible_by, legacy_rotate_half=legacy_rotate_half,
             overwrite=overwrite, trust_pickle=trust_pickle)
     src = a.model_path
-    if src is None and a.cache_dir and a.model != "falcon" and list(Path(a.cache_dir).glob("consolidated.*.pth")):
+    if src is None and a.cache_dir and mm.meta_source and list(Path(a.cache_dir).glob("consolidated.*.pth")):
         src = a.cache_dir  # the original reads Meta weights from --cache-dir
     if src is None:
         src = default_source(a.model, a.size)
-    ck, cfg = read_source(src, a.cache_dir, a.trust_pickle)
+    step = Step("hf-to-megatron", "megatron", None, a.tp, a.pp)
+    ck, cfg = read_source(src, a.cache_dir, a.trust_pickle, faults=faults, step=step)
     if ck.format not in ("hf", "meta"):
         raise InputError(ck.path, f"expected an HF or Meta checkpoint, found {ck.format}")
-    if (a.model == "falcon") != (cfg.family == "falcon"):
+    if fam.name != cfg.family:
         raise UsageError(f"model {a.model!r} does not match the checkpoint's architecture ({cfg.family})")
-    if ck.format == "meta" and a.model not in ("llama", "llama2", "codellama"):
-        raise UsageError(f"Meta weights are a source for llama, llama2 and codellama, not {a.model}")
-    if a.size is not None and (a.model, a.size) in SIZES:
-        want = SIZES[(a.model, a.size)]
+    if ck.format == "meta" and not mm.meta_source:
+        meta_ok = [m.name for f in families.FAMILIES.values() for m in f.megatron_models if m.meta_source]
+        raise UsageError(f"Meta weights are a source for {', '.join(meta_ok[:-1])} and {meta_ok[-1]}, not {a.model}")
+    if a.size is not None and a.size in mm.sizes:
+        want = mm.sizes[a.size]
         have = (cfg.layers, cfg.hidden, cfg.heads, cfg.kv_heads)
         if want != have:
             raise UsageError(f"--size {a.size} expects (layers, hidden, heads, kv heads) {want}, "
                              f"the checkpoint has {have}")
     check_parallel(cfg, a.tp, a.pp)
-    cfg = replace(cfg, hf_model_type="mistral" if a.model == "mistral" else cfg.hf_model_type,
+    cfg = replace(cfg, hf_model_type=mm.hf_model_type or cfg.hf_model_type,
                   rotary_rows="rotate_half" if a.legacy_rotate_half else cfg.rotary_rows)
     true_vocab = a.true_vocab_size or cfg.vocab
     if true_vocab > cfg.vocab:
@@ -113,7 +119,8 @@ def hf_to_megatron(model: str, out, *, model_path=None, size: Optional[int] = No
         raise UsageError(f"padding to {rows} rows would drop {cfg.vocab - rows} trained rows")
     if rows % a.tp:
         raise UsageError(f"TP={a.tp} does not divide the padded vocab {rows}")
-    tensors = layouts.convert(ck.tensors, ck.format, "megatron", cfg, ck.path)
+    tensors = layouts.convert(ck.tensors, ck.format, "megatron", cfg, ck.path, faults=faults)
+    tensors = (faults or NO_FAULTS).on_output(tensors, replace(step, cfg=cfg))
     tensors = pad_vocab_tensors(tensors, rows)
     args = make_args(cfg, a.model, a.tp, a.pp, rows, true_vocab, a.make_vocab_size_divisible_by or 128)
     with atomic_output(a.out, a.overwrite, [ck.path], shard) as (tmp, files):
@@ -130,41 +137,46 @@ def megatron_to_hf(input_dir, output_dir, *, model: Optional[str] = None, num_ou
                    cache_dir=None, vocab_file=None, vocab_extra_ids_list: str = "",
                    override_special_tokens=(), true_vocab_size: Optional[int] = None,
                    rotary_convention: Optional[str] = None, overwrite: bool = False,
-                   trust_pickle: bool = False, progress_factory=None, shard=None) -> Written:
-    """Megatron-LLM checkpoint (any TP/PP) -> HF safetensors (+ tokenizer files when a tokenizer is found)."""
+                   trust_pickle: bool = False, progress_factory=None, shard=None,
+                   faults: Optional[Faults] = None) -> Written:
+    """Megatron-LLM checkpoint (any TP/PP) -> HF safetensors (+ tokenizer files when a tokenizer is found).
+    ``faults`` (tests only): injection points, see converters/faults.py."""
     from .megatron import config_from_args, strip_vocab
     a = _NS(input_dir=str(input_dir), output_dir=str(output_dir), model=model, num_output_shards=num_output_shards,
             cache_dir=cache_dir, vocab_file=vocab_file, vocab_extra_ids_list=vocab_extra_ids_list,
             override_special_tokens=list(override_special_tokens), true_vocab_size=true_vocab_size,
             rotary_convention=rotary_convention, overwrite=overwrite, trust_pickle=trust_pickle)
     notes = []
-    ck = open_checkpoint(a.input_dir, "megatron", None, a.trust_pickle)
-    cfg = model_config(ck)
+    F, step = faults or NO_FAULTS, Step("megatron-to-hf", "hf")
+    ck, cfg = read_source(a.input_dir, None, a.trust_pickle, "megatron", faults, step)
     if a.rotary_convention:
         cfg = replace(cfg, rotary_rows=a.rotary_convention)
     if a.model:
-        if (a.model == "falcon") != (cfg.family == "falcon"):
+        fam, mm = _megatron_model(a.model)
+        if fam.name != cfg.family:
             raise UsageError(f"--model {a.model} does not match the checkpoint ({cfg.family})")
-        if a.model == "mistral":
-            cfg = replace(cfg, hf_model_type="mistral")
+        if mm.hf_model_type:
+            cfg = replace(cfg, hf_model_type=mm.hf_model_type)
     true_vocab = a.true_vocab_size or ck.config.get("true_vocab_size") or cfg.vocab
     tensors = strip_vocab(ck.tensors, true_vocab)
     cfg.vocab = min(cfg.vocab, true_vocab)
-    hf = layouts.convert(tensors, "megatron", "hf", cfg, ck.path)
+    hf = F.on_output(layouts.convert(tensors, "megatron", "hf", cfg, ck.path, faults=faults), replace(step, cfg=cfg))
     vocab_file = a.vocab_file
     if vocab_file is None and (Path(a.input_dir) / "tokenizer.model").is_file():
         vocab_file = str(Path(a.input_dir) / "tokenizer.model")
+    fam = families.family(cfg.family)
     model = a.model or cfg.megatron_model
-    if vocab_file is None and a.cache_dir and model in DEFAULT_TOKENIZERS:
+    default_tok = fam.megatron_model(model).tokenizer if model in fam.megatron_model_names() else None
+    if vocab_file is None and a.cache_dir and default_tok:
         try:
-            cached = resolve_path(DEFAULT_TOKENIZERS[model], a.cache_dir) / "tokenizer.model"
+            cached = resolve_path(default_tok, a.cache_dir) / "tokenizer.model"
             vocab_file = str(cached) if cached.is_file() else None
         except InputError:
             vocab_file = None
-    if vocab_file is None and cfg.family != "falcon":
+    if vocab_file is None and any(m.tokenizer for m in fam.megatron_models):  # a SentencePiece family
         notes.append("no tokenizer exported: pass --vocab_file (or --cache_dir holding the default tokenizer)")
     with atomic_output(a.output_dir, a.overwrite, [a.input_dir], shard) as (tmp, files):
-        _run_guarded(lambda: write_hf(tmp, hf, cfg.to_hf(), a.num_output_shards,
+        _run_guarded(lambda: write_hf(tmp, hf, F.on_config(cfg.to_hf(), step), a.num_output_shards,
                                       progress_factory=progress_factory, files=files))
         if vocab_file and files.is_main:
             from .tokenizer import export_tokenizer
@@ -175,34 +187,37 @@ def megatron_to_hf(input_dir, output_dir, *, model: Optional[str] = None, num_ou
 
 
 # ---------------------------------------------------------------- to-jetstream
-JS_MODELS = {"llama": "llama-2", "llama-2": "llama-2", "llama-3": "llama-3", "gemma": "gemma", "mixtral": "mixtral"}
+JS_MODELS = {n: f.name for f in families.FAMILIES.values() for n in f.jetstream_names}  # --model_name -> family
 
 
 def to_jetstream(model_name: str, input_checkpoint_dir, output_checkpoint_dir, *, from_hf: bool = False,
                  quantize_weights: bool = False, quantize_type: str = "int8_per_channel",
                  output_safetensors: bool = True, overwrite: bool = False, trust_pickle: bool = False,
-                 progress_factory=None, shard=None) -> Written:
-    """HF or Meta weights -> JetStream-pt checkpoint, optionally quantized."""
+                 progress_factory=None, shard=None, faults: Optional[Faults] = None) -> Written:
+    """HF or Meta weights -> JetStream-pt checkpoint, optionally quantized.
+    ``faults`` (tests only): injection points, see converters/faults.py."""
     from .quant import quantize_tensors
-    if model_name not in JS_MODELS:
-        raise UsageError(f"--model_name {model_name!r}: expected one of {', '.join(sorted(JS_MODELS))}")
+    fam = families.for_jetstream_name(model_name)
+    if fam is None:
+        names = sorted(n for f in families.FAMILIES.values() for n in f.jetstream_names)
+        raise UsageError(f"--model_name {model_name!r}: expected one of {', '.join(names)}")
     a = _NS(model_name=model_name, input_checkpoint_dir=str(input_checkpoint_dir),
             output_checkpoint_dir=str(output_checkpoint_dir), from_hf=from_hf, quantize_weights=quantize_weights,
             quantize_type=quantize_type, output_safetensors=output_safetensors, overwrite=overwrite,
             trust_pickle=trust_pickle)
-    model = JS_MODELS[a.model_name]
-    ck, cfg = read_source(a.input_checkpoint_dir, None, a.trust_pickle)
-    family = {"llama-2": "llama", "llama-3": "llama"}.get(model, model)
-    if cfg.family != family:
-        raise UsageError(f"--model_name {a.model_name} expects a {family} checkpoint; the input is {cfg.family}")
-    if family != "llama" and ck.format != "hf":
-        raise UsageError(f"--model_name {a.model_name}: only HF sources are supported for {family}")
+    step = Step("to-jetstream", "jetstream")
+    ck, cfg = read_source(a.input_checkpoint_dir, None, a.trust_pickle, faults=faults, step=step)
+    if cfg.family != fam.name:
+        raise UsageError(f"--model_name {a.model_name} expects a {fam.name} checkpoint; the input is {cfg.family}")
+    if not fam.jetstream_from_meta and ck.format != "hf":
+        raise UsageError(f"--model_name {a.model_name}: only HF sources are supported for {fam.name}")
     if a.from_hf and ck.format != "hf":
         raise InputError(ck.path, f"--from_hf given but the input is a {ck.format} checkpoint")
     if ck.format not in ("hf", "meta"):
         raise InputError(ck.path, f"expected an HF or Meta checkpoint, found {ck.format}")
     plan = Plan()
-    tensors = layouts.convert(ck.tensors, ck.format, "jetstream", cfg, ck.path, plan)
+    tensors = layouts.convert(ck.tensors, ck.format, "jetstream", cfg, ck.path, plan, faults=faults)
+    tensors = (faults or NO_FAULTS).on_output(tensors, replace(step, cfg=cfg))
     params = cfg.to_meta()
     if a.quantize_weights:
         tensors = quantize_tensors(tensors, a.quantize_type, cfg.family)
@@ -216,23 +231,25 @@ def to_jetstream(model_name: str, input_checkpoint_dir, output_checkpoint_dir, *
 
 def jetstream_to_hf(input_checkpoint_dir, output_checkpoint_dir, *, num_output_shards: int = 1,
                     overwrite: bool = False, trust_pickle: bool = False, progress_factory=None,
-                   shard=None) -> Written:
-    """JetStream-pt checkpoint -> HF (dequantized to float32 when quantized)."""
+                   shard=None, faults: Optional[Faults] = None) -> Written:
+    """JetStream-pt checkpoint -> HF (dequantized to float32 when quantized).
+    ``faults`` (tests only): injection points, see converters/faults.py."""
     from .quant import dequantize_tensors, is_quantized
     a = _NS(input_checkpoint_dir=str(input_checkpoint_dir), output_checkpoint_dir=str(output_checkpoint_dir),
             num_output_shards=num_output_shards, overwrite=overwrite, trust_pickle=trust_pickle)
-    ck = open_checkpoint(a.input_checkpoint_dir, None, None, a.trust_pickle)
+    F, step = faults or NO_FAULTS, Step("jetstream-to-hf", "hf")
+    ck = F.on_read(open_checkpoint(a.input_checkpoint_dir, None, None, a.trust_pickle), step)
     if ck.format not in ("jetstream", "meta"):
         raise InputError(ck.path, f"expected a JetStream checkpoint, found {ck.format}")
     tensors = ck.tensors
     if is_quantized(tensors):
         tensors = dequantize_tensors(tensors)
-    cfg = ModelConfig.from_meta(ck.config, tensors, str(Path(ck.path) / "params.json"))
+    cfg = F.on_parsed(ModelConfig.from_meta(ck.config, tensors, str(Path(ck.path) / "params.json")))
     if is_quantized(ck.tensors):
         cfg.dtype = "float32"
-    hf = layouts.convert(tensors, "jetstream", "hf", cfg, ck.path)
+    hf = F.on_output(layouts.convert(tensors, "jetstream", "hf", cfg, ck.path, faults=faults), replace(step, cfg=cfg))
     with atomic_output(a.output_checkpoint_dir, a.overwrite, [ck.path], shard) as (tmp, files):
-        _run_guarded(lambda: write_hf(tmp, hf, cfg.to_hf(), a.num_output_shards,
+        _run_guarded(lambda: write_hf(tmp, hf, F.on_config(cfg.to_hf(), step), a.num_output_shards,
                                       progress_factory=progress_factory, files=files))
     return Written(a.output_checkpoint_dir, f"wrote HF checkpoint {a.output_checkpoint_dir}"
                    + (" (dequantized to float32)" if is_quantized(ck.tensors) else ""))

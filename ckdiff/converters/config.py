@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
 import torch
 
+from .. import families
 from ..errors import InputError
+from ..families import Mlp, Norm
 
 DTYPE_BY_NAME = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                  "float64": torch.float64}
@@ -205,6 +207,33 @@ _KEYS = {"hf": dict(hidden="hidden_size", layers="num_hidden_layers", heads="num
                           kv_heads="num_attention_heads_kv", head_dim="kv_channels", ffn="ffn_hidden_size",
                           vocab="padded_vocab_size", _label="args key")}
 _KEYS["jetstream"] = _KEYS["meta"]
+
+
+def _hf_get(fam, cfg: dict, fld: str):
+    """The value of ModelConfig field ``fld`` in config.json: the first of the family's spellings present."""
+    for k in fam.hf_keys(fld):
+        if cfg.get(k) is not None:
+            return cfg[k]
+    return None
+
+
+def _hf_check_keys(fam) -> dict:
+    """The config.json key behind each checked field, for messages (the family's first spelling)."""
+    return {f: (fam.hf_keys(f) or (k,))[0] for f, k in _KEYS["hf"].items()}
+
+
+def _hf_check_names(fam) -> dict:
+    """Layer-0 HF names of the tensors check_tensors looks at, from the family's slots."""
+    at = lambda s: (fam.hf_names[s].format(i=0),) if s in fam.hf_names else ()  # noqa: E731
+    return dict(embed=at("embed"), head=at("head"), q=at("q"), k=at("k"), qkv=at("qkv"))
+
+
+def _meta_family(model_type):
+    """The family of a params.json model_type: a registered family with a Meta layout, else the default."""
+    f = families.for_model_type(model_type or "")
+    return f if f is not None and f.layouts & {"meta", "jetstream"} else families.default()
+
+
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 
 
@@ -212,10 +241,9 @@ def check_tensors(cfg: "ModelConfig", fmt: str, tensors: dict, where, raw: Optio
     """The config against the tensors' shapes, before any work: embedding width = hidden size, layer count,
     attention rows = heads x head_dim (query, KV, fused QKV), FFN rows, vocab within the embedding rows.
     Raises ConfigError naming the key."""
-    keys = dict(_KEYS.get(fmt, _KEYS["hf"]))
-    if cfg.family == "falcon" and fmt == "hf":
-        keys["kv_heads"] = "num_kv_heads"
-    names = _NAMES.get(fmt, {})
+    fam = families.get(cfg.family)
+    keys = _hf_check_keys(fam) if fmt == "hf" and fam else dict(_KEYS.get(fmt, _KEYS["hf"]))
+    names = _hf_check_names(fam) if fmt == "hf" and fam else _names(fmt)
     raw = raw or {}
 
     label = keys.get("_label", "key")
@@ -243,7 +271,7 @@ def check_tensors(cfg: "ModelConfig", fmt: str, tensors: dict, where, raw: Optio
         bad("heads", f"({H} heads + 2 x {K} KV heads) x head_dim {hd} = {(H + 2 * K) * hd} rows, but "
                      f"{qkv[0]} has {qkv[1].shape[0]}", "head_dim")
     want_ffn = raw.get(keys["ffn"])
-    if _is_int(want_ffn) and want_ffn != cfg.ffn and cfg.family != "falcon":
+    if _is_int(want_ffn) and want_ffn != cfg.ffn:
         bad("ffn", f"{want_ffn}, but the FFN weights have {cfg.ffn} rows")
     V = raw.get("true_vocab_size") if fmt == "megatron" else raw.get(keys["vocab"])
     if _is_int(V) and V > 0 and emb is not None and V > emb[1].shape[0]:
@@ -309,113 +337,73 @@ class ModelConfig:
         return self
 
     # ------------------------------------------------------------ HF config.json
+    # Both directions are read off the family's declaration (ckdiff/families.py): its config keys,
+    # defaults, block flags and, for what a table cannot say, its hf_read / hf_write hooks.
     @classmethod
     def from_hf(cls, cfg: dict, tensors: dict, where: str = "config.json") -> "ModelConfig":
         cfg = parse_config("hf", cfg, where)
         arch = (cfg.get("model_type") or "").lower()
-        if arch in ("falcon", "refinedweb", "refinedwebmodel", "rw"):
-            return check_tensors(cls._falcon_from_hf(cfg, tensors, where), "hf", tensors, where, cfg)
+        fam = families.for_model_type(arch) or families.default()
+        get = lambda f: _hf_get(fam, cfg, f)  # noqa: E731
+        names = fam.hf_names
+        layer0 = lambda slot: tensors.get(names[slot].format(i=0)) if slot in names else None  # noqa: E731
+        H, L, D = get("heads"), get("layers"), get("hidden")
+        for f, v in (("heads", H), ("layers", L), ("hidden", D)):
+            if v is None:
+                raise ConfigError(where, f"missing {(fam.hf_keys(f) or (f,))[0]!r}")
+        hook = fam.hf_read(cfg, where, True) if fam.hf_read else {}
+        K = get("kv_heads") or H
+        q = layer0("q")
+        hd = get("head_dim") or (q.shape[0] // H if q is not None else D // H)
+        up = layer0("up")
+        if up is None and "expert" in names:
+            up = tensors.get(names["expert"].format(i=0, e=0, n=3))  # w3 = up
+        F = up.shape[0] if up is not None else get("ffn")
+        emb = layer0("embed")
+        V = emb.shape[0] if emb is not None else get("vocab")
+        if V is None:
+            raise InputError(where, f"no {names['embed']} tensor and no vocab size")
+        tied = get("tied")
+        tied = (fam.always_tied if tied is None else tied) or "head" not in names \
+            or names["head"] not in tensors
         rope = cfg.get("rope_parameters") or {}  # transformers v5 keeps theta and scaling here
-        try:
-            H, L, D = cfg["num_attention_heads"], cfg["num_hidden_layers"], cfg["hidden_size"]
-        except KeyError as e:
-            raise InputError(where, f"missing {e.args[0]!r}") from None
-        K = cfg.get("num_key_value_heads") or H
-        hd = cfg.get("head_dim")
-        q = tensors.get("model.layers.0.self_attn.q_proj.weight")
-        if hd is None:
-            hd = q.shape[0] // H if q is not None else D // H
-        up = tensors.get("model.layers.0.mlp.up_proj.weight") or \
-            tensors.get("model.layers.0.block_sparse_moe.experts.0.w3.weight")
-        F = up.shape[0] if up is not None else cfg.get("intermediate_size")
-        emb = tensors.get("model.embed_tokens.weight")
-        V = emb.shape[0] if emb is not None else cfg["vocab_size"]
-        tied = cfg.get("tie_word_embeddings", arch == "gemma") or "lm_head.weight" not in tensors
-        scaling = cfg.get("rope_scaling") or ({k: v for k, v in rope.items() if k != "rope_theta"}
+        scaling = None
+        if fam.hf_keys("rope_scaling"):
+            scaling = get("rope_scaling") or ({k: v for k, v in rope.items() if k != "rope_theta"}
                                               if rope.get("rope_type", "default") != "default" else None)
-        family = arch if arch in ("gemma", "mixtral") else "llama"
-        out = cls(family=family, hidden=D, layers=L, heads=H, kv_heads=K, head_dim=hd, ffn=F, vocab=V,
-                   norm_eps=cfg.get("rms_norm_eps") or HF_DEFAULTS.get(arch, HF_DEFAULTS["llama"])["rms_norm_eps"],
-                   rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0),
-                   tied=bool(tied), max_pos=cfg.get("max_position_embeddings", 2048),
-                   sliding_window=cfg.get("sliding_window"), rope_scaling=scaling,
-                   experts=cfg.get("num_local_experts", 0) if family == "mixtral" else 0,
-                   experts_per_tok=cfg.get("num_experts_per_tok", 0) if family == "mixtral" else 0,
-                   dtype=_dtype_of(tensors, "model.embed_tokens.weight", cfg),
-                   hf_model_type=arch or "llama").check(where, _KEYS["hf"])
+        moe = fam.block.mlp is Mlp.MOE
+        out = cls(family=fam.name, hidden=D, layers=L, heads=H, kv_heads=K, head_dim=hd, ffn=F, vocab=V,
+                  norm_eps=get("norm_eps") or fam.eps_default_hf,
+                  rope_theta=float(get("rope_theta") or rope.get("rope_theta") or 10000.0),
+                  tied=bool(tied), max_pos=get("max_pos") or 2048, sliding_window=get("sliding_window"),
+                  rope_scaling=scaling, experts=(get("experts") or 0) if moe else 0,
+                  experts_per_tok=(get("experts_per_tok") or 0) if moe else 0,
+                  parallel_attn=fam.block.parallel, norm_bias=fam.block.norm is Norm.LAYER,
+                  dtype=_dtype_of(tensors, names["embed"], cfg),
+                  hf_model_type=arch if arch in fam.hf_type_defaults or (arch and families.for_model_type(arch) is None)
+                  else fam.hf_model_types[0])
+        out = replace(out, **hook).check(where, _hf_check_keys(fam))
         return check_tensors(out, "hf", tensors, where, cfg)
 
-    @classmethod
-    def _falcon_from_hf(cls, cfg, tensors, where):
-        D, H, L = cfg.get("hidden_size"), cfg.get("num_attention_heads", cfg.get("n_head")), cfg.get(
-            "num_hidden_layers", cfg.get("n_layer"))
-        for k, v in (("hidden_size", D), ("num_attention_heads", H), ("num_hidden_layers", L)):
-            if v is None:
-                raise ConfigError(where, f"missing {k!r}")
-        for k in ("transformer.word_embeddings.weight", "transformer.h.0.mlp.dense_h_to_4h.weight"):
-            if k not in tensors:
-                raise InputError(where, f"no {k} tensor for this falcon config")
-        new = bool(cfg.get("new_decoder_architecture", False))
-        if new:
-            K = cfg.get("num_kv_heads") or H
-        else:
-            K = 1 if cfg.get("multi_query", True) else H
-        hd = D // H
-        V = tensors["transformer.word_embeddings.weight"].shape[0]
-        F = tensors["transformer.h.0.mlp.dense_h_to_4h.weight"].shape[0]
-        if not cfg.get("parallel_attn", True):
-            raise InputError(where, "falcon with parallel_attn=false is not supported")
-        if not new and K not in (1,):
-            raise InputError(where, "falcon with the per-head [n, 3, d] QKV layout is not supported")
-        return cls(family="falcon", hidden=D, layers=L, heads=H, kv_heads=K, head_dim=hd, ffn=F, vocab=V,
-                   norm_eps=cfg.get("layer_norm_epsilon", 1e-5), rope_theta=float(cfg.get("rope_theta", 10000.0)),
-                   tied=True, max_pos=cfg.get("max_position_embeddings", 2048), parallel_attn=True,
-                   two_norms=new, norm_bias=True,
-                   dtype=_dtype_of(tensors, "transformer.word_embeddings.weight", cfg),
-                   hf_model_type="falcon").check(where, dict(_KEYS["hf"], kv_heads="num_kv_heads"))
-
     def to_hf(self) -> dict:
-        if self.family == "falcon":
-            cfg = {"architectures": ["FalconForCausalLM"], "model_type": "falcon", "hidden_size": self.hidden,
-                   "num_attention_heads": self.heads, "num_hidden_layers": self.layers,
-                   "vocab_size": self.vocab, "layer_norm_epsilon": self.norm_eps, "parallel_attn": True,
-                   "bias": False, "alibi": False, "new_decoder_architecture": self.two_norms,
-                   "multi_query": self.kv_heads == 1, "num_kv_heads": self.kv_heads,
-                   "rope_theta": self.rope_theta, "max_position_embeddings": self.max_pos,
-                   "tie_word_embeddings": True, "ffn_hidden_size": self.ffn,
-                   "bos_token_id": 1, "eos_token_id": 2}
-        elif self.family == "gemma":
-            cfg = {"architectures": ["GemmaForCausalLM"], "model_type": "gemma", "hidden_size": self.hidden,
-                   "intermediate_size": self.ffn, "num_attention_heads": self.heads,
-                   "num_key_value_heads": self.kv_heads, "num_hidden_layers": self.layers, "head_dim": self.head_dim,
-                   "vocab_size": self.vocab, "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
-                   "max_position_embeddings": self.max_pos, "tie_word_embeddings": True,
-                   "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh",
-                   "attention_bias": False, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}
-        elif self.family == "mixtral":
-            cfg = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": self.hidden,
-                   "intermediate_size": self.ffn, "num_attention_heads": self.heads,
-                   "num_key_value_heads": self.kv_heads, "num_hidden_layers": self.layers, "head_dim": self.head_dim,
-                   "vocab_size": self.vocab, "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
-                   "max_position_embeddings": self.max_pos, "tie_word_embeddings": self.tied,
-                   "num_local_experts": self.experts, "num_experts_per_tok": self.experts_per_tok,
-                   "hidden_act": "silu", "sliding_window": self.sliding_window, "router_jitter_noise": 0.0,
-                   "bos_token_id": 1, "eos_token_id": 2}
-        else:
-            mt = self.hf_model_type or "llama"
-            mt = mt if mt in ("llama", "mistral") else "llama"
-            cfg = {"architectures": ["MistralForCausalLM" if mt == "mistral" else "LlamaForCausalLM"],
-                   "model_type": mt, "hidden_size": self.hidden, "intermediate_size": self.ffn,
-                   "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads,
-                   "num_hidden_layers": self.layers, "head_dim": self.head_dim, "vocab_size": self.vocab,
-                   "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
-                   "max_position_embeddings": self.max_pos, "tie_word_embeddings": self.tied,
-                   "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-                   "bos_token_id": 1, "eos_token_id": 2}
-            if self.rope_scaling:
-                cfg["rope_scaling"] = self.rope_scaling
-            if mt == "mistral" or self.sliding_window:
-                cfg["sliding_window"] = self.sliding_window
+        fam = families.family(self.family)
+        mt = self.hf_model_type if self.hf_model_type in fam.hf_type_defaults else fam.hf_model_types[0]
+        cfg = {"architectures": [fam.hf_architecture], "model_type": mt}
+        cfg.update(fam.hf_defaults)
+        cfg.update(fam.hf_type_defaults.get(mt, {}))
+        cfg.update(fam.hf_block_keys())
+        values = dict(hidden=self.hidden, ffn=self.ffn, heads=self.heads, kv_heads=self.kv_heads, layers=self.layers,
+                      head_dim=self.head_dim, vocab=self.vocab, norm_eps=self.norm_eps, rope_theta=self.rope_theta,
+                      max_pos=self.max_pos, tied=True if fam.always_tied else self.tied,
+                      rope_scaling=self.rope_scaling or None, sliding_window=self.sliding_window)
+        if fam.block.mlp is Mlp.MOE:
+            values.update(experts=self.experts, experts_per_tok=self.experts_per_tok)
+        for f, v in values.items():
+            keys = fam.hf_keys(f)
+            if keys and v is not None:
+                cfg[keys[0]] = v
+        if fam.hf_write:
+            cfg.update(fam.hf_write(self))
         cfg["torch_dtype"] = self.dtype
         return cfg
 
@@ -430,7 +418,7 @@ class ModelConfig:
         K = params.get("n_kv_heads") or H
         # blockwise-quantized codes are [nb, 128, out]: the output rows are the last axis
         rows = lambda t: t.shape[2] if len(t.shape) == 3 and t.shape[1] == 128 else t.shape[0]  # noqa: E731
-        family = params.get("model_type") if params.get("model_type") in ("gemma", "mixtral") else "llama"
+        fam = _meta_family(params.get("model_type"))
         wq = tensors.get("layers.0.attention.wq.weight") or tensors.get("layers.0.self_attn.wq.weight")
         hd = params.get("head_dim") or (rows(wq) // H if wq is not None else D // H)
         w1 = tensors.get("layers.0.feed_forward.w1.weight") or tensors.get("layers.0.mlp.gate_proj.weight")
@@ -441,9 +429,10 @@ class ModelConfig:
             raise InputError(where, "no tok_embeddings.weight (or embedder.weight) tensor")
         V = emb.shape[0]
         tied = bool(params.get("tie_word_embeddings")) or "output.weight" not in tensors
-        out = cls(family=family, experts=params.get("num_experts", moe.shape[0] if moe is not None else 0),
-                   experts_per_tok=params.get("num_experts_per_tok", 2 if moe is not None else 0), hidden=D, layers=L, heads=H, kv_heads=K, head_dim=hd, ffn=F, vocab=V,
-                   norm_eps=params.get("norm_eps", 1e-5), rope_theta=float(params.get("rope_theta", 10000.0)),
+        out = cls(family=fam.name, experts=params.get("num_experts", moe.shape[0] if moe is not None else 0),
+                  experts_per_tok=params.get("num_experts_per_tok", 2 if moe is not None else 0), hidden=D, layers=L,
+                  heads=H, kv_heads=K, head_dim=hd, ffn=F, vocab=V,
+                  norm_eps=params.get("norm_eps", fam.default_eps), rope_theta=float(params.get("rope_theta", 10000.0)),
                    tied=tied, max_pos=params.get("max_seq_len", 2048),
                    sliding_window=params.get("sliding_window"), rope_scaling=params.get("rope_scaling"),
                    dtype=str(emb.dtype).replace("torch.", "") if emb.dtype.is_floating_point else "float32",
@@ -461,11 +450,14 @@ class ModelConfig:
             p["sliding_window"] = self.sliding_window
         if self.tied:
             p["tie_word_embeddings"] = True
-        if self.family in ("gemma", "mixtral"):
-            p["model_type"] = self.family
-        elif self.hf_model_type not in ("", "llama"):
-            p["model_type"] = self.hf_model_type
-        if self.family == "mixtral":
+        fam = families.family(self.family)
+        # params.json without model_type reads as the default family's first model type
+        mt = self.hf_model_type
+        if not mt or families.for_model_type(mt) not in (fam, None):
+            mt = fam.hf_model_types[0]
+        if mt != families.default().hf_model_types[0]:
+            p["model_type"] = mt
+        if fam.block.mlp is Mlp.MOE:
             p.update(num_experts=self.experts, num_experts_per_tok=self.experts_per_tok)
         return p
 
@@ -519,12 +511,6 @@ FUNCTION_FIELDS = ("family", "hidden", "layers", "heads", "kv_heads", "head_dim"
 # Fields that differ between correct checkpoints of the same model without changing any output
 # within the shorter context: reported as notes.
 NOTE_FIELDS = ("max_pos",)
-# transformers' per-model defaults (what a loader assumes when the key is absent)
-HF_DEFAULTS = {
-    "llama": dict(rms_norm_eps=1e-6, tie=False, act="silu"), "mistral": dict(rms_norm_eps=1e-6, tie=False, act="silu"),
-    "mixtral": dict(rms_norm_eps=1e-5, tie=False, act="silu"), "gemma": dict(rms_norm_eps=1e-6, tie=True, act="gelu_tanh"),
-    "qwen2": dict(rms_norm_eps=1e-6, tie=False, act="silu"), "falcon": dict(rms_norm_eps=1e-5, tie=True, act="gelu"),
-}
 _ACT = {"silu": "silu", "swish": "silu", "swiglu": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
         "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh", "geglu": "gelu", "relu": "relu"}
 
@@ -581,43 +567,39 @@ def canonical_config(fmt: str, cfg: dict, tensors: dict, where: str = "config") 
 
 def _canonical_hf(cfg: dict, tensors: dict) -> dict:
     mt = (cfg.get("model_type") or "llama").lower()
-    falcon = mt in ("falcon", "refinedweb", "refinedwebmodel", "rw")
-    dflt = HF_DEFAULTS.get("falcon" if falcon else mt, HF_DEFAULTS["llama"])
+    known = families.for_model_type(mt)
+    fam = known or families.default()  # an unknown model type reads with the default family's keys
+    get = lambda f: _hf_get(fam, cfg, f)  # noqa: E731
     rope = cfg.get("rope_parameters") or {}  # transformers v5
-    H = cfg.get("num_attention_heads", cfg.get("n_head"))
-    D = cfg.get("hidden_size")
-    if falcon:
-        new = bool(cfg.get("new_decoder_architecture", False))
-        K = (cfg.get("num_kv_heads") or H) if new else (1 if cfg.get("multi_query", True) else H)
-    else:
-        K = cfg.get("num_key_value_heads") or H
-    hd = cfg.get("head_dim") or (D // H if D and H else None)
-    up = tensors.get("model.layers.0.mlp.up_proj.weight") or tensors.get("transformer.h.0.mlp.dense_h_to_4h.weight")
-    ffn = cfg.get("intermediate_size") or cfg.get("ffn_hidden_size") or (up.shape[0] if up is not None else None)
-    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or dflt["act"]
+    H, D = get("heads"), get("hidden")
+    hook = fam.hf_read(cfg, "config.json", False) if fam.hf_read else {}
+    K = hook.get("kv_heads") or get("kv_heads") or H
+    hd = get("head_dim") or (D // H if D and H else None)
+    up = tensors.get(fam.hf_names["up"].format(i=0)) if "up" in fam.hf_names else None
+    ffn = get("ffn") or (up.shape[0] if up is not None else None)
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or fam.activation
     sw = cfg.get("sliding_window") if (mt in ("mistral", "mixtral", "qwen2") or cfg.get("use_sliding_window", True)) else None
-    out = dict(family="falcon" if falcon else ("llama" if mt in ("llama", "mistral") else mt),
-               hidden=D, layers=cfg.get("num_hidden_layers", cfg.get("n_layer")), heads=H, kv_heads=K, head_dim=hd,
-               ffn=ffn, vocab=cfg.get("vocab_size"),
-               norm_eps=float(cfg.get("layer_norm_epsilon" if falcon else "rms_norm_eps") or dflt["rms_norm_eps"]),
-               rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+    tied = get("tied")
+    out = dict(family=known.name if known else mt,
+               hidden=D, layers=get("layers"), heads=H, kv_heads=K, head_dim=hd,
+               ffn=ffn, vocab=get("vocab"), norm_eps=float(get("norm_eps") or fam.eps_default_hf),
+               rope_theta=float(get("rope_theta") or rope.get("rope_theta") or 10000.0),
                rope_scaling=_rope_scaling(cfg.get("rope_scaling") or rope),
-               tied=bool(cfg.get("tie_word_embeddings", dflt["tie"])), sliding_window=sw or None,
-               activation=_ACT.get(str(act), str(act)), max_pos=cfg.get("max_position_embeddings"),
+               tied=bool(fam.always_tied if tied is None else tied), sliding_window=sw or None,
+               activation=_ACT.get(str(act), str(act)), max_pos=get("max_pos"),
                bos_token_id=_ids(cfg.get("bos_token_id")), eos_token_id=_ids(cfg.get("eos_token_id")),
                pad_token_id=_ids(cfg.get("pad_token_id")))
-    if falcon:
-        out.update(parallel_attn=bool(cfg.get("parallel_attn", True)),
-                   two_norms=bool(cfg.get("new_decoder_architecture", False)))
-    if mt == "mixtral":
-        out.update(experts=cfg.get("num_local_experts"), experts_per_tok=cfg.get("num_experts_per_tok"))
+    if hook:
+        out.update(parallel_attn=hook.get("parallel_attn", False), two_norms=hook.get("two_norms", False))
+    if fam.block.mlp is Mlp.MOE:
+        out.update(experts=get("experts"), experts_per_tok=get("experts_per_tok"))
     if cfg.get("final_logit_softcapping"):
         out["logit_softcap"] = float(cfg["final_logit_softcapping"])
     return out
 
 
 def _canonical_meta(p: dict, tensors: dict) -> dict:
-    fam = p.get("model_type") if p.get("model_type") in ("gemma", "mixtral") else "llama"
+    fam = _meta_family(p.get("model_type"))
     D, H = p.get("dim"), p.get("n_heads")
     emb = tensors.get("tok_embeddings.weight") or tensors.get("embedder.weight")
     w1 = tensors.get("layers.0.feed_forward.w1.weight") or tensors.get("layers.0.mlp.gate_proj.weight")
@@ -631,31 +613,32 @@ def _canonical_meta(p: dict, tensors: dict) -> dict:
         scaling = _rope_scaling({"rope_type": "llama3", "factor": p.get("rope_scaling_factor", 8.0),
                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                  "original_max_position_embeddings": 8192})
-    out = dict(family=fam, hidden=D, layers=p.get("n_layers"), heads=H, kv_heads=p.get("n_kv_heads") or H,
+    out = dict(family=fam.name, hidden=D, layers=p.get("n_layers"), heads=H, kv_heads=p.get("n_kv_heads") or H,
                head_dim=p.get("head_dim") or (D // H if D and H else None), ffn=ffn, vocab=vocab,
-               norm_eps=float(p.get("norm_eps", 1e-5 if fam != "gemma" else 1e-6)),
+               norm_eps=float(p.get("norm_eps", fam.default_eps)),
                rope_theta=float(p.get("rope_theta", 10000.0)), rope_scaling=scaling,
-               tied=fam == "gemma" or bool(p.get("tie_word_embeddings")) or "output.weight" not in tensors,
+               tied=fam.always_tied or bool(p.get("tie_word_embeddings")) or "output.weight" not in tensors,
                sliding_window=p.get("sliding_window") or None,
-               activation="gelu_tanh" if fam == "gemma" else "silu", max_pos=p.get("max_seq_len"))
-    if fam == "mixtral":
+               activation=fam.activation, max_pos=p.get("max_seq_len"))
+    if fam.block.mlp is Mlp.MOE:
         out.update(experts=p.get("num_experts", moe.shape[0] if moe is not None else None),
                    experts_per_tok=p.get("num_experts_per_tok", 2))
     return out
 
 
 def _canonical_megatron(a: dict, tensors: dict) -> dict:
+    from .megatron import family_of_args
+    fam = family_of_args(a, tensors)
     glu = bool(a.get("glu_activation"))
-    falcon = not glu and not a.get("use_rms_norm", False)
     H, D = a.get("num_attention_heads"), a.get("hidden_size")
-    out = dict(family="falcon" if falcon else "llama", hidden=D, layers=a.get("num_layers"), heads=H,
+    out = dict(family=fam.name, hidden=D, layers=a.get("num_layers"), heads=H,
                kv_heads=a.get("num_attention_heads_kv") or H, head_dim=a.get("kv_channels") or (D // H if D and H else None),
                ffn=a.get("ffn_hidden_size"), vocab=a.get("true_vocab_size") or a.get("padded_vocab_size"),
                norm_eps=float(a.get("layernorm_epsilon") or 1e-5), rope_theta=float(a.get("rope_theta") or 10000.0),
                rope_scaling=None, rotary=a.get("ckdiff_rotary", "interleaved"),
-               tied=bool(a.get("tie_embed_logits", falcon)), sliding_window=a.get("sliding_window_size") or None,
+               tied=bool(a.get("tie_embed_logits", fam.always_tied)), sliding_window=a.get("sliding_window_size") or None,
                activation="silu" if glu else "gelu", max_pos=a.get("max_position_embeddings") or a.get("seq_length"))
-    if falcon:
+    if fam.block.parallel:
         out.update(parallel_attn=bool(a.get("parallel_attn")), two_norms=bool(a.get("parallel_layernorm")))
     return out
 
@@ -687,9 +670,6 @@ def compare_configs(ca: Optional[dict], cb: Optional[dict]) -> tuple[list, list]
 
 # names of the tensors the config-vs-tensors checks look at, per layout
 _NAMES = {
-    "hf": dict(embed=("model.embed_tokens.weight", "transformer.word_embeddings.weight"), head=("lm_head.weight",),
-               q=("model.layers.0.self_attn.q_proj.weight",), k=("model.layers.0.self_attn.k_proj.weight",),
-               qkv=("transformer.h.0.self_attention.query_key_value.weight",)),
     "meta": dict(embed=("tok_embeddings.weight", "embedder.weight"), head=("output.weight",),
                  q=("layers.0.attention.wq.weight", "layers.0.self_attn.wq.weight"),
                  k=("layers.0.attention.wk.weight", "layers.0.self_attn.wk.weight"), qkv=()),
@@ -697,6 +677,20 @@ _NAMES = {
                      q=(), k=(), qkv=("language_model.encoder.layers.0.self_attention.query_key_value.weight",)),
 }
 _NAMES["jetstream"] = _NAMES["meta"]
+
+
+def _names(fmt: str) -> Optional[dict]:
+    """Names per layout; HF's are every registered family's (the config does not say which before parsing)."""
+    if fmt != "hf":
+        return _NAMES.get(fmt)
+    out: dict = {}
+    for fam in families.FAMILIES.values():
+        for k, v in _hf_check_names(fam).items():
+            out[k] = out.get(k, ()) + tuple(n for n in v if n not in out.get(k, ()))
+    return out
+
+
+_NAMES["hf"] = _names("hf")  # for callers that index the table (families registered later: call _names)
 SAMPLE_ROWS = 4
 
 
@@ -727,14 +721,15 @@ def config_findings(fmt: str, cfg: dict, tensors: dict, canon: Optional[dict]) -
     - the vocab size against the embedding rows (padding rows a Megatron config accounts for aside);
     - head counts and head_dim against the attention projections' rows."""
     fmt = (fmt or "").split("->")[0]
-    names = _NAMES.get(fmt)
+    names = _names(fmt)
     if not canon or not names:
         return []
     out = []
     emb, head = _first(tensors, names["embed"]), _first(tensors, names["head"])
     tied = canon.get("tied")
     if tied is not None and emb is not None:
-        if not tied and head is None and canon.get("family") not in ("falcon", "gemma"):
+        fam = families.get(canon.get("family"))
+        if not tied and head is None and (fam is None or ("head" in fam.hf_names and not fam.always_tied)):
             out.append(f"config says the output head is untied but there is no {names['head'][0]} tensor: "
                        "a loader leaves the head at its random initialisation (or ties it silently)")
         if tied and head is not None and fmt in ("hf", "megatron") and emb[1].shape == head[1].shape \

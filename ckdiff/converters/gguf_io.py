@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import families
 from ..errors import InputError
+from ..families import Mlp
 from .inputs import open_input
 from .config import ModelConfig
 from .lazy import Checkpoint, LazyTensor
@@ -201,13 +203,14 @@ def config_from_gguf(f: dict, tensors: dict, where="gguf") -> ModelConfig:
     K = g("attention.head_count_kv") or H
     emb = tensors.get(GGUF["embed"])
     E = g("expert_count") or 0
+    fam = families.for_block("gguf", mlp=Mlp.MOE if E else Mlp.GLU)
     return ModelConfig(
-        family="mixtral" if E else "llama", hidden=D, layers=L, heads=H, kv_heads=K,
+        family=fam.name, hidden=D, layers=L, heads=H, kv_heads=K,
         head_dim=g("attention.key_length") or D // H, ffn=g("feed_forward_length") or 4 * D,
         vocab=emb.shape[0] if emb is not None else g("vocab_size"),
         norm_eps=float(g("attention.layer_norm_rms_epsilon") or 1e-5), rope_theta=float(g("rope.freq_base") or 10000.0),
         tied=GGUF["head"] not in tensors, max_pos=g("context_length") or 2048, experts=E,
-        experts_per_tok=g("expert_used_count") or 0, hf_model_type="mixtral" if E else "llama").check(where)
+        experts_per_tok=g("expert_used_count") or 0, hf_model_type=fam.hf_model_types[0]).check(where)
 
 
 def canonical(f: dict, tensors: dict) -> dict:
@@ -222,15 +225,14 @@ def canonical(f: dict, tensors: dict) -> dict:
 
 # ------------------------------------------------------------------ layout table (HF -> GGUF)
 def hf_to_gguf(cfg: ModelConfig) -> list:
-    from .layouts import HF, MOE_HF
-    if cfg.family not in ("llama", "mixtral"):
-        raise InputError("config", f"{cfg.family} has no GGUF table here")
+    from .layouts import HF, MOE_HF, family_for
+    fam = family_for(cfg, "gguf")
     rules = [R(HF["embed"], GGUF["embed"]),
              R(HF["attn_norm"], GGUF["attn_norm"]),
              R(HF["q"], GGUF["q"], PermuteRope(cfg.heads, cfg.head_dim)),  # q permuted with H
              R(HF["k"], GGUF["k"], PermuteRope(cfg.kv_heads, cfg.head_dim)),  # k permuted with K
              R(HF["v"], GGUF["v"]), R(HF["o"], GGUF["o"]), R(HF["mlp_norm"], GGUF["mlp_norm"])]
-    if cfg.family == "mixtral":
+    if fam.block.mlp is Mlp.MOE:
         E = cfg.experts
         rules.append(R(MOE_HF["router"], GGUF["router"]))
         for n, w in ((1, "gate"), (2, "down"), (3, "up")):

@@ -8,22 +8,18 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from .. import families
 from ..errors import InputError
+from ..families import FALCON as FALCON_FAMILY, GEMMA_JETSTREAM_NAMES, LLAMA_NAMES, MIXTRAL, Mlp, Rotary
 from .config import ModelConfig
 from .lazy import LazyTensor
 from .ops import Chain, Concat, Each, FuseQKV, Identity, PermuteRope, SplitQKV, Stack
 from .table import Plan, R, Tie, apply, invert
 
 # ------------------------------------------------------------------ names
-HF = {
-    "embed": "model.embed_tokens.weight", "norm": "model.norm.weight", "head": "lm_head.weight",
-    "attn_norm": "model.layers.{i}.input_layernorm.weight",
-    "q": "model.layers.{i}.self_attn.q_proj.weight", "k": "model.layers.{i}.self_attn.k_proj.weight",
-    "v": "model.layers.{i}.self_attn.v_proj.weight", "o": "model.layers.{i}.self_attn.o_proj.weight",
-    "mlp_norm": "model.layers.{i}.post_attention_layernorm.weight",
-    "gate": "model.layers.{i}.mlp.gate_proj.weight", "up": "model.layers.{i}.mlp.up_proj.weight",
-    "down": "model.layers.{i}.mlp.down_proj.weight",
-}
+# HF names are the families' own (ckdiff/families.py); the dicts below are aliases kept for the
+# modules that index them by their older keys.
+HF = LLAMA_NAMES
 META = {
     "embed": "tok_embeddings.weight", "norm": "norm.weight", "head": "output.weight",
     "attn_norm": "layers.{i}.attention_norm.weight",
@@ -33,18 +29,10 @@ META = {
     "gate": "layers.{i}.feed_forward.w1.weight", "up": "layers.{i}.feed_forward.w3.weight",
     "down": "layers.{i}.feed_forward.w2.weight",
 }
-# JetStream Gemma names (embedder tied; half-split rotary like HF, so q/k are not permuted)
-GEMMA_JS = {
-    "embed": "embedder.weight", "norm": "norm.weight",
-    "attn_norm": "layers.{i}.input_layernorm.weight", "mlp_norm": "layers.{i}.post_attention_layernorm.weight",
-    "q": "layers.{i}.self_attn.wq.weight", "k": "layers.{i}.self_attn.wk.weight",
-    "v": "layers.{i}.self_attn.wv.weight", "o": "layers.{i}.self_attn.o_proj.weight",
-    "gate": "layers.{i}.mlp.gate_proj.weight", "up": "layers.{i}.mlp.up_proj.weight",
-    "down": "layers.{i}.mlp.down_proj.weight",
-}
-# Mixtral: HF experts one by one, JetStream stacked over experts (no .weight suffix)
-MOE_HF = {"router": "model.layers.{i}.block_sparse_moe.gate.weight",
-          "w": "model.layers.{{i}}.block_sparse_moe.experts.{e}.w{n}.weight"}
+GEMMA_JS = GEMMA_JETSTREAM_NAMES  # alias
+# Mixtral: HF experts one by one (MOE_HF["w"] keeps "{i}" for a second format), JetStream stacked over
+# experts (no .weight suffix)
+MOE_HF = {"router": MIXTRAL.hf_names["router"], "w": MIXTRAL.hf_names["expert"].replace("{i}", "{{i}}")}
 MOE_JS = {"router": "layers.{i}.block_sparse_moe.gate.weight", "w": "layers.{{i}}.block_sparse_moe.cond_ffn.w{n}"}
 _ML = "language_model.encoder.layers.{i}."
 MEGATRON = {
@@ -57,17 +45,11 @@ MEGATRON = {
     "mlp_norm": _ML + "post_attention_layernorm.weight",
     "mlp_ln": _ML + "mlp_layernorm.weight", "mlp_ln_b": _ML + "mlp_layernorm.bias",
     "h4h": _ML + "mlp.dense_h_to_4h.weight", "4hh": _ML + "mlp.dense_4h_to_h.weight",
+    "qkv_b": _ML + "self_attention.query_key_value.bias",
 }
-_FH = "transformer.h.{i}."
-FALCON = {
-    "embed": "transformer.word_embeddings.weight", "norm": "transformer.ln_f.weight",
-    "norm_b": "transformer.ln_f.bias",
-    "qkv": _FH + "self_attention.query_key_value.weight", "o": _FH + "self_attention.dense.weight",
-    "h4h": _FH + "mlp.dense_h_to_4h.weight", "4hh": _FH + "mlp.dense_4h_to_h.weight",
-    "ln": _FH + "input_layernorm.weight", "ln_b": _FH + "input_layernorm.bias",
-    "ln_attn": _FH + "ln_attn.weight", "ln_attn_b": _FH + "ln_attn.bias",
-    "ln_mlp": _FH + "ln_mlp.weight", "ln_mlp_b": _FH + "ln_mlp.bias",
-}
+# Falcon's HF names under their older keys (ln = attn_norm, h4h = up, 4hh = down)
+_FALCON_OLD = {"ln": "attn_norm", "ln_b": "attn_norm_b", "h4h": "up", "4hh": "down"}
+FALCON = {**FALCON_FAMILY.hf_names, **{old: FALCON_FAMILY.hf_names[new] for old, new in _FALCON_OLD.items()}}
 
 # tensors that carry no weights and are dropped on read, per layout
 DROP = {
@@ -86,80 +68,93 @@ def _rope(cfg: ModelConfig):
     return PermuteRope(cfg.heads, cfg.head_dim), PermuteRope(cfg.kv_heads, cfg.head_dim)
 
 
-def hf_to_gemma(cfg: ModelConfig) -> list:
-    """Gemma: renames only; JetStream's Gemma rotary is half-split like HF's. Always tied."""
-    return ([R(HF["embed"], GEMMA_JS["embed"])]
-            + [R(HF[s], GEMMA_JS[s]) for s in ("attn_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down")]
-            + [R(HF["norm"], GEMMA_JS["norm"])])
+def family_for(cfg: ModelConfig, layout: str):
+    """The declaration of ``cfg``'s family, refusing a layout the family does not declare (one line)."""
+    fam = families.get(cfg.family)
+    if fam is None:
+        raise InputError("config", f"unknown model family {cfg.family!r} (known: {', '.join(families.FAMILIES)})")
+    if layout not in fam.layouts:
+        raise InputError("config", f"{fam.name} has no {layout} layout here (its layouts: "
+                                   f"{', '.join(sorted(fam.layouts))})")
+    return fam
 
 
 def moe_rules(cfg: ModelConfig) -> list:
     """Router renamed; experts' w1/w2/w3 stacked on a new leading axis."""
     E = cfg.experts
-    return [R(MOE_HF["router"], MOE_JS["router"])] + [
-        R([MOE_HF["w"].format(e=e, n=n) for e in range(E)], MOE_JS["w"].format(n=n), Stack(E)) for n in (1, 2, 3)]
+    names = families.family(cfg.family).hf_names
+    w = names["expert"].replace("{i}", "{{i}}")
+    return [R(names["router"], MOE_JS["router"])] + [
+        R([w.format(e=e, n=n) for e in range(E)], MOE_JS["w"].format(n=n), Stack(E)) for n in (1, 2, 3)]
 
 
-def hf_to_meta(cfg: ModelConfig) -> list:
-    if cfg.family == "gemma":
-        return hf_to_gemma(cfg)
-    if cfg.family not in ("llama", "mixtral"):
-        raise InputError("config", f"{cfg.family} has no Meta/JetStream layout here")
-    pq, pk = _rope(cfg)
-    rules = [R(HF["embed"], [META["embed"], META["head"]], Tie()) if cfg.tied else R(HF["embed"], META["embed"])]
-    mlp = ("gate", "up", "down") if cfg.family == "llama" else ()
+def hf_to_meta(cfg: ModelConfig, layout: str = "meta") -> list:
+    """Meta / JetStream: renames, the rotary permutation of q and k (unless the family declares the
+    layout half-split), the tie as a checked copy, MoE experts stacked."""
+    fam = family_for(cfg, layout)
+    hf, names = fam.hf_names, fam.layout_names.get(layout) or META
+    rope = fam.layout_rotary.get(layout, Rotary.INTERLEAVED) is Rotary.INTERLEAVED
+    pq, pk = _rope(cfg) if rope else (Identity(), Identity())
+    tie = cfg.tied and "head" in names
+    rules = [R(hf["embed"], [names["embed"], names["head"]], Tie()) if tie else R(hf["embed"], names["embed"])]
+    rules += [R(hf["q"], names["q"], pq), R(hf["k"], names["k"], pk)]
+    mlp = ("gate", "up", "down") if fam.block.mlp is Mlp.GLU else ()
     for slot in ("attn_norm", "v", "o", "mlp_norm") + mlp:
-        rules.append(R(HF[slot], META[slot]))
-    if cfg.family == "mixtral":
+        rules.append(R(hf[slot], names[slot]))
+    if fam.block.mlp is Mlp.MOE:
         rules += moe_rules(cfg)
-    rules[1:1] = [R(HF["q"], META["q"], pq), R(HF["k"], META["k"], pk)]
-    rules.append(R(HF["norm"], META["norm"]))
-    if not cfg.tied:
-        rules.append(R(HF["head"], META["head"]))
+    rules.append(R(hf["norm"], names["norm"]))
+    if not cfg.tied and "head" in names:
+        rules.append(R(hf["head"], names["head"]))
     return rules
 
 
+# Megatron-LLM name of each HF slot renamed as is; q/k/v (+ biases), the GLU halves and Falcon's
+# fused QKV are built in hf_to_megatron. Rules come out in this slot order.
+_MEGATRON_SLOT = {"embed": "embed", "attn_norm": "attn_norm", "attn_norm_b": "attn_norm_b",
+                  "ln_attn": "attn_norm", "ln_attn_b": "attn_norm_b", "ln_mlp": "mlp_ln", "ln_mlp_b": "mlp_ln_b",
+                  "q": "qkv", "qkv": "qkv", "q_b": "qkv_b", "o": "o", "mlp_norm": "mlp_norm", "up": "h4h",
+                  "down": "4hh", "norm": "norm", "norm_b": "norm_b", "head": "head"}
+_FUSED_AWAY = ("k", "v", "k_b", "v_b", "gate")  # consumed by the rule of q, q_b, up
+
+
 def hf_to_megatron(cfg: ModelConfig) -> list:
-    if cfg.family not in ("llama", "falcon"):
-        raise InputError("config", f"{cfg.family} has no Megatron-LLM layout (llama, mistral, falcon only)")
+    """Megatron-LLM, written over the family's slots: QKV = fuse(P(q), P(k), v) in KV-group order (the
+    same fuse for the q/k/v biases when the block has them), a GLU as rows [up; gate], a fused HF QKV
+    (Falcon) regrouped in place; every other slot renamed."""
+    fam = family_for(cfg, "megatron")
     pq, pk = _rope(cfg)
     if cfg.rotary_rows == "rotate_half":
         # Megatron-LLM before 2023-08-01 applied rotate_half rotary: q/k rows stay in HF order
         pq, pk = Identity(), Identity()
     H, K, d, F = cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.ffn
-    M = MEGATRON
-    if cfg.family == "falcon":
-        # HF Falcon is already group ordered; only the q/k rows inside each head move.
-        qkv = Chain((SplitQKV(H, K, d), Each((pq, pk, Identity())), FuseQKV(H, K, d)))
-        rules = [R(FALCON["embed"], M["embed"]),
-                 R(FALCON["qkv"], M["qkv"], qkv), R(FALCON["o"], M["o"]),
-                 R(FALCON["h4h"], M["h4h"]), R(FALCON["4hh"], M["4hh"])]
-        if cfg.two_norms:
-            rules += [R([FALCON["ln_attn"], FALCON["ln_attn_b"]], [M["attn_norm"], M["attn_norm_b"]]),
-                      R([FALCON["ln_mlp"], FALCON["ln_mlp_b"]], [M["mlp_ln"], M["mlp_ln_b"]])]
+    M, hf = MEGATRON, fam.hf_names
+    fuse = Chain((Each((pq, pk, Identity())), FuseQKV(H, K, d)))
+    slots = [s for s in fam.slots(tied=cfg.tied, two_norms=cfg.two_norms) if s not in _FUSED_AWAY]
+    unknown = [s for s in slots if s not in _MEGATRON_SLOT]
+    if unknown:
+        raise InputError("config", f"{fam.name}: slot {unknown[0]!r} has no Megatron-LLM name")
+    rules = []
+    for s in sorted(slots, key=list(_MEGATRON_SLOT).index):
+        dst = M[_MEGATRON_SLOT[s]]
+        if s in ("q", "q_b"):
+            b = s[1:]  # "" or "_b": the biases go through the same fuse as the weights
+            rules.append(R([hf["q" + b], hf["k" + b], hf["v" + b]], dst, fuse))
+        elif s == "qkv":  # HF already group ordered; only the q/k rows inside each head move
+            rules.append(R(hf[s], dst, Chain((SplitQKV(H, K, d), Each((pq, pk, Identity())), FuseQKV(H, K, d)))))
+        elif s == "up" and fam.block.mlp is Mlp.GLU:
+            rules.append(R([hf["up"], hf["gate"]], dst, Concat((F, F), 0)))  # Megatron GLU is [up; gate]
         else:
-            rules += [R([FALCON["ln"], FALCON["ln_b"]], [M["attn_norm"], M["attn_norm_b"]])]
-        rules += [R([FALCON["norm"], FALCON["norm_b"]], [M["norm"], M["norm_b"]])]
-        return rules
-    qkv = Chain((Each((pq, pk, Identity())), FuseQKV(H, K, d)))
-    rules = [R(HF["embed"], M["embed"]),
-             R(HF["attn_norm"], M["attn_norm"]),
-             R([HF["q"], HF["k"], HF["v"]], M["qkv"], qkv),
-             R(HF["o"], M["o"]),
-             R(HF["mlp_norm"], M["mlp_norm"]),
-             R([HF["up"], HF["gate"]], M["h4h"], Concat((F, F), 0)),  # Megatron GLU is [up; gate]
-             R(HF["down"], M["4hh"]),
-             R(HF["norm"], M["norm"])]
-    if not cfg.tied:
-        rules.append(R(HF["head"], M["head"]))
+            rules.append(R(hf[s], dst))
     return rules
 
 
 def hf_to(layout: str, cfg: ModelConfig) -> list:
     if layout == "hf":
         return []
+    family_for(cfg, layout)
     if layout in ("meta", "jetstream"):
-        return hf_to_meta(cfg)
+        return hf_to_meta(cfg, layout)
     if layout == "megatron":
         return hf_to_megatron(cfg)
     if layout == "mcore":  # formats of issue 16 keep their tables in their own modules
@@ -179,29 +174,31 @@ def hf_drop(cfg: ModelConfig) -> list:
 
 
 def convert(tensors: Mapping[str, LazyTensor], src: str, dst: str, cfg: ModelConfig,
-            where: str = "input", plan: Plan | None = None, cover: list | None = None) -> dict[str, LazyTensor]:
+            where: str = "input", plan: Plan | None = None, cover: list | None = None,
+            faults=None) -> dict[str, LazyTensor]:
     """Lazy tensors of layout ``dst`` from tensors of layout ``src`` (through canonical HF).
-    ``cover`` collects what each pass consumed and dropped (see table.apply)."""
+    ``cover`` collects what each pass consumed and dropped (see table.apply); ``faults`` (tests only)
+    sees every table on its way (converters/faults.py)."""
+    table = hf_to if faults is None else (lambda layout, cfg: faults.on_rules(layout, cfg, hf_to(layout, cfg)))
     canon = dict(tensors)
     if src != "hf":
-        canon = apply(tensors, invert(hf_to(src, cfg)), cfg.layers, DROP.get(src, ()), where, plan, cover)
+        canon = apply(tensors, invert(table(src, cfg)), cfg.layers, DROP.get(src, ()), where, plan, cover)
     else:
         canon = apply(tensors, [R(k, k) for k in _hf_keys(cfg)], cfg.layers, hf_drop(cfg), where, cover=cover)
     if dst == "hf":
         return canon
-    return apply(canon, hf_to(dst, cfg), cfg.layers, (), where, plan, cover)
+    return apply(canon, table(dst, cfg), cfg.layers, (), where, plan, cover)
 
 
 def _hf_keys(cfg: ModelConfig) -> list:
-    """Canonical HF keys of a model (with {i}), used to validate an HF source."""
-    if cfg.family == "falcon":
-        keys = [FALCON[s] for s in ("embed", "qkv", "o", "h4h", "4hh", "norm", "norm_b")]
-        keys += [FALCON[s] for s in (("ln_attn", "ln_attn_b", "ln_mlp", "ln_mlp_b") if cfg.two_norms else ("ln", "ln_b"))]
-        return keys
-    mlp = ("gate", "up", "down") if cfg.family != "mixtral" else ()
-    keys = [HF[s] for s in ("embed", "attn_norm", "q", "k", "v", "o", "mlp_norm") + mlp + ("norm",)]
-    if cfg.family == "mixtral":
-        keys += [MOE_HF["router"]] + [MOE_HF["w"].format(e=e, n=n) for e in range(cfg.experts) for n in (1, 2, 3)]
-    if not cfg.tied:
-        keys.append(HF["head"])
+    """Canonical HF keys of a model (with {i}), used to validate an HF source: the family's slots
+    (optional ones as the config says), MoE experts expanded."""
+    fam = families.get(cfg.family) or family_for(cfg, "hf")
+    keys = []
+    for s in fam.slots(tied=cfg.tied, two_norms=cfg.two_norms):
+        if s == "expert":
+            keys += [fam.hf_names[s].replace("{i}", "{{i}}").format(e=e, n=n)
+                     for e in range(cfg.experts) for n in (1, 2, 3)]
+        else:
+            keys.append(fam.hf_names[s])
     return keys

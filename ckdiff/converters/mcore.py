@@ -34,7 +34,9 @@ from pathlib import Path
 
 import torch
 
+from .. import families
 from ..errors import InputError
+from ..families import Mlp
 from .inputs import read_json_object
 from .config import ModelConfig
 from .lazy import Checkpoint, LazyTensor, RowSlice
@@ -246,13 +248,14 @@ def config_from_args(a: dict, tensors: dict, where="args") -> ModelConfig:
     V = emb.shape[0] if emb is not None else a.get("vocab_size") or a.get("padded_vocab_size")
     sep = MCORE["attn_norm_sep"].format(i=0) in tensors
     msep = MCORE["mlp_norm_sep"].format(i=0) in tensors
+    fam = families.for_block("mcore", mlp=Mlp.MOE if E else Mlp.GLU)
     return ModelConfig(
-        family="mixtral" if E else "llama", hidden=D, layers=L, heads=H, kv_heads=K,
+        family=fam.name, hidden=D, layers=L, heads=H, kv_heads=K,
         head_dim=a.get("kv_channels") or D // H, ffn=F, vocab=V, norm_eps=float(a.get("norm_epsilon") or 1e-5),
         rope_theta=float(a.get("rotary_base") or 10000.0),
         tied=not a.get("untie_embeddings_and_output_weights", False), max_pos=a.get("max_position_embeddings") or 2048,
         experts=E, experts_per_tok=a.get("moe_router_topk") or (2 if E else 0),
-        hf_model_type="mixtral" if E else "llama",
+        hf_model_type=fam.hf_model_types[0],
         rotary_rows="interleaved" if a.get("rotary_interleaved") else "rotate_half",
         separate_attn_norm=sep, separate_mlp_norm=msep).check(where)
 
@@ -269,16 +272,15 @@ def canonical(a: dict, tensors: dict) -> dict:
 
 # ------------------------------------------------------------------ layout table (HF -> mcore)
 def hf_to_mcore(cfg: ModelConfig) -> list:
-    from .layouts import HF, MOE_HF
-    if cfg.family not in ("llama", "mixtral"):
-        raise InputError("config", f"{cfg.family} has no Megatron-Core GPT layout here")
+    from .layouts import HF, MOE_HF, family_for
+    fam = family_for(cfg, "mcore")
     H, K, d, F = cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.ffn
     if cfg.rotary_rows == "interleaved":
         rope = Each((PermuteRope(H, d), PermuteRope(K, d), Identity()))
         qkv = Chain((rope, FuseQKV(H, K, d)))
     else:
         qkv = FuseQKV(H, K, d)
-    moe = cfg.family == "mixtral"
+    moe = fam.block.mlp is Mlp.MOE
     an = MCORE["attn_norm_sep" if cfg.separate_attn_norm else "attn_norm"]
     mn = MCORE["mlp_norm_sep" if moe or cfg.separate_mlp_norm else "mlp_norm"]
     rules = [R(HF["embed"], MCORE["embed"]),

@@ -213,7 +213,32 @@ def _megatron():
 
 
 # ---------------------------------------------------------------- config
+def family_of_args(args: dict, tensors: dict):
+    """The family a Megatron-LLM checkpoint holds: the one its args' declared model (``ckdiff_model``,
+    written by ckdiff's converter) belongs to; otherwise (the original tool's args say no model) the
+    Megatron-capable family whose block fits the args and tensors best: GLU (``glu_activation``),
+    RMSNorm (``use_rms_norm``), a fused QKV bias tensor. Ties go to the first registered."""
+    from .. import families
+    from ..families import Mlp, Norm
+    declared = args.get("ckdiff_model")
+    if isinstance(declared, str):
+        f = families.for_megatron_model(declared)
+        if f is not None:
+            return f
+    glu, rms = bool(args.get("glu_activation")), bool(args.get("use_rms_norm", False))
+    bias = any(k.endswith("query_key_value.bias") for k in tensors)
+    best, score = families.default(), -1
+    for f in families.FAMILIES.values():
+        if "megatron" not in f.layouts:
+            continue
+        s = ((f.block.mlp is Mlp.GLU) == glu) + ((f.block.norm is Norm.RMS) == rms) + (f.block.qkv_bias == bias)
+        if s > score:
+            best, score = f, s
+    return best
+
+
 def config_from_args(args: dict, tensors: dict, where="args") -> ModelConfig:
+    from ..families import Norm
     from .config import _KEYS, ConfigError, check_tensors, parse_config
     from .layouts import MEGATRON
     raw = parse_config("megatron", args, where)
@@ -223,6 +248,7 @@ def config_from_args(args: dict, tensors: dict, where="args") -> ModelConfig:
     except KeyError as e:
         raise InputError(where, f"Megatron args lack {e.args[0]!r}") from None
     K = args.get("num_attention_heads_kv") or H
+    fam = family_of_args(args, tensors)
     glu = bool(args.get("glu_activation"))
     h4h = tensors.get(MEGATRON["h4h"].format(i=0))
     F = args.get("ffn_hidden_size") or (h4h.shape[0] // (2 if glu else 1) if h4h is not None else 4 * D)
@@ -233,20 +259,20 @@ def config_from_args(args: dict, tensors: dict, where="args") -> ModelConfig:
         raise InputError(where, f"no {MEGATRON['embed']} tensor")
     emb = tensors[MEGATRON["embed"]]
     hd = args.get("kv_channels") or D // H
-    falcon = not glu and not args.get("use_rms_norm", False)
-    tied = args.get("tie_embed_logits", falcon)
+    tied = args.get("tie_embed_logits", fam.always_tied)
     if MEGATRON["head"] in tensors:
         tied = False
-    model = args.get("ckdiff_model") or ("falcon" if falcon else "llama")
+    model = args.get("ckdiff_model") or fam.megatron_model_names()[0]
+    mm = fam.megatron_model(model)
     cfg = ModelConfig(
-        family="falcon" if falcon else "llama", hidden=D, layers=L, heads=H, kv_heads=K, head_dim=hd, ffn=F,
+        family=fam.name, hidden=D, layers=L, heads=H, kv_heads=K, head_dim=hd, ffn=F,
         vocab=emb.shape[0], norm_eps=args.get("layernorm_epsilon") or 1e-5,
         rope_theta=float(args.get("rope_theta") or 10000.0), tied=bool(tied),
         max_pos=args.get("max_position_embeddings") or args.get("seq_length") or 2048,
         sliding_window=args.get("sliding_window_size"), parallel_attn=bool(args.get("parallel_attn")),
-        two_norms=bool(args.get("parallel_layernorm")), norm_bias=falcon,
+        two_norms=bool(args.get("parallel_layernorm")), norm_bias=fam.block.norm is Norm.LAYER,
         dtype=str(emb.dtype).replace("torch.", ""),
-        hf_model_type="mistral" if model == "mistral" else ("falcon" if falcon else "llama"),
+        hf_model_type=mm.hf_model_type or fam.hf_model_types[0],
         true_vocab=args.get("true_vocab_size"), megatron_model=model,
         rotary_rows=args.get("ckdiff_rotary", "interleaved"))
     cfg.check(where, _KEYS["megatron"])
@@ -255,27 +281,33 @@ def config_from_args(args: dict, tensors: dict, where="args") -> ModelConfig:
 
 def make_args(cfg: ModelConfig, model: str, tp: int, pp: int, padded_vocab: int, true_vocab: int,
               divisible_by: int) -> argparse.Namespace:
-    """The ``args`` Namespace as hf_to_megatron writes it (spec section 5), plus what it forgot."""
+    """The ``args`` Namespace as hf_to_megatron writes it (spec section 5), plus what it forgot; the
+    family-dependent fields come from the family's block and declaration."""
+    from .. import families
+    from ..families import Act, Mlp, Norm
+    fam = families.family(cfg.family)
+    block = fam.block
     a = dict(num_layers=cfg.layers, hidden_size=cfg.hidden, num_attention_heads=cfg.heads,
              max_position_embeddings=cfg.max_pos, seq_length=cfg.max_pos, iteration="release",
              tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, bias_gelu_fusion=False,
              bias_droput_fusion=False, position_embedding_type="rotary", padded_vocab_size=padded_vocab,
              true_vocab_size=true_vocab, kv_channels=cfg.head_dim, rope_theta=cfg.rope_theta,
              params_dtype=cfg.dtype, ckdiff_model=model, ckdiff_rotary=cfg.rotary_rows or "interleaved")
-    if cfg.family == "falcon":
-        a.update(parallel_attn=True, use_flash_attn=True, hidden_dropout=0.0, tokenizer_type="FalconTokenizer",
-                 num_attention_heads_kv=cfg.kv_heads, ffn_hidden_size=cfg.ffn, tie_embed_logits=True,
-                 layernorm_epsilon=cfg.norm_eps)
-        if cfg.two_norms:
-            a["parallel_layernorm"] = True
-    else:
-        a.update(ffn_hidden_size=cfg.ffn, parallel_attn=False, make_vocab_size_divisible_by=divisible_by,
-                 glu_activation="swiglu", use_rms_norm=True, tie_embed_logits=cfg.tied,
-                 tokenizer_type="SentencePieceTokenizer", layernorm_epsilon=cfg.norm_eps)
-        if cfg.kv_heads != cfg.heads:
-            a["num_attention_heads_kv"] = cfg.kv_heads
-        if cfg.sliding_window:
-            a["sliding_window_size"] = cfg.sliding_window
+    a.update(fam.megatron_args)
+    a.update(ffn_hidden_size=cfg.ffn, parallel_attn=block.parallel, tie_embed_logits=fam.always_tied or cfg.tied,
+             tokenizer_type=fam.megatron_model(model).tokenizer_type, layernorm_epsilon=cfg.norm_eps)
+    if fam.megatron_pads_vocab:
+        a["make_vocab_size_divisible_by"] = divisible_by
+    if block.mlp is Mlp.GLU:
+        a["glu_activation"] = "swiglu" if block.act is Act.SILU else "geglu"
+    if block.norm is Norm.RMS:
+        a["use_rms_norm"] = True
+    if cfg.kv_heads != cfg.heads:
+        a["num_attention_heads_kv"] = cfg.kv_heads
+    if cfg.sliding_window:
+        a["sliding_window_size"] = cfg.sliding_window
+    if cfg.two_norms:
+        a["parallel_layernorm"] = True
     return argparse.Namespace(**a)
 
 
@@ -327,7 +359,8 @@ def write_megatron(out: Path, tensors: dict[str, LazyTensor], cfg: ModelConfig, 
     from .layouts import MEGATRON
     L = cfg.layers
     per = L // pp
-    glu = cfg.family != "falcon"
+    from .. import families
+    glu = families.family(cfg.family).block.mlp is families.Mlp.GLU  # dense_h_to_4h holds [up; gate]
     embed = tensors[MEGATRON["embed"]]
     ranks = []
     for p in range(pp):

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
+from .. import families
 from ..converters.config import DTYPE_BY_NAME, ModelConfig
 from ..converters.lazy import EagerTensor
-from ..converters.layouts import FALCON, HF, MOE_HF
 
 # name -> config. "llama-gqa" is the main fixture: H=8, K=2 (r=4 != K), V=100.
 TINY = {
@@ -57,49 +57,53 @@ def _rand(g: torch.Generator, *shape, scale: float = 0.2) -> torch.Tensor:
     return torch.randn(*shape, generator=g) * scale
 
 
-def hf_state(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random HF-layout tensors for ``cfg`` (norms random around 1, never constant)."""
-    g = torch.Generator().manual_seed(seed)
+_NORMS = ("norm", "attn_norm", "mlp_norm", "ln_attn", "ln_mlp")  # 1-D scales, drawn around 1
+
+
+def _slot_shape(slot: str, cfg: ModelConfig) -> tuple:
+    """The HF shape of one slot's tensor (a bias ``X_b`` has X's rows)."""
     D, F, V = cfg.hidden, cfg.ffn, cfg.vocab
+    if slot.endswith("_b"):
+        return (_slot_shape(slot[:-2], cfg)[0],)
+    return {"embed": (V, D), "head": (V, D), "q": (cfg.q_rows, D), "k": (cfg.kv_rows, D), "v": (cfg.kv_rows, D),
+            "qkv": (cfg.q_rows + 2 * cfg.kv_rows, D), "o": (D, cfg.q_rows), "gate": (F, D), "up": (F, D),
+            "down": (D, F), "router": (cfg.experts, D)}.get(slot, (D,))
+
+
+def hf_state(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random HF-layout tensors for ``cfg`` from its family's slots (families.py), optional ones (biases,
+    the untied head, Falcon's one or two norms) as the config has them; norms random around 1, never
+    constant. Drawn in a fixed order: the embedding, each layer's slots in declaration order, the rest."""
+    fam = families.family(cfg.family)
+    g = torch.Generator().manual_seed(seed)
+    F, D = cfg.ffn, cfg.hidden
     t: dict[str, torch.Tensor] = {}
-    norm = lambda: 1.0 + _rand(g, D, scale=0.1)  # noqa: E731
-    if cfg.family == "falcon":
-        t[FALCON["embed"]] = _rand(g, V, D)
-        qkv_rows = (cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim
-        for i in range(cfg.layers):
-            f = lambda k: FALCON[k].format(i=i)  # noqa: E731
-            if cfg.two_norms:
-                t[f("ln_attn")], t[f("ln_attn_b")] = norm(), _rand(g, D, scale=0.05)
-                t[f("ln_mlp")], t[f("ln_mlp_b")] = norm(), _rand(g, D, scale=0.05)
-            else:
-                t[f("ln")], t[f("ln_b")] = norm(), _rand(g, D, scale=0.05)
-            t[f("qkv")] = _rand(g, qkv_rows, D)
-            t[f("o")] = _rand(g, D, cfg.heads * cfg.head_dim)
-            t[f("h4h")] = _rand(g, F, D)
-            t[f("4hh")] = _rand(g, D, F)
-        t[FALCON["norm"]], t[FALCON["norm_b"]] = norm(), _rand(g, D, scale=0.05)
-    else:
-        t[HF["embed"]] = _rand(g, V, D)
-        for i in range(cfg.layers):
-            f = lambda k: HF[k].format(i=i)  # noqa: E731
-            t[f("attn_norm")] = norm()
-            t[f("q")] = _rand(g, cfg.q_rows, D)
-            t[f("k")] = _rand(g, cfg.kv_rows, D)
-            t[f("v")] = _rand(g, cfg.kv_rows, D)
-            t[f("o")] = _rand(g, D, cfg.q_rows)
-            t[f("mlp_norm")] = norm()
-            if cfg.family == "mixtral":
-                t[MOE_HF["router"].format(i=i)] = _rand(g, cfg.experts, D, scale=1.0)
+    slots = fam.slots(tied=cfg.tied, two_norms=cfg.two_norms)
+    layered = [s for s in slots if "{i}" in fam.hf_names[s]]
+    rest = [s for s in slots if s not in layered]
+
+    def draw(slot: str) -> torch.Tensor:
+        shape = _slot_shape(slot, cfg)
+        if slot in _NORMS:
+            return 1.0 + _rand(g, *shape, scale=0.1)
+        if slot[:-2] in _NORMS and slot.endswith("_b"):
+            return _rand(g, *shape, scale=0.05)
+        if slot.endswith("_b"):  # projection biases: large enough that a misplaced row shows in the logits
+            return _rand(g, *shape, scale=0.5)
+        return _rand(g, *shape, scale=1.0 if slot == "router" else 0.2)
+
+    t[fam.hf_names["embed"]] = draw("embed")
+    for i in range(cfg.layers):
+        for s in layered:
+            if s == "expert":  # w1 gate, w2 down, w3 up
                 for e in range(cfg.experts):
                     for n, shape in ((1, (F, D)), (2, (D, F)), (3, (F, D))):
-                        t[MOE_HF["w"].format(e=e, n=n).format(i=i)] = _rand(g, *shape)
-                continue
-            t[f("gate")] = _rand(g, F, D)
-            t[f("up")] = _rand(g, F, D)
-            t[f("down")] = _rand(g, D, F)
-        t[HF["norm"]] = norm()
-        if not cfg.tied:
-            t[HF["head"]] = _rand(g, V, D)
+                        t[fam.hf_names[s].format(i=i, e=e, n=n)] = _rand(g, *shape)
+            else:
+                t[fam.hf_names[s].format(i=i)] = draw(s)
+    for s in rest:
+        if s != "embed":
+            t[fam.hf_names[s]] = draw(s)
     dt = DTYPE_BY_NAME[cfg.dtype]
     return {k: v.to(dt) for k, v in t.items()}
 

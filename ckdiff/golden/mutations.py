@@ -1,26 +1,31 @@
 """Mutation self-test: inject known converter bugs and prove the suite catches each.
 
-Every mutation patches the correct converters for the duration of one run (a
-context manager), covering the classes of verification-lessons.md section 6.
-``run_mutations`` applies each to its converter and tiny model and reports which
-checks (round trip, golden diff, logits) turned red; the unmutated baseline of
-the same runs must stay green, so a mutation score of 100% means something.
+Every mutation is a :class:`~ckdiff.converters.faults.Faults` value handed to the converter under test
+(and its inverse) through the conversion API's explicit injection points: the checkpoint as read, the
+config as parsed, each conversion table, the converted tensors, the config file written. No module is
+patched, so the checks (golden emitter, comparator, reference runtimes) always run unmutated code.
+The catalogue covers the classes of verification-lessons.md section 6; ``run_mutations`` applies each
+to its converter and tiny model and reports which checks (round trip, golden diff, logits) turned red.
+The unmutated baseline of every (converter, model, dtype, options) used must stay green, so a mutation
+score of 100% means something.
 """
 from __future__ import annotations
 
 import contextlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..converters import config as config_mod
-from ..converters import formats, layouts, megatron
-from ..converters.lazy import DerivedGroup
+from ..converters import layouts
+from ..converters.faults import Faults
+from ..converters.lazy import Checkpoint, DerivedGroup, DerivedTensor
+from ..converters.ops import Shard, ShardMerge
 from ..converters.ops import Chain, Concat, FuseQKV, Identity, PermuteRope, Transpose, map_ops
 from ..converters.table import Rule
+from ..errors import InputError
 
 
 @dataclass
@@ -29,47 +34,20 @@ class Mutation:
     bug_class: str
     converter: str
     model: str
-    patch: Callable  # () -> context manager
+    faults: Faults
     dtype: str = "float32"
     options: dict = field(default_factory=dict)
     names: str = ""  # regex the checks' findings must match for the cause to count as named
 
 
-@contextlib.contextmanager
-def _patched(obj, attr, value):
-    old = getattr(obj, attr)
-    setattr(obj, attr, value)
-    try:
-        yield
-    finally:
-        setattr(obj, attr, old)
+def rules_mutation(transform: Callable[[list, object], list]) -> Faults:
+    """Every conversion table (both directions) passes through ``transform(rules, cfg)``."""
+    return Faults(rules=lambda layout, cfg, rules: transform(rules, cfg))
 
 
-def rules_mutation(transform: Callable[[list, object], list]):
-    """Patch ``layouts.hf_to`` so every conversion table passes through ``transform(rules, cfg)``."""
-    orig = layouts.hf_to
-
-    def hf_to(layout, cfg):
-        return transform(orig(layout, cfg), cfg)
-    return lambda: _patched(layouts, "hf_to", hf_to)
-
-
-def output_mutation(transform: Callable[[dict, object], dict]):
-    """Patch ``layouts.convert`` so its lazy output passes through ``transform(tensors, cfg)``."""
-    orig = layouts.convert
-
-    def convert(tensors, src, dst, cfg, where="input", plan=None, cover=None):
-        return transform(orig(tensors, src, dst, cfg, where, plan, cover), cfg)
-    from ..converters import cli as conv_cli
-    return lambda: _stack(_patched(layouts, "convert", convert), _patched(conv_cli, "convert", convert))
-
-
-@contextlib.contextmanager
-def _stack(*cms):
-    with contextlib.ExitStack() as st:
-        for cm in cms:
-            st.enter_context(cm)
-        yield
+def output_mutation(transform: Callable[[dict, object], dict]) -> Faults:
+    """The converted lazy tensors pass through ``transform(tensors, cfg)``."""
+    return Faults(output=lambda tensors, step: transform(tensors, step.cfg))
 
 
 def _map(fn):
@@ -116,8 +94,7 @@ def _swap_layers(tensors, cfg):
     out = {}
     for k, t in tensors.items():
         k2 = re.sub(r"layers\.([01])\.", lambda m: f"layers.{1 - int(m.group(1))}.", k)
-        t.name = k2
-        out[k2] = t
+        out[k2] = DerivedGroup([t], lambda xs: [xs[0]]).tensors([k2])[0] if k2 != k else t
     return dict(sorted(out.items(), key=lambda kv: list(tensors).index(kv[0]) if kv[0] in tensors else 0))
 
 
@@ -137,70 +114,78 @@ def _drop(pattern):
     return output_mutation(lambda tensors, cfg: {k: t for k, t in tensors.items() if not re.search(pattern, k)})
 
 
-def _theta_default():
-    orig = config_mod.ModelConfig.to_hf
-
-    def to_hf(self):
-        cfg = orig(self)
-        cfg.pop("rope_theta", None)
-        return cfg
-    return _patched(config_mod.ModelConfig, "to_hf", to_hf)
+def _config_drops(key: str) -> Faults:
+    """The HF config.json written without ``key`` (readers then assume the library default)."""
+    return Faults(config=lambda config, step: {k: v for k, v in config.items() if k != key})
 
 
-def _lexicographic():
-    def meta_shards(p):
-        return sorted((f for f in Path(p).iterdir() if formats.META_SHARD.match(f.name)), key=lambda f: f.name.replace("consolidated.0", "consolidated."))
-    return _patched(formats, "meta_shards", meta_shards)
+def _on_meta_merge(fn) -> Faults:
+    """A Meta reader bug: ``fn(key, pieces, cut, file names)`` rebuilds each tensor merged from shards
+    (the reader's ``ShardMerge`` over the shards' lazy tensors)."""
+    def read(ck, step):
+        if ck.format != "meta" or len(ck.meta.get("files", [])) < 2:
+            return ck
+        names = [Path(f).name for f in ck.meta["files"]]
+        tensors = {k: fn(k, t.group.inputs, t.group.fn.how, names)
+                   if isinstance(t, DerivedTensor) and isinstance(t.group.fn, ShardMerge) else t
+                   for k, t in ck.tensors.items()}
+        return Checkpoint(ck.path, ck.format, tensors, ck.config, ck.meta)
+    return Faults(read=read)
 
 
-def _embed_axis():
-    orig = formats.meta_axis
-
-    def meta_axis(key, shape, params, n):
-        a = orig(key, shape, params, n)
-        swap = {formats.Shard.ROWS: formats.Shard.COLS, formats.Shard.COLS: formats.Shard.ROWS}
-        return swap.get(a, a) if key == "tok_embeddings.weight" else a
-    return _patched(formats, "meta_axis", meta_axis)
+def _merged(k, pieces, how):
+    return DerivedGroup(pieces, ShardMerge(how, len(pieces))).tensors([k])[0]
 
 
-def _naive_glu_split():
-    """Chunk the fused [up; gate] matrix contiguously across TP ranks instead of each half."""
-    orig = megatron._tp_source
-
-    def tp_source(name, t, rank, tp, glu):
-        if tp > 1 and megatron.tp_axis(name) == "glu":
-            n = t.shape[0] // tp
-            return megatron.TensorSource.rows_of(t, [(rank * n, (rank + 1) * n)])
-        return orig(name, t, rank, tp, glu)
-    return _patched(megatron, "_tp_source", tp_source)
+def _lexicographic(k, pieces, how, names):
+    """Shards concatenated in the order of their sorted file names (consolidated.10 before .2)."""
+    order = sorted(range(len(names)), key=lambda i: names[i].replace("consolidated.0", "consolidated."))
+    return _merged(k, [pieces[i] for i in order], how)
 
 
-def _keep_padding():
-    return _patched(megatron, "strip_vocab", lambda tensors, rows: dict(tensors))
+def _embed_axis(k, pieces, how, names):
+    """The Llama-2 embedding (split on the hidden axis) merged on the vocab axis."""
+    swap = {Shard.ROWS: Shard.COLS, Shard.COLS: Shard.ROWS}
+    return _merged(k, pieces, swap.get(how, how) if k == "tok_embeddings.weight" else how)
 
 
-def _no_stage_offset():
-    return _patched(megatron, "global_layer_name", lambda key, stage, per_stage: key)
+def _naive_glu_split(tensors, step):
+    """The fused [up; gate] chunked contiguously across TP ranks instead of half by half: the rows are
+    reordered so that the writer's per-half split puts rank t's contiguous chunk in rank t's file."""
+    if step.tp == 1:
+        return tensors
+    out = dict(tensors)
+    for k, t in tensors.items():
+        if k.endswith("mlp.dense_h_to_4h.weight"):
+            f, tp = t.shape[0] // 2, step.tp
+            n, m = f // tp, 2 * (f // tp)
+            idx = torch.tensor([r for part in (0, 1) for rank in range(tp)
+                                for r in range(rank * m + part * n, rank * m + (part + 1) * n)])
+            out[k] = DerivedGroup([t], lambda xs, idx=idx: [xs[0][idx]]).tensors([k])[0]
+    return out
 
 
-def _head_dim_from_hidden():
-    orig = config_mod.ModelConfig.from_hf.__func__
-
-    def from_hf(cls, cfg, tensors, where="config.json"):
-        mc = orig(cls, cfg, tensors, where)
-        mc.head_dim = mc.hidden // mc.heads
-        return mc
-    return _patched(config_mod.ModelConfig, "from_hf", classmethod(from_hf))
+def _ignore_true_vocab(ck, step):
+    """megatron-to-hf that ignores the recorded true vocab: padding rows are exported as tokens."""
+    if ck.format != "megatron":
+        return ck
+    return Checkpoint(ck.path, ck.format, ck.tensors, {k: v for k, v in ck.config.items() if k != "true_vocab_size"},
+                      ck.meta)
 
 
-def _eps_default():
-    orig = config_mod.ModelConfig.to_hf
-
-    def to_hf(self):
-        cfg = orig(self)
-        cfg.pop("rms_norm_eps", None)
-        return cfg
-    return _patched(config_mod.ModelConfig, "to_hf", to_hf)
+def _no_stage_offset(ck, step):
+    """A Megatron reader that keeps stage-local layer numbers: the stages' layers collide."""
+    if ck.format != "megatron" or ck.meta.get("pp", 1) == 1:
+        return ck
+    layers = {int(m.group(1)) for k in ck.tensors for m in [re.search(r"layers\.(\d+)\.", k)] if m}
+    per = len(layers) // ck.meta["pp"]
+    seen = set()
+    for k in ck.tensors:
+        local = re.sub(r"layers\.(\d+)\.", lambda m: f"layers.{int(m.group(1)) % per}.", k)
+        if local in seen:
+            raise InputError(ck.path, f"{local!r} appears in two pipeline stages")
+        seen.add(local)
+    return ck
 
 
 def _wrong_rope(o, cfg):
@@ -235,22 +220,23 @@ CATALOGUE = [
     Mutation("lm_head dropped", "Tied embeddings", "to-jetstream", "llama-gqa", _drop(r"^output\.weight$")),
     Mutation("LayerNorm biases dropped", "Dropped biases", "hf-to-megatron", "falcon-40b", _drop(r"\.bias$")),
     Mutation("rope_theta defaulted on export", "rope_theta / scaling", "megatron-to-hf", "mistral-gqa",
-             _theta_default),
+             _config_drops("rope_theta")),
     Mutation("silent fp32 upcast", "dtype casts", "to-jetstream", "llama-gqa", output_mutation(_upcast),
              dtype="bfloat16"),
     Mutation("Meta shards sorted lexicographically (12 shards)", "Shard merge order / axis", "to-jetstream",
-             "llama-wide", _lexicographic),
+             "llama-wide", _on_meta_merge(_lexicographic)),
     Mutation("Llama-2 embedding merged on the vocab axis", "Shard merge order / axis", "to-jetstream",
-             "llama-gqa", _embed_axis),
+             "llama-gqa", _on_meta_merge(_embed_axis)),
     Mutation("fused [up; gate] chunked across TP ranks", "Fused GLU order / split", "hf-to-megatron",
-             "llama-gqa", _naive_glu_split, options={"tp": 2}),
+             "llama-gqa", Faults(output=_naive_glu_split), options={"tp": 2}),
     Mutation("vocab padding rows exported as tokens", "Vocab padding", "hf-to-megatron", "llama-gqa",
-             _keep_padding, options={"tp": 2, "pad": 128}),
+             Faults(read=_ignore_true_vocab), options={"tp": 2, "pad": 128}),
     Mutation("pipeline-stage layer offset not applied", "Layer index / stage offset", "hf-to-megatron",
-             "llama-gqa", _no_stage_offset, options={"pp": 2}),
+             "llama-gqa", Faults(read=_no_stage_offset), options={"pp": 2}),
     Mutation("head_dim assumed to be hidden / heads", "head_dim != hidden/heads", "to-jetstream",
-             "llama-mqa-hd", _head_dim_from_hidden),
-    Mutation("norm eps defaulted on export", "Config vs weights", "jetstream-to-hf", "llama-gqa", _eps_default),
+             "llama-mqa-hd", Faults(parsed=lambda cfg: replace(cfg, head_dim=cfg.hidden // cfg.heads))),
+    Mutation("norm eps defaulted on export", "Config vs weights", "jetstream-to-hf", "llama-gqa",
+             _config_drops("rms_norm_eps")),
 ]
 
 
@@ -296,21 +282,23 @@ class MutationOutcome:
     negative: bool = False  # a correct or functionally equivalent rewrite: must not be caught
 
 
+def baseline_key(m: Mutation) -> tuple:
+    """What makes two mutations share an unmutated baseline: converter, model, dtype and options."""
+    return (m.converter, m.model, m.dtype, tuple(sorted(m.options.items())))
+
+
 def run_mutations(work: Path, catalogue=None) -> tuple[list[MutationOutcome], list]:
-    """(outcomes, baseline checks). Baseline: every (converter, model) used, unmutated."""
+    """(outcomes, baseline checks). Baseline: every distinct (converter, model, dtype, options), unmutated."""
     from .suite import check_converter
     catalogue = catalogue or CATALOGUE
     baseline = []
-    seen = set()
-    for m in catalogue:
-        key = (m.converter, m.model, m.dtype)
-        if key not in seen:
-            seen.add(key)
-            baseline += check_converter(m.converter, m.model, work / "baseline" / "-".join(key), m.dtype, m.options)
+    for key in dict.fromkeys(baseline_key(m) for m in catalogue):
+        conv, model, dtype, opts = key
+        tag = "-".join([conv, model, dtype] + [f"{k}{v}" for k, v in opts])
+        baseline += check_converter(conv, model, work / "baseline" / tag, dtype, dict(opts))
     outcomes = []
     for i, m in enumerate(catalogue):
-        with m.patch():
-            checks = check_converter(m.converter, m.model, work / f"mut{i:02d}", m.dtype, m.options)
+        checks = check_converter(m.converter, m.model, work / f"mut{i:02d}", m.dtype, m.options, faults=m.faults)
         red = [c for c in checks if not c.ok]
         outcomes.append(MutationOutcome(m.name, m.bug_class, m.converter, m.model, bool(red),
                                         [c.check for c in red], [f"{c.check}: {c.detail}" for c in red],
@@ -692,6 +680,17 @@ class FormatMutation:
     model: str
     patch: Callable  # () -> context manager, active while the checkpoint is written
     names: str = ""
+
+
+@contextlib.contextmanager
+def _patched(obj, attr, value):
+    """Still used by the format mutations below: the mcore / GGUF writers have no injection points yet."""
+    old = getattr(obj, attr)
+    setattr(obj, attr, value)
+    try:
+        yield
+    finally:
+        setattr(obj, attr, old)
 
 
 def _table_patch(module: str, fn: str, transform):

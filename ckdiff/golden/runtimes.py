@@ -1,11 +1,16 @@
 """Reference forward passes, each reading a checkpoint in its own layout and conventions.
 
-Nothing here converts weights: the HF runtime applies rotate_half rotary to HF
-q/k rows; the Meta/JetStream runtime applies interleaved complex rotary to Meta
-rows and dequantizes int8/int4 weights with their scales; the Megatron runtime
-splits the fused QKV into groups and the GLU into [up; gate] at run time, as
-Megatron-LLM does. The blocks they share (attention given q/k/v, norms) are the
-parts on which the layouts agree.
+One generic decoder (``decoder``) is composed from the family's :class:`~ckdiff.families.Block` (norm,
+activation, MLP kind, q/k/v biases, parallel residual, embedding scale) and a :class:`Layout` that says
+how one layout stores the weights: the key of each slot, the q/k row order (hence which rotary formula
+applies), a fused grouped QKV or separate q/k/v, a fused GLU ``[up; gate]`` or separate halves, experts
+stacked or one by one, quantized weights, where the output head comes from.
+
+Nothing here converts weights: the HF layout applies rotate_half rotary to HF q/k rows; Meta/JetStream
+apply interleaved complex rotary to Meta rows (JetStream Gemma: half-split) and dequantize int8/int4
+weights with their scales; Megatron-LLM splits the fused QKV into groups and the GLU into [up; gate] at
+run time, as Megatron-LLM does. So each layout is read as it is, independently of the conversion tables'
+row ops (the tables' key names are shared: the tensor diff checks those).
 """
 from __future__ import annotations
 
@@ -18,8 +23,9 @@ import torch.nn.functional as Fn
 
 from ..converters.config import ModelConfig
 from ..converters.lazy import Checkpoint
-from ..converters.layouts import FALCON, GEMMA_JS, HF, META, MEGATRON, MOE_HF, MOE_JS
+from ..converters.layouts import GEMMA_JS, META, MEGATRON, MOE_JS
 from ..errors import InputError
+from ..families import Act, Block, Mlp, Norm, Rotary, family
 
 
 @dataclass
@@ -80,21 +86,29 @@ def attention(q, k, v, cfg: ModelConfig, window: Optional[int] = None) -> torch.
     return torch.einsum("bhqk,bkhd->bqhd", p, v).reshape(B, T, H * hd)
 
 
-def self_attention(x, h, wq, wk, wv, wo, rope, ang, cfg: ModelConfig, window=None) -> torch.Tensor:
-    """Residual + attention over separate q/k/v projections, with the layout's own rotary."""
+def _linear(h, w, b=None):
+    y = h @ w.T
+    return y if b is None else y + b
+
+
+def self_attention(h, wq, wk, wv, wo, rope, ang, cfg: ModelConfig, window=None, bias=(None, None, None)):
+    """Attention over separate q/k/v projections (biases added before rotary), with the layout's own
+    rotary. Returns the attention output projected by ``wo`` (the caller adds the residual)."""
     B, T, _ = h.shape
-    q = rope((h @ wq.T).view(B, T, cfg.heads, cfg.head_dim), ang)
-    k = rope((h @ wk.T).view(B, T, cfg.kv_heads, cfg.head_dim), ang)
-    v = (h @ wv.T).view(B, T, cfg.kv_heads, cfg.head_dim)
-    return x + attention(q, k, v, cfg, window) @ wo.T
+    bq, bk, bv = bias
+    q = rope(_linear(h, wq, bq).view(B, T, cfg.heads, cfg.head_dim), ang)
+    k = rope(_linear(h, wk, bk).view(B, T, cfg.kv_heads, cfg.head_dim), ang)
+    v = _linear(h, wv, bv).view(B, T, cfg.kv_heads, cfg.head_dim)
+    return attention(q, k, v, cfg, window) @ wo.T
 
 
-def grouped_attention(h, wqkv, wo, rope, ang, cfg: ModelConfig, window=None) -> torch.Tensor:
+def grouped_attention(h, wqkv, wo, rope, ang, cfg: ModelConfig, window=None, bias=None) -> torch.Tensor:
     """Attention over a fused QKV in group order: K groups of [q x H/K, k, v] heads (Megatron-LLM,
-    HF Falcon 40B; Falcon 7B is the K = 1 case [q_0 .. q_{H-1}, k, v])."""
+    HF Falcon 40B; Falcon 7B is the K = 1 case [q_0 .. q_{H-1}, k, v]). A fused bias has the same row
+    order and is added before rotary."""
     B, T, _ = h.shape
     K, r, hd = cfg.kv_heads, cfg.heads // cfg.kv_heads, cfg.head_dim
-    qkv = (h @ wqkv.T).view(B, T, K, r + 2, hd)
+    qkv = _linear(h, wqkv, bias).view(B, T, K, r + 2, hd)
     q = rope(qkv[:, :, :, :r].reshape(B, T, cfg.heads, hd), ang)
     k = rope(qkv[:, :, :, r], ang)
     return attention(q, k, qkv[:, :, :, r + 1], cfg, window) @ wo.T
@@ -111,7 +125,7 @@ def gemma_norm(x, w, eps):
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + w.float())).to(x.dtype)
 
 
-def moe(h, router, experts: Callable, cfg: ModelConfig):
+def moe(h, router, experts: Callable, cfg: ModelConfig, act: Callable = Fn.silu):
     """Mixtral sparse MLP: softmax router, top-k experts, weights renormalised over the top k."""
     B, T, D = h.shape
     x = h.reshape(-1, D)
@@ -123,7 +137,7 @@ def moe(h, router, experts: Callable, cfg: ModelConfig):
         tok, slot = (idx == e).nonzero(as_tuple=True)
         if len(tok):
             w1, w2, w3 = experts(e)
-            y = (Fn.silu(x[tok] @ w1.T) * (x[tok] @ w3.T)) @ w2.T
+            y = (act(x[tok] @ w1.T) * (x[tok] @ w3.T)) @ w2.T
             out.index_add_(0, tok, y * top[tok, slot, None])
     return out.reshape(B, T, D)
 
@@ -194,136 +208,167 @@ def _decoder(ids, cfg: ModelConfig, embed: Callable, layer: Callable, final: Cal
     return final(x).float()
 
 
-# ---------------------------------------------------------------- HF llama / mistral
-def hf_llama(ck: Checkpoint, cfg: ModelConfig, ids, dtype, progress=None):
-    """HF Llama, Mistral, Mixtral and Gemma (they share names; Gemma scales embeddings by sqrt(D),
-    normalises with (1 + w) and uses a tanh-GELU gate)."""
-    W = Weights(ck, dtype, progress=progress)
+# ---------------------------------------------------------------- the block, from the family's declaration
+ROPE = {Rotary.HALF: rope_half, Rotary.INTERLEAVED: rope_interleaved}
+ACT = {Act.SILU: Fn.silu, Act.GELU: Fn.gelu, Act.GELU_TANH: lambda z: Fn.gelu(z, approximate="tanh")}
+
+
+def norm_fn(block: Block, eps: float) -> Callable:
+    """``norm(x, w, b)`` for the block's norm kind (``b`` only for LayerNorm)."""
+    if block.norm is Norm.RMS:
+        return lambda x, w, b=None: rms_norm(x, w, eps)
+    if block.norm is Norm.RMS_PLUS_ONE:
+        return lambda x, w, b=None: gemma_norm(x, w, eps)
+    return lambda x, w, b=None: layer_norm(x, w, b, eps)
+
+
+# ---------------------------------------------------------------- how each layout stores a decoder
+@dataclass(frozen=True)
+class Layout:
+    """How one layout stores a decoder, for the generic runtime.
+
+    ``names`` maps slots to key templates (``{i}`` layer; ``expert``: ``{e}`` expert and ``{n}`` = 1 gate,
+    2 down, 3 up; ``experts``: ``{n}`` only, stacked over experts). Slots the decoder reads: embed, head,
+    norm, attn_norm, mlp_norm (each norm with ``_b`` for LayerNorm), q/k/v (+ ``_b``) or qkv (+ ``qkv_b``,
+    grouped K x [q x H/K, k, v]), o, gate/up/down or glu (rows [up; gate]) + down, router + expert(s).
+    A missing ``head`` means the embedding is the head; a parallel block without ``mlp_norm`` shares the
+    attention norm."""
+    name: str
+    names: dict
+    rotary: Rotary                 # q/k row order as stored: which rotary formula reads them
+    dequant: bool = False          # int8/int4 weights stored with ``_scaler`` tensors
+    head_if_stored: bool = False   # read ``head`` when the checkpoint holds it (else the config's tie decides)
+
+    def key(self, slot: str, where: str, **ix) -> str:
+        if slot not in self.names:
+            raise InputError(where, f"the {self.name} layout stores no {slot!r} tensor for this model")
+        return self.names[slot].format(**ix)
+
+
+def _bias_key(names: dict, slot: str) -> dict:
+    """``slot_b`` for a layout table that names only the weight: the same key with ``.bias``."""
+    w = names.get(slot)
+    return {slot + "_b": w[:-len("weight")] + "bias"} if w and w.endswith(".weight") else {}
+
+
+def hf_layout(ck: Checkpoint, cfg: ModelConfig, block: Block) -> Layout:
+    """HF: the family's declared names; rotate_half rows; one tensor per expert."""
+    n = dict(family(cfg.family).hf_names)
+    if cfg.two_norms:  # Falcon 40B: attention and MLP norms of their own (ln_attn, ln_mlp)
+        for role, slot in (("attn_norm", "ln_attn"), ("mlp_norm", "ln_mlp")):
+            for suffix in ("", "_b"):
+                if slot + suffix in n:
+                    n[role + suffix] = n[slot + suffix]
+    if cfg.tied:
+        n.pop("head", None)
+    return Layout("hf", n, Rotary.HALF)
+
+
+def meta_layout(ck: Checkpoint, cfg: ModelConfig, block: Block) -> Layout:
+    """Meta / JetStream: interleaved rows, experts stacked on a leading axis, quantized weights with scales.
+    JetStream's Gemma model code has names of its own (``embedder``) and reads half-split rows."""
+    if GEMMA_JS["embed"] in ck.tensors:
+        return Layout(ck.format, dict(GEMMA_JS), Rotary.HALF, dequant=True)
+    n = dict(META, router=MOE_JS["router"], experts=MOE_JS["w"].format(n="{n}"))
+    return Layout(ck.format, n, Rotary.INTERLEAVED, dequant=True, head_if_stored=True)
+
+
+def megatron_layout(ck: Checkpoint, cfg: ModelConfig, block: Block) -> Layout:
+    """Megatron-LLM: grouped fused QKV (and bias), GLU as rows [up; gate]; interleaved rows since
+    2023-08 (``rotary_rows="rotate_half"`` for older checkpoints)."""
+    M = MEGATRON
+    n = {s: M[s] for s in ("embed", "head", "norm", "norm_b", "attn_norm", "attn_norm_b", "qkv", "o")}
+    n.update({"qkv_b": M["qkv_b"]} if "qkv_b" in M else _bias_key(M, "qkv"))
+    if block.parallel:  # parallel blocks: the MLP's own LayerNorm, when the model has one
+        n.update(mlp_norm=M["mlp_ln"], mlp_norm_b=M["mlp_ln_b"])
+    else:
+        n["mlp_norm"] = M["mlp_norm"]
+    n["glu" if block.mlp is Mlp.GLU else "up"] = M["h4h"]
+    n["down"] = M["4hh"]
+    rows = Rotary.HALF if cfg.rotary_rows == "rotate_half" else Rotary.INTERLEAVED
+    return Layout("megatron", n, rows, head_if_stored=True)
+
+
+LAYOUT_ADAPTERS: dict = {"hf": hf_layout, "meta": meta_layout, "jetstream": meta_layout,
+                         "megatron": megatron_layout}
+
+
+# ---------------------------------------------------------------- the generic decoder
+def decoder(layout: Layout, ck: Checkpoint, cfg: ModelConfig, block: Block, ids, dtype, progress=None):
+    """The family's block over the layout's weights, layer by layer (see ``_decoder``)."""
+    W = Weights(ck, dtype, dequant=layout.dequant, progress=progress)
     ang = angles(cfg, ids.shape[1])
-    gemma = cfg.family == "gemma"
-    norm = (lambda x, w: gemma_norm(x, w, cfg.norm_eps)) if gemma else (lambda x, w: rms_norm(x, w, cfg.norm_eps))
+    rope = ROPE[layout.rotary]
+    act = ACT[block.act]
+    nrm = norm_fn(block, cfg.norm_eps)
+    where = ck.path
+    has = layout.names.__contains__
+    layer_norm_bias = block.norm is Norm.LAYER
+
+    def norm(slot, x, i=None):
+        ix = {} if i is None else {"i": i}
+        b = W(layout.key(slot + "_b", where, **ix)) if layer_norm_bias else None
+        return nrm(x, W(layout.key(slot, where, **ix)), b)
+
+    def attn(i, h):
+        f = lambda s: W(layout.key(s, where, i=i))  # noqa: E731
+        if has("qkv"):
+            b = f("qkv_b") if block.qkv_bias else None
+            return grouped_attention(h, f("qkv"), f("o"), rope, ang, cfg, cfg.sliding_window, b)
+        b = (f("q_b"), f("k_b"), f("v_b")) if block.qkv_bias else (None, None, None)
+        return self_attention(h, f("q"), f("k"), f("v"), f("o"), rope, ang, cfg, cfg.sliding_window, b)
+
+    def mlp(i, h):
+        f = lambda s: W(layout.key(s, where, i=i))  # noqa: E731
+        if block.mlp is Mlp.MOE:
+            if has("experts"):  # stacked [E, ...] per w1/w2/w3
+                stacked = [W(layout.key("experts", where, i=i, n=n)) for n in (1, 2, 3)]
+                ex = lambda e: [w[e] for w in stacked]  # noqa: E731
+            else:
+                ex = lambda e: [W(layout.key("expert", where, i=i, e=e, n=n)) for n in (1, 2, 3)]  # noqa: E731
+            return moe(h, f("router"), ex, cfg, act)
+        if block.mlp is Mlp.PLAIN:
+            return act(h @ f("up").T) @ f("down").T
+        if has("glu"):
+            u, g = (h @ f("glu").T).chunk(2, dim=-1)  # rows [up; gate]
+            return (u * act(g)) @ f("down").T
+        return (act(h @ f("gate").T) * (h @ f("up").T)) @ f("down").T
 
     def layer(i, x):
-        f = lambda s: W(HF[s].format(i=i))  # noqa: E731
-        x = self_attention(x, norm(x, f("attn_norm")), f("q"), f("k"), f("v"), f("o"), rope_half, ang, cfg,
-                           cfg.sliding_window)
-        h = norm(x, f("mlp_norm"))
-        if cfg.family == "mixtral":
-            ex = lambda e: [W(MOE_HF["w"].format(e=e, n=n).format(i=i)) for n in (1, 2, 3)]  # noqa: E731
-            return x + moe(h, W(MOE_HF["router"].format(i=i)), ex, cfg)
-        act = (lambda z: Fn.gelu(z, approximate="tanh")) if gemma else Fn.silu
-        return x + (act(h @ f("gate").T) * (h @ f("up").T)) @ f("down").T
+        ha = norm("attn_norm", x, i)
+        if block.parallel:  # attention and MLP read the same input (or norms of their own)
+            hm = norm("mlp_norm", x, i) if has("mlp_norm") and cfg.two_norms else ha
+            return x + attn(i, ha) + mlp(i, hm)
+        x = x + attn(i, ha)
+        return x + mlp(i, norm("mlp_norm", x, i))
 
-    head = HF["embed"] if cfg.tied else HF["head"]
+    head = layout.names.get("head")
+    if head is None or (layout.head_if_stored and not W.has(head)):
+        head = layout.key("embed", where)
 
     def embed(ids):
-        e = W.gather(HF["embed"], ids)
-        return e * torch.tensor(cfg.hidden ** 0.5, dtype=dtype) if gemma else e
-    return _decoder(ids, cfg, embed, layer, lambda x: W.matmul_t(head, norm(x, W(HF["norm"]))))
-
-
-# ---------------------------------------------------------------- HF falcon
-def hf_falcon(ck: Checkpoint, cfg: ModelConfig, ids, dtype, progress=None):
-    W = Weights(ck, dtype, progress=progress)
-    ang = angles(cfg, ids.shape[1])
-
-    def layer(i, x):
-        f = lambda s: W(FALCON[s].format(i=i))  # noqa: E731
-        if cfg.two_norms:
-            ha = layer_norm(x, f("ln_attn"), f("ln_attn_b"), cfg.norm_eps)
-            hm = layer_norm(x, f("ln_mlp"), f("ln_mlp_b"), cfg.norm_eps)
-        else:
-            ha = hm = layer_norm(x, f("ln"), f("ln_b"), cfg.norm_eps)
-        attn = grouped_attention(ha, f("qkv"), f("o"), rope_half, ang, cfg)
-        return x + attn + Fn.gelu(hm @ f("h4h").T) @ f("4hh").T
-
-    return _decoder(ids, cfg, lambda ids: W.gather(FALCON["embed"], ids), layer,
-                    lambda x: W.matmul_t(FALCON["embed"],
-                                         layer_norm(x, W(FALCON["norm"]), W(FALCON["norm_b"]), cfg.norm_eps)))
-
-
-# ---------------------------------------------------------------- Meta / JetStream
-def meta_llama(ck: Checkpoint, cfg: ModelConfig, ids, dtype, progress=None):
-    if cfg.family == "gemma":
-        return jetstream_gemma(ck, cfg, ids, dtype, progress)
-    W = Weights(ck, dtype, dequant=True, progress=progress)
-    ang = angles(cfg, ids.shape[1])
-
-    def layer(i, x):
-        f = lambda s: W(META[s].format(i=i))  # noqa: E731
-        x = self_attention(x, rms_norm(x, f("attn_norm"), cfg.norm_eps), f("q"), f("k"), f("v"), f("o"),
-                           rope_interleaved, ang, cfg, cfg.sliding_window)
-        h = rms_norm(x, f("mlp_norm"), cfg.norm_eps)
-        if cfg.family == "mixtral":
-            stacked = [W(MOE_JS["w"].format(n=n).format(i=i)) for n in (1, 2, 3)]  # [E, F, D], [E, D, F], [E, F, D]
-            return x + moe(h, W(MOE_JS["router"].format(i=i)), lambda e: [w[e] for w in stacked], cfg)
-        return x + (Fn.silu(h @ f("gate").T) * (h @ f("up").T)) @ f("down").T
-
-    head = META["head"] if W.has(META["head"]) else META["embed"]
-    return _decoder(ids, cfg, lambda ids: W.gather(META["embed"], ids), layer,
-                    lambda x: W.matmul_t(head, rms_norm(x, W(META["norm"]), cfg.norm_eps)))
-
-
-def jetstream_gemma(ck: Checkpoint, cfg: ModelConfig, ids, dtype, progress=None):
-    """JetStream Gemma: HF-style half-split rotary on its own names, tied ``embedder``."""
-    W = Weights(ck, dtype, dequant=True, progress=progress)
-    ang = angles(cfg, ids.shape[1])
-
-    def layer(i, x):
-        f = lambda s: W(GEMMA_JS[s].format(i=i))  # noqa: E731
-        x = self_attention(x, gemma_norm(x, f("attn_norm"), cfg.norm_eps), f("q"), f("k"), f("v"), f("o"),
-                           rope_half, ang, cfg)
-        h = gemma_norm(x, f("mlp_norm"), cfg.norm_eps)
-        return x + (Fn.gelu(h @ f("gate").T, approximate="tanh") * (h @ f("up").T)) @ f("down").T
-
-    return _decoder(ids, cfg, lambda ids: W.gather(GEMMA_JS["embed"], ids) * torch.tensor(cfg.hidden ** 0.5, dtype=dtype),
-                    layer, lambda x: W.matmul_t(GEMMA_JS["embed"], gemma_norm(x, W(GEMMA_JS["norm"]), cfg.norm_eps)))
-
-
-# ---------------------------------------------------------------- Megatron-LLM
-def megatron(ck: Checkpoint, cfg: ModelConfig, ids, dtype, progress=None):
-    W = Weights(ck, dtype, progress=progress)
-    ang = angles(cfg, ids.shape[1])
-    falcon = cfg.family == "falcon"
-    rope = rope_half if cfg.rotary_rows == "rotate_half" else rope_interleaved  # pre-2023-08 era
-
-    def layer(i, x):
-        f = lambda s: W(MEGATRON[s].format(i=i))  # noqa: E731
-        if falcon:
-            ha = layer_norm(x, f("attn_norm"), f("attn_norm_b"), cfg.norm_eps)
-            hm = layer_norm(x, f("mlp_ln"), f("mlp_ln_b"), cfg.norm_eps) if cfg.two_norms else ha
-        else:
-            ha = rms_norm(x, f("attn_norm"), cfg.norm_eps)
-        # Megatron views the fused projection as [s, b, n_kv, r + 2, d]
-        attn = grouped_attention(ha, f("qkv"), f("o"), rope, ang, cfg, cfg.sliding_window)
-        if falcon:
-            return x + attn + Fn.gelu(hm @ f("h4h").T) @ f("4hh").T
-        x = x + attn
-        h = rms_norm(x, f("mlp_norm"), cfg.norm_eps)
-        a, b = (h @ f("h4h").T).chunk(2, dim=-1)  # GLU: first half up, second half gate
-        return x + (a * Fn.silu(b)) @ f("4hh").T
-
-    head = MEGATRON["head"] if W.has(MEGATRON["head"]) else MEGATRON["embed"]
-
-    def final(x):
-        if falcon:
-            x = layer_norm(x, W(MEGATRON["norm"]), W(MEGATRON["norm_b"]), cfg.norm_eps)
-        else:
-            x = rms_norm(x, W(MEGATRON["norm"]), cfg.norm_eps)
-        return W.matmul_t(head, x)
-    return _decoder(ids, cfg, lambda ids: W.gather(MEGATRON["embed"], ids), layer, final)
+        e = W.gather(layout.key("embed", where), ids)
+        return e * torch.tensor(cfg.hidden ** 0.5, dtype=dtype) if block.embed_scale else e
+    return _decoder(ids, cfg, embed, layer, lambda x: W.matmul_t(head, norm("norm", x)))
 
 
 def runtime_for(ck: Checkpoint, cfg: ModelConfig) -> Callable:
-    if ck.format == "hf":
-        return hf_falcon if cfg.family == "falcon" else hf_llama
-    if ck.format in ("meta", "jetstream"):
-        return meta_llama
-    if ck.format == "megatron":
-        return megatron
-    if ck.format in ("mcore", "gguf"):
+    """The runtime for a checkpoint: the generic decoder over its layout's adapter, or ``via_hf``."""
+    if ck.format in VIA_HF:
         return via_hf
-    raise InputError(ck.path, f"no reference runtime for a {ck.format} checkpoint")
+    adapter = LAYOUT_ADAPTERS.get(ck.format)
+    if adapter is None:
+        raise InputError(ck.path, f"no reference runtime for a {ck.format} checkpoint")
+    block = _block(ck, cfg)
+    return lambda ck, cfg, ids, dtype, progress=None: decoder(adapter(ck, cfg, block), ck, cfg, block, ids,
+                                                              dtype, progress)
+
+
+def _block(ck: Checkpoint, cfg: ModelConfig) -> Block:
+    try:
+        return family(cfg.family).block
+    except KeyError:
+        raise InputError(ck.path, f"no reference runtime for model family {cfg.family!r}") from None
 
 
 def steps(ck: Checkpoint, cfg: ModelConfig, ids: torch.Tensor, dtype=torch.float32, progress=None):
@@ -349,7 +394,10 @@ def via_hf(ck: Checkpoint, cfg: ModelConfig, ids, dtype=torch.float32, progress=
     format mutations check the table; GGUF quantized tensors are dequantized on read)."""
     from ..converters.layouts import convert
     hf = Checkpoint(ck.path, "hf", convert(ck.tensors, ck.format, "hf", cfg, ck.path), ck.config, ck.meta)
-    return (hf_falcon if cfg.family == "falcon" else hf_llama)(hf, cfg, ids, dtype, progress)
+    return runtime_for(hf, cfg)(hf, cfg, ids, dtype, progress)
+
+
+VIA_HF = frozenset({"mcore", "gguf"})  # formats whose own table maps them to HF names first
 
 
 def run(ck: Checkpoint, cfg: ModelConfig, ids: torch.Tensor, dtype=torch.float32) -> Forward:

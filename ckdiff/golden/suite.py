@@ -42,19 +42,19 @@ def _model_name(cfg) -> str:
     return "mistral" if cfg.hf_model_type == "mistral" else "llama2"
 
 
-def _hf_to_megatron(src, out, o):
+def _hf_to_megatron(src, out, o, faults=None):
     from ..converters import api
     ck, cfg = api.read_source(src)
     model = _model_name(cfg)
     if ck.format == "meta" and model == "mistral":
         model = "llama2"  # Meta weights are read as a llama-family source
     api.hf_to_megatron(model, out, model_path=src, tp=o.get("tp", 1), pp=o.get("pp", 1), overwrite=True,
-                       make_vocab_size_divisible_by=o.get("pad") or None)
+                       make_vocab_size_divisible_by=o.get("pad") or None, faults=faults)
 
 
-def _megatron_to_hf(src, out, o):
+def _megatron_to_hf(src, out, o, faults=None):
     from ..converters import api
-    api.megatron_to_hf(src, out, overwrite=True)
+    api.megatron_to_hf(src, out, overwrite=True, faults=faults)
 
 
 def _js_name(src) -> str:
@@ -63,15 +63,15 @@ def _js_name(src) -> str:
     return "llama-2" if fam == "llama" else fam
 
 
-def _to_jetstream(src, out, o):
+def _to_jetstream(src, out, o, faults=None):
     from ..converters import api
     api.to_jetstream(_js_name(src), src, out, overwrite=True, quantize_weights=bool(o.get("quantize")),
-                     quantize_type=o.get("quantize") or "int8_per_channel")
+                     quantize_type=o.get("quantize") or "int8_per_channel", faults=faults)
 
 
-def _jetstream_to_hf(src, out, o):
+def _jetstream_to_hf(src, out, o, faults=None):
     from ..converters import api
-    api.jetstream_to_hf(src, out, overwrite=True)
+    api.jetstream_to_hf(src, out, overwrite=True, faults=faults)
 
 
 REGISTRY: dict[str, Converter] = {}
@@ -92,10 +92,15 @@ register(Converter("jetstream-to-hf", "jetstream", "hf", _jetstream_to_hf, "to-j
                    ("llama-gqa", "llama-spec")))
 
 
-def convert(name, src, out, options: Optional[dict] = None) -> Path:
-    """Run converter ``name`` (or a Converter) in-process."""
-    c = name if isinstance(name, Converter) else REGISTRY[name]
-    c.run(str(src), str(out), {**c.options, **(options or {})})
+def convert(name, src, out, options: Optional[dict] = None, faults=None, registry: Optional[dict] = None) -> Path:
+    """Run converter ``name`` (or a Converter) in-process. ``faults`` (converters/faults.py) reaches only
+    built-in converters, whose ``run`` takes it; ``registry`` resolves names (default: REGISTRY)."""
+    c = name if isinstance(name, Converter) else (registry or REGISTRY)[name]
+    opts = {**c.options, **(options or {})}
+    if faults is None:
+        c.run(str(src), str(out), opts)
+    else:
+        c.run(str(src), str(out), opts, faults=faults)
     return Path(out)
 
 
@@ -182,54 +187,60 @@ def config_drift(a, b) -> list:
     return [f"{k}: {ca[k]!r} -> {cb[k]!r}" for k in ca if k not in skip and ca[k] != cb.get(k)]
 
 
-def validate(c: Converter) -> list[str]:
+def validate(c: Converter, registry: Optional[dict] = None) -> list[str]:
+    """Problems that fail a converter before it runs: no inverse in ``registry`` (default REGISTRY), no golden."""
+    reg = registry if registry is not None else REGISTRY
     problems = []
-    if not c.inverse or c.inverse not in REGISTRY:
+    if not c.inverse or c.inverse not in reg:
         problems.append(f"{c.name}: no registered inverse")
-    elif REGISTRY[c.inverse].source != c.target or REGISTRY[c.inverse].target != c.source:
+    elif reg[c.inverse].source != c.target or reg[c.inverse].target != c.source:
         problems.append(f"{c.name}: inverse {c.inverse} does not map {c.target} back to {c.source}")
     if c.golden is None:
         problems.append(f"{c.name}: no golden path")
     return problems
 
 
-def golden_for(c: Converter, model: str, work: Path, dtype="float32", options=None) -> Path:
+def golden_for(c: Converter, model: str, work: Path, dtype="float32", options=None, faults=None) -> Path:
     """The golden target for converter ``c`` on tiny ``model``."""
-    from .emit import emit
+    from .emit import emit, padded_rows
     from .models import tiny_config
     options = options or {}
     # Meta releases exist for the Llama family only: other families take the independent emitter
     if c.golden == "emit" or (c.golden == "meta" and tiny_config(model).family != "llama"):
-        # one unsharded golden: the reader's merged view of any TP/PP must equal it
-        rows = 0
-        if options.get("pad"):
-            from ..converters.megatron import padded_vocab
-            rows = padded_vocab(tiny_config(model).vocab, options.get("tp", 1), options["pad"])
-        return emit(work / f"golden-{c.target}", model, c.target, dtype, vocab_rows=rows)
+        # written by the emitter at the converter's own TP/PP and padding, with its own split rules:
+        # the reader merges both the same way, so a split that differs from the spec shows
+        tp, pp = options.get("tp", 1), options.get("pp", 1)
+        rows = padded_rows(tiny_config(model).vocab, tp, options.get("pad")) if c.target == "megatron" else 0
+        return emit(work / f"golden-{c.target}", model, c.target, dtype, tp=tp, pp=pp, vocab_rows=rows)
     # a supported path: the same converter from another source layout (the JetStream guide's workflow)
     kv = tiny_config(model).kv_heads
     shards = 12 if c.golden == "meta" and kv % 12 == 0 else (2 if c.golden == "meta" and kv % 2 == 0 else 1)
     src = emit(work / f"golden-src-{c.golden}", model, c.golden, dtype, shards=shards)
-    return convert(c, src, work / f"golden-{c.target}", options)
+    return convert(c, src, work / f"golden-{c.target}", options, faults)
 
 
 def check_converter(name: str, model: str, work: Path, dtype: str = "float32", options=None,
-                    logits: bool = True, converter: Optional[Converter] = None) -> list[CheckResult]:
-    """Round trip, golden diff and logits for one converter on one tiny model."""
+                    logits: bool = True, converter: Optional[Converter] = None, faults=None,
+                    registry: Optional[dict] = None) -> list[CheckResult]:
+    """Round trip, golden diff and logits for one converter on one tiny model.
+
+    ``faults`` (converters/faults.py) is passed to the converter and its inverse (the mutation
+    self-test); ``registry`` (default REGISTRY) resolves ``name`` and the inverse."""
     from ..compare.logits import compare_logits
     from ..converters.formats import open_checkpoint
     from .emit import emit
-    c = converter or REGISTRY[name]
+    reg = registry if registry is not None else REGISTRY
+    c = converter or reg[name]
     options = options or {}
     out: list[CheckResult] = []
-    problems = validate(c)
+    problems = validate(c, reg)
     if problems:
         return [CheckResult(c.name, model, "registry", False, "; ".join(problems))]
     work.mkdir(parents=True, exist_ok=True)
     src = emit(work / f"src-{c.source}", model, c.source, dtype, tp=options.get("tp", 1), pp=options.get("pp", 1))
     tgt = work / f"out-{c.target}"
     try:
-        convert(c, src, tgt, options)
+        convert(c, src, tgt, options, faults)
     except Exception as e:  # noqa: BLE001 - a converter that fails is a failed check, never a crash
         return [CheckResult(c.name, model, "convert", False, f"error: {str(e).splitlines()[0][:200]}")]
     inv_opts = {k: v for k, v in options.items() if k != "quantize"}
@@ -243,7 +254,7 @@ def check_converter(name: str, model: str, work: Path, dtype: str = "float32", o
             return CheckResult(c.name, model, "roundtrip", rt.equivalent,
                                "quantized vs float, in units of each scale: " + _summary(rt), rt.to_dict(),
                                command=_cmd(flt, tgt, "--strict-dtype"))
-        back = convert(c.inverse, tgt, work / f"back-{c.source}", inv_opts)
+        back = convert(c.inverse, tgt, work / f"back-{c.source}", inv_opts, faults, reg)
         rt = _compare(src, back)
         drift = config_drift(src, back)
         detail = _summary(rt) + (f"; config drift: {', '.join(drift)}" if drift else "")
@@ -251,7 +262,7 @@ def check_converter(name: str, model: str, work: Path, dtype: str = "float32", o
                            command=_cmd(src, back, "--strict-dtype"))
 
     def golden():
-        gold = golden_for(c, model, work, dtype, options)
+        gold = golden_for(c, model, work, dtype, options, faults)
         gd = held["golden"] = _compare(gold, tgt)
         return CheckResult(c.name, model, "golden", gd.equivalent, _summary(gd), gd.to_dict(),
                            command=_cmd(gold, tgt, "--strict-dtype"))
