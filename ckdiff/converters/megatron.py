@@ -354,7 +354,8 @@ def write_megatron(out: Path, tensors: dict[str, LazyTensor], cfg: ModelConfig, 
     from .layouts import MEGATRON
     L = cfg.layers
     per = L // pp
-    glu = cfg.family != "falcon"
+    from .. import families
+    glu = families.family(cfg.family).block.mlp is families.Mlp.GLU  # dense_h_to_4h holds [up; gate]
     embed = tensors[MEGATRON["embed"]]
     ranks = []
     for p in range(pp):
