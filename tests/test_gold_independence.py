@@ -177,3 +177,13 @@ def test_a_declared_family_with_qkv_biases_gets_its_golden_megatron_layout(tmp_p
         b = obj["model"]["language_model"]["transformer"]["layers.0.attention.query_key_value.bias"]
         whole = layers[layer][bias_key][0]
         assert torch.equal(b, whole[t * per_rank:(t + 1) * per_rank])
+
+
+def test_family_declarations_use_the_specs_hf_names():
+    """The golden takes a model's HF names from its family declaration: pin those to the specs."""
+    assert dict(families.family("llama").hf_names) == FX.SPEC_HF_NAMES["llama"]
+    assert dict(families.family("falcon").hf_names) == FX.SPEC_HF_NAMES["falcon"]
+    mixtral = dict(families.family("mixtral").hf_names)
+    for slot, name in FX.SPEC_HF_NAMES["mixtral_experts"].items():
+        assert mixtral.pop(slot) == name
+    assert mixtral == {k: v for k, v in FX.SPEC_HF_NAMES["llama"].items() if k not in ("gate", "up", "down")}

@@ -112,3 +112,29 @@ SPEC_TOY_TP2_PP2 = {
                             "language_model.transformer.final_layernorm.weight": [64],
                             "language_model.lm_head": [128, 64]},
 }
+
+# ------------------------------------------------------------------ HF names, as the specs list them
+# (the golden reads a model's HF names from its family declaration; these pin the declarations to the
+# specs: MLF section 6.1 / MJF section 1 for Llama, MLF section 6.2 for Falcon, MJF section 7 for Mixtral)
+SPEC_HF_NAMES = {
+    "llama": {
+        "embed": "model.embed_tokens.weight", "norm": "model.norm.weight", "head": "lm_head.weight",
+        "attn_norm": "model.layers.{i}.input_layernorm.weight",
+        "q": "model.layers.{i}.self_attn.q_proj.weight", "k": "model.layers.{i}.self_attn.k_proj.weight",
+        "v": "model.layers.{i}.self_attn.v_proj.weight", "o": "model.layers.{i}.self_attn.o_proj.weight",
+        "mlp_norm": "model.layers.{i}.post_attention_layernorm.weight",
+        "gate": "model.layers.{i}.mlp.gate_proj.weight", "up": "model.layers.{i}.mlp.up_proj.weight",
+        "down": "model.layers.{i}.mlp.down_proj.weight"},
+    "falcon": {
+        "embed": "transformer.word_embeddings.weight", "norm": "transformer.ln_f.weight",
+        "norm_b": "transformer.ln_f.bias",
+        "qkv": "transformer.h.{i}.self_attention.query_key_value.weight",
+        "o": "transformer.h.{i}.self_attention.dense.weight",
+        "up": "transformer.h.{i}.mlp.dense_h_to_4h.weight", "down": "transformer.h.{i}.mlp.dense_4h_to_h.weight",
+        "attn_norm": "transformer.h.{i}.input_layernorm.weight", "attn_norm_b": "transformer.h.{i}.input_layernorm.bias",
+        "ln_attn": "transformer.h.{i}.ln_attn.weight", "ln_attn_b": "transformer.h.{i}.ln_attn.bias",
+        "ln_mlp": "transformer.h.{i}.ln_mlp.weight", "ln_mlp_b": "transformer.h.{i}.ln_mlp.bias"},
+    "mixtral_experts": {
+        "router": "model.layers.{i}.block_sparse_moe.gate.weight",
+        "expert": "model.layers.{i}.block_sparse_moe.experts.{e}.w{n}.weight"},
+}
