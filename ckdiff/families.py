@@ -111,6 +111,7 @@ class Family:
     megatron_args: Mapping[str, object] = field(default_factory=dict)  # extra Megatron args written as is
     jetstream_names: tuple = ()           # JetStream-pt --model_name values
     megatron_default: str = ""            # the --model used for a checkpoint of this family when none is named
+    jetstream_quant_refused: Mapping[str, str] = field(default_factory=dict)  # "int4" | "blockwise" -> why
     jetstream_from_meta: bool = False     # JetStream's converter accepts Meta weights for this family
     hf_type_defaults: Mapping[str, Mapping] = field(default_factory=dict)  # model types other than the
     #     first that to_hf writes as themselves -> config.json values written for them (architectures, ...)
@@ -328,13 +329,17 @@ GEMMA = register(Family(
     hf_defaults={"bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0},
     block_keys={"act": ("hidden_act", "hidden_activation"), "qkv_bias": "attention_bias"},
     layouts=frozenset({"hf", "jetstream"}), always_tied=True, default_eps=1e-6, jetstream_names=("gemma",),
-    layout_names={"jetstream": GEMMA_JETSTREAM_NAMES}, layout_rotary={"jetstream": Rotary.HALF}))
+    layout_names={"jetstream": GEMMA_JETSTREAM_NAMES}, layout_rotary={"jetstream": Rotary.HALF},
+    jetstream_quant_refused={q: "Gemma linears are quantized int8 per channel only (the JetStream engine "
+                                "refuses int4 for Gemma)" for q in ("int4", "blockwise")}))
 MIXTRAL = register(Family(
     "mixtral", ("mixtral",), "MixtralForCausalLM", Block(mlp=Mlp.MOE),
     {**{k: v for k, v in LLAMA_NAMES.items() if k not in ("gate", "up", "down")}, **_MOE},
     hf_defaults={"sliding_window": None, "router_jitter_noise": 0.0, "bos_token_id": 1, "eos_token_id": 2},
     block_keys={"act": "hidden_act"},
-    layouts=frozenset({"hf", "meta", "jetstream", "mcore", "gguf"}), jetstream_names=("mixtral",)))
+    layouts=frozenset({"hf", "meta", "jetstream", "mcore", "gguf"}), jetstream_names=("mixtral",),
+    jetstream_quant_refused={"blockwise": "blockwise quantization of Mixtral experts is not defined by "
+                                          "JetStream; use a per-channel type"}))
 FALCON = register(Family(
     "falcon", ("falcon", "refinedweb", "refinedwebmodel", "rw"), "FalconForCausalLM",
     Block(norm=Norm.LAYER, act=Act.GELU, mlp=Mlp.PLAIN, parallel=True, fused_qkv=True), FALCON_NAMES,

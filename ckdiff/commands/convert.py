@@ -142,7 +142,10 @@ def _default_source_hint(a) -> None:
     from ..converters.formats import resolve_path
     if a.model_path is not None:
         return
-    if a.cache_dir and a.model != "falcon" and list(Path(a.cache_dir).glob("consolidated.*.pth")):
+    from .. import families
+    fam = families.for_megatron_model(a.model)
+    meta_ok = fam is not None and fam.megatron_model(a.model).meta_source
+    if a.cache_dir and meta_ok and list(Path(a.cache_dir).glob("consolidated.*.pth")):
         return  # Meta weights read from --cache-dir, as the original did
     src = api.default_source(a.model, a.size)
     try:

@@ -101,12 +101,12 @@ def quantize_tensors(tensors: dict[str, LazyTensor], qtype: str, family: str = "
     if qtype not in QUANT_TYPES:
         raise UsageError(f"--quantize_type {qtype!r}: expected one of {', '.join(QUANT_TYPES)}")
     bits, block = bits_of(qtype), "blockwise" in qtype
-    if family == "gemma" and (bits == 4 or block):
-        raise UsageError(f"--quantize_type {qtype}: Gemma linears are quantized int8 per channel only "
-                         "(the JetStream engine refuses int4 for Gemma)")
-    if family == "mixtral" and block:
-        raise UsageError(f"--quantize_type {qtype}: blockwise quantization of Mixtral experts is not defined "
-                         "by JetStream; use a per-channel type")
+    from .. import families
+    fam = families.get(family)
+    refused = fam.jetstream_quant_refused if fam is not None else {}
+    for kind, asked in (("int4", bits == 4), ("blockwise", block)):
+        if asked and kind in refused:
+            raise UsageError(f"--quantize_type {qtype}: {refused[kind]}")
     out: dict[str, LazyTensor] = {}
     cache = OutputCache()  # this quantization's computed outputs (codes and scales of one weight)
     for k, t in tensors.items():

@@ -354,10 +354,15 @@ def decoder(layout: Layout, ck: Checkpoint, cfg: ModelConfig, block: Block, ids,
 
 
 def runtime_for(ck: Checkpoint, cfg: ModelConfig) -> Callable:
-    """The runtime for a checkpoint: the generic decoder over its layout's adapter, or ``via_hf``."""
-    if ck.format in VIA_HF:
+    """The runtime for a checkpoint, as its format's declaration says (converters/registry.py): the
+    generic decoder over its layout's adapter (NATIVE), or ``via_hf`` (VIA_HF)."""
+    from ..converters.registry import Runtime, lookup
+    fmt = lookup(ck.format)
+    if fmt is None or fmt.runtime is Runtime.NONE:
+        raise InputError(ck.path, f"no reference runtime for a {ck.format} checkpoint")
+    if fmt.runtime is Runtime.VIA_HF:
         return via_hf
-    adapter = LAYOUT_ADAPTERS.get(ck.format)
+    adapter = LAYOUT_ADAPTERS.get(fmt.layout or fmt.name)
     if adapter is None:
         raise InputError(ck.path, f"no reference runtime for a {ck.format} checkpoint")
     fam = _family(ck, cfg)
@@ -393,12 +398,11 @@ def via_hf(ck: Checkpoint, cfg: ModelConfig, ids, dtype=torch.float32, progress=
     """Megatron-Core and GGUF checkpoints run with the HF convention after their own layout table maps
     them to HF names lazily (so this runtime is not independent of that table: the tensor diff and the
     format mutations check the table; GGUF quantized tensors are dequantized on read)."""
-    from ..converters.layouts import convert
-    hf = Checkpoint(ck.path, "hf", convert(ck.tensors, ck.format, "hf", cfg, ck.path), ck.config, ck.meta)
+    from ..converters.registry import convert, get, lookup
+    hf = Checkpoint(ck.path, "hf", convert(ck.tensors, lookup(ck.format), get("hf"), cfg, ck.path), ck.config, ck.meta)
     return runtime_for(hf, cfg)(hf, cfg, ids, dtype, progress)
 
 
-VIA_HF = frozenset({"mcore", "gguf"})  # formats whose own table maps them to HF names first
 
 
 def run(ck: Checkpoint, cfg: ModelConfig, ids: torch.Tensor, dtype=torch.float32) -> Forward:

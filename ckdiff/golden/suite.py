@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from .. import families
 
 
 @dataclass
@@ -45,8 +46,9 @@ def _hf_to_megatron(src, out, o, faults=None):
     from ..converters import api
     ck, cfg = api.read_source(src)
     model = _model_name(cfg)
-    if ck.format == "meta" and model == "mistral":
-        model = "llama2"  # Meta weights are read as a llama-family source
+    fam = families.family(cfg.family)
+    if ck.format == "meta" and not fam.megatron_model(model).meta_source:
+        model = fam.default_megatron_model()  # Meta weights are read as the family's default source
     api.hf_to_megatron(model, out, model_path=src, tp=o.get("tp", 1), pp=o.get("pp", 1), overwrite=True,
                        make_vocab_size_divisible_by=o.get("pad") or None, faults=faults)
 
@@ -205,7 +207,7 @@ def golden_for(c: Converter, model: str, work: Path, dtype="float32", options=No
     from .models import tiny_config
     options = options or {}
     # Meta releases exist for the Llama family only: other families take the independent emitter
-    if c.golden == "emit" or (c.golden == "meta" and tiny_config(model).family != "llama"):
+    if c.golden == "emit" or (c.golden == "meta" and not families.family(tiny_config(model).family).jetstream_from_meta):
         # written by the emitter at the converter's own TP/PP and padding, with its own split rules:
         # the reader merges both the same way, so a split that differs from the spec shows
         tp, pp = options.get("tp", 1), options.get("pp", 1)
