@@ -219,3 +219,15 @@ def test_megatron_tp_table_round_trips_through_rank_files_with_a_qkv_bias(tiny_h
     enc = r0["model"]["language_model"]["transformer"]
     assert torch.equal(enc["layers.0.attention.query_key_value.bias"],
                        bias[next(iter(bias))].load()[:rows // tp])  # legacy name, rank 0's rows
+
+
+@SETTINGS
+@given(stage=st.integers(0, 5), per=st.integers(1, 8), local=st.integers(0, 7))
+def test_stage_names_round_trip(stage, per, local):
+    from ckdiff.converters.megatron import global_layer_name, native_name, stage_names
+    i = stage * per + local % per
+    name = f"language_model.encoder.layers.{i}.self_attention.dense.weight"
+    written = rename(name, stage_names(stage, per))
+    assert written == f"language_model.transformer.layers.{local % per}.attention.dense.weight"
+    assert rename(written, invert(stage_names(stage, per))) == name
+    assert global_layer_name(native_name(written), stage, per) == name  # what the reader does

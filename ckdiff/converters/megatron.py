@@ -18,7 +18,7 @@ from ..errors import InputError, UsageError
 from .config import ModelConfig, valid_int
 from .lazy import Checkpoint, DerivedGroup, EagerTensor, LazyTensor
 from .ops import PadRows, Shard, ShardRow, ShardTable
-from .table import R, Rename, apply_present, invert, rename
+from .table import LayerOffset, R, Rename, apply_present, invert, rename
 from .inputs import read_input
 from .pickle_io import checked_state, load_pickle
 from .torch_zip import TensorSource, iter_leaves, write_torch_zip
@@ -176,9 +176,15 @@ def _equal_rows(a: LazyTensor, b: LazyTensor) -> bool:
     return all(torch.equal(a.rows(lo, hi), b.rows(lo, hi)) for lo, hi in a.row_chunks())
 
 
+def stage_names(stage: int, per_stage: int) -> list:
+    """Rename rows from the global view's names to a pipeline stage's file names (layers numbered from
+    the stage's first, legacy names); the reader applies their inverse."""
+    return [LayerOffset(-stage * per_stage)] + LEGACY_NAMES
+
+
 def global_layer_name(key: str, stage: int, per_stage: int) -> str:
     """Stage-local layer index -> global: ``global = stage * (L / PP) + local``."""
-    return re.sub(r"layers\.(\d+)\.", lambda m: f"layers.{stage * per_stage + int(m.group(1))}.", key)
+    return rename(key, invert([LayerOffset(-stage * per_stage)]))
 
 
 def _merge_tp(name, parts: list[LazyTensor], glu: bool, ranks, p) -> LazyTensor:
@@ -370,7 +376,7 @@ def write_megatron(out: Path, tensors: dict[str, LazyTensor], cfg: ModelConfig, 
                 if m:
                     i = int(m.group(1))
                     if p * per <= i < (p + 1) * per:
-                        local = legacy_name(f"language_model.encoder.layers.{i - p * per}.{m.group(2)}")
+                        local = rename(name, stage_names(p, per))
                         enc[local[len("language_model.transformer."):]] = _tp_source(name, lt, t, tp, glu)
                 elif name.startswith("language_model.encoder.") and p == pp - 1:
                     enc[legacy_name(name)[len("language_model.transformer."):]] = TensorSource.rows_of(lt)

@@ -41,7 +41,7 @@ def R(src, dst, op: Op | None = None) -> Rule:
 def invert(rules: Sequence) -> list:
     """The reverse table: each row reversed (and, for rows applied in sequence, in reverse order
     where the order matters: rename rows)."""
-    if rules and all(isinstance(r, Rename) for r in rules):
+    if rules and all(isinstance(r, (Rename, LayerOffset)) for r in rules):
         return [r.inverse() for r in reversed(rules)]
     return [r.inverse() for r in rules]
 
@@ -65,7 +65,20 @@ class Rename:
         return self.pattern().sub(lambda m: self.dst.format(i=m.groupdict().get("i")), key)
 
 
-def rename(key: str, rows: Sequence[Rename]) -> str:
+@dataclass(frozen=True)
+class LayerOffset:
+    """A key rename row: layer number ``i`` becomes ``i + offset`` (pipeline stages number their layers
+    from 0; the global view from the stage's first layer)."""
+    offset: int
+
+    def inverse(self) -> "LayerOffset":
+        return LayerOffset(-self.offset)
+
+    def __call__(self, key: str) -> str:
+        return re.sub(r"layers\.(\d+)\.", lambda m: f"layers.{int(m.group(1)) + self.offset}.", key)
+
+
+def rename(key: str, rows: Sequence) -> str:
     """``key`` passed through every row in order."""
     for r in rows:
         key = r(key)
