@@ -34,11 +34,16 @@ def _dispatch(argv: list) -> int:
 
 
 def main(argv=None) -> int:
+    import warnings
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     debug = "--debug" in argv or os.environ.get("CKDIFF_DEBUG") == "1"
-    if not debug:
-        import warnings
-        warnings.simplefilter("ignore")  # library warnings would break the one-line error contract
+    with warnings.catch_warnings():  # restored on return: a caller's own filters are left as they were
+        if not debug:
+            warnings.simplefilter("ignore")  # library warnings would break the one-line error contract
+        return _main(argv, debug)
+
+
+def _main(argv: list, debug: bool) -> int:
     try:
         return _dispatch(argv)
     except SystemExit as e:  # argparse's --help

@@ -159,7 +159,7 @@ def megatron_to_hf(input_dir, output_dir, *, model: Optional[str] = None, num_ou
             cfg = replace(cfg, hf_model_type=mm.hf_model_type)
     true_vocab = a.true_vocab_size or ck.config.get("true_vocab_size") or cfg.vocab
     tensors = strip_vocab(ck.tensors, true_vocab)
-    cfg.vocab = min(cfg.vocab, true_vocab)
+    cfg = replace(cfg, vocab=min(cfg.vocab, true_vocab))
     hf = F.on_output(layouts.convert(tensors, "megatron", "hf", cfg, ck.path, faults=faults), replace(step, cfg=cfg))
     vocab_file = a.vocab_file
     if vocab_file is None and (Path(a.input_dir) / "tokenizer.model").is_file():
