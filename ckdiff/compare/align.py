@@ -89,10 +89,10 @@ def _strip_config_padding(tensors: dict, src: Checkpoint, true_vocab, layout: st
     """Vocab padding the source's own config declares (its format's ``true_vocab``, e.g. Megatron
     ``true_vocab_size`` below the embedding rows) is dropped from the mapped tensors and reported as a
     note, never as a mismatch."""
-    from ..converters.config import _NAMES
+    from ..converters.config import names_of
     from ..converters.lazy import RowSlice
     true = true_vocab(src.config or {}) if true_vocab is not None else None
-    names = _NAMES.get(layout)
+    names = names_of(layout)
     if not isinstance(true, int) or not names:
         return tensors, []
     out, cut = dict(tensors), []

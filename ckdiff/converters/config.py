@@ -669,7 +669,11 @@ def _names(fmt: str) -> Optional[dict]:
     return out
 
 
-_NAMES["hf"] = _names("hf")  # for callers that index the table (families registered later: call _names)
+def names_of(layout: str) -> Optional[dict]:
+    """The tensor names per slot a layout's config is checked against (HF: every registered family's)."""
+    return _names(layout)
+
+
 SAMPLE_ROWS = 4
 
 
