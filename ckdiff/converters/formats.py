@@ -114,16 +114,22 @@ def is_hf_dir(p: Path) -> bool:
     return p.is_dir() and os.path.lexists(p / "config.json") and _hf_weight_files(p)[0] is not None
 
 
-def read_hf(p: Path, trust_pickle=False, **_) -> Checkpoint:
-    kind, what = _hf_weight_files(p)
+def _read_weight_files(p: Path, found: tuple, trust_pickle: bool, missing: str) -> tuple[dict, list]:
+    """Tensors and file list of a directory's weight files as ``_hf_weight_files``/``_plain_weight_files``
+    found them (an index, or a list of files merged by name)."""
+    kind, what = found
     one = lambda f: _read_single(f, trust_pickle)  # noqa: E731
     if kind == "index":
         tensors = _read_indexed(p, what, one)
-        files = sorted({t.origin for t in tensors.values()})
-    elif kind == "files":
-        tensors, files = _merge_files(what, one, p), [str(f) for f in what]
-    else:
-        raise InputError(p, "HF directory without weights (no *.safetensors or pytorch_model*.bin)")
+        return tensors, sorted({t.origin for t in tensors.values()})
+    if kind == "files":
+        return _merge_files(what, one, p), [str(f) for f in what]
+    raise InputError(p, missing)
+
+
+def read_hf(p: Path, trust_pickle=False, **_) -> Checkpoint:
+    tensors, files = _read_weight_files(p, _hf_weight_files(p), trust_pickle,
+                                        "HF directory without weights (no *.safetensors or pytorch_model*.bin)")
     config = _json(p / "config.json") if os.path.lexists(p / "config.json") else {}
     return Checkpoint(str(p), "hf", tensors, config=config, meta={"files": files})
 
@@ -148,15 +154,8 @@ def is_tensor_dir(p: Path) -> bool:
 
 
 def read_tensor_dir(p: Path, trust_pickle=False, **_) -> Checkpoint:
-    kind, what = _plain_weight_files(p)
-    one = lambda f: _read_single(f, trust_pickle)  # noqa: E731
-    if kind == "index":
-        tensors = _read_indexed(p, what, one)
-        files = sorted({t.origin for t in tensors.values()})
-    elif kind == "files":
-        tensors, files = _merge_files(what, one, p), [str(f) for f in what]
-    else:
-        raise InputError(p, "no tensor files (*.safetensors, *.bin, *.pt, *.pth)")
+    tensors, files = _read_weight_files(p, _plain_weight_files(p), trust_pickle,
+                                        "no tensor files (*.safetensors, *.bin, *.pt, *.pth)")
     return Checkpoint(str(p), "tensors", tensors, meta={"files": files})
 
 
