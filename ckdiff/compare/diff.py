@@ -187,13 +187,16 @@ class ReadBuffers:
         return self._slots[key]
 
 
-def _prefetch(items: Iterator, depth: int = 1) -> Iterator:
-    """Iterate ``items`` on a reader thread, ``depth`` items ahead (pread and torch release the GIL)."""
+def _prefetch(items: Iterator, depth: int = 1, torch_threads: Optional[int] = None) -> Iterator:
+    """Iterate ``items`` on a reader thread, ``depth`` items ahead (pread and torch release the GIL).
+    ``torch_threads``: torch's intra-op threads for the reader thread's own ops (a per-thread setting)."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     done = object()
 
     def run():
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
         try:
             for x in items:
                 while not stop.is_set():
