@@ -33,6 +33,8 @@ def many_blocks(draw):
     n = nblk * BLOCK - draw(st.integers(0, BLOCK - 1))
     g = torch.Generator().manual_seed(draw(st.integers(0, 10**6)))
     mag = draw(st.sampled_from([1e-38, 1e-30, 1e-3, 1.0, 1e30]))
+    if dt == torch.float16 and mag > 1e3:  # finite values only here (NaN/Inf: tests/test_kernels.py)
+        mag = 1e3
     a = torch.randn(n, generator=g, dtype=torch.float64) * mag
     # relative noise that grows, shrinks or peaks anywhere, so the running maximum changes late
     shape = draw(st.sampled_from(["up", "down", "peak", "flat"]))

@@ -1,13 +1,18 @@
 """Fused comparison kernels: every metric of a chunk pair in one pass, both cores.
 
-``chunk_metrics`` reads two equally long chunks of raw element data once and
-returns, per block of the chunk, max |a - b| with its first index, the sums of
-|a - b|, a.b, a.a and b.b (float64), max relative difference, the count over
-tolerance and NaN/Inf counts per side. No full-size temporaries: each thread
-decodes 2048 elements at a time into small float64 buffers (bf16 by a shift,
-fp16/fp8/8- and 16-bit integers through an exact lookup table) and runs a
-branch-free, vectorisable loop over them; a block holding a NaN or Inf is
-redone element by element with the NaN/Inf policy of compare/diff.py.
+``Stats.add`` runs ``_metrics`` over two equally long chunks of raw element data:
+max |a - b| with its first index, the sums of |a - b|, a.b, a.a and b.b (float64,
+kept per 2048-element block), max relative difference, the count over tolerance
+and NaN/Inf counts per side. No full-size temporaries: each thread decodes 2048
+elements at a time into small float64 buffers (bf16 by a shift, fp16 by exponent
+arithmetic, fp8/8- and 16-bit integers through an exact table) and runs a
+branch-free loop over them that LLVM vectorises. For that the block functions
+carry their own ``fastmath`` (numba's IR-level inlining would compile them with
+the caller's flags) and ``error_model="numpy"`` (no zero-division branch), and
+take maxima as integer maxima of the float bits (a float maximum without 'nnan'
+is not vectorised). A block holding a NaN or Inf is redone element by element
+with the NaN/Inf policy of compare/diff.py. ``QuantStats.add`` does the same for
+float rows against int8 codes times their scales.
 
 numba compiles each array-type signature once and caches it on disk.
 """
