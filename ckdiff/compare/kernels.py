@@ -1,13 +1,18 @@
 """Fused comparison kernels: every metric of a chunk pair in one pass, both cores.
 
-``chunk_metrics`` reads two equally long chunks of raw element data once and
-returns, per block of the chunk, max |a - b| with its first index, the sums of
-|a - b|, a.b, a.a and b.b (float64), max relative difference, the count over
-tolerance and NaN/Inf counts per side. No full-size temporaries: each thread
-decodes 2048 elements at a time into small float64 buffers (bf16 by a shift,
-fp16/fp8/8- and 16-bit integers through an exact lookup table) and runs a
-branch-free, vectorisable loop over them; a block holding a NaN or Inf is
-redone element by element with the NaN/Inf policy of compare/diff.py.
+``Stats.add`` runs ``_metrics`` over two equally long chunks of raw element data:
+max |a - b| with its first index, the sums of |a - b|, a.b, a.a and b.b (float64,
+kept per 2048-element block), max relative difference, the count over tolerance
+and NaN/Inf counts per side. No full-size temporaries: each thread decodes 2048
+elements at a time into small float64 buffers (bf16 by a shift, fp16 by exponent
+arithmetic, fp8/8- and 16-bit integers through an exact table) and runs a
+branch-free loop over them that LLVM vectorises. For that the block functions
+carry their own ``fastmath`` (numba's IR-level inlining would compile them with
+the caller's flags) and ``error_model="numpy"`` (no zero-division branch), and
+take maxima as integer maxima of the float bits (a float maximum without 'nnan'
+is not vectorised). A block holding a NaN or Inf is redone element by element
+with the NaN/Inf policy of compare/diff.py. ``QuantStats.add`` does the same for
+float rows against int8 codes times their scales.
 
 numba compiles each array-type signature once and caches it on disk.
 """
@@ -28,7 +33,7 @@ _BIG = 1.7976931348623157e308
 _FM = {"reassoc", "nsz"}  # sums may be reordered; no contraction or reciprocals, NaN/Inf kept
 
 # decode modes: every chunk arrives as raw bytes (one compiled signature for every dtype pair)
-F32, F64, BF16, LUT16, LUT8 = 0, 1, 2, 3, 4
+F32, F64, BF16, LUT16, LUT8, FP16 = 0, 1, 2, 3, 4, 5
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -52,6 +57,17 @@ def _decode(src, lo, m, mode, lut, out, tmp):
         u = src[lo * 2:(lo + m) * 2].view(np.uint16)
         for j in range(m):
             out[j] = lut[u[j]]
+    elif mode == 5:  # float16 by its bits: as a float32 2**112 times too small, then scaled back (exact)
+        u = src[lo * 2:(lo + m) * 2].view(np.uint16)
+        for j in range(m):
+            h = np.uint32(u[j])
+            mag = (h & np.uint32(0x7FFF)) << 13
+            if (h & np.uint32(0x7C00)) == np.uint32(0x7C00):  # Inf and NaN keep an all-ones exponent
+                mag = mag | np.uint32(0x7F800000)
+            tmp[j] = mag | ((h & np.uint32(0x8000)) << 16)
+        f = tmp.view(np.float32)
+        for j in range(m):
+            out[j] = np.float64(f[j]) * 5.192296858534828e33
     else:  # exact table of every 8-bit value
         for j in range(m):
             out[j] = lut[src[lo + j]]
@@ -213,19 +229,6 @@ def _metrics(a, mode_a, lut_a, b, mode_b, lut_b, n, atol, rtol, nstripe, outf, o
         si[t, 4] = inf_b
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def _equal_u64(a, b, nblk):
-    n = a.size
-    step = (n + nblk - 1) // nblk
-    res = np.ones(nblk, np.uint8)
-    for k in prange(nblk):
-        for i in range(k * step, min(n, (k + 1) * step)):
-            if a[i] != b[i]:
-                res[k] = 0
-                break
-    return res.all()
-
-
 def _libc_memcmp():
     import ctypes
     import ctypes.util
@@ -252,20 +255,14 @@ def memory_equal(a: np.ndarray, b: np.ndarray, off: int, n: int) -> bool:
 
 
 def bytes_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
-    """Equality of the bytes of two contiguous tensors, 8 bytes at a time on every core."""
+    """Equality of the bytes of two contiguous tensors (memcmp, the GIL released)."""
     if x.dtype != y.dtype or x.numel() != y.numel():
         return False
     if x.numel() == 0:
         return True
     u = x.reshape(-1).view(torch.uint8).numpy()
     v = y.reshape(-1).view(torch.uint8).numpy()
-    n = u.size
-    k = n - n % 8
-    if k and (u.ctypes.data % 8 == 0) and (v.ctypes.data % 8 == 0):
-        if not _equal_u64(u[:k].view(np.uint64), v[:k].view(np.uint64), 2 * torch.get_num_threads()):
-            return False
-        return k == n or bool(np.array_equal(u[k:], v[k:]))
-    return bool(np.array_equal(u, v))
+    return memory_equal(u, v, 0, u.size)
 
 
 @njit(cache=True, nogil=True, fastmath=_FM, error_model="numpy")
@@ -482,6 +479,8 @@ def plan(dtype: torch.dtype):
         return F64, _NO_LUT
     if dtype == torch.bfloat16:
         return BF16, _NO_LUT
+    if dtype == torch.float16:
+        return FP16, _NO_LUT
     if dtype in _INT16:
         return LUT16, _lut(dtype)
     if dtype in _INT8:

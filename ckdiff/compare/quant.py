@@ -15,7 +15,7 @@ import torch
 from ..converters.formats import dtype_name
 from ..converters.lazy import Checkpoint
 from ..converters.quant import BLOCK, BOUND, EMBED, SCALER, float_shape, is_quantized
-from .diff import TensorResult, _unravel
+from .diff import TensorResult, _prefetch, _unravel
 from .kernels import QuantStats
 from .status import Status
 
@@ -79,7 +79,10 @@ def compare_quantized(name: str, flt, q, s, bits: int | None, chunk_bytes: int =
         bits = 8  # the embedding is int8 per column whatever the quantize type
     st = QuantStats()
     scale_ok = True
-    for off, w, codes, sc, sr, scol, cdiv, percol in _blocks(flt, q, s, shape, emb, chunk_bytes):
+    # row blocks are read (and gathered, for a mapped float side) on a thread one block ahead, with
+    # one torch thread: an OpenMP team of its own would spin beside the kernel's threads (measured)
+    blocks = _prefetch(_blocks(flt, q, s, shape, emb, chunk_bytes), torch_threads=1)
+    for off, w, codes, sc, sr, scol, cdiv, percol in blocks:
         st.add(w, codes.to(torch.int8), sc, sr, scol, cdiv, off, percol)
         scale_ok = scale_ok and bool((sc > 0).all())
     if bits is None:
