@@ -10,6 +10,7 @@ column. Scales are fully squeezed as the original converter did; readers accept 
 from __future__ import annotations
 
 import re
+from typing import Optional
 
 import torch
 
@@ -97,6 +98,51 @@ class Quantize(Op):
             f"quantize int{self.bits} {'blockwise-128' if self.blockwise else 'per channel'}"
 
 
+class ColumnScale(LazyTensor):
+    """The per-column int8 scales of an embedding (``quantize(w, 8, False, axis=0)``'s second output),
+    computed by streaming the embedding's row blocks: the column maxima combine exactly, so the scales
+    equal the whole-tensor computation bit for bit while only one row block is in memory."""
+
+    def __init__(self, name: str, src: LazyTensor):
+        super().__init__(name, (src.shape[1],), torch.bfloat16, src.origin)
+        self.src = src
+        self._s: Optional[torch.Tensor] = None
+
+    def divisor(self) -> torch.Tensor:
+        """The scale as ``quantize`` divides by: shape [1, columns], in the embedding's dtype."""
+        if self._s is None:
+            m = None
+            for a, b in self.src.row_chunks():
+                part = self.src.rows(a, b).abs().amax(dim=0, keepdim=True)
+                m = part if m is None else torch.maximum(m, part)
+            if m is None:
+                m = torch.zeros((1, self.shape[0]), dtype=self.src.dtype)
+            self._s = m.clamp(min=1e-5) / 127
+        return self._s
+
+    def load(self) -> torch.Tensor:
+        return self.divisor().to(torch.bfloat16).squeeze()
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.load()[start:stop]
+
+
+class ColumnCodes(LazyTensor):
+    """The int8 codes of an embedding quantized per column, row block by row block (row-local once the
+    column scales are known)."""
+
+    def __init__(self, name: str, src: LazyTensor, scale: ColumnScale):
+        super().__init__(name, src.shape, torch.int8, src.origin)
+        self.src, self.scale = src, scale
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        w = self.src.rows(start, stop)
+        return torch.clamp(torch.round(w * (1 / self.scale.divisor())), -128, 127).to(torch.int8)
+
+    def load(self) -> torch.Tensor:
+        return self.rows(0, self.shape[0])
+
+
 def quantize_tensors(tensors: dict[str, LazyTensor], qtype: str, family: str = "llama") -> dict[str, LazyTensor]:
     if qtype not in QUANT_TYPES:
         raise UsageError(f"--quantize_type {qtype!r}: expected one of {', '.join(QUANT_TYPES)}")
@@ -114,6 +160,10 @@ def quantize_tensors(tensors: dict[str, LazyTensor], qtype: str, family: str = "
             emb = bool(EMBED.search(k))
             if block and not emb and t.shape[-1] % BLOCK:
                 raise UsageError(f"{qtype}: {k} has input dimension {t.shape[-1]}, not a multiple of {BLOCK}")
+            if emb and len(t.shape) == 2:  # one scale per column: a reduction over rows, then row blocks
+                scale = ColumnScale(k + SCALER, t)
+                out[k], out[k + SCALER] = ColumnCodes(k, t, scale), scale
+                continue
             g = DerivedGroup([t], Quantize(bits, block, emb), cache=cache)
             for x in g.tensors([k, k + SCALER]):
                 out[x.name] = x
