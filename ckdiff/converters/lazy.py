@@ -38,6 +38,11 @@ class LazyTensor:
     def nrows(self) -> int:
         return self.shape[0] if self.shape else 1
 
+    @property
+    def row_read_bytes(self) -> int:
+        """Bytes read to produce one row (sizes a writer's row blocks): the row itself here."""
+        return max(1, self.nbytes // max(1, self.nrows))
+
     def meta(self) -> torch.Tensor:
         """An empty tensor on the meta device with this shape and dtype."""
         return torch.empty(self.shape, dtype=self.dtype, device="meta")
@@ -93,6 +98,15 @@ class DerivedTensor(LazyTensor):
 
     def load(self) -> torch.Tensor:
         return self.group.outputs()[self.index]
+
+    @property
+    def row_read_bytes(self) -> int:
+        """A row-local output's row costs a row of every input (a per-channel scale of 2 bytes is
+        computed from a whole weight row): row blocks are sized by that, not by the output alone."""
+        own = max(1, self.nbytes // max(1, self.nrows))
+        if self.shape and getattr(self.group.fn, "rowlocal", False):
+            return max(own, sum(t.row_read_bytes for t in self.group.inputs))
+        return own
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         if self.shape and getattr(self.group.fn, "rowlocal", False):  # output rows from the same input rows

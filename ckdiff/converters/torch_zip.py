@@ -71,8 +71,7 @@ class TensorSource:
         shape = (rows,) + tuple(lt.shape[1:])
         if cols is not None:
             shape = (rows, cols[1] - cols[0]) + tuple(lt.shape[2:])
-        row_bytes = max(1, lt.nbytes // max(1, lt.shape[0]))
-        step = max(1, chunk_bytes // row_bytes)
+        step = max(1, chunk_bytes // lt.row_read_bytes)  # a derived row may cost more than its own bytes
 
         def chunks():
             for a, b in ranges:
