@@ -12,8 +12,6 @@ plus activations, over the interpreter's own RssAnon.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
 import shutil
 import subprocess
@@ -39,7 +37,7 @@ def one(a, b, dtype):
 def bench_size(gib: float, out: Path, dtype: str, keep: bool) -> None:
     import torch
 
-    from ckdiff.converters.cli import COMMANDS
+    from ckdiff.converters import api
     from ckdiff.converters.writers import atomic_dir, write_hf
     cfg = sized_config(gib)
     tensors = big_hf_tensors(cfg)
@@ -49,9 +47,7 @@ def bench_size(gib: float, out: Path, dtype: str, keep: bool) -> None:
     try:
         with atomic_dir(src, overwrite=True) as tmp:
             write_hf(tmp, tensors, cfg.to_hf(), num_shards=4)
-        with contextlib.redirect_stdout(io.StringIO()):
-            COMMANDS["hf-to-megatron"](["llama2", "--model-path", str(src), "--out", str(meg), "--tp", "2",
-                                        "--overwrite", "--quiet"])
+        api.hf_to_megatron("llama2", meg, model_path=src, tp=2, overwrite=True)
         layer = sum(t.numel for n, t in tensors.items() if ".layers.0." in n)
         item = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
         r = subprocess.run([sys.executable, __file__, "--one", str(src), str(meg), dtype],
