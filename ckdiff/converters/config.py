@@ -243,7 +243,7 @@ def check_tensors(cfg: "ModelConfig", fmt: str, tensors: dict, where, raw: Optio
     Raises ConfigError naming the key."""
     fam = families.get(cfg.family)
     keys = _hf_check_keys(fam) if fmt == "hf" and fam else dict(_KEYS.get(fmt, _KEYS["hf"]))
-    names = _hf_check_names(fam) if fmt == "hf" and fam else _names(fmt)
+    names = _hf_check_names(fam) if fmt == "hf" and fam else names_of(fmt)
     raw = raw or {}
 
     label = keys.get("_label", "key")
@@ -658,7 +658,7 @@ _NAMES = {
 _NAMES["jetstream"] = _NAMES["meta"]
 
 
-def _names(fmt: str) -> Optional[dict]:
+def names_of(fmt: str) -> Optional[dict]:
     """Names per layout; HF's are every registered family's (the config does not say which before parsing)."""
     if fmt != "hf":
         return _NAMES.get(fmt)
@@ -667,11 +667,6 @@ def _names(fmt: str) -> Optional[dict]:
         for k, v in _hf_check_names(fam).items():
             out[k] = out.get(k, ()) + tuple(n for n in v if n not in out.get(k, ()))
     return out
-
-
-def names_of(layout: str) -> Optional[dict]:
-    """The tensor names per slot a layout's config is checked against (HF: every registered family's)."""
-    return _names(layout)
 
 
 SAMPLE_ROWS = 4
@@ -704,7 +699,7 @@ def config_findings(fmt: str, cfg: dict, tensors: dict, canon: Optional[dict]) -
     - the vocab size against the embedding rows (padding rows a Megatron config accounts for aside);
     - head counts and head_dim against the attention projections' rows."""
     fmt = (fmt or "").split("->")[0]
-    names = _names(fmt)
+    names = names_of(fmt)
     if not canon or not names:
         return []
     out = []

@@ -34,22 +34,27 @@ def bits_of(qtype: str) -> int:
     return 8 if "int8" in qtype else 4
 
 
+def _scale(amax: torch.Tensor, bits: int) -> torch.Tensor:
+    """The divisor from the absolute maxima (in the weight's dtype, as JetStream computes it)."""
+    return amax.clamp(min=1e-5) / (2 ** (bits - 1) - 1)
+
+
+def _codes(w: torch.Tensor, s: torch.Tensor, bits: int) -> torch.Tensor:
+    return torch.clamp(torch.round(w * (1 / s)), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1).to(torch.int8)
+
+
 def quantize(w: torch.Tensor, bits: int, blockwise: bool, axis: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes int8, scales bf16) for a linear weight [out, in] or stacked experts [E, out, in]
     (reduced over the input axis), or an embedding with axis=0 (one scale per column)."""
-    qmax, qmin = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
     if not blockwise:
-        m = w.abs().amax(dim=axis, keepdim=True).clamp(min=1e-5)
-        s = m / qmax
-        q = torch.clamp(torch.round(w * (1 / s)), qmin, qmax).to(torch.int8)
-        return q, s.to(torch.bfloat16).squeeze()
+        s = _scale(w.abs().amax(dim=axis, keepdim=True), bits)
+        return _codes(w, s, bits), s.to(torch.bfloat16).squeeze()
     out, n = w.shape
     if n % BLOCK:
         raise UsageError(f"blockwise quantization needs the input dimension to be a multiple of {BLOCK}, got {n}")
     wb = w.reshape(out, n // BLOCK, BLOCK)
-    m = wb.abs().amax(dim=2, keepdim=True).clamp(min=1e-5)
-    s = m / qmax
-    q = torch.clamp(torch.round(wb * (1 / s)), qmin, qmax).to(torch.int8)
+    s = _scale(wb.abs().amax(dim=2, keepdim=True), bits)
+    q = _codes(wb, s, bits)
     return q.permute(1, 2, 0).contiguous(), s.squeeze(-1).T.contiguous().to(torch.bfloat16).squeeze()
 
 
@@ -117,7 +122,7 @@ class ColumnScale(LazyTensor):
                 m = part if m is None else torch.maximum(m, part)
             if m is None:
                 m = torch.zeros((1, self.shape[0]), dtype=self.src.dtype)
-            self._s = m.clamp(min=1e-5) / 127
+            self._s = _scale(m, 8)
         return self._s
 
     def load(self) -> torch.Tensor:
@@ -136,8 +141,7 @@ class ColumnCodes(LazyTensor):
         self.src, self.scale = src, scale
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
-        w = self.src.rows(start, stop)
-        return torch.clamp(torch.round(w * (1 / self.scale.divisor())), -128, 127).to(torch.int8)
+        return _codes(self.src.rows(start, stop), self.scale.divisor(), 8)
 
     def load(self) -> torch.Tensor:
         return self.rows(0, self.shape[0])

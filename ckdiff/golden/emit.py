@@ -197,11 +197,6 @@ def _shard(w: torch.Tensor, rule, t: int, tp: int) -> torch.Tensor:
     raise ValueError(f"unknown split {rule!r}")
 
 
-def megatron_model_name(cfg) -> str:
-    from .. import families
-    return families.family(cfg.family).default_megatron_model(cfg.hf_model_type)
-
-
 def megatron_args(cfg: ModelConfig, tp: int, pp: int, padded: int, divisor: int = FX.DEFAULT_DIVISOR,
                   model: str | None = None) -> argparse.Namespace:
     """The args Namespace (MLF section 5) plus what ckdiff records beyond the original."""
@@ -210,7 +205,7 @@ def megatron_args(cfg: ModelConfig, tp: int, pp: int, padded: int, divisor: int 
              max_position_embeddings=cfg.max_pos, seq_length=cfg.max_pos, tensor_model_parallel_size=tp,
              pipeline_model_parallel_size=pp, padded_vocab_size=padded, ffn_hidden_size=cfg.ffn)
     a.update(true_vocab_size=cfg.vocab, kv_channels=cfg.head_dim, rope_theta=cfg.rope_theta,
-             layernorm_epsilon=cfg.norm_eps, params_dtype=cfg.dtype, ckdiff_model=model or megatron_model_name(cfg),
+             layernorm_epsilon=cfg.norm_eps, params_dtype=cfg.dtype, ckdiff_model=model or families.family(cfg.family).default_megatron_model(cfg.hf_model_type),
              ckdiff_rotary=cfg.rotary_rows or "interleaved")
     assert set(FX.MEGATRON_ARGS_CKDIFF) <= set(a)
     if fam.block.norm.value == "layer":  # Falcon: LayerNorm, GELU, parallel attention, tied

@@ -23,6 +23,7 @@ from ..converters.faults import Faults
 from ..converters.lazy import Checkpoint, DerivedGroup, DerivedTensor
 from ..converters.ops import Chain, Concat, FuseQKV, Identity, PermuteRope, Shard, ShardMerge, Transpose, map_ops
 from ..converters.table import Rule
+from ..compare.status import OK, Status
 from ..errors import InputError
 
 
@@ -305,6 +306,10 @@ def run_mutations(work: Path, catalogue=None) -> tuple[list[MutationOutcome], li
     return outcomes, baseline
 
 
+# statuses with nothing to report about a mutation; a reordering passes a compare but is evidence here
+SHOWN_AS_PASSING = {str(x.value) for x in OK - {Status.REORDERED}}
+
+
 def _findings(checks) -> str:
     """Everything a reviewer reads about red checks: details, diagnoses, config differences, notes."""
     parts = []
@@ -312,7 +317,7 @@ def _findings(checks) -> str:
         parts.append(c.detail)
         res = c.result or {}
         for t in res.get("tensors", []):
-            if t.get("status") not in ("equal", "close", "cast", "quant"):
+            if t.get("status") not in SHOWN_AS_PASSING:
                 parts.append(f"{t['name']}: {t['status']}")
                 parts += list(t.get("diagnosis") or [])
         parts += [f"{k}: {a} -> {b}" for k, a, b in res.get("config_diff", [])]
@@ -753,7 +758,7 @@ def run_format_mutations(work: Path, catalogue=None) -> tuple[list[MutationOutco
         except CkdiffError as e:
             return True, [f"refused: {e}"]
         d = res.to_dict()
-        found = [f"{t['name']}: {t['status']}" for t in d["tensors"] if t["status"] not in ("equal", "close", "cast", "quant")]
+        found = [f"{t['name']}: {t['status']}" for t in d["tensors"] if t["status"] not in SHOWN_AS_PASSING]
         return not res.equivalent, found + d["notes"] + [f"{k}: {a} -> {b}" for k, a, b in d["config_diff"]]
     baseline = []
     for layout, model in sorted({(m.layout, m.model) for m in catalogue}):

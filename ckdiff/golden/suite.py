@@ -37,16 +37,11 @@ class Converter:
     options: dict = field(default_factory=dict)
 
 
-def _model_name(cfg) -> str:
-    from .. import families
-    return families.family(cfg.family).default_megatron_model(cfg.hf_model_type)
-
-
 def _hf_to_megatron(src, out, o, faults=None):
     from ..converters import api
     ck, cfg = api.read_source(src)
-    model = _model_name(cfg)
     fam = families.family(cfg.family)
+    model = fam.default_megatron_model(cfg.hf_model_type)
     if ck.format == "meta" and not fam.megatron_model(model).meta_source:
         model = fam.default_megatron_model()  # Meta weights are read as the family's default source
     api.hf_to_megatron(model, out, model_path=src, tp=o.get("tp", 1), pp=o.get("pp", 1), overwrite=True,
