@@ -22,8 +22,7 @@ import torch
 
 from ..converters.formats import dtype_name
 from ..converters.lazy import Checkpoint, LazyTensor
-from ..errors import InputError
-from .kernels import Stats, as_kernel_input, bytes_equal, memory_equal
+from .kernels import Stats, as_kernel_input, memory_equal, plan
 from .status import Status, rank
 
 # rtol, atol per dtype (torch.testing's _DTYPE_PRECISIONS, fp32/fp64 from its defaults)
@@ -156,32 +155,9 @@ class Options:
         return not any(fnmatch.fnmatchcase(name, p) for p in self.ignore)
 
 
-def _bytes_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
-    return bytes_equal(x.contiguous(), y.contiguous())
-
-
 def _raw(t: LazyTensor) -> bool:
-    return hasattr(t, "byte_chunks") and hasattr(t, "file")
-
-
-_SLOTS = 3  # read-ahead buffers per side: one being compared, one queued, one being read
-_PIECE = 1 << 20  # pread and byte-compare this much of each side at a time, while it is in cache
-
-
-class ReadBuffers:
-    """The read buffers of one comparison: ``_SLOTS`` per side of ``nbytes`` each, made when
-    first needed (uninitialised: pages are touched only as far as data is read) and reused for
-    every tensor of the comparison, so memory stays bounded whatever the checkpoint size."""
-
-    def __init__(self, nbytes: int):
-        self.nbytes = nbytes
-        self._slots: dict = {}
-
-    def get(self, side: str, k: int, need: int = 0) -> np.ndarray:
-        key = (side, k % _SLOTS)
-        if key not in self._slots or self._slots[key].size < need:
-            self._slots[key] = np.empty(max(self.nbytes, need), np.uint8)
-        return self._slots[key]
+    """A tensor stored as plain bytes at ``lo`` of a file that maps windows (safetensors)."""
+    return hasattr(t, "lo") and hasattr(getattr(t, "file", None), "window")
 
 
 def _prefetch(items: Iterator, depth: int = 1, torch_threads: Optional[int] = None) -> Iterator:
@@ -223,38 +199,13 @@ def _prefetch(items: Iterator, depth: int = 1, torch_threads: Optional[int] = No
         th.join()
 
 
-def _read_raw(t, lo: int, hi: int, buf: np.ndarray) -> torch.Tensor:
-    """Elements [lo, hi) of a file-backed tensor, pread into ``buf``."""
+def _window(t, lo: int, hi: int, ahead: int = 0) -> np.ndarray:
+    """Raw bytes of elements [lo, hi) of a file-backed tensor, over a map of the page cache (no
+    copy); the next ``ahead`` elements are asked of the disk meanwhile (a cold cache)."""
     isz = t.dtype.itemsize
-    n = (hi - lo) * isz
-    if n == 0:
-        return torch.empty(0, dtype=t.dtype)
-    view = memoryview(buf)[:n]
-    got = t.file.read_into(t.lo + lo * isz, view)
-    if got != n:
-        raise InputError(t.file.path, f"tensor {t.name!r}: short read ({got} of {n} bytes)")
-    return torch.frombuffer(view, dtype=t.dtype, count=hi - lo)
-
-
-def _read_raw_pair(ta, tb, lo: int, hi: int, ba: np.ndarray, bb: np.ndarray):
-    """Elements [lo, hi) of two file-backed tensors of the same dtype, pread piece by piece into
-    ``ba``/``bb``; each piece pair is byte-compared right after it is read, while it is in cache.
-    Returns (chunk a, chunk b, bytes equal)."""
-    isz = ta.dtype.itemsize
-    n = (hi - lo) * isz
-    equal = True
-    va, vb = memoryview(ba), memoryview(bb)
-    for off in range(0, n, _PIECE):
-        end = min(n, off + _PIECE)
-        for t, v in ((ta, va), (tb, vb)):
-            got = t.file.read_into(t.lo + lo * isz + off, v[off:end])
-            if got != end - off:
-                raise InputError(t.file.path, f"tensor {t.name!r}: short read ({off + got} of {n} bytes)")
-        equal = equal and memory_equal(ba, bb, off, end - off)
-    if n == 0:
-        return torch.empty(0, dtype=ta.dtype), torch.empty(0, dtype=tb.dtype), True
-    return (torch.frombuffer(va[:n], dtype=ta.dtype, count=hi - lo),
-            torch.frombuffer(vb[:n], dtype=tb.dtype, count=hi - lo), equal)
+    if ahead:
+        t.file.will_need(t.lo + hi * isz, ahead * isz)
+    return t.file.window(t.lo + lo * isz, (hi - lo) * isz)
 
 
 def _read_rows(t: LazyTensor, lo: int, hi: int, row: int) -> torch.Tensor:
@@ -277,22 +228,42 @@ def _ranges(ta: LazyTensor, tb: LazyTensor, chunk_bytes: int, raw: bool) -> tupl
     return [(lo, min(n, lo + step)) for lo in range(0, n, step)], row
 
 
-def _pairs(ta, tb, ranges, row: int, bufs: Optional[ReadBuffers], first: int = 0) -> Iterator:
-    """(lo, hi, chunk a, chunk b, bytes equal or None if not known) as flat tensors, read on a
-    thread one chunk ahead. Two file-backed sides of one dtype are byte-compared as they are read."""
-    same = ta.dtype == tb.dtype
+def _pairs(ta, tb, ranges, row: int) -> Iterator:
+    """(lo, hi, chunk a, chunk b) for each range: a file-backed side as its raw bytes over a map
+    (uint8 numpy, nothing copied), any other side as a flat tensor gathered through its table.
+    With a gathered side the chunks are made on a thread one chunk ahead."""
+    raw_a, raw_b = _raw(ta), _raw(tb)
 
     def gen():
-        for k, (lo, hi) in enumerate(ranges, first):
-            na, nb = (hi - lo) * ta.dtype.itemsize, (hi - lo) * tb.dtype.itemsize
-            if bufs is not None and _raw(ta) and _raw(tb) and same:
-                ca, cb, eq = _read_raw_pair(ta, tb, lo, hi, bufs.get("a", k, na), bufs.get("b", k, nb))
-                yield lo, hi, ca, cb, eq
-                continue
-            ca = _read_raw(ta, lo, hi, bufs.get("a", k, na)) if bufs and _raw(ta) else _read_rows(ta, lo, hi, row)
-            cb = _read_raw(tb, lo, hi, bufs.get("b", k, nb)) if bufs and _raw(tb) else _read_rows(tb, lo, hi, row)
-            yield lo, hi, ca, cb, None
-    return _prefetch(gen()) if len(ranges) > 1 else gen()
+        for lo, hi in ranges:
+            ahead = hi - lo
+            ca = _window(ta, lo, hi, min(ahead, ta.numel - hi)) if raw_a else _read_rows(ta, lo, hi, row)
+            cb = _window(tb, lo, hi, min(ahead, tb.numel - hi)) if raw_b else _read_rows(tb, lo, hi, row)
+            yield lo, hi, ca, cb
+    return gen() if (raw_a and raw_b) or len(ranges) < 2 else _prefetch(gen())
+
+
+def _bytes(x) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x
+    x = x.contiguous().reshape(-1)
+    return x.view(torch.uint8).numpy() if x.numel() else np.zeros(0, np.uint8)
+
+
+def _equal(x, y) -> bool:
+    """Byte equality of two chunks of one dtype (memcmp, the GIL released)."""
+    u, v = _bytes(x), _bytes(y)
+    return u.size == v.size and memory_equal(u, v, 0, u.size)
+
+
+def _kin(x, dtype: torch.dtype):
+    """Kernel input (compare/kernels.py) for a chunk: raw bytes of ``dtype`` or a tensor."""
+    if isinstance(x, np.ndarray):
+        p = plan(dtype)
+        if p is not None:
+            return x, x.size // dtype.itemsize, p[0], p[1]
+        x = torch.frombuffer(x, dtype=dtype) if x.size else torch.empty(0, dtype=dtype)
+    return as_kernel_input(x)
 
 
 def _unravel(flat: int, shape) -> list:
@@ -304,11 +275,9 @@ def _unravel(flat: int, shape) -> list:
 
 
 def compare_tensor(name: str, ta: LazyTensor, tb: LazyTensor, opts: Options,
-                   progress: Optional[Callable[[int], None]] = None,
-                   bufs: Optional[ReadBuffers] = None) -> TensorResult:
+                   progress: Optional[Callable[[int], None]] = None) -> TensorResult:
     """One pass over both tensors: bytes first, and from the first differing chunk on every
-    metric from the fused kernel (chunks before it are read once more for their norms).
-    ``bufs``: the comparison's read buffers (made for this tensor alone when not given)."""
+    metric from the fused kernel (chunks before it are read once more for their norms)."""
     r = TensorResult(name=name, status=Status.EQUAL, shape_a=list(ta.shape), shape_b=list(tb.shape),
                      dtype_a=dtype_name(ta.dtype), dtype_b=dtype_name(tb.dtype), numel=ta.numel)
     if ta.shape != tb.shape:
@@ -325,22 +294,18 @@ def compare_tensor(name: str, ta: LazyTensor, tb: LazyTensor, opts: Options,
     tol = opts.tolerance(name, ta.dtype, tb.dtype)
     r.atol, r.rtol, r.tol_source = tol.atol, tol.rtol, tol.source
     same_dtype = ta.dtype == tb.dtype
-    raw = _raw(ta) or _raw(tb)
     ranges, row = _ranges(ta, tb, opts.chunk_bytes, _raw(ta) and _raw(tb))
-    if raw and bufs is None:
-        bufs = ReadBuffers(min(opts.chunk_bytes, max(ta.nbytes, tb.nbytes)))
-    elif not raw:
-        bufs = None
     stats = Stats()
     first_diff = None if same_dtype else 0
-    for k, (lo, hi, ca, cb, eq) in enumerate(_pairs(ta, tb, ranges, row, bufs)):
+    for k, (lo, hi, ca, cb) in enumerate(_pairs(ta, tb, ranges, row)):
         if first_diff is None:
-            if eq if eq is not None else _bytes_equal(ca, cb):
+            if _equal(ca, cb):
                 if progress:
                     progress((hi - lo) * (ta.dtype.itemsize + tb.dtype.itemsize))
                 continue
             first_diff = k
-        stats.add(as_kernel_input(ca), as_kernel_input(cb), lo, tol.atol, tol.rtol)
+        stats.add(_kin(ca, ta.dtype), _kin(cb, tb.dtype), lo, tol.atol, tol.rtol)
+        del ca, cb  # a window is unmapped as soon as it is dropped
         if progress:
             progress((hi - lo) * (ta.dtype.itemsize + tb.dtype.itemsize))
     r.bit_exact = first_diff is None
@@ -348,8 +313,8 @@ def compare_tensor(name: str, ta: LazyTensor, tb: LazyTensor, opts: Options,
         r.cosine = 1.0 if ta.numel else None
         return r
     if first_diff:  # the equal chunks before the first difference still count in norms and NaN/Inf
-        for lo, hi, ca, cb, _ in _pairs(ta, tb, ranges[:first_diff], row, bufs):
-            stats.add(as_kernel_input(ca), as_kernel_input(cb), lo, tol.atol, tol.rtol)
+        for lo, hi, ca, cb in _pairs(ta, tb, ranges[:first_diff], row):
+            stats.add(_kin(ca, ta.dtype), _kin(cb, tb.dtype), lo, tol.atol, tol.rtol)
     r.max_abs = max(0.0, stats.max_abs)
     r.max_abs_index = _unravel(stats.max_idx, ta.shape) if stats.max_idx is not None else None
     r.mean_abs = stats.sum_abs / max(1, ta.numel)
@@ -412,9 +377,8 @@ def compare_checkpoints(a: Checkpoint, b: Checkpoint, opts: Optional[Options] = 
             t = b.tensors[n]
             one_sided.append(TensorResult(n, Status.ONLY_B, shape_b=list(t.shape), dtype_b=dtype_name(t.dtype), numel=t.numel))
     n_quant = len(jobs)
-    bufs = ReadBuffers(opts.chunk_bytes)  # this comparison's own, shared by its tensors (one at a time)
     jobs += [(n, a.tensors[n].nbytes + b.tensors[n].nbytes,
-              lambda n=n, progress=None: compare_tensor(n, a.tensors[n], b.tensors[n], opts, progress, bufs))
+              lambda n=n, progress=None: compare_tensor(n, a.tensors[n], b.tensors[n], opts, progress))
              for n in common]
     if shard is not None:
         done = shard.map(jobs)

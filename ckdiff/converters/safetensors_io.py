@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import torch
 
 from ..errors import InputError
@@ -263,6 +264,35 @@ class SafetensorsFile:
     def read_into(self, offset: int, buf: memoryview) -> int:
         """Read data bytes at ``offset`` (relative to the data section) into ``buf``."""
         return os.preadv(self._fd(), [buf], self.data_start + offset)
+
+    def window(self, offset: int, n: int) -> np.ndarray:
+        """Data bytes [offset, offset + n) as a uint8 array over a map of just their pages: the
+        page cache's own pages, nothing copied (a private map: never written through), unmapped
+        when the array is dropped. A file that has shrunk since its header was read is refused
+        here rather than faulting on a page past its end."""
+        start = self.data_start + offset
+        fd = self._fd()
+        try:
+            size = os.fstat(fd).st_size
+        except OSError as e:
+            raise InputError(self.path, os_problem(e)) from None
+        if start + n > size:
+            raise InputError(self.path, f"file shrank to {size} bytes while being read (data up to byte "
+                                        f"{start + n} expected)")
+        if n == 0:
+            return np.zeros(0, np.uint8)
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        mm = mmap.mmap(fd, start + n - base, access=mmap.ACCESS_COPY, offset=base)
+        return np.frombuffer(mm, np.uint8, count=n, offset=start - base)
+
+    def will_need(self, offset: int, n: int) -> None:
+        """Ask the kernel to start reading data bytes [offset, offset + n) into the page cache
+        (asynchronously: a later window over them does not wait on the disk)."""
+        if n > 0 and hasattr(os, "posix_fadvise"):
+            try:
+                os.posix_fadvise(self._fd(), self.data_start + offset, n, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass  # a hint only
 
     def _fd(self) -> int:
         if getattr(self, "_fh", None) is None:
