@@ -24,6 +24,7 @@ some layers only says so.
 """
 from __future__ import annotations
 
+import math
 import re
 import time
 from dataclasses import dataclass, field, replace
@@ -261,7 +262,8 @@ def _scale_offset(A: torch.Tensor, B: torch.Tensor, name: str) -> Optional[str]:
     if af.numel() == 0:
         return None
     den = float(af @ af)
-    tol = dict(rtol=2e-3 if A.dtype != torch.float32 or B.dtype != torch.float32 else 1e-5, atol=1e-7)
+    rtol, atol = _so_tol(A.dtype, B.dtype)
+    tol = dict(rtol=rtol, atol=atol)
     if den > 0:
         c = float(af @ bf) / den
         if abs(c - 1) > 1e-9 and torch.allclose(af * c, bf, **tol):
@@ -274,6 +276,30 @@ def _scale_offset(A: torch.Tensor, B: torch.Tensor, name: str) -> Optional[str]:
                     "the other stores w)")
         return f"offset: B == A {'+' if d > 0 else '-'} {abs(d):.6g}" + hint
     return None
+
+
+def _so_tol(da: torch.dtype, db: torch.dtype) -> tuple[float, float]:
+    """(rtol, atol) of _scale_offset's element-wise test."""
+    return (2e-3 if da != torch.float32 or db != torch.float32 else 1e-5), 1e-7
+
+
+def _may_scale_or_offset(r: TensorResult, ta: LazyTensor, tb: LazyTensor) -> bool:
+    """False when the metrics alone rule out both B == c*A and B == A + d within _scale_offset's
+    element-wise tolerance ``|b - fit| <= atol + rtol |b|``, nothing read: summed in squares those
+    bounds give ``||b - fit||_2 <= atol sqrt(n) + rtol ||b||_2``, while the best scale leaves
+    ``||b||^2 (1 - cos^2)`` and the best offset at least ``||b - a||^2 - (sum |b - a|)^2 / n``. Noise
+    (a fine-tune, a numerics change) is ruled out here instead of on a sample of rows."""
+    if r.norm_a is None or r.norm_b is None or r.cosine is None or r.nan_a or r.nan_b or r.inf_a or r.inf_b:
+        return True
+    if not (ta.dtype.is_floating_point and tb.dtype.is_floating_point):
+        return True
+    rtol, atol = _so_tol(ta.dtype, tb.dtype)
+    n, na, nb = max(1, r.numel), r.norm_a ** 2, r.norm_b ** 2
+    cos = min(1.0, abs(r.cosine))
+    bound = 1.01 * (atol * math.sqrt(n) + rtol * r.norm_b) ** 2 + 1e-9 * (na + nb)  # + rounding of the sums
+    scale_left = nb * (1.0 - cos * cos)
+    offset_left = na + nb - 2.0 * r.cosine * r.norm_a * r.norm_b - (r.mean_abs * r.numel) ** 2 / n
+    return scale_left <= bound or offset_left <= bound
 
 
 def _localised(r: TensorResult, A: _Side, B: _Side, config: dict) -> Optional[str]:
@@ -559,7 +585,7 @@ def diagnose_tensor(r: TensorResult, ta: LazyTensor, tb: LazyTensor, ctx: _Ctx) 
     A, B = _Side(ta, whole), _Side(tb, whole)
     n = ta.shape[0]
     rows_idx = _sample_rows(n, r.max_abs_index[0] if r.max_abs_index else None)
-    so = _scale_offset(A.rows_at(rows_idx), B.rows_at(rows_idx), r.name)
+    so = _scale_offset(A.rows_at(rows_idx), B.rows_at(rows_idx), r.name) if _may_scale_or_offset(r, ta, tb) else None
     if so and ta.numel <= MAX_NUMEL:
         so = _scale_offset(A.load(), B.load(), r.name)  # confirm on the whole tensor
     if so:

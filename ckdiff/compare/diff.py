@@ -12,6 +12,7 @@ Policy (documented in the README):
 from __future__ import annotations
 
 import fnmatch
+import math
 import queue
 import threading
 from dataclasses import asdict, dataclass, field
@@ -56,6 +57,8 @@ class TensorResult:
     mean_abs: float = 0.0
     max_rel: float = 0.0
     cosine: Optional[float] = None
+    norm_a: Optional[float] = None  # L2 norms of the finite elements (with cosine: the diagnosis's L2 bounds)
+    norm_b: Optional[float] = None
     n_over_tol: int = 0
     nan_a: int = 0
     nan_b: int = 0
@@ -320,6 +323,7 @@ def compare_tensor(name: str, ta: LazyTensor, tb: LazyTensor, opts: Options,
     r.mean_abs = stats.sum_abs / max(1, ta.numel)
     r.max_rel = stats.max_rel
     r.cosine = stats.cosine
+    r.norm_a, r.norm_b = math.sqrt(max(0.0, stats.na)), math.sqrt(max(0.0, stats.nb))
     r.n_over_tol = stats.over
     r.nan_a, r.nan_b, r.inf_a, r.inf_b = stats.nan_a, stats.nan_b, stats.inf_a, stats.inf_b
     r.status = Status.DIFFER if stats.over else (Status.CLOSE if same_dtype else Status.CAST)

@@ -93,6 +93,7 @@ def compare_quantized(name: str, flt, q, s, bits: int | None, chunk_bytes: int =
     r.mean_abs = st.sum_abs / max(1, flt.numel)
     r.max_rel = st.max_rel
     r.cosine = st.cosine
+    r.norm_a, r.norm_b = math.sqrt(max(0.0, st.na)), math.sqrt(max(0.0, st.nb))
     r.n_over_tol = st.over[bound]
     r.nan_a, r.nan_b, r.inf_a = st.nan, 0, st.inf
     r.atol, r.rtol, r.tol_source = None, None, f"{bound} x scale (int{bits})"

@@ -1,0 +1,60 @@
+"""The diagnosis rules out scale and offset from the metrics alone only when no sample could fit."""
+import torch
+from hypothesis import given, settings, strategies as st
+
+from ckdiff.compare.diagnose import _may_scale_or_offset, _scale_offset
+from ckdiff.compare.diff import Options, compare_tensor
+from ckdiff.converters.lazy import EagerTensor
+
+
+def _result(a, b):
+    return compare_tensor("t", EagerTensor("t", a), EagerTensor("t", b), Options())
+
+
+@settings(max_examples=120, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), rows=st.integers(1, 40), cols=st.integers(1, 300),
+       kind=st.sampled_from(["scale", "offset", "noise", "scale+noise", "offset+noise", "scale+edge", "offset+edge"]),
+       c=st.floats(-3, 3).filter(lambda x: abs(x) > 1e-3), noise=st.sampled_from([1e-6, 1e-4, 1e-3, 1e-2, 1e-1]),
+       dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16, torch.float16]))
+def test_never_rules_out_what_the_element_test_accepts(seed, rows, cols, kind, c, noise, dtype):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    b = a.clone()
+    if "scale" in kind:
+        b = b * c
+    if "offset" in kind:
+        b = b + c
+    if "noise" in kind:
+        b = b * (1 + noise * torch.randn(rows, cols, generator=g, dtype=torch.float64))
+    if "edge" in kind:  # every element just inside the element-wise tolerance: the L2 bound is nearly tight
+        sign = torch.randint(0, 2, (rows, cols), generator=g).double() * 2 - 1
+        b = b * (1 + 0.0019 * sign)
+    a, b = a.to(dtype), b.to(dtype)
+    r = _result(a, b)
+    if r.ok:
+        return
+    if _scale_offset(a, b, "t") is not None:
+        assert _may_scale_or_offset(r, EagerTensor("t", a), EagerTensor("t", b))
+
+
+def test_noise_is_ruled_out_and_scale_offset_are_not():
+    g = torch.Generator().manual_seed(0)
+    a = (torch.randn(64, 512, generator=g) * 0.02).to(torch.bfloat16)
+    noisy = (a.float() * (1 + 1e-2 * torch.randn(64, 512, generator=g))).to(torch.bfloat16)
+    ta = EagerTensor("t", a)
+    assert not _may_scale_or_offset(_result(a, noisy), ta, EagerTensor("t", noisy))
+    for x, b in ((a, (a.float() * 2.0).to(torch.bfloat16)), (a.float(), a.float() + 1.0)):
+        r = _result(x, b)
+        assert _scale_offset(x, b, "t") is not None
+        assert _may_scale_or_offset(r, EagerTensor("t", x), EagerTensor("t", b))
+
+
+def test_a_scale_at_the_edge_of_the_element_tolerance_is_not_ruled_out():
+    """Every element 0.19 % off an exact scale (the element test allows 0.2 %): the L2 bound is within
+    10 % of tight here, so a bound any tighter would rule out a scale the element test accepts."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(40, 300, generator=g, dtype=torch.float64)
+    sign = torch.randint(0, 2, (40, 300), generator=g).double() * 2 - 1
+    b = a * 1.7 * (1 + 0.0019 * sign)
+    assert _scale_offset(a, b, "t").startswith("scaled")
+    assert _may_scale_or_offset(_result(a, b), EagerTensor("t", a), EagerTensor("t", b))
