@@ -270,7 +270,9 @@ def _qfast(x, q, scv, se, percol, m, rmc, deq, dbuf, ubuf):
     """One block of float ``x`` against codes ``q`` times the scale ``se`` (or ``scv[j]`` per column),
     dequantized in float32 as the runtimes do, branch-free (see _fast): sums, counts over 1.0 and
     1.5 scales, the rel ``hit`` count, code range, bits of max |d| (``dbuf``) and, per column, of
-    the largest error in scale units (``ubuf``)."""
+    the largest error in scale units (``ubuf``). An element dequantized to 0 has a relative error
+    of exactly 1 (``zero`` counts them) and is left out of ``hit``: most blocks hold one once the
+    running maximum is 1, and would otherwise all take the division pass of _rel."""
     s = 0.0
     dot = 0.0
     na = 0.0
@@ -278,6 +280,7 @@ def _qfast(x, q, scv, se, percol, m, rmc, deq, dbuf, ubuf):
     o10 = 0
     o15 = 0
     hit = 0
+    zero = 0
     cmin = 127
     cmax = -128
     if percol:
@@ -295,7 +298,9 @@ def _qfast(x, q, scv, se, percol, m, rmc, deq, dbuf, ubuf):
             o10 += d > sd
             o15 += d > 1.5 * sd
             p = rmc * abs(xv)
-            hit += (d > p) | ((d > 0.0) & (p < 2.2250738585072014e-308))
+            nz = dv != 0.0
+            hit += ((d > p) | ((d > 0.0) & (p < 2.2250738585072014e-308))) & nz
+            zero += (d > 0.0) & ~nz
             cmin = min(cmin, qj)
             cmax = max(cmax, qj)
             dbuf[j] = d
@@ -315,7 +320,9 @@ def _qfast(x, q, scv, se, percol, m, rmc, deq, dbuf, ubuf):
             o10 += d > sd
             o15 += d > s15
             p = rmc * abs(xv)
-            hit += (d > p) | ((d > 0.0) & (p < 2.2250738585072014e-308))
+            nz = dv != 0.0
+            hit += ((d > p) | ((d > 0.0) & (p < 2.2250738585072014e-308))) & nz
+            zero += (d > 0.0) & ~nz
             cmin = min(cmin, qj)
             cmax = max(cmax, qj)
             dbuf[j] = d
@@ -330,7 +337,7 @@ def _qfast(x, q, scv, se, percol, m, rmc, deq, dbuf, ubuf):
     else:
         for j in range(m):
             dm = max(dm, du[j])
-    return s, dot, na, nb, o10, o15, hit, cmin, cmax, dm, um
+    return s, dot, na, nb, o10, o15, hit, zero, cmin, cmax, dm, um
 
 
 @njit(parallel=True, cache=True, nogil=True, error_model="numpy")
@@ -375,7 +382,7 @@ def _quant_metrics(w, mode_w, lut_w, codes, scale, R, C, sr, sc, cdiv, percol, n
                 qb = codes[i * C + j0:i * C + j0 + m]
                 db = dbuf[j0:j0 + m]
                 rmc = mr * _SLACK if mr >= _TINY else 0.0
-                bs, bdot, bna, bnb, b10, b15, hit, bmin, bmax, dm, um = _qfast(
+                bs, bdot, bna, bnb, b10, b15, hit, zero, bmin, bmax, dm, um = _qfast(
                     xb, qb, scv, se, percol, m, rmc, deq, db, ubuf)
                 cmin = min(cmin, bmin)
                 cmax = max(cmax, bmax)
@@ -386,6 +393,8 @@ def _quant_metrics(w, mode_w, lut_w, codes, scale, R, C, sr, sc, cdiv, percol, n
                     nb += bnb
                     o10 += b10
                     o15 += b15
+                    if zero:  # dequantized to 0 where the float is not: |x - 0| / |x| is exactly 1
+                        mr = max(mr, 1.0)
                     if hit:
                         one[0] = _rel(xb, db, m, rbuf)
                         mr = max(mr, one.view(np.float64)[0])
