@@ -51,3 +51,18 @@ def test_a_file_that_shrinks_while_read_is_one_clear_error(tmp_path):
         fh.truncate(4096)
     with pytest.raises(InputError, match="shrank"):
         compare_tensor("w", ta, tb, Options())
+
+
+def test_a_file_system_that_cannot_map_is_read_instead(tmp_path, monkeypatch):
+    import mmap as mmap_mod
+
+    from ckdiff.converters import safetensors_io
+
+    def refuse(*a, **k):
+        raise OSError(19, "No such device")
+    data = np.random.default_rng(1).integers(0, 256, 10000, dtype=np.uint8)
+    save_file({"x": torch.from_numpy(data.copy())}, tmp_path / "x.safetensors")
+    f = SafetensorsFile(tmp_path / "x.safetensors")
+    monkeypatch.setattr(safetensors_io.mmap, "mmap", refuse)
+    assert safetensors_io.mmap is mmap_mod
+    assert np.array_equal(f.window(123, 5000), data[123:5123])

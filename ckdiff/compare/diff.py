@@ -141,7 +141,7 @@ class Options:
     ignore: list = field(default_factory=list)
     diagnose: bool = True
     strict_dtype: bool = False
-    chunk_bytes: int = 8 * 1024 * 1024  # per side and read-ahead slot
+    chunk_bytes: int = 8 * 1024 * 1024  # per side: a mapped window, or rows gathered a quarter of it at a time
 
     def tolerance(self, name: str, da, db) -> Tolerance:
         for pat, atol, rtol, reason in self.patterns:
@@ -164,7 +164,7 @@ def _raw(t: LazyTensor) -> bool:
 
 
 def _prefetch(items: Iterator, depth: int = 1, torch_threads: Optional[int] = None) -> Iterator:
-    """Iterate ``items`` on a reader thread, ``depth`` items ahead (pread and torch release the GIL).
+    """Iterate ``items`` on a reader thread, ``depth`` items ahead (torch ops release the GIL).
     ``torch_threads``: torch's intra-op threads for the reader thread's own ops (a per-thread setting)."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -225,7 +225,7 @@ def _ranges(ta: LazyTensor, tb: LazyTensor, chunk_bytes: int, raw: bool) -> tupl
     if raw:
         step = max(1, chunk_bytes // isz)
     else:  # rows gathered through a table (a TP merge, a QKV split) pass through temporaries several
-        # times the chunk: a quarter of the pread chunk keeps the peak flat (HF vs Megatron TP=2,
+        # times the chunk: a quarter of the chunk keeps the peak flat (HF vs Megatron TP=2,
         # 1 GiB: peak RssAnon 436 -> 255 MiB, no slower)
         step = max(1, max(1, chunk_bytes // 4) // max(1, row * isz)) * row
     return [(lo, min(n, lo + step)) for lo in range(0, n, step)], row

@@ -242,7 +242,7 @@ def _libc_memcmp():
     return f
 
 
-_MEMCMP = _libc_memcmp()  # ctypes releases the GIL: the read-ahead thread compares beside the kernels
+_MEMCMP = _libc_memcmp()  # ctypes releases the GIL
 
 
 def memory_equal(a: np.ndarray, b: np.ndarray, off: int, n: int) -> bool:

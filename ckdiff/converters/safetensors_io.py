@@ -282,7 +282,17 @@ class SafetensorsFile:
         if n == 0:
             return np.zeros(0, np.uint8)
         base = start - start % mmap.ALLOCATIONGRANULARITY
-        mm = mmap.mmap(fd, start + n - base, access=mmap.ACCESS_COPY, offset=base)
+        try:
+            mm = mmap.mmap(fd, start + n - base, access=mmap.ACCESS_COPY, offset=base)
+        except (OSError, ValueError):  # a file system that cannot map: read the bytes instead
+            buf = np.empty(n, np.uint8)
+            try:
+                got = os.preadv(fd, [memoryview(buf)], start)
+            except OSError as e:
+                raise InputError(self.path, os_problem(e)) from None
+            if got != n:
+                raise InputError(self.path, f"short read ({got} of {n} bytes at byte {start})")
+            return buf
         return np.frombuffer(mm, np.uint8, count=n, offset=start - base)
 
     def will_need(self, offset: int, n: int) -> None:
