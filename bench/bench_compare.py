@@ -15,6 +15,7 @@ on two tiny checkpoints (interpreter, torch, numba cache): identical ones for th
 differ in one element for the other cases (a difference loads numba's cached kernels, ~1 s).
 
     python bench/bench_compare.py [--sizes 1,4] [--cases copy,one,all,cast,int8,megatron] [--dir DIR] [--keep]
+                                  [--reuse]
 """
 from __future__ import annotations
 
@@ -113,7 +114,10 @@ def main():
     p.add_argument("--dir", default=str(Path(__file__).parent / "out"))
     p.add_argument("--sizes", default="1,4", help="GiB per side, comma separated")
     p.add_argument("--cases", default=",".join(TARGET), help="comma separated, of " + ",".join(TARGET))
-    p.add_argument("--keep", action="store_true")
+    p.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    p.add_argument("--reuse", action="store_true",
+                   help="use the B checkpoints a previous --keep run left in --dir instead of making them again "
+                        "(a run that was interrupted may have left one half made: delete it)")
     args = p.parse_args()
     out = Path(args.dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -145,9 +149,10 @@ def main():
             print(f"generated {a} ({human(size)}, {len(tensors)} tensors) in {time.perf_counter() - t:.0f}s")
         for case in args.cases.split(","):
             b = out / f"b-{gib:g}-{case}"
-            if b.exists():
-                shutil.rmtree(b)
-            make_b(case, a, b, tensors, cfg, env)
+            if not (args.reuse and b.exists()):
+                if b.exists():
+                    shutil.rmtree(b)
+                make_b(case, a, b, tensors, cfg, env)
             floor = cat_seconds(files_of(a) + files_of(b))
             wall, peak, rc, stdout, err = ckdiff([a, b, "-q"], env)
             verdict = (stdout.strip().splitlines() or [err.strip()])[0][:60]

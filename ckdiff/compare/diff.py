@@ -141,7 +141,10 @@ class Options:
     ignore: list = field(default_factory=list)
     diagnose: bool = True
     strict_dtype: bool = False
-    chunk_bytes: int = 8 * 1024 * 1024  # per side: a mapped window, or rows gathered a quarter of it at a time
+    # per side: the window mapped of a file-backed side (32 MiB: a quarter as many unmaps, each of which
+    # interrupts the kernel's threads, as 8 MiB); rows gathered through a table go a sixteenth of it at a
+    # time, block-scaled rows a quarter
+    chunk_bytes: int = 32 * 1024 * 1024
 
     def tolerance(self, name: str, da, db) -> Tolerance:
         for pat, atol, rtol, reason in self.patterns:
@@ -225,16 +228,17 @@ def _ranges(ta: LazyTensor, tb: LazyTensor, chunk_bytes: int, raw: bool) -> tupl
     if raw:
         step = max(1, chunk_bytes // isz)
     else:  # rows gathered through a table (a TP merge, a QKV split) pass through temporaries several
-        # times the chunk: a quarter of the chunk keeps the peak flat (HF vs Megatron TP=2,
-        # 1 GiB: peak RssAnon 436 -> 255 MiB, no slower)
-        step = max(1, max(1, chunk_bytes // 4) // max(1, row * isz)) * row
+        # times their size: 2 MiB at a time keeps the peak flat (HF vs Megatron TP=2, 1 GiB: peak
+        # RssAnon 436 MiB with 8 MiB, 255 MiB with 2 MiB, no slower)
+        step = max(1, max(1, chunk_bytes // 16) // max(1, row * isz)) * row
     return [(lo, min(n, lo + step)) for lo in range(0, n, step)], row
 
 
 def _pairs(ta, tb, ranges, row: int) -> Iterator:
     """(lo, hi, chunk a, chunk b) for each range: a file-backed side as its raw bytes over a map
     (uint8 numpy, nothing copied), any other side as a flat tensor gathered through its table.
-    With a gathered side the chunks are made on a thread one chunk ahead."""
+    Chunks with a gathered side are made on a thread one chunk ahead. (Two gathering threads were
+    no faster and raced on a group's computed outputs: 4 GiB HF vs Megatron TP=2, 240 -> 669 MiB.)"""
     raw_a, raw_b = _raw(ta), _raw(tb)
 
     def gen():
@@ -290,7 +294,7 @@ def compare_tensor(name: str, ta: LazyTensor, tb: LazyTensor, opts: Options,
         return r
     from .blockscaled import compare_block_scaled, is_block_scaled
     if is_block_scaled(ta) or is_block_scaled(tb):  # GGUF blocks, FP8 block scales: judged in scale units
-        out = compare_block_scaled(name, ta, tb, opts.chunk_bytes)
+        out = compare_block_scaled(name, ta, tb, max(1, opts.chunk_bytes // 4))
         if progress:
             progress(ta.nbytes + tb.nbytes)
         return out
