@@ -28,6 +28,9 @@ EMBED = re.compile(r"^(tok_embeddings|embedder)\.weight$")
 SCALER = "_scaler"
 # per-element bound in units of the stored scale (bf16 arithmetic measured 1.14 / 0.53)
 BOUND = {8: 1.5, 4: 1.0}
+# row blocks of the embedding's column-maximum pass (its |w| is one temporary of this size), like the
+# writers' 8 MiB blocks: the allocator keeps freed blocks of the largest size seen for reuse
+BLOCK_BYTES = 8 << 20
 
 
 def bits_of(qtype: str) -> int:
@@ -138,7 +141,7 @@ class ColumnScale(LazyTensor):
         """The scale as ``quantize`` divides by: shape [1, columns], in the embedding's dtype."""
         if self._s is None:
             m = None
-            for a, b in self.src.row_chunks():
+            for a, b in self.src.row_chunks(BLOCK_BYTES):
                 part = self.src.rows(a, b).abs().amax(dim=0, keepdim=True)
                 m = part if m is None else torch.maximum(m, part)
             if m is None:
