@@ -210,30 +210,12 @@ def compare_logits(a: Checkpoint, b: Checkpoint, batch: int = 4, length: int = 4
     with torch.no_grad():
         logits_a, logits_b, rel_errors = _lockstep(steps(a, ca, ids, tdt, progress), steps(b, cb, ids, tdt, progress))
     first_div = next((i for i, r in enumerate(rel_errors) if r > hthr), None)
-    la, lb = logits_a[..., :vocab].double(), logits_b[..., :vocab].double()
-    if skip_first:
-        la, lb = la[:, 1:], lb[:, 1:]
-    lpa, lpb = torch.log_softmax(la, -1), torch.log_softmax(lb, -1)
-    kl = (lpa.exp() * (lpa - lpb)).sum(-1)  # [B, T]: summed over the vocabulary, never averaged
-    kmax, kidx = kl.reshape(-1).max(0)
-    T = la.shape[1]
-    top1 = (la.argmax(-1) == lb.argmax(-1)).double().mean()
-    k = min(topk, vocab)
-    ta, tb = la.topk(k, -1).indices, lb.topk(k, -1).indices
-    a_in_b = (tb == la.argmax(-1, keepdim=True)).any(-1)
-    b_in_a = (ta == lb.argmax(-1, keepdim=True)).any(-1)
-    mutual = a_in_b & b_in_a
-    fail = (~mutual).nonzero()
-    diff = (la - lb).abs()
-    dmax, didx = diff.reshape(-1).max(0)
-    di = int(didx)
-    nmse = float(((la - lb) ** 2).mean() / la.var()) if la.var() > 0 else 0.0
     notes = []
     if bos is not None or spec:
         notes.append(f"prompts: BOS {bos} at position 0" + (f", special ids {list(spec)} inside every sequence"
                                                              if spec else ""))
     thr, reason = weight_threshold(dtype, a, b)
-    gate_kl = None
+    fr = qtype = None
     if qa != qb:
         # The quantization's own threshold: the KL that a correct quantization of the float side
         # reaches, measured by fake-quantizing the float side in its own layout.
@@ -242,10 +224,11 @@ def compare_logits(a: Checkpoint, b: Checkpoint, batch: int = 4, length: int = 4
         ref_ck = Checkpoint(fl.path, fl.format, fake_quantize(fl.tensors, qtype), fl.config, fl.meta)
         with torch.no_grad():
             fr = drain(steps(ref_ck, cf, ids, tdt, progress))
-        lr = torch.log_softmax(fr[..., :vocab].double()[:, int(skip_first):], -1)
-        lpf, lpq = (lpb, lpa) if qa else (lpa, lpb)
-        ref_kl = float((lpf.exp() * (lpf - lr)).sum(-1).max())
-        gate_kl = float((lr.exp() * (lr - lpq)).sum(-1).max())
+    m = logit_metrics(logits_a, logits_b, vocab, topk, skip_first, ref=fr, quantized_a=qa)
+    del logits_a, logits_b, fr
+    gate_kl = m.gate_kl
+    if qa != qb:
+        ref_kl = m.ref_kl
         thr = thr + QUANT_MARGIN * ref_kl
         reason = (f"{qtype}: KL from a reference quantization of the float side <= {dtype} threshold "
                   f"+ {QUANT_MARGIN} x its own KL ({ref_kl:.3g})")
@@ -263,18 +246,126 @@ def compare_logits(a: Checkpoint, b: Checkpoint, batch: int = 4, length: int = 4
     if (ca.rope_theta, ca.norm_eps) != (cb.rope_theta, cb.norm_eps):
         notes.append(f"configs differ: rope_theta {ca.rope_theta} vs {cb.rope_theta}, "
                      f"norm eps {ca.norm_eps} vs {cb.norm_eps}")
-    kpos = int(kidx)
-    seq, pos = kpos // T, kpos % T
-    wa, wb = lpa[seq, pos], lpb[seq, pos]
-    worst = {"a_ids": wa.topk(k).indices.tolist(), "a_logprob": wa.topk(k).values.tolist(),
-             "b_ids": wb.topk(k).indices.tolist(), "b_logprob": wb.topk(k).values.tolist()}
+    sk = int(skip_first)
     return LogitsResult(
         a=a.path, b=b.path, format_a=a.format, format_b=b.format, dtype=dtype, batch=batch, length=length,
-        seed=seed, vocab_compared=vocab, vocab_a=ca.vocab, vocab_b=cb.vocab, max_kl=float(kmax),
-        mean_kl=float(kl.mean()), max_kl_at=[kpos // T, kpos % T + int(skip_first)],
-        top1_agreement=float(top1), topk=k, topk_agreement=float(mutual.double().mean()),
-        first_topk_failure=[int(fail[0, 0]), int(fail[0, 1]) + int(skip_first)] if len(fail) else None,
-        max_abs=float(dmax), max_abs_at=[di // (T * vocab), (di // vocab) % T + int(skip_first), di % vocab],
-        nmse=nmse, first_divergent_layer=first_div, layer_rel_errors=rel_errors, threshold=thr,
+        seed=seed, vocab_compared=vocab, vocab_a=ca.vocab, vocab_b=cb.vocab, max_kl=m.max_kl,
+        mean_kl=m.mean_kl, max_kl_at=[m.max_kl_at[0], m.max_kl_at[1] + sk],
+        top1_agreement=m.top1_agreement, topk=m.topk, topk_agreement=m.topk_agreement,
+        first_topk_failure=None if m.first_topk_failure is None else
+        [m.first_topk_failure[0], m.first_topk_failure[1] + sk],
+        max_abs=m.max_abs, max_abs_at=[m.max_abs_at[0], m.max_abs_at[1] + sk, m.max_abs_at[2]],
+        nmse=m.nmse, first_divergent_layer=first_div, layer_rel_errors=rel_errors, threshold=thr,
         threshold_reason=reason, gate_kl=gate_kl, skip_first=skip_first, notes=notes,
-        token_kl=[[float(f"{x:.4g}") for x in row] for row in kl.tolist()], worst_topk=worst)
+        token_kl=[[float(f"{x:.4g}") for x in row] for row in m.kl.tolist()], worst_topk=m.worst_topk)
+
+
+# ---------------------------------------------------------------- the metrics, a block of positions at a time
+METRIC_BLOCK_BYTES = 8 << 20  # float64 [positions, vocab] per temporary; a handful are alive at once
+
+
+@dataclass
+class LogitMetrics:
+    """Metrics of two [B, T, V] logit tensors (positions counted after ``skip_first``)."""
+    kl: torch.Tensor  # [B, T] float64: per-token KL(A||B) summed over the vocabulary
+    max_kl: float
+    mean_kl: float
+    max_kl_at: list  # [sequence, position]
+    top1_agreement: float
+    topk: int
+    topk_agreement: float
+    first_topk_failure: Optional[list]  # [sequence, position]
+    max_abs: float
+    max_abs_at: list  # [sequence, position, token id]
+    nmse: float
+    worst_topk: dict  # top-k of A and B at the max-KL token
+    ref_kl: Optional[float] = None  # with ``ref``: max KL(float side || reference quantization)
+    gate_kl: Optional[float] = None  # with ``ref``: max KL(reference quantization || quantized side)
+
+
+def _rows(logits: torch.Tensor, b: int, lo: int, hi: int, vocab: int) -> torch.Tensor:
+    """Positions [lo, hi) of sequence ``b``, the first ``vocab`` entries, in float64."""
+    return logits[b, lo:hi, :vocab].double()
+
+
+def _kl(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """Per-row KL(P||Q) from log-probabilities, summed over the vocabulary."""
+    e = lp.exp()
+    return e.mul_(lp - lq).sum(-1)
+
+
+def logit_metrics(logits_a: torch.Tensor, logits_b: torch.Tensor, vocab: int, topk: int = 5,
+                  skip_first: bool = False, ref: Optional[torch.Tensor] = None,
+                  quantized_a: bool = False) -> LogitMetrics:
+    """The logit metrics, all in float64 from log_softmax, computed a block of positions of one sequence
+    at a time: only one block's float64 [positions, vocab] temporaries are alive, whatever the batch.
+
+    Every row-wise value (log_softmax, KL, argmax, top-k) is the whole-batch computation's own; the
+    maxima combine exactly (first occurrence, NaN first, as ``Tensor.max``); means over [B, T] are taken
+    over the whole [B, T] results. NMSE's sums over [B, T, V] combine by blocks (mean square, and the
+    variance with Chan's pairwise update), so it agrees with one whole-tensor reduction to rounding.
+    ``ref`` (a reference quantization of the float side) adds ``ref_kl`` and ``gate_kl``; the quantized
+    side is A when ``quantized_a``."""
+    B, T0 = logits_a.shape[0], logits_a.shape[1]
+    sk = int(skip_first)
+    T = T0 - sk
+    k = min(topk, vocab)
+    step = max(1, METRIC_BLOCK_BYTES // (8 * max(1, vocab)))
+    kls, same1, mutual, refs, gates = [], [], [], [], []
+    best = None  # (max |A - B|, flat index over [B, T, V])
+    sq_sum, n, mean, m2 = 0.0, 0, 0.0, 0.0
+    for b in range(B):
+        for lo in range(sk, T0, step):
+            hi = min(T0, lo + step)
+            la, lb = _rows(logits_a, b, lo, hi, vocab), _rows(logits_b, b, lo, hi, vocab)
+            ia, ib = la.argmax(-1, keepdim=True), lb.argmax(-1, keepdim=True)
+            same1.append((ia == ib).reshape(-1))
+            ta, tb = la.topk(k, -1).indices, lb.topk(k, -1).indices
+            mutual.append((tb == ia).any(-1) & (ta == ib).any(-1))
+            d = la - lb
+            sq_sum += float((d * d).sum())
+            dmax, didx = d.abs_().reshape(-1).max(0)
+            del d
+            v = float(dmax)
+            if best is None or v > best[0] or (v != v and best[0] == best[0]):
+                best = (v, (b * T + lo - sk) * vocab + int(didx))
+            var, mu = torch.var_mean(la, correction=0)
+            nb = la.numel()
+            delta = float(mu) - mean
+            tot = n + nb
+            mean += delta * nb / tot
+            m2 += float(var) * nb + delta * delta * n * nb / tot
+            n = tot
+            lpa = torch.log_softmax(la, -1)
+            del la
+            lpb = torch.log_softmax(lb, -1)
+            del lb
+            kls.append(_kl(lpa, lpb))
+            if ref is not None:
+                lr = torch.log_softmax(_rows(ref, b, lo, hi, vocab), -1)
+                lpf, lpq = (lpb, lpa) if quantized_a else (lpa, lpb)
+                refs.append(_kl(lpf, lr))
+                gates.append(_kl(lr, lpq))
+                del lr, lpf, lpq
+            del lpa, lpb
+    kl = torch.cat(kls).reshape(B, T)
+    kmax, kidx = kl.reshape(-1).max(0)
+    kpos = int(kidx)
+    seq, pos = kpos // T, kpos % T
+    wa = torch.log_softmax(_rows(logits_a, seq, pos + sk, pos + sk + 1, vocab), -1)[0]
+    wb = torch.log_softmax(_rows(logits_b, seq, pos + sk, pos + sk + 1, vocab), -1)[0]
+    worst = {"a_ids": wa.topk(k).indices.tolist(), "a_logprob": wa.topk(k).values.tolist(),
+             "b_ids": wb.topk(k).indices.tolist(), "b_logprob": wb.topk(k).values.tolist()}
+    mut = torch.cat(mutual).reshape(B, T)
+    fail = (~mut).nonzero()
+    var = m2 / (n - 1) if n > 1 else float("nan")
+    di = best[1]
+    return LogitMetrics(
+        kl=kl, max_kl=float(kmax), mean_kl=float(kl.mean()), max_kl_at=[seq, pos],
+        top1_agreement=float(torch.cat(same1).reshape(B, T).double().mean()), topk=k,
+        topk_agreement=float(mut.double().mean()),
+        first_topk_failure=[int(fail[0, 0]), int(fail[0, 1])] if len(fail) else None,
+        max_abs=best[0], max_abs_at=[di // (T * vocab), (di // vocab) % T, di % vocab],
+        nmse=sq_sum / n / var if var > 0 else 0.0, worst_topk=worst,
+        ref_kl=float(torch.cat(refs).max()) if ref is not None else None,
+        gate_kl=float(torch.cat(gates).max()) if ref is not None else None)

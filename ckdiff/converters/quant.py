@@ -28,6 +28,9 @@ EMBED = re.compile(r"^(tok_embeddings|embedder)\.weight$")
 SCALER = "_scaler"
 # per-element bound in units of the stored scale (bf16 arithmetic measured 1.14 / 0.53)
 BOUND = {8: 1.5, 4: 1.0}
+# row blocks of the embedding's column-maximum pass (its |w| is one temporary of this size), like the
+# writers' 8 MiB blocks: the allocator keeps freed blocks of the largest size seen for reuse
+BLOCK_BYTES = 8 << 20
 
 
 def bits_of(qtype: str) -> int:
@@ -40,7 +43,23 @@ def _scale(amax: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _codes(w: torch.Tensor, s: torch.Tensor, bits: int) -> torch.Tensor:
-    return torch.clamp(torch.round(w * (1 / s)), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1).to(torch.int8)
+    y = w * (1 / s)  # one temporary in the weight's dtype, rounded and clamped in place
+    return y.round_().clamp_(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1).to(torch.int8)
+
+
+def _meta_outputs(shape: tuple, bits: int, blockwise: bool, axis: int) -> list[torch.Tensor]:
+    """``quantize``'s outputs on the meta device from shapes alone: an arithmetic op on a meta tensor
+    loads torch's Python meta kernels (about 65 MiB of RssAnon) just to learn two shapes."""
+    if not blockwise:
+        kept = list(shape)
+        kept[axis] = 1
+        sshape = [d for d in kept if d != 1]  # ``squeeze()`` of the keepdim scales
+    else:
+        out, n = shape
+        shape = (n // BLOCK, BLOCK, out)
+        sshape = [d for d in (n // BLOCK, out) if d != 1]
+    return [torch.empty(shape, dtype=torch.int8, device="meta"),
+            torch.empty(sshape, dtype=torch.bfloat16, device="meta")]
 
 
 def quantize(w: torch.Tensor, bits: int, blockwise: bool, axis: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,6 +110,11 @@ class Quantize(Op):
         return not self.blockwise and not self.embedding
 
     def __call__(self, xs):
+        if xs[0].device.type == "meta":
+            if self.blockwise and not self.embedding and xs[0].shape[-1] % BLOCK:
+                return list(quantize(xs[0], self.bits, True))  # the one clear error, as on data
+            return _meta_outputs(tuple(xs[0].shape), 8 if self.embedding else self.bits,
+                                 self.blockwise and not self.embedding, 0 if self.embedding else -1)
         if self.embedding:
             return list(quantize(xs[0], 8, False, axis=0))
         return list(quantize(xs[0], self.bits, self.blockwise))
@@ -117,7 +141,7 @@ class ColumnScale(LazyTensor):
         """The scale as ``quantize`` divides by: shape [1, columns], in the embedding's dtype."""
         if self._s is None:
             m = None
-            for a, b in self.src.row_chunks():
+            for a, b in self.src.row_chunks(BLOCK_BYTES):
                 part = self.src.rows(a, b).abs().amax(dim=0, keepdim=True)
                 m = part if m is None else torch.maximum(m, part)
             if m is None:
@@ -140,8 +164,73 @@ class ColumnCodes(LazyTensor):
         super().__init__(name, src.shape, torch.int8, src.origin)
         self.src, self.scale = src, scale
 
+    @property
+    def row_read_bytes(self) -> int:
+        return max(self.src.row_read_bytes, self.shape[1])  # a row of codes reads a row of the embedding
+
     def rows(self, start: int, stop: int) -> torch.Tensor:
         return _codes(self.src.rows(start, stop), self.scale.divisor(), 8)
+
+    def load(self) -> torch.Tensor:
+        return self.rows(0, self.shape[0])
+
+
+class ChannelScale(LazyTensor):
+    """The per-row scales of a linear [out, in] quantized per channel (``quantize(w, bits, False)``'s
+    second output, out > 1), row block by row block. The codes of the same rows compute these scales
+    anyway: ``ChannelCodes`` hands them over (a prefix of the rows, 2 bytes each), so scales written
+    after their codes (the writers' order) are not computed a second time; any other order computes."""
+
+    def __init__(self, name: str, src: LazyTensor, bits: int):
+        super().__init__(name, (src.shape[0],), torch.bfloat16, src.origin)
+        self.src, self.bits = src, bits
+        self._known: Optional[torch.Tensor] = None  # scales of rows [0, self._upto), from the codes
+        self._upto = 0
+
+    @property
+    def row_read_bytes(self) -> int:
+        return self.src.row_read_bytes  # a scale costs a row of the weight
+
+    def divisor(self, w: torch.Tensor) -> torch.Tensor:
+        """The divisor of rows ``w`` as ``quantize`` computes it: [rows, 1] in the weight's dtype."""
+        return _scale(w.abs().amax(dim=-1, keepdim=True), self.bits)
+
+    def keep(self, start: int, stop: int, s: torch.Tensor) -> None:
+        """Scales of rows [start, stop) computed by the codes (kept while they extend the prefix)."""
+        if start == 0:
+            self._known, self._upto = torch.empty(self.shape, dtype=torch.bfloat16), 0
+        if self._known is not None and start == self._upto:
+            self._known[start:stop] = s.reshape(-1)
+            self._upto = stop
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        if self._known is not None and stop <= self._upto:
+            out = self._known[start:stop]
+            if stop == self.shape[0]:  # the last block served: nothing more is kept
+                self._known, self._upto = None, 0
+            return out
+        return self.divisor(self.src.rows(start, stop)).to(torch.bfloat16).reshape(-1)
+
+    def load(self) -> torch.Tensor:
+        return self.rows(0, self.shape[0])
+
+
+class ChannelCodes(LazyTensor):
+    """The int8 codes of a linear [out, in] quantized per channel, row block by row block."""
+
+    def __init__(self, name: str, src: LazyTensor, scale: ChannelScale):
+        super().__init__(name, src.shape, torch.int8, src.origin)
+        self.src, self.scale = src, scale
+
+    @property
+    def row_read_bytes(self) -> int:
+        return max(self.src.row_read_bytes, self.shape[1])
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        w = self.src.rows(start, stop)
+        s = self.scale.divisor(w)
+        self.scale.keep(start, stop, s.to(torch.bfloat16))
+        return _codes(w, s, self.scale.bits)
 
     def load(self) -> torch.Tensor:
         return self.rows(0, self.shape[0])
@@ -167,6 +256,10 @@ def quantize_tensors(tensors: dict[str, LazyTensor], qtype: str, family: str = "
             if emb and len(t.shape) == 2:  # one scale per column: a reduction over rows, then row blocks
                 scale = ColumnScale(k + SCALER, t)
                 out[k], out[k + SCALER] = ColumnCodes(k, t, scale), scale
+                continue
+            if not emb and not block and len(t.shape) == 2 and t.shape[0] > 1:  # one scale per row
+                scale = ChannelScale(k + SCALER, t, bits)
+                out[k], out[k + SCALER] = ChannelCodes(k, t, scale), scale
                 continue
             g = DerivedGroup([t], Quantize(bits, block, emb), cache=cache)
             for x in g.tensors([k, k + SCALER]):
