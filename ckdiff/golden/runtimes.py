@@ -159,13 +159,21 @@ class Weights:
     def __call__(self, k: str) -> torch.Tensor:
         if k not in self.ck.tensors:
             raise InputError(self.ck.path, f"reference runtime needs tensor {k!r}, which is missing")
-        t = self.ck.tensors[k].load()
-        self._tell(self.ck.tensors[k].nbytes)
+        lt = self.ck.tensors[k]
+        self._tell(lt.nbytes)
         if self.dequant and k + "_scaler" in self.ck.tensors:
             from ..converters.quant import EMBED, dequantize, float_shape
-            q = self.ck.tensors[k]
-            t = dequantize(t, self.ck.tensors[k + "_scaler"].load(), float_shape(q), bool(EMBED.search(k)))
-        return t.to(self.dtype)
+            t = dequantize(lt.load(), self.ck.tensors[k + "_scaler"].load(), float_shape(lt), bool(EMBED.search(k)))
+            return t.to(self.dtype)
+        if lt.shape and lt.dtype != self.dtype:
+            # cast a row block at a time: a tensor derived through a table (a TP merge) is never whole
+            # in its stored dtype beside its cast copy (1 GiB HF vs Megatron TP=2 logits: the fused MLP
+            # weight was both, bf16 and float32, at the peak)
+            out = torch.empty(lt.shape, dtype=self.dtype)
+            for lo, hi in lt.row_chunks():
+                out[lo:hi] = lt.rows(lo, hi)
+            return out
+        return lt.load().to(self.dtype)
 
     def _tell(self, n: int) -> None:
         if self.progress is not None:
