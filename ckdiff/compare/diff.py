@@ -257,10 +257,35 @@ def _bytes(x) -> np.ndarray:
     return x.view(torch.uint8).numpy() if x.numel() else np.zeros(0, np.uint8)
 
 
+_SPLIT = 4 << 20  # above this a byte check runs on two threads
+
+
 def _equal(x, y) -> bool:
-    """Byte equality of two chunks of one dtype (memcmp, the GIL released)."""
+    """Byte equality of two chunks of one dtype (memcmp, the GIL released). A large pair is checked
+    in two halves on two threads: over mapped windows each first touch of a page faults, and the
+    faults and the compare then run on both cores (1 GiB copy, the command after its start-up:
+    0.38 -> 0.22-0.29 s)."""
     u, v = _bytes(x), _bytes(y)
-    return u.size == v.size and memory_equal(u, v, 0, u.size)
+    if u.size != v.size:
+        return False
+    n = u.size
+    if n <= _SPLIT:
+        return memory_equal(u, v, 0, n)
+    half = n // 2
+    other: list = []
+
+    def second():
+        try:
+            other.append(memory_equal(u, v, half, n - half))
+        except BaseException as e:  # noqa: BLE001 - re-raised by the caller's thread
+            other.append(e)
+    th = threading.Thread(target=second, name="ckdiff-bytes", daemon=True)
+    th.start()
+    mine = memory_equal(u, v, 0, half)
+    th.join()
+    if isinstance(other[0], BaseException):
+        raise other[0]
+    return mine and other[0]
 
 
 def _kin(x, dtype: torch.dtype):
