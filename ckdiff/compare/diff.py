@@ -23,7 +23,7 @@ import torch
 
 from ..converters.formats import dtype_name
 from ..converters.lazy import Checkpoint, LazyTensor
-from .kernels import Stats, as_kernel_input, memory_equal, plan
+from .kernels import Stats, as_kernel_input, bytes_equal, plan
 from .status import Status, rank
 
 # rtol, atol per dtype (torch.testing's _DTYPE_PRECISIONS, fp32/fp64 from its defaults)
@@ -250,44 +250,6 @@ def _pairs(ta, tb, ranges, row: int) -> Iterator:
     return gen() if (raw_a and raw_b) or len(ranges) < 2 else _prefetch(gen())
 
 
-def _bytes(x) -> np.ndarray:
-    if isinstance(x, np.ndarray):
-        return x
-    x = x.contiguous().reshape(-1)
-    return x.view(torch.uint8).numpy() if x.numel() else np.zeros(0, np.uint8)
-
-
-_SPLIT = 4 << 20  # above this a byte check runs on two threads
-
-
-def _equal(x, y) -> bool:
-    """Byte equality of two chunks of one dtype (memcmp, the GIL released). A large pair is checked
-    in two halves on two threads: over mapped windows each first touch of a page faults, and the
-    faults and the compare then run on both cores (1 GiB copy, the command after its start-up:
-    0.38 -> 0.22-0.29 s)."""
-    u, v = _bytes(x), _bytes(y)
-    if u.size != v.size:
-        return False
-    n = u.size
-    if n <= _SPLIT:
-        return memory_equal(u, v, 0, n)
-    half = n // 2
-    other: list = []
-
-    def second():
-        try:
-            other.append(memory_equal(u, v, half, n - half))
-        except BaseException as e:  # noqa: BLE001 - re-raised by the caller's thread
-            other.append(e)
-    th = threading.Thread(target=second, name="ckdiff-bytes", daemon=True)
-    th.start()
-    mine = memory_equal(u, v, 0, half)
-    th.join()
-    if isinstance(other[0], BaseException):
-        raise other[0]
-    return mine and other[0]
-
-
 def _kin(x, dtype: torch.dtype):
     """Kernel input (compare/kernels.py) for a chunk: raw bytes of ``dtype`` or a tensor."""
     if isinstance(x, np.ndarray):
@@ -331,7 +293,7 @@ def compare_tensor(name: str, ta: LazyTensor, tb: LazyTensor, opts: Options,
     first_diff = None if same_dtype else 0
     for k, (lo, hi, ca, cb) in enumerate(_pairs(ta, tb, ranges, row)):
         if first_diff is None:
-            if _equal(ca, cb):
+            if bytes_equal(ca, cb):
                 if progress:
                     progress((hi - lo) * (ta.dtype.itemsize + tb.dtype.itemsize))
                 continue

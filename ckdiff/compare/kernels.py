@@ -19,6 +19,7 @@ numba compiles each array-type signature once and caches it on disk.
 from __future__ import annotations
 
 import math
+import threading
 
 import numba
 import numpy as np
@@ -254,15 +255,45 @@ def memory_equal(a: np.ndarray, b: np.ndarray, off: int, n: int) -> bool:
     return bool(np.array_equal(a[off:off + n], b[off:off + n]))
 
 
-def bytes_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
-    """Equality of the bytes of two contiguous tensors (memcmp, the GIL released)."""
-    if x.dtype != y.dtype or x.numel() != y.numel():
+def _as_bytes(x) -> np.ndarray:
+    """The bytes of a uint8 array (a mapped window) or of a tensor, as a flat uint8 array."""
+    if isinstance(x, np.ndarray):
+        return x
+    x = x.contiguous().reshape(-1)
+    return x.view(torch.uint8).numpy() if x.numel() else np.zeros(0, np.uint8)
+
+
+_SPLIT = 4 << 20  # above this a byte check runs on two threads
+
+
+def bytes_equal(x, y) -> bool:
+    """Equality of the bytes of two chunks of one dtype, tensors or uint8 arrays (memcmp, the GIL
+    released). A large pair is checked in two halves on two threads: over mapped windows each first
+    touch of a page faults, and the faults and the compare then run on both cores (1 GiB copy, the
+    command after its start-up: 0.38 -> 0.22-0.29 s)."""
+    if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype != y.dtype:
         return False
-    if x.numel() == 0:
-        return True
-    u = x.reshape(-1).view(torch.uint8).numpy()
-    v = y.reshape(-1).view(torch.uint8).numpy()
-    return memory_equal(u, v, 0, u.size)
+    u, v = _as_bytes(x), _as_bytes(y)
+    if u.size != v.size:
+        return False
+    n = u.size
+    if n <= _SPLIT:
+        return memory_equal(u, v, 0, n)
+    half = n // 2
+    other: list = []
+
+    def second():
+        try:
+            other.append(memory_equal(u, v, half, n - half))
+        except BaseException as e:  # noqa: BLE001 - re-raised by the caller's thread
+            other.append(e)
+    th = threading.Thread(target=second, name="ckdiff-bytes", daemon=True)
+    th.start()
+    mine = memory_equal(u, v, 0, half)
+    th.join()
+    if isinstance(other[0], BaseException):
+        raise other[0]
+    return mine and other[0]
 
 
 @njit(cache=True, nogil=True, fastmath=_FM, error_model="numpy")

@@ -261,10 +261,6 @@ class SafetensorsFile:
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         return self._mm
 
-    def read_into(self, offset: int, buf: memoryview) -> int:
-        """Read data bytes at ``offset`` (relative to the data section) into ``buf``."""
-        return os.preadv(self._fd(), [buf], self.data_start + offset)
-
     def window(self, offset: int, n: int) -> np.ndarray:
         """Data bytes [offset, offset + n) as a uint8 array over a map of just their pages: the
         page cache's own pages, nothing copied (a private map: never written through), unmapped
@@ -334,17 +330,6 @@ class SafetensorsTensor(LazyTensor):
 
     def load(self) -> torch.Tensor:
         return self._view(self.lo, self.hi, self.shape)
-
-    def byte_chunks(self, bufs, chunk: int):
-        """Yield (offset, memoryview) over this tensor's raw bytes, read into reused buffers."""
-        n = self.hi - self.lo
-        for off in range(0, n, chunk):
-            m = min(chunk, n - off)
-            view = memoryview(bufs)[:m]
-            got = self.file.read_into(self.lo + off, view)
-            if got != m:
-                raise InputError(self.file.path, f"tensor {self.name!r}: short read ({got} of {m} bytes)")
-            yield off, view
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         if not self.shape:
