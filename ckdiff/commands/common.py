@@ -315,6 +315,6 @@ def run_sharded(name: str, argv, workers: int, fn):
         rest = [x for i, x in enumerate(argv) if x != "--workers" and not x.startswith("--workers=")
                 and (i == 0 or argv[i - 1] != "--workers")]
         with distributed.LocalWorkers(workers, [name, *rest],
-                                      lambda msg: print(f"ckdiff: error: {msg}", file=sys.stderr)) as shard:
+                                      lambda msg: print(f"ckdiff: error: {printable(msg)}", file=sys.stderr)) as shard:
             return fn(shard)
     return fn(None)
