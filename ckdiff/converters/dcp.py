@@ -175,7 +175,7 @@ def read_dcp_entries(root: Path):
         if not isinstance(fqn, str) or not isinstance(getattr(info, "relative_path", None), str):
             raise InputError(mpath, "storage_data entry without a name or file")
         by_fqn.setdefault(fqn, []).append((idx, info))
-    sizes: dict = {}
+    files: dict = {}  # relative path -> (path, size)
     tensors: dict[str, LazyTensor] = {}
     items: dict = {}
     for fqn, smd in md.state_dict_metadata.items():
@@ -203,18 +203,70 @@ def read_dcp_entries(root: Path):
             if len(off) != len(shape) or len(c.sizes) != len(shape) or any(
                     o < 0 or s < 0 or o + s > n for o, s, n in zip(off, c.sizes, shape)):
                 raise InputError(mpath, f"tensor {fqn!r}: chunk {list(off)}+{list(c.sizes)} lies outside {list(shape)}")
-            f = _inside(root, info.relative_path)
-            if int(info.offset) < 0 or int(info.length) < 0 or int(info.offset) + int(info.length) > f.stat().st_size:
+            if info.relative_path not in files:  # each data file resolved and measured once
+                p = _inside(root, info.relative_path)
+                files[info.relative_path] = (p, p.stat().st_size)
+            f, fsize = files[info.relative_path]
+            if int(info.offset) < 0 or int(info.length) < 0 or int(info.offset) + int(info.length) > fsize:
                 raise InputError(f, f"chunk of {fqn!r} runs past the end of the file")
+            need = math.prod(int(s) for s in c.sizes) * dtype.itemsize
+            if int(info.length) < need:  # the archive holds the chunk's bytes: a 1 KB chunk never claims 1 TiB
+                raise InputError(f, f"chunk of {fqn!r} at {list(off)} claims {list(c.sizes)} {dtype} ({need} bytes) "
+                                    f"in an archive of {int(info.length)} bytes")
             chunks.append(_Chunk(off, c.sizes, f, info.offset, info.length,
                                  getattr(info, "transform_descriptors", None)))
             vol += math.prod(int(s) for s in c.sizes)
-            sizes[str(f)] = 1
         if vol != math.prod(shape):
             raise InputError(mpath, f"tensor {fqn!r}: its chunks hold {vol} elements, its global shape "
                                     f"{list(shape)} has {math.prod(shape)} (overlapping or missing chunks)")
+        problem = tiling_problem(shape, [(c.offsets, c.sizes) for c in chunks])
+        if problem:
+            raise InputError(mpath, f"tensor {fqn!r}: {problem}")
         tensors[fqn] = DcpTensor(fqn, shape, dtype, chunks, str(root))
     return tensors, items, md
+
+
+PAIRWISE_MAX = 4096  # chunks of one tensor checked pair by pair; more must form a grid
+
+
+def tiling_problem(shape, boxes) -> str | None:
+    """Why chunks ``boxes`` ((offsets, sizes), each inside ``shape``, volumes adding up to the tensor's)
+    do not tile the tensor exactly, or None. With the volumes equal, no overlap means no gap: up to
+    ``PAIRWISE_MAX`` chunks are checked pair by pair; more must form a product grid (each dimension cut
+    into intervals that tile it, every combination present once), as every DCP writer cuts them."""
+    import numpy as np
+    n = len(boxes)
+    if n <= 1 or not shape:
+        return None if n == 1 or not shape else "has no chunks"
+    if any(0 in sz for _, sz in boxes):
+        return "has an empty chunk"
+    lo = np.array([o for o, _ in boxes], dtype=np.int64)
+    hi = lo + np.array([sz for _, sz in boxes], dtype=np.int64)
+    if n <= PAIRWISE_MAX:
+        overlap = np.ones((n, n), dtype=bool)
+        for d in range(len(shape)):
+            overlap &= (lo[:, d][:, None] < hi[:, d][None, :]) & (lo[:, d][None, :] < hi[:, d][:, None])
+        np.fill_diagonal(overlap, False)
+        if overlap.any():
+            i, j = (int(x) for x in np.argwhere(overlap)[0])
+            return (f"chunks at {lo[i].tolist()} and {lo[j].tolist()} overlap (the chunks must tile the tensor: "
+                    "some elements are covered twice, others by none)")
+        return None
+    count = 1
+    for d, extent in enumerate(shape):
+        cuts = sorted(set(zip(lo[:, d].tolist(), hi[:, d].tolist())))
+        at = 0
+        for a, b in cuts:
+            if a != at:
+                return f"chunks along dimension {d} do not tile it ({n} chunks: too many to check pair by pair " \
+                       "unless they form a grid)"
+            at = b
+        if at != extent:
+            return f"chunks along dimension {d} end at {at}, not {extent}"
+        count *= len(cuts)
+    if count != n or len({tuple(r) for r in lo.tolist()}) != n:
+        return f"{n} chunks do not form a grid (too many to check pair by pair)"
+    return None
 
 
 def load_byte_item(item, what: str) -> bytes:
