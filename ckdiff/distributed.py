@@ -125,18 +125,66 @@ class Shard:
                             f"{str(e).splitlines()[0][:200] if str(e) else 'no detail'})") from None
 
 
+def _env_number(key: str, default: str, kind=float, low=0):
+    raw = os.environ.get(key, default)
+    try:
+        v = kind(raw)
+    except ValueError:
+        raise DistError(f"{key}={raw[:40]!r}: expected {'an integer' if kind is int else 'a number'}") from None
+    if not v >= low or v != v:
+        raise DistError(f"{key}={raw[:40]!r}: expected at least {low}")
+    return v
+
+
+class _QuietStderr:
+    """Send the process's C-level stderr to /dev/null for a while: c10d's store client logs a line per
+    failed connection attempt, which would bury the one-line error."""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        os.close(null)
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        return False
+
+
 def init_from_env() -> Shard:
-    """Join the process group described by the launcher's environment."""
+    """Join the process group described by the launcher's environment.
+
+    RANK, WORLD_SIZE and MASTER_PORT are checked first (RANK below WORLD_SIZE); the connection to the
+    master's store waits ``CKDIFF_DIST_CONNECT_TIMEOUT`` seconds (default 300), then ends in one line.
+    """
     import torch
     import torch.distributed as dist
-    try:
-        timeout = float(os.environ.get("CKDIFF_DIST_TIMEOUT", "1800"))
-    except ValueError:
-        raise DistError(f"CKDIFF_DIST_TIMEOUT={os.environ.get('CKDIFF_DIST_TIMEOUT')!r}: expected seconds") from None
+    timeout = _env_number("CKDIFF_DIST_TIMEOUT", "1800", float, 1)
+    connect = _env_number("CKDIFF_DIST_CONNECT_TIMEOUT", "300", float, 1)
+    world = _env_number("WORLD_SIZE", "1", int, 1)
+    rank = _env_number("RANK", "0", int, 0)
+    if rank >= world:
+        raise DistError(f"RANK={rank} is not below WORLD_SIZE={world}: ranks are 0..{world - 1}")
+    host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    port = _env_number("MASTER_PORT", "29500", int, 1)
+    if port > 65535:
+        raise DistError(f"MASTER_PORT={port}: not a TCP port")
     backend = os.environ.get("CKDIFF_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
     if not dist.is_initialized():
         try:
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+            with _QuietStderr():
+                # under torchrun the agent hosts the store and every rank is a client (torch's env:// rule)
+                master = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+                store = dist.TCPStore(host, port, world, master, timeout=datetime.timedelta(seconds=connect))
+        except Exception as e:  # noqa: BLE001 - the master is unreachable (never came, wrong address)
+            raise DistError(f"rank {rank} cannot reach the master at {host[:80]}:{port} within {connect:g} s "
+                            f"({type(e).__name__}); is rank 0 running? (CKDIFF_DIST_CONNECT_TIMEOUT sets the wait)"
+                            ) from None
+        try:
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                                    timeout=datetime.timedelta(seconds=timeout))
         except Exception as e:  # noqa: BLE001
             raise DistError(f"cannot join the process group ({backend}): {type(e).__name__}: "
                             f"{str(e).splitlines()[0][:200] if str(e) else ''}") from None
@@ -174,6 +222,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with(parent: int):
+    """For ``Popen(preexec_fn=...)``: the worker gets SIGKILL when this process ends, however it ends
+    (SIGKILL included), through Linux's PR_SET_PDEATHSIG; if the parent is already gone, it exits."""
+    def setup():
+        try:
+            import ctypes
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+        except (OSError, AttributeError):  # not Linux: the watcher below the workers still stops them
+            return
+        if os.getppid() != parent:
+            os._exit(2)
+    return setup
+
+
 class LocalWorkers:
     """``--workers N`` on one machine: this process is rank 0, N-1 local processes run the same
     command as ranks 1..N-1 (same machinery as torchrun, on 127.0.0.1). If a worker dies, this
@@ -191,7 +253,7 @@ class LocalWorkers:
             env = {**base, "RANK": str(r), "LOCAL_RANK": str(r)}
             self.procs.append(subprocess.Popen([sys.executable, "-m", "ckdiff", *self.args], env=env,
                                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                               stderr=subprocess.DEVNULL))
+                                               stderr=subprocess.DEVNULL, preexec_fn=_die_with(os.getpid())))
         os.environ.update({k: base[k] for k in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")})
         os.environ.update(RANK="0", LOCAL_RANK="0")
         self._stop = threading.Event()

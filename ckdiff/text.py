@@ -25,3 +25,45 @@ def printable(s) -> str:
     s = str(s)
     return _UNSAFE.sub(_escape, s) if _UNSAFE.search(s) else s
 
+
+
+# ---------------------------------------------------------------- one escaping function per sink
+# Every name, path, note or command that reaches a report or the terminal passes through one of these;
+# each starts from ``printable``, so control characters and direction marks never reach any sink raw.
+
+def terminal(s) -> str:
+    """For ``rich`` console output with markup on: ``printable`` plus rich's markup escaping."""
+    from rich.markup import escape
+    return escape(printable(s))
+
+
+def html_text(s) -> str:
+    """For HTML text and attribute values (quoted): ``printable`` plus ``& < > " '`` as entities."""
+    import html
+    return html.escape(printable(s), quote=True)
+
+
+# what can start markup in CommonMark/GFM text: code spans, emphasis, links and images, HTML tags and
+# entities, table cells, strikethrough; ``_`` only where it can open or close emphasis (not inside a word)
+_MD_SPECIAL = re.compile(r"([\\`*\[\]<>&|~]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9]))")
+
+
+def md_text(s) -> str:
+    """For Markdown text, table cells included: ``printable`` plus a backslash before every character
+    that could start markup, so no name can open a code span, a link, an image, a tag, an entity or a
+    table cell (in a GFM table ``\\|`` stays inside its cell). Names stay readable: ``a.b_c`` is unchanged."""
+    return _MD_SPECIAL.sub(r"\\\1", printable(s))
+
+
+def md_code(s) -> str:
+    """A name set in monospace in Markdown: ``<code>`` around ``md_text`` (a backtick code span could be
+    closed by a backtick in the name)."""
+    return f"<code>{md_text(s)}</code>"
+
+
+def script_json(obj) -> str:
+    """JSON for an HTML ``<script>`` data block: ``<``, ``>`` and ``&`` as ``\\u`` escapes, so that
+    neither ``</script>`` nor ``<!--`` (which would change how the block ends) can appear in it."""
+    import json
+    return (json.dumps(obj, separators=(",", ":")).replace("<", "\\u003c").replace(">", "\\u003e")
+            .replace("&", "\\u0026").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))

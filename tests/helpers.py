@@ -1,7 +1,11 @@
 """Shared test helpers (imported by the test modules)."""
 import contextlib
 import io
+import pickle
+import warnings
 from pathlib import Path
+
+import torch
 
 from ckdiff.compare.diff import Options, compare_checkpoints
 from ckdiff.commands.convert import COMMANDS
@@ -28,3 +32,38 @@ def assert_same(a, b):
 
 def tree(p: Path):
     return sorted(str(x.relative_to(p)) for x in p.rglob("*"))
+
+
+def dcp_save(state, path, flatten=True):
+    """torch.distributed.checkpoint.save in one process (no process group)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultSavePlanner
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(state, checkpoint_id=str(path), no_dist=True, planner=DefaultSavePlanner(flatten_state_dict=flatten))
+
+
+def write_chunked(path, tensors: dict, splits: dict):
+    """A DCP directory whose tensors are cut into chunks (as ranks write them), built from DCP's own
+    metadata classes and storage layout: each chunk a torch.save archive at a byte range."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex,
+                                                       TensorProperties, TensorStorageMetadata)
+    path.mkdir(parents=True)
+    sdm, storage, files = {}, {}, {}
+    for name, t in tensors.items():
+        chunks = []
+        for j, (lo, hi) in enumerate(splits[name]):
+            fname = f"__{j % 2}_0.distcp"
+            f = files.setdefault(fname, io.BytesIO())
+            off = f.tell()
+            torch.save(t[lo:hi].clone(), f)
+            offs = torch.Size([lo] + [0] * (t.dim() - 1))
+            chunks.append(ChunkStorageMetadata(offsets=offs, sizes=torch.Size([hi - lo, *t.shape[1:]])))
+            storage[MetadataIndex(name, offs, j)] = _StorageInfo(fname, off, f.tell() - off)
+        sdm[name] = TensorStorageMetadata(TensorProperties(dtype=t.dtype), t.shape, chunks)
+    for fname, f in files.items():
+        (path / fname).write_bytes(f.getvalue())
+    with open(path / ".metadata", "wb") as f:
+        pickle.dump(Metadata(state_dict_metadata=sdm, storage_data=storage), f)
+    return path

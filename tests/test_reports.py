@@ -81,7 +81,7 @@ def test_markdown_and_html_sort_worst_first():
           TensorResult("c.big", "differ", [4], [4], "float32", "float32", False, 4, 9.0, [1], n_over_tol=4)]
     res = CompareResult("/a", "/b", "hf", "hf", ts)
     md = render_markdown("compare", res)
-    assert md.index("`b.missing`") < md.index("`c.big`") < md.index("`a.small`")
+    assert md.index("<code>b.missing</code>") < md.index("<code>c.big</code>") < md.index("<code>a.small</code>")
     assert [t.name for t in res.worst_first()] == ["b.missing", "c.big", "a.small"]
     html = render_html("compare", res)
     data = json.loads(html.split("<script id=data type=application/json>")[1].split("</script>")[0])

@@ -11,9 +11,11 @@ import torch
 from ckdiff.converters.formats import open_checkpoint
 from ckdiff.converters.lazy import EagerTensor, LazyTensor
 from ckdiff.converters.ops import ShardMerge
-from ckdiff.converters.pickle_io import SAFE_GLOBALS, load_pickle
+from ckdiff.converters.pickle_io import load_pickle
 from ckdiff.converters.torch_zip import TensorSource, write_torch_zip
 from helpers import convert
+
+SAFE_GLOBALS = [argparse.Namespace]  # what torch.load(weights_only=True), the oracle here, needs for rank files
 
 
 def _records(path):

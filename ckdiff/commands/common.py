@@ -199,8 +199,9 @@ def check_target(flag: str, target, inputs=(), force: bool = False) -> Optional[
         t = p.resolve()
     except (OSError, RuntimeError) as e:  # a symbolic-link loop, a name too long
         raise UsageError(f"{name}: {_why(e, 'symbolic link loop')}") from None
+    from ..converters.inputs import is_input
     files, dirs = _owned(inputs)
-    if t in files or t in dirs or (t.exists() and any(d in t.parents for d in dirs)):
+    if t in files or t in dirs or (t.exists() and any(d in t.parents for d in dirs)) or is_input(t):
         raise UsageError(f"{name} is a file of an input checkpoint; refusing to overwrite it")
     if _is_stdout(p):
         return None  # /dev/stdout (or any name of the file standard output already is): written as '-'
@@ -314,6 +315,6 @@ def run_sharded(name: str, argv, workers: int, fn):
         rest = [x for i, x in enumerate(argv) if x != "--workers" and not x.startswith("--workers=")
                 and (i == 0 or argv[i - 1] != "--workers")]
         with distributed.LocalWorkers(workers, [name, *rest],
-                                      lambda msg: print(f"ckdiff: error: {msg}", file=sys.stderr)) as shard:
+                                      lambda msg: print(f"ckdiff: error: {printable(msg)}", file=sys.stderr)) as shard:
             return fn(shard)
     return fn(None)

@@ -6,6 +6,7 @@ import argparse
 from ..converters import api
 from ..converters.quant import QUANT_TYPES
 from ..errors import InputError, UsageError
+from ..text import printable
 from . import common
 
 NAME = "convert"
@@ -194,9 +195,9 @@ def _run(a, shard) -> int:
         return 0
     console = common.console(a)
     for n in w.notes:
-        console.print(f"note: {n}", markup=False)
+        console.print(printable(f"note: {n}"), markup=False)
     if not a.quiet:
-        console.print(w.summary, markup=False)
+        console.print(printable(w.summary), markup=False)
     return 0
 
 

@@ -25,6 +25,7 @@ def run(argv, command: str = "") -> int:
     from ..reports import html as H
     from ..reports.render import render_json
     from ..reports.terminal import print_suite
+    from ..text import printable
     a = parser().parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -50,6 +51,6 @@ def run(argv, command: str = "") -> int:
     again = common.command_line([broken.a, broken.b])
     common.write_report(out / "broken-compare.html", H.render_html("compare", broken, again), flag="html")
     common.write_report(out / "broken-compare.md", H.render_markdown("compare", broken, again), flag="markdown")
-    console.print(f"reports: {out / 'demo.html'}, {out / 'demo.md'}, {out / 'demo.json'}; "
-                  f"a caught bug: {out / 'broken-compare.html'}", markup=False)
+    console.print(printable(f"reports: {out / 'demo.html'}, {out / 'demo.md'}, {out / 'demo.json'}; "
+                            f"a caught bug: {out / 'broken-compare.html'}"), markup=False)
     return 0 if res.equivalent else 1

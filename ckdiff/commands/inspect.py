@@ -20,11 +20,9 @@ def parser(prog: str = "ckdiff inspect"):
 
 
 def run(argv, command: str = "") -> int:
-    from rich.markup import escape
-
     from ..converters.formats import dtype_name, open_checkpoint
     from ..reports.render import collapse_layers, render_json
-    from ..text import printable
+    from ..text import terminal
     args = parser().parse_args(argv)
     common.check_reports(args)
     ck = open_checkpoint(args.path, args.format, args.cache_dir, args.trust_pickle)
@@ -32,11 +30,11 @@ def run(argv, command: str = "") -> int:
     rows = [(n, t.shape, dtype_name(t.dtype)) for n, t in ck.tensors.items()]
     shown = [(n, list(s), d, 1) for n, s, d in rows] if args.full else collapse_layers(rows)
     console = common.console(args)
-    console.print(f"{escape(printable(ck.path))} \\[{ck.format}]: {len(ck)} tensors, {ck.num_params:,} parameters, "
+    console.print(f"{terminal(ck.path)} \\[{ck.format}]: {len(ck)} tensors, {ck.num_params:,} parameters, "
                   f"{ck.num_bytes:,} bytes")
     for k in ("tp", "pp", "iteration"):
         if k in ck.meta:
-            console.print(f"{k}: {ck.meta[k]}")
+            console.print(terminal(f"{k}: {ck.meta[k]}"))
     if not args.quiet:
         from ..reports.terminal import inspect_lines
         lines = inspect_lines(shown, console.width)

@@ -540,7 +540,13 @@ def canonical_config(fmt: str, cfg: dict, tensors: dict, where: str = "config") 
     from .registry import lookup
     f = lookup(fmt)  # each format declares its canonical reader (converters/registry.py)
     if cfg and f is not None and f.canonical is not None:
-        return f.canonical(cfg, tensors)
+        from ..errors import InputError
+        try:
+            return f.canonical(cfg, tensors)
+        except InputError as e:  # a format's reader names its config generically ("gguf", "args"): name the file
+            if e.path in ("gguf", "args", "config"):
+                raise InputError(where, e.problem) from None
+            raise
     return None
 
 

@@ -3,30 +3,25 @@
 Facts (checked against torch 2.13's ``torch/distributed/checkpoint/filesystem.py`` and
 ``metadata.py``; see /work/shared/specs/formats-today.md section 1):
 
-- ``.metadata`` is a plain pickle of ``Metadata``. It is unpickled here by a restricted
-  unpickler that resolves only DCP's own metadata classes (plus ``torch.Size``, dtypes, the
-  layout lookup ``torch.serialization._get_layout`` and ``pathlib`` paths); anything else is
-  refused with one line naming the file.
+- ``.metadata`` is a plain pickle of ``Metadata``. It is unpickled under the DCP metadata policy
+  of converters/unpickle.py: DCP's own metadata and planner dataclasses (megatron-core stores its
+  ``SavePlan``s there) as data, ``torch.Size``, dtypes, the layout lookup
+  ``torch.serialization._get_layout`` and paths; anything else is refused with one line naming the file.
 - ``Metadata.state_dict_metadata[fqn]`` is a ``TensorStorageMetadata`` (global ``size``,
   ``properties.dtype``, ``chunks`` of ``offsets``/``sizes``) or a ``BytesStorageMetadata``
   (a pickled object, not a tensor).
 - ``Metadata.storage_data[MetadataIndex(fqn, chunk.offsets)]`` is a ``_StorageInfo``
   (``relative_path``, ``offset``, ``length``, optional ``transform_descriptors``).
 - Each tensor chunk is a complete ``torch.save`` archive in that byte range
-  (``_write_item``: ``torch.save(data, stream)``); it is read with ``torch.load(weights_only=True)``
-  of just those bytes. BYTE_IO items are the raw bytes.
+  (``_write_item``: ``torch.save(data, stream)``); its ``data.pkl`` is read under the torch policy of
+  converters/unpickle.py, which locates the chunk's storage in the file. BYTE_IO items are the raw bytes.
 
 A tensor is assembled from its chunks on demand: ``rows(lo, hi)`` (and ``box``) read only the
 chunks that intersect the requested range.
 """
 from __future__ import annotations
 
-import io
 import math
-import pathlib
-import pickle
-import warnings
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -39,73 +34,13 @@ METADATA = ".metadata"
 SUFFIX = ".distcp"
 
 
-class _Stub:
-    """Stands in for an allowlisted class that is not importable here (Megatron's empty
-    ``MCoreMetadata``/``MCoreSavePlan`` markers); keeps whatever state it is given."""
-
-    def __init__(self, *a, **k):
-        pass
-
-    def __setstate__(self, state):
-        if isinstance(state, dict):
-            self.__dict__.update(state)
-
-
-def _allowed() -> dict:
-    from torch.distributed.checkpoint import filesystem as fs
-    from torch.distributed.checkpoint import metadata as md
-    ok = {("torch.distributed.checkpoint.metadata", n): getattr(md, n) for n in (
-        "Metadata", "TensorStorageMetadata", "ChunkStorageMetadata", "BytesStorageMetadata", "MetadataIndex",
-        "StorageMeta", "TensorProperties", "_MEM_FORMAT_ENCODING") if hasattr(md, n)}
-    ok[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = fs._StorageInfo
-    try:  # older writers pickled TensorProperties from the sharded-tensor package
-        from torch.distributed._shard.sharded_tensor import metadata as old
-        ok[("torch.distributed._shard.sharded_tensor.metadata", "TensorProperties")] = old.TensorProperties
-        ok[("torch.distributed._shard.sharded_tensor.metadata", "MEM_FORMAT_ENCODING")] = old.MEM_FORMAT_ENCODING
-    except ImportError:
-        pass
-    ok[("torch", "Size")] = torch.Size
-    ok[("torch.serialization", "_get_layout")] = torch.serialization._get_layout  # a lookup by name only
-    for n in dir(torch):
-        if isinstance(getattr(torch, n, None), torch.dtype):
-            ok[("torch", n)] = getattr(torch, n)
-    for n in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"):
-        ok[("pathlib", n)] = getattr(pathlib, n)
-    ok[("collections", "OrderedDict")] = OrderedDict
-    for n in ("MCoreMetadata", "MCoreSavePlan"):
-        ok[("megatron.core.dist_checkpointing.strategies.torch", n)] = _Stub
-    return ok
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def __init__(self, f, path):
-        super().__init__(f)
-        self._ok = _allowed()
-        self._path = path
-
-    def find_class(self, module, name):
-        cls = self._ok.get((module, name))
-        if cls is None:
-            raise InputError(self._path, f"refused to unpickle: {module}.{name} is not a DCP metadata class "
-                                         "(only torch.distributed.checkpoint's own metadata types are read)")
-        return cls
-
-    def persistent_load(self, pid):
-        raise InputError(self._path, "refused to unpickle: persistent ids have no place in DCP metadata")
-
-
 def read_metadata(path: Path):
-    """The ``Metadata`` object of a DCP ``.metadata`` file, unpickled with the allowlist only."""
+    """The ``Metadata`` object of a DCP ``.metadata`` file, unpickled under the DCP metadata policy
+    (converters/unpickle.py): DCP's metadata and planner dataclasses as data, nothing else."""
     from torch.distributed.checkpoint.metadata import Metadata
-    try:
-        with open_input(path) as f:
-            md = _MetadataUnpickler(f, path).load()
-    except InputError:
-        raise
-    except PermissionError as e:
-        raise InputError(path, f"cannot read: {e.strerror}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError) as e:
-        raise InputError(path, f"not a DCP metadata pickle ({e.__class__.__name__}: {str(e)[:120]})") from None
+    from .inputs import read_input
+    from .unpickle import MAX_PICKLE_BYTES, load_pickle_bytes
+    md = load_pickle_bytes(read_input(path, MAX_PICKLE_BYTES), path, "dcp", "DCP metadata")
     if not isinstance(md, Metadata) or not isinstance(getattr(md, "state_dict_metadata", None), dict):
         raise InputError(path, f"not a DCP Metadata object (found {type(md).__name__})")
     if not isinstance(md.storage_data, dict):
@@ -118,7 +53,7 @@ class _Chunk:
     __slots__ = ("offsets", "sizes", "file", "offset", "length", "transforms", "raw")
 
     def __init__(self, offsets, sizes, file, offset, length, transforms):
-        self.raw = None if not transforms else False  # (data start, strides) once located; False: use torch.load
+        self.raw = None  # (data start, element strides) once located
         self.offsets, self.sizes = tuple(int(x) for x in offsets), tuple(int(x) for x in sizes)
         self.file, self.offset, self.length, self.transforms = file, int(offset), int(length), tuple(transforms or ())
 
@@ -138,138 +73,33 @@ def read_range(file: Path, offset: int, length: int, transforms=()) -> bytes:
     return data
 
 
-class _Window(io.RawIOBase):
-    """A read-only file view of ``[offset, offset + length)``: the torch.save archive of one chunk."""
-
-    def __init__(self, f, offset: int, length: int):
-        self.f, self.base, self.n, self.pos = f, offset, length, 0
-
-    def readable(self):
-        return True
-
-    def seekable(self):
-        return True
-
-    def tell(self):
-        return self.pos
-
-    def seek(self, pos, whence=0):
-        self.pos = {0: pos, 1: self.pos + pos, 2: self.n + pos}[whence]
-        return self.pos
-
-    def readinto(self, b):
-        k = max(0, min(len(b), self.n - self.pos))
-        self.f.seek(self.base + self.pos)
-        got = self.f.readinto(memoryview(b)[:k])
-        self.pos += got
-        return got
-
-
-class _Rebuild:
-    def __init__(self, storage, offset, size, stride, *_):
-        self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
-
-
-class _ArchiveUnpickler(pickle.Unpickler):
-    """Reads a chunk archive's ``data.pkl`` for its layout only: which storage, offset, size, stride."""
-
-    def find_class(self, module, name):
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return _Rebuild
-        if (module, name) == ("collections", "OrderedDict"):
-            return OrderedDict
-        if module == "torch" and name.endswith("Storage") and isinstance(getattr(torch, name, None), type):
-            return name
-        raise pickle.UnpicklingError(f"{module}.{name}")
-
-    def persistent_load(self, pid):
-        return pid
-
-
-def _raw_layout(c: "_Chunk", dtype):
-    """(absolute byte offset of the chunk's first element, element strides) when the chunk's archive
-    stores it as one uncompressed little-endian contiguous storage of ``dtype``; None otherwise (then the
-    whole chunk is read with torch.load)."""
-    import struct
-    import zipfile
-    try:
-        with open_input(c.file) as f:
-            z = zipfile.ZipFile(io.BufferedReader(_Window(f, c.offset, c.length)))
-            names = z.namelist()
-            pkl = next(n for n in names if n.endswith("/data.pkl"))
-            prefix = pkl[: -len("data.pkl")]
-            order = z.read(prefix + "byteorder") if prefix + "byteorder" in names else b"little"
-            rec = _ArchiveUnpickler(io.BytesIO(z.read(pkl))).load()
-            if order != b"little" or not isinstance(rec, _Rebuild) or not isinstance(rec.storage, tuple):
-                return None
-            _, stype, key, _loc, _numel = rec.storage
-            with warnings.catch_warnings():  # the legacy typed-storage class only names the dtype here
-                warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)
-                sdt = getattr(torch, stype).dtype
-            if sdt != dtype or rec.size != c.sizes:
-                return None
-            want, acc = [], 1
-            for n in reversed(rec.size):
-                want.append(acc)
-                acc *= n
-            if tuple(reversed(want)) != rec.stride and math.prod(rec.size) > 1:
-                return None
-            info = z.getinfo(f"{prefix}data/{key}")
-            if info.compress_type != zipfile.ZIP_STORED:
-                return None
-            f.seek(c.offset + info.header_offset)
-            head = f.read(30)
-            if len(head) != 30 or head[:4] != b"PK\x03\x04":
-                return None
-            nlen, xlen = struct.unpack("<HH", head[26:30])
-            start = c.offset + info.header_offset + 30 + nlen + xlen + rec.offset * dtype.itemsize
-            if start + math.prod(rec.size) * dtype.itemsize > c.offset + c.length:
-                return None
-            return start, tuple(reversed(want))
-    except (OSError, ValueError, KeyError, StopIteration, pickle.UnpicklingError, EOFError, AttributeError,
-            TypeError, IndexError, zipfile.BadZipFile, struct.error):
-        return None
-
-
-def _read_chunk_box(c: "_Chunk", lo, hi, name: str, dtype) -> torch.Tensor:
-    """``chunk[lo:hi]`` (local box): the span of bytes from its first to its last element when the
-    chunk's storage can be located, else the whole chunk through torch.load."""
-    if c.raw is None:
-        c.raw = _raw_layout(c, dtype) or False
-    if not c.raw:
-        t = _load_chunk(c, name, dtype)
-        return t[tuple(slice(a, b) for a, b in zip(lo, hi))]
-    start, strides = c.raw
-    first = sum(a * s for a, s in zip(lo, strides))
-    n = sum((b - 1) * s for b, s in zip(hi, strides)) - first + 1
-    buf = bytearray(read_range(c.file, start + first * dtype.itemsize, n * dtype.itemsize))
-    flat = torch.frombuffer(buf, dtype=dtype, count=n) if n else torch.empty(0, dtype=dtype)
-    return torch.as_strided(flat, [b - a for a, b in zip(lo, hi)], strides)
-
-
-_CACHE: OrderedDict = OrderedDict()  # (file, offset) -> tensor; the last two chunks read
-_CACHE_N = 2
-
-
-def _load_chunk(c: _Chunk, name: str, dtype) -> torch.Tensor:
-    key = (str(c.file), c.offset)
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
-    data = read_range(c.file, c.offset, c.length, c.transforms)
-    try:
-        t = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure of a corrupt archive is an input error
-        raise InputError(c.file, f"chunk of {name!r} at offset {c.offset} is not a torch.save tensor "
-                                 f"({str(e).strip().splitlines()[0][:120] if str(e).strip() else e.__class__.__name__})") from None
+def _locate(c: "_Chunk", name: str, dtype):
+    """(absolute byte offset of the chunk's first element, element strides): the chunk's archive is
+    read under the torch policy (converters/unpickle.py), which maps its storage and checks its layout."""
+    from .unpickle import load_torch
+    if c.transforms:
+        raise InputError(c.file, f"DCP stream transform {list(c.transforms)} is not supported (only "
+                                 "untransformed torch.save chunks are read)")
+    t = load_torch(c.file, (c.offset, c.length), f"chunk of {name!r} at offset {c.offset}")
     if not isinstance(t, torch.Tensor) or tuple(t.shape) != c.sizes or t.dtype != dtype:
         got = f"{list(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
         raise InputError(c.file, f"chunk of {name!r} at offset {c.offset} holds {got}, metadata says "
                                  f"{list(c.sizes)} {dtype}")
-    _CACHE[key] = t
-    while len(_CACHE) > _CACHE_N:
-        _CACHE.popitem(last=False)
-    return t
+    from .unpickle import file_offset
+    return file_offset(t), tuple(t.stride())
+
+
+def _read_chunk_box(c: "_Chunk", lo, hi, name: str, dtype) -> torch.Tensor:
+    """``chunk[lo:hi]`` (local box): the span of bytes from its first to its last element."""
+    if c.raw is None:
+        c.raw = _locate(c, name, dtype)
+    start, strides = c.raw
+    first = sum(a * s for a, s in zip(lo, strides))
+    n = sum((b - 1) * s for b, s in zip(hi, strides)) - first + 1 if all(b > a for a, b in zip(lo, hi)) else 0
+    buf = bytearray(read_range(c.file, start + first * dtype.itemsize, n * dtype.itemsize))
+    flat = torch.frombuffer(buf, dtype=dtype, count=n) if n else torch.empty(0, dtype=dtype)
+    return torch.as_strided(flat, [b - a for a, b in zip(lo, hi)], strides) if n else \
+        torch.empty([b - a for a, b in zip(lo, hi)], dtype=dtype)
 
 
 class DcpTensor(LazyTensor):
@@ -296,7 +126,7 @@ class DcpTensor(LazyTensor):
 
     def load(self) -> torch.Tensor:
         if not self.shape:
-            return self.box((), ()) if not self.chunks else _load_chunk(self.chunks[0], self.name, self.dtype).clone()
+            return self.box((), ()) if not self.chunks else _read_chunk_box(self.chunks[0], (), (), self.name, self.dtype).clone()
         return self.box((0,) * len(self.shape), self.shape)
 
     def rows(self, start, stop) -> torch.Tensor:
@@ -345,7 +175,7 @@ def read_dcp_entries(root: Path):
         if not isinstance(fqn, str) or not isinstance(getattr(info, "relative_path", None), str):
             raise InputError(mpath, "storage_data entry without a name or file")
         by_fqn.setdefault(fqn, []).append((idx, info))
-    sizes: dict = {}
+    files: dict = {}  # relative path -> (path, size)
     tensors: dict[str, LazyTensor] = {}
     items: dict = {}
     for fqn, smd in md.state_dict_metadata.items():
@@ -373,18 +203,70 @@ def read_dcp_entries(root: Path):
             if len(off) != len(shape) or len(c.sizes) != len(shape) or any(
                     o < 0 or s < 0 or o + s > n for o, s, n in zip(off, c.sizes, shape)):
                 raise InputError(mpath, f"tensor {fqn!r}: chunk {list(off)}+{list(c.sizes)} lies outside {list(shape)}")
-            f = _inside(root, info.relative_path)
-            if int(info.offset) < 0 or int(info.length) < 0 or int(info.offset) + int(info.length) > f.stat().st_size:
+            if info.relative_path not in files:  # each data file resolved and measured once
+                p = _inside(root, info.relative_path)
+                files[info.relative_path] = (p, p.stat().st_size)
+            f, fsize = files[info.relative_path]
+            if int(info.offset) < 0 or int(info.length) < 0 or int(info.offset) + int(info.length) > fsize:
                 raise InputError(f, f"chunk of {fqn!r} runs past the end of the file")
+            need = math.prod(int(s) for s in c.sizes) * dtype.itemsize
+            if int(info.length) < need:  # the archive holds the chunk's bytes: a 1 KB chunk never claims 1 TiB
+                raise InputError(f, f"chunk of {fqn!r} at {list(off)} claims {list(c.sizes)} {dtype} ({need} bytes) "
+                                    f"in an archive of {int(info.length)} bytes")
             chunks.append(_Chunk(off, c.sizes, f, info.offset, info.length,
                                  getattr(info, "transform_descriptors", None)))
             vol += math.prod(int(s) for s in c.sizes)
-            sizes[str(f)] = 1
         if vol != math.prod(shape):
             raise InputError(mpath, f"tensor {fqn!r}: its chunks hold {vol} elements, its global shape "
                                     f"{list(shape)} has {math.prod(shape)} (overlapping or missing chunks)")
+        problem = tiling_problem(shape, [(c.offsets, c.sizes) for c in chunks])
+        if problem:
+            raise InputError(mpath, f"tensor {fqn!r}: {problem}")
         tensors[fqn] = DcpTensor(fqn, shape, dtype, chunks, str(root))
     return tensors, items, md
+
+
+PAIRWISE_MAX = 4096  # chunks of one tensor checked pair by pair; more must form a grid
+
+
+def tiling_problem(shape, boxes) -> str | None:
+    """Why chunks ``boxes`` ((offsets, sizes), each inside ``shape``, volumes adding up to the tensor's)
+    do not tile the tensor exactly, or None. With the volumes equal, no overlap means no gap: up to
+    ``PAIRWISE_MAX`` chunks are checked pair by pair; more must form a product grid (each dimension cut
+    into intervals that tile it, every combination present once), as every DCP writer cuts them."""
+    import numpy as np
+    n = len(boxes)
+    if n <= 1 or not shape:
+        return None if n == 1 or not shape else "has no chunks"
+    if any(0 in sz for _, sz in boxes):
+        return "has an empty chunk"
+    lo = np.array([o for o, _ in boxes], dtype=np.int64)
+    hi = lo + np.array([sz for _, sz in boxes], dtype=np.int64)
+    if n <= PAIRWISE_MAX:
+        overlap = np.ones((n, n), dtype=bool)
+        for d in range(len(shape)):
+            overlap &= (lo[:, d][:, None] < hi[:, d][None, :]) & (lo[:, d][None, :] < hi[:, d][:, None])
+        np.fill_diagonal(overlap, False)
+        if overlap.any():
+            i, j = (int(x) for x in np.argwhere(overlap)[0])
+            return (f"chunks at {lo[i].tolist()} and {lo[j].tolist()} overlap (the chunks must tile the tensor: "
+                    "some elements are covered twice, others by none)")
+        return None
+    count = 1
+    for d, extent in enumerate(shape):
+        cuts = sorted(set(zip(lo[:, d].tolist(), hi[:, d].tolist())))
+        at = 0
+        for a, b in cuts:
+            if a != at:
+                return f"chunks along dimension {d} do not tile it ({n} chunks: too many to check pair by pair " \
+                       "unless they form a grid)"
+            at = b
+        if at != extent:
+            return f"chunks along dimension {d} end at {at}, not {extent}"
+        count *= len(cuts)
+    if count != n or len({tuple(r) for r in lo.tolist()}) != n:
+        return f"{n} chunks do not form a grid (too many to check pair by pair)"
+    return None
 
 
 def load_byte_item(item, what: str) -> bytes:

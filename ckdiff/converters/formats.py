@@ -381,7 +381,11 @@ def open_checkpoint(spec: str, fmt: str | None = None, cache_dir: str | None = N
         fmt = detect_format(path)
     elif fmt not in registry.names():
         raise UsageError(f"unknown --format {fmt!r}; known: {', '.join(registry.names())}")
+    from .inputs import note_input
+    note_input(path)  # the checkpoint as named (a save root above the directory read, too)
     ck = registry.get(fmt).read(path, trust_pickle=trust_pickle)
+    for f in [ck.path, *ck.meta.get("files", [])]:
+        note_input(f)
     if not ck.tensors:
         raise InputError(path, f"no tensors found (read as {fmt})")
     return ck

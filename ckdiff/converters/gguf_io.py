@@ -17,6 +17,7 @@ Facts (gguf 0.19.0, ``gguf/gguf_reader.py``, ``gguf/quants.py``, ``gguf/constant
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -168,8 +169,99 @@ def _fields(reader) -> dict:
     return out
 
 
+_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> bytes
+_STRING, _ARRAY = 8, 9
+
+
+def check_layout(p: Path, gguf) -> None:
+    """Walk a GGUF header before the gguf package does: every count (keys, tensors, array elements,
+    string lengths, tensor bytes) is checked against what is left of the file, so a 10-byte claim of
+    10**9 elements is refused at once instead of being walked; a big-endian file is named as such.
+    Field layout from ggml's docs/gguf.md (ggml-org/ggml, GGUF v3)."""
+    import mmap
+    import struct
+    with open_input(p) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size < 24:
+            raise InputError(p, "not a GGUF file (shorter than its header)")
+        m = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        if m[:4] != b"GGUF":
+            raise InputError(p, "not a GGUF file (no GGUF magic)")
+        (version,) = struct.unpack_from("<I", m, 4)
+        if version not in (2, 3) and struct.unpack_from(">I", m, 4)[0] in (2, 3):
+            raise InputError(p, "big-endian GGUF is not supported (a little-endian file is what llama.cpp "
+                                "writes by default)")
+        if version not in (2, 3):
+            raise InputError(p, f"GGUF version {version} is not supported (2 and 3 are)")
+        n_tensors, n_kv = struct.unpack_from("<QQ", m, 8)
+        pos = 24
+
+        def need(n: int, what: str) -> None:
+            if n < 0 or pos + n > size:
+                raise InputError(p, f"GGUF header: {what} needs {n} bytes, {size - pos} are left in the file")
+
+        def u(fmt: str, what: str):
+            nonlocal pos
+            k = struct.calcsize(fmt)
+            need(k, what)
+            v = struct.unpack_from("<" + fmt, m, pos)
+            pos += k
+            return v[0] if len(v) == 1 else v
+
+        def string(what: str) -> None:
+            nonlocal pos
+            n = u("Q", what)
+            need(n, what)
+            pos += n
+
+        if n_kv * 13 > size or n_tensors * 28 > size:  # the smallest key-value and tensor-info records
+            raise InputError(p, f"GGUF header claims {n_kv} metadata keys and {n_tensors} tensors in {size} bytes")
+        for _ in range(n_kv):
+            string("a metadata key")
+            t = u("I", "a value type")
+            if t in _SCALAR:
+                need(_SCALAR[t], "a value")
+                pos += _SCALAR[t]
+            elif t == _STRING:
+                string("a string value")
+            elif t == _ARRAY:
+                it, count = u("I", "an array type"), u("Q", "an array length")
+                if it in _SCALAR:
+                    need(count * _SCALAR[it], f"an array of {count} elements")
+                    pos += count * _SCALAR[it]
+                elif it == _STRING:
+                    need(count * 8, f"an array of {count} strings")
+                    for _ in range(count):
+                        string("an array string")
+                else:
+                    raise InputError(p, f"GGUF header: array of value type {it} is not supported")
+            else:
+                raise InputError(p, f"GGUF header: unknown value type {t}")
+        for _ in range(n_tensors):
+            string("a tensor name")
+            nd = u("I", "a tensor's dimension count")
+            if not 1 <= nd <= 4:
+                raise InputError(p, f"GGUF header: a tensor with {nd} dimensions (1 to 4 are valid)")
+            dims = [u("Q", "a tensor dimension") for _ in range(nd)]
+            qt, _off = u("I", "a tensor type"), u("Q", "a tensor offset")
+            block, nbytes = gguf.GGML_QUANT_SIZES.get(gguf.GGMLQuantizationType(qt), (None, None)) \
+                if qt in gguf.GGMLQuantizationType._value2member_map_ else (None, None)
+            if block is None:
+                raise InputError(p, f"GGUF header: unknown tensor type {qt}")
+            n = 1
+            for dim in dims:
+                n *= dim
+            if n // block * nbytes > size:
+                raise InputError(p, f"GGUF header: a tensor of shape {dims} needs {n // block * nbytes} bytes, "
+                                    f"the file has {size}")
+    finally:
+        m.close()
+
+
 def read_gguf(p: Path, **_) -> Checkpoint:
     gguf = _gguf()
+    check_layout(p, gguf)
     try:
         reader = gguf.GGUFReader(str(p), "r")
     except Exception as e:  # noqa: BLE001 - whatever a broken file makes the package raise

@@ -51,10 +51,49 @@ def kind_of(mode: int) -> str:
     return "not a regular file"
 
 
+# Every file and directory read as an input in this process, by identity (device, inode) so that a
+# hard link or another spelling of the same file is recognised: a report is never written onto one.
+_INPUT_FILES: set = set()
+_INPUT_DIRS: set = set()
+
+
+def note_input(path, st: os.stat_result | None = None) -> None:
+    """Record ``path`` (a file or a directory) as an input of this run."""
+    try:
+        st = st or os.stat(path)
+    except (OSError, ValueError):
+        return
+    (_INPUT_DIRS if stat.S_ISDIR(st.st_mode) else _INPUT_FILES).add((st.st_dev, st.st_ino))
+
+
+def is_input(path) -> bool:
+    """Whether ``path`` is a file read as an input, or an existing file inside an input directory."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return False
+    if (st.st_dev, st.st_ino) in _INPUT_FILES or (st.st_dev, st.st_ino) in _INPUT_DIRS:
+        return True
+    parent = os.path.dirname(os.path.realpath(path))
+    while True:
+        try:
+            ps = os.stat(parent)
+        except OSError:
+            return False
+        if (ps.st_dev, ps.st_ino) in _INPUT_DIRS:
+            return True
+        up = os.path.dirname(parent)
+        if up == parent:
+            return False
+        parent = up
+
+
 def stat_input(path) -> os.stat_result:
     """``os.stat`` of an input path (symbolic links followed), errors as one line naming it."""
     try:
-        return os.stat(path)
+        st = os.stat(path)
+        note_input(path, st)
+        return st
     except OSError as e:
         if e.errno == errno.ENOENT and os.path.islink(path):
             raise InputError(path, "symbolic link to a missing file") from None

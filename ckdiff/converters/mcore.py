@@ -24,10 +24,7 @@ registry can pick it up as one declaration. Facts were checked against NVIDIA/Me
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import pathlib
-import pickle
 import re
 import types
 from pathlib import Path
@@ -67,56 +64,16 @@ DROP = [r"\._extra_state(/.*)?$"]
 
 
 # ------------------------------------------------------------------ common state (args)
-class _Opaque:
-    """An allowlisted foreign object (a Megatron enum or config, a numpy value) kept inert."""
-
-    def __init__(self, *a, **k):
-        self.args = a
-
-    def __setstate__(self, state):
-        self.state = state
-
-    def __repr__(self):
-        return f"<opaque {self.args!r}>"
-
-
-_FOREIGN = ("megatron.", "numpy.", "numpy", "transformer_engine.")
-
-
-def _common_pickle_module(where):
-    from torch._weights_only_unpickler import _get_allowed_globals
-    allowed = dict(_get_allowed_globals())
-    allowed.update({"argparse.Namespace": argparse.Namespace, "types.SimpleNamespace": types.SimpleNamespace,
-                    **{f"pathlib.{n}": getattr(pathlib, n) for n in ("PosixPath", "PurePosixPath", "WindowsPath",
-                                                                       "PureWindowsPath")}})
-
-    class Unpickler(pickle.Unpickler):
-        def find_class(self, module, name):
-            obj = allowed.get(f"{module}.{name}")
-            if obj is not None:
-                return obj
-            if module.startswith(_FOREIGN):
-                return _Opaque  # Megatron enums/configs, numpy rng state: inert stand-ins
-            raise pickle.UnpicklingError(f"{module}.{name} is not allowed")
-
-    return types.SimpleNamespace(Unpickler=Unpickler, load=pickle.load, __name__="ckdiff_restricted")
-
-
-def load_common(data: bytes, where) -> dict:
-    """The common state (``args`` and friends) of a torch.save blob, allowlisted types only."""
-    try:
-        # weights_only=False only because the pickle module is our own allowlisting one (find_class above)
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False,
-                         pickle_module=_common_pickle_module(where))
-    except pickle.UnpicklingError as e:
-        raise InputError(where, f"refused to unpickle the common state: {e}; only plain data, "
-                                "argparse.Namespace and inert Megatron enums are read") from None
-    except Exception as e:  # noqa: BLE001 - a corrupt archive is an input error
-        raise InputError(where, f"common state is not a readable torch.save archive ({str(e)[:120]})") from None
+def load_common(path: Path, window=None) -> dict:
+    """The common state (``args`` and friends) of a torch.save archive (``common.pt``, or the byte range
+    ``window`` of a ``.distcp`` file), read under the torch policy of converters/unpickle.py: plain
+    data, tensors, ``argparse.Namespace`` and inert stand-ins for Megatron enums and numpy values."""
+    from .unpickle import load_torch
+    obj = load_torch(path, window, "common state")
     if isinstance(obj, list) and obj:  # the in-DCP form is torch.save([state, ...])
         obj = obj[0]
     if not isinstance(obj, dict):
-        raise InputError(where, f"common state is a {type(obj).__name__}, expected a dict")
+        raise InputError(path, f"common state is a {type(obj).__name__}, expected a dict")
     return obj
 
 
@@ -197,14 +154,17 @@ def _per_layer(name: str, t, args: dict, notes: list) -> dict:
 
 
 def read_mcore(p: Path, **_) -> Checkpoint:
-    from .dcp import load_byte_item, read_dcp_entries
+    from .dcp import read_dcp_entries
     it = _iteration_dir(p)
     raw, items, _md = read_dcp_entries(it)
     notes: list = []
     if COMMON_KEY in items:
-        state = load_common(load_byte_item(items[COMMON_KEY], COMMON_KEY), it / items[COMMON_KEY][0].name)
+        f, off, n, tr = items[COMMON_KEY]
+        if tr:
+            raise InputError(f, f"DCP stream transform {list(tr)} of the common state is not supported")
+        state = load_common(f, (off, n))
     elif (it / "common.pt").is_file():
-        state = load_common((it / "common.pt").read_bytes(), it / "common.pt")
+        state = load_common(it / "common.pt")
     else:
         raise InputError(it, "Megatron-Core checkpoint without common state (no common.pt and no "
                              f"{COMMON_KEY!r} item): the model config (args) is missing")

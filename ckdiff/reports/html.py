@@ -7,12 +7,11 @@ tensor is one compact JSON row, not a block of markup. No remote assets.
 """
 from __future__ import annotations
 
-import html
-import json
 import math
 from typing import Optional
 
 from ..compare.status import Status, is_ok
+from ..text import html_text, md_code, md_text, printable, script_json
 from .render import _clean, envelope, fmt, worst_first_key
 
 
@@ -90,7 +89,7 @@ def _heat_html(tensors, formats=()) -> str:
     layers, kinds, cells = heatmap(tensors, formats)
     if not layers:
         return ""
-    head = "".join(f"<th title='{html.escape(k)}'>{html.escape(k.replace('.weight', ''))}</th>" for k in kinds)
+    head = "".join(f"<th title='{html_text(k)}'>{html_text(k.replace('.weight', ''))}</th>" for k in kinds)
     rows, present = [], set()
     for i in layers:
         tds = []
@@ -108,9 +107,9 @@ def _heat_html(tensors, formats=()) -> str:
             text = {"h5": "x", "h2": "dtype"}.get(cls, "")
             if cls in ("h3", "h4"):
                 text = fmt(t.get("max_abs"), 2)
-            tds.append(f"<td class={cls} title='{html.escape(tip)}'>{html.escape(text)}</td>")
+            tds.append(f"<td class={cls} title='{html_text(tip)}'>{html_text(text)}</td>")
         rows.append(f"<tr><th>layer {i}</th>{''.join(tds)}</tr>")
-    legend = "".join(f"<span class=lg><i class={c}></i>{html.escape(label)}</span>" for c, label in LEGEND
+    legend = "".join(f"<span class=lg><i class={c}></i>{html_text(label)}</span>" for c, label in LEGEND
                      if c in present)
     return ("<h2>Per layer, against the tolerance</h2><p class=legend>" + legend + "</p>"
             f"<div class=scroll><table class=heat><tr><th></th>{head}</tr>" + "".join(rows) + "</table></div>")
@@ -169,16 +168,16 @@ def _compare_section(d: dict) -> str:
     only_b = [t["name"] for t in tensors if t["status"] == Status.ONLY_B]
     if only_a or only_b:
         parts.append("<h2>Key-set differences</h2><ul>" + "".join(
-            f"<li>only in A: <code>{html.escape(n)}</code></li>" for n in only_a[:200]) + "".join(
-            f"<li>only in B: <code>{html.escape(n)}</code></li>" for n in only_b[:200]) + "</ul>")
+            f"<li>only in A: <code>{html_text(n)}</code></li>" for n in only_a[:200]) + "".join(
+            f"<li>only in B: <code>{html_text(n)}</code></li>" for n in only_b[:200]) + "</ul>")
     diag = [(t["name"], x) for t in tensors for x in (t.get("diagnosis") or [])]
     notes = d.get("notes") or []
     if diag or notes:
-        parts.append("<h2>Diagnosis</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "".join(
-            f"<li><code>{html.escape(n)}</code>: {html.escape(x)}</li>" for n, x in diag[:500]) + "</ul>")
+        parts.append("<h2>Diagnosis</h2><ul>" + "".join(f"<li>{html_text(n)}</li>" for n in notes) + "".join(
+            f"<li><code>{html_text(n)}</code>: {html_text(x)}</li>" for n, x in diag[:500]) + "</ul>")
     if d.get("config_diff"):
         parts.append("<h2>Config differences</h2><table><tr><th>key</th><th>A</th><th>B</th></tr>" + "".join(
-            f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(repr(a))}</td><td>{html.escape(repr(b))}</td></tr>"
+            f"<tr><td>{html_text(str(k))}</td><td>{html_text(repr(a))}</td><td>{html_text(repr(b))}</td></tr>"
             for k, a, b in d["config_diff"]) + "</table>")
     parts.append(_heat_html(tensors, (d.get("format_a"), d.get("format_b"))))
     statuses = sorted({t["status"] for t in tensors})
@@ -285,19 +284,19 @@ def _logits_section(d: dict) -> str:
           ("max |logit difference|", f"{fmt(_num(d.get('max_abs')))} at sequence, position, token "
                                      f"{at(d.get('max_abs_at'))}"),
           ("NMSE", fmt(_num(d.get("nmse"))))]
-    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in kv)
-    notes = "".join(f"<li>{html.escape(n)}</li>" for n in d.get("notes", []))
+    rows = "".join(f"<tr><th>{html_text(k)}</th><td>{html_text(v)}</td></tr>" for k, v in kv)
+    notes = "".join(f"<li>{html_text(n)}</li>" for n in d.get("notes", []))
     return (f"<h2>Logits</h2><table class=kv>{rows}</table>" + (f"<ul>{notes}</ul>" if notes else "")
             + _token_kl_svg(d) + _layers_svg(d) + _topk_table(d))
 
 
 def _suite_section(d: dict) -> str:
     rows = "".join(
-        f"<tr><td>{html.escape(c['converter'])}</td><td>{html.escape(c['model'])}</td>"
-        f"<td>{html.escape(c.get('variant') or '-')}</td><td>{c['check']}</td>"
+        f"<tr><td>{html_text(c['converter'])}</td><td>{html_text(c['model'])}</td>"
+        f"<td>{html_text(c.get('variant') or '-')}</td><td>{c['check']}</td>"
         f"<td class='s-{'yes' if c['ok'] else 'NO'}'>{'yes' if c['ok'] else 'NO'}</td>"
-        f"<td class=dt>{html.escape(c['detail'])}</td>"
-        f"<td class=rp>{'<code>' + html.escape(c['command']) + '</code>' if c.get('command') else '-'}</td></tr>"
+        f"<td class=dt>{html_text(c['detail'])}</td>"
+        f"<td class=rp>{'<code>' + html_text(c['command']) + '</code>' if c.get('command') else '-'}</td></tr>"
         for c in d.get("checks", []))
     return ("<h2>Checks</h2><div class=scroll><table id=checks><tr><th>converter</th><th>model</th><th>options</th>"
             f"<th>check</th><th>ok</th><th>detail</th><th>reproduce</th></tr>{rows}</table></div>")
@@ -329,19 +328,19 @@ def render_html(kind: str, res, command: str = "") -> str:
              "roundtrip": "Round trip", "demo": "Converter suite"}.get(kind, kind)
     sides = ""
     if shape.sides:
-        sides = (f"<p>A: <code>{html.escape(str(d['a']))}</code> [{html.escape(str(d.get('format_a')))}]<br>"
-                 f"B: <code>{html.escape(str(d['b']))}</code> [{html.escape(str(d.get('format_b')))}]</p>")
+        sides = (f"<p>A: <code>{html_text(str(d['a']))}</code> [{html_text(str(d.get('format_a')))}]<br>"
+                 f"B: <code>{html_text(str(d['b']))}</code> [{html_text(str(d.get('format_b')))}]</p>")
     headline = f"{'EQUIVALENT' if ok else 'DIFFER'}" if not shape.checks else ("PASS" if ok else "FAIL")
     if shape.tensors and d["counts"]:
         headline += ": " + ", ".join(f"{v} {k}" for k, v in sorted(d["counts"].items()))
     sub = ""
     if shape.logits:
-        sub = f"<small>{html.escape(logits_gate(d))}</small>"
+        sub = f"<small>{html_text(logits_gate(d))}</small>"
     elif shape.checks:
         sub = f"<small>{sum(c['ok'] for c in d['checks'])} of {len(d['checks'])} checks passed</small>"
-    reproduce = f"Reproduce: <code>{html.escape(doc['command'])}</code><br>" if doc["command"] else ""
-    body = [f"<div class='banner {'ok' if ok else 'bad'}' id=verdict>{html.escape(headline)}{sub}</div>",
-            f"<h1>ckdiff {html.escape(title)}</h1>", sides,
+    reproduce = f"Reproduce: <code>{html_text(doc['command'])}</code><br>" if doc["command"] else ""
+    body = [f"<div class='banner {'ok' if ok else 'bad'}' id=verdict>{html_text(headline)}{sub}</div>",
+            f"<h1>ckdiff {html_text(title)}</h1>", sides,
             f"<p>{reproduce}<small>ckdiff {doc['ckdiff_version']}, "
             f"torch {doc['torch_version']}, schema {doc['schema']}</small></p>"]
     rows = []
@@ -354,19 +353,13 @@ def render_html(kind: str, res, command: str = "") -> str:
         body.append(_suite_section(d))
     if shape.mapping and d["mapping"]:
         body.append("<h2>Mapping</h2><table><tr><th>source</th><th>target</th><th>op</th></tr>" + "".join(
-            f"<tr><td>{html.escape(', '.join(s))}</td><td>{html.escape(', '.join(t))}</td><td>{html.escape(o)}</td></tr>"
+            f"<tr><td>{html_text(', '.join(s))}</td><td>{html_text(', '.join(t))}</td><td>{html_text(o)}</td></tr>"
             for s, t, o in d["mapping"]) + "</table>")
-    data = json.dumps({"rows": rows}, separators=(",", ":")).replace("</", "<\\/")
+    data = script_json({"rows": [[printable(c) if isinstance(c, str) else c for c in r] for r in rows]})
     script = f"<script id=data type=application/json>{data}</script>" + (f"<script>{JS}</script>" if rows else "")
-    return (f"<!doctype html><html><head><meta charset=utf-8><title>ckdiff {html.escape(title)}: "
+    return (f"<!doctype html><html><head><meta charset=utf-8><title>ckdiff {html_text(title)}: "
             f"{'equivalent' if ok else 'differ'}</title><style>{CSS}</style></head><body>"
             + "".join(body) + script + "</body></html>\n")
-
-
-def md_cell(x) -> str:
-    """Text for one Markdown table cell: ``|`` escaped (also inside code spans, as GFM requires) and line
-    breaks folded, so a tensor name, a diagnosis or a detail can never split or end the row."""
-    return str(x).replace("|", "\\|").replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
 
 
 def render_markdown(kind: str, res, command: str = "") -> str:
@@ -378,7 +371,8 @@ def render_markdown(kind: str, res, command: str = "") -> str:
     lines = [f"## {icon} ckdiff {kind}: **{'equivalent' if ok else 'differ'}**" if kind != "demo"
              else f"## {icon} ckdiff converter suite: **{'pass' if ok else 'fail'}**", ""]
     if shape.sides:
-        lines += [f"A: `{d['a']}` ({d.get('format_a')}) · B: `{d['b']}` ({d.get('format_b')})", ""]
+        lines += [f"A: {md_code(d['a'])} ({md_text(d.get('format_a'))}) · B: {md_code(d['b'])} ({md_text(d.get('format_b'))})",
+                  ""]
     if shape.tensors and d["counts"]:
         lines += ["| status | tensors |", "|---|---|"] + [f"| {k} | {v} |" for k, v in sorted(d["counts"].items())] + [""]
     if shape.logits:
@@ -389,19 +383,19 @@ def render_markdown(kind: str, res, command: str = "") -> str:
         lines += ["<details><summary>" + f"{len(bad)} mismatching tensors</summary>", "",
                   "| tensor | status | max abs @ index | diagnosis |", "|---|---|---|---|"]
         for t in bad[:200]:
-            lines.append(f"| `{md_cell(t['name'])}` | {t['status']} | {fmt(t.get('max_abs'))} @ {t.get('max_abs_index')} | "
-                         f"{md_cell('; '.join(t.get('diagnosis') or []) or '-')} |")
+            lines.append(f"| {md_code(t['name'])} | {t['status']} | {fmt(t.get('max_abs'))} @ {t.get('max_abs_index')} | "
+                         f"{md_text('; '.join(t.get('diagnosis') or []) or '-')} |")
         lines += ["", "</details>", ""]
     if shape.checks:
         failed = [c for c in d["checks"] if not c["ok"]]
         lines += [f"{len(d['checks']) - len(failed)}/{len(d['checks'])} checks passed", "",
                   "<details><summary>all checks</summary>", "", "| converter | model | options | check | ok | detail |",
                   "|---|---|---|---|---|---|"]
-        lines += [f"| {md_cell(c['converter'])} | {md_cell(c['model'])} | {md_cell(c.get('variant') or '-')} | {md_cell(c['check'])} | "
+        lines += [f"| {md_text(c['converter'])} | {md_text(c['model'])} | {md_text(c.get('variant') or '-')} | {md_text(c['check'])} | "
                   f"{'yes' if c['ok'] else '**NO**'} | "
-                  f"{md_cell(c['detail'])} |" for c in d["checks"]]
+                  f"{md_text(c['detail'])} |" for c in d["checks"]]
         lines += ["", "</details>", ""]
-    lines += [f"<sub>{'`' + doc['command'] + '` · ' if doc['command'] else ''}ckdiff {doc['ckdiff_version']} · torch {doc['torch_version']}</sub>", ""]
+    lines += [f"<sub>{md_code(doc['command']) + ' · ' if doc['command'] else ''}ckdiff {doc['ckdiff_version']} · torch {doc['torch_version']}</sub>", ""]
     return "\n".join(lines)
 
 

@@ -11,7 +11,7 @@ import textwrap
 from rich.markup import escape
 from rich.text import Text
 
-from ..text import printable
+from ..text import printable, terminal
 from ..compare.status import Status, is_ok
 from .render import collapse_layers, fmt
 
@@ -108,7 +108,7 @@ def print_compare(res, console, limit: int = 40) -> None:
     summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
     style = "bold green" if ok else "bold red"
     console.print(f"[{style}]{'EQUIVALENT' if ok else 'DIFFER'}[/{style}]: {len(res.tensors)} tensors ({summary})")
-    console.print(f"A: {escape(printable(res.a))} \\[{res.format_a}]\nB: {escape(printable(res.b))} \\[{res.format_b}]")
+    console.print(f"A: {terminal(res.a)} \\[{res.format_a}]\nB: {terminal(res.b)} \\[{res.format_b}]")
     bad = [t for t in res.worst_first() if not t.ok]
     if bad:
         console.print(Text("mismatching tensors, worst first", style="italic"))
@@ -120,11 +120,11 @@ def print_compare(res, console, limit: int = 40) -> None:
     if rest:
         console.print("matching: " + ", ".join(f"{v} {k}" for k, v in rest.items()))
     if counts.get(Status.CAST):
-        console.print(escape("cast: " + named_casts(res)))
+        console.print(terminal("cast: " + named_casts(res)))
     for k, va, vb in res.config_diff:
-        console.print(escape(printable(f"config {k}: A={va!r} B={vb!r}")))
+        console.print(terminal(f"config {k}: A={va!r} B={vb!r}"))
     for n in res.notes:
-        console.print(escape(printable(f"note: {n}")))
+        console.print(terminal(f"note: {n}"))
 
 
 def print_logits(res, console) -> None:
@@ -133,7 +133,7 @@ def print_logits(res, console) -> None:
     val = res.max_kl if res.gate_kl is None else res.gate_kl
     console.print(f"[{style}]{'EQUIVALENT' if res.equivalent else 'DIFFER'}[/{style}]: {what} "
                   f"{fmt(val)} (threshold {fmt(res.threshold)}, {escape(res.threshold_reason)})")
-    console.print(escape(f"A: {res.a} [{res.format_a}]\nB: {res.b} [{res.format_b}]"))
+    console.print(terminal(f"A: {res.a} [{res.format_a}]") + "\n" + terminal(f"B: {res.b} [{res.format_b}]"))
     console.print(f"tokens: {res.batch} x {res.length} (seed {res.seed}), compute {res.dtype}, vocab {res.vocab_compared}")
     console.print(escape(f"KL max {fmt(res.max_kl)} at [seq, pos] {res.max_kl_at}, mean {fmt(res.mean_kl)}"))
     console.print(f"top-1 agreement {res.top1_agreement:.4f}; mutual top-{res.topk} {res.topk_agreement:.4f}"
@@ -145,7 +145,7 @@ def print_logits(res, console) -> None:
         console.print(f"first divergent layer: {div} (relative hidden-state error per layer: "
                       + ", ".join(fmt(x, 2) for x in res.layer_rel_errors) + ")")
     for n in res.notes:
-        console.print(escape(printable(f"note: {n}")))
+        console.print(terminal(f"note: {n}"))
 
 
 def print_suite(res, console) -> None:
@@ -159,7 +159,8 @@ def print_suite(res, console) -> None:
         t.add_column(col, no_wrap=col != "model", overflow="fold")
     t.add_column("detail", overflow="fold", ratio=1)
     for c in res.checks:
-        t.add_row(c.converter, c.model, c.variant or "-", c.check, "yes" if c.ok else "NO", escape(c.detail))
+        t.add_row(*(terminal(x) for x in (c.converter, c.model, c.variant or "-", c.check)), "yes" if c.ok else "NO",
+                  terminal(c.detail))
     console.print(t)
 
 
