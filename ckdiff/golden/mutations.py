@@ -498,7 +498,7 @@ def _quantized(qtype: str, edit: Callable):
         from .models import lazy
         from .suite import convert
         out = convert("to-jetstream", gold, work, {"quantize": qtype})
-        ck = open_checkpoint(str(out))
+        ck = open_checkpoint(str(out), stored=True)
         st = {k: t.load().clone() for k, t in ck.tensors.items()}
         hf = {k: t.load() for k, t in open_checkpoint(str(gold)).tensors.items()}
         edit(st, hf)

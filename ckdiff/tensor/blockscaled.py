@@ -64,8 +64,8 @@ def float_step(codes: torch.Tensor) -> torch.Tensor:
         return torch.ones(codes.shape, dtype=torch.float32)
     mant, emin = FLOAT8[codes.dtype]
     x = codes.float().abs()
-    _, e = torch.frexp(x)  # x = m * 2**e, m in [0.5, 1)
-    e = torch.clamp(e - 1, min=emin)
+    _, e = torch.frexp(x)  # x = m * 2**e, m in [0.5, 1); frexp(0) gives e = 0: zero is spaced like subnormals
+    e = torch.where(x == 0, emin, torch.clamp(e - 1, min=emin))
     return torch.ldexp(torch.ones_like(x), e - mant)
 
 
@@ -126,6 +126,7 @@ class Scaled:
 
 class BlockScaled(LazyTensor):
     """A logical float tensor stored as codes and per-block scales (see the module docstring)."""
+    nibbles = False  # 4-bit codes packed two per byte (the diagnosis then tries the swapped nibble order)
 
     def __init__(self, name: str, shape, origin: str, encoding: str, bound: float, stored: tuple = ()):
         super().__init__(name, shape, torch.float32, origin)
