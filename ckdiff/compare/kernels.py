@@ -32,6 +32,7 @@ numba.config.THREADING_LAYER = "workqueue"
 from numba import njit, prange  # noqa: E402
 
 BLOCK = 2048
+SBLOCK = 512  # the scaled kernel's block: its six float64 buffers stay in a core's L1 cache
 _BIG = 1.7976931348623157e308
 _FM = {"reassoc", "nsz"}  # sums may be reordered; no contraction or reciprocals, NaN/Inf kept
 
@@ -308,9 +309,7 @@ def _side(src, mode, lut, steps, grid, br, ncb, bc, kind, i, C, j0, m, val, unit
     0), 1 codes times the scale ``grid[(i // br) * ncb + j // bc]`` in float32 (unit: |scale| times the
     code's float step when ``steps`` has one per byte), 2 values with their units in ``grid``."""
     _decode(src, i * C + j0, m, mode, lut, val, tmp)
-    if kind == 0:
-        for j in range(m):
-            unit[j] = 0.0
+    if kind == 0:  # the caller's unit buffer of a plain side stays 0
         return
     g = (i // br) * ncb
     if kind == 2 or bc == 1:
@@ -337,12 +336,60 @@ def _side(src, mode, lut, steps, grid, br, ncb, bc, kind, i, C, j0, m, val, unit
 
 
 @njit(cache=True, nogil=True, fastmath=_FM, error_model="numpy")
-def _sfast(x, ux, y, uy, m, ba, bb, rmc, dbuf, ubuf):
+def _sfast(x, ux, y, uy, m, ba, bb, rmc, umc, dbuf):
     """One block of two sides with their units, branch-free (see _fast): the four sums, the count over
-    ``ba * ux + bb * uy``, the rel ``hit`` count, bits of max |d| (``dbuf``) and of the largest error in
-    units ``d / (ux + uy)`` (``ubuf``). An element of B equal to 0 where A is not has a relative error of
-    exactly 1 (``zero`` counts them) and is left out of ``hit`` (most blocks hold one once the running
-    maximum is 1, and would otherwise all take the division pass of _rel)."""
+    ``ba * ux + bb * uy``, the rel ``hit`` count, ``uhit`` (elements whose error in units ``d / (ux + uy)``
+    may exceed ``umc``, the running maximum lowered by 2**-40: only such blocks take the division pass of
+    _units) and the bits of max |d| (``dbuf``). An element of B equal to 0 where A is not has a relative
+    error of exactly 1 (``zero`` counts them) and is left out of ``hit`` (most blocks hold one once the
+    running maximum is 1, and would otherwise all take the division pass of _rel)."""
+    s = 0.0
+    dot = 0.0
+    na = 0.0
+    nb = 0.0
+    over = 0
+    hit = 0
+    uhit = 0
+    zero = 0
+    for j in range(m):
+        xv = x[j]
+        yv = y[j]
+        d = abs(xv - yv)
+        u = ux[j] + uy[j]
+        s += d
+        dot += xv * yv
+        na += xv * xv
+        nb += yv * yv
+        over += d > ba * ux[j] + bb * uy[j]
+        uhit += d > umc * u
+        p = rmc * abs(xv)
+        nz = yv != 0.0
+        hit += ((d > p) | ((d > 0.0) & (p < 2.2250738585072014e-308))) & nz
+        zero += (d > 0.0) & ~nz
+        dbuf[j] = d
+    du = dbuf.view(np.uint64)
+    dm = np.uint64(0)
+    for j in range(m):
+        dm = max(dm, du[j])
+    return s, dot, na, nb, over, hit, uhit, zero, dm
+
+
+@njit(cache=True, nogil=True, fastmath=_FM, error_model="numpy")
+def _units(ux, uy, dbuf, m, ubuf):
+    """Bits of the largest error in units ``d / (ux + uy)`` of a block of finite values."""
+    for j in range(m):
+        ubuf[j] = dbuf[j] / max(ux[j] + uy[j], 1e-30)
+    uu = ubuf.view(np.uint64)
+    um = np.uint64(0)
+    for j in range(m):
+        um = max(um, uu[j])
+    return um
+
+
+@njit(cache=True, nogil=True, fastmath=_FM, error_model="numpy")
+def _qrun(x, q, sv, m, bb, rmc, dbuf):
+    """The common case in one pass (see _sfast): float ``x`` against int8 codes ``q`` times one scale
+    ``sv`` (a run of elements sharing a block scale), dequantized in float32 as runtimes do."""
     s = 0.0
     dot = 0.0
     na = 0.0
@@ -350,29 +397,26 @@ def _sfast(x, ux, y, uy, m, ba, bb, rmc, dbuf, ubuf):
     over = 0
     hit = 0
     zero = 0
+    tol = bb * abs(np.float64(sv))
     for j in range(m):
         xv = x[j]
-        yv = y[j]
+        yv = np.float64(np.float32(q[j]) * sv)
         d = abs(xv - yv)
         s += d
         dot += xv * yv
         na += xv * xv
         nb += yv * yv
-        over += d > ba * ux[j] + bb * uy[j]
+        over += d > tol
         p = rmc * abs(xv)
         nz = yv != 0.0
         hit += ((d > p) | ((d > 0.0) & (p < 2.2250738585072014e-308))) & nz
         zero += (d > 0.0) & ~nz
         dbuf[j] = d
-        ubuf[j] = d / max(ux[j] + uy[j], 1e-30)
     du = dbuf.view(np.uint64)
-    uu = ubuf.view(np.uint64)
     dm = np.uint64(0)
-    um = np.uint64(0)
     for j in range(m):
         dm = max(dm, du[j])
-        um = max(um, uu[j])
-    return s, dot, na, nb, over, hit, zero, dm, um
+    return s, dot, na, nb, over, hit, zero, dm
 
 
 @njit(parallel=True, cache=True, nogil=True, error_model="numpy")
@@ -385,15 +429,16 @@ def _scaled_metrics(a, mode_a, lut_a, steps_a, grid_a, br_a, ncb_a, bc_a, kind_a
     dot, a.a, b.b; ``outi`` = count over the bound. Per stripe: ``sf`` = max |d|, max rel, max units;
     ``si`` = index of max |d| (first), NaN a, NaN b, Inf a, Inf b."""
     per = (R + nstripe - 1) // nstripe
+    fast = kind_a == 0 and kind_b == 1 and mode_b == 6 and steps_b.size == 1
     for t in prange(nstripe):
-        x = np.empty(BLOCK, np.float64)
-        y = np.empty(BLOCK, np.float64)
-        ux = np.empty(BLOCK, np.float64)
-        uy = np.empty(BLOCK, np.float64)
-        tmp = np.empty(BLOCK, np.uint32)
-        dbuf = np.empty(BLOCK, np.float64)
-        ubuf = np.empty(BLOCK, np.float64)
-        rbuf = np.empty(BLOCK, np.float64)
+        x = np.empty(SBLOCK, np.float64)
+        y = np.empty(SBLOCK, np.float64)
+        ux = np.zeros(SBLOCK, np.float64)
+        uy = np.zeros(SBLOCK, np.float64)
+        tmp = np.empty(SBLOCK, np.uint32)
+        dbuf = np.empty(SBLOCK, np.float64)
+        ubuf = np.empty(SBLOCK, np.float64)
+        rbuf = np.empty(SBLOCK, np.float64)
         one = np.empty(1, np.uint64)
         mx = -1.0
         mi = -1
@@ -409,12 +454,48 @@ def _scaled_metrics(a, mode_a, lut_a, steps_a, grid_a, br_a, ncb_a, bc_a, kind_a
             na = 0.0
             nb = 0.0
             over = 0
-            for j0 in range(0, C, BLOCK):
-                m = min(C, j0 + BLOCK) - j0
-                _side(a, mode_a, lut_a, steps_a, grid_a, br_a, ncb_a, bc_a, kind_a, i, C, j0, m, x, ux, tmp)
-                _side(b, mode_b, lut_b, steps_b, grid_b, br_b, ncb_b, bc_b, kind_b, i, C, j0, m, y, uy, tmp)
+            j0 = 0
+            while j0 < C:
+                m = min(C, j0 + SBLOCK) - j0
+                if fast:  # a float side against int8 codes: runs of one block scale, in one pass
+                    col = j0 // bc_b
+                    m = min(m, (col + 1) * bc_b - j0)
+                    sv = grid_b[(i // br_b) * ncb_b + col]
+                    _decode(a, i * C + j0, m, mode_a, lut_a, x, tmp)
+                    rmc = mr * _SLACK if mr >= _TINY else 0.0
+                    qv = b[i * C + j0:i * C + j0 + m].view(np.int8)
+                    bs, bdot, bna, bnb, bover, hit, zero, dm = _qrun(x, qv, sv, m, bb, rmc, dbuf)
+                    if dm < _INF_BITS:
+                        s += bs
+                        dot += bdot
+                        na += bna
+                        nb += bnb
+                        over += bover
+                        if zero:
+                            mr = max(mr, 1.0)
+                        if hit:
+                            one[0] = _rel(x, dbuf, m, rbuf)
+                            mr = max(mr, one.view(np.float64)[0])
+                        one[0] = dm
+                        bm = one.view(np.float64)[0]
+                        umax = max(umax, bm / max(abs(np.float64(sv)), 1e-30))
+                        if bm > mx:
+                            for j in range(m):
+                                if dbuf[j] == bm:
+                                    mx = bm
+                                    mi = i * C + j0 + j
+                                    break
+                        j0 += m
+                        continue
+                    for j in range(m):  # uy stays 0: the scale is applied below
+                        y[j] = np.float64(np.float32(qv[j]) * sv)
+                        uy[j] = abs(np.float64(sv))
+                else:
+                    _side(a, mode_a, lut_a, steps_a, grid_a, br_a, ncb_a, bc_a, kind_a, i, C, j0, m, x, ux, tmp)
+                    _side(b, mode_b, lut_b, steps_b, grid_b, br_b, ncb_b, bc_b, kind_b, i, C, j0, m, y, uy, tmp)
                 rmc = mr * _SLACK if mr >= _TINY else 0.0
-                bs, bdot, bna, bnb, bover, hit, zero, dm, um = _sfast(x, ux, y, uy, m, ba, bb, rmc, dbuf, ubuf)
+                umc = umax * _SLACK
+                bs, bdot, bna, bnb, bover, hit, uhit, zero, dm = _sfast(x, ux, y, uy, m, ba, bb, rmc, umc, dbuf)
                 if dm < _INF_BITS:
                     s += bs
                     dot += bdot
@@ -426,8 +507,9 @@ def _scaled_metrics(a, mode_a, lut_a, steps_a, grid_a, br_a, ncb_a, bc_a, kind_a
                     if hit:
                         one[0] = _rel(x, dbuf, m, rbuf)
                         mr = max(mr, one.view(np.float64)[0])
-                    one[0] = um
-                    umax = max(umax, one.view(np.float64)[0])
+                    if uhit:
+                        one[0] = _units(ux, uy, dbuf, m, ubuf)
+                        umax = max(umax, one.view(np.float64)[0])
                     one[0] = dm
                     bm = one.view(np.float64)[0]
                     if bm > mx:
@@ -436,6 +518,7 @@ def _scaled_metrics(a, mode_a, lut_a, steps_a, grid_a, br_a, ncb_a, bc_a, kind_a
                                 mx = bm
                                 mi = i * C + j0 + j
                                 break
+                    j0 += m
                     continue
                 for j in range(m):  # a NaN or Inf in this block: element by element
                     xv = x[j]
@@ -472,6 +555,7 @@ def _scaled_metrics(a, mode_a, lut_a, steps_a, grid_a, br_a, ncb_a, bc_a, kind_a
                     if d > mx:
                         mx = d
                         mi = i * C + j0 + j
+                j0 += m
             outf[i, 0] = s
             outf[i, 1] = dot
             outf[i, 2] = na
