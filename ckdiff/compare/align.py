@@ -14,7 +14,7 @@ from __future__ import annotations
 from ..converters import registry
 from ..converters.config import ConfigError
 from ..converters.lazy import Checkpoint
-from ..tensor.blockscaled import BlockScaled
+from ..tensor.blockscaled import BlockScaled, through_table
 
 
 def _config(ck: Checkpoint):
@@ -75,6 +75,7 @@ def _align(a: Checkpoint, b: Checkpoint) -> tuple[Checkpoint, Checkpoint, list, 
     except Exception as e:  # noqa: BLE001 - unmappable: compare as is and say why
         return a, b, [], [f"layouts differ ({a.format} vs {b.format}) and {'A' if move_a else 'B'} could not be "
                           f"mapped: {str(e).splitlines()[0][:200]}"]
+    mapped = through_table(mapped)  # an encoded side that moves keeps its own scales
     side = "A" if move_a else "B"
     notes = [f"{side} ({src.format}) was mapped into the {dst_layout} layout of "
              f"{'B' if move_a else 'A'} through ckdiff's conversion table before comparing"]

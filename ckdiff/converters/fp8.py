@@ -63,17 +63,23 @@ class Fp8Block(BlockScaled):
         return Scaled(codes.reshape(-1, self.shape[-1]), grid.reshape(-1, grid.shape[-1]), (1, bn))
 
     def reference(self, x: torch.Tensor) -> Scaled | None:
-        """DeepSeek's quantizer: ``s = amax / 448`` per block, codes ``x / s`` rounded to FP8."""
+        """DeepSeek's quantizer (``fp8_quantize``) on float rows ``x``."""
         if len(self.shape) != 2 or self.w.dtype != torch.float8_e4m3fn:
             return None
-        bm, bn = self.block
-        R, C = x.shape
-        xp = torch.zeros(-(-R // bm) * bm, -(-C // bn) * bn)
-        xp[:R, :C] = x.float()
-        blocks = xp.reshape(xp.shape[0] // bm, bm, xp.shape[1] // bn, bn)
-        s = blocks.abs().amax(dim=(1, 3)).clamp_min(1e-12) / E4M3_MAX
-        codes = (x.float() / Scaled(x, s, (bm, bn)).per_element()).to(torch.float8_e4m3fn)
-        return Scaled(codes, s, (bm, bn))
+        codes, s = fp8_quantize(x, self.block)
+        return Scaled(codes, s, self.block)
+
+
+def fp8_quantize(x: torch.Tensor, block=(128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8_e4m3fn codes, float32 scales ``[ceil(M/bm), ceil(N/bn)]``) of a 2-D weight as DeepSeek-V3's
+    ``weight_quant`` writes them: ``s = amax / 448`` per block, codes ``x / s`` rounded to the nearest FP8."""
+    bm, bn = block
+    R, C = x.shape
+    xp = torch.zeros(-(-R // bm) * bm, -(-C // bn) * bn)
+    xp[:R, :C] = x.float()
+    s = xp.reshape(xp.shape[0] // bm, bm, xp.shape[1] // bn, bn).abs().amax(dim=(1, 3)).clamp_min(1e-12) / E4M3_MAX
+    codes = (x.float() / Scaled(x, s, (bm, bn)).per_element()).to(torch.float8_e4m3fn)
+    return codes, s
 
 
 def fp8_pairs(tensors) -> dict:

@@ -117,7 +117,7 @@ class Scaled:
         """The same rows with the grid expanded to one grid row per element row (``br`` 1): for rows that
         start inside a block of ``br`` rows, ``lo`` rows into it."""
         br, bc = self.block
-        if br == 1:
+        if br == 1 or lo == 0:
             return self
         R = self.codes.shape[0]
         g = self.grid.repeat_interleave(br, 0)[lo:lo + R]
@@ -184,6 +184,62 @@ class BlockScaled(LazyTensor):
         return 1
 
 
+class RowGathered(BlockScaled):
+    """A 2-D block-scaled tensor moved through a row-moving op of a layout table (a rotary permutation, a
+    split): the same codes and scales with the rows in the table's order, so a moved encoded side is still
+    judged in units of its own scales."""
+
+    def __init__(self, name: str, src: BlockScaled, rows: torch.Tensor):
+        super().__init__(name, (len(rows), src.shape[1]), src.origin, src.encoding, src.bound, src.stored)
+        self.src, self.map = src, rows
+        self.nibbles = src.nibbles
+
+    @property
+    def bound(self) -> float:
+        return self.src.bound
+
+    def scaled(self, start: int, stop: int) -> Scaled:
+        rows = self.map[start:stop]
+        if not len(rows):
+            return self.src.scaled(0, 0)
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        s = self.src.scaled(lo, hi)
+        R = hi - lo
+        grid = s.grid.repeat_interleave(s.block[0], 0)[:R] if s.block[0] > 1 else s.grid
+        sel = rows - lo
+        return Scaled(s.codes.index_select(0, sel), grid.index_select(0, sel), (1, s.block[1]), s.dense)
+
+    def problems(self, s: Scaled) -> list[str]:
+        return self.src.problems(s)
+
+    def reference(self, x: torch.Tensor) -> Optional[Scaled]:
+        return None  # a reference of moved rows would need the inverse move: the diagnosis reads values
+
+
+def through_table(tensors: dict) -> dict:
+    """Tensors mapped through layout tables (one or several passes), with each 2-D row move of one
+    block-scaled tensor kept block-scaled (``RowGathered``); everything else as it is."""
+    from ..converters.lazy import _SRC_SHIFT, DerivedTensor
+    from ..converters.table import Renamed
+    memo: dict = {}
+
+    def resolve(t):
+        if id(t) in memo:
+            return memo[id(t)]
+        out = t
+        if isinstance(t, Renamed) and isinstance(resolve(t.base), BlockScaled):
+            out = resolve(t.base)  # the same data under the table's name
+        elif isinstance(t, DerivedTensor) and len(t.shape) == 2 and len(t.group.inputs) == 1:
+            src = resolve(t.group.inputs[0])
+            if isinstance(src, BlockScaled) and len(src.shape) == 2:
+                m = t.group.row_map(t.index)
+                if m is not None and bool(((m >> _SRC_SHIFT) == 0).all()):
+                    out = RowGathered(t.name, src, m & ((1 << _SRC_SHIFT) - 1))
+        memo[id(t)] = out
+        return out
+    return {k: resolve(t) for k, t in tensors.items()}
+
+
 def is_block_scaled(t) -> bool:
     return isinstance(t, BlockScaled)
 
@@ -209,4 +265,4 @@ def fold(ck: Checkpoint, views: dict, encoding: str, note: str) -> Checkpoint:
 
 ViewFn = Callable[[Checkpoint], Checkpoint]
 
-__all__ = ["BlockScaled", "Scaled", "is_block_scaled", "fold", "float_step", "step_table", "FLOAT8"]
+__all__ = ["BlockScaled", "Scaled", "RowGathered", "through_table", "is_block_scaled", "fold", "float_step", "step_table", "FLOAT8"]
