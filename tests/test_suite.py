@@ -38,7 +38,7 @@ def test_converter_without_inverse_or_golden_fails(tmp_path):
 
 # --- a converter declared the way another repository would, gated by ckdiff.testing.gate
 def _my_hf_to_jetstream(src, out, options):
-    from ckdiff.converters.cli import read_source
+    from ckdiff.converters.api import read_source
     ck, cfg = read_source(src)
     with atomic_dir(out, overwrite=True) as tmp:
         from ckdiff.converters.writers import write_meta_like
