@@ -59,7 +59,7 @@ def test_quantized_structure_and_bounds(tiny_hf, tmp_path, run_cli, qtype, name)
     src = tiny_hf(name)
     assert convert(*JS, "llama-2", "--input_checkpoint_dir", src, "--output_checkpoint_dir", tmp_path / "q",
                    "--quantize_weights", "--quantize_type", qtype) == 0
-    q = open_checkpoint(str(tmp_path / "q"))
+    q = open_checkpoint(str(tmp_path / "q"), stored=True)
     flt = open_checkpoint(str(emit(tmp_path / "f", name, "jetstream")))
     bits = 8 if "int8" in qtype else 4
     D, F = flt["layers.0.attention.wo.weight"].shape[0], flt["layers.0.feed_forward.w1.weight"].shape[0]
@@ -163,7 +163,7 @@ def test_gemma_and_mixtral_layouts(tiny_hf, tmp_path, run_cli):
     assert code == 2 and "expects a mixtral checkpoint" in err
     convert(*JS, "mixtral", "--input_checkpoint_dir", tiny_hf("mixtral"), "--output_checkpoint_dir", tmp_path / "m",
             "--quantize_weights", "--quantize_type", "int8_per_channel")
-    m = open_checkpoint(str(tmp_path / "m"))
+    m = open_checkpoint(str(tmp_path / "m"), stored=True)
     assert m["layers.0.block_sparse_moe.cond_ffn.w1"].shape == (4, 48, 64)
     assert m["layers.0.block_sparse_moe.cond_ffn.w1_scaler"].shape == (4, 48)
     assert m["layers.0.block_sparse_moe.cond_ffn.w2_scaler"].shape == (4, 64)

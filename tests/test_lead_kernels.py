@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ckdiff.compare.kernels import QuantStats
+from ckdiff.compare.kernels import ScaledStats, Side
 from tests.test_perf_kernels import quant_reference
 
 
@@ -24,9 +24,9 @@ def test_max_rel_with_zero_codes_is_exact(flip):
         j = int(torch.nonzero(q[i] > 3)[0])
         q[i, j] = -q[i, j]
     ref = quant_reference(w, q, scale[:, None].expand(R, C))
-    st = QuantStats()
+    st = ScaledStats()
     for lo in range(0, R, 16):
-        st.add(w[lo:lo + 16], q[lo:lo + 16], scale[lo:lo + 16], 1, 0, C, lo * C)
+        st.add(Side(w[lo:lo + 16]), Side(q[lo:lo + 16], 1, scale[lo:lo + 16].reshape(-1, 1), (1, C)), 0.0, 1.5, lo * C)
     assert st.max_rel == ref["rel"]
     assert (st.max_rel == 1.0) == (flip is None)
     assert st.max_abs == ref["max_abs"] and st.max_idx == ref["idx"]
@@ -44,6 +44,6 @@ def test_max_rel_when_only_zero_codes_differ():
     w[3, 7] = 1e-6  # quantizes to 0
     q[3, 7] = 0
     ref = quant_reference(w, q, scale[:, None].expand(R, C))
-    st = QuantStats()
-    st.add(w, q, scale, 1, 0, C, 0)
+    st = ScaledStats()
+    st.add(Side(w), Side(q, 1, scale.reshape(R, 1), (1, C)), 0.0, 1.5, 0)
     assert ref["rel"] == 1.0 and st.max_rel == 1.0

@@ -197,7 +197,7 @@ def test_meta_rope_freqs_use_head_dim(tmp_path):
 def test_megatron_tp_table_round_trips_through_rank_files_with_a_qkv_bias(tiny_hf, tmp_path, tp, pp):
     """Writer (TP_TABLE, LEGACY_NAMES) and reader (their inverses) agree on every tensor, a fused
     q/k/v bias included (cut by rows like its weight, as the toy qkv-bias family needs)."""
-    from ckdiff.converters.cli import read_source
+    from ckdiff.converters.api import read_source
     from ckdiff.converters.layouts import convert as layout_convert
     from ckdiff.converters.megatron import make_args, read_megatron, write_megatron
     import argparse

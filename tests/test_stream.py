@@ -133,7 +133,7 @@ class _Tracked(LazyTensor):
 
 
 def test_megatron_writer_holds_one_chunk_not_a_rank(tiny_hf, tmp_path):
-    from ckdiff.converters.cli import read_source
+    from ckdiff.converters.api import read_source
     from ckdiff.converters.layouts import convert as layout_convert
     from ckdiff.converters.megatron import make_args, write_megatron
     ck, cfg = read_source(str(tiny_hf("llama-gqa")))
@@ -264,7 +264,7 @@ def test_lazy_conversion_infers_shapes_without_torch_dynamo(tiny_hf):
     import subprocess
     import sys
     code = ("import sys\n"
-            "from ckdiff.converters.cli import read_source\n"
+            "from ckdiff.converters.api import read_source\n"
             "from ckdiff.converters.layouts import convert\n"
             f"ck, cfg = read_source({str(tiny_hf('llama-gqa'))!r})\n"
             "out = convert(ck.tensors, 'hf', 'megatron', cfg, ck.path)\n"

@@ -3,8 +3,9 @@
 When A and B are model directories of different layouts (HF, Meta/JetStream,
 Megatron), one side is mapped lazily into the other's layout through the same
 reversible conversion tables the converters use, and the result records the
-mapping. The float side is mapped into a quantized side's layout, so quantized
-tensors are still judged in units of their own scales. Nothing is mapped when
+mapping. The float side is mapped into an encoded side's layout (its tensors are
+block-scaled views, tensor/blockscaled.py), so encoded tensors keep their own
+scales and are judged in units of them. Nothing is mapped when
 the layouts agree, or when the user passes ``--no-map``.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from ..converters import registry
 from ..converters.config import ConfigError
 from ..converters.lazy import Checkpoint
-from ..converters.quant import is_quantized
+from ..tensor.blockscaled import BlockScaled, through_table
 
 
 def _config(ck: Checkpoint):
@@ -60,8 +61,7 @@ def _align(a: Checkpoint, b: Checkpoint) -> tuple[Checkpoint, Checkpoint, list, 
                           "(config.json, params.json or Megatron args)"]
     if la is None or lb is None or fa.key_names == fb.key_names:
         return a, b, [], []
-    from .blockscaled import is_block_scaled
-    quant = lambda x: is_quantized(x.tensors) or any(is_block_scaled(t) for t in x.tensors.values())  # noqa: E731
+    quant = lambda x: any(isinstance(t, BlockScaled) for t in x.tensors.values())  # noqa: E731
     move_a = quant(b) and not quant(a)  # the float side moves, so quantized tensors keep their own scales
     (src, fsrc), fdst = ((a, fa), fb) if move_a else ((b, fb), fa)
     dst_layout = fdst.layout
@@ -75,6 +75,7 @@ def _align(a: Checkpoint, b: Checkpoint) -> tuple[Checkpoint, Checkpoint, list, 
     except Exception as e:  # noqa: BLE001 - unmappable: compare as is and say why
         return a, b, [], [f"layouts differ ({a.format} vs {b.format}) and {'A' if move_a else 'B'} could not be "
                           f"mapped: {str(e).splitlines()[0][:200]}"]
+    mapped = through_table(mapped)  # an encoded side that moves keeps its own scales
     side = "A" if move_a else "B"
     notes = [f"{side} ({src.format}) was mapped into the {dst_layout} layout of "
              f"{'B' if move_a else 'A'} through ckdiff's conversion table before comparing"]

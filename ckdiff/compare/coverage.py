@@ -21,6 +21,8 @@ def _layout_drops(fmt: str) -> list:
 def account(x0: Checkpoint, x: Checkpoint, in_results: set, consumed: set, selected) -> dict:
     """Coverage of one side: ``x0`` as read, ``x`` as compared (mapped and/or with buffers left out)."""
     dropped: dict = {k: f"skipped by the {x0.format} reader: {why}" for k, why in (x0.meta or {}).get("skipped", {}).items()}
+    folded = (x0.meta or {}).get("folded", {})  # stored scales read into their weight's block-scaled view
+    dropped.update(folded)
     unaccounted: list = []
     n_consumed = 0
     passes = (x.meta or {}).get("cover") if x is not x0 else None
@@ -42,11 +44,7 @@ def account(x0: Checkpoint, x: Checkpoint, in_results: set, consumed: set, selec
         targets = set(x0.tensors)
     pats = _layout_drops(x.format)
     compared = ignored = 0
-    folded = (x.meta or {}).get("folded", {})
     for k in targets:
-        if k in folded:
-            dropped[k] = folded[k]
-            continue
         if k in consumed or k in in_results:
             compared += k in in_results
             continue
@@ -56,7 +54,7 @@ def account(x0: Checkpoint, x: Checkpoint, in_results: set, consumed: set, selec
             ignored += 1
         else:
             unaccounted.append(f"{k} (neither compared nor dropped)")
-    return {"read": len(x0.tensors) + len((x0.meta or {}).get("skipped", {})), "consumed_by_rules": n_consumed,
+    return {"read": len(x0.tensors) + len((x0.meta or {}).get("skipped", {})) + len(folded), "consumed_by_rules": n_consumed,
             "targets": len(targets), "in_results": compared, "ignored": ignored,
             "dropped": dict(sorted(dropped.items())), "unaccounted": sorted(unaccounted)}
 

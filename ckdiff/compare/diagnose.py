@@ -35,7 +35,10 @@ import torch
 
 from ..converters.lazy import Checkpoint, LazyTensor
 from ..converters.ops import rope_to_half, rope_to_interleaved
+from ..tensor.blockscaled import BlockScaled
+from .diagnose_scaled import diagnose_scaled
 from .diff import CompareResult, TensorResult
+from .findings import record
 from .status import Status
 
 MAX_NUMEL = 1 << 26  # largest tensor loaded whole (to confirm a winner, or for whole-tensor hypotheses)
@@ -636,84 +639,6 @@ def _skip(r: TensorResult, text: str) -> None:
     r.note = f"{r.note}; {text}" if r.note else text
 
 
-# ---------------------------------------------------------------- quantized vs float
-def _shifted(x: torch.Tensor, ref: torch.Tensor, dim: int) -> Optional[int]:
-    """+1 when x[i] == ref[i-1] along ``dim`` (every entry but the first), -1 when x[i] == ref[i+1]."""
-    n = x.shape[dim]
-    if n < 3:
-        return None
-    close = lambda u, v: torch.allclose(u.float(), v.float(), rtol=1e-2, atol=0)  # noqa: E731
-    if close(x.narrow(dim, 1, n - 1), ref.narrow(dim, 0, n - 1)):
-        return 1
-    if close(x.narrow(dim, 0, n - 1), ref.narrow(dim, 1, n - 1)):
-        return -1
-    return None
-
-
-def diagnose_quantized(name: str, flt: LazyTensor, q: LazyTensor, s: LazyTensor, ctx: _Ctx,
-                       bits: Optional[int], qside: Checkpoint, fside: Checkpoint) -> list[str]:
-    """Causes for a quantized tensor that misses its float source, in units of the quantization:
-    the codes and scales are compared with a reference quantization of the float weight in the same
-    scheme (scales off by one row or block, another tensor's scales, int4 codes not sign-extended,
-    blocks along the wrong axis)."""
-    from ..converters.quant import EMBED, SCALER, quantize
-    if flt.numel > MAX_NUMEL or flt.dtype.is_floating_point is False:
-        return []
-    emb = bool(EMBED.search(name))
-    w, codes, sc = flt.load().float(), q.load(), s.load()
-    blockwise = codes.dim() == 3 and codes.shape[1] == 128 and w.dim() == 2
-    if w.dim() != 2:
-        return []
-    bits = 8 if emb else (bits or (4 if int(codes.max()) <= 15 and int(codes.min()) >= -8 else 8))
-    try:
-        q_ref, s_ref = quantize(w, bits, blockwise, axis=0 if emb else -1)
-    except Exception:  # noqa: BLE001 - a weight the scheme cannot quantize: nothing to say
-        return []
-    if sc.numel() != s_ref.numel() or codes.shape != q_ref.shape:
-        return []
-    sc = sc.reshape(s_ref.shape)
-    codes_eq = torch.equal(codes, q_ref)
-    scales_eq = torch.allclose(sc.float(), s_ref.float(), rtol=1e-2, atol=0)
-    unit = f"int{bits} {'blockwise' if blockwise else ('per column' if emb else 'per channel')}"
-    if bits == 4 and not codes_eq and int(codes.min()) >= 0 and int(codes.max()) <= 15 \
-            and torch.equal(codes, (q_ref.to(torch.int16) & 15).to(torch.int8)):
-        return [f"int4 codes not sign-extended: negative codes are stored as 0..15 (q + 16) instead of -8..-1 "
-                f"({int((q_ref < 0).sum())} codes); scales {'agree' if scales_eq else 'differ too'}"]
-    if blockwise and w.shape[0] == w.shape[1]:
-        q_t, s_t = quantize(w.T.contiguous(), bits, True)
-        if torch.equal(codes, q_t) and torch.allclose(sc.float(), s_t.float().reshape(sc.shape), rtol=1e-2):
-            return ["quantization blocks along the wrong axis: the codes and scales are those of the transposed "
-                    "weight (blocks of 128 over the output axis instead of the input axis)"]
-    if codes_eq and not scales_eq:
-        dims = [(sc.dim() - 1, "row" if not emb else "column")] + ([(0, "block")] if blockwise and sc.dim() == 2 else [])
-        for dim, what in dims:
-            k = _shifted(sc, s_ref, dim)
-            if k:
-                return [f"scales off by one {what}: the scale stored for {what} i is the reference scale of "
-                        f"{what} i{'-' if k > 0 else '+'}1 (codes agree with a reference {unit} quantization)"]
-        for other in qside.tensors:
-            if other == name or not other.endswith(SCALER) or other[:-len(SCALER)] not in fside.tensors:
-                continue
-            o = other[:-len(SCALER)]
-            ft = fside.tensors[o]
-            if tuple(qside.tensors[other].shape) != tuple(s.shape) or ft.numel > MAX_NUMEL or len(ft.shape) != 2:
-                continue
-            try:
-                _, s_o = quantize(ft.load().float(), bits, blockwise, axis=0 if EMBED.search(o) else -1)
-            except Exception:  # noqa: BLE001
-                continue
-            if s_o.numel() == sc.numel() and torch.allclose(sc.float(), s_o.float().reshape(sc.shape), rtol=1e-2):
-                return [f"scales swapped: {name}{SCALER} holds the scales of {o} (codes agree with a reference "
-                        f"{unit} quantization)"]
-        ratio = (sc.float() / s_ref.float().clamp(min=1e-30))
-        return [f"codes agree with a reference {unit} quantization but the scales do not (stored / reference "
-                f"between {float(ratio.min()):.3g} and {float(ratio.max()):.3g})"]
-    if scales_eq and not codes_eq:
-        return [f"scales agree with a reference {unit} quantization; {int((codes != q_ref).sum())} codes differ "
-                f"(largest code difference {int((codes.int() - q_ref.int()).abs().max())})"]
-    return []
-
-
 # ---------------------------------------------------------------- across tensors
 _MLP = [(r"mlp\.gate_proj\.weight$", r"mlp\.up_proj\.weight$", r"mlp\.down_proj\.weight$"),
         (r"feed_forward\.w1\.weight$", r"feed_forward\.w3\.weight$", r"feed_forward\.w2\.weight$")]
@@ -809,18 +734,18 @@ def diagnose_result(res: CompareResult, a: Checkpoint, b: Checkpoint) -> None:
     """Fill ``diagnosis`` for every mismatching tensor of ``res`` (in place)."""
     config = {**(b.config or {}), **(a.config or {})}
     ctx = _Ctx(a, b, config)
-    sc = "_scaler"
     for r in res.tensors:
         if r.status not in (Status.DIFFER, Status.SHAPE) or r.name not in a.tensors or r.name not in b.tensors:
             continue
-        qa, qb = (r.name + sc) in a.tensors, (r.name + sc) in b.tensors
-        if qa != qb:  # quantized vs float: judged in units of the quantization
-            qs, fs = (a, b) if qa else (b, a)
-            m = re.search(r"int(\d)", r.tol_source or "")
-            r.diagnosis = diagnose_quantized(r.name, fs.tensors[r.name], qs.tensors[r.name],
-                                             qs.tensors[r.name + sc], ctx, int(m.group(1)) if m else None, qs, fs)
-            continue
-        r.diagnosis = diagnose_tensor(r, a.tensors[r.name], b.tensors[r.name], ctx)
+        ta, tb = a.tensors[r.name], b.tensors[r.name]
+        if isinstance(ta, BlockScaled) != isinstance(tb, BlockScaled) and r.status == Status.DIFFER:
+            # an encoding against its float source: first in scale units, on codes and block scales
+            enc, flt, eck, fck = (ta, tb, a, b) if isinstance(ta, BlockScaled) else (tb, ta, b, a)
+            found = diagnose_scaled(r.name, enc, flt, eck, fck)
+            if found:
+                r.diagnosis = record(r, found)
+                continue
+        r.diagnosis = diagnose_tensor(r, ta, tb, ctx)
     _equivalent_reorderings(res, ctx)
     _rotary_some_layers(res, ctx)
     if any(t.status == Status.REORDERED for t in res.tensors):

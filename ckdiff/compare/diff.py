@@ -23,6 +23,7 @@ import torch
 
 from ..converters.formats import dtype_name
 from ..converters.lazy import Checkpoint, LazyTensor
+from ..tensor.blockscaled import BlockScaled
 from .kernels import Stats, as_kernel_input, bytes_equal, plan
 from .status import Status, rank
 
@@ -67,7 +68,8 @@ class TensorResult:
     atol: Optional[float] = None
     rtol: Optional[float] = None
     tol_source: Optional[str] = None
-    diagnosis: list = field(default_factory=list)
+    diagnosis: list = field(default_factory=list)  # texts, rendered from ``findings`` where those are typed
+    findings: list = field(default_factory=list)  # typed findings ({"kind", **params}, compare/findings.py)
     note: Optional[str] = None
 
     @property
@@ -279,9 +281,9 @@ def compare_tensor(name: str, ta: LazyTensor, tb: LazyTensor, opts: Options,
         if progress:
             progress(ta.nbytes + tb.nbytes)
         return r
-    from .blockscaled import compare_block_scaled, is_block_scaled
-    if is_block_scaled(ta) or is_block_scaled(tb):  # GGUF blocks, FP8 block scales: judged in scale units
-        out = compare_block_scaled(name, ta, tb, max(1, opts.chunk_bytes // 4))
+    if isinstance(ta, BlockScaled) or isinstance(tb, BlockScaled):  # encodings: judged in scale units
+        from .quantized import compare_scaled
+        out = compare_scaled(name, ta, tb, opts.chunk_bytes)
         if progress:
             progress(ta.nbytes + tb.nbytes)
         return out
@@ -337,7 +339,6 @@ def compare_checkpoints(a: Checkpoint, b: Checkpoint, opts: Optional[Options] = 
     the tensors are spread over its ranks and the result exists on rank 0 only (None elsewhere),
     identical to the one a single process computes."""
     opts = opts or Options()
-    from .quant import mixed_jobs, quantized_side
     notes: list[str] = []
     mapping: list = []
     cdiff, cfindings, cnotes = compare_config_semantics(a, b)
@@ -347,19 +348,9 @@ def compare_checkpoints(a: Checkpoint, b: Checkpoint, opts: Optional[Options] = 
         a, b, mapping, notes = align(a, b)
     notes += [f"{side}: {n}" for side, ck in (("A", a0), ("B", b0)) for n in (ck.meta or {}).get("notes", [])]
     notes += cnotes
-    from ..converters import registry
-    for enc in registry.encodings():  # FP8 weights with block scales vs a float side (converters/fp8.py)
-        a, b, enc_notes = enc.fold(a, b)
-        notes += enc_notes
     consumed: set = set()
-    jobs: list = []  # (name, bytes, fn -> TensorResult), in result order
-    side = quantized_side(a, b)
-    if side:
-        jobs, consumed = mixed_jobs(a, b, side, opts.selected)
-        notes.append(f"{side.upper()} is quantized: its tensors were dequantized and judged in units of "
-                     "their own scale (int8 1.5 s, int4 1.0 s)")
-    names_a = [n for n in a.tensors if opts.selected(n) and n not in consumed]
-    names_b = [n for n in b.tensors if opts.selected(n) and n not in consumed]
+    names_a = [n for n in a.tensors if opts.selected(n)]
+    names_b = [n for n in b.tensors if opts.selected(n)]
     set_b = set(names_b)
     common = [n for n in names_a if n in set_b]
     one_sided: list[TensorResult] = []
@@ -371,21 +362,20 @@ def compare_checkpoints(a: Checkpoint, b: Checkpoint, opts: Optional[Options] = 
         if n not in a.tensors:
             t = b.tensors[n]
             one_sided.append(TensorResult(n, Status.ONLY_B, shape_b=list(t.shape), dtype_b=dtype_name(t.dtype), numel=t.numel))
-    n_quant = len(jobs)
-    jobs += [(n, a.tensors[n].nbytes + b.tensors[n].nbytes,
-              lambda n=n, progress=None: compare_tensor(n, a.tensors[n], b.tensors[n], opts, progress))
-             for n in common]
+    jobs = [(n, a.tensors[n].nbytes + b.tensors[n].nbytes,
+             lambda n=n, progress=None: compare_tensor(n, a.tensors[n], b.tensors[n], opts, progress))
+            for n in common]
     if shard is not None:
         done = shard.map(jobs)
         if done is None:
             return None
     else:
-        total = sum(nb for _, nb, _ in jobs[n_quant:])
+        total = sum(nb for _, nb, _ in jobs)
         progress = progress_factory(total) if progress_factory else None
-        done = [fn() for _, _, fn in jobs[:n_quant]] + [fn(progress=progress) for _, _, fn in jobs[n_quant:]]
+        done = [fn(progress=progress) for _, _, fn in jobs]
         if progress is not None and hasattr(progress, "stop"):
             progress.stop()
-    results = done[:n_quant] + one_sided + done[n_quant:]
+    results = one_sided + done
     res = CompareResult(a.path, b.path, a.format, b.format, results,
                         config_diff=cdiff, config_findings=cfindings,
                         options={"atol": opts.atol, "rtol": opts.rtol, "only": opts.only, "ignore": opts.ignore,
@@ -424,21 +414,3 @@ def compare_config_semantics(a: Checkpoint, b: Checkpoint) -> tuple[list, list, 
     if (ca is None) != (cb is None) and not bad:
         notes.append(f"{'A' if ca is None else 'B'} has no model config: configurations were not compared")
     return diffs, findings, notes
-
-
-def config_diff(ca: dict, cb: dict) -> list:
-    """Differences between two configs of the same kind (skipped when the kinds differ)."""
-    if not ca or not cb:
-        return []
-    shared = set(ca) & set(cb)
-    if len(shared) < max(1, min(len(ca), len(cb)) // 3):
-        return []  # different schemas (config.json vs params.json): nothing to line up
-    out = []
-    for k in sorted(set(ca) | set(cb)):
-        if k.startswith("_") or k in ("transformers_version", "architectures"):
-            continue
-        va, vb = ca.get(k), cb.get(k)
-        if va != vb:
-            out.append([k, va, vb])
-    return out
-

@@ -11,8 +11,9 @@ carry their own ``fastmath`` (numba's IR-level inlining would compile them with
 the caller's flags) and ``error_model="numpy"`` (no zero-division branch), and
 take maxima as integer maxima of the float bits (a float maximum without 'nnan'
 is not vectorised). A block holding a NaN or Inf is redone element by element
-with the NaN/Inf policy of compare/diff.py. ``QuantStats.add`` does the same for
-float rows against int8 codes times their scales.
+with the NaN/Inf policy of compare/diff.py. ``ScaledStats.add`` does the same for two
+sides in scale units, each plain values, codes times a block scale, or values with a unit per element
+(the block-scaled protocol, tensor/blockscaled.py): one kernel for every encoding.
 
 numba compiles each array-type signature once and caches it on disk.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import Optional
 
 import numba
 import numpy as np
@@ -30,11 +32,12 @@ numba.config.THREADING_LAYER = "workqueue"
 from numba import njit, prange  # noqa: E402
 
 BLOCK = 2048
+SBLOCK = 512  # the scaled kernel's block: its six float64 buffers stay in a core's L1 cache
 _BIG = 1.7976931348623157e308
 _FM = {"reassoc", "nsz"}  # sums may be reordered; no contraction or reciprocals, NaN/Inf kept
 
 # decode modes: every chunk arrives as raw bytes (one compiled signature for every dtype pair)
-F32, F64, BF16, LUT16, LUT8, FP16 = 0, 1, 2, 3, 4, 5
+F32, F64, BF16, LUT16, LUT8, FP16, I8 = 0, 1, 2, 3, 4, 5, 6
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -69,6 +72,10 @@ def _decode(src, lo, m, mode, lut, out, tmp):
         f = tmp.view(np.float32)
         for j in range(m):
             out[j] = np.float64(f[j]) * 5.192296858534828e33
+    elif mode == 6:  # int8 codes
+        v = src[lo:lo + m].view(np.int8)
+        for j in range(m):
+            out[j] = np.float64(v[j])
     else:  # exact table of every 8-bit value
         for j in range(m):
             out[j] = lut[src[lo + j]]
@@ -296,198 +303,272 @@ def bytes_equal(x, y) -> bool:
     return mine and other[0]
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _side(src, mode, lut, steps, grid, br, ncb, bc, kind, i, C, j0, m, val, unit, tmp):
+    """Values and units of elements [j0, j0 + m) of row ``i`` of one side: ``kind`` 0 plain values (unit
+    0), 1 codes times the scale ``grid[(i // br) * ncb + j // bc]`` in float32 (unit: |scale| times the
+    code's float step when ``steps`` has one per byte), 2 values with their units in ``grid``."""
+    _decode(src, i * C + j0, m, mode, lut, val, tmp)
+    if kind == 0:  # the caller's unit buffer of a plain side stays 0
+        return
+    g = (i // br) * ncb
+    if kind == 2 or bc == 1:
+        for j in range(m):
+            sv = grid[g + (j0 + j) // bc]
+            if kind == 1:
+                val[j] = np.float64(np.float32(val[j]) * sv)
+            unit[j] = abs(np.float64(sv))
+    else:
+        j = 0
+        while j < m:
+            col = (j0 + j) // bc
+            end = min(m, (col + 1) * bc - j0)
+            sv = grid[g + col]
+            su = abs(np.float64(sv))
+            for jj in range(j, end):
+                val[jj] = np.float64(np.float32(val[jj]) * sv)
+                unit[jj] = su
+            j = end
+    if kind == 1 and steps.size > 1:  # float codes (FP8): the spacing of the format at each code
+        base = i * C + j0
+        for j in range(m):
+            unit[j] *= steps[src[base + j]]
+
+
 @njit(cache=True, nogil=True, fastmath=_FM, error_model="numpy")
-def _qfast(x, q, scv, se, percol, m, rmc, deq, dbuf, ubuf):
-    """One block of float ``x`` against codes ``q`` times the scale ``se`` (or ``scv[j]`` per column),
-    dequantized in float32 as the runtimes do, branch-free (see _fast): sums, counts over 1.0 and
-    1.5 scales, the rel ``hit`` count, code range, bits of max |d| (``dbuf``) and, per column, of
-    the largest error in scale units (``ubuf``). An element dequantized to 0 has a relative error
-    of exactly 1 (``zero`` counts them) and is left out of ``hit``: most blocks hold one once the
-    running maximum is 1, and would otherwise all take the division pass of _rel."""
+def _sfast(x, ux, y, uy, m, ba, bb, rmc, umc, dbuf):
+    """One block of two sides with their units, branch-free (see _fast): the four sums, the count over
+    ``ba * ux + bb * uy``, the rel ``hit`` count, ``uhit`` (elements whose error in units ``d / (ux + uy)``
+    may exceed ``umc``, the running maximum lowered by 2**-40: only such blocks take the division pass of
+    _units) and the bits of max |d| (``dbuf``). An element of B equal to 0 where A is not has a relative
+    error of exactly 1 (``zero`` counts them) and is left out of ``hit`` (most blocks hold one once the
+    running maximum is 1, and would otherwise all take the division pass of _rel)."""
     s = 0.0
     dot = 0.0
     na = 0.0
     nb = 0.0
-    o10 = 0
-    o15 = 0
+    over = 0
     hit = 0
+    uhit = 0
     zero = 0
-    cmin = 127
-    cmax = -128
-    if percol:
-        for j in range(m):
-            qj = q[j]
-            sj = scv[j]
-            dv = np.float64(np.float32(qj) * sj)
-            sd = np.float64(sj)
-            xv = x[j]
-            d = abs(xv - dv)
-            s += d
-            dot += xv * dv
-            na += xv * xv
-            nb += dv * dv
-            o10 += d > sd
-            o15 += d > 1.5 * sd
-            p = rmc * abs(xv)
-            nz = dv != 0.0
-            hit += ((d > p) | ((d > 0.0) & (p < 2.2250738585072014e-308))) & nz
-            zero += (d > 0.0) & ~nz
-            cmin = min(cmin, qj)
-            cmax = max(cmax, qj)
-            dbuf[j] = d
-            ubuf[j] = d / max(sd, 1e-30)
-    else:
-        sd = np.float64(se)
-        s15 = 1.5 * sd
-        for j in range(m):
-            qj = q[j]
-            dv = np.float64(np.float32(qj) * se)
-            xv = x[j]
-            d = abs(xv - dv)
-            s += d
-            dot += xv * dv
-            na += xv * xv
-            nb += dv * dv
-            o10 += d > sd
-            o15 += d > s15
-            p = rmc * abs(xv)
-            nz = dv != 0.0
-            hit += ((d > p) | ((d > 0.0) & (p < 2.2250738585072014e-308))) & nz
-            zero += (d > 0.0) & ~nz
-            cmin = min(cmin, qj)
-            cmax = max(cmax, qj)
-            dbuf[j] = d
+    for j in range(m):
+        xv = x[j]
+        yv = y[j]
+        d = abs(xv - yv)
+        u = ux[j] + uy[j]
+        s += d
+        dot += xv * yv
+        na += xv * xv
+        nb += yv * yv
+        over += d > ba * ux[j] + bb * uy[j]
+        uhit += d > umc * u
+        p = rmc * abs(xv)
+        nz = yv != 0.0
+        hit += ((d > p) | ((d > 0.0) & (p < 2.2250738585072014e-308))) & nz
+        zero += (d > 0.0) & ~nz
+        dbuf[j] = d
     du = dbuf.view(np.uint64)
     dm = np.uint64(0)
+    for j in range(m):
+        dm = max(dm, du[j])
+    return s, dot, na, nb, over, hit, uhit, zero, dm
+
+
+@njit(cache=True, nogil=True, fastmath=_FM, error_model="numpy")
+def _units(ux, uy, dbuf, m, ubuf):
+    """Bits of the largest error in units ``d / (ux + uy)`` of a block of finite values."""
+    for j in range(m):
+        ubuf[j] = dbuf[j] / max(ux[j] + uy[j], 1e-30)
+    uu = ubuf.view(np.uint64)
     um = np.uint64(0)
-    if percol:
-        uu = ubuf.view(np.uint64)
-        for j in range(m):
-            dm = max(dm, du[j])
-            um = max(um, uu[j])
-    else:
-        for j in range(m):
-            dm = max(dm, du[j])
-    return s, dot, na, nb, o10, o15, hit, zero, cmin, cmax, dm, um
+    for j in range(m):
+        um = max(um, uu[j])
+    return um
+
+
+@njit(cache=True, nogil=True, fastmath=_FM, error_model="numpy")
+def _qrun(x, q, sv, m, bb, rmc, dbuf):
+    """The common case in one pass (see _sfast): float ``x`` against int8 codes ``q`` times one scale
+    ``sv`` (a run of elements sharing a block scale), dequantized in float32 as runtimes do."""
+    s = 0.0
+    dot = 0.0
+    na = 0.0
+    nb = 0.0
+    over = 0
+    hit = 0
+    zero = 0
+    tol = bb * abs(np.float64(sv))
+    for j in range(m):
+        xv = x[j]
+        yv = np.float64(np.float32(q[j]) * sv)
+        d = abs(xv - yv)
+        s += d
+        dot += xv * yv
+        na += xv * xv
+        nb += yv * yv
+        over += d > tol
+        p = rmc * abs(xv)
+        nz = yv != 0.0
+        hit += ((d > p) | ((d > 0.0) & (p < 2.2250738585072014e-308))) & nz
+        zero += (d > 0.0) & ~nz
+        dbuf[j] = d
+    du = dbuf.view(np.uint64)
+    dm = np.uint64(0)
+    for j in range(m):
+        dm = max(dm, du[j])
+    return s, dot, na, nb, over, hit, zero, dm
 
 
 @njit(parallel=True, cache=True, nogil=True, error_model="numpy")
-def _quant_metrics(w, mode_w, lut_w, codes, scale, R, C, sr, sc, cdiv, percol, nstripe, outf, outi, sf, si):
-    """Float rows ``w`` [R, C] (raw bytes) against ``codes`` [R, C] int8 times each element's scale:
-    ``scale[i * sr + (j // cdiv) * sc]``, or ``scale[i * sr + j]`` when ``percol``; dequantized
-    in float32 as the runtimes do. Errors are judged in units of that scale. Rows are split into
-    ``nstripe`` runs, one thread each. Per row: ``outf`` = sum |d|, dot, w.w, deq.deq; ``outi`` =
-    counts over 1.5 and 1.0 scales. Per stripe: ``sf`` = max |d|, max rel, max units; ``si`` =
-    index of max |d| (first), NaN, Inf, min code, max code."""
+def _scaled_metrics(a, mode_a, lut_a, steps_a, grid_a, br_a, ncb_a, bc_a, kind_a,
+                    b, mode_b, lut_b, steps_b, grid_b, br_b, ncb_b, bc_b, kind_b,
+                    R, C, ba, bb, nstripe, outf, outi, sf, si):
+    """Rows [R, C] of two sides, each plain values, codes times block scales, or values with units
+    (``_side``), compared element by element within ``ba * unit_a + bb * unit_b``. Rows are split into
+    ``nstripe`` runs, one thread each, each row in blocks of BLOCK elements. Per row: ``outf`` = sum |d|,
+    dot, a.a, b.b; ``outi`` = count over the bound. Per stripe: ``sf`` = max |d|, max rel, max units;
+    ``si`` = index of max |d| (first), NaN a, NaN b, Inf a, Inf b."""
     per = (R + nstripe - 1) // nstripe
+    fast = kind_a == 0 and kind_b == 1 and mode_b == 6 and steps_b.size == 1
     for t in prange(nstripe):
-        x = np.empty(C, np.float64)
-        tmp = np.empty(C, np.uint32)
-        deq = np.empty(C, np.float64)
-        dbuf = np.empty(C, np.float64)
-        ubuf = np.empty(C, np.float64)
-        rbuf = np.empty(C, np.float64)
+        x = np.empty(SBLOCK, np.float64)
+        y = np.empty(SBLOCK, np.float64)
+        ux = np.zeros(SBLOCK, np.float64)
+        uy = np.zeros(SBLOCK, np.float64)
+        tmp = np.empty(SBLOCK, np.uint32)
+        dbuf = np.empty(SBLOCK, np.float64)
+        ubuf = np.empty(SBLOCK, np.float64)
+        rbuf = np.empty(SBLOCK, np.float64)
         one = np.empty(1, np.uint64)
         mx = -1.0
         mi = -1
         mr = 0.0
         umax = 0.0
-        nan_w = 0
-        inf_w = 0
-        cmin = 127
-        cmax = -128
+        nan_a = 0
+        nan_b = 0
+        inf_a = 0
+        inf_b = 0
         for i in range(t * per, min(R, (t + 1) * per)):
-            _decode(w, i * C, C, mode_w, lut_w, x, tmp)
-            base = i * sr
             s = 0.0
             dot = 0.0
             na = 0.0
             nb = 0.0
-            o15 = 0
-            o10 = 0
-            for j0 in range(0, C, cdiv):
-                m = min(C, j0 + cdiv) - j0
-                se = np.float32(scale[base + (j0 // cdiv) * sc])
-                scv = scale[base + j0:base + j0 + m] if percol else scale[0:1]
-                xb = x[j0:j0 + m]
-                qb = codes[i * C + j0:i * C + j0 + m]
-                db = dbuf[j0:j0 + m]
+            over = 0
+            j0 = 0
+            while j0 < C:
+                m = min(C, j0 + SBLOCK) - j0
+                if fast:  # a float side against int8 codes: runs of one block scale, in one pass
+                    col = j0 // bc_b
+                    m = min(m, (col + 1) * bc_b - j0)
+                    sv = grid_b[(i // br_b) * ncb_b + col]
+                    _decode(a, i * C + j0, m, mode_a, lut_a, x, tmp)
+                    rmc = mr * _SLACK if mr >= _TINY else 0.0
+                    qv = b[i * C + j0:i * C + j0 + m].view(np.int8)
+                    bs, bdot, bna, bnb, bover, hit, zero, dm = _qrun(x, qv, sv, m, bb, rmc, dbuf)
+                    if dm < _INF_BITS:
+                        s += bs
+                        dot += bdot
+                        na += bna
+                        nb += bnb
+                        over += bover
+                        if zero:
+                            mr = max(mr, 1.0)
+                        if hit:
+                            one[0] = _rel(x, dbuf, m, rbuf)
+                            mr = max(mr, one.view(np.float64)[0])
+                        one[0] = dm
+                        bm = one.view(np.float64)[0]
+                        umax = max(umax, bm / max(abs(np.float64(sv)), 1e-30))
+                        if bm > mx:
+                            for j in range(m):
+                                if dbuf[j] == bm:
+                                    mx = bm
+                                    mi = i * C + j0 + j
+                                    break
+                        j0 += m
+                        continue
+                    for j in range(m):  # uy stays 0: the scale is applied below
+                        y[j] = np.float64(np.float32(qv[j]) * sv)
+                        uy[j] = abs(np.float64(sv))
+                else:
+                    _side(a, mode_a, lut_a, steps_a, grid_a, br_a, ncb_a, bc_a, kind_a, i, C, j0, m, x, ux, tmp)
+                    _side(b, mode_b, lut_b, steps_b, grid_b, br_b, ncb_b, bc_b, kind_b, i, C, j0, m, y, uy, tmp)
                 rmc = mr * _SLACK if mr >= _TINY else 0.0
-                bs, bdot, bna, bnb, b10, b15, hit, zero, bmin, bmax, dm, um = _qfast(
-                    xb, qb, scv, se, percol, m, rmc, deq, db, ubuf)
-                cmin = min(cmin, bmin)
-                cmax = max(cmax, bmax)
+                umc = umax * _SLACK
+                bs, bdot, bna, bnb, bover, hit, uhit, zero, dm = _sfast(x, ux, y, uy, m, ba, bb, rmc, umc, dbuf)
                 if dm < _INF_BITS:
                     s += bs
                     dot += bdot
                     na += bna
                     nb += bnb
-                    o10 += b10
-                    o15 += b15
-                    if zero:  # dequantized to 0 where the float is not: |x - 0| / |x| is exactly 1
+                    over += bover
+                    if zero:  # B is 0 where A is not: |a - 0| / |a| is exactly 1
                         mr = max(mr, 1.0)
                     if hit:
-                        one[0] = _rel(xb, db, m, rbuf)
+                        one[0] = _rel(x, dbuf, m, rbuf)
                         mr = max(mr, one.view(np.float64)[0])
+                    if uhit:
+                        one[0] = _units(ux, uy, dbuf, m, ubuf)
+                        umax = max(umax, one.view(np.float64)[0])
                     one[0] = dm
                     bm = one.view(np.float64)[0]
-                    if percol:
-                        one[0] = um
-                        umax = max(umax, one.view(np.float64)[0])
-                    else:
-                        umax = max(umax, bm / max(np.float64(se), 1e-30))
                     if bm > mx:
                         for j in range(m):
-                            if db[j] == bm:
+                            if dbuf[j] == bm:
                                 mx = bm
                                 mi = i * C + j0 + j
                                 break
+                    j0 += m
                     continue
-                for j in range(j0, j0 + m):  # a NaN or Inf in this block: element by element
-                    sej = np.float32(scale[base + j]) if percol else se
-                    deqj = np.float64(np.float32(codes[i * C + j]) * sej)
-                    nb += deqj * deqj
+                for j in range(m):  # a NaN or Inf in this block: element by element
                     xv = x[j]
-                    d = abs(xv - deqj)
-                    if d <= _BIG:
+                    yv = y[j]
+                    if math.isfinite(xv) and math.isfinite(yv):
+                        d = abs(xv - yv)
                         s += d
-                        dot += xv * deqj
+                        dot += xv * yv
                         na += xv * xv
+                        nb += yv * yv
                         ax = abs(xv)
                         if d > 0.0:
                             mr = max(mr, d / ax if ax > 0.0 else math.inf)
-                        sd = np.float64(sej)
-                        if d > sd:
-                            o10 += 1
-                            if d > 1.5 * sd:
-                                o15 += 1
-                        umax = max(umax, d / max(sd, 1e-30))
+                        if d > ba * ux[j] + bb * uy[j]:
+                            over += 1
+                        umax = max(umax, d / max(ux[j] + uy[j], 1e-30))
                     else:
-                        d = math.inf
-                        if xv != xv:
-                            nan_w += 1
-                        else:
-                            inf_w += 1
-                        o10 += 1
-                        o15 += 1
-                        umax = math.inf
+                        xn = xv != xv
+                        yn = yv != yv
+                        if xn:
+                            nan_a += 1
+                        if yn:
+                            nan_b += 1
+                        if math.isinf(xv):
+                            inf_a += 1
+                        if math.isinf(yv):
+                            inf_b += 1
+                        if (xn and yn) or xv == yv:
+                            d = 0.0
+                        else:  # over the bound; the max rel stays that of the finite elements
+                            d = math.inf
+                            over += 1
+                            umax = math.inf
                     if d > mx:
                         mx = d
-                        mi = i * C + j
+                        mi = i * C + j0 + j
+                j0 += m
             outf[i, 0] = s
             outf[i, 1] = dot
             outf[i, 2] = na
             outf[i, 3] = nb
-            outi[i, 0] = o15
-            outi[i, 1] = o10
+            outi[i] = over
         sf[t, 0] = mx
         sf[t, 1] = mr
         sf[t, 2] = umax
         si[t, 0] = mi
-        si[t, 1] = nan_w
-        si[t, 2] = inf_w
-        si[t, 3] = cmin
-        si[t, 4] = cmax
+        si[t, 1] = nan_a
+        si[t, 2] = nan_b
+        si[t, 3] = inf_a
+        si[t, 4] = inf_b
 
 
 # ------------------------------------------------------------------ host side
@@ -523,6 +604,8 @@ def plan(dtype: torch.dtype):
         return FP16, _NO_LUT
     if dtype in _INT16:
         return LUT16, _lut(dtype)
+    if dtype == torch.int8:
+        return I8, _NO_LUT
     if dtype in _INT8:
         return LUT8, _lut(dtype)
     return None
@@ -598,8 +681,35 @@ class Stats(_Sums):
         return None
 
 
-class QuantStats(_Sums):
-    """Running metrics of a float tensor against its quantized form."""
+_NO_STEPS = np.ones(1, np.float64)
+_NO_GRID = np.zeros(1, np.float32)
+
+
+class Side:
+    """One side of a scaled comparison, rows [R, C]: ``kind`` 0 plain values, 1 codes times a scale grid
+    (``grid[(i // br) * ncb + j // bc]``, flat float32), 2 values with a unit per element in ``grid``."""
+
+    def __init__(self, data: torch.Tensor, kind: int = 0, grid: Optional[torch.Tensor] = None, block=(1, 1),
+                 steps: Optional[np.ndarray] = None):
+        self.R, self.C = data.shape
+        self.src, _, self.mode, self.lut = as_kernel_input(data)
+        self.kind = kind
+        if kind:
+            g = grid.to(torch.float32).contiguous()
+            self.ncb = g.shape[1] if g.dim() == 2 else 1
+            self.grid = g.reshape(-1).numpy() if g.numel() else _NO_GRID
+        else:
+            self.grid, self.ncb = _NO_GRID, 1
+        self.br, self.bc = (max(1, int(block[0])), max(1, int(block[1])))
+        self.steps = steps if steps is not None else _NO_STEPS
+
+    def args(self) -> tuple:
+        return (self.src, self.mode, self.lut, self.steps, self.grid, self.br, self.ncb, self.bc, self.kind)
+
+
+class ScaledStats(_Sums):
+    """Running metrics of two sides in scale units (a float tensor against its encoding, or two encodings),
+    merged from row-block results."""
 
     sum_abs = property(lambda self: self._fold(1))
     dot = property(lambda self: self._fold(2))
@@ -610,41 +720,35 @@ class QuantStats(_Sums):
         super().__init__()
         self.max_abs, self.max_idx, self.max_rel = -1.0, None, 0.0
         self.max_units = 0.0
-        self.over = {1.5: 0, 1.0: 0}
-        self.nan = self.inf = 0
-        self.cmin, self.cmax = 127, -128
+        self.over = self.nan_a = self.nan_b = self.inf_a = self.inf_b = 0
 
-    def add(self, w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, sr: int, sc: int, cdiv: int,
-            offset: int, percol: bool = False) -> None:
-        """``w`` [R, C] float rows, ``codes`` [R, C] int8 in the same order, ``scale`` flat; element
-        (i, j) has the scale ``scale[i * sr + (j // cdiv) * sc]`` (``scale[i * sr + j]`` if ``percol``)."""
-        R, C = w.shape
+    def add(self, a: Side, b: Side, bound_a: float, bound_b: float, offset: int) -> None:
+        """Rows of ``a`` and ``b`` (the same [R, C]) at flat element ``offset``."""
+        R, C = a.R, a.C
+        if (R, C) != (b.R, b.C):
+            raise ValueError(f"rows [{R}, {C}] and [{b.R}, {b.C}]")
         if R * C == 0:
             return
-        xw, _, mw, lw = as_kernel_input(w)
-        q = codes.contiguous().reshape(-1).numpy()
-        sc_ = scale.to(torch.float32).contiguous().reshape(-1).numpy()
         nstripe = min(R, 4 * numba.get_num_threads())
-        f, i = np.empty((R, 4)), np.empty((R, 2), np.int64)
+        f, i = np.empty((R, 4)), np.empty(R, np.int64)
         sf, si = np.empty((nstripe, 3)), np.empty((nstripe, 5), np.int64)
-        _quant_metrics(xw, mw, lw, q, sc_, R, C, sr, sc, max(1, min(cdiv, C)), bool(percol), nstripe, f, i, sf, si)
+        _scaled_metrics(*a.args(), *b.args(), R, C, float(bound_a), float(bound_b), nstripe, f, i, sf, si)
         found = si[:, 0] >= 0
         if found.any():
             m = float(sf[found, 0].max())
             idx = offset + int(si[found & (sf[:, 0] == m), 0].min())
-            if m > self.max_abs or (m == self.max_abs and idx < self.max_idx):
+            if m > self.max_abs or (m == self.max_abs and (self.max_idx is None or idx < self.max_idx)):
                 self.max_abs, self.max_idx = m, idx
         t = f.sum(axis=0)
         self._parts.append((offset, float(t[0]), float(t[1]), float(t[2]), float(t[3])))
         self.max_rel = max(self.max_rel, float(sf[:, 1].max()))
         self.max_units = max(self.max_units, float(sf[:, 2].max()))
-        c = i.sum(axis=0)
-        self.over[1.5] += int(c[0])
-        self.over[1.0] += int(c[1])
-        self.nan += int(si[:, 1].sum())
-        self.inf += int(si[:, 2].sum())
-        self.cmin = min(self.cmin, int(si[:, 3].min()))
-        self.cmax = max(self.cmax, int(si[:, 4].max()))
+        self.over += int(i.sum())
+        c = si.sum(axis=0)
+        self.nan_a += int(c[1])
+        self.nan_b += int(c[2])
+        self.inf_a += int(c[3])
+        self.inf_b += int(c[4])
 
     @property
     def cosine(self):
@@ -660,4 +764,6 @@ def warm() -> None:
     b[3] += 1
     bytes_equal(a, b)
     Stats().add(as_kernel_input(a), as_kernel_input(b), 0, 0.0, 0.0)
-    QuantStats().add(a.reshape(64, 128), torch.ones(64, 128, dtype=torch.int8), torch.ones(64), 1, 0, 128, 0)
+    w = a.reshape(64, 128)
+    ScaledStats().add(Side(w), Side(torch.ones(64, 128, dtype=torch.int8), 1, torch.ones(64, 1), (1, 128)),
+                      0.0, 1.5, 0)

@@ -374,8 +374,9 @@ def detect_format(p: Path) -> str:
 
 
 def open_checkpoint(spec: str, fmt: str | None = None, cache_dir: str | None = None,
-                    trust_pickle: bool = False) -> Checkpoint:
-    """Read any supported checkpoint lazily; ``fmt`` overrides detection."""
+                    trust_pickle: bool = False, stored: bool = False) -> Checkpoint:
+    """Read any supported checkpoint lazily; ``fmt`` overrides detection. Encoded tensors (codes with
+    block scales) are logical block-scaled views unless ``stored`` asks for the tensors as stored."""
     path = resolve_path(spec, cache_dir)
     if fmt is None:
         fmt = detect_format(path)
@@ -388,7 +389,7 @@ def open_checkpoint(spec: str, fmt: str | None = None, cache_dir: str | None = N
         note_input(f)
     if not ck.tensors:
         raise InputError(path, f"no tensors found (read as {fmt})")
-    return ck
+    return ck if stored else registry.apply_encodings(ck)
 
 
 def dtype_name(dt: torch.dtype) -> str:

@@ -28,6 +28,7 @@ from ..errors import InputError
 from ..families import Mlp
 from .inputs import open_input
 from .config import ModelConfig
+from ..tensor.blockscaled import BlockScaled, Scaled
 from .lazy import Checkpoint, LazyTensor
 from .ops import Identity, PermuteRope, Stack
 from .table import R
@@ -114,41 +115,86 @@ class GgufTensor(LazyTensor):
         return self.rows(0, self.shape[0]) if self.shape else self.rows(0, 1).reshape(())
 
 
-class GgufQuant(LazyTensor):
-    """A block-quantized GGUF tensor. ``rows`` dequantizes just those rows through the gguf package;
-    ``units`` gives each element's own block scale and ``bound`` the rounding bound in those units;
-    ``raw_rows`` the stored bytes (codes and scales) for exact comparison of two quantized files."""
+class GgufQuant(BlockScaled):
+    """A block-quantized GGUF tensor as its logical float tensor. Q8_0 and Q4_0 are codes times the block's
+    fp16 ``d`` (32 elements); the K-quants (a step and a minimum per sub-block) are read dense: the gguf
+    package's dequantized values with each element's sub-block step as its unit."""
 
     def __init__(self, name, rt, path):
         self.rt = rt
         self.qtype = rt.tensor_type.name
         shape = tuple(int(x) for x in reversed(rt.shape.tolist()))
-        super().__init__(name, shape, torch.float32, str(path))
-        self.bound = UNIT[self.qtype][1] if self.qtype in UNIT else None
+        bound = UNIT[self.qtype][1] if self.qtype in UNIT else None
+        super().__init__(name, shape, str(path), self.qtype, bound, (name,))
+        self.nibbles = self.qtype == "Q4_0"  # two 4-bit codes per byte, halves of a block in low/high nibbles
 
     @property
     def nbytes(self) -> int:  # stored bytes (codes and scales), not the dequantized size
         return int(self.rt.n_bytes)
 
-    def raw_rows(self, start, stop) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.rt.data[start:stop]).copy())
+    def _bytes(self, start, stop) -> np.ndarray:
+        """Stored bytes of rows [start, stop) as [rows of the last dim, bytes per row]."""
+        raw = np.ascontiguousarray(self.rt.data[start:stop])
+        return raw.reshape(-1, raw.shape[-1]) if raw.size else raw.reshape(0, max(1, raw.shape[-1]))
 
-    def rows(self, start, stop):
+    def raw(self, start, stop) -> torch.Tensor:
+        return torch.from_numpy(self._bytes(start, stop).copy()).reshape(-1)
+
+    def dense(self, start, stop) -> np.ndarray:
         gguf = _gguf()
         try:
-            x = gguf.quants.dequantize(np.ascontiguousarray(self.rt.data[start:stop]), self.rt.tensor_type)
+            x = gguf.quants.dequantize(self._bytes(start, stop), self.rt.tensor_type)
         except NotImplementedError:
             raise InputError(self.origin, f"{self.name}: the gguf package cannot dequantize {self.qtype}") from None
-        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).reshape((stop - start,) + self.shape[1:])
+        return np.ascontiguousarray(x, dtype=np.float32).reshape(-1, self.shape[-1])
 
-    def units(self, start, stop) -> torch.Tensor | None:
-        if self.bound is None:
+    def scaled(self, start, stop) -> Scaled:
+        raw = self._bytes(start, stop)
+        if self.qtype in BLOCKS:
+            return _split(self.qtype, raw, self.shape[-1])
+        if self.bound is None:  # a type without a unit here: its values, judged as floats
+            x = torch.from_numpy(self.dense(start, stop))
+            return Scaled(x, torch.zeros_like(x), (1, 1), dense=True)
+        x = torch.from_numpy(self.dense(start, stop))
+        u = torch.from_numpy(np.ascontiguousarray(_units(self.qtype, raw), dtype=np.float32)).reshape(x.shape)
+        return Scaled(x, u, (1, 1), dense=True)
+
+    def rows(self, start, stop):
+        if self.qtype in BLOCKS:
+            return super().rows(start, stop)
+        return torch.from_numpy(self.dense(start, stop)).reshape((stop - start,) + self.shape[1:])
+
+    def reference(self, x: torch.Tensor):
+        """The gguf package's own quantizer on float rows ``x``."""
+        if self.qtype not in BLOCKS:
             return None
-        u = _units(self.qtype, self.rt.data[start:stop])
-        return torch.from_numpy(np.ascontiguousarray(u)).reshape((stop - start,) + self.shape[1:])
+        gguf = _gguf()
+        try:
+            raw = gguf.quants.quantize(x.float().numpy(), self.rt.tensor_type)
+        except (NotImplementedError, ValueError):
+            return None
+        return _split(self.qtype, raw.reshape(x.shape[0], -1), x.shape[-1])
 
-    def load(self):
-        return self.rows(0, self.shape[0])
+
+# Q8_0 and Q4_0 blocks: (bytes per block, elements per block); d (fp16) first, then the codes
+BLOCKS = {"Q8_0": (34, 32), "Q4_0": (18, 32)}
+
+
+def _split(qtype: str, raw: np.ndarray, C: int) -> Scaled:
+    """Codes [R, C] (int8, in element order) and the block scales [R, C / 32] of Q8_0 / Q4_0 row bytes.
+    Q4_0 packs element j of a block in the low nibble of byte j and element j + 16 in the high nibble,
+    stored as code + 8 (gguf ``quants.Q4_0``)."""
+    bs, n = BLOCKS[qtype]
+    R = raw.shape[0]
+    b = np.ascontiguousarray(raw).reshape(R, -1, bs)
+    d = torch.from_numpy(b[:, :, :2].copy().view(np.float16).astype(np.float32).reshape(R, -1))
+    if qtype == "Q8_0":
+        codes = torch.from_numpy(b[:, :, 2:].copy().view(np.int8).reshape(R, C))
+    else:
+        qs = b[:, :, 2:]
+        nib = np.concatenate([qs & 0x0F, qs >> 4], axis=2).astype(np.int8) - 8
+        codes = torch.from_numpy(np.ascontiguousarray(nib).reshape(R, C))
+    return Scaled(codes, d, (1, n))
 
 
 def _fields(reader) -> dict:

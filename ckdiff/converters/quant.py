@@ -9,13 +9,15 @@ column. Scales are fully squeezed as the original converter did; readers accept 
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Optional
 
 import torch
 
-from ..errors import UsageError
-from .lazy import DerivedGroup, LazyTensor, OutputCache
+from ..errors import InputError, UsageError
+from ..tensor.blockscaled import BlockScaled, Scaled, fold
+from .lazy import Checkpoint, DerivedGroup, LazyTensor, OutputCache
 from .ops import Op
 
 QUANT_TYPES = ("int8_per_channel", "int4_per_channel", "int8_blockwise", "int4_blockwise")
@@ -90,11 +92,6 @@ def dequantize(q: torch.Tensor, s: torch.Tensor, shape, embedding: bool = False)
         w = qf * sf.reshape(nb, 1, out)
         return w.permute(2, 0, 1).reshape(out, n)
     return qf * sf.reshape(-1, 1)
-
-
-def scale_per_element(s: torch.Tensor, q: torch.Tensor, shape, embedding: bool = False) -> torch.Tensor:
-    """The stored scale broadcast to every element of the float weight."""
-    return dequantize(torch.ones_like(q), s, shape, embedding)
 
 
 class Quantize(Op):
@@ -270,7 +267,8 @@ def quantize_tensors(tensors: dict[str, LazyTensor], qtype: str, family: str = "
 
 
 def is_quantized(tensors) -> bool:
-    return any(k.endswith(SCALER) for k in tensors)
+    """JetStream int8/int4 tensors, as stored (``*_scaler`` siblings) or as views."""
+    return any(k.endswith(SCALER) or isinstance(t, JetStreamQuant) for k, t in tensors.items())
 
 
 def dequantize_tensors(tensors: dict[str, LazyTensor], shapes: dict[str, tuple] | None = None) -> dict[str, LazyTensor]:
@@ -337,7 +335,129 @@ def qtype_of(config: dict, tensors: dict) -> str:
     """Quantization type from params.json, or inferred from codes and shapes."""
     if config.get("quantize_type"):
         return config["quantize_type"]
+    views = [t for t in tensors.values() if isinstance(t, JetStreamQuant) and not t.embedding]
+    if views:
+        return f"int{max(v.bits for v in views)}_{'blockwise' if any(v.blockwise for v in views) else 'per_channel'}"
     block = any(len(t.shape) == 3 for k, t in tensors.items() if k + SCALER in tensors and not EXPERTS.search(k))
     small = all(int(t.load().abs().max()) <= 8 for k, t in tensors.items()
                 if k + SCALER in tensors and not EMBED.search(k))
     return f"int{4 if small else 8}_{'blockwise' if block else 'per_channel'}"
+
+
+# ------------------------------------------------------------------ read as logical views
+class JetStreamQuant(BlockScaled):
+    """A JetStream int8/int4 weight (codes ``q`` and bf16 scales ``s``) as its logical float tensor:
+    per channel ``[out, in]`` codes with a scale per row, an embedding with a scale per column, blockwise
+    ``[nb, 128, out]`` codes with a scale per 128 inputs of each row, stacked experts ``[E, out, in]``
+    with a scale per row of each expert. ``bits`` from params.json ``quantize_type``, else from the codes."""
+
+    def __init__(self, name: str, q: LazyTensor, s: LazyTensor, bits: Optional[int] = None):
+        self.q, self.s = q, s
+        self.embedding = bool(EMBED.search(name))
+        shape = float_shape(q, name)
+        self.blockwise = len(q.shape) == 3 and tuple(shape) != tuple(q.shape)
+        self._bits = 8 if self.embedding else bits
+        self._codes: Optional[torch.Tensor] = None  # blockwise codes, read once per pass over the rows
+        super().__init__(name, shape, q.origin, "", 0.0, (q.name, s.name))
+        per = shape[1] if self.embedding else (shape[0] * (shape[1] // BLOCK) if self.blockwise
+                                                else math.prod(shape[:-1]))
+        if len(shape) < 2 or s.numel != per or q.dtype != torch.int8:
+            raise InputError(q.origin, f"{s.name}: {list(s.shape)} {s.dtype} scales do not fit the {q.dtype} "
+                                       f"codes {name} {list(q.shape)} (expected {per} scales of int8 codes)")
+
+    @property
+    def bits(self) -> int:
+        if self._bits is None:  # int4 codes stay within -8..7 (as the compare of old inferred them)
+            c = self.q.load()
+            self._bits = 4 if int(c.max()) <= 8 and int(c.min()) >= -8 else 8
+        return self._bits
+
+    @property
+    def encoding(self) -> str:
+        how = "per column" if self.embedding else ("blockwise-128" if self.blockwise else "per channel")
+        return f"int{self.bits} {how}"
+
+    @encoding.setter
+    def encoding(self, _):  # fixed by the codes
+        pass
+
+    @property
+    def bound(self) -> float:
+        return BOUND[self.bits]
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.s.nbytes
+
+    def scaled(self, start: int, stop: int) -> Scaled:
+        C = self.shape[-1]
+        if self.embedding:
+            grid = self.s.load().float().reshape(1, C)
+            return Scaled(self.q.rows(start, stop), grid, (self.shape[0], 1))
+        if self.blockwise:
+            if self._codes is None or start == 0:
+                self._codes = self.q.load()
+            codes = self._codes[:, :, start:stop].permute(2, 0, 1).reshape(stop - start, C)
+            nb = self._codes.shape[0]
+            grid = self.s.load().float().reshape(nb, self.shape[0])[:, start:stop].T.contiguous()
+            if stop >= self.shape[0]:
+                self._codes = None
+            return Scaled(codes, grid, (1, BLOCK))
+        codes = self.q.rows(start, stop).reshape(-1, C)
+        grid = (self.s.rows(start, stop) if self.s.shape else self.s.load()).float().reshape(-1, 1)
+        return Scaled(codes, grid, (1, C))
+
+    def raw(self, start: int, stop: int) -> torch.Tensor:
+        s = self.scaled(start, stop)
+        return torch.cat([s.codes.contiguous().reshape(-1).view(torch.uint8),
+                          s.grid.to(torch.bfloat16).contiguous().reshape(-1).view(torch.uint8)])
+
+    def problems(self, s: Scaled) -> list[str]:
+        out = []
+        lo, hi = -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
+        if s.codes.numel():
+            cmin, cmax = torch.aminmax(s.codes)
+            if int(cmin) < lo or int(cmax) > hi:
+                out.append(f"codes outside the int{self.bits} range")
+        if not bool((s.grid > 0).all()):
+            out.append("non-positive or non-finite scales")
+        return out
+
+    def reference(self, x: torch.Tensor) -> Optional[Scaled]:
+        """JetStream's own quantizer on float rows ``x`` (whole rows of the logical tensor)."""
+        try:
+            if self.embedding:
+                q, s = quantize(x, 8, False, axis=0)
+                return Scaled(q, s.float().reshape(1, -1), (x.shape[0], 1))
+            if self.blockwise:
+                q, s = quantize(x, self.bits, True)
+                nb = q.shape[0]
+                return Scaled(q.permute(2, 0, 1).reshape(x.shape), s.float().reshape(nb, -1).T.contiguous(),
+                              (1, BLOCK))
+            q, s = quantize(x, self.bits, False)
+            return Scaled(q, s.float().reshape(-1, 1), (1, x.shape[-1]))
+        except (UsageError, RuntimeError):
+            return None
+
+
+def jetstream_view(ck: Checkpoint) -> Checkpoint:
+    """Each int8 weight with a ``_scaler`` sibling becomes one ``JetStreamQuant`` view under its name."""
+    pairs = [k for k, t in ck.tensors.items() if not k.endswith(SCALER) and k + SCALER in ck.tensors
+             and t.dtype == torch.int8]
+    if not pairs:
+        return ck
+    qt = (ck.config or {}).get("quantize_type")
+    bits = bits_of(qt) if isinstance(qt, str) and qt in QUANT_TYPES else None
+    views = {k: JetStreamQuant(k, ck.tensors[k], ck.tensors[k + SCALER], bits) for k in pairs}
+    note = (f"{len(views)} JetStream {qt or 'int8/int4'} weights: read as their dequantized values, judged in "
+            f"units of their own scale (int8 {BOUND[8]} x scale, int4 {BOUND[4]} x scale)")
+    return fold(ck, views, "JetStream scale", note)
+
+
+def _declare() -> None:
+    from .registry import Encoding, register_encoding
+    register_encoding(Encoding("jetstream", "JetStream int8/int4 codes with <name>_scaler scales, read as logical "
+                                            "block-scaled views", jetstream_view))
+
+
+_declare()

@@ -12,8 +12,9 @@ commands' checks and the reports' per-layer views are derived from these declara
 
 The built-in formats register in their own modules (listed in ``BUILTIN``, imported on the first
 lookup); a new format is one ``register(Format(...))`` call, undone by ``unregister(name)``.
-Encodings that are folded into dequantizing views before comparing (FP8 block scales) register
-through ``register_encoding``.
+Encodings (codes with block scales: FP8, JetStream int8/int4; ``tensor/blockscaled.py``) register
+through ``register_encoding``: ``open_checkpoint`` applies every one to what a reader returns, so the
+rest of ckdiff sees logical tensors only.
 """
 from __future__ import annotations
 
@@ -79,11 +80,12 @@ class Format:
 
 @dataclass(frozen=True)
 class Encoding:
-    """Tensors stored in an encoding that one side of a comparison dequantizes before comparing:
-    ``fold(a, b) -> (a', b', notes)`` leaves both sides alone when it does not apply."""
+    """Stored codes and scales read as logical block-scaled views (``tensor/blockscaled.py``):
+    ``view(ck) -> ck'`` replaces each stored group by one view, and returns ``ck`` itself when the
+    encoding does not occur."""
     name: str
     description: str
-    fold: Callable
+    view: Callable
 
 
 _COMPILED: dict = {}
@@ -96,7 +98,7 @@ def _compiled(pattern: str) -> re.Pattern:
 
 
 # the modules that declare the built-in formats, in the order the CLI lists them
-BUILTIN = ("formats", "megatron", "mcore", "dcp", "gguf_io", "fp8")
+BUILTIN = ("formats", "megatron", "mcore", "dcp", "gguf_io", "fp8", "quant")
 
 
 @dataclass
@@ -161,8 +163,16 @@ def names() -> list[str]:
 
 
 def encodings() -> list[Encoding]:
+    """Registered encodings by name (each applies to its own stored groups, so the order is only for listing)."""
     _load()
-    return list(_REG.encodings.values())
+    return sorted(_REG.encodings.values(), key=lambda e: e.name)
+
+
+def apply_encodings(ck):
+    """A checkpoint as read, with every registered encoding's stored groups replaced by logical views."""
+    for e in encodings():
+        ck = e.view(ck)
+    return ck
 
 
 def get(name: str) -> Format:
@@ -237,5 +247,5 @@ def model_config(ck):
 
 
 __all__ = ["Format", "Input", "Runtime", "Encoding", "register", "unregister", "register_encoding", "formats",
-           "names", "encodings", "get", "lookup", "detect", "detection_order", "layer_patterns", "drop_patterns",
+           "names", "encodings", "apply_encodings", "get", "lookup", "detect", "detection_order", "layer_patterns", "drop_patterns",
            "model_config", "convert", "GENERIC_LAYER"]

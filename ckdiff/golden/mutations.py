@@ -280,6 +280,7 @@ class MutationOutcome:
     details: list
     named: bool = False
     negative: bool = False  # a correct or functionally equivalent rewrite: must not be caught
+    kinds: list = field(default_factory=list)  # typed finding kinds of the diff's mismatching tensors
 
 
 def baseline_key(m: Mutation) -> tuple:
@@ -287,15 +288,14 @@ def baseline_key(m: Mutation) -> tuple:
     return (m.converter, m.model, m.dtype, tuple(sorted(m.options.items())))
 
 
-def run_mutations(work: Path, catalogue=None) -> tuple[list[MutationOutcome], list]:
-    """(outcomes, baseline checks). Baseline: every distinct (converter, model, dtype, options), unmutated."""
+def run_mutations(work: Path, catalogue=None, baseline: bool = True) -> tuple[list[MutationOutcome], list]:
+    """(outcomes, baseline checks). Baseline: every distinct (converter, model, dtype, options), unmutated
+    (none when ``baseline`` is false: ``run_baseline`` checks one key alone)."""
     from .suite import check_converter
     catalogue = catalogue or CATALOGUE
-    baseline = []
-    for key in dict.fromkeys(baseline_key(m) for m in catalogue):
-        conv, model, dtype, opts = key
-        tag = "-".join([conv, model, dtype] + [f"{k}{v}" for k, v in opts])
-        baseline += check_converter(conv, model, work / "baseline" / tag, dtype, dict(opts))
+    base = []
+    for key in dict.fromkeys(baseline_key(m) for m in catalogue) if baseline else ():
+        base += run_baseline(work, key)
     outcomes = []
     for i, m in enumerate(catalogue):
         checks = check_converter(m.converter, m.model, work / f"mut{i:02d}", m.dtype, m.options, faults=m.faults)
@@ -303,7 +303,15 @@ def run_mutations(work: Path, catalogue=None) -> tuple[list[MutationOutcome], li
         outcomes.append(MutationOutcome(m.name, m.bug_class, m.converter, m.model, bool(red),
                                         [c.check for c in red], [f"{c.check}: {c.detail}" for c in red],
                                         named=bool(re.search(m.names, _findings(red)))))
-    return outcomes, baseline
+    return outcomes, base
+
+
+def run_baseline(work: Path, key: tuple) -> list:
+    """The checks of one unmutated (converter, model, dtype, options) baseline: all must pass."""
+    from .suite import check_converter
+    conv, model, dtype, opts = key
+    tag = "-".join([conv, model, dtype] + [f"{k}{v}" for k, v in opts])
+    return check_converter(conv, model, work / "baseline" / tag, dtype, dict(opts))
 
 
 # statuses with nothing to report about a mutation; a reordering passes a compare but is evidence here
@@ -354,6 +362,7 @@ class StateMutation:
     dtype: str = "float32"
     negative: bool = False
     target: Callable | None = None  # (golden hf dir, work dir) -> path: B built by a converter instead
+    kinds: tuple = ()  # typed finding kinds (compare/findings.py) the diff must report
 
 
 def _L(i, k):
@@ -498,7 +507,7 @@ def _quantized(qtype: str, edit: Callable):
         from .models import lazy
         from .suite import convert
         out = convert("to-jetstream", gold, work, {"quantize": qtype})
-        ck = open_checkpoint(str(out))
+        ck = open_checkpoint(str(out), stored=True)
         st = {k: t.load().clone() for k, t in ck.tensors.items()}
         hf = {k: t.load() for k, t in open_checkpoint(str(gold)).tensors.items()}
         edit(st, hf)
@@ -529,6 +538,101 @@ def _q_block_axis(st, hf):
     from ..converters.quant import quantize
     q, s = quantize(hf[_L(1, "o")].float().T.contiguous(), 4, True)  # blocks over the output axis
     st["layers.1.attention.wo.weight"], st["layers.1.attention.wo.weight_scaler"] = q, s
+
+
+def _gguf_edit(layout: str, tensor: str, edit: Callable):
+    """B: the golden model written as GGUF ``layout`` by the gguf package, then the stored blocks of
+    ``tensor`` edited in place the way a broken writer would leave them: ``edit(blocks)`` gets the
+    tensor's bytes as [rows, blocks, bytes per block] (uint8, writable)."""
+    def target(gold, work):
+        import gguf
+        import numpy as np
+
+        from .emit import emit
+        out = emit(work, "llama-gqa", layout)
+        rt = next(t for t in gguf.GGUFReader(str(out)).tensors if t.name == tensor)
+        bs = {"Q8_0": 34, "Q4_0": 18}[rt.tensor_type.name]
+        data = np.memmap(out, dtype=np.uint8, mode="r+", offset=int(rt.data_offset), shape=(int(rt.n_bytes),))
+        rows = int(rt.shape[-1])
+        edit(data.reshape(rows, -1, bs))
+        data.flush()
+        del data
+        return out
+    return target
+
+
+def _d(blocks):
+    """The fp16 block scales ``d`` of [rows, blocks, bytes] Q8_0/Q4_0 bytes, as a writable float16 view."""
+    import numpy as np
+    return blocks[:, :, :2].copy().view(np.float16)
+
+
+def _set_d(blocks, d):
+    import numpy as np
+    blocks[:, :, :2] = np.ascontiguousarray(d).view(np.uint8).reshape(blocks.shape[0], blocks.shape[1], 2)
+
+
+def _zero_block_scale(blocks):
+    d = _d(blocks)
+    d[3, 1] = 0
+    _set_d(blocks, d)
+
+
+def _double_block_scales(blocks):
+    d = _d(blocks)
+    d[2:6] *= 2
+    _set_d(blocks, d)
+
+
+def _swap_nibbles(blocks):
+    q = blocks[:, :, 2:].copy()
+    blocks[:, :, 2:] = (q << 4) | (q >> 4)
+
+
+def _fp8(edit: Callable, key: str = "down"):
+    """B: the golden HF model with every linear weight written as FP8 with 128x128 block scales (DeepSeek-V3's
+    ``weight_quant`` rule, ``converters/fp8.py`` ``fp8_quantize``; no CPU tool writes this layout), then
+    ``edit(tensors, name)`` applied to one weight's codes and scales."""
+    def target(gold, work):
+        from ..converters.formats import open_checkpoint
+        from ..converters.fp8 import fp8_quantize
+        from ..converters.writers import atomic_dir, write_hf
+        import json
+        from .models import lazy
+        ck = open_checkpoint(str(gold))
+        out = {}
+        for k, t in ck.tensors.items():
+            v = t.load()
+            if v.dim() == 2 and "embed" not in k and "lm_head" not in k:
+                out[k], out[k + "_scale_inv"] = fp8_quantize(v)
+            else:
+                out[k] = v
+        edit(out, _L(1, key))
+        config = json.loads((gold / "config.json").read_text())
+        config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                         "weight_block_size": [128, 128]}
+        with atomic_dir(work, overwrite=True) as tmp:
+            write_hf(tmp, lazy(out), config)
+        return work
+    return target
+
+
+def _fp8_reciprocal(st, k):
+    st[k + "_scale_inv"] = 1 / st[k + "_scale_inv"]
+
+
+def _fp8_transposed(st, k):
+    st[k + "_scale_inv"] = st[k + "_scale_inv"].T.contiguous()
+
+
+def _fp8_stale(st, k):
+    """Codes of the current weight stored with the scales of an earlier version of it (before an update)."""
+    from ..converters.fp8 import fp8_quantize
+    w = (st[k].float() * st[k + "_scale_inv"].repeat_interleave(128, 0).repeat_interleave(128, 1)[
+        :st[k].shape[0], :st[k].shape[1]])
+    g = torch.Generator().manual_seed(7)
+    _, old = fp8_quantize(w * (1 + 0.3 * torch.rand(w.shape, generator=g)))
+    st[k + "_scale_inv"] = old
 
 
 def _head_is_embedding(st, c, cfg):
@@ -589,14 +693,39 @@ STATE_CATALOGUE = [
                   r"vocab"),
     StateMutation("BOS id changed", "Config only", "llama-gqa", _cfg(bos_token_id=0), r"bos_token_id"),
     StateMutation("int8 scales off by one row", "Quantization", "llama-gqa", None,
-                  r"scales off by one row", target=_quantized("int8_per_channel", _q_shift)),
+                  r"scales off by one row", target=_quantized("int8_per_channel", _q_shift), kinds=("scale-shifted",)),
     StateMutation("two tensors' scales swapped", "Quantization", "llama-gqa", None,
-                  r"scales swapped: layers\.1\.feed_forward\.w[13]\.weight_scaler holds the scales of "
-                  r"layers\.1\.feed_forward\.w[31]", target=_quantized("int8_per_channel", _q_swap)),
+                  r"scales swapped: layers\.1\.feed_forward\.w[13]\.weight holds the int8 per channel scales of "
+                  r"layers\.1\.feed_forward\.w[31]", target=_quantized("int8_per_channel", _q_swap),
+                  kinds=("scale-swapped",)),
     StateMutation("int4 codes not sign-extended", "Quantization", "llama-blockwise", None,
-                  r"int4 codes not sign-extended", target=_quantized("int4_blockwise", _q_unsigned)),
+                  r"int4 codes not sign-extended", target=_quantized("int4_blockwise", _q_unsigned),
+                  kinds=("int4-unsigned",)),
     StateMutation("int4 blocks along the wrong axis", "Quantization", "llama-blockwise", None,
-                  r"blocks along the wrong axis", target=_quantized("int4_blockwise", _q_block_axis)),
+                  r"blocks along the wrong axis", target=_quantized("int4_blockwise", _q_block_axis),
+                  kinds=("blocks-wrong-axis",)),
+    StateMutation("GGUF Q8_0 block scale zeroed", "Quantization scales", "llama-gqa", None, r"block scale zeroed",
+                  target=_gguf_edit("gguf-Q8_0", "blk.1.ffn_down.weight", _zero_block_scale),
+                  kinds=("scale-zeroed",)),
+    StateMutation("GGUF Q4_0 block scales doubled", "Quantization scales", "llama-gqa", None,
+                  r"block scale multiplied by 2", target=_gguf_edit("gguf-Q4_0", "blk.1.ffn_down.weight",
+                                                                    _double_block_scales),
+                  kinds=("scale-multiplied",)),
+    StateMutation("GGUF Q8_0 block scales doubled", "Quantization scales", "llama-gqa", None,
+                  r"block scale multiplied by 2", target=_gguf_edit("gguf-Q8_0", "blk.0.ffn_up.weight",
+                                                                    _double_block_scales),
+                  kinds=("scale-multiplied",)),
+    StateMutation("GGUF Q4_0 nibble order swapped", "Quantization codes", "llama-gqa", None, r"nibble order swapped",
+                  target=_gguf_edit("gguf-Q4_0", "blk.1.ffn_down.weight", _swap_nibbles), kinds=("nibbles-swapped",)),
+    StateMutation("GGUF Q4_0 block scale zeroed", "Quantization scales", "llama-gqa", None, r"block scale zeroed",
+                  target=_gguf_edit("gguf-Q4_0", "blk.0.ffn_gate.weight", _zero_block_scale),
+                  kinds=("scale-zeroed",)),
+    StateMutation("FP8 scales stored as their reciprocal", "Quantization scales", "llama-blockwise", None,
+                  r"reciprocal scales", target=_fp8(_fp8_reciprocal), kinds=("scale-reciprocal",)),
+    StateMutation("FP8 scale grid transposed", "Quantization scales", "llama-blockwise", None,
+                  r"scale grid transposed", target=_fp8(_fp8_transposed, "q"), kinds=("scale-transposed",)),
+    StateMutation("FP8 stale scales (of the weight before an update)", "Quantization scales", "llama-blockwise",
+                  None, r"stale scales", target=_fp8(_fp8_stale), kinds=("scale-stale",)),
     # negatives: correct conversions and functionally equivalent rewrites
     StateMutation("config in transformers v5 spelling with explicit defaults", "negative", "llama-gqa", _v5_spelling,
                   negative=True),
@@ -613,8 +742,9 @@ STATE_CATALOGUE = [
 ]
 
 
-def run_state_mutations(work: Path, catalogue=None) -> list[MutationOutcome]:
-    """Each entry: golden HF model vs its mutated copy, through ``ckdiff`` (diff) and ``ckdiff logits``."""
+def run_state_mutations(work: Path, catalogue=None, first: int = 0) -> list[MutationOutcome]:
+    """Each entry: golden HF model vs its mutated copy, through ``ckdiff`` (diff) and ``ckdiff logits``.
+    Entry ``i`` is built in ``work/state{first + i}`` (the goldens in ``work`` are shared)."""
     import json
 
     from ..compare.diff import compare_checkpoints
@@ -626,7 +756,7 @@ def run_state_mutations(work: Path, catalogue=None) -> list[MutationOutcome]:
     from .models import hf_state, lazy, tiny_config
     from .suite import CheckResult
     outcomes = []
-    for i, m in enumerate(catalogue or STATE_CATALOGUE):
+    for i, m in enumerate(catalogue or STATE_CATALOGUE, start=first):
         gold = work / f"gold-{m.model}-{m.dtype}"
         if not gold.exists():
             emit(gold, m.model, "hf", m.dtype)
@@ -656,10 +786,12 @@ def run_state_mutations(work: Path, catalogue=None) -> list[MutationOutcome]:
                                       f"max KL {kl:.3g} (threshold {lr.threshold:.3g})", lr.to_dict()))
         red = [c for c in checks if not c.ok]
         text = _findings(red if not m.negative else checks)
+        kinds = sorted({f["kind"] for t in res.tensors if not t.ok for f in t.findings})
+        named = bool(re.search(m.names, text)) if m.names else not red
         outcomes.append(MutationOutcome(m.name, m.bug_class, "ckdiff", m.model, bool(red), [c.check for c in red],
                                         [f"{c.check}: {c.detail}" for c in (red or checks)],
-                                        named=bool(re.search(m.names, text)) if m.names else not red,
-                                        negative=m.negative))
+                                        named=named and set(m.kinds) <= set(kinds), negative=m.negative,
+                                        kinds=kinds))
     return outcomes
 
 

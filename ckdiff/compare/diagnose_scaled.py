@@ -1,0 +1,146 @@
+"""Causes for an encoded tensor (``tensor/blockscaled.py``) that misses the float tensor it should encode.
+
+The stored codes and block scales are compared with a reference encoding of the float side in the same
+encoding (the view's own ``reference`` quantizer), in scale units: which blocks' scales are off and by what
+(zeroed, multiplied by a constant, reciprocal, transposed grid, shifted by one block, another tensor's, or
+otherwise stale), whether the codes are permuted inside their blocks (4-bit nibble order), not sign-extended,
+or blocked along the wrong axis. Every finding is typed (``findings.Kind`` with parameters). When the
+encoding has no reference quantizer (K-quants) or nothing here fits, the ordinary diagnosis runs on the
+dequantized values (compare/diagnose.py).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..converters.lazy import Checkpoint, LazyTensor
+from ..tensor.blockscaled import FLOAT8, BlockScaled, Scaled
+from .findings import Finding, Kind
+
+MAX_NUMEL = 1 << 26
+RTOL = 1e-2  # scales agree within this (bf16 scales, fp16 GGUF d)
+
+
+def _ints(codes: torch.Tensor) -> torch.Tensor:
+    """Codes as integers; float8 codes by their bytes (adjacent values of one sign differ by 1)."""
+    if codes.dtype in FLOAT8:
+        return codes.view(torch.uint8).to(torch.int32)
+    return codes.to(torch.int32)
+
+
+def _agree(cs: torch.Tensor, cr: torch.Tensor) -> bool:
+    """Codes agree with the reference's: at most 1 % differ, by at most one step (another quantizer rounds
+    a tie the other way)."""
+    if cs.shape != cr.shape:
+        return False
+    d = (cs - cr).abs()
+    return int((d > 0).sum()) <= cs.numel() // 100 and int(d.max()) <= 1 if d.numel() else True
+
+
+def _close(x: torch.Tensor, y: torch.Tensor) -> bool:
+    return x.shape == y.shape and bool(torch.allclose(x.float(), y.float(), rtol=RTOL, atol=0))
+
+
+def _unit(enc: BlockScaled, s: Scaled) -> str:
+    br, bc = s.block
+    C = s.codes.shape[1]
+    if br == 1 and bc >= C:
+        return "row"
+    if bc == 1 and br >= s.codes.shape[0]:
+        return "column"
+    return "block"
+
+
+def _shifted(x: torch.Tensor, ref: torch.Tensor, dim: int) -> Optional[int]:
+    """+1 when x[i] == ref[i-1] along ``dim`` (every entry but the first), -1 when x[i] == ref[i+1]."""
+    n = x.shape[dim]
+    if n < 3:
+        return None
+    if _close(x.narrow(dim, 1, n - 1), ref.narrow(dim, 0, n - 1)):
+        return 1
+    if _close(x.narrow(dim, 0, n - 1), ref.narrow(dim, 1, n - 1)):
+        return -1
+    return None
+
+
+def _scales(name: str, enc: BlockScaled, s: Scaled, ref: Scaled, eck: Checkpoint, fck: Checkpoint) -> Finding:
+    """The cause when the codes agree and the scales do not."""
+    g, gr = s.grid.float(), ref.grid.float()
+    p = {"encoding": enc.encoding, "unit": _unit(enc, s)}
+    bad = ~torch.isclose(g, gr, rtol=RTOL, atol=0)
+    total, n_bad = g.numel(), int(bad.sum())
+    first = [int(i) for i in torch.nonzero(bad)[0]] if n_bad else []
+    zero = bad & (g == 0) & (gr != 0)
+    if n_bad and int(zero.sum()) == n_bad:
+        return Finding(Kind.SCALE_ZEROED, {**p, "blocks": n_bad, "total": total, "first": first})
+    nz = bad & (gr != 0)
+    if n_bad and int(nz.sum()) == n_bad:
+        ratio = g[bad] / gr[bad]
+        k = float(ratio.median())
+        if k != 0 and bool(torch.allclose(ratio, torch.full_like(ratio, k), rtol=RTOL, atol=0)) \
+                and not (n_bad == total and _close(g, 1 / gr.clamp_min(1e-30))):
+            return Finding(Kind.SCALE_MULTIPLIED, {**p, "factor": float(f"{k:.3g}"), "blocks": n_bad, "total": total,
+                                                   "first": first})
+    if bool((gr != 0).all()) and _close(g, 1 / gr):
+        return Finding(Kind.SCALE_RECIPROCAL, p)
+    if g.dim() == 2 and g.shape[0] == g.shape[1] > 1 and _close(g, gr.T):
+        return Finding(Kind.SCALE_TRANSPOSED, p)
+    br, bc = s.block
+    for dim, unit in ((0, "row" if br == 1 else "block row"), (1, "column" if bc == 1 else "block")):
+        k = _shifted(g, gr, dim) if dim < g.dim() else None
+        if k:
+            return Finding(Kind.SCALE_SHIFTED, {**p, "unit": unit, "sign": "-" if k > 0 else "+"})
+    for other, ot in eck.tensors.items():  # another tensor's scales
+        ft = fck.tensors.get(other)
+        if other == name or not isinstance(ot, BlockScaled) or ft is None or ot.shape != enc.shape \
+                or ft.numel > MAX_NUMEL:
+            continue
+        ro = ot.reference(ft.load().float().reshape(-1, enc.shape[-1]))
+        if ro is not None and _close(g, ro.grid):
+            return Finding(Kind.SCALE_SWAPPED, {**p, "tensor": name, "other": other})
+    r = (g / gr.clamp_min(1e-30))[gr != 0]
+    return Finding(Kind.SCALE_STALE, {**p, "lo": float(r.min()) if r.numel() else 0.0,
+                                      "hi": float(r.max()) if r.numel() else 0.0})
+
+
+def diagnose_scaled(name: str, enc: BlockScaled, flt: LazyTensor, eck: Checkpoint, fck: Checkpoint) -> list[Finding]:
+    """Typed causes for ``enc`` (an encoded tensor) against ``flt`` (the float tensor it should encode)."""
+    if enc.numel > MAX_NUMEL or isinstance(flt, BlockScaled) or not flt.dtype.is_floating_point \
+            or len(enc.shape) != 2:
+        return []
+    C = enc.shape[-1]
+    x = flt.load().float().reshape(-1, C)
+    s = enc.scaled(0, enc.nrows)
+    if s.dense:
+        return []
+    ref = enc.reference(x)
+    if ref is None or ref.codes.shape != s.codes.shape:
+        return []
+    cs, cr = _ints(s.codes), _ints(ref.codes)
+    codes_ok = _agree(cs, cr)
+    scales_ok = _close(s.grid, ref.grid)
+    p = {"encoding": enc.encoding}
+    if not codes_ok and cs.numel() and int(cs.min()) >= 0 and int(cs.max()) <= 15 and bool((cr < 0).any()) \
+            and torch.equal(cs, cr & 15):
+        return [Finding(Kind.INT4_UNSIGNED, {"count": int((cr < 0).sum()), "scales": "agree" if scales_ok
+                                              else "differ too"})]
+    bc = s.block[1]
+    if not codes_ok and getattr(enc, "nibbles", False) and bc % 2 == 0 and C % bc == 0:
+        swapped = cr.reshape(cr.shape[0], -1, 2, bc // 2).flip(2).reshape(cr.shape)
+        if _agree(cs, swapped):
+            blocks = int((cs.reshape(cs.shape[0], -1, bc) != cr.reshape(cr.shape[0], -1, bc)).any(-1).sum())
+            return [Finding(Kind.NIBBLES_SWAPPED, {**p, "blocks": blocks})]
+    if not codes_ok and s.block[0] == 1 and 1 < bc < C and x.shape[0] == x.shape[1]:
+        rt = enc.reference(x.T.contiguous())
+        if rt is not None and _agree(cs, _ints(rt.codes)) and _close(s.grid, rt.grid):
+            return [Finding(Kind.BLOCKS_WRONG_AXIS, {"block": bc})]
+    if codes_ok and not scales_ok and s.grid.shape == ref.grid.shape:
+        return [_scales(name, enc, s, ref, eck, fck)]
+    if scales_ok and not codes_ok:
+        d = (s.codes.float() - ref.codes.float()).abs()
+        return [Finding(Kind.CODES_DIFFER, {**p, "count": int((cs != cr).sum()), "largest": float(d.max())})]
+    return []
+
+
+__all__ = ["diagnose_scaled"]

@@ -1,0 +1,72 @@
+"""Typed findings: a diagnosis is a kind with parameters, and its text is rendered from them.
+
+Tests and tools assert ``Finding.kind``; reports show ``Finding.text``. ``TensorResult.findings`` holds
+them as dicts (``{"kind": ..., **params}``, JSON-ready); ``TensorResult.diagnosis`` the rendered texts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Kind(str, Enum):
+    """What a finding says. The values are stable (JSON)."""
+    # encodings (codes and block scales, compared with a reference encoding of the float side)
+    SCALE_ZEROED = "scale-zeroed"            # some block scales are 0, codes agree
+    SCALE_MULTIPLIED = "scale-multiplied"    # some block scales are k x the reference, codes agree
+    SCALE_RECIPROCAL = "scale-reciprocal"    # scales are 1 / the reference (an inverse stored as is)
+    SCALE_TRANSPOSED = "scale-transposed"    # the scale grid is the reference grid transposed
+    SCALE_SHIFTED = "scale-shifted"          # the scale of row/block i is the reference scale of i -+ 1
+    SCALE_SWAPPED = "scale-swapped"          # the scales are those of another tensor
+    SCALE_STALE = "scale-stale"              # codes agree, scales differ otherwise (scales of other weights)
+    CODES_DIFFER = "codes-differ"            # scales agree, some codes differ
+    NIBBLES_SWAPPED = "nibbles-swapped"      # 4-bit codes packed with the two halves of each block swapped
+    INT4_UNSIGNED = "int4-unsigned"          # int4 codes stored 0..15 instead of sign-extended
+    BLOCKS_WRONG_AXIS = "blocks-wrong-axis"  # blocks over the output axis instead of the input axis
+
+
+TEXT = {
+    Kind.SCALE_ZEROED: "block scale zeroed: {blocks} of {total} {unit} scales are 0 where a reference {encoding} "
+                       "encoding of A has non-zero scales (first at {first}); the codes agree",
+    Kind.SCALE_MULTIPLIED: "block scale multiplied by {factor:g}: {blocks} of {total} {unit} scales are {factor:g} x "
+                           "those of a reference {encoding} encoding (first at {first}); the codes agree",
+    Kind.SCALE_RECIPROCAL: "reciprocal scales: the stored {unit} scales are 1 / those of a reference {encoding} "
+                           "encoding (an inverse scale stored where the multiplier belongs); the codes agree",
+    Kind.SCALE_TRANSPOSED: "scale grid transposed: the stored {unit} scales are the reference {encoding} grid "
+                           "transposed; the codes agree",
+    Kind.SCALE_SHIFTED: "scales off by one {unit}: the scale stored for {unit} i is the reference {encoding} scale "
+                        "of {unit} i{sign}1; the codes agree",
+    Kind.SCALE_SWAPPED: "scales swapped: {tensor} holds the {encoding} scales of {other}; the codes agree",
+    Kind.SCALE_STALE: "stale scales: the codes agree with a reference {encoding} encoding but the scales do not "
+                      "(stored / reference between {lo:.3g} and {hi:.3g}): scales of other weights",
+    Kind.CODES_DIFFER: "scales agree with a reference {encoding} encoding; {count} codes differ (largest code "
+                       "difference {largest:g})",
+    Kind.NIBBLES_SWAPPED: "nibble order swapped: the 4-bit codes of each {encoding} block are packed with its two "
+                          "halves exchanged ({blocks} blocks)",
+    Kind.INT4_UNSIGNED: "int4 codes not sign-extended: negative codes are stored as 0..15 (q + 16) instead of "
+                        "-8..-1 ({count} codes); scales {scales}",
+    Kind.BLOCKS_WRONG_AXIS: "quantization blocks along the wrong axis: the codes and scales are those of the "
+                            "transposed weight (blocks of {block} over the output axis instead of the input axis)",
+}
+
+
+@dataclass(frozen=True)
+class Finding:
+    kind: Kind
+    params: dict = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        return TEXT[self.kind].format(**self.params)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind.value, **self.params}
+
+
+def record(r, findings: list[Finding]) -> list[str]:
+    """Store typed ``findings`` on a TensorResult ``r``; returns their texts (its ``diagnosis``)."""
+    r.findings = [f.to_dict() for f in findings]
+    return [f.text for f in findings]
+
+
+__all__ = ["Kind", "Finding", "record", "TEXT"]

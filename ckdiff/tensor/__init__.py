@@ -1,0 +1,1 @@
+"""Tensor views shared by every format: the block-scaled protocol (``blockscaled``)."""
