@@ -55,6 +55,12 @@ def md_text(s) -> str:
     return _MD_SPECIAL.sub(r"\\\1", printable(s))
 
 
+def md_cell(s) -> str:
+    """For a Markdown table cell holding prose (a diagnosis, a detail): line breaks, which would end the
+    row, become spaces; then ``md_text``."""
+    return md_text(re.sub(r"\s*[\r\n]+\s*", " ", str(s)))
+
+
 def md_code(s) -> str:
     """A name set in monospace in Markdown: ``<code>`` around ``md_text`` (a backtick code span could be
     closed by a backtick in the name)."""

@@ -181,7 +181,7 @@ def test_markdown_table_cells_escape_pipes():
     t = TensorResult("w|x.weight", Status.DIFFER, numel=4, n_over_tol=1, max_abs=1.0, diagnosis=["a | b\nc"])
     md = render_markdown("compare", CompareResult("a", "b", "tensors", "tensors", [t]))
     row = next(line for line in md.splitlines() if "w\\|x.weight" in line)
-    assert row == "| `w\\|x.weight` | differ | 1 @ None | a \\| b c |"
+    assert row == "| <code>w\\|x.weight</code> | differ | 1 @ None | a \\| b c |"
     assert row.replace("\\|", "").count("|") == 5  # four cells: the row keeps its shape
     s = SuiteResult([CheckResult("conv", "llama", "golden", False, "A: x | y")])
     md = render_markdown("roundtrip", s)

@@ -11,7 +11,7 @@ import math
 from typing import Optional
 
 from ..compare.status import Status, is_ok
-from ..text import html_text, md_code, md_text, printable, script_json
+from ..text import html_text, md_cell, md_code, md_text, printable, script_json
 from .render import _clean, envelope, fmt, worst_first_key
 
 
@@ -384,7 +384,7 @@ def render_markdown(kind: str, res, command: str = "") -> str:
                   "| tensor | status | max abs @ index | diagnosis |", "|---|---|---|---|"]
         for t in bad[:200]:
             lines.append(f"| {md_code(t['name'])} | {t['status']} | {fmt(t.get('max_abs'))} @ {t.get('max_abs_index')} | "
-                         f"{md_text('; '.join(t.get('diagnosis') or []) or '-')} |")
+                         f"{md_cell('; '.join(t.get('diagnosis') or []) or '-')} |")
         lines += ["", "</details>", ""]
     if shape.checks:
         failed = [c for c in d["checks"] if not c["ok"]]
@@ -393,7 +393,7 @@ def render_markdown(kind: str, res, command: str = "") -> str:
                   "|---|---|---|---|---|---|"]
         lines += [f"| {md_text(c['converter'])} | {md_text(c['model'])} | {md_text(c.get('variant') or '-')} | {md_text(c['check'])} | "
                   f"{'yes' if c['ok'] else '**NO**'} | "
-                  f"{md_text(c['detail'])} |" for c in d["checks"]]
+                  f"{md_cell(c['detail'])} |" for c in d["checks"]]
         lines += ["", "</details>", ""]
     lines += [f"<sub>{md_code(doc['command']) + ' · ' if doc['command'] else ''}ckdiff {doc['ckdiff_version']} · torch {doc['torch_version']}</sub>", ""]
     return "\n".join(lines)
