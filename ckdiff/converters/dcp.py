@@ -58,6 +58,11 @@ def _allowed() -> dict:
         "Metadata", "TensorStorageMetadata", "ChunkStorageMetadata", "BytesStorageMetadata", "MetadataIndex",
         "StorageMeta", "TensorProperties", "_MEM_FORMAT_ENCODING") if hasattr(md, n)}
     ok[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = fs._StorageInfo
+    # megatron-core's torch_dist writer keeps every rank's save plan on the Metadata (``all_local_plans``):
+    # plain dataclasses and one enum of the planner module, rebuilt as data (their pickles name no callable)
+    from torch.distributed.checkpoint import planner as pl
+    for n in ("SavePlan", "WriteItem", "TensorWriteData", "WriteItemType"):
+        ok[("torch.distributed.checkpoint.planner", n)] = getattr(pl, n)
     try:  # older writers pickled TensorProperties from the sharded-tensor package
         from torch.distributed._shard.sharded_tensor import metadata as old
         ok[("torch.distributed._shard.sharded_tensor.metadata", "TensorProperties")] = old.TensorProperties

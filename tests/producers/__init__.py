@@ -1,0 +1,105 @@
+"""Fixtures written by the real producers (megatron-core, torch FSDP2, llama.cpp's converter,
+compressed-tensors), built once per test session.
+
+Each builder runs the producer in subprocesses (one per rank, with the variables torchrun sets) and
+caches its output: under the session's pytest tmp dir, or, when ``CKDIFF_PRODUCER_CACHE`` names a
+directory, there, keyed by a hash of the builder scripts and the producer versions (so a changed
+builder or version builds afresh).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+
+
+def version(dist: str) -> str:
+    """The installed version of a producer; a missing producer fails the test (never a skip: CI installs
+    every producer in .ci/run)."""
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        raise AssertionError(f"{dist} is not installed: .ci/run installs it (pip, pinned); install it the same "
+                             "way to run the real-producer tests") from None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script: Path, world: int, *args, timeout: float = 300) -> None:
+    """Run ``script`` on ``world`` ranks (gloo, this machine), as torchrun would; raise with the failing
+    rank's output if any rank fails."""
+    port = _free_port()
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
+               LOCAL_WORLD_SIZE=str(world), PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
+    procs = [subprocess.Popen([sys.executable, str(script), *map(str, args)],
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(world)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=timeout)[0].decode(errors="replace"))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for r, (p, out) in enumerate(zip(procs, outs)):
+        if p.returncode:
+            raise AssertionError(f"{script.name} rank {r} exited {p.returncode}:\n{out[-3000:]}")
+
+
+def cached(tmp_path_factory, name: str, build, *keys: str) -> Path:
+    """``build(out)`` once per session (or once per key in CKDIFF_PRODUCER_CACHE); the directory appears
+    only when the build finished."""
+    base = os.environ.get("CKDIFF_PRODUCER_CACHE")
+    if not base:
+        out = tmp_path_factory.mktemp(name) / "out"
+        build(out)
+        return out
+    h = hashlib.sha256()
+    for k in keys:
+        h.update(k.encode())
+    for f in sorted(HERE.glob("*.py")):
+        h.update(f.read_bytes())
+    out = Path(base) / f"{name}-{h.hexdigest()[:16]}"
+    if not out.is_dir():
+        Path(base).mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=base, prefix=f".{name}-"))
+        try:
+            build(tmp / "out")
+            os.replace(tmp / "out", out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def tiny_llama(out: Path, seed: int = 0, **over) -> Path:
+    """A tiny transformers ``LlamaForCausalLM`` saved by ``save_pretrained``: GQA (8 heads, 2 KV heads),
+    random weights and random norms (never constant), untied head, odd vocab."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    kw = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=8,
+              intermediate_size=96, vocab_size=100, max_position_embeddings=256, rms_norm_eps=1e-5,
+              tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    kw.update(over)
+    torch.manual_seed(seed)
+    m = LlamaForCausalLM(LlamaConfig(**kw))
+    with torch.no_grad():
+        for _, p in m.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if p.ndim == 1 else 0.2 * torch.randn_like(p))
+    m.save_pretrained(out)
+    return out
