@@ -374,14 +374,18 @@ def detect_format(p: Path) -> str:
 
 
 def open_checkpoint(spec: str, fmt: str | None = None, cache_dir: str | None = None,
-                    trust_pickle: bool = False) -> Checkpoint:
-    """Read any supported checkpoint lazily; ``fmt`` overrides detection."""
+                    trust_pickle: bool = False, prefix: str | None = None) -> Checkpoint:
+    """Read any supported checkpoint lazily; ``fmt`` overrides detection. ``prefix`` keeps only the
+    tensors named ``prefix...`` (stripped), e.g. the ``model.`` sub-tree of a trainer's state dict."""
     path = resolve_path(spec, cache_dir)
     if fmt is None:
         fmt = detect_format(path)
     elif fmt not in registry.names():
         raise UsageError(f"unknown --format {fmt!r}; known: {', '.join(registry.names())}")
-    ck = registry.get(fmt).read(path, trust_pickle=trust_pickle)
+    ck = registry.get(fmt).read(path, trust_pickle=trust_pickle, prefix=prefix)
+    if prefix and ck.meta.get("prefix") != prefix:  # a reader that selects sub-trees itself says so
+        from .dcp import select_prefix
+        ck = select_prefix(ck, prefix, "--prefix")
     if not ck.tensors:
         raise InputError(path, f"no tensors found (read as {fmt})")
     return ck
