@@ -10,8 +10,10 @@ megatron-core 0.16.1's writer makes it unconditionally (mcore_save.CUDA_STUBS):
 ``torch.cuda.synchronize`` (waits for device-to-host copies of tensors already on the CPU) and
 ``torch.cuda.current_device`` (the device of the failure flag it broadcasts; on gloo, the CPU).
 
-MoE: the local spec's MoE layer is not built here (see docs/formats.md); the DCP-layout MoE fixtures of
-tests/test_formats_today.py stay.
+MoE: a ``GPTModel`` with 4 experts (local spec: ``SequentialMLP``, top-2 router) from a tiny transformers
+``MixtralForCausalLM``, at world size 1. megatron-core 0.16.1 writes its experts as
+``decoder.layers.<i>.mlp.experts.experts.linear_fc1.weight`` (an expert axis) and its pre-MLP norm under
+``mlp.linear_fc1.layer_norm_weight``; both are read here.
 """
 from __future__ import annotations
 
@@ -23,24 +25,28 @@ import threading
 import pytest
 import torch
 
-from producers import HERE, cached, launch, tiny_llama, version
+from producers import HERE, cached, launch, tiny_llama, tiny_mixtral, version
 
 MCORE = version("megatron-core")
 
 
 @pytest.fixture(scope="session")
 def mcore(tmp_path_factory):
-    """{"hf": HF source, 1: TP=1 save root, 2: TP=2 save root, "gate_up_swapped": TP=2 with that bug}."""
+    """HF sources ("hf", "moe-hf") and the save roots megatron-core wrote from them: 1 and 2 (TP), "moe",
+    and the injected bugs "gate_up_swapped" (TP=2) and "expert_dropped" (MoE)."""
     def build(out):
-        tiny_llama(out / "hf")
+        tiny_llama(out / "llama")
+        tiny_mixtral(out / "mixtral")
         errs = []
 
-        def run(tp, *variants):
+        def run(tp, *items):
             try:
-                launch(HERE / "mcore_save.py", tp, out / "hf", out / f"tp{tp}", tp, *variants)
-            except AssertionError as e:  # re-raised in the test thread below
+                launch(HERE / "mcore_save.py", tp, out, tp, *items)
+            except AssertionError as e:  # re-raised in the test's thread below
                 errs.append(e)
-        ts = [threading.Thread(target=run, args=a) for a in ((1, "ok"), (2, "ok", "gate_up_swapped"))]
+        ll, mx = out / "llama", out / "mixtral"
+        ts = [threading.Thread(target=run, args=a) for a in (
+            (1, f"{ll}:ok", f"{mx}:ok", f"{mx}:expert_dropped"), (2, f"{ll}:tp2", f"{ll}:gate_up_swapped"))]
         for t in ts:
             t.start()
         for t in ts:
@@ -48,8 +54,9 @@ def mcore(tmp_path_factory):
         if errs:
             raise errs[0]
     root = cached(tmp_path_factory, "mcore", build, MCORE, torch.__version__)
-    return {"hf": root / "hf", 1: root / "tp1" / "ok", 2: root / "tp2" / "ok",
-            "gate_up_swapped": root / "tp2" / "gate_up_swapped"}
+    return {"hf": root / "llama", "moe-hf": root / "mixtral", 1: root / "llama-ok", 2: root / "llama-tp2",
+            "gate_up_swapped": root / "llama-gate_up_swapped", "moe": root / "mixtral-ok",
+            "expert_dropped": root / "mixtral-expert_dropped"}
 
 
 def test_writer_is_megatron_core(mcore):
@@ -70,10 +77,27 @@ def test_equivalent_with_hf_source(mcore, run_cli, tp):
     assert "vocab padding rows 100.." in out and "_extra_state entries skipped" in out
 
 
-def test_logits_agree(mcore, run_cli):
-    code, out, err = run_cli("logits", mcore[2], mcore["hf"])
+@pytest.mark.parametrize("tp", [1, 2])
+def test_logits_agree(mcore, run_cli, tp):
+    code, out, err = run_cli("logits", mcore[tp], mcore["hf"])
     assert code == 0, out + err
     assert out.startswith("EQUIVALENT") and "top-1 agreement 1.0000" in out, out
+
+
+def test_moe_equivalent_with_hf_source(mcore, run_cli):
+    for a, b in ((mcore["moe"], mcore["moe-hf"]), (mcore["moe-hf"], mcore["moe"])):
+        code, out, err = run_cli(a, b)
+        assert code == 0, out + err
+        assert out.startswith("EQUIVALENT"), out
+    code, out, err = run_cli("logits", mcore["moe"], mcore["moe-hf"])
+    assert code == 0 and out.startswith("EQUIVALENT"), out + err
+
+
+def test_expert_dropped_is_named(mcore, run_cli):
+    code, out, err = run_cli(mcore["expert_dropped"], mcore["moe-hf"])
+    assert code == 1, out + err
+    assert "config experts: A=3 B=4" in out, out
+    assert "only-b  decoder.layers.0.mlp.experts.local_experts.3.linear_fc1.weight" in out, out
 
 
 def test_gate_up_swapped_is_named(mcore, run_cli):

@@ -87,19 +87,25 @@ def cached(tmp_path_factory, name: str, build, *keys: str) -> Path:
     return out
 
 
-def tiny_llama(out: Path, seed: int = 0, **over) -> Path:
-    """A tiny transformers ``LlamaForCausalLM`` saved by ``save_pretrained``: GQA (8 heads, 2 KV heads),
-    random weights and random norms (never constant), untied head, odd vocab."""
+def tiny_llama(out: Path, seed: int = 0, arch: str = "Llama", **over) -> Path:
+    """A tiny transformers ``LlamaForCausalLM`` (or ``{arch}ForCausalLM`` of another family) saved by
+    ``save_pretrained``: GQA (8 heads, 2 KV heads), random weights and random norms (never constant),
+    untied head, odd vocab."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
     kw = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=8,
               intermediate_size=96, vocab_size=100, max_position_embeddings=256, rms_norm_eps=1e-5,
               tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     kw.update(over)
     torch.manual_seed(seed)
-    m = LlamaForCausalLM(LlamaConfig(**kw))
+    m = getattr(transformers, f"{arch}ForCausalLM")(getattr(transformers, f"{arch}Config")(**kw))
     with torch.no_grad():
         for _, p in m.named_parameters():
             p.copy_(1 + 0.1 * torch.randn_like(p) if p.ndim == 1 else 0.2 * torch.randn_like(p))
     m.save_pretrained(out)
     return out
+
+
+def tiny_mixtral(out: Path, seed: int = 0) -> Path:
+    """A tiny transformers ``MixtralForCausalLM``: 4 experts, top-2, GQA."""
+    return tiny_llama(out, seed, "Mixtral", intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)

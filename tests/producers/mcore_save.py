@@ -1,7 +1,7 @@
 """Writes a Megatron-Core ``torch_dist`` checkpoint with megatron-core itself (run once per rank).
 
 Usage (env RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set by the caller, as torchrun sets them):
-    python mcore_save.py HF_DIR OUT TP VARIANT...
+    python mcore_save.py OUT TP HF_DIR:VARIANT...
 
 A ``GPTModel`` built from the local layer spec on gloo/CPU takes the weights of the transformers
 Llama model in HF_DIR, mapped as Megatron-Bridge's Llama bridge maps them
@@ -13,8 +13,12 @@ Megatron-Core both rotate halves). Each TP rank keeps its own partition of every
 Megatron-LM's ``save_checkpoint`` does: ``{"args", "checkpoint_version", "iteration", "model"}`` through
 ``dist_checkpointing.save`` (default torch_dist strategy) into ``iter_0000001/``, then the tracker file.
 
-Each VARIANT is saved under ``OUT/VARIANT``: ``ok``, or a converter bug injected in the mapping:
-``gate_up_swapped`` (``linear_fc1`` as ``[up; gate]``).
+A Mixtral source (``num_local_experts``) gives a MoE ``GPTModel`` (local spec: ``SequentialMLP``
+experts, router from ``block_sparse_moe.gate``; each expert's ``linear_fc1`` = ``[w1; w3]``, ``linear_fc2``
+= ``w2``, as Megatron-Bridge's Mixtral bridge maps them).
+
+Each source is saved under ``OUT/<HF_DIR name>-VARIANT``: ``ok``, or a converter bug: ``gate_up_swapped``
+(``linear_fc1`` as ``[up; gate]``), ``expert_dropped`` (the model built with one expert fewer).
 """
 import argparse
 import json
@@ -42,8 +46,17 @@ CUDA_STUBS = {"torch.cuda.synchronize": "preload_tensors waits for D2H copies; C
 def main():
     torch.cuda.synchronize = lambda *a, **k: None  # see CUDA_STUBS
     torch.cuda.current_device = lambda: "cpu"
-    hf_dir, out, tp, variants = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+    out, tp = Path(sys.argv[1]), int(sys.argv[2])
     torch.distributed.init_process_group("gloo")
+    from megatron.core import parallel_state
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    for item in sys.argv[3:]:
+        hf_dir, variant = item.rsplit(":", 1)
+        save_source(Path(hf_dir), out / f"{Path(hf_dir).name}-{variant}", tp, variant)
+    torch.distributed.destroy_process_group()
+
+
+def save_source(hf_dir, out, tp, variant):
     rank = torch.distributed.get_rank()
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -51,22 +64,26 @@ def main():
     from megatron.core.transformer.transformer_config import TransformerConfig
     from safetensors.torch import load_file
 
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
     hc = json.loads((hf_dir / "config.json").read_text())
     hf = load_file(str(hf_dir / "model.safetensors"))
     D, L, H, K = hc["hidden_size"], hc["num_hidden_layers"], hc["num_attention_heads"], hc["num_key_value_heads"]
     d, Fh, V = hc.get("head_dim") or D // H, hc["intermediate_size"], hc["vocab_size"]
+    E, topk = hc.get("num_local_experts") or 0, hc.get("num_experts_per_tok") or 0
     theta = int((hc.get("rope_parameters") or {}).get("rope_theta") or hc.get("rope_theta") or 10000)
     Vp = -(-V // (128 * tp)) * 128 * tp  # Megatron-LM pads to make_vocab_size_divisible_by * TP
-    cfg = TransformerConfig(num_layers=L, hidden_size=D, num_attention_heads=H, num_query_groups=K, kv_channels=d,
-                            ffn_hidden_size=Fh, gated_linear_unit=True, activation_func=F.silu, normalization="RMSNorm",
-                            layernorm_epsilon=hc["rms_norm_eps"], add_bias_linear=False, bias_activation_fusion=False,
-                            tensor_model_parallel_size=tp, use_cpu_initialization=True, params_dtype=torch.float32,
-                            hidden_dropout=0.0, attention_dropout=0.0)
-    model = GPTModel(cfg, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=Vp,
-                     max_sequence_length=hc["max_position_embeddings"], position_embedding_type="rope",
-                     rotary_base=theta,
-                     share_embeddings_and_output_weights=bool(hc.get("tie_word_embeddings")))
+
+    def build(experts):
+        moe = dict(num_moe_experts=experts, moe_router_topk=topk, moe_ffn_hidden_size=Fh) if experts else {}
+        cfg = TransformerConfig(num_layers=L, hidden_size=D, num_attention_heads=H, num_query_groups=K,
+                                kv_channels=d, ffn_hidden_size=Fh, gated_linear_unit=True, activation_func=F.silu,
+                                normalization="RMSNorm", layernorm_epsilon=hc["rms_norm_eps"], add_bias_linear=False,
+                                bias_activation_fusion=False, tensor_model_parallel_size=tp,
+                                use_cpu_initialization=True, params_dtype=torch.float32, hidden_dropout=0.0,
+                                attention_dropout=0.0, **moe)
+        return GPTModel(cfg, get_gpt_layer_local_spec(num_experts=experts or None, normalization="RMSNorm"),
+                        vocab_size=Vp, max_sequence_length=hc["max_position_embeddings"],
+                        position_embedding_type="rope", rotary_base=theta,
+                        share_embeddings_and_output_weights=bool(hc.get("tie_word_embeddings")))
 
     def pad(w):
         return torch.cat([w, torch.zeros(Vp - V, w.shape[1])])
@@ -85,20 +102,34 @@ def main():
         full[m + "self_attention.linear_proj.weight"] = hf[p + "self_attn.o_proj.weight"]
         full[m + "input_layernorm.weight"] = hf[p + "input_layernorm.weight"]
         full[m + "pre_mlp_layernorm.weight"] = hf[p + "post_attention_layernorm.weight"]
-        gate, up = hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]
-        glu[m + "mlp.linear_fc1.weight"] = (gate, up)
-        full[m + "mlp.linear_fc2.weight"] = hf[p + "mlp.down_proj.weight"]
-    for v in variants:
-        load(model, full, glu, tp, swap=v == "gate_up_swapped")
-        save(model, args(hc, full, D, L, H, K, d, Fh, V, Vp, theta, tp), out / v, rank)
-    torch.distributed.destroy_process_group()
+        if E:  # Mixtral: router = gate, each expert's linear_fc1 = [w1 (gate); w3 (up)], linear_fc2 = w2
+            full[m + "mlp.router.weight"] = hf[p + "block_sparse_moe.gate.weight"]
+            for e in range(E):
+                x, y = f"{p}block_sparse_moe.experts.{e}.", f"{m}mlp.experts.local_experts.{e}."
+                glu[y + "linear_fc1.weight"] = (hf[x + "w1.weight"], hf[x + "w3.weight"])
+                full[y + "linear_fc2.weight"] = hf[x + "w2.weight"]
+        else:
+            glu[m + "mlp.linear_fc1.weight"] = (hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"])
+            full[m + "mlp.linear_fc2.weight"] = hf[p + "mlp.down_proj.weight"]
+    # expert_dropped: a converter that built the model with one expert fewer than the source has
+    experts = E - 1 if variant == "expert_dropped" else E
+    model = build(experts)
+    load(model, full, glu, tp, swap=variant == "gate_up_swapped")
+    a = args(hc, full, D, L, H, K, d, Fh, V, Vp, theta, tp)
+    if experts:
+        a.num_experts, a.moe_router_topk, a.moe_ffn_hidden_size = experts, topk, Fh
+    save(model, a, out, rank)
 
 
 def load(model, full, glu, tp, swap):
     from megatron.core import parallel_state
     with torch.no_grad():
         for name, prm in model.named_parameters():
-            if name in glu:  # this rank's gate rows, then its up rows
+            if name.endswith("_extra_state"):
+                continue
+            if name.endswith("mlp.router.weight") and prm.shape[0] < full[name].shape[0]:
+                w = full[name][:prm.shape[0]]  # expert_dropped: the router keeps the experts built
+            elif name in glu:  # this rank's gate rows, then its up rows
                 a, b = glu[name][::-1] if swap else glu[name]
                 r = parallel_state.get_tensor_model_parallel_rank()
                 w = torch.cat([a.chunk(tp)[r], b.chunk(tp)[r]])
