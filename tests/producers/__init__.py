@@ -109,3 +109,34 @@ def tiny_llama(out: Path, seed: int = 0, arch: str = "Llama", **over) -> Path:
 def tiny_mixtral(out: Path, seed: int = 0) -> Path:
     """A tiny transformers ``MixtralForCausalLM``: 4 experts, top-2, GQA."""
     return tiny_llama(out, seed, "Mixtral", intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)
+
+
+LLAMA_CPP_PYTHON = "0.3.36"  # the sdist .ci/run fetches
+
+
+def llama_cpp_dir() -> Path:
+    """llama.cpp's tree inside the llama-cpp-python sdist .ci/run unpacks: $CKDIFF_LLAMA_CPP, else the
+    cache dir .ci/run uses by default. Missing: the test fails (CI always has it)."""
+    env = os.environ.get("CKDIFF_LLAMA_CPP")
+    cache = Path(os.environ.get("CKDIFF_PRODUCERS_DIR") or
+                 Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ckdiff-producers")
+    d = Path(env) if env else cache / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
+    if not (d / "convert_hf_to_gguf.py").is_file():
+        raise AssertionError(f"llama.cpp's convert_hf_to_gguf.py not found in {d}: .ci/run fetches it (pip download "
+                             f"--no-binary :all: llama-cpp-python=={LLAMA_CPP_PYTHON}); set CKDIFF_LLAMA_CPP")
+    return d
+
+
+def sentencepiece_tokenizer(out_dir: Path, vocab: int) -> Path:
+    """A tokenizer.model of ``vocab`` pieces trained by sentencepiece on a fixed text (llama.cpp's
+    converter needs a tokenizer; its pieces do not matter to the weights)."""
+    import sentencepiece as spm
+    text = out_dir / "spm.txt"
+    text.write_text(("the quick brown fox jumps over the lazy dog. " * 40 + " ".join("abcdefghijklmnopqrstuvwxyz")
+                     + " 0 1 2 3 4 5 6 7 8 9\n") * 3)
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(out_dir / "tokenizer"), vocab_size=vocab,
+                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2,
+                                   hard_vocab_limit=False, num_threads=1)
+    text.unlink()
+    (out_dir / "tokenizer.vocab").unlink()
+    return out_dir / "tokenizer.model"
