@@ -120,6 +120,10 @@ class Family:
     #                                          the family's names differ from the layout's table (Gemma JetStream)
     layout_rotary: Mapping[str, Rotary] = field(default_factory=dict)  # layout -> q/k row order where it is
     #                                          not the layout's default (Gemma JetStream keeps HF's half split)
+    gguf_arch: str = "llama"              # GGUF general.architecture llama.cpp's converter writes for this
+    #                                          family (used where "gguf" is in layouts); its GGUF table derives
+    #                                          from the declaration: layout_rotary["gguf"] (HALF: q/k not
+    #                                          permuted), Norm.RMS_PLUS_ONE (norms stored as 1 + w), qkv_bias
 
     # ------------------------------------------------------------ derived
     def hf_keys(self, fld: str) -> tuple:
@@ -250,6 +254,16 @@ def for_block(layout: str, **block) -> Family:
     return default()
 
 
+def for_gguf(arch: str, moe: bool) -> Optional[Family]:
+    """The family whose GGUF architecture is ``arch`` (an MoE block when ``moe``); None when none is declared."""
+    fits = [f for f in FAMILIES.values() if "gguf" in f.layouts and f.gguf_arch == arch]
+    return next((f for f in fits if (f.block.mlp is Mlp.MOE) == moe), None)
+
+
+def gguf_archs() -> list:
+    return sorted({f.gguf_arch for f in FAMILIES.values() if "gguf" in f.layouts})
+
+
 def default() -> Family:
     """The family a config with an unknown (or no) model type is read as."""
     return FAMILIES["llama"]
@@ -328,8 +342,10 @@ GEMMA = register(Family(
     Block(norm=Norm.RMS_PLUS_ONE, act=Act.GELU_TANH, embed_scale=True), LLAMA_NAMES,
     hf_defaults={"bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0},
     block_keys={"act": ("hidden_act", "hidden_activation"), "qkv_bias": "attention_bias"},
-    layouts=frozenset({"hf", "jetstream"}), always_tied=True, default_eps=1e-6, jetstream_names=("gemma",),
-    layout_names={"jetstream": GEMMA_JETSTREAM_NAMES}, layout_rotary={"jetstream": Rotary.HALF},
+    layouts=frozenset({"hf", "jetstream", "gguf"}), always_tied=True, default_eps=1e-6, jetstream_names=("gemma",),
+    layout_names={"jetstream": GEMMA_JETSTREAM_NAMES},
+    # llama.cpp's GemmaModel (conversion/gemma.py): arch "gemma", q/k unpermuted (NEOX rope), norms + 1
+    layout_rotary={"jetstream": Rotary.HALF, "gguf": Rotary.HALF}, gguf_arch="gemma",
     jetstream_quant_refused={q: "Gemma linears are quantized int8 per channel only (the JetStream engine "
                                 "refuses int4 for Gemma)" for q in ("int4", "blockwise")}))
 MIXTRAL = register(Family(

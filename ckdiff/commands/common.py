@@ -101,6 +101,11 @@ def add_formats(p: argparse.ArgumentParser, sides: int = 2) -> None:
     if sides == 2:
         g.add_argument("--format-a", choices=names, metavar="FORMAT", help="read A as this format")
         g.add_argument("--format-b", choices=names, metavar="FORMAT", help="read B as this format")
+        g.add_argument("--prefix", "--prefix-a", dest="prefix_a", metavar="P",
+                       help="read only A's tensors named P... with P stripped (e.g. 'model.' for a trainer's "
+                            "{'model': ..., 'optimizer': ...} DCP checkpoint; found by itself when it is the only "
+                            "model sub-tree)")
+        g.add_argument("--prefix-b", dest="prefix_b", metavar="P", help="the same for B")
 
 
 def add_reports(p: argparse.ArgumentParser, flags=REPORT_FLAGS) -> None:

@@ -57,8 +57,10 @@ def parse_tol(specs) -> list:
 def open_pair(args):
     """Both checkpoints, read with --format/--format-a/--format-b."""
     from ..converters.formats import open_checkpoint
-    a = open_checkpoint(args.a, args.format_a or args.format, args.cache_dir, args.trust_pickle)
-    b = open_checkpoint(args.b, args.format_b or args.format, args.cache_dir, args.trust_pickle)
+    a = open_checkpoint(args.a, args.format_a or args.format, args.cache_dir, args.trust_pickle,
+                        prefix=getattr(args, "prefix_a", None))
+    b = open_checkpoint(args.b, args.format_b or args.format, args.cache_dir, args.trust_pickle,
+                        prefix=getattr(args, "prefix_b", None))
     return a, b
 
 

@@ -62,7 +62,10 @@ def _align(a: Checkpoint, b: Checkpoint) -> tuple[Checkpoint, Checkpoint, list, 
     if la is None or lb is None or fa.key_names == fb.key_names:
         return a, b, [], []
     quant = lambda x: any(isinstance(t, BlockScaled) for t in x.tensors.values())  # noqa: E731
-    move_a = quant(b) and not quant(a)  # the float side moves, so quantized tensors keep their own scales
+    # the float side moves, so quantized tensors keep their own scales; so does the side whose layout is
+    # not a target (the verdict must not depend on which side is A)
+    target = lambda x, f: quant(x) or f.mapped_into  # noqa: E731
+    move_a = target(b, fb) and not target(a, fa)
     (src, fsrc), fdst = ((a, fa), fb) if move_a else ((b, fb), fa)
     dst_layout = fdst.layout
     try:

@@ -279,11 +279,58 @@ def is_dcp_dir(p: Path) -> bool:
         f.suffix == SUFFIX for f in p.iterdir() if not f.name.startswith("."))
 
 
-def read_dcp(p: Path, **_) -> Checkpoint:
+# A trainer saves ``{"model": model_sd, "optimizer": optim_sd, "step": n, ...}`` and DCP flattens the nested
+# dicts into dotted names. The model is the one top-level sub-tree named here; the others are trainer state.
+MODEL_TREES = ("model", "module", "model_state_dict")
+TRAINER_STATE = ("optimizer", "optim", "optimizer_state_dict", "step", "epoch", "lr_scheduler", "scheduler",
+                 "dataloader", "data_loader", "train_state", "rng_state", "rng", "grad_scaler", "extra_state")
+
+
+def model_subtree(names) -> str | None:
+    """The prefix (``"model."``) of the single model sub-tree of a trainer checkpoint: the top-level
+    components of ``names`` are one of MODEL_TREES plus trainer state only; None otherwise."""
+    tops = {n.split(".", 1)[0] for n in names}
+    models = tops & set(MODEL_TREES)
+    if len(models) != 1 or len(tops) < 2 or not tops - models <= set(TRAINER_STATE):
+        return None
+    return next(iter(models)) + "."
+
+
+def select_prefix(ck: Checkpoint, prefix: str, why: str) -> Checkpoint:
+    """Only the tensors named ``prefix...``, with the prefix stripped; the others skipped, summarised by
+    top-level component in one note."""
+    keep = {k[len(prefix):]: t for k, t in ck.tensors.items() if k.startswith(prefix)}
+    if not keep:
+        raise InputError(ck.path, f"no tensor is named {prefix!r}... ({why}); top-level names: "
+                                  f"{', '.join(sorted({k.split('.', 1)[0] for k in ck.tensors}))[:200]}")
+    for k, t in keep.items():
+        t.name = k
+    skipped = dict(ck.meta.get("skipped", {}))
+    counts: dict = {}
+    for k in [*ck.tensors, *skipped]:
+        if not k.startswith(prefix):
+            top = k.split(".", 1)[0].split("/", 1)[0]
+            counts[top] = counts.get(top, 0) + 1
+            skipped.setdefault(k, f"outside the model sub-tree {prefix!r}")
+    skipped = {k: v for k, v in skipped.items() if not k.startswith(prefix)}
+    what = ", ".join(f"{top} ({n} {'entry' if n == 1 else 'entries'})" for top, n in sorted(counts.items()))
+    notes = list(ck.meta.get("notes", [])) + [f"read the sub-tree {prefix!r} ({len(keep)} tensors, {why}); "
+                                              f"skipped: {what or 'nothing'}"]
+    return Checkpoint(ck.path, ck.format, keep, ck.config,
+                      {**ck.meta, "skipped": skipped, "notes": notes, "prefix": prefix})
+
+
+def read_dcp(p: Path, prefix: str | None = None, **_) -> Checkpoint:
+    """A DCP directory's tensors. ``prefix`` reads one sub-tree (``"model."``); without it, a trainer
+    checkpoint with a single model sub-tree next to optimizer/step state is read as that sub-tree."""
     tensors, items, _md = read_dcp_entries(p)
     files = sorted({str(c.file) for t in tensors.values() for c in t.chunks})
-    return Checkpoint(str(p), "dcp", tensors,
-                      meta={"files": files, "skipped": {k: "non-tensor (BYTE_IO) item" for k in items}})
+    ck = Checkpoint(str(p), "dcp", tensors,
+                    meta={"files": files, "skipped": {k: "non-tensor (BYTE_IO) item" for k in items}})
+    if prefix:
+        return select_prefix(ck, prefix, "--prefix")
+    auto = model_subtree([*tensors, *items])
+    return select_prefix(ck, auto, "the only model sub-tree of a trainer checkpoint") if auto else ck
 
 
 # ---------------------------------------------------------------- declaration (converters/registry.py)
@@ -296,4 +343,4 @@ def _declare() -> None:
 _declare()
 
 
-__all__ = ["read_dcp", "read_dcp_entries", "read_metadata", "DcpTensor", "SubTensor", "is_dcp_dir"]
+__all__ = ["read_dcp", "model_subtree", "select_prefix", "read_dcp_entries", "read_metadata", "DcpTensor", "SubTensor", "is_dcp_dir"]

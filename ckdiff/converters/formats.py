@@ -374,9 +374,11 @@ def detect_format(p: Path) -> str:
 
 
 def open_checkpoint(spec: str, fmt: str | None = None, cache_dir: str | None = None,
-                    trust_pickle: bool = False, stored: bool = False) -> Checkpoint:
+                    trust_pickle: bool = False, *, stored: bool = False, prefix: str | None = None) -> Checkpoint:
     """Read any supported checkpoint lazily; ``fmt`` overrides detection. Encoded tensors (codes with
-    block scales) are logical block-scaled views unless ``stored`` asks for the tensors as stored."""
+    block scales) are logical block-scaled views unless ``stored`` asks for the tensors as stored.
+    ``prefix`` keeps only the tensors named ``prefix...`` (stripped), e.g. the ``model.`` sub-tree of a
+    trainer's state dict."""
     path = resolve_path(spec, cache_dir)
     if fmt is None:
         fmt = detect_format(path)
@@ -384,9 +386,12 @@ def open_checkpoint(spec: str, fmt: str | None = None, cache_dir: str | None = N
         raise UsageError(f"unknown --format {fmt!r}; known: {', '.join(registry.names())}")
     from .inputs import note_input
     note_input(path)  # the checkpoint as named (a save root above the directory read, too)
-    ck = registry.get(fmt).read(path, trust_pickle=trust_pickle)
+    ck = registry.get(fmt).read(path, trust_pickle=trust_pickle, prefix=prefix)
     for f in [ck.path, *ck.meta.get("files", [])]:
         note_input(f)
+    if prefix and ck.meta.get("prefix") != prefix:  # a reader that selects sub-trees itself says so
+        from .dcp import select_prefix
+        ck = select_prefix(ck, prefix, "--prefix")
     if not ck.tensors:
         raise InputError(path, f"no tensors found (read as {fmt})")
     return ck if stored else registry.apply_encodings(ck)

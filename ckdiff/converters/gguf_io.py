@@ -30,7 +30,7 @@ from .inputs import open_input
 from .config import ModelConfig
 from ..tensor.blockscaled import BlockScaled, Scaled
 from .lazy import Checkpoint, LazyTensor
-from .ops import Identity, PermuteRope, Stack
+from .ops import AddConst, Identity, PermuteRope, Stack
 from .table import R
 
 MAGIC = b"GGUF"
@@ -329,8 +329,9 @@ def read_gguf(p: Path, **_) -> Checkpoint:
 # ------------------------------------------------------------------ config
 def config_from_gguf(f: dict, tensors: dict, where="gguf") -> ModelConfig:
     arch = f.get("general.architecture", "llama")
-    if arch != "llama":
-        raise InputError(where, f"GGUF architecture {arch!r}: only the llama family has a table here")
+    if not isinstance(arch, str) or arch not in families.gguf_archs():
+        raise InputError(where, f"GGUF architecture {arch!r} has no table here (declared: "
+                                f"{', '.join(families.gguf_archs())})")
     g = lambda k, d=None: f.get(f"{arch}.{k}", d)  # noqa: E731
     try:
         D, L, H = g("embedding_length"), g("block_count"), g("attention.head_count")
@@ -341,7 +342,9 @@ def config_from_gguf(f: dict, tensors: dict, where="gguf") -> ModelConfig:
     K = g("attention.head_count_kv") or H
     emb = tensors.get(GGUF["embed"])
     E = g("expert_count") or 0
-    fam = families.for_block("gguf", mlp=Mlp.MOE if E else Mlp.GLU)
+    fam = families.for_gguf(arch, bool(E))
+    if fam is None:
+        raise InputError(where, f"GGUF architecture {arch!r} {'with' if E else 'without'} experts: no family declares it")
     return ModelConfig(
         family=fam.name, hidden=D, layers=L, heads=H, kv_heads=K,
         head_dim=g("attention.key_length") or D // H, ffn=g("feed_forward_length") or 4 * D,
@@ -355,7 +358,7 @@ def canonical(f: dict, tensors: dict) -> dict:
     c = config_from_gguf(f, tensors)
     out = dict(family=c.family, hidden=c.hidden, layers=c.layers, heads=c.heads, kv_heads=c.kv_heads,
                head_dim=c.head_dim, ffn=c.ffn, vocab=c.vocab, norm_eps=c.norm_eps, rope_theta=c.rope_theta,
-               tied=c.tied, activation="silu", max_pos=c.max_pos)
+               tied=c.tied, activation=families.family(c.family).activation, max_pos=c.max_pos)
     if c.experts:
         out.update(experts=c.experts, experts_per_tok=c.experts_per_tok)
     return out
@@ -363,23 +366,36 @@ def canonical(f: dict, tensors: dict) -> dict:
 
 # ------------------------------------------------------------------ layout table (HF -> GGUF)
 def hf_to_gguf(cfg: ModelConfig) -> list:
-    from .layouts import HF, MOE_HF, family_for
+    """The table of llama.cpp's converter for ``cfg``'s family, derived from its declaration: q/k permuted
+    to interleaved pairs (q with the query head count, k with the KV head count) unless the family declares
+    the GGUF rotary half-split; norms stored as ``1 + w`` for a ``1 + w`` norm (Gemma); q/k/v biases when
+    the block has them."""
+    from .layouts import MOE_HF, family_for
+    from ..families import Norm, Rotary
     fam = family_for(cfg, "gguf")
-    rules = [R(HF["embed"], GGUF["embed"]),
-             R(HF["attn_norm"], GGUF["attn_norm"]),
-             R(HF["q"], GGUF["q"], PermuteRope(cfg.heads, cfg.head_dim)),  # q permuted with H
-             R(HF["k"], GGUF["k"], PermuteRope(cfg.kv_heads, cfg.head_dim)),  # k permuted with K
-             R(HF["v"], GGUF["v"]), R(HF["o"], GGUF["o"]), R(HF["mlp_norm"], GGUF["mlp_norm"])]
+    hf = fam.hf_names
+    if fam.layout_rotary.get("gguf", Rotary.INTERLEAVED) is Rotary.INTERLEAVED:
+        qop, kop = PermuteRope(cfg.heads, cfg.head_dim), PermuteRope(cfg.kv_heads, cfg.head_dim)
+    else:
+        qop = kop = Identity()
+    norm = AddConst(1.0) if fam.block.norm is Norm.RMS_PLUS_ONE else Identity()
+    rules = [R(hf["embed"], GGUF["embed"]),
+             R(hf["attn_norm"], GGUF["attn_norm"], norm),
+             R(hf["q"], GGUF["q"], qop), R(hf["k"], GGUF["k"], kop),
+             R(hf["v"], GGUF["v"]), R(hf["o"], GGUF["o"]), R(hf["mlp_norm"], GGUF["mlp_norm"], norm)]
+    if fam.block.qkv_bias:
+        rules += [R(hf[f"{s}_b"], GGUF[s].replace(".weight", ".bias"), op)
+                  for s, op in (("q", qop), ("k", kop), ("v", Identity()))]
     if fam.block.mlp is Mlp.MOE:
         E = cfg.experts
         rules.append(R(MOE_HF["router"], GGUF["router"]))
         for n, w in ((1, "gate"), (2, "down"), (3, "up")):
             rules.append(R([MOE_HF["w"].format(e=e, n=n) for e in range(E)], GGUF["exps"].replace("{w}", w), Stack(E)))
     else:
-        rules += [R(HF[s], GGUF[s], Identity()) for s in ("gate", "up", "down")]
-    rules.append(R(HF["norm"], GGUF["norm"]))
+        rules += [R(hf[s], GGUF[s], Identity()) for s in ("gate", "up", "down")]
+    rules.append(R(hf["norm"], GGUF["norm"], norm))
     if not cfg.tied:
-        rules.append(R(HF["head"], GGUF["head"]))
+        rules.append(R(hf["head"], GGUF["head"]))
     return rules
 
 
@@ -396,7 +412,7 @@ def write_gguf(path: Path, hf: dict, cfg: ModelConfig, qtype: str = "F16", keep_
     src = {k: EagerTensor(k, v, "<generated>") for k, v in hf.items()}
     table = (faults or NONE).on_rules("gguf", cfg, hf_to_gguf(cfg))
     tensors = {k: v.load().float().numpy() for k, v in apply(src, table, cfg.layers).items()}
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), families.family(cfg.family).gguf_arch)
     w.add_block_count(cfg.layers)
     w.add_embedding_length(cfg.hidden)
     w.add_feed_forward_length(cfg.ffn)
@@ -435,7 +451,7 @@ def _declare() -> None:
     register(Format("gguf", "a .gguf file (llama.cpp), read through the gguf package", is_gguf, read_gguf,
                     priority=20, input=Input.FILE, layout="gguf", config_file=".", config=config_from_gguf,
                     canonical=canonical, drop=tuple(DROP["gguf"]), runtime=Runtime.VIA_HF,
-                    layer=r"^blk\.(\d+)\."))
+                    layer=r"^blk\.(\d+)\.", mapped_into=True))
 
 
 _declare()

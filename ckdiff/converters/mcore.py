@@ -58,7 +58,9 @@ MCORE = {
     "expert": _L + "mlp.experts.local_experts.{e}.linear_{n}.weight",
 }
 # keys with an expert axis on disk, and the per-expert name each expert is read as
-_EXPERT_KEY = re.compile(r"^(decoder\.layers\.(?:\d+\.)?mlp\.experts)\.(linear_fc[12]\.weight)$")
+# (megatron-core 0.16.1's SequentialMLP writes ``mlp.experts.experts.linear_fc1.weight``: its sharded prefix
+# ``experts.`` under the module's own ``experts.``; TEGroupedMLP/newer trees ``mlp.experts.linear_fc1.weight``)
+_EXPERT_KEY = re.compile(r"^(decoder\.layers\.(?:\d+\.)?mlp\.experts)\.(?:experts\.)?(linear_fc[12]\.weight)$")
 _GROUPED = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts)\.(linear_fc[12])\.weight(\d+)$")
 DROP = [r"\._extra_state(/.*)?$"]
 
@@ -179,6 +181,15 @@ def read_mcore(p: Path, **_) -> Checkpoint:
             skipped[name] = "Transformer Engine extra state (no weights)"
             continue
         tensors.update(_per_layer(name, t, args, notes))
+    # A MoE layer's pre-MLP norm is read as pre_mlp_layernorm (the table's name for MoE layers) also when it
+    # is stored under linear_fc1's name, as megatron-core 0.16.1's local spec stores it (its MoE layer keeps
+    # the dense layer's key map: pre_mlp_layernorm -> mlp.linear_fc1.layer_norm_weight).
+    L = args.get("num_layers")
+    for i in range(L if isinstance(L, int) and L > 0 and args.get("num_experts") else 0):
+        fused, sep = MCORE["mlp_norm"].format(i=i), MCORE["mlp_norm_sep"].format(i=i)
+        if fused in tensors and sep not in tensors and MCORE["router"].format(i=i) in tensors:
+            tensors[sep] = tensors.pop(fused)
+            tensors[sep].name = sep
     V = args.get("vocab_size")
     for k in (MCORE["embed"], MCORE["head"]):
         t = tensors.get(k)

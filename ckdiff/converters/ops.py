@@ -308,6 +308,21 @@ class Transpose(Op):
         return self
 
 
+@dataclass(frozen=True)
+class AddConst(Op):
+    """``x + value``, computed in the tensor's dtype (llama.cpp stores Gemma's norm weights as ``1 + w``)."""
+    value: float
+
+    def __call__(self, xs):
+        return [x + self.value for x in xs]
+
+    def reverse(self):
+        return AddConst(-self.value)
+
+    def describe(self):
+        return f"add {self.value:g}"
+
+
 # ---------------------------------------------------------------- vocab padding
 @dataclass(frozen=True)
 class PadRows(Op):

@@ -61,6 +61,8 @@ class Format:
     runtime: Runtime = Runtime.NONE
     layer: str = GENERIC_LAYER  # regex; group 1 is the layer index, the rest of the name follows the match
     table: Optional[Callable] = None  # cfg -> rows from canonical HF, for a layout ``layouts.hf_to`` does not know
+    mapped_into: bool = False  # compared across layouts, the other side is always mapped into this one (its
+    #                            table holds ops that are exact only in the converter's direction, e.g. 1 + w)
 
     @property
     def key_names(self) -> Optional[str]:

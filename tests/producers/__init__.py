@@ -1,0 +1,142 @@
+"""Fixtures written by the real producers (megatron-core, torch FSDP2, llama.cpp's converter,
+compressed-tensors), built once per test session.
+
+Each builder runs the producer in subprocesses (one per rank, with the variables torchrun sets) and
+caches its output: under the session's pytest tmp dir, or, when ``CKDIFF_PRODUCER_CACHE`` names a
+directory, there, keyed by a hash of the builder scripts and the producer versions (so a changed
+builder or version builds afresh).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+
+
+def version(dist: str) -> str:
+    """The installed version of a producer; a missing producer fails the test (never a skip: CI installs
+    every producer in .ci/run)."""
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        raise AssertionError(f"{dist} is not installed: .ci/run installs it (pip, pinned); install it the same "
+                             "way to run the real-producer tests") from None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script: Path, world: int, *args, timeout: float = 300) -> None:
+    """Run ``script`` on ``world`` ranks (gloo, this machine), as torchrun would; raise with the failing
+    rank's output if any rank fails."""
+    port = _free_port()
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
+               LOCAL_WORLD_SIZE=str(world), PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
+    procs = [subprocess.Popen([sys.executable, str(script), *map(str, args)],
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(world)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=timeout)[0].decode(errors="replace"))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for r, (p, out) in enumerate(zip(procs, outs)):
+        if p.returncode:
+            raise AssertionError(f"{script.name} rank {r} exited {p.returncode}:\n{out[-3000:]}")
+
+
+def cached(tmp_path_factory, name: str, build, *keys: str) -> Path:
+    """``build(out)`` once per session (or once per key in CKDIFF_PRODUCER_CACHE); the directory appears
+    only when the build finished."""
+    base = os.environ.get("CKDIFF_PRODUCER_CACHE")
+    if not base:
+        out = tmp_path_factory.mktemp(name) / "out"
+        build(out)
+        return out
+    h = hashlib.sha256()
+    for k in keys:
+        h.update(k.encode())
+    for f in sorted(HERE.glob("*.py")):
+        h.update(f.read_bytes())
+    out = Path(base) / f"{name}-{h.hexdigest()[:16]}"
+    if not out.is_dir():
+        Path(base).mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=base, prefix=f".{name}-"))
+        try:
+            build(tmp / "out")
+            os.replace(tmp / "out", out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def tiny_llama(out: Path, seed: int = 0, arch: str = "Llama", **over) -> Path:
+    """A tiny transformers ``LlamaForCausalLM`` (or ``{arch}ForCausalLM`` of another family) saved by
+    ``save_pretrained``: GQA (8 heads, 2 KV heads), random weights and random norms (never constant),
+    untied head, odd vocab."""
+    import torch
+    import transformers
+    kw = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=8,
+              intermediate_size=96, vocab_size=100, max_position_embeddings=256, rms_norm_eps=1e-5,
+              tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    kw.update(over)
+    torch.manual_seed(seed)
+    m = getattr(transformers, f"{arch}ForCausalLM")(getattr(transformers, f"{arch}Config")(**kw))
+    with torch.no_grad():
+        for _, p in m.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if p.ndim == 1 else 0.2 * torch.randn_like(p))
+    m.save_pretrained(out)
+    return out
+
+
+def tiny_mixtral(out: Path, seed: int = 0) -> Path:
+    """A tiny transformers ``MixtralForCausalLM``: 4 experts, top-2, GQA."""
+    return tiny_llama(out, seed, "Mixtral", intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)
+
+
+LLAMA_CPP_PYTHON = "0.3.36"  # the sdist .ci/run fetches
+
+
+def llama_cpp_dir() -> Path:
+    """llama.cpp's tree inside the llama-cpp-python sdist .ci/run unpacks: $CKDIFF_LLAMA_CPP, else the
+    cache dir .ci/run uses by default. Missing: the test fails (CI always has it)."""
+    env = os.environ.get("CKDIFF_LLAMA_CPP")
+    cache = Path(os.environ.get("CKDIFF_PRODUCERS_DIR") or
+                 Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ckdiff-producers")
+    d = Path(env) if env else cache / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
+    if not (d / "convert_hf_to_gguf.py").is_file():
+        raise AssertionError(f"llama.cpp's convert_hf_to_gguf.py not found in {d}: .ci/run fetches it (pip download "
+                             f"--no-binary :all: llama-cpp-python=={LLAMA_CPP_PYTHON}); set CKDIFF_LLAMA_CPP")
+    return d
+
+
+def sentencepiece_tokenizer(out_dir: Path, vocab: int) -> Path:
+    """A tokenizer.model of ``vocab`` pieces trained by sentencepiece on a fixed text (llama.cpp's
+    converter needs a tokenizer; its pieces do not matter to the weights)."""
+    import sentencepiece as spm
+    text = out_dir / "spm.txt"
+    text.write_text(("the quick brown fox jumps over the lazy dog. " * 40 + " ".join("abcdefghijklmnopqrstuvwxyz")
+                     + " 0 1 2 3 4 5 6 7 8 9\n") * 3)
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(out_dir / "tokenizer"), vocab_size=vocab,
+                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2,
+                                   hard_vocab_limit=False, num_threads=1)
+    text.unlink()
+    (out_dir / "tokenizer.vocab").unlink()
+    return out_dir / "tokenizer.model"

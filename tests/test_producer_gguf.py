@@ -1,0 +1,127 @@
+"""GGUF files written by llama.cpp's own ``convert_hf_to_gguf.py`` (llama-cpp-python 0.3.36 sdist,
+``vendor/llama.cpp``; .ci/run fetches it), for every family ckdiff declares a GGUF layout for.
+
+Producer: the converter's ``main()`` (tests/producers/gguf_convert.py), on tiny transformers models saved
+by ``save_pretrained`` with a sentencepiece tokenizer: Llama, Mistral, Mixtral (4 experts) and Gemma, at
+f32, f16, bf16 and q8_0 (the converter's own output types; q4_0/q4_k/q6_k come from llama.cpp's compiled
+``llama-quantize``, not from this script, so they are not produced here). Bugs are injected by editing a
+converted file's tensor bytes in place (``GGUFReader(..., "r+")``), as a converter with that bug would
+have written them.
+"""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from producers import HERE, LLAMA_CPP_PYTHON, cached, launch, llama_cpp_dir, sentencepiece_tokenizer, tiny_llama, \
+    tiny_mixtral
+
+FAMILIES = {  # name -> how the tiny HF source is made
+    "llama": lambda out: tiny_llama(out),
+    "mistral": lambda out: tiny_llama(out, 2, "Mistral", num_attention_heads=6, num_key_value_heads=3, head_dim=16,
+                                      intermediate_size=160, vocab_size=120, sliding_window=16),
+    "mixtral": lambda out: tiny_mixtral(out, 4),
+    "gemma": lambda out: tiny_llama(out, 3, "Gemma", num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+                                    tie_word_embeddings=True, hidden_act="gelu_pytorch_tanh",
+                                    hidden_activation="gelu_pytorch_tanh"),
+}
+TYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+@pytest.fixture(scope="session")
+def gguf_files(tmp_path_factory):
+    conv = llama_cpp_dir()
+
+    def build(out):
+        out.mkdir(parents=True)
+        tok = sentencepiece_tokenizer(out, 100)
+        items = []
+        for fam, make in FAMILIES.items():
+            make(out / fam)
+            shutil.copy(tok, out / fam / "tokenizer.model")
+            items += [f"{out / fam}:{t}:{out / f'{fam}.{t}.gguf'}" for t in TYPES]
+        launch(HERE / "gguf_convert.py", 1, conv, *items)
+    return cached(tmp_path_factory, "gguf", build, LLAMA_CPP_PYTHON, str(conv))
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_converter_output_equivalent_with_hf_source(gguf_files, run_cli, fam):
+    import gguf
+    for t in TYPES:
+        f = gguf_files / f"{fam}.{t}.gguf"
+        arch = gguf.GGUFReader(str(f)).fields["general.architecture"].contents()
+        assert arch == ("gemma" if fam == "gemma" else "llama")
+        for a, b in ((f, gguf_files / fam), (gguf_files / fam, f)):  # the verdict does not depend on the order
+            code, out, err = run_cli(a, b)
+            assert code == 0, f"{fam} {t}: " + out + err
+            assert out.startswith("EQUIVALENT"), out
+            if t == "q8_0":
+                assert "quant" in out.splitlines()[0], out
+
+
+@pytest.mark.parametrize("fam", ["llama", "mixtral", "gemma"])
+def test_logits_agree(gguf_files, run_cli, fam):
+    code, out, err = run_cli("logits", gguf_files / f"{fam}.f32.gguf", gguf_files / fam)
+    assert code == 0 and out.startswith("EQUIVALENT"), out + err
+
+
+def test_mistral_sliding_window_is_lost(gguf_files, run_cli):
+    """The converter writes Mistral as arch llama, which has no sliding window: with a window (16) shorter
+    than the prompts (48) the GGUF computes another function. The weights are all equal; the logits say so."""
+    code, out, err = run_cli("logits", gguf_files / "mistral.f32.gguf", gguf_files / "mistral")
+    assert code == 1 and out.startswith("DIFFER"), out + err
+
+
+def _edit(src, dst, edit):
+    import gguf
+    shutil.copy(src, dst)
+    r = gguf.GGUFReader(str(dst), "r+")
+    edit({t.name: t.data for t in r.tensors})
+    r.data.flush()
+    del r
+    return dst
+
+
+def _permute(w, heads):  # llama.cpp's LlamaModel.permute: HF half split -> interleaved pairs per head
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _unpermute(w, heads):
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def test_rotary_not_applied_is_named(gguf_files, run_cli, tmp_path):
+    """A converter that forgot to permute q (llama: 8 heads): the HF rows as they are."""
+    def edit(t):
+        q = t["blk.1.attn_q.weight"]
+        q[...] = _unpermute(np.array(q), 8)
+    bad = _edit(gguf_files / "llama.f32.gguf", tmp_path / "bad.gguf", edit)
+    code, out, err = run_cli(bad, gguf_files / "llama")
+    assert code == 1, out + err
+    assert "blk.1.attn_q.weight" in out and "rotary" in out, out
+
+
+def test_wrong_head_count_is_named(gguf_files, run_cli, tmp_path):
+    """q permuted with the KV head count (2) instead of the query head count (8). (k permuted with 8 heads
+    would be no permutation at all here: 16 rows as 8 heads of 2.)"""
+    def edit(t):
+        q = t["blk.0.attn_q.weight"]
+        q[...] = _permute(_unpermute(np.array(q), 8), 2)
+    bad = _edit(gguf_files / "llama.f32.gguf", tmp_path / "bad.gguf", edit)
+    code, out, err = run_cli(bad, gguf_files / "llama")
+    assert code == 1, out + err
+    assert "blk.0.attn_q.weight" in out and "rotary permutation with the wrong head count" in out, out
+
+
+def test_gate_up_swapped_is_named(gguf_files, run_cli, tmp_path):
+    def edit(t):
+        g, u = t["blk.0.ffn_gate.weight"], t["blk.0.ffn_up.weight"]
+        a = np.array(g)
+        g[...] = u
+        u[...] = a
+    bad = _edit(gguf_files / "mistral.q8_0.gguf", tmp_path / "bad.gguf", edit)
+    code, out, err = run_cli(bad, gguf_files / "mistral")
+    assert code == 1, out + err
+    assert "blk.0.ffn_gate.weight" in out and "blk.0.ffn_up.weight" in out, out
