@@ -692,7 +692,20 @@ def _rows_equal(x, y) -> bool:
     return x.numel > (1 << 24) or torch.equal(x.load(), y.load())
 
 
-def config_findings(fmt: str, cfg: dict, tensors: dict, canon: Optional[dict]) -> list[str]:
+class Finding(str):
+    """One config-vs-tensors finding: its text, and ``kind``, what it is about in layout-free terms (the
+    same problem in two checkpoints of different layouts has the same kind). A finding that holds on
+    both sides of a comparison is a warning about both checkpoints, not a difference between them."""
+
+    kind: tuple
+
+    def __new__(cls, text: str, kind: tuple) -> "Finding":
+        f = super().__new__(cls, text)
+        f.kind = kind
+        return f
+
+
+def config_findings(fmt: str, cfg: dict, tensors: dict, canon: Optional[dict]) -> list[Finding]:
     """Places where a checkpoint's own config disagrees with its tensors, each with its cause.
 
     - the tie flag against the presence (and equality) of the output head;
@@ -708,31 +721,36 @@ def config_findings(fmt: str, cfg: dict, tensors: dict, canon: Optional[dict]) -
     if tied is not None and emb is not None:
         fam = families.get(canon.get("family"))
         if not tied and head is None and (fam is None or ("head" in fam.hf_names and not fam.always_tied)):
-            out.append(f"config says the output head is untied but there is no {names['head'][0]} tensor: "
-                       "a loader leaves the head at its random initialisation (or ties it silently)")
+            out.append(Finding(f"config says the output head is untied but there is no {names['head'][0]} tensor: "
+                               "a loader leaves the head at its random initialisation (or ties it silently)",
+                               ("untied-without-head",)))
         if tied and head is not None and fmt in ("hf", "megatron") and emb[1].shape == head[1].shape \
                 and not _rows_equal(emb[1], head[1]):
-            out.append(f"config says the output head is tied to the embedding but {head[0]} differs from "
-                       f"{emb[0]}: a loader that ties them ignores the trained head")
+            out.append(Finding(f"config says the output head is tied to the embedding but {head[0]} differs from "
+                               f"{emb[0]}: a loader that ties them ignores the trained head", ("tied-head-differs",)))
     V = canon.get("vocab")
     if isinstance(V, int) and emb is not None:
         rows = emb[1].shape[0]
         if rows < V:
-            out.append(f"config vocab size {V} exceeds the {rows} rows of {emb[0]}: token ids >= {rows} have no "
-                       "embedding")
+            out.append(Finding(f"config vocab size {V} exceeds the {rows} rows of {emb[0]}: token ids >= {rows} "
+                               "have no embedding", ("vocab-over-rows", V, rows)))
         elif rows > V and fmt != "megatron":
-            out.append(f"{emb[0]} has {rows} rows but the config's vocab size is {V}: {rows - V} rows are "
-                       "unaccounted for (padding exported as tokens, or a vocab size left at its default)")
+            out.append(Finding(f"{emb[0]} has {rows} rows but the config's vocab size is {V}: {rows - V} rows are "
+                               "unaccounted for (padding exported as tokens, or a vocab size left at its default)",
+                               ("rows-over-vocab", V, rows)))
     H, K, hd = canon.get("heads"), canon.get("kv_heads"), canon.get("head_dim")
     if all(isinstance(v, int) and v > 0 for v in (H, K, hd)):
         q, k, qkv = _first(tensors, names["q"]), _first(tensors, names["k"]), _first(tensors, names["qkv"])
         if q is not None and len(q[1].shape) in (2, 3) and _rows(q[1]) != H * hd:
-            out.append(f"{q[0]} has {_rows(q[1])} rows, not heads x head_dim = {H} x {hd} = {H * hd}: "
-                       "the config's head count or head_dim does not fit the weights")
+            out.append(Finding(f"{q[0]} has {_rows(q[1])} rows, not heads x head_dim = {H} x {hd} = {H * hd}: "
+                               "the config's head count or head_dim does not fit the weights",
+                               ("q-rows", _rows(q[1]), H, hd)))
         if k is not None and len(k[1].shape) in (2, 3) and _rows(k[1]) != K * hd:
-            out.append(f"{k[0]} has {_rows(k[1])} rows, not kv_heads x head_dim = {K} x {hd} = {K * hd}: "
-                       "the config's KV head count or head_dim does not fit the weights")
+            out.append(Finding(f"{k[0]} has {_rows(k[1])} rows, not kv_heads x head_dim = {K} x {hd} = {K * hd}: "
+                               "the config's KV head count or head_dim does not fit the weights",
+                               ("kv-rows", _rows(k[1]), K, hd)))
         if qkv is not None and qkv[1].shape[0] != (H + 2 * K) * hd and fmt in ("megatron", "hf"):
-            out.append(f"{qkv[0]} has {qkv[1].shape[0]} rows, not (heads + 2 kv_heads) x head_dim = "
-                       f"({H} + 2 x {K}) x {hd}: the config's head counts or head_dim do not fit the weights")
+            out.append(Finding(f"{qkv[0]} has {qkv[1].shape[0]} rows, not (heads + 2 kv_heads) x head_dim = "
+                               f"({H} + 2 x {K}) x {hd}: the config's head counts or head_dim do not fit the weights",
+                               ("qkv-rows", qkv[1].shape[0], H, K, hd)))
     return out
