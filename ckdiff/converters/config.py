@@ -164,7 +164,8 @@ SCHEMA = {
         "rope_theta": _THETA, "rope_scaling": ("rope_scaling", {}), "use_scaled_rope": _FLAG,
         "rope_scaling_factor": _THETA, "max_seq_len": _POS, "sliding_window": _WINDOW,
         "tie_word_embeddings": _FLAG, "num_experts": _COUNT, "num_experts_per_tok": _COUNT, "model_type": _TEXT,
-        "multiple_of": _SIZE, "ffn_dim_multiplier": _THETA, "quantize_type": _TEXT},
+        "multiple_of": _SIZE, "ffn_dim_multiplier": _THETA, "quantize_type": _TEXT,
+        "bos_token_id": ("token_ids", {}), "eos_token_id": ("token_ids", {}), "pad_token_id": ("token_ids", {})},
     "megatron": {
         "num_layers": _COUNT, "hidden_size": _SIZE, "num_attention_heads": _COUNT,
         "num_attention_heads_kv": _COUNT, "kv_channels": _SIZE, "ffn_hidden_size": _SIZE,
@@ -173,7 +174,8 @@ SCHEMA = {
         "pipeline_model_parallel_size": _COUNT, "layernorm_epsilon": _EPS, "rope_theta": _THETA,
         "use_rms_norm": _FLAG, "tie_embed_logits": _FLAG, "parallel_attn": _FLAG, "parallel_layernorm": _FLAG,
         "params_dtype": ("dtype", {}), "ckdiff_rotary": ("text", dict(choices=("interleaved", "rotate_half"))),
-        "ckdiff_model": _TEXT, "glu_activation": _TEXT},
+        "ckdiff_model": _TEXT, "glu_activation": _TEXT, "rope_scaling_factor": _THETA,
+        "bos_token_id": ("token_ids", {}), "eos_token_id": ("token_ids", {}), "pad_token_id": ("token_ids", {})},
 }
 SCHEMA["jetstream"] = SCHEMA["meta"]
 
@@ -312,6 +314,16 @@ class ModelConfig:
     true_vocab: Optional[int] = None         # Megatron true_vocab_size (rows above it are padding)
     separate_attn_norm: bool = False         # Megatron-Core: input_layernorm as its own tensor
     separate_mlp_norm: bool = False          # Megatron-Core: pre_mlp_layernorm as its own tensor
+    # special token ids as the source config gives them (an int, or a list: Llama-3's several EOS ids);
+    # None: the source does not say (writers fall back to the family's defaults)
+    bos_token_id: object = None
+    eos_token_id: object = None
+    pad_token_id: object = None
+
+    def token_ids(self) -> dict:
+        """The special token ids the config carries, by their config key (the ones it does not say left out)."""
+        return {k: v for k, v in (("bos_token_id", self.bos_token_id), ("eos_token_id", self.eos_token_id),
+                                  ("pad_token_id", self.pad_token_id)) if v is not None}
 
     @property
     def q_rows(self) -> int:
@@ -381,7 +393,9 @@ class ModelConfig:
                   parallel_attn=fam.block.parallel, norm_bias=fam.block.norm is Norm.LAYER,
                   dtype=_dtype_of(tensors, names["embed"], cfg),
                   hf_model_type=arch if arch in fam.hf_type_defaults or (arch and families.for_model_type(arch) is None)
-                  else fam.hf_model_types[0])
+                  else fam.hf_model_types[0],
+                  bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
+                  pad_token_id=cfg.get("pad_token_id"))
         out = replace(out, **hook).check(where, _hf_check_keys(fam))
         return check_tensors(out, "hf", tensors, where, cfg)
 
@@ -404,6 +418,7 @@ class ModelConfig:
                 cfg[keys[0]] = v
         if fam.hf_write:
             cfg.update(fam.hf_write(self))
+        cfg.update(self.token_ids())  # the ids read from the source win over the family's defaults
         cfg["torch_dtype"] = self.dtype
         return cfg
 
@@ -436,7 +451,9 @@ class ModelConfig:
                    tied=tied, max_pos=params.get("max_seq_len", 2048),
                    sliding_window=params.get("sliding_window"), rope_scaling=params.get("rope_scaling"),
                    dtype=str(emb.dtype).replace("torch.", "") if emb.dtype.is_floating_point else "float32",
-                   hf_model_type=params.get("model_type", "llama")).check(where, _KEYS["meta"])
+                   hf_model_type=params.get("model_type", "llama"), bos_token_id=params.get("bos_token_id"),
+                   eos_token_id=params.get("eos_token_id"),
+                   pad_token_id=params.get("pad_token_id")).check(where, _KEYS["meta"])
         return check_tensors(out, "meta", tensors, where, params)
 
     def to_meta(self) -> dict:
@@ -459,6 +476,7 @@ class ModelConfig:
             p["model_type"] = mt
         if fam.block.mlp is Mlp.MOE:
             p.update(num_experts=self.experts, num_experts_per_tok=self.experts_per_tok)
+        p.update(self.token_ids())  # params.json has no such keys in Meta's releases: ckdiff records them
         return p
 
 
@@ -513,6 +531,17 @@ def _rope_scaling(d) -> Optional[dict]:
         return None
     out["rope_type"] = kind
     return dict(sorted(out.items()))
+
+
+def _ids_of(cfg: dict) -> dict:
+    """The special token ids a layout's config records (Meta params.json and Megatron args only when a
+    converter wrote them): absent keys stay absent, so they are never compared with a default."""
+    return {k: _ids(cfg[k]) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
+
+
+def megatron_rope_scaling(factor) -> Optional[dict]:
+    """Megatron-LLM's ``rope_scaling_factor`` (positions divided by it: linear scaling) as HF rope scaling."""
+    return {"rope_type": "linear", "factor": float(factor)} if factor and float(factor) != 1.0 else None
 
 
 def _ids(v):
@@ -598,7 +627,7 @@ def _canonical_meta(p: dict, tensors: dict) -> dict:
                rope_theta=float(p.get("rope_theta", 10000.0)), rope_scaling=scaling,
                tied=fam.always_tied or bool(p.get("tie_word_embeddings")) or "output.weight" not in tensors,
                sliding_window=p.get("sliding_window") or None,
-               activation=fam.activation, max_pos=p.get("max_seq_len"))
+               activation=fam.activation, max_pos=p.get("max_seq_len"), **_ids_of(p))
     if fam.block.mlp is Mlp.MOE:
         out.update(experts=p.get("num_experts", moe.shape[0] if moe is not None else None),
                    experts_per_tok=p.get("num_experts_per_tok", 2))
@@ -612,11 +641,15 @@ def _canonical_megatron(a: dict, tensors: dict) -> dict:
     H, D = a.get("num_attention_heads"), a.get("hidden_size")
     out = dict(family=fam.name, hidden=D, layers=a.get("num_layers"), heads=H,
                kv_heads=a.get("num_attention_heads_kv") or H, head_dim=a.get("kv_channels") or (D // H if D and H else None),
-               ffn=a.get("ffn_hidden_size"), vocab=a.get("true_vocab_size") or a.get("padded_vocab_size"),
+               # Megatron's default FFN size is 4 x hidden (the original tool writes none for Falcon)
+               ffn=a.get("ffn_hidden_size") or (4 * D if D else None),
+               vocab=a.get("true_vocab_size") or a.get("padded_vocab_size"),
                norm_eps=float(a.get("layernorm_epsilon") or 1e-5), rope_theta=float(a.get("rope_theta") or 10000.0),
-               rope_scaling=None, rotary=a.get("ckdiff_rotary", "interleaved"),
+               rope_scaling=_rope_scaling(megatron_rope_scaling(a.get("rope_scaling_factor"))),
+               rotary=a.get("ckdiff_rotary", "interleaved"),
                tied=bool(a.get("tie_embed_logits", fam.always_tied)), sliding_window=a.get("sliding_window_size") or None,
-               activation="silu" if glu else "gelu", max_pos=a.get("max_position_embeddings") or a.get("seq_length"))
+               activation="silu" if glu else "gelu", max_pos=a.get("max_position_embeddings") or a.get("seq_length"),
+               **_ids_of(a))
     if fam.block.parallel:
         out.update(parallel_attn=bool(a.get("parallel_attn")), two_norms=bool(a.get("parallel_layernorm")))
     return out
