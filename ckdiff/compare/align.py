@@ -35,18 +35,16 @@ def _without_buffers(a: Checkpoint, b: Checkpoint) -> tuple[Checkpoint, Checkpoi
         dropped.extend(gone)
         return Checkpoint(x.path, x.format, {n: t for n, t in x.tensors.items() if n not in gone}, x.config, x.meta)
     a2, b2 = strip(a, b), strip(b, a)
-    notes = [f"left out {', '.join(sorted(dropped))}: not a weight (derived from the config); the other "
-             "layout does not store it"] if dropped else []
+    notes = [f"left out {', '.join(sorted(dropped))}: not a weight (derived from the config, and checked "
+             "against it where stored); the other side does not store it"] if dropped else []
     return a2, b2, notes
 
 
 def align(a: Checkpoint, b: Checkpoint) -> tuple[Checkpoint, Checkpoint, list, list]:
     """(a', b', mapping rows, notes). Leaves both untouched when no mapping applies."""
     a, b, rows, notes = _align(a, b)
-    if a.format != b.format:
-        a, b, more = _without_buffers(a, b)
-        notes = notes + more
-    return a, b, rows, notes
+    a, b, more = _without_buffers(a, b)  # same layout too: one converter keeps rope.freqs, another derives it
+    return a, b, rows, notes + more
 
 
 def _align(a: Checkpoint, b: Checkpoint) -> tuple[Checkpoint, Checkpoint, list, list]:

@@ -725,6 +725,39 @@ def _rows_equal(x, y) -> bool:
     return x.numel > (1 << 24) or torch.equal(x.load(), y.load())
 
 
+# stored rotary frequency buffers (derived from rope_theta, head_dim and rope scaling, never trained): Meta's
+# ``rope.freqs`` and HF's per-layer ``rotary_emb.inv_freq``; GGUF's rope_freqs.weight holds scaling factors
+ROTARY_BUFFERS = re.compile(r"(?:^rope\.freqs|rotary_emb\.inv_freq)$")
+
+
+def rotary_buffer_findings(tensors: dict, canon: dict) -> list:
+    """A stored rotary buffer against the frequencies its config implies (within the buffer dtype's
+    rounding): a stale buffer (another theta, scaling dropped) is what a runtime that loads it uses."""
+    from types import SimpleNamespace
+
+    from ..golden.runtimes import inv_freq
+    hd, theta = canon.get("head_dim"), canon.get("rope_theta")
+    names = [n for n in tensors if ROTARY_BUFFERS.search(n)]
+    if not names or not (isinstance(hd, int) and hd > 0 and hd % 2 == 0 and isinstance(theta, float)):
+        return []
+    want = inv_freq(SimpleNamespace(head_dim=hd, rope_theta=theta, rope_scaling=canon.get("rope_scaling")))
+    bad = []
+    for n in names:
+        t = tensors[n]
+        if tuple(t.shape) != (hd // 2,) or not t.dtype.is_floating_point:
+            bad.append(f"{n} has shape {list(t.shape)}, not [{hd // 2}] (head_dim / 2)")
+            continue
+        have = t.load().double()
+        rtol = {torch.bfloat16: 1.6e-2, torch.float16: 1e-3}.get(t.dtype, 1e-6)
+        worst = float(((have - want).abs() / want.abs()).max())
+        if worst > rtol:
+            bad.append(f"{n} differs from the frequencies its config implies (rope_theta {theta:g}, head_dim "
+                       f"{hd}{', rope scaling ' + str(canon['rope_scaling'].get('rope_type')) if canon.get('rope_scaling') else ''}"
+                       f"): max relative error {worst:.3g}")
+    return [Finding(f"{x}: a runtime that loads the stored buffer rotates with other frequencies",
+                    ("rotary-buffer", x.split(" ")[0])) for x in bad]
+
+
 class Finding(str):
     """One config-vs-tensors finding: its text, and ``kind``, what it is about in layout-free terms (the
     same problem in two checkpoints of different layouts has the same kind). A finding that holds on
@@ -771,6 +804,7 @@ def config_findings(fmt: str, cfg: dict, tensors: dict, canon: Optional[dict]) -
             out.append(Finding(f"{emb[0]} has {rows} rows but the config's vocab size is {V}: {rows - V} rows are "
                                "unaccounted for (padding exported as tokens, or a vocab size left at its default)",
                                ("rows-over-vocab", V, rows)))
+    out += rotary_buffer_findings(tensors, canon)
     H, K, hd = canon.get("heads"), canon.get("kv_heads"), canon.get("head_dim")
     if all(isinstance(v, int) and v > 0 for v in (H, K, hd)):
         q, k, qkv = _first(tensors, names["q"]), _first(tensors, names["k"]), _first(tensors, names["qkv"])
