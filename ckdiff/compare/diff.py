@@ -359,6 +359,8 @@ def compare_checkpoints(a: Checkpoint, b: Checkpoint, opts: Optional[Options] = 
     for enc in registry.encodings():  # FP8 weights with block scales vs a float side (converters/fp8.py)
         a, b, enc_notes = enc.fold(a, b)
         notes += enc_notes
+    from .align import tied_head_views
+    a, b, tie_views = tied_head_views(a, b, {"A": _tied(a0), "B": _tied(b0)})
     consumed: set = set()
     jobs: list = []  # (name, bytes, fn -> TensorResult), in result order
     side = quantized_side(a, b)
@@ -398,6 +400,7 @@ def compare_checkpoints(a: Checkpoint, b: Checkpoint, opts: Optional[Options] = 
                         config_diff=cdiff, config_findings=cfindings, warnings=cwarnings, strict=opts.strict,
                         options={"atol": opts.atol, "rtol": opts.rtol, "only": opts.only, "ignore": opts.ignore,
                                  "patterns": [list(p) for p in opts.patterns]}, notes=notes, mapping=mapping)
+    _tied_equivalence(res, tie_views)
     from .coverage import coverage, unaccounted_note
     res.coverage = coverage(a0, b0, a, b, results, consumed, opts.selected)
     res.notes += unaccounted_note(res.coverage)
@@ -405,6 +408,31 @@ def compare_checkpoints(a: Checkpoint, b: Checkpoint, opts: Optional[Options] = 
         from .diagnose import diagnose_result
         (diagnose_fn or diagnose_result)(res, a, b)
     return res
+
+
+def _tied(ck: Checkpoint) -> bool:
+    """Whether a checkpoint's own config ties the output head (False when it has none or cannot say)."""
+    try:
+        c = canonical_config(ck.format, ck.config, ck.tensors, config_where(ck))
+    except (ConfigError, TypeError, ValueError, KeyError, ZeroDivisionError):
+        return False
+    return bool(c and c.get("tied"))
+
+
+def _tied_equivalence(res: CompareResult, views: dict) -> None:
+    """A named equivalence: one side ties its head, the other stores a head equal to its embedding. The
+    tied side's embedding was compared under the head's name; when that head and the embeddings match,
+    the configs' differing tie flag defines the same function and is no difference."""
+    for side, (emb, head) in views.items():
+        by = {t.name: t for t in res.tensors}
+        h, e = by.get(head), by.get(emb)
+        if h is None or e is None or not (h.ok and e.ok):
+            continue
+        other = "B" if side == "A" else "A"
+        h.note = f"{side} ties its head: compared as {side}[{emb}]"
+        res.config_diff = [d for d in res.config_diff if d[0] != "tied"]
+        res.notes.append(f"named equivalence (tied head): {side} ties its output head to {emb}, {other} stores "
+                         f"{head} equal to its embedding; the same function")
 
 
 def compare_config_semantics(a: Checkpoint, b: Checkpoint) -> tuple[list, list, list, list]:
