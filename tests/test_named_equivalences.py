@@ -73,3 +73,63 @@ def test_gguf_output_equal_to_token_embd_is_equivalent(tmp_path):
     for a, b in ((hf, path), (path, hf)):
         res = _diff(a, b)
         assert res.equivalent, (res.counts(), res.config_diff, res.notes)
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    """A tiny random Mixtral saved by transformers in both of its layouts (per-expert and fused)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+    torch.manual_seed(0)
+    cfg = MixtralConfig(hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=100, num_local_experts=4, num_experts_per_tok=2,
+                        max_position_embeddings=128)
+    m = MixtralForCausalLM(cfg)
+    root = tmp_path_factory.mktemp("mixtral")
+    m.save_pretrained(root / "orig")
+    m.save_pretrained(root / "fused", save_original_format=False)
+    return root / "orig", root / "fused"
+
+
+def test_transformers5_fused_experts_are_the_same_model(mixtral, run_cli):
+    orig, fused = mixtral
+    assert "model.layers.0.mlp.experts.gate_up_proj" in load_file(str(fused / "model.safetensors"))
+    for a, b in ((orig, fused), (fused, orig)):
+        code, out, err = run_cli(a, b)
+        assert code == 0 and "fused expert layout" in out, (out, err)
+    code, out, err = run_cli("logits", orig, fused, "-q")
+    assert code == 0, (out, err)
+
+
+PERM = [2, 0, 3, 1]
+_E = "model.layers.1.block_sparse_moe.experts.{e}.w{n}.weight"
+_ROUTER = "model.layers.1.block_sparse_moe.gate.weight"
+
+
+def _permute(experts, router):
+    def edit(s):
+        if experts:
+            old = {(e, n): s[_E.format(e=e, n=n)] for e in range(4) for n in (1, 2, 3)}
+            for e in range(4):
+                for n in (1, 2, 3):
+                    s[_E.format(e=e, n=n)] = old[(PERM[e], n)].clone()
+        if router:
+            s[_ROUTER] = s[_ROUTER][PERM].clone()
+    return edit
+
+
+def test_experts_reordered_with_their_router_rows_is_a_named_equivalence(mixtral, tmp_path):
+    orig, _ = mixtral
+    both = _rewrite(orig, tmp_path / "both", _permute(True, True))
+    res = _diff(orig, both)
+    assert res.equivalent, [(t.name, t.status, t.diagnosis) for t in res.tensors if not t.ok]
+    moved = [t for t in res.tensors if t.status == "reordered"]
+    assert moved and all("permuted together with their router rows" in t.diagnosis[0] for t in moved)
+    assert any(t.name == _ROUTER for t in moved)
+    experts_only = _rewrite(orig, tmp_path / "experts", _permute(True, False))
+    res = _diff(orig, experts_only)
+    assert not res.equivalent
+    assert any("router rows are not" in " ".join(t.diagnosis) for t in res.tensors if not t.ok)
+    router_only = _rewrite(orig, tmp_path / "router", _permute(False, True))
+    res = _diff(orig, router_only)
+    assert not res.equivalent
+    assert "router rows of layer 1 permuted" in " ".join(res.tensors[[t.name for t in res.tensors].index(_ROUTER)].diagnosis)

@@ -785,6 +785,112 @@ def _equivalent_reorderings(res: CompareResult, ctx: _Ctx) -> None:
                             f"(B query head i = A head {oq}, KV heads {ok_}); the function is unchanged")
 
 
+# MoE experts: one tensor per expert (HF ``experts.{e}.w1``, Megatron-Core ``local_experts.{e}``) or stacked
+# on axis 0 (JetStream ``cond_ffn.w1``, GGUF ``ffn_*_exps``); the router's rows are the experts, in order
+_EXPERT = re.compile(r"^(?P<pre>.*experts\.)(?P<e>\d+)(?P<post>\..+)$")
+_STACKED = re.compile(r"(?:cond_ffn\.w\d|_exps\.weight|experts\.(?:gate_up_proj|down_proj))$")
+_ROUTER = re.compile(r"(?:block_sparse_moe\.gate|mlp\.gate|mlp\.router|ffn_gate_inp)\.weight$")
+
+
+def _layer_of(name: str) -> Optional[str]:
+    m = re.search(r"(?:^|\.)(?:layers|h|blk)\.(\d+)\.", name)
+    return m.group(1) if m else None
+
+
+def _match_perm(n: int, part_a, part_b, r: TensorResult) -> Optional[list]:
+    """p with B part i == A part p[i] for i < n (within the result's tolerance), else None.
+    ``part_x(j, rows)`` gives rows of part j (rows None: the whole part). Parts are fingerprinted by their
+    first and middle rows; a candidate is confirmed on the whole part, two parts in memory at a time."""
+    atol, rtol = (r.atol or 0.0), (r.rtol or 0.0)
+
+    def fp(part, j):
+        return part(j, (0, 1)).float().flatten()
+    fa = [fp(part_a, j) for j in range(n)]
+    perm = []
+    for i in range(n):
+        fb = fp(part_b, i)
+        hit = [j for j in range(n) if _eq(fa[j], fb, atol, rtol)]
+        hit = [j for j in hit if _eq(part_a(j, None).float(), part_b(i, None).float(), atol, rtol)]
+        if len(hit) != 1:
+            return None
+        perm.append(hit[0])
+    return perm if sorted(perm) == list(range(n)) else None
+
+
+def _part(t: LazyTensor, rows, j: Optional[int] = None) -> torch.Tensor:
+    """Rows ``rows`` (None: all) of tensor ``t``, or of its slice ``j`` on axis 0 (a stacked expert)."""
+    if j is not None:
+        x = t.rows(j, j + 1)[0]
+        return x if rows is None else x[rows[0]:rows[1]]
+    return t.load() if rows is None else t.rows(*rows)
+
+
+def _expert_reorderings(res: CompareResult, ctx: _Ctx) -> None:
+    """Experts permuted together with their router rows compute the same function (a named equivalence,
+    REORDERED); experts permuted with the router left as it was (or the reverse) route tokens to the
+    wrong experts, and the diagnosis says so."""
+    by = {t.name: t for t in res.tensors}
+    layers: dict = {}
+    for name, t in by.items():
+        lay = _layer_of(name)
+        if lay is None or name not in ctx.a.tensors or name not in ctx.b.tensors:
+            continue
+        m = _EXPERT.match(name)
+        if m:
+            layers.setdefault(lay, {}).setdefault(("each", m["pre"], m["post"]), {})[int(m["e"])] = name
+        elif _STACKED.search(name):
+            layers.setdefault(lay, {})[("stacked", name)] = name
+        elif _ROUTER.search(name):
+            layers.setdefault(lay, {})[("router",)] = name
+    for lay, kinds in layers.items():
+        router = kinds.get(("router",))
+        parts = {k: v for k, v in kinds.items() if k[0] != "router"}
+        names = [n for v in parts.values() for n in (v.values() if isinstance(v, dict) else [v])]
+        if router is None or not names or all(by[n].ok for n in names + [router]):
+            continue
+        E = ctx.a.tensors[router].shape[0]
+        perms = []
+        for k, v in parts.items():
+            if k[0] == "each":
+                if sorted(v) != list(range(E)):
+                    break
+                first = by[v[0]]
+                perms.append(_match_perm(E, lambda j, rows, v=v: _part(ctx.a.tensors[v[j]], rows),
+                                         lambda i, rows, v=v: _part(ctx.b.tensors[v[i]], rows), first))
+            else:
+                ta, tb = ctx.a.tensors[v], ctx.b.tensors[v]
+                if not ta.shape or ta.shape[0] != E:
+                    break
+                perms.append(_match_perm(E, lambda j, rows, ta=ta: _part(ta, rows, j),
+                                         lambda i, rows, tb=tb: _part(tb, rows, i), by[v]))
+        else:
+            if not perms or perms[0] is None or any(p != perms[0] for p in perms):
+                continue
+            p = perms[0]
+            ra, rb = ctx.a.tensors[router].load(), ctx.b.tensors[router].load()
+            r = by[router]
+            rp = _match_perm(E, lambda j, rows: ra[j], lambda i, rows: rb[i], r)
+            ident = list(range(E))
+            if p == rp and p != ident:
+                text = (f"equivalent reordering: the experts of layer {lay} are permuted together with their "
+                        f"router rows (B expert i = A expert {p}); the function is unchanged")
+                for nm in names + [router]:
+                    if not by[nm].ok:
+                        by[nm].status = Status.REORDERED
+                        by[nm].diagnosis = [text]
+            elif p != ident and rp != p:
+                text = (f"experts of layer {lay} reordered (B expert i = A expert {p}) but the router rows are "
+                        + ("not" if rp == ident else f"permuted otherwise ({rp})")
+                        + ": tokens are routed to the wrong experts")
+                for nm in names + [router]:
+                    if not by[nm].ok:
+                        by[nm].diagnosis = [text] + [d for d in by[nm].diagnosis if not d.startswith("another")]
+            elif p == ident and rp not in (None, ident):
+                text = (f"router rows of layer {lay} permuted ({rp}) while the experts are not: tokens are routed "
+                        "to the wrong experts")
+                by[router].diagnosis = [text] + by[router].diagnosis
+
+
 def _rotary_some_layers(res: CompareResult, ctx: _Ctx) -> None:
     rot: dict = {}
     for t in res.tensors:
@@ -822,6 +928,7 @@ def diagnose_result(res: CompareResult, a: Checkpoint, b: Checkpoint) -> None:
             continue
         r.diagnosis = diagnose_tensor(r, a.tensors[r.name], b.tensors[r.name], ctx)
     _equivalent_reorderings(res, ctx)
+    _expert_reorderings(res, ctx)
     _rotary_some_layers(res, ctx)
     if any(t.status == Status.REORDERED for t in res.tensors):
         res.notes.append("equivalent reordering: some tensors differ only by a permutation applied consistently "
