@@ -34,6 +34,7 @@ CASES = [
     ("hf-to-megatron", "llama-mha-tied", {"bos_token_id": 0, "eos_token_id": 0}),
     ("hf-to-megatron", "falcon-7b", "falcon"),
     ("hf-to-megatron", "falcon-40b", "falcon"),
+    ("hf-to-megatron", "falcon-7b", {"rope_scaling": LINEAR, "rope_theta": 20000.0}),
     ("to-jetstream", "llama-gqa", {**LLAMA3_IDS, "rope_theta": 500000.0, "rope_scaling": LLAMA3_ROPE}),
     ("to-jetstream", "llama-mqa-hd", {"bos_token_id": 3, "eos_token_id": 4, "rope_scaling": LINEAR}),
     ("to-jetstream", "gemma", {"bos_token_id": 7, "eos_token_id": 8}),

@@ -344,8 +344,9 @@ def _localised(r: TensorResult, A: _Side, B: _Side, config: dict) -> Optional[st
 
 def _other_tensor(name: str, B: _Side, shape, ctx: _Ctx, rows_idx) -> Optional[str]:
     """B[name] equals a different tensor of A of the same shape (sampled rows, then confirmed)."""
+    db = ctx.b.tensors[name].dtype
     cands = [k for k, t in ctx.a.tensors.items() if k != name and tuple(t.shape) == tuple(shape)
-             and t.dtype == ctx.b.tensors[name].dtype]
+             and (t.dtype == db or (t.dtype.is_floating_point and db.is_floating_point))]
     if not cands:
         return None
     bs = B.rows_at(rows_idx)
@@ -355,9 +356,10 @@ def _other_tensor(name: str, B: _Side, shape, ctx: _Ctx, rows_idx) -> Optional[s
         if key not in ctx.sample_cache:
             ctx.sample_cache[key] = torch.stack([t.rows(i, i + 1)[0] for i in rows_idx]) if len(t.shape) >= 1 else None
         s = ctx.sample_cache[key]
-        if s is None or not torch.equal(s, bs):
+        tol = _cast_tol(t.dtype, db)  # equal up to a cast's rounding when the dtypes differ
+        if s is None or not _eq(s, bs, *tol):
             continue
-        if t.numel <= MAX_NUMEL and not torch.equal(t.load(), B.load()):
+        if t.numel <= MAX_NUMEL and not _eq(t.load(), B.load(), *tol):
             continue
         m_self, m_other = LAYER.sub("{i}", name), LAYER.sub("{i}", k)
         if m_self == m_other:
@@ -519,24 +521,34 @@ def _whole_tensor(name: str, a: torch.Tensor, b: torch.Tensor, r: TensorResult, 
     return None
 
 
+def _cast_tol(da: torch.dtype, db: torch.dtype) -> tuple[float, float]:
+    """(atol, rtol) of the less precise of two dtypes (compare/diff.py's table), exact for one dtype."""
+    from .diff import default_tolerance
+    t = default_tolerance(da, db)
+    return t.atol, t.rtol
+
+
 def _diagnose_shape(a: torch.Tensor, b: torch.Tensor) -> list[str]:
+    """Causes of a shape mismatch; a cast between the sides is allowed its rounding."""
+    tol = _cast_tol(a.dtype, b.dtype)
+    _eq_ = lambda x, y: _eq(x, y, *tol)  # noqa: E731
     notes = []
     if a.dim() == b.dim() and a.dim() >= 1 and a.shape[1:] == b.shape[1:]:
         n = min(a.shape[0], b.shape[0])
-        if _eq(a[:n], b[:n]):
+        if _eq_(a[:n], b[:n]):
             big, which = (a, "A") if a.shape[0] > b.shape[0] else (b, "B")
             extra = big[n:]
-            kind = "copies of the last real row" if _eq(extra, big[n - 1:n].expand_as(extra)) else (
+            kind = "copies of the last real row" if _eq_(extra, big[n - 1:n].expand_as(extra)) else (
                 "zeros" if not extra.any() else "other values")
             notes.append(f"padding: the first {n} rows agree; {which} has {big.shape[0] - n} extra rows ({kind})")
-    if a.dim() == 2 and a.shape == b.shape[::-1] and _eq(a.T, b):
+    if a.dim() == 2 and a.shape == b.shape[::-1] and _eq_(a.T, b):
         notes.append("transposed: B == A^T")
     if a.dim() == 2 and b.dim() == 2 and a.numel() == b.numel() and not notes:
         for s in (2, 3, 4, 6, 8, 12, 16):
             for ax in (0, 1):
                 if a.shape[ax] % s:
                     continue
-                if _eq(torch.cat(a.chunk(s, ax), 1 - ax), b) if torch.cat(a.chunk(s, ax), 1 - ax).shape == b.shape \
+                if _eq_(torch.cat(a.chunk(s, ax), 1 - ax), b) if torch.cat(a.chunk(s, ax), 1 - ax).shape == b.shape \
                         else False:
                     notes.append(f"shards concatenated on the wrong axis: B is A's {s} shards along dim {ax} "
                                  f"concatenated along dim {1 - ax} ({list(a.shape)} -> {list(b.shape)})")

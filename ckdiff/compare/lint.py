@@ -6,7 +6,7 @@
   rule of the layout (a tensor the family does not declare is a finding);
 - values: NaN and Inf per tensor, streamed row block by row block;
 - dtypes: weight matrices of more than one floating dtype (a partial cast); norms and vectors kept in
-  a wider dtype, scales and integer codes are not counted;
+  a wider dtype, scales, FP8 and integer codes are not counted;
 - padding: embedding rows beyond the config's vocab (a config_findings kind), and Megatron padding its
   config declares (a note).
 """
@@ -120,7 +120,7 @@ def _dtypes(ck: Checkpoint, res: LintResult) -> None:
     res.checks.append("dtypes")
     mats: dict = {}
     for name, t in ck.tensors.items():
-        if t.dtype.is_floating_point and len(t.shape) >= 2 and not _is_scale(name):
+        if t.dtype.is_floating_point and t.dtype.itemsize > 1 and len(t.shape) >= 2 and not _is_scale(name):
             mats.setdefault(dtype_name(t.dtype), []).append(name)
     if len(mats) > 1:
         parts = [f"{len(v)} {d} (e.g. {v[0]})" for d, v in sorted(mats.items(), key=lambda kv: -len(kv[1]))]

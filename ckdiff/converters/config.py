@@ -379,10 +379,10 @@ class ModelConfig:
         tied = (fam.always_tied if tied is None else tied) or "head" not in names \
             or names["head"] not in tensors
         rope = cfg.get("rope_parameters") or {}  # transformers v5 keeps theta and scaling here
-        scaling = None
-        if fam.hf_keys("rope_scaling"):
-            scaling = get("rope_scaling") or ({k: v for k, v in rope.items() if k != "rope_theta"}
-                                              if rope.get("rope_type", "default") != "default" else None)
+        # every family reads rope scaling (a family without a declared key reads HF's own spelling)
+        scaling = (get("rope_scaling") if fam.hf_keys("rope_scaling") else cfg.get("rope_scaling")) or (
+            {k: v for k, v in rope.items() if k != "rope_theta"} if rope.get("rope_type", "default") != "default"
+            else None)
         moe = fam.block.mlp is Mlp.MOE
         out = cls(family=fam.name, hidden=D, layers=L, heads=H, kv_heads=K, head_dim=hd, ffn=F, vocab=V,
                   norm_eps=get("norm_eps") or fam.eps_default_hf,
@@ -416,6 +416,8 @@ class ModelConfig:
             keys = fam.hf_keys(f)
             if keys and v is not None:
                 cfg[keys[0]] = v
+        if self.rope_scaling and not fam.hf_keys("rope_scaling"):
+            cfg["rope_scaling"] = self.rope_scaling  # HF's own key where the family declares none
         if fam.hf_write:
             cfg.update(fam.hf_write(self))
         cfg.update(self.token_ids())  # the ids read from the source win over the family's defaults
@@ -758,6 +760,26 @@ def rotary_buffer_findings(tensors: dict, canon: dict) -> list:
                     ("rotary-buffer", x.split(" ")[0])) for x in bad]
 
 
+_FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+
+
+def fp8_format_findings(cfg: dict, tensors: dict) -> list:
+    """FP8 weights stored in the other FP8 format than ``quantization_config.fmt`` says (e4m3 / e5m2):
+    a loader that trusts the config reads every code with the wrong exponent width."""
+    q = (cfg or {}).get("quantization_config")
+    fmt = q.get("fmt") if isinstance(q, dict) else None
+    if fmt not in _FP8:
+        return []
+    other = next((d for f, d in _FP8.items() if f != fmt), None)
+    wrong = [n for n, t in tensors.items() if t.dtype == other]
+    if not wrong:
+        return []
+    more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+    return [Finding(f"quantization_config.fmt says {fmt} but {wrong[0]}{more} is stored as "
+                    f"{str(other).replace('torch.', '')}: read as {fmt}, every code decodes to another value",
+                    ("fp8-format", fmt))]
+
+
 class Finding(str):
     """One config-vs-tensors finding: its text, and ``kind``, what it is about in layout-free terms (the
     same problem in two checkpoints of different layouts has the same kind). A finding that holds on
@@ -805,6 +827,7 @@ def config_findings(fmt: str, cfg: dict, tensors: dict, canon: Optional[dict]) -
                                "unaccounted for (padding exported as tokens, or a vocab size left at its default)",
                                ("rows-over-vocab", V, rows)))
     out += rotary_buffer_findings(tensors, canon)
+    out += fp8_format_findings(cfg, tensors)
     H, K, hd = canon.get("heads"), canon.get("kv_heads"), canon.get("head_dim")
     if all(isinstance(v, int) and v > 0 for v in (H, K, hd)):
         q, k, qkv = _first(tensors, names["q"]), _first(tensors, names["k"]), _first(tensors, names["qkv"])
