@@ -75,8 +75,9 @@ def test_config_round_trip_of_declared_families(name):
     cfg = TINY[name]
     fam = families.family(cfg.family)
     back = _round_trip(cfg)
-    assert back == replace(cfg, hf_model_type=cfg.hf_model_type or fam.hf_model_types[0])
     hf = cfg.to_hf()
+    ids = {k: hf.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}  # the family's defaults
+    assert back == replace(cfg, hf_model_type=cfg.hf_model_type or fam.hf_model_types[0], **ids)
     assert hf["architectures"] == [fam.hf_type_defaults.get(hf["model_type"], {}).get(
         "architectures", [fam.hf_architecture])[0]]
     for f in ("hidden", "heads", "layers", "vocab"):
