@@ -362,7 +362,7 @@ FALCON = register(Family(
     config_keys={"heads": ("num_attention_heads", "n_head"), "layers": ("num_hidden_layers", "n_layer"),
                  "kv_heads": "num_kv_heads", "head_dim": None, "ffn": "ffn_hidden_size",
                  "norm_eps": "layer_norm_epsilon", "sliding_window": None, "rope_scaling": None},
-    hf_defaults={"bias": False, "alibi": False, "bos_token_id": 1, "eos_token_id": 2},
+    hf_defaults={"bias": False, "alibi": False, "bos_token_id": 11, "eos_token_id": 11},  # FalconConfig's
     block_keys={"parallel": "parallel_attn"}, hf_read=_falcon_read, hf_write=_falcon_write,
     layouts=frozenset({"hf", "megatron"}), always_tied=True,
     megatron_models=(MegatronModel("falcon", {7: (32, 4544, 71, 1), 40: (60, 8192, 128, 8)}, "tiiuae/falcon-{size}b",

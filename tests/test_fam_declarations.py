@@ -75,8 +75,9 @@ def test_config_round_trip_of_declared_families(name):
     cfg = TINY[name]
     fam = families.family(cfg.family)
     back = _round_trip(cfg)
-    assert back == replace(cfg, hf_model_type=cfg.hf_model_type or fam.hf_model_types[0])
     hf = cfg.to_hf()
+    ids = {k: hf.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}  # the family's defaults
+    assert back == replace(cfg, hf_model_type=cfg.hf_model_type or fam.hf_model_types[0], **ids)
     assert hf["architectures"] == [fam.hf_type_defaults.get(hf["model_type"], {}).get(
         "architectures", [fam.hf_architecture])[0]]
     for f in ("hidden", "heads", "layers", "vocab"):
@@ -87,8 +88,10 @@ def test_every_registered_family_round_trips(toy):
     seen = set()
     for cfg in list(TINY.values()) + [toy_config()]:
         seen.add(cfg.family)
+        hf = cfg.to_hf()
+        ids = {k: hf.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}  # the family's defaults
         assert _round_trip(cfg).to_dict() == replace(
-            cfg, hf_model_type=cfg.hf_model_type or families.family(cfg.family).hf_model_types[0]).to_dict()
+            cfg, hf_model_type=cfg.hf_model_type or families.family(cfg.family).hf_model_types[0], **ids).to_dict()
     assert seen == set(families.FAMILIES)
 
 

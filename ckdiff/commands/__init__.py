@@ -11,9 +11,9 @@ import sys
 import traceback
 
 from ..errors import CkdiffError, error_line
-from . import compare, convert, demo, golden, help, inspect, logits, roundtrip
+from . import check, compare, convert, demo, golden, help, inspect, logits, roundtrip
 
-COMMANDS = {m.NAME: m for m in (compare, inspect, logits, convert, roundtrip, golden, demo, help)}
+COMMANDS = {m.NAME: m for m in (compare, inspect, check, logits, convert, roundtrip, golden, demo, help)}
 
 
 def _dispatch(argv: list) -> int:

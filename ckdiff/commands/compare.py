@@ -24,6 +24,9 @@ def parser(prog: str = "ckdiff compare"):
     p.add_argument("--tol", action="append", default=[], metavar="GLOB=ATOL[,RTOL][:REASON]",
                    help="tolerance for tensors matching GLOB, with an optional reason shown in reports (repeatable)")
     p.add_argument("--strict-dtype", action="store_true", help="a dtype cast is a mismatch even within rounding")
+    p.add_argument("--strict", action="store_true",
+                   help="warnings (findings that hold on both checkpoints alike, such as an untied config "
+                        "without an output head) fail the comparison too")
     p.add_argument("--no-diagnose", action="store_true", help="skip the likely-cause analysis")
     p.add_argument("--no-map", action="store_true",
                    help="compare names as they are, even when the layouts differ (default: map one side)")
@@ -81,7 +84,8 @@ def _run(args, command: str, shard) -> int:
     if main_rank:
         common.check_reports(args, (a, b))
     opts = Options(atol=args.atol, rtol=args.rtol, patterns=tol, only=args.only, ignore=args.ignore,
-                   diagnose=not args.no_diagnose, strict_dtype=args.strict_dtype)
+                   diagnose=not args.no_diagnose, strict_dtype=args.strict_dtype,
+                   strict=args.strict)
     res = compare_checkpoints(a, b, opts, progress_factory=common.progress_factory(
         common.show_progress(args) and main_rank), map_layouts=not args.no_map, shard=shard)
     if not main_rank:
@@ -89,7 +93,8 @@ def _run(args, command: str, shard) -> int:
     console = common.console(args)
     if args.quiet:
         console.print(("EQUIVALENT" if res.equivalent else "DIFFER") + ": "
-                      + ", ".join(f"{v} {k}" for k, v in sorted(res.counts().items())))
+                      + ", ".join(f"{v} {k}" for k, v in sorted(res.counts().items()))
+                      + (f", {len(res.warnings)} warning(s)" if res.warnings else ""))
     else:
         print_compare(res, console, args.limit)
     common.emit_reports(args, "compare", res, (a, b), command)

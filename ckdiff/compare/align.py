@@ -36,18 +36,16 @@ def _without_buffers(a: Checkpoint, b: Checkpoint) -> tuple[Checkpoint, Checkpoi
         dropped.extend(gone)
         return Checkpoint(x.path, x.format, {n: t for n, t in x.tensors.items() if n not in gone}, x.config, x.meta)
     a2, b2 = strip(a, b), strip(b, a)
-    notes = [f"left out {', '.join(sorted(dropped))}: not a weight (derived from the config); the other "
-             "layout does not store it"] if dropped else []
+    notes = [f"left out {', '.join(sorted(dropped))}: not a weight (derived from the config, and checked "
+             "against it where stored); the other side does not store it"] if dropped else []
     return a2, b2, notes
 
 
 def align(a: Checkpoint, b: Checkpoint) -> tuple[Checkpoint, Checkpoint, list, list]:
     """(a', b', mapping rows, notes). Leaves both untouched when no mapping applies."""
     a, b, rows, notes = _align(a, b)
-    if a.format != b.format:
-        a, b, more = _without_buffers(a, b)
-        notes = notes + more
-    return a, b, rows, notes
+    a, b, more = _without_buffers(a, b)  # same layout too: one converter keeps rope.freqs, another derives it
+    return a, b, rows, notes + more
 
 
 def _align(a: Checkpoint, b: Checkpoint) -> tuple[Checkpoint, Checkpoint, list, list]:
@@ -111,4 +109,39 @@ def _strip_config_padding(tensors: dict, src: Checkpoint, true_vocab, layout: st
         f"{k} rows {true}..{n - 1} (true_vocab_size {true})" for k, n in cut)]
 
 
-__all__ = ["align"]
+def _embed_head_pairs() -> list:
+    """(embedding, output head) names of every layout: a tied head is its embedding under the head's name."""
+    from ..converters.config import _NAMES, _hf_check_names
+    from .. import families
+    pairs = []
+    for fam in families.FAMILIES.values():
+        n = _hf_check_names(fam)
+        pairs += [(e, h) for e in n["embed"] for h in n["head"]]
+    for names in _NAMES.values():
+        pairs += [(e, h) for e in names["embed"] for h in names["head"]]
+    from ..converters.gguf_io import GGUF
+    from ..converters.mcore import MCORE
+    pairs += [(GGUF["embed"], GGUF["head"]), (MCORE["embed"], MCORE["head"])]
+    return list(dict.fromkeys(pairs))
+
+
+def tied_head_views(a: Checkpoint, b: Checkpoint, tied: dict) -> tuple[Checkpoint, Checkpoint, dict]:
+    """A side whose config ties the output head (``tied[side]``) and stores none, against a side that stores
+    one: the tied side's embedding is compared under the head's name (a tied head *is* the embedding).
+    Returns both sides and {side: (embedding name, head name)} of the views made."""
+    from ..converters.table import Renamed
+    made: dict = {}
+    out = {"A": a, "B": b}
+    for side, x, other in (("A", a, b), ("B", b, a)):
+        if not tied.get(side):
+            continue
+        for e, h in _embed_head_pairs():
+            if h in other.tensors and h not in x.tensors and e in x.tensors \
+                    and tuple(x.tensors[e].shape) == tuple(other.tensors[h].shape):
+                out[side] = Checkpoint(x.path, x.format, {**x.tensors, h: Renamed(h, x.tensors[e])}, x.config, x.meta)
+                made[side] = (e, h)
+                break
+    return out["A"], out["B"], made
+
+
+__all__ = ["align", "tied_head_views"]

@@ -347,8 +347,9 @@ def _localised(r: TensorResult, A: _Side, B: _Side, config: dict) -> Optional[st
 
 def _other_tensor(name: str, B: _Side, shape, ctx: _Ctx, rows_idx) -> Optional[str]:
     """B[name] equals a different tensor of A of the same shape (sampled rows, then confirmed)."""
+    db = ctx.b.tensors[name].dtype
     cands = [k for k, t in ctx.a.tensors.items() if k != name and tuple(t.shape) == tuple(shape)
-             and t.dtype == ctx.b.tensors[name].dtype]
+             and (t.dtype == db or (t.dtype.is_floating_point and db.is_floating_point))]
     if not cands:
         return None
     bs = B.rows_at(rows_idx)
@@ -358,9 +359,10 @@ def _other_tensor(name: str, B: _Side, shape, ctx: _Ctx, rows_idx) -> Optional[s
         if key not in ctx.sample_cache:
             ctx.sample_cache[key] = torch.stack([t.rows(i, i + 1)[0] for i in rows_idx]) if len(t.shape) >= 1 else None
         s = ctx.sample_cache[key]
-        if s is None or not torch.equal(s, bs):
+        tol = _cast_tol(t.dtype, db)  # equal up to a cast's rounding when the dtypes differ
+        if s is None or not _eq(s, bs, *tol):
             continue
-        if t.numel <= MAX_NUMEL and not torch.equal(t.load(), B.load()):
+        if t.numel <= MAX_NUMEL and not _eq(t.load(), B.load(), *tol):
             continue
         m_self, m_other = LAYER.sub("{i}", name), LAYER.sub("{i}", k)
         if m_self == m_other:
@@ -522,24 +524,34 @@ def _whole_tensor(name: str, a: torch.Tensor, b: torch.Tensor, r: TensorResult, 
     return None
 
 
+def _cast_tol(da: torch.dtype, db: torch.dtype) -> tuple[float, float]:
+    """(atol, rtol) of the less precise of two dtypes (compare/diff.py's table), exact for one dtype."""
+    from .diff import default_tolerance
+    t = default_tolerance(da, db)
+    return t.atol, t.rtol
+
+
 def _diagnose_shape(a: torch.Tensor, b: torch.Tensor) -> list[str]:
+    """Causes of a shape mismatch; a cast between the sides is allowed its rounding."""
+    tol = _cast_tol(a.dtype, b.dtype)
+    _eq_ = lambda x, y: _eq(x, y, *tol)  # noqa: E731
     notes = []
     if a.dim() == b.dim() and a.dim() >= 1 and a.shape[1:] == b.shape[1:]:
         n = min(a.shape[0], b.shape[0])
-        if _eq(a[:n], b[:n]):
+        if _eq_(a[:n], b[:n]):
             big, which = (a, "A") if a.shape[0] > b.shape[0] else (b, "B")
             extra = big[n:]
-            kind = "copies of the last real row" if _eq(extra, big[n - 1:n].expand_as(extra)) else (
+            kind = "copies of the last real row" if _eq_(extra, big[n - 1:n].expand_as(extra)) else (
                 "zeros" if not extra.any() else "other values")
             notes.append(f"padding: the first {n} rows agree; {which} has {big.shape[0] - n} extra rows ({kind})")
-    if a.dim() == 2 and a.shape == b.shape[::-1] and _eq(a.T, b):
+    if a.dim() == 2 and a.shape == b.shape[::-1] and _eq_(a.T, b):
         notes.append("transposed: B == A^T")
     if a.dim() == 2 and b.dim() == 2 and a.numel() == b.numel() and not notes:
         for s in (2, 3, 4, 6, 8, 12, 16):
             for ax in (0, 1):
                 if a.shape[ax] % s:
                     continue
-                if _eq(torch.cat(a.chunk(s, ax), 1 - ax), b) if torch.cat(a.chunk(s, ax), 1 - ax).shape == b.shape \
+                if _eq_(torch.cat(a.chunk(s, ax), 1 - ax), b) if torch.cat(a.chunk(s, ax), 1 - ax).shape == b.shape \
                         else False:
                     notes.append(f"shards concatenated on the wrong axis: B is A's {s} shards along dim {ax} "
                                  f"concatenated along dim {1 - ax} ({list(a.shape)} -> {list(b.shape)})")
@@ -710,6 +722,112 @@ def _equivalent_reorderings(res: CompareResult, ctx: _Ctx) -> None:
                             f"(B query head i = A head {oq}, KV heads {ok_}); the function is unchanged")
 
 
+# MoE experts: one tensor per expert (HF ``experts.{e}.w1``, Megatron-Core ``local_experts.{e}``) or stacked
+# on axis 0 (JetStream ``cond_ffn.w1``, GGUF ``ffn_*_exps``); the router's rows are the experts, in order
+_EXPERT = re.compile(r"^(?P<pre>.*experts\.)(?P<e>\d+)(?P<post>\..+)$")
+_STACKED = re.compile(r"(?:cond_ffn\.w\d|_exps\.weight|experts\.(?:gate_up_proj|down_proj))$")
+_ROUTER = re.compile(r"(?:block_sparse_moe\.gate|mlp\.gate|mlp\.router|ffn_gate_inp)\.weight$")
+
+
+def _layer_of(name: str) -> Optional[str]:
+    m = re.search(r"(?:^|\.)(?:layers|h|blk)\.(\d+)\.", name)
+    return m.group(1) if m else None
+
+
+def _match_perm(n: int, part_a, part_b, r: TensorResult) -> Optional[list]:
+    """p with B part i == A part p[i] for i < n (within the result's tolerance), else None.
+    ``part_x(j, rows)`` gives rows of part j (rows None: the whole part). Parts are fingerprinted by their
+    first and middle rows; a candidate is confirmed on the whole part, two parts in memory at a time."""
+    atol, rtol = (r.atol or 0.0), (r.rtol or 0.0)
+
+    def fp(part, j):
+        return part(j, (0, 1)).float().flatten()
+    fa = [fp(part_a, j) for j in range(n)]
+    perm = []
+    for i in range(n):
+        fb = fp(part_b, i)
+        hit = [j for j in range(n) if _eq(fa[j], fb, atol, rtol)]
+        hit = [j for j in hit if _eq(part_a(j, None).float(), part_b(i, None).float(), atol, rtol)]
+        if len(hit) != 1:
+            return None
+        perm.append(hit[0])
+    return perm if sorted(perm) == list(range(n)) else None
+
+
+def _part(t: LazyTensor, rows, j: Optional[int] = None) -> torch.Tensor:
+    """Rows ``rows`` (None: all) of tensor ``t``, or of its slice ``j`` on axis 0 (a stacked expert)."""
+    if j is not None:
+        x = t.rows(j, j + 1)[0]
+        return x if rows is None else x[rows[0]:rows[1]]
+    return t.load() if rows is None else t.rows(*rows)
+
+
+def _expert_reorderings(res: CompareResult, ctx: _Ctx) -> None:
+    """Experts permuted together with their router rows compute the same function (a named equivalence,
+    REORDERED); experts permuted with the router left as it was (or the reverse) route tokens to the
+    wrong experts, and the diagnosis says so."""
+    by = {t.name: t for t in res.tensors}
+    layers: dict = {}
+    for name, t in by.items():
+        lay = _layer_of(name)
+        if lay is None or name not in ctx.a.tensors or name not in ctx.b.tensors:
+            continue
+        m = _EXPERT.match(name)
+        if m:
+            layers.setdefault(lay, {}).setdefault(("each", m["pre"], m["post"]), {})[int(m["e"])] = name
+        elif _STACKED.search(name):
+            layers.setdefault(lay, {})[("stacked", name)] = name
+        elif _ROUTER.search(name):
+            layers.setdefault(lay, {})[("router",)] = name
+    for lay, kinds in layers.items():
+        router = kinds.get(("router",))
+        parts = {k: v for k, v in kinds.items() if k[0] != "router"}
+        names = [n for v in parts.values() for n in (v.values() if isinstance(v, dict) else [v])]
+        if router is None or not names or all(by[n].ok for n in names + [router]):
+            continue
+        E = ctx.a.tensors[router].shape[0]
+        perms = []
+        for k, v in parts.items():
+            if k[0] == "each":
+                if sorted(v) != list(range(E)):
+                    break
+                first = by[v[0]]
+                perms.append(_match_perm(E, lambda j, rows, v=v: _part(ctx.a.tensors[v[j]], rows),
+                                         lambda i, rows, v=v: _part(ctx.b.tensors[v[i]], rows), first))
+            else:
+                ta, tb = ctx.a.tensors[v], ctx.b.tensors[v]
+                if not ta.shape or ta.shape[0] != E:
+                    break
+                perms.append(_match_perm(E, lambda j, rows, ta=ta: _part(ta, rows, j),
+                                         lambda i, rows, tb=tb: _part(tb, rows, i), by[v]))
+        else:
+            if not perms or perms[0] is None or any(p != perms[0] for p in perms):
+                continue
+            p = perms[0]
+            ra, rb = ctx.a.tensors[router].load(), ctx.b.tensors[router].load()
+            r = by[router]
+            rp = _match_perm(E, lambda j, rows: ra[j], lambda i, rows: rb[i], r)
+            ident = list(range(E))
+            if p == rp and p != ident:
+                text = (f"equivalent reordering: the experts of layer {lay} are permuted together with their "
+                        f"router rows (B expert i = A expert {p}); the function is unchanged")
+                for nm in names + [router]:
+                    if not by[nm].ok:
+                        by[nm].status = Status.REORDERED
+                        by[nm].diagnosis = [text]
+            elif p != ident and rp != p:
+                text = (f"experts of layer {lay} reordered (B expert i = A expert {p}) but the router rows are "
+                        + ("not" if rp == ident else f"permuted otherwise ({rp})")
+                        + ": tokens are routed to the wrong experts")
+                for nm in names + [router]:
+                    if not by[nm].ok:
+                        by[nm].diagnosis = [text] + [d for d in by[nm].diagnosis if not d.startswith("another")]
+            elif p == ident and rp not in (None, ident):
+                text = (f"router rows of layer {lay} permuted ({rp}) while the experts are not: tokens are routed "
+                        "to the wrong experts")
+                by[router].diagnosis = [text] + by[router].diagnosis
+
+
 def _rotary_some_layers(res: CompareResult, ctx: _Ctx) -> None:
     rot: dict = {}
     for t in res.tensors:
@@ -747,6 +865,7 @@ def diagnose_result(res: CompareResult, a: Checkpoint, b: Checkpoint) -> None:
                 continue
         r.diagnosis = diagnose_tensor(r, ta, tb, ctx)
     _equivalent_reorderings(res, ctx)
+    _expert_reorderings(res, ctx)
     _rotary_some_layers(res, ctx)
     if any(t.status == Status.REORDERED for t in res.tensors):
         res.notes.append("equivalent reordering: some tensors differ only by a permutation applied consistently "

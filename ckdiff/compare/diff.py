@@ -21,6 +21,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
+from ..converters.config import ConfigError, Finding, canonical_config, compare_configs, config_findings, config_where
 from ..converters.formats import dtype_name
 from ..converters.lazy import Checkpoint, LazyTensor
 from ..tensor.blockscaled import BlockScaled
@@ -92,13 +93,18 @@ class CompareResult:
     config_findings: list = field(default_factory=list)  # "A: ..." config disagrees with its own tensors
     # per side: tensors read, consumed by rules, dropped (name -> named rule), unaccounted (compare/coverage.py)
     coverage: dict = field(default_factory=dict)
+    # findings about both checkpoints alike ("A and B: ..."): not a difference between them; fail with strict
+    warnings: list = field(default_factory=list)
+    strict: bool = False
 
     @property
     def equivalent(self) -> bool:
         """Equivalent only when every tensor is, and the configs define the same function and fit
-        their tensors (fields that do not change the function never count)."""
+        their tensors (fields that do not change the function never count). A finding shared by both
+        sides is a warning: it fails only with ``strict``."""
         return all(t.ok for t in self.tensors) and not self.config_diff and not self.config_findings \
-            and not any(c.get("unaccounted") for c in self.coverage.values())
+            and not any(c.get("unaccounted") for c in self.coverage.values()) \
+            and not (self.strict and self.warnings)
 
     def counts(self) -> dict:
         c: dict = {}
@@ -118,7 +124,8 @@ class CompareResult:
             "verdict": self.verdict(), "a": self.a, "b": self.b,
             "format_a": self.format_a, "format_b": self.format_b,
             "counts": self.counts(), "options": self.options, "notes": self.notes,
-            "config_diff": self.config_diff, "config_findings": self.config_findings, "mapping": self.mapping,
+            "config_diff": self.config_diff, "config_findings": self.config_findings, "warnings": self.warnings,
+            "strict": self.strict, "mapping": self.mapping,
             "coverage": self.coverage, "tensors": [asdict(t) for t in self.tensors],
         }
 
@@ -143,6 +150,7 @@ class Options:
     ignore: list = field(default_factory=list)
     diagnose: bool = True
     strict_dtype: bool = False
+    strict: bool = False  # warnings (findings that hold on both sides) fail the comparison
     # per side: the window mapped of a file-backed side (32 MiB: a quarter as many unmaps, each of which
     # interrupts the kernel's threads, as 8 MiB); rows gathered through a table go a sixteenth of it at a
     # time, block-scaled rows a quarter
@@ -341,13 +349,15 @@ def compare_checkpoints(a: Checkpoint, b: Checkpoint, opts: Optional[Options] = 
     opts = opts or Options()
     notes: list[str] = []
     mapping: list = []
-    cdiff, cfindings, cnotes = compare_config_semantics(a, b)
+    cdiff, cfindings, cnotes, cwarnings = compare_config_semantics(a, b)
     a0, b0 = a, b
     if map_layouts:
         from .align import align
         a, b, mapping, notes = align(a, b)
     notes += [f"{side}: {n}" for side, ck in (("A", a0), ("B", b0)) for n in (ck.meta or {}).get("notes", [])]
     notes += cnotes
+    from .align import tied_head_views
+    a, b, tie_views = tied_head_views(a, b, {"A": _tied(a0), "B": _tied(b0)})
     consumed: set = set()
     names_a = [n for n in a.tensors if opts.selected(n)]
     names_b = [n for n in b.tensors if opts.selected(n)]
@@ -377,9 +387,10 @@ def compare_checkpoints(a: Checkpoint, b: Checkpoint, opts: Optional[Options] = 
             progress.stop()
     results = one_sided + done
     res = CompareResult(a.path, b.path, a.format, b.format, results,
-                        config_diff=cdiff, config_findings=cfindings,
+                        config_diff=cdiff, config_findings=cfindings, warnings=cwarnings, strict=opts.strict,
                         options={"atol": opts.atol, "rtol": opts.rtol, "only": opts.only, "ignore": opts.ignore,
                                  "patterns": [list(p) for p in opts.patterns]}, notes=notes, mapping=mapping)
+    _tied_equivalence(res, tie_views)
     from .coverage import coverage, unaccounted_note
     res.coverage = coverage(a0, b0, a, b, results, consumed, opts.selected)
     res.notes += unaccounted_note(res.coverage)
@@ -389,28 +400,62 @@ def compare_checkpoints(a: Checkpoint, b: Checkpoint, opts: Optional[Options] = 
     return res
 
 
-def compare_config_semantics(a: Checkpoint, b: Checkpoint) -> tuple[list, list, list]:
-    """(function-changing config differences, config-vs-tensor findings, notes) of two checkpoints.
+def _tied(ck: Checkpoint) -> bool:
+    """Whether a checkpoint's own config ties the output head (False when it has none or cannot say)."""
+    try:
+        c = canonical_config(ck.format, ck.config, ck.tensors, config_where(ck))
+    except (ConfigError, TypeError, ValueError, KeyError, ZeroDivisionError):
+        return False
+    return bool(c and c.get("tied"))
+
+
+def _tied_equivalence(res: CompareResult, views: dict) -> None:
+    """A named equivalence: one side ties its head, the other stores a head equal to its embedding. The
+    tied side's embedding was compared under the head's name; when that head and the embeddings match,
+    the configs' differing tie flag defines the same function and is no difference."""
+    for side, (emb, head) in views.items():
+        by = {t.name: t for t in res.tensors}
+        h, e = by.get(head), by.get(emb)
+        if h is None or e is None or not (h.ok and e.ok):
+            continue
+        other = "B" if side == "A" else "A"
+        h.note = f"{side} ties its head: compared as {side}[{emb}]"
+        res.config_diff = [d for d in res.config_diff if d[0] != "tied"]
+        res.notes.append(f"named equivalence (tied head): {side} ties its output head to {emb}, {other} stores "
+                         f"{head} equal to its embedding; the same function")
+
+
+def compare_config_semantics(a: Checkpoint, b: Checkpoint) -> tuple[list, list, list, list]:
+    """(function-changing config differences, config-vs-tensor findings, notes, warnings) of two checkpoints.
 
     Each side's own config (HF ``config.json`` v4/v5, Meta/JetStream ``params.json``, Megatron ``args``)
     is read into one canonical dict (converters/config.py), so spellings, explicit defaults and fields
-    that do not change the function never show; across layouts the same fields line up."""
-    from ..converters.config import ConfigError, canonical_config, compare_configs, config_findings, config_where
-    canon, bad = {}, []
+    that do not change the function never show; across layouts the same fields line up.
+
+    A finding about one checkpoint is a difference only when the other side does not share it: one
+    of the same kind on both sides (an untied config without a head in A and in B, the same bad
+    value) says nothing about A vs B and is returned once, as a warning about both."""
+    canon, found = {}, {}
     for side, ck in (("A", a), ("B", b)):
         try:  # a malformed value is a finding (verdict DIFFER), not a crash: same-layout tensors need no config
             canon[side] = canonical_config(ck.format, ck.config, ck.tensors, config_where(ck))
+            found[side] = []
         except ConfigError as e:
             canon[side] = None
-            bad.append(f"{side}: invalid config, {e}")
+            found[side] = [Finding(f"invalid config, {e}", ("invalid", e.problem))]
         except (TypeError, ValueError, KeyError, ZeroDivisionError) as e:
             canon[side] = None
-            bad.append(f"{side}: config not read: {e}")
+            found[side] = [Finding(f"config not read: {e}", ("unread", str(e)))]
     ca, cb = canon["A"], canon["B"]
+    bad = any(c is None and f for c, f in ((ca, found["A"]), (cb, found["B"])))
     diffs, notes = compare_configs(ca, cb)
-    findings = bad + [f"{side}: {f}" for side, ck, c in (("A", a, ca), ("B", b, cb))
-                      for f in config_findings(ck.format, ck.config, ck.tensors, c)]
-    notes += bad + [f"config disagrees with its tensors, {f}" for f in findings[len(bad):]]  # every report shows it
+    for side, ck in (("A", a), ("B", b)):
+        found[side] += config_findings(ck.format, ck.config, ck.tensors, canon[side])
+    kinds = {side: {f.kind for f in fs} for side, fs in found.items()}
+    both = kinds["A"] & kinds["B"]
+    findings = [f"{side}: {f}" for side in ("A", "B") for f in found[side] if f.kind not in both]
+    warnings = [f"A and B: {f}" for f in found["A"] if f.kind in both]
+    notes += [f"config disagrees with its tensors, {f}" for f in findings]  # every report shows it
     if (ca is None) != (cb is None) and not bad:
         notes.append(f"{'A' if ca is None else 'B'} has no model config: configurations were not compared")
-    return diffs, findings, notes
+    return diffs, findings, notes, warnings

@@ -164,7 +164,8 @@ SCHEMA = {
         "rope_theta": _THETA, "rope_scaling": ("rope_scaling", {}), "use_scaled_rope": _FLAG,
         "rope_scaling_factor": _THETA, "max_seq_len": _POS, "sliding_window": _WINDOW,
         "tie_word_embeddings": _FLAG, "num_experts": _COUNT, "num_experts_per_tok": _COUNT, "model_type": _TEXT,
-        "multiple_of": _SIZE, "ffn_dim_multiplier": _THETA, "quantize_type": _TEXT},
+        "multiple_of": _SIZE, "ffn_dim_multiplier": _THETA, "quantize_type": _TEXT,
+        "bos_token_id": ("token_ids", {}), "eos_token_id": ("token_ids", {}), "pad_token_id": ("token_ids", {})},
     "megatron": {
         "num_layers": _COUNT, "hidden_size": _SIZE, "num_attention_heads": _COUNT,
         "num_attention_heads_kv": _COUNT, "kv_channels": _SIZE, "ffn_hidden_size": _SIZE,
@@ -173,7 +174,8 @@ SCHEMA = {
         "pipeline_model_parallel_size": _COUNT, "layernorm_epsilon": _EPS, "rope_theta": _THETA,
         "use_rms_norm": _FLAG, "tie_embed_logits": _FLAG, "parallel_attn": _FLAG, "parallel_layernorm": _FLAG,
         "params_dtype": ("dtype", {}), "ckdiff_rotary": ("text", dict(choices=("interleaved", "rotate_half"))),
-        "ckdiff_model": _TEXT, "glu_activation": _TEXT},
+        "ckdiff_model": _TEXT, "glu_activation": _TEXT, "rope_scaling_factor": _THETA,
+        "bos_token_id": ("token_ids", {}), "eos_token_id": ("token_ids", {}), "pad_token_id": ("token_ids", {})},
 }
 SCHEMA["jetstream"] = SCHEMA["meta"]
 
@@ -312,6 +314,16 @@ class ModelConfig:
     true_vocab: Optional[int] = None         # Megatron true_vocab_size (rows above it are padding)
     separate_attn_norm: bool = False         # Megatron-Core: input_layernorm as its own tensor
     separate_mlp_norm: bool = False          # Megatron-Core: pre_mlp_layernorm as its own tensor
+    # special token ids as the source config gives them (an int, or a list: Llama-3's several EOS ids);
+    # None: the source does not say (writers fall back to the family's defaults)
+    bos_token_id: object = None
+    eos_token_id: object = None
+    pad_token_id: object = None
+
+    def token_ids(self) -> dict:
+        """The special token ids the config carries, by their config key (the ones it does not say left out)."""
+        return {k: v for k, v in (("bos_token_id", self.bos_token_id), ("eos_token_id", self.eos_token_id),
+                                  ("pad_token_id", self.pad_token_id)) if v is not None}
 
     @property
     def q_rows(self) -> int:
@@ -367,10 +379,10 @@ class ModelConfig:
         tied = (fam.always_tied if tied is None else tied) or "head" not in names \
             or names["head"] not in tensors
         rope = cfg.get("rope_parameters") or {}  # transformers v5 keeps theta and scaling here
-        scaling = None
-        if fam.hf_keys("rope_scaling"):
-            scaling = get("rope_scaling") or ({k: v for k, v in rope.items() if k != "rope_theta"}
-                                              if rope.get("rope_type", "default") != "default" else None)
+        # every family reads rope scaling (a family without a declared key reads HF's own spelling)
+        scaling = (get("rope_scaling") if fam.hf_keys("rope_scaling") else cfg.get("rope_scaling")) or (
+            {k: v for k, v in rope.items() if k != "rope_theta"} if rope.get("rope_type", "default") != "default"
+            else None)
         moe = fam.block.mlp is Mlp.MOE
         out = cls(family=fam.name, hidden=D, layers=L, heads=H, kv_heads=K, head_dim=hd, ffn=F, vocab=V,
                   norm_eps=get("norm_eps") or fam.eps_default_hf,
@@ -381,7 +393,9 @@ class ModelConfig:
                   parallel_attn=fam.block.parallel, norm_bias=fam.block.norm is Norm.LAYER,
                   dtype=_dtype_of(tensors, names["embed"], cfg),
                   hf_model_type=arch if arch in fam.hf_type_defaults or (arch and families.for_model_type(arch) is None)
-                  else fam.hf_model_types[0])
+                  else fam.hf_model_types[0],
+                  bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
+                  pad_token_id=cfg.get("pad_token_id"))
         out = replace(out, **hook).check(where, _hf_check_keys(fam))
         return check_tensors(out, "hf", tensors, where, cfg)
 
@@ -402,8 +416,11 @@ class ModelConfig:
             keys = fam.hf_keys(f)
             if keys and v is not None:
                 cfg[keys[0]] = v
+        if self.rope_scaling and not fam.hf_keys("rope_scaling"):
+            cfg["rope_scaling"] = self.rope_scaling  # HF's own key where the family declares none
         if fam.hf_write:
             cfg.update(fam.hf_write(self))
+        cfg.update(self.token_ids())  # the ids read from the source win over the family's defaults
         cfg["torch_dtype"] = self.dtype
         return cfg
 
@@ -436,7 +453,9 @@ class ModelConfig:
                    tied=tied, max_pos=params.get("max_seq_len", 2048),
                    sliding_window=params.get("sliding_window"), rope_scaling=params.get("rope_scaling"),
                    dtype=str(emb.dtype).replace("torch.", "") if emb.dtype.is_floating_point else "float32",
-                   hf_model_type=params.get("model_type", "llama")).check(where, _KEYS["meta"])
+                   hf_model_type=params.get("model_type", "llama"), bos_token_id=params.get("bos_token_id"),
+                   eos_token_id=params.get("eos_token_id"),
+                   pad_token_id=params.get("pad_token_id")).check(where, _KEYS["meta"])
         return check_tensors(out, "meta", tensors, where, params)
 
     def to_meta(self) -> dict:
@@ -459,6 +478,7 @@ class ModelConfig:
             p["model_type"] = mt
         if fam.block.mlp is Mlp.MOE:
             p.update(num_experts=self.experts, num_experts_per_tok=self.experts_per_tok)
+        p.update(self.token_ids())  # params.json has no such keys in Meta's releases: ckdiff records them
         return p
 
 
@@ -513,6 +533,17 @@ def _rope_scaling(d) -> Optional[dict]:
         return None
     out["rope_type"] = kind
     return dict(sorted(out.items()))
+
+
+def _ids_of(cfg: dict) -> dict:
+    """The special token ids a layout's config records (Meta params.json and Megatron args only when a
+    converter wrote them): absent keys stay absent, so they are never compared with a default."""
+    return {k: _ids(cfg[k]) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
+
+
+def megatron_rope_scaling(factor) -> Optional[dict]:
+    """Megatron-LLM's ``rope_scaling_factor`` (positions divided by it: linear scaling) as HF rope scaling."""
+    return {"rope_type": "linear", "factor": float(factor)} if factor and float(factor) != 1.0 else None
 
 
 def _ids(v):
@@ -604,7 +635,7 @@ def _canonical_meta(p: dict, tensors: dict) -> dict:
                rope_theta=float(p.get("rope_theta", 10000.0)), rope_scaling=scaling,
                tied=fam.always_tied or bool(p.get("tie_word_embeddings")) or "output.weight" not in tensors,
                sliding_window=p.get("sliding_window") or None,
-               activation=fam.activation, max_pos=p.get("max_seq_len"))
+               activation=fam.activation, max_pos=p.get("max_seq_len"), **_ids_of(p))
     if fam.block.mlp is Mlp.MOE:
         out.update(experts=p.get("num_experts", moe.shape[0] if moe is not None else None),
                    experts_per_tok=p.get("num_experts_per_tok", 2))
@@ -618,11 +649,15 @@ def _canonical_megatron(a: dict, tensors: dict) -> dict:
     H, D = a.get("num_attention_heads"), a.get("hidden_size")
     out = dict(family=fam.name, hidden=D, layers=a.get("num_layers"), heads=H,
                kv_heads=a.get("num_attention_heads_kv") or H, head_dim=a.get("kv_channels") or (D // H if D and H else None),
-               ffn=a.get("ffn_hidden_size"), vocab=a.get("true_vocab_size") or a.get("padded_vocab_size"),
+               # Megatron's default FFN size is 4 x hidden (the original tool writes none for Falcon)
+               ffn=a.get("ffn_hidden_size") or (4 * D if D else None),
+               vocab=a.get("true_vocab_size") or a.get("padded_vocab_size"),
                norm_eps=float(a.get("layernorm_epsilon") or 1e-5), rope_theta=float(a.get("rope_theta") or 10000.0),
-               rope_scaling=None, rotary=a.get("ckdiff_rotary", "interleaved"),
+               rope_scaling=_rope_scaling(megatron_rope_scaling(a.get("rope_scaling_factor"))),
+               rotary=a.get("ckdiff_rotary", "interleaved"),
                tied=bool(a.get("tie_embed_logits", fam.always_tied)), sliding_window=a.get("sliding_window_size") or None,
-               activation="silu" if glu else "gelu", max_pos=a.get("max_position_embeddings") or a.get("seq_length"))
+               activation="silu" if glu else "gelu", max_pos=a.get("max_position_embeddings") or a.get("seq_length"),
+               **_ids_of(a))
     if fam.block.parallel:
         out.update(parallel_attn=bool(a.get("parallel_attn")), two_norms=bool(a.get("parallel_layernorm")))
     return out
@@ -698,7 +733,73 @@ def _rows_equal(x, y) -> bool:
     return x.numel > (1 << 24) or torch.equal(x.load(), y.load())
 
 
-def config_findings(fmt: str, cfg: dict, tensors: dict, canon: Optional[dict]) -> list[str]:
+# stored rotary frequency buffers (derived from rope_theta, head_dim and rope scaling, never trained): Meta's
+# ``rope.freqs`` and HF's per-layer ``rotary_emb.inv_freq``; GGUF's rope_freqs.weight holds scaling factors
+ROTARY_BUFFERS = re.compile(r"(?:^rope\.freqs|rotary_emb\.inv_freq)$")
+
+
+def rotary_buffer_findings(tensors: dict, canon: dict) -> list:
+    """A stored rotary buffer against the frequencies its config implies (within the buffer dtype's
+    rounding): a stale buffer (another theta, scaling dropped) is what a runtime that loads it uses."""
+    from types import SimpleNamespace
+
+    from ..golden.runtimes import inv_freq
+    hd, theta = canon.get("head_dim"), canon.get("rope_theta")
+    names = [n for n in tensors if ROTARY_BUFFERS.search(n)]
+    if not names or not (isinstance(hd, int) and hd > 0 and hd % 2 == 0 and isinstance(theta, float)):
+        return []
+    want = inv_freq(SimpleNamespace(head_dim=hd, rope_theta=theta, rope_scaling=canon.get("rope_scaling")))
+    bad = []
+    for n in names:
+        t = tensors[n]
+        if tuple(t.shape) != (hd // 2,) or not t.dtype.is_floating_point:
+            bad.append(f"{n} has shape {list(t.shape)}, not [{hd // 2}] (head_dim / 2)")
+            continue
+        have = t.load().double()
+        rtol = {torch.bfloat16: 1.6e-2, torch.float16: 1e-3}.get(t.dtype, 1e-6)
+        worst = float(((have - want).abs() / want.abs()).max())
+        if worst > rtol:
+            bad.append(f"{n} differs from the frequencies its config implies (rope_theta {theta:g}, head_dim "
+                       f"{hd}{', rope scaling ' + str(canon['rope_scaling'].get('rope_type')) if canon.get('rope_scaling') else ''}"
+                       f"): max relative error {worst:.3g}")
+    return [Finding(f"{x}: a runtime that loads the stored buffer rotates with other frequencies",
+                    ("rotary-buffer", x.split(" ")[0])) for x in bad]
+
+
+_FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+
+
+def fp8_format_findings(cfg: dict, tensors: dict) -> list:
+    """FP8 weights stored in the other FP8 format than ``quantization_config.fmt`` says (e4m3 / e5m2):
+    a loader that trusts the config reads every code with the wrong exponent width."""
+    q = (cfg or {}).get("quantization_config")
+    fmt = q.get("fmt") if isinstance(q, dict) else None
+    if fmt not in _FP8:
+        return []
+    other = next((d for f, d in _FP8.items() if f != fmt), None)
+    wrong = [n for n, t in tensors.items() if t.dtype == other]
+    if not wrong:
+        return []
+    more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+    return [Finding(f"quantization_config.fmt says {fmt} but {wrong[0]}{more} is stored as "
+                    f"{str(other).replace('torch.', '')}: read as {fmt}, every code decodes to another value",
+                    ("fp8-format", fmt))]
+
+
+class Finding(str):
+    """One config-vs-tensors finding: its text, and ``kind``, what it is about in layout-free terms (the
+    same problem in two checkpoints of different layouts has the same kind). A finding that holds on
+    both sides of a comparison is a warning about both checkpoints, not a difference between them."""
+
+    kind: tuple
+
+    def __new__(cls, text: str, kind: tuple) -> "Finding":
+        f = super().__new__(cls, text)
+        f.kind = kind
+        return f
+
+
+def config_findings(fmt: str, cfg: dict, tensors: dict, canon: Optional[dict]) -> list[Finding]:
     """Places where a checkpoint's own config disagrees with its tensors, each with its cause.
 
     - the tie flag against the presence (and equality) of the output head;
@@ -714,31 +815,38 @@ def config_findings(fmt: str, cfg: dict, tensors: dict, canon: Optional[dict]) -
     if tied is not None and emb is not None:
         fam = families.get(canon.get("family"))
         if not tied and head is None and (fam is None or ("head" in fam.hf_names and not fam.always_tied)):
-            out.append(f"config says the output head is untied but there is no {names['head'][0]} tensor: "
-                       "a loader leaves the head at its random initialisation (or ties it silently)")
+            out.append(Finding(f"config says the output head is untied but there is no {names['head'][0]} tensor: "
+                               "a loader leaves the head at its random initialisation (or ties it silently)",
+                               ("untied-without-head",)))
         if tied and head is not None and fmt in ("hf", "megatron") and emb[1].shape == head[1].shape \
                 and not _rows_equal(emb[1], head[1]):
-            out.append(f"config says the output head is tied to the embedding but {head[0]} differs from "
-                       f"{emb[0]}: a loader that ties them ignores the trained head")
+            out.append(Finding(f"config says the output head is tied to the embedding but {head[0]} differs from "
+                               f"{emb[0]}: a loader that ties them ignores the trained head", ("tied-head-differs",)))
     V = canon.get("vocab")
     if isinstance(V, int) and emb is not None:
         rows = emb[1].shape[0]
         if rows < V:
-            out.append(f"config vocab size {V} exceeds the {rows} rows of {emb[0]}: token ids >= {rows} have no "
-                       "embedding")
+            out.append(Finding(f"config vocab size {V} exceeds the {rows} rows of {emb[0]}: token ids >= {rows} "
+                               "have no embedding", ("vocab-over-rows", V, rows)))
         elif rows > V and fmt != "megatron":
-            out.append(f"{emb[0]} has {rows} rows but the config's vocab size is {V}: {rows - V} rows are "
-                       "unaccounted for (padding exported as tokens, or a vocab size left at its default)")
+            out.append(Finding(f"{emb[0]} has {rows} rows but the config's vocab size is {V}: {rows - V} rows are "
+                               "unaccounted for (padding exported as tokens, or a vocab size left at its default)",
+                               ("rows-over-vocab", V, rows)))
+    out += rotary_buffer_findings(tensors, canon)
+    out += fp8_format_findings(cfg, tensors)
     H, K, hd = canon.get("heads"), canon.get("kv_heads"), canon.get("head_dim")
     if all(isinstance(v, int) and v > 0 for v in (H, K, hd)):
         q, k, qkv = _first(tensors, names["q"]), _first(tensors, names["k"]), _first(tensors, names["qkv"])
         if q is not None and len(q[1].shape) in (2, 3) and _rows(q[1]) != H * hd:
-            out.append(f"{q[0]} has {_rows(q[1])} rows, not heads x head_dim = {H} x {hd} = {H * hd}: "
-                       "the config's head count or head_dim does not fit the weights")
+            out.append(Finding(f"{q[0]} has {_rows(q[1])} rows, not heads x head_dim = {H} x {hd} = {H * hd}: "
+                               "the config's head count or head_dim does not fit the weights",
+                               ("q-rows", _rows(q[1]), H, hd)))
         if k is not None and len(k[1].shape) in (2, 3) and _rows(k[1]) != K * hd:
-            out.append(f"{k[0]} has {_rows(k[1])} rows, not kv_heads x head_dim = {K} x {hd} = {K * hd}: "
-                       "the config's KV head count or head_dim does not fit the weights")
+            out.append(Finding(f"{k[0]} has {_rows(k[1])} rows, not kv_heads x head_dim = {K} x {hd} = {K * hd}: "
+                               "the config's KV head count or head_dim does not fit the weights",
+                               ("kv-rows", _rows(k[1]), K, hd)))
         if qkv is not None and qkv[1].shape[0] != (H + 2 * K) * hd and fmt in ("megatron", "hf"):
-            out.append(f"{qkv[0]} has {qkv[1].shape[0]} rows, not (heads + 2 kv_heads) x head_dim = "
-                       f"({H} + 2 x {K}) x {hd}: the config's head counts or head_dim do not fit the weights")
+            out.append(Finding(f"{qkv[0]} has {qkv[1].shape[0]} rows, not (heads + 2 kv_heads) x head_dim = "
+                               f"({H} + 2 x {K}) x {hd}: the config's head counts or head_dim do not fit the weights",
+                               ("qkv-rows", qkv[1].shape[0], H, K, hd)))
     return out

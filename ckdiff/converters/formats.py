@@ -131,7 +131,41 @@ def read_hf(p: Path, trust_pickle=False, **_) -> Checkpoint:
     tensors, files = _read_weight_files(p, _hf_weight_files(p), trust_pickle,
                                         "HF directory without weights (no *.safetensors or pytorch_model*.bin)")
     config = _json(p / "config.json") if os.path.lexists(p / "config.json") else {}
-    return Checkpoint(str(p), "hf", tensors, config=config, meta={"files": files})
+    tensors, notes = fused_experts_view(tensors, config, p)
+    return Checkpoint(str(p), "hf", tensors, config=config, meta={"files": files, "notes": notes})
+
+
+_FUSED = re.compile(r"^(?P<pre>.*layers\.(?P<i>\d+)\.)mlp\.experts\.gate_up_proj$")
+
+
+def fused_experts_view(tensors: dict, config: dict, where) -> tuple[dict, list]:
+    """transformers 5's fused MoE layout (``save_pretrained(..., save_original_format=False)``):
+    ``mlp.experts.gate_up_proj`` [E, 2F, D] (each expert's gate rows, then its up rows),
+    ``mlp.experts.down_proj`` [E, D, F] and ``mlp.gate.weight``, read as the family's per-expert tensors
+    (``experts.{e}.w1/w2/w3``, the router under its name) through a reversible table: the same model in
+    either layout compares tensor for tensor. Anything else passes through."""
+    from .. import families
+    from .ops import Unstack, UnstackSplit
+    from .table import R, apply_present
+    hits = [m for m in map(_FUSED.match, tensors) if m]
+    fam = families.for_model_type(str((config or {}).get("model_type") or "")) if isinstance(config, dict) else None
+    if not hits or fam is None or "expert" not in fam.hf_names or "router" not in fam.hf_names:
+        return tensors, []
+    rules = []
+    for m in hits:
+        i, pre = int(m["i"]), m["pre"]
+        gu, down, router = tensors[m.group(0)], tensors.get(pre + "mlp.experts.down_proj"), tensors.get(pre + "mlp.gate.weight")
+        if len(gu.shape) != 3 or gu.shape[1] % 2 or down is None or router is None:
+            continue
+        E, F = gu.shape[0], gu.shape[1] // 2
+        w = lambda e, n: fam.hf_names["expert"].format(i=i, e=e, n=n)  # noqa: E731  (w1 gate, w2 down, w3 up)
+        rules += [R(m.group(0), [w(e, n) for e in range(E) for n in (1, 3)], UnstackSplit(E, (F, F))),
+                  R(pre + "mlp.experts.down_proj", [w(e, 2) for e in range(E)], Unstack(E)),
+                  R(pre + "mlp.gate.weight", fam.hf_names["router"].format(i=i))]
+    if not rules:
+        return tensors, []
+    return apply_present(tensors, rules, str(where)), [
+        "transformers 5 fused expert layout (mlp.experts.gate_up_proj, down_proj) read as per-expert tensors"]
 
 
 # ---------------------------------------------------------------- plain directories of tensor files

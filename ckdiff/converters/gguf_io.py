@@ -18,6 +18,8 @@ Facts (gguf 0.19.0, ``gguf/gguf_reader.py``, ``gguf/quants.py``, ``gguf/constant
 from __future__ import annotations
 
 import os
+from typing import Optional
+
 from pathlib import Path
 
 import numpy as np
@@ -351,7 +353,30 @@ def config_from_gguf(f: dict, tensors: dict, where="gguf") -> ModelConfig:
         vocab=emb.shape[0] if emb is not None else g("vocab_size"),
         norm_eps=float(g("attention.layer_norm_rms_epsilon") or 1e-5), rope_theta=float(g("rope.freq_base") or 10000.0),
         tied=GGUF["head"] not in tensors, max_pos=g("context_length") or 2048, experts=E,
-        experts_per_tok=g("expert_used_count") or 0, hf_model_type=fam.hf_model_types[0]).check(where)
+        experts_per_tok=g("expert_used_count") or 0, hf_model_type=fam.hf_model_types[0],
+        rope_scaling=rope_scaling(f, arch, where)).check(where)
+
+
+def rope_scaling(f: dict, arch: str, where="gguf") -> Optional[dict]:
+    """``{arch}.rope.scaling.*`` (llama.cpp's keys: type none/linear/yarn/longrope, factor, original context
+    length) as HF spells rope scaling; None for none. Values are type-checked (one line naming the key)."""
+    from .config import Fields
+    sub = {k[len(f"{arch}.rope.scaling."):]: v for k, v in f.items() if k.startswith(f"{arch}.rope.scaling.")}
+    if not sub:
+        return None
+    x = Fields(sub, where, f"metadata key '{arch}.rope.scaling.'")
+    kind = x.text("type", choices=("none", "linear", "yarn", "longrope")) or "none"
+    factor = x.num("factor")
+    orig = x.int("original_context_length", hi=1 << 32)
+    if kind == "none":
+        return None
+    out = {"rope_type": kind, "factor": factor if factor is not None else 1.0}
+    if orig is not None:
+        out["original_max_position_embeddings"] = orig
+    return out
+
+
+GGUF_FREQS = "rope_freqs.weight"
 
 
 def canonical(f: dict, tensors: dict) -> dict:
@@ -359,6 +384,9 @@ def canonical(f: dict, tensors: dict) -> dict:
     out = dict(family=c.family, hidden=c.hidden, layers=c.layers, heads=c.heads, kv_heads=c.kv_heads,
                head_dim=c.head_dim, ffn=c.ffn, vocab=c.vocab, norm_eps=c.norm_eps, rope_theta=c.rope_theta,
                tied=c.tied, activation=families.family(c.family).activation, max_pos=c.max_pos)
+    if GGUF_FREQS not in tensors:  # llama.cpp stores Llama-3 scaling as per-frequency factors (rope_freqs.weight)
+        from .config import _rope_scaling
+        out["rope_scaling"] = _rope_scaling(c.rope_scaling)
     if c.experts:
         out.update(experts=c.experts, experts_per_tok=c.experts_per_tok)
     return out
@@ -422,6 +450,16 @@ def write_gguf(path: Path, hf: dict, cfg: ModelConfig, qtype: str = "F16", keep_
     w.add_value_length(cfg.head_dim)
     w.add_layer_norm_rms_eps(cfg.norm_eps)
     w.add_rope_freq_base(cfg.rope_theta)
+    sc = cfg.rope_scaling or {}
+    kind = sc.get("rope_type") or sc.get("type")
+    if kind in ("linear", "yarn", "longrope"):
+        w.add_rope_scaling_type(gguf.RopeScalingType(kind))
+        w.add_rope_scaling_factor(float(sc.get("factor", 1.0)))
+        if sc.get("original_max_position_embeddings"):
+            w.add_rope_scaling_orig_ctx_len(int(sc["original_max_position_embeddings"]))
+    elif kind not in (None, "default"):
+        raise InputError(str(path), f"rope scaling {kind!r}: llama.cpp keeps it as rope_freqs factors, which "
+                                    "this writer does not write")
     w.add_context_length(cfg.max_pos)
     w.add_vocab_size(cfg.vocab)
     if cfg.experts:

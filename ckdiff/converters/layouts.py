@@ -6,7 +6,7 @@ layout; the way back is ``invert`` of the same rows. A conversion A -> B is
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Optional
 
 from .. import families
 from ..errors import InputError
@@ -14,7 +14,7 @@ from ..families import FALCON as FALCON_FAMILY, GEMMA_JETSTREAM_NAMES, LLAMA_NAM
 from .config import ModelConfig
 from .lazy import LazyTensor
 from .ops import Chain, Concat, Each, FuseQKV, Identity, PermuteRope, SplitQKV, Stack
-from .table import Plan, R, Tie, apply, invert
+from .table import Plan, R, Tie, UnmappedError, apply, invert
 
 # ------------------------------------------------------------------ names
 # HF names are the families' own (ckdiff/families.py); the dicts below are aliases kept for the
@@ -180,13 +180,26 @@ def convert(tensors: Mapping[str, LazyTensor], src: str, dst: str, cfg: ModelCon
     sees every table on its way (converters/faults.py)."""
     table = hf_to if faults is None else (lambda layout, cfg: faults.on_rules(layout, cfg, hf_to(layout, cfg)))
     canon = dict(tensors)
-    if src != "hf":
-        canon = apply(tensors, invert(table(src, cfg)), cfg.layers, DROP.get(src, ()), where, plan, cover)
-    else:
-        canon = apply(tensors, [R(k, k) for k in _hf_keys(cfg)], cfg.layers, hf_drop(cfg), where, cover=cover)
+    try:
+        if src != "hf":
+            canon = apply(tensors, invert(table(src, cfg)), cfg.layers, DROP.get(src, ()), where, plan, cover)
+        else:
+            canon = apply(tensors, [R(k, k) for k in _hf_keys(cfg)], cfg.layers, hf_drop(cfg), where, cover=cover)
+    except UnmappedError as e:
+        raise undeclared_family(cfg, src, where) or e from None
     if dst == "hf":
         return canon
     return apply(canon, table(dst, cfg), cfg.layers, (), where, plan, cover)
+
+
+def undeclared_family(cfg: ModelConfig, layout: str, where) -> Optional[InputError]:
+    """The error for tensors a table does not know when the config names a model type no family
+    declares (read with the default family's names, so its own tensors are left over), else None."""
+    mt = (cfg.hf_model_type or "").lower()
+    if not mt or families.for_model_type(mt) is not None:
+        return None
+    return InputError(where, f"family {mt} is not declared for this layout ({layout}); declared families: "
+                             f"{', '.join(families.FAMILIES)}")
 
 
 def _hf_keys(cfg: ModelConfig) -> list:

@@ -220,7 +220,8 @@ def config_from_args(a: dict, tensors: dict, where="args") -> ModelConfig:
     sep = MCORE["attn_norm_sep"].format(i=0) in tensors
     msep = MCORE["mlp_norm_sep"].format(i=0) in tensors
     fam = families.for_block("mcore", mlp=Mlp.MOE if E else Mlp.GLU)
-    return ModelConfig(
+    scaling, window = rope_and_window(a, where)
+    return ModelConfig(rope_scaling=scaling, sliding_window=window,
         family=fam.name, hidden=D, layers=L, heads=H, kv_heads=K,
         head_dim=a.get("kv_channels") or D // H, ffn=F, vocab=V, norm_eps=float(a.get("norm_epsilon") or 1e-5),
         rope_theta=float(a.get("rotary_base") or 10000.0),
@@ -231,10 +232,38 @@ def config_from_args(a: dict, tensors: dict, where="args") -> ModelConfig:
         separate_attn_norm=sep, separate_mlp_norm=msep).check(where)
 
 
+def rope_and_window(a: dict, where="args") -> tuple:
+    """(rope scaling as HF spells it, sliding window) of Megatron-Core args, type-checked:
+    ``rotary_seq_len_interpolation_factor`` is linear scaling (positions divided by it); ``use_rope_scaling``
+    is Llama-3.1's scaling with ``rope_scaling_factor`` (``rotary_scaling_factor`` in newer releases,
+    default 8); ``window_size`` is (left, right) attention window, the left one the sliding window."""
+    from .config import Fields
+    f = Fields(a, where, "args key")
+    scaling = None
+    linear = f.num("rotary_seq_len_interpolation_factor")
+    if linear and linear != 1.0:
+        scaling = {"rope_type": "linear", "factor": linear}
+    if f.flag("use_rope_scaling"):
+        factor = f.num("rope_scaling_factor") or f.num("rotary_scaling_factor") or 8.0
+        scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192}
+    w = a.get("window_size")
+    window = None
+    if w is not None:
+        ok = isinstance(w, (list, tuple)) and len(w) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                                 and -1 <= x < (1 << 32) for x in w)
+        if not ok:
+            f.fail("window_size", "a (left, right) pair of integers", w)
+        window = w[0] if w[0] > 0 else None
+    return scaling, window
+
+
 def canonical(a: dict, tensors: dict) -> dict:
+    from .config import _rope_scaling
     c = config_from_args(a, tensors)
     out = dict(family=c.family, hidden=c.hidden, layers=c.layers, heads=c.heads, kv_heads=c.kv_heads,
                head_dim=c.head_dim, ffn=c.ffn, vocab=c.vocab, norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+               rope_scaling=_rope_scaling(c.rope_scaling), sliding_window=c.sliding_window,
                tied=c.tied, activation="silu" if a.get("swiglu") else "gelu", max_pos=c.max_pos)
     if c.experts:
         out.update(experts=c.experts, experts_per_tok=c.experts_per_tok)
@@ -286,7 +315,27 @@ def to_args(cfg: ModelConfig, padded_vocab: int) -> argparse.Namespace:
         rotary_interleaved=cfg.rotary_rows == "interleaved", max_position_embeddings=cfg.max_pos,
         num_experts=cfg.experts or None, moe_router_topk=cfg.experts_per_tok or 2,
         moe_ffn_hidden_size=cfg.ffn if cfg.experts else None, add_bias_linear=False,
-        params_dtype=torch.float32, transformer_impl="transformer_engine", ckpt_format=BACKEND)
+        params_dtype=torch.float32, transformer_impl="transformer_engine", ckpt_format=BACKEND,
+        **_rope_and_window_args(cfg))
+
+
+def _rope_and_window_args(cfg: ModelConfig) -> dict:
+    """The args that carry ``cfg``'s rope scaling and sliding window (the inverse of rope_and_window);
+    a kind Megatron-Core cannot say is refused in one line."""
+    out: dict = {}
+    if cfg.sliding_window:
+        out["window_size"] = (cfg.sliding_window, 0)
+    sc = cfg.rope_scaling or {}
+    kind = sc.get("rope_type") or sc.get("type")
+    if kind in (None, "default"):
+        return out
+    if kind == "linear":
+        out["rotary_seq_len_interpolation_factor"] = float(sc["factor"])
+    elif kind == "llama3":
+        out.update(use_rope_scaling=True, rope_scaling_factor=float(sc.get("factor", 8.0)))
+    else:
+        raise InputError("config", f"rope scaling {kind!r} has no Megatron-Core argument: refusing to drop it")
+    return out
 
 
 def mcore_state(hf: dict, cfg: ModelConfig, stacked: bool = True, pad_to: int = 128,

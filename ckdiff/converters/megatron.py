@@ -240,7 +240,7 @@ def family_of_args(args: dict, tensors: dict):
 
 def config_from_args(args: dict, tensors: dict, where="args") -> ModelConfig:
     from ..families import Norm
-    from .config import _KEYS, ConfigError, check_tensors, parse_config
+    from .config import _KEYS, ConfigError, check_tensors, megatron_rope_scaling, parse_config
     from .layouts import MEGATRON
     raw = parse_config("megatron", args, where)
     args = raw
@@ -275,7 +275,10 @@ def config_from_args(args: dict, tensors: dict, where="args") -> ModelConfig:
         dtype=str(emb.dtype).replace("torch.", ""),
         hf_model_type=mm.hf_model_type or fam.hf_model_types[0],
         true_vocab=args.get("true_vocab_size"), megatron_model=model,
-        rotary_rows=args.get("ckdiff_rotary", "interleaved"))
+        rotary_rows=args.get("ckdiff_rotary", "interleaved"),
+        rope_scaling=megatron_rope_scaling(args.get("rope_scaling_factor")),
+        bos_token_id=args.get("bos_token_id"), eos_token_id=args.get("eos_token_id"),
+        pad_token_id=args.get("pad_token_id"))
     cfg.check(where, _KEYS["megatron"])
     return check_tensors(cfg, "megatron", tensors, where, raw)
 
@@ -309,7 +312,25 @@ def make_args(cfg: ModelConfig, model: str, tp: int, pp: int, padded_vocab: int,
         a["sliding_window_size"] = cfg.sliding_window
     if cfg.two_norms:
         a["parallel_layernorm"] = True
+    factor = megatron_rope_factor(cfg.rope_scaling)
+    if factor is not None:
+        a["rope_scaling_factor"] = factor
+    a.update(cfg.token_ids())  # not Megatron-LLM args: recorded so that megatron-to-hf writes them back
     return argparse.Namespace(**a)
+
+
+def megatron_rope_factor(scaling: dict | None) -> float | None:
+    """Megatron-LLM's ``rope_scaling_factor`` for an HF rope scaling: linear scaling only (positions are
+    divided by the factor); any other kind has no Megatron-LLM equivalent and is refused in one line."""
+    if not scaling:
+        return None
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind == "default" and not {k for k in scaling if k not in ("rope_type", "type", "rope_theta")}:
+        return None
+    if kind != "linear" or not isinstance(scaling.get("factor"), (int, float)):
+        raise UsageError(f"rope scaling {kind!r} has no Megatron-LLM equivalent (only linear scaling, as "
+                         "rope_scaling_factor): refusing to drop it")
+    return float(scaling["factor"])
 
 
 # ---------------------------------------------------------------- writer

@@ -198,6 +198,52 @@ class Unstack(Op):
 
 
 @dataclass(frozen=True)
+class UnstackSplit(Op):
+    """One [n, sum(sizes), ...] tensor -> n x len(sizes) tensors, slice e of dim 0 split along its dim 0 by
+    ``sizes``, in the order (0, part 0), (0, part 1), (1, part 0), ... (transformers 5's fused MoE
+    ``gate_up_proj`` [E, 2F, D] -> each expert's gate and up)."""
+    n: int
+    sizes: tuple
+
+    @property
+    def n_out(self):
+        return self.n * len(self.sizes)
+
+    def __call__(self, xs):
+        x = xs[0]
+        if x.dim() < 2 or x.shape[0] != self.n or x.shape[1] != sum(self.sizes):
+            raise ValueError(f"unstack-split: shape {list(x.shape)}, expected [{self.n}, {sum(self.sizes)}, ...]")
+        return [p.contiguous() for e in torch.unbind(x) for p in torch.split(e, list(self.sizes), dim=0)]
+
+    def reverse(self):
+        return StackConcat(self.n, self.sizes)
+
+    def describe(self):
+        return f"unstack {self.n} and split {list(self.sizes)}"
+
+
+@dataclass(frozen=True)
+class StackConcat(Op):
+    """The reverse of UnstackSplit: each group of len(sizes) inputs concatenated, the groups stacked."""
+    n: int
+    sizes: tuple
+
+    @property
+    def n_in(self):
+        return self.n * len(self.sizes)
+
+    def __call__(self, xs):
+        k = len(self.sizes)
+        return [_stack([_cat(xs[e * k:(e + 1) * k], 0) for e in range(self.n)])]
+
+    def reverse(self):
+        return UnstackSplit(self.n, self.sizes)
+
+    def describe(self):
+        return f"concat {list(self.sizes)} and stack {self.n}"
+
+
+@dataclass(frozen=True)
 class FuseQKV(Op):
     """q [H*d], k [K*d], v [K*d] rows -> Megatron group order [q x H/K, k, v] x K."""
     heads: int

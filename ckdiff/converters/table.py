@@ -164,8 +164,16 @@ def apply(tensors: Mapping[str, LazyTensor], rules: Sequence[Rule], layers: int,
             if k not in used and any(p.search(k) for p in drop_re)}})
     if unused:
         more = f" (and {len(unused) - 3} more)" if len(unused) > 3 else ""
-        raise InputError(where, f"unmapped tensors {unused[:3]}{more}: the converter does not know them")
+        raise UnmappedError(where, f"unmapped tensors {unused[:3]}{more}: the converter does not know them", unused)
     return out
+
+
+class UnmappedError(InputError):
+    """Source tensors that no rule of a table consumes (``names``)."""
+
+    def __init__(self, path, problem, names):
+        super().__init__(path, problem)
+        self.names = list(names)
 
 
 def apply_present(tensors: Mapping[str, LazyTensor], rules: Sequence[Rule], where: str = "input",

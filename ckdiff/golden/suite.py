@@ -41,7 +41,7 @@ def _hf_to_megatron(src, out, o, faults=None):
     from ..converters import api
     ck, cfg = api.read_source(src)
     fam = families.family(cfg.family)
-    model = fam.default_megatron_model(cfg.hf_model_type)
+    model = o.get("model") or fam.default_megatron_model(cfg.hf_model_type)
     if ck.format == "meta" and not fam.megatron_model(model).meta_source:
         model = fam.default_megatron_model()  # Meta weights are read as the family's default source
     api.hf_to_megatron(model, out, model_path=src, tp=o.get("tp", 1), pp=o.get("pp", 1), overwrite=True,
@@ -180,7 +180,9 @@ def config_drift(a, b) -> list:
     from ..converters.api import read_source
     ca, cb = read_source(str(a))[1].to_dict(), read_source(str(b))[1].to_dict()
     skip = {"dtype"}
-    return [f"{k}: {ca[k]!r} -> {cb[k]!r}" for k in ca if k not in skip and ca[k] != cb.get(k)]
+    unsaid = {"bos_token_id", "eos_token_id", "pad_token_id"}  # a layout that does not record them says nothing
+    return [f"{k}: {ca[k]!r} -> {cb[k]!r}" for k in ca if k not in skip and ca[k] != cb.get(k)
+            and not (k in unsaid and (ca[k] is None or cb.get(k) is None))]
 
 
 def validate(c: Converter, registry: Optional[dict] = None) -> list[str]:
@@ -330,6 +332,9 @@ def roundtrip(converter: str, src, work: Path, tp: int = 1, pp: int = 1, logits:
     """Convert ``src`` with ``converter`` and back (into ``work``); diff, config drift and logits."""
     c = REGISTRY[converter]
     opts = {"tp": tp, "pp": pp}
+    if c.source == "megatron":  # back into the Megatron-LLM model the source was written for
+        from ..converters.api import read_source
+        opts["model"] = read_source(str(src))[1].megatron_model
     tgt = convert(c.name, src, work / "target", opts)
     back = convert(c.inverse, tgt, work / "back", opts)
     rt = _compare(src, back)

@@ -175,6 +175,11 @@ def _compare_section(d: dict) -> str:
     if diag or notes:
         parts.append("<h2>Diagnosis</h2><ul>" + "".join(f"<li>{html_text(n)}</li>" for n in notes) + "".join(
             f"<li><code>{html_text(n)}</code>: {html_text(x)}</li>" for n, x in diag[:500]) + "</ul>")
+    if d.get("warnings"):
+        parts.append("<h2>Warnings</h2><p><small>findings that hold on both sides alike: about the checkpoints, "
+                     f"not a difference between them{'' if d.get('strict') else ' (they fail with --strict)'}"
+                     "</small></p><ul id=warnings>" + "".join(f"<li>{html_text(w)}</li>" for w in d["warnings"])
+                     + "</ul>")
     if d.get("config_diff"):
         parts.append("<h2>Config differences</h2><table><tr><th>key</th><th>A</th><th>B</th></tr>" + "".join(
             f"<tr><td>{html_text(str(k))}</td><td>{html_text(repr(a))}</td><td>{html_text(repr(b))}</td></tr>"
@@ -378,6 +383,9 @@ def render_markdown(kind: str, res, command: str = "") -> str:
     if shape.logits:
         lines += [f"{logits_gate(d)}; top-1 agreement {_num(d['top1_agreement']):.4f}; first divergent layer "
                   f"{'none' if d['first_divergent_layer'] is None else d['first_divergent_layer']}", ""]
+    if shape.tensors and d.get("warnings"):
+        lines += [f"**Warnings** (hold on both sides alike{'' if d.get('strict') else '; fail with `--strict`'}):", ""]
+        lines += [f"- {md_cell(w)}" for w in d["warnings"]] + [""]
     bad = sorted((t for t in d["tensors"] if not is_ok(t["status"])), key=worst_first_key) if shape.tensors else []
     if bad:
         lines += ["<details><summary>" + f"{len(bad)} mismatching tensors</summary>", "",

@@ -125,6 +125,14 @@ def print_compare(res, console, limit: int = 40) -> None:
         console.print(terminal(f"config {k}: A={va!r} B={vb!r}"))
     for n in res.notes:
         console.print(terminal(f"note: {n}"))
+    print_warnings(res, console)
+
+
+def print_warnings(res, console) -> None:
+    """Findings that hold on both sides: about the checkpoints, not their difference (fail with --strict)."""
+    for w in getattr(res, "warnings", None) or []:
+        console.print(terminal(f"warning: {w}") + (" (fails with --strict)" if not res.strict else ""),
+                      style="yellow")
 
 
 def print_logits(res, console) -> None:

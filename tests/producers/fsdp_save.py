@@ -37,6 +37,9 @@ def main():
     opt.step()
     msd, osd = get_state_dict(model, opt)
     dcp.save({"model": msd, "optimizer": osd, "step": 1}, checkpoint_id=str(out))
+    # every rank past the save before any tears gloo down (a rank destroying its group while the other
+    # still talks aborts with "terminate called without an active exception")
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 

@@ -53,6 +53,7 @@ def main():
     for item in sys.argv[3:]:
         hf_dir, variant = item.rsplit(":", 1)
         save_source(Path(hf_dir), out / f"{Path(hf_dir).name}-{variant}", tp, variant)
+    torch.distributed.barrier()  # no rank tears gloo down while another still talks
     torch.distributed.destroy_process_group()
 
 

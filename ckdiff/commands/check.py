@@ -1,0 +1,47 @@
+"""``ckdiff check X``: lint one checkpoint (config vs tensors, coverage, NaN/Inf, tied head, mixed dtypes,
+vocab padding). Exit 0 clean, 1 findings, 2 usage or input error."""
+from __future__ import annotations
+
+from . import common
+
+NAME = "check"
+SUMMARY = "lint one checkpoint: config vs tensors, coverage, NaN/Inf, tied head, mixed dtypes, padding"
+
+
+def parser(prog: str = "ckdiff check"):
+    p = common.Parser(prog=prog, description="Lint one checkpoint: its config against its tensors, every tensor "
+                      "accounted for by its layout, NaN/Inf, the tied head, mixed dtypes, vocab padding. "
+                      "Exit 0 clean, 1 findings, 2 usage or input error.")
+    p.add_argument("path", help="a model directory, a directory of tensor files, a tensor file or a hub id")
+    common.add_formats(p, sides=1)
+    common.add_reports(p, ("json",))
+    common.add_common(p)
+    return p
+
+
+def run(argv, command: str = "") -> int:
+    from rich.markup import escape
+
+    from ..compare.lint import lint
+    from ..converters.formats import open_checkpoint
+    from ..reports.render import render_json
+    from ..text import printable
+    args = parser().parse_args(argv)
+    common.check_reports(args)
+    ck = open_checkpoint(args.path, args.format, args.cache_dir, args.trust_pickle)
+    common.check_reports(args, (ck,))
+    res = lint(ck, progress_factory=common.progress_factory(common.show_progress(args), "checking"))
+    console = common.console(args)
+    style = "bold green" if res.equivalent else "bold red"
+    head = "CLEAN" if res.equivalent else f"FINDINGS: {len(res.findings)}"
+    console.print(f"[{style}]{head}[/{style}]: {escape(printable(ck.path))} \\[{ck.format}], {res.tensors} tensors "
+                  f"(checks: {', '.join(res.checks)})")
+    if not args.quiet:
+        for f in res.findings:
+            console.print(escape(printable(f"{f.check}: {f.text}")))
+        for n in res.notes:
+            console.print(escape(printable(f"note: {n}")))
+    if args.json:
+        common.write_report(args.json, render_json("check", res.to_dict(), res.verdict(), command), (ck,), "json",
+                            args.force)
+    return 0 if res.equivalent else 1
