@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -259,6 +259,8 @@ def check_tensors(cfg: "ModelConfig", fmt: str, tensors: dict, where, raw: Optio
                 if cols < cfg.hidden and cfg.hidden % cols == 0 and rows % (cfg.hidden // cols) == 0 else "")
         bad("hidden", f"{cfg.hidden} does not match the {cols} columns of {emb[0]}{hint}")
     found = {int(m.group(1)) for n in tensors for m in [_LAYER.search(n)] if m}
+    mtp = (cfg.extra or {}).get("mtp_layers") or 0  # DeepSeek-V3's MTP layers follow the decoder's layers
+    found -= set(range(cfg.layers, cfg.layers + mtp))
     if found and len(found) != cfg.layers:
         bad("layers", f"{cfg.layers} layers, but the tensors hold {len(found)}")
     H, K, hd = cfg.heads, cfg.kv_heads, cfg.head_dim
@@ -312,6 +314,8 @@ class ModelConfig:
     true_vocab: Optional[int] = None         # Megatron true_vocab_size (rows above it are padding)
     separate_attn_norm: bool = False         # Megatron-Core: input_layernorm as its own tensor
     separate_mlp_norm: bool = False          # Megatron-Core: pre_mlp_layernorm as its own tensor
+    extra: dict = field(default_factory=dict)  # the family's own config values (Family.extra_keys): MLA ranks,
+    #                                            routing, layer_types, ...
 
     @property
     def q_rows(self) -> int:
@@ -351,7 +355,9 @@ class ModelConfig:
         for f, v in (("heads", H), ("layers", L), ("hidden", D)):
             if v is None:
                 raise ConfigError(where, f"missing {(fam.hf_keys(f) or (f,))[0]!r}")
-        hook = fam.hf_read(cfg, where, True) if fam.hf_read else {}
+        hook = dict(fam.hf_read(cfg, where, True)) if fam.hf_read else {}
+        extra = fam.read_extras(cfg, where)
+        extra.update({k: v for k, v in hook.pop("extra", {}).items() if v is not None})
         K = get("kv_heads") or H
         q = layer0("q")
         hd = get("head_dim") or (q.shape[0] // H if q is not None else D // H)
@@ -381,7 +387,7 @@ class ModelConfig:
                   parallel_attn=fam.block.parallel, norm_bias=fam.block.norm is Norm.LAYER,
                   dtype=_dtype_of(tensors, names["embed"], cfg),
                   hf_model_type=arch if arch in fam.hf_type_defaults or (arch and families.for_model_type(arch) is None)
-                  else fam.hf_model_types[0])
+                  else fam.hf_model_types[0], extra=extra)
         out = replace(out, **hook).check(where, _hf_check_keys(fam))
         return check_tensors(out, "hf", tensors, where, cfg)
 
@@ -402,6 +408,7 @@ class ModelConfig:
             keys = fam.hf_keys(f)
             if keys and v is not None:
                 cfg[keys[0]] = v
+        cfg.update(fam.write_extras(self.extra))
         if fam.hf_write:
             cfg.update(fam.hf_write(self))
         cfg["torch_dtype"] = self.dtype
@@ -568,8 +575,13 @@ def _canonical_hf(cfg: dict, tensors: dict) -> dict:
                activation=_ACT.get(str(act), str(act)), max_pos=get("max_pos"),
                bos_token_id=_ids(cfg.get("bos_token_id")), eos_token_id=_ids(cfg.get("eos_token_id")),
                pad_token_id=_ids(cfg.get("pad_token_id")))
-    if hook:
+    if "parallel_attn" in hook or "two_norms" in hook:
         out.update(parallel_attn=hook.get("parallel_attn", False), two_norms=hook.get("two_norms", False))
+    if "sliding_window" in hook:  # the family says when its window applies (Qwen: use_sliding_window)
+        out["sliding_window"] = hook["sliding_window"] or None
+    if known is not None and known.extra_keys:
+        out.update(known.read_extras(cfg, "config.json"))
+        out.update({k: v for k, v in hook.get("extra", {}).items() if v is not None})
     if fam.block.mlp is Mlp.MOE:
         out.update(experts=get("experts"), experts_per_tok=get("experts_per_tok"))
     if cfg.get("final_logit_softcapping"):
@@ -630,7 +642,7 @@ def compare_configs(ca: Optional[dict], cb: Optional[dict]) -> tuple[list, list]
     if not ca or not cb:
         return [], []
     diffs, notes = [], []
-    for k in FUNCTION_FIELDS:
+    for k in FUNCTION_FIELDS + families.extra_names():
         if k not in ca or k not in cb:
             continue
         va, vb = ca[k], cb[k]
@@ -723,6 +735,7 @@ def config_findings(fmt: str, cfg: dict, tensors: dict, canon: Optional[dict]) -
         elif rows > V and fmt != "megatron":
             out.append(f"{emb[0]} has {rows} rows but the config's vocab size is {V}: {rows - V} rows are "
                        "unaccounted for (padding exported as tokens, or a vocab size left at its default)")
+    out += _mtp_findings(fmt, tensors, canon)
     H, K, hd = canon.get("heads"), canon.get("kv_heads"), canon.get("head_dim")
     if all(isinstance(v, int) and v > 0 for v in (H, K, hd)):
         q, k, qkv = _first(tensors, names["q"]), _first(tensors, names["k"]), _first(tensors, names["qkv"])
@@ -736,3 +749,19 @@ def config_findings(fmt: str, cfg: dict, tensors: dict, canon: Optional[dict]) -
             out.append(f"{qkv[0]} has {qkv[1].shape[0]} rows, not (heads + 2 kv_heads) x head_dim = "
                        f"({H} + 2 x {K}) x {hd}: the config's head counts or head_dim do not fit the weights")
     return out
+
+
+def _mtp_findings(fmt: str, tensors: dict, canon: dict) -> list[str]:
+    """DeepSeek-V3's config counts multi-token-prediction layers (num_nextn_predict_layers), stored after
+    the decoder's layers: each one the config counts must be there (transformers drops them when it saves,
+    so a checkpoint that went through it has none)."""
+    n, L = canon.get("mtp_layers"), canon.get("layers")
+    if fmt != "hf" or not (isinstance(n, int) and n > 0 and isinstance(L, int)):
+        return []
+    missing = [L + j for j in range(n)
+               if not any(k.startswith(f"model.layers.{L + j}.") for k in tensors)]
+    if not missing:
+        return []
+    return [f"config says num_nextn_predict_layers={n} but there is no tensor of layer "
+            f"{', '.join(map(str, missing))} (the MTP layer): the multi-token-prediction weights were dropped "
+            "(as transformers does when it saves), so speculative decoding with this checkpoint has no draft layer"]
