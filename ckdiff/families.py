@@ -162,6 +162,10 @@ class Family:
     dense_layer: Optional[Callable] = None   # (cfg: ModelConfig, i) -> True where an MoE family has a dense MLP
     gguf_arch: str = ""                   # llama.cpp's GGUF architecture name for the family ("" = none)
     unsupported: Mapping[str, str] = field(default_factory=dict)  # layout -> why the family has none there
+    # what a checkpoint loses when a converter drops a slot's tensors (the diff names the cause), and a
+    # hook for the family's own tensor diagnoses: (slot, a, b, cfg: ModelConfig) -> finding text or None
+    dropped: Mapping[str, str] = field(default_factory=dict)
+    diagnose: Optional[Callable] = None
 
     # ------------------------------------------------------------ derived
     def hf_keys(self, fld: str) -> tuple:
@@ -237,6 +241,15 @@ class Family:
             if v is not None:
                 out[ex.keys[0]] = list(v) if isinstance(v, tuple) else v
         return out
+
+    def slot_of(self, name: str) -> Optional[str]:
+        """The slot whose HF template names tensor ``name`` (layer and expert numbers filled)."""
+        import re
+        for slot, t in self.hf_names.items():
+            pat = re.escape(t).replace(r"\{i\}", r"\d+").replace(r"\{e\}", r"\d+").replace(r"\{n\}", r"\d+")
+            if re.fullmatch(pat, name):
+                return slot
+        return None
 
     def layer_slots(self, cfg, i: int, slots) -> list:
         """The layer-i slots among ``slots`` for a model whose first layers have a dense MLP (DeepSeek-V3's
@@ -563,6 +576,36 @@ def _deepseek_read(cfg: dict, where: str, strict: bool) -> dict:
     return {"kv_heads": H} if isinstance(H, int) else {}  # MLA: every head has its own k and v
 
 
+def _deepseek_diagnose(slot: str, a, b, cfg) -> Optional[str]:
+    """MLA's decoupled rotary part in the wrong place: kv_a_proj_with_mqa rows are [latent | k_rope] and each
+    q head's rows [nope | rope]; a converter that splits them the other way round moves rotary rows into the
+    latent (or nope) part. Also the rope rows' pair order (interleaved vs half-split) changed."""
+    import torch
+    from .converters.ops import rope_to_interleaved
+    x, dr = cfg.extra or {}, cfg.head_dim
+    if a.dim() != 2 or a.shape != b.shape:
+        return None
+    if slot == "kv_down":
+        parts, what = [(a.shape[0] - dr, dr)], "kv_a_proj_with_mqa"
+    elif slot in ("q_up", "mla_q"):
+        parts, what = [(x.get("qk_nope_head_dim", 0), dr)] * cfg.heads, "q_b_proj" if slot == "q_up" else "q_proj"
+    else:
+        return None
+    heads = [p for p in a.split(sum(parts[0]), 0)]
+    swapped = torch.cat([torch.cat([h[lat:], h[:lat]]) for h, (lat, _) in zip(heads, parts)])
+    if torch.equal(swapped, b):
+        return (f"MLA rotary part mixed into the latent part: {what} holds its {dr} rotary rows (qk_rope_head_dim) "
+                f"before the {parts[0][0]} {'latent' if slot == 'kv_down' else 'nope'} rows instead of after them")
+    reordered = torch.cat([torch.cat([h[:lat], rope_to_interleaved(h[lat:], 1, dr)]) for h, (lat, _) in
+                           zip(heads, parts)])
+    if torch.equal(reordered, b) or torch.equal(
+            torch.cat([torch.cat([h[:lat], rope_to_interleaved(h[lat:], 1, dr)]) for h, (lat, _) in
+                       zip(b.split(sum(parts[0]), 0), parts)]), a):
+        return (f"MLA rotary rows of {what} in the other pair order (interleaved vs half-split): the rope_interleave "
+                "layout was permuted like a q/k projection")
+    return None
+
+
 DEEPSEEK_V3 = register(Family(
     "deepseek-v3", ("deepseek_v3",), "DeepseekV3ForCausalLM",
     Block(attn=Attn.MLA, mlp=Mlp.MOE, router=Router.SIGMOID_GROUPED, shared_expert=True),
@@ -579,7 +622,9 @@ DEEPSEEK_V3 = register(Family(
                 "norm_topk_prob": Extra("norm_topk_prob", "flag", True),
                 "mtp_layers": Extra("num_nextn_predict_layers", "int", 1, lo=0),
                 "rope_interleave": Extra("rope_interleave", "flag", True)},
-    hf_read=_deepseek_read, dense_layer=lambda cfg, i: i < (cfg.extra or {}).get("first_k_dense_replace", 3),
+    dropped={"shared_gate": "shared expert", "shared_up": "shared expert", "shared_down": "shared expert",
+             "e_bias": "e_score_correction_bias (expert choice falls back to the raw sigmoid scores)"},
+    diagnose=_deepseek_diagnose, hf_read=_deepseek_read, dense_layer=lambda cfg, i: i < (cfg.extra or {}).get("first_k_dense_replace", 3),
     gguf_arch="deepseek2", unsupported={"megatron": "Megatron-LLM has no multi-head latent attention"}))
 
 
@@ -609,5 +654,7 @@ GPT_OSS = register(Family(
     block_keys={"qkv_bias": "attention_bias"}, hf_defaults={"hidden_act": "silu"},
     extra_keys={"layer_types": Extra("layer_types", "texts"), "swiglu_limit": Extra("swiglu_limit", "num", 7.0),
                 "swiglu_alpha": Extra("swiglu_alpha", "num", 1.702)},
+    dropped={"sinks": "attention sinks (each head's softmax loses its sink logit)",
+             "router_b": "router bias", "o_b": "o_proj bias"},
     hf_read=_gpt_oss_read, hf_write=_gpt_oss_write, gguf_arch="gpt-oss",
     unsupported={"megatron": "Megatron-LLM has no GPT-OSS model (attention sinks, clamped SwiGLU experts)"}))

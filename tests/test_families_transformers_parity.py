@@ -102,3 +102,65 @@ def test_two_copies_are_equivalent(written, name, tmp_path):
     assert res.equivalent and not res.config_diff and not res.config_findings, res.config_findings
     lr = compare_logits(a, b, batch=2, length=12)
     assert lr.equivalent and lr.max_kl == 0.0
+
+
+def test_deepseek_mtp_layer_read_when_present_and_named_when_missing(written, tmp_path):
+    """transformers saves no MTP layer. A config that counts one (num_nextn_predict_layers=1) with no tensor of
+    layer num_hidden_layers gets a finding; with the layer present (written here in DeepSeek-V3's published
+    layout, README_WEIGHTS.md: a decoder layer plus enorm/hnorm/eh_proj/shared_head as layer 2) the checkpoint
+    reads, runs and compares EQUIVALENT with its copy."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from ckdiff.families import MTP_NAMES
+    _, path = written["deepseek-v3"]
+    missing = tmp_path / "missing"
+    shutil.copytree(path, missing)
+    config = json.loads((missing / "config.json").read_text())
+    config["num_nextn_predict_layers"] = 1
+    (missing / "config.json").write_text(json.dumps(config))
+    res = compare_checkpoints(open_checkpoint(str(path)), open_checkpoint(str(missing)))
+    assert not res.equivalent
+    assert any("num_nextn_predict_layers=1 but there is no tensor of layer 2 (the MTP layer)" in f
+               for f in res.config_findings), res.config_findings
+
+    present = tmp_path / "present"
+    shutil.copytree(missing, present)
+    st = load_file(str(present / "model.safetensors"))
+    g = torch.Generator().manual_seed(7)
+    D, V = TINY["deepseek-v3"].hidden, TINY["deepseek-v3"].vocab
+    shapes = {"embed_tokens.weight": (V, D), "eh_proj.weight": (D, 2 * D), "shared_head.head.weight": (V, D)}
+    for k in [k for k in st if k.startswith("model.layers.1.")]:
+        st[k.replace("layers.1.", "layers.2.")] = torch.randn(st[k].shape, generator=g)
+    for n in MTP_NAMES:
+        st[f"model.layers.2.{n}"] = torch.randn(shapes.get(n, (D,)), generator=g)
+    save_file(st, str(present / "model.safetensors"), metadata={"format": "pt"})
+    ck = open_checkpoint(str(present))
+    assert model_config(ck).extra["mtp_layers"] == 1
+    shutil.copytree(present, tmp_path / "copy")
+    res = compare_checkpoints(ck, open_checkpoint(str(tmp_path / "copy")))
+    assert res.equivalent and not res.config_findings
+    assert compare_logits(ck, open_checkpoint(str(tmp_path / "copy")), batch=1, length=8).equivalent
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_megatron_layout_refused_in_one_line_with_the_reason(name):
+    from ckdiff.converters import layouts
+    from ckdiff.errors import InputError
+    with pytest.raises(InputError) as e:
+        layouts.hf_to("megatron", TINY[name])
+    msg = str(e.value)
+    assert "has no megatron layout here: Megatron-LLM has no" in msg and "\n" not in msg
+
+
+def test_family_bug_classes_caught_with_their_cause_named(tmp_path):
+    """The mutation self-test's family entries (ckdiff/golden/mutations.py FAMILY_CATALOGUE): MLA rotary rows
+    in the latent part, shared expert / e_score_correction_bias / sinks dropped, q/k norm swapped, MTP layer
+    counted but missing, Qwen2's window layers and Qwen3-MoE's norm_topk_prob lost. The golden models are
+    ckdiff's own tiny weights drawn from the declarations (their names and shapes are transformers', above)."""
+    from ckdiff.golden.mutations import FAMILY_CATALOGUE, run_state_mutations
+    outcomes = run_state_mutations(tmp_path, FAMILY_CATALOGUE)
+    assert len(outcomes) == len(FAMILY_CATALOGUE) >= 8
+    assert all(o.caught for o in outcomes), [(o.mutation, o.details) for o in outcomes if not o.caught]
+    assert all(o.named for o in outcomes), [(o.mutation, o.details) for o in outcomes if not o.named]
