@@ -106,6 +106,7 @@ class Extra:
     kind: str                    # int | num | flag | text | ints | texts
     default: object = None       # transformers' default when config.json has no such key
     lo: int = 1                  # smallest int allowed (kind int / ints)
+    nullable: bool = False       # an explicit null is a value of its own (DeepSeek's q_lora_rank: no q LoRA)
 
     @property
     def keys(self) -> tuple:
@@ -211,14 +212,17 @@ class Family:
             out.append(s)
         return out
 
-    def read_extras(self, cfg: dict, where: str) -> dict:
-        """The family's extra config.json values (declared defaults for absent keys), type- and range-checked."""
+    def read_extras(self, cfg: dict, where: str, raw: Optional[dict] = None) -> dict:
+        """The family's extra config.json values (declared defaults for absent keys), type- and range-checked.
+        ``raw``: the config before nulls were dropped (a nullable extra's explicit null is kept)."""
         from .converters.config import Fields, MAX_SIZE
         f, out = Fields(cfg, where), {}
         for name, ex in self.extra_keys.items():
             key = next((k for k in ex.keys if cfg.get(k) is not None), ex.keys[0])
             v = cfg.get(key)
-            if v is None:
+            if v is None and ex.nullable and any(k in (raw or {}) for k in ex.keys):
+                out[name] = None
+            elif v is None:
                 out[name] = list(ex.default) if isinstance(ex.default, tuple) else ex.default
             elif ex.kind in ("ints", "texts"):
                 ok = isinstance(v, list) and all((isinstance(x, str) if ex.kind == "texts" else
@@ -238,7 +242,7 @@ class Family:
         out = {}
         for name, ex in self.extra_keys.items():
             v = (extra or {}).get(name, ex.default)
-            if v is not None:
+            if v is not None or ex.nullable:
                 out[ex.keys[0]] = list(v) if isinstance(v, tuple) else v
         return out
 
@@ -307,6 +311,12 @@ def dense_layer(cfg, i: int) -> bool:
 def extra_names() -> tuple:
     """Every registered family's extra config names (the canonical configs compare them)."""
     return tuple(dict.fromkeys(n for f in FAMILIES.values() for n in f.extra_keys))
+
+
+def nullable_keys() -> tuple:
+    """config.json keys whose explicit null is a value of its own (Extra.nullable), over every family."""
+    return tuple(dict.fromkeys(k for f in FAMILIES.values() for ex in f.extra_keys.values() if ex.nullable
+                               for k in ex.keys))
 
 
 FAMILIES: dict = {}
@@ -528,15 +538,29 @@ def _qwen_moe_dense(cfg, i: int) -> bool:
     return i in (x.get("mlp_only_layers") or ()) or (i + 1) % step != 0
 
 
+# llama.cpp's GGUF names per slot (gguf package's TensorNameMap, as convert_hf_to_gguf.py writes them; per-expert
+# HF tensors become one tensor stacked over the experts, ``*_exps``). Declared for the GGUF tables to derive from;
+# a family lists "gguf" in its layouts once a table reads it. tests/test_families_transformers_parity.py checks
+# every name against the gguf package.
+_GB = "blk.{i}."
+_GGUF_BASE = {"embed": "token_embd.weight", "norm": "output_norm.weight", "head": "output.weight",
+              "attn_norm": _GB + "attn_norm.weight", "q": _GB + "attn_q.weight", "k": _GB + "attn_k.weight",
+              "v": _GB + "attn_v.weight", "o": _GB + "attn_output.weight", "mlp_norm": _GB + "ffn_norm.weight",
+              "gate": _GB + "ffn_gate.weight", "up": _GB + "ffn_up.weight", "down": _GB + "ffn_down.weight"}
+_GGUF_QKV_BIAS = {"q_b": _GB + "attn_q.bias", "k_b": _GB + "attn_k.bias", "v_b": _GB + "attn_v.bias"}
+_GGUF_QK_NORM = {"q_norm": _GB + "attn_q_norm.weight", "k_norm": _GB + "attn_k_norm.weight"}
+_GGUF_EXPERTS = {"router": _GB + "ffn_gate_inp.weight", "expert_gate": _GB + "ffn_gate_exps.weight",
+                 "expert_up": _GB + "ffn_up_exps.weight", "expert_down": _GB + "ffn_down_exps.weight"}
 _QWEN_TYPES = {"bos_token_id": 151643, "eos_token_id": 151643}
 QWEN2 = register(Family(
     "qwen2", ("qwen2",), "Qwen2ForCausalLM", Block(qkv_bias=True), {**LLAMA_NAMES, **_QKV_BIAS},
     hf_defaults=_QWEN_TYPES, block_keys={"act": "hidden_act"}, default_eps=1e-6, extra_keys=_QWEN_WINDOW,
-    hf_read=_qwen_read, gguf_arch="qwen2",
+    hf_read=_qwen_read, gguf_arch="qwen2", layout_names={"gguf": {**_GGUF_BASE, **_GGUF_QKV_BIAS}},
     unsupported={"megatron": "Megatron-LLM has no Qwen2 model"}))
 QWEN3 = register(Family(
     "qwen3", ("qwen3",), "Qwen3ForCausalLM", Block(qk_norm=True), {**LLAMA_NAMES, **_QK_NORM},
     hf_defaults=_QWEN_TYPES, default_eps=1e-6, extra_keys=_QWEN_WINDOW, hf_read=_qwen_read, gguf_arch="qwen3",
+    layout_names={"gguf": {**_GGUF_BASE, **_GGUF_QK_NORM}},
     unsupported={"megatron": "Megatron-LLM has no Qwen3 model"}))
 QWEN3_MOE = register(Family(
     "qwen3-moe", ("qwen3_moe",), "Qwen3MoeForCausalLM", Block(qk_norm=True, mlp=Mlp.MOE),
@@ -547,6 +571,9 @@ QWEN3_MOE = register(Family(
                 "decoder_sparse_step": Extra("decoder_sparse_step", "int", 1),
                 "mlp_only_layers": Extra("mlp_only_layers", "ints", (), lo=0)},
     hf_read=_qwen_moe_read, dense_layer=_qwen_moe_dense, gguf_arch="qwen3moe",
+    # (llama.cpp's qwen3moe has no dense FFN tensors: mlp_only_layers has no GGUF name)
+    layout_names={"gguf": {**{k: v for k, v in _GGUF_BASE.items() if k not in DENSE_MLP_SLOTS}, **_GGUF_QK_NORM,
+                           **_GGUF_EXPERTS}},
     unsupported={"megatron": "Megatron-LLM has no Qwen3-MoE model"}))
 
 
@@ -612,7 +639,7 @@ DEEPSEEK_V3 = register(Family(
     {**{k: v for k, v in LLAMA_NAMES.items() if k not in ("q", "k", "v")}, **_DS_MLA, **_DS_MOE},
     config_keys={"experts": "n_routed_experts", "head_dim": "qk_rope_head_dim", "sliding_window": None},
     hf_defaults={"bos_token_id": 0, "eos_token_id": 1}, default_eps=1e-6,
-    extra_keys={"q_lora_rank": Extra("q_lora_rank", "int"), "kv_lora_rank": Extra("kv_lora_rank", "int", 512),
+    extra_keys={"q_lora_rank": Extra("q_lora_rank", "int", 1536, nullable=True), "kv_lora_rank": Extra("kv_lora_rank", "int", 512),
                 "qk_nope_head_dim": Extra("qk_nope_head_dim", "int", 128), "v_head_dim": Extra("v_head_dim", "int", 128),
                 "moe_ffn": Extra("moe_intermediate_size", "int", 2048),
                 "n_shared_experts": Extra("n_shared_experts", "int", 1),
@@ -625,7 +652,14 @@ DEEPSEEK_V3 = register(Family(
     dropped={"shared_gate": "shared expert", "shared_up": "shared expert", "shared_down": "shared expert",
              "e_bias": "e_score_correction_bias (expert choice falls back to the raw sigmoid scores)"},
     diagnose=_deepseek_diagnose, hf_read=_deepseek_read, dense_layer=lambda cfg, i: i < (cfg.extra or {}).get("first_k_dense_replace", 3),
-    gguf_arch="deepseek2", unsupported={"megatron": "Megatron-LLM has no multi-head latent attention"}))
+    gguf_arch="deepseek2", layout_names={"gguf": {
+        **{k: v for k, v in _GGUF_BASE.items() if k not in ("q", "k", "v")}, **_GGUF_EXPERTS,
+        "q_down": _GB + "attn_q_a.weight", "q_down_norm": _GB + "attn_q_a_norm.weight", "q_up": _GB + "attn_q_b.weight",
+        "mla_q": _GB + "attn_q.weight", "kv_down": _GB + "attn_kv_a_mqa.weight",
+        "kv_down_norm": _GB + "attn_kv_a_norm.weight", "kv_up": _GB + "attn_kv_b.weight",
+        "e_bias": _GB + "exp_probs_b.bias", "shared_gate": _GB + "ffn_gate_shexp.weight",
+        "shared_up": _GB + "ffn_up_shexp.weight", "shared_down": _GB + "ffn_down_shexp.weight"}},
+    unsupported={"megatron": "Megatron-LLM has no multi-head latent attention"}))
 
 
 # ------------------------------------------------------------------ GPT-OSS (dequantized: experts as float)
@@ -657,4 +691,10 @@ GPT_OSS = register(Family(
     dropped={"sinks": "attention sinks (each head's softmax loses its sink logit)",
              "router_b": "router bias", "o_b": "o_proj bias"},
     hf_read=_gpt_oss_read, hf_write=_gpt_oss_write, gguf_arch="gpt-oss",
+    # (llama.cpp splits the fused gate_up_proj into ffn_gate_exps / ffn_up_exps: no one-to-one name for it)
+    layout_names={"gguf": {**{k: v for k, v in _GGUF_BASE.items() if k not in DENSE_MLP_SLOTS}, **_GGUF_QKV_BIAS,
+                           "mlp_norm": _GB + "post_attention_norm.weight", "o_b": _GB + "attn_output.bias",
+                           "sinks": _GB + "attn_sinks.weight", "router": _GB + "ffn_gate_inp.weight",
+                           "router_b": _GB + "ffn_gate_inp.bias", "experts_down": _GB + "ffn_down_exps.weight",
+                           "experts_down_b": _GB + "ffn_down_exps.bias"}},
     unsupported={"megatron": "Megatron-LLM has no GPT-OSS model (attention sinks, clamped SwiGLU experts)"}))

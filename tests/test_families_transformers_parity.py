@@ -32,6 +32,7 @@ FAMILIES = {  # tiny model -> transformers model class
     "qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
     "qwen3-moe": transformers.Qwen3MoeForCausalLM, "deepseek-v3": transformers.DeepseekV3ForCausalLM,
     "gpt-oss": transformers.GptOssForCausalLM,
+    "deepseek-v3-q": transformers.DeepseekV3ForCausalLM, "qwen3-moe-dense0": transformers.Qwen3MoeForCausalLM,
 }
 NORMS = ("norm.weight", "layernorm.weight", "q_norm.weight", "k_norm.weight")
 
@@ -164,3 +165,28 @@ def test_family_bug_classes_caught_with_their_cause_named(tmp_path):
     assert len(outcomes) == len(FAMILY_CATALOGUE) >= 8
     assert all(o.caught for o in outcomes), [(o.mutation, o.details) for o in outcomes if not o.caught]
     assert all(o.named for o in outcomes), [(o.mutation, o.details) for o in outcomes if not o.named]
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_declared_gguf_names_are_llama_cpps(name):
+    """Each GGUF name a family declares is the one the gguf package's TensorNameMap (llama.cpp's
+    convert_hf_to_gguf.py mapping) gives its HF tensor; per-expert HF names are looked up the way the converter
+    does after stacking them (expert number dropped). The arch name is the gguf package's."""
+    gguf = pytest.importorskip("gguf")
+    import re
+
+    from ckdiff import families
+    fam = families.family(TINY[name].family)
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == fam.gguf_arch)
+    tmap = gguf.get_tensor_name_map(arch, TINY[name].layers)
+    names = fam.layout_names["gguf"]
+    assert names and set(names) <= set(fam.hf_names)
+    for slot, want in names.items():
+        hf = re.sub(r"\.\{e\}", "", fam.hf_names[slot]).format(i=1)
+        if hf.endswith((".weight", ".bias")):
+            got = tmap.get_name(hf, try_suffixes=(".weight", ".bias"))
+        elif hf.endswith("_bias"):  # e_score_correction_bias, down_proj_bias: the converter writes ".bias"
+            got = tmap.get_name(hf[:-len("_bias")]) + ".bias"
+        else:  # sinks, fused experts: the converter writes ".weight"
+            got = tmap.get_name(hf) + ".weight"
+        assert got == want.format(i=1), (slot, hf, got)

@@ -345,7 +345,7 @@ class ModelConfig:
     # defaults, block flags and, for what a table cannot say, its hf_read / hf_write hooks.
     @classmethod
     def from_hf(cls, cfg: dict, tensors: dict, where: str = "config.json") -> "ModelConfig":
-        cfg = parse_config("hf", cfg, where)
+        raw, cfg = cfg, parse_config("hf", cfg, where)
         arch = (cfg.get("model_type") or "").lower()
         fam = families.for_model_type(arch) or families.default()
         get = lambda f: _hf_get(fam, cfg, f)  # noqa: E731
@@ -356,7 +356,7 @@ class ModelConfig:
             if v is None:
                 raise ConfigError(where, f"missing {(fam.hf_keys(f) or (f,))[0]!r}")
         hook = dict(fam.hf_read(cfg, where, True)) if fam.hf_read else {}
-        extra = fam.read_extras(cfg, where)
+        extra = fam.read_extras(cfg, where, raw)
         extra.update({k: v for k, v in hook.pop("extra", {}).items() if v is not None})
         K = get("kv_heads") or H
         q = layer0("q")
@@ -543,7 +543,9 @@ def canonical_config(fmt: str, cfg: dict, tensors: dict, where: str = "config") 
     fmt = (fmt or "").split("->")[0]
     cfg = cfg or {}
     if cfg and fmt in SCHEMA:
-        cfg = parse_config(fmt, cfg, where)
+        # an explicit null that is a value of its own (a family's nullable extra) survives the parse
+        kept = {k: None for k in families.nullable_keys() if k in cfg and cfg[k] is None}
+        cfg = {**parse_config(fmt, cfg, where), **kept}
     from .registry import lookup
     f = lookup(fmt)  # each format declares its canonical reader (converters/registry.py)
     if cfg and f is not None and f.canonical is not None:
@@ -580,7 +582,7 @@ def _canonical_hf(cfg: dict, tensors: dict) -> dict:
     if "sliding_window" in hook:  # the family says when its window applies (Qwen: use_sliding_window)
         out["sliding_window"] = hook["sliding_window"] or None
     if known is not None and known.extra_keys:
-        out.update(known.read_extras(cfg, "config.json"))
+        out.update(known.read_extras(cfg, "config.json", cfg))
         out.update({k: v for k, v in hook.get("extra", {}).items() if v is not None})
     if fam.block.mlp is Mlp.MOE:
         out.update(experts=get("experts"), experts_per_tok=get("experts_per_tok"))
@@ -711,7 +713,8 @@ def config_findings(fmt: str, cfg: dict, tensors: dict, canon: Optional[dict]) -
     - the vocab size against the embedding rows (padding rows a Megatron config accounts for aside);
     - head counts and head_dim against the attention projections' rows."""
     fmt = (fmt or "").split("->")[0]
-    names = names_of(fmt)
+    known = families.get((canon or {}).get("family"))
+    names = _hf_check_names(known) if fmt == "hf" and known else names_of(fmt)  # the family's own names
     if not canon or not names:
         return []
     out = []

@@ -68,6 +68,16 @@ TINY.update({
                             qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, intermediate_size=96,
                             moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
                             topk_group=1, n_shared_experts=1, first_k_dense_replace=1, num_nextn_predict_layers=0),
+    # one q projection instead of q_a/q_b (q_lora_rank null, as DeepSeek-V2-Lite); all layers MoE
+    "deepseek-v3-q": _from_hf(model_type="deepseek_v3", num_attention_heads=4, q_lora_rank=None, kv_lora_rank=16,
+                              qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, intermediate_size=96,
+                              moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+                              topk_group=1, n_shared_experts=2, first_k_dense_replace=0, num_nextn_predict_layers=0,
+                              norm_topk_prob=False, routed_scaling_factor=1.5),
+    # a dense layer in an MoE model (mlp_only_layers)
+    "qwen3-moe-dense0": _from_hf(model_type="qwen3_moe", num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                 intermediate_size=96, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                                 mlp_only_layers=[0]),
     "gpt-oss": _from_hf(model_type="gpt_oss", num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                         intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
                         layer_types=["sliding_attention", "full_attention"], rms_norm_eps=1e-5),
