@@ -246,6 +246,11 @@ class Family:
                 out[ex.keys[0]] = list(v) if isinstance(v, tuple) else v
         return out
 
+    def no_layout(self, layout: str) -> str:
+        """The one line that refuses ``layout`` for this family (with the declared reason)."""
+        why = f": {self.unsupported[layout]}" if layout in self.unsupported else ""
+        return f"{self.name} has no {layout} layout here{why} (its layouts: {', '.join(sorted(self.layouts))})"
+
     def slot_of(self, name: str) -> Optional[str]:
         """The slot whose HF template names tensor ``name`` (layer and expert numbers filled)."""
         import re
@@ -491,6 +496,11 @@ FALCON = register(Family(
 
 
 # ------------------------------------------------------------------ Qwen2, Qwen3, Qwen3-MoE
+# why the families below have only the HF layout here (Family.unsupported; the refusal says it in one line)
+_HF_ONLY = {"meta": "Meta's consolidated layout exists for Llama-family models only",
+            "jetstream": "JetStream-pt has no model for it",
+            "mcore": "ckdiff's Megatron-Core table maps the llama and mixtral blocks only",
+            "gguf": "no GGUF table reads it yet (its llama.cpp names are declared in layout_names)"}
 _SA = _L + "self_attn."
 _QKV_BIAS = {"q_b": _SA + "q_proj.bias", "k_b": _SA + "k_proj.bias", "v_b": _SA + "v_proj.bias"}
 _QK_NORM = {"q_norm": _SA + "q_norm.weight", "k_norm": _SA + "k_norm.weight"}
@@ -551,21 +561,20 @@ _GGUF_QKV_BIAS = {"q_b": _GB + "attn_q.bias", "k_b": _GB + "attn_k.bias", "v_b":
 _GGUF_QK_NORM = {"q_norm": _GB + "attn_q_norm.weight", "k_norm": _GB + "attn_k_norm.weight"}
 _GGUF_EXPERTS = {"router": _GB + "ffn_gate_inp.weight", "expert_gate": _GB + "ffn_gate_exps.weight",
                  "expert_up": _GB + "ffn_up_exps.weight", "expert_down": _GB + "ffn_down_exps.weight"}
-_QWEN_TYPES = {"bos_token_id": 151643, "eos_token_id": 151643}
 QWEN2 = register(Family(
     "qwen2", ("qwen2",), "Qwen2ForCausalLM", Block(qkv_bias=True), {**LLAMA_NAMES, **_QKV_BIAS},
-    hf_defaults=_QWEN_TYPES, block_keys={"act": "hidden_act"}, default_eps=1e-6, extra_keys=_QWEN_WINDOW,
+    block_keys={"act": "hidden_act"}, default_eps=1e-6, extra_keys=_QWEN_WINDOW,
     hf_read=_qwen_read, gguf_arch="qwen2", layout_names={"gguf": {**_GGUF_BASE, **_GGUF_QKV_BIAS}},
-    unsupported={"megatron": "Megatron-LLM has no Qwen2 model"}))
+    unsupported={**_HF_ONLY, "megatron": "Megatron-LLM has no Qwen2 model"}))
 QWEN3 = register(Family(
     "qwen3", ("qwen3",), "Qwen3ForCausalLM", Block(qk_norm=True), {**LLAMA_NAMES, **_QK_NORM},
-    hf_defaults=_QWEN_TYPES, default_eps=1e-6, extra_keys=_QWEN_WINDOW, hf_read=_qwen_read, gguf_arch="qwen3",
+    default_eps=1e-6, extra_keys=_QWEN_WINDOW, hf_read=_qwen_read, gguf_arch="qwen3",
     layout_names={"gguf": {**_GGUF_BASE, **_GGUF_QK_NORM}},
-    unsupported={"megatron": "Megatron-LLM has no Qwen3 model"}))
+    unsupported={**_HF_ONLY, "megatron": "Megatron-LLM has no Qwen3 model"}))
 QWEN3_MOE = register(Family(
     "qwen3-moe", ("qwen3_moe",), "Qwen3MoeForCausalLM", Block(qk_norm=True, mlp=Mlp.MOE),
     {**LLAMA_NAMES, **_QK_NORM, **_EXPERTS},
-    config_keys={"experts": ("num_local_experts", "num_experts")}, hf_defaults=_QWEN_TYPES, default_eps=1e-6,
+    config_keys={"experts": ("num_local_experts", "num_experts")}, default_eps=1e-6,
     extra_keys={"use_sliding_window": Extra("use_sliding_window", "flag", False),
                 "moe_ffn": Extra("moe_intermediate_size", "int", 768), "norm_topk_prob": Extra("norm_topk_prob", "flag", False),
                 "decoder_sparse_step": Extra("decoder_sparse_step", "int", 1),
@@ -574,7 +583,7 @@ QWEN3_MOE = register(Family(
     # (llama.cpp's qwen3moe has no dense FFN tensors: mlp_only_layers has no GGUF name)
     layout_names={"gguf": {**{k: v for k, v in _GGUF_BASE.items() if k not in DENSE_MLP_SLOTS}, **_GGUF_QK_NORM,
                            **_GGUF_EXPERTS}},
-    unsupported={"megatron": "Megatron-LLM has no Qwen3-MoE model"}))
+    unsupported={**_HF_ONLY, "megatron": "Megatron-LLM has no Qwen3-MoE model"}))
 
 
 # ------------------------------------------------------------------ DeepSeek-V3
@@ -638,7 +647,7 @@ DEEPSEEK_V3 = register(Family(
     Block(attn=Attn.MLA, mlp=Mlp.MOE, router=Router.SIGMOID_GROUPED, shared_expert=True),
     {**{k: v for k, v in LLAMA_NAMES.items() if k not in ("q", "k", "v")}, **_DS_MLA, **_DS_MOE},
     config_keys={"experts": "n_routed_experts", "head_dim": "qk_rope_head_dim", "sliding_window": None},
-    hf_defaults={"bos_token_id": 0, "eos_token_id": 1}, default_eps=1e-6,
+    default_eps=1e-6,
     extra_keys={"q_lora_rank": Extra("q_lora_rank", "int", 1536, nullable=True), "kv_lora_rank": Extra("kv_lora_rank", "int", 512),
                 "qk_nope_head_dim": Extra("qk_nope_head_dim", "int", 128), "v_head_dim": Extra("v_head_dim", "int", 128),
                 "moe_ffn": Extra("moe_intermediate_size", "int", 2048),
@@ -659,7 +668,7 @@ DEEPSEEK_V3 = register(Family(
         "kv_down_norm": _GB + "attn_kv_a_norm.weight", "kv_up": _GB + "attn_kv_b.weight",
         "e_bias": _GB + "exp_probs_b.bias", "shared_gate": _GB + "ffn_gate_shexp.weight",
         "shared_up": _GB + "ffn_up_shexp.weight", "shared_down": _GB + "ffn_down_shexp.weight"}},
-    unsupported={"megatron": "Megatron-LLM has no multi-head latent attention"}))
+    unsupported={**_HF_ONLY, "megatron": "Megatron-LLM has no multi-head latent attention"}))
 
 
 # ------------------------------------------------------------------ GPT-OSS (dequantized: experts as float)
@@ -697,4 +706,4 @@ GPT_OSS = register(Family(
                            "sinks": _GB + "attn_sinks.weight", "router": _GB + "ffn_gate_inp.weight",
                            "router_b": _GB + "ffn_gate_inp.bias", "experts_down": _GB + "ffn_down_exps.weight",
                            "experts_down_b": _GB + "ffn_down_exps.bias"}},
-    unsupported={"megatron": "Megatron-LLM has no GPT-OSS model (attention sinks, clamped SwiGLU experts)"}))
+    unsupported={**_HF_ONLY, "megatron": "Megatron-LLM has no GPT-OSS model (attention sinks, clamped SwiGLU experts)"}))

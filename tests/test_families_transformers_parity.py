@@ -146,13 +146,17 @@ def test_deepseek_mtp_layer_read_when_present_and_named_when_missing(written, tm
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_megatron_layout_refused_in_one_line_with_the_reason(name):
-    from ckdiff.converters import layouts
-    from ckdiff.errors import InputError
-    with pytest.raises(InputError) as e:
-        layouts.hf_to("megatron", TINY[name])
-    msg = str(e.value)
-    assert "has no megatron layout here: Megatron-LLM has no" in msg and "\n" not in msg
+def test_other_layouts_refused_in_one_line_with_the_reason(name):
+    from ckdiff.converters import api, layouts
+    from ckdiff.errors import InputError, UsageError
+    for layout in ("megatron", "meta", "jetstream", "mcore", "gguf"):
+        with pytest.raises(InputError) as e:
+            layouts.hf_to(layout, TINY[name])
+        msg = str(e.value)
+        assert f"has no {layout} layout here: " in msg and "(its layouts: hf)" in msg and "\n" not in msg, msg
+    fam = TINY[name].family  # the converters' --model / --model_name given the family's name
+    with pytest.raises(UsageError, match=f"model '{fam}': {fam} has no megatron layout here: Megatron-LLM has no"):
+        api._megatron_model(fam)
 
 
 def test_family_bug_classes_caught_with_their_cause_named(tmp_path):

@@ -73,9 +73,7 @@ def family_for(cfg: ModelConfig, layout: str):
     if fam is None:
         raise InputError("config", f"unknown model family {cfg.family!r} (known: {', '.join(families.FAMILIES)})")
     if layout not in fam.layouts:
-        why = f": {fam.unsupported[layout]}" if layout in fam.unsupported else ""
-        raise InputError("config", f"{fam.name} has no {layout} layout here{why} (its layouts: "
-                                   f"{', '.join(sorted(fam.layouts))})")
+        raise InputError("config", fam.no_layout(layout))
     return fam
 
 
