@@ -194,3 +194,21 @@ def test_declared_gguf_names_are_llama_cpps(name):
         else:  # sinks, fused experts: the converter writes ".weight"
             got = tmap.get_name(hf) + ".weight"
         assert got == want.format(i=1), (slot, hf, got)
+
+
+@pytest.mark.parametrize("name,edit,says", [
+    ("deepseek-v3", {"n_group": 3}, "key 'n_group': 8 routed experts do not split into 3 groups"),
+    ("deepseek-v3", {"kv_lora_rank": "16"}, "key 'kv_lora_rank': expected a positive integer"),
+    ("deepseek-v3", {"routed_scaling_factor": -1.0}, "key 'routed_scaling_factor': expected a positive finite"),
+    ("deepseek-v3", {"scoring_func": "softmax"}, "key 'scoring_func': 'softmax' is not supported"),
+    ("gpt-oss", {"layer_types": ["sliding_attention"]}, "key 'layer_types': expected 2 of full_attention"),
+    ("gpt-oss", {"swiglu_limit": True}, "key 'swiglu_limit': expected a positive finite number"),
+    ("qwen2", {"use_sliding_window": "yes"}, "key 'use_sliding_window': expected true or false"),
+    ("qwen3-moe", {"mlp_only_layers": [0, -1]}, "key 'mlp_only_layers': expected a list of integers >= 0"),
+])
+def test_family_config_values_checked_in_one_line(name, edit, says):
+    from ckdiff.errors import InputError
+    hf = {**TINY[name].to_hf(), **edit}
+    with pytest.raises(InputError) as e:
+        ModelConfig.from_hf(hf, {}, "config.json")
+    assert says in str(e.value) and "\n" not in str(e.value) and "config.json" in str(e.value), str(e.value)
