@@ -606,6 +606,9 @@ def _deepseek_read(cfg: dict, where: str, strict: bool) -> dict:
     E, g = cfg.get("n_routed_experts"), cfg.get("n_group", 8)
     if strict and isinstance(E, int) and isinstance(g, int) and (g < 1 or E % g):
         raise InputError(where, f"key 'n_group': {E} routed experts do not split into {g} groups")
+    tg = cfg.get("topk_group", 4)
+    if strict and isinstance(g, int) and isinstance(tg, int) and tg > g:
+        raise InputError(where, f"key 'topk_group': {tg} groups chosen out of n_group {g}")
     if strict and cfg.get("scoring_func", "sigmoid") != "sigmoid":
         raise InputError(where, f"key 'scoring_func': {cfg['scoring_func']!r} is not supported (sigmoid only)")
     H = cfg.get("num_attention_heads")

@@ -198,6 +198,7 @@ def test_declared_gguf_names_are_llama_cpps(name):
 
 @pytest.mark.parametrize("name,edit,says", [
     ("deepseek-v3", {"n_group": 3}, "key 'n_group': 8 routed experts do not split into 3 groups"),
+    ("deepseek-v3", {"topk_group": 3}, "key 'topk_group': 3 groups chosen out of n_group 2"),
     ("deepseek-v3", {"kv_lora_rank": "16"}, "key 'kv_lora_rank': expected a positive integer"),
     ("deepseek-v3", {"routed_scaling_factor": -1.0}, "key 'routed_scaling_factor': expected a positive finite"),
     ("deepseek-v3", {"scoring_func": "softmax"}, "key 'scoring_func': 'softmax' is not supported"),

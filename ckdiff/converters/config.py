@@ -566,7 +566,7 @@ def _canonical_hf(cfg: dict, tensors: dict) -> dict:
     up = tensors.get(fam.hf_names["up"].format(i=0)) if "up" in fam.hf_names else None
     ffn = get("ffn") or (up.shape[0] if up is not None else None)
     act = cfg.get("hidden_activation") or cfg.get("hidden_act") or fam.activation
-    sw = cfg.get("sliding_window") if (mt in ("mistral", "mixtral", "qwen2") or cfg.get("use_sliding_window", True)) else None
+    sw = cfg.get("sliding_window") if (mt in ("mistral", "mixtral") or cfg.get("use_sliding_window", True)) else None
     tied = get("tied")
     out = dict(family=known.name if known else mt,
                hidden=D, layers=get("layers"), heads=H, kv_heads=K, head_dim=hd,
@@ -759,10 +759,11 @@ def _mtp_findings(fmt: str, tensors: dict, canon: dict) -> list[str]:
     the decoder's layers: each one the config counts must be there (transformers drops them when it saves,
     so a checkpoint that went through it has none)."""
     n, L = canon.get("mtp_layers"), canon.get("layers")
-    if fmt != "hf" or not (isinstance(n, int) and n > 0 and isinstance(L, int)):
+    fam = families.get(canon.get("family"))
+    if fmt != "hf" or fam is None or not (isinstance(n, int) and n > 0 and isinstance(L, int)):
         return []
-    missing = [L + j for j in range(n)
-               if not any(k.startswith(f"model.layers.{L + j}.") for k in tensors)]
+    layer = fam.hf_names["attn_norm"].split("{i}")[0] + "{i}."  # the family's layer prefix
+    missing = [L + j for j in range(n) if not any(k.startswith(layer.format(i=L + j)) for k in tensors)]
     if not missing:
         return []
     return [f"config says num_nextn_predict_layers={n} but there is no tensor of layer "
