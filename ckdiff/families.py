@@ -616,30 +616,36 @@ def _deepseek_read(cfg: dict, where: str, strict: bool) -> dict:
 
 
 def _deepseek_diagnose(slot: str, a, b, cfg) -> Optional[str]:
-    """MLA's decoupled rotary part in the wrong place: kv_a_proj_with_mqa rows are [latent | k_rope] and each
-    q head's rows [nope | rope]; a converter that splits them the other way round moves rotary rows into the
-    latent (or nope) part. Also the rope rows' pair order (interleaved vs half-split) changed."""
+    """MLA's parts in the wrong place. kv_a_proj_with_mqa rows are [latent | k_rope], each q head's rows
+    [nope | rope], each kv_b_proj head's rows [k_nope | v]: a converter that splits them the other way round
+    moves rotary rows into the latent (or nope) part, or swaps k and v. Also: the rotary rows in the other
+    pair order (DeepSeek's rope_interleave layout permuted as if it were rotate_half's)."""
     import torch
     from .converters.ops import rope_to_interleaved
-    x, dr = cfg.extra or {}, cfg.head_dim
+    x, dr, H = cfg.extra or {}, cfg.head_dim, cfg.heads
     if a.dim() != 2 or a.shape != b.shape:
         return None
-    if slot == "kv_down":
-        parts, what = [(a.shape[0] - dr, dr)], "kv_a_proj_with_mqa"
-    elif slot in ("q_up", "mla_q"):
-        parts, what = [(x.get("qk_nope_head_dim", 0), dr)] * cfg.heads, "q_b_proj" if slot == "q_up" else "q_proj"
-    else:
+    dn = x.get("qk_nope_head_dim", 0)
+    split = {"kv_down": (1, a.shape[0] - dr, "kv_a_proj_with_mqa", "latent"), "q_up": (H, dn, "q_b_proj", "nope"),
+             "mla_q": (H, dn, "q_proj", "nope"), "kv_up": (H, dn, "kv_b_proj", "k_nope")}.get(slot)
+    if split is None or a.shape[0] % split[0]:
         return None
-    heads = [p for p in a.split(sum(parts[0]), 0)]
-    swapped = torch.cat([torch.cat([h[lat:], h[:lat]]) for h, (lat, _) in zip(heads, parts)])
-    if torch.equal(swapped, b):
+    n, first, what, part = split
+    heads = a.reshape(n, -1, a.shape[1])
+    if torch.equal(torch.cat([heads[:, first:], heads[:, :first]], 1).reshape(a.shape), b):
+        if slot == "kv_up":
+            return (f"MLA k_nope and v swapped in kv_b_proj: each of its {H} heads holds [v | k_nope] instead of "
+                    f"[k_nope ({dn} rows) | v]")
         return (f"MLA rotary part mixed into the latent part: {what} holds its {dr} rotary rows (qk_rope_head_dim) "
-                f"before the {parts[0][0]} {'latent' if slot == 'kv_down' else 'nope'} rows instead of after them")
-    reordered = torch.cat([torch.cat([h[:lat], rope_to_interleaved(h[lat:], 1, dr)]) for h, (lat, _) in
-                           zip(heads, parts)])
-    if torch.equal(reordered, b) or torch.equal(
-            torch.cat([torch.cat([h[:lat], rope_to_interleaved(h[lat:], 1, dr)]) for h, (lat, _) in
-                       zip(b.split(sum(parts[0]), 0), parts)]), a):
+                f"before the {first} {part} rows{' of each head' if n > 1 else ''} instead of after them")
+    if slot == "kv_up":
+        return None
+
+    def pairs(t):  # the rotary rows of every head to the other pair order
+        h = t.reshape(n, -1, t.shape[1])
+        rot = rope_to_interleaved(h[:, first:].reshape(n * dr, -1), n, dr).reshape(n, dr, -1)
+        return torch.cat([h[:, :first], rot], 1).reshape(t.shape)
+    if torch.equal(pairs(a), b) or torch.equal(pairs(b), a):
         return (f"MLA rotary rows of {what} in the other pair order (interleaved vs half-split): the rope_interleave "
                 "layout was permuted like a q/k projection")
     return None
@@ -693,6 +699,19 @@ def _gpt_oss_write(cfg) -> dict:
     return {} if cfg.rope_scaling else {"rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}}
 
 
+def _gpt_oss_diagnose(slot: str, a, b, cfg) -> Optional[str]:
+    """GPT-OSS's fused experts alternate gate and up by column (gate even, up odd); a converter that takes
+    the halves instead (gate = first F, up = last F), or writes halves for the alternation, is named."""
+    import torch
+    if slot not in ("experts_gate_up", "experts_gate_up_b") or a.shape != b.shape or a.shape[-1] % 2:
+        return None
+    halves = lambda t: torch.cat([t[..., ::2], t[..., 1::2]], -1)  # noqa: E731
+    if torch.equal(halves(a), b) or torch.equal(halves(b), a):
+        return ("GPT-OSS gate/up de-interleaved: gate_up_proj holds gate and up as [gate | up] halves on one side "
+                "and alternating columns (gate even, up odd) on the other")
+    return None
+
+
 GPT_OSS = register(Family(
     "gpt-oss", ("gpt_oss",), "GptOssForCausalLM",
     Block(act=Act.SWIGLU_CLAMP, mlp=Mlp.MOE, qkv_bias=True, o_bias=True, sinks=True, router=Router.TOPK_SOFTMAX),
@@ -701,7 +720,7 @@ GPT_OSS = register(Family(
     extra_keys={"layer_types": Extra("layer_types", "texts"), "swiglu_limit": Extra("swiglu_limit", "num", 7.0),
                 "swiglu_alpha": Extra("swiglu_alpha", "num", 1.702)},
     dropped={"sinks": "attention sinks (each head's softmax loses its sink logit)",
-             "router_b": "router bias", "o_b": "o_proj bias"},
+             "router_b": "router bias", "o_b": "o_proj bias"}, diagnose=_gpt_oss_diagnose,
     hf_read=_gpt_oss_read, hf_write=_gpt_oss_write, gguf_arch="gpt-oss",
     # (llama.cpp splits the fused gate_up_proj into ffn_gate_exps / ffn_up_exps: no one-to-one name for it)
     layout_names={"gguf": {**{k: v for k, v in _GGUF_BASE.items() if k not in DENSE_MLP_SLOTS}, **_GGUF_QKV_BIAS,

@@ -161,12 +161,13 @@ def test_other_layouts_refused_in_one_line_with_the_reason(name):
 
 def test_family_bug_classes_caught_with_their_cause_named(tmp_path):
     """The mutation self-test's family entries (ckdiff/golden/mutations.py FAMILY_CATALOGUE): MLA rotary rows
-    in the latent part, shared expert / e_score_correction_bias / sinks dropped, q/k norm swapped, MTP layer
-    counted but missing, Qwen2's window layers and Qwen3-MoE's norm_topk_prob lost. The golden models are
+    in the latent part, k_nope/v swapped, GPT-OSS gate/up de-interleaved, shared expert / e_score_correction_bias
+    / sinks dropped, q/k norm swapped, MTP layer counted but missing, Qwen2's window layers and Qwen3-MoE's
+    norm_topk_prob lost. The golden models are
     ckdiff's own tiny weights drawn from the declarations (their names and shapes are transformers', above)."""
     from ckdiff.golden.mutations import FAMILY_CATALOGUE, run_state_mutations
     outcomes = run_state_mutations(tmp_path, FAMILY_CATALOGUE)
-    assert len(outcomes) == len(FAMILY_CATALOGUE) >= 8
+    assert len(outcomes) == len(FAMILY_CATALOGUE) >= 10
     assert all(o.caught for o in outcomes), [(o.mutation, o.details) for o in outcomes if not o.caught]
     assert all(o.named for o in outcomes), [(o.mutation, o.details) for o in outcomes if not o.named]
 
@@ -213,3 +214,21 @@ def test_family_config_values_checked_in_one_line(name, edit, says):
     with pytest.raises(InputError) as e:
         ModelConfig.from_hf(hf, {}, "config.json")
     assert says in str(e.value) and "\n" not in str(e.value) and "config.json" in str(e.value), str(e.value)
+
+
+def test_mla_rotary_rows_in_the_other_pair_order_named():
+    """q_b_proj with every head's rotary rows moved from interleaved pairs to half-split order (a converter that
+    permutes DeepSeek's q like a llama q): the family's diagnosis names it; an unrelated change is not named."""
+    from ckdiff import families
+    cfg = TINY["deepseek-v3"]
+    dn, dr = cfg.extra["qk_nope_head_dim"], cfg.head_dim
+    a = hf_state(cfg)["model.layers.0.self_attn.q_b_proj.weight"]
+    b = a.clone()
+    for h in range(cfg.heads):  # spec: half-split row j takes interleaved row 2j, row dr/2 + j takes 2j + 1
+        rot = a[h * (dn + dr) + dn:(h + 1) * (dn + dr)]
+        b[h * (dn + dr) + dn:(h + 1) * (dn + dr)] = torch.cat([rot[0::2], rot[1::2]])
+    diagnose = families.family("deepseek-v3").diagnose
+    assert "MLA rotary rows of q_b_proj in the other pair order" in diagnose("q_up", a, b, cfg)
+    c = a.clone()
+    c[3, 2] += 1.0
+    assert diagnose("q_up", a, c, cfg) is None

@@ -803,6 +803,22 @@ def _mla_rope_first(st, c, cfg):
         st[k] = torch.cat([w[-cfg.head_dim:], w[:-cfg.head_dim]]).contiguous()
 
 
+def _kv_up_v_first(st, c, cfg):
+    """kv_b_proj split per head as [v | k_nope] (layer 0)."""
+    x = cfg.extra
+    k = _fam_key(cfg, "kv_up", i=0)
+    h = st[k].reshape(cfg.heads, -1, st[k].shape[1])
+    dn = x["qk_nope_head_dim"]
+    st[k] = torch.cat([h[:, dn:], h[:, :dn]], 1).reshape(st[k].shape).contiguous()
+
+
+def _gate_up_halves(st, c, cfg):
+    """GPT-OSS gate_up_proj (and its bias) written as [gate | up] halves instead of alternating columns."""
+    for s in ("experts_gate_up", "experts_gate_up_b"):
+        k = _fam_key(cfg, s, i=1)
+        st[k] = torch.cat([st[k][..., ::2], st[k][..., 1::2]], -1).contiguous()
+
+
 def _qk_norm_swapped(st, c, cfg):
     a, b = _fam_key(cfg, "q_norm", i=1), _fam_key(cfg, "k_norm", i=1)
     st[a], st[b] = st[b], st[a]
@@ -811,6 +827,10 @@ def _qk_norm_swapped(st, c, cfg):
 FAMILY_CATALOGUE = [
     StateMutation("MLA rotary rows mixed into the latent part", "MLA rotary part", "deepseek-v3", _mla_rope_first,
                   r"MLA rotary part mixed into the latent part: kv_a_proj_with_mqa"),
+    StateMutation("MLA k_nope and v swapped in kv_b_proj", "MLA parts", "deepseek-v3", _kv_up_v_first,
+                  r"MLA k_nope and v swapped in kv_b_proj"),
+    StateMutation("GPT-OSS gate/up de-interleaved", "GLU halves", "gpt-oss", _gate_up_halves,
+                  r"GPT-OSS gate/up de-interleaved"),
     StateMutation("shared expert dropped", "Family tensor dropped", "deepseek-v3",
                   _fam_drop("shared_gate", "shared_up", "shared_down"), r"shared expert dropped"),
     StateMutation("e_score_correction_bias dropped", "Family tensor dropped", "deepseek-v3", _fam_drop("e_bias"),
