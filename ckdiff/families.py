@@ -576,7 +576,8 @@ QWEN3_MOE = register(Family(
     {**LLAMA_NAMES, **_QK_NORM, **_EXPERTS},
     config_keys={"experts": ("num_local_experts", "num_experts")}, default_eps=1e-6,
     extra_keys={"use_sliding_window": Extra("use_sliding_window", "flag", False),
-                "moe_ffn": Extra("moe_intermediate_size", "int", 768), "norm_topk_prob": Extra("norm_topk_prob", "flag", False),
+                "moe_ffn": Extra("moe_intermediate_size", "int", 768),
+                "norm_topk_prob": Extra("norm_topk_prob", "flag", False),
                 "decoder_sparse_step": Extra("decoder_sparse_step", "int", 1),
                 "mlp_only_layers": Extra("mlp_only_layers", "ints", (), lo=0)},
     hf_read=_qwen_moe_read, dense_layer=_qwen_moe_dense, gguf_arch="qwen3moe",
@@ -588,7 +589,8 @@ QWEN3_MOE = register(Family(
 
 # ------------------------------------------------------------------ DeepSeek-V3
 _DS_MLA = {"q_down": _SA + "q_a_proj.weight", "q_down_norm": _SA + "q_a_layernorm.weight",
-           "q_up": _SA + "q_b_proj.weight", "mla_q": _SA + "q_proj.weight",  # instead of q_a/q_b when q_lora_rank is null (V2-Lite style)
+           "q_up": _SA + "q_b_proj.weight",
+           "mla_q": _SA + "q_proj.weight",  # instead of q_a/q_b when q_lora_rank is null (V2-Lite style)
            "kv_down": _SA + "kv_a_proj_with_mqa.weight", "kv_down_norm": _SA + "kv_a_layernorm.weight",
            "kv_up": _SA + "kv_b_proj.weight"}
 _DS_MOE = {**_EXPERTS, "e_bias": _L + "mlp.gate.e_score_correction_bias",
@@ -657,7 +659,8 @@ DEEPSEEK_V3 = register(Family(
     {**{k: v for k, v in LLAMA_NAMES.items() if k not in ("q", "k", "v")}, **_DS_MLA, **_DS_MOE},
     config_keys={"experts": "n_routed_experts", "head_dim": "qk_rope_head_dim", "sliding_window": None},
     default_eps=1e-6,
-    extra_keys={"q_lora_rank": Extra("q_lora_rank", "int", 1536, nullable=True), "kv_lora_rank": Extra("kv_lora_rank", "int", 512),
+    extra_keys={"q_lora_rank": Extra("q_lora_rank", "int", 1536, nullable=True),
+                "kv_lora_rank": Extra("kv_lora_rank", "int", 512),
                 "qk_nope_head_dim": Extra("qk_nope_head_dim", "int", 128), "v_head_dim": Extra("v_head_dim", "int", 128),
                 "moe_ffn": Extra("moe_intermediate_size", "int", 2048),
                 "n_shared_experts": Extra("n_shared_experts", "int", 1),
@@ -669,7 +672,8 @@ DEEPSEEK_V3 = register(Family(
                 "rope_interleave": Extra("rope_interleave", "flag", True)},
     dropped={"shared_gate": "shared expert", "shared_up": "shared expert", "shared_down": "shared expert",
              "e_bias": "e_score_correction_bias (expert choice falls back to the raw sigmoid scores)"},
-    diagnose=_deepseek_diagnose, hf_read=_deepseek_read, dense_layer=lambda cfg, i: i < (cfg.extra or {}).get("first_k_dense_replace", 3),
+    diagnose=_deepseek_diagnose, hf_read=_deepseek_read,
+    dense_layer=lambda cfg, i: i < (cfg.extra or {}).get("first_k_dense_replace", 3),
     gguf_arch="deepseek2", layout_names={"gguf": {
         **{k: v for k, v in _GGUF_BASE.items() if k not in ("q", "k", "v")}, **_GGUF_EXPERTS,
         "q_down": _GB + "attn_q_a.weight", "q_down_norm": _GB + "attn_q_a_norm.weight", "q_up": _GB + "attn_q_b.weight",
@@ -728,4 +732,5 @@ GPT_OSS = register(Family(
                            "sinks": _GB + "attn_sinks.weight", "router": _GB + "ffn_gate_inp.weight",
                            "router_b": _GB + "ffn_gate_inp.bias", "experts_down": _GB + "ffn_down_exps.weight",
                            "experts_down_b": _GB + "ffn_down_exps.bias"}},
-    unsupported={**_HF_ONLY, "megatron": "Megatron-LLM has no GPT-OSS model (attention sinks, clamped SwiGLU experts)"}))
+    unsupported={**_HF_ONLY,
+                 "megatron": "Megatron-LLM has no GPT-OSS model (attention sinks, clamped SwiGLU experts)"}))

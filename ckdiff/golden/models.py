@@ -112,10 +112,11 @@ def _slot_shape(slot: str, cfg: ModelConfig) -> tuple:
     mla = {"q_down": (qr, D), "q_down_norm": (qr,), "q_up": (H * (nope + hd), qr), "mla_q": (H * (nope + hd), D),
            "kv_down": (kvr + hd, D), "kv_down_norm": (kvr,), "kv_up": (H * (nope + v), kvr), "o": (D, H * v)} \
         if nope is not None else {}
-    return {**{"q_norm": (hd,), "k_norm": (hd,), "sinks": (H,), "e_bias": (E,),
-               "expert_gate": (Fm, D), "expert_up": (Fm, D), "expert_down": (D, Fm),
-               "shared_gate": (Fs, D), "shared_up": (Fs, D), "shared_down": (D, Fs),
-               "experts_gate_up": (E, D, 2 * F), "experts_down": (E, F, D)}, **mla}.get(slot) or {"embed": (V, D), "head": (V, D), "q": (cfg.q_rows, D), "k": (cfg.kv_rows, D), "v": (cfg.kv_rows, D),
+    family_slots = {"q_norm": (hd,), "k_norm": (hd,), "sinks": (H,), "e_bias": (E,),
+                    "expert_gate": (Fm, D), "expert_up": (Fm, D), "expert_down": (D, Fm),
+                    "shared_gate": (Fs, D), "shared_up": (Fs, D), "shared_down": (D, Fs),
+                    "experts_gate_up": (E, D, 2 * F), "experts_down": (E, F, D), **mla}
+    return family_slots.get(slot) or {"embed": (V, D), "head": (V, D), "q": (cfg.q_rows, D), "k": (cfg.kv_rows, D), "v": (cfg.kv_rows, D),
             "qkv": (cfg.q_rows + 2 * cfg.kv_rows, D), "o": (D, cfg.q_rows), "gate": (F, D), "up": (F, D),
             "down": (D, F), "router": (cfg.experts, D)}.get(slot, (D,))
 

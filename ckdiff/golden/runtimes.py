@@ -158,9 +158,8 @@ def route(x, router, cfg: ModelConfig, kind: Router = Router.SOFTMAX_TOPK, bias=
     if kind is Router.TOPK_SOFTMAX:  # GPT-OSS: top k of the biased logits, softmax over those
         top, idx = _linear(x, router, bias).topk(k, -1)
         return torch.softmax(top.float(), -1).to(x.dtype), idx
-    logits = _linear(x.float(), router.float(), None if bias is None else bias.float())
-    if kind is Router.SIGMOID_GROUPED:  # DeepSeek-V3
-        scores = logits.sigmoid()
+    if kind is Router.SIGMOID_GROUPED:  # DeepSeek-V3: the router runs in float32
+        scores = _linear(x.float(), router.float(), None if bias is None else bias.float()).sigmoid()
         choice = scores if e_bias is None else scores + e_bias.float()
         G, E = extra["n_group"], cfg.experts
         groups = choice.view(-1, G, E // G).topk(2, -1)[0].sum(-1)
@@ -171,7 +170,7 @@ def route(x, router, cfg: ModelConfig, kind: Router = Router.SOFTMAX_TOPK, bias=
         if extra.get("norm_topk_prob", True):
             top = top / (top.sum(-1, keepdim=True) + 1e-20)
         return (top * extra["routed_scaling_factor"]).to(x.dtype), idx
-    top, idx = torch.softmax(logits, -1).topk(k, -1)  # Mixtral, Qwen3-MoE
+    top, idx = torch.softmax(_linear(x, router, bias).float(), -1).topk(k, -1)  # Mixtral, Qwen3-MoE
     if extra.get("norm_topk_prob", True):
         top = top / top.sum(-1, keepdim=True)
     return top.to(x.dtype), idx
@@ -425,7 +424,7 @@ def decoder(layout: Layout, ck: Checkpoint, cfg: ModelConfig, block: Block, ids,
         if has("glu"):
             u, g = (h @ f("glu").T).chunk(2, dim=-1)  # rows [up; gate]
             return (u * act(g)) @ f("down").T
-        return (act(h @ f("gate").T) * (h @ f("up").T)) @ f("down").T
+        return glu(h, f("gate"), f("up"), f("down"), act)
 
     def layer(i, x):
         ha = norm("attn_norm", x, i)
