@@ -26,7 +26,7 @@ from ckdiff.compare.logits import compare_logits
 from ckdiff.converters.config import ModelConfig, model_config
 from ckdiff.converters.formats import open_checkpoint
 from ckdiff.golden import runtimes
-from ckdiff.golden.models import TINY, hf_state
+from ckdiff.golden.models import TINY, hf_state, lazy
 
 FAMILIES = {  # tiny model -> transformers model class
     "qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
@@ -154,6 +154,9 @@ def test_other_layouts_refused_in_one_line_with_the_reason(name):
             layouts.hf_to(layout, TINY[name])
         msg = str(e.value)
         assert f"has no {layout} layout here: " in msg and "(its layouts: hf)" in msg and "\n" not in msg, msg
+    state = hf_state(TINY[name])  # a whole model: refused before its tensors are read
+    with pytest.raises(InputError, match="has no megatron layout here"):
+        layouts.convert(lazy(state), "hf", "megatron", TINY[name])
     fam = TINY[name].family  # the converters' --model / --model_name given the family's name
     with pytest.raises(UsageError, match=f"model '{fam}': {fam} has no megatron layout here: Megatron-LLM has no"):
         api._megatron_model(fam)

@@ -178,14 +178,14 @@ def convert(tensors: Mapping[str, LazyTensor], src: str, dst: str, cfg: ModelCon
     ``cover`` collects what each pass consumed and dropped (see table.apply); ``faults`` (tests only)
     sees every table on its way (converters/faults.py)."""
     table = hf_to if faults is None else (lambda layout, cfg: faults.on_rules(layout, cfg, hf_to(layout, cfg)))
-    canon = dict(tensors)
+    rules = table(dst, cfg) if dst != "hf" else None  # a layout the family lacks is refused before any work
     if src != "hf":
         canon = apply(tensors, invert(table(src, cfg)), cfg.layers, DROP.get(src, ()), where, plan, cover)
     else:
         canon = apply(tensors, [R(k, k) for k in _hf_keys(cfg)], cfg.layers, hf_drop(cfg), where, cover=cover)
-    if dst == "hf":
+    if rules is None:
         return canon
-    return apply(canon, table(dst, cfg), cfg.layers, (), where, plan, cover)
+    return apply(canon, rules, cfg.layers, (), where, plan, cover)
 
 
 def _hf_keys(cfg: ModelConfig) -> list:
