@@ -551,7 +551,8 @@ def _qwen_moe_dense(cfg, i: int) -> bool:
 # llama.cpp's GGUF names per slot (gguf package's TensorNameMap, as convert_hf_to_gguf.py writes them; per-expert
 # HF tensors become one tensor stacked over the experts, ``*_exps``). Declared for the GGUF tables to derive from;
 # a family lists "gguf" in its layouts once a table reads it. tests/test_families_transformers_parity.py checks
-# every name against the gguf package.
+# every name against the gguf package. llama.cpp permutes q/k rows for its llama arch only: Qwen2Model (and
+# Qwen3, Qwen3-MoE after it) and GptOssModel write HF's half-split rows (layout_rotary "gguf": HALF).
 _GB = "blk.{i}."
 _GGUF_BASE = {"embed": "token_embd.weight", "norm": "output_norm.weight", "head": "output.weight",
               "attn_norm": _GB + "attn_norm.weight", "q": _GB + "attn_q.weight", "k": _GB + "attn_k.weight",
@@ -565,11 +566,12 @@ QWEN2 = register(Family(
     "qwen2", ("qwen2",), "Qwen2ForCausalLM", Block(qkv_bias=True), {**LLAMA_NAMES, **_QKV_BIAS},
     block_keys={"act": "hidden_act"}, default_eps=1e-6, extra_keys=_QWEN_WINDOW,
     hf_read=_qwen_read, gguf_arch="qwen2", layout_names={"gguf": {**_GGUF_BASE, **_GGUF_QKV_BIAS}},
+    layout_rotary={"gguf": Rotary.HALF},
     unsupported={**_HF_ONLY, "megatron": "Megatron-LLM has no Qwen2 model"}))
 QWEN3 = register(Family(
     "qwen3", ("qwen3",), "Qwen3ForCausalLM", Block(qk_norm=True), {**LLAMA_NAMES, **_QK_NORM},
     default_eps=1e-6, extra_keys=_QWEN_WINDOW, hf_read=_qwen_read, gguf_arch="qwen3",
-    layout_names={"gguf": {**_GGUF_BASE, **_GGUF_QK_NORM}},
+    layout_names={"gguf": {**_GGUF_BASE, **_GGUF_QK_NORM}}, layout_rotary={"gguf": Rotary.HALF},
     unsupported={**_HF_ONLY, "megatron": "Megatron-LLM has no Qwen3 model"}))
 QWEN3_MOE = register(Family(
     "qwen3-moe", ("qwen3_moe",), "Qwen3MoeForCausalLM", Block(qk_norm=True, mlp=Mlp.MOE),
@@ -583,7 +585,7 @@ QWEN3_MOE = register(Family(
     hf_read=_qwen_moe_read, dense_layer=_qwen_moe_dense, gguf_arch="qwen3moe",
     # (llama.cpp's qwen3moe has no dense FFN tensors: mlp_only_layers has no GGUF name)
     layout_names={"gguf": {**{k: v for k, v in _GGUF_BASE.items() if k not in DENSE_MLP_SLOTS}, **_GGUF_QK_NORM,
-                           **_GGUF_EXPERTS}},
+                           **_GGUF_EXPERTS}}, layout_rotary={"gguf": Rotary.HALF},
     unsupported={**_HF_ONLY, "megatron": "Megatron-LLM has no Qwen3-MoE model"}))
 
 
@@ -731,6 +733,6 @@ GPT_OSS = register(Family(
                            "mlp_norm": _GB + "post_attention_norm.weight", "o_b": _GB + "attn_output.bias",
                            "sinks": _GB + "attn_sinks.weight", "router": _GB + "ffn_gate_inp.weight",
                            "router_b": _GB + "ffn_gate_inp.bias", "experts_down": _GB + "ffn_down_exps.weight",
-                           "experts_down_b": _GB + "ffn_down_exps.bias"}},
+                           "experts_down_b": _GB + "ffn_down_exps.bias"}}, layout_rotary={"gguf": Rotary.HALF},
     unsupported={**_HF_ONLY,
                  "megatron": "Megatron-LLM has no GPT-OSS model (attention sinks, clamped SwiGLU experts)"}))
