@@ -819,6 +819,15 @@ def _gate_up_halves(st, c, cfg):
         st[k] = torch.cat([st[k][..., ::2], st[k][..., 1::2]], -1).contiguous()
 
 
+def _qk_permuted_like_llama(st, c, cfg):
+    """q and k rows permuted to interleaved pairs (llama's GGUF/Meta treatment) in a family whose rows stay
+    half-split; the per-head q/k norms left as they were."""
+    from ..converters.ops import rope_to_interleaved
+    for i in range(cfg.layers):
+        for s, n in (("q", cfg.heads), ("k", cfg.kv_heads)):
+            st[_fam_key(cfg, s, i=i)] = rope_to_interleaved(st[_fam_key(cfg, s, i=i)], n, cfg.head_dim)
+
+
 def _qk_norm_swapped(st, c, cfg):
     a, b = _fam_key(cfg, "q_norm", i=1), _fam_key(cfg, "k_norm", i=1)
     st[a], st[b] = st[b], st[a]
@@ -842,6 +851,8 @@ FAMILY_CATALOGUE = [
     StateMutation("q/k norm applied to the wrong tensor", "Tensor equals another", "qwen3", _qk_norm_swapped,
                   r"another tensor: B\[model\.layers\.1\.self_attn\.[qk]_norm\.weight\] == A\[model\.layers\.1\."
                   r"self_attn\.[kq]_norm"),
+    StateMutation("q/k permuted like llama's in a half-split family", "Rotary permutation", "qwen3",
+                  _qk_permuted_like_llama, r"rotary permutation"),
     StateMutation("sliding window on every layer (max_window_layers dropped)", "Config only", "qwen2",
                   _cfg(max_window_layers=0, layer_types=None), r"layer_types|max_window_layers"),
     StateMutation("norm_topk_prob dropped", "Config only", "qwen3-moe", _cfg(norm_topk_prob=None),
