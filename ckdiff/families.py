@@ -33,12 +33,27 @@ class Act(str, Enum):
     SILU = "silu"
     GELU = "gelu"
     GELU_TANH = "gelu_tanh"
+    SWIGLU_CLAMP = "swiglu_clamp"  # GPT-OSS experts: gate, up clamped; (up + 1) * gate * sigmoid(alpha * gate)
 
 
 class Mlp(str, Enum):
     GLU = "glu"      # act(x @ gate.T) * (x @ up.T) @ down.T
     PLAIN = "plain"  # act(x @ up.T) @ down.T  (Falcon's dense_h_to_4h / dense_4h_to_h)
     MOE = "moe"      # router + experts, each a GLU (Mixtral)
+
+
+class Attn(str, Enum):
+    GQA = "gqa"  # q/k/v projections (K KV heads shared by groups of query heads), rotary on the whole head
+    MLA = "mla"  # DeepSeek multi-head latent attention: low-rank q and kv, a decoupled rotary part
+
+
+class Router(str, Enum):
+    """How an MoE block picks its experts and weighs them."""
+    SOFTMAX_TOPK = "softmax_topk"  # softmax over all experts, top k, renormalised when norm_topk_prob (Mixtral,
+    #                                Qwen3-MoE)
+    TOPK_SOFTMAX = "topk_softmax"  # top k of the (biased) logits, softmax over those k (GPT-OSS)
+    SIGMOID_GROUPED = "sigmoid_grouped"  # sigmoid scores; e_score_correction_bias steers the choice only;
+    #                                      top groups first, then top k inside them; scaled (DeepSeek-V3)
 
 
 class Rotary(str, Enum):
@@ -57,6 +72,12 @@ class Block:
     parallel: bool = False        # attention and MLP read the same input (Falcon)
     embed_scale: bool = False     # embeddings multiplied by sqrt(hidden) (Gemma)
     fused_qkv: bool = False       # HF stores one grouped query_key_value tensor (Falcon)
+    attn: Attn = Attn.GQA
+    qk_norm: bool = False         # RMSNorm over each q and k head before rotary (Qwen3)
+    o_bias: bool = False          # the output projection carries a bias (GPT-OSS)
+    sinks: bool = False           # one learned logit per head joins the softmax and takes no value (GPT-OSS)
+    router: Router = Router.SOFTMAX_TOPK
+    shared_expert: bool = False   # an always-on MLP beside the routed experts (DeepSeek-V3)
 
 
 # The HF config.json key behind each ModelConfig field, as most families spell it; a family's
@@ -72,8 +93,24 @@ HF_CONFIG_KEYS = {
 # Block attribute -> config.json key(s) written from the block (``Family.block_keys`` overrides)
 HF_BLOCK_KEYS = {"qkv_bias": "attention_bias", "act": "hidden_act"}
 # how transformers spells each activation in config.json, and the canonical name ckdiff compares
-HF_ACT = {Act.SILU: "silu", Act.GELU: "gelu", Act.GELU_TANH: "gelu_pytorch_tanh"}
-CANONICAL_ACT = {Act.SILU: "silu", Act.GELU: "gelu", Act.GELU_TANH: "gelu_tanh"}
+# (GPT-OSS's clamped SwiGLU is spelled "silu" in its config.json; the clamp is the family's, not a key's)
+HF_ACT = {Act.SILU: "silu", Act.GELU: "gelu", Act.GELU_TANH: "gelu_pytorch_tanh", Act.SWIGLU_CLAMP: "silu"}
+CANONICAL_ACT = {Act.SILU: "silu", Act.GELU: "gelu", Act.GELU_TANH: "gelu_tanh", Act.SWIGLU_CLAMP: "silu"}
+
+
+@dataclass(frozen=True)
+class Extra:
+    """A config.json value of one family that ModelConfig has no field for; read (type- and range-checked)
+    into ``ModelConfig.extra[name]``, written back by to_hf, compared as a function field."""
+    key: object                  # config.json key, or a tuple of spellings (the first is written)
+    kind: str                    # int | num | flag | text | ints | texts
+    default: object = None       # transformers' default when config.json has no such key
+    lo: int = 1                  # smallest int allowed (kind int / ints)
+    nullable: bool = False       # an explicit null is a value of its own (DeepSeek's q_lora_rank: no q LoRA)
+
+    @property
+    def keys(self) -> tuple:
+        return (self.key,) if isinstance(self.key, str) else tuple(self.key)
 
 
 @dataclass(frozen=True)
@@ -124,6 +161,15 @@ class Family:
     #                                          family (used where "gguf" is in layouts); its GGUF table derives
     #                                          from the declaration: layout_rotary["gguf"] (HALF: q/k not
     #                                          permuted), Norm.RMS_PLUS_ONE (norms stored as 1 + w), qkv_bias
+    extra_keys: Mapping[str, Extra] = field(default_factory=dict)  # ModelConfig.extra name -> config.json value
+    # per-layer structure: whether layer i attends through the sliding window, and whether its MLP is the MoE
+    # (None: every layer alike; the window from ``layer_types`` in extra when the family declares it)
+    dense_layer: Optional[Callable] = None   # (cfg: ModelConfig, i) -> True where an MoE family has a dense MLP
+    unsupported: Mapping[str, str] = field(default_factory=dict)  # layout -> why the family has none there
+    # what a checkpoint loses when a converter drops a slot's tensors (the diff names the cause), and a
+    # hook for the family's own tensor diagnoses: (slot, a, b, cfg: ModelConfig) -> finding text or None
+    dropped: Mapping[str, str] = field(default_factory=dict)
+    diagnose: Optional[Callable] = None
 
     # ------------------------------------------------------------ derived
     def hf_keys(self, fld: str) -> tuple:
@@ -154,16 +200,76 @@ class Family:
 
     def slots(self, **have) -> list:
         """The family's slots present in a model: optional slots (biases ``X_b``, the untied head,
-        Falcon's one or two norms) only when ``have`` says so: tied=, two_norms=."""
+        Falcon's one or two norms, MLA's low-rank or plain q) only when ``have`` says so: tied=, two_norms=,
+        q_lora=."""
         out = []
         for s in self.hf_names:
             if s == "head" and have.get("tied", self.always_tied):
+                continue
+            if self.block.attn is Attn.MLA and s in (("mla_q",) if have.get("q_lora", True)
+                                                      else ("q_down", "q_down_norm", "q_up")):
                 continue
             if self.block.fused_qkv and s in (("attn_norm", "attn_norm_b") if have.get("two_norms")
                                                  else ("ln_attn", "ln_attn_b", "ln_mlp", "ln_mlp_b")):
                 continue
             out.append(s)
         return out
+
+    def read_extras(self, cfg: dict, where: str, raw: Optional[dict] = None) -> dict:
+        """The family's extra config.json values (declared defaults for absent keys), type- and range-checked.
+        ``raw``: the config before nulls were dropped (a nullable extra's explicit null is kept)."""
+        from .converters.config import Fields, MAX_SIZE
+        f, out = Fields(cfg, where), {}
+        for name, ex in self.extra_keys.items():
+            key = next((k for k in ex.keys if cfg.get(k) is not None), ex.keys[0])
+            v = cfg.get(key)
+            if v is None and ex.nullable and any(k in (raw or {}) for k in ex.keys):
+                out[name] = None
+            elif v is None:
+                out[name] = list(ex.default) if isinstance(ex.default, tuple) else ex.default
+            elif ex.kind in ("ints", "texts"):
+                ok = isinstance(v, list) and all((isinstance(x, str) if ex.kind == "texts" else
+                                                  isinstance(x, int) and not isinstance(x, bool) and x >= ex.lo)
+                                                 for x in v)
+                if not ok:
+                    f.fail(key, "a list of " + ("strings" if ex.kind == "texts" else f"integers >= {ex.lo}"), v)
+                out[name] = list(v)
+            elif ex.kind == "int":
+                out[name] = f.int(key, lo=ex.lo, hi=MAX_SIZE)
+            else:
+                out[name] = getattr(f, ex.kind)(key)
+        return out
+
+    def write_extras(self, extra: Mapping) -> dict:
+        """config.json values of the family's extras (their first spelling), None left out."""
+        out = {}
+        for name, ex in self.extra_keys.items():
+            v = (extra or {}).get(name, ex.default)
+            if v is not None or ex.nullable:
+                out[ex.keys[0]] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    def no_layout(self, layout: str) -> str:
+        """The one line that refuses ``layout`` for this family (with the declared reason)."""
+        why = f": {self.unsupported[layout]}" if layout in self.unsupported else ""
+        return f"{self.name} has no {layout} layout here{why} (its layouts: {', '.join(sorted(self.layouts))})"
+
+    def slot_of(self, name: str) -> Optional[str]:
+        """The slot whose HF template names tensor ``name`` (layer and expert numbers filled)."""
+        import re
+        for slot, t in self.hf_names.items():
+            pat = re.escape(t).replace(r"\{i\}", r"\d+").replace(r"\{e\}", r"\d+").replace(r"\{n\}", r"\d+")
+            if re.fullmatch(pat, name):
+                return slot
+        return None
+
+    def layer_slots(self, cfg, i: int, slots) -> list:
+        """The layer-i slots among ``slots`` for a model whose first layers have a dense MLP (DeepSeek-V3's
+        first_k_dense_replace): the MoE slots only in MoE layers, the dense MLP's only in dense ones."""
+        if self.block.mlp is not Mlp.MOE:
+            return list(slots)
+        dense = self.dense_layer is not None and self.dense_layer(cfg, i)
+        return [s for s in slots if not (s in DENSE_MLP_SLOTS and not dense or is_moe_slot(s) and dense)]
 
     def megatron_model_names(self) -> tuple:
         """Megatron-LLM --model values of the family: declared, or its own name when it has the layout."""
@@ -185,6 +291,40 @@ class Family:
             if m.name == name:
                 return m
         return MegatronModel(name)
+
+
+DENSE_MLP_SLOTS = ("gate", "up", "down")
+
+
+def is_moe_slot(slot: str) -> bool:
+    """Router, its biases, routed and shared experts: the slots of an MoE layer's MLP."""
+    return slot.startswith(("router", "expert", "shared_")) or slot == "e_bias"
+
+
+def sliding_layer(cfg, i: int) -> bool:
+    """Whether layer i attends through ``cfg.sliding_window``: per ``layer_types`` where the config lists
+    them (GPT-OSS, Qwen2 with max_window_layers), else every layer when a window is set."""
+    if not cfg.sliding_window:
+        return False
+    kinds = (cfg.extra or {}).get("layer_types")
+    return kinds is None or kinds[i] == "sliding_attention"
+
+
+def dense_layer(cfg, i: int) -> bool:
+    """Whether layer i of an MoE family has a dense MLP instead (always False for a dense family)."""
+    f = FAMILIES.get(cfg.family)
+    return f is not None and f.block.mlp is Mlp.MOE and f.dense_layer is not None and f.dense_layer(cfg, i)
+
+
+def extra_names() -> tuple:
+    """Every registered family's extra config names (the canonical configs compare them)."""
+    return tuple(dict.fromkeys(n for f in FAMILIES.values() for n in f.extra_keys))
+
+
+def nullable_keys() -> tuple:
+    """config.json keys whose explicit null is a value of its own (Extra.nullable), over every family."""
+    return tuple(dict.fromkeys(k for f in FAMILIES.values() for ex in f.extra_keys.values() if ex.nullable
+                               for k in ex.keys))
 
 
 FAMILIES: dict = {}
@@ -368,3 +508,247 @@ FALCON = register(Family(
     megatron_models=(MegatronModel("falcon", {7: (32, 4544, 71, 1), 40: (60, 8192, 128, 8)}, "tiiuae/falcon-{size}b",
                                    tokenizer_type="FalconTokenizer"),),
     megatron_args={"use_flash_attn": True, "hidden_dropout": 0.0}, megatron_pads_vocab=False))
+
+
+# ------------------------------------------------------------------ Qwen2, Qwen3, Qwen3-MoE
+# why the families below have only the HF layout here (Family.unsupported; the refusal says it in one line)
+_HF_ONLY = {"meta": "Meta's consolidated layout exists for Llama-family models only",
+            "jetstream": "JetStream-pt has no model for it",
+            "mcore": "ckdiff's Megatron-Core table maps the llama and mixtral blocks only",
+            "gguf": "no GGUF table reads it yet (its llama.cpp names are declared in layout_names)"}
+_SA = _L + "self_attn."
+_QKV_BIAS = {"q_b": _SA + "q_proj.bias", "k_b": _SA + "k_proj.bias", "v_b": _SA + "v_proj.bias"}
+_QK_NORM = {"q_norm": _SA + "q_norm.weight", "k_norm": _SA + "k_norm.weight"}
+_EXPERTS = {"router": _L + "mlp.gate.weight", "expert_gate": _L + "mlp.experts.{e}.gate_proj.weight",
+            "expert_up": _L + "mlp.experts.{e}.up_proj.weight", "expert_down": _L + "mlp.experts.{e}.down_proj.weight"}
+_NO_MLP = {k: v for k, v in LLAMA_NAMES.items() if k not in DENSE_MLP_SLOTS}
+# Qwen2/Qwen3: the window applies to layers >= max_window_layers, and only with use_sliding_window
+_QWEN_WINDOW = {"use_sliding_window": Extra("use_sliding_window", "flag", False),
+                "max_window_layers": Extra("max_window_layers", "int", 28, lo=0),
+                "layer_types": Extra("layer_types", "texts")}
+_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _layer_types(cfg: dict, where: str, strict: bool, layers, derive=None) -> Optional[list]:
+    """config.json ``layer_types`` checked against the layer count, or ``derive(i)`` per layer when absent."""
+    from .errors import InputError
+    kinds = cfg.get("layer_types")
+    if kinds is None:
+        return None if derive is None or not isinstance(layers, int) else [derive(i) for i in range(layers)]
+    if strict and (not isinstance(kinds, list) or len(kinds) != layers or any(k not in _LAYER_TYPES for k in kinds)):
+        raise InputError(where, f"key 'layer_types': expected {layers} of {', '.join(_LAYER_TYPES)}, got "
+                                f"{str(kinds)[:60]}")
+    return kinds
+
+
+def _qwen_read(cfg: dict, where: str, strict: bool) -> dict:
+    """The window counts only with use_sliding_window (Qwen configs ship a window they do not use), and
+    then only from layer max_window_layers on (as transformers' Qwen2Config derives layer_types)."""
+    use = bool(cfg.get("use_sliding_window", False))
+    sw = cfg.get("sliding_window") if use else None
+    lo = cfg.get("max_window_layers", 28)
+    kinds = _layer_types(cfg, where, strict, cfg.get("num_hidden_layers"),
+                         lambda i: _LAYER_TYPES[bool(sw) and i >= lo])
+    return {"sliding_window": sw, "extra": {"layer_types": kinds}}
+
+
+def _qwen_moe_read(cfg: dict, where: str, strict: bool) -> dict:
+    return {"sliding_window": cfg.get("sliding_window") if cfg.get("use_sliding_window") else None}
+
+
+def _qwen_moe_dense(cfg, i: int) -> bool:
+    """Qwen3-MoE: layers in mlp_only_layers, and those off the decoder_sparse_step grid, have a dense MLP."""
+    x = cfg.extra or {}
+    step = x.get("decoder_sparse_step", 1)
+    return i in (x.get("mlp_only_layers") or ()) or (i + 1) % step != 0
+
+
+# llama.cpp's GGUF names per slot (gguf package's TensorNameMap, as convert_hf_to_gguf.py writes them; per-expert
+# HF tensors become one tensor stacked over the experts, ``*_exps``). Declared for the GGUF tables to derive from;
+# a family lists "gguf" in its layouts once a table reads it. tests/test_families_transformers_parity.py checks
+# every name against the gguf package. llama.cpp permutes q/k rows for its llama arch only: Qwen2Model (and
+# Qwen3, Qwen3-MoE after it) and GptOssModel write HF's half-split rows (layout_rotary "gguf": HALF).
+_GB = "blk.{i}."
+_GGUF_BASE = {"embed": "token_embd.weight", "norm": "output_norm.weight", "head": "output.weight",
+              "attn_norm": _GB + "attn_norm.weight", "q": _GB + "attn_q.weight", "k": _GB + "attn_k.weight",
+              "v": _GB + "attn_v.weight", "o": _GB + "attn_output.weight", "mlp_norm": _GB + "ffn_norm.weight",
+              "gate": _GB + "ffn_gate.weight", "up": _GB + "ffn_up.weight", "down": _GB + "ffn_down.weight"}
+_GGUF_QKV_BIAS = {"q_b": _GB + "attn_q.bias", "k_b": _GB + "attn_k.bias", "v_b": _GB + "attn_v.bias"}
+_GGUF_QK_NORM = {"q_norm": _GB + "attn_q_norm.weight", "k_norm": _GB + "attn_k_norm.weight"}
+_GGUF_EXPERTS = {"router": _GB + "ffn_gate_inp.weight", "expert_gate": _GB + "ffn_gate_exps.weight",
+                 "expert_up": _GB + "ffn_up_exps.weight", "expert_down": _GB + "ffn_down_exps.weight"}
+QWEN2 = register(Family(
+    "qwen2", ("qwen2",), "Qwen2ForCausalLM", Block(qkv_bias=True), {**LLAMA_NAMES, **_QKV_BIAS},
+    block_keys={"act": "hidden_act"}, default_eps=1e-6, extra_keys=_QWEN_WINDOW,
+    hf_read=_qwen_read, gguf_arch="qwen2", layout_names={"gguf": {**_GGUF_BASE, **_GGUF_QKV_BIAS}},
+    layout_rotary={"gguf": Rotary.HALF},
+    unsupported={**_HF_ONLY, "megatron": "Megatron-LLM has no Qwen2 model"}))
+QWEN3 = register(Family(
+    "qwen3", ("qwen3",), "Qwen3ForCausalLM", Block(qk_norm=True), {**LLAMA_NAMES, **_QK_NORM},
+    default_eps=1e-6, extra_keys=_QWEN_WINDOW, hf_read=_qwen_read, gguf_arch="qwen3",
+    layout_names={"gguf": {**_GGUF_BASE, **_GGUF_QK_NORM}}, layout_rotary={"gguf": Rotary.HALF},
+    unsupported={**_HF_ONLY, "megatron": "Megatron-LLM has no Qwen3 model"}))
+QWEN3_MOE = register(Family(
+    "qwen3-moe", ("qwen3_moe",), "Qwen3MoeForCausalLM", Block(qk_norm=True, mlp=Mlp.MOE),
+    {**LLAMA_NAMES, **_QK_NORM, **_EXPERTS},
+    config_keys={"experts": ("num_local_experts", "num_experts")}, default_eps=1e-6,
+    extra_keys={"use_sliding_window": Extra("use_sliding_window", "flag", False),
+                "moe_ffn": Extra("moe_intermediate_size", "int", 768),
+                "norm_topk_prob": Extra("norm_topk_prob", "flag", False),
+                "decoder_sparse_step": Extra("decoder_sparse_step", "int", 1),
+                "mlp_only_layers": Extra("mlp_only_layers", "ints", (), lo=0)},
+    hf_read=_qwen_moe_read, dense_layer=_qwen_moe_dense, gguf_arch="qwen3moe",
+    # (llama.cpp's qwen3moe has no dense FFN tensors: mlp_only_layers has no GGUF name)
+    layout_names={"gguf": {**{k: v for k, v in _GGUF_BASE.items() if k not in DENSE_MLP_SLOTS}, **_GGUF_QK_NORM,
+                           **_GGUF_EXPERTS}}, layout_rotary={"gguf": Rotary.HALF},
+    unsupported={**_HF_ONLY, "megatron": "Megatron-LLM has no Qwen3-MoE model"}))
+
+
+# ------------------------------------------------------------------ DeepSeek-V3
+_DS_MLA = {"q_down": _SA + "q_a_proj.weight", "q_down_norm": _SA + "q_a_layernorm.weight",
+           "q_up": _SA + "q_b_proj.weight",
+           "mla_q": _SA + "q_proj.weight",  # instead of q_a/q_b when q_lora_rank is null (V2-Lite style)
+           "kv_down": _SA + "kv_a_proj_with_mqa.weight", "kv_down_norm": _SA + "kv_a_layernorm.weight",
+           "kv_up": _SA + "kv_b_proj.weight"}
+_DS_MOE = {**_EXPERTS, "e_bias": _L + "mlp.gate.e_score_correction_bias",
+           "shared_gate": _L + "mlp.shared_experts.gate_proj.weight",
+           "shared_up": _L + "mlp.shared_experts.up_proj.weight",
+           "shared_down": _L + "mlp.shared_experts.down_proj.weight"}
+# DeepSeek-V3's multi-token-prediction layer, stored as layer num_hidden_layers (+ j) beside a full decoder
+# layer's tensors (DeepSeek-V3 README_WEIGHTS.md); transformers neither builds nor saves it
+MTP_NAMES = ("embed_tokens.weight", "enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
+             "shared_head.head.weight")
+
+
+def _deepseek_read(cfg: dict, where: str, strict: bool) -> dict:
+    from .errors import InputError
+    E, g = cfg.get("n_routed_experts"), cfg.get("n_group", 8)
+    if strict and isinstance(E, int) and isinstance(g, int) and (g < 1 or E % g):
+        raise InputError(where, f"key 'n_group': {E} routed experts do not split into {g} groups")
+    tg = cfg.get("topk_group", 4)
+    if strict and isinstance(g, int) and isinstance(tg, int) and tg > g:
+        raise InputError(where, f"key 'topk_group': {tg} groups chosen out of n_group {g}")
+    if strict and cfg.get("scoring_func", "sigmoid") != "sigmoid":
+        raise InputError(where, f"key 'scoring_func': {cfg['scoring_func']!r} is not supported (sigmoid only)")
+    H = cfg.get("num_attention_heads")
+    return {"kv_heads": H} if isinstance(H, int) else {}  # MLA: every head has its own k and v
+
+
+def _deepseek_diagnose(slot: str, a, b, cfg) -> Optional[str]:
+    """MLA's parts in the wrong place. kv_a_proj_with_mqa rows are [latent | k_rope], each q head's rows
+    [nope | rope], each kv_b_proj head's rows [k_nope | v]: a converter that splits them the other way round
+    moves rotary rows into the latent (or nope) part, or swaps k and v. Also: the rotary rows in the other
+    pair order (DeepSeek's rope_interleave layout permuted as if it were rotate_half's)."""
+    import torch
+    from .converters.ops import rope_to_interleaved
+    x, dr, H = cfg.extra or {}, cfg.head_dim, cfg.heads
+    if a.dim() != 2 or a.shape != b.shape:
+        return None
+    dn = x.get("qk_nope_head_dim", 0)
+    split = {"kv_down": (1, a.shape[0] - dr, "kv_a_proj_with_mqa", "latent"), "q_up": (H, dn, "q_b_proj", "nope"),
+             "mla_q": (H, dn, "q_proj", "nope"), "kv_up": (H, dn, "kv_b_proj", "k_nope")}.get(slot)
+    if split is None or a.shape[0] % split[0]:
+        return None
+    n, first, what, part = split
+    heads = a.reshape(n, -1, a.shape[1])
+    if torch.equal(torch.cat([heads[:, first:], heads[:, :first]], 1).reshape(a.shape), b):
+        if slot == "kv_up":
+            return (f"MLA k_nope and v swapped in kv_b_proj: each of its {H} heads holds [v | k_nope] instead of "
+                    f"[k_nope ({dn} rows) | v]")
+        return (f"MLA rotary part mixed into the latent part: {what} holds its {dr} rotary rows (qk_rope_head_dim) "
+                f"before the {first} {part} rows{' of each head' if n > 1 else ''} instead of after them")
+    if slot == "kv_up":
+        return None
+
+    def pairs(t):  # the rotary rows of every head to the other pair order
+        h = t.reshape(n, -1, t.shape[1])
+        rot = rope_to_interleaved(h[:, first:].reshape(n * dr, -1), n, dr).reshape(n, dr, -1)
+        return torch.cat([h[:, :first], rot], 1).reshape(t.shape)
+    if torch.equal(pairs(a), b) or torch.equal(pairs(b), a):
+        return (f"MLA rotary rows of {what} in the other pair order (interleaved vs half-split): the rope_interleave "
+                "layout was permuted like a q/k projection")
+    return None
+
+
+DEEPSEEK_V3 = register(Family(
+    "deepseek-v3", ("deepseek_v3",), "DeepseekV3ForCausalLM",
+    Block(attn=Attn.MLA, mlp=Mlp.MOE, router=Router.SIGMOID_GROUPED, shared_expert=True),
+    {**{k: v for k, v in LLAMA_NAMES.items() if k not in ("q", "k", "v")}, **_DS_MLA, **_DS_MOE},
+    config_keys={"experts": "n_routed_experts", "head_dim": "qk_rope_head_dim", "sliding_window": None},
+    default_eps=1e-6,
+    extra_keys={"q_lora_rank": Extra("q_lora_rank", "int", 1536, nullable=True),
+                "kv_lora_rank": Extra("kv_lora_rank", "int", 512),
+                "qk_nope_head_dim": Extra("qk_nope_head_dim", "int", 128),
+                "v_head_dim": Extra("v_head_dim", "int", 128),
+                "moe_ffn": Extra("moe_intermediate_size", "int", 2048),
+                "n_shared_experts": Extra("n_shared_experts", "int", 1),
+                "n_group": Extra("n_group", "int", 8), "topk_group": Extra("topk_group", "int", 4),
+                "routed_scaling_factor": Extra("routed_scaling_factor", "num", 2.5),
+                "first_k_dense_replace": Extra("first_k_dense_replace", "int", 3, lo=0),
+                "norm_topk_prob": Extra("norm_topk_prob", "flag", True),
+                "mtp_layers": Extra("num_nextn_predict_layers", "int", 1, lo=0),
+                "rope_interleave": Extra("rope_interleave", "flag", True)},
+    dropped={"shared_gate": "shared expert", "shared_up": "shared expert", "shared_down": "shared expert",
+             "e_bias": "e_score_correction_bias (expert choice falls back to the raw sigmoid scores)"},
+    diagnose=_deepseek_diagnose, hf_read=_deepseek_read,
+    dense_layer=lambda cfg, i: i < (cfg.extra or {}).get("first_k_dense_replace", 3),
+    gguf_arch="deepseek2", layout_names={"gguf": {
+        **{k: v for k, v in _GGUF_BASE.items() if k not in ("q", "k", "v")}, **_GGUF_EXPERTS,
+        "q_down": _GB + "attn_q_a.weight", "q_down_norm": _GB + "attn_q_a_norm.weight", "q_up": _GB + "attn_q_b.weight",
+        "mla_q": _GB + "attn_q.weight", "kv_down": _GB + "attn_kv_a_mqa.weight",
+        "kv_down_norm": _GB + "attn_kv_a_norm.weight", "kv_up": _GB + "attn_kv_b.weight",
+        "e_bias": _GB + "exp_probs_b.bias", "shared_gate": _GB + "ffn_gate_shexp.weight",
+        "shared_up": _GB + "ffn_up_shexp.weight", "shared_down": _GB + "ffn_down_shexp.weight"}},
+    unsupported={**_HF_ONLY, "megatron": "Megatron-LLM has no multi-head latent attention"}))
+
+
+# ------------------------------------------------------------------ GPT-OSS (dequantized: experts as float)
+_GPT_OSS_MOE = {"router": _L + "mlp.router.weight", "router_b": _L + "mlp.router.bias",
+                "experts_gate_up": _L + "mlp.experts.gate_up_proj",    # [E, D, 2F], gate/up columns interleaved
+                "experts_gate_up_b": _L + "mlp.experts.gate_up_proj_bias",
+                "experts_down": _L + "mlp.experts.down_proj",          # [E, F, D]
+                "experts_down_b": _L + "mlp.experts.down_proj_bias"}
+
+
+def _gpt_oss_read(cfg: dict, where: str, strict: bool) -> dict:
+    layers = cfg.get("num_hidden_layers")
+    kinds = _layer_types(cfg, where, strict, layers, lambda i: _LAYER_TYPES[i % 2 == 0])
+    return {"extra": {"layer_types": kinds}}
+
+
+def _gpt_oss_write(cfg) -> dict:
+    """transformers' GptOssConfig assumes YaRN when a config names no rope type: say "default" outright."""
+    return {} if cfg.rope_scaling else {"rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}}
+
+
+def _gpt_oss_diagnose(slot: str, a, b, cfg) -> Optional[str]:
+    """GPT-OSS's fused experts alternate gate and up by column (gate even, up odd); a converter that takes
+    the halves instead (gate = first F, up = last F), or writes halves for the alternation, is named."""
+    import torch
+    if slot not in ("experts_gate_up", "experts_gate_up_b") or a.shape != b.shape or a.shape[-1] % 2:
+        return None
+    halves = lambda t: torch.cat([t[..., ::2], t[..., 1::2]], -1)  # noqa: E731
+    if torch.equal(halves(a), b) or torch.equal(halves(b), a):
+        return ("GPT-OSS gate/up de-interleaved: gate_up_proj holds gate and up as [gate | up] halves on one side "
+                "and alternating columns (gate even, up odd) on the other")
+    return None
+
+
+GPT_OSS = register(Family(
+    "gpt-oss", ("gpt_oss",), "GptOssForCausalLM",
+    Block(act=Act.SWIGLU_CLAMP, mlp=Mlp.MOE, qkv_bias=True, o_bias=True, sinks=True, router=Router.TOPK_SOFTMAX),
+    {**_NO_MLP, **_QKV_BIAS, "o_b": _SA + "o_proj.bias", "sinks": _SA + "sinks", **_GPT_OSS_MOE},
+    block_keys={"qkv_bias": "attention_bias"}, hf_defaults={"hidden_act": "silu"},
+    extra_keys={"layer_types": Extra("layer_types", "texts"), "swiglu_limit": Extra("swiglu_limit", "num", 7.0),
+                "swiglu_alpha": Extra("swiglu_alpha", "num", 1.702)},
+    dropped={"sinks": "attention sinks (each head's softmax loses its sink logit)",
+             "router_b": "router bias", "o_b": "o_proj bias"}, diagnose=_gpt_oss_diagnose,
+    hf_read=_gpt_oss_read, hf_write=_gpt_oss_write, gguf_arch="gpt-oss",
+    # (llama.cpp splits the fused gate_up_proj into ffn_gate_exps / ffn_up_exps: no one-to-one name for it)
+    layout_names={"gguf": {**{k: v for k, v in _GGUF_BASE.items() if k not in DENSE_MLP_SLOTS}, **_GGUF_QKV_BIAS,
+                           "mlp_norm": _GB + "post_attention_norm.weight", "o_b": _GB + "attn_output.bias",
+                           "sinks": _GB + "attn_sinks.weight", "router": _GB + "ffn_gate_inp.weight",
+                           "router_b": _GB + "ffn_gate_inp.bias", "experts_down": _GB + "ffn_down_exps.weight",
+                           "experts_down_b": _GB + "ffn_down_exps.bias"}}, layout_rotary={"gguf": Rotary.HALF},
+    unsupported={**_HF_ONLY,
+                 "megatron": "Megatron-LLM has no GPT-OSS model (attention sinks, clamped SwiGLU experts)"}))

@@ -71,4 +71,4 @@ def test_a_checkpoint_against_itself_is_equivalent_in_every_layout(name, tmp_pat
         p = emit(tmp_path / lay, name, lay)
         code, out, err = run_cli(p, p, "--no-diagnose", "-q")
         assert code == 0, (name, lay, out, err)
-    assert len(tried) >= 2
+    assert len(tried) >= min(2, len(declared)), (name, tried)  # HF-only families (Qwen, DeepSeek) have one

@@ -864,6 +864,7 @@ def diagnose_result(res: CompareResult, a: Checkpoint, b: Checkpoint) -> None:
                 r.diagnosis = record(r, found)
                 continue
         r.diagnosis = diagnose_tensor(r, ta, tb, ctx)
+    _family_findings(res, ctx)
     _equivalent_reorderings(res, ctx)
     _expert_reorderings(res, ctx)
     _rotary_some_layers(res, ctx)
@@ -874,3 +875,34 @@ def diagnose_result(res: CompareResult, a: Checkpoint, b: Checkpoint) -> None:
     if swapped and any(r.status == Status.ONLY_B for r in res.tensors):
         res.notes.append("key sets differ: the two checkpoints may use different naming "
                          "(compare like with like, or convert one side first)")
+
+
+def _family_findings(res: CompareResult, ctx: _Ctx) -> None:
+    """What the model family's declaration (ckdiff/families.py) says about a mismatch: the role of a tensor
+    one side lacks (DeepSeek-V3's shared expert, GPT-OSS's sinks, ...), and the family's own diagnoses of a
+    differing tensor (DeepSeek's MLA rotary rows), named before the generic ones."""
+    from .. import families
+    from ..converters.config import ModelConfig
+    from ..errors import InputError
+    fam = families.for_model_type(str(ctx.config.get("model_type") or ""))
+    if fam is None or not (fam.dropped or fam.diagnose):
+        return
+    lost: dict = {}
+    for r in res.tensors:
+        slot = fam.slot_of(r.name)
+        if r.status in (Status.ONLY_A, Status.ONLY_B) and slot in fam.dropped:
+            side = "B" if r.status == Status.ONLY_A else "A"
+            r.diagnosis = [f"{fam.dropped[slot]} dropped: {side} has no {r.name}"] + list(r.diagnosis or [])
+            lost.setdefault((fam.dropped[slot], side), []).append(r.name)
+        elif fam.diagnose and r.status == Status.DIFFER and slot and r.name in ctx.a.tensors \
+                and r.name in ctx.b.tensors and ctx.a.tensors[r.name].numel <= MAX_NUMEL:
+            try:
+                cfg = ModelConfig.from_hf(ctx.a.config or {}, ctx.a.tensors)
+            except (InputError, ValueError):  # a config that does not read: the generic diagnoses only
+                return
+            text = fam.diagnose(slot, ctx.a.tensors[r.name].load().float(), ctx.b.tensors[r.name].load().float(), cfg)
+            if text:
+                r.diagnosis = [text] + [d for d in (r.diagnosis or []) if d != text]
+    for (role, side), names in lost.items():
+        res.notes.append(f"{role} dropped: {side} lacks {len(names)} tensor(s) ({names[0]}"
+                         f"{', ...' if len(names) > 1 else ''})")

@@ -28,6 +28,8 @@ SIZES = {(m.name, size): dims for f in families.FAMILIES.values() for m in f.meg
 def _megatron_model(name: str):
     """(family, MegatronModel) of a --model value, or a usage error naming the choices."""
     fam = families.for_megatron_model(name)
+    if fam is None and families.get(name) is not None:  # a family without the layout: say why
+        raise UsageError(f"model {name!r}: {families.get(name).no_layout('megatron')}")
     if fam is None:
         raise UsageError(f"model {name!r}: expected one of {', '.join(families.megatron_models())}")
     return fam, fam.megatron_model(name)
@@ -198,6 +200,8 @@ def to_jetstream(model_name: str, input_checkpoint_dir, output_checkpoint_dir, *
     ``faults`` (tests only): injection points, see converters/faults.py."""
     from .quant import quantize_tensors
     fam = families.for_jetstream_name(model_name)
+    if fam is None and families.get(model_name) is not None:  # a family without the layout: say why
+        raise UsageError(f"--model_name {model_name!r}: {families.get(model_name).no_layout('jetstream')}")
     if fam is None:
         names = sorted(n for f in families.FAMILIES.values() for n in f.jetstream_names)
         raise UsageError(f"--model_name {model_name!r}: expected one of {', '.join(names)}")

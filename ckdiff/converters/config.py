@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -261,6 +261,8 @@ def check_tensors(cfg: "ModelConfig", fmt: str, tensors: dict, where, raw: Optio
                 if cols < cfg.hidden and cfg.hidden % cols == 0 and rows % (cfg.hidden // cols) == 0 else "")
         bad("hidden", f"{cfg.hidden} does not match the {cols} columns of {emb[0]}{hint}")
     found = {int(m.group(1)) for n in tensors for m in [_LAYER.search(n)] if m}
+    mtp = (cfg.extra or {}).get("mtp_layers") or 0  # DeepSeek-V3's MTP layers follow the decoder's layers
+    found -= set(range(cfg.layers, cfg.layers + mtp))
     if found and len(found) != cfg.layers:
         bad("layers", f"{cfg.layers} layers, but the tensors hold {len(found)}")
     H, K, hd = cfg.heads, cfg.kv_heads, cfg.head_dim
@@ -324,6 +326,8 @@ class ModelConfig:
         """The special token ids the config carries, by their config key (the ones it does not say left out)."""
         return {k: v for k, v in (("bos_token_id", self.bos_token_id), ("eos_token_id", self.eos_token_id),
                                   ("pad_token_id", self.pad_token_id)) if v is not None}
+    extra: dict = field(default_factory=dict)  # the family's own config values (Family.extra_keys): MLA ranks,
+    #                                            routing, layer_types, ...
 
     @property
     def q_rows(self) -> int:
@@ -353,7 +357,7 @@ class ModelConfig:
     # defaults, block flags and, for what a table cannot say, its hf_read / hf_write hooks.
     @classmethod
     def from_hf(cls, cfg: dict, tensors: dict, where: str = "config.json") -> "ModelConfig":
-        cfg = parse_config("hf", cfg, where)
+        raw, cfg = cfg, parse_config("hf", cfg, where)
         arch = (cfg.get("model_type") or "").lower()
         fam = families.for_model_type(arch) or families.default()
         get = lambda f: _hf_get(fam, cfg, f)  # noqa: E731
@@ -363,7 +367,9 @@ class ModelConfig:
         for f, v in (("heads", H), ("layers", L), ("hidden", D)):
             if v is None:
                 raise ConfigError(where, f"missing {(fam.hf_keys(f) or (f,))[0]!r}")
-        hook = fam.hf_read(cfg, where, True) if fam.hf_read else {}
+        hook = dict(fam.hf_read(cfg, where, True)) if fam.hf_read else {}
+        extra = fam.read_extras(cfg, where, raw)
+        extra.update({k: v for k, v in hook.pop("extra", {}).items() if v is not None})
         K = get("kv_heads") or H
         q = layer0("q")
         hd = get("head_dim") or (q.shape[0] // H if q is not None else D // H)
@@ -395,7 +401,7 @@ class ModelConfig:
                   hf_model_type=arch if arch in fam.hf_type_defaults or (arch and families.for_model_type(arch) is None)
                   else fam.hf_model_types[0],
                   bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
-                  pad_token_id=cfg.get("pad_token_id"))
+                  pad_token_id=cfg.get("pad_token_id"), extra=extra)
         out = replace(out, **hook).check(where, _hf_check_keys(fam))
         return check_tensors(out, "hf", tensors, where, cfg)
 
@@ -418,6 +424,7 @@ class ModelConfig:
                 cfg[keys[0]] = v
         if self.rope_scaling and not fam.hf_keys("rope_scaling"):
             cfg["rope_scaling"] = self.rope_scaling  # HF's own key where the family declares none
+        cfg.update(fam.write_extras(self.extra))
         if fam.hf_write:
             cfg.update(fam.hf_write(self))
         cfg.update(self.token_ids())  # the ids read from the source win over the family's defaults
@@ -567,7 +574,9 @@ def canonical_config(fmt: str, cfg: dict, tensors: dict, where: str = "config") 
     fmt = (fmt or "").split("->")[0]
     cfg = cfg or {}
     if cfg and fmt in SCHEMA:
-        cfg = parse_config(fmt, cfg, where)
+        # an explicit null that is a value of its own (a family's nullable extra) survives the parse
+        kept = {k: None for k in families.nullable_keys() if k in cfg and cfg[k] is None}
+        cfg = {**parse_config(fmt, cfg, where), **kept}
     from .registry import lookup
     f = lookup(fmt)  # each format declares its canonical reader (converters/registry.py)
     if cfg and f is not None and f.canonical is not None:
@@ -594,7 +603,7 @@ def _canonical_hf(cfg: dict, tensors: dict) -> dict:
     up = tensors.get(fam.hf_names["up"].format(i=0)) if "up" in fam.hf_names else None
     ffn = get("ffn") or (up.shape[0] if up is not None else None)
     act = cfg.get("hidden_activation") or cfg.get("hidden_act") or fam.activation
-    sw = cfg.get("sliding_window") if (mt in ("mistral", "mixtral", "qwen2") or cfg.get("use_sliding_window", True)) else None
+    sw = cfg.get("sliding_window") if (mt in ("mistral", "mixtral") or cfg.get("use_sliding_window", True)) else None
     tied = get("tied")
     out = dict(family=known.name if known else mt,
                hidden=D, layers=get("layers"), heads=H, kv_heads=K, head_dim=hd,
@@ -605,8 +614,13 @@ def _canonical_hf(cfg: dict, tensors: dict) -> dict:
                activation=_ACT.get(str(act), str(act)), max_pos=get("max_pos"),
                bos_token_id=_ids(cfg.get("bos_token_id")), eos_token_id=_ids(cfg.get("eos_token_id")),
                pad_token_id=_ids(cfg.get("pad_token_id")))
-    if hook:
+    if "parallel_attn" in hook or "two_norms" in hook:
         out.update(parallel_attn=hook.get("parallel_attn", False), two_norms=hook.get("two_norms", False))
+    if "sliding_window" in hook:  # the family says when its window applies (Qwen: use_sliding_window)
+        out["sliding_window"] = hook["sliding_window"] or None
+    if known is not None and known.extra_keys:
+        out.update(known.read_extras(cfg, "config.json", cfg))
+        out.update({k: v for k, v in hook.get("extra", {}).items() if v is not None})
     if fam.block.mlp is Mlp.MOE:
         out.update(experts=get("experts"), experts_per_tok=get("experts_per_tok"))
     if cfg.get("final_logit_softcapping"):
@@ -671,7 +685,7 @@ def compare_configs(ca: Optional[dict], cb: Optional[dict]) -> tuple[list, list]
     if not ca or not cb:
         return [], []
     diffs, notes = [], []
-    for k in FUNCTION_FIELDS:
+    for k in FUNCTION_FIELDS + families.extra_names():
         if k not in ca or k not in cb:
             continue
         va, vb = ca[k], cb[k]
@@ -806,7 +820,8 @@ def config_findings(fmt: str, cfg: dict, tensors: dict, canon: Optional[dict]) -
     - the vocab size against the embedding rows (padding rows a Megatron config accounts for aside);
     - head counts and head_dim against the attention projections' rows."""
     fmt = (fmt or "").split("->")[0]
-    names = names_of(fmt)
+    known = families.get((canon or {}).get("family"))
+    names = _hf_check_names(known) if fmt == "hf" and known else names_of(fmt)  # the family's own names
     if not canon or not names:
         return []
     out = []
@@ -834,6 +849,7 @@ def config_findings(fmt: str, cfg: dict, tensors: dict, canon: Optional[dict]) -
                                ("rows-over-vocab", V, rows)))
     out += rotary_buffer_findings(tensors, canon)
     out += fp8_format_findings(cfg, tensors)
+    out += _mtp_findings(fmt, tensors, canon)
     H, K, hd = canon.get("heads"), canon.get("kv_heads"), canon.get("head_dim")
     if all(isinstance(v, int) and v > 0 for v in (H, K, hd)):
         q, k, qkv = _first(tensors, names["q"]), _first(tensors, names["k"]), _first(tensors, names["qkv"])
@@ -850,3 +866,21 @@ def config_findings(fmt: str, cfg: dict, tensors: dict, canon: Optional[dict]) -
                                f"({H} + 2 x {K}) x {hd}: the config's head counts or head_dim do not fit the weights",
                                ("qkv-rows", qkv[1].shape[0], H, K, hd)))
     return out
+
+
+def _mtp_findings(fmt: str, tensors: dict, canon: dict) -> list:
+    """DeepSeek-V3's config counts multi-token-prediction layers (num_nextn_predict_layers), stored after
+    the decoder's layers: each one the config counts must be there (transformers drops them when it saves,
+    so a checkpoint that went through it has none)."""
+    n, L = canon.get("mtp_layers"), canon.get("layers")
+    fam = families.get(canon.get("family"))
+    if fmt != "hf" or fam is None or not (isinstance(n, int) and n > 0 and isinstance(L, int)):
+        return []
+    layer = fam.hf_names["attn_norm"].split("{i}")[0] + "{i}."  # the family's layer prefix
+    missing = [L + j for j in range(n) if not any(k.startswith(layer.format(i=L + j)) for k in tensors)]
+    if not missing:
+        return []
+    return [Finding(f"config says num_nextn_predict_layers={n} but there is no tensor of layer "
+                    f"{', '.join(map(str, missing))} (the MTP layer): the multi-token-prediction weights were "
+                    "dropped (as transformers does when it saves), so speculative decoding with this checkpoint "
+                    "has no draft layer", ("mtp-missing", n, tuple(missing)))]

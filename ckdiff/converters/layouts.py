@@ -73,8 +73,7 @@ def family_for(cfg: ModelConfig, layout: str):
     if fam is None:
         raise InputError("config", f"unknown model family {cfg.family!r} (known: {', '.join(families.FAMILIES)})")
     if layout not in fam.layouts:
-        raise InputError("config", f"{fam.name} has no {layout} layout here (its layouts: "
-                                   f"{', '.join(sorted(fam.layouts))})")
+        raise InputError("config", fam.no_layout(layout))
     return fam
 
 
@@ -179,17 +178,18 @@ def convert(tensors: Mapping[str, LazyTensor], src: str, dst: str, cfg: ModelCon
     ``cover`` collects what each pass consumed and dropped (see table.apply); ``faults`` (tests only)
     sees every table on its way (converters/faults.py)."""
     table = hf_to if faults is None else (lambda layout, cfg: faults.on_rules(layout, cfg, hf_to(layout, cfg)))
+    rules = table(dst, cfg) if dst != "hf" else None  # a layout the family lacks is refused before any work
     canon = dict(tensors)
     try:
         if src != "hf":
             canon = apply(tensors, invert(table(src, cfg)), cfg.layers, DROP.get(src, ()), where, plan, cover)
         else:
             canon = apply(tensors, [R(k, k) for k in _hf_keys(cfg)], cfg.layers, hf_drop(cfg), where, cover=cover)
-    except UnmappedError as e:
+    except (UnmappedError, InputError) as e:  # tensors left over or missing: an undeclared model type says so
         raise undeclared_family(cfg, src, where) or e from None
-    if dst == "hf":
+    if rules is None:
         return canon
-    return apply(canon, table(dst, cfg), cfg.layers, (), where, plan, cover)
+    return apply(canon, rules, cfg.layers, (), where, plan, cover)
 
 
 def undeclared_family(cfg: ModelConfig, layout: str, where) -> Optional[InputError]:

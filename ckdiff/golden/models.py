@@ -47,6 +47,43 @@ TINY = {
 }
 
 
+def _from_hf(**config) -> ModelConfig:
+    """A tiny config written as its family's config.json says it (so every extra value is the reader's)."""
+    base = dict(hidden_size=64, num_hidden_layers=2, vocab_size=100, max_position_embeddings=256,
+                rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False, torch_dtype="float32")
+    return ModelConfig.from_hf({**base, **config}, {})
+
+
+# families of 2025/26: GQA 1 < K < H where the family has it, head_dim != hidden / heads, windows that a
+# 40-token prompt crosses, few experts
+TINY.update({
+    "qwen2": _from_hf(model_type="qwen2", num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      intermediate_size=96, use_sliding_window=True, sliding_window=4, max_window_layers=1),
+    "qwen3": _from_hf(model_type="qwen3", num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+                      intermediate_size=96),
+    "qwen3-moe": _from_hf(model_type="qwen3_moe", num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                          intermediate_size=96, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                          norm_topk_prob=True),
+    "deepseek-v3": _from_hf(model_type="deepseek_v3", num_attention_heads=4, q_lora_rank=24, kv_lora_rank=16,
+                            qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, intermediate_size=96,
+                            moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+                            topk_group=1, n_shared_experts=1, first_k_dense_replace=1, num_nextn_predict_layers=0),
+    # one q projection instead of q_a/q_b (q_lora_rank null, as DeepSeek-V2-Lite); all layers MoE
+    "deepseek-v3-q": _from_hf(model_type="deepseek_v3", num_attention_heads=4, q_lora_rank=None, kv_lora_rank=16,
+                              qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, intermediate_size=96,
+                              moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+                              topk_group=1, n_shared_experts=2, first_k_dense_replace=0, num_nextn_predict_layers=0,
+                              norm_topk_prob=False, routed_scaling_factor=1.5),
+    # a dense layer in an MoE model (mlp_only_layers)
+    "qwen3-moe-dense0": _from_hf(model_type="qwen3_moe", num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                 intermediate_size=96, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                                 mlp_only_layers=[0]),
+    "gpt-oss": _from_hf(model_type="gpt_oss", num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                        intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                        layer_types=["sliding_attention", "full_attention"], rms_norm_eps=1e-5),
+})
+
+
 def tiny_config(name: str, dtype: str = "float32") -> ModelConfig:
     if name not in TINY:
         raise KeyError(f"unknown tiny model {name!r}; known: {', '.join(TINY)}")
@@ -57,15 +94,29 @@ def _rand(g: torch.Generator, *shape, scale: float = 0.2) -> torch.Tensor:
     return torch.randn(*shape, generator=g) * scale
 
 
-_NORMS = ("norm", "attn_norm", "mlp_norm", "ln_attn", "ln_mlp")  # 1-D scales, drawn around 1
+_NORMS = ("norm", "attn_norm", "mlp_norm", "ln_attn", "ln_mlp", "q_norm", "k_norm", "q_down_norm",
+          "kv_down_norm")  # 1-D scales, drawn around 1
 
 
 def _slot_shape(slot: str, cfg: ModelConfig) -> tuple:
     """The HF shape of one slot's tensor (a bias ``X_b`` has X's rows)."""
     D, F, V = cfg.hidden, cfg.ffn, cfg.vocab
+    x = cfg.extra or {}
+    E, H, hd, Fm = cfg.experts, cfg.heads, cfg.head_dim, x.get("moe_ffn") or F
+    if slot in ("experts_gate_up_b", "experts_down_b"):  # GPT-OSS: one bias row per expert
+        return (E, 2 * F if slot == "experts_gate_up_b" else D)
     if slot.endswith("_b"):
         return (_slot_shape(slot[:-2], cfg)[0],)
-    return {"embed": (V, D), "head": (V, D), "q": (cfg.q_rows, D), "k": (cfg.kv_rows, D), "v": (cfg.kv_rows, D),
+    nope, v, qr, kvr = x.get("qk_nope_head_dim"), x.get("v_head_dim"), x.get("q_lora_rank"), x.get("kv_lora_rank")
+    Fs = Fm * (x.get("n_shared_experts") or 1)
+    mla = {"q_down": (qr, D), "q_down_norm": (qr,), "q_up": (H * (nope + hd), qr), "mla_q": (H * (nope + hd), D),
+           "kv_down": (kvr + hd, D), "kv_down_norm": (kvr,), "kv_up": (H * (nope + v), kvr), "o": (D, H * v)} \
+        if nope is not None else {}
+    family_slots = {"q_norm": (hd,), "k_norm": (hd,), "sinks": (H,), "e_bias": (E,),
+                    "expert_gate": (Fm, D), "expert_up": (Fm, D), "expert_down": (D, Fm),
+                    "shared_gate": (Fs, D), "shared_up": (Fs, D), "shared_down": (D, Fs),
+                    "experts_gate_up": (E, D, 2 * F), "experts_down": (E, F, D), **mla}
+    return family_slots.get(slot) or {"embed": (V, D), "head": (V, D), "q": (cfg.q_rows, D), "k": (cfg.kv_rows, D), "v": (cfg.kv_rows, D),
             "qkv": (cfg.q_rows + 2 * cfg.kv_rows, D), "o": (D, cfg.q_rows), "gate": (F, D), "up": (F, D),
             "down": (D, F), "router": (cfg.experts, D)}.get(slot, (D,))
 
@@ -78,7 +129,7 @@ def hf_state(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     F, D = cfg.ffn, cfg.hidden
     t: dict[str, torch.Tensor] = {}
-    slots = fam.slots(tied=cfg.tied, two_norms=cfg.two_norms)
+    slots = fam.slots(tied=cfg.tied, two_norms=cfg.two_norms, q_lora=(cfg.extra or {}).get("q_lora_rank") is not None)
     layered = [s for s in slots if "{i}" in fam.hf_names[s]]
     rest = [s for s in slots if s not in layered]
 
@@ -88,17 +139,20 @@ def hf_state(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
             return 1.0 + _rand(g, *shape, scale=0.1)
         if slot[:-2] in _NORMS and slot.endswith("_b"):
             return _rand(g, *shape, scale=0.05)
-        if slot.endswith("_b"):  # projection biases: large enough that a misplaced row shows in the logits
-            return _rand(g, *shape, scale=0.5)
+        if slot.endswith("_b") or slot in ("sinks", "e_bias"):  # biases: large enough that a misplaced row
+            return _rand(g, *shape, scale=0.5)                    # shows in the logits
         return _rand(g, *shape, scale=1.0 if slot == "router" else 0.2)
 
     t[fam.hf_names["embed"]] = draw("embed")
     for i in range(cfg.layers):
-        for s in layered:
+        for s in fam.layer_slots(cfg, i, layered):
             if s == "expert":  # w1 gate, w2 down, w3 up
                 for e in range(cfg.experts):
                     for n, shape in ((1, (F, D)), (2, (D, F)), (3, (F, D))):
                         t[fam.hf_names[s].format(i=i, e=e, n=n)] = _rand(g, *shape)
+            elif "{e}" in fam.hf_names[s]:  # one tensor per expert
+                for e in range(cfg.experts):
+                    t[fam.hf_names[s].format(i=i, e=e)] = draw(s)
             else:
                 t[fam.hf_names[s].format(i=i)] = draw(s)
     for s in rest:

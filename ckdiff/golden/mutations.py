@@ -903,3 +903,90 @@ def run_format_mutations(work: Path, catalogue=None) -> tuple[list[MutationOutco
         outcomes.append(MutationOutcome(m.name, m.bug_class, m.layout, m.model, red, ["diff"] if red else [],
                                         found, named=bool(re.search(m.names, "\n".join(found)))))
     return outcomes, baseline
+
+
+# ---------------------------------------------------------------- the families' own bug classes (issue 27)
+# Each judged like the entries above (golden HF model vs its mutated copy, diff and logits); the cause
+# must be named by a finding the family's declaration gives (ckdiff/families.py: ``dropped`` roles, the
+# family's ``diagnose`` hook, the MTP config finding) or by the generic diagnoses.
+def _fam_key(cfg, slot: str, **ix) -> str:
+    from .. import families
+    return families.family(cfg.family).hf_names[slot].format(**ix)
+
+
+def _fam_drop(*slots):
+    def edit(st, c, cfg):
+        for k in [k for k in st if any(re.fullmatch(_slot_re(cfg, s), k) for s in slots)]:
+            del st[k]
+    return edit
+
+
+def _slot_re(cfg, slot: str) -> str:
+    from .. import families
+    t = families.family(cfg.family).hf_names[slot]
+    return re.escape(t).replace(r"\{i\}", r"\d+").replace(r"\{e\}", r"\d+")
+
+
+def _mla_rope_first(st, c, cfg):
+    """kv_a_proj_with_mqa split as [k_rope | latent] instead of [latent | k_rope] (every MoE layer)."""
+    for i in range(cfg.layers):
+        k = _fam_key(cfg, "kv_down", i=i)
+        w = st[k]
+        st[k] = torch.cat([w[-cfg.head_dim:], w[:-cfg.head_dim]]).contiguous()
+
+
+def _kv_up_v_first(st, c, cfg):
+    """kv_b_proj split per head as [v | k_nope] (layer 0)."""
+    x = cfg.extra
+    k = _fam_key(cfg, "kv_up", i=0)
+    h = st[k].reshape(cfg.heads, -1, st[k].shape[1])
+    dn = x["qk_nope_head_dim"]
+    st[k] = torch.cat([h[:, dn:], h[:, :dn]], 1).reshape(st[k].shape).contiguous()
+
+
+def _gate_up_halves(st, c, cfg):
+    """GPT-OSS gate_up_proj (and its bias) written as [gate | up] halves instead of alternating columns."""
+    for s in ("experts_gate_up", "experts_gate_up_b"):
+        k = _fam_key(cfg, s, i=1)
+        st[k] = torch.cat([st[k][..., ::2], st[k][..., 1::2]], -1).contiguous()
+
+
+def _qk_permuted_like_llama(st, c, cfg):
+    """q and k rows permuted to interleaved pairs (llama's GGUF/Meta treatment) in a family whose rows stay
+    half-split; the per-head q/k norms left as they were."""
+    from ..converters.ops import rope_to_interleaved
+    for i in range(cfg.layers):
+        for s, n in (("q", cfg.heads), ("k", cfg.kv_heads)):
+            st[_fam_key(cfg, s, i=i)] = rope_to_interleaved(st[_fam_key(cfg, s, i=i)], n, cfg.head_dim)
+
+
+def _qk_norm_swapped(st, c, cfg):
+    a, b = _fam_key(cfg, "q_norm", i=1), _fam_key(cfg, "k_norm", i=1)
+    st[a], st[b] = st[b], st[a]
+
+
+FAMILY_CATALOGUE = [
+    StateMutation("MLA rotary rows mixed into the latent part", "MLA rotary part", "deepseek-v3", _mla_rope_first,
+                  r"MLA rotary part mixed into the latent part: kv_a_proj_with_mqa"),
+    StateMutation("MLA k_nope and v swapped in kv_b_proj", "MLA parts", "deepseek-v3", _kv_up_v_first,
+                  r"MLA k_nope and v swapped in kv_b_proj"),
+    StateMutation("GPT-OSS gate/up de-interleaved", "GLU halves", "gpt-oss", _gate_up_halves,
+                  r"GPT-OSS gate/up de-interleaved"),
+    StateMutation("shared expert dropped", "Family tensor dropped", "deepseek-v3",
+                  _fam_drop("shared_gate", "shared_up", "shared_down"), r"shared expert dropped"),
+    StateMutation("e_score_correction_bias dropped", "Family tensor dropped", "deepseek-v3", _fam_drop("e_bias"),
+                  r"e_score_correction_bias .*dropped"),
+    StateMutation("MTP layer missing while the config says one", "MTP layer", "deepseek-v3",
+                  _cfg(num_nextn_predict_layers=1), r"num_nextn_predict_layers=1 but there is no tensor of layer 2"),
+    StateMutation("attention sinks dropped", "Family tensor dropped", "gpt-oss", _fam_drop("sinks"),
+                  r"attention sinks .*dropped"),
+    StateMutation("q/k norm applied to the wrong tensor", "Tensor equals another", "qwen3", _qk_norm_swapped,
+                  r"another tensor: B\[model\.layers\.1\.self_attn\.[qk]_norm\.weight\] == A\[model\.layers\.1\."
+                  r"self_attn\.[kq]_norm"),
+    StateMutation("q/k permuted like llama's in a half-split family", "Rotary permutation", "qwen3",
+                  _qk_permuted_like_llama, r"rotary permutation"),
+    StateMutation("sliding window on every layer (max_window_layers dropped)", "Config only", "qwen2",
+                  _cfg(max_window_layers=0, layer_types=None), r"layer_types|max_window_layers"),
+    StateMutation("norm_topk_prob dropped", "Config only", "qwen3-moe", _cfg(norm_topk_prob=None),
+                  r"norm_topk_prob"),
+]

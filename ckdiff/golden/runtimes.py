@@ -25,7 +25,7 @@ from ..converters.config import ModelConfig
 from ..converters.lazy import Checkpoint
 from ..converters.layouts import GEMMA_JS, META, MEGATRON, MOE_JS
 from ..errors import InputError
-from ..families import Act, Block, Family, Mlp, Norm, Rotary, family
+from ..families import Act, Attn, Block, Family, Mlp, Norm, Rotary, Router, dense_layer, family, sliding_layer
 
 
 @dataclass
@@ -70,8 +70,9 @@ def rope_interleaved(x: torch.Tensor, ang: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(xc * fc).reshape(x.shape).to(x.dtype)
 
 
-def attention(q, k, v, cfg: ModelConfig, window: Optional[int] = None) -> torch.Tensor:
-    """q [B,T,H,hd], k/v [B,T,K,hd]; query head h uses KV head h // (H/K). Causal."""
+def attention(q, k, v, cfg: ModelConfig, window: Optional[int] = None, sinks=None) -> torch.Tensor:
+    """q [B,T,H,hd], k [B,T,K,hd], v [B,T,K,hv]; query head h uses KV head h // (H/K). Causal; scores scaled
+    by 1/sqrt(hd). ``sinks`` [H]: one more logit per head in the softmax, whose probability goes nowhere."""
     B, T, H, hd = q.shape
     r = H // k.shape[2]
     k = k.repeat_interleave(r, dim=2)
@@ -81,9 +82,13 @@ def attention(q, k, v, cfg: ModelConfig, window: Optional[int] = None) -> torch.
     mask = i[None, :] <= i[:, None]
     if window:
         mask &= (i[:, None] - i[None, :]) < window
-    s = s.masked_fill(~mask, float("-inf"))
-    p = torch.softmax(s.float(), -1).to(q.dtype)
-    return torch.einsum("bhqk,bkhd->bqhd", p, v).reshape(B, T, H * hd)
+    s = s.masked_fill(~mask, float("-inf")).float()
+    if sinks is None:
+        p = torch.softmax(s, -1)
+    else:
+        sink = sinks.float()[None, :, None, None].expand(B, H, T, 1)
+        p = torch.softmax(torch.cat([s, sink], -1), -1)[..., :-1]
+    return torch.einsum("bhqk,bkhd->bqhd", p.to(q.dtype), v).reshape(B, T, -1)
 
 
 def _linear(h, w, b=None):
@@ -91,15 +96,37 @@ def _linear(h, w, b=None):
     return y if b is None else y + b
 
 
-def self_attention(h, wq, wk, wv, wo, rope, ang, cfg: ModelConfig, window=None, bias=(None, None, None)):
+def self_attention(h, wq, wk, wv, wo, rope, ang, cfg: ModelConfig, window=None, bias=(None, None, None),
+                   qk_norm=None, o_bias=None, sinks=None):
     """Attention over separate q/k/v projections (biases added before rotary), with the layout's own
-    rotary. Returns the attention output projected by ``wo`` (the caller adds the residual)."""
+    rotary. ``qk_norm`` (wq_norm, wk_norm): RMSNorm over each q and k head before rotary (Qwen3). Returns
+    the attention output projected by ``wo`` (+ ``o_bias``); the caller adds the residual."""
     B, T, _ = h.shape
     bq, bk, bv = bias
-    q = rope(_linear(h, wq, bq).view(B, T, cfg.heads, cfg.head_dim), ang)
-    k = rope(_linear(h, wk, bk).view(B, T, cfg.kv_heads, cfg.head_dim), ang)
+    q = _linear(h, wq, bq).view(B, T, cfg.heads, cfg.head_dim)
+    k = _linear(h, wk, bk).view(B, T, cfg.kv_heads, cfg.head_dim)
+    if qk_norm is not None:
+        q, k = rms_norm(q, qk_norm[0], cfg.norm_eps), rms_norm(k, qk_norm[1], cfg.norm_eps)
     v = _linear(h, wv, bv).view(B, T, cfg.kv_heads, cfg.head_dim)
-    return attention(q, k, v, cfg, window) @ wo.T
+    return _linear(attention(rope(q, ang), rope(k, ang), v, cfg, window, sinks), wo, o_bias)
+
+
+def mla_attention(h, w: Callable, has: Callable, rope, ang, cfg: ModelConfig, norm: Callable) -> torch.Tensor:
+    """DeepSeek multi-head latent attention. q: q_b(norm(q_a(h))) (or one q projection), per head
+    [nope | rope] columns; kv_a(h) = [latent (kv_lora_rank) | k_rope (one head, shared by all heads)];
+    kv_b(norm(latent)) per head [k_nope | v]. Only the rope parts rotate (``rope``: the layout's row order
+    for them); scores are scaled by 1/sqrt(nope + rope)."""
+    x = cfg.extra
+    B, T, _ = h.shape
+    H, dr, dn, dv, r = cfg.heads, cfg.head_dim, x["qk_nope_head_dim"], x["v_head_dim"], x["kv_lora_rank"]
+    q = (norm(h @ w("q_down").T, w("q_down_norm")) @ w("q_up").T) if has("q_down") else h @ w("mla_q").T
+    q_nope, q_rot = q.view(B, T, H, dn + dr).split([dn, dr], -1)
+    latent, k_rot = (h @ w("kv_down").T).split([r, dr], -1)
+    k_nope, v = (norm(latent, w("kv_down_norm")) @ w("kv_up").T).view(B, T, H, dn + dv).split([dn, dv], -1)
+    k_rot = rope(k_rot.view(B, T, 1, dr), ang).expand(B, T, H, dr)
+    q = torch.cat([q_nope, rope(q_rot, ang)], -1)
+    k = torch.cat([k_nope, k_rot], -1)
+    return attention(q, k, v, cfg) @ w("o").T
 
 
 def grouped_attention(h, wqkv, wo, rope, ang, cfg: ModelConfig, window=None, bias=None) -> torch.Tensor:
@@ -125,21 +152,53 @@ def gemma_norm(x, w, eps):
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + w.float())).to(x.dtype)
 
 
-def moe(h, router, experts: Callable, cfg: ModelConfig, act: Callable = Fn.silu):
-    """Mixtral sparse MLP: softmax router, top-k experts, weights renormalised over the top k."""
+def route(x, router, cfg: ModelConfig, kind: Router = Router.SOFTMAX_TOPK, bias=None, e_bias=None):
+    """(weights [N, k], expert ids [N, k]) of an MoE router over tokens ``x`` [N, D], as the family routes."""
+    k, extra = cfg.experts_per_tok, cfg.extra or {}
+    if kind is Router.TOPK_SOFTMAX:  # GPT-OSS: top k of the biased logits, softmax over those
+        top, idx = _linear(x, router, bias).topk(k, -1)
+        return torch.softmax(top.float(), -1).to(x.dtype), idx
+    if kind is Router.SIGMOID_GROUPED:  # DeepSeek-V3: the router runs in float32
+        scores = _linear(x.float(), router.float(), None if bias is None else bias.float()).sigmoid()
+        choice = scores if e_bias is None else scores + e_bias.float()
+        G, E = extra["n_group"], cfg.experts
+        groups = choice.view(-1, G, E // G).topk(2, -1)[0].sum(-1)
+        keep = torch.zeros_like(groups).scatter_(1, groups.topk(extra["topk_group"], -1)[1], 1.0)
+        choice = choice.masked_fill(~keep.bool().repeat_interleave(E // G, 1), float("-inf"))
+        idx = choice.topk(k, -1)[1]
+        top = scores.gather(1, idx)
+        if extra.get("norm_topk_prob", True):
+            top = top / (top.sum(-1, keepdim=True) + 1e-20)
+        return (top * extra["routed_scaling_factor"]).to(x.dtype), idx
+    top, idx = torch.softmax(_linear(x, router, bias).float(), -1).topk(k, -1)  # Mixtral, Qwen3-MoE
+    if extra.get("norm_topk_prob", True):
+        top = top / top.sum(-1, keepdim=True)
+    return top.to(x.dtype), idx
+
+
+def moe(h, weights_ids, expert: Callable, cfg: ModelConfig):
+    """Sparse MLP: ``expert(e, x)`` over the tokens routed to expert e, summed with their router weights."""
     B, T, D = h.shape
     x = h.reshape(-1, D)
-    probs = torch.softmax((x @ router.T).float(), -1)
-    top, idx = probs.topk(cfg.experts_per_tok, -1)
-    top = (top / top.sum(-1, keepdim=True)).to(h.dtype)
+    top, idx = weights_ids(x)
     out = torch.zeros_like(x)
     for e in range(cfg.experts):
         tok, slot = (idx == e).nonzero(as_tuple=True)
         if len(tok):
-            w1, w2, w3 = experts(e)
-            y = (act(x[tok] @ w1.T) * (x[tok] @ w3.T)) @ w2.T
-            out.index_add_(0, tok, y * top[tok, slot, None])
+            out.index_add_(0, tok, expert(e, x[tok]) * top[tok, slot, None])
     return out.reshape(B, T, D)
+
+
+def glu(x, gate, up, down, act: Callable = Fn.silu):
+    return (act(x @ gate.T) * (x @ up.T)) @ down.T
+
+
+def swiglu_clamp(x, gate_up, down, gate_up_b, down_b, alpha: float, limit: float):
+    """GPT-OSS expert: x @ gate_up [D, 2F] (+ bias), gate and up interleaved by column; gate clamped above,
+    up clamped both ways at ``limit``; (up + 1) * gate * sigmoid(alpha * gate) @ down [F, D] (+ bias)."""
+    gu = x @ gate_up + gate_up_b
+    gate, up = gu[..., ::2].clamp(max=limit), gu[..., 1::2].clamp(-limit, limit)
+    return ((up + 1) * gate * torch.sigmoid(gate * alpha)) @ down + down_b
 
 
 def layer_norm(x, w, b, eps):
@@ -218,7 +277,8 @@ def _decoder(ids, cfg: ModelConfig, embed: Callable, layer: Callable, final: Cal
 
 # ---------------------------------------------------------------- the block, from the family's declaration
 ROPE = {Rotary.HALF: rope_half, Rotary.INTERLEAVED: rope_interleaved}
-ACT = {Act.SILU: Fn.silu, Act.GELU: Fn.gelu, Act.GELU_TANH: lambda z: Fn.gelu(z, approximate="tanh")}
+ACT = {Act.SILU: Fn.silu, Act.GELU: Fn.gelu, Act.GELU_TANH: lambda z: Fn.gelu(z, approximate="tanh"),
+       Act.SWIGLU_CLAMP: Fn.silu}  # GPT-OSS: the clamped SwiGLU is its experts' own (swiglu_clamp)
 
 
 def norm_fn(block: Block, eps: float) -> Callable:
@@ -321,27 +381,50 @@ def decoder(layout: Layout, ck: Checkpoint, cfg: ModelConfig, block: Block, ids,
 
     def attn(i, h):
         f = lambda s: W(layout.key(s, where, i=i))  # noqa: E731
+        window = cfg.sliding_window if sliding_layer(cfg, i) else None
+        if block.attn is Attn.MLA:  # the decoupled rotary part's own row order (DeepSeek: interleaved pairs)
+            mla_rope = ROPE[Rotary.INTERLEAVED if cfg.extra.get("rope_interleave", True) else layout.rotary]
+            return mla_attention(h, f, lambda s: W.has(layout.key(s, where, i=i)), mla_rope, ang, cfg,
+                                 lambda x, w: rms_norm(x, w, cfg.norm_eps))
         if has("qkv"):
             b = f("qkv_b") if block.qkv_bias else None
-            return grouped_attention(h, f("qkv"), f("o"), rope, ang, cfg, cfg.sliding_window, b)
+            return grouped_attention(h, f("qkv"), f("o"), rope, ang, cfg, window, b)
         b = (f("q_b"), f("k_b"), f("v_b")) if block.qkv_bias else (None, None, None)
-        return self_attention(h, f("q"), f("k"), f("v"), f("o"), rope, ang, cfg, cfg.sliding_window, b)
+        return self_attention(h, f("q"), f("k"), f("v"), f("o"), rope, ang, cfg, window, b,
+                              (f("q_norm"), f("k_norm")) if block.qk_norm else None,
+                              f("o_b") if block.o_bias else None, f("sinks") if block.sinks else None)
+
+    def experts(i) -> Callable:
+        """``expert(e, x)`` over layer i's experts as the layout stores them."""
+        if has("experts"):  # stacked [E, ...] per w1/w2/w3
+            w1, w2, w3 = (W(layout.key("experts", where, i=i, n=n)) for n in (1, 2, 3))
+            return lambda e, x: glu(x, w1[e], w3[e], w2[e], act)
+        if has("experts_gate_up"):  # GPT-OSS: fused [E, D, 2F] gate/up, [E, F, D] down, with biases
+            gu, gub, dn, dnb = (W(layout.key(s, where, i=i)) for s in
+                                ("experts_gate_up", "experts_gate_up_b", "experts_down", "experts_down_b"))
+            a, lim = cfg.extra.get("swiglu_alpha", 1.702), cfg.extra.get("swiglu_limit", 7.0)
+            return lambda e, x: swiglu_clamp(x, gu[e], dn[e], gub[e], dnb[e], a, lim)
+        if has("expert_gate"):  # one gate/up/down tensor per expert
+            return lambda e, x: glu(x, *(W(layout.key("expert_" + p, where, i=i, e=e)) for p in ("gate", "up", "down")),
+                                    act)
+        return lambda e, x: glu(x, *(W(layout.key("expert", where, i=i, e=e, n=n)) for n in (1, 3, 2)), act)
 
     def mlp(i, h):
         f = lambda s: W(layout.key(s, where, i=i))  # noqa: E731
-        if block.mlp is Mlp.MOE:
-            if has("experts"):  # stacked [E, ...] per w1/w2/w3
-                stacked = [W(layout.key("experts", where, i=i, n=n)) for n in (1, 2, 3)]
-                ex = lambda e: [w[e] for w in stacked]  # noqa: E731
-            else:
-                ex = lambda e: [W(layout.key("expert", where, i=i, e=e, n=n)) for n in (1, 2, 3)]  # noqa: E731
-            return moe(h, f("router"), ex, cfg, act)
+        if block.mlp is Mlp.MOE and not dense_layer(cfg, i):
+            rb = f("router_b") if has("router_b") else None
+            eb = f("e_bias") if has("e_bias") else None
+            router = f("router")
+            out = moe(h, lambda x: route(x, router, cfg, block.router, rb, eb), experts(i), cfg)
+            if block.shared_expert:
+                out = out + glu(h, f("shared_gate"), f("shared_up"), f("shared_down"), act)
+            return out
         if block.mlp is Mlp.PLAIN:
             return act(h @ f("up").T) @ f("down").T
         if has("glu"):
             u, g = (h @ f("glu").T).chunk(2, dim=-1)  # rows [up; gate]
             return (u * act(g)) @ f("down").T
-        return (act(h @ f("gate").T) * (h @ f("up").T)) @ f("down").T
+        return glu(h, f("gate"), f("up"), f("down"), act)
 
     def layer(i, x):
         ha = norm("attn_norm", x, i)
