@@ -210,7 +210,43 @@ def config_from_gguf(f: dict, tensors: dict, where="gguf") -> ModelConfig:
         vocab=emb.shape[0] if emb is not None else g("vocab_size"),
         norm_eps=float(g("attention.layer_norm_rms_epsilon") or 1e-5), rope_theta=float(g("rope.freq_base") or 10000.0),
         tied=GGUF["head"] not in tensors, max_pos=g("context_length") or 2048, experts=E,
+        rope_scaling=_rope_scaling(g, where), rope_freq_factors=_freq_factors(tensors, where),
         experts_per_tok=g("expert_used_count") or 0, hf_model_type=fam.hf_model_types[0]).check(where)
+
+
+def _rope_scaling(g, where) -> dict | None:
+    """``{arch}.rope.scaling.*`` as transformers' rope_scaling: linear (factor), yarn (factor, original
+    context length, attention factor); llama.cpp writes type "none" or no key for plain rope."""
+    kind = g("rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    factor = g("rope.scaling.factor")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < 1e6:
+        raise InputError(where, f"GGUF rope.scaling.factor {factor!r}: expected a positive number")
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(factor)}
+    if kind == "yarn":
+        orig = g("rope.scaling.original_context_length")
+        if isinstance(orig, bool) or not isinstance(orig, int) or orig < 1:
+            raise InputError(where, f"GGUF rope.scaling.original_context_length {orig!r}: expected a positive integer")
+        out = {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": orig}
+        att = g("rope.scaling.attn_factor")
+        if isinstance(att, (int, float)) and not isinstance(att, bool) and att > 0:
+            out["attention_factor"] = float(att)
+        return out
+    raise InputError(where, f"GGUF rope.scaling.type {kind!r}: only none, linear and yarn are read")
+
+
+def _freq_factors(tensors: dict, where) -> tuple | None:
+    """llama.cpp's ``rope_freqs.weight`` (Llama 3.1+ converted by convert_hf_to_gguf.py): one divisor per
+    rotary frequency, applied by ggml's rope as theta / factor."""
+    t = tensors.get("rope_freqs.weight")
+    if t is None:
+        return None
+    v = t.load().double().reshape(-1)
+    if not bool(torch.isfinite(v).all()) or not bool((v > 0).all()):
+        raise InputError(where, "rope_freqs.weight holds values that are not positive finite numbers")
+    return tuple(float(x) for x in v)
 
 
 def canonical(f: dict, tensors: dict) -> dict:

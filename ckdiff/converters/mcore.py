@@ -257,7 +257,48 @@ def config_from_args(a: dict, tensors: dict, where="args") -> ModelConfig:
         experts=E, experts_per_tok=a.get("moe_router_topk") or (2 if E else 0),
         hf_model_type=fam.hf_model_types[0],
         rotary_rows="interleaved" if a.get("rotary_interleaved") else "rotate_half",
-        separate_attn_norm=sep, separate_mlp_norm=msep).check(where)
+        separate_attn_norm=sep, separate_mlp_norm=msep, rope_scaling=_interpolation(a, where),
+        **_window(a, L, where)).check(where)
+
+
+def _interpolation(a: dict, where) -> dict | None:
+    """``rotary_seq_len_interpolation_factor``: Megatron-Core's RotaryEmbedding divides the positions by
+    it, which is linear rope scaling with that factor."""
+    f = a.get("rotary_seq_len_interpolation_factor")
+    if f is None:
+        return None
+    if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1e6:
+        raise InputError(where, f"args key 'rotary_seq_len_interpolation_factor': {f!r} is not a positive number")
+    return None if f == 1 else {"rope_type": "linear", "factor": float(f)}
+
+
+def _window(a: dict, layers: int, where) -> dict:
+    """``window_size`` (left, right) of Megatron-Core attention: a query attends to the ``left`` keys before
+    it and itself, which is a sliding window of left + 1 keys (right must be 0 in a causal decoder);
+    ``window_attn_skip_freq`` N makes every N-th layer (1-based) full attention, a list gives one flag per
+    layer (megatron/core/transformer/utils.py ``is_layer_window_attention``)."""
+    w = a.get("window_size")
+    if w is None:
+        return {}
+    if not isinstance(w, (list, tuple)) or len(w) != 2 or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                                  for x in w):
+        raise InputError(where, f"args key 'window_size': {w!r} is not a pair of integers")
+    left, right = w
+    if left < 0:  # (-1, ...) means no limit
+        return {}
+    if right != 0:
+        raise InputError(where, f"args key 'window_size': right window {right} in a causal decoder")
+    skip = a.get("window_attn_skip_freq")
+    layers_with = None
+    if isinstance(skip, list):  # one flag per layer, 1 = sliding window
+        if len(skip) != layers or not all(x in (0, 1) and not isinstance(x, float) for x in skip):
+            raise InputError(where, f"args key 'window_attn_skip_freq': expected {layers} flags 0/1")
+        layers_with = tuple(i for i, x in enumerate(skip) if x)
+    elif skip is not None:
+        if isinstance(skip, bool) or not isinstance(skip, int) or skip < 1:
+            raise InputError(where, f"args key 'window_attn_skip_freq': {skip!r} is not a positive integer")
+        layers_with = tuple(i for i in range(layers) if (i + 1) % skip)
+    return {"sliding_window": left + 1, "sliding_layers": layers_with}
 
 
 def canonical(a: dict, tensors: dict) -> dict:
