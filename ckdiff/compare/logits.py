@@ -64,6 +64,7 @@ class LogitsResult:
     deciding_signal: str = ""  # the signal with the highest observed / limit ratio
     passed: bool = True  # every signal within its limit
     tensor_diff: Optional[str] = None  # the tensor diff's verdict on the pair, when ``ckdiff logits`` ran it
+    from_encoded_reference: Optional[dict] = None  # the other side against the floor run (same encoding)
 
     @property
     def equivalent(self) -> bool:
@@ -239,10 +240,18 @@ def compare_logits(a: Checkpoint, b: Checkpoint, batch: int = 4, length: int = 4
     if sixteen:  # the floor's reference: the reference side's own weights computed in float32
         gens.append(steps(r_ck, r_cfg, ids, torch.float32, progress))
         pairs[1] = (3, 2)
+    # The other side against the encoded reference: a correct conversion into the same encoding lands on
+    # (nearly) the same codes, so this distance stays far below the floor while a bug keeps its own size.
+    # Only when the encoding changes the reference's weights, and in float32/64 compute (in 16-bit compute
+    # two runtimes' rounding alone would be as far apart as the floor).
+    close = not exact and not sixteen and enc.rank > noise.encoding_of(r_ck).rank
+    if close:
+        pairs.append((2, 1))
     with torch.no_grad():
         logits, rels = _lockstep(gens, pairs)
     rel_errors = rels[0]
     m = logit_metrics(logits[0], logits[1], vocab, topk, skip_first)
+    cm = logit_metrics(logits[2], logits[1], vocab, topk, skip_first) if close else None
     if exact:
         floor = noise.Floor(0.0, 0.0, 0.0, 1.0, [0.0] * len(rel_errors), enc.describe(), ref_side,
                             f"{ref_side}'s own weights in {dtype} (the same run: the floor is exactly zero)")
@@ -255,7 +264,9 @@ def compare_logits(a: Checkpoint, b: Checkpoint, batch: int = 4, length: int = 4
     del logits
     observed = {"mean_kl": m.mean_kl, "p99_kl": noise.p99(m.kl), "max_kl": m.max_kl,
                 "top1_agreement": m.top1_agreement, "layer_rel_errors": rel_errors}
-    signals = noise.judge(prof, observed, floor, threshold)
+    encoded_ref = None if cm is None else {"mean_kl": cm.mean_kl, "max_kl": cm.max_kl,
+                                           "top1_agreement": cm.top1_agreement, "layer_rel_errors": rels[-1]}
+    signals = noise.judge(prof, observed, floor, threshold, encoded_ref)
     worst = max(signals, key=lambda r: r["ratio"])
     first_div = noise.first_divergent(prof, rel_errors, floor.layer_rel_errors)
     if progress is not None and hasattr(progress, "stop"):
@@ -294,7 +305,7 @@ def compare_logits(a: Checkpoint, b: Checkpoint, batch: int = 4, length: int = 4
         token_kl=[[float(f"{x:.4g}") for x in row] for row in m.kl.tolist()], worst_topk=worst_topk,
         p99_kl=observed["p99_kl"], profile=prof.name, kl_reference=ref_side,
         encodings={"A": ea.describe(), "B": eb.describe()}, noise_floor=asdict(floor), signals=signals,
-        deciding_signal=worst["signal"], passed=worst["ratio"] <= 1.0)
+        deciding_signal=worst["signal"], passed=worst["ratio"] <= 1.0, from_encoded_reference=encoded_ref)
 
 
 # ---------------------------------------------------------------- the metrics, a block of positions at a time

@@ -36,6 +36,7 @@ class Encoding:
     rank: int   # how lossy: the floor applies the higher rank's encoding to the other side
     block: tuple = ()
     embed_too: bool = True  # FP8: embeddings and head encoded as well
+    rest: str = ""  # FP8: the float dtype of the tensors stored without FP8 (norms, embeddings)
 
     def describe(self) -> str:
         if self.kind == "float":
@@ -55,16 +56,22 @@ def encoding_of(ck: Checkpoint) -> Encoding:
     from ..converters.quant import is_quantized, qtype_of
     t = ck.tensors
     pairs = fp8_pairs(t)
+    from .logits import WEIGHT_PRECISION
     if pairs:
         w = t[next(iter(pairs))]
+        rest = {str(v.dtype).replace("torch.", "") for k, v in t.items()
+                if k not in pairs and v.dtype.is_floating_point and not k.endswith("_scale_inv")}
+        rest = min(rest & set(WEIGHT_PRECISION), key=WEIGHT_PRECISION.index, default="")
         return Encoding("fp8", str(w.dtype).replace("torch.", ""), 3, _block(ck),
-                        embed_too=any(EMBED_OR_HEAD.search(k) for k in pairs))
+                        embed_too=any(EMBED_OR_HEAD.search(k) for k in pairs), rest=rest)
     if is_quantized(t):
         q = qtype_of(ck.config or {}, t)
         return Encoding("jetstream", q, 5 if q.startswith("int4") else 3)
-    quants = Counter(getattr(v, "qtype", None) for v in t.values() if hasattr(v, "raw_rows"))
-    if quants:
-        q = quants.most_common(1)[0][0]
+    if ck.format == "gguf":  # the type most 2-D tensors are stored in (norms stay F32 in every GGUF)
+        names = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
+        kinds = Counter(getattr(v, "qtype", None) or names.get(v.dtype, "F32") for v in t.values()
+                        if len(v.shape) == 2)
+        q = kinds.most_common(1)[0][0] if kinds else "F32"
         return Encoding("gguf", q, GGUF_RANK.get(q, 5))
     from .logits import weight_dtype
     d = weight_dtype(ck) or "float32"
@@ -155,6 +162,8 @@ def encode(tensors: dict, enc: Encoding) -> dict:
             if len(t.shape) == 2 and (enc.embed_too or not EMBED_OR_HEAD.search(k)):
                 dt = getattr(torch, enc.name)
                 out[k] = Encoded(t, lambda x, dt=dt: fp8_block_roundtrip(x, enc.block, dt), enc.block[0])
+            elif enc.rest and FLOAT_RANK.get(enc.rest, 0) > 0:
+                out[k] = Encoded(t, _cast(getattr(torch, enc.rest)))
             else:
                 out[k] = t
         else:
@@ -173,7 +182,9 @@ def floor_checkpoint(ck: Checkpoint, enc: Encoding) -> Checkpoint:
 class Profile:
     """DIFFER when observed > ``kl_mult`` x floor + ``kl_abs`` for the mean, p99 or max per-token KL;
     when top-1 disagreement > ``top1_mult`` x the floor's + ``top1_abs``; or when a layer's hidden-state
-    relative error > ``hidden_mult`` x the floor's + ``hidden_abs``."""
+    relative error > ``hidden_mult`` x the floor's + ``hidden_abs``; and, when one side's encoding is lossier,
+    when that side's distance from the encoded reference (the floor run) exceeds ``close_mult`` x the floor
+    (+ the same absolute margins): a correct conversion lands on nearly the same codes."""
     name: str
     kl_mult: float
     kl_abs: float
@@ -181,12 +192,14 @@ class Profile:
     top1_abs: float
     hidden_mult: float
     hidden_abs: float
+    close_mult: Optional[float]  # the other side against the encoded reference, a fraction of the floor
+    #                              (None: not judged; for checkpoints quantized with other arithmetic)
 
 
 PROFILES = {
-    "strict": Profile("strict", 2.0, 1e-7, 1.5, 0.01, 2.0, 1e-5),
-    "standard": Profile("standard", 4.0, 1e-6, 2.0, 0.02, 4.0, 1e-4),
-    "relaxed": Profile("relaxed", 10.0, 1e-5, 3.0, 0.05, 10.0, 1e-3),
+    "strict": Profile("strict", 2.0, 1e-7, 1.5, 0.01, 2.0, 1e-5, 0.1),
+    "standard": Profile("standard", 4.0, 1e-6, 2.0, 0.02, 4.0, 1e-4, 0.25),
+    "relaxed": Profile("relaxed", 10.0, 1e-5, 3.0, 0.05, 10.0, 1e-3, None),
 }
 
 
@@ -207,9 +220,27 @@ def p99(kl: torch.Tensor) -> float:
     return float(torch.quantile(kl.reshape(-1).double(), 0.99)) if kl.numel() else math.nan
 
 
-def judge(profile: Profile, observed: dict, floor: Floor, max_kl_override: Optional[float] = None) -> list:
-    """One row per signal: name, observed, floor, limit, ratio observed / limit (> 1 fails)."""
+def judge(profile: Profile, observed: dict, floor: Floor, max_kl_override: Optional[float] = None,
+          encoded_ref: Optional[dict] = None) -> list:
+    """One row per signal: name, observed, floor, limit, ratio observed / limit (> 1 fails).
+
+    With ``encoded_ref`` (the other side measured against the floor run itself: the reference's weights in
+    the other side's own encoding) three more signals: its mean KL, top-1 disagreement and worst layer's
+    hidden-state error must stay within ``close_mult`` x the floor's (+ the same absolute margins)."""
     rows = []
+    if encoded_ref is not None and profile.close_mult is not None:
+        c = profile.close_mult
+        rows.append({"signal": "mean_kl from the encoded reference", "observed": encoded_ref["mean_kl"],
+                     "floor": floor.mean_kl, "limit": c * floor.mean_kl + profile.kl_abs})
+        dis_f = 1.0 - floor.top1_agreement
+        rows.append({"signal": "top1_disagreement from the encoded reference",
+                     "observed": 1.0 - encoded_ref["top1_agreement"], "floor": dis_f,
+                     "limit": c * dis_f + profile.top1_abs})
+        eh, fh = encoded_ref.get("layer_rel_errors") or [], floor.layer_rel_errors or []
+        if eh and len(eh) == len(fh):
+            w = max(range(len(eh)), key=lambda i: eh[i] / (c * fh[i] + profile.hidden_abs))
+            rows.append({"signal": f"hidden_rel_error layer {w} from the encoded reference", "observed": eh[w],
+                         "floor": fh[w], "limit": c * fh[w] + profile.hidden_abs})
     for key in ("mean_kl", "p99_kl", "max_kl"):
         lim = profile.kl_mult * getattr(floor, key) + profile.kl_abs
         if key == "max_kl" and max_kl_override is not None:
