@@ -75,7 +75,9 @@ def _slot_shape(slot: str, cfg: ModelConfig) -> tuple:
 # "peaked" scales the embedding/head to 0.8 and q/k to 0.4, so outputs are peaked (top-1 probability ~0.75,
 # mean top-1 margin ~2.5 logits) and attention is sharp enough that a rotary or head-order bug moves the
 # top-1 token instead of hiding in a flat distribution. The logit checks' bug-class property uses it.
-INIT_SCALES = {"default": {}, "peaked": {"embed": 0.8, "head": 0.8, "q": 0.4, "k": 0.4}}
+# "flat" draws every projection with transformers' initializer_range 0.02: the nearly uniform outputs of
+# an untrained model, where an absolute KL threshold cannot tell a bug from rounding.
+INIT_SCALES = {"default": {}, "peaked": {"embed": 0.8, "head": 0.8, "q": 0.4, "k": 0.4}, "flat": {"*": 0.02}}
 
 
 def hf_state(cfg: ModelConfig, seed: int = 0, init: str = "default") -> dict[str, torch.Tensor]:
@@ -100,7 +102,7 @@ def hf_state(cfg: ModelConfig, seed: int = 0, init: str = "default") -> dict[str
             return _rand(g, *shape, scale=0.05)
         if slot.endswith("_b"):  # projection biases: large enough that a misplaced row shows in the logits
             return _rand(g, *shape, scale=0.5)
-        return _rand(g, *shape, scale=1.0 if slot == "router" else scales.get(slot, 0.2))
+        return _rand(g, *shape, scale=1.0 if slot == "router" else scales.get(slot, scales.get("*", 0.2)))
 
     t[fam.hf_names["embed"]] = draw("embed")
     for i in range(cfg.layers):
