@@ -327,8 +327,6 @@ class LogitMetrics:
     max_abs_at: list  # [sequence, position, token id]
     nmse: float
     worst_topk: dict  # top-k of A and B at the max-KL token
-    ref_kl: Optional[float] = None  # with ``ref``: max KL(float side || reference quantization)
-    gate_kl: Optional[float] = None  # with ``ref``: max KL(reference quantization || quantized side)
 
 
 def _rows(logits: torch.Tensor, b: int, lo: int, hi: int, vocab: int) -> torch.Tensor:
@@ -343,23 +341,20 @@ def _kl(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
 
 
 def logit_metrics(logits_a: torch.Tensor, logits_b: torch.Tensor, vocab: int, topk: int = 5,
-                  skip_first: bool = False, ref: Optional[torch.Tensor] = None,
-                  quantized_a: bool = False) -> LogitMetrics:
+                  skip_first: bool = False) -> LogitMetrics:
     """The logit metrics, all in float64 from log_softmax, computed a block of positions of one sequence
     at a time: only one block's float64 [positions, vocab] temporaries are alive, whatever the batch.
 
     Every row-wise value (log_softmax, KL, argmax, top-k) is the whole-batch computation's own; the
     maxima combine exactly (first occurrence, NaN first, as ``Tensor.max``); means over [B, T] are taken
     over the whole [B, T] results. NMSE's sums over [B, T, V] combine by blocks (mean square, and the
-    variance with Chan's pairwise update), so it agrees with one whole-tensor reduction to rounding.
-    ``ref`` (a reference quantization of the float side) adds ``ref_kl`` and ``gate_kl``; the quantized
-    side is A when ``quantized_a``."""
+    variance with Chan's pairwise update), so it agrees with one whole-tensor reduction to rounding."""
     B, T0 = logits_a.shape[0], logits_a.shape[1]
     sk = int(skip_first)
     T = T0 - sk
     k = min(topk, vocab)
     step = max(1, METRIC_BLOCK_BYTES // (8 * max(1, vocab)))
-    kls, same1, mutual, refs, gates = [], [], [], [], []
+    kls, same1, mutual = [], [], []
     best = None  # (max |A - B|, flat index over [B, T, V])
     sq_sum, n, mean, m2 = 0.0, 0, 0.0, 0.0
     for b in range(B):
@@ -389,12 +384,6 @@ def logit_metrics(logits_a: torch.Tensor, logits_b: torch.Tensor, vocab: int, to
             lpb = torch.log_softmax(lb, -1)
             del lb
             kls.append(_kl(lpa, lpb))
-            if ref is not None:
-                lr = torch.log_softmax(_rows(ref, b, lo, hi, vocab), -1)
-                lpf, lpq = (lpb, lpa) if quantized_a else (lpa, lpb)
-                refs.append(_kl(lpf, lr))
-                gates.append(_kl(lr, lpq))
-                del lr, lpf, lpq
             del lpa, lpb
     kl = torch.cat(kls).reshape(B, T)
     kmax, kidx = kl.reshape(-1).max(0)
@@ -414,6 +403,4 @@ def logit_metrics(logits_a: torch.Tensor, logits_b: torch.Tensor, vocab: int, to
         topk_agreement=float(mut.double().mean()),
         first_topk_failure=[int(fail[0, 0]), int(fail[0, 1])] if len(fail) else None,
         max_abs=best[0], max_abs_at=[di // (T * vocab), (di // vocab) % T, di % vocab],
-        nmse=sq_sum / n / var if var > 0 else 0.0, worst_topk=worst,
-        ref_kl=float(torch.cat(refs).max()) if ref is not None else None,
-        gate_kl=float(torch.cat(gates).max()) if ref is not None else None)
+        nmse=sq_sum / n / var if var > 0 else 0.0, worst_topk=worst)
