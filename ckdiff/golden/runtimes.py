@@ -86,8 +86,9 @@ def rope_frequencies(cfg: ModelConfig, T: int) -> tuple[torch.Tensor, float]:
             att = mscale(factor, _num(sc, "mscale")) / mscale(factor, _num(sc, "mscale_all_dim"))
         else:
             att = mscale(factor)
-        fast, slow = _num(sc, "beta_fast", 32.0) if sc.get("beta_fast") else 32.0, \
-            _num(sc, "beta_slow", 1.0) if sc.get("beta_slow") else 1.0
+        # transformers: ``beta_fast or 32``, ``beta_slow or 1`` (an unset or zero value takes the default)
+        fast = _num({"beta_fast": sc.get("beta_fast") or 32.0}, "beta_fast")
+        slow = _num({"beta_slow": sc.get("beta_slow") or 1.0}, "beta_slow")
         dim_of = lambda rot: hd * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(base))  # noqa: E731
         lo, hi = dim_of(fast), dim_of(slow)
         if sc.get("truncate", True):
@@ -109,7 +110,7 @@ def rope_frequencies(cfg: ModelConfig, T: int) -> tuple[torch.Tensor, float]:
         f = torch.where(mid, (1 - smooth) * f / factor + smooth * f, scaled)
     elif kind == "longrope":
         orig = _num(sc, "original_max_position_embeddings", cfg.max_pos)
-        factor = sc.get("factor") or cfg.max_pos / orig
+        factor = _num({"factor": sc.get("factor") or cfg.max_pos / orig}, "factor")
         if sc.get("attention_factor") is not None:
             att = _num(sc, "attention_factor")
         else:
@@ -129,15 +130,6 @@ def rope_frequencies(cfg: ModelConfig, T: int) -> tuple[torch.Tensor, float]:
                                                   f"{hd} (expected {hd // 2} positive values)")
         f = f / ff
     return f, att
-
-
-def inv_freq(cfg: ModelConfig, T: int = 0) -> torch.Tensor:
-    return rope_frequencies(cfg, T)[0]
-
-
-def angles(cfg: ModelConfig, T: int) -> torch.Tensor:
-    """Rotary angles [T, hd/2] (float64); the attention factor of YaRN/longrope is applied by ``rope_tables``."""
-    return torch.outer(torch.arange(T, dtype=torch.float64), inv_freq(cfg, T))
 
 
 class Angles:

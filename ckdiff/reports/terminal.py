@@ -154,6 +154,8 @@ def print_logits(res, console) -> None:
         div = "none" if res.first_divergent_layer is None else str(res.first_divergent_layer)
         console.print(f"first divergent layer: {div} (relative hidden-state error per layer: "
                       + ", ".join(fmt(x, 2) for x in res.layer_rel_errors) + ")")
+    if res.tensor_diff is not None:
+        console.print(f"tensor diff (run first): {res.tensor_diff}")
     for n in res.notes:
         console.print(escape(printable(f"note: {n}")))
 
