@@ -48,8 +48,7 @@ def assert_logits_match(a, b, **kw) -> None:
     from .compare.logits import compare_logits
     r = compare_logits(open_checkpoint(str(a)), open_checkpoint(str(b)), **kw)
     if not r.equivalent:
-        raise AssertionError(f"logits differ: max per-token KL {r.max_kl:.4g} > {r.threshold:.3g} at "
-                             f"[seq, pos] {r.max_kl_at}; top-1 agreement {r.top1_agreement:.3f}; "
+        raise AssertionError(f"logits differ: {r.summary()}; max KL at [seq, pos] {r.max_kl_at}; "
                              f"first divergent layer {r.first_divergent_layer}")
 
 

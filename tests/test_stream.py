@@ -228,6 +228,12 @@ def test_logits_hold_one_layer_and_equal_whole_weight_runs(tiny_hf, tmp_path, mo
             assert {n: x for n, x in got[k].items() if n.endswith("ids")} == \
                 {n: x for n, x in v.items() if n.endswith("ids")}
             assert all(abs(x - y) <= 1e-6 * abs(y) for n in v if n.endswith("logprob") for x, y in zip(got[k][n], v[n]))
+        elif k in ("signals", "noise_floor"):  # the judged signals: names and verdicts the same, values to rounding
+            def close(n, x, y):  # a ratio (observed / limit) is dimensionless: 1e-6 of a limit is rounding
+                return abs(x - y) <= (1e-6 if n == "ratio" else 1e-12) + 1e-2 * abs(y) if isinstance(y, float) else x == y
+            rows = [(got[k], v)] if isinstance(v, dict) else list(zip(got[k], v))
+            assert len(got[k]) == len(v) and all(ra.keys() == rb.keys() and all(close(n, ra[n], rb[n]) for n in rb)
+                                                 for ra, rb in rows), (k, got[k], v)
         elif k == "max_abs_at" and want["max_abs"] < 1e-5:
             continue  # where the largest of rounding-level differences lies is itself a matter of rounding
         else:  # verdict, locations, top-k, per-layer hidden errors: the same exactly

@@ -26,7 +26,12 @@ def parser(prog: str = "ckdiff logits"):
     p.add_argument("--topk", type=int, default=5, help="k of the mutual top-k containment check")
     p.add_argument("--skip-first-token", action="store_true",
                    help="leave position 0 out of the metrics (models with an attention sink)")
-    p.add_argument("--threshold", type=float, help="override the max per-token KL threshold")
+    p.add_argument("--profile", default="standard", choices=("strict", "standard", "relaxed"),
+                   help="how far above the measured noise floor each signal may go (docs/logits.md)")
+    p.add_argument("--threshold", type=float, help="override the limit on the max per-token KL (absolute)")
+    p.add_argument("--no-tensor-diff", action="store_true",
+                   help="skip the tensor diff run before the forward passes (it names weight differences the "
+                        "logits may not show)")
     common.add_formats(p)
     common.add_reports(p)
     common.add_common(p)
@@ -48,15 +53,36 @@ def run(argv, command: str = "") -> int:
             raise UsageError(f"{ck.path}: {side} is a plain set of tensors ({ck.format}); ckdiff logits runs the "
                              "model, which needs its config: pass a model directory (HF config.json, Meta/JetStream "
                              "params.json or a Megatron-LLM checkpoint)")
+    diff = None if args.no_tensor_diff else _tensor_diff(a, b)
     pf = common.progress_factory(common.show_progress(args), "running")
     res = compare_logits(a, b, args.batch, args.length, args.seed, args.dtype, args.topk,
-                         args.skip_first_token, args.threshold, progress_factory=pf)
+                         args.skip_first_token, args.threshold, progress_factory=pf, profile=args.profile)
+    _cross_check(diff, res)
     console = common.console(args)
     if args.quiet:
-        val = res.max_kl if res.gate_kl is None else res.gate_kl
-        console.print(f"{'EQUIVALENT' if res.equivalent else 'DIFFER'}: max per-token KL {val:.3g} "
-                      f"(threshold {res.threshold:.3g})")
+        console.print(f"{'EQUIVALENT' if res.equivalent else 'DIFFER'}: {res.summary()}")
     else:
         print_logits(res, console)
     common.emit_reports(args, "logits", res, (a, b), command)
     return 0 if res.equivalent else 1
+
+
+def _tensor_diff(a, b):
+    """The tensor diff of the pair (the cheap structural check), or the one-line reason it cannot run."""
+    from ..compare.diff import compare_checkpoints
+    from ..errors import CkdiffError
+    try:
+        return compare_checkpoints(a, b)
+    except CkdiffError as e:
+        return str(e).splitlines()[0] if str(e) else e.__class__.__name__
+
+
+def _cross_check(diff, res) -> None:
+    from ..compare.logits import cross_check_notes
+    if isinstance(diff, str):
+        res.notes.append(f"tensor diff not run: {diff}")
+        return
+    if diff is None:
+        return
+    res.tensor_diff = diff.verdict() if hasattr(diff, "verdict") else ("equivalent" if diff.equivalent else "differ")
+    cross_check_notes(diff, res)

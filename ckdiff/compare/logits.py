@@ -1,19 +1,16 @@
 """``ckdiff logits A B``: the same random token ids through both checkpoints.
 
-Each side runs in its own layout's reference runtime (golden/runtimes.py).
-Metrics (verification-lessons.md section 4), all from log_softmax in float64:
-per-token KL(A||B) summed over the vocabulary (max gates, mean reported, with
-the location of the max); top-1 agreement; mutual top-k containment; max-abs
-logit difference with (sequence, position, token id); NMSE; and the first layer
-whose hidden state diverges.
+Each side runs in its own layout's reference runtime (golden/runtimes.py), every encoding dequantized.
+Metrics (verification-lessons.md section 4), all from log_softmax in float64: per-token KL(R||O) summed
+over the vocabulary (mean, p99, max with its location), R being the side the noise floor encodes; top-1
+agreement; mutual top-k containment; max-abs logit difference with (sequence, position, token id); NMSE;
+the relative hidden-state error after each layer and the first layer past its limit.
 
-Thresholds on the max per-token KL, by compute dtype (calibrated on the tiny
-golden models, see README): float64 1e-9, float32 1e-6, bfloat16/float16 2e-2.
-A quantized side (against a float one) uses the quantization's own threshold:
-the float side is fake-quantized with the same scheme in its own layout (per-row
-quantization commutes with every layout's row permutations and fusions), and the
-max KL between that reference and the quantized side must stay within the float
-threshold plus 2% of the KL that quantization itself causes.
+The verdict is measured, not assumed (compare/noise.py; docs/logits.md): the lossier side's encoding
+(cast, or quantize and dequantize with its scheme and block size) is applied to the other side's weights
+and run in that side's runtime, which gives the noise floor of every signal; a profile (strict, standard,
+relaxed) says how far above the floor each may go. The signal with the highest observed / limit ratio
+decides, and is named.
 """
 from __future__ import annotations
 
@@ -26,11 +23,6 @@ from ..converters.config import DTYPE_BY_NAME
 from ..converters.config import model_config as config_of
 from ..converters.lazy import Checkpoint
 from ..errors import UsageError
-
-KL_THRESHOLD = {"float64": 1e-9, "float32": 1e-6, "bfloat16": 2e-2, "float16": 2e-2}
-QUANT_MARGIN = 0.02  # room for a few codes that round the other way in another quantizer
-HIDDEN_REL_THRESHOLD = {"float64": 1e-9, "float32": 1e-4, "bfloat16": 5e-2, "float16": 5e-2}
-
 
 @dataclass
 class LogitsResult:
@@ -57,20 +49,39 @@ class LogitsResult:
     nmse: float
     first_divergent_layer: Optional[int]
     layer_rel_errors: list
-    threshold: float
+    threshold: float  # the limit on the max per-token KL (the profile's multiple of the floor, or --threshold)
     threshold_reason: str
-    gate_kl: Optional[float] = None  # when set, the value compared with the threshold (quantized side)
     skip_first: bool = False
     notes: list = field(default_factory=list)
     token_kl: list = field(default_factory=list)  # [sequence][position] per-token KL(A||B), for the report
     worst_topk: dict = field(default_factory=dict)  # top-k of A and B at the max-KL token, for the report
+    p99_kl: float = 0.0
+    profile: str = "standard"
+    kl_reference: str = "A"  # every KL is KL(this side || the other): the side the floor encodes
+    encodings: dict = field(default_factory=dict)  # {"A": ..., "B": ...}
+    noise_floor: dict = field(default_factory=dict)  # compare/noise.py Floor
+    signals: list = field(default_factory=list)  # [{signal, observed, floor, limit, ratio}]
+    deciding_signal: str = ""  # the signal with the highest observed / limit ratio
+    passed: bool = True  # every signal within its limit
+    tensor_diff: Optional[str] = None  # the tensor diff's verdict on the pair, when ``ckdiff logits`` ran it
+    from_encoded_reference: Optional[dict] = None  # the other side against the floor run (same encoding)
 
     @property
     def equivalent(self) -> bool:
-        return (self.max_kl if self.gate_kl is None else self.gate_kl) <= self.threshold
+        return self.passed
 
     def verdict(self) -> str:
         return "equivalent" if self.equivalent else "differ"
+
+    def summary(self) -> str:
+        """One line: the deciding signal against its limit and floor, and top-1 against the floor's."""
+        sig = next((r for r in self.signals if r["signal"] == self.deciding_signal), None)
+        if sig is None:
+            return f"max per-token KL {self.max_kl:.3g} (threshold {self.threshold:.3g})"
+        rel = ">" if sig["ratio"] > 1 else "<="
+        f1 = self.noise_floor.get("top1_agreement")
+        return (f"{sig['signal']} {sig['observed']:.3g} {rel} limit {sig['limit']:.3g} (noise floor {sig['floor']:.3g}, "
+                f"{self.profile}); top-1 {self.top1_agreement:.3f} (floor {f1:.3f}), max KL {self.max_kl:.3g}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -113,29 +124,6 @@ def special_ids(a: Checkpoint, b: Checkpoint) -> tuple[Optional[int], tuple]:
     return bos, tuple(other)
 
 
-WEIGHT_PRECISION = ["float8_e5m2", "float8_e4m3fn", "bfloat16", "float16", "float32", "float64"]
-
-
-def weight_dtype(ck: Checkpoint) -> Optional[str]:
-    """The least precise float dtype among a checkpoint's weights (quantization scales aside)."""
-    seen = {str(t.dtype).replace("torch.", "") for k, t in ck.tensors.items()
-            if t.dtype.is_floating_point and not k.endswith("_scaler")}
-    seen &= set(WEIGHT_PRECISION)
-    return min(seen, key=WEIGHT_PRECISION.index) if seen else None
-
-
-def weight_threshold(dtype: str, a: Checkpoint, b: Checkpoint) -> tuple[float, str]:
-    """The KL threshold follows the precision of the weights, not only the compute dtype: a 16-bit side
-    computed in float32 carries 16-bit rounding and is judged by the 16-bit threshold."""
-    wa, wb = weight_dtype(a), weight_dtype(b)
-    low = min((w for w in (wa, wb) if w), key=WEIGHT_PRECISION.index, default=None)
-    if low and WEIGHT_PRECISION.index(low) < WEIGHT_PRECISION.index(dtype) and low in KL_THRESHOLD:
-        side = " and ".join(s for s, w in (("A", wa), ("B", wb)) if w == low)
-        return KL_THRESHOLD[low], (f"max per-token KL for {low} weights ({side}), computed in {dtype}: the "
-                                   f"{low} threshold applies, since the weights carry {low} rounding")
-    return KL_THRESHOLD[dtype], f"max per-token KL for {dtype} compute"
-
-
 def cross_check_notes(diff_result, logits_result) -> None:
     """Say so in each report when only one of the two checks sees a difference (in place).
 
@@ -148,11 +136,14 @@ def cross_check_notes(diff_result, logits_result) -> None:
         bad = [t for t in diff_result.worst_first() if not t.ok][:3]
         what = ", ".join(f"{t.name} ({t.diagnosis[0] if t.diagnosis else t.status})" for t in bad) or \
             ", ".join(str(c[0]) for c in diff_result.config_diff)
-        logits_result.notes.append(f"seen by the tensor diff only: {what}; its effect on these logits stays "
-                                   f"under the threshold {logits_result.threshold:.3g}")
+        logits_result.notes.append(f"seen by the tensor diff only: {what}; the weights differ; the logits do not "
+                                   f"show it at these prompts ({logits_result.deciding_signal} within "
+                                   f"{logits_result.profile} limits)")
     elif diff_result.equivalent and not logits_result.equivalent:
-        diff_result.notes.append(f"seen by the logit check only: max per-token KL {logits_result.max_kl:.3g} "
-                                 f"> {logits_result.threshold:.3g} while every tensor and config field agrees "
+        sig = next((r for r in logits_result.signals if r["signal"] == logits_result.deciding_signal), None)
+        what = (f"{sig['signal']} {sig['observed']:.3g} > limit {sig['limit']:.3g}" if sig else
+                f"max per-token KL {logits_result.max_kl:.3g}")
+        diff_result.notes.append(f"seen by the logit check only: {what} while every tensor and config field agrees "
                                  "(a difference the runtime introduces, or one outside the compared tensors)")
 
 
@@ -162,15 +153,18 @@ def _is_moe(cfg) -> bool:
     return f is not None and f.block.mlp is Mlp.MOE
 
 
-def _lockstep(ga, gb) -> tuple:
-    """Run both sides' layer generators in step: A's layer i, then B's layer i, each holding one layer's
-    weights. Returns (logits A, logits B, relative hidden-state error per layer); only these per-layer
-    summaries are kept, not the activations. The list is empty when the layer counts differ."""
-    rel, out, alive = [], [None, None], [True, True]
-    for_both = True
+def _lockstep(gens: list, pairs: list) -> tuple:
+    """Run the layer generators in step: each one's layer i in turn, each holding one layer's weights.
+    Returns (the logits of each, the relative hidden-state error per layer of each pair (i, j), relative to
+    i's norm); only these per-layer summaries are kept, not the activations. A pair's list is empty when
+    its layer counts differ."""
+    n = len(gens)
+    out, alive = [None] * n, [True] * n
+    rel = [[] for _ in pairs]
+    ok = [True] * len(pairs)
     while any(alive):
         hs = []
-        for j, g in enumerate((ga, gb)):
+        for j, g in enumerate(gens):
             h = None
             if alive[j]:
                 try:
@@ -178,67 +172,104 @@ def _lockstep(ga, gb) -> tuple:
                 except StopIteration as stop:
                     alive[j], out[j] = False, stop.value
             hs.append(h)
-        if hs[0] is not None and hs[1] is not None:
-            ha, hb = hs[0].double(), hs[1].double()
-            rel.append(float((ha - hb).norm() / ha.norm().clamp(min=1e-30)))
-        elif hs[0] is not None or hs[1] is not None:
-            for_both = False
+        for p, (i, j) in enumerate(pairs):
+            if hs[i] is not None and hs[j] is not None:
+                ha, hb = hs[i].double(), hs[j].double()
+                rel[p].append(float((ha - hb).norm() / ha.norm().clamp(min=1e-30)))
+            elif hs[i] is not None or hs[j] is not None:
+                ok[p] = False
         del hs
-    return out[0], out[1], rel if for_both else []
+    return out, [r if good else [] for r, good in zip(rel, ok)]
 
 
 def compare_logits(a: Checkpoint, b: Checkpoint, batch: int = 4, length: int = 48, seed: int = 0,
                    dtype: str = "float32", topk: int = 5, skip_first: bool = False,
-                   threshold: Optional[float] = None, progress_factory=None) -> LogitsResult:
-    from ..converters.quant import fake_quantize, is_quantized, qtype_of
-    from ..golden.runtimes import drain, steps
+                   threshold: Optional[float] = None, progress_factory=None,
+                   profile: str = "standard") -> LogitsResult:
+    """The observed divergence of A and B judged against the noise floor (compare/noise.py): the lossier
+    side's encoding applied to the other side's weights, run in that side's runtime. Every KL is
+    KL(reference || other), the reference being the side the floor's encoding is applied to, so the
+    verdict does not depend on which side is A."""
+    from ..golden.runtimes import check_shapes, steps
+    from . import noise
     if length < 2:
         raise UsageError("--length must be >= 2: a 1-token prompt cannot show a rotary bug")
     if dtype not in DTYPE_BY_NAME:
         raise UsageError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPE_BY_NAME)}")
+    if profile not in noise.PROFILES:
+        raise UsageError(f"--profile {profile!r}: expected one of {', '.join(noise.PROFILES)}")
+    prof = noise.PROFILES[profile]
     ca, cb = config_of(a), config_of(b)
+    with torch.no_grad():
+        check_shapes(a, ca, "A")
+        check_shapes(b, cb, "B")
     true_a = ca.true_vocab or ca.vocab
     true_b = cb.true_vocab or cb.vocab
     vocab = min(true_a, true_b)
     bos, spec = special_ids(a, b)
     ids = random_ids(vocab, batch, length, seed, bos, spec)
     tdt = DTYPE_BY_NAME[dtype]
-    hthr = HIDDEN_REL_THRESHOLD[dtype]
-    qa, qb = is_quantized(a.tensors), is_quantized(b.tensors)
-    total = a.num_bytes + b.num_bytes + ((b.num_bytes if qa else a.num_bytes) if qa != qb else 0)
+    ea, eb = noise.encoding_of(a), noise.encoding_of(b)
+    enc, ref_side = noise.lossier(ea, eb)
+    if not ref_side:  # the same encoding on both sides: the reference by path, whichever is A
+        ref_side = "A" if (a.path, a.format) <= (b.path, b.format) else "B"
+    r_ck, r_cfg = (a, ca) if ref_side == "A" else (b, cb)
+    o_ck, o_cfg = (b, cb) if ref_side == "A" else (a, ca)
+    sixteen = dtype in ("bfloat16", "float16")
+    # float32 weights on both sides in float32/64 compute: the floor run would repeat the reference run
+    # bit for bit (same runtime, same weights), so the floor is exactly zero without running it
+    exact = enc.kind == "float" and enc.rank == 0 and not sixteen
+    total = a.num_bytes + b.num_bytes + r_ck.num_bytes * (0 if exact else 2 if sixteen else 1)
     progress = progress_factory(total) if progress_factory else None
+    gens = [steps(r_ck, r_cfg, ids, tdt, progress), steps(o_ck, o_cfg, ids, tdt, progress)]
+    pairs = [(0, 1)]
+    if not exact:
+        gens.append(steps(noise.floor_checkpoint(r_ck, enc), r_cfg, ids, tdt, progress))
+        pairs.append((0, 2))
+    if sixteen:  # the floor's reference: the reference side's own weights computed in float32
+        gens.append(steps(r_ck, r_cfg, ids, torch.float32, progress))
+        pairs[1] = (3, 2)
+    # The other side against the encoded reference: a correct conversion into the same encoding lands on
+    # (nearly) the same codes, so this distance stays far below the floor while a bug keeps its own size.
+    # Only when the encoding changes the reference's weights, and in float32/64 compute (in 16-bit compute
+    # two runtimes' rounding alone would be as far apart as the floor).
+    close = not exact and not sixteen and enc.rank > noise.encoding_of(r_ck).rank
+    if close:
+        pairs.append((2, 1))
     with torch.no_grad():
-        logits_a, logits_b, rel_errors = _lockstep(steps(a, ca, ids, tdt, progress), steps(b, cb, ids, tdt, progress))
-    first_div = next((i for i, r in enumerate(rel_errors) if r > hthr), None)
+        logits, rels = _lockstep(gens, pairs)
+    rel_errors = rels[0]
+    m = logit_metrics(logits[0], logits[1], vocab, topk, skip_first)
+    cm = logit_metrics(logits[2], logits[1], vocab, topk, skip_first) if close else None
+    if exact:
+        floor = noise.Floor(0.0, 0.0, 0.0, 1.0, [0.0] * len(rel_errors), enc.describe(), ref_side,
+                            f"{ref_side}'s own weights in {dtype} (the same run: the floor is exactly zero)")
+    else:
+        fm = logit_metrics(logits[3] if sixteen else logits[0], logits[2], vocab, topk, skip_first)
+        floor = noise.Floor(mean_kl=fm.mean_kl, p99_kl=noise.p99(fm.kl), max_kl=fm.max_kl,
+                            top1_agreement=fm.top1_agreement, layer_rel_errors=list(rels[1]),
+                            encoding=enc.describe(), applied_to=ref_side,
+                            reference=f"{ref_side}'s own weights in {'float32' if sixteen else dtype}")
+    del logits
+    observed = {"mean_kl": m.mean_kl, "p99_kl": noise.p99(m.kl), "max_kl": m.max_kl,
+                "top1_agreement": m.top1_agreement, "layer_rel_errors": rel_errors}
+    encoded_ref = None if cm is None else {"mean_kl": cm.mean_kl, "max_kl": cm.max_kl,
+                                           "top1_agreement": cm.top1_agreement, "layer_rel_errors": rels[-1]}
+    signals = noise.judge(prof, observed, floor, threshold, encoded_ref)
+    worst = max(signals, key=lambda r: r["ratio"])
+    first_div = noise.first_divergent(prof, rel_errors, floor.layer_rel_errors)
+    if progress is not None and hasattr(progress, "stop"):
+        progress.stop()
     notes = []
     if bos is not None or spec:
         notes.append(f"prompts: BOS {bos} at position 0" + (f", special ids {list(spec)} inside every sequence"
                                                              if spec else ""))
-    thr, reason = weight_threshold(dtype, a, b)
-    fr = qtype = None
-    if qa != qb:
-        # The quantization's own threshold: the KL that a correct quantization of the float side
-        # reaches, measured by fake-quantizing the float side in its own layout.
-        fl, cf, qu = (b, cb, a) if qa else (a, ca, b)
-        qtype = qtype_of(qu.config or {}, qu.tensors)
-        ref_ck = Checkpoint(fl.path, fl.format, fake_quantize(fl.tensors, qtype), fl.config, fl.meta)
-        with torch.no_grad():
-            fr = drain(steps(ref_ck, cf, ids, tdt, progress))
-    m = logit_metrics(logits_a, logits_b, vocab, topk, skip_first, ref=fr, quantized_a=qa)
-    del logits_a, logits_b, fr
-    gate_kl = m.gate_kl
-    if qa != qb:
-        ref_kl = m.ref_kl
-        thr = thr + QUANT_MARGIN * ref_kl
-        reason = (f"{qtype}: KL from a reference quantization of the float side <= {dtype} threshold "
-                  f"+ {QUANT_MARGIN} x its own KL ({ref_kl:.3g})")
-        notes.append(f"{'A' if qa else 'B'} is quantized ({qtype}): quantization alone reaches max KL {ref_kl:.4g}; "
-                     f"the quantized side is {gate_kl:.3g} from the reference quantization (this value gates)")
-    if progress is not None and hasattr(progress, "stop"):
-        progress.stop()
-    if threshold is not None:
-        thr, reason = threshold, "--threshold"
-    if dtype in ("bfloat16", "float16") and any(_is_moe(c) for c in (ca, cb)):
+    notes.append(f"noise floor: {ref_side}'s weights as {enc.describe()} (A is {ea.describe()}, B is "
+                 f"{eb.describe()}), run in {ref_side}'s runtime; KL is KL({ref_side} || other)")
+    thr = next(r["limit"] for r in signals if r["signal"] == "max_kl")
+    reason = ("--threshold on the max per-token KL" if threshold is not None else
+              f"{prof.name} profile: {prof.kl_mult:g} x the noise floor's max per-token KL + {prof.kl_abs:g}")
+    if sixteen and any(_is_moe(c) for c in (ca, cb)):
         notes.append("MoE routing in 16-bit compute: rounding can pick different experts for near ties; "
                      "prefer --dtype float32 for a verdict")
     if vocab < max(ca.vocab, cb.vocab):
@@ -247,6 +278,9 @@ def compare_logits(a: Checkpoint, b: Checkpoint, batch: int = 4, length: int = 4
         notes.append(f"configs differ: rope_theta {ca.rope_theta} vs {cb.rope_theta}, "
                      f"norm eps {ca.norm_eps} vs {cb.norm_eps}")
     sk = int(skip_first)
+    worst_topk = m.worst_topk if ref_side == "A" else {  # label the top-k by side, whichever is the reference
+        "a_ids": m.worst_topk["b_ids"], "a_logprob": m.worst_topk["b_logprob"],
+        "b_ids": m.worst_topk["a_ids"], "b_logprob": m.worst_topk["a_logprob"]}
     return LogitsResult(
         a=a.path, b=b.path, format_a=a.format, format_b=b.format, dtype=dtype, batch=batch, length=length,
         seed=seed, vocab_compared=vocab, vocab_a=ca.vocab, vocab_b=cb.vocab, max_kl=m.max_kl,
@@ -256,8 +290,11 @@ def compare_logits(a: Checkpoint, b: Checkpoint, batch: int = 4, length: int = 4
         [m.first_topk_failure[0], m.first_topk_failure[1] + sk],
         max_abs=m.max_abs, max_abs_at=[m.max_abs_at[0], m.max_abs_at[1] + sk, m.max_abs_at[2]],
         nmse=m.nmse, first_divergent_layer=first_div, layer_rel_errors=rel_errors, threshold=thr,
-        threshold_reason=reason, gate_kl=gate_kl, skip_first=skip_first, notes=notes,
-        token_kl=[[float(f"{x:.4g}") for x in row] for row in m.kl.tolist()], worst_topk=m.worst_topk)
+        threshold_reason=reason, skip_first=skip_first, notes=notes,
+        token_kl=[[float(f"{x:.4g}") for x in row] for row in m.kl.tolist()], worst_topk=worst_topk,
+        p99_kl=observed["p99_kl"], profile=prof.name, kl_reference=ref_side,
+        encodings={"A": ea.describe(), "B": eb.describe()}, noise_floor=asdict(floor), signals=signals,
+        deciding_signal=worst["signal"], passed=worst["ratio"] <= 1.0, from_encoded_reference=encoded_ref)
 
 
 # ---------------------------------------------------------------- the metrics, a block of positions at a time
@@ -279,8 +316,6 @@ class LogitMetrics:
     max_abs_at: list  # [sequence, position, token id]
     nmse: float
     worst_topk: dict  # top-k of A and B at the max-KL token
-    ref_kl: Optional[float] = None  # with ``ref``: max KL(float side || reference quantization)
-    gate_kl: Optional[float] = None  # with ``ref``: max KL(reference quantization || quantized side)
 
 
 def _rows(logits: torch.Tensor, b: int, lo: int, hi: int, vocab: int) -> torch.Tensor:
@@ -295,23 +330,20 @@ def _kl(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
 
 
 def logit_metrics(logits_a: torch.Tensor, logits_b: torch.Tensor, vocab: int, topk: int = 5,
-                  skip_first: bool = False, ref: Optional[torch.Tensor] = None,
-                  quantized_a: bool = False) -> LogitMetrics:
+                  skip_first: bool = False) -> LogitMetrics:
     """The logit metrics, all in float64 from log_softmax, computed a block of positions of one sequence
     at a time: only one block's float64 [positions, vocab] temporaries are alive, whatever the batch.
 
     Every row-wise value (log_softmax, KL, argmax, top-k) is the whole-batch computation's own; the
     maxima combine exactly (first occurrence, NaN first, as ``Tensor.max``); means over [B, T] are taken
     over the whole [B, T] results. NMSE's sums over [B, T, V] combine by blocks (mean square, and the
-    variance with Chan's pairwise update), so it agrees with one whole-tensor reduction to rounding.
-    ``ref`` (a reference quantization of the float side) adds ``ref_kl`` and ``gate_kl``; the quantized
-    side is A when ``quantized_a``."""
+    variance with Chan's pairwise update), so it agrees with one whole-tensor reduction to rounding."""
     B, T0 = logits_a.shape[0], logits_a.shape[1]
     sk = int(skip_first)
     T = T0 - sk
     k = min(topk, vocab)
     step = max(1, METRIC_BLOCK_BYTES // (8 * max(1, vocab)))
-    kls, same1, mutual, refs, gates = [], [], [], [], []
+    kls, same1, mutual = [], [], []
     best = None  # (max |A - B|, flat index over [B, T, V])
     sq_sum, n, mean, m2 = 0.0, 0, 0.0, 0.0
     for b in range(B):
@@ -341,12 +373,6 @@ def logit_metrics(logits_a: torch.Tensor, logits_b: torch.Tensor, vocab: int, to
             lpb = torch.log_softmax(lb, -1)
             del lb
             kls.append(_kl(lpa, lpb))
-            if ref is not None:
-                lr = torch.log_softmax(_rows(ref, b, lo, hi, vocab), -1)
-                lpf, lpq = (lpb, lpa) if quantized_a else (lpa, lpb)
-                refs.append(_kl(lpf, lr))
-                gates.append(_kl(lr, lpq))
-                del lr, lpf, lpq
             del lpa, lpb
     kl = torch.cat(kls).reshape(B, T)
     kmax, kidx = kl.reshape(-1).max(0)
@@ -366,6 +392,4 @@ def logit_metrics(logits_a: torch.Tensor, logits_b: torch.Tensor, vocab: int, to
         topk_agreement=float(mut.double().mean()),
         first_topk_failure=[int(fail[0, 0]), int(fail[0, 1])] if len(fail) else None,
         max_abs=best[0], max_abs_at=[di // (T * vocab), (di // vocab) % T, di % vocab],
-        nmse=sq_sum / n / var if var > 0 else 0.0, worst_topk=worst,
-        ref_kl=float(torch.cat(refs).max()) if ref is not None else None,
-        gate_kl=float(torch.cat(gates).max()) if ref is not None else None)
+        nmse=sq_sum / n / var if var > 0 else 0.0, worst_topk=worst)

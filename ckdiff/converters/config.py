@@ -300,6 +300,8 @@ class ModelConfig:
     max_pos: int = 2048
     sliding_window: Optional[int] = None
     rope_scaling: Optional[dict] = None
+    sliding_layers: Optional[tuple] = None    # layers with the sliding window (None: all, when one is set)
+    rope_freq_factors: Optional[tuple] = None  # GGUF rope_freqs.weight: per-dimension frequency divisors
     # falcon
     parallel_attn: bool = False
     two_norms: bool = False  # falcon 40B style: ln_attn + ln_mlp
@@ -402,7 +404,8 @@ class ModelConfig:
                   else fam.hf_model_types[0],
                   bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
                   pad_token_id=cfg.get("pad_token_id"), extra=extra)
-        out = replace(out, **hook).check(where, _hf_check_keys(fam))
+        out = replace(out, sliding_layers=_hf_sliding_layers(cfg, L, out.sliding_window, where), **hook)
+        out = out.check(where, _hf_check_keys(fam))
         return check_tensors(out, "hf", tensors, where, cfg)
 
     def to_hf(self) -> dict:
@@ -527,6 +530,24 @@ FUNCTION_FIELDS = ("family", "hidden", "layers", "heads", "kv_heads", "head_dim"
 NOTE_FIELDS = ("max_pos",)
 _ACT = {"silu": "silu", "swish": "silu", "swiglu": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
         "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh", "geglu": "gelu", "relu": "relu"}
+
+
+def _hf_sliding_layers(cfg: dict, layers: int, window, where: str) -> Optional[tuple]:
+    """The layers that use ``sliding_window``: those ``layer_types`` names "sliding_attention", else with
+    ``max_window_layers`` (Qwen2) the layers from that index on; None means every layer."""
+    if not window:
+        return None
+    types = cfg.get("layer_types")
+    if types is not None:
+        if not isinstance(types, list) or len(types) != layers or not all(isinstance(t, str) for t in types):
+            raise ConfigError(where, f"key 'layer_types': expected {layers} strings, one per layer")
+        return tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    mwl = cfg.get("max_window_layers")
+    if mwl is not None and (cfg.get("model_type") or "").startswith("qwen2"):
+        if isinstance(mwl, bool) or not isinstance(mwl, int) or mwl < 0:
+            raise ConfigError(where, f"key 'max_window_layers': {mwl!r} is not a layer count")
+        return tuple(range(min(mwl, layers), layers))
+    return None
 
 
 def _rope_scaling(d) -> Optional[dict]:
@@ -757,12 +778,14 @@ def rotary_buffer_findings(tensors: dict, canon: dict) -> list:
     rounding): a stale buffer (another theta, scaling dropped) is what a runtime that loads it uses."""
     from types import SimpleNamespace
 
-    from ..golden.runtimes import inv_freq
+    from ..golden.runtimes import rope_frequencies
     hd, theta = canon.get("head_dim"), canon.get("rope_theta")
     names = [n for n in tensors if ROTARY_BUFFERS.search(n)]
     if not names or not (isinstance(hd, int) and hd > 0 and hd % 2 == 0 and isinstance(theta, float)):
         return []
-    want = inv_freq(SimpleNamespace(head_dim=hd, rope_theta=theta, rope_scaling=canon.get("rope_scaling")))
+    mp = canon.get("max_pos") if isinstance(canon.get("max_pos"), int) else 2048
+    want = rope_frequencies(SimpleNamespace(head_dim=hd, rope_theta=theta, rope_scaling=canon.get("rope_scaling"),
+                                            max_pos=mp, rope_freq_factors=None), 0)[0]
     bad = []
     for n in names:
         t = tensors[n]

@@ -354,7 +354,7 @@ def config_from_gguf(f: dict, tensors: dict, where="gguf") -> ModelConfig:
         norm_eps=float(g("attention.layer_norm_rms_epsilon") or 1e-5), rope_theta=float(g("rope.freq_base") or 10000.0),
         tied=GGUF["head"] not in tensors, max_pos=g("context_length") or 2048, experts=E,
         experts_per_tok=g("expert_used_count") or 0, hf_model_type=fam.hf_model_types[0],
-        rope_scaling=rope_scaling(f, arch, where)).check(where)
+        rope_scaling=rope_scaling(f, arch, where), rope_freq_factors=_freq_factors(tensors, where)).check(where)
 
 
 def rope_scaling(f: dict, arch: str, where="gguf") -> Optional[dict]:
@@ -377,6 +377,18 @@ def rope_scaling(f: dict, arch: str, where="gguf") -> Optional[dict]:
 
 
 GGUF_FREQS = "rope_freqs.weight"
+
+
+def _freq_factors(tensors: dict, where) -> tuple | None:
+    """llama.cpp's ``rope_freqs.weight`` (Llama 3.1+ converted by convert_hf_to_gguf.py): one divisor per
+    rotary frequency, applied by ggml's rope as theta / factor."""
+    t = tensors.get("rope_freqs.weight")
+    if t is None:
+        return None
+    v = t.load().double().reshape(-1)
+    if not bool(torch.isfinite(v).all()) or not bool((v > 0).all()):
+        raise InputError(where, "rope_freqs.weight holds values that are not positive finite numbers")
+    return tuple(float(x) for x in v)
 
 
 def canonical(f: dict, tensors: dict) -> dict:

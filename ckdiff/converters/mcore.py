@@ -220,8 +220,7 @@ def config_from_args(a: dict, tensors: dict, where="args") -> ModelConfig:
     sep = MCORE["attn_norm_sep"].format(i=0) in tensors
     msep = MCORE["mlp_norm_sep"].format(i=0) in tensors
     fam = families.for_block("mcore", mlp=Mlp.MOE if E else Mlp.GLU)
-    scaling, window = rope_and_window(a, where)
-    return ModelConfig(rope_scaling=scaling, sliding_window=window,
+    return ModelConfig(rope_scaling=rope_scaling_of(a, where),
         family=fam.name, hidden=D, layers=L, heads=H, kv_heads=K,
         head_dim=a.get("kv_channels") or D // H, ffn=F, vocab=V, norm_eps=float(a.get("norm_epsilon") or 1e-5),
         rope_theta=float(a.get("rotary_base") or 10000.0),
@@ -229,33 +228,55 @@ def config_from_args(a: dict, tensors: dict, where="args") -> ModelConfig:
         experts=E, experts_per_tok=a.get("moe_router_topk") or (2 if E else 0),
         hf_model_type=fam.hf_model_types[0],
         rotary_rows="interleaved" if a.get("rotary_interleaved") else "rotate_half",
-        separate_attn_norm=sep, separate_mlp_norm=msep).check(where)
+        separate_attn_norm=sep, separate_mlp_norm=msep, **_window(a, L, where)).check(where)
 
 
-def rope_and_window(a: dict, where="args") -> tuple:
-    """(rope scaling as HF spells it, sliding window) of Megatron-Core args, type-checked:
-    ``rotary_seq_len_interpolation_factor`` is linear scaling (positions divided by it); ``use_rope_scaling``
-    is Llama-3.1's scaling with ``rope_scaling_factor`` (``rotary_scaling_factor`` in newer releases,
-    default 8); ``window_size`` is (left, right) attention window, the left one the sliding window."""
+def _window(a: dict, layers: int, where) -> dict:
+    """``window_size`` (left, right) of Megatron-Core attention: a query attends to the ``left`` keys before
+    it and itself, which is a sliding window of left + 1 keys (right must be 0 in a causal decoder);
+    ``window_attn_skip_freq`` N makes every N-th layer (1-based) full attention, a list gives one flag per
+    layer (megatron/core/transformer/utils.py ``is_layer_window_attention``)."""
+    w = a.get("window_size")
+    if w is None:
+        return {}
+    if not isinstance(w, (list, tuple)) or len(w) != 2 or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                                  for x in w):
+        raise InputError(where, f"args key 'window_size': {w!r} is not a pair of integers")
+    left, right = w
+    if left < 0:  # (-1, ...) means no limit
+        return {}
+    if right != 0:
+        raise InputError(where, f"args key 'window_size': right window {right} in a causal decoder")
+    skip = a.get("window_attn_skip_freq")
+    layers_with = None
+    if isinstance(skip, list):  # one flag per layer, 1 = sliding window
+        if len(skip) != layers or not all(x in (0, 1) and not isinstance(x, float) for x in skip):
+            raise InputError(where, f"args key 'window_attn_skip_freq': expected {layers} flags 0/1")
+        layers_with = tuple(i for i, x in enumerate(skip) if x)
+    elif skip is not None:
+        if isinstance(skip, bool) or not isinstance(skip, int) or skip < 1:
+            raise InputError(where, f"args key 'window_attn_skip_freq': {skip!r} is not a positive integer")
+        layers_with = tuple(i for i in range(layers) if (i + 1) % skip)
+    return {"sliding_window": left + 1, "sliding_layers": layers_with}
+
+
+def rope_scaling_of(a: dict, where="args") -> dict | None:
+    """Rope scaling of Megatron-Core args as HF spells it, type-checked: ``rotary_seq_len_interpolation_factor``
+    is linear scaling (RotaryEmbedding divides the positions by it); ``use_rope_scaling`` is Llama-3.1's
+    scaling with ``rope_scaling_factor`` (``rotary_scaling_factor`` in newer releases, default 8)."""
     from .config import Fields
     f = Fields(a, where, "args key")
     scaling = None
     linear = f.num("rotary_seq_len_interpolation_factor")
+    if linear is not None and not 0 < linear < 1e6:
+        f.fail("rotary_seq_len_interpolation_factor", "a positive number", linear)
     if linear and linear != 1.0:
         scaling = {"rope_type": "linear", "factor": linear}
     if f.flag("use_rope_scaling"):
         factor = f.num("rope_scaling_factor") or f.num("rotary_scaling_factor") or 8.0
         scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                    "original_max_position_embeddings": 8192}
-    w = a.get("window_size")
-    window = None
-    if w is not None:
-        ok = isinstance(w, (list, tuple)) and len(w) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
-                                                                 and -1 <= x < (1 << 32) for x in w)
-        if not ok:
-            f.fail("window_size", "a (left, right) pair of integers", w)
-        window = w[0] if w[0] > 0 else None
-    return scaling, window
+    return scaling
 
 
 def canonical(a: dict, tensors: dict) -> dict:
@@ -320,11 +341,13 @@ def to_args(cfg: ModelConfig, padded_vocab: int) -> argparse.Namespace:
 
 
 def _rope_and_window_args(cfg: ModelConfig) -> dict:
-    """The args that carry ``cfg``'s rope scaling and sliding window (the inverse of rope_and_window);
-    a kind Megatron-Core cannot say is refused in one line."""
+    """The args that carry ``cfg``'s rope scaling and sliding window (the inverse of rope_scaling_of and
+    _window); a kind Megatron-Core cannot say is refused in one line."""
     out: dict = {}
-    if cfg.sliding_window:
-        out["window_size"] = (cfg.sliding_window, 0)
+    if cfg.sliding_window:  # HF's window counts the query's own key; Megatron-Core's left size does not
+        out["window_size"] = (cfg.sliding_window - 1, 0)
+        if cfg.sliding_layers is not None:
+            out["window_attn_skip_freq"] = [int(i in cfg.sliding_layers) for i in range(cfg.layers)]
     sc = cfg.rope_scaling or {}
     kind = sc.get("rope_type") or sc.get("type")
     if kind in (None, "default"):

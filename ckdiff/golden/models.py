@@ -121,10 +121,22 @@ def _slot_shape(slot: str, cfg: ModelConfig) -> tuple:
             "down": (D, F), "router": (cfg.experts, D)}.get(slot, (D,))
 
 
-def hf_state(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+# Weight scales by initialisation profile. "default" (0.2 everywhere; the hash-checked fixtures) gives
+# nearly flat next-token distributions on the tiny models (mean top-1 probability 0.18 on llama-gqa);
+# "peaked" scales the embedding/head to 0.8 and q/k to 0.4, so outputs are peaked (top-1 probability ~0.75,
+# mean top-1 margin ~2.5 logits) and attention is sharp enough that a rotary or head-order bug moves the
+# top-1 token instead of hiding in a flat distribution. The logit checks' bug-class property uses it.
+# "flat" draws every projection with transformers' initializer_range 0.02: the nearly uniform outputs of
+# an untrained model, where an absolute KL threshold cannot tell a bug from rounding.
+INIT_SCALES = {"default": {}, "peaked": {"embed": 0.8, "head": 0.8, "q": 0.4, "k": 0.4}, "flat": {"*": 0.02}}
+
+
+def hf_state(cfg: ModelConfig, seed: int = 0, init: str = "default") -> dict[str, torch.Tensor]:
     """Random HF-layout tensors for ``cfg`` from its family's slots (families.py), optional ones (biases,
     the untied head, Falcon's one or two norms) as the config has them; norms random around 1, never
-    constant. Drawn in a fixed order: the embedding, each layer's slots in declaration order, the rest."""
+    constant. Drawn in a fixed order: the embedding, each layer's slots in declaration order, the rest.
+    ``init`` picks the weight scales (INIT_SCALES); the random draws are the same for every profile."""
+    scales = INIT_SCALES[init]
     fam = families.family(cfg.family)
     g = torch.Generator().manual_seed(seed)
     F, D = cfg.ffn, cfg.hidden
@@ -141,7 +153,7 @@ def hf_state(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
             return _rand(g, *shape, scale=0.05)
         if slot.endswith("_b") or slot in ("sinks", "e_bias"):  # biases: large enough that a misplaced row
             return _rand(g, *shape, scale=0.5)                    # shows in the logits
-        return _rand(g, *shape, scale=1.0 if slot == "router" else 0.2)
+        return _rand(g, *shape, scale=1.0 if slot == "router" else scales.get(slot, scales.get("*", 0.2)))
 
     t[fam.hf_names["embed"]] = draw("embed")
     for i in range(cfg.layers):
@@ -167,10 +179,10 @@ def lazy(state: dict[str, torch.Tensor]) -> dict[str, EagerTensor]:
 
 
 def write_tiny_hf(out: Path, name: str = "llama-gqa", dtype: str = "float32", seed: int = 0,
-                  num_shards: int = 1, overwrite: bool = True) -> Path:
+                  num_shards: int = 1, overwrite: bool = True, init: str = "default") -> Path:
     """A tiny random HF checkpoint directory (safetensors + config.json)."""
     from ..converters.writers import atomic_dir, write_hf
     cfg = tiny_config(name, dtype)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        write_hf(tmp, lazy(hf_state(cfg, seed)), cfg.to_hf(), num_shards)
+        write_hf(tmp, lazy(hf_state(cfg, seed, init)), cfg.to_hf(), num_shards)
     return Path(out)

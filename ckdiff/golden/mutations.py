@@ -781,9 +781,7 @@ def run_state_mutations(work: Path, catalogue=None, first: int = 0) -> list[Muta
         cross_check_notes(res, lr)
         checks.append(CheckResult("ckdiff", m.model, "diff", res.equivalent, _diff_summary(res), res.to_dict()))
         if lr is not None:
-            kl = lr.max_kl if lr.gate_kl is None else lr.gate_kl
-            checks.append(CheckResult("ckdiff logits", m.model, "logits", lr.equivalent,
-                                      f"max KL {kl:.3g} (threshold {lr.threshold:.3g})", lr.to_dict()))
+            checks.append(CheckResult("ckdiff logits", m.model, "logits", lr.equivalent, lr.summary(), lr.to_dict()))
         red = [c for c in checks if not c.ok]
         text = _findings(red if not m.negative else checks)
         kinds = sorted({f["kind"] for t in res.tensors if not t.ok for f in t.findings})

@@ -35,29 +35,122 @@ class Forward:
 
 
 # ---------------------------------------------------------------- shared pieces
-def inv_freq(cfg: ModelConfig) -> torch.Tensor:
+def _scaling(cfg: ModelConfig) -> dict:
+    sc = dict(cfg.rope_scaling or {})
+    sc.setdefault("rope_type", sc.get("type", "default"))
+    return sc
+
+
+def _num(sc: dict, key: str, default=None, where: str = "rope_scaling") -> float:
+    """One numeric rope-scaling parameter, range-checked (a positive finite number)."""
+    v = sc.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < float("inf")):
+        raise InputError(where, f"rope_scaling {key!r} = {v!r}: expected a positive number")
+    return float(v)
+
+
+def rope_frequencies(cfg: ModelConfig, T: int) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies [hd/2] in float64, attention factor on cos/sin) for a T-token prompt.
+
+    The rope types of transformers' ``modeling_rope_utils`` (v5.x), written from their formulas:
+    default; linear (frequencies / factor); dynamic NTK (base rescaled when T exceeds
+    max_position_embeddings, for the whole prompt); YaRN (interpolation/extrapolation ramp between the
+    beta_fast/beta_slow correction dims, attention factor 0.1 ln(factor) + 1 or from mscale); llama3
+    (wavelength bands); longrope (short or long per-dimension factors by T against the original length,
+    attention factor sqrt(1 + ln(factor)/ln(original))). GGUF ``rope_freqs.weight`` (llama.cpp's
+    per-dimension frequency divisors) applies on top when the config carries it."""
     hd = cfg.head_dim
-    f = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
-    sc = cfg.rope_scaling or {}
-    if sc.get("rope_type", sc.get("type")) == "llama3":  # Llama-3.1 frequency scaling
-        factor, lo, hi = sc["factor"], sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
-        orig = sc.get("original_max_position_embeddings", 8192)
+    base = cfg.rope_theta
+    exps = torch.arange(0, hd, 2, dtype=torch.float64) / hd
+    f = 1.0 / (base ** exps)
+    sc = _scaling(cfg)
+    kind = sc["rope_type"]
+    att = 1.0
+    if kind == "default":
+        pass
+    elif kind == "linear":
+        f = f / _num(sc, "factor")
+    elif kind == "dynamic":
+        factor, mp = _num(sc, "factor"), float(cfg.max_pos)
+        if T > mp:
+            b = base * ((factor * T / mp) - (factor - 1)) ** (hd / (hd - 2))
+            f = 1.0 / (b ** exps)
+    elif kind == "yarn":
+        orig = _num(sc, "original_max_position_embeddings", cfg.max_pos)
+        factor = sc.get("factor") or cfg.max_pos / orig
+        factor = _num({"factor": factor}, "factor")
+        mscale = lambda s, m=1.0: 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0  # noqa: E731
+        if sc.get("attention_factor") is not None:
+            att = _num(sc, "attention_factor")
+        elif sc.get("mscale") and sc.get("mscale_all_dim"):
+            att = mscale(factor, _num(sc, "mscale")) / mscale(factor, _num(sc, "mscale_all_dim"))
+        else:
+            att = mscale(factor)
+        # transformers: ``beta_fast or 32``, ``beta_slow or 1`` (an unset or zero value takes the default)
+        fast = _num({"beta_fast": sc.get("beta_fast") or 32.0}, "beta_fast")
+        slow = _num({"beta_slow": sc.get("beta_slow") or 1.0}, "beta_slow")
+        dim_of = lambda rot: hd * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(base))  # noqa: E731
+        lo, hi = dim_of(fast), dim_of(slow)
+        if sc.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, hd - 1)
+        if lo == hi:
+            hi += 0.001
+        ramp = ((torch.arange(hd // 2, dtype=torch.float64) - lo) / (hi - lo)).clamp(0, 1)
+        extra = 1 - ramp  # 1: keep the original frequency, 0: interpolate
+        f = (f / factor) * (1 - extra) + f * extra
+    elif kind == "llama3":
+        factor = _num(sc, "factor")
+        lo, hi = _num(sc, "low_freq_factor", 1.0), _num(sc, "high_freq_factor", 4.0)
+        orig = _num(sc, "original_max_position_embeddings", 8192)
         wavelen = 2 * math.pi / f
         smooth = (orig / wavelen - lo) / (hi - lo)
         scaled = torch.where(wavelen > orig / lo, f / factor, f)
         mid = (wavelen <= orig / lo) & (wavelen >= orig / hi)
         f = torch.where(mid, (1 - smooth) * f / factor + smooth * f, scaled)
-    return f
+    elif kind == "longrope":
+        orig = _num(sc, "original_max_position_embeddings", cfg.max_pos)
+        factor = _num({"factor": sc.get("factor") or cfg.max_pos / orig}, "factor")
+        if sc.get("attention_factor") is not None:
+            att = _num(sc, "attention_factor")
+        else:
+            att = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(orig))
+        ext = sc.get("long_factor" if T > orig else "short_factor")
+        if not isinstance(ext, (list, tuple)) or len(ext) != hd // 2 or \
+                not all(isinstance(x, (int, float)) and x > 0 for x in ext):
+            raise InputError("rope_scaling", f"longrope factors must be {hd // 2} positive numbers")
+        f = f / torch.tensor(ext, dtype=torch.float64)
+    else:
+        raise InputError("rope_scaling", f"rope type {kind!r} is not implemented by the reference runtime "
+                                         "(default, linear, dynamic, yarn, llama3, longrope are)")
+    if cfg.rope_freq_factors is not None:
+        ff = torch.tensor(cfg.rope_freq_factors, dtype=torch.float64)
+        if ff.shape != f.shape or not bool((ff > 0).all()):
+            raise InputError("rope_freqs.weight", f"{len(cfg.rope_freq_factors)} frequency factors for head_dim "
+                                                  f"{hd} (expected {hd // 2} positive values)")
+        f = f / ff
+    return f, att
 
 
-def angles(cfg: ModelConfig, T: int) -> torch.Tensor:
-    return torch.outer(torch.arange(T, dtype=torch.float64), inv_freq(cfg))  # [T, hd/2]
+class Angles:
+    """Angles [T, hd/2] with the attention factor that multiplies cos and sin (1 except YaRN/longrope)."""
+
+    def __init__(self, cfg: ModelConfig, T: int):
+        f, self.factor = rope_frequencies(cfg, T)
+        self.ang = torch.outer(torch.arange(T, dtype=torch.float64), f)
+
+    def cos(self):
+        return self.ang.cos() * self.factor
+
+    def sin(self):
+        return self.ang.sin() * self.factor
 
 
-def rope_half(x: torch.Tensor, ang: torch.Tensor) -> torch.Tensor:
-    """HF rotate_half: element i pairs with i + hd/2. x: [B, T, heads, hd]."""
-    cos = torch.cat([ang.cos(), ang.cos()], -1).to(x.dtype)[None, :, None, :]
-    sin = torch.cat([ang.sin(), ang.sin()], -1).to(x.dtype)[None, :, None, :]
+def rope_half(x: torch.Tensor, ang) -> torch.Tensor:
+    """HF rotate_half: element i pairs with i + hd/2. x: [B, T, heads, hd]; ``ang`` angles or ``Angles``."""
+    c, s_ = ang.cos(), ang.sin()
+    cos = torch.cat([c, c], -1).to(x.device, x.dtype)[None, :, None, :]
+    sin = torch.cat([s_, s_], -1).to(x.device, x.dtype)[None, :, None, :]
     h = x.shape[-1] // 2
     rot = torch.cat([-x[..., h:], x[..., :h]], -1)
     return x * cos + rot * sin
@@ -65,9 +158,21 @@ def rope_half(x: torch.Tensor, ang: torch.Tensor) -> torch.Tensor:
 
 def rope_interleaved(x: torch.Tensor, ang: torch.Tensor) -> torch.Tensor:
     """Meta / Megatron-LLM: pairs (2i, 2i+1) as complex numbers times exp(i*pos*theta_i)."""
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2).contiguous())
-    fc = torch.polar(torch.ones_like(ang), ang).to(torch.complex64)[None, :, None, :]
-    return torch.view_as_real(xc * fc).reshape(x.shape).to(x.dtype)
+    c, s_ = ang.cos().float(), ang.sin().float()
+    c, s_ = c.to(x.device)[None, :, None, :], s_.to(x.device)[None, :, None, :]
+    xr = x.float().reshape(*x.shape[:-1], -1, 2)
+    re, im = xr[..., 0], xr[..., 1]
+    out = torch.stack([re * c - im * s_, re * s_ + im * c], -1)
+    return out.reshape(x.shape).to(x.dtype)
+
+
+def layer_window(cfg: ModelConfig, i: int) -> Optional[int]:
+    """Layer i's sliding window (keys at distance < window), or None for full attention: every layer when
+    ``sliding_layers`` is None (Mistral), else only the layers it lists (Qwen2 ``max_window_layers``, HF
+    ``layer_types``, Megatron-Core ``window_attn_skip_freq``)."""
+    if not cfg.sliding_window or not sliding_layer(cfg, i):  # the family's layer_types (GPT-OSS, Qwen2)
+        return None
+    return cfg.sliding_window if cfg.sliding_layers is None or i in cfg.sliding_layers else None
 
 
 def attention(q, k, v, cfg: ModelConfig, window: Optional[int] = None, sinks=None) -> torch.Tensor:
@@ -78,7 +183,7 @@ def attention(q, k, v, cfg: ModelConfig, window: Optional[int] = None, sinks=Non
     k = k.repeat_interleave(r, dim=2)
     v = v.repeat_interleave(r, dim=2)
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd)
-    i = torch.arange(T)
+    i = torch.arange(T, device=q.device)
     mask = i[None, :] <= i[:, None]
     if window:
         mask &= (i[:, None] - i[None, :]) < window
@@ -180,8 +285,13 @@ def moe(h, weights_ids, expert: Callable, cfg: ModelConfig):
     """Sparse MLP: ``expert(e, x)`` over the tokens routed to expert e, summed with their router weights."""
     B, T, D = h.shape
     x = h.reshape(-1, D)
-    top, idx = weights_ids(x)
     out = torch.zeros_like(x)
+    if x.is_meta:  # the shape check: the router and every expert's weights against every token
+        weights_ids(x)
+        for e in range(cfg.experts):
+            out = out + expert(e, x)
+        return out.reshape(B, T, D)
+    top, idx = weights_ids(x)
     for e in range(cfg.experts):
         tok, slot = (idx == e).nonzero(as_tuple=True)
         if len(tok):
@@ -205,26 +315,52 @@ def layer_norm(x, w, b, eps):
     return Fn.layer_norm(x, (x.shape[-1],), w, b, eps)
 
 
-class Weights:
-    """Reads tensors by name, cast to the compute dtype, with a clear error for a missing one."""
+def logical_tensors(ck: Checkpoint) -> dict:
+    """The checkpoint's tensors as the model computes with them: every encoding dequantized, never raw codes.
 
-    def __init__(self, ck: Checkpoint, dtype: torch.dtype, dequant: bool = False, progress=None):
-        self.ck, self.dtype, self.dequant = ck, dtype, dequant
+    The one place the runtime meets encodings: FP8 weights with block scales (``<name>_scale_inv``) become
+    ``Fp8Block`` views, JetStream int8/int4 codes with ``_scaler`` become dequantizing views of their float
+    shape (quant.py), GGUF block quants already read dequantized (gguf_io.GgufQuant); the scale tensors
+    themselves are folded in and not exposed."""
+    from ..converters.fp8 import Fp8Block, _block, fp8_pairs
+    from ..converters.quant import SCALER, dequantize_tensors, is_quantized
+    t = dict(ck.tensors)
+    pairs = fp8_pairs(t)
+    if pairs:
+        blk = _block(ck)
+        for w, sc in pairs.items():
+            t[w] = Fp8Block(w, t[w], t.pop(sc), blk)
+    if is_quantized(t):
+        t = dequantize_tensors(t)
+    return {k: v for k, v in t.items() if not k.endswith(SCALER)}
+
+
+class Weights:
+    """Reads tensors by name from the checkpoint's logical (dequantized) view, cast to the compute dtype,
+    with a clear error for a missing one. With ``meta``, only shapes: every read is an empty meta tensor
+    (the shape check before a forward pass)."""
+
+    def __init__(self, ck: Checkpoint, dtype: torch.dtype, progress=None, meta: bool = False):
+        self.ck, self.dtype, self.meta = ck, dtype, meta
+        self.t = logical_tensors(ck)
         self.progress = progress  # told the bytes of each tensor (or chunk) read
+        self.read: list = []  # names read, in order (the shape check names the culprit from them)
 
     def has(self, k):
-        return k in self.ck.tensors
+        return k in self.t
+
+    def _get(self, k: str):
+        if k not in self.t:
+            raise InputError(self.ck.path, f"reference runtime needs tensor {k!r}, which is missing")
+        self.read.append(k)
+        return self.t[k]
 
     def __call__(self, k: str) -> torch.Tensor:
-        if k not in self.ck.tensors:
-            raise InputError(self.ck.path, f"reference runtime needs tensor {k!r}, which is missing")
-        lt = self.ck.tensors[k]
+        lt = self._get(k)
+        if self.meta:
+            return torch.empty(lt.shape, dtype=self.dtype, device="meta")
         self._tell(lt.nbytes)
-        if self.dequant and k + "_scaler" in self.ck.tensors:
-            from ..converters.quant import EMBED, dequantize, float_shape
-            t = dequantize(lt.load(), self.ck.tensors[k + "_scaler"].load(), float_shape(lt), bool(EMBED.search(k)))
-            return t.to(self.dtype)
-        if lt.shape and lt.dtype != self.dtype:
+        if len(lt.shape) > 1 and lt.dtype != self.dtype:
             # cast a row block at a time: a tensor derived through a table (a TP merge) is never whole
             # in its stored dtype beside its cast copy (1 GiB HF vs Megatron TP=2 logits: the fused MLP
             # weight was both, bf16 and float32, at the peak)
@@ -238,14 +374,11 @@ class Weights:
         if self.progress is not None:
             self.progress(n)
 
-    def _plain(self, k: str) -> bool:
-        return k in self.ck.tensors and not (self.dequant and k + "_scaler" in self.ck.tensors)
-
     def gather(self, k: str, ids: torch.Tensor) -> torch.Tensor:
         """``W(k)[ids]``, reading only the rows the ids name."""
-        if not self._plain(k):
-            return self(k)[ids]
-        lt = self.ck.tensors[k]
+        lt = self._get(k)
+        if self.meta:
+            return torch.empty(tuple(ids.shape) + tuple(lt.shape[1:]), dtype=self.dtype, device="meta")
         uniq, inv = torch.unique(ids, return_inverse=True)
         rows = torch.stack([lt.rows(int(i), int(i) + 1)[0] for i in uniq]).to(self.dtype)
         self._tell(lt.nbytes)
@@ -253,9 +386,9 @@ class Weights:
 
     def matmul_t(self, k: str, x: torch.Tensor) -> torch.Tensor:
         """``x @ W(k).T``, reading the weight a row chunk at a time (the output head)."""
-        if not self._plain(k):
+        if self.meta:
             return x @ self(k).T
-        lt = self.ck.tensors[k]
+        lt = self._get(k)
         out = []
         for lo, hi in lt.row_chunks():
             out.append(x @ lt.rows(lo, hi).to(self.dtype).T)
@@ -304,7 +437,6 @@ class Layout:
     name: str
     names: dict
     rotary: Rotary                 # q/k row order as stored: which rotary formula reads them
-    dequant: bool = False          # int8/int4 weights stored with ``_scaler`` tensors
     head_if_stored: bool = False   # read ``head`` when the checkpoint holds it (else the config's tie decides)
 
     def key(self, slot: str, where: str, **ix) -> str:
@@ -336,9 +468,9 @@ def meta_layout(ck: Checkpoint, cfg: ModelConfig, fam: Family) -> Layout:
     """Meta / JetStream: interleaved rows, experts stacked on a leading axis, quantized weights with scales.
     JetStream's Gemma model code has names of its own (``embedder``) and reads half-split rows."""
     if GEMMA_JS["embed"] in ck.tensors:
-        return Layout(ck.format, dict(GEMMA_JS), Rotary.HALF, dequant=True)
+        return Layout(ck.format, dict(GEMMA_JS), Rotary.HALF)
     n = dict(META, router=MOE_JS["router"], experts=MOE_JS["w"].format(n="{n}"))
-    return Layout(ck.format, n, Rotary.INTERLEAVED, dequant=True, head_if_stored=True)
+    return Layout(ck.format, n, Rotary.INTERLEAVED, head_if_stored=True)
 
 
 def megatron_layout(ck: Checkpoint, cfg: ModelConfig, fam: Family) -> Layout:
@@ -365,8 +497,8 @@ LAYOUT_ADAPTERS: dict = {"hf": hf_layout, "meta": meta_layout, "jetstream": meta
 # ---------------------------------------------------------------- the generic decoder
 def decoder(layout: Layout, ck: Checkpoint, cfg: ModelConfig, block: Block, ids, dtype, progress=None):
     """The family's block over the layout's weights, layer by layer (see ``_decoder``)."""
-    W = Weights(ck, dtype, dequant=layout.dequant, progress=progress)
-    ang = angles(cfg, ids.shape[1])
+    W = Weights(ck, dtype, progress=progress, meta=ids.device.type == "meta")
+    ang = Angles(cfg, ids.shape[1])
     rope = ROPE[layout.rotary]
     act = ACT[block.act]
     nrm = norm_fn(block, cfg.norm_eps)
@@ -381,7 +513,7 @@ def decoder(layout: Layout, ck: Checkpoint, cfg: ModelConfig, block: Block, ids,
 
     def attn(i, h):
         f = lambda s: W(layout.key(s, where, i=i))  # noqa: E731
-        window = cfg.sliding_window if sliding_layer(cfg, i) else None
+        window = layer_window(cfg, i)
         if block.attn is Attn.MLA:  # the decoupled rotary part's own row order (DeepSeek: interleaved pairs)
             mla_rope = ROPE[Rotary.INTERLEAVED if cfg.extra.get("rope_interleave", True) else layout.rotary]
             return mla_attention(h, f, lambda s: W.has(layout.key(s, where, i=i)), mla_rope, ang, cfg,
@@ -472,6 +604,46 @@ def steps(ck: Checkpoint, cfg: ModelConfig, ids: torch.Tensor, dtype=torch.float
     """A generator: the residual stream after each layer, then (as its return value) the logits.
     Run it under ``torch.no_grad()``. ``progress(n)`` is told the bytes of each weight read."""
     return runtime_for(ck, cfg)(ck, cfg, ids, dtype, progress)
+
+
+def check_shapes(ck: Checkpoint, cfg: ModelConfig, side: str = "") -> None:
+    """Run the forward pass on meta tensors (shapes only, nothing read): a tensor whose shape does not fit
+    the config fails here, as one InputError naming the tensor and its side, before any real forward pass."""
+    ids = torch.zeros((1, 2), dtype=torch.long, device="meta")
+    gen = steps(ck, cfg, ids, torch.float32)
+    W = _weights_of(gen)  # before the run: a generator that raised has no frame left
+    try:
+        drain(gen)
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise InputError(ck.path, _shape_message(e, cfg, side, W)) from None
+
+
+def _weights_of(gen):
+    """The ``Weights`` a decoder generator reads through (held by its layer functions' closures)."""
+    frame = getattr(gen, "gi_frame", None)
+    for v in (frame.f_locals.values() if frame is not None else ()):
+        for cell in getattr(v, "__closure__", None) or ():
+            try:
+                if isinstance(cell.cell_contents, Weights):
+                    return cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+    return None
+
+
+def _shape_message(e: Exception, cfg: ModelConfig, side: str, W) -> str:
+    """The tensor most likely at fault: the last one read whose dimensions are not among the config's sizes,
+    else the last one read."""
+    sizes = {cfg.hidden, cfg.q_rows, cfg.kv_rows, cfg.ffn, 2 * cfg.ffn, cfg.vocab, cfg.q_rows + 2 * cfg.kv_rows,
+             cfg.experts or -1, cfg.true_vocab or -1}
+    who = ""
+    if W is not None and W.read:
+        odd = [k for k in W.read if any(n not in sizes for n in W.t[k].shape)]
+        k = (odd or W.read)[-1]
+        who = f"tensor {k!r} {list(W.t[k].shape)} "
+    pre = f"{side}: " if side else ""
+    return (f"{pre}{who}does not fit the config (hidden {cfg.hidden}, heads {cfg.heads} x head_dim {cfg.head_dim}, "
+            f"kv heads {cfg.kv_heads}, ffn {cfg.ffn}, vocab {cfg.vocab}): {str(e).splitlines()[0][:120]}")
 
 
 def drain(gen, on_layer: Optional[Callable] = None) -> torch.Tensor:

@@ -268,10 +268,7 @@ def check_converter(name: str, model: str, work: Path, dtype: str = "float32", o
     def logit_check():
         lr = held["logits"] = compare_logits(open_checkpoint(str(src)), open_checkpoint(str(tgt)), batch=2,
                                              length=40, dtype="float32")
-        return CheckResult(c.name, model, "logits", lr.equivalent,
-                           (f"max KL {lr.max_kl:.3g}" if lr.gate_kl is None else
-                            f"KL from reference quantization {lr.gate_kl:.3g} (quantization alone {lr.max_kl:.3g})")
-                           + f" (threshold {lr.threshold:.3g}), top-1 {lr.top1_agreement:.3f}", lr.to_dict(),
+        return CheckResult(c.name, model, "logits", lr.equivalent, lr.summary(), lr.to_dict(),
                            command=_cmd("logits", src, tgt, "--batch", 2, "--length", 40))
 
     out.append(_guard(c.name, model, "roundtrip", roundtrip))
@@ -348,8 +345,7 @@ def roundtrip(converter: str, src, work: Path, tp: int = 1, pp: int = 1, logits:
         lr = compare_logits(open_checkpoint(str(src)), open_checkpoint(str(tgt)))
         cross_check_notes(rt, lr)
         checks[0].result = rt.to_dict()
-        checks.append(CheckResult(c.name, str(src), "logits", lr.equivalent,
-                                  f"max KL {lr.max_kl:.3g} (threshold {lr.threshold:.3g})", lr.to_dict()))
+        checks.append(CheckResult(c.name, str(src), "logits", lr.equivalent, lr.summary(), lr.to_dict()))
     return SuiteResult(checks, mapping_rows(c, src))
 
 

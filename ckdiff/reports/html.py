@@ -195,12 +195,26 @@ def _compare_section(d: dict) -> str:
 
 
 def logits_gate(d: dict) -> str:
-    """The verdict's reason in words: which value gates, against which threshold, and why that threshold."""
-    gated = d.get("gate_kl") if d.get("gate_kl") is not None else d.get("max_kl")
-    what = "max per-token KL" if d.get("gate_kl") is None else "max per-token KL from the reference quantization"
-    ok = _num(gated) <= _num(d.get("threshold"))
-    return (f"{what} {fmt(_num(gated))} is {'within' if ok else 'over'} the threshold {fmt(_num(d.get('threshold')))} "
-            f"({d.get('threshold_reason')})")
+    """The verdict's reason in words: the deciding signal against its limit, the floor and the profile."""
+    sig = next((r for r in d.get("signals") or [] if r.get("signal") == d.get("deciding_signal")), None)
+    if sig is None:
+        return f"max per-token KL {fmt(_num(d.get('max_kl')))} (threshold {fmt(_num(d.get('threshold')))})"
+    ok = _num(sig.get("ratio")) <= 1
+    return (f"decided by {sig['signal']}: {fmt(_num(sig['observed']))} is {'within' if ok else 'over'} its limit "
+            f"{fmt(_num(sig['limit']))} (noise floor {fmt(_num(sig['floor']))}, {d.get('profile')} profile)")
+
+
+def _signals_table(d: dict) -> str:
+    fl = d.get("noise_floor") or {}
+    if not fl:
+        return ""
+    rows = "".join(f"<tr><td>{html_text(str(r['signal']))}</td><td>{fmt(_num(r['observed']))}</td>"
+                   f"<td>{fmt(_num(r['floor']))}</td><td>{fmt(_num(r['limit']))}</td>"
+                   f"<td>{'over' if _num(r['ratio']) > 1 else 'ok'}</td></tr>" for r in d.get("signals") or [])
+    return (f"<h2>Noise floor and signals</h2><p class=legend>{html_text(str(fl.get('applied_to')))}'s weights "
+            f"as {html_text(str(fl.get('encoding')))}, against {html_text(str(fl.get('reference')))}; "
+            f"{html_text(str(d.get('profile')))} profile</p><table><tr><th>signal</th><th>observed</th>"
+            f"<th>noise floor</th><th>limit</th><th></th></tr>{rows}</table>")
 
 
 def _kl_color(kl: float, thr: float) -> str:
@@ -240,22 +254,25 @@ def _layers_svg(d: dict) -> str:
     errs = [_num(x) for x in d.get("layer_rel_errors") or []]
     if not errs:
         return ""
-    from ..compare.logits import HIDDEN_REL_THRESHOLD
-    thr = HIDDEN_REL_THRESHOLD.get(d.get("dtype"), 1e-4)
+    from ..compare.noise import PROFILES
+    prof = PROFILES.get(d.get("profile")) or PROFILES["standard"]
+    floor = [_num(x) for x in (d.get("noise_floor") or {}).get("layer_rel_errors") or []]
+    limits = [prof.hidden_mult * (floor[i] if i < len(floor) else 0.0) + prof.hidden_abs for i in range(len(errs))]
+    thr = max(limits)
     lo, hi = -18, 1  # log10 range drawn
     H, bw, left = 160, max(10, min(36, 700 // len(errs))), 44
     y = lambda v: 8 + H * (hi - max(lo, min(hi, math.log10(v) if v > 0 else lo))) / (hi - lo)  # noqa: E731
     bars = []
     for i, v in enumerate(errs):
         top = y(v)
-        color = "#b3261e" if v > thr else "#2e8b57"
+        color = "#b3261e" if not v <= limits[i] else "#2e8b57"
         bars.append(f"<rect x={left + i * bw + 1} y={top:.1f} width={bw - 2} height={max(1.0, 8 + H - top):.1f} "
                     f"fill='{color}'><title>hidden state {i}: relative error "
-                    f"{fmt(v)}</title></rect>")
+                    f"{fmt(v)} (limit {fmt(limits[i])})</title></rect>")
     ticks = "".join(f"<text x=0 y={y(10.0 ** e) + 4:.1f}>1e{e}</text>" for e in (0, -6, -12, -18))
     ty = y(thr)
     line = (f"<line x1={left} x2={left + len(errs) * bw} y1={ty:.1f} y2={ty:.1f} stroke='#b3261e' "
-            f"stroke-dasharray='4 3'/><text x={left + len(errs) * bw + 4} y={ty + 4:.1f}>threshold {fmt(thr)}</text>")
+            f"stroke-dasharray='4 3'/><text x={left + len(errs) * bw + 4} y={ty + 4:.1f}>highest limit {fmt(thr)}</text>")
     first = d.get("first_divergent_layer")
     return (f"<h2>Hidden-state divergence per layer</h2><p class=legend>relative error of each layer's hidden state "
             f"(log scale); first divergent layer: {'none' if first is None else first}</p>"
@@ -280,8 +297,9 @@ def _logits_section(d: dict) -> str:
     kv = [("verdict", logits_gate(d)),
           ("tokens", f"{d.get('batch')} sequences x {d.get('length')} positions of random ids (seed {d.get('seed')}), "
                      f"compute {d.get('dtype')}, vocabulary {d.get('vocab_compared')}"),
-          ("max per-token KL", f"{fmt(_num(d.get('max_kl')))} at sequence, position {at(d.get('max_kl_at'))}; "
-                               f"mean {fmt(_num(d.get('mean_kl')))}"),
+          (f"KL({d.get('kl_reference', 'A')} || other)", f"max {fmt(_num(d.get('max_kl')))} at sequence, position "
+                               f"{at(d.get('max_kl_at'))}; p99 {fmt(_num(d.get('p99_kl')))}; mean "
+                               f"{fmt(_num(d.get('mean_kl')))}"),
           ("top-1 agreement", f"{_num(d.get('top1_agreement')):.4f}"),
           (f"mutual top-{d.get('topk')}", f"{_num(d.get('topk_agreement')):.4f}"
            + (f" (first failure at sequence, position {at(d.get('first_topk_failure'))})"
@@ -292,7 +310,7 @@ def _logits_section(d: dict) -> str:
     rows = "".join(f"<tr><th>{html_text(k)}</th><td>{html_text(v)}</td></tr>" for k, v in kv)
     notes = "".join(f"<li>{html_text(n)}</li>" for n in d.get("notes", []))
     return (f"<h2>Logits</h2><table class=kv>{rows}</table>" + (f"<ul>{notes}</ul>" if notes else "")
-            + _token_kl_svg(d) + _layers_svg(d) + _topk_table(d))
+            + _signals_table(d) + _token_kl_svg(d) + _layers_svg(d) + _topk_table(d))
 
 
 def _suite_section(d: dict) -> str:

@@ -137,13 +137,23 @@ def print_warnings(res, console) -> None:
 
 def print_logits(res, console) -> None:
     style = "bold green" if res.equivalent else "bold red"
-    what = "max per-token KL" if res.gate_kl is None else "max per-token KL from the reference quantization"
-    val = res.max_kl if res.gate_kl is None else res.gate_kl
-    console.print(f"[{style}]{'EQUIVALENT' if res.equivalent else 'DIFFER'}[/{style}]: {what} "
-                  f"{fmt(val)} (threshold {fmt(res.threshold)}, {escape(res.threshold_reason)})")
-    console.print(terminal(f"A: {res.a} [{res.format_a}]") + "\n" + terminal(f"B: {res.b} [{res.format_b}]"))
+    console.print(f"[{style}]{'EQUIVALENT' if res.equivalent else 'DIFFER'}[/{style}]: "
+                  + terminal(f"decided by {res.summary()}"))
+    enc = res.encodings or {}
+    console.print(terminal(f"A: {res.a} [{res.format_a}, {enc.get('A', '?')}]") + "\n"
+                  + terminal(f"B: {res.b} [{res.format_b}, {enc.get('B', '?')}]"))
     console.print(f"tokens: {res.batch} x {res.length} (seed {res.seed}), compute {res.dtype}, vocab {res.vocab_compared}")
-    console.print(escape(f"KL max {fmt(res.max_kl)} at [seq, pos] {res.max_kl_at}, mean {fmt(res.mean_kl)}"))
+    fl = res.noise_floor or {}
+    if fl:
+        console.print(escape(f"noise floor ({res.profile} profile): {fl['applied_to']}'s weights as {fl['encoding']} "
+                             f"vs {fl['reference']}: KL mean {fmt(fl['mean_kl'])}, p99 {fmt(fl['p99_kl'])}, max "
+                             f"{fmt(fl['max_kl'])}, top-1 {fl['top1_agreement']:.4f}"))
+        for r in res.signals:
+            mark = "FAIL" if r["ratio"] > 1 else "ok"
+            console.print(escape(f"  {r['signal']}: observed {fmt(r['observed'])}, floor {fmt(r['floor'])}, limit "
+                                 f"{fmt(r['limit'])} ({mark})"))
+    console.print(escape(f"KL({res.kl_reference} || other) max {fmt(res.max_kl)} at [seq, pos] {res.max_kl_at}, "
+                         f"p99 {fmt(res.p99_kl)}, mean {fmt(res.mean_kl)}"))
     console.print(f"top-1 agreement {res.top1_agreement:.4f}; mutual top-{res.topk} {res.topk_agreement:.4f}"
                   + (escape(f" (first failure at {res.first_topk_failure})") if res.first_topk_failure else ""))
     console.print(escape(f"max |logit diff| {fmt(res.max_abs)} at [seq, pos, token] {res.max_abs_at}; "
@@ -152,6 +162,8 @@ def print_logits(res, console) -> None:
         div = "none" if res.first_divergent_layer is None else str(res.first_divergent_layer)
         console.print(f"first divergent layer: {div} (relative hidden-state error per layer: "
                       + ", ".join(fmt(x, 2) for x in res.layer_rel_errors) + ")")
+    if res.tensor_diff is not None:
+        console.print(f"tensor diff (run first): {res.tensor_diff}")
     for n in res.notes:
         console.print(terminal(f"note: {n}"))
 
