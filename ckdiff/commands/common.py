@@ -77,7 +77,7 @@ def add_common(p: argparse.ArgumentParser, *, cache: bool = True, pickle: bool =
 
 def format_names() -> list[str]:
     from ..converters import registry
-    return registry.names()
+    return [n for n, _ in registry.declared()]
 
 
 def formats_help() -> str:
@@ -85,11 +85,22 @@ def formats_help() -> str:
     import textwrap
 
     from ..converters import registry
-    fs = registry.formats()
-    width = max(len(f.name) for f in fs)
+    fs = registry.declared()
+    width = max(len(n) for n, _ in fs)
     return "formats (--format; detected from the files otherwise):\n" + "\n".join(
-        textwrap.fill(f.description, min(100, _columns()), initial_indent=f"  {f.name.ljust(width)}  ",
-                      subsequent_indent=" " * (width + 4)) for f in fs)
+        textwrap.fill(d, min(100, _columns()), initial_indent=f"  {n.ljust(width)}  ",
+                      subsequent_indent=" " * (width + 4)) for n, d in fs)
+
+
+def workers_arg(v: str) -> int:
+    """--workers N: a whole number 1..1024."""
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {v!r}") from None
+    if not 1 <= n <= 1024:
+        raise argparse.ArgumentTypeError(f"expected 1..1024, got {n}")
+    return n
 
 
 def add_formats(p: argparse.ArgumentParser, sides: int = 2) -> None:
