@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from ..errors import CkdiffError, error_line
 
 # the commands in the order the overview lists them; each is the module ckdiff/commands/NAME.py
-NAMES = ("compare", "inspect", "logits", "convert", "roundtrip", "golden", "demo", "help")
+NAMES = ("compare", "inspect", "logits", "convert", "roundtrip", "golden", "demo", "replay", "help")
 
 
 class _Commands(Mapping):

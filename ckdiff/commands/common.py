@@ -16,7 +16,8 @@ from typing import Optional
 from ..errors import UsageError
 from ..text import printable
 
-REPORT_FLAGS = ("json", "html", "markdown")
+REPORT_FLAGS = ("json", "html", "markdown", "junit")
+SUMMARY_ENV = "GITHUB_STEP_SUMMARY"  # GitHub Actions' job summary file, appended to by each step
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -115,12 +116,23 @@ def add_formats(p: argparse.ArgumentParser, sides: int = 2) -> None:
 
 
 def add_reports(p: argparse.ArgumentParser, flags=REPORT_FLAGS) -> None:
+    """The report flags; a comparing command (``junit`` among ``flags``) also gets the CI flags
+    --github-summary/--no-github-summary and the verification record's --hash."""
     g = p.add_argument_group("reports (PATH '-' writes to standard output)")
-    text = {"json": "write the versioned JSON result (schema ckdiff.result/1)",
+    text = {"json": "write the versioned JSON result (schema ckdiff.result/1) with its verification record",
             "html": "write a self-contained HTML report",
-            "markdown": "write a Markdown summary (PR comment, job summary)"}
+            "markdown": "write a Markdown summary (PR comment, job summary)",
+            "junit": "write JUnit XML (one test case per tensor group and per check) for CI test reports"}
     for f in flags:
         g.add_argument(f"--{f}", metavar="PATH", help=text[f])
+    if "junit" in flags:
+        g.add_argument("--github-summary", nargs="?", const="", default=None, metavar="PATH",
+                       help=f"append the Markdown report to PATH (default: ${SUMMARY_ENV}); done without the flag "
+                            f"whenever ${SUMMARY_ENV} is set (GitHub Actions)")
+        g.add_argument("--no-github-summary", action="store_true", help=f"do not append to ${SUMMARY_ENV}")
+        g.add_argument("--hash", action="store_true",
+                       help="record the SHA-256 of every input file's whole content in the JSON result (reads "
+                            "every byte once more; sizes and header hashes are always recorded)")
     g.add_argument("--force", action="store_true",
                    help="write a report through a symbolic link (never onto an input's files)")
 
@@ -256,6 +268,39 @@ def check_reports(args, inputs=()) -> None:
         raise UsageError(f"only one report can go to standard output ('-'); got {', '.join('--' + f for f in dashes)}")
     for f in REPORT_FLAGS:
         check_target(f, getattr(args, f, None), inputs, getattr(args, "force", False))
+    summary = summary_target(args)
+    if summary is not None:
+        where = check_target("github-summary", summary, inputs, getattr(args, "force", False))
+        if where is None:
+            raise UsageError("--github-summary: the job summary is a file; use --markdown - for standard output")
+
+
+def summary_target(args) -> Optional[str]:
+    """The job summary file to append the Markdown report to: --github-summary's PATH, else
+    $GITHUB_STEP_SUMMARY when it is set (unless --no-github-summary); None for none."""
+    if not hasattr(args, "github_summary") or getattr(args, "no_github_summary", False):
+        return None
+    env = os.environ.get(SUMMARY_ENV) or None
+    if args.github_summary is None:
+        return env
+    if args.github_summary == "":
+        if env is None:
+            raise UsageError(f"--github-summary: ${SUMMARY_ENV} is not set; pass --github-summary PATH")
+        return env
+    return args.github_summary
+
+
+def append_summary(path, text: str, inputs=(), force: bool = False) -> None:
+    """Append ``text`` to a job summary file (GitHub Actions collects what every step appended, so the
+    file is appended to in place, never replaced); the same target rules as a report."""
+    where = check_target("github-summary", path, inputs, force)
+    if where is None:
+        raise UsageError("--github-summary: the job summary is a file; use --markdown - for standard output")
+    try:
+        with open(where[1], "a", encoding="utf-8") as f:
+            f.write(text if text.endswith("\n") else text + "\n")
+    except OSError as e:
+        raise UsageError(f"--github-summary {printable(str(path))}: {_why(e)}") from None
 
 
 def write_report(path, content, inputs=(), flag: str = "report", force: bool = False) -> None:
@@ -299,16 +344,28 @@ def write_report(path, content, inputs=(), flag: str = "report", force: bool = F
 
 
 def emit_reports(args, kind: str, res, inputs=(), command: str = "") -> None:
-    """--json / --html / --markdown for any result object with to_dict()/verdict()/equivalent."""
+    """--json (with the verification record of ``inputs``) / --html / --markdown / --junit and the job
+    summary, for any result object with to_dict()/verdict()/equivalent."""
     from ..reports import html as H
+    from ..reports.junit import render_junit
     from ..reports.render import render_json
-    render = {"json": lambda: render_json(kind, res.to_dict(), res.verdict(), command),
+
+    def record():
+        from ..provenance import record
+        return render_json(kind, res.to_dict(), res.verdict(), command,
+                           record(command, inputs, getattr(args, "hash", False)))
+    render = {"json": record,
               "html": lambda: H.render_html(kind, res, command),
-              "markdown": lambda: H.render_markdown(kind, res, command)}
+              "markdown": lambda: H.render_markdown(kind, res, command),
+              "junit": lambda: render_junit(kind, res.to_dict(), res.verdict(), command)}
+    force = getattr(args, "force", False)
     for f in REPORT_FLAGS:
         target = getattr(args, f, None)
         if target:
-            write_report(target, render[f](), inputs, f, getattr(args, "force", False))
+            write_report(target, render[f](), inputs, f, force)
+    summary = summary_target(args)
+    if summary is not None:
+        append_summary(summary, render["markdown"](), inputs, force)
 
 
 def run_sharded(name: str, argv, workers: int, fn):
