@@ -101,8 +101,8 @@ def input_files(ck) -> list[Path]:
 
 
 def describe_input(ck, full_hash: bool = False) -> dict:
-    path = ck if isinstance(ck, (str, os.PathLike)) else ck.path
-    out = {"path": str(path), "format": getattr(ck, "format", None)}
+    given = isinstance(ck, (str, os.PathLike))  # a path the command did not read itself (roundtrip's source)
+    out = {"path": str(ck if given else ck.path), "format": None if given else ck.format}
     out["files"] = [fingerprint(f, full_hash) for f in input_files(ck)]
     return out
 

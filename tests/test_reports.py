@@ -29,7 +29,7 @@ def test_json_report_schema(tiny_hf, tmp_path, run_cli):
     run_cli(tiny_hf(), tiny_hf(seed=1), "--json", tmp_path / "r.json", "--html", tmp_path / "r.html",
             "--markdown", tmp_path / "r.md")
     d = json.loads((tmp_path / "r.json").read_text())
-    assert set(d) == {"schema", "kind", "ckdiff_version", "torch_version", "command", "verdict", "result"}
+    assert set(d) == {"schema", "kind", "ckdiff_version", "torch_version", "command", "verdict", "result", "provenance"}
     assert d["schema"] == "ckdiff.result/1" and d["kind"] == "compare" and d["verdict"] == "differ"
     t = d["result"]["tensors"][0]
     for k in ("name", "status", "shape_a", "dtype_a", "bit_exact", "max_abs", "max_abs_index", "mean_abs", "max_rel",

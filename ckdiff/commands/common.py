@@ -61,6 +61,28 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
+    def parse_known_args(self, args=None, namespace=None):
+        """Every long flag in either spelling: ``--true_vocab_size`` and ``--true-vocab-size`` name the same
+        option whichever of them a converter declares (the original tools differ from one another)."""
+        if args is not None:
+            args = [self._spelled(a) for a in args]
+        return super().parse_known_args(args, namespace)
+
+    def _spelled(self, token):
+        if not isinstance(token, str) or not token.startswith("--") or len(token) < 4:
+            return token
+        name, eq, value = token.partition("=")
+        if name in self._option_string_actions:
+            return token
+        key = _flag_key(name)
+        hits = sorted(o for o in self._option_string_actions if o.startswith("--") and _flag_key(o) == key)
+        same = len({id(self._option_string_actions[o]) for o in hits}) == 1  # spellings of one option
+        return (hits[0] + eq + value) if hits and same else token
+
+
+def _flag_key(option: str) -> str:
+    return "--" + option[2:].replace("_", "-")
+
 
 def add_common(p: argparse.ArgumentParser, *, cache: bool = True, pickle: bool = True) -> None:
     """-q/--quiet, --debug, and (for commands that read checkpoints) --cache-dir and --trust-pickle."""
@@ -104,9 +126,10 @@ def workers_arg(v: str) -> int:
     return n
 
 
-def add_formats(p: argparse.ArgumentParser, sides: int = 2) -> None:
-    """--format (both sides), --format-a and --format-b; detection from the files is the default."""
-    names = format_names()
+def add_formats(p: argparse.ArgumentParser, sides: int = 2, names=None) -> None:
+    """--format (both sides), --format-a and --format-b, choosing among ``names`` (default: every format);
+    detection from the files is the default."""
+    names = list(names) if names is not None else format_names()
     g = p.add_argument_group("formats (detected from the files unless given)")
     g.add_argument("--format", choices=names, metavar="FORMAT",
                    help="read " + ("both inputs" if sides == 2 else "the input") + " as this format")

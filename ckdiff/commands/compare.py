@@ -86,7 +86,7 @@ def _run(args, command: str, shard) -> int:
     console = common.console(args)
     if args.quiet:
         console.print(("EQUIVALENT" if res.equivalent else "DIFFER") + ": "
-                      + ", ".join(f"{v} {k}" for k, v in sorted(res.counts().items())))
+                      + res.counts_text())
     else:
         print_compare(res, console, args.limit)
     common.emit_reports(args, "compare", res, (a, b), command)

@@ -27,7 +27,7 @@ def parser(prog: str = "ckdiff logits"):
     p.add_argument("--skip-first-token", action="store_true",
                    help="leave position 0 out of the metrics (models with an attention sink)")
     p.add_argument("--threshold", type=float, help="override the max per-token KL threshold")
-    common.add_formats(p)
+    common.add_formats(p, names=runnable)  # the formats ckdiff logits can run
     common.add_reports(p)
     common.add_common(p)
     return p

@@ -12,6 +12,7 @@ import json
 import math
 from typing import Optional
 
+from ..compare.diff import reasons
 from ..compare.status import Status, is_ok
 from .render import _clean, envelope, fmt, worst_first_key
 
@@ -171,6 +172,10 @@ def _compare_section(d: dict) -> str:
         parts.append("<h2>Key-set differences</h2><ul>" + "".join(
             f"<li>only in A: <code>{html.escape(n)}</code></li>" for n in only_a[:200]) + "".join(
             f"<li>only in B: <code>{html.escape(n)}</code></li>" for n in only_b[:200]) + "</ul>")
+    why = reasons(d)
+    if why:
+        parts.append("<h2>Why it differs</h2><ul id=reasons>" + "".join(f"<li>{html.escape(r)}</li>" for r in why)
+                     + "</ul>")
     diag = [(t["name"], x) for t in tensors for x in (t.get("diagnosis") or [])]
     notes = d.get("notes") or []
     if diag or notes:
@@ -384,6 +389,8 @@ def render_markdown(kind: str, res, command: str = "") -> str:
     if shape.logits:
         lines += [f"{logits_gate(d)}; top-1 agreement {_num(d['top1_agreement']):.4f}; first divergent layer "
                   f"{'none' if d['first_divergent_layer'] is None else d['first_divergent_layer']}", ""]
+    if shape.tensors and reasons(d):
+        lines += [f"- {md_cell(r)}" for r in reasons(d)] + [""]
     bad = sorted((t for t in d["tensors"] if not is_ok(t["status"])), key=worst_first_key) if shape.tensors else []
     if bad:
         lines += ["<details><summary>" + f"{len(bad)} mismatching tensors</summary>", "",
