@@ -21,17 +21,19 @@ from junitparser import Failure, JUnitXml
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Jenkins' junit-10.xsd (the schema GitLab, Azure Pipelines and the GitHub test reporters read): the
-# attributes each element may carry, the required ones, and the children it may hold
+# The JUnit schema most CI systems read: jenkinsci/xunit-plugin
+# src/main/resources/org/jenkinsci/plugins/xunit/types/model/xsd/junit-10.xsd (commit 0c37522): per element,
+# the attributes it may carry, the required ones and the children it may hold
 SCHEMA = {
     "testsuites": ({"name", "time", "tests", "failures", "disabled", "errors"}, set(), {"testsuite"}),
-    "testsuite": ({"name", "tests", "failures", "errors", "time", "disabled", "skipped", "timestamp", "hostname",
-                   "id", "package", "file", "log", "url", "version"}, {"name", "tests"},
-                  {"properties", "testcase", "system-out", "system-err"}),
+    "testsuite": ({"name", "tests", "failures", "errors", "time", "disabled", "skipped", "skips", "timestamp",
+                   "hostname", "id", "package", "assertions", "file", "skip", "log", "url"}, {"tests"},
+                  {"testsuite", "properties", "testcase", "system-out", "system-err"}),
     "properties": (set(), set(), {"property"}),
     "property": ({"name", "value"}, {"name", "value"}, set()),
-    "testcase": ({"name", "assertions", "time", "classname", "status", "file", "line", "log", "group", "url"},
-                 {"name"}, {"skipped", "error", "failure", "system-out", "system-err"}),
+    "testcase": ({"name", "assertions", "time", "timestamp", "classname", "status", "class", "file", "line", "log",
+                  "group", "url"}, {"name"},
+                 {"skipped", "error", "failure", "rerunFailure", "rerunError", "system-out", "system-err"}),
     "failure": ({"message", "type"}, set(), set()),
 }
 
