@@ -103,7 +103,12 @@ def input_files(ck) -> list[Path]:
 def describe_input(ck, full_hash: bool = False) -> dict:
     given = isinstance(ck, (str, os.PathLike))  # a path the command did not read itself (roundtrip's source)
     out = {"path": str(ck if given else ck.path), "format": None if given else ck.format}
-    out["files"] = [fingerprint(f, full_hash) for f in input_files(ck)]
+    out["files"] = []
+    for f in input_files(ck):
+        try:
+            out["files"].append(fingerprint(f, full_hash))
+        except OSError as e:  # unreadable or gone since it was compared: recorded, never fatal after the work
+            out["files"].append({"path": str(f), "error": (e.strerror or str(e)).lower()})
     return out
 
 

@@ -11,7 +11,7 @@ from ..text import printable
 from . import common
 
 NAME = "replay"
-SUMMARY = "re-run the command a JSON result records; exit 0 when verdict and statuses are unchanged, 1 if not"
+SUMMARY = "re-run the command a JSON result records; exit 0 if verdict and statuses are unchanged"
 REPLAYABLE = ("compare", "logits", "roundtrip", "golden", "check")  # commands that only read their inputs
 MAX_RESULT = 256 << 20  # bytes of a RESULT.json read
 # flags of the recorded command that write files or only shape the output: dropped before it re-runs
