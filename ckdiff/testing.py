@@ -28,7 +28,8 @@ __all__ = ["Converter", "gate", "assert_checkpoints_match", "assert_logits_match
 
 def _table(res, limit=30) -> str:
     rows = [t for t in res.worst_first() if not t.ok][:limit]
-    lines = [f"checkpoints differ: {res.counts()}", f"  A: {res.a}", f"  B: {res.b}",
+    lines = [f"checkpoints differ: {res.counts_text()}", f"  A: {res.a}", f"  B: {res.b}",
+             *(f"  {r}" for r in res.reasons()),
              f"  {'status':<8} {'tensor':<60} {'max abs':>10}  index / diagnosis"]
     for t in rows:
         where = t.max_abs_index if t.max_abs_index is not None else (t.shape_a, t.shape_b)

@@ -4,6 +4,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# under GitHub Actions every step has it: the commands the tests run would append to this job's summary
+os.environ.pop("GITHUB_STEP_SUMMARY", None)
 
 from ckdiff.golden.models import hf_state, lazy, tiny_config, write_tiny_hf  # noqa: E402
 

@@ -67,3 +67,31 @@ def write_chunked(path, tensors: dict, splits: dict):
     with open(path / ".metadata", "wb") as f:
         pickle.dump(Metadata(state_dict_metadata=sdm, storage_data=storage), f)
     return path
+
+
+def browser():
+    """Headless Chromium through selenium (the HTML report tests); skips when either is missing."""
+    import os
+    import shutil
+
+    import pytest
+    pytest.importorskip("selenium")
+    chrome = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not chrome or not driver:
+        pytest.skip("chromium / chromedriver not installed (.ci/run installs them)")
+    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium Manager reach the network
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    o = webdriver.ChromeOptions()
+    o.binary_location = chrome
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              "--window-size=1400,1000"):
+        o.add_argument(a)
+    return webdriver.Chrome(service=Service(driver), options=o)
+
+
+def box(d, el):
+    """[left, top, right, bottom] of an element in the viewport."""
+    return d.execute_script("const r=arguments[0].getBoundingClientRect();return [r.left,r.top,r.right,r.bottom];", el)

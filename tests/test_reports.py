@@ -1,13 +1,13 @@
 """Reports: JSON schema, Markdown for PRs, self-contained HTML tested in a real browser."""
 import json
-import os
 import re
-import shutil
 
 import pytest
 
 from ckdiff.compare.diff import CompareResult, TensorResult
-from ckdiff.reports.html import render_html, render_markdown
+from ckdiff.reports.html import COLUMNS, render_html, render_markdown
+from helpers import box as _box
+from helpers import browser as _driver
 
 
 def big_result(n_layers=80, equal=True):
@@ -29,7 +29,7 @@ def test_json_report_schema(tiny_hf, tmp_path, run_cli):
     run_cli(tiny_hf(), tiny_hf(seed=1), "--json", tmp_path / "r.json", "--html", tmp_path / "r.html",
             "--markdown", tmp_path / "r.md")
     d = json.loads((tmp_path / "r.json").read_text())
-    assert set(d) == {"schema", "kind", "ckdiff_version", "torch_version", "command", "verdict", "result"}
+    assert set(d) == {"schema", "kind", "ckdiff_version", "torch_version", "command", "verdict", "result", "provenance"}
     assert d["schema"] == "ckdiff.result/1" and d["kind"] == "compare" and d["verdict"] == "differ"
     t = d["result"]["tensors"][0]
     for k in ("name", "status", "shape_a", "dtype_a", "bit_exact", "max_abs", "max_abs_index", "mean_abs", "max_rel",
@@ -106,26 +106,6 @@ def test_logits_report_reads_as_a_report(tiny_hf):
     assert "is within its limit" in same and "banner ok" in same
 
 
-def _driver():
-    selenium = pytest.importorskip("selenium")  # noqa: F841
-    chrome = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not chrome or not driver:
-        pytest.skip("chromium / chromedriver not installed (.ci/run installs them)")
-    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium Manager reach the network
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    o = webdriver.ChromeOptions()
-    o.binary_location = chrome
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-              "--window-size=1400,1000"):
-        o.add_argument(a)
-    return webdriver.Chrome(service=Service(driver), options=o)
-
-
-def _box(d, el):
-    return d.execute_script("const r=arguments[0].getBoundingClientRect();return [r.left,r.top,r.right,r.bottom];", el)
 
 
 @pytest.mark.parametrize("width", [900, 1400])
@@ -147,7 +127,7 @@ def test_html_layout_at_two_widths(tmp_path, width):
         heights = [_box(d, r)[3] - _box(d, r)[1] for r in rows]
         assert max(heights) < 2.2 * line, heights  # one line per row, long diagnoses included
         for r in rows[:10]:  # shapes never wrap onto two lines
-            cell = r.find_elements(By.TAG_NAME, "td")[2]
+            cell = r.find_elements(By.TAG_NAME, "td")[COLUMNS.index("shape A")]
             assert _box(d, cell)[3] - _box(d, cell)[1] < 2.2 * line
         # heatmap numbers stay legible: light text on the dark cell
         cell = d.find_element(By.CSS_SELECTOR, ".heat td.h4")
@@ -182,12 +162,13 @@ def test_html_in_headless_chromium(tmp_path):
         names = [r.find_elements(By.TAG_NAME, "td")[0].text for r in rows()]
         assert names == sorted(names)
         # numeric columns sort descending on the first click, ascending on the second
-        hdr = d.find_elements(By.CSS_SELECTOR, "#tensors th")[6]
+        col = COLUMNS.index("max abs")
+        hdr = d.find_elements(By.CSS_SELECTOR, "#tensors th")[col]
         hdr.click()
         first = rows()[0].find_elements(By.TAG_NAME, "td")
-        assert (first[0].text, first[6].text) == ("layers.17.attention.wk.weight", "0.7")
+        assert (first[0].text, first[col].text) == ("layers.17.attention.wk.weight", "0.7")
         hdr.click()
-        assert rows()[0].find_elements(By.TAG_NAME, "td")[6].text == "0"
+        assert rows()[0].find_elements(By.TAG_NAME, "td")[col].text == "0"
         # filter by name
         d.find_element(By.ID, "q").send_keys("layers.3.")
         assert len(rows()) == 9 and all("layers.3." in r.text for r in rows())

@@ -1,5 +1,8 @@
 """The converter registry, its suite, the pytest plugin and the demo (the mutation self-test: tests/test_mutations.py)."""
 import json
+import shutil
+import tempfile
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -80,6 +83,8 @@ def test_demo_is_the_main_job(tmp_path, run_cli):
     doc = json.loads((tmp_path / "demo/demo.json").read_text())
     assert doc["verdict"] == "pass" and len(doc["result"]["checks"]) >= 12
     assert (tmp_path / "demo/demo.html").stat().st_size > 1000
+    junit = ET.parse(tmp_path / "demo/demo-junit.xml").getroot()  # one test case per check
+    assert junit.get("tests") == str(len(doc["result"]["checks"])) and junit.get("failures") == "0"
     assert "rotary permutation" in (tmp_path / "demo/broken-compare.md").read_text()
     # each report names the command that reproduces its comparison, not `ckdiff demo`
     work = tmp_path / "demo" / "work"

@@ -6,31 +6,54 @@ a traceback only with --debug).
 """
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import traceback
+from collections.abc import Mapping
 
 from ..errors import CkdiffError, error_line
-from . import check, compare, convert, demo, golden, help, inspect, logits, roundtrip
 
-COMMANDS = {m.NAME: m for m in (compare, inspect, check, logits, convert, roundtrip, golden, demo, help)}
+# the commands in the order the overview lists them; each is the module ckdiff/commands/NAME.py
+NAMES = ("compare", "inspect", "check", "logits", "convert", "roundtrip", "golden", "demo", "replay", "help")
+
+
+class _Commands(Mapping):
+    """name -> command module, each imported on first use: ``ckdiff A B`` loads the compare command alone,
+    and the command modules import the library (torch, numba) only inside their functions."""
+
+    def __getitem__(self, name):
+        if name not in NAMES:
+            raise KeyError(name)
+        return importlib.import_module(f".{name}", __package__)
+
+    def __iter__(self):
+        return iter(NAMES)
+
+    def __len__(self):
+        return len(NAMES)
+
+
+COMMANDS = _Commands()
 
 
 def _dispatch(argv: list) -> int:
     from .common import command_line
     if not argv:
-        print(help.overview(), file=sys.stderr)
+        print(COMMANDS["help"].overview(), file=sys.stderr)
         return 2
     if argv[0] in ("-h", "--help"):
-        print(help.overview())
+        print(COMMANDS["help"].overview())
         return 0
     if argv[0] == "--version":
         from .. import __version__
         print(f"ckdiff {__version__}")
         return 0
+    from ..converters.inputs import reset_inputs
+    reset_inputs()  # the inputs this command reads are the ones its reports must never overwrite
     if argv[0] in COMMANDS:
         return COMMANDS[argv[0]].run(argv[1:], command_line(argv))
-    return compare.run(argv, command_line(argv))
+    return COMMANDS["compare"].run(argv, command_line(argv))
 
 
 def main(argv=None) -> int:

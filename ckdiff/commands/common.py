@@ -16,7 +16,8 @@ from typing import Optional
 from ..errors import UsageError
 from ..text import printable
 
-REPORT_FLAGS = ("json", "html", "markdown")
+REPORT_FLAGS = ("json", "html", "markdown", "junit")
+SUMMARY_ENV = "GITHUB_STEP_SUMMARY"  # GitHub Actions' job summary file, appended to by each step
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -60,6 +61,28 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
+    def parse_known_args(self, args=None, namespace=None):
+        """Every long flag in either spelling: ``--true_vocab_size`` and ``--true-vocab-size`` name the same
+        option whichever of them a converter declares (the original tools differ from one another)."""
+        if args is not None:
+            args = [self._spelled(a) for a in args]
+        return super().parse_known_args(args, namespace)
+
+    def _spelled(self, token):
+        if not isinstance(token, str) or not token.startswith("--") or len(token) < 4:
+            return token
+        name, eq, value = token.partition("=")
+        if name in self._option_string_actions:
+            return token
+        key = _flag_key(name)
+        hits = sorted(o for o in self._option_string_actions if o.startswith("--") and _flag_key(o) == key)
+        same = len({id(self._option_string_actions[o]) for o in hits}) == 1  # spellings of one option
+        return (hits[0] + eq + value) if hits and same else token
+
+
+def _flag_key(option: str) -> str:
+    return "--" + option[2:].replace("_", "-")
+
 
 def add_common(p: argparse.ArgumentParser, *, cache: bool = True, pickle: bool = True) -> None:
     """-q/--quiet, --debug, and (for commands that read checkpoints) --cache-dir and --trust-pickle."""
@@ -77,7 +100,7 @@ def add_common(p: argparse.ArgumentParser, *, cache: bool = True, pickle: bool =
 
 def format_names() -> list[str]:
     from ..converters import registry
-    return registry.names()
+    return [n for n, _ in registry.declared()]
 
 
 def formats_help() -> str:
@@ -85,16 +108,28 @@ def formats_help() -> str:
     import textwrap
 
     from ..converters import registry
-    fs = registry.formats()
-    width = max(len(f.name) for f in fs)
+    fs = registry.declared()
+    width = max(len(n) for n, _ in fs)
     return "formats (--format; detected from the files otherwise):\n" + "\n".join(
-        textwrap.fill(f.description, min(100, _columns()), initial_indent=f"  {f.name.ljust(width)}  ",
-                      subsequent_indent=" " * (width + 4)) for f in fs)
+        textwrap.fill(d, min(100, _columns()), initial_indent=f"  {n.ljust(width)}  ",
+                      subsequent_indent=" " * (width + 4)) for n, d in fs)
 
 
-def add_formats(p: argparse.ArgumentParser, sides: int = 2) -> None:
-    """--format (both sides), --format-a and --format-b; detection from the files is the default."""
-    names = format_names()
+def workers_arg(v: str) -> int:
+    """--workers N: a whole number 1..1024."""
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {v!r}") from None
+    if not 1 <= n <= 1024:
+        raise argparse.ArgumentTypeError(f"expected 1..1024, got {n}")
+    return n
+
+
+def add_formats(p: argparse.ArgumentParser, sides: int = 2, names=None) -> None:
+    """--format (both sides), --format-a and --format-b, choosing among ``names`` (default: every format);
+    detection from the files is the default."""
+    names = list(names) if names is not None else format_names()
     g = p.add_argument_group("formats (detected from the files unless given)")
     g.add_argument("--format", choices=names, metavar="FORMAT",
                    help="read " + ("both inputs" if sides == 2 else "the input") + " as this format")
@@ -109,12 +144,23 @@ def add_formats(p: argparse.ArgumentParser, sides: int = 2) -> None:
 
 
 def add_reports(p: argparse.ArgumentParser, flags=REPORT_FLAGS) -> None:
+    """The report flags; a comparing command (``junit`` among ``flags``) also gets the CI flags
+    --github-summary/--no-github-summary and the verification record's --hash."""
     g = p.add_argument_group("reports (PATH '-' writes to standard output)")
-    text = {"json": "write the versioned JSON result (schema ckdiff.result/1)",
+    text = {"json": "write the versioned JSON result (schema ckdiff.result/1) with its verification record",
             "html": "write a self-contained HTML report",
-            "markdown": "write a Markdown summary (PR comment, job summary)"}
+            "markdown": "write a Markdown summary (PR comment, job summary)",
+            "junit": "write JUnit XML (one test case per tensor group and per check) for CI test reports"}
     for f in flags:
         g.add_argument(f"--{f}", metavar="PATH", help=text[f])
+    if "junit" in flags:
+        g.add_argument("--github-summary", nargs="?", const="", default=None, metavar="PATH",
+                       help=f"append the Markdown report to PATH (default: ${SUMMARY_ENV}); done without the flag "
+                            f"whenever ${SUMMARY_ENV} is set (GitHub Actions)")
+        g.add_argument("--no-github-summary", action="store_true", help=f"do not append to ${SUMMARY_ENV}")
+        g.add_argument("--hash", action="store_true",
+                       help="record the SHA-256 of every input file's whole content in the JSON result (reads "
+                            "every byte once more; sizes and header hashes are always recorded)")
     g.add_argument("--force", action="store_true",
                    help="write a report through a symbolic link (never onto an input's files)")
 
@@ -251,6 +297,39 @@ def check_reports(args, inputs=()) -> None:
         raise UsageError(f"only one report can go to standard output ('-'); got {', '.join('--' + f for f in dashes)}")
     for f in REPORT_FLAGS:
         check_target(f, getattr(args, f, None), inputs, getattr(args, "force", False))
+    summary = summary_target(args)
+    if summary is not None:
+        where = check_target("github-summary", summary, inputs, getattr(args, "force", False))
+        if where is None:
+            raise UsageError("--github-summary: the job summary is a file; use --markdown - for standard output")
+
+
+def summary_target(args) -> Optional[str]:
+    """The job summary file to append the Markdown report to: --github-summary's PATH, else
+    $GITHUB_STEP_SUMMARY when it is set (unless --no-github-summary); None for none."""
+    if not hasattr(args, "github_summary") or getattr(args, "no_github_summary", False):
+        return None
+    env = os.environ.get(SUMMARY_ENV) or None
+    if args.github_summary is None:
+        return env
+    if args.github_summary == "":
+        if env is None:
+            raise UsageError(f"--github-summary: ${SUMMARY_ENV} is not set; pass --github-summary PATH")
+        return env
+    return args.github_summary
+
+
+def append_summary(path, text: str, inputs=(), force: bool = False) -> None:
+    """Append ``text`` to a job summary file (GitHub Actions collects what every step appended, so the
+    file is appended to in place, never replaced); the same target rules as a report."""
+    where = check_target("github-summary", path, inputs, force)
+    if where is None:
+        raise UsageError("--github-summary: the job summary is a file; use --markdown - for standard output")
+    try:
+        with open(where[1], "a", encoding="utf-8") as f:
+            f.write(text if text.endswith("\n") else text + "\n")
+    except OSError as e:
+        raise UsageError(f"--github-summary {printable(str(path))}: {_why(e)}") from None
 
 
 def write_report(path, content, inputs=(), flag: str = "report", force: bool = False) -> None:
@@ -294,16 +373,28 @@ def write_report(path, content, inputs=(), flag: str = "report", force: bool = F
 
 
 def emit_reports(args, kind: str, res, inputs=(), command: str = "") -> None:
-    """--json / --html / --markdown for any result object with to_dict()/verdict()/equivalent."""
+    """--json (with the verification record of ``inputs``) / --html / --markdown / --junit and the job
+    summary, for any result object with to_dict()/verdict()/equivalent."""
     from ..reports import html as H
+    from ..reports.junit import render_junit
     from ..reports.render import render_json
-    render = {"json": lambda: render_json(kind, res.to_dict(), res.verdict(), command),
+
+    def record():
+        from ..provenance import record
+        return render_json(kind, res.to_dict(), res.verdict(), command,
+                           record(command, inputs, getattr(args, "hash", False)))
+    render = {"json": record,
               "html": lambda: H.render_html(kind, res, command),
-              "markdown": lambda: H.render_markdown(kind, res, command)}
+              "markdown": lambda: H.render_markdown(kind, res, command),
+              "junit": lambda: render_junit(kind, res.to_dict(), res.verdict(), command)}
+    force = getattr(args, "force", False)
     for f in REPORT_FLAGS:
         target = getattr(args, f, None)
         if target:
-            write_report(target, render[f](), inputs, f, getattr(args, "force", False))
+            write_report(target, render[f](), inputs, f, force)
+    summary = summary_target(args)
+    if summary is not None:
+        append_summary(summary, render["markdown"](), inputs, force)
 
 
 def run_sharded(name: str, argv, workers: int, fn):

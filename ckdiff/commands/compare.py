@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from ..errors import UsageError
 from . import common
-from .convert import _workers as workers_arg
 
 NAME = "compare"
 SUMMARY = "compare two checkpoints of any supported format, tensor by tensor (the default command)"
@@ -31,7 +30,7 @@ def parser(prog: str = "ckdiff compare"):
     p.add_argument("--no-map", action="store_true",
                    help="compare names as they are, even when the layouts differ (default: map one side)")
     p.add_argument("--limit", type=int, default=40, metavar="N", help="mismatching rows shown in the terminal")
-    p.add_argument("--workers", type=workers_arg, default=1, metavar="N",
+    p.add_argument("--workers", type=common.workers_arg, default=1, metavar="N",
                    help="spread the tensors over N local processes (torch.distributed, gloo on 127.0.0.1; "
                         "default 1). Under torchrun the launcher's ranks are used instead")
     common.add_formats(p)
@@ -93,8 +92,7 @@ def _run(args, command: str, shard) -> int:
     console = common.console(args)
     if args.quiet:
         console.print(("EQUIVALENT" if res.equivalent else "DIFFER") + ": "
-                      + ", ".join(f"{v} {k}" for k, v in sorted(res.counts().items()))
-                      + (f", {len(res.warnings)} warning(s)" if res.warnings else ""))
+                      + res.counts_text() + (f", {len(res.warnings)} warning(s)" if res.warnings else ""))
     else:
         print_compare(res, console, args.limit)
     common.emit_reports(args, "compare", res, (a, b), command)

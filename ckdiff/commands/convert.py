@@ -1,10 +1,9 @@
-"""``ckdiff convert CONVERTER ...``: the converters, with the original tools' flags."""
+"""``ckdiff convert CONVERTER ...``: the converters, with the original tools' flags (the converters
+library is imported when a parser is built or a converter runs, not with this module)."""
 from __future__ import annotations
 
 import argparse
 
-from ..converters import api
-from ..converters.quant import QUANT_TYPES
 from ..errors import InputError, UsageError
 from ..text import printable
 from . import common
@@ -17,16 +16,6 @@ CONVERTERS = {
     "to-jetstream": "HF or Meta weights -> JetStream-pt checkpoint, optionally int8/int4 quantized",
     "jetstream-to-hf": "JetStream-pt checkpoint -> HF (dequantized to float32 when quantized)",
 }
-
-
-def _workers(v: str) -> int:
-    try:
-        n = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {v!r}") from None
-    if not 1 <= n <= 1024:
-        raise argparse.ArgumentTypeError(f"expected 1..1024, got {n}")
-    return n
 
 
 def str2bool(v):
@@ -50,12 +39,13 @@ def _flag(p, name, default=False, help=""):
 
 def _outputs(p):
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    p.add_argument("--workers", type=_workers, default=1, metavar="N",
+    p.add_argument("--workers", type=common.workers_arg, default=1, metavar="N",
                    help="write the output files from N local processes (torch.distributed on 127.0.0.1; "
                         "default 1); under torchrun the launcher's ranks are used instead")
 
 
 def _hf_to_megatron(p):
+    from ..converters import api
     p.add_argument("model", choices=api.MEGATRON_MODELS, help="model family to write")
     p.add_argument("--size", type=int, choices=sorted({s for _, s in api.SIZES}),
                    help="billions of parameters; checked against the checkpoint's config (the architecture "
@@ -77,6 +67,7 @@ def _hf_to_megatron(p):
 
 
 def _megatron_to_hf(p):
+    from ..converters import api
     p.add_argument("--input_dir", "--input-dir", required=True, metavar="DIR",
                    help="root holding latest_checkpointed_iteration.txt (required)")
     p.add_argument("--output_dir", "--output-dir", required=True, metavar="DIR", help="output directory (required)")
@@ -98,6 +89,8 @@ def _megatron_to_hf(p):
 
 
 def _to_jetstream(p):
+    from ..converters import api
+    from ..converters.quant import QUANT_TYPES
     p.add_argument("--model_name", required=True, choices=sorted(api.JS_MODELS),
                    help="model family (llama is an alias of llama-2) (required)")
     p.add_argument("--input_checkpoint_dir", required=True, metavar="DIR", help="HF or Meta directory (required)")
@@ -140,6 +133,7 @@ def _default_source_hint(a) -> None:
     """Without --model-path the source is the original tool's hub id: say so when it is not cached."""
     from pathlib import Path
 
+    from ..converters import api
     from ..converters.formats import resolve_path
     if a.model_path is not None:
         return
@@ -164,6 +158,7 @@ def run(argv, command: str = "") -> int:
 
 
 def _run(a, shard) -> int:
+    from ..converters import api
     name = a.converter
     main_rank = shard is None or shard.is_main
     pf = common.progress_factory(common.show_progress(a) and main_rank, "writing")

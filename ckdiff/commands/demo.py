@@ -12,7 +12,7 @@ SUMMARY = "build tiny models, convert along every path, verify each conversion, 
 def parser(prog: str = "ckdiff demo"):
     p = common.Parser(prog=prog, description="Build the tiny golden models, convert them along every path, "
                       "verify each conversion (round trip, golden diff, logits) and write reports "
-                      "(demo.html, demo.md, demo.json, and broken-compare.html: what a caught bug looks like). "
+                      "(demo.html, demo.md, demo.json, demo-junit.xml, and broken-compare.html: what a caught bug looks like). "
                       "Exit 0 all checks pass, 1 a check failed.")
     p.add_argument("--out", default="ckdiff-demo", metavar="DIR", help="directory for checkpoints and reports")
     p.add_argument("--quick", action="store_true", help="one model per converter")
@@ -23,6 +23,7 @@ def parser(prog: str = "ckdiff demo"):
 def run(argv, command: str = "") -> int:
     from ..golden.suite import SuiteResult, check_converter, demo_broken, demo_plan, demo_tag
     from ..reports import html as H
+    from ..reports.junit import render_junit
     from ..reports.render import render_json
     from ..reports.terminal import print_suite
     from ..text import printable
@@ -45,6 +46,8 @@ def run(argv, command: str = "") -> int:
     common.write_report(out / "demo.json", render_json("demo", res.to_dict(), res.verdict(), command), flag="json")
     common.write_report(out / "demo.html", H.render_html("demo", res, command), flag="html")
     common.write_report(out / "demo.md", H.render_markdown("demo", res, command), flag="markdown")
+    common.write_report(out / "demo-junit.xml", render_junit("demo", res.to_dict(), res.verdict(), command),
+                        flag="junit")
     # a deliberately broken conversion, to show what a caught bug looks like
     work = out / "work" / "broken"
     broken = demo_broken(work)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from . import common
-from .roundtrip import add_suite_args, converter_names, workdir
+from .roundtrip import add_suite_args, converter_names, converter_options, progress, workdir
 
 NAME = "golden"
 SUMMARY = "convert a golden source and a candidate source with one converter; diff the outputs"
@@ -23,15 +23,18 @@ def run(argv, command: str = "") -> int:
     from ..golden.suite import golden_diff
     from ..reports.terminal import print_compare
     a = parser().parse_args(argv)
+    opts = converter_options(a)
     inputs = (a.golden_src, a.candidate_src)
     common.check_reports(a, inputs)
     with workdir(a.work, "ckdiff-golden-") as work:
-        res = golden_diff(a.converter, a.golden_src, a.candidate_src, work, a.tp, a.pp)
+        res = golden_diff(a.converter, a.golden_src, a.candidate_src, work, a.tp, a.pp, options=opts,
+                          progress=progress(a))
     console = common.console(a)
     if a.quiet:
         console.print(("EQUIVALENT" if res.equivalent else "DIFFER") + ": "
-                      + ", ".join(f"{v} {k}" for k, v in sorted(res.counts().items())))
+                      + res.counts_text())
     else:
         print_compare(res, console)
+        console.print(f"converter: {res.options['converter']} {res.options['converter_options']}", markup=False)
     common.emit_reports(a, "golden", res, inputs, command)
     return 0 if res.equivalent else 1

@@ -27,7 +27,8 @@ def overview() -> str:
     width = max(len(n) for n in COMMANDS)
     lines += [f"  {n.ljust(width)}  {m.SUMMARY}" for n, m in COMMANDS.items()]
     lines += ["", "Exit codes: 0 equivalent / pass, 1 differ / fail, 2 usage or input error (one line on stderr;",
-              "--debug shows the traceback).", "", common.formats_help(), "",
+              "--debug shows the traceback). Long flags take either spelling: --true-vocab-size, --true_vocab_size.",
+              "", common.formats_help(), "",
               compare_parser("ckdiff [compare]").format_help()]
     return "\n".join(lines)
 

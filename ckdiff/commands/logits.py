@@ -32,7 +32,7 @@ def parser(prog: str = "ckdiff logits"):
     p.add_argument("--no-tensor-diff", action="store_true",
                    help="skip the tensor diff run before the forward passes (it names weight differences the "
                         "logits may not show)")
-    common.add_formats(p)
+    common.add_formats(p, names=runnable)  # the formats ckdiff logits can run
     common.add_reports(p)
     common.add_common(p)
     return p

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from ..errors import UsageError
 from . import common
 
 NAME = "roundtrip"
@@ -34,10 +35,53 @@ def converter_names() -> list:
 def add_suite_args(p) -> None:
     p.add_argument("--work", metavar="DIR",
                    help="keep intermediate checkpoints here (default: a temporary directory, removed afterwards)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size for Megatron targets")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size for Megatron targets")
+    g = p.add_argument_group("converter options (the converter's own flags; either spelling)")
+    g.add_argument("--tp", "--target_tensor_parallel_size", "--target-tensor-parallel-size", type=int, default=1,
+                   help="tensor-parallel size for Megatron targets")
+    g.add_argument("--pp", "--target_pipeline_parallel_size", "--target-pipeline-parallel-size", type=int, default=1,
+                   help="pipeline-parallel size for Megatron targets")
+    g.add_argument("--true-vocab-size", "--true_vocab_size", dest="true_vocab_size", type=int, metavar="N",
+                   help="real vocabulary rows, the rest padding (hf-to-megatron, megatron-to-hf)")
+    g.add_argument("--make-vocab-size-divisible-by", "--make_vocab_size_divisible_by", dest="pad", type=int,
+                   metavar="N", help="pad the vocab to a multiple of N x TP (hf-to-megatron)")
+    g.add_argument("--model-name", "--model_name", dest="model_name", metavar="NAME",
+                   help="model family for to-jetstream (default: from the config)")
+    g.add_argument("--quantize-weights", "--quantize_weights", dest="quantize_weights", action="store_true",
+                   help="quantize with --quantize-type (to-jetstream)")
+    g.add_argument("--quantize-type", "--quantize_type", dest="quantize_type", metavar="TYPE",
+                   help="quantization scheme for to-jetstream (implies --quantize-weights): "
+                        "int8_per_channel, int4_per_channel, int8_blockwise, int4_blockwise")
     common.add_reports(p)
     common.add_common(p, cache=False, pickle=False)
+
+
+# the converters each converter option applies to (the options column shows the ones given)
+APPLIES = {"true_vocab_size": ("hf-to-megatron", "megatron-to-hf"), "pad": ("hf-to-megatron",),
+           "model_name": ("to-jetstream",), "quantize": ("to-jetstream",)}
+
+
+def converter_options(a) -> dict:
+    """The converter options given, as the suite's options dict; one that the converter does not take is
+    a usage error (it would be silently ignored otherwise)."""
+    from ..converters.quant import QUANT_TYPES
+    o = {"true_vocab_size": a.true_vocab_size, "pad": a.pad, "model_name": a.model_name,
+         "quantize": a.quantize_type or ("int8_per_channel" if a.quantize_weights else None)}
+    if a.quantize_type is not None and a.quantize_type not in QUANT_TYPES:
+        raise UsageError(f"--quantize-type {a.quantize_type!r}: one of {', '.join(QUANT_TYPES)}")
+    for k, v in o.items():
+        if v is not None and a.converter not in APPLIES[k]:
+            flag = {"pad": "make-vocab-size-divisible-by", "quantize": "quantize-type"}.get(k, k.replace("_", "-"))
+            raise UsageError(f"--{flag} applies to {', '.join(APPLIES[k])}, not {a.converter}")
+    for k in ("tp", "pp", "true_vocab_size", "pad"):
+        v = o.get(k, getattr(a, k, None))
+        if v is not None and v < 1:
+            raise UsageError(f"--{k.replace('_', '-')} must be at least 1, got {v}")
+    return {k: v for k, v in o.items() if v is not None}
+
+
+def progress(a):
+    """label -> progress_factory (None when progress is not shown)."""
+    return lambda label: common.progress_factory(common.show_progress(a), label)
 
 
 def parser(prog: str = "ckdiff roundtrip"):
@@ -55,9 +99,11 @@ def run(argv, command: str = "") -> int:
     from ..golden.suite import roundtrip
     from ..reports.terminal import print_suite
     a = parser().parse_args(argv)
+    opts = converter_options(a)
     common.check_reports(a, (a.src,))
     with workdir(a.work, "ckdiff-rt-") as work:
-        res = roundtrip(a.converter, a.src, work, a.tp, a.pp, logits=not a.no_logits)
+        res = roundtrip(a.converter, a.src, work, a.tp, a.pp, logits=not a.no_logits, options=opts,
+                        progress=progress(a))
     for c in res.checks:
         c.command = command
     console = common.console(a)

@@ -112,6 +112,15 @@ class CompareResult:
             c[t.status] = c.get(t.status, 0) + 1
         return c
 
+    def counts_text(self) -> str:
+        """The counts in words, worst status first: ``1 differ, 20 equal``."""
+        return counts_text(self.counts())
+
+    def reasons(self) -> list[str]:
+        """Why the pair is not equivalent beyond its tensors (see :func:`reasons`)."""
+        return reasons({"config_diff": self.config_diff, "config_findings": self.config_findings,
+                        "coverage": self.coverage})
+
     def verdict(self) -> str:
         return "equivalent" if self.equivalent else "differ"
 
@@ -128,6 +137,20 @@ class CompareResult:
             "strict": self.strict, "mapping": self.mapping,
             "coverage": self.coverage, "tensors": [asdict(t) for t in self.tensors],
         }
+
+
+def counts_text(counts: dict) -> str:
+    """{status: n} in words, worst status first: ``1 differ, 20 equal``."""
+    return ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: (rank(kv[0]), str(kv[0]))))
+
+
+def reasons(d: dict) -> list[str]:
+    """The failures of a comparison that are not a tensor's, one line each, from a result or its
+    to_dict(): function-changing config differences, config findings, tensors no rule accounts for."""
+    from .coverage import unaccounted_note
+    out = [f"config {k}: A={a!r} B={b!r}" for k, a, b in d.get("config_diff") or []]
+    out += [str(f) for f in d.get("config_findings") or []]
+    return out + unaccounted_note(d.get("coverage") or {})
 
 
 def default_tolerance(da: torch.dtype, db: torch.dtype) -> Tolerance:

@@ -57,6 +57,14 @@ _INPUT_FILES: set = set()
 _INPUT_DIRS: set = set()
 
 
+def reset_inputs() -> None:
+    """Forget the inputs recorded so far: each command starts afresh (a process that runs several commands,
+    a test session or a notebook, must not refuse a report target because an earlier command read a file
+    whose inode has since been reused)."""
+    _INPUT_FILES.clear()
+    _INPUT_DIRS.clear()
+
+
 def note_input(path, st: os.stat_result | None = None) -> None:
     """Record ``path`` (a file or a directory) as an input of this run."""
     try:

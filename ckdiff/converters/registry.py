@@ -164,6 +164,31 @@ def names() -> list[str]:
     return [f.name for f in formats()]
 
 
+def declared() -> list[tuple[str, str]]:
+    """(name, description) of every format, for help texts: the registry's once it is loaded, else the
+    built-in declarations read from their modules' source without importing them (importing them
+    imports torch, which ``ckdiff --help`` does not need). A declaration whose name or description is
+    not a literal loads the registry instead."""
+    if _REG.loaded:
+        return [(f.name, f.description) for f in formats()]
+    import ast
+    out = []
+    for m in BUILTIN:
+        src = Path(__file__).with_name(f"{m}.py").read_text(encoding="utf-8")
+        for node in ast.walk(ast.parse(src)):
+            if not (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "register" and node.args
+                    and isinstance(node.args[0], ast.Call) and getattr(node.args[0].func, "id", None) == "Format"):
+                continue
+            call = node.args[0]
+            fields = dict(zip(("name", "description"), call.args))
+            fields.update({k.arg: k.value for k in call.keywords if k.arg in ("name", "description")})
+            lit = [fields.get(k) for k in ("name", "description")]
+            if not all(isinstance(x, ast.Constant) and isinstance(x.value, str) for x in lit):
+                return [(f.name, f.description) for f in formats()]
+            out.append((lit[0].value, lit[1].value))
+    return out
+
+
 def encodings() -> list[Encoding]:
     """Registered encodings by name (each applies to its own stored groups, so the order is only for listing)."""
     _load()
@@ -249,5 +274,6 @@ def model_config(ck):
 
 
 __all__ = ["Format", "Input", "Runtime", "Encoding", "register", "unregister", "register_encoding", "formats",
-           "names", "encodings", "apply_encodings", "get", "lookup", "detect", "detection_order", "layer_patterns", "drop_patterns",
+           "names", "declared", "encodings", "apply_encodings", "get", "lookup", "detect", "detection_order",
+           "layer_patterns", "drop_patterns",
            "model_config", "convert", "GENERIC_LAYER"]

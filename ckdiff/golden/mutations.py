@@ -798,7 +798,7 @@ def _diff_summary(res) -> str:
     parts = [f"{t.name}: {t.status}" + (f" ({t.diagnosis[0]})" if t.diagnosis else "") for t in bad]
     parts += [f"config {k}: {a} -> {b}" for k, a, b in res.config_diff]
     parts += list(res.config_findings)
-    return ", ".join(parts) or f"{len(res.tensors)} tensors, {res.counts()}"
+    return ", ".join(parts) or f"{len(res.tensors)} tensors, {res.counts_text()}"
 
 
 # ---------------------------------------------------------------- format mutations (issue 16)

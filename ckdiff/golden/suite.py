@@ -37,6 +37,10 @@ class Converter:
     options: dict = field(default_factory=dict)
 
 
+# options key of a progress_factory (commands/common.py) for the built-in converters; never shown as an option
+PROGRESS = "progress_factory"
+
+
 def _hf_to_megatron(src, out, o, faults=None):
     from ..converters import api
     ck, cfg = api.read_source(src)
@@ -45,12 +49,14 @@ def _hf_to_megatron(src, out, o, faults=None):
     if ck.format == "meta" and not fam.megatron_model(model).meta_source:
         model = fam.default_megatron_model()  # Meta weights are read as the family's default source
     api.hf_to_megatron(model, out, model_path=src, tp=o.get("tp", 1), pp=o.get("pp", 1), overwrite=True,
-                       make_vocab_size_divisible_by=o.get("pad") or None, faults=faults)
+                       make_vocab_size_divisible_by=o.get("pad") or None, true_vocab_size=o.get("true_vocab_size"),
+                       progress_factory=o.get(PROGRESS), faults=faults)
 
 
 def _megatron_to_hf(src, out, o, faults=None):
     from ..converters import api
-    api.megatron_to_hf(src, out, overwrite=True, faults=faults)
+    api.megatron_to_hf(src, out, overwrite=True, true_vocab_size=o.get("true_vocab_size"),
+                       progress_factory=o.get(PROGRESS), faults=faults)
 
 
 def _js_name(src) -> str:
@@ -61,13 +67,14 @@ def _js_name(src) -> str:
 
 def _to_jetstream(src, out, o, faults=None):
     from ..converters import api
-    api.to_jetstream(_js_name(src), src, out, overwrite=True, quantize_weights=bool(o.get("quantize")),
-                     quantize_type=o.get("quantize") or "int8_per_channel", faults=faults)
+    api.to_jetstream(o.get("model_name") or _js_name(src), src, out, overwrite=True,
+                     quantize_weights=bool(o.get("quantize")), quantize_type=o.get("quantize") or "int8_per_channel",
+                     progress_factory=o.get(PROGRESS), faults=faults)
 
 
 def _jetstream_to_hf(src, out, o, faults=None):
     from ..converters import api
-    api.jetstream_to_hf(src, out, overwrite=True, faults=faults)
+    api.jetstream_to_hf(src, out, overwrite=True, progress_factory=o.get(PROGRESS), faults=faults)
 
 
 REGISTRY: dict[str, Converter] = {}
@@ -142,12 +149,13 @@ def mapping_rows(c: Converter, src) -> list:
         return []
 
 
-def _compare(a, b, **kw):
+def _compare(a, b, progress_factory=None, **kw):
     """Converters must keep dtypes: a cast counts as a mismatch here."""
     from ..compare.diff import Options, compare_checkpoints
     from ..converters.formats import open_checkpoint
     kw.setdefault("strict_dtype", True)
-    return compare_checkpoints(open_checkpoint(str(a)), open_checkpoint(str(b)), Options(**kw))
+    return compare_checkpoints(open_checkpoint(str(a)), open_checkpoint(str(b)), Options(**kw),
+                               progress_factory=progress_factory)
 
 
 def _guard(conv, model, check, fn) -> "CheckResult":
@@ -160,10 +168,12 @@ def _guard(conv, model, check, fn) -> "CheckResult":
 
 
 def _summary(res) -> str:
-    bad = [t for t in res.worst_first() if not t.ok][:3]
-    counts = ", ".join(f"{v} {k}" for k, v in sorted(res.counts().items()))
-    return ", ".join(f"{t.name}: {t.status}" + (f" ({t.diagnosis[0]})" if t.diagnosis else "") for t in bad) \
-        or f"{len(res.tensors)} tensors: {counts}"
+    """One check's detail: the worst tensors (or the counts), then every reason the pair fails beyond
+    its tensors (config differences, findings, unaccounted tensors)."""
+    bad = [t for t in res.worst_first() if not t.ok]
+    head = ", ".join(f"{t.name}: {t.status}" + (f" ({'; '.join(t.diagnosis)})" if t.diagnosis else "")
+                     for t in bad[:3]) + (f" (+{len(bad) - 3} more tensors)" if len(bad) > 3 else "")
+    return "; ".join([head or f"{len(res.tensors)} tensors: {res.counts_text()}", *res.reasons()])
 
 
 def _cmd(*argv) -> str:
@@ -325,37 +335,70 @@ def demo_broken(work: Path):
     return compare_checkpoints(open_checkpoint(str(gold)), open_checkpoint(str(bad)), Options())
 
 
-def roundtrip(converter: str, src, work: Path, tp: int = 1, pp: int = 1, logits: bool = True) -> SuiteResult:
-    """Convert ``src`` with ``converter`` and back (into ``work``); diff, config drift and logits."""
+def variant(options: dict) -> str:
+    """The options column: ``tp=2 pp=1 quantize=int8_per_channel`` (the progress hook left out)."""
+    return " ".join(f"{k}={v}" for k, v in options.items()
+                    if k != PROGRESS and v not in (None, "") and not (k in ("tp", "pp") and v == 1))
+
+
+def roundtrip(converter: str, src, work: Path, tp: int = 1, pp: int = 1, logits: bool = True,
+              options: Optional[dict] = None, progress=None) -> SuiteResult:
+    """Convert ``src`` with ``converter`` and back (into ``work``); diff, config drift and logits.
+
+    ``options``: the converter's own (``quantize``, ``model_name``, ``pad``, ``true_vocab_size``), shown in
+    the options column; a quantizing conversion is checked against ``src`` in units of each scale (the way
+    back dequantizes, so it cannot be bit-exact). ``progress(label)`` -> a progress_factory, or None.
+    The sides are labelled by what they are (``SRC via hf-to-megatron and megatron-to-hf``), not by the
+    paths of intermediates in ``work``."""
+    progress = progress or (lambda label: None)
     c = REGISTRY[converter]
-    opts = {"tp": tp, "pp": pp}
-    if c.source == "megatron":  # back into the Megatron-LLM model the source was written for
-        from ..converters.api import read_source
-        opts["model"] = read_source(str(src))[1].megatron_model
-    tgt = convert(c.name, src, work / "target", opts)
-    back = convert(c.inverse, tgt, work / "back", opts)
-    rt = _compare(src, back)
-    drift = config_drift(src, back)
-    checks = [CheckResult(c.name, str(src), "roundtrip", rt.equivalent and not drift,
-                          _summary(rt) + (f"; config drift: {', '.join(drift)}" if drift else ""), rt.to_dict())]
+    opts = {"tp": tp, "pp": pp, **(options or {})}
+    shown = variant(opts)
+    tgt = convert(c.name, src, work / "target", {**opts, PROGRESS: progress(f"{c.name}")})
+    there = f"{src} via {c.name}"
+    if opts.get("quantize"):
+        rt = _compare(src, tgt, progress_factory=progress("comparing"))
+        rt.b = there
+        checks = [CheckResult(c.name, str(src), "roundtrip", rt.equivalent,
+                              "quantized vs float, in units of each scale: " + _summary(rt), rt.to_dict(),
+                              variant=shown)]
+    else:
+        inv = {k: v for k, v in opts.items() if k not in ("quantize", "model_name", "pad")}
+        if c.source == "megatron":  # back into the Megatron-LLM model the source was written for
+            from ..converters.api import read_source
+            inv.setdefault("model", read_source(str(src))[1].megatron_model)
+        back = convert(c.inverse, tgt, work / "back", {**inv, PROGRESS: progress(f"{c.inverse}")})
+        rt = _compare(src, back, progress_factory=progress("comparing"))
+        rt.b = f"{src} via {c.name} and {c.inverse}"
+        drift = config_drift(src, back)
+        checks = [CheckResult(c.name, str(src), "roundtrip", rt.equivalent and not drift,
+                              "; ".join([_summary(rt), *(["config drift: " + ", ".join(drift)] if drift else [])]),
+                              rt.to_dict(), variant=shown)]
     if logits:
-        from ..compare.logits import compare_logits
+        from ..compare.logits import compare_logits, cross_check_notes
         from ..converters.formats import open_checkpoint
-        from ..compare.logits import cross_check_notes
-        lr = compare_logits(open_checkpoint(str(src)), open_checkpoint(str(tgt)))
+        lr = compare_logits(open_checkpoint(str(src)), open_checkpoint(str(tgt)), progress_factory=progress("running"))
+        lr.b = there
         cross_check_notes(rt, lr)
         checks[0].result = rt.to_dict()
-        checks.append(CheckResult(c.name, str(src), "logits", lr.equivalent, lr.summary(), lr.to_dict()))
+        checks.append(CheckResult(c.name, str(src), "logits", lr.equivalent, lr.summary(), lr.to_dict(),
+                                  variant=shown))
     return SuiteResult(checks, mapping_rows(c, src))
 
 
-def golden_diff(converter: str, golden_src, candidate_src, work: Path, tp: int = 1, pp: int = 1):
-    """Convert both sources with ``converter`` (into ``work``) and diff the outputs: a CompareResult."""
+def golden_diff(converter: str, golden_src, candidate_src, work: Path, tp: int = 1, pp: int = 1,
+                options: Optional[dict] = None, progress=None):
+    """Convert both sources with ``converter`` (into ``work``) and diff the outputs: a CompareResult whose
+    sides are labelled ``golden: SRC via CONVERTER`` and ``candidate: SRC via CONVERTER``; its options
+    record the converter and its options."""
+    progress = progress or (lambda label: None)
     c = REGISTRY[converter]
-    opts = {"tp": tp, "pp": pp}
-    g = convert(c.name, golden_src, work / "golden", opts)
-    n = convert(c.name, candidate_src, work / "candidate", opts)
-    res = _compare(g, n)
+    opts = {"tp": tp, "pp": pp, **(options or {})}
+    g = convert(c.name, golden_src, work / "golden", {**opts, PROGRESS: progress(f"golden: {c.name}")})
+    n = convert(c.name, candidate_src, work / "candidate", {**opts, PROGRESS: progress(f"candidate: {c.name}")})
+    res = _compare(g, n, progress_factory=progress("comparing"))
+    res.a, res.b = f"golden: {golden_src} via {c.name}", f"candidate: {candidate_src} via {c.name}"
+    res.options = {**res.options, "converter": c.name, "converter_options": variant(opts)}
     res.mapping = mapping_rows(c, candidate_src)
     return res
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+from ..compare.diff import reasons
 from ..compare.status import Status, is_ok
 from ..text import html_text, md_cell, md_code, md_text, printable, script_json
 from .render import _clean, envelope, fmt, worst_first_key
@@ -85,11 +86,16 @@ def _heat_class(lv: float) -> str:
     return "h3" if lv < 2.01 else "h4"
 
 
+def _breakable(text: str) -> str:
+    """Escaped text that may wrap after a dot or an underscore (long tensor kinds in narrow headers)."""
+    return html_text(text).replace(".", ".<wbr>").replace("_", "_<wbr>")
+
+
 def _heat_html(tensors, formats=()) -> str:
     layers, kinds, cells = heatmap(tensors, formats)
     if not layers:
         return ""
-    head = "".join(f"<th title='{html_text(k)}'>{html_text(k.replace('.weight', ''))}</th>" for k in kinds)
+    head = "".join(f"<th title='{html_text(k)}'>{_breakable(k.replace('.weight', ''))}</th>" for k in kinds)
     rows, present = [], set()
     for i in layers:
         tds = []
@@ -111,7 +117,13 @@ def _heat_html(tensors, formats=()) -> str:
         rows.append(f"<tr><th>layer {i}</th>{''.join(tds)}</tr>")
     legend = "".join(f"<span class=lg><i class={c}></i>{html_text(label)}</span>" for c, label in LEGEND
                      if c in present)
-    return ("<h2>Per layer, against the tolerance</h2><p class=legend>" + legend + "</p>"
+    bad = [(i, k) for i in layers for k in kinds if (i, k) in cells and cells[(i, k)][0] > 1]
+    failing = ""
+    if bad:  # named above the grid, which also scrolls to the first of them: never a green-looking grid
+        more = f" and {len(bad) - 12} more" if len(bad) > 12 else ""
+        failing = ("<p class=failing id=heat-failing>failing: " + ", ".join(
+            f"layer {i} <code>{html_text(k.replace('.weight', ''))}</code>" for i, k in bad[:12]) + more + "</p>")
+    return ("<h2>Per layer, against the tolerance</h2><p class=legend>" + legend + "</p>" + failing +
             f"<div class=scroll><table class=heat><tr><th></th>{head}</tr>" + "".join(rows) + "</table></div>")
 
 
@@ -124,8 +136,11 @@ table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:
 vertical-align:top;white-space:nowrap}th{background:#f5f5f5}#tensors th{cursor:pointer}
 code{background:#f3f3f3;padding:1px 4px;overflow-wrap:anywhere}
 .scroll{overflow:auto;max-height:520px}
-#tensors td.dg div{max-width:32em;overflow:hidden;text-overflow:ellipsis}
+#tensors td.dg div{max-width:min(32em,38vw);overflow:hidden;text-overflow:ellipsis}
 .heat td{min-width:40px;font-size:12px;text-align:center;font-variant-numeric:tabular-nums}
+.heat tr:first-child th{white-space:normal;font-size:12px;max-width:7em;vertical-align:bottom;position:sticky;top:0;z-index:2}
+.heat th:first-child{position:sticky;left:0;z-index:1}.heat tr:first-child th:first-child{z-index:3}
+.failing{color:#9b1111;font-weight:600}.map{width:100%}.map td{white-space:normal;overflow-wrap:anywhere}
 .h0{background:#d7efdc}.h1{background:#9fd8a9}.h2{background:#ffd27a}.h3{background:#f08c5a;color:#111}
 .h4{background:#b3261e;color:#fff}.h5{background:#5c0a0a;color:#fff}
 .legend{font-size:12px}.lg{margin-right:14px;white-space:nowrap}
@@ -136,29 +151,35 @@ code{background:#f3f3f3;padding:1px 4px;overflow-wrap:anywhere}
 .kv th{cursor:default;font-weight:500}.kv td{white-space:normal}
 svg text{font:11px system-ui,sans-serif;fill:#333}"""
 
-JS = """const D=JSON.parse(document.getElementById('data').textContent);
+JS = """const D=JSON.parse(document.getElementById('data').textContent),DIAG=D.diag;
+for(const box of document.querySelectorAll('.scroll')){const c=box.querySelector('.heat .h2,.heat .h3,.heat .h4,.heat .h5');
+if(c){const b=box.getBoundingClientRect(),r=c.getBoundingClientRect();
+box.scrollTop+=r.top-b.top-(box.clientHeight-r.height)/2;box.scrollLeft+=r.left-b.left-(box.clientWidth-r.width)/2;}}
 function render(){const rows=D.rows,q=document.getElementById('q').value.toLowerCase(),
 st=document.getElementById('st').value,tb=document.querySelector('#tensors tbody');let h='',n=0;
 for(const r of rows){if(q&&!r[0].toLowerCase().includes(q))continue;if(st&&r[1]!==st)continue;n++;
 const esc=c=>c===null?'-':String(c).replace(/&/g,'&amp;').replace(/</g,'&lt;').replace(/"/g,'&quot;');
-const last=r.length-1;h+='<tr>'+r.map((c,i)=>'<td'+(i===1?' class="s-'+c+'"':'')+(i===last?' class=dg title="'+esc(c)+'"':'')+'>'+(i===last?'<div>'+esc(c)+'</div>':esc(c))+'</td>').join('')+'</tr>';}
+const last=DIAG;h+='<tr>'+r.map((c,i)=>'<td'+(i===1?' class="s-'+c+'"':'')+(i===last?' class=dg title="'+esc(c)+'"':'')+'>'+(i===last?'<div>'+esc(c)+'</div>':esc(c))+'</td>').join('')+'</tr>';}
 tb.innerHTML=h;document.getElementById('count').textContent=n+' of '+rows.length+' tensors';}
 let sortCol=-1,asc=true;document.querySelectorAll('#tensors th').forEach((th,i)=>th.onclick=()=>{
 asc=(sortCol===i)?!asc:(i<2);sortCol=i;D.rows.sort((a,b)=>{const x=a[i],y=b[i];
 if(x===y)return 0;if(x===null)return 1;if(y===null)return -1;return (x<y?-1:1)*(asc?1:-1);});render();});
 document.getElementById('q').oninput=render;document.getElementById('st').onchange=render;render();"""
 
-COLUMNS = ["tensor", "status", "shape A", "shape B", "dtype A", "dtype B", "max abs", "index", "mean abs",
-           "max rel", "cosine", "over tol", "NaN A/B", "diagnosis"]
+# the diagnosis third, beside the name and status, so a failing row's cause is in view at any width
+COLUMNS = ["tensor", "status", "diagnosis", "shape A", "shape B", "dtype A", "dtype B", "max abs", "index",
+           "mean abs", "max rel", "cosine", "over tol", "NaN A/B"]
+DIAG_COL = COLUMNS.index("diagnosis")
 
 
 def _rows(tensors):
     ts = sorted(tensors, key=worst_first_key)
     num = lambda x: None if x is None else (float(f"{x:.4g}") if isinstance(x, float) else x)  # noqa: E731
-    return [[t["name"], t["status"], str(t.get("shape_a")), str(t.get("shape_b")), t.get("dtype_a"), t.get("dtype_b"),
+    return [[t["name"], t["status"], "; ".join(t.get("diagnosis") or []) or None, str(t.get("shape_a")),
+             str(t.get("shape_b")), t.get("dtype_a"), t.get("dtype_b"),
              num(t.get("max_abs")), str(t.get("max_abs_index")) if t.get("max_abs_index") is not None else None,
              num(t.get("mean_abs")), num(t.get("max_rel")), num(t.get("cosine")), t.get("n_over_tol"),
-             f"{t.get('nan_a', 0)}/{t.get('nan_b', 0)}", "; ".join(t.get("diagnosis") or []) or None] for t in ts]
+             f"{t.get('nan_a', 0)}/{t.get('nan_b', 0)}"] for t in ts]
 
 
 def _compare_section(d: dict) -> str:
@@ -170,6 +191,10 @@ def _compare_section(d: dict) -> str:
         parts.append("<h2>Key-set differences</h2><ul>" + "".join(
             f"<li>only in A: <code>{html_text(n)}</code></li>" for n in only_a[:200]) + "".join(
             f"<li>only in B: <code>{html_text(n)}</code></li>" for n in only_b[:200]) + "</ul>")
+    why = reasons(d)
+    if why:
+        parts.append("<h2>Why it differs</h2><ul id=reasons>" + "".join(f"<li>{html_text(r)}</li>" for r in why)
+                     + "</ul>")
     diag = [(t["name"], x) for t in tensors for x in (t.get("diagnosis") or [])]
     notes = d.get("notes") or []
     if diag or notes:
@@ -375,10 +400,11 @@ def render_html(kind: str, res, command: str = "") -> str:
     if shape.checks:
         body.append(_suite_section(d))
     if shape.mapping and d["mapping"]:
-        body.append("<h2>Mapping</h2><table><tr><th>source</th><th>target</th><th>op</th></tr>" + "".join(
-            f"<tr><td>{html_text(', '.join(s))}</td><td>{html_text(', '.join(t))}</td><td>{html_text(o)}</td></tr>"
+        body.append("<h2>Mapping</h2><table class=map><tr><th>source</th><th>target</th><th>op</th></tr>" + "".join(
+            f"<tr><td>{_breakable(', '.join(s))}</td><td>{_breakable(', '.join(t))}</td><td>{html_text(o)}</td></tr>"
             for s, t, o in d["mapping"]) + "</table>")
-    data = script_json({"rows": [[printable(c) if isinstance(c, str) else c for c in r] for r in rows]})
+    data = script_json({"rows": [[printable(c) if isinstance(c, str) else c for c in r] for r in rows],
+                        "diag": DIAG_COL})
     script = f"<script id=data type=application/json>{data}</script>" + (f"<script>{JS}</script>" if rows else "")
     return (f"<!doctype html><html><head><meta charset=utf-8><title>ckdiff {html_text(title)}: "
             f"{'equivalent' if ok else 'differ'}</title><style>{CSS}</style></head><body>"
@@ -401,6 +427,8 @@ def render_markdown(kind: str, res, command: str = "") -> str:
     if shape.logits:
         lines += [f"{logits_gate(d)}; top-1 agreement {_num(d['top1_agreement']):.4f}; first divergent layer "
                   f"{'none' if d['first_divergent_layer'] is None else d['first_divergent_layer']}", ""]
+    if shape.tensors and reasons(d):
+        lines += [f"- {md_cell(r)}" for r in reasons(d)] + [""]
     if shape.tensors and d.get("warnings"):
         lines += [f"**Warnings** (hold on both sides alike{'' if d.get('strict') else '; fail with `--strict`'}):", ""]
         lines += [f"- {md_cell(w)}" for w in d["warnings"]] + [""]

@@ -4,14 +4,13 @@ JSON schema ``ckdiff.result/1``::
 
   {"schema": "ckdiff.result/1", "kind": "compare" | "logits" | "roundtrip" | "golden",
    "ckdiff_version": str, "torch_version": str, "command": str, "verdict": str,
-   "result": {...kind specific, see README "JSON schema"...}}
+   "result": {...kind specific, see docs/ci.md...},
+   "provenance": {...the verification record, ckdiff/provenance.py; written by the commands...}}
 """
 from __future__ import annotations
 
 import json
 import re
-
-import torch
 
 from .. import __version__
 from ..compare.status import rank
@@ -19,11 +18,27 @@ from ..compare.status import rank
 SCHEMA = "ckdiff.result/1"
 
 
-def envelope(kind: str, result: dict, verdict: str, command: str = "") -> dict:
+SETTINGS = ("options", "threshold", "threshold_reason", "profile", "dtype", "batch", "length", "seed", "topk",
+            "skip_first")
+
+
+def torch_version() -> str:
+    from importlib import metadata
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return "none"
+
+
+def envelope(kind: str, result: dict, verdict: str, command: str = "", provenance: dict | None = None) -> dict:
     """The versioned wrapper; ``command`` is the command line that reproduces the result (given by the
-    command layer, never read from sys.argv here)."""
-    return {"schema": SCHEMA, "kind": kind, "ckdiff_version": __version__, "torch_version": torch.__version__,
-            "command": command or "", "verdict": verdict, "result": result}
+    command layer, never read from sys.argv here). ``provenance`` (ckdiff/provenance.py's record) is
+    completed with the result's thresholds and settings."""
+    doc = {"schema": SCHEMA, "kind": kind, "ckdiff_version": __version__, "torch_version": torch_version(),
+           "command": command or "", "verdict": verdict, "result": result}
+    if provenance is not None:
+        doc["provenance"] = {**provenance, "settings": {k: result[k] for k in SETTINGS if k in result}}
+    return doc
 
 
 def worst_first_key(t: dict):
@@ -46,8 +61,8 @@ def _clean(o):
     return o
 
 
-def render_json(kind: str, result: dict, verdict: str, command: str = "") -> str:
-    return json.dumps(_clean(envelope(kind, result, verdict, command)), indent=1) + "\n"
+def render_json(kind: str, result: dict, verdict: str, command: str = "", provenance: dict | None = None) -> str:
+    return json.dumps(_clean(envelope(kind, result, verdict, command, provenance)), indent=1) + "\n"
 
 
 def fmt(x, nd=3) -> str:

@@ -105,7 +105,7 @@ def named_casts(res, most: int = 6) -> str:
 def print_compare(res, console, limit: int = 40) -> None:
     counts = res.counts()
     ok = res.equivalent
-    summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+    summary = res.counts_text()
     style = "bold green" if ok else "bold red"
     console.print(f"[{style}]{'EQUIVALENT' if ok else 'DIFFER'}[/{style}]: {len(res.tensors)} tensors ({summary})")
     console.print(f"A: {terminal(res.a)} \\[{res.format_a}]\nB: {terminal(res.b)} \\[{res.format_b}]")
@@ -121,10 +121,12 @@ def print_compare(res, console, limit: int = 40) -> None:
         console.print("matching: " + ", ".join(f"{v} {k}" for k, v in rest.items()))
     if counts.get(Status.CAST):
         console.print(terminal("cast: " + named_casts(res)))
-    for k, va, vb in res.config_diff:
-        console.print(terminal(f"config {k}: A={va!r} B={vb!r}"))
+    reasons = res.reasons()
+    for r in reasons:
+        console.print(terminal(r))
     for n in res.notes:
-        console.print(terminal(f"note: {n}"))
+        if n not in reasons:
+            console.print(terminal(f"note: {n}"))
     print_warnings(res, console)
 
 
@@ -168,20 +170,40 @@ def print_logits(res, console) -> None:
         console.print(terminal(f"note: {n}"))
 
 
+SUITE_DETAIL_MIN = 48  # the detail column's least width in the table layout; narrower terminals get blocks
+
+
 def print_suite(res, console) -> None:
+    """The checks as a table; on a terminal too narrow for the table to keep the detail readable, one
+    block per check (its key on one line, the detail wrapped at spaces below), so no word is ever split."""
+    import textwrap
+
     from rich.table import Table
     ok = res.equivalent
     n_ok = sum(c.ok for c in res.checks)
     console.print(f"[{'bold green' if ok else 'bold red'}]{'PASS' if ok else 'FAIL'}[/]: "
                   f"{n_ok}/{len(res.checks)} checks passed")
-    t = Table()
-    for col in ("converter", "model", "options", "check", "ok"):
-        t.add_column(col, no_wrap=col != "model", overflow="fold")
-    t.add_column("detail", overflow="fold", ratio=1)
-    for c in res.checks:
-        t.add_row(*(terminal(x) for x in (c.converter, c.model, c.variant or "-", c.check)), "yes" if c.ok else "NO",
-                  terminal(c.detail))
-    console.print(t)
+    rows = [(printable(c.converter), printable(c.model), printable(c.variant or "-"), c.check, "yes" if c.ok else "NO",
+             printable(c.detail)) for c in res.checks]
+    heads = ("converter", "model", "options", "check", "ok")
+    key_width = sum(max([len(h), *(len(r[i]) for r in rows)]) + 3 for i, h in enumerate(heads)) + 4
+    if console.width - key_width >= SUITE_DETAIL_MIN:
+        t = Table()
+        for col in heads:
+            t.add_column(col, no_wrap=True)
+        t.add_column("detail", overflow="fold", ratio=1)
+        for r in rows:
+            t.add_row(*(escape(x) for x in r))
+        console.print(t)
+        return
+    width = max(console.width - 4, 20)
+    for conv, model, opts, check, good, detail in rows:
+        style = "green" if good == "yes" else "bold red"
+        line = Text(f"{good:<4}", style=style)
+        line.append(" ".join(x for x in (conv, model, opts if opts != "-" else "", check) if x))
+        console.print(line, no_wrap=True, crop=False, overflow="ignore")
+        for part in textwrap.wrap(detail, width, break_long_words=False, break_on_hyphens=False) or ["-"]:
+            console.print(Text("    " + part), no_wrap=True, crop=False, overflow="ignore")
 
 
 def inspect_lines(rows, width: int) -> list[Text]:
