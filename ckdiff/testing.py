@@ -54,7 +54,7 @@ def assert_logits_match(a, b, **kw) -> None:
 
 
 def _fail(checks: list[CheckResult]) -> str:
-    return "\n".join(f"{c.converter} on {c.model}: {c.check} failed: {c.detail}" for c in checks if not c.ok)
+    return "\n".join(f"{c.converter} on {c.model}: {c.check} failed: {c.detail}" for c in checks if c.ok is False)
 
 
 def pytest_command(node) -> str:
@@ -103,7 +103,7 @@ def gate(converter: Converter, models=None, dtypes=("float32",), logits: bool = 
         reports = request.config.getoption("ckdiff_reports", None)
         if reports:
             write_gate_report(checks, Path(reports) / _report_name(request.node.nodeid), pytest_command(request.node))
-        assert all(c.ok for c in checks), _fail(checks)
+        assert all(c.ok is not False for c in checks), _fail(checks)
     test_gate.__name__ = f"test_gate_{converter.name.replace('-', '_')}"
     return test_gate
 

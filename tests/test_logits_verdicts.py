@@ -87,8 +87,16 @@ def test_correct_encodings_pass_and_record_their_floor(gold, tmp_path, enc):
     st, a = gold
     b = encoded(st, CFG.to_hf(), enc, tmp_path / enc)
     r = compare_logits(a, b, **RUN)
-    assert r.equivalent, r.summary()
     back = compare_logits(b, a, **RUN)
+    if enc == "js-int4_per_channel":
+        # int4 per channel on this 64-wide model changes most top-1 predictions by itself: the floor leaves the
+        # forward pass nothing to judge, so the verdict is inconclusive both ways (exit 1), never a pass
+        from ckdiff.compare.logits import MIN_FLOOR_TOP1
+        assert r.noise_floor["top1_agreement"] < MIN_FLOOR_TOP1
+        assert r.verdict() == back.verdict() == "inconclusive" and not r.equivalent and not back.equivalent
+        assert r.summary().startswith("inconclusive:")
+        return
+    assert r.equivalent, r.summary()
     assert back.equivalent and back.deciding_signal == r.deciding_signal  # the verdict has no direction
     d = r.to_dict()
     assert d["profile"] == "standard" and d["deciding_signal"] and d["noise_floor"]["applied_to"] == "A"

@@ -30,7 +30,14 @@ def test_every_registered_converter_passes_its_gate(tmp_path, name, model):
 def test_sharded_and_quantized_gates(tmp_path, opts, model):
     name = "to-jetstream" if "quantize" in opts else "hf-to-megatron"
     checks = check_converter(name, model, tmp_path, options=opts)
-    assert all(c.ok for c in checks), [(c.check, c.detail) for c in checks if not c.ok]
+    if opts.get("quantize") == "int4_blockwise":
+        # int4 on a 64-wide model changes most top-1 predictions by itself: the logit check cannot judge the
+        # pair, says so and is skipped (never a pass with top-1 0.16); the tensor checks still decide
+        lg = next(c for c in checks if c.check == "logits")
+        assert lg.ok is None and lg.detail.startswith("inconclusive:") and lg.result["verdict"] == "inconclusive"
+        assert lg.result["top1_agreement"] < 0.5
+        checks = [c for c in checks if c is not lg]
+    assert all(c.ok is True for c in checks), [(c.check, c.detail) for c in checks if not c.ok]
 
 
 def test_converter_without_inverse_or_golden_fails(tmp_path):

@@ -39,8 +39,7 @@ def run(argv, command: str = "") -> int:
         checks += check_converter(name, model, out / "work" / tag, options=opts)
     res = SuiteResult(checks)
     if a.quiet:
-        console.print(f"{'PASS' if res.equivalent else 'FAIL'}: {sum(c.ok for c in checks)}/{len(checks)} "
-                      "checks passed")
+        console.print(f"{'PASS' if res.equivalent else 'FAIL'}: {res.tally()}")
     else:
         print_suite(res, console)
     common.write_report(out / "demo.json", render_json("demo", res.to_dict(), res.verdict(), command), flag="json")

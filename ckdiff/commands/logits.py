@@ -60,7 +60,7 @@ def run(argv, command: str = "") -> int:
     _cross_check(diff, res)
     console = common.console(args)
     if args.quiet:
-        console.print(f"{'EQUIVALENT' if res.equivalent else 'DIFFER'}: {res.summary()}")
+        console.print(f"{res.verdict().upper()}: {res.summary()}")
     else:
         print_logits(res, console)
     common.emit_reports(args, "logits", res, (a, b), command)

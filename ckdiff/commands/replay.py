@@ -116,7 +116,7 @@ def statuses(kind: str, d: dict) -> dict:
     for c in d.get("checks") or []:
         if isinstance(c, dict):
             key = " ".join(str(c.get(k) or "") for k in ("converter", "model", "variant", "check")).split()
-            out["check " + " ".join(key)] = "pass" if c.get("ok") else "fail"
+            out["check " + " ".join(key)] = {True: "pass", False: "fail"}.get(c.get("ok"), "skipped")
     for f in d.get("config_diff") or []:
         if isinstance(f, list) and f:
             out[f"config {f[0]}"] = "differs"

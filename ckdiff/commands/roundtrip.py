@@ -108,8 +108,7 @@ def run(argv, command: str = "") -> int:
         c.command = command
     console = common.console(a)
     if a.quiet:
-        console.print(f"{'PASS' if res.equivalent else 'FAIL'}: {sum(c.ok for c in res.checks)}/{len(res.checks)} "
-                      "checks passed")
+        console.print(f"{'PASS' if res.equivalent else 'FAIL'}: {res.tally()}")
     else:
         print_suite(res, console)
     common.emit_reports(a, "roundtrip", res, (a.src,), command)

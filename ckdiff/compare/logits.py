@@ -24,6 +24,11 @@ from ..converters.config import model_config as config_of
 from ..converters.lazy import Checkpoint
 from ..errors import UsageError
 
+# The least top-1 agreement the noise floor may keep for the forward pass to judge a pair: below it the
+# encoding alone (int4 on a small model, say) changes most predictions, a limit derived from it allows
+# nearly any output, and the verdict is "inconclusive" (exit 1), never a pass with top-1 0.2.
+MIN_FLOOR_TOP1 = 0.5
+
 @dataclass
 class LogitsResult:
     a: str
@@ -65,12 +70,17 @@ class LogitsResult:
     passed: bool = True  # every signal within its limit
     tensor_diff: Optional[str] = None  # the tensor diff's verdict on the pair, when ``ckdiff logits`` ran it
     from_encoded_reference: Optional[dict] = None  # the other side against the floor run (same encoding)
+    # whether the noise floor leaves the forward pass room to tell a bug from encoding noise: False when the
+    # lossier side's encoding alone keeps less than MIN_FLOOR_TOP1 of the top-1 predictions at these prompts
+    informative: bool = True
 
     @property
     def equivalent(self) -> bool:
-        return self.passed
+        return self.passed and self.informative
 
     def verdict(self) -> str:
+        if self.passed and not self.informative:
+            return "inconclusive"
         return "equivalent" if self.equivalent else "differ"
 
     def summary(self) -> str:
@@ -80,6 +90,11 @@ class LogitsResult:
             return f"max per-token KL {self.max_kl:.3g} (threshold {self.threshold:.3g})"
         rel = ">" if sig["ratio"] > 1 else "<="
         f1 = self.noise_floor.get("top1_agreement")
+        if self.passed and not self.informative:
+            return (f"inconclusive: {self.noise_floor.get('encoding')} alone keeps top-1 {f1:.3f} of the predictions "
+                    f"at these prompts (a logit check needs >= {MIN_FLOOR_TOP1}); it cannot tell a bug from the "
+                    f"encoding's noise here: judge the pair by the tensor diff in scale units (top-1 "
+                    f"{self.top1_agreement:.3f}, max KL {self.max_kl:.3g})")
         return (f"{sig['signal']} {sig['observed']:.3g} {rel} limit {sig['limit']:.3g} (noise floor {sig['floor']:.3g}, "
                 f"{self.profile}); top-1 {self.top1_agreement:.3f} (floor {f1:.3f}), max KL {self.max_kl:.3g}")
 
@@ -294,7 +309,8 @@ def compare_logits(a: Checkpoint, b: Checkpoint, batch: int = 4, length: int = 4
         token_kl=[[float(f"{x:.4g}") for x in row] for row in m.kl.tolist()], worst_topk=worst_topk,
         p99_kl=observed["p99_kl"], profile=prof.name, kl_reference=ref_side,
         encodings={"A": ea.describe(), "B": eb.describe()}, noise_floor=asdict(floor), signals=signals,
-        deciding_signal=worst["signal"], passed=worst["ratio"] <= 1.0, from_encoded_reference=encoded_ref)
+        deciding_signal=worst["signal"], passed=worst["ratio"] <= 1.0, from_encoded_reference=encoded_ref,
+        informative=floor.top1_agreement >= MIN_FLOOR_TOP1)
 
 
 # ---------------------------------------------------------------- the metrics, a block of positions at a time

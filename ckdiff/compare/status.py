@@ -6,6 +6,7 @@ serialises, prints and compares with plain strings exactly as before.
 from __future__ import annotations
 
 from enum import Enum
+from typing import Optional
 
 
 class Status(str, Enum):
@@ -55,4 +56,15 @@ def is_ok(status) -> bool:
         return False
 
 
-__all__ = ["Status", "OK", "ORDER", "rank", "is_ok"]
+# a suite check's outcome: True passed, False failed, None skipped (a logit check with nothing to judge)
+def ok_text(ok: Optional[bool]) -> str:
+    return {True: "yes", False: "NO"}.get(ok, "skip")
+
+
+def tally(checks) -> str:
+    passed = sum(c.ok is True for c in checks)
+    skipped = sum(c.ok is None for c in checks)
+    return f"{passed}/{len(checks) - skipped} checks passed" + (f", {skipped} skipped" if skipped else "")
+
+
+__all__ = ["Status", "OK", "ORDER", "rank", "is_ok", "ok_text", "tally"]

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..compare.status import ok_text, tally  # noqa: F401 (ok_text: the suite's word for a check)
+
 from .. import families
 
 
@@ -112,11 +114,16 @@ class CheckResult:
     converter: str
     model: str
     check: str  # roundtrip | golden | logits
-    ok: bool
+    ok: Optional[bool]  # None: skipped (a logit check whose noise floor leaves it nothing to judge)
     detail: str
     result: Optional[dict] = None
     variant: str = ""  # the converter options, e.g. "tp=2 pp=2" or "quantize=int8_per_channel"
     command: str = ""  # the ckdiff command that reproduces this check's comparison
+
+
+def logits_ok(lr) -> Optional[bool]:
+    """A logits check's outcome in a suite: None (skipped) when the verdict is inconclusive."""
+    return None if lr.verdict() == "inconclusive" else lr.equivalent
 
 
 @dataclass
@@ -126,7 +133,11 @@ class SuiteResult:
 
     @property
     def equivalent(self) -> bool:
-        return all(c.ok for c in self.checks)
+        return all(c.ok is not False for c in self.checks)
+
+    def tally(self) -> str:
+        """``5/6 checks passed`` (``, 1 skipped`` when any was)."""
+        return tally(self.checks)
 
     def verdict(self) -> str:
         return "pass" if self.equivalent else "fail"
@@ -278,7 +289,7 @@ def check_converter(name: str, model: str, work: Path, dtype: str = "float32", o
     def logit_check():
         lr = held["logits"] = compare_logits(open_checkpoint(str(src)), open_checkpoint(str(tgt)), batch=2,
                                              length=40, dtype="float32")
-        return CheckResult(c.name, model, "logits", lr.equivalent, lr.summary(), lr.to_dict(),
+        return CheckResult(c.name, model, "logits", logits_ok(lr), lr.summary(), lr.to_dict(),
                            command=_cmd("logits", src, tgt, "--batch", 2, "--length", 40))
 
     out.append(_guard(c.name, model, "roundtrip", roundtrip))
@@ -381,7 +392,7 @@ def roundtrip(converter: str, src, work: Path, tp: int = 1, pp: int = 1, logits:
         lr.b = there
         cross_check_notes(rt, lr)
         checks[0].result = rt.to_dict()
-        checks.append(CheckResult(c.name, str(src), "logits", lr.equivalent, lr.summary(), lr.to_dict(),
+        checks.append(CheckResult(c.name, str(src), "logits", logits_ok(lr), lr.summary(), lr.to_dict(),
                                   variant=shown))
     return SuiteResult(checks, mapping_rows(c, src))
 

@@ -8,10 +8,11 @@ tensor is one compact JSON row, not a block of markup. No remote assets.
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Optional
 
 from ..compare.diff import reasons
-from ..compare.status import Status, is_ok
+from ..compare.status import Status, is_ok, ok_text, tally
 from ..text import html_text, md_cell, md_code, md_text, printable, script_json
 from .render import _clean, envelope, fmt, worst_first_key
 
@@ -342,7 +343,7 @@ def _suite_section(d: dict) -> str:
     rows = "".join(
         f"<tr><td>{html_text(c['converter'])}</td><td>{html_text(c['model'])}</td>"
         f"<td>{html_text(c.get('variant') or '-')}</td><td>{c['check']}</td>"
-        f"<td class='s-{'yes' if c['ok'] else 'NO'}'>{'yes' if c['ok'] else 'NO'}</td>"
+        f"<td class='s-{ok_text(c['ok'])}'>{ok_text(c['ok'])}</td>"
         f"<td class=dt>{html_text(c['detail'])}</td>"
         f"<td class=rp>{'<code>' + html_text(c['command']) + '</code>' if c.get('command') else '-'}</td></tr>"
         for c in d.get("checks", []))
@@ -385,7 +386,7 @@ def render_html(kind: str, res, command: str = "") -> str:
     if shape.logits:
         sub = f"<small>{html_text(logits_gate(d))}</small>"
     elif shape.checks:
-        sub = f"<small>{sum(c['ok'] for c in d['checks'])} of {len(d['checks'])} checks passed</small>"
+        sub = f"<small>{tally([SimpleNamespace(ok=c['ok']) for c in d['checks']])}</small>"
     reproduce = f"Reproduce: <code>{html_text(doc['command'])}</code><br>" if doc["command"] else ""
     body = [f"<div class='banner {'ok' if ok else 'bad'}' id=verdict>{html_text(headline)}{sub}</div>",
             f"<h1>ckdiff {html_text(title)}</h1>", sides,
@@ -441,12 +442,12 @@ def render_markdown(kind: str, res, command: str = "") -> str:
                          f"{md_cell('; '.join(t.get('diagnosis') or []) or '-')} |")
         lines += ["", "</details>", ""]
     if shape.checks:
-        failed = [c for c in d["checks"] if not c["ok"]]
+        failed = [c for c in d["checks"] if c["ok"] is False]
         lines += [f"{len(d['checks']) - len(failed)}/{len(d['checks'])} checks passed", "",
                   "<details><summary>all checks</summary>", "", "| converter | model | options | check | ok | detail |",
                   "|---|---|---|---|---|---|"]
         lines += [f"| {md_text(c['converter'])} | {md_text(c['model'])} | {md_text(c.get('variant') or '-')} | {md_text(c['check'])} | "
-                  f"{'yes' if c['ok'] else '**NO**'} | "
+                  f"{ {True: 'yes', False: '**NO**'}.get(c['ok'], 'skip')} | "
                   f"{md_cell(c['detail'])} |" for c in d["checks"]]
         lines += ["", "</details>", ""]
     lines += [f"<sub>{md_code(doc['command']) + ' · ' if doc['command'] else ''}ckdiff {doc['ckdiff_version']} · torch {doc['torch_version']}</sub>", ""]

@@ -57,10 +57,12 @@ def _tensor_line(t: dict) -> str:
     return f"{t['name']}: {t['status']}{where}" + (f" ({diag})" if diag else "")
 
 
-def _case(suite, classname: str, name: str, failure=None):
-    """Add a testcase; ``failure`` is (type, message, text) or None for a pass."""
+def _case(suite, classname: str, name: str, failure=None, skipped: str = ""):
+    """Add a testcase; ``failure`` is (type, message, text) or None for a pass; ``skipped`` its reason."""
     case = ET.SubElement(suite, "testcase", {"classname": _t(classname), "name": _t(name), "time": "0"})
-    if failure is not None:
+    if skipped:
+        ET.SubElement(case, "skipped", {"message": _t(skipped)})
+    elif failure is not None:
         kind, message, text = failure
         f = ET.SubElement(case, "failure", {"type": _t(kind), "message": _t(message)})
         f.text = "\n".join(_t(line) for line in text.split("\n"))  # lines kept, controls in them escaped
@@ -97,6 +99,9 @@ def _logits_case(suite, cls: str, d: dict) -> None:
     from .html import logits_gate
     gate = logits_gate(d)
     msg = f"{gate}; top-1 agreement {fmt(d.get('top1_agreement'), 4)}"
+    if d.get("verdict") == "inconclusive":  # not a pass: a JUnit failure, with the reason
+        _case(suite, cls, "logits KL gate", ("logits inconclusive", msg, msg))
+        return
     _case(suite, cls, "logits KL gate", None if d.get("verdict") == "equivalent" else
           ("logits", msg, "\n".join([msg, *map(str, d.get("notes") or [])])))
 
@@ -105,6 +110,9 @@ def _suite_cases(suite, cls: str, d: dict) -> None:
     for c in d.get("checks") or []:
         name = " ".join(x for x in (c["converter"], c["model"], c.get("variant") or "", c["check"]) if x)
         failure = None
+        if c["ok"] is None:
+            _case(suite, f"{cls}.{c['converter']}", name, skipped=c["detail"])
+            continue
         if not c["ok"]:
             r = c.get("result") or {}
             bad = sorted((t for t in r.get("tensors") or [] if not is_ok(t["status"])), key=worst_first_key)

@@ -139,7 +139,7 @@ def print_warnings(res, console) -> None:
 
 def print_logits(res, console) -> None:
     style = "bold green" if res.equivalent else "bold red"
-    console.print(f"[{style}]{'EQUIVALENT' if res.equivalent else 'DIFFER'}[/{style}]: "
+    console.print(f"[{style}]{res.verdict().upper()}[/{style}]: "
                   + terminal(f"decided by {res.summary()}"))
     enc = res.encodings or {}
     console.print(terminal(f"A: {res.a} [{res.format_a}, {enc.get('A', '?')}]") + "\n"
@@ -180,10 +180,9 @@ def print_suite(res, console) -> None:
 
     from rich.table import Table
     ok = res.equivalent
-    n_ok = sum(c.ok for c in res.checks)
-    console.print(f"[{'bold green' if ok else 'bold red'}]{'PASS' if ok else 'FAIL'}[/]: "
-                  f"{n_ok}/{len(res.checks)} checks passed")
-    rows = [(printable(c.converter), printable(c.model), printable(c.variant or "-"), c.check, "yes" if c.ok else "NO",
+    from ..compare.status import ok_text, tally
+    console.print(f"[{'bold green' if ok else 'bold red'}]{'PASS' if ok else 'FAIL'}[/]: {tally(res.checks)}")
+    rows = [(printable(c.converter), printable(c.model), printable(c.variant or "-"), c.check, ok_text(c.ok),
              printable(c.detail)) for c in res.checks]
     heads = ("converter", "model", "options", "check", "ok")
     key_width = sum(max([len(h), *(len(r[i]) for r in rows)]) + 3 for i, h in enumerate(heads)) + 4
@@ -198,7 +197,7 @@ def print_suite(res, console) -> None:
         return
     width = max(console.width - 4, 20)
     for conv, model, opts, check, good, detail in rows:
-        style = "green" if good == "yes" else "bold red"
+        style = {"yes": "green", "skip": "yellow"}.get(good, "bold red")
         line = Text(f"{good:<4}", style=style)
         line.append(" ".join(x for x in (conv, model, opts if opts != "-" else "", check) if x))
         console.print(line, no_wrap=True, crop=False, overflow="ignore")
