@@ -11,7 +11,7 @@ from typing import Optional
 
 from .. import families
 from ..errors import CkdiffError, InputError, UsageError
-from .config import ModelConfig, model_config
+from .config import ModelConfig, config_where, model_config
 from .faults import NONE as NO_FAULTS, Faults, Step
 from .formats import open_checkpoint, resolve_path
 from . import layouts
@@ -100,7 +100,8 @@ def hf_to_megatron(model: str, out, *, model_path=None, size: Optional[int] = No
     if ck.format not in ("hf", "meta"):
         raise InputError(ck.path, f"expected an HF or Meta checkpoint, found {ck.format}")
     if fam.name != cfg.family:
-        raise UsageError(f"model {a.model!r} does not match the checkpoint's architecture ({cfg.family})")
+        raise InputError(config_where(ck), f"--model {a.model} is a {fam.name} model, but this config describes a "
+                                           f"{cfg.family} architecture")
     if ck.format == "meta" and not mm.meta_source:
         meta_ok = [m.name for f in families.FAMILIES.values() for m in f.megatron_models if m.meta_source]
         raise UsageError(f"Meta weights are a source for {', '.join(meta_ok[:-1])} and {meta_ok[-1]}, not {a.model}")
@@ -156,7 +157,8 @@ def megatron_to_hf(input_dir, output_dir, *, model: Optional[str] = None, num_ou
     if a.model:
         fam, mm = _megatron_model(a.model)
         if fam.name != cfg.family:
-            raise UsageError(f"--model {a.model} does not match the checkpoint ({cfg.family})")
+            raise InputError(config_where(ck), f"--model {a.model} is a {fam.name} model, but this config "
+                                               f"describes a {cfg.family} architecture")
         if mm.hf_model_type:
             cfg = replace(cfg, hf_model_type=mm.hf_model_type)
     true_vocab = a.true_vocab_size or ck.config.get("true_vocab_size") or cfg.vocab
@@ -212,7 +214,8 @@ def to_jetstream(model_name: str, input_checkpoint_dir, output_checkpoint_dir, *
     step = Step("to-jetstream", "jetstream")
     ck, cfg = read_source(a.input_checkpoint_dir, None, a.trust_pickle, faults=faults, step=step)
     if cfg.family != fam.name:
-        raise UsageError(f"--model_name {a.model_name} expects a {fam.name} checkpoint; the input is {cfg.family}")
+        raise InputError(config_where(ck), f"--model_name {a.model_name} expects a {fam.name} checkpoint, but this "
+                                           f"config describes a {cfg.family} architecture")
     if not fam.jetstream_from_meta and ck.format != "hf":
         raise UsageError(f"--model_name {a.model_name}: only HF sources are supported for {fam.name}")
     if a.from_hf and ck.format != "hf":

@@ -83,10 +83,15 @@ def _iteration_dir(root: Path) -> tuple[Path, str]:
 
 def _rank_files(d: Path) -> dict[tuple[int, int], Path]:
     ranks: dict[tuple[int, int], Path] = {}
-    for sub in d.iterdir():
+    styles: dict[bool, str] = {}  # with a PP suffix or not -> one directory of that naming
+    for sub in sorted(d.iterdir()):
         m = RANK_DIR.match(sub.name)
         if not m or not sub.is_dir():
             continue
+        styles.setdefault(m.group(2) is not None, sub.name)
+        if len(styles) > 1:  # mp_rank_00 (TP only) beside mp_rank_00_000 (TP+PP): which set is the model?
+            raise InputError(d, f"holds rank directories of both namings ({styles[False]}/ and {styles[True]}/): "
+                                "the TP-only and TP+PP sets are two checkpoints in one place; keep one")
         tp, pp = int(m.group(1)), int(m.group(2) or 0)
         for fname in ("model_optim_rng.pt", "model_rng.pt"):
             if (sub / fname).is_file():

@@ -364,6 +364,12 @@ class JetStreamQuant(BlockScaled):
         if len(shape) < 2 or s.numel != per or q.dtype != torch.int8:
             raise InputError(q.origin, f"{s.name}: {list(s.shape)} {s.dtype} scales do not fit the {q.dtype} "
                                        f"codes {name} {list(q.shape)} (expected {per} scales of int8 codes)")
+        sc = s.load()  # one scale per row or block: small, checked once when the checkpoint is opened
+        bad = (~torch.isfinite(sc.float())).nonzero()
+        if len(bad):
+            at = bad[0].tolist()
+            raise InputError(q.origin, f"{s.name}: scale {float(sc[tuple(at)])} at {at} is not a finite number "
+                                       f"({len(bad)} such scale(s)): the weight {name} cannot be dequantized")
 
     @property
     def bits(self) -> int:
