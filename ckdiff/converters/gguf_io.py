@@ -49,7 +49,12 @@ GGUF = {
 # the code opposite the block's extreme to 15 costs up to 1.0. K-quants: codes are recomputed with
 # the final stored step, so 0.5 plus clamping: 1.0 (not measured against llama.cpp's C quantizer,
 # the Python package has none for K-quants).
-UNIT = {"Q8_0": (32, 0.6), "Q4_0": (32, 1.02), "Q4_K": (32, 1.0), "Q6_K": (16, 1.0)}
+UNIT = {"Q8_0": (32, 0.6), "Q4_0": (32, 1.02), "Q4_K": (32, 1.0), "Q6_K": (16, 1.0),
+        # the other 32-element legacy types, unit their fp16 d (ggml-quants.c quantize_row_*_ref): Q4_1 and
+        # Q5_1 round (x - m) / d to the nearest code (0.5 plus fp16 rounding of d and m, as Q8_0), Q5_0 clamps
+        # the code opposite the block's extreme as Q4_0 does
+        "Q4_1": (32, 0.6), "Q5_0": (32, 1.02), "Q5_1": (32, 0.6)}
+LEGACY_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24}  # per 32 elements, d (fp16) first
 
 
 def _gguf():
@@ -76,9 +81,8 @@ def _units(qtype: str, raw: np.ndarray) -> np.ndarray:
     """Per element scale of the rows ``raw`` (uint8 [rows..., bytes]) of a ``qtype`` tensor."""
     gguf = _gguf()
     lead = raw.shape[:-1]
-    if qtype in ("Q8_0", "Q4_0"):
-        bs = 34 if qtype == "Q8_0" else 18
-        b = np.ascontiguousarray(raw).reshape(-1, bs)
+    if qtype in LEGACY_BYTES:
+        b = np.ascontiguousarray(raw).reshape(-1, LEGACY_BYTES[qtype])
         u = np.abs(b[:, :2].copy().view(np.float16).astype(np.float32))
         return np.repeat(u, 32, axis=1).reshape(*lead, -1)
     if qtype == "Q4_K":
