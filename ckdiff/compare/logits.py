@@ -187,6 +187,12 @@ def _lockstep(ga, gb) -> tuple:
     return out[0], out[1], rel if for_both else []
 
 
+def _encoding_name(ck: Checkpoint) -> str:
+    """The encodings of a checkpoint's block-scaled views, for notes."""
+    from ..tensor.blockscaled import BlockScaled
+    return ", ".join(sorted({t.encoding for t in ck.tensors.values() if isinstance(t, BlockScaled)}))
+
+
 def compare_logits(a: Checkpoint, b: Checkpoint, batch: int = 4, length: int = 48, seed: int = 0,
                    dtype: str = "float32", topk: int = 5, skip_first: bool = False,
                    threshold: Optional[float] = None, progress_factory=None) -> LogitsResult:
@@ -205,6 +211,12 @@ def compare_logits(a: Checkpoint, b: Checkpoint, batch: int = 4, length: int = 4
     tdt = DTYPE_BY_NAME[dtype]
     hthr = HIDDEN_REL_THRESHOLD[dtype]
     qa, qb = is_quantized(a.tensors), is_quantized(b.tensors)
+    ref_tensors = None
+    if not (qa or qb):  # another encoding (FP8, compressed-tensors) under the float side's own names
+        from ..tensor.blockscaled import reencoded
+        ra, rb = reencoded(b.tensors, a.tensors), reencoded(a.tensors, b.tensors)
+        if (ra is None) != (rb is None):
+            qa, qb, ref_tensors = ra is not None, rb is not None, ra if ra is not None else rb
     total = a.num_bytes + b.num_bytes + ((b.num_bytes if qa else a.num_bytes) if qa != qb else 0)
     progress = progress_factory(total) if progress_factory else None
     with torch.no_grad():
@@ -220,8 +232,12 @@ def compare_logits(a: Checkpoint, b: Checkpoint, batch: int = 4, length: int = 4
         # The quantization's own threshold: the KL that a correct quantization of the float side
         # reaches, measured by fake-quantizing the float side in its own layout.
         fl, cf, qu = (b, cb, a) if qa else (a, ca, b)
-        qtype = qtype_of(qu.config or {}, qu.tensors)
-        ref_ck = Checkpoint(fl.path, fl.format, fake_quantize(fl.tensors, qtype), fl.config, fl.meta)
+        if ref_tensors is not None:
+            qtype = _encoding_name(qu)
+        else:
+            qtype = qtype_of(qu.config or {}, qu.tensors)
+            ref_tensors = fake_quantize(fl.tensors, qtype)
+        ref_ck = Checkpoint(fl.path, fl.format, ref_tensors, fl.config, fl.meta)
         with torch.no_grad():
             fr = drain(steps(ref_ck, cf, ids, tdt, progress))
     m = logit_metrics(logits_a, logits_b, vocab, topk, skip_first, ref=fr, quantized_a=qa)

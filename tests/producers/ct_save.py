@@ -23,11 +23,18 @@ def _args(**kw):
     return QuantizationArgs(**kw)
 
 
+def _block(scheme, block):
+    """The preset with smaller blocks: the tiny model's 16..96 rows and 64..96 columns then hold several
+    blocks, partial ones at the edges (the preset's 128 x 128 would be one partial block per weight)."""
+    scheme.weights = scheme.weights.model_copy(update={"block_structure": block})
+    return scheme
+
+
 def schemes():
     from compressed_tensors.quantization import preset_name_to_scheme, QuantizationScheme
     W = lambda **kw: QuantizationScheme(targets=["Linear"], weights=_args(**kw))  # noqa: E731
     return {  # name -> (scheme, format)
-        "fp8-block": (preset_name_to_scheme("FP8_BLOCK", ["Linear"]), "float-quantized"),
+        "fp8-block": (_block(preset_name_to_scheme("FP8_BLOCK", ["Linear"]), [32, 48]), "float-quantized"),
         "fp8-channel": (W(num_bits=8, type="float", strategy="channel", symmetric=True), "float-quantized"),
         "fp8-tensor": (W(num_bits=8, type="float", strategy="tensor", symmetric=True), "float-quantized"),
         "int4-group": (W(num_bits=4, type="int", strategy="group", group_size=32, symmetric=True), "pack-quantized"),
