@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 
 import pytest
 import torch
@@ -31,14 +32,36 @@ def _format(scheme: str) -> str:
         else "pack-quantized"
 
 
+BF16 = ("fp8-block", "int4-group-zp", "int8-channel-zp", "nvfp4")  # also from a bfloat16 source
+
+
 @pytest.fixture(scope="session")
 def ct(tmp_path_factory):
-    """The HF source ("hf") and one compressed-tensors directory per scheme, written by compressed-tensors."""
+    """The HF source ("hf") and one compressed-tensors directory per scheme, written by compressed-tensors;
+    the same from the source cast to bfloat16 ("hf-bf16", "bf16/<scheme>": bf16 scales, bf16 arithmetic)."""
     def build(out):
+        import transformers
         tiny_llama(out / "hf")
-        launch(HERE / "ct_save.py", 1, out / "hf", out, *SCHEMES)
+        transformers.AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.bfloat16).save_pretrained(
+            out / "hf-bf16")
+        errs = []
+
+        def run(*args):
+            try:
+                launch(HERE / "ct_save.py", 1, *args)
+            except AssertionError as e:  # re-raised in the test's thread below
+                errs.append(e)
+        ts = [threading.Thread(target=run, args=a) for a in ((out / "hf", out, *SCHEMES),
+                                                              (out / "hf-bf16", out / "bf16", *BF16))]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        if errs:
+            raise errs[0]
     root = cached(tmp_path_factory, "ct", build, CT, torch.__version__, version("transformers"))
-    return {"hf": root / "hf", **{s: root / s for s in SCHEMES}}
+    return {"hf": root / "hf", "hf-bf16": root / "hf-bf16", **{s: root / s for s in SCHEMES},
+            **{f"bf16/{s}": root / "bf16" / s for s in BF16}}
 
 
 def _edit(src, dst, tensors=None, config=None):
@@ -86,6 +109,18 @@ def test_equivalent_with_hf_source_both_ways(ct, run_cli, scheme):
         assert code == 0, out + err
         assert out.startswith("EQUIVALENT: 21 tensors (7 equal, 14 quant)"), out
         assert f"{side}: compressed-tensors {_format(scheme)}" in out, out
+
+
+@pytest.mark.parametrize("scheme", BF16)
+def test_bfloat16_source(ct, run_cli, scheme):
+    """bf16 weights: the scales are bf16 and compressed-tensors computes in bf16; the bound widens by the
+    rounding of x / s in bf16 (int8: 1.05, with zero points 1.55) and the reference quantizer computes in the
+    dtype config.json names, so the logits land on the stored codes exactly."""
+    for a, b in ((ct["hf-bf16"], ct[f"bf16/{scheme}"]), (ct[f"bf16/{scheme}"], ct["hf-bf16"])):
+        code, out, err = run_cli(a, b)
+        assert code == 0 and out.startswith("EQUIVALENT: 21 tensors (7 equal, 14 quant)"), out + err
+    code, out, err = run_cli("logits", ct[f"bf16/{scheme}"], ct["hf-bf16"])
+    assert code == 0 and out.startswith("EQUIVALENT: max per-token KL from the reference quantization 0 "), out + err
 
 
 def test_logical_names_and_exact_self_compare(ct, run_cli, tmp_path):

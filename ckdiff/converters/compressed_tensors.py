@@ -77,6 +77,7 @@ E4M3_MAX = 448.0
 FP4_MAX = 6.0
 FP4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 MAX_DIM = 1 << 31
+ARITH = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}  # config.json dtype
 BOUND = 0.55
 
 
@@ -215,9 +216,10 @@ def _weights(fmt, w: dict, where: str) -> Scheme:
 
 
 # ------------------------------------------------------------------ views
-def _round_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x`` rounded to ``dtype`` (the stored scales' dtype) and back to float32."""
-    return x.to(dtype).float() if dtype != torch.float32 else x
+def _arith(scale_dtype: torch.dtype) -> torch.dtype:
+    """The dtype compressed-tensors' quantizer computes in when config.json does not say: the weight's, which
+    is its scales' (float32 for other scale dtypes)."""
+    return scale_dtype if scale_dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
 
 
 def _eps(dtype: torch.dtype) -> float:
@@ -245,6 +247,7 @@ def _bound(scale_dtype: torch.dtype, levels: float) -> float:
 class _CtView(BlockScaled):
     """Shared by the three formats: a scale tensor ``s`` read as a grid of blocks ``(br, bc)``."""
     scheme: Scheme
+    arith: Optional[torch.dtype] = None  # the model's dtype (config.json), which the quantizer computed in
 
     def _scaled(self, codes: torch.Tensor, start: int, stop: int, **kw) -> Scaled:
         """``codes`` of rows [start, stop) with their scale grid: block rows of ``br`` read compactly (a row
@@ -301,12 +304,13 @@ class CtFloat(_CtView):
         if x.shape[1] != self.shape[1]:
             return None
         br, bc = self.block
-        lo, hi = _units_max(x, br, bc)
-        s = _round_dtype(torch.maximum(-lo, hi) / E4M3_MAX, self.s.dtype)
-        s = torch.where(s == 0, torch.tensor(_eps(self.s.dtype)), s)
+        dt = self.arith or _arith(self.s.dtype)
+        lo, hi = (v.to(dt) for v in _units_max(x, br, bc))
+        s = torch.maximum(-lo, hi) / torch.tensor(E4M3_MAX, dtype=dt)
+        s = torch.where(s == 0, torch.tensor(_eps(dt), dtype=dt), s)
         per = s.repeat_interleave(br, 0).repeat_interleave(bc, 1)[:x.shape[0], :x.shape[1]]
-        codes = (x.float() / per).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-        return Scaled(codes, s, (br, bc))
+        codes = (x.to(dt) / per).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+        return Scaled(codes, s.float(), (br, bc))
 
 
 def _unpack(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -381,20 +385,21 @@ class CtPacked(_CtView):
             return None
         bits, bc = self.scheme.bits, self.block[1]
         qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-        lo, hi = _units_max(x, 1, bc)
+        dt = self.arith or _arith(self.s.dtype)
+        lo, hi = (v.to(dt) for v in _units_max(x, 1, bc))
         if self.zp is None:
-            s = torch.maximum(-lo, hi) / ((qmax - qmin) / 2)
+            s = torch.maximum(-lo, hi) / torch.tensor((qmax - qmin) / 2, dtype=dt)
+            z = torch.zeros_like(s)
         else:
-            s = (hi - lo) / (qmax - qmin)
-        s = _round_dtype(s, self.s.dtype)
-        s = torch.where(s == 0, torch.tensor(_eps(self.s.dtype)), s)
-        z = torch.zeros_like(s) if self.zp is None else torch.round((qmin - lo / s).clamp(qmin, qmax))
+            s = (hi - lo) / torch.tensor(qmax - qmin, dtype=dt)
+            z = torch.round((qmin - lo / s).clamp(qmin, qmax)).nan_to_num(0.0)  # before the eps, as upstream
+        s = torch.where(s == 0, torch.tensor(_eps(dt), dtype=dt), s)
         C = x.shape[1]
         per_s = s.repeat_interleave(bc, 1)[:, :C]
         per_z = z.repeat_interleave(bc, 1)[:, :C]
-        q = torch.round(x.float() / per_s + per_z).clamp(qmin, qmax)
-        codes = (q - per_z).to(torch.int8 if self.zp is None else torch.int16)
-        return Scaled(codes, s, self.block)
+        q = torch.round(x.to(dt) / per_s + per_z).clamp(qmin, qmax)
+        codes = (q.float() - per_z.float()).to(torch.int8 if self.zp is None else torch.int16)
+        return Scaled(codes, s.float(), self.block)
 
 
 class CtNvfp4(_CtView):
@@ -444,12 +449,13 @@ class CtNvfp4(_CtView):
         ``_round_to_fp4``)."""
         if x.shape[1] != self.shape[1]:
             return None
-        xf = x.float()
-        amax = xf.abs().max().clamp(min=torch.finfo(torch.float32).tiny) if xf.numel() else torch.tensor(1.0)
-        gs = E4M3_MAX * FP4_MAX / amax
+        xf, dt = x.float(), self.arith or torch.float32
+        amax = x.to(dt).abs().max().clamp(min=torch.finfo(dt).tiny) if x.numel() else torch.tensor(1.0, dtype=dt)
+        gs = (E4M3_MAX * FP4_MAX / amax).float()
         gs = gs if bool(torch.isfinite(gs)) else torch.tensor(1.0)
-        lo, hi = _units_max(xf, 1, self.block[1])
-        s = (gs * (torch.maximum(-lo, hi) / FP4_MAX)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
+        lo, hi = (v.to(dt) for v in _units_max(xf, 1, self.block[1]))
+        local = (torch.maximum(-lo, hi) / torch.tensor(FP4_MAX, dtype=dt)).float()
+        s = (gs * local).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
         s = torch.where(s == 0, torch.tensor(0.125), s)
         eff = (s / gs).repeat_interleave(self.block[1], 1)[:, :x.shape[1]]
         codes = round_fp4((xf / eff).clamp(-FP4_MAX, FP4_MAX)).to(torch.float8_e4m3fn)
@@ -503,6 +509,9 @@ def ct_view(ck: Checkpoint) -> Checkpoint:
         elif leaf in WEIGHT_PARTS or (leaf == "weight" and v.dtype in FLOAT8):
             mods.setdefault(m, set()).add(leaf)
     views: dict = {}
+    cfg = ck.config if isinstance(ck.config, dict) else {}
+    model_dtype = cfg.get("dtype", cfg.get("torch_dtype"))
+    arith = ARITH.get(model_dtype) if isinstance(model_dtype, str) else None
     for m, parts in mods.items():
         name = f"{m}.weight"
         p = lambda leaf: t.get(f"{m}.{leaf}")  # noqa: E731
@@ -527,6 +536,8 @@ def ct_view(ck: Checkpoint) -> Checkpoint:
                                    p("weight_scale"), p("weight_zero_point"), sch, where)
         else:
             views[name] = CtNvfp4(name, p("weight_packed"), p("weight_scale"), p("weight_global_scale"), sch, where)
+    for v in views.values():
+        v.arith = arith
     if skipped:
         ck = Checkpoint(ck.path, ck.format, {k: v for k, v in t.items() if k not in skipped}, ck.config,
                         {**(ck.meta or {}), "skipped": {**(ck.meta or {}).get("skipped", {}), **skipped}})

@@ -59,7 +59,7 @@ def _minmax(w, a):
     if s == "block":
         b0, b1 = a.block_structure
         r, c = -(-w.shape[0] // b0), -(-w.shape[1] // b1)
-        p = torch.nn.functional.pad(w, (0, c * b1 - w.shape[1], 0, r * b0 - w.shape[0]))
+        p = torch.nn.functional.pad(w, (0, c * b1 - w.shape[1], 0, r * b0 - w.shape[0]))  # zeros: min/max keep 0
         g = p.reshape(r, b0, c, b1)
         return g.amin((1, 3)), g.amax((1, 3))
     raise ValueError(s)
@@ -74,7 +74,7 @@ def main():
     table = schemes()
     for name in sys.argv[3:]:
         scheme, fmt = table[name]
-        model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(hf, dtype="auto")  # the source's dtype
         apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]))
         with torch.no_grad():
             for _, m in model.named_modules():
@@ -82,10 +82,10 @@ def main():
                 if qs is None or qs.weights is None:
                     continue
                 a = qs.weights
-                lo, hi = _minmax(m.weight.float(), a)
+                lo, hi = _minmax(m.weight, a)  # in the weight's dtype, as llm-compressor's observers
                 gs = None
                 if hasattr(m, "weight_global_scale"):
-                    gs = generate_gparam(m.weight.float().amin(), m.weight.float().amax())
+                    gs = generate_gparam(m.weight.amin(), m.weight.amax())
                     m.weight_global_scale.data.copy_(gs.reshape(m.weight_global_scale.shape))
                 scale, zp = calculate_qparams(lo, hi, a, global_scale=gs)
                 m.weight_scale.data.copy_(scale.reshape(m.weight_scale.shape))
