@@ -321,13 +321,13 @@ def _unpack(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if 32 % bits == 0:
         per = 32 // bits
         shifts = (np.arange(per, dtype=np.uint32) * bits).astype(np.uint32)
-        v = (w[:, :, None] >> shifts) & np.uint32((1 << bits) - 1)
+        v = (w[:, :, None] >> shifts).astype(np.uint8) & np.uint8((1 << bits) - 1)  # fields of <= 8 bits
         v = v.reshape(R, -1)
     else:
         stream = np.unpackbits(w.view(np.uint8).reshape(R, -1), axis=1, bitorder="little")
         m = stream.shape[1] // bits
         v = (stream[:, :m * bits].reshape(R, m, bits).astype(np.uint16) << np.arange(bits, dtype=np.uint16)).sum(-1)
-    return torch.from_numpy(np.ascontiguousarray(v[:, :n]).astype(np.int16))
+    return torch.from_numpy(np.array(v[:, :n], dtype=np.int16))  # one copy
 
 
 class CtPacked(_CtView):
@@ -372,12 +372,12 @@ class CtPacked(_CtView):
 
     def scaled(self, start: int, stop: int) -> Scaled:
         bits, C = self.scheme.bits, self.shape[1]
-        q = _unpack(self.packed.rows(start, stop), bits, C) - (1 << (bits - 1))
+        q = _unpack(self.packed.rows(start, stop), bits, C).sub_(1 << (bits - 1))
         if self.zp is None:
             return self._scaled(q.to(torch.int8), start, stop)
         z = self.zero_points()[start:stop]
         bc = self.block[1]
-        return self._scaled(q - (z.repeat_interleave(bc, 1)[:, :C] if bc > 1 else z), start, stop)
+        return self._scaled(q.sub_(z.repeat_interleave(bc, 1)[:, :C] if bc > 1 else z), start, stop)
 
     def reference(self, x: torch.Tensor) -> Optional[Scaled]:
         """compressed-tensors' min-max quantizer on float rows ``x`` (``calculate_qparams`` + ``_quantize``)."""
