@@ -222,6 +222,27 @@ def test_dropped_tensors(ct, run_cli, tmp_path):
     assert err.count("\n") == 1 and "model.layers.1.mlp.down_proj.weight_scale missing for pack-quantized" in err, err
 
 
+@pytest.mark.parametrize("scheme,edit,named", [
+    ("fp8-block", lambda sd: sd.update({"model.layers.0.mlp.up_proj.weight_scale": torch.ones(2, 2)}),
+     "model.layers.0.mlp.up_proj.weight_scale: scales [2, 2] float32 do not fit fp8 block 32x48 quantization of "
+     "model.layers.0.mlp.up_proj.weight [96, 64] (expected [3, 2])"),
+    ("int4-group", lambda sd: sd.update({"model.layers.0.mlp.up_proj.weight": torch.zeros(96, 64)}),
+     "model.layers.0.mlp.up_proj.weight: a float weight stored beside its pack-quantized codes"),
+    ("int4-group", lambda sd: sd.update({"model.layers.0.mlp.up_proj.weight_shape": torch.tensor([96, 65])}),
+     "model.layers.0.mlp.up_proj.weight_packed: [96, 8] int32 is not 96 rows of 65 int4 codes"),
+    ("int4-group", lambda sd: sd.update({"model.layers.0.mlp.up_proj.weight_zero_point":
+                                         torch.zeros(12, 2, dtype=torch.int32)}),
+     "model.layers.0.mlp.up_proj.weight_zero_point not expected for pack-quantized int4 group 32"),
+    ("nvfp4", lambda sd: sd.update({"model.layers.0.mlp.up_proj.weight_global_scale": torch.ones(2)}),
+     "model.layers.0.mlp.up_proj.weight_global_scale: [2] float32 is not one float32 global scale"),
+])
+def test_stored_tensors_that_do_not_fit_are_one_line(ct, run_cli, tmp_path, scheme, edit, named):
+    bad = _edit(ct[scheme], tmp_path / "bad", edit)
+    code, out, err = run_cli(ct["hf"], bad)
+    assert code == 2 and out == "" and err.count("\n") == 1, out + err
+    assert named in err, err
+
+
 def _weights(**kw):
     return lambda q: q["config_groups"]["group_0"]["weights"].update(**kw)
 

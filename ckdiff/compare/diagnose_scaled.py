@@ -5,9 +5,9 @@ encoding (the view's own ``reference`` quantizer), in scale units: which blocks'
 (zeroed, multiplied by a constant, reciprocal, transposed grid, shifted by one block, another tensor's, or
 otherwise stale), whether the codes are permuted inside their blocks (4-bit nibble order), not sign-extended,
 or blocked along the wrong axis, or whether the encoded tensor is a correct encoding of another float tensor
-(swapped or misnamed: judged in its own units, the comparator's rule). Every finding is typed (``findings.Kind`` with parameters). When the
-encoding has no reference quantizer (K-quants) or nothing here fits, the ordinary diagnosis runs on the
-dequantized values (compare/diagnose.py).
+(swapped or misnamed: judged in its own units, the comparator's rule). Every finding is typed
+(``findings.Kind`` with parameters). When the encoding has no reference quantizer (K-quants) or nothing here
+fits, the ordinary diagnosis runs on the dequantized values (compare/diagnose.py).
 """
 from __future__ import annotations
 

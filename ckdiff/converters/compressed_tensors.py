@@ -288,7 +288,8 @@ class CtFloat(_CtView):
         ok = tuple(s.shape) == want or (sch.strategy == "tensor" and tuple(s.shape) in ((1,), ()))
         if not ok or not s.dtype.is_floating_point:
             raise InputError(where, f"{s.name}: scales {list(s.shape)} {str(s.dtype).replace('torch.', '')} do not "
-                                    f"fit {sch.describe()} quantization of {name} {list(w.shape)} (expected {list(want)})")
+                                    f"fit {sch.describe()} quantization of {name} {list(w.shape)} "
+                                    f"(expected {list(want)})")
         super().__init__(name, (R, C), w.origin, f"compressed-tensors {sch.describe()}",
                          _bound(s.dtype, 16), (w.name, s.name))
 
@@ -522,6 +523,9 @@ def ct_view(ck: Checkpoint) -> Checkpoint:
         missing = [f"{m}.{n}" for n in need if f"{m}.{n}" not in t]
         if missing:
             raise InputError(where, f"{name}: {', '.join(missing)} missing for {sch.format} {sch.describe()}")
+        if sch.format != "float-quantized" and name in t:
+            raise InputError(where, f"{name}: a float weight stored beside its {sch.format} codes "
+                                    f"({m}.weight_packed): which one is the weight is ambiguous")
         extra = sorted(parts - set(need) - {"weight"})
         if extra:
             raise InputError(where, f"{name}: {', '.join(f'{m}.{e}' for e in extra)} not expected for {sch.format} "

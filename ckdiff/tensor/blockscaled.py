@@ -309,4 +309,5 @@ def fold(ck: Checkpoint, views: dict, encoding: str, note: str) -> Checkpoint:
 
 ViewFn = Callable[[Checkpoint], Checkpoint]
 
-__all__ = ["BlockScaled", "Scaled", "RowGathered", "Reencoded", "reencoded", "through_table", "is_block_scaled", "fold", "float_step", "step_table", "FLOAT8"]
+__all__ = ["BlockScaled", "Scaled", "RowGathered", "Reencoded", "reencoded", "through_table", "is_block_scaled",
+           "fold", "float_step", "step_table", "FLOAT8"]
