@@ -6,7 +6,8 @@ Linear but ``lm_head``, its ``calculate_qparams`` (``generate_gparam`` for NVFP4
 ``ModelCompressor.compress_model`` and ``save_pretrained`` + ``update_config``, for each scheme in
 ``ct_save.schemes()``: FP8 block (32 x 48, so several blocks and partial ones), channel and tensor
 (``float-quantized``); int4 group 32 and int4/int8 channel, symmetric and with zero points
-(``pack-quantized``); NVFP4 (``nvfp4-pack-quantized``). Built once per session (cached like the other
+(``pack-quantized``); NVFP4 (``nvfp4-pack-quantized``); FP8 block, int4/int8 with zero points and NVFP4 also
+from the source cast to bfloat16 (bf16 scales and arithmetic). Built once per session (cached like the other
 producers, tests/producers/__init__.py). Bugs are injected by editing a written checkpoint's tensors or
 config as a converter with that bug would have written them.
 """
