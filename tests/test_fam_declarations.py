@@ -230,5 +230,5 @@ def test_toy_converts_through_the_library_converters(toy, tmp_path):
     for k, v in state.items():
         assert torch.equal(back.tensors[k].load(), v), k
     assert ModelConfig.from_hf(back.config, back.tensors) == replace(cfg, hf_model_type="toy_qkv_bias")
-    with pytest.raises(Exception, match="does not match"):
+    with pytest.raises(Exception, match="is a llama model, but this config describes a toy-qkv-bias architecture"):
         api.hf_to_megatron("llama2", tmp_path / "meg2", model_path=tmp_path / "hf")

@@ -60,7 +60,7 @@ def run(argv, command: str = "") -> int:
     _cross_check(diff, res)
     console = common.console(args)
     if args.quiet:
-        console.print(f"{res.verdict().upper()}: {res.summary()}")
+        console.print(f"{res.verdict().upper()}: {res.summary().removeprefix('inconclusive: ')}")
     else:
         print_logits(res, console)
     common.emit_reports(args, "logits", res, (a, b), command)

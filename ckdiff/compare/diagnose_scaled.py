@@ -4,12 +4,14 @@ The stored codes and block scales are compared with a reference encoding of the 
 encoding (the view's own ``reference`` quantizer), in scale units: which blocks' scales are off and by what
 (zeroed, multiplied by a constant, reciprocal, transposed grid, shifted by one block, another tensor's, or
 otherwise stale), whether the codes are permuted inside their blocks (4-bit nibble order), not sign-extended,
-or blocked along the wrong axis. Every finding is typed (``findings.Kind`` with parameters). When the
-encoding has no reference quantizer (K-quants) or nothing here fits, the ordinary diagnosis runs on the
-dequantized values (compare/diagnose.py).
+or blocked along the wrong axis, or whether the encoded tensor is a correct encoding of another float tensor
+(swapped or misnamed: judged in its own units, the comparator's rule). Every finding is typed
+(``findings.Kind`` with parameters). When the encoding has no reference quantizer (K-quants) or nothing here
+fits, the ordinary diagnosis runs on the dequantized values (compare/diagnose.py).
 """
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import torch
@@ -20,6 +22,7 @@ from .findings import Finding, Kind
 
 MAX_NUMEL = 1 << 26
 RTOL = 1e-2  # scales agree within this (bf16 scales, fp16 GGUF d)
+MAX_OTHERS = 16  # float tensors of the same shape tried as what an encoded tensor encodes instead
 
 
 def _ints(codes: torch.Tensor) -> torch.Tensor:
@@ -104,8 +107,46 @@ def _scales(name: str, enc: BlockScaled, s: Scaled, ref: Scaled, eck: Checkpoint
                                       "hi": float(r.max()) if r.numel() else 0.0})
 
 
+LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def _within(enc: BlockScaled, f: LazyTensor, lo: int, hi: int) -> bool:
+    """Rows [lo, hi) of ``enc`` within its bound (in its own units) of the float ``f``'s."""
+    x = f.rows(lo, hi).float()
+    return bool(((enc.rows(lo, hi) - x).abs() <= enc.bound * enc.units(lo, hi) * (1 + 1e-6)).all())
+
+
+def _encodes_other(name: str, enc: BlockScaled, fck: Checkpoint) -> Optional[Finding]:
+    """``enc`` is a correct encoding of another float tensor of the same shape (same layer first): sampled
+    rows, then confirmed on the whole tensor, in the comparator's own rule (bound x units)."""
+    if not enc.bound or not enc.nrows:
+        return None
+    layer = LAYER_INDEX.findall(name)
+    cands = [k for k, t in fck.tensors.items() if k != name and tuple(t.shape) == tuple(enc.shape)
+             and not isinstance(t, BlockScaled) and t.dtype.is_floating_point]
+    cands.sort(key=lambda k: LAYER_INDEX.findall(k) != layer)
+    n = enc.nrows
+    sample = sorted({0, n // 2, n - 1})
+    for k in cands[:MAX_OTHERS]:
+        f = fck.tensors[k]
+        if all(_within(enc, f, i, i + 1) for i in sample) and _within(enc, f, 0, n):
+            lk = LAYER_INDEX.findall(k)
+            where = "the same layer" if lk == layer else (f"layer {lk[-1]}" if lk else "no layer")
+            return Finding(Kind.ENCODES_OTHER, {"tensor": name, "other": k, "encoding": enc.encoding, "where": where})
+    return None
+
+
 def diagnose_scaled(name: str, enc: BlockScaled, flt: LazyTensor, eck: Checkpoint, fck: Checkpoint) -> list[Finding]:
     """Typed causes for ``enc`` (an encoded tensor) against ``flt`` (the float tensor it should encode)."""
+    found = _diagnose(name, enc, flt, eck, fck)
+    if not found and enc.numel <= MAX_NUMEL and len(enc.shape) == 2 and flt.dtype.is_floating_point \
+            and not isinstance(flt, BlockScaled):
+        other = _encodes_other(name, enc, fck)
+        found = [other] if other else []
+    return found
+
+
+def _diagnose(name: str, enc: BlockScaled, flt: LazyTensor, eck: Checkpoint, fck: Checkpoint) -> list[Finding]:
     if enc.numel > MAX_NUMEL or isinstance(flt, BlockScaled) or not flt.dtype.is_floating_point \
             or len(enc.shape) != 2:
         return []

@@ -23,6 +23,7 @@ class Kind(str, Enum):
     NIBBLES_SWAPPED = "nibbles-swapped"      # 4-bit codes packed with the two halves of each block swapped
     INT4_UNSIGNED = "int4-unsigned"          # int4 codes stored 0..15 instead of sign-extended
     BLOCKS_WRONG_AXIS = "blocks-wrong-axis"  # blocks over the output axis instead of the input axis
+    ENCODES_OTHER = "encodes-other"          # the encoded tensor is a correct encoding of another float tensor
 
 
 TEXT = {
@@ -47,6 +48,8 @@ TEXT = {
                         "-8..-1 ({count} codes); scales {scales}",
     Kind.BLOCKS_WRONG_AXIS: "quantization blocks along the wrong axis: the codes and scales are those of the "
                             "transposed weight (blocks of {block} over the output axis instead of the input axis)",
+    Kind.ENCODES_OTHER: "another tensor: {tensor} is a correct {encoding} encoding of {other} of the float side "
+                        "({where}; every element within its quantization step): tensors swapped or misnamed",
 }
 
 

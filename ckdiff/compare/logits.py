@@ -197,6 +197,12 @@ def _lockstep(gens: list, pairs: list) -> tuple:
     return out, [r if good else [] for r, good in zip(rel, ok)]
 
 
+def _encoding_name(ck: Checkpoint) -> str:
+    """The encodings of a checkpoint's block-scaled views, for notes."""
+    from ..tensor.blockscaled import BlockScaled
+    return ", ".join(sorted({t.encoding for t in ck.tensors.values() if isinstance(t, BlockScaled)}))
+
+
 def compare_logits(a: Checkpoint, b: Checkpoint, batch: int = 4, length: int = 48, seed: int = 0,
                    dtype: str = "float32", topk: int = 5, skip_first: bool = False,
                    threshold: Optional[float] = None, progress_factory=None,

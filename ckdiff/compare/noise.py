@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
@@ -37,6 +37,9 @@ class Encoding:
     block: tuple = ()
     embed_too: bool = True  # FP8: embeddings and head encoded as well
     rest: str = ""  # FP8: the float dtype of the tensors stored without FP8 (norms, embeddings)
+    # "views": the checkpoint whose block-scaled views (compressed-tensors, any encoding declared on the
+    # protocol) give each weight's reference quantizer (tensor/blockscaled.py reencoded)
+    ref: object = field(default=None, compare=False, repr=False)
 
     def describe(self) -> str:
         if self.kind == "float":
@@ -85,6 +88,10 @@ def encoding_of(ck: Checkpoint) -> Encoding:
                         if len(v.shape) == 2)
         q = kinds.most_common(1)[0][0] if kinds else "F32"
         return Encoding("gguf", q, GGUF_RANK.get(q, 5))
+    from ..tensor.blockscaled import BlockScaled
+    views = sorted({v.encoding for v in t.values() if isinstance(v, BlockScaled)})
+    if views:  # another encoding on the block-scaled protocol: each view's own reference quantizer
+        return Encoding("views", ", ".join(views), 4, ref=ck)
     d = weight_dtype(ck) or "float32"
     return Encoding("float", d, FLOAT_RANK.get(d, 3))
 
@@ -153,6 +160,14 @@ def encode(tensors: dict, enc: Encoding) -> dict:
     if enc.kind == "jetstream":
         from ..converters.quant import fake_quantize
         return fake_quantize(tensors, enc.name)
+    if enc.kind == "views":
+        from ..tensor.blockscaled import reencoded
+        out = reencoded(tensors, enc.ref.tensors)
+        if out is None:
+            from ..errors import InputError
+            raise InputError(enc.ref.path, f"{enc.name}: no noise floor: the encoded tensors have no float "
+                                           "namesake of their shape on the other side (compare like layouts)")
+        return out
     out = {}
     for k, t in tensors.items():
         if not t.dtype.is_floating_point:

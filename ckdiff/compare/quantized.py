@@ -15,7 +15,7 @@ import math
 import torch
 
 from ..converters.formats import dtype_name
-from ..tensor.blockscaled import BlockScaled, step_table
+from ..tensor.blockscaled import BlockScaled
 from .diff import TensorResult, _prefetch, _unravel
 from .kernels import ScaledStats, Side
 from .status import Status
@@ -40,7 +40,7 @@ def _side(t, lo: int, hi: int, C: int, problems: list) -> tuple[Side, float]:
             problems.append(p)
     if s.dense:
         return Side(_flat(s.codes.float(), C), 2, s.grid, (1, 1)), t.bound or 0.0
-    return Side(_flat(s.codes, C), 1, s.grid, s.block, step_table(s.codes.dtype)), t.bound or 0.0
+    return Side(_flat(s.codes, C), 1, s.grid, s.block, s.step_table()), t.bound or 0.0
 
 
 def _step(ta, tb, chunk_bytes: int) -> int:

@@ -100,7 +100,7 @@ def _compiled(pattern: str) -> re.Pattern:
 
 
 # the modules that declare the built-in formats, in the order the CLI lists them
-BUILTIN = ("formats", "megatron", "mcore", "dcp", "gguf_io", "fp8", "quant")
+BUILTIN = ("formats", "megatron", "mcore", "dcp", "gguf_io", "fp8", "quant", "compressed_tensors")
 
 
 @dataclass

@@ -140,7 +140,8 @@ def print_warnings(res, console) -> None:
 def print_logits(res, console) -> None:
     style = "bold green" if res.equivalent else "bold red"
     console.print(f"[{style}]{res.verdict().upper()}[/{style}]: "
-                  + terminal(f"decided by {res.summary()}"))
+                  + terminal(res.summary().removeprefix("inconclusive: ") if res.verdict() == "inconclusive"
+                           else f"decided by {res.summary()}"))
     enc = res.encodings or {}
     console.print(terminal(f"A: {res.a} [{res.format_a}, {enc.get('A', '?')}]") + "\n"
                   + terminal(f"B: {res.b} [{res.format_b}, {enc.get('B', '?')}]"))

@@ -14,6 +14,9 @@ What a view exposes, for rows ``[start, stop)`` along dim 0 (rows of a 3-D tenso
   block shape ``(br, bc)``; element ``(i, j)`` is ``value = code * grid[i // br, j // bc]`` in float32
   arithmetic (what runtimes do). ``Scaled.dense`` marks an encoding that is not codes-times-scale
   (GGUF K-quants with minimums): ``codes`` are then the dequantized values and ``grid`` the units.
+  ``Scaled.steps`` (optional, 256 float64 per byte of 1-byte codes) is the spacing of the code format at
+  each code where it is not the codes' dtype's own: FP4 (e2m1) values held exactly as float8_e4m3fn codes
+  are spaced like FP4, not like FP8 (compressed-tensors NVFP4, ``converters/compressed_tensors.py``).
 - ``rows(start, stop)`` / ``dequantized()``: the dequantized float32 values (runtimes, diagnosis).
 - ``units(start, stop)``: each element's unit, the scale step of its block (``|scale|``, times the spacing
   of the code's float format at that code for float codes such as FP8).
@@ -91,6 +94,7 @@ class Scaled:
     grid: torch.Tensor   # [ceil(R / br), ceil(C / bc)] float32
     block: tuple         # (br, bc)
     dense: bool = False
+    steps: Optional[np.ndarray] = None  # the code format's spacing per byte of 1-byte codes (default: the dtype's)
 
     def per_element(self) -> torch.Tensor:
         """The grid broadcast to every element ``[R, C]``."""
@@ -111,7 +115,17 @@ class Scaled:
     def units(self) -> torch.Tensor:
         if self.dense:
             return self.grid.float().abs()
-        return float_step(self.codes) * self.per_element().abs()
+        return self.code_steps() * self.per_element().abs()
+
+    def code_steps(self) -> torch.Tensor:
+        """The spacing of the code format at each code (1 for integer codes)."""
+        if self.steps is None:
+            return float_step(self.codes)
+        return torch.from_numpy(self.steps).float()[self.codes.contiguous().view(torch.uint8).long()]
+
+    def step_table(self) -> Optional[np.ndarray]:
+        """Per-byte spacing of 1-byte float codes for the kernel (``steps``, else the dtype's; None for ints)."""
+        return self.steps if self.steps is not None else step_table(self.codes.dtype)
 
     def rebased(self, lo: int) -> "Scaled":
         """The same rows with the grid expanded to one grid row per element row (``br`` 1): for rows that
@@ -121,7 +135,7 @@ class Scaled:
             return self
         R = self.codes.shape[0]
         g = self.grid.repeat_interleave(br, 0)[lo:lo + R]
-        return Scaled(self.codes, g, (1, bc), self.dense)
+        return Scaled(self.codes, g, (1, bc), self.dense, self.steps)
 
 
 class BlockScaled(LazyTensor):
@@ -207,7 +221,7 @@ class RowGathered(BlockScaled):
         R = hi - lo
         grid = s.grid.repeat_interleave(s.block[0], 0)[:R] if s.block[0] > 1 else s.grid
         sel = rows - lo
-        return Scaled(s.codes.index_select(0, sel), grid.index_select(0, sel), (1, s.block[1]), s.dense)
+        return Scaled(s.codes.index_select(0, sel), grid.index_select(0, sel), (1, s.block[1]), s.dense, s.steps)
 
     def problems(self, s: Scaled) -> list[str]:
         return self.src.problems(s)
@@ -240,6 +254,36 @@ def through_table(tensors: dict) -> dict:
     return {k: resolve(t) for k, t in tensors.items()}
 
 
+class Reencoded(LazyTensor):
+    """A float tensor as a correct encoding of it in ``like``'s encoding reads back (``like.reference``
+    quantized, then dequantized): the logit check's reference for a quantized side with the same names."""
+
+    def __init__(self, t: LazyTensor, like: BlockScaled):
+        super().__init__(t.name, t.shape, torch.float32, t.origin)
+        self.t, self.like = t, like
+
+    def load(self) -> torch.Tensor:
+        x = self.t.load().float().reshape(-1, self.shape[-1])
+        return self.like.reference(x).values().reshape(self.shape)
+
+
+def reencoded(floats: dict, encoded: dict) -> Optional[dict]:
+    """``floats`` with each tensor whose namesake in ``encoded`` is a block-scaled view replaced by its
+    reference encoding (``Reencoded``); None when a view has no float namesake of its shape or no quantizer
+    (the names differ across layouts, or the encoding has no ``reference``)."""
+    views = {k: t for k, t in encoded.items() if isinstance(t, BlockScaled)}
+    if not views:
+        return None
+    out = dict(floats)
+    for k, v in views.items():
+        f = floats.get(k)
+        if f is None or isinstance(f, BlockScaled) or tuple(f.shape) != tuple(v.shape) or len(v.shape) != 2 \
+                or not f.dtype.is_floating_point or v.reference(f.rows(0, min(1, f.nrows)).float()) is None:
+            return None
+        out[k] = Reencoded(f, v)
+    return out
+
+
 def is_block_scaled(t) -> bool:
     return isinstance(t, BlockScaled)
 
@@ -265,4 +309,5 @@ def fold(ck: Checkpoint, views: dict, encoding: str, note: str) -> Checkpoint:
 
 ViewFn = Callable[[Checkpoint], Checkpoint]
 
-__all__ = ["BlockScaled", "Scaled", "RowGathered", "through_table", "is_block_scaled", "fold", "float_step", "step_table", "FLOAT8"]
+__all__ = ["BlockScaled", "Scaled", "RowGathered", "Reencoded", "reencoded", "through_table", "is_block_scaled",
+           "fold", "float_step", "step_table", "FLOAT8"]
