@@ -134,7 +134,8 @@ def test_llama_permute_on_qwen2_is_named(qwen_gguf, run_cli, tmp_path):
     bad = _edit(qwen_gguf / "qwen2.f32.gguf", tmp_path / "bad.gguf", edit)
     code, out, err = run_cli(qwen_gguf / "qwen2", bad)
     assert code == 1, out + err
-    assert "blk.1.attn_q.weight" in out and "rotary permutation: B == P(A), half-split -> interleaved, 4 heads" in out, out
+    assert "blk.1.attn_q.weight" in out, out
+    assert "rotary permutation: B == P(A), half-split -> interleaved, 4 heads" in out, out
 
 
 def _swap(a, b):
