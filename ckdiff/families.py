@@ -161,6 +161,9 @@ class Family:
     #                                          family (used where "gguf" is in layouts); its GGUF table derives
     #                                          from the declaration: layout_rotary["gguf"] (HALF: q/k not
     #                                          permuted), Norm.RMS_PLUS_ONE (norms stored as 1 + w), qkv_bias
+    gguf_extra: Mapping[str, object] = field(default_factory=dict)  # ModelConfig.extra name -> the GGUF
+    #                                          metadata key it is read from (a str, after "{gguf_arch}."), or the
+    #                                          value llama.cpp's graph fixes for the arch (any other value)
     extra_keys: Mapping[str, Extra] = field(default_factory=dict)  # ModelConfig.extra name -> config.json value
     # per-layer structure: whether layer i attends through the sliding window, and whether its MLP is the MoE
     # (None: every layer alike; the window from ``layer_types`` in extra when the family declares it)
@@ -581,12 +584,14 @@ QWEN2 = register(Family(
     "qwen2", ("qwen2",), "Qwen2ForCausalLM", Block(qkv_bias=True), {**LLAMA_NAMES, **_QKV_BIAS},
     block_keys={"act": "hidden_act"}, default_eps=1e-6, extra_keys=_QWEN_WINDOW,
     hf_read=_qwen_read, gguf_arch="qwen2", layout_names={"gguf": {**_GGUF_BASE, **_GGUF_QKV_BIAS}},
+    layouts=frozenset({"hf", "gguf"}),
     layout_rotary={"gguf": Rotary.HALF},
     unsupported={**_HF_ONLY, "megatron": "Megatron-LLM has no Qwen2 model"}))
 QWEN3 = register(Family(
     "qwen3", ("qwen3",), "Qwen3ForCausalLM", Block(qk_norm=True), {**LLAMA_NAMES, **_QK_NORM},
     default_eps=1e-6, extra_keys=_QWEN_WINDOW, hf_read=_qwen_read, gguf_arch="qwen3",
     layout_names={"gguf": {**_GGUF_BASE, **_GGUF_QK_NORM}}, layout_rotary={"gguf": Rotary.HALF},
+    layouts=frozenset({"hf", "gguf"}),
     unsupported={**_HF_ONLY, "megatron": "Megatron-LLM has no Qwen3 model"}))
 QWEN3_MOE = register(Family(
     "qwen3-moe", ("qwen3_moe",), "Qwen3MoeForCausalLM", Block(qk_norm=True, mlp=Mlp.MOE),
@@ -598,6 +603,9 @@ QWEN3_MOE = register(Family(
                 "decoder_sparse_step": Extra("decoder_sparse_step", "int", 1),
                 "mlp_only_layers": Extra("mlp_only_layers", "ints", (), lo=0)},
     hf_read=_qwen_moe_read, dense_layer=_qwen_moe_dense, gguf_arch="qwen3moe",
+    layouts=frozenset({"hf", "gguf"}),
+    # llama.cpp's qwen3moe graph always renormalises the top-k weights (build_moe_ffn norm_w = true)
+    gguf_extra={"moe_ffn": "expert_feed_forward_length", "norm_topk_prob": True},
     # (llama.cpp's qwen3moe has no dense FFN tensors: mlp_only_layers has no GGUF name)
     layout_names={"gguf": {**{k: v for k, v in _GGUF_BASE.items() if k not in DENSE_MLP_SLOTS}, **_GGUF_QK_NORM,
                            **_GGUF_EXPERTS}}, layout_rotary={"gguf": Rotary.HALF},
@@ -699,7 +707,9 @@ DEEPSEEK_V3 = register(Family(
         "kv_down_norm": _GB + "attn_kv_a_norm.weight", "kv_up": _GB + "attn_kv_b.weight",
         "e_bias": _GB + "exp_probs_b.bias", "shared_gate": _GB + "ffn_gate_shexp.weight",
         "shared_up": _GB + "ffn_up_shexp.weight", "shared_down": _GB + "ffn_down_shexp.weight"}},
-    unsupported={**_HF_ONLY, "megatron": "Megatron-LLM has no multi-head latent attention"}))
+    unsupported={**_HF_ONLY, "megatron": "Megatron-LLM has no multi-head latent attention",
+                 "gguf": "llama.cpp's deepseek2 converter splits kv_b_proj into attn_k_b (each head transposed) and "
+                         "attn_v_b, which no GGUF table here writes yet"}))
 
 
 # ------------------------------------------------------------------ GPT-OSS (dequantized: experts as float)
@@ -751,4 +761,6 @@ GPT_OSS = register(Family(
                            "router_b": _GB + "ffn_gate_inp.bias", "experts_down": _GB + "ffn_down_exps.weight",
                            "experts_down_b": _GB + "ffn_down_exps.bias"}}, layout_rotary={"gguf": Rotary.HALF},
     unsupported={**_HF_ONLY,
-                 "megatron": "Megatron-LLM has no GPT-OSS model (attention sinks, clamped SwiGLU experts)"}))
+                 "megatron": "Megatron-LLM has no GPT-OSS model (attention sinks, clamped SwiGLU experts)",
+                 "gguf": "llama.cpp's converter de-interleaves gate_up_proj into ffn_gate_exps / ffn_up_exps and "
+                         "writes the experts as MXFP4, which no GGUF table here reads yet"}))

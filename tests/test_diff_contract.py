@@ -67,8 +67,13 @@ def test_a_checkpoint_against_itself_is_equivalent_in_every_layout(name, tmp_pat
     """``ckdiff A A`` exits 0 for every tiny model in every layout its family declares."""
     declared = families.family(TINY[name].family).layouts
     tried = [lay for lay in _LAYOUTS if lay.partition("-")[0] in declared]
+    from ckdiff.errors import InputError
     for lay in tried:
-        p = emit(tmp_path / lay, name, lay)
+        try:
+            p = emit(tmp_path / lay, name, lay)
+        except InputError as e:  # llama.cpp's qwen3moe has no dense FFN: Qwen3-MoE's mlp_only_layers in no GGUF
+            assert lay.startswith("gguf") and "have a dense MLP, which llama.cpp's qwen3moe has no tensors" in str(e)
+            continue
         code, out, err = run_cli(p, p, "--no-diagnose", "-q")
         assert code == 0, (name, lay, out, err)
-    assert len(tried) >= min(2, len(declared)), (name, tried)  # HF-only families (Qwen, DeepSeek) have one
+    assert len(tried) >= min(2, len(declared)), (name, tried)  # HF-only families (DeepSeek, GPT-OSS) have one

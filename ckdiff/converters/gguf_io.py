@@ -351,6 +351,7 @@ def config_from_gguf(f: dict, tensors: dict, where="gguf") -> ModelConfig:
     fam = families.for_gguf(arch, bool(E))
     if fam is None:
         raise InputError(where, f"GGUF architecture {arch!r} {'with' if E else 'without'} experts: no family declares it")
+    extra = gguf_extra(fam, f, where)
     return ModelConfig(
         family=fam.name, hidden=D, layers=L, heads=H, kv_heads=K,
         head_dim=g("attention.key_length") or D // H, ffn=g("feed_forward_length") or 4 * D,
@@ -358,7 +359,24 @@ def config_from_gguf(f: dict, tensors: dict, where="gguf") -> ModelConfig:
         norm_eps=float(g("attention.layer_norm_rms_epsilon") or 1e-5), rope_theta=float(g("rope.freq_base") or 10000.0),
         tied=GGUF["head"] not in tensors, max_pos=g("context_length") or 2048, experts=E,
         experts_per_tok=g("expert_used_count") or 0, hf_model_type=fam.hf_model_types[0],
-        rope_scaling=rope_scaling(f, arch, where), rope_freq_factors=_freq_factors(tensors, where)).check(where)
+        rope_scaling=rope_scaling(f, arch, where), rope_freq_factors=_freq_factors(tensors, where),
+        extra=extra).check(where)
+
+
+def gguf_extra(fam, f: dict, where="gguf") -> dict:
+    """The family's extra config values a GGUF file says (``Family.gguf_extra``): metadata keys read where
+    present (an integer extra must be one), values llama.cpp's graph fixes for the arch as they are."""
+    out = {}
+    for name, key in fam.gguf_extra.items():
+        v = f.get(f"{fam.gguf_arch}.{key}") if isinstance(key, str) else key
+        ex = fam.extra_keys.get(name)
+        if v is not None and isinstance(key, str) and ex is not None and ex.kind == "int" and (
+                not isinstance(v, int) or isinstance(v, bool) or v < ex.lo):
+            raise InputError(where, f"metadata key '{fam.gguf_arch}.{key}': expected an integer >= {ex.lo}, got "
+                                    f"{str(v)[:40]}")
+        if v is not None:
+            out[name] = v
+    return out
 
 
 def rope_scaling(f: dict, arch: str, where="gguf") -> Optional[dict]:
@@ -405,41 +423,56 @@ def canonical(f: dict, tensors: dict) -> dict:
         out["rope_scaling"] = _rope_scaling(c.rope_scaling)
     if c.experts:
         out.update(experts=c.experts, experts_per_tok=c.experts_per_tok)
+    out.update(c.extra)  # what the file says of the family's own values (llama.cpp's fixed ones included)
     return out
 
 
 # ------------------------------------------------------------------ layout table (HF -> GGUF)
 def hf_to_gguf(cfg: ModelConfig) -> list:
-    """The table of llama.cpp's converter for ``cfg``'s family, derived from its declaration: q/k permuted
-    to interleaved pairs (q with the query head count, k with the KV head count) unless the family declares
-    the GGUF rotary half-split; norms stored as ``1 + w`` for a ``1 + w`` norm (Gemma); q/k/v biases when
-    the block has them."""
+    """The table of llama.cpp's converter for ``cfg``'s family, derived from its declaration: its GGUF names
+    (``layout_names["gguf"]`` where declared, else llama's), q/k permuted to interleaved pairs (q with the query
+    head count, k with the KV head count) unless the family declares the GGUF rotary half-split; norms stored
+    as ``1 + w`` for a ``1 + w`` norm (Gemma); q/k/v biases and q/k norms when the block has them; per-expert
+    HF tensors stacked over the experts (``ffn_{gate,up,down}_exps``)."""
     from .layouts import MOE_HF, family_for
     from ..families import Norm, Rotary
     fam = family_for(cfg, "gguf")
-    hf = fam.hf_names
+    hf, G = fam.hf_names, fam.layout_names.get("gguf") or GGUF
     if fam.layout_rotary.get("gguf", Rotary.INTERLEAVED) is Rotary.INTERLEAVED:
         qop, kop = PermuteRope(cfg.heads, cfg.head_dim), PermuteRope(cfg.kv_heads, cfg.head_dim)
     else:
         qop = kop = Identity()
     norm = AddConst(1.0) if fam.block.norm is Norm.RMS_PLUS_ONE else Identity()
-    rules = [R(hf["embed"], GGUF["embed"]),
-             R(hf["attn_norm"], GGUF["attn_norm"], norm),
-             R(hf["q"], GGUF["q"], qop), R(hf["k"], GGUF["k"], kop),
-             R(hf["v"], GGUF["v"]), R(hf["o"], GGUF["o"]), R(hf["mlp_norm"], GGUF["mlp_norm"], norm)]
+    rules = [R(hf["embed"], G["embed"]),
+             R(hf["attn_norm"], G["attn_norm"], norm),
+             R(hf["q"], G["q"], qop), R(hf["k"], G["k"], kop),
+             R(hf["v"], G["v"]), R(hf["o"], G["o"]), R(hf["mlp_norm"], G["mlp_norm"], norm)]
     if fam.block.qkv_bias:
-        rules += [R(hf[f"{s}_b"], GGUF[s].replace(".weight", ".bias"), op)
+        rules += [R(hf[f"{s}_b"], G[f"{s}_b"] if f"{s}_b" in G else G[s].replace(".weight", ".bias"), op)
                   for s, op in (("q", qop), ("k", kop), ("v", Identity()))]
+    if fam.block.qk_norm:  # per-head RMS norms over head_dim: no rows to permute
+        rules += [R(hf[s], G[s], norm) for s in ("q_norm", "k_norm")]
+    dense = [i for i in range(cfg.layers) if families.dense_layer(cfg, i)]
+    if dense and "gate" not in G:
+        raise InputError("config", f"{fam.name}: layers {dense} have a dense MLP, which llama.cpp's {fam.gguf_arch} "
+                                   "has no tensors for (every layer's MLP is the MoE there)")
     if fam.block.mlp is Mlp.MOE:
         E = cfg.experts
-        rules.append(R(MOE_HF["router"], GGUF["router"]))
-        for n, w in ((1, "gate"), (2, "down"), (3, "up")):
-            rules.append(R([MOE_HF["w"].format(e=e, n=n) for e in range(E)], GGUF["exps"].replace("{w}", w), Stack(E)))
+        if "expert" in hf:  # Mixtral: experts.{e}.w{n}
+            rules.append(R(MOE_HF["router"], GGUF["router"]))
+            for n, w in ((1, "gate"), (2, "down"), (3, "up")):
+                rules.append(R([MOE_HF["w"].format(e=e, n=n) for e in range(E)], GGUF["exps"].replace("{w}", w),
+                               Stack(E)))
+        else:  # one HF slot per expert weight (Qwen3-MoE's experts.{e}.gate_proj ...)
+            rules.append(R(hf["router"], G["router"]))
+            for s in ("expert_gate", "expert_down", "expert_up"):
+                t = hf[s].replace("{i}", "{{i}}")
+                rules.append(R([t.format(e=e) for e in range(E)], G[s], Stack(E)))
     else:
-        rules += [R(hf[s], GGUF[s], Identity()) for s in ("gate", "up", "down")]
-    rules.append(R(hf["norm"], GGUF["norm"], norm))
+        rules += [R(hf[s], G[s], Identity()) for s in ("gate", "up", "down")]
+    rules.append(R(hf["norm"], G["norm"], norm))
     if not cfg.tied:
-        rules.append(R(hf["head"], GGUF["head"]))
+        rules.append(R(hf["head"], G["head"]))
     return rules
 
 
@@ -481,6 +514,11 @@ def write_gguf(path: Path, hf: dict, cfg: ModelConfig, qtype: str = "F16", keep_
     if cfg.experts:
         w.add_expert_count(cfg.experts)
         w.add_expert_used_count(cfg.experts_per_tok)
+    fam = families.family(cfg.family)
+    for name, key in fam.gguf_extra.items():  # the family's values llama.cpp keeps as metadata
+        v = (cfg.extra or {}).get(name)
+        if isinstance(key, str) and isinstance(v, int) and not isinstance(v, bool):
+            w.add_uint32(f"{fam.gguf_arch}.{key}", v)
     qt = gguf.GGMLQuantizationType[qtype]
     for k, a in tensors.items():
         if a.ndim == 1 or any(s in k for s in keep_float):

@@ -207,10 +207,19 @@ def _hf_keys(cfg: ModelConfig) -> list:
     (optional ones as the config says), MoE experts expanded."""
     fam = families.get(cfg.family) or family_for(cfg, "hf")
     keys = []
-    for s in fam.slots(tied=cfg.tied, two_norms=cfg.two_norms):
-        if s == "expert":
-            keys += [fam.hf_names[s].replace("{i}", "{{i}}").format(e=e, n=n)
-                     for e in range(cfg.experts) for n in (1, 2, 3)]
+    slots = fam.slots(tied=cfg.tied, two_norms=cfg.two_norms)
+    per_layer = [set(fam.layer_slots(cfg, i, slots)) for i in range(cfg.layers)]
+    for s in slots:
+        t = fam.hf_names[s]
+        if "{i}" in t and not all(s in have for have in per_layer):  # in some layers only (an MoE model's
+            names = [t.replace("{i}", str(i)) for i, have in enumerate(per_layer) if s in have]  # dense MLP)
         else:
-            keys.append(fam.hf_names[s])
+            names = [t]
+        for t in names:
+            if s == "expert":
+                keys += [t.replace("{i}", "{{i}}").format(e=e, n=n) for e in range(cfg.experts) for n in (1, 2, 3)]
+            elif "{e}" in t:  # one HF tensor per expert (Qwen3-MoE, DeepSeek-V3)
+                keys += [t.replace("{i}", "{{i}}").format(e=e) for e in range(cfg.experts)]
+            else:
+                keys.append(t)
     return keys

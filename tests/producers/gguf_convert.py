@@ -1,10 +1,15 @@
 """Runs llama.cpp's own ``convert_hf_to_gguf.py`` (from the llama-cpp-python sdist, vendor/llama.cpp)
 several times in one process: the converter's import of torch and transformers is paid once.
 
-Usage: python gguf_convert.py LLAMA_CPP_DIR HF_DIR:OUTTYPE:OUTFILE...
+Usage: python gguf_convert.py LLAMA_CPP_DIR HF_DIR:OUTTYPE:OUTFILE[:spm]...
 
 Each item is exactly the command line ``convert_hf_to_gguf.py HF_DIR --outtype OUTTYPE --outfile OUTFILE``
 (the converter's ``main()`` with that argv); the converter uses its own bundled ``gguf-py``.
+
+``:spm`` (Qwen3-MoE): the converter's GPT-2 BPE vocab step (``TextModel._set_vocab_gpt2``) accepts only a
+hub tokenizer whose pre-tokenizer hash it knows, which an offline tiny tokenizer cannot be; for that item
+the vocab is written by the converter's own sentencepiece step instead (as its Qwen2Model/Qwen3Model do).
+Only the tokenizer metadata differs: the tensors and hyperparameters are the converter's as they are.
 """
 import logging
 import sys
@@ -15,9 +20,12 @@ def main():
     root = Path(sys.argv[1])
     sys.path.insert(0, str(root))
     import convert_hf_to_gguf as conv  # noqa: E402 - the converter module of the sdist given
+    from conversion import base  # noqa: E402 - the converter's model classes (same sdist)
+    gpt2 = base.TextModel._set_vocab_gpt2
     for item in sys.argv[2:]:
-        hf, outtype, outfile = item.split(":")
+        hf, outtype, outfile, *opt = item.split(":")
         sys.argv = ["convert_hf_to_gguf.py", hf, "--outtype", outtype, "--outfile", outfile]
+        base.TextModel._set_vocab_gpt2 = base.TextModel._set_vocab_sentencepiece if "spm" in opt else gpt2
         conv.main()
         logging.getLogger().handlers.clear()
 
