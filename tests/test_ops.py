@@ -13,14 +13,14 @@ def test_spec_row_lists():
     # d = 16: Megatron/Meta rows hold HF rows 0,8,1,9,...; conversely HF rows hold Meta rows 0,2,4,...
     assert rope_to_interleaved(rows, 1, 16)[:, 0].tolist() == [0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15]
     assert rope_to_half(rows, 1, 16)[:, 0].tolist() == [0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15]
-    # the wrong k map (K=2 rows treated as H=4 heads of 8) from meta-jetstream-format.md section 2
+    # the wrong k map (K=2 rows treated as H=4 heads of 8) (the bug class Meta/HF permutation code ships)
     wrong = rope_to_half(torch.arange(32)[:, None], 4, 8)[:, 0].tolist()
     assert wrong == [0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15, 16, 18, 20, 22, 17, 19, 21, 23,
                      24, 26, 28, 30, 25, 27, 29, 31]
 
 
 def test_fused_qkv_toy_layout():
-    # megatron-llm-format.md section 7: H=4, K=2, d=16 -> [P(q0), P(q1), P(k0), v0, P(q2), P(q3), P(k1), v1]
+    # Megatron-LLM's fused qkv per query group: H=4, K=2, d=16 -> [P(q0), P(q1), P(k0), v0, P(q2), P(q3), P(k1), v1]
     q, k, v = (torch.full((n * 16, 1), float(t)) for t, n in ((1, 4), (2, 2), (3, 2)))
     q = q + torch.arange(64)[:, None] / 1000
     fused = FuseQKV(4, 2, 16)([q, k, v])[0][:, 0]

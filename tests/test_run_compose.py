@@ -87,7 +87,8 @@ def test_toy_hf_layout_agrees_with_transformers_qwen2(toy):
 
 
 def _megatron_state(st: dict, cfg: ModelConfig, permute_bias: bool = True) -> dict:
-    """Megatron-LLM tensors written from megatron-llm-format.md sections 6.1, 7, 8, 9 by index loops."""
+    """Megatron-LLM tensors written from Megatron-LLM's hf_to_megatron.py layout (fused qkv per query group,
+    [gate; up], the vocab padding) by index loops."""
     H, K, d, F = cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.ffn
     r = H // K
 

@@ -1,7 +1,8 @@
 """``ckdiff logits A B``: the same random token ids through both checkpoints.
 
 Each side runs in its own layout's reference runtime (golden/runtimes.py), every encoding dequantized.
-Metrics (verification-lessons.md section 4), all from log_softmax in float64: per-token KL(R||O) summed
+Metrics (those NeMo Automodel, llama.cpp's perplexity KLD and MaxText gate on), all from log_softmax in
+float64: per-token KL(R||O) summed
 over the vocabulary (mean, p99, max with its location), R being the side the noise floor encodes; top-1
 agreement; mutual top-k containment; max-abs logit difference with (sequence, position, token id); NMSE;
 the relative hidden-state error after each layer and the first layer past its limit.

@@ -1,7 +1,7 @@
 """torch.distributed.checkpoint (DCP) directories: ``.metadata`` + ``*.distcp``, read lazily.
 
 Facts (checked against torch 2.13's ``torch/distributed/checkpoint/filesystem.py`` and
-``metadata.py``; see /work/shared/specs/formats-today.md section 1):
+``metadata.py``):
 
 - ``.metadata`` is a plain pickle of ``Metadata``. It is unpickled under the DCP metadata policy
   of converters/unpickle.py: DCP's own metadata and planner dataclasses (megatron-core stores its

@@ -195,7 +195,8 @@ def read_tensor_dir(p: Path, trust_pickle=False, **_) -> Checkpoint:
 
 # ---------------------------------------------------------------- Meta directories
 META_SHARD = re.compile(r"^consolidated\.(\d+)\.pth$")
-# How Meta's consolidated.NN.pth shards cut each tensor (meta-jetstream-format.md): the writer splits
+# How Meta's consolidated.NN.pth shards cut each tensor (transformers' convert_llama_weights_to_hf.py
+# merges them on these axes): the writer splits
 # with this table, the reader merges with its reverse. The embedding's cut depends on the Llama version.
 META_SHARDS = ShardTable([
     ShardRow(r"^tok_embeddings\.weight$", {2: Shard.COLS, 3: Shard.ROWS}),  # hidden axis (1/2), vocab (3)

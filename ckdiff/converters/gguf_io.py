@@ -1,7 +1,7 @@
 """GGUF files (llama.cpp), read through llama.cpp's own ``gguf`` package, mapped to HF by a table.
 
 Facts (gguf 0.19.0, ``gguf/gguf_reader.py``, ``gguf/quants.py``, ``gguf/constants.py``; llama.cpp
-``convert_hf_to_gguf.py`` ``LlamaModel``; /work/shared/specs/formats-today.md section 3):
+``convert_hf_to_gguf.py`` ``LlamaModel``, from the llama-cpp-python 0.3.36 source distribution):
 
 - ``GGUFReader`` memory-maps the file; each tensor's ``data`` is a numpy view in logical row order
   (HF ``[out, in]`` order), raw ``uint8`` row bytes for block-quantized types (BF16 included).

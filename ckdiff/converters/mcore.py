@@ -2,8 +2,8 @@
 
 Everything Megatron-Core-specific lives here, declaratively (names, orders, args), so a
 registry can pick it up as one declaration. Facts were checked against NVIDIA/Megatron-LM
-``megatron/core`` at commit d98e8a64 (2026-08-22) and ``megatron/training/arguments.py`` (see
-/work/shared/specs/formats-today.md section 2 for the functions each fact comes from):
+``megatron/core`` at commit d98e8a64 (2026-08-22) and ``megatron/training/arguments.py``, and on files
+megatron-core 0.16.1 itself writes (tests/test_producer_mcore.py):
 
 - ``metadata.json`` = ``{"sharded_backend": "torch_dist", ...}``; the tensors are a torch DCP
   checkpoint (``.metadata`` + ``*.distcp``, read by converters/dcp.py) at their global shapes.

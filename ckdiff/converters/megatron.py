@@ -2,8 +2,9 @@
 
 The reader presents a merged, TP=1/PP=1 view under native names with global
 layer indices (``layouts.MEGATRON``); the writer splits that view into
-``mp_rank_XX[_YYY]/model_optim_rng.pt`` files. Rules: megatron-llm-format.md
-sections 3-5 and 10-12.
+``mp_rank_XX[_YYY]/model_optim_rng.pt`` files. Rules as epfLLM/Megatron-LLM writes and reads them
+(``weights_conversion/hf_to_megatron.py``, ``megatron/checkpointing.py``, ``tools/checkpoint_util.py``
+at 806a833).
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from .torch_zip import TensorSource, iter_leaves, write_torch_zip
 TRACKER = "latest_checkpointed_iteration.txt"
 RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
 
-# How each tensor is cut over TP ranks (megatron-llm-format.md section 10). The writer splits with
+# How each tensor is cut over TP ranks (Megatron-LLM's column- and row-parallel layers, as
+# tools/checkpoint_saver_megatron.py splits them). The writer splits with
 # this table, the reader merges with its reverse. Keys not listed have no rule (an error at TP > 1).
 TP_TABLE = ShardTable([
     ShardRow(r"word_embeddings\.weight$", Shard.ROWS),            # vocab-parallel embedding

@@ -1,4 +1,5 @@
-"""JetStream-pt weight quantization (meta-jetstream-format.md section 6).
+"""JetStream-pt weight quantization (jetstream-pytorch ``jetstream_pt/quantize.py`` and
+``convert_checkpoints.py`` at f32f9c6).
 
 Symmetric, no zero point: ``s = max|w| / qmax`` over the reduction axis
 (clamped to >= 1e-5), ``q = clamp(round(w * (1/s)), qmin, qmax)`` as int8, the

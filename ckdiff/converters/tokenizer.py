@@ -2,7 +2,8 @@
 
 Megatron's SentencePiece tokenizer appends <CLS>, <SEP>, <EOD>, <MASK>, <PAD> and
 then the extra ids. They are added only when the embedding has rows for them, so
-the tokenizer never outgrows the vocabulary (megatron-llm-format.md pitfall 13).
+the tokenizer never outgrows the vocabulary (Megatron-LLM ``megatron/tokenizer/tokenizer.py``
+``_SentencePieceTokenizer`` adds them unconditionally, which can exceed the embedding rows).
 Written as the slow Llama tokenizer files (tokenizer.model + tokenizer_config.json
 + special_tokens_map.json), which transformers loads without a network.
 """

@@ -1,8 +1,9 @@
 """Expected layouts, written down from the specs: the golden side's own facts.
 
 Literal tables only (no imports from the converters): key names, split rules, shapes and rank layouts
-copied by hand from /work/shared/specs (megatron-llm-format.md "MLF", meta-jetstream-format.md "MJF")
-and from the original tools' documented layouts they describe. The golden emitter (golden/emit.py)
+copied by hand from the original tools' layouts: epfLLM/Megatron-LLM ``weights_conversion/hf_to_megatron.py``
+at 806a833 ("MLF" below), Meta's ``consolidated.NN.pth`` as transformers' ``convert_llama_weights_to_hf.py``
+(01cc9cd) reads it and AI-Hypercomputer/jetstream-pytorch ``convert_checkpoints.py`` at f32f9c6 ("MJF"). The golden emitter (golden/emit.py)
 builds every expected checkpoint from these tables and the family declarations' *HF* names (the model's
 definition); the converters keep their own tables in converters/layouts.py and converters/megatron.py.
 A wrong key or split on either side therefore shows up as a golden diff instead of cancelling out.
@@ -115,7 +116,7 @@ SPEC_TOY_TP2_PP2 = {
 
 # ------------------------------------------------------------------ HF names, as the specs list them
 # (the golden reads a model's HF names from its family declaration; these pin the declarations to the
-# specs: MLF section 6.1 / MJF section 1 for Llama, MLF section 6.2 for Falcon, MJF section 7 for Mixtral)
+# original tools: MLF / MJF for Llama, MLF for Falcon, MJF for Mixtral)
 SPEC_HF_NAMES = {
     "llama": {
         "embed": "model.embed_tokens.weight", "norm": "model.norm.weight", "head": "lm_head.weight",

@@ -4,7 +4,8 @@ Every mutation is a :class:`~ckdiff.converters.faults.Faults` value handed to th
 (and its inverse) through the conversion API's explicit injection points: the checkpoint as read, the
 config as parsed, each conversion table, the converted tensors, the config file written. No module is
 patched, so the checks (golden emitter, comparator, reference runtimes) always run unmutated code.
-The catalogue covers the classes of verification-lessons.md section 6; ``run_mutations`` applies each
+The catalogue covers the bug classes converters ship (rotary, head counts, GLU order, shards, dropped
+tensors, scales, config); ``run_mutations`` applies each
 to its converter and tiny model and reports which checks (round trip, golden diff, logits) turned red.
 The unmutated baseline of every (converter, model, dtype, options) used must stay green, so a mutation
 score of 100% means something.
