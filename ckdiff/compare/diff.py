@@ -44,7 +44,7 @@ class Tolerance:
     source: str  # "exact" | "dtype <name>" | "--atol/--rtol" | "pattern <p>"
 
 
-@dataclass
+@dataclass(slots=True)  # one per tensor, and a checkpoint can hold 10^6 of them: no per-instance dict
 class TensorResult:
     name: str
     status: Status  # compare/status.py: equal, close, cast, quant, reordered, dtype, differ, shape, only-a, only-b

@@ -19,6 +19,10 @@ CHUNK_BYTES = 32 * 1024 * 1024
 class LazyTensor:
     """A tensor whose data is read only when asked for."""
 
+    # the common fields in slots; "__dict__" keeps every subclass free to add its own attributes, while a
+    # subclass that declares slots for all of its own (SafetensorsTensor) never allocates a dict
+    __slots__ = ("name", "shape", "dtype", "origin", "__dict__", "__weakref__")
+
     def __init__(self, name: str, shape: Sequence[int], dtype: torch.dtype, origin: str = ""):
         self.name = name
         self.shape = tuple(int(s) for s in shape)

@@ -232,6 +232,7 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self.origin = str(self.path)  # one string shared by every tensor of the file (a header can hold 10^6)
         with open_input(self.path) as f:
             size = os.fstat(f.fileno()).st_size
             try:
@@ -306,17 +307,24 @@ class SafetensorsFile:
         return self._fh.fileno()
 
     def tensors(self) -> dict[str, "SafetensorsTensor"]:
-        origin = str(self.path)
+        """The file's lazy tensors, made once: the parsed entries are dropped after (a header of 10^6
+        entries would otherwise be held twice)."""
+        if self.entries is None:
+            raise RuntimeError(f"{self.path}: tensors() already taken")
         with no_gc():
-            return {n: SafetensorsTensor(n, self, *e, origin=origin) for n, e in self.entries.items()}
+            out = {n: SafetensorsTensor(n, self, *e) for n, e in self.entries.items()}
+        self.entries = None
+        return out
 
 
 class SafetensorsTensor(LazyTensor):
+    __slots__ = ("file", "lo", "hi")  # with LazyTensor's slots: no per-tensor dict (10^6-entry headers)
+
     def __init__(self, name, file: SafetensorsFile, dtype, shape, lo, hi, origin=None):
         # the header parser has made ``shape`` a tuple of ints already: set the fields directly
         # (a header can hold a million entries)
         self.name, self.shape, self.dtype = name, shape, dtype
-        self.origin = str(file.path) if origin is None else origin
+        self.origin = file.origin if origin is None else origin
         self.file, self.lo, self.hi = file, lo, hi
 
     def _view(self, byte_lo: int, byte_hi: int, shape) -> torch.Tensor:
