@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (big_hf_tensors, cat_seconds, child_peak_rss_anon, ensure_space, human,  # noqa: E402
                     sized_config)
-from ckdiff.converters.lazy import LazyTensor  # noqa: E402
+from ckdiff.tensor.lazy import LazyTensor  # noqa: E402
 
 TARGET = {"copy": 1.5, "one": 2.0, "all": 3.0, "cast": 3.0, "int8": 4.0, "megatron": 3.0}
 MAIN = "import sys; from ckdiff.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -75,11 +75,11 @@ def ckdiff_timed(argv, env) -> tuple:
 
 
 def make_b(case: str, a: Path, b: Path, tensors: dict, cfg, env) -> None:
-    from ckdiff.converters.writers import atomic_dir, write_hf
+    from ckdiff.io.writers import atomic_dir, write_hf
     if case in ("copy", "one"):
         shutil.copytree(a, b)
         if case == "one":  # flip a low mantissa bit of one bf16 element in the middle of a big tensor
-            from ckdiff.converters.safetensors_io import SafetensorsFile
+            from ckdiff.io.safetensors import SafetensorsFile
             f = SafetensorsFile(b / "model.safetensors")
             name = max(f.entries, key=lambda k: f.entries[k][3] - f.entries[k][2])
             _, shape, lo, hi = f.entries[name]
@@ -123,7 +123,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep
            + os.environ.get("PYTHONPATH", "")}
-    from ckdiff.converters.writers import atomic_dir, write_hf
+    from ckdiff.io.writers import atomic_dir, write_hf
     t = time.perf_counter()  # numba compiles the kernels once and caches them on disk
     subprocess.run([sys.executable, "-c", "from ckdiff.compare.kernels import warm; warm()"], env=env, check=True)
     print(f"kernels compiled or loaded from numba's cache: {time.perf_counter() - t:.1f}s (once per install)")

@@ -79,7 +79,7 @@ def run_one(argv) -> tuple[float, float, float]:
 
 
 def bench_size(gib: float, out: Path, keep: bool) -> None:
-    from ckdiff.converters.writers import atomic_dir, write_hf
+    from ckdiff.io.writers import atomic_dir, write_hf
     cfg = sized_config(gib)
     tensors = big_hf_tensors(cfg)
     size = sum(t.nbytes for t in tensors.values())

@@ -26,7 +26,7 @@ from common import PeakRssAnon, big_hf_tensors, ensure_space, human, sized_confi
 def one(a, b, dtype):
     """``ckdiff logits a b`` here; print seconds, RssAnon after imports, peak, verdict."""
     from ckdiff.compare.logits import compare_logits
-    from ckdiff.converters.formats import open_checkpoint
+    from ckdiff.formats.readers import open_checkpoint
     with PeakRssAnon() as m:
         t = time.perf_counter()
         res = compare_logits(open_checkpoint(a), open_checkpoint(b), dtype=dtype)
@@ -37,8 +37,8 @@ def one(a, b, dtype):
 def bench_size(gib: float, out: Path, dtype: str, keep: bool) -> None:
     import torch
 
-    from ckdiff.converters import api
-    from ckdiff.converters.writers import atomic_dir, write_hf
+    from ckdiff.convert import api
+    from ckdiff.io.writers import atomic_dir, write_hf
     cfg = sized_config(gib)
     tensors = big_hf_tensors(cfg)
     size = sum(t.nbytes for t in tensors.values())

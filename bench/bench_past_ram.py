@@ -89,7 +89,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep
            + os.environ.get("PYTHONPATH", "")}
-    from ckdiff.converters.writers import atomic_dir, write_hf
+    from ckdiff.io.writers import atomic_dir, write_hf
     subprocess.run([sys.executable, "-c", "from ckdiff.compare.kernels import warm; warm()"], env=env, check=True)
     mem = mem_total_bytes()
     gib = args.ratio * mem / 2 / 2**30

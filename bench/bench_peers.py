@@ -82,7 +82,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep
            + os.environ.get("PYTHONPATH", "")}
-    from ckdiff.converters.writers import atomic_dir, write_hf
+    from ckdiff.io.writers import atomic_dir, write_hf
     print(f"machine: {os.cpu_count()} cores; each row: the median wall of {args.repeat} fresh processes, "
           "the highest peak RssAnon")
     print(f"{'size':>8} {'case':5} {'tool':10} {'wall':>7} {'vs ckdiff':>9} {'peak RssAnon':>13}  verdict")

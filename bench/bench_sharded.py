@@ -68,7 +68,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep
            + os.environ.get("PYTHONPATH", "")}
-    from ckdiff.converters.writers import atomic_dir, write_hf
+    from ckdiff.io.writers import atomic_dir, write_hf
     cfg = sized_config(args.size)
     tensors = big_hf_tensors(cfg)
     size = sum(t.nbytes for t in tensors.values())

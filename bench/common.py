@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's ckdiff, installed or not
-from ckdiff.converters.config import ModelConfig  # noqa: E402
-from ckdiff.converters.lazy import LazyTensor  # noqa: E402
+from ckdiff.models.config import ModelConfig  # noqa: E402
+from ckdiff.tensor.lazy import LazyTensor  # noqa: E402
 
 # ~1.7 GB in bfloat16: Llama-shaped, GQA (H=16, K=4), 16 layers
 BIG = ModelConfig("llama", hidden=2048, layers=16, heads=16, kv_heads=4, head_dim=128, ffn=5632, vocab=32000,

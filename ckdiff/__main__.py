@@ -1,6 +1,6 @@
 """``python3 -m ckdiff``: the same as the ``ckdiff`` command."""
 import sys
 
-from .commands import main
+from ckdiff.commands import main
 
 sys.exit(main())

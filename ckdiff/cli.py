@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from .commands import main
+from ckdiff.commands import main
 
 __all__ = ["main"]
 

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from .errors import CkdiffError
+from ckdiff.errors import CkdiffError
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 ABORT_CLEANUP: set = set()  # temporary output directories to remove if the run is aborted

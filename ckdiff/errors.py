@@ -1,5 +1,5 @@
 """Errors that the CLI turns into a one-line message and exit code 2."""
-from .text import printable
+from ckdiff.text import printable
 
 
 class CkdiffError(Exception):

@@ -30,7 +30,7 @@ def versions() -> dict:
     import platform
     from importlib import metadata
 
-    from . import __version__
+    from ckdiff import __version__
     out = {"ckdiff": __version__, "python": platform.python_version()}
     for name in LIBRARIES:
         try:

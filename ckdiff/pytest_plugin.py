@@ -27,7 +27,7 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def ckdiff_golden(tmp_path_factory):
-    from .golden.emit import emit
+    from ckdiff.golden.emit import emit
     cache: dict = {}
 
     def make(model: str = "llama-gqa", layout: str = "hf", dtype: str = "float32", **kw):

@@ -18,9 +18,17 @@ import shlex
 from collections import ChainMap
 from pathlib import Path
 
-from .compare.diff import Options, compare_checkpoints
-from .converters.formats import open_checkpoint
-from .golden.suite import REGISTRY, CheckResult, Converter, SuiteResult, check_converter, register, validate
+from ckdiff.compare.diff import Options, compare_checkpoints
+from ckdiff.formats.readers import open_checkpoint
+from ckdiff.golden.suite import (
+    REGISTRY,
+    CheckResult,
+    Converter,
+    SuiteResult,
+    check_converter,
+    register,
+    validate,
+)
 
 __all__ = ["Converter", "gate", "assert_checkpoints_match", "assert_logits_match", "tiny_configs", "register",
            "REGISTRY", "check_converter", "write_gate_report", "pytest_command"]
@@ -46,7 +54,7 @@ def assert_checkpoints_match(a, b, **options) -> None:
 
 def assert_logits_match(a, b, **kw) -> None:
     """Forward passes of both checkpoints in their own layouts agree (see compare.logits)."""
-    from .compare.logits import compare_logits
+    from ckdiff.compare.logits import compare_logits
     r = compare_logits(open_checkpoint(str(a)), open_checkpoint(str(b)), **kw)
     if not r.equivalent:
         raise AssertionError(f"logits differ: {r.summary()}; max KL at [seq, pos] {r.max_kl_at}; "
@@ -65,9 +73,9 @@ def pytest_command(node) -> str:
 
 def write_gate_report(checks: list[CheckResult], out: Path, command: str) -> list[Path]:
     """``out``.html and ``out``.json for one gate run; ``command`` is the reproduce line they show."""
-    from .converters.writers import atomic_file
-    from .reports.html import render_html
-    from .reports.render import render_json
+    from ckdiff.io.writers import atomic_file
+    from ckdiff.reports.html import render_html
+    from ckdiff.reports.render import render_json
     res = SuiteResult(list(checks))
     out = Path(out)
     written = []
@@ -112,7 +120,7 @@ def tiny_configs(families=("llama",)):
     """hypothesis strategy of tiny ModelConfigs with 1 < K < H, H/K != K, even head dims."""
     from hypothesis import strategies as st
 
-    from .converters.config import ModelConfig
+    from ckdiff.models.config import ModelConfig
 
     @st.composite
     def build(draw):

@@ -9,7 +9,7 @@ import torch
 
 from ckdiff.compare.diff import Options, compare_checkpoints
 from ckdiff.commands.convert import COMMANDS
-from ckdiff.converters.formats import open_checkpoint
+from ckdiff.formats.readers import open_checkpoint
 
 
 def convert(*argv):

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ckdiff.compare.diff import Options, compare_checkpoints
-from ckdiff.converters.config import canonical_config, compare_configs
-from ckdiff.converters.formats import open_checkpoint
+from ckdiff.models.config import canonical_config, compare_configs
+from ckdiff.formats.readers import open_checkpoint
 from ckdiff.golden.emit import emit
 from ckdiff.golden.models import hf_state, tiny_config
 
@@ -88,7 +88,7 @@ def test_fp8_stored_in_the_other_format_is_a_finding(tmp_path, run_cli):
 
 
 def test_gate_up_swapped_in_an_f16_gguf_is_named(tmp_path):
-    from ckdiff.converters.gguf_io import write_gguf
+    from ckdiff.formats.gguf import write_gguf
     cfg = tiny_config("llama-gqa")
     hf = emit(tmp_path / "hf", "llama-gqa", "hf")
     state = hf_state(cfg, 0)

@@ -12,8 +12,8 @@ from rich.console import Console
 
 from ckdiff.commands import COMMANDS
 from ckdiff.compare.diff import CompareResult, Options, TensorResult, compare_checkpoints
-from ckdiff.converters.formats import open_checkpoint
-from ckdiff.converters.safetensors_io import read_safetensors, write_safetensors
+from ckdiff.formats.readers import open_checkpoint
+from ckdiff.io.safetensors import read_safetensors, write_safetensors
 from ckdiff.golden.models import lazy
 from ckdiff.reports.terminal import print_compare
 
@@ -218,7 +218,7 @@ def test_casts_are_named_and_collapsed():
 
 # ---------------------------------------------------------------- item 10: A and B swapped
 def _layouts(tmp: Path, tag: str) -> dict:
-    from ckdiff.converters.writers import atomic_dir, write_meta_shards
+    from ckdiff.io.writers import atomic_dir, write_meta_shards
     from ckdiff.golden import emit as E
     cfg = E.tiny_config("llama-gqa")
     out = {lay: E.emit(tmp / f"{lay}-{tag}", "llama-gqa", lay) for lay in ("hf", "jetstream", "megatron")}

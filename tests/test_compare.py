@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ckdiff.compare.diff import Options, compare_tensor
-from ckdiff.converters.lazy import EagerTensor
-from ckdiff.converters.safetensors_io import read_safetensors, write_safetensors
+from ckdiff.tensor.lazy import EagerTensor
+from ckdiff.io.safetensors import read_safetensors, write_safetensors
 from ckdiff.golden.models import lazy
 
 
@@ -161,7 +161,7 @@ def test_different_layouts_are_mapped_and_say_so(tmp_path, run_cli, ckdiff_golde
     code, out, _ = run_cli(hf, meg, "--no-map", "-q")
     assert code == 1 and "only-a" in out
     # a bug on the mapped side is reported under A's names, with its cause
-    from ckdiff.converters.ops import rope_to_half
+    from ckdiff.tensor.ops import rope_to_half
     _edit(ckdiff_golden("llama-gqa", "jetstream"), tmp_path / "js", lambda s: {
         **s, "layers.1.attention.wk.weight": rope_to_half(s["layers.1.attention.wk.weight"], 2, 8)})
     code, out, _ = run_cli(hf, tmp_path / "js", "--json", tmp_path / "r2.json")

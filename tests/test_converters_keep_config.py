@@ -10,8 +10,8 @@ import json
 import pytest
 
 from ckdiff.compare.diff import compare_config_semantics
-from ckdiff.converters.config import canonical_config, compare_configs
-from ckdiff.converters.formats import open_checkpoint
+from ckdiff.models.config import canonical_config, compare_configs
+from ckdiff.formats.readers import open_checkpoint
 from ckdiff.golden.models import write_tiny_hf
 from ckdiff.golden.suite import REGISTRY, config_drift, convert
 

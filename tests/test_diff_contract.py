@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ckdiff import families
+from ckdiff.models import families
 from ckdiff.golden.emit import emit
 from ckdiff.golden.models import TINY
 

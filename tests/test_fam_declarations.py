@@ -1,4 +1,4 @@
-"""Family declarations (ckdiff/families.py) as the one place a family is known.
+"""Family declarations (ckdiff/models/families.py) as the one place a family is known.
 
 A toy family (llama with q/k/v biases) is declared in a fixture and nothing else is told about it:
 its config maps both ways, its tiny weights are drawn, its Megatron-LLM table fuses the biases the
@@ -12,12 +12,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from ckdiff import families
-from ckdiff.converters import layouts
-from ckdiff.converters.config import ModelConfig, canonical_config
-from ckdiff.converters.megatron import config_from_args, make_args
+from ckdiff.models import families
+from ckdiff.formats import layouts
+from ckdiff.models.config import ModelConfig, canonical_config
+from ckdiff.formats.megatron_llm import config_from_args, make_args
 from ckdiff.errors import InputError
-from ckdiff.families import LLAMA_NAMES, Block, Family
+from ckdiff.models.families import LLAMA_NAMES, Block, Family
 from ckdiff.golden.models import TINY, hf_state, lazy
 
 _L = "model.layers.{i}."
@@ -214,9 +214,9 @@ def test_hf_source_with_undeclared_bias_is_refused(toy):
 def test_toy_converts_through_the_library_converters(toy, tmp_path):
     """hf-to-megatron and megatron-to-hf know the toy family from its declaration alone (its --model
     value is its name), and the round trip gives back every tensor bit for bit and the same config."""
-    from ckdiff.converters import api
-    from ckdiff.converters.formats import open_checkpoint
-    from ckdiff.converters.writers import write_hf
+    from ckdiff.convert import api
+    from ckdiff.formats.readers import open_checkpoint
+    from ckdiff.io.writers import write_hf
     cfg = toy_config()
     state = hf_state(cfg, seed=21)
     (tmp_path / "hf").mkdir()

@@ -1,4 +1,4 @@
-"""Qwen2, Qwen3, Qwen3-MoE, DeepSeek-V3 and GPT-OSS: declared once (ckdiff/families.py), checked against
+"""Qwen2, Qwen3, Qwen3-MoE, DeepSeek-V3 and GPT-OSS: declared once (ckdiff/models/families.py), checked against
 transformers.
 
 Each fixture is written by transformers itself: its own config class built from the config.json that
@@ -23,9 +23,9 @@ import transformers
 
 from ckdiff.compare.diff import compare_checkpoints
 from ckdiff.compare.logits import compare_logits
-from ckdiff.converters.config import ModelConfig, model_config
-from ckdiff.converters.formats import open_checkpoint
-from ckdiff.golden import runtimes
+from ckdiff.models.config import ModelConfig, model_config
+from ckdiff.formats.readers import open_checkpoint
+from ckdiff.runtime import forward as runtimes
 from ckdiff.golden.models import TINY, hf_state, lazy
 
 FAMILIES = {  # tiny model -> transformers model class
@@ -115,7 +115,7 @@ def test_deepseek_mtp_layer_read_when_present_and_named_when_missing(written, tm
 
     from safetensors.torch import load_file, save_file
 
-    from ckdiff.families import MTP_NAMES
+    from ckdiff.models.families import MTP_NAMES
     _, path = written["deepseek-v3"]
     missing = tmp_path / "missing"
     shutil.copytree(path, missing)
@@ -148,8 +148,9 @@ def test_deepseek_mtp_layer_read_when_present_and_named_when_missing(written, tm
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_other_layouts_refused_in_one_line_with_the_reason(name):
-    from ckdiff import families
-    from ckdiff.converters import api, layouts
+    from ckdiff.models import families
+    from ckdiff.convert import api
+    from ckdiff.formats import layouts
     from ckdiff.errors import InputError, UsageError
     has = families.family(TINY[name].family).layouts  # Qwen2, Qwen3, Qwen3-MoE: GGUF too (llama.cpp's tables)
     assert has == ({"hf", "gguf"} if name.startswith("qwen") else {"hf"})
@@ -188,7 +189,7 @@ def test_declared_gguf_names_are_llama_cpps(name):
     gguf = pytest.importorskip("gguf")
     import re
 
-    from ckdiff import families
+    from ckdiff.models import families
     fam = families.family(TINY[name].family)
     arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == fam.gguf_arch)
     tmap = gguf.get_tensor_name_map(arch, TINY[name].layers)
@@ -227,7 +228,7 @@ def test_family_config_values_checked_in_one_line(name, edit, says):
 def test_mla_rotary_rows_in_the_other_pair_order_named():
     """q_b_proj with every head's rotary rows moved from interleaved pairs to half-split order (a converter that
     permutes DeepSeek's q like a llama q): the family's diagnosis names it; an unrelated change is not named."""
-    from ckdiff import families
+    from ckdiff.models import families
     cfg = TINY["deepseek-v3"]
     dn, dr = cfg.extra["qk_nope_head_dim"], cfg.head_dim
     a = hf_state(cfg)["model.layers.0.self_attn.q_b_proj.weight"]

@@ -12,12 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ckdiff import families
+from ckdiff.models import families
 from ckdiff.compare.diff import compare_checkpoints
 from ckdiff.compare.logits import compare_logits
-from ckdiff.converters.config import ModelConfig
-from ckdiff.converters.formats import open_checkpoint
-from ckdiff.families import LLAMA_NAMES, Block, Family
+from ckdiff.models.config import ModelConfig
+from ckdiff.formats.readers import open_checkpoint
+from ckdiff.models.families import LLAMA_NAMES, Block, Family
 from ckdiff.golden import suite
 from ckdiff.golden.emit import emit, padded_rows
 

@@ -1,4 +1,4 @@
-"""The format registry (converters/registry.py), the status enum (compare/status.py), diagnosis findings,
+"""The format registry (formats/registry.py), the status enum (compare/status.py), diagnosis findings,
 and the report fixes of issue 15: a format declared once is detected, read, inspected and compared from
 its declaration alone."""
 from __future__ import annotations
@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from ckdiff.compare.status import OK, ORDER, Status
-from ckdiff.converters import registry
-from ckdiff.converters.formats import detect_format, open_checkpoint
-from ckdiff.converters.lazy import Checkpoint, EagerTensor
-from ckdiff.converters.registry import Format, Input
+from ckdiff.formats import registry
+from ckdiff.formats.layouts import convert_formats
+from ckdiff.formats.readers import detect_format, open_checkpoint
+from ckdiff.tensor.lazy import Checkpoint, EagerTensor
+from ckdiff.formats.registry import Format, Input
 
 MARKER = "toy.marker"
 
@@ -35,8 +36,8 @@ def _read_toy(p: Path, fmt: str = "toy", **_) -> Checkpoint:
 
 
 def _toy_format(priority: int = 5, name: str = "toy", detect=_is_toy) -> Format:
-    from ckdiff.converters.config import ModelConfig, _canonical_hf
-    from ckdiff.converters.layouts import DROP
+    from ckdiff.models.config import ModelConfig, _canonical_hf
+    from ckdiff.formats.layouts import DROP
     return Format(name, "toy: a marker file, toy.json and one .npy file per HF-named tensor", detect, _read_toy,
                   priority=priority, layout="hf", config_file="toy.json", config=ModelConfig.from_hf,
                   canonical=_canonical_hf, drop=tuple(DROP["hf"]), layer=r"^model\.layers\.(\d+)\.")
@@ -232,7 +233,7 @@ def test_html_sections_follow_the_result_type():
 # ---------------------------------------------------------------- diagnosis findings carry their kind
 def test_column_maps_are_worded_for_columns_and_rotary_is_a_kind():
     from ckdiff.compare.diagnose import Cause, _row_maps, diagnose_pair
-    from ckdiff.converters.ops import rope_to_interleaved
+    from ckdiff.tensor.ops import rope_to_interleaved
     cfg = {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "hidden_size": 32}
     rows = {f.cause: f for f, _ in _row_maps(32, cfg)}
     cols = {f.cause: f for f, _ in _row_maps(32, cfg, "columns")}
@@ -254,7 +255,7 @@ def test_column_maps_are_worded_for_columns_and_rotary_is_a_kind():
 
 def test_rotary_in_some_layers_only_comes_from_the_findings(tiny_hf, tmp_path):
     from ckdiff.compare.diff import compare_checkpoints
-    from ckdiff.converters.ops import rope_to_interleaved
+    from ckdiff.tensor.ops import rope_to_interleaved
     from safetensors.torch import load_file, save_file
     src = tiny_hf()
     d = tmp_path / "rot0"
@@ -284,15 +285,15 @@ NAMES = {"embed": "t.embed", "norm": "t.norm", "head": "t.head", "attn_norm": "t
 
 def _toy_table(cfg) -> list:
     """Rows from canonical HF (llama slots) to the toy's own names: renames only."""
-    from ckdiff.converters.table import R
-    from ckdiff.families import LLAMA_NAMES
+    from ckdiff.tensor.table import R
+    from ckdiff.models.families import LLAMA_NAMES
     return [R(LLAMA_NAMES[s], NAMES[s]) for s in NAMES if not (s == "head" and cfg.tied)]
 
 
 def _toy_config(raw: dict, tensors: dict, where: str):
     """The toy's config reader: its HF-style toy.json, checked against its tensors under their HF names."""
-    from ckdiff.converters.config import ModelConfig
-    from ckdiff.families import LLAMA_NAMES
+    from ckdiff.models.config import ModelConfig
+    from ckdiff.models.families import LLAMA_NAMES
     hf = {}
     for s, pat in NAMES.items():
         for i in range(raw["num_hidden_layers"]) if "{i}" in pat else [0]:
@@ -303,7 +304,7 @@ def _toy_config(raw: dict, tensors: dict, where: str):
 
 @pytest.fixture
 def toy_names():
-    from ckdiff.converters.config import _canonical_hf
+    from ckdiff.models.config import _canonical_hf
     detect = lambda p: p.is_dir() and (p / "toy-names.marker").is_file()  # noqa: E731
     read = lambda p, **_: _read_toy(p, "toy-names")  # noqa: E731
     f = registry.register(Format("toy-names", "toy with its own tensor names", detect, read, priority=6,
@@ -314,10 +315,10 @@ def toy_names():
 
 
 def write_toy_names(hf_dir: Path, out: Path, change=None) -> Path:
-    """An HF checkpoint written in the toy's names through the toy's own table (registry.convert)."""
+    """An HF checkpoint written in the toy's names through the toy's own table (layouts.convert_formats)."""
     hf = open_checkpoint(str(hf_dir))
     cfg = registry.model_config(hf)
-    tensors = registry.convert(hf.tensors, registry.get("hf"), registry.get("toy-names"), cfg)
+    tensors = convert_formats(hf.tensors, registry.get("hf"), registry.get("toy-names"), cfg)
     out.mkdir()
     (out / "toy-names.marker").write_text("toy\n")
     (out / "toy.json").write_text(json.dumps(hf.config))

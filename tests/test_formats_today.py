@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from ckdiff.compare.diff import compare_checkpoints
-from ckdiff.converters import dcp as dcp_mod
-from ckdiff.converters.formats import open_checkpoint
-from ckdiff.converters.mcore import write_mcore
+from ckdiff.formats import dcp as dcp_mod
+from ckdiff.formats.readers import open_checkpoint
+from ckdiff.formats.mcore import write_mcore
 from ckdiff.errors import InputError
 from ckdiff.golden.models import hf_state, tiny_config
 from helpers import dcp_save as _dcp_save, write_chunked
@@ -143,7 +143,7 @@ def test_mcore_dropped_expert_fails(tmp_path, tiny_hf):
     assert not res.equivalent
     assert any(r.status == "only-a" and f"experts.{cfg.experts - 1}." in r.name for r in res.tensors)
     # args claiming all experts over a tensor that lacks one: refused with one line
-    from ckdiff.converters.mcore import to_args
+    from ckdiff.formats.mcore import to_args
     args = to_args(cfg, 128)
     torch.save({"args": args, "iteration": 10}, root / "iter_0000010" / "common.pt")
     with pytest.raises(InputError, match="expert axis"):
@@ -151,8 +151,8 @@ def test_mcore_dropped_expert_fails(tmp_path, tiny_hf):
 
 
 def test_coverage_flags_a_tensor_consumed_twice(tmp_path, tiny_hf, monkeypatch):
-    from ckdiff.converters import mcore
-    from ckdiff.converters.table import R
+    from ckdiff.formats import mcore
+    from ckdiff.tensor.table import R
     cfg = tiny_config("llama-gqa")
     root = write_mcore(tmp_path / "mc", hf_state(cfg), cfg)
     real = mcore.hf_to_mcore
@@ -194,7 +194,7 @@ gguf = pytest.importorskip("gguf")
 
 
 def _write_hf(path, state, cfg):
-    from ckdiff.converters.writers import write_hf
+    from ckdiff.io.writers import write_hf
     from ckdiff.golden.models import lazy
     path.mkdir(parents=True)
     write_hf(path, lazy(state), cfg.to_hf(), 1)
@@ -204,7 +204,7 @@ def _write_hf(path, state, cfg):
 @pytest.mark.parametrize("model,qtype", [("llama-gqa", "F16"), ("llama-gqa", "Q8_0"), ("llama-gqa", "Q4_0"),
                                          ("llama-mha-tied", "BF16"), ("mixtral", "Q8_0")])
 def test_gguf_written_by_the_package_compares_with_hf(tmp_path, tiny_hf, run_cli, model, qtype):
-    from ckdiff.converters.gguf_io import write_gguf
+    from ckdiff.formats.gguf import write_gguf
     cfg = tiny_config(model)
     path = write_gguf(tmp_path / "m.gguf", hf_state(cfg), cfg, qtype)
     ck = open_checkpoint(str(path))
@@ -232,8 +232,8 @@ def test_gguf_k_permuted_with_query_heads_is_caught(tmp_path, tiny_hf, monkeypat
     """llama.cpp's permute(k, n_head, n_head) bug (k must use the KV head count)."""
     from dataclasses import dataclass
 
-    from ckdiff.converters import gguf_io
-    from ckdiff.converters.ops import Op
+    from ckdiff.formats import gguf as gguf_io
+    from ckdiff.tensor.ops import Op
 
     @dataclass(frozen=True)
     class WrongK(Op):  # llama.cpp's reshape with n = H on k's K*d rows
@@ -262,9 +262,9 @@ def _random_kquant_gguf(path, cfg, qtype, seed=0):
     """A GGUF whose 2-D weights are random valid ``qtype`` blocks (the gguf package has no K-quant
     quantizer): random codes and sub-scales, finite positive fp16 super-block scales."""
     import numpy as np
-    from ckdiff.converters.gguf_io import hf_to_gguf
-    from ckdiff.converters.lazy import EagerTensor
-    from ckdiff.converters.table import apply
+    from ckdiff.formats.gguf import hf_to_gguf
+    from ckdiff.tensor.lazy import EagerTensor
+    from ckdiff.tensor.table import apply
     rng = np.random.default_rng(seed)
     shapes = {k: tuple(v.shape) for k, v in apply({k: EagerTensor(k, v) for k, v in hf_state(cfg).items()},
                                                    hf_to_gguf(cfg), cfg.layers).items()}
@@ -297,8 +297,8 @@ def _random_kquant_gguf(path, cfg, qtype, seed=0):
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
 def test_gguf_kquants_judged_in_units_of_their_sub_block_scale(tmp_path, qtype):
-    from ckdiff.converters.config import model_config
-    from ckdiff.converters.layouts import convert
+    from ckdiff.models.config import model_config
+    from ckdiff.formats.layouts import convert
     cfg = tiny_config("llama-blockwise")
     path = _random_kquant_gguf(tmp_path / "k.gguf", cfg, qtype)
     ck = open_checkpoint(str(path))
@@ -348,7 +348,7 @@ def _fp8_quantize(x: torch.Tensor, block=128):
 
 
 def _write_fp8(path, state, cfg, mutate=None):
-    from ckdiff.converters.writers import write_hf
+    from ckdiff.io.writers import write_hf
     from ckdiff.golden.models import lazy
     out = {}
     for k, v in state.items():
@@ -434,7 +434,7 @@ def test_logits_run_mcore_and_gguf_through_the_hf_convention(tmp_path, run_cli):
     cfg = tiny_config("llama-gqa")
     st = hf_state(cfg)
     st["model.layers.1.mlp.down_proj.weight"] = st["model.layers.1.mlp.down_proj.weight"] * 1.5
-    from ckdiff.converters.gguf_io import write_gguf
+    from ckdiff.formats.gguf import write_gguf
     bad = write_gguf(tmp_path / "bad.gguf", st, cfg, "F32")
     code, out, _ = run_cli("logits", gold, bad, "--length", 8)
     assert code == 1
@@ -448,7 +448,7 @@ def test_dcp_reads_only_the_bytes_of_the_rows_asked_for(tmp_path, monkeypatch):
     sizes = []
     real = dcp_mod.read_range
     monkeypatch.setattr(dcp_mod, "read_range", lambda f, o, n, t=(): sizes.append(n) or real(f, o, n, t))
-    from ckdiff.converters.dcp import SubTensor
+    from ckdiff.formats.dcp import SubTensor
     layer = SubTensor("w2", ck["w"], (2,))
     assert torch.equal(layer.rows(5, 9), w[2, 5:9])
     assert sizes == [4 * 8 * 4]  # rows 5..8 of layer 2 only
@@ -474,7 +474,7 @@ def test_dcp_reads_only_the_bytes_of_the_rows_asked_for(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("what", ["truncated-gguf", "truncated-distcp", "evil-archive"])
 def test_bad_new_format_inputs_are_one_line_exit_2(tmp_path, run_cli, what):
-    from ckdiff.converters.gguf_io import write_gguf
+    from ckdiff.formats.gguf import write_gguf
     cfg = tiny_config("llama-gqa")
     if what == "truncated-gguf":
         p = write_gguf(tmp_path / "m.gguf", hf_state(cfg), cfg, "Q8_0")
@@ -506,7 +506,7 @@ def test_mcore_grouped_gemm_expert_names_are_read_per_expert(tmp_path, tiny_hf):
     """Experts saved one tensor each as ``linear_fc1.weight<e>`` (TE grouped-GEMM parameter names)."""
     import re
 
-    from ckdiff.converters.mcore import COMMON_KEY, to_args
+    from ckdiff.formats.mcore import COMMON_KEY, to_args
     cfg = tiny_config("mixtral")
     base = open_checkpoint(str(write_mcore(tmp_path / "mc", hf_state(cfg), cfg, stacked=False)))
     state = {}

@@ -5,9 +5,9 @@ gguf package's GGUFWriter and its own quantizer (gguf 0.19 ``quants.quantize``),
 import pytest
 
 from ckdiff.compare.diff import compare_checkpoints
-from ckdiff.converters.api import read_source
-from ckdiff.converters.formats import open_checkpoint
-from ckdiff.converters.gguf_io import write_gguf
+from ckdiff.convert.api import read_source
+from ckdiff.formats.readers import open_checkpoint
+from ckdiff.formats.gguf import write_gguf
 
 
 @pytest.mark.parametrize("qtype", ["Q4_1", "Q5_0", "Q5_1"])

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckdiff import families
-from ckdiff.converters import layouts, megatron
-from ckdiff.converters.config import ModelConfig
+from ckdiff.models import families
+from ckdiff.formats import layouts, megatron_llm as megatron
+from ckdiff.models.config import ModelConfig
 from ckdiff.golden import emit as E
 from ckdiff.golden import fixtures as FX
 from ckdiff.golden.suite import check_converter
@@ -33,7 +33,7 @@ def test_wrong_megatron_key_in_the_converters_is_caught_by_the_golden_diff(tmp_p
 
 def test_wrong_tp_axis_in_the_converters_is_caught_by_the_golden_diff(tmp_path, monkeypatch):
     # attention dense split by rows instead of columns, in the writer and the reader alike
-    from ckdiff.converters.ops import Shard, ShardRow, ShardTable
+    from ckdiff.tensor.ops import Shard, ShardRow, ShardTable
     wrong = ShardTable([ShardRow(r"self_attention\.dense\.weight$", Shard.ROWS)] + megatron.TP_TABLE.rows)
     monkeypatch.setattr(megatron, "TP_TABLE", wrong)
     checks = _by_check(check_converter("hf-to-megatron", "llama-gqa", tmp_path, options={"tp": 2}))
@@ -61,7 +61,7 @@ def test_megatron_rank_files_are_the_specs_toy_at_tp2_pp2(tmp_path, side):
     if side == "golden":
         out = E.emit(tmp_path / "g", "", "megatron", tp=2, pp=2, vocab_rows=256, cfg=SPEC_CFG)
     else:
-        from ckdiff.converters.api import hf_to_megatron
+        from ckdiff.convert.api import hf_to_megatron
         src = E.emit(tmp_path / "hf", "", "hf", cfg=SPEC_CFG)
         hf_to_megatron("llama2", tmp_path / "c", model_path=src, tp=2, pp=2, make_vocab_size_divisible_by=128)
         out = tmp_path / "c"

@@ -39,7 +39,7 @@ def test_gate_carries_the_ckdiff_marker():
 
 
 GATE_FILE = """
-from ckdiff.converters.api import to_jetstream
+from ckdiff.convert.api import to_jetstream
 from ckdiff.testing import Converter, gate
 
 def run(src, out, options):

@@ -16,7 +16,7 @@ import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from ckdiff.converters.formats import open_checkpoint
+from ckdiff.formats.readers import open_checkpoint
 from ckdiff.errors import CkdiffError
 from ckdiff.golden.emit import emit
 
@@ -259,14 +259,14 @@ def test_nan_and_inf_are_reported(tmp_path, run_cli):
 
 
 def test_full_disk_gives_clean_error_and_no_output(tmp_path, run_cli, monkeypatch):
-    from ckdiff.converters import safetensors_io
+    from ckdiff.io import safetensors as safetensors_io
     src = emit(tmp_path / "hf", "llama-gqa", "hf")
     real = safetensors_io.write_safetensors
 
     def full(path, tensors, metadata=None):
         real(path, list(tensors)[:2], metadata)
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr("ckdiff.converters.writers.write_safetensors", full)
+    monkeypatch.setattr("ckdiff.io.writers.write_safetensors", full)
     _expect_2(run_cli, "convert", "to-jetstream", "--model_name", "llama-2", "--input_checkpoint_dir", src,
               "--output_checkpoint_dir", tmp_path / "out", words=["no space left on device"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
@@ -274,7 +274,8 @@ def test_full_disk_gives_clean_error_and_no_output(tmp_path, run_cli, monkeypatc
 
 KILL_SCRIPT = r"""
 import os, signal, sys, torch
-from ckdiff.converters import writers, megatron
+from ckdiff.io import writers
+from ckdiff.formats import megatron_llm as megatron
 n = int(sys.argv[1]); count = [0]
 def hook(orig):
     def f(*a, **k):
@@ -1128,7 +1129,7 @@ def _reference_accepts(p) -> bool:
 @given(h=_headers())
 def test_header_schema_matches_the_reference_reader(tmp_path_factory, h):
     """For generated headers, ckdiff's reader accepts exactly when the safetensors library does."""
-    from ckdiff.converters.safetensors_io import SafetensorsFile
+    from ckdiff.io.safetensors import SafetensorsFile
     header, data_len, pad = h
     p = tmp_path_factory.mktemp("oracle") / "h.safetensors"
     raw = json.dumps(header).encode() + pad
@@ -1155,7 +1156,7 @@ def _beyond_torch(header) -> bool:
 
 def test_header_schema_fixed_examples_match_the_reference_reader(tmp_path):
     """The schema breaks of the hostile suite, and their valid twins, against the reference reader."""
-    from ckdiff.converters.safetensors_io import SafetensorsFile
+    from ckdiff.io.safetensors import SafetensorsFile
     headers = [*(json.dumps(h).encode() for h in SCHEMA_BREAKS.values()), *RAW_BREAKS.values()]
     valid = [json.dumps({"a": _entry()}).encode(), json.dumps({"__metadata__": None, "a": _entry()}).encode(),
              json.dumps({"a": _entry(extra={"x": [1]})}).encode(), b'{"a":["F32",[2,2],[0,16]]}',
@@ -1214,7 +1215,7 @@ def _convert_argv(src, out, *extra):
 
 @pytest.mark.parametrize("renameat2", [True, False])
 def test_output_that_appears_meanwhile_is_never_replaced(tmp_path, run_cli, monkeypatch, renameat2):
-    from ckdiff.converters import writers
+    from ckdiff.io import writers
     if not renameat2:  # the fallback for systems without renameat2
         def nosys(*a):
             raise OSError(errno.ENOSYS, "renameat2 not available")
@@ -1227,7 +1228,7 @@ def test_output_that_appears_meanwhile_is_never_replaced(tmp_path, run_cli, monk
         real(*a, **k)
         out.mkdir()
         (out / "params.json").write_text('{"other": 1}')
-    monkeypatch.setattr("ckdiff.converters.api.write_meta_like", racing)
+    monkeypatch.setattr("ckdiff.convert.api.write_meta_like", racing)
     _expect_2(run_cli, *_convert_argv(src, out), words=["out", "appeared", "nothing was replaced"])
     assert sorted(os.listdir(out)) == ["params.json"] and (out / "params.json").read_text() == '{"other": 1}'
     assert not list(tmp_path.glob(".out.ckdiff-tmp-*"))
@@ -1235,7 +1236,7 @@ def test_output_that_appears_meanwhile_is_never_replaced(tmp_path, run_cli, monk
 
 @pytest.mark.parametrize("renameat2", [True, False])
 def test_overwrite_replaces_in_one_step(tmp_path, run_cli, monkeypatch, renameat2):
-    from ckdiff.converters import writers
+    from ckdiff.io import writers
     calls = []
     real = writers._renameat2
 
@@ -1256,7 +1257,7 @@ def test_overwrite_replaces_in_one_step(tmp_path, run_cli, monkeypatch, renameat
 
 
 def test_atomic_file_without_overwrite_never_replaces(tmp_path):
-    from ckdiff.converters.writers import atomic_file
+    from ckdiff.io.writers import atomic_file
     target = tmp_path / "r.json"
     target.write_text("theirs")
     with pytest.raises(CkdiffError, match="exists"):
@@ -1288,7 +1289,7 @@ class _FullDisk:
 
 @pytest.mark.parametrize("target", ["megatron", "pth"])
 def test_full_disk_during_torch_save(tmp_path, run_cli, monkeypatch, target):
-    from ckdiff.converters import torch_zip, writers
+    from ckdiff.io import torch_zip, writers
     src = emit(tmp_path / "hf", "llama-gqa", "hf")
     for mod in (writers, torch_zip):  # the streamed torch-zip writer opens its own files
         monkeypatch.setattr(mod, "open", lambda p, m="r", *a, **k: _FullDisk(open(p, m, *a, **k), 3000),
@@ -1315,7 +1316,7 @@ def test_report_into_read_only_directory(tmp_path, run_cli, monkeypatch):
 
 SIGINT_SCRIPT = r"""
 import os, signal, sys
-from ckdiff.converters import torch_zip
+from ckdiff.io import torch_zip
 count = [0]
 real = torch_zip.write_torch_zip
 def save(*a, **k):  # Ctrl-C while the second rank file is being written
@@ -1324,7 +1325,7 @@ def save(*a, **k):  # Ctrl-C while the second rank file is being written
         os.kill(os.getpid(), signal.SIGINT)
     return real(*a, **k)
 torch_zip.write_torch_zip = save
-from ckdiff.converters import megatron
+from ckdiff.formats import megatron_llm as megatron
 megatron.write_torch_zip = save
 from ckdiff.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -1426,7 +1427,7 @@ def test_odd_config_of_a_same_layout_pair_is_a_finding_not_a_crash(tmp_path, run
 
 
 def test_typed_fields_refuse_bools_strings_and_non_finite_values():
-    from ckdiff.converters.config import ConfigError, parse_config
+    from ckdiff.models.config import ConfigError, parse_config
     ok = parse_config("hf", {"num_attention_heads": 8, "rms_norm_eps": 1, "tie_word_embeddings": None}, "c.json")
     assert ok == {"num_attention_heads": 8, "rms_norm_eps": 1.0} and isinstance(ok["rms_norm_eps"], float)
     for key, v in [("num_attention_heads", True), ("num_attention_heads", "8"), ("hidden_size", 0),
@@ -1440,7 +1441,7 @@ def test_typed_fields_refuse_bools_strings_and_non_finite_values():
 
 
 def test_real_world_config_spellings_stay_valid():
-    from ckdiff.converters.config import parse_config
+    from ckdiff.models.config import parse_config
     llama3 = {"rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                "original_max_position_embeddings": 8192, "rope_type": "llama3"},
               "eos_token_id": [128001, 128008, 128009], "rope_theta": 500000.0, "torch_dtype": "bfloat16",

@@ -121,7 +121,7 @@ def torch_file_bombs(d):
 
 
 def _mcore(d):
-    from ckdiff.converters.mcore import write_mcore
+    from ckdiff.formats.mcore import write_mcore
     from ckdiff.golden.models import hf_state, tiny_config
     cfg = tiny_config("llama-gqa")
     return write_mcore(d / "mc", hf_state(cfg), cfg, common="common.pt")

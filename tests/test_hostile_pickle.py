@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckdiff.converters.formats import open_checkpoint
+from ckdiff.formats.readers import open_checkpoint
 from ckdiff.errors import InputError
 from ckdiff.golden.emit import emit
 from helpers import dcp_save
@@ -124,7 +124,7 @@ def _mcore_common_pt(d, variant, seeds):
 
 def _drop_common_item(it: Path):
     """The iteration's DCP metadata without its common_state item, so that common.pt is read."""
-    from ckdiff.converters.mcore import COMMON_KEY
+    from ckdiff.formats.mcore import COMMON_KEY
     md = pickle.loads((it / ".metadata").read_bytes())  # our own fixture: trusted here
     md.state_dict_metadata.pop(COMMON_KEY)
     md.storage_data = {k: v for k, v in md.storage_data.items() if k.fqn != COMMON_KEY}
@@ -183,7 +183,7 @@ def test_payload_in_a_dcp_chunk_is_refused(tmp_path, run_cli):
 
 @pytest.mark.parametrize("where", ["dcp byte item", "common.pt"])
 def test_payload_in_the_mcore_common_state_is_refused(tmp_path, run_cli, monkeypatch, where):
-    from ckdiff.converters import mcore
+    from ckdiff.formats import mcore
     from ckdiff.golden.models import hf_state, tiny_config
     cfg = tiny_config("llama-gqa")
     monkeypatch.setattr(mcore, "to_args", lambda cfg, vp: Payload(tmp_path))
@@ -242,7 +242,7 @@ def test_save_plans_carrying_anything_else_are_refused(tmp_path, bad):
 @pytest.mark.parametrize("legacy", [False, True])
 def test_restricted_reader_reads_torch_files_like_torch(tmp_path, legacy):
     """Zip and legacy files alike: values, dtypes, views and shared storages as torch.load reads them."""
-    from ckdiff.converters.unpickle import load_torch
+    from ckdiff.io.unpickle import load_torch
     g = torch.Generator().manual_seed(4)
     a = torch.randn(5, 6, generator=g)
     obj = {"a": a, "t": a.t(), "row": a[2], "half": torch.randn(7, generator=g).half(),

@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
-from ckdiff.converters.formats import open_checkpoint
-from ckdiff.converters.ops import rope_to_interleaved
-from ckdiff.converters.quant import BOUND, dequantize, quantize
+from ckdiff.formats.readers import open_checkpoint
+from ckdiff.tensor.ops import rope_to_interleaved
+from ckdiff.formats.jetstream_quant import BOUND, dequantize, quantize
 from ckdiff.golden.emit import emit
 from helpers import assert_same, convert
 
@@ -125,7 +125,7 @@ def test_element_bound_on_gaussian_weights(bits):
 
 
 def test_quantized_vs_float_catches_a_corrupted_code(tiny_hf, tmp_path, run_cli):
-    from ckdiff.converters.safetensors_io import read_safetensors, write_safetensors
+    from ckdiff.io.safetensors import read_safetensors, write_safetensors
     from ckdiff.golden.models import lazy
     convert(*JS, "llama-2", "--input_checkpoint_dir", tiny_hf("llama-gqa"), "--output_checkpoint_dir", tmp_path / "q",
             "--quantize_weights")

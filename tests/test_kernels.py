@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ckdiff.compare.diff import Options, compare_tensor
-from ckdiff.converters.lazy import DerivedGroup, EagerTensor
-from ckdiff.converters.ops import Chain, Concat, Each, FuseQKV, Identity, PermuteRope, Split, SplitQKV
-from ckdiff.converters.safetensors_io import read_safetensors, write_safetensors
+from ckdiff.tensor.lazy import DerivedGroup, EagerTensor
+from ckdiff.tensor.ops import Chain, Concat, Each, FuseQKV, Identity, PermuteRope, Split, SplitQKV
+from ckdiff.io.safetensors import read_safetensors, write_safetensors
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.int8,
           torch.int16, torch.int32]
@@ -187,7 +187,7 @@ def test_result_independent_of_thread_count_and_visit_order():
 
 def test_per_channel_quantization_reads_row_blocks():
     """A per-channel quantized weight (codes and scales) read by row blocks equals the whole result."""
-    from ckdiff.converters.quant import Quantize
+    from ckdiff.formats.jetstream_quant import Quantize
     w = EagerTensor("w", torch.randn(37, 256, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16))
     for bits in (8, 4):
         g = DerivedGroup([w], Quantize(bits, False))

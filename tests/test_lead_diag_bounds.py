@@ -4,7 +4,7 @@ from hypothesis import given, settings, strategies as st
 
 from ckdiff.compare.diagnose import _may_scale_or_offset, _scale_offset
 from ckdiff.compare.diff import Options, compare_tensor
-from ckdiff.converters.lazy import EagerTensor
+from ckdiff.tensor.lazy import EagerTensor
 
 
 def _result(a, b):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ckdiff.converters.lazy import EagerTensor
-from ckdiff.converters.quant import quantize, quantize_tensors
+from ckdiff.tensor.lazy import EagerTensor
+from ckdiff.formats.jetstream_quant import quantize, quantize_tensors
 
 
 class SmallChunks(EagerTensor):

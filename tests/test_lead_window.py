@@ -5,8 +5,8 @@ import torch
 from safetensors.torch import save_file
 
 from ckdiff.compare.diff import Options, compare_tensor
-from ckdiff.converters.lazy import EagerTensor
-from ckdiff.converters.safetensors_io import SafetensorsFile
+from ckdiff.tensor.lazy import EagerTensor
+from ckdiff.io.safetensors import SafetensorsFile
 from ckdiff.errors import InputError
 
 
@@ -56,7 +56,7 @@ def test_a_file_that_shrinks_while_read_is_one_clear_error(tmp_path):
 def test_a_file_system_that_cannot_map_is_read_instead(tmp_path, monkeypatch):
     import mmap as mmap_mod
 
-    from ckdiff.converters import safetensors_io
+    from ckdiff.io import safetensors as safetensors_io
 
     def refuse(*a, **k):
         raise OSError(19, "No such device")

@@ -3,12 +3,12 @@ import pytest
 import torch
 
 from ckdiff.compare.logits import compare_logits, config_of
-from ckdiff.converters.formats import open_checkpoint
-from ckdiff.converters.ops import rope_to_half, rope_to_interleaved
-from ckdiff.converters.safetensors_io import read_safetensors, write_safetensors
+from ckdiff.formats.readers import open_checkpoint
+from ckdiff.tensor.ops import rope_to_half, rope_to_interleaved
+from ckdiff.io.safetensors import read_safetensors, write_safetensors
 from ckdiff.golden.emit import emit
 from ckdiff.golden.models import TINY, lazy, tiny_config
-from ckdiff.golden.runtimes import run
+from ckdiff.runtime.forward import run
 from helpers import convert
 
 FAMILIES = ["llama-gqa", "llama-spec", "llama-mha-tied", "llama-mqa-hd", "mistral-gqa", "falcon-7b", "falcon-40b",

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from ckdiff.compare.logits import config_of
-from ckdiff.converters.formats import open_checkpoint
-from ckdiff.converters.writers import write_hf
+from ckdiff.formats.readers import open_checkpoint
+from ckdiff.io.writers import write_hf
 from ckdiff.golden.models import hf_state, lazy, tiny_config
-from ckdiff.golden.runtimes import rope_frequencies, run
+from ckdiff.runtime.forward import rope_frequencies, run
 
 CFG = tiny_config("llama-gqa")
 T = 24  # longer than the original/max length of the dynamic and longrope cases below (16)
@@ -88,7 +88,7 @@ def test_gguf_rope_freqs_and_scaling_are_read(tmp_path):
     import math
 
     import gguf
-    from ckdiff.converters.gguf_io import write_gguf
+    from ckdiff.formats.gguf import write_gguf
     sc = ROPES["llama3"]
     config = CFG.to_hf()
     config.update(max_position_embeddings=16, rope_scaling=sc)
@@ -132,14 +132,14 @@ def test_gguf_rope_freqs_and_scaling_are_read(tmp_path):
     assert "rope_freqs.weight" in ck.tensors
     ids = torch.randint(0, CFG.vocab, (2, T), generator=torch.Generator().manual_seed(4))
     _close(run(ck, config_of(ck), ids).logits, ref)
-    from ckdiff.converters.gguf_io import config_from_gguf
+    from ckdiff.formats.gguf import config_from_gguf
     lin = config_from_gguf({"llama.embedding_length": 64, "llama.block_count": 2, "llama.attention.head_count": 8,
                             "llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 2.0}, {})
     assert lin.rope_scaling == {"rope_type": "linear", "factor": 2.0}
 
 
 def test_megatron_core_interpolation_and_window_read_as_hf_would():
-    from ckdiff.converters.mcore import _rope_and_window_args, _window, rope_scaling_of
+    from ckdiff.formats.mcore import _rope_and_window_args, _window, rope_scaling_of
     from ckdiff.errors import InputError
     assert rope_scaling_of({"rotary_seq_len_interpolation_factor": 4}, "args") == {"rope_type": "linear",
                                                                                   "factor": 4.0}

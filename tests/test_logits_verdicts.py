@@ -6,7 +6,7 @@ float32. How each encoding is written:
 - FP8 block 128x128 (DeepSeek-V3 ``weight_scale_inv``): DeepSeek's block quantizer algorithm, written here
   (no CPU tool writes this format);
 - GGUF: the gguf package's GGUFWriter with its own quantizer, q/k rows permuted per head as llama.cpp's
-  convert_hf_to_gguf.py lays them out (ckdiff.converters.gguf_io.write_gguf; llama.cpp's converter itself is
+  convert_hf_to_gguf.py lays them out (ckdiff.formats.gguf.write_gguf; llama.cpp's converter itself is
   not installed in the test environment);
 - JetStream int8/int4: ckdiff's to-jetstream converter (the MaxText/JetStream layout and quantizer).
 """
@@ -17,11 +17,11 @@ import torch
 
 from ckdiff.compare.diff import compare_checkpoints
 from ckdiff.compare.logits import compare_logits
-from ckdiff.converters.config import ModelConfig
-from ckdiff.converters.formats import open_checkpoint
-from ckdiff.converters.lazy import Checkpoint
-from ckdiff.converters.ops import rope_to_interleaved
-from ckdiff.converters.writers import write_hf
+from ckdiff.models.config import ModelConfig
+from ckdiff.formats.readers import open_checkpoint
+from ckdiff.tensor.lazy import Checkpoint
+from ckdiff.tensor.ops import rope_to_interleaved
+from ckdiff.io.writers import write_hf
 from ckdiff.golden.models import hf_state, lazy, tiny_config
 from ckdiff.golden.mutations import STATE_CATALOGUE
 
@@ -59,11 +59,11 @@ def encoded(st: dict, config: dict, enc: str, where) -> Checkpoint:
                           dict(config, torch_dtype=enc), {})
     if enc == "fp8":
         t, qc = _fp8(st)
-        from ckdiff.converters.registry import apply_encodings  # as open_checkpoint reads it: logical views
+        from ckdiff.formats.registry import apply_encodings  # as open_checkpoint reads it: logical views
         return apply_encodings(Checkpoint("<fp8>", "hf", lazy(t), dict(config, quantization_config=qc), {}))
     where.mkdir(parents=True)
     if enc.startswith("gguf-"):
-        from ckdiff.converters.gguf_io import write_gguf
+        from ckdiff.formats.gguf import write_gguf
         cfg = ModelConfig.from_hf(config, lazy(st))
         return open_checkpoint(str(write_gguf(where / "m.gguf", st, cfg, enc[5:])))
     from ckdiff.golden.suite import convert
@@ -123,7 +123,7 @@ def test_the_issue_pairs_differ(tmp_path, init):
     GGUF with the q/k permutation forgotten (GGUFWriter, the writer's table fault as in the format
     mutations). Flat (weights drawn with std 0.02, where an absolute 16-bit KL threshold of 2e-2 called
     the first two EQUIVALENT: max KL 0.015 and 2.9e-5) and peaked models alike: the floor decides."""
-    from ckdiff.converters.gguf_io import write_gguf
+    from ckdiff.formats.gguf import write_gguf
     from ckdiff.golden.mutations import FORMAT_CATALOGUE
     st = hf_state(CFG, 0, init)
     a = encoded(st, CFG.to_hf(), "float32", None)

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from ckdiff.converters.formats import open_checkpoint
-from ckdiff.converters.pickle_io import load_pickle
+from ckdiff.formats.readers import open_checkpoint
+from ckdiff.io.pickles import load_pickle
 from ckdiff.golden.emit import emit
 from helpers import assert_same, convert, diff, tree
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from ckdiff.compare import logits as L
-from ckdiff.converters.formats import open_checkpoint
+from ckdiff.formats.readers import open_checkpoint
 from ckdiff.golden.models import TINY
-from ckdiff.golden.runtimes import run
+from ckdiff.runtime.forward import run
 
 
 def whole_batch(logits_a, logits_b, vocab, topk, skip=False):

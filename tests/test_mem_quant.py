@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ckdiff.converters.lazy import EagerTensor
-from ckdiff.converters.quant import Quantize, quantize, quantize_tensors
-from ckdiff.converters.safetensors_io import read_safetensors, write_safetensors
-from ckdiff.converters.torch_zip import TensorSource
+from ckdiff.tensor.lazy import EagerTensor
+from ckdiff.formats.jetstream_quant import Quantize, quantize, quantize_tensors
+from ckdiff.io.safetensors import read_safetensors, write_safetensors
+from ckdiff.io.torch_zip import TensorSource
 
 
 class Counted(EagerTensor):

@@ -4,7 +4,7 @@ catalogue gives them); every correct conversion and equivalent rewrite passes an
 
 Fixtures: the tiny models are written by ckdiff's own writers (golden/emit.py) and converters; GGUF files by
 the gguf package's writer and quantizer, then their block bytes edited the way a broken writer leaves them;
-FP8 files by DeepSeek-V3's ``weight_quant`` rule (converters/fp8.py ``fp8_quantize``: no tool on CPU writes
+FP8 files by DeepSeek-V3's ``weight_quant`` rule (formats/fp8.py ``fp8_quantize``: no tool on CPU writes
 that layout)."""
 from __future__ import annotations
 
@@ -14,8 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from ckdiff.golden.mutations import (CATALOGUE, STATE_CATALOGUE, baseline_key, run_baseline, run_mutations,
-                                     run_state_mutations)
+from ckdiff.golden.mutations import (
+    CATALOGUE,
+    STATE_CATALOGUE,
+    baseline_key,
+    run_baseline,
+    run_mutations,
+    run_state_mutations,
+)
 
 
 @pytest.fixture(scope="module")

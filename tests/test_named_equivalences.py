@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ckdiff.compare.diff import Options, compare_checkpoints
-from ckdiff.converters.formats import open_checkpoint
+from ckdiff.formats.readers import open_checkpoint
 from ckdiff.golden.models import hf_state, tiny_config
 
 
@@ -60,7 +60,7 @@ def test_tied_head_stored_equal_is_equivalent(tmp_path):
 
 
 def test_gguf_output_equal_to_token_embd_is_equivalent(tmp_path):
-    from ckdiff.converters.gguf_io import write_gguf
+    from ckdiff.formats.gguf import write_gguf
     from ckdiff.golden.emit import emit
     hf = emit(tmp_path / "hf", "llama-mha-tied", "hf")
     cfg = tiny_config("llama-mha-tied")

@@ -3,9 +3,21 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckdiff.converters.ops import (Chain, Concat, Each, FuseQKV, Identity, PermuteRope, Split, SplitQKV, Stack,
-                                   round_trip_ok, rope_to_half, rope_to_interleaved)
-from ckdiff.converters.table import R, invert
+from ckdiff.tensor.ops import (
+    Chain,
+    Concat,
+    Each,
+    FuseQKV,
+    Identity,
+    PermuteRope,
+    Split,
+    SplitQKV,
+    Stack,
+    round_trip_ok,
+    rope_to_half,
+    rope_to_interleaved,
+)
+from ckdiff.tensor.table import R, invert
 
 
 def test_spec_row_lists():

@@ -6,8 +6,8 @@ import warnings
 import pytest
 import torch
 
-from ckdiff.converters.safetensors_io import read_safetensors, write_safetensors
-from ckdiff.converters.lazy import EagerTensor
+from ckdiff.io.safetensors import read_safetensors, write_safetensors
+from ckdiff.tensor.lazy import EagerTensor
 
 
 def test_safetensors_reads_silence_only_the_read_only_buffer_note(tmp_path, monkeypatch):
@@ -29,7 +29,7 @@ def test_safetensors_reads_silence_only_the_read_only_buffer_note(tmp_path, monk
 
 def test_mcore_writer_silences_only_the_single_process_note(tmp_path, monkeypatch):
     import torch.distributed.checkpoint as dcp
-    from ckdiff.converters.mcore import write_mcore
+    from ckdiff.formats.mcore import write_mcore
     from ckdiff.golden.models import hf_state, tiny_config
     cfg = tiny_config("llama-gqa")
     real = dcp.save
@@ -47,8 +47,8 @@ def test_mcore_writer_silences_only_the_single_process_note(tmp_path, monkeypatc
 
 def test_dcp_reads_emit_no_warnings(tmp_path):
     """The chunk reader never goes through torch's deprecated typed storages: no warning to hide."""
-    from ckdiff.converters.formats import open_checkpoint
-    from ckdiff.converters.mcore import write_mcore
+    from ckdiff.formats.readers import open_checkpoint
+    from ckdiff.formats.mcore import write_mcore
     from ckdiff.golden.models import hf_state, tiny_config
     cfg = tiny_config("llama-gqa")
     root = write_mcore(tmp_path / "mc", hf_state(cfg), cfg)
@@ -77,7 +77,7 @@ def test_exported_tokenizer_means_what_the_library_builds(tmp_path, spm_dir):
     """The hand-written tokenizer_config.json loads to the tokenizer transformers builds from the same
     SentencePiece model with the same added and special tokens (ids, specials, encodings)."""
     transformers = pytest.importorskip("transformers")
-    from ckdiff.converters.tokenizer import MEGATRON_SPECIALS, export_tokenizer
+    from ckdiff.convert.tokenizer import MEGATRON_SPECIALS, export_tokenizer
     out = tmp_path / "out"
     out.mkdir()
     info = export_tokenizer(spm_dir / "tokenizer.model", out, 64, ["<extra_0>", "<extra_1>"], ["pad=<EOD>"])

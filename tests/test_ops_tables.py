@@ -5,9 +5,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckdiff.converters.lazy import DerivedGroup, EagerTensor, OutputCache
-from ckdiff.converters.ops import PadRows, Shard, ShardMerge, ShardSplit, StripRows, round_trip_ok
-from ckdiff.converters.table import R, Rename, apply_present, invert, rename
+from ckdiff.tensor.lazy import DerivedGroup, EagerTensor, OutputCache
+from ckdiff.tensor.ops import PadRows, Shard, ShardMerge, ShardSplit, StripRows, round_trip_ok
+from ckdiff.tensor.table import R, Rename, apply_present, invert, rename
 
 SETTINGS = settings(max_examples=40, deadline=None)
 
@@ -94,7 +94,7 @@ def test_shard_split_refuses_what_does_not_divide():
 @SETTINGS
 @given(layers=st.integers(0, 30), seed=st.integers(0, 2**31 - 1))
 def test_legacy_names_round_trip(layers, seed):
-    from ckdiff.converters.megatron import LEGACY_NAMES, legacy_name, native_name
+    from ckdiff.formats.megatron_llm import LEGACY_NAMES, legacy_name, native_name
     assert invert(invert(LEGACY_NAMES)) == LEGACY_NAMES
     for tail in ("self_attention.query_key_value.weight", "self_attention.dense.weight",
                  "mlp.dense_h_to_4h.weight", "input_layernorm.weight"):
@@ -114,7 +114,7 @@ def test_rename_rows_with_layer_numbers():
 
 
 def test_megatron_tp_table_both_directions():
-    from ckdiff.converters.megatron import TP_TABLE, tp_axis
+    from ckdiff.formats.megatron_llm import TP_TABLE, tp_axis
     L = "language_model.encoder.layers.3."
     assert tp_axis(L + "mlp.dense_h_to_4h.weight") is Shard.GLU
     assert tp_axis(L + "mlp.dense_h_to_4h.weight", glu=False) is Shard.ROWS  # Falcon: plain rows
@@ -127,7 +127,7 @@ def test_megatron_tp_table_both_directions():
 
 @pytest.mark.parametrize("version,cut", [(1, Shard.COLS), (2, Shard.COLS), (3, Shard.ROWS)])
 def test_meta_embedding_cut_per_version_and_read_back(version, cut):
-    from ckdiff.converters.formats import META_SHARDS, meta_axis, meta_variant
+    from ckdiff.formats.readers import META_SHARDS, meta_axis, meta_variant
     assert META_SHARDS.cut("tok_embeddings.weight", meta_variant(version)) is cut
     x = torch.randn(12, 8)
     pieces = ShardSplit(cut, 2)([x])
@@ -138,8 +138,8 @@ def test_meta_embedding_cut_per_version_and_read_back(version, cut):
 
 
 def test_vocab_rows_pad_and_strip_through_the_table(tmp_path):
-    from ckdiff.converters.layouts import MEGATRON
-    from ckdiff.converters.megatron import pad_vocab_tensors, strip_vocab, vocab_rules
+    from ckdiff.formats.layouts import MEGATRON
+    from ckdiff.formats.megatron_llm import pad_vocab_tensors, strip_vocab, vocab_rules
     g = torch.Generator().manual_seed(3)
     t = {MEGATRON["embed"]: EagerTensor(MEGATRON["embed"], torch.randn(10, 4, generator=g)),
          "other": EagerTensor("other", torch.randn(3, generator=g)),
@@ -183,8 +183,8 @@ def test_apply_present_maps_only_present_sources():
 
 def test_meta_rope_freqs_use_head_dim(tmp_path):
     """rope.freqs has head_dim / 2 entries, also where head_dim != dim / n_heads."""
-    from ckdiff.converters.pickle_io import read_pickle_tensors
-    from ckdiff.converters.writers import write_meta_shards
+    from ckdiff.io.pickles import read_pickle_tensors
+    from ckdiff.io.writers import write_meta_shards
     params = {"dim": 16, "n_heads": 2, "head_dim": 4, "rope_theta": 500.0}
     w = {"layers.0.attention.wq.weight": EagerTensor("q", torch.randn(8, 16))}
     write_meta_shards(tmp_path, w, params, 1, rope_freqs=True)
@@ -197,9 +197,9 @@ def test_meta_rope_freqs_use_head_dim(tmp_path):
 def test_megatron_tp_table_round_trips_through_rank_files_with_a_qkv_bias(tiny_hf, tmp_path, tp, pp):
     """Writer (TP_TABLE, LEGACY_NAMES) and reader (their inverses) agree on every tensor, a fused
     q/k/v bias included (cut by rows like its weight, as the toy qkv-bias family needs)."""
-    from ckdiff.converters.api import read_source
-    from ckdiff.converters.layouts import convert as layout_convert
-    from ckdiff.converters.megatron import make_args, read_megatron, write_megatron
+    from ckdiff.convert.api import read_source
+    from ckdiff.formats.layouts import convert as layout_convert
+    from ckdiff.formats.megatron_llm import make_args, read_megatron, write_megatron
     import argparse
     SAFE_GLOBALS = [argparse.Namespace]  # what the oracle torch.load(weights_only=True) needs
     ck, cfg = read_source(str(tiny_hf("llama-gqa")))
@@ -225,7 +225,7 @@ def test_megatron_tp_table_round_trips_through_rank_files_with_a_qkv_bias(tiny_h
 @SETTINGS
 @given(stage=st.integers(0, 5), per=st.integers(1, 8), local=st.integers(0, 7))
 def test_stage_names_round_trip(stage, per, local):
-    from ckdiff.converters.megatron import global_layer_name, native_name, stage_names
+    from ckdiff.formats.megatron_llm import global_layer_name, native_name, stage_names
     i = stage * per + local % per
     name = f"language_model.encoder.layers.{i}.self_attention.dense.weight"
     written = rename(name, stage_names(stage, per))

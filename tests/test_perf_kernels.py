@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from ckdiff.compare.diff import Options, compare_tensor
 from ckdiff.compare.kernels import BLOCK, ScaledStats, Side, Stats, as_kernel_input
-from ckdiff.converters.lazy import EagerTensor
+from ckdiff.tensor.lazy import EagerTensor
 
 FLOATS = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 

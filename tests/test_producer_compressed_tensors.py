@@ -287,7 +287,7 @@ def test_unpack_matches_pack_to_int32(bits):
     points (packed along dim 0), against compressed-tensors' own ``pack_to_int32``."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-    from ckdiff.converters.compressed_tensors import _unpack
+    from ckdiff.formats.compressed_tensors import _unpack
     g = torch.Generator().manual_seed(bits)
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1))
     q = torch.randint(lo, hi, (7, 45), generator=g, dtype=torch.int8)

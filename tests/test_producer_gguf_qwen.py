@@ -172,7 +172,7 @@ def test_gate_up_swapped_in_q8_0_is_caught(qwen_gguf, run_cli, tmp_path):
 def test_qwen3_moe_with_dense_layers_has_no_gguf_table():
     """mlp_only_layers: llama.cpp's qwen3moe has no dense FFN tensors (the family declares no GGUF name for
     them), so the table is refused in one line rather than failing on a missing expert tensor."""
-    from ckdiff.converters import layouts
+    from ckdiff.formats import layouts
     from ckdiff.errors import InputError
     from ckdiff.golden.models import TINY
     with pytest.raises(InputError) as e:

@@ -6,11 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ckdiff.converters.config import ModelConfig
-from ckdiff.converters.formats import open_checkpoint
-from ckdiff.converters.layouts import convert
-from ckdiff.converters.safetensors_io import read_safetensors, write_safetensors
-from ckdiff.converters.writers import write_meta_shards
+from ckdiff.models.config import ModelConfig
+from ckdiff.formats.readers import open_checkpoint
+from ckdiff.formats.layouts import convert
+from ckdiff.io.safetensors import read_safetensors, write_safetensors
+from ckdiff.io.writers import write_meta_shards
 from ckdiff.golden.models import hf_state, lazy, tiny_config
 
 

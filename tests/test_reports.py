@@ -90,7 +90,7 @@ def test_markdown_and_html_sort_worst_first():
 
 def test_logits_report_reads_as_a_report(tiny_hf):
     from ckdiff.compare.logits import compare_logits
-    from ckdiff.converters.formats import open_checkpoint
+    from ckdiff.formats.readers import open_checkpoint
     a, b = open_checkpoint(str(tiny_hf())), open_checkpoint(str(tiny_hf(seed=1)))
     res = compare_logits(a, b, batch=2, length=6)
     html = render_html("logits", res, "ckdiff logits A B")

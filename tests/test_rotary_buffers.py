@@ -10,7 +10,7 @@ import json
 import torch
 from safetensors.torch import load_file, save_file
 
-from ckdiff.converters.writers import atomic_dir, write_meta_shards
+from ckdiff.io.writers import atomic_dir, write_meta_shards
 from ckdiff.golden import emit as E
 from ckdiff.golden.models import lazy
 

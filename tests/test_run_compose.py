@@ -6,12 +6,12 @@ import dataclasses
 import pytest
 import torch
 
-from ckdiff import families
-from ckdiff.converters.config import ModelConfig
-from ckdiff.converters.lazy import Checkpoint
-from ckdiff.families import LLAMA_NAMES, Block, Family
+from ckdiff.models import families
+from ckdiff.models.config import ModelConfig
+from ckdiff.tensor.lazy import Checkpoint
+from ckdiff.models.families import LLAMA_NAMES, Block, Family
 from ckdiff.golden.models import lazy
-from ckdiff.golden.runtimes import run
+from ckdiff.runtime.forward import run
 
 _L = "model.layers.{i}."
 TOY = Family("toy-qkv-bias", ("toy_qkv_bias",), "ToyQkvBiasForCausalLM", Block(qkv_bias=True),

@@ -42,7 +42,7 @@ def test_help_imports_neither_torch_nor_numba(argv):
 
 
 def test_help_lists_the_registered_formats_without_loading_them():
-    from ckdiff.converters import registry
+    from ckdiff.formats import registry
     _, out, _ = _fresh("--help")
     for f in registry.formats():
         assert any(line.split()[:1] == [f.name] for line in out.splitlines()), f.name

@@ -8,11 +8,11 @@ import zipfile
 import pytest
 import torch
 
-from ckdiff.converters.formats import open_checkpoint
-from ckdiff.converters.lazy import EagerTensor, LazyTensor
-from ckdiff.converters.ops import ShardMerge
-from ckdiff.converters.pickle_io import load_pickle
-from ckdiff.converters.torch_zip import TensorSource, write_torch_zip
+from ckdiff.formats.readers import open_checkpoint
+from ckdiff.tensor.lazy import EagerTensor, LazyTensor
+from ckdiff.tensor.ops import ShardMerge
+from ckdiff.io.pickles import load_pickle
+from ckdiff.io.torch_zip import TensorSource, write_torch_zip
 from helpers import convert
 
 SAFE_GLOBALS = [argparse.Namespace]  # what torch.load(weights_only=True), the oracle here, needs for rank files
@@ -133,9 +133,9 @@ class _Tracked(LazyTensor):
 
 
 def test_megatron_writer_holds_one_chunk_not_a_rank(tiny_hf, tmp_path):
-    from ckdiff.converters.api import read_source
-    from ckdiff.converters.layouts import convert as layout_convert
-    from ckdiff.converters.megatron import make_args, write_megatron
+    from ckdiff.convert.api import read_source
+    from ckdiff.formats.layouts import convert as layout_convert
+    from ckdiff.formats.megatron_llm import make_args, write_megatron
     ck, cfg = read_source(str(tiny_hf("llama-gqa")))
     tensors = {k: _Tracked(t) for k, t in layout_convert(ck.tensors, "hf", "megatron", cfg).items()}
     assert len(tensors) > 10
@@ -182,7 +182,7 @@ def test_rank_files_load_memory_mapped_and_tp_merges_read_rows(tiny_hf, tmp_path
 
 def _whole_weights(monkeypatch):
     """The runtimes as they were: every weight read whole (the streamed reads must not change a bit)."""
-    from ckdiff.golden import runtimes
+    from ckdiff.runtime import forward as runtimes
     monkeypatch.setattr(runtimes.Weights, "gather", lambda W, k, ids: W(k)[ids])
     monkeypatch.setattr(runtimes.Weights, "matmul_t", lambda W, k, x: x @ W(k).T)
 
@@ -190,7 +190,7 @@ def _whole_weights(monkeypatch):
 @pytest.mark.parametrize("name,model", [("llama-gqa", "llama2"), ("falcon-40b", "falcon")])
 def test_logits_hold_one_layer_and_equal_whole_weight_runs(tiny_hf, tmp_path, monkeypatch, name, model):
     from ckdiff.compare.logits import compare_logits
-    from ckdiff.converters.config import model_config
+    from ckdiff.models.config import model_config
     src = tiny_hf(name)
     assert convert("hf-to-megatron", model, "--model-path", src, "--out", tmp_path / "meg", "--tp", 2) == 0
     a, b = open_checkpoint(str(src)), open_checkpoint(str(tmp_path / "meg"))
@@ -245,7 +245,7 @@ def test_logits_hold_one_layer_and_equal_whole_weight_runs(tiny_hf, tmp_path, mo
 
 def test_logits_and_hf_writer_report_progress(tiny_hf, tmp_path):
     from ckdiff.compare.logits import compare_logits
-    from ckdiff.converters.writers import write_hf
+    from ckdiff.io.writers import write_hf
     src = tiny_hf("llama-gqa")
     a = open_checkpoint(str(src))
     calls = []
@@ -270,8 +270,8 @@ def test_lazy_conversion_infers_shapes_without_torch_dynamo(tiny_hf):
     import subprocess
     import sys
     code = ("import sys\n"
-            "from ckdiff.converters.api import read_source\n"
-            "from ckdiff.converters.layouts import convert\n"
+            "from ckdiff.convert.api import read_source\n"
+            "from ckdiff.formats.layouts import convert\n"
             f"ck, cfg = read_source({str(tiny_hf('llama-gqa'))!r})\n"
             "out = convert(ck.tensors, 'hf', 'megatron', cfg, ck.path)\n"
             "assert out['language_model.encoder.layers.0.self_attention.query_key_value.weight'].shape[0] == "

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 
-from ckdiff.converters.layouts import convert as layout_convert
-from ckdiff.converters.writers import atomic_dir, write_hf
+from ckdiff.formats.layouts import convert as layout_convert
+from ckdiff.io.writers import atomic_dir, write_hf
 from ckdiff.golden.models import hf_state, lazy
 from ckdiff.golden.suite import REGISTRY, Converter, check_converter
 from ckdiff.testing import assert_checkpoints_match, assert_logits_match, gate, tiny_configs
@@ -48,10 +48,10 @@ def test_converter_without_inverse_or_golden_fails(tmp_path):
 
 # --- a converter declared the way another repository would, gated by ckdiff.testing.gate
 def _my_hf_to_jetstream(src, out, options):
-    from ckdiff.converters.api import read_source
+    from ckdiff.convert.api import read_source
     ck, cfg = read_source(src)
     with atomic_dir(out, overwrite=True) as tmp:
-        from ckdiff.converters.writers import write_meta_like
+        from ckdiff.io.writers import write_meta_like
         write_meta_like(tmp, layout_convert(ck.tensors, "hf", "jetstream", cfg), cfg.to_meta())
 
 

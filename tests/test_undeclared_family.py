@@ -6,7 +6,7 @@ Fixture: written by transformers' save_pretrained (AutoModelForCausalLM.from_con
 import pytest
 import torch
 
-from ckdiff import families
+from ckdiff.models import families
 
 CANDIDATES = ("qwen2", "olmo2", "stablelm")  # each has tensors a Llama table does not know (biases, q/k norms)
 

@@ -6,7 +6,7 @@ Fixtures, one tiny GQA Llama (random weights) written once per module: HF safete
 torch itself (``torch.save``, ``torch.distributed.checkpoint.save``); GGUF F32 and Q8_0 by the gguf package's
 writer and quantizer; Meta, JetStream, Megatron-LLM and Megatron-Core-layout DCP by ckdiff's writers
 (golden/emit.py); JetStream int8 by ckdiff's converter; FP8 with 128x128 block scales by DeepSeek-V3's
-``weight_quant`` rule (converters/fp8.py ``fp8_quantize``; no tool on CPU writes that layout)."""
+``weight_quant`` rule (formats/fp8.py ``fp8_quantize``; no tool on CPU writes that layout)."""
 from __future__ import annotations
 
 import itertools
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from ckdiff.compare.diff import compare_checkpoints
-from ckdiff.converters.formats import open_checkpoint
+from ckdiff.formats.readers import open_checkpoint
 from ckdiff.golden.emit import emit
 from ckdiff.golden.mutations import _fp8
 from ckdiff.golden.suite import convert

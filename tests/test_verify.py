@@ -8,10 +8,10 @@ import torch
 from ckdiff.compare.diagnose import _Ctx, diagnose_pair, diagnose_tensor
 from ckdiff.compare.diff import Options, compare_checkpoints, compare_tensor
 from ckdiff.compare.logits import compare_logits, random_ids
-from ckdiff.converters.config import canonical_config, compare_configs
-from ckdiff.converters.formats import open_checkpoint
-from ckdiff.converters.lazy import Checkpoint, EagerTensor
-from ckdiff.converters.ops import rope_to_interleaved
+from ckdiff.models.config import canonical_config, compare_configs
+from ckdiff.formats.readers import open_checkpoint
+from ckdiff.tensor.lazy import Checkpoint, EagerTensor
+from ckdiff.tensor.ops import rope_to_interleaved
 
 
 def _config_edit(src, dst, fn):

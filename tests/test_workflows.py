@@ -96,7 +96,7 @@ def test_every_long_flag_in_both_spellings():
 
 
 def test_logits_offers_only_formats_it_runs():
-    from ckdiff.converters import registry
+    from ckdiff.formats import registry
     p = COMMANDS["logits"].parser()
     fmt = next(a for a in p._actions if a.dest == "format")
     runnable = {f.name for f in registry.formats() if f.runtime is not registry.Runtime.NONE}

@@ -12,7 +12,7 @@ import sys
 import traceback
 from collections.abc import Mapping
 
-from ..errors import CkdiffError, error_line
+from ckdiff.errors import CkdiffError, error_line
 
 # the commands in the order the overview lists them; each is the module ckdiff/commands/NAME.py
 NAMES = ("compare", "inspect", "check", "logits", "convert", "roundtrip", "golden", "demo", "replay", "help")
@@ -38,7 +38,7 @@ COMMANDS = _Commands()
 
 
 def _dispatch(argv: list) -> int:
-    from .common import command_line
+    from ckdiff.commands.common import command_line
     if not argv:
         print(COMMANDS["help"].overview(), file=sys.stderr)
         return 2
@@ -46,10 +46,10 @@ def _dispatch(argv: list) -> int:
         print(COMMANDS["help"].overview())
         return 0
     if argv[0] == "--version":
-        from .. import __version__
+        from ckdiff import __version__
         print(f"ckdiff {__version__}")
         return 0
-    from ..converters.inputs import reset_inputs
+    from ckdiff.io.inputs import reset_inputs
     reset_inputs()  # the inputs this command reads are the ones its reports must never overwrite
     if argv[0] in COMMANDS:
         return COMMANDS[argv[0]].run(argv[1:], command_line(argv))

@@ -2,7 +2,7 @@
 vocab padding). Exit 0 clean, 1 findings, 2 usage or input error."""
 from __future__ import annotations
 
-from . import common
+from ckdiff.commands import common
 
 NAME = "check"
 SUMMARY = "lint one checkpoint: config vs tensors, coverage, NaN/Inf, tied head, mixed dtypes, padding"
@@ -22,10 +22,10 @@ def parser(prog: str = "ckdiff check"):
 def run(argv, command: str = "") -> int:
     from rich.markup import escape
 
-    from ..compare.lint import lint
-    from ..converters.formats import open_checkpoint
-    from ..reports.render import render_json
-    from ..text import printable
+    from ckdiff.compare.lint import lint
+    from ckdiff.formats.readers import open_checkpoint
+    from ckdiff.reports.render import render_json
+    from ckdiff.text import printable
     args = parser().parse_args(argv)
     common.check_reports(args)
     ck = open_checkpoint(args.path, args.format, args.cache_dir, args.trust_pickle)

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ..errors import UsageError
-from ..text import printable
+from ckdiff.errors import UsageError
+from ckdiff.text import printable
 
 REPORT_FLAGS = ("json", "html", "markdown", "junit")
 SUMMARY_ENV = "GITHUB_STEP_SUMMARY"  # GitHub Actions' job summary file, appended to by each step
@@ -99,7 +99,7 @@ def add_common(p: argparse.ArgumentParser, *, cache: bool = True, pickle: bool =
 
 
 def format_names() -> list[str]:
-    from ..converters import registry
+    from ckdiff.formats import registry
     return [n for n, _ in registry.declared()]
 
 
@@ -107,7 +107,7 @@ def formats_help() -> str:
     """One line per registered format: its name and what it is (the --format choices)."""
     import textwrap
 
-    from ..converters import registry
+    from ckdiff.formats import registry
     fs = registry.declared()
     width = max(len(n) for n, _ in fs)
     return "formats (--format; detected from the files otherwise):\n" + "\n".join(
@@ -250,7 +250,7 @@ def check_target(flag: str, target, inputs=(), force: bool = False) -> Optional[
         t = p.resolve()
     except (OSError, RuntimeError) as e:  # a symbolic-link loop, a name too long
         raise UsageError(f"{name}: {_why(e, 'symbolic link loop')}") from None
-    from ..converters.inputs import is_input
+    from ckdiff.io.inputs import is_input
     files, dirs = _owned(inputs)
     if t in files or t in dirs or (t.exists() and any(d in t.parents for d in dirs)) or is_input(t):
         raise UsageError(f"{name} is a file of an input checkpoint; refusing to overwrite it")
@@ -364,7 +364,7 @@ def write_report(path, content, inputs=(), flag: str = "report", force: bool = F
         finally:
             os.close(fd)
         return
-    from ..converters.writers import atomic_file
+    from ckdiff.io.writers import atomic_file
 
     def write(tmp):
         with open(tmp, "wb") as f:
@@ -375,12 +375,12 @@ def write_report(path, content, inputs=(), flag: str = "report", force: bool = F
 def emit_reports(args, kind: str, res, inputs=(), command: str = "") -> None:
     """--json (with the verification record of ``inputs``) / --html / --markdown / --junit and the job
     summary, for any result object with to_dict()/verdict()/equivalent."""
-    from ..reports import html as H
-    from ..reports.junit import render_junit
-    from ..reports.render import render_json
+    from ckdiff.reports import html as H
+    from ckdiff.reports.junit import render_junit
+    from ckdiff.reports.render import render_json
 
     def record():
-        from ..provenance import record
+        from ckdiff.provenance import record
         return render_json(kind, res.to_dict(), res.verdict(), command,
                            record(command, inputs, getattr(args, "hash", False)))
     render = {"json": record,
@@ -400,7 +400,7 @@ def emit_reports(args, kind: str, res, inputs=(), command: str = "") -> None:
 def run_sharded(name: str, argv, workers: int, fn):
     """``fn(shard)`` on every rank: the launcher's ranks under torchrun/SLURM, ``workers`` local
     processes running ``ckdiff NAME argv`` (without --workers) otherwise, or one process (shard None)."""
-    from .. import distributed
+    from ckdiff import distributed
     if distributed.launched():
         shard = distributed.init_from_env()
         try:

@@ -1,8 +1,8 @@
 """``ckdiff A B`` (also ``ckdiff compare A B``): compare two checkpoints tensor by tensor."""
 from __future__ import annotations
 
-from ..errors import UsageError
-from . import common
+from ckdiff.errors import UsageError
+from ckdiff.commands import common
 
 NAME = "compare"
 SUMMARY = "compare two checkpoints of any supported format, tensor by tensor (the default command)"
@@ -58,7 +58,7 @@ def parse_tol(specs) -> list:
 
 def open_pair(args):
     """Both checkpoints, read with --format/--format-a/--format-b."""
-    from ..converters.formats import open_checkpoint
+    from ckdiff.formats.readers import open_checkpoint
     a = open_checkpoint(args.a, args.format_a or args.format, args.cache_dir, args.trust_pickle,
                         prefix=getattr(args, "prefix_a", None))
     b = open_checkpoint(args.b, args.format_b or args.format, args.cache_dir, args.trust_pickle,
@@ -73,8 +73,8 @@ def run(argv, command: str = "") -> int:
 
 def _run(args, command: str, shard) -> int:
     """One comparison; with ``shard`` every rank runs this and rank 0 prints and writes the reports."""
-    from ..compare.diff import Options, compare_checkpoints
-    from ..reports.terminal import print_compare
+    from ckdiff.compare.diff import Options, compare_checkpoints
+    from ckdiff.reports.terminal import print_compare
     main_rank = shard is None or shard.is_main
     if main_rank:
         common.check_reports(args)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import InputError, UsageError
-from ..text import printable
-from . import common
+from ckdiff.errors import InputError, UsageError
+from ckdiff.text import printable
+from ckdiff.commands import common
 
 NAME = "convert"
 SUMMARY = "convert a checkpoint: hf-to-megatron, megatron-to-hf, to-jetstream, jetstream-to-hf"
@@ -45,7 +45,7 @@ def _outputs(p):
 
 
 def _hf_to_megatron(p):
-    from ..converters import api
+    from ckdiff.convert import api
     p.add_argument("model", choices=api.MEGATRON_MODELS, help="model family to write")
     p.add_argument("--size", type=int, choices=sorted({s for _, s in api.SIZES}),
                    help="billions of parameters; checked against the checkpoint's config (the architecture "
@@ -67,7 +67,7 @@ def _hf_to_megatron(p):
 
 
 def _megatron_to_hf(p):
-    from ..converters import api
+    from ckdiff.convert import api
     p.add_argument("--input_dir", "--input-dir", required=True, metavar="DIR",
                    help="root holding latest_checkpointed_iteration.txt (required)")
     p.add_argument("--output_dir", "--output-dir", required=True, metavar="DIR", help="output directory (required)")
@@ -89,8 +89,8 @@ def _megatron_to_hf(p):
 
 
 def _to_jetstream(p):
-    from ..converters import api
-    from ..converters.quant import QUANT_TYPES
+    from ckdiff.convert import api
+    from ckdiff.formats.jetstream_quant import QUANT_TYPES
     p.add_argument("--model_name", required=True, choices=sorted(api.JS_MODELS),
                    help="model family (llama is an alias of llama-2) (required)")
     p.add_argument("--input_checkpoint_dir", required=True, metavar="DIR", help="HF or Meta directory (required)")
@@ -133,11 +133,11 @@ def _default_source_hint(a) -> None:
     """Without --model-path the source is the original tool's hub id: say so when it is not cached."""
     from pathlib import Path
 
-    from ..converters import api
-    from ..converters.formats import resolve_path
+    from ckdiff.convert import api
+    from ckdiff.formats.readers import resolve_path
     if a.model_path is not None:
         return
-    from .. import families
+    from ckdiff.models import families
     fam = families.for_megatron_model(a.model)
     meta_ok = fam is not None and fam.megatron_model(a.model).meta_source
     if a.cache_dir and meta_ok and list(Path(a.cache_dir).glob("consolidated.*.pth")):
@@ -158,7 +158,7 @@ def run(argv, command: str = "") -> int:
 
 
 def _run(a, shard) -> int:
-    from ..converters import api
+    from ckdiff.convert import api
     name = a.converter
     main_rank = shard is None or shard.is_main
     pf = common.progress_factory(common.show_progress(a) and main_rank, "writing")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import common
+from ckdiff.commands import common
 
 NAME = "demo"
 SUMMARY = "build tiny models, convert along every path, verify each conversion, write reports"
@@ -21,12 +21,12 @@ def parser(prog: str = "ckdiff demo"):
 
 
 def run(argv, command: str = "") -> int:
-    from ..golden.suite import SuiteResult, check_converter, demo_broken, demo_plan, demo_tag
-    from ..reports import html as H
-    from ..reports.junit import render_junit
-    from ..reports.render import render_json
-    from ..reports.terminal import print_suite
-    from ..text import printable
+    from ckdiff.golden.suite import SuiteResult, check_converter, demo_broken, demo_plan, demo_tag
+    from ckdiff.reports import html as H
+    from ckdiff.reports.junit import render_junit
+    from ckdiff.reports.render import render_json
+    from ckdiff.reports.terminal import print_suite
+    from ckdiff.text import printable
     a = parser().parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,8 @@
 """``ckdiff golden CONVERTER GOLDEN_SRC CANDIDATE_SRC``: the supported path is the golden, the new one is diffed."""
 from __future__ import annotations
 
-from . import common
-from .roundtrip import add_suite_args, converter_names, converter_options, progress, workdir
+from ckdiff.commands import common
+from ckdiff.commands.roundtrip import add_suite_args, converter_names, converter_options, progress, workdir
 
 NAME = "golden"
 SUMMARY = "convert a golden source and a candidate source with one converter; diff the outputs"
@@ -20,8 +20,8 @@ def parser(prog: str = "ckdiff golden"):
 
 
 def run(argv, command: str = "") -> int:
-    from ..golden.suite import golden_diff
-    from ..reports.terminal import print_compare
+    from ckdiff.golden.suite import golden_diff
+    from ckdiff.reports.terminal import print_compare
     a = parser().parse_args(argv)
     opts = converter_options(a)
     inputs = (a.golden_src, a.candidate_src)

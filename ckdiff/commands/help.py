@@ -1,15 +1,15 @@
 """``ckdiff help [COMMAND [CONVERTER]]``: the overview, or one command's help."""
 from __future__ import annotations
 
-from ..errors import UsageError
-from . import common
+from ckdiff.errors import UsageError
+from ckdiff.commands import common
 
 NAME = "help"
 SUMMARY = "this overview, or the help of one command (ckdiff help convert to-jetstream)"
 
 
 def parser(prog: str = "ckdiff help"):
-    from . import COMMANDS
+    from ckdiff.commands import COMMANDS
     p = common.Parser(prog=prog, description="Show the overview of ckdiff's commands, or one command's help.")
     p.add_argument("topic", nargs="*", metavar="COMMAND",
                    help="a command (one of: " + ", ".join(COMMANDS) + "), and for convert a converter")
@@ -17,8 +17,8 @@ def parser(prog: str = "ckdiff help"):
 
 
 def overview() -> str:
-    from . import COMMANDS
-    from .compare import parser as compare_parser
+    from ckdiff.commands import COMMANDS
+    from ckdiff.commands.compare import parser as compare_parser
     lines = ["ckdiff: verify LLM checkpoint converters.", "",
              "usage: ckdiff A B [options]          compare two checkpoints (the default command)",
              "       ckdiff COMMAND [options]      one of the commands below",
@@ -34,7 +34,7 @@ def overview() -> str:
 
 
 def text(topic) -> str:
-    from . import COMMANDS
+    from ckdiff.commands import COMMANDS
     if not topic:
         return overview()
     name = topic[0]
@@ -42,7 +42,7 @@ def text(topic) -> str:
         raise UsageError(f"ckdiff help: unknown command {name!r}; commands: {', '.join(COMMANDS)}")
     p = COMMANDS[name].parser(f"ckdiff {name}")
     if len(topic) > 1 and name == "convert":
-        from .convert import CONVERTERS
+        from ckdiff.commands.convert import CONVERTERS
         if topic[1] not in CONVERTERS:
             raise UsageError(f"ckdiff help convert: unknown converter {topic[1]!r}; converters: "
                              f"{', '.join(CONVERTERS)}")

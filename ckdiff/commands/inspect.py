@@ -1,7 +1,7 @@
 """``ckdiff inspect PATH``: names, shapes, dtypes and sizes of one checkpoint."""
 from __future__ import annotations
 
-from . import common
+from ckdiff.commands import common
 
 NAME = "inspect"
 LONG = 2000  # listings longer than this are written as plain text
@@ -20,9 +20,9 @@ def parser(prog: str = "ckdiff inspect"):
 
 
 def run(argv, command: str = "") -> int:
-    from ..converters.formats import dtype_name, open_checkpoint
-    from ..reports.render import collapse_layers, render_json
-    from ..text import terminal
+    from ckdiff.formats.readers import dtype_name, open_checkpoint
+    from ckdiff.reports.render import collapse_layers, render_json
+    from ckdiff.text import terminal
     args = parser().parse_args(argv)
     common.check_reports(args)
     ck = open_checkpoint(args.path, args.format, args.cache_dir, args.trust_pickle)
@@ -36,7 +36,7 @@ def run(argv, command: str = "") -> int:
         if k in ck.meta:
             console.print(terminal(f"{k}: {ck.meta[k]}"))
     if not args.quiet:
-        from ..reports.terminal import inspect_lines
+        from ckdiff.reports.terminal import inspect_lines
         lines = inspect_lines(shown, console.width)
         if len(lines) > LONG:  # a rich print costs ~0.1 ms a line: a 200k-tensor listing goes out as plain text
             console.print(lines[0], no_wrap=True, crop=False, overflow="ignore")

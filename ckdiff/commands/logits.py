@@ -1,8 +1,8 @@
 """``ckdiff logits A B``: the same random token ids through both checkpoints, each in its own layout."""
 from __future__ import annotations
 
-from ..errors import UsageError
-from . import common
+from ckdiff.errors import UsageError
+from ckdiff.commands import common
 
 NAME = "logits"
 SUMMARY = "run the same random tokens through both checkpoints in their own layouts; compare the logits"
@@ -13,7 +13,7 @@ def parser(prog: str = "ckdiff logits"):
     p = common.Parser(prog=prog, description="Compare two model checkpoints by forward passes, each in its own "
                       "layout's reference runtime (needs a model config: config.json, params.json or Megatron "
                       "args). Exit 0 equivalent, 1 differ, 2 error.")
-    from ..converters import registry
+    from ckdiff.formats import registry
     runnable = [f.name for f in registry.formats() if f.runtime is not registry.Runtime.NONE]
     p.add_argument("a", help=f"model checkpoint A, of a format with a model config ({', '.join(runnable)}), or a "
                              "hub id")
@@ -39,14 +39,14 @@ def parser(prog: str = "ckdiff logits"):
 
 
 def run(argv, command: str = "") -> int:
-    from ..compare.logits import compare_logits
-    from ..reports.terminal import print_logits
-    from .compare import open_pair
+    from ckdiff.compare.logits import compare_logits
+    from ckdiff.reports.terminal import print_logits
+    from ckdiff.commands.compare import open_pair
     args = parser().parse_args(argv)
     common.check_reports(args)
     a, b = open_pair(args)
     common.check_reports(args, (a, b))
-    from ..converters import registry
+    from ckdiff.formats import registry
     for side, ck in (("A", a), ("B", b)):
         f = registry.lookup(ck.format)
         if f is not None and f.runtime is registry.Runtime.NONE:
@@ -69,8 +69,8 @@ def run(argv, command: str = "") -> int:
 
 def _tensor_diff(a, b):
     """The tensor diff of the pair (the cheap structural check), or the one-line reason it cannot run."""
-    from ..compare.diff import compare_checkpoints
-    from ..errors import CkdiffError
+    from ckdiff.compare.diff import compare_checkpoints
+    from ckdiff.errors import CkdiffError
     try:
         return compare_checkpoints(a, b)
     except CkdiffError as e:
@@ -78,7 +78,7 @@ def _tensor_diff(a, b):
 
 
 def _cross_check(diff, res) -> None:
-    from ..compare.logits import cross_check_notes
+    from ckdiff.compare.logits import cross_check_notes
     if isinstance(diff, str):
         res.notes.append(f"tensor diff not run: {diff}")
         return

@@ -6,9 +6,9 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..errors import InputError, UsageError
-from ..text import printable
-from . import common
+from ckdiff.errors import InputError, UsageError
+from ckdiff.text import printable
+from ckdiff.commands import common
 
 NAME = "replay"
 SUMMARY = "re-run the command a JSON result records; exit 0 if verdict and statuses are unchanged"
@@ -83,7 +83,7 @@ def _action(p, token: str):
 
 def replay_argv(argv: list, trust_pickle: bool) -> tuple[str, list]:
     """(command name, its arguments) with the report, output and work-directory flags removed."""
-    from . import COMMANDS
+    from ckdiff.commands import COMMANDS
     name, rest = (argv[0], argv[1:]) if argv[0] in COMMANDS else ("compare", list(argv))
     if name not in REPLAYABLE or name not in COMMANDS:
         raise UsageError(f"ckdiff replay: the recorded command is `ckdiff {printable(name)}`; only commands that "
@@ -135,8 +135,8 @@ def changes(old: dict, new: dict) -> list[str]:
 
 
 def run(argv, command: str = "") -> int:
-    from . import COMMANDS
-    from ..provenance import changed_inputs
+    from ckdiff.commands import COMMANDS
+    from ckdiff.provenance import changed_inputs
     a = parser().parse_args(argv)
     rec = load(a.result)
     common.check_target("json", a.json, (), getattr(a, "force", False))

@@ -7,8 +7,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from ..errors import UsageError
-from . import common
+from ckdiff.errors import UsageError
+from ckdiff.commands import common
 
 NAME = "roundtrip"
 SUMMARY = "convert your checkpoint with a converter and back; diff, config drift and logits"
@@ -28,7 +28,7 @@ def workdir(keep: Optional[str], prefix: str):
 
 
 def converter_names() -> list:
-    from ..golden.suite import REGISTRY
+    from ckdiff.golden.suite import REGISTRY
     return sorted(REGISTRY)
 
 
@@ -63,7 +63,7 @@ APPLIES = {"true_vocab_size": ("hf-to-megatron", "megatron-to-hf"), "pad": ("hf-
 def converter_options(a) -> dict:
     """The converter options given, as the suite's options dict; one that the converter does not take is
     a usage error (it would be silently ignored otherwise)."""
-    from ..converters.quant import QUANT_TYPES
+    from ckdiff.formats.jetstream_quant import QUANT_TYPES
     o = {"true_vocab_size": a.true_vocab_size, "pad": a.pad, "model_name": a.model_name,
          "quantize": a.quantize_type or ("int8_per_channel" if a.quantize_weights else None)}
     if a.quantize_type is not None and a.quantize_type not in QUANT_TYPES:
@@ -96,8 +96,8 @@ def parser(prog: str = "ckdiff roundtrip"):
 
 
 def run(argv, command: str = "") -> int:
-    from ..golden.suite import roundtrip
-    from ..reports.terminal import print_suite
+    from ckdiff.golden.suite import roundtrip
+    from ckdiff.reports.terminal import print_suite
     a = parser().parse_args(argv)
     opts = converter_options(a)
     common.check_reports(a, (a.src,))

@@ -11,14 +11,15 @@ the layouts agree, or when the user passes ``--no-map``.
 from __future__ import annotations
 
 
-from ..converters import registry
-from ..converters.config import ConfigError
-from ..converters.lazy import Checkpoint
-from ..tensor.blockscaled import BlockScaled, through_table
+from ckdiff.formats import registry
+from ckdiff.formats.layouts import convert_formats
+from ckdiff.models.config import ConfigError
+from ckdiff.tensor.lazy import Checkpoint
+from ckdiff.tensor.blockscaled import BlockScaled, through_table
 
 
 def _config(ck: Checkpoint):
-    from ..compare.logits import config_of
+    from ckdiff.compare.logits import config_of
     return config_of(ck)
 
 
@@ -49,7 +50,7 @@ def align(a: Checkpoint, b: Checkpoint) -> tuple[Checkpoint, Checkpoint, list, l
 
 
 def _align(a: Checkpoint, b: Checkpoint) -> tuple[Checkpoint, Checkpoint, list, list]:
-    from ..converters.table import Plan
+    from ckdiff.tensor.table import Plan
     fa, fb = registry.lookup(a.format), registry.lookup(b.format)
     la, lb = (f.layout if f is not None and "->" not in x.format else None for f, x in ((fa, a), (fb, b)))
     if (la is None) != (lb is None) and a.format != b.format:
@@ -70,7 +71,7 @@ def _align(a: Checkpoint, b: Checkpoint) -> tuple[Checkpoint, Checkpoint, list, 
         cfg = _config(src)
         plan = Plan()
         cover: list = []
-        mapped = registry.convert(src.tensors, fsrc, fdst, cfg, src.path, plan, cover)
+        mapped = convert_formats(src.tensors, fsrc, fdst, cfg, src.path, plan, cover)
     except ConfigError:
         raise  # mapping across layouts needs a sound config: fatal, one line naming the file and key
     except Exception as e:  # noqa: BLE001 - unmappable: compare as is and say why
@@ -91,8 +92,8 @@ def _strip_config_padding(tensors: dict, src: Checkpoint, true_vocab, layout: st
     """Vocab padding the source's own config declares (its format's ``true_vocab``, e.g. Megatron
     ``true_vocab_size`` below the embedding rows) is dropped from the mapped tensors and reported as a
     note, never as a mismatch."""
-    from ..converters.config import names_of
-    from ..converters.lazy import RowSlice
+    from ckdiff.models.config import names_of
+    from ckdiff.tensor.lazy import RowSlice
     true = true_vocab(src.config or {}) if true_vocab is not None else None
     names = names_of(layout)
     if not isinstance(true, int) or not names:
@@ -111,16 +112,16 @@ def _strip_config_padding(tensors: dict, src: Checkpoint, true_vocab, layout: st
 
 def _embed_head_pairs() -> list:
     """(embedding, output head) names of every layout: a tied head is its embedding under the head's name."""
-    from ..converters.config import _NAMES, _hf_check_names
-    from .. import families
+    from ckdiff.models.config import _NAMES, _hf_check_names
+    from ckdiff.models import families
     pairs = []
     for fam in families.FAMILIES.values():
         n = _hf_check_names(fam)
         pairs += [(e, h) for e in n["embed"] for h in n["head"]]
     for names in _NAMES.values():
         pairs += [(e, h) for e in names["embed"] for h in names["head"]]
-    from ..converters.gguf_io import GGUF
-    from ..converters.mcore import MCORE
+    from ckdiff.formats.gguf import GGUF
+    from ckdiff.formats.mcore import MCORE
     pairs += [(GGUF["embed"], GGUF["head"]), (MCORE["embed"], MCORE["head"])]
     return list(dict.fromkeys(pairs))
 
@@ -129,7 +130,7 @@ def tied_head_views(a: Checkpoint, b: Checkpoint, tied: dict) -> tuple[Checkpoin
     """A side whose config ties the output head (``tied[side]``) and stores none, against a side that stores
     one: the tied side's embedding is compared under the head's name (a tied head *is* the embedding).
     Returns both sides and {side: (embedding name, head name)} of the views made."""
-    from ..converters.table import Renamed
+    from ckdiff.tensor.table import Renamed
     made: dict = {}
     out = {"A": a, "B": b}
     for side, x, other in (("A", a, b), ("B", b, a)):

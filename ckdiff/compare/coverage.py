@@ -9,12 +9,12 @@ equivalent. This is the check that catches the "MoE experts silently dropped" cl
 """
 from __future__ import annotations
 
-from ..converters.lazy import Checkpoint
-from .status import Status
+from ckdiff.tensor.lazy import Checkpoint
+from ckdiff.compare.status import Status
 
 
 def _layout_drops(fmt: str) -> list:
-    from ..converters.registry import drop_patterns
+    from ckdiff.formats.registry import drop_patterns
     return drop_patterns(fmt)
 
 

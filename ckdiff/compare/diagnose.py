@@ -33,13 +33,13 @@ from typing import Optional
 
 import torch
 
-from ..converters.lazy import Checkpoint, LazyTensor
-from ..converters.ops import rope_to_half, rope_to_interleaved
-from ..tensor.blockscaled import BlockScaled
-from .diagnose_scaled import diagnose_scaled
-from .diff import CompareResult, TensorResult
-from .findings import record
-from .status import Status
+from ckdiff.tensor.lazy import Checkpoint, LazyTensor
+from ckdiff.tensor.ops import rope_to_half, rope_to_interleaved
+from ckdiff.tensor.blockscaled import BlockScaled
+from ckdiff.compare.diagnose_scaled import diagnose_scaled
+from ckdiff.compare.diff import CompareResult, TensorResult
+from ckdiff.compare.findings import record
+from ckdiff.compare.status import Status
 
 MAX_NUMEL = 1 << 26  # largest tensor loaded whole (to confirm a winner, or for whole-tensor hypotheses)
 SMALL_NUMEL = 1 << 21  # at or below: both sides are loaded once and every hypothesis indexes them
@@ -436,7 +436,7 @@ def _part_options(n: int, h_true: int, h_other: int, what: str, config: dict) ->
 
 def _fused_qkv_maps(rows: int, config: dict) -> list[tuple[Finding, torch.Tensor]]:
     """Hypotheses for a Megatron fused QKV ([q x H/K, k, v] x K): B row i = A row map[i]."""
-    from ..converters.ops import FuseQKV
+    from ckdiff.tensor.ops import FuseQKV
     H = config.get("num_attention_heads") or config.get("n_heads")
     K = config.get("num_attention_heads_kv") or config.get("num_key_value_heads") or config.get("num_kv_heads") or H
     d = config.get("kv_channels") or config.get("head_dim") or _head_dim(config)
@@ -526,7 +526,7 @@ def _whole_tensor(name: str, a: torch.Tensor, b: torch.Tensor, r: TensorResult, 
 
 def _cast_tol(da: torch.dtype, db: torch.dtype) -> tuple[float, float]:
     """(atol, rtol) of the less precise of two dtypes (compare/diff.py's table), exact for one dtype."""
-    from .diff import default_tolerance
+    from ckdiff.compare.diff import default_tolerance
     t = default_tolerance(da, db)
     return t.atol, t.rtol
 
@@ -561,8 +561,8 @@ def _diagnose_shape(a: torch.Tensor, b: torch.Tensor) -> list[str]:
 
 def diagnose_pair(name: str, a: torch.Tensor, b: torch.Tensor, config: dict | None = None) -> list[str]:
     """Diagnose two in-memory tensors (for tests and callers without a checkpoint)."""
-    from ..converters.lazy import EagerTensor
-    from .diff import Options, compare_tensor
+    from ckdiff.tensor.lazy import EagerTensor
+    from ckdiff.compare.diff import Options, compare_tensor
     if a.shape != b.shape:
         return _diagnose_shape(a, b)
     ta, tb = EagerTensor(name, a), EagerTensor(name + " ", b)
@@ -878,12 +878,12 @@ def diagnose_result(res: CompareResult, a: Checkpoint, b: Checkpoint) -> None:
 
 
 def _family_findings(res: CompareResult, ctx: _Ctx) -> None:
-    """What the model family's declaration (ckdiff/families.py) says about a mismatch: the role of a tensor
+    """What the model family's declaration (ckdiff/models/families.py) says about a mismatch: the role of a tensor
     one side lacks (DeepSeek-V3's shared expert, GPT-OSS's sinks, ...), and the family's own diagnoses of a
     differing tensor (DeepSeek's MLA rotary rows), named before the generic ones."""
-    from .. import families
-    from ..converters.config import ModelConfig
-    from ..errors import InputError
+    from ckdiff.models import families
+    from ckdiff.models.config import ModelConfig
+    from ckdiff.errors import InputError
     fam = families.for_model_type(str(ctx.config.get("model_type") or ""))
     if fam is None or not (fam.dropped or fam.diagnose):
         return

@@ -16,9 +16,9 @@ from typing import Optional
 
 import torch
 
-from ..converters.lazy import Checkpoint, LazyTensor
-from ..tensor.blockscaled import FLOAT8, BlockScaled, Scaled
-from .findings import Finding, Kind
+from ckdiff.tensor.lazy import Checkpoint, LazyTensor
+from ckdiff.tensor.blockscaled import FLOAT8, BlockScaled, Scaled
+from ckdiff.compare.findings import Finding, Kind
 
 MAX_NUMEL = 1 << 26
 RTOL = 1e-2  # scales agree within this (bf16 scales, fp16 GGUF d)

@@ -21,12 +21,19 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from ..converters.config import ConfigError, Finding, canonical_config, compare_configs, config_findings, config_where
-from ..converters.formats import dtype_name
-from ..converters.lazy import Checkpoint, LazyTensor
-from ..tensor.blockscaled import BlockScaled
-from .kernels import Stats, as_kernel_input, bytes_equal, plan
-from .status import Status, rank
+from ckdiff.models.config import (
+    ConfigError,
+    Finding,
+    canonical_config,
+    compare_configs,
+    config_findings,
+    config_where,
+)
+from ckdiff.formats.readers import dtype_name
+from ckdiff.tensor.lazy import Checkpoint, LazyTensor
+from ckdiff.tensor.blockscaled import BlockScaled
+from ckdiff.compare.kernels import Stats, as_kernel_input, bytes_equal, plan
+from ckdiff.compare.status import Status, rank
 
 # rtol, atol per dtype (torch.testing's _DTYPE_PRECISIONS, fp32/fp64 from its defaults)
 DTYPE_TOL = {
@@ -147,7 +154,7 @@ def counts_text(counts: dict) -> str:
 def reasons(d: dict) -> list[str]:
     """The failures of a comparison that are not a tensor's, one line each, from a result or its
     to_dict(): function-changing config differences, config findings, tensors no rule accounts for."""
-    from .coverage import unaccounted_note
+    from ckdiff.compare.coverage import unaccounted_note
     out = [f"config {k}: A={a!r} B={b!r}" for k, a, b in d.get("config_diff") or []]
     out += [str(f) for f in d.get("config_findings") or []]
     return out + unaccounted_note(d.get("coverage") or {})
@@ -313,7 +320,7 @@ def compare_tensor(name: str, ta: LazyTensor, tb: LazyTensor, opts: Options,
             progress(ta.nbytes + tb.nbytes)
         return r
     if isinstance(ta, BlockScaled) or isinstance(tb, BlockScaled):  # encodings: judged in scale units
-        from .quantized import compare_scaled
+        from ckdiff.compare.quantized import compare_scaled
         out = compare_scaled(name, ta, tb, opts.chunk_bytes)
         if progress:
             progress(ta.nbytes + tb.nbytes)
@@ -375,11 +382,11 @@ def compare_checkpoints(a: Checkpoint, b: Checkpoint, opts: Optional[Options] = 
     cdiff, cfindings, cnotes, cwarnings = compare_config_semantics(a, b)
     a0, b0 = a, b
     if map_layouts:
-        from .align import align
+        from ckdiff.compare.align import align
         a, b, mapping, notes = align(a, b)
     notes += [f"{side}: {n}" for side, ck in (("A", a0), ("B", b0)) for n in (ck.meta or {}).get("notes", [])]
     notes += cnotes
-    from .align import tied_head_views
+    from ckdiff.compare.align import tied_head_views
     a, b, tie_views = tied_head_views(a, b, {"A": _tied(a0), "B": _tied(b0)})
     consumed: set = set()
     names_a = [n for n in a.tensors if opts.selected(n)]
@@ -414,11 +421,11 @@ def compare_checkpoints(a: Checkpoint, b: Checkpoint, opts: Optional[Options] = 
                         options={"atol": opts.atol, "rtol": opts.rtol, "only": opts.only, "ignore": opts.ignore,
                                  "patterns": [list(p) for p in opts.patterns]}, notes=notes, mapping=mapping)
     _tied_equivalence(res, tie_views)
-    from .coverage import coverage, unaccounted_note
+    from ckdiff.compare.coverage import coverage, unaccounted_note
     res.coverage = coverage(a0, b0, a, b, results, consumed, opts.selected)
     res.notes += unaccounted_note(res.coverage)
     if opts.diagnose:
-        from .diagnose import diagnose_result
+        from ckdiff.compare.diagnose import diagnose_result
         (diagnose_fn or diagnose_result)(res, a, b)
     return res
 
@@ -452,7 +459,7 @@ def compare_config_semantics(a: Checkpoint, b: Checkpoint) -> tuple[list, list, 
     """(function-changing config differences, config-vs-tensor findings, notes, warnings) of two checkpoints.
 
     Each side's own config (HF ``config.json`` v4/v5, Meta/JetStream ``params.json``, Megatron ``args``)
-    is read into one canonical dict (converters/config.py), so spellings, explicit defaults and fields
+    is read into one canonical dict (models/config.py), so spellings, explicit defaults and fields
     that do not change the function never show; across layouts the same fields line up.
 
     A finding about one checkpoint is a difference only when the other side does not share it: one

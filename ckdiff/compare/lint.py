@@ -1,6 +1,6 @@
 """Lint one checkpoint: what ``ckdiff check X`` reports, a finding per problem that holds in X alone.
 
-- config: the config read and range-checked, and checked against the tensor shapes (converters/config.py);
+- config: the config read and range-checked, and checked against the tensor shapes (models/config.py);
   its findings against the tensors (tie flag vs head, vocab vs embedding rows, head counts vs rows);
 - coverage: every tensor is consumed by the layout's table into canonical HF, or dropped by a named
   rule of the layout (a tensor the family does not declare is a finding);
@@ -17,8 +17,8 @@ from typing import Optional
 
 import torch
 
-from ..converters.formats import dtype_name
-from ..converters.lazy import CHUNK_BYTES, Checkpoint
+from ckdiff.formats.readers import dtype_name
+from ckdiff.tensor.lazy import CHUNK_BYTES, Checkpoint
 
 
 @dataclass
@@ -55,9 +55,9 @@ _KIND_CHECK = {"untied-without-head": "tied", "tied-head-differs": "tied", "voca
 
 def _config(ck: Checkpoint, res: LintResult):
     """The ModelConfig (None when the format has none or it does not hold) and the config findings."""
-    from ..converters import registry
-    from ..converters.config import ConfigError, canonical_config, config_findings, config_where
-    from ..errors import InputError
+    from ckdiff.formats import registry
+    from ckdiff.models.config import ConfigError, canonical_config, config_findings, config_where
+    from ckdiff.errors import InputError
     f = registry.lookup(ck.format)
     if f is None or f.config is None or not ck.config:
         res.notes.append(f"{ck.format}: no model config; the config and coverage checks do not apply")
@@ -82,14 +82,15 @@ def _config(ck: Checkpoint, res: LintResult):
 
 
 def _coverage(ck: Checkpoint, cfg, res: LintResult) -> None:
-    from ..converters import registry
-    from ..errors import InputError
+    from ckdiff.formats import registry
+    from ckdiff.formats.layouts import convert_formats
+    from ckdiff.errors import InputError
     f = registry.lookup(ck.format)
     if cfg is None or f is None or (f.layout is None and f.table is None):
         return
     cover: list = []
     try:
-        registry.convert(ck.tensors, f, registry.get("hf"), cfg, ck.path, cover=cover)
+        convert_formats(ck.tensors, f, registry.get("hf"), cfg, ck.path, cover=cover)
     except InputError as e:
         res.findings.append(LintFinding("coverage", str(e.problem)))
 

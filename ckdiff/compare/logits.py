@@ -1,6 +1,6 @@
 """``ckdiff logits A B``: the same random token ids through both checkpoints.
 
-Each side runs in its own layout's reference runtime (golden/runtimes.py), every encoding dequantized.
+Each side runs in its own layout's reference runtime (runtime/forward.py), every encoding dequantized.
 Metrics (those NeMo Automodel, llama.cpp's perplexity KLD and MaxText gate on), all from log_softmax in
 float64: per-token KL(R||O) summed
 over the vocabulary (mean, p99, max with its location), R being the side the noise floor encodes; top-1
@@ -20,10 +20,10 @@ from typing import Optional
 
 import torch
 
-from ..converters.config import DTYPE_BY_NAME
-from ..converters.config import model_config as config_of
-from ..converters.lazy import Checkpoint
-from ..errors import UsageError
+from ckdiff.models.config import DTYPE_BY_NAME
+from ckdiff.models.config import model_config as config_of
+from ckdiff.tensor.lazy import Checkpoint
+from ckdiff.errors import UsageError
 
 # The least top-1 agreement the noise floor may keep for the forward pass to judge a pair: below it the
 # encoding alone (int4 on a small model, say) changes most predictions, a limit derived from it allows
@@ -123,7 +123,7 @@ def random_ids(vocab: int, batch: int, length: int, seed: int, bos: Optional[int
 
 def special_ids(a: Checkpoint, b: Checkpoint) -> tuple[Optional[int], tuple]:
     """(BOS id, other special ids) from either side's canonical config (HF config.json carries them)."""
-    from ..converters.config import canonical_config
+    from ckdiff.models.config import canonical_config
     bos, other = None, []
     for ck in (a, b):
         try:
@@ -164,7 +164,7 @@ def cross_check_notes(diff_result, logits_result) -> None:
 
 
 def _is_moe(cfg) -> bool:
-    from ..families import FAMILIES, Mlp
+    from ckdiff.models.families import FAMILIES, Mlp
     f = FAMILIES.get(cfg.family)
     return f is not None and f.block.mlp is Mlp.MOE
 
@@ -200,7 +200,7 @@ def _lockstep(gens: list, pairs: list) -> tuple:
 
 def _encoding_name(ck: Checkpoint) -> str:
     """The encodings of a checkpoint's block-scaled views, for notes."""
-    from ..tensor.blockscaled import BlockScaled
+    from ckdiff.tensor.blockscaled import BlockScaled
     return ", ".join(sorted({t.encoding for t in ck.tensors.values() if isinstance(t, BlockScaled)}))
 
 
@@ -212,8 +212,8 @@ def compare_logits(a: Checkpoint, b: Checkpoint, batch: int = 4, length: int = 4
     side's encoding applied to the other side's weights, run in that side's runtime. Every KL is
     KL(reference || other), the reference being the side the floor's encoding is applied to, so the
     verdict does not depend on which side is A."""
-    from ..golden.runtimes import check_shapes, steps
-    from . import noise
+    from ckdiff.runtime.forward import check_shapes, steps
+    from ckdiff.compare import noise
     if length < 2:
         raise UsageError("--length must be >= 2: a 1-token prompt cannot show a rotary bug")
     if dtype not in DTYPE_BY_NAME:

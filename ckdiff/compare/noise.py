@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..converters.lazy import Checkpoint, LazyTensor
+from ckdiff.tensor.lazy import Checkpoint, LazyTensor
 
 # embeddings and output heads in any layout (FP8 checkpoints usually keep these in 16 bits)
 EMBED_OR_HEAD = re.compile(r"(embed|tok_embeddings|word_embeddings|embedder|token_embd|lm_head|(^|\.)output\.weight$|"
@@ -66,8 +66,8 @@ GGUF_RANK = {"F32": 0, "F16": 1, "BF16": 2, "Q8_0": 3, "Q6_K": 4}  # the rest (4
 
 
 def encoding_of(ck: Checkpoint) -> Encoding:
-    from ..converters.fp8 import Fp8Block, _block, fp8_pairs
-    from ..converters.quant import is_quantized, qtype_of
+    from ckdiff.formats.fp8 import Fp8Block, _block, fp8_pairs
+    from ckdiff.formats.jetstream_quant import is_quantized, qtype_of
     t = ck.tensors
     # FP8 weights as stored (codes + _scale_inv) or as the logical views open_checkpoint makes of them
     pairs = fp8_pairs(t) or {k: k for k, v in t.items() if isinstance(v, Fp8Block)}
@@ -88,7 +88,7 @@ def encoding_of(ck: Checkpoint) -> Encoding:
                         if len(v.shape) == 2)
         q = kinds.most_common(1)[0][0] if kinds else "F32"
         return Encoding("gguf", q, GGUF_RANK.get(q, 5))
-    from ..tensor.blockscaled import BlockScaled
+    from ckdiff.tensor.blockscaled import BlockScaled
     views = sorted({v.encoding for v in t.values() if isinstance(v, BlockScaled)})
     if views:  # another encoding on the block-scaled protocol: each view's own reference quantizer
         return Encoding("views", ", ".join(views), 4, ref=ck)
@@ -158,13 +158,13 @@ def encode(tensors: dict, enc: Encoding) -> dict:
     if enc.kind == "float" and enc.rank == 0:
         return dict(tensors)
     if enc.kind == "jetstream":
-        from ..converters.quant import fake_quantize
+        from ckdiff.formats.jetstream_quant import fake_quantize
         return fake_quantize(tensors, enc.name)
     if enc.kind == "views":
-        from ..tensor.blockscaled import reencoded
+        from ckdiff.tensor.blockscaled import reencoded
         out = reencoded(tensors, enc.ref.tensors)
         if out is None:
-            from ..errors import InputError
+            from ckdiff.errors import InputError
             raise InputError(enc.ref.path, f"{enc.name}: no noise floor: the encoded tensors have no float "
                                            "namesake of their shape on the other side (compare like layouts)")
         return out
@@ -199,7 +199,7 @@ def encode(tensors: dict, enc: Encoding) -> dict:
 
 def floor_checkpoint(ck: Checkpoint, enc: Encoding) -> Checkpoint:
     """``ck`` with its logical (dequantized) weights passed through ``enc``, for its own runtime."""
-    from ..golden.runtimes import logical_tensors
+    from ckdiff.runtime.forward import logical_tensors
     return Checkpoint(ck.path, ck.format, encode(logical_tensors(ck), enc), ck.config, ck.meta)
 
 

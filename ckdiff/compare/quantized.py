@@ -14,11 +14,11 @@ import math
 
 import torch
 
-from ..converters.formats import dtype_name
-from ..tensor.blockscaled import BlockScaled
-from .diff import TensorResult, _prefetch, _unravel
-from .kernels import ScaledStats, Side
-from .status import Status
+from ckdiff.formats.readers import dtype_name
+from ckdiff.tensor.blockscaled import BlockScaled
+from ckdiff.compare.diff import TensorResult, _prefetch, _unravel
+from ckdiff.compare.kernels import ScaledStats, Side
+from ckdiff.compare.status import Status
 
 
 def kind(t) -> str:

@@ -1,10 +1,10 @@
 """Independent golden emitter: the same tiny weights laid out in every format.
 
 Independent of the converters: target key names, split rules and rank layouts come from
-golden/fixtures.py (written down from the specs), never from converters/layouts.py or
-converters/megatron.py; the Megatron and Meta shard files are written here with explicit index
+golden/fixtures.py (written down from the specs), never from formats/layouts.py or
+formats/megatron_llm.py; the Megatron and Meta shard files are written here with explicit index
 loops and ``torch.save``, not with the converters' writers or TP slicing. The model itself (its HF
-tensor names, block kind) comes from its family declaration (ckdiff/families.py), so a family
+tensor names, block kind) comes from its family declaration (ckdiff/models/families.py), so a family
 declared there gets its golden layouts without an edit here. Formulas (specs' index form):
   Meta row ``h*hd + 2j + i`` = HF row ``h*hd + i*hd/2 + j`` (q with H heads, k with K; biases alike);
   Megatron QKV = for each KV group g: P(q_{g*r}) .. P(q_{g*r+r-1}), P(k_g), v_g (weights and biases);
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from .. import families
-from ..converters.config import ModelConfig
-from . import fixtures as FX
-from .models import hf_state, lazy, tiny_config
+from ckdiff.models import families
+from ckdiff.models.config import ModelConfig
+from ckdiff.golden import fixtures as FX
+from ckdiff.golden.models import hf_state, lazy, tiny_config
 
 __all__ = ["emit", "meta_state", "megatron_layout", "megatron_args", "write_megatron_golden", "hf_state",
            "tiny_config", "padded_rows"]
@@ -312,7 +312,7 @@ def emit(out: Path, name: str, layout: str, dtype: str = "float32", seed: int = 
     ``vocab_rows`` pads a Megatron embedding / lm_head to that many rows; ``form`` picks Megatron's
     legacy or native names. ``faults`` (format mutations only) reaches the mcore / GGUF writers, which
     are the formats' production writers (the golden for those formats is the HF checkpoint)."""
-    from ..converters.writers import atomic_dir, write_hf, write_meta_like
+    from ckdiff.io.writers import atomic_dir, write_hf, write_meta_like
     cfg = cfg or tiny_config(name, dtype)
     hf = hf_state(cfg, seed)
     with atomic_dir(out, overwrite=True) as tmp:
@@ -326,10 +326,10 @@ def emit(out: Path, name: str, layout: str, dtype: str = "float32", seed: int = 
             write_megatron_golden(tmp, cfg, hf, tp, pp, vocab_rows, form,
                                   iteration="release" if form == "legacy" else "1000")
         elif layout == "mcore":  # torch DCP in megatron-core's key layout (megatron-core itself needs CUDA)
-            from ..converters.mcore import write_mcore
+            from ckdiff.formats.mcore import write_mcore
             write_mcore(tmp, hf, cfg, faults=faults)
         elif layout.startswith("gguf"):  # "gguf" (F16) or "gguf-Q8_0" etc.: the gguf package's writer
-            from ..converters.gguf_io import write_gguf
+            from ckdiff.formats.gguf import write_gguf
             write_gguf(tmp / "model.gguf", hf, cfg, layout.partition("-")[2] or "F16", faults=faults)
         else:
             raise ValueError(f"unknown layout {layout!r}")

@@ -5,7 +5,7 @@ copied by hand from the original tools' layouts: epfLLM/Megatron-LLM ``weights_c
 at 806a833 ("MLF" below), Meta's ``consolidated.NN.pth`` as transformers' ``convert_llama_weights_to_hf.py``
 (01cc9cd) reads it and AI-Hypercomputer/jetstream-pytorch ``convert_checkpoints.py`` at f32f9c6 ("MJF"). The golden emitter (golden/emit.py)
 builds every expected checkpoint from these tables and the family declarations' *HF* names (the model's
-definition); the converters keep their own tables in converters/layouts.py and converters/megatron.py.
+definition); the converters keep their own tables in formats/layouts.py and formats/megatron_llm.py.
 A wrong key or split on either side therefore shows up as a golden diff instead of cancelling out.
 
 Conventions: ``{i}`` is a layer index (stage-local inside a Megatron rank file), ``{attn}`` the

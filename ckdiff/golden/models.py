@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .. import families
-from ..converters.config import DTYPE_BY_NAME, ModelConfig
-from ..converters.lazy import EagerTensor
+from ckdiff.models import families
+from ckdiff.models.config import DTYPE_BY_NAME, ModelConfig
+from ckdiff.tensor.lazy import EagerTensor
 
 # name -> config. "llama-gqa" is the main fixture: H=8, K=2 (r=4 != K), V=100.
 TINY = {
@@ -181,7 +181,7 @@ def lazy(state: dict[str, torch.Tensor]) -> dict[str, EagerTensor]:
 def write_tiny_hf(out: Path, name: str = "llama-gqa", dtype: str = "float32", seed: int = 0,
                   num_shards: int = 1, overwrite: bool = True, init: str = "default") -> Path:
     """A tiny random HF checkpoint directory (safetensors + config.json)."""
-    from ..converters.writers import atomic_dir, write_hf
+    from ckdiff.io.writers import atomic_dir, write_hf
     cfg = tiny_config(name, dtype)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_hf(tmp, lazy(hf_state(cfg, seed, init)), cfg.to_hf(), num_shards)

@@ -1,6 +1,6 @@
 """Mutation self-test: inject known converter bugs and prove the suite catches each.
 
-Every mutation is a :class:`~ckdiff.converters.faults.Faults` value handed to the converter under test
+Every mutation is a :class:`~ckdiff.convert.faults.Faults` value handed to the converter under test
 (and its inverse) through the conversion API's explicit injection points: the checkpoint as read, the
 config as parsed, each conversion table, the converted tensors, the config file written. No module is
 patched, so the checks (golden emitter, comparator, reference runtimes) always run unmutated code.
@@ -19,13 +19,23 @@ from typing import Callable
 
 import torch
 
-from ..converters import layouts
-from ..converters.faults import Faults
-from ..converters.lazy import Checkpoint, DerivedGroup, DerivedTensor
-from ..converters.ops import Chain, Concat, FuseQKV, Identity, PermuteRope, Shard, ShardMerge, Transpose, map_ops
-from ..converters.table import Rule
-from ..compare.status import OK, Status
-from ..errors import InputError
+from ckdiff.formats import layouts
+from ckdiff.convert.faults import Faults
+from ckdiff.tensor.lazy import Checkpoint, DerivedGroup, DerivedTensor
+from ckdiff.tensor.ops import (
+    Chain,
+    Concat,
+    FuseQKV,
+    Identity,
+    PermuteRope,
+    Shard,
+    ShardMerge,
+    Transpose,
+    map_ops,
+)
+from ckdiff.tensor.table import Rule
+from ckdiff.compare.status import OK, Status
+from ckdiff.errors import InputError
 
 
 @dataclass
@@ -292,7 +302,7 @@ def baseline_key(m: Mutation) -> tuple:
 def run_mutations(work: Path, catalogue=None, baseline: bool = True) -> tuple[list[MutationOutcome], list]:
     """(outcomes, baseline checks). Baseline: every distinct (converter, model, dtype, options), unmutated
     (none when ``baseline`` is false: ``run_baseline`` checks one key alone)."""
-    from .suite import check_converter
+    from ckdiff.golden.suite import check_converter
     catalogue = catalogue or CATALOGUE
     base = []
     for key in dict.fromkeys(baseline_key(m) for m in catalogue) if baseline else ():
@@ -309,7 +319,7 @@ def run_mutations(work: Path, catalogue=None, baseline: bool = True) -> tuple[li
 
 def run_baseline(work: Path, key: tuple) -> list:
     """The checks of one unmutated (converter, model, dtype, options) baseline: all must pass."""
-    from .suite import check_converter
+    from ckdiff.golden.suite import check_converter
     conv, model, dtype, opts = key
     tag = "-".join([conv, model, dtype] + [f"{k}{v}" for k, v in opts])
     return check_converter(conv, model, work / "baseline" / tag, dtype, dict(opts))
@@ -371,25 +381,25 @@ def _L(i, k):
 
 
 def _rope_v(st, c, cfg):
-    from ..converters.ops import rope_to_interleaved
+    from ckdiff.tensor.ops import rope_to_interleaved
     for i in range(cfg.layers):
         st[_L(i, "v")] = rope_to_interleaved(st[_L(i, "v")], cfg.kv_heads, cfg.head_dim)
 
 
 def _rope_wo(st, c, cfg):
-    from ..converters.ops import rope_to_interleaved
+    from ckdiff.tensor.ops import rope_to_interleaved
     for i in range(cfg.layers):
         st[_L(i, "o")] = rope_to_interleaved(st[_L(i, "o")].T, cfg.heads, cfg.head_dim).T.contiguous()
 
 
 def _rope_one_layer(st, c, cfg):
-    from ..converters.ops import rope_to_interleaved
+    from ckdiff.tensor.ops import rope_to_interleaved
     st[_L(0, "q")] = rope_to_interleaved(st[_L(0, "q")], cfg.heads, cfg.head_dim)
     st[_L(0, "k")] = rope_to_interleaved(st[_L(0, "k")], cfg.kv_heads, cfg.head_dim)
 
 
 def _rope_granularity(st, c, cfg):
-    from ..converters.ops import rope_to_interleaved
+    from ckdiff.tensor.ops import rope_to_interleaved
     for i in range(cfg.layers):  # the whole projection treated as one head (halves of all rows paired)
         st[_L(i, "q")] = rope_to_interleaved(st[_L(i, "q")], 1, cfg.q_rows)
 
@@ -496,17 +506,17 @@ def _cast_bf16(st, c, cfg):
 
 
 def _megatron_padded(gold, work):
-    from .suite import convert
+    from ckdiff.golden.suite import convert
     return convert("hf-to-megatron", gold, work / "megatron-pad128", {"pad": 128, "tp": 2})
 
 
 def _quantized(qtype: str, edit: Callable):
     """B: the golden HF model converted to quantized JetStream, then ``edit(tensors, hf_state)`` applied."""
     def target(gold, work):
-        from ..converters.formats import open_checkpoint
-        from ..converters.safetensors_io import write_safetensors
-        from .models import lazy
-        from .suite import convert
+        from ckdiff.formats.readers import open_checkpoint
+        from ckdiff.io.safetensors import write_safetensors
+        from ckdiff.golden.models import lazy
+        from ckdiff.golden.suite import convert
         out = convert("to-jetstream", gold, work, {"quantize": qtype})
         ck = open_checkpoint(str(out), stored=True)
         st = {k: t.load().clone() for k, t in ck.tensors.items()}
@@ -536,7 +546,7 @@ def _q_unsigned(st, hf):
 
 
 def _q_block_axis(st, hf):
-    from ..converters.quant import quantize
+    from ckdiff.formats.jetstream_quant import quantize
     q, s = quantize(hf[_L(1, "o")].float().T.contiguous(), 4, True)  # blocks over the output axis
     st["layers.1.attention.wo.weight"], st["layers.1.attention.wo.weight_scaler"] = q, s
 
@@ -549,7 +559,7 @@ def _gguf_edit(layout: str, tensor: str, edit: Callable):
         import gguf
         import numpy as np
 
-        from .emit import emit
+        from ckdiff.golden.emit import emit
         out = emit(work, "llama-gqa", layout)
         rt = next(t for t in gguf.GGUFReader(str(out)).tensors if t.name == tensor)
         bs = {"Q8_0": 34, "Q4_0": 18}[rt.tensor_type.name]
@@ -592,14 +602,14 @@ def _swap_nibbles(blocks):
 
 def _fp8(edit: Callable, key: str = "down"):
     """B: the golden HF model with every linear weight written as FP8 with 128x128 block scales (DeepSeek-V3's
-    ``weight_quant`` rule, ``converters/fp8.py`` ``fp8_quantize``; no CPU tool writes this layout), then
+    ``weight_quant`` rule, ``formats/fp8.py`` ``fp8_quantize``; no CPU tool writes this layout), then
     ``edit(tensors, name)`` applied to one weight's codes and scales."""
     def target(gold, work):
-        from ..converters.formats import open_checkpoint
-        from ..converters.fp8 import fp8_quantize
-        from ..converters.writers import atomic_dir, write_hf
+        from ckdiff.formats.readers import open_checkpoint
+        from ckdiff.formats.fp8 import fp8_quantize
+        from ckdiff.io.writers import atomic_dir, write_hf
         import json
-        from .models import lazy
+        from ckdiff.golden.models import lazy
         ck = open_checkpoint(str(gold))
         out = {}
         for k, t in ck.tensors.items():
@@ -628,7 +638,7 @@ def _fp8_transposed(st, k):
 
 def _fp8_stale(st, k):
     """Codes of the current weight stored with the scales of an earlier version of it (before an update)."""
-    from ..converters.fp8 import fp8_quantize
+    from ckdiff.formats.fp8 import fp8_quantize
     w = (st[k].float() * st[k + "_scale_inv"].repeat_interleave(128, 0).repeat_interleave(128, 1)[
         :st[k].shape[0], :st[k].shape[1]])
     g = torch.Generator().manual_seed(7)
@@ -748,15 +758,15 @@ def run_state_mutations(work: Path, catalogue=None, first: int = 0) -> list[Muta
     Entry ``i`` is built in ``work/state{first + i}`` (the goldens in ``work`` are shared)."""
     import json
 
-    from ..compare.diff import compare_checkpoints
-    from ..compare.logits import compare_logits, cross_check_notes
-    from .suite import logits_ok
-    from ..converters.formats import open_checkpoint
-    from ..converters.writers import atomic_dir, write_hf
-    from ..errors import CkdiffError
-    from .emit import emit
-    from .models import hf_state, lazy, tiny_config
-    from .suite import CheckResult
+    from ckdiff.compare.diff import compare_checkpoints
+    from ckdiff.compare.logits import compare_logits, cross_check_notes
+    from ckdiff.golden.suite import logits_ok
+    from ckdiff.formats.readers import open_checkpoint
+    from ckdiff.io.writers import atomic_dir, write_hf
+    from ckdiff.errors import CkdiffError
+    from ckdiff.golden.emit import emit
+    from ckdiff.golden.models import hf_state, lazy, tiny_config
+    from ckdiff.golden.suite import CheckResult
     outcomes = []
     for i, m in enumerate(catalogue or STATE_CATALOGUE, start=first):
         gold = work / f"gold-{m.model}-{m.dtype}"
@@ -875,10 +885,10 @@ FORMAT_CATALOGUE = [
 def run_format_mutations(work: Path, catalogue=None) -> tuple[list[MutationOutcome], list]:
     """(outcomes, baseline outcomes): each mutation written and compared with its HF golden; the
     unmutated baseline of every (layout, model) must compare equivalent."""
-    from ..compare.diff import compare_checkpoints
-    from ..converters.formats import open_checkpoint
-    from ..errors import CkdiffError
-    from .emit import emit
+    from ckdiff.compare.diff import compare_checkpoints
+    from ckdiff.formats.readers import open_checkpoint
+    from ckdiff.errors import CkdiffError
+    from ckdiff.golden.emit import emit
     catalogue = catalogue or FORMAT_CATALOGUE
 
     def judge(model, path):
@@ -907,10 +917,10 @@ def run_format_mutations(work: Path, catalogue=None) -> tuple[list[MutationOutco
 
 # ---------------------------------------------------------------- the families' own bug classes (issue 27)
 # Each judged like the entries above (golden HF model vs its mutated copy, diff and logits); the cause
-# must be named by a finding the family's declaration gives (ckdiff/families.py: ``dropped`` roles, the
+# must be named by a finding the family's declaration gives (ckdiff/models/families.py: ``dropped`` roles, the
 # family's ``diagnose`` hook, the MTP config finding) or by the generic diagnoses.
 def _fam_key(cfg, slot: str, **ix) -> str:
-    from .. import families
+    from ckdiff.models import families
     return families.family(cfg.family).hf_names[slot].format(**ix)
 
 
@@ -922,7 +932,7 @@ def _fam_drop(*slots):
 
 
 def _slot_re(cfg, slot: str) -> str:
-    from .. import families
+    from ckdiff.models import families
     t = families.family(cfg.family).hf_names[slot]
     return re.escape(t).replace(r"\{i\}", r"\d+").replace(r"\{e\}", r"\d+")
 
@@ -954,7 +964,7 @@ def _gate_up_halves(st, c, cfg):
 def _qk_permuted_like_llama(st, c, cfg):
     """q and k rows permuted to interleaved pairs (llama's GGUF/Meta treatment) in a family whose rows stay
     half-split; the per-head q/k norms left as they were."""
-    from ..converters.ops import rope_to_interleaved
+    from ckdiff.tensor.ops import rope_to_interleaved
     for i in range(cfg.layers):
         for s, n in (("q", cfg.heads), ("k", cfg.kv_heads)):
             st[_fam_key(cfg, s, i=i)] = rope_to_interleaved(st[_fam_key(cfg, s, i=i)], n, cfg.head_dim)

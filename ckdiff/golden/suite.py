@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..compare.status import ok_text, tally  # noqa: F401 (ok_text: the suite's word for a check)
+from ckdiff.compare.status import ok_text, tally  # noqa: F401 (ok_text: the suite's word for a check)
 
-from .. import families
+from ckdiff.models import families
 
 
 @dataclass
@@ -44,7 +44,7 @@ PROGRESS = "progress_factory"
 
 
 def _hf_to_megatron(src, out, o, faults=None):
-    from ..converters import api
+    from ckdiff.convert import api
     ck, cfg = api.read_source(src)
     fam = families.family(cfg.family)
     model = o.get("model") or fam.default_megatron_model(cfg.hf_model_type)
@@ -56,26 +56,26 @@ def _hf_to_megatron(src, out, o, faults=None):
 
 
 def _megatron_to_hf(src, out, o, faults=None):
-    from ..converters import api
+    from ckdiff.convert import api
     api.megatron_to_hf(src, out, overwrite=True, true_vocab_size=o.get("true_vocab_size"),
                        progress_factory=o.get(PROGRESS), faults=faults)
 
 
 def _js_name(src) -> str:
-    from ..converters.api import read_source
+    from ckdiff.convert.api import read_source
     fam = read_source(src)[1].family
     return "llama-2" if fam == "llama" else fam
 
 
 def _to_jetstream(src, out, o, faults=None):
-    from ..converters import api
+    from ckdiff.convert import api
     api.to_jetstream(o.get("model_name") or _js_name(src), src, out, overwrite=True,
                      quantize_weights=bool(o.get("quantize")), quantize_type=o.get("quantize") or "int8_per_channel",
                      progress_factory=o.get(PROGRESS), faults=faults)
 
 
 def _jetstream_to_hf(src, out, o, faults=None):
-    from ..converters import api
+    from ckdiff.convert import api
     api.jetstream_to_hf(src, out, overwrite=True, progress_factory=o.get(PROGRESS), faults=faults)
 
 
@@ -98,7 +98,7 @@ register(Converter("jetstream-to-hf", "jetstream", "hf", _jetstream_to_hf, "to-j
 
 
 def convert(name, src, out, options: Optional[dict] = None, faults=None, registry: Optional[dict] = None) -> Path:
-    """Run converter ``name`` (or a Converter) in-process. ``faults`` (converters/faults.py) reaches only
+    """Run converter ``name`` (or a Converter) in-process. ``faults`` (convert/faults.py) reaches only
     built-in converters, whose ``run`` takes it; ``registry`` resolves names (default: REGISTRY)."""
     c = name if isinstance(name, Converter) else (registry or REGISTRY)[name]
     opts = {**c.options, **(options or {})}
@@ -148,9 +148,9 @@ class SuiteResult:
 
 def mapping_rows(c: Converter, src) -> list:
     """The conversion table a built-in converter applies to ``src`` (first layer shown), for reports."""
-    from ..converters.api import read_source
-    from ..converters.layouts import convert as layout_convert
-    from ..converters.table import Plan
+    from ckdiff.convert.api import read_source
+    from ckdiff.formats.layouts import convert as layout_convert
+    from ckdiff.tensor.table import Plan
     try:
         ck, cfg = read_source(str(src))
         plan = Plan()
@@ -162,8 +162,8 @@ def mapping_rows(c: Converter, src) -> list:
 
 def _compare(a, b, progress_factory=None, **kw):
     """Converters must keep dtypes: a cast counts as a mismatch here."""
-    from ..compare.diff import Options, compare_checkpoints
-    from ..converters.formats import open_checkpoint
+    from ckdiff.compare.diff import Options, compare_checkpoints
+    from ckdiff.formats.readers import open_checkpoint
     kw.setdefault("strict_dtype", True)
     return compare_checkpoints(open_checkpoint(str(a)), open_checkpoint(str(b)), Options(**kw),
                                progress_factory=progress_factory)
@@ -171,7 +171,7 @@ def _compare(a, b, progress_factory=None, **kw):
 
 def _guard(conv, model, check, fn) -> "CheckResult":
     """Run one check; an error (a converter refusing, a missing tensor) fails that check."""
-    from ..errors import CkdiffError
+    from ckdiff.errors import CkdiffError
     try:
         return fn()
     except (CkdiffError, ValueError, RuntimeError, KeyError) as e:
@@ -198,7 +198,7 @@ def config_drift(a, b) -> list:
 
     Compared after parsing, not as raw JSON, so equivalent spellings (``rope_theta`` vs transformers
     v5's ``rope_parameters``) do not count, while a defaulted rope_theta or eps does."""
-    from ..converters.api import read_source
+    from ckdiff.convert.api import read_source
     ca, cb = read_source(str(a))[1].to_dict(), read_source(str(b))[1].to_dict()
     skip = {"dtype"}
     unsaid = {"bos_token_id", "eos_token_id", "pad_token_id"}  # a layout that does not record them says nothing
@@ -221,8 +221,8 @@ def validate(c: Converter, registry: Optional[dict] = None) -> list[str]:
 
 def golden_for(c: Converter, model: str, work: Path, dtype="float32", options=None, faults=None) -> Path:
     """The golden target for converter ``c`` on tiny ``model``."""
-    from .emit import emit, padded_rows
-    from .models import tiny_config
+    from ckdiff.golden.emit import emit, padded_rows
+    from ckdiff.golden.models import tiny_config
     options = options or {}
     # Meta releases exist for the Llama family only: other families take the independent emitter
     if c.golden == "emit" or (c.golden == "meta" and not families.family(tiny_config(model).family).jetstream_from_meta):
@@ -243,11 +243,11 @@ def check_converter(name: str, model: str, work: Path, dtype: str = "float32", o
                     registry: Optional[dict] = None) -> list[CheckResult]:
     """Round trip, golden diff and logits for one converter on one tiny model.
 
-    ``faults`` (converters/faults.py) is passed to the converter and its inverse (the mutation
+    ``faults`` (convert/faults.py) is passed to the converter and its inverse (the mutation
     self-test); ``registry`` (default REGISTRY) resolves ``name`` and the inverse."""
-    from ..compare.logits import compare_logits
-    from ..converters.formats import open_checkpoint
-    from .emit import emit
+    from ckdiff.compare.logits import compare_logits
+    from ckdiff.formats.readers import open_checkpoint
+    from ckdiff.golden.emit import emit
     reg = registry if registry is not None else REGISTRY
     c = converter or reg[name]
     options = options or {}
@@ -297,7 +297,7 @@ def check_converter(name: str, model: str, work: Path, dtype: str = "float32", o
     if logits:
         out.append(_guard(c.name, model, "logits", logit_check))
     if "golden" in held and "logits" in held:  # a difference only one check sees is named in the other
-        from ..compare.logits import cross_check_notes
+        from ckdiff.compare.logits import cross_check_notes
         cross_check_notes(held["golden"], held["logits"])
         for r in out:
             if r.check in ("golden", "logits") and r.result is not None:
@@ -326,12 +326,12 @@ def demo_tag(name: str, model: str, opts: dict) -> str:
 
 def demo_broken(work: Path):
     """HF -> JetStream with k permuted using the query head count: the diff names it."""
-    from ..compare.diff import Options, compare_checkpoints
-    from ..converters.formats import open_checkpoint
-    from ..converters.ops import rope_to_half, rope_to_interleaved
-    from ..converters.safetensors_io import read_safetensors, write_safetensors
-    from .emit import emit
-    from .models import lazy, tiny_config
+    from ckdiff.compare.diff import Options, compare_checkpoints
+    from ckdiff.formats.readers import open_checkpoint
+    from ckdiff.tensor.ops import rope_to_half, rope_to_interleaved
+    from ckdiff.io.safetensors import read_safetensors, write_safetensors
+    from ckdiff.golden.emit import emit
+    from ckdiff.golden.models import lazy, tiny_config
     cfg = tiny_config("llama-spec")  # H=4, K=2, hd=16: k as 4 heads of 8 rows is a real permutation
     gold = emit(work / "golden", "llama-spec", "jetstream")
     bad = emit(work / "candidate", "llama-spec", "jetstream")
@@ -376,7 +376,7 @@ def roundtrip(converter: str, src, work: Path, tp: int = 1, pp: int = 1, logits:
     else:
         inv = {k: v for k, v in opts.items() if k not in ("quantize", "model_name", "pad")}
         if c.source == "megatron":  # back into the Megatron-LLM model the source was written for
-            from ..converters.api import read_source
+            from ckdiff.convert.api import read_source
             inv.setdefault("model", read_source(str(src))[1].megatron_model)
         back = convert(c.inverse, tgt, work / "back", {**inv, PROGRESS: progress(f"{c.inverse}")})
         rt = _compare(src, back, progress_factory=progress("comparing"))
@@ -386,8 +386,8 @@ def roundtrip(converter: str, src, work: Path, tp: int = 1, pp: int = 1, logits:
                               "; ".join([_summary(rt), *(["config drift: " + ", ".join(drift)] if drift else [])]),
                               rt.to_dict(), variant=shown)]
     if logits:
-        from ..compare.logits import compare_logits, cross_check_notes
-        from ..converters.formats import open_checkpoint
+        from ckdiff.compare.logits import compare_logits, cross_check_notes
+        from ckdiff.formats.readers import open_checkpoint
         lr = compare_logits(open_checkpoint(str(src)), open_checkpoint(str(tgt)), progress_factory=progress("running"))
         lr.b = there
         cross_check_notes(rt, lr)

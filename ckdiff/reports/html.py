@@ -11,10 +11,10 @@ import math
 from types import SimpleNamespace
 from typing import Optional
 
-from ..compare.diff import reasons
-from ..compare.status import Status, is_ok, ok_text, tally
-from ..text import html_text, md_cell, md_code, md_text, printable, script_json
-from .render import _clean, envelope, fmt, worst_first_key
+from ckdiff.compare.diff import reasons
+from ckdiff.compare.status import Status, is_ok, ok_text, tally
+from ckdiff.text import html_text, md_cell, md_code, md_text, printable, script_json
+from ckdiff.reports.render import _clean, envelope, fmt, worst_first_key
 
 
 def _num(x) -> float:
@@ -50,8 +50,8 @@ def _layer_of(name: str, patterns) -> Optional[tuple[int, str]]:
 def heatmap(tensors: list[dict], formats=()) -> tuple[list[int], list[str], dict]:
     """(layers, kinds, {(layer, kind): (level, tensor)}) over tensors with a layer index; worst tensor per cell.
     A layer index is found by the layer pattern each format declares (``formats``: the result's format
-    names; converters/registry.py), the generic one otherwise."""
-    from ..converters.registry import layer_patterns
+    names; formats/registry.py), the generic one otherwise."""
+    from ckdiff.formats.registry import layer_patterns
     patterns = layer_patterns(*formats)
     cells: dict = {}
     layers, kinds = set(), []
@@ -280,7 +280,7 @@ def _layers_svg(d: dict) -> str:
     errs = [_num(x) for x in d.get("layer_rel_errors") or []]
     if not errs:
         return ""
-    from ..compare.noise import PROFILES
+    from ckdiff.compare.noise import PROFILES
     prof = PROFILES.get(d.get("profile")) or PROFILES["standard"]
     floor = [_num(x) for x in (d.get("noise_floor") or {}).get("layer_rel_errors") or []]
     limits = [prof.hidden_mult * (floor[i] if i < len(floor) else 0.0) + prof.hidden_abs for i in range(len(errs))]
@@ -356,9 +356,9 @@ class _Shape:
     models (logits), or converter checks (roundtrip, demo)."""
 
     def __init__(self, res):
-        from ..compare.diff import CompareResult
-        from ..compare.logits import LogitsResult
-        from ..golden.suite import SuiteResult
+        from ckdiff.compare.diff import CompareResult
+        from ckdiff.compare.logits import LogitsResult
+        from ckdiff.golden.suite import SuiteResult
         self.tensors = isinstance(res, CompareResult)
         self.logits = isinstance(res, LogitsResult)
         self.checks = isinstance(res, SuiteResult)

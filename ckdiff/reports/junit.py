@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from ..compare.status import is_ok
-from ..text import printable
-from .render import LAYER_RE, _clean, envelope, fmt, worst_first_key
+from ckdiff.compare.status import is_ok
+from ckdiff.text import printable
+from ckdiff.reports.render import LAYER_RE, _clean, envelope, fmt, worst_first_key
 
 MAX_LINES = 200  # mismatching tensors listed in one failure's text
 
@@ -96,7 +96,7 @@ def _compare_cases(suite, cls: str, d: dict) -> None:
 
 
 def _logits_case(suite, cls: str, d: dict) -> None:
-    from .html import logits_gate
+    from ckdiff.reports.html import logits_gate
     gate = logits_gate(d)
     msg = f"{gate}; top-1 agreement {fmt(d.get('top1_agreement'), 4)}"
     if d.get("verdict") == "inconclusive":  # not a pass: a JUnit failure, with the reason

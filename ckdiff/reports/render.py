@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import re
 
-from .. import __version__
-from ..compare.status import rank
+from ckdiff import __version__
+from ckdiff.compare.status import rank
 
 SCHEMA = "ckdiff.result/1"
 

@@ -11,9 +11,9 @@ import textwrap
 from rich.markup import escape
 from rich.text import Text
 
-from ..text import printable, terminal
-from ..compare.status import Status, is_ok
-from .render import collapse_layers, fmt
+from ckdiff.text import printable, terminal
+from ckdiff.compare.status import Status, is_ok
+from ckdiff.reports.render import collapse_layers, fmt
 
 GAP = 2
 STATUS_STYLE = {Status.ONLY_A: "bold red", Status.ONLY_B: "bold red", Status.SHAPE: "bold red",
@@ -181,7 +181,7 @@ def print_suite(res, console) -> None:
 
     from rich.table import Table
     ok = res.equivalent
-    from ..compare.status import ok_text, tally
+    from ckdiff.compare.status import ok_text, tally
     console.print(f"[{'bold green' if ok else 'bold red'}]{'PASS' if ok else 'FAIL'}[/]: {tally(res.checks)}")
     rows = [(printable(c.converter), printable(c.model), printable(c.variant or "-"), c.check, ok_text(c.ok),
              printable(c.detail)) for c in res.checks]

@@ -1,7 +1,7 @@
 """One protocol for a block-scaled tensor: stored codes times a scale per block, seen as its logical tensor.
 
 Every quantized encoding ckdiff reads is a :class:`BlockScaled` lazy tensor, made when the checkpoint is read
-(``formats.open_checkpoint`` applies the registered encodings, ``converters/registry.py``). It carries the
+(``formats.open_checkpoint`` applies the registered encodings, ``formats/registry.py``). It carries the
 LOGICAL name and shape (``model.layers.0.mlp.down_proj.weight`` ``[out, in]``, never the stored
 ``[nb, 128, out]`` codes or a ``*_scale_inv`` sibling), so alignment tables, coverage, diagnosis and the
 runtimes only ever see logical tensors; the stored tensors it folds are listed in ``stored`` (coverage
@@ -16,7 +16,7 @@ What a view exposes, for rows ``[start, stop)`` along dim 0 (rows of a 3-D tenso
   (GGUF K-quants with minimums): ``codes`` are then the dequantized values and ``grid`` the units.
   ``Scaled.steps`` (optional, 256 float64 per byte of 1-byte codes) is the spacing of the code format at
   each code where it is not the codes' dtype's own: FP4 (e2m1) values held exactly as float8_e4m3fn codes
-  are spaced like FP4, not like FP8 (compressed-tensors NVFP4, ``converters/compressed_tensors.py``).
+  are spaced like FP4, not like FP8 (compressed-tensors NVFP4, ``formats/compressed_tensors.py``).
 - ``rows(start, stop)`` / ``dequantized()``: the dequantized float32 values (runtimes, diagnosis).
 - ``units(start, stop)``: each element's unit, the scale step of its block (``|scale|``, times the spacing
   of the code's float format at that code for float codes such as FP8).
@@ -44,8 +44,8 @@ How to add an encoding (one file)
    logical name (``fold`` below does the bookkeeping), and register it:
    ``registry.register_encoding(Encoding("name", "description", view))`` in the module, listed in
    ``registry.BUILTIN``.
-Examples: ``converters/fp8.py`` (float8 codes, 128x128 block scales), ``converters/quant.py`` (JetStream
-int8/int4 per channel, per column and blockwise), ``converters/gguf_io.py`` (GGUF Q8_0, Q4_0, K-quants).
+Examples: ``formats/fp8.py`` (float8 codes, 128x128 block scales), ``formats/jetstream_quant.py`` (JetStream
+int8/int4 per channel, per column and blockwise), ``formats/gguf.py`` (GGUF Q8_0, Q4_0, K-quants).
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..converters.lazy import Checkpoint, LazyTensor
+from ckdiff.tensor.lazy import Checkpoint, LazyTensor
 
 FLOAT8 = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}  # mantissa bits, min normal exponent
 
@@ -233,8 +233,8 @@ class RowGathered(BlockScaled):
 def through_table(tensors: dict) -> dict:
     """Tensors mapped through layout tables (one or several passes), with each 2-D row move of one
     block-scaled tensor kept block-scaled (``RowGathered``); everything else as it is."""
-    from ..converters.lazy import _SRC_SHIFT, DerivedTensor
-    from ..converters.table import Renamed
+    from ckdiff.tensor.lazy import _SRC_SHIFT, DerivedTensor
+    from ckdiff.tensor.table import Renamed
     memo: dict = {}
 
     def resolve(t):

@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from .lazy import LazyTensor
+from ckdiff.tensor.lazy import LazyTensor
 
 # bytes per chunk written: large enough for full-speed writes, small enough that a chunk that must be
 # assembled (columns of a TP shard, a row block across TP parts) costs little memory

@@ -221,7 +221,7 @@ class Family:
     def read_extras(self, cfg: dict, where: str, raw: Optional[dict] = None) -> dict:
         """The family's extra config.json values (declared defaults for absent keys), type- and range-checked.
         ``raw``: the config before nulls were dropped (a nullable extra's explicit null is kept)."""
-        from .converters.config import Fields, MAX_SIZE
+        from ckdiff.models.fields import MAX_SIZE, Fields
         f, out = Fields(cfg, where), {}
         for name, ex in self.extra_keys.items():
             key = next((k for k in ex.keys if cfg.get(k) is not None), ex.keys[0])
@@ -439,7 +439,7 @@ FALCON_NAMES = {  # per-layer slots in the order the tiny golden models draw the
 
 def _falcon_read(cfg: dict, where: str, strict: bool) -> dict:
     """Falcon's KV head count is spelled by two flags; two architectures are refused when strict."""
-    from .errors import InputError
+    from ckdiff.errors import InputError
     new = bool(cfg.get("new_decoder_architecture", False))
     H = cfg.get("num_attention_heads", cfg.get("n_head"))
     K = (cfg.get("num_kv_heads") or H) if new else (1 if cfg.get("multi_query", True) else H)
@@ -534,7 +534,7 @@ _LAYER_TYPES = ("full_attention", "sliding_attention")
 
 def _layer_types(cfg: dict, where: str, strict: bool, layers, derive=None) -> Optional[list]:
     """config.json ``layer_types`` checked against the layer count, or ``derive(i)`` per layer when absent."""
-    from .errors import InputError
+    from ckdiff.errors import InputError
     kinds = cfg.get("layer_types")
     if kinds is None:
         return None if derive is None or not isinstance(layers, int) else [derive(i) for i in range(layers)]
@@ -629,7 +629,7 @@ MTP_NAMES = ("embed_tokens.weight", "enorm.weight", "hnorm.weight", "eh_proj.wei
 
 
 def _deepseek_read(cfg: dict, where: str, strict: bool) -> dict:
-    from .errors import InputError
+    from ckdiff.errors import InputError
     E, g = cfg.get("n_routed_experts"), cfg.get("n_group", 8)
     if strict and isinstance(E, int) and isinstance(g, int) and (g < 1 or E % g):
         raise InputError(where, f"key 'n_group': {E} routed experts do not split into {g} groups")
@@ -648,7 +648,7 @@ def _deepseek_diagnose(slot: str, a, b, cfg) -> Optional[str]:
     moves rotary rows into the latent (or nope) part, or swaps k and v. Also: the rotary rows in the other
     pair order (DeepSeek's rope_interleave layout permuted as if it were rotate_half's)."""
     import torch
-    from .converters.ops import rope_to_interleaved
+    from ckdiff.tensor.ops import rope_to_interleaved
     x, dr, H = cfg.extra or {}, cfg.head_dim, cfg.heads
     if a.dim() != 2 or a.shape != b.shape:
         return None

@@ -16,10 +16,10 @@ from typing import Optional
 
 import torch
 
-from ..errors import InputError, UsageError
-from ..tensor.blockscaled import BlockScaled, Scaled, fold
-from .lazy import Checkpoint, DerivedGroup, LazyTensor, OutputCache
-from .ops import Op
+from ckdiff.errors import InputError, UsageError
+from ckdiff.tensor.blockscaled import BlockScaled, Scaled, fold
+from ckdiff.tensor.lazy import Checkpoint, DerivedGroup, LazyTensor, OutputCache
+from ckdiff.tensor.ops import Op
 
 QUANT_TYPES = ("int8_per_channel", "int4_per_channel", "int8_blockwise", "int4_blockwise")
 BLOCK = 128
@@ -238,7 +238,7 @@ def quantize_tensors(tensors: dict[str, LazyTensor], qtype: str, family: str = "
     if qtype not in QUANT_TYPES:
         raise UsageError(f"--quantize_type {qtype!r}: expected one of {', '.join(QUANT_TYPES)}")
     bits, block = bits_of(qtype), "blockwise" in qtype
-    from .. import families
+    from ckdiff.models import families
     fam = families.get(family)
     refused = fam.jetstream_quant_refused if fam is not None else {}
     for kind, asked in (("int4", bits == 4), ("blockwise", block)):
@@ -462,7 +462,7 @@ def jetstream_view(ck: Checkpoint) -> Checkpoint:
 
 
 def _declare() -> None:
-    from .registry import Encoding, register_encoding
+    from ckdiff.formats.registry import Encoding, register_encoding
     register_encoding(Encoding("jetstream", "JetStream int8/int4 codes with <name>_scaler scales, read as logical "
                                             "block-scaled views", jetstream_view))
 

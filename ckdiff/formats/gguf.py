@@ -25,15 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import families
-from ..errors import InputError
-from ..families import Mlp
-from .inputs import open_input
-from .config import ModelConfig
-from ..tensor.blockscaled import BlockScaled, Scaled
-from .lazy import Checkpoint, LazyTensor
-from .ops import AddConst, Identity, PermuteRope, Stack
-from .table import R
+from ckdiff.models import families
+from ckdiff.errors import InputError
+from ckdiff.models.families import Mlp
+from ckdiff.io.inputs import open_input
+from ckdiff.models.config import ModelConfig
+from ckdiff.tensor.blockscaled import BlockScaled, Scaled
+from ckdiff.tensor.lazy import Checkpoint, LazyTensor
+from ckdiff.tensor.ops import AddConst, Identity, PermuteRope, Stack
+from ckdiff.tensor.table import R
 
 MAGIC = b"GGUF"
 _B = "blk.{i}."
@@ -382,7 +382,7 @@ def gguf_extra(fam, f: dict, where="gguf") -> dict:
 def rope_scaling(f: dict, arch: str, where="gguf") -> Optional[dict]:
     """``{arch}.rope.scaling.*`` (llama.cpp's keys: type none/linear/yarn/longrope, factor, original context
     length) as HF spells rope scaling; None for none. Values are type-checked (one line naming the key)."""
-    from .config import Fields
+    from ckdiff.models.config import Fields
     sub = {k[len(f"{arch}.rope.scaling."):]: v for k, v in f.items() if k.startswith(f"{arch}.rope.scaling.")}
     if not sub:
         return None
@@ -419,7 +419,7 @@ def canonical(f: dict, tensors: dict) -> dict:
                head_dim=c.head_dim, ffn=c.ffn, vocab=c.vocab, norm_eps=c.norm_eps, rope_theta=c.rope_theta,
                tied=c.tied, activation=families.family(c.family).activation, max_pos=c.max_pos)
     if GGUF_FREQS not in tensors:  # llama.cpp stores Llama-3 scaling as per-frequency factors (rope_freqs.weight)
-        from .config import _rope_scaling
+        from ckdiff.models.config import _rope_scaling
         out["rope_scaling"] = _rope_scaling(c.rope_scaling)
     if c.experts:
         out.update(experts=c.experts, experts_per_tok=c.experts_per_tok)
@@ -434,8 +434,8 @@ def hf_to_gguf(cfg: ModelConfig) -> list:
     head count, k with the KV head count) unless the family declares the GGUF rotary half-split; norms stored
     as ``1 + w`` for a ``1 + w`` norm (Gemma); q/k/v biases and q/k norms when the block has them; per-expert
     HF tensors stacked over the experts (``ffn_{gate,up,down}_exps``)."""
-    from .layouts import MOE_HF, family_for
-    from ..families import Norm, Rotary
+    from ckdiff.formats.layouts import MOE_HF, family_for
+    from ckdiff.models.families import Norm, Rotary
     fam = family_for(cfg, "gguf")
     hf, G = fam.hf_names, fam.layout_names.get("gguf") or GGUF
     if fam.layout_rotary.get("gguf", Rotary.INTERLEAVED) is Rotary.INTERLEAVED:
@@ -481,11 +481,11 @@ def write_gguf(path: Path, hf: dict, cfg: ModelConfig, qtype: str = "F16", keep_
                faults=None) -> Path:
     """A llama GGUF file of the HF tensors ``hf``, written by the gguf package's writer; 2-D weights are
     quantized to ``qtype`` by the package's own quantizer (norms stay F32, as llama.cpp keeps them).
-    ``faults`` (tests only, converters/faults.py) sees the table."""
-    from .faults import NONE
+    ``faults`` (tests only, convert/faults.py) sees the table."""
+    from ckdiff.convert.faults import NONE
     gguf = _gguf()
-    from .lazy import EagerTensor
-    from .table import apply
+    from ckdiff.tensor.lazy import EagerTensor
+    from ckdiff.tensor.table import apply
     src = {k: EagerTensor(k, v, "<generated>") for k, v in hf.items()}
     table = (faults or NONE).on_rules("gguf", cfg, hf_to_gguf(cfg))
     tensors = {k: v.load().float().numpy() for k, v in apply(src, table, cfg.layers).items()}
@@ -536,10 +536,11 @@ def write_gguf(path: Path, hf: dict, cfg: ModelConfig, qtype: str = "F16", keep_
     return Path(path)
 
 
-# ------------------------------------------------------------------ declaration (converters/registry.py)
+# ------------------------------------------------------------------ declaration (formats/registry.py)
 def _declare() -> None:
-    from .layouts import DROP
-    from .registry import Format, Input, Runtime, register
+    from ckdiff.formats.layouts import DROP, register_table
+    from ckdiff.formats.registry import Format, Input, Runtime, register
+    register_table("gguf", lambda cfg: hf_to_gguf(cfg))  # looked up per call: tests patch the table
     register(Format("gguf", "a .gguf file (llama.cpp), read through the gguf package", is_gguf, read_gguf,
                     priority=20, input=Input.FILE, layout="gguf", config_file=".", config=config_from_gguf,
                     canonical=canonical, drop=tuple(DROP["gguf"]), runtime=Runtime.VIA_HF,

@@ -21,9 +21,9 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from ..errors import InputError
-from .inputs import no_gc, open_input, os_problem
-from .lazy import LazyTensor
+from ckdiff.errors import InputError
+from ckdiff.io.inputs import no_gc, open_input, os_problem
+from ckdiff.tensor.lazy import LazyTensor
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -376,7 +376,7 @@ def write_safetensors(path, tensors: Iterable[LazyTensor], metadata: dict | None
     callers put it inside a temporary directory that is renamed when complete.
     ``progress(n)`` is called with the bytes of each chunk written.
     """
-    from .torch_zip import TensorSource
+    from ckdiff.io.torch_zip import TensorSource
     tensors = list(tensors)
     head, total = safetensors_header([(t.name, t.shape, t.dtype) for t in tensors], metadata)
     with open(path, "wb") as f:

@@ -4,7 +4,7 @@ Facts (checked against torch 2.13's ``torch/distributed/checkpoint/filesystem.py
 ``metadata.py``):
 
 - ``.metadata`` is a plain pickle of ``Metadata``. It is unpickled under the DCP metadata policy
-  of converters/unpickle.py: DCP's own metadata and planner dataclasses (megatron-core stores its
+  of io/unpickle.py: DCP's own metadata and planner dataclasses (megatron-core stores its
   ``SavePlan``s there) as data, ``torch.Size``, dtypes, the layout lookup
   ``torch.serialization._get_layout`` and paths; anything else is refused with one line naming the file.
 - ``Metadata.state_dict_metadata[fqn]`` is a ``TensorStorageMetadata`` (global ``size``,
@@ -14,7 +14,7 @@ Facts (checked against torch 2.13's ``torch/distributed/checkpoint/filesystem.py
   (``relative_path``, ``offset``, ``length``, optional ``transform_descriptors``).
 - Each tensor chunk is a complete ``torch.save`` archive in that byte range
   (``_write_item``: ``torch.save(data, stream)``); its ``data.pkl`` is read under the torch policy of
-  converters/unpickle.py, which locates the chunk's storage in the file. BYTE_IO items are the raw bytes.
+  io/unpickle.py, which locates the chunk's storage in the file. BYTE_IO items are the raw bytes.
 
 A tensor is assembled from its chunks on demand: ``rows(lo, hi)`` (and ``box``) read only the
 chunks that intersect the requested range.
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
-from .inputs import open_input
-from .lazy import Checkpoint, LazyTensor
+from ckdiff.errors import InputError
+from ckdiff.io.inputs import inside_root, open_input
+from ckdiff.tensor.lazy import Checkpoint, LazyTensor
 
 METADATA = ".metadata"
 SUFFIX = ".distcp"
@@ -36,10 +36,10 @@ SUFFIX = ".distcp"
 
 def read_metadata(path: Path):
     """The ``Metadata`` object of a DCP ``.metadata`` file, unpickled under the DCP metadata policy
-    (converters/unpickle.py): DCP's metadata and planner dataclasses as data, nothing else."""
+    (io/unpickle.py): DCP's metadata and planner dataclasses as data, nothing else."""
     from torch.distributed.checkpoint.metadata import Metadata
-    from .inputs import read_input
-    from .unpickle import MAX_PICKLE_BYTES, load_pickle_bytes
+    from ckdiff.io.inputs import read_input
+    from ckdiff.io.unpickle import MAX_PICKLE_BYTES, load_pickle_bytes
     md = load_pickle_bytes(read_input(path, MAX_PICKLE_BYTES), path, "dcp", "DCP metadata")
     if not isinstance(md, Metadata) or not isinstance(getattr(md, "state_dict_metadata", None), dict):
         raise InputError(path, f"not a DCP Metadata object (found {type(md).__name__})")
@@ -75,8 +75,8 @@ def read_range(file: Path, offset: int, length: int, transforms=()) -> bytes:
 
 def _locate(c: "_Chunk", name: str, dtype):
     """(absolute byte offset of the chunk's first element, element strides): the chunk's archive is
-    read under the torch policy (converters/unpickle.py), which maps its storage and checks its layout."""
-    from .unpickle import load_torch
+    read under the torch policy (io/unpickle.py), which maps its storage and checks its layout."""
+    from ckdiff.io.unpickle import load_torch
     if c.transforms:
         raise InputError(c.file, f"DCP stream transform {list(c.transforms)} is not supported (only "
                                  "untransformed torch.save chunks are read)")
@@ -85,7 +85,7 @@ def _locate(c: "_Chunk", name: str, dtype):
         got = f"{list(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
         raise InputError(c.file, f"chunk of {name!r} at offset {c.offset} holds {got}, metadata says "
                                  f"{list(c.sizes)} {dtype}")
-    from .unpickle import file_offset
+    from ckdiff.io.unpickle import file_offset
     return file_offset(t), tuple(t.stride())
 
 
@@ -157,8 +157,7 @@ class SubTensor(LazyTensor):
 
 
 def _inside(root: Path, rel: str) -> Path:
-    from .formats import _inside as inside
-    p = inside(root, rel)
+    p = inside_root(root, rel)
     if not p.is_file():
         raise InputError(root / METADATA, f"names data file {rel!r}, which is missing or not a regular file")
     return p
@@ -333,9 +332,9 @@ def read_dcp(p: Path, prefix: str | None = None, **_) -> Checkpoint:
     return select_prefix(ck, auto, "the only model sub-tree of a trainer checkpoint") if auto else ck
 
 
-# ---------------------------------------------------------------- declaration (converters/registry.py)
+# ---------------------------------------------------------------- declaration (formats/registry.py)
 def _declare() -> None:
-    from .registry import Format, register
+    from ckdiff.formats.registry import Format, register
     register(Format("dcp", "torch.distributed.checkpoint directory: .metadata + *.distcp (read without a process "
                            "group)", is_dcp_dir, read_dcp, priority=20))
 

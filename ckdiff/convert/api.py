@@ -9,17 +9,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
-from .. import families
-from ..errors import CkdiffError, InputError, UsageError
-from .config import ModelConfig, config_where, model_config
-from .faults import NONE as NO_FAULTS, Faults, Step
-from .formats import open_checkpoint, resolve_path
-from . import layouts
-from .table import Plan
-from .writers import atomic_output, copy_if_exists, write_hf, write_meta_like
+from ckdiff.models import families
+from ckdiff.errors import CkdiffError, InputError, UsageError
+from ckdiff.models.config import ModelConfig, config_where, model_config
+from ckdiff.convert.faults import NONE as NO_FAULTS, Faults, Step
+from ckdiff.formats.readers import open_checkpoint, resolve_path
+from ckdiff.formats import layouts
+from ckdiff.tensor.table import Plan
+from ckdiff.io.writers import atomic_output, copy_if_exists, write_hf, write_meta_like
 
 # Megatron-LLM --model values, the original's size table (L, H, n, n_kv; used only to check --size against
-# the config) and default sources / tokenizers: all from the families' declarations (ckdiff/families.py)
+# the config) and default sources / tokenizers: all from the families' declarations (ckdiff/models/families.py)
 MEGATRON_MODELS = families.megatron_models()
 SIZES = {(m.name, size): dims for f in families.FAMILIES.values() for m in f.megatron_models
          for size, dims in m.sizes.items()}
@@ -83,8 +83,14 @@ def hf_to_megatron(model: str, out, *, model_path=None, size: Optional[int] = No
                    overwrite: bool = False, trust_pickle: bool = False, progress_factory=None,
                    shard=None, faults: Optional[Faults] = None) -> Written:
     """HF or Meta weights -> Megatron-LLM checkpoint at ``out`` (TP x PP rank files).
-    ``faults`` (tests only): injection points, see converters/faults.py."""
-    from .megatron import check_parallel, make_args, pad_vocab_tensors, padded_vocab, write_megatron
+    ``faults`` (tests only): injection points, see convert/faults.py."""
+    from ckdiff.formats.megatron_llm import (
+        check_parallel,
+        make_args,
+        pad_vocab_tensors,
+        padded_vocab,
+        write_megatron,
+    )
     fam, mm = _megatron_model(model)
     a = _NS(model=model, out=str(out), model_path=None if model_path is None else str(model_path), size=size,
             cache_dir=cache_dir, tp=tp, pp=pp, true_vocab_size=true_vocab_size,
@@ -143,8 +149,8 @@ def megatron_to_hf(input_dir, output_dir, *, model: Optional[str] = None, num_ou
                    trust_pickle: bool = False, progress_factory=None, shard=None,
                    faults: Optional[Faults] = None) -> Written:
     """Megatron-LLM checkpoint (any TP/PP) -> HF safetensors (+ tokenizer files when a tokenizer is found).
-    ``faults`` (tests only): injection points, see converters/faults.py."""
-    from .megatron import strip_vocab
+    ``faults`` (tests only): injection points, see convert/faults.py."""
+    from ckdiff.formats.megatron_llm import strip_vocab
     a = _NS(input_dir=str(input_dir), output_dir=str(output_dir), model=model, num_output_shards=num_output_shards,
             cache_dir=cache_dir, vocab_file=vocab_file, vocab_extra_ids_list=vocab_extra_ids_list,
             override_special_tokens=list(override_special_tokens), true_vocab_size=true_vocab_size,
@@ -183,7 +189,7 @@ def megatron_to_hf(input_dir, output_dir, *, model: Optional[str] = None, num_ou
         _run_guarded(lambda: write_hf(tmp, hf, F.on_config(cfg.to_hf(), step), a.num_output_shards,
                                       progress_factory=progress_factory, files=files))
         if vocab_file and files.is_main:
-            from .tokenizer import export_tokenizer
+            from ckdiff.convert.tokenizer import export_tokenizer
             export_tokenizer(vocab_file, tmp, cfg.vocab,
                              [t for t in a.vocab_extra_ids_list.split(",") if t], a.override_special_tokens)
     return Written(a.output_dir, f"wrote HF checkpoint {a.output_dir} (vocab {cfg.vocab}, "
@@ -199,8 +205,8 @@ def to_jetstream(model_name: str, input_checkpoint_dir, output_checkpoint_dir, *
                  output_safetensors: bool = True, overwrite: bool = False, trust_pickle: bool = False,
                  progress_factory=None, shard=None, faults: Optional[Faults] = None) -> Written:
     """HF or Meta weights -> JetStream-pt checkpoint, optionally quantized.
-    ``faults`` (tests only): injection points, see converters/faults.py."""
-    from .quant import quantize_tensors
+    ``faults`` (tests only): injection points, see convert/faults.py."""
+    from ckdiff.formats.jetstream_quant import quantize_tensors
     fam = families.for_jetstream_name(model_name)
     if fam is None and families.get(model_name) is not None:  # a family without the layout: say why
         raise UsageError(f"--model_name {model_name!r}: {families.get(model_name).no_layout('jetstream')}")
@@ -240,8 +246,8 @@ def jetstream_to_hf(input_checkpoint_dir, output_checkpoint_dir, *, num_output_s
                     overwrite: bool = False, trust_pickle: bool = False, progress_factory=None,
                    shard=None, faults: Optional[Faults] = None) -> Written:
     """JetStream-pt checkpoint -> HF (dequantized to float32 when quantized).
-    ``faults`` (tests only): injection points, see converters/faults.py."""
-    from .quant import dequantize_tensors, is_quantized
+    ``faults`` (tests only): injection points, see convert/faults.py."""
+    from ckdiff.formats.jetstream_quant import dequantize_tensors, is_quantized
     a = _NS(input_checkpoint_dir=str(input_checkpoint_dir), output_checkpoint_dir=str(output_checkpoint_dir),
             num_output_shards=num_output_shards, overwrite=overwrite, trust_pickle=trust_pickle)
     F, step = faults or NO_FAULTS, Step("jetstream-to-hf", "hf")

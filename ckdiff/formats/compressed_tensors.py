@@ -55,13 +55,13 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..errors import InputError
-from ..tensor.blockscaled import FLOAT8, BlockScaled, Scaled, fold
-from .lazy import Checkpoint, LazyTensor
+from ckdiff.errors import InputError
+from ckdiff.tensor.blockscaled import FLOAT8, BlockScaled, Scaled, fold
+from ckdiff.tensor.lazy import Checkpoint, LazyTensor
 
 METHOD = "compressed-tensors"
 # quantization_config quant_methods some reader here handles: "fp8" is the block-scaled FP8 of DeepSeek-V3 and
-# transformers' FineGrainedFP8 (``<name>_scale_inv``, converters/fp8.py)
+# transformers' FineGrainedFP8 (``<name>_scale_inv``, formats/fp8.py)
 KNOWN_METHODS = (METHOD, "fp8")
 FORMATS = ("float-quantized", "pack-quantized", "nvfp4-pack-quantized")
 STRATEGIES = {"float-quantized": ("tensor", "channel", "group", "block"), "pack-quantized": ("channel", "group"),
@@ -84,7 +84,7 @@ BOUND = 0.55
 def _fp4_steps() -> np.ndarray:
     """The FP4 (e2m1) spacing at each FP4 value, indexed by that value's float8_e4m3fn byte (other bytes:
     the FP8 spacing; FP4 codes never hold them)."""
-    from ..tensor.blockscaled import step_table
+    from ckdiff.tensor.blockscaled import step_table
     t = step_table(torch.float8_e4m3fn).copy()
     for v, st in zip(FP4.tolist(), (0.5, 0.5, 0.5, 0.5, 1.0, 1.0, 2.0, 2.0)):
         for sv in (v, -v):
@@ -554,7 +554,7 @@ def ct_view(ck: Checkpoint) -> Checkpoint:
 
 
 def _declare() -> None:
-    from .registry import Encoding, register_encoding
+    from ckdiff.formats.registry import Encoding, register_encoding
     register_encoding(Encoding("compressed-tensors", "compressed-tensors float-quantized (FP8), pack-quantized "
                                                      "(int2..int8, zero points folded) and nvfp4-pack-quantized "
                                                      "weights, read as logical block-scaled views", ct_view))

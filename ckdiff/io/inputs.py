@@ -17,9 +17,10 @@ import gc
 import json
 import os
 import stat
+from pathlib import Path
 
 
-from ..errors import InputError
+from ckdiff.errors import InputError
 
 _PROBLEMS = {
     errno.ENOENT: "no such file or directory",
@@ -181,3 +182,16 @@ def read_json_object(path) -> dict:
     if not isinstance(data, dict):
         raise InputError(path, "expected a JSON object")
     return data
+
+
+def inside_root(root: Path, rel: str, real_root: Path | None = None) -> Path:
+    """``root/rel``, refusing names that escape ``root`` (``real_root``: ``root`` resolved, if known)."""
+    if "\x00" in rel:
+        raise InputError(root, f"shard path {rel!r} holds a NUL byte")
+    try:
+        p = (root / rel).resolve()
+    except (OSError, ValueError, RuntimeError) as e:
+        raise InputError(root, f"shard path {rel!r} cannot be resolved ({e.__class__.__name__})") from None
+    if os.path.isabs(rel) or (real_root or root.resolve()) not in p.parents:
+        raise InputError(root, f"shard path {rel!r} escapes the checkpoint directory")
+    return p

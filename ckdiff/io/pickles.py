@@ -1,5 +1,5 @@
 """torch pickles (.bin / .pt / .pth, Meta shards, Megatron-LLM rank files): read under the torch
-policy of converters/unpickle.py (plain data, tensors, ``argparse.Namespace``, inert foreign
+policy of io/unpickle.py (plain data, tensors, ``argparse.Namespace``, inert foreign
 values), never by ``pickle.load``. Anything else is refused unless the user opts in with
 ``--trust-pickle``, which runs arbitrary code by design.
 """
@@ -10,14 +10,14 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
-from .inputs import open_input
-from .lazy import EagerTensor, LazyTensor
-from .unpickle import layout_problem, load_torch
+from ckdiff.errors import InputError
+from ckdiff.io.inputs import open_input
+from ckdiff.tensor.lazy import EagerTensor, LazyTensor
+from ckdiff.io.unpickle import layout_problem, load_torch
 
 
 def load_pickle(path, trust: bool = False) -> object:
-    """Load a torch pickle without executing code: the restricted unpickler of converters/unpickle.py
+    """Load a torch pickle without executing code: the restricted unpickler of io/unpickle.py
     for zip archives and legacy files alike; ``trust`` (``--trust-pickle``) hands the file to
     ``torch.load(weights_only=False)``, which runs whatever the file says."""
     path = Path(path)

@@ -8,16 +8,24 @@ from __future__ import annotations
 
 from typing import Mapping, Optional
 
-from .. import families
-from ..errors import InputError
-from ..families import FALCON as FALCON_FAMILY, GEMMA_JETSTREAM_NAMES, LLAMA_NAMES, MIXTRAL, Mlp, Rotary
-from .config import ModelConfig
-from .lazy import LazyTensor
-from .ops import Chain, Concat, Each, FuseQKV, Identity, PermuteRope, SplitQKV, Stack
-from .table import Plan, R, Tie, UnmappedError, apply, invert
+from ckdiff.models import families
+from ckdiff.errors import InputError
+from ckdiff.formats import registry
+from ckdiff.models.families import (
+    FALCON as FALCON_FAMILY,
+    GEMMA_JETSTREAM_NAMES,
+    LLAMA_NAMES,
+    MIXTRAL,
+    Mlp,
+    Rotary,
+)
+from ckdiff.models.config import ModelConfig
+from ckdiff.tensor.lazy import LazyTensor
+from ckdiff.tensor.ops import Chain, Concat, Each, FuseQKV, Identity, PermuteRope, SplitQKV, Stack
+from ckdiff.tensor.table import Plan, R, Tie, UnmappedError, apply, invert
 
 # ------------------------------------------------------------------ names
-# HF names are the families' own (ckdiff/families.py); the dicts below are aliases kept for the
+# HF names are the families' own (ckdiff/models/families.py); the dicts below are aliases kept for the
 # modules that index them by their older keys.
 HF = LLAMA_NAMES
 META = {
@@ -147,6 +155,15 @@ def hf_to_megatron(cfg: ModelConfig) -> list:
     return rules
 
 
+# layouts whose tables live in their own format module (mcore, gguf): ``register_table`` on import
+TABLES: dict = {}
+
+
+def register_table(layout: str, rows) -> None:
+    """``rows(cfg) -> rows from canonical HF`` for ``layout``, kept by the module of the format that has it."""
+    TABLES[layout] = rows
+
+
 def hf_to(layout: str, cfg: ModelConfig) -> list:
     if layout == "hf":
         return []
@@ -155,12 +172,10 @@ def hf_to(layout: str, cfg: ModelConfig) -> list:
         return hf_to_meta(cfg, layout)
     if layout == "megatron":
         return hf_to_megatron(cfg)
-    if layout == "mcore":  # formats of issue 16 keep their tables in their own modules
-        from .mcore import hf_to_mcore
-        return hf_to_mcore(cfg)
-    if layout == "gguf":
-        from .gguf_io import hf_to_gguf
-        return hf_to_gguf(cfg)
+    if layout not in TABLES:
+        registry.formats()  # importing the built-in formats registers the tables they keep
+    if layout in TABLES:
+        return TABLES[layout](cfg)
     raise InputError(layout, "unknown layout")
 
 
@@ -176,7 +191,7 @@ def convert(tensors: Mapping[str, LazyTensor], src: str, dst: str, cfg: ModelCon
             faults=None) -> dict[str, LazyTensor]:
     """Lazy tensors of layout ``dst`` from tensors of layout ``src`` (through canonical HF).
     ``cover`` collects what each pass consumed and dropped (see table.apply); ``faults`` (tests only)
-    sees every table on its way (converters/faults.py)."""
+    sees every table on its way (convert/faults.py)."""
     table = hf_to if faults is None else (lambda layout, cfg: faults.on_rules(layout, cfg, hf_to(layout, cfg)))
     rules = table(dst, cfg) if dst != "hf" else None  # a layout the family lacks is refused before any work
     canon = dict(tensors)
@@ -223,3 +238,16 @@ def _hf_keys(cfg: ModelConfig) -> list:
             else:
                 keys.append(t)
     return keys
+
+def convert_formats(tensors, src: "registry.Format", dst: "registry.Format", cfg, where: str = "input", plan=None, cover=None) -> dict:
+    """Lazy tensors in ``dst``'s layout from tensors in ``src``'s, through canonical HF: the built-in
+    layouts by ``convert``, a format's own ``table`` by the same ``apply``/``invert``."""
+    if src.table is None and dst.table is None:
+        return convert(tensors, src.layout, dst.layout, cfg, where, plan, cover)
+    if src.table is not None:
+        canon = apply(tensors, invert(src.table(cfg)), cfg.layers, src.drop, where, plan, cover)
+    else:
+        canon = convert(tensors, src.layout, "hf", cfg, where, plan, cover)
+    if dst.table is not None:
+        return apply(canon, dst.table(cfg), cfg.layers, (), where, plan, cover)
+    return convert(canon, "hf", dst.layout, cfg, where, plan, cover)

@@ -19,10 +19,10 @@ from typing import Optional, Iterable, Sequence
 
 import torch
 
-from ..errors import CkdiffError, InputError, UsageError
-from .lazy import LazyTensor
-from .safetensors_io import write_safetensors
-from .torch_zip import TensorSource, write_torch_zip
+from ckdiff.errors import CkdiffError, InputError, UsageError
+from ckdiff.tensor.lazy import LazyTensor
+from ckdiff.io.safetensors import write_safetensors
+from ckdiff.io.torch_zip import TensorSource, write_torch_zip
 
 
 def _umask() -> int:
@@ -233,7 +233,7 @@ def atomic_output(target, overwrite: bool = False, inputs: Sequence = (), shard=
         with disk_errors(target), atomic_dir(target, overwrite, inputs) as tmp:
             yield tmp, FileJobs()
         return
-    from ..distributed import ABORT_CLEANUP
+    from ckdiff.distributed import ABORT_CLEANUP
     files = FileJobs(shard)
     if shard.is_main:
         with disk_errors(target), atomic_dir(target, overwrite, inputs) as tmp:
@@ -362,9 +362,9 @@ def write_meta_shards(out_dir: Path, tensors: dict[str, LazyTensor], params: dic
     Each shard is streamed in torch's format, one row chunk of one tensor at a time.
     ``llama_version`` picks the embedding split axis (hidden for 1/2, vocab for 3).
     """
-    from .formats import META_SHARDS, meta_variant
-    from .lazy import DerivedGroup
-    from .ops import Shard, ShardSplit
+    from ckdiff.formats.readers import META_SHARDS, meta_variant
+    from ckdiff.tensor.lazy import DerivedGroup
+    from ckdiff.tensor.ops import Shard, ShardSplit
     files = []
     progress = _start(progress_factory, sum(t.nbytes for t in tensors.values()))
     pieces: dict = {}  # key -> its n_shards lazy pieces (or None: the whole tensor in every shard)

@@ -6,7 +6,7 @@ registry can pick it up as one declaration. Facts were checked against NVIDIA/Me
 megatron-core 0.16.1 itself writes (tests/test_producer_mcore.py):
 
 - ``metadata.json`` = ``{"sharded_backend": "torch_dist", ...}``; the tensors are a torch DCP
-  checkpoint (``.metadata`` + ``*.distcp``, read by converters/dcp.py) at their global shapes.
+  checkpoint (``.metadata`` + ``*.distcp``, read by formats/dcp.py) at their global shapes.
 - Common state: ``common.pt`` (legacy) or a DCP byte item ``common_state/shard_0_1`` holding
   ``torch.save([state])``; ``state["args"]`` is the training ``argparse.Namespace``.
 - Homogeneous layers are stacked: ``decoder.layers.<suffix>`` with a leading ``num_layers`` axis;
@@ -31,14 +31,14 @@ from pathlib import Path
 
 import torch
 
-from .. import families
-from ..errors import InputError
-from ..families import Mlp
-from .inputs import read_json_object
-from .config import ModelConfig
-from .lazy import Checkpoint, LazyTensor, RowSlice
-from .ops import Chain, Concat, Each, FuseQKV, Identity, PermuteRope
-from .table import R
+from ckdiff.models import families
+from ckdiff.errors import InputError
+from ckdiff.models.families import Mlp
+from ckdiff.io.inputs import read_json_object
+from ckdiff.models.config import ModelConfig
+from ckdiff.tensor.lazy import Checkpoint, LazyTensor, RowSlice
+from ckdiff.tensor.ops import Chain, Concat, Each, FuseQKV, Identity, PermuteRope
+from ckdiff.tensor.table import R
 
 BACKEND = "torch_dist"
 COMMON_KEY = "common_state/shard_0_1"
@@ -68,9 +68,9 @@ DROP = [r"\._extra_state(/.*)?$"]
 # ------------------------------------------------------------------ common state (args)
 def load_common(path: Path, window=None) -> dict:
     """The common state (``args`` and friends) of a torch.save archive (``common.pt``, or the byte range
-    ``window`` of a ``.distcp`` file), read under the torch policy of converters/unpickle.py: plain
+    ``window`` of a ``.distcp`` file), read under the torch policy of io/unpickle.py: plain
     data, tensors, ``argparse.Namespace`` and inert stand-ins for Megatron enums and numpy values."""
-    from .unpickle import load_torch
+    from ckdiff.io.unpickle import load_torch
     obj = load_torch(path, window, "common state")
     if isinstance(obj, list) and obj:  # the in-DCP form is torch.save([state, ...])
         obj = obj[0]
@@ -91,7 +91,7 @@ def _args_dict(state: dict) -> dict:
 # ------------------------------------------------------------------ reader
 def _iteration_dir(p: Path) -> Path:
     if (p / TRACKER).exists() or (p / TRACKER).is_symlink():
-        from .megatron import read_tracker  # regular file only, bounded, never quoted in errors
+        from ckdiff.formats.megatron_llm import read_tracker  # regular file only, bounded, never quoted in errors
         tag = read_tracker(p / TRACKER)
         sub = p / ("release" if tag == "release" else f"iter_{int(tag):07d}")
         if sub.is_dir():
@@ -118,7 +118,7 @@ def is_mcore_dir(p: Path) -> bool:
 
 def _per_layer(name: str, t, args: dict, notes: list) -> dict:
     """Per-layer (and per-expert) tensors of one DCP key."""
-    from .dcp import SubTensor
+    from ckdiff.formats.dcp import SubTensor
     out = {}
     L = args.get("num_layers")
     m = _EXPERT_KEY.match(name)
@@ -156,7 +156,7 @@ def _per_layer(name: str, t, args: dict, notes: list) -> dict:
 
 
 def read_mcore(p: Path, **_) -> Checkpoint:
-    from .dcp import read_dcp_entries
+    from ckdiff.formats.dcp import read_dcp_entries
     it = _iteration_dir(p)
     raw, items, _md = read_dcp_entries(it)
     notes: list = []
@@ -264,7 +264,7 @@ def rope_scaling_of(a: dict, where="args") -> dict | None:
     """Rope scaling of Megatron-Core args as HF spells it, type-checked: ``rotary_seq_len_interpolation_factor``
     is linear scaling (RotaryEmbedding divides the positions by it); ``use_rope_scaling`` is Llama-3.1's
     scaling with ``rope_scaling_factor`` (``rotary_scaling_factor`` in newer releases, default 8)."""
-    from .config import Fields
+    from ckdiff.models.config import Fields
     f = Fields(a, where, "args key")
     scaling = None
     linear = f.num("rotary_seq_len_interpolation_factor")
@@ -280,7 +280,7 @@ def rope_scaling_of(a: dict, where="args") -> dict | None:
 
 
 def canonical(a: dict, tensors: dict) -> dict:
-    from .config import _rope_scaling
+    from ckdiff.models.config import _rope_scaling
     c = config_from_args(a, tensors)
     out = dict(family=c.family, hidden=c.hidden, layers=c.layers, heads=c.heads, kv_heads=c.kv_heads,
                head_dim=c.head_dim, ffn=c.ffn, vocab=c.vocab, norm_eps=c.norm_eps, rope_theta=c.rope_theta,
@@ -293,7 +293,7 @@ def canonical(a: dict, tensors: dict) -> dict:
 
 # ------------------------------------------------------------------ layout table (HF -> mcore)
 def hf_to_mcore(cfg: ModelConfig) -> list:
-    from .layouts import HF, MOE_HF, family_for
+    from ckdiff.formats.layouts import HF, MOE_HF, family_for
     fam = family_for(cfg, "mcore")
     H, K, d, F = cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.ffn
     if cfg.rotary_rows == "interleaved":
@@ -365,10 +365,10 @@ def mcore_state(hf: dict, cfg: ModelConfig, stacked: bool = True, pad_to: int = 
                 faults=None) -> tuple[dict, int]:
     """HF tensors -> the DCP state dict of a Megatron-Core checkpoint (stacked or per-layer keys,
     experts on an expert axis, vocab padded, ``_extra_state`` byte items as TE writes them).
-    ``faults`` (tests only, converters/faults.py) sees the table and the state dict."""
-    from .faults import NONE, Step
-    from .lazy import EagerTensor
-    from .table import apply
+    ``faults`` (tests only, convert/faults.py) sees the table and the state dict."""
+    from ckdiff.convert.faults import NONE, Step
+    from ckdiff.tensor.lazy import EagerTensor
+    from ckdiff.tensor.table import apply
     F = faults or NONE
     src = {k: EagerTensor(k, v, "<generated>") for k, v in hf.items()}
     per = {k: v.load() for k, v in apply(src, F.on_rules("mcore", cfg, hf_to_mcore(cfg)), cfg.layers).items()}
@@ -428,10 +428,11 @@ def write_mcore(out: Path, hf: dict, cfg: ModelConfig, stacked: bool = True, com
     return Path(out)
 
 
-# ------------------------------------------------------------------ declaration (converters/registry.py)
+# ------------------------------------------------------------------ declaration (formats/registry.py)
 def _declare() -> None:
-    from .layouts import DROP
-    from .registry import Format, Runtime, register
+    from ckdiff.formats.layouts import DROP, register_table
+    from ckdiff.formats.registry import Format, Runtime, register
+    register_table("mcore", lambda cfg: hf_to_mcore(cfg))  # looked up per call: tests patch the table
     register(Format("mcore", "Megatron-Core torch_dist iteration directory (or its save root): metadata.json naming "
                              "torch_dist, .metadata + *.distcp, args from common.pt or the common state inside DCP",
                     is_mcore_dir, read_mcore, priority=10, layout="mcore", config_file=".", config=config_from_args,

@@ -13,9 +13,9 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from ..errors import InputError
-from .lazy import DerivedGroup, LazyTensor, OutputCache
-from .ops import Identity, Op
+from ckdiff.errors import InputError
+from ckdiff.tensor.lazy import DerivedGroup, LazyTensor, OutputCache
+from ckdiff.tensor.ops import Identity, Op
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Explicit injection points for the mutation self-test (golden/mutations.py).
 
-Each converter function in converters/api.py takes ``faults=None``. Given a :class:`Faults`, it passes
+Each converter function in convert/api.py takes ``faults=None``. Given a :class:`Faults`, it passes
 what it reads, the config it parses, every conversion table (both directions, in layouts.convert), the
 converted tensors and the config file it writes through the matching hook, so a known bug can be
 injected into one run without monkeypatching any module. Production code never passes one; a hook left

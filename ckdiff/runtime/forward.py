@@ -1,6 +1,6 @@
 """Reference forward passes, each reading a checkpoint in its own layout and conventions.
 
-One generic decoder (``decoder``) is composed from the family's :class:`~ckdiff.families.Block` (norm,
+One generic decoder (``decoder``) is composed from the family's :class:`~ckdiff.models.families.Block` (norm,
 activation, MLP kind, q/k/v biases, parallel residual, embedding scale) and a :class:`Layout` that says
 how one layout stores the weights: the key of each slot, the q/k row order (hence which rotary formula
 applies), a fused grouped QKV or separate q/k/v, a fused GLU ``[up; gate]`` or separate halves, experts
@@ -21,11 +21,23 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as Fn
 
-from ..converters.config import ModelConfig
-from ..converters.lazy import Checkpoint
-from ..converters.layouts import GEMMA_JS, META, MEGATRON, MOE_JS
-from ..errors import InputError
-from ..families import Act, Attn, Block, Family, Mlp, Norm, Rotary, Router, dense_layer, family, sliding_layer
+from ckdiff.models.config import ModelConfig
+from ckdiff.tensor.lazy import Checkpoint
+from ckdiff.formats.layouts import GEMMA_JS, META, MEGATRON, MOE_JS
+from ckdiff.errors import InputError
+from ckdiff.models.families import (
+    Act,
+    Attn,
+    Block,
+    Family,
+    Mlp,
+    Norm,
+    Rotary,
+    Router,
+    dense_layer,
+    family,
+    sliding_layer,
+)
 
 
 @dataclass
@@ -322,8 +334,8 @@ def logical_tensors(ck: Checkpoint) -> dict:
     ``Fp8Block`` views, JetStream int8/int4 codes with ``_scaler`` become dequantizing views of their float
     shape (quant.py), GGUF block quants already read dequantized (gguf_io.GgufQuant); the scale tensors
     themselves are folded in and not exposed."""
-    from ..converters.fp8 import Fp8Block, _block, fp8_pairs
-    from ..converters.quant import SCALER, dequantize_tensors, is_quantized
+    from ckdiff.formats.fp8 import Fp8Block, _block, fp8_pairs
+    from ckdiff.formats.jetstream_quant import SCALER, dequantize_tensors, is_quantized
     t = dict(ck.tensors)
     pairs = fp8_pairs(t)
     if pairs:
@@ -577,9 +589,9 @@ def decoder(layout: Layout, ck: Checkpoint, cfg: ModelConfig, block: Block, ids,
 
 
 def runtime_for(ck: Checkpoint, cfg: ModelConfig) -> Callable:
-    """The runtime for a checkpoint, as its format's declaration says (converters/registry.py): the
+    """The runtime for a checkpoint, as its format's declaration says (formats/registry.py): the
     generic decoder over its layout's adapter (NATIVE), or ``via_hf`` (VIA_HF)."""
-    from ..converters.registry import Runtime, lookup
+    from ckdiff.formats.registry import Runtime, lookup
     fmt = lookup(ck.format)
     if fmt is None or fmt.runtime is Runtime.NONE:
         raise InputError(ck.path, f"no reference runtime for a {ck.format} checkpoint")
@@ -661,7 +673,8 @@ def via_hf(ck: Checkpoint, cfg: ModelConfig, ids, dtype=torch.float32, progress=
     """Megatron-Core and GGUF checkpoints run with the HF convention after their own layout table maps
     them to HF names lazily (so this runtime is not independent of that table: the tensor diff and the
     format mutations check the table; GGUF quantized tensors are dequantized on read)."""
-    from ..converters.registry import convert, get, lookup
+    from ckdiff.formats.layouts import convert_formats as convert
+    from ckdiff.formats.registry import get, lookup
     hf = Checkpoint(ck.path, "hf", convert(ck.tensors, lookup(ck.format), get("hf"), cfg, ck.path), ck.config, ck.meta)
     return runtime_for(hf, cfg)(hf, cfg, ids, dtype, progress)
 

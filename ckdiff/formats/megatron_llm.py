@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError, UsageError
-from .config import ModelConfig, valid_int
-from .lazy import Checkpoint, DerivedGroup, EagerTensor, LazyTensor
-from .ops import PadRows, Shard, ShardRow, ShardTable
-from .table import LayerOffset, R, Rename, apply_present, invert, rename
-from .inputs import read_input
-from .pickle_io import checked_state, load_pickle
-from .torch_zip import TensorSource, iter_leaves, write_torch_zip
+from ckdiff.errors import InputError, UsageError
+from ckdiff.models.config import ModelConfig, valid_int
+from ckdiff.tensor.lazy import Checkpoint, DerivedGroup, EagerTensor, LazyTensor
+from ckdiff.tensor.ops import PadRows, Shard, ShardRow, ShardTable
+from ckdiff.tensor.table import LayerOffset, R, Rename, apply_present, invert, rename
+from ckdiff.io.inputs import read_input
+from ckdiff.io.pickles import checked_state, load_pickle
+from ckdiff.io.torch_zip import TensorSource, iter_leaves, write_torch_zip
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
@@ -226,8 +226,8 @@ def family_of_args(args: dict, tensors: dict):
     written by ckdiff's converter) belongs to; otherwise (the original tool's args say no model) the
     Megatron-capable family whose block fits the args and tensors best: GLU (``glu_activation``),
     RMSNorm (``use_rms_norm``), a fused QKV bias tensor. Ties go to the first registered."""
-    from .. import families
-    from ..families import Mlp, Norm
+    from ckdiff.models import families
+    from ckdiff.models.families import Mlp, Norm
     declared = args.get("ckdiff_model")
     if isinstance(declared, str):
         f = families.for_megatron_model(declared)
@@ -246,9 +246,9 @@ def family_of_args(args: dict, tensors: dict):
 
 
 def config_from_args(args: dict, tensors: dict, where="args") -> ModelConfig:
-    from ..families import Norm
-    from .config import _KEYS, ConfigError, check_tensors, megatron_rope_scaling, parse_config
-    from .layouts import MEGATRON
+    from ckdiff.models.families import Norm
+    from ckdiff.models.config import _KEYS, ConfigError, check_tensors, megatron_rope_scaling, parse_config
+    from ckdiff.formats.layouts import MEGATRON
     raw = parse_config("megatron", args, where)
     args = raw
     try:
@@ -294,8 +294,8 @@ def make_args(cfg: ModelConfig, model: str, tp: int, pp: int, padded_vocab: int,
               divisible_by: int) -> argparse.Namespace:
     """The ``args`` Namespace as hf_to_megatron writes it (spec section 5), plus what it forgot; the
     family-dependent fields come from the family's block and declaration."""
-    from .. import families
-    from ..families import Act, Mlp, Norm
+    from ckdiff.models import families
+    from ckdiff.models.families import Act, Mlp, Norm
     fam = families.family(cfg.family)
     block = fam.block
     a = dict(num_layers=cfg.layers, hidden_size=cfg.hidden, num_attention_heads=cfg.heads,
@@ -385,10 +385,10 @@ def write_megatron(out: Path, tensors: dict[str, LazyTensor], cfg: ModelConfig, 
     memory at a time. ``progress_factory(total_bytes)`` returns a callable told the bytes of each
     chunk as it is written (like the comparator's).
     """
-    from .layouts import MEGATRON
+    from ckdiff.formats.layouts import MEGATRON
     L = cfg.layers
     per = L // pp
-    from .. import families
+    from ckdiff.models import families
     glu = families.family(cfg.family).block.mlp is families.Mlp.GLU  # dense_h_to_4h holds [up; gate]
     embed = tensors[MEGATRON["embed"]]
     ranks = []
@@ -417,7 +417,7 @@ def write_megatron(out: Path, tensors: dict[str, LazyTensor], cfg: ModelConfig, 
             rank = f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "")
             ranks.append((out / "release" / rank / "model_optim_rng.pt",
                           {"iteration": "release", "checkpoint_version": 3.0, "args": args, "model": model}))
-    from .writers import FileJobs
+    from ckdiff.io.writers import FileJobs
     files = files or FileJobs()  # ranks of a sharded conversion each write their own rank files
     progress = None
     if progress_factory is not None:
@@ -441,7 +441,7 @@ def vocab_rules(tensors: dict[str, LazyTensor], rows: int, padded: int | None = 
     """The vocab rows of the Megatron view: embedding and output layer padded from ``rows`` (default:
     the rows they have) to ``padded`` with copies of the last row. The writer applies these rows; the
     reader applies their inverse, which strips the padding."""
-    from .layouts import MEGATRON
+    from ckdiff.formats.layouts import MEGATRON
     out = []
     for k in (MEGATRON["embed"], MEGATRON["head"]):
         if k in tensors:
@@ -459,17 +459,17 @@ def pad_vocab_tensors(tensors: dict[str, LazyTensor], rows: int) -> dict[str, La
 
 def strip_vocab(tensors: dict[str, LazyTensor], rows: int) -> dict[str, LazyTensor]:
     """Drop the rows past ``rows``: the inverse of the rows that would pad ``rows`` to the rows found."""
-    from .layouts import MEGATRON
+    from ckdiff.formats.layouts import MEGATRON
     found = {k: t for k, t in tensors.items() if k in (MEGATRON["embed"], MEGATRON["head"]) and t.shape[0] > rows}
     return apply_present(tensors, invert([r for k, t in found.items()
                                           for r in vocab_rules({k: t}, rows, t.shape[0])]))
 
 
-# ---------------------------------------------------------------- declaration (converters/registry.py)
+# ---------------------------------------------------------------- declaration (formats/registry.py)
 def _declare() -> None:
-    from .config import _canonical_megatron
-    from .layouts import DROP
-    from .registry import Format, Runtime, register
+    from ckdiff.models.config import _canonical_megatron
+    from ckdiff.formats.layouts import DROP
+    from ckdiff.formats.registry import Format, Runtime, register
     register(Format("megatron", "Megatron-LLM directory: latest_checkpointed_iteration.txt + "
                                 "{release,iter_NNNNNNN}/mp_rank_XX[_YYY]/model_optim_rng.pt",
                     is_megatron_dir, read_megatron, priority=30, layout="megatron", config=config_from_args,

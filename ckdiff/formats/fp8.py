@@ -20,9 +20,9 @@ import math
 
 import torch
 
-from ..errors import InputError
-from ..tensor.blockscaled import FLOAT8, BlockScaled, Scaled, fold
-from .lazy import Checkpoint, LazyTensor
+from ckdiff.errors import InputError
+from ckdiff.tensor.blockscaled import FLOAT8, BlockScaled, Scaled, fold
+from ckdiff.tensor.lazy import Checkpoint, LazyTensor
 
 SCALE_SUFFIX = "_scale_inv"
 FP8 = FLOAT8
@@ -108,9 +108,9 @@ def fp8_view(ck: Checkpoint) -> Checkpoint:
     return fold(ck, views, "FP8 block scale", note)
 
 
-# ---------------------------------------------------------------- declaration (converters/registry.py)
+# ---------------------------------------------------------------- declaration (formats/registry.py)
 def _declare() -> None:
-    from .registry import Encoding, register_encoding
+    from ckdiff.formats.registry import Encoding, register_encoding
     register_encoding(Encoding("fp8", "FP8 weights with block scales (<name>_scale_inv), read as logical "
                                       "block-scaled views", fp8_view))
 

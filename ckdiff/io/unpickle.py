@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
+from ckdiff.errors import InputError
 
 MAX_DEPTH = 100  # containers within containers; real checkpoints stay under 20
 MAX_PICKLE_BYTES = 512 << 20  # one pickle (a data.pkl record, a .metadata file); real ones are far smaller
@@ -639,7 +639,7 @@ def _storage_resolver(records, mapped, what_file):
 def load_torch(path, window: tuple | None = None, what="torch checkpoint"):
     """A torch.save archive (zip) or legacy torch file at ``path`` (``window``: (offset, length) of the
     archive inside a larger file, as a DCP chunk), read under the torch policy with tensors mapped."""
-    from .inputs import open_input
+    from ckdiff.io.inputs import open_input
     path = Path(path)
     pol = policy("torch")
     try:

@@ -100,7 +100,7 @@ def _compiled(pattern: str) -> re.Pattern:
 
 
 # the modules that declare the built-in formats, in the order the CLI lists them
-BUILTIN = ("formats", "megatron", "mcore", "dcp", "gguf_io", "fp8", "quant", "compressed_tensors")
+BUILTIN = ("readers", "megatron_llm", "mcore", "dcp", "gguf", "fp8", "jetstream_quant", "compressed_tensors")
 
 
 @dataclass
@@ -248,25 +248,11 @@ def drop_patterns(fmt_name: Optional[str]) -> list[re.Pattern]:
     return [_compiled(p) for p in (f.drop if f is not None else ())]
 
 
-def convert(tensors, src: Format, dst: Format, cfg, where: str = "input", plan=None, cover=None) -> dict:
-    """Lazy tensors in ``dst``'s layout from tensors in ``src``'s, through canonical HF: the built-in
-    layouts by ``layouts.convert``, a format's own ``table`` by the same ``apply``/``invert``."""
-    from . import layouts
-    from .table import apply, invert
-    if src.table is None and dst.table is None:
-        return layouts.convert(tensors, src.layout, dst.layout, cfg, where, plan, cover)
-    if src.table is not None:
-        canon = apply(tensors, invert(src.table(cfg)), cfg.layers, src.drop, where, plan, cover)
-    else:
-        canon = layouts.convert(tensors, src.layout, "hf", cfg, where, plan, cover)
-    if dst.table is not None:
-        return apply(canon, dst.table(cfg), cfg.layers, (), where, plan, cover)
-    return layouts.convert(canon, "hf", dst.layout, cfg, where, plan, cover)
 
 
 def model_config(ck):
     """The canonical ModelConfig of a checkpoint from its own config (the format's ``config`` reader)."""
-    from ..errors import InputError
+    from ckdiff.errors import InputError
     f = lookup(ck.format)
     if f is None or f.config is None or "->" in (ck.format or ""):
         raise InputError(ck.path, f"a {ck.format} input has no architecture config; use a model directory")
@@ -276,4 +262,4 @@ def model_config(ck):
 __all__ = ["Format", "Input", "Runtime", "Encoding", "register", "unregister", "register_encoding", "formats",
            "names", "declared", "encodings", "apply_encodings", "get", "lookup", "detect", "detection_order",
            "layer_patterns", "drop_patterns",
-           "model_config", "convert", "GENERIC_LAYER"]
+           "model_config", "GENERIC_LAYER"]

@@ -13,7 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
-from ..errors import InputError, UsageError
+from ckdiff.errors import InputError, UsageError
 
 MEGATRON_SPECIALS = ["<CLS>", "<SEP>", "<EOD>", "<MASK>", "<PAD>"]
 SPECIAL_KEYS = ("bos", "cls", "eos", "mask", "pad", "sep", "unk")

@@ -13,129 +13,30 @@ from typing import Optional
 
 import torch
 
-from .. import families
-from ..errors import InputError
-from ..families import Mlp, Norm
+from ckdiff.errors import InputError
+from ckdiff.models import families
+from ckdiff.models.families import Mlp, Norm
 
 DTYPE_BY_NAME = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                  "float64": torch.float64}
 
 
-# ---------------------------------------------------------------- typed, range-checked config values
-class ConfigError(InputError):
-    """A value of config.json, params.json or Megatron args that is malformed, out of range, or
-    contradicts the tensors."""
+# typed, range-checked config values: models/fields.py
+from ckdiff.models.fields import (  # noqa: F401 (re-exported: readers import them from here)
+    ConfigError,
+    MAX_SIZE,
+    MAX_COUNT,
+    MAX_VOCAB,
+    MAX_POSITIONS,
+    MAX_THETA,
+    MAX_TOKEN_ID,
+    _show,
+    _is_int,
+    _is_num,
+    valid_int,
+    Fields,
+)
 
-
-MAX_SIZE = 1 << 20       # hidden, FFN, head_dim, sliding window
-MAX_COUNT = 1 << 16      # heads, layers, experts, parallel sizes
-MAX_VOCAB = 1 << 24
-MAX_POSITIONS = 1 << 32
-MAX_THETA = 1e12
-MAX_TOKEN_ID = (1 << 31) - 1
-
-
-def _show(v) -> str:
-    r = repr(v)
-    return r if len(r) <= 40 else r[:37] + "..."
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)  # True is an int in Python
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def valid_int(v, lo: int = 1, hi: int = MAX_COUNT) -> Optional[int]:
-    """``v`` when it is an int in [lo, hi], else None (readers that only use a value when it is sound)."""
-    return v if _is_int(v) and lo <= v <= hi else None
-
-
-class Fields:
-    """Reads one config file's values with their types and ranges checked; every parser uses it.
-
-    JSON ``null`` is an absent key. A wrong type or range is a ``ConfigError`` naming the file and the
-    key: ``config.json: key 'rms_norm_eps': expected a positive finite number, got 'abc'``."""
-
-    def __init__(self, src, where, label: str = "key"):
-        if not isinstance(src, dict):
-            raise ConfigError(where, f"expected a JSON object of keys and values, got {type(src).__name__}")
-        self.src, self.where, self.label = src, where, label
-
-    def fail(self, key, want, v):
-        raise ConfigError(self.where, f"{self.label} {key!r}: expected {want}, got {_show(v)}")
-
-    def int(self, key, lo: int = 1, hi: int = MAX_COUNT, unset=()) -> Optional[int]:
-        v = self.src.get(key)
-        if v is None or (_is_int(v) and v in unset):
-            return None
-        if not _is_int(v) or not lo <= v <= hi:
-            want = "a positive integer" if lo == 1 else f"an integer >= {lo}"
-            self.fail(key, f"{want} (at most {hi})" if _is_int(v) and v > hi else want, v)
-        return v
-
-    def num(self, key, hi: float = MAX_THETA) -> Optional[float]:
-        v = self.src.get(key)
-        if v is None:
-            return None
-        if not _is_num(v) or not math.isfinite(v) or v <= 0:
-            self.fail(key, "a positive finite number", v)
-        if v > hi:
-            self.fail(key, f"a positive finite number (at most {hi:g})", v)
-        return float(v)
-
-    def flag(self, key) -> Optional[bool]:
-        v = self.src.get(key)
-        if v is None:
-            return None
-        if not isinstance(v, bool):
-            self.fail(key, "true or false", v)
-        return v
-
-    def text(self, key, choices=None) -> Optional[str]:
-        v = self.src.get(key)
-        if v is None:
-            return None
-        if not isinstance(v, str) or (choices is not None and v not in choices):
-            self.fail(key, "one of " + ", ".join(choices) if choices else "a string", v)
-        return v
-
-    def dtype(self, key) -> Optional[str]:
-        v = self.src.get(key)
-        if v is None or isinstance(v, torch.dtype):
-            return None if v is None else str(v).replace("torch.", "")
-        name = v.replace("torch.", "") if isinstance(v, str) else None
-        if name != "auto" and not (name and isinstance(getattr(torch, name, None), torch.dtype)):
-            self.fail(key, "a dtype name (float32, bfloat16, ...)", v)
-        return name
-
-    def token_ids(self, key):
-        v = self.src.get(key)
-        if v is None or (_is_int(v) and v == -1):  # -1: "no such token" in older configs (pad_token_id)
-            return None
-        ok = lambda t: _is_int(t) and 0 <= t <= MAX_TOKEN_ID  # noqa: E731
-        if not (ok(v) or (isinstance(v, list) and all(ok(t) for t in v))):
-            self.fail(key, "a token id (a non-negative integer) or a list of them", v)
-        return v
-
-    def rope_scaling(self, key) -> Optional[dict]:
-        v = self.src.get(key)
-        if v is None:
-            return None
-        if not isinstance(v, dict):
-            self.fail(key, "an object (rope_type, factor, ...)", v)
-        sub = Fields(v, self.where, f"{self.label} {key!r} field")
-        for k in ("factor", "low_freq_factor", "high_freq_factor", "rope_theta"):
-            sub.num(k)
-        sub.int("original_max_position_embeddings", hi=MAX_POSITIONS)
-        sub.text("rope_type")
-        sub.text("type")
-        return v
-
-
-# per layout: key -> kind; every value a parser uses is listed here
 _SIZE = ("int", dict(hi=MAX_SIZE))
 _COUNT = ("int", {})
 _VOCAB = ("int", dict(hi=MAX_VOCAB))
@@ -355,7 +256,7 @@ class ModelConfig:
         return self
 
     # ------------------------------------------------------------ HF config.json
-    # Both directions are read off the family's declaration (ckdiff/families.py): its config keys,
+    # Both directions are read off the family's declaration (ckdiff/models/families.py): its config keys,
     # defaults, block flags and, for what a table cannot say, its hf_read / hf_write hooks.
     @classmethod
     def from_hf(cls, cfg: dict, tensors: dict, where: str = "config.json") -> "ModelConfig":
@@ -494,7 +395,7 @@ class ModelConfig:
 
 def config_where(ck) -> str:
     """The file a checkpoint's config comes from, for messages (Megatron: the first rank file's args)."""
-    from .registry import lookup
+    from ckdiff.formats.registry import lookup
     f = lookup(ck.format)
     if f is not None:
         return f.where(ck)
@@ -505,8 +406,8 @@ def config_where(ck) -> str:
 def model_config(ck) -> ModelConfig:
     """The canonical config of a checkpoint, from its own config file (HF, Meta/JetStream, Megatron args),
     validated (parse_config) and checked against the tensors (check_tensors): a ConfigError otherwise.
-    Each format declares its config reader (converters/registry.py)."""
-    from .registry import model_config as from_registry
+    Each format declares its config reader (formats/registry.py)."""
+    from ckdiff.formats.registry import model_config as from_registry
     return from_registry(ck)
 
 
@@ -598,10 +499,10 @@ def canonical_config(fmt: str, cfg: dict, tensors: dict, where: str = "config") 
         # an explicit null that is a value of its own (a family's nullable extra) survives the parse
         kept = {k: None for k in families.nullable_keys() if k in cfg and cfg[k] is None}
         cfg = {**parse_config(fmt, cfg, where), **kept}
-    from .registry import lookup
-    f = lookup(fmt)  # each format declares its canonical reader (converters/registry.py)
+    from ckdiff.formats.registry import lookup
+    f = lookup(fmt)  # each format declares its canonical reader (formats/registry.py)
     if cfg and f is not None and f.canonical is not None:
-        from ..errors import InputError
+        from ckdiff.errors import InputError
         try:
             return f.canonical(cfg, tensors)
         except InputError as e:  # a format's reader names its config generically ("gguf", "args"): name the file
@@ -678,7 +579,7 @@ def _canonical_meta(p: dict, tensors: dict) -> dict:
 
 
 def _canonical_megatron(a: dict, tensors: dict) -> dict:
-    from .megatron import family_of_args
+    from ckdiff.formats.megatron_llm import family_of_args
     fam = family_of_args(a, tensors)
     glu = bool(a.get("glu_activation"))
     H, D = a.get("num_attention_heads"), a.get("hidden_size")
@@ -778,7 +679,7 @@ def rotary_buffer_findings(tensors: dict, canon: dict) -> list:
     rounding): a stale buffer (another theta, scaling dropped) is what a runtime that loads it uses."""
     from types import SimpleNamespace
 
-    from ..golden.runtimes import rope_frequencies
+    from ckdiff.runtime.forward import rope_frequencies
     hd, theta = canon.get("head_dim"), canon.get("rope_theta")
     names = [n for n in tensors if ROTARY_BUFFERS.search(n)]
     if not names or not (isinstance(hd, int) and hd > 0 and hd % 2 == 0 and isinstance(theta, float)):

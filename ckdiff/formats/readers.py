@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError, UsageError
-from .lazy import Checkpoint, DerivedGroup, LazyTensor
-from .ops import Shard, ShardRow, ShardSplit, ShardTable
-from .inputs import kind_of, read_json_object, stat_input
-from .pickle_io import read_pickle_tensors
-from .safetensors_io import read_safetensors
-from . import registry
-from .registry import Format, Input, Runtime
+from ckdiff.errors import InputError, UsageError
+from ckdiff.tensor.lazy import Checkpoint, DerivedGroup, LazyTensor
+from ckdiff.tensor.ops import Shard, ShardRow, ShardSplit, ShardTable
+from ckdiff.io.inputs import inside_root, kind_of, read_json_object, stat_input
+from ckdiff.io.pickles import read_pickle_tensors
+from ckdiff.io.safetensors import read_safetensors
+from ckdiff.formats import registry
+from ckdiff.formats.registry import Format, Input, Runtime
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -29,17 +29,6 @@ def _json(path: Path) -> dict:
     return read_json_object(path)
 
 
-def _inside(root: Path, rel: str, real_root: Path | None = None) -> Path:
-    """``root/rel``, refusing names that escape ``root`` (``real_root``: ``root`` resolved, if known)."""
-    if "\x00" in rel:
-        raise InputError(root, f"shard path {rel!r} holds a NUL byte")
-    try:
-        p = (root / rel).resolve()
-    except (OSError, ValueError, RuntimeError) as e:
-        raise InputError(root, f"shard path {rel!r} cannot be resolved ({e.__class__.__name__})") from None
-    if os.path.isabs(rel) or (real_root or root.resolve()) not in p.parents:
-        raise InputError(root, f"shard path {rel!r} escapes the checkpoint directory")
-    return p
 
 
 def _merge_files(files: list[Path], read_one, root: Path) -> dict[str, LazyTensor]:
@@ -64,7 +53,7 @@ def _read_indexed(root: Path, index: Path, read_one) -> dict[str, LazyTensor]:
             raise InputError(index, f"weight_map entry for {key!r} is not a file name")
         if rel in shard_of:
             continue
-        p = shard_of[rel] = _inside(root, rel, real_root)
+        p = shard_of[rel] = inside_root(root, rel, real_root)
         try:
             is_file = p.is_file()
         except OSError:
@@ -144,9 +133,9 @@ def fused_experts_view(tensors: dict, config: dict, where) -> tuple[dict, list]:
     ``mlp.experts.down_proj`` [E, D, F] and ``mlp.gate.weight``, read as the family's per-expert tensors
     (``experts.{e}.w1/w2/w3``, the router under its name) through a reversible table: the same model in
     either layout compares tensor for tensor. Anything else passes through."""
-    from .. import families
-    from .ops import Unstack, UnstackSplit
-    from .table import R, apply_present
+    from ckdiff.models import families
+    from ckdiff.tensor.ops import Unstack, UnstackSplit
+    from ckdiff.tensor.table import R, apply_present
     hits = [m for m in map(_FUSED.match, tensors) if m]
     fam = families.for_model_type(str((config or {}).get("model_type") or "")) if isinstance(config, dict) else None
     if not hits or fam is None or "expert" not in fam.hf_names or "router" not in fam.hf_names:
@@ -249,7 +238,7 @@ def read_meta_dir(p: Path, trust_pickle=False, fmt="meta", **_) -> Checkpoint:
     if not shards:
         raise InputError(p, "no consolidated.NN.pth shards")
     per = [read_pickle_tensors(s, trust_pickle) for s in shards]
-    from .config import valid_int
+    from ckdiff.models.config import valid_int
     n_kv = valid_int(params.get("n_kv_heads")) or valid_int(params.get("n_heads"))
     if len(shards) > 1 and n_kv and n_kv < len(shards):
         raise InputError(p, f"{n_kv} KV heads over {len(shards)} shards: KV heads are duplicated "
@@ -318,20 +307,20 @@ def read_jetstream(p: Path, trust_pickle=False, **_) -> Checkpoint:
     return read_meta_dir(p, trust_pickle, fmt="jetstream")
 
 
-# ---------------------------------------------------------------- declarations (converters/registry.py)
+# ---------------------------------------------------------------- declarations (formats/registry.py)
 def _hf_config(raw: dict, tensors: dict, where: str):
-    from .config import ModelConfig  # looked up per call: golden/mutations.py swaps ModelConfig.from_hf
+    from ckdiff.models.config import ModelConfig  # looked up per call: golden/mutations.py swaps ModelConfig.from_hf
     return ModelConfig.from_hf(raw, tensors, where)
 
 
 def _meta_config(raw: dict, tensors: dict, where: str):
-    from .config import ModelConfig
+    from ckdiff.models.config import ModelConfig
     return ModelConfig.from_meta(raw, tensors, where)
 
 
 def _declare() -> None:
-    from .config import _canonical_hf, _canonical_meta
-    from .layouts import DROP
+    from ckdiff.models.config import _canonical_hf, _canonical_meta
+    from ckdiff.formats.layouts import DROP
     register = registry.register
     # the mapping-free formats read the generic layer pattern (layers.N., h.N., blk.N.)
     register(Format("file", "a single .safetensors, .bin, .pt or .pth file", is_tensor_file, read_file,
@@ -419,13 +408,13 @@ def open_checkpoint(spec: str, fmt: str | None = None, cache_dir: str | None = N
         fmt = detect_format(path)
     elif fmt not in registry.names():
         raise UsageError(f"unknown --format {fmt!r}; known: {', '.join(registry.names())}")
-    from .inputs import note_input
+    from ckdiff.io.inputs import note_input
     note_input(path)  # the checkpoint as named (a save root above the directory read, too)
     ck = registry.get(fmt).read(path, trust_pickle=trust_pickle, prefix=prefix)
     for f in [ck.path, *ck.meta.get("files", [])]:
         note_input(f)
     if prefix and ck.meta.get("prefix") != prefix:  # a reader that selects sub-trees itself says so
-        from .dcp import select_prefix
+        from ckdiff.formats.dcp import select_prefix
         ck = select_prefix(ck, prefix, "--prefix")
     if not ck.tensors:
         raise InputError(path, f"no tensors found (read as {fmt})")

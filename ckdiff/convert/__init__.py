@@ -1,0 +1,1 @@
+"""The conversions as library functions over formats/, and tokenizer export."""

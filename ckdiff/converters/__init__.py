@@ -1,1 +1,0 @@
-"""Checkpoint formats (readers, writers) and the converters between them."""

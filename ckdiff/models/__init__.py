@@ -1,0 +1,1 @@
+"""The model description: ``ModelConfig`` (config.py) and the families (families.py)."""
