@@ -169,12 +169,12 @@ def test_other_layouts_refused_in_one_line_with_the_reason(name):
 
 
 def test_family_bug_classes_caught_with_their_cause_named(tmp_path):
-    """The mutation self-test's family entries (ckdiff/golden/mutations.py FAMILY_CATALOGUE): MLA rotary rows
+    """The mutation self-test's family entries (tests/selftest/catalogue.py FAMILY_CATALOGUE): MLA rotary rows
     in the latent part, k_nope/v swapped, GPT-OSS gate/up de-interleaved, shared expert / e_score_correction_bias
     / sinks dropped, q/k norm swapped, q/k permuted like llama's, MTP layer counted but missing, Qwen2's window layers and Qwen3-MoE's
     norm_topk_prob lost. The golden models are
     ckdiff's own tiny weights drawn from the declarations (their names and shapes are transformers', above)."""
-    from ckdiff.golden.mutations import FAMILY_CATALOGUE, run_state_mutations
+    from selftest.catalogue import FAMILY_CATALOGUE, run_state_mutations
     outcomes = run_state_mutations(tmp_path, FAMILY_CATALOGUE)
     assert len(outcomes) == len(FAMILY_CATALOGUE) >= 11
     assert all(o.caught for o in outcomes), [(o.mutation, o.details) for o in outcomes if not o.caught]

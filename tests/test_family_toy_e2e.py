@@ -1,4 +1,4 @@
-"""Issue 15's proof: a family known only from its declaration passes round trip, golden and logits.
+"""A family known only from its declaration passes round trip, golden and logits.
 
 The toy family is llama with q/k/v biases (what Qwen2 adds). It is declared in this file with one
 ``families.register`` call and nothing else in ckdiff is told about it: the config is written and read

@@ -23,7 +23,7 @@ from ckdiff.tensor.lazy import Checkpoint
 from ckdiff.tensor.ops import rope_to_interleaved
 from ckdiff.io.writers import write_hf
 from ckdiff.golden.models import hf_state, lazy, tiny_config
-from ckdiff.golden.mutations import STATE_CATALOGUE
+from selftest.catalogue import STATE_CATALOGUE
 
 CFG = tiny_config("llama-gqa")
 RUN = dict(batch=2, length=12)
@@ -124,7 +124,7 @@ def test_the_issue_pairs_differ(tmp_path, init):
     mutations). Flat (weights drawn with std 0.02, where an absolute 16-bit KL threshold of 2e-2 called
     the first two EQUIVALENT: max KL 0.015 and 2.9e-5) and peaked models alike: the floor decides."""
     from ckdiff.formats.gguf import write_gguf
-    from ckdiff.golden.mutations import FORMAT_CATALOGUE
+    from selftest.catalogue import FORMAT_CATALOGUE
     st = hf_state(CFG, 0, init)
     a = encoded(st, CFG.to_hf(), "float32", None)
     for edit in (_o_transposed_q_permuted, _gate_up_swapped):

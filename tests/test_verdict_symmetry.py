@@ -19,7 +19,7 @@ import torch
 from ckdiff.compare.diff import compare_checkpoints
 from ckdiff.formats.readers import open_checkpoint
 from ckdiff.golden.emit import emit
-from ckdiff.golden.mutations import _fp8
+from selftest.catalogue import _fp8
 from ckdiff.golden.suite import convert
 
 FORMATS = ["hf", "hf-bin", "meta", "megatron", "jetstream", "jetstream-int8", "dcp", "mcore", "gguf-F32",

@@ -1,4 +1,4 @@
-"""Explicit injection points for the mutation self-test (golden/mutations.py).
+"""Explicit injection points for the mutation self-test (tests/selftest/catalogue.py).
 
 Each converter function in convert/api.py takes ``faults=None``. Given a :class:`Faults`, it passes
 what it reads, the config it parses, every conversion table (both directions, in layouts.convert), the

@@ -309,7 +309,7 @@ def read_jetstream(p: Path, trust_pickle=False, **_) -> Checkpoint:
 
 # ---------------------------------------------------------------- declarations (formats/registry.py)
 def _hf_config(raw: dict, tensors: dict, where: str):
-    from ckdiff.models.config import ModelConfig  # looked up per call: golden/mutations.py swaps ModelConfig.from_hf
+    from ckdiff.models.config import ModelConfig  # looked up per call: tests/selftest/catalogue.py swaps ModelConfig.from_hf
     return ModelConfig.from_hf(raw, tensors, where)
 
 

@@ -13,7 +13,7 @@ llama's, ``config_keys`` (HF key per ModelConfig field, alternates as a tuple, N
 ``hf_defaults``/``block_keys`` (what to_hf writes), ``always_tied``/``default_eps``/``hf_default_eps``,
 ``hf_read``/``hf_write`` hooks for what a table cannot say, ``layout_names``/``layout_rotary`` where a
 layout names or orders the family's tensors differently, and the converters' --model values
-(``megatron_models``, ``jetstream_names``). ``tests/test_fam_declarations.py`` builds a toy family
+(``megatron_models``, ``jetstream_names``). ``tests/test_family_declarations.py`` builds a toy family
 this way.
 """
 from __future__ import annotations
@@ -137,7 +137,7 @@ class Family:
     layouts: frozenset = frozenset({"hf"})  # layouts the converters support for this family
     always_tied: bool = False
     default_eps: float = 1e-5
-    # --- added for issue 15 (config table, converters' --model values)
+    # --- the config table and the converters' --model values
     hf_default_eps: Optional[float] = None   # transformers' default when config.json has no eps (None: default_eps)
     block_keys: Optional[Mapping[str, object]] = None  # Block attribute -> config.json key(s); None: HF_BLOCK_KEYS
     # hooks for what a table cannot say: config.json -> extra ModelConfig values (strict: refuse what the

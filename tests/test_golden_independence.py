@@ -1,4 +1,4 @@
-"""The golden side does not share the code it checks (issue 15): its Megatron / Meta layouts come from
+"""The golden side does not share the code it checks: its Megatron / Meta layouts come from
 golden/fixtures.py (written from the specs) and its own writer, so a wrong key or TP split in the
 converters shows up in the golden diff even where the round trip and the logit check share the bug."""
 from dataclasses import replace

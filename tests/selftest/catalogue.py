@@ -813,7 +813,7 @@ def _diff_summary(res) -> str:
     return ", ".join(parts) or f"{len(res.tensors)} tensors, {res.counts_text()}"
 
 
-# ---------------------------------------------------------------- format mutations (issue 16)
+# ---------------------------------------------------------------- format mutations (DCP, Megatron-Core, GGUF, FP8)
 # Bugs injected into the writers of the formats people convert today (Megatron-Core torch_dist via
 # torch DCP, GGUF via the gguf package): the tiny model is written with the bug, then compared with
 # its HF golden the way a user runs ``ckdiff hf/ ckpt``. A bug counts as caught when the comparison
@@ -915,7 +915,7 @@ def run_format_mutations(work: Path, catalogue=None) -> tuple[list[MutationOutco
     return outcomes, baseline
 
 
-# ---------------------------------------------------------------- the families' own bug classes (issue 27)
+# ---------------------------------------------------------------- the families' own bug classes
 # Each judged like the entries above (golden HF model vs its mutated copy, diff and logits); the cause
 # must be named by a finding the family's declaration gives (ckdiff/models/families.py: ``dropped`` roles, the
 # family's ``diagnose`` hook, the MTP config finding) or by the generic diagnoses.

@@ -1,5 +1,5 @@
 """The format registry (formats/registry.py), the status enum (compare/status.py), diagnosis findings,
-and the report fixes of issue 15: a format declared once is detected, read, inspected and compared from
+and the reports: a format declared once is detected, read, inspected and compared from
 its declaration alone."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The reference runtime composed from a family's declaration alone: a toy llama with q/k/v biases
-(the issue-15 toy family) runs in the HF layout (checked against transformers' Qwen2, which is exactly
+(the toy family of test_family_toy_e2e.py) runs in the HF layout (checked against transformers' Qwen2, which is exactly
 that model) and in the Megatron-LLM layout (weights laid out here by index loops from the spec)."""
 import dataclasses
 

@@ -1,4 +1,4 @@
-"""Issue 16: torch DCP, Megatron-Core torch_dist, coverage. Fixtures are written by the real libraries
+"""The readers of torch DCP, Megatron-Core torch_dist, GGUF and FP8 block-scaled safetensors, and coverage. Fixtures are written by the real libraries
 (torch.distributed.checkpoint.save in one process; megatron-core's key layout, since megatron-core does
 not run on CPU here) during the tests."""
 from dataclasses import replace
@@ -7,6 +7,7 @@ import json
 import pickle
 import warnings
 
+import gguf
 import pytest
 import torch
 
@@ -190,7 +191,6 @@ def test_mcore_metadata_json_names_backend(tmp_path):
 
 
 # ------------------------------------------------------------------ GGUF
-gguf = pytest.importorskip("gguf")
 
 
 def _write_hf(path, state, cfg):
@@ -407,7 +407,7 @@ def test_fp8_mutations_are_caught(tmp_path, bug):
 
 # ------------------------------------------------------------------ mutation self-test and golden entries
 def test_format_mutations_are_all_caught_and_named(tmp_path):
-    from ckdiff.golden.mutations import run_format_mutations
+    from selftest.catalogue import run_format_mutations
     outcomes, baseline = run_format_mutations(tmp_path)
     assert baseline and not any(b.caught for b in baseline), [(b.converter, b.details) for b in baseline]
     missed = [(o.mutation, o.details) for o in outcomes if not (o.caught and o.named)]

@@ -1,4 +1,4 @@
-"""The mutation self-test (ckdiff/golden/mutations.py), one test per mutation: every bug injected into a
+"""The mutation self-test (tests/selftest/catalogue.py), one test per mutation: every bug injected into a
 converter, a checkpoint or an encoding is caught and its cause named (typed finding kinds where the
 catalogue gives them); every correct conversion and equivalent rewrite passes and says why.
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ckdiff.golden.mutations import (
+from selftest.catalogue import (
     CATALOGUE,
     STATE_CATALOGUE,
     baseline_key,
