@@ -1,4 +1,4 @@
-"""Qwen2, Qwen3, Qwen3-MoE, DeepSeek-V3 and GPT-OSS: declared once (ckdiff/models/families.py), checked against
+"""Qwen2, Qwen3, Qwen3-MoE, DeepSeek-V3 and GPT-OSS: declared once (ckdiff/models/families/), checked against
 transformers.
 
 Each fixture is written by transformers itself: its own config class built from the config.json that

@@ -1,4 +1,4 @@
-"""Family declarations (ckdiff/models/families.py) as the one place a family is known.
+"""Family declarations (ckdiff/models/families/) as the one place a family is known.
 
 A toy family (llama with q/k/v biases) is declared in a fixture and nothing else is told about it:
 its config maps both ways, its tiny weights are drawn, its Megatron-LLM table fuses the biases the

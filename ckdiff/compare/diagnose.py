@@ -878,7 +878,7 @@ def diagnose_result(res: CompareResult, a: Checkpoint, b: Checkpoint) -> None:
 
 
 def _family_findings(res: CompareResult, ctx: _Ctx) -> None:
-    """What the model family's declaration (ckdiff/models/families.py) says about a mismatch: the role of a tensor
+    """What the model family's declaration (ckdiff/models/families/) says about a mismatch: the role of a tensor
     one side lacks (DeepSeek-V3's shared expert, GPT-OSS's sinks, ...), and the family's own diagnoses of a
     differing tensor (DeepSeek's MLA rotary rows), named before the generic ones."""
     from ckdiff.models import families

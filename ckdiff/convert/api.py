@@ -19,7 +19,7 @@ from ckdiff.tensor.table import Plan
 from ckdiff.io.writers import atomic_output, copy_if_exists, write_hf, write_meta_like
 
 # Megatron-LLM --model values, the original's size table (L, H, n, n_kv; used only to check --size against
-# the config) and default sources / tokenizers: all from the families' declarations (ckdiff/models/families.py)
+# the config) and default sources / tokenizers: all from the families' declarations (ckdiff/models/families/)
 MEGATRON_MODELS = families.megatron_models()
 SIZES = {(m.name, size): dims for f in families.FAMILIES.values() for m in f.megatron_models
          for size, dims in m.sizes.items()}

@@ -25,7 +25,7 @@ from ckdiff.tensor.ops import Chain, Concat, Each, FuseQKV, Identity, PermuteRop
 from ckdiff.tensor.table import Plan, R, Tie, UnmappedError, apply, invert
 
 # ------------------------------------------------------------------ names
-# HF names are the families' own (ckdiff/models/families.py); the dicts below are aliases kept for the
+# HF names are the families' own (ckdiff/models/families/); the dicts below are aliases kept for the
 # modules that index them by their older keys.
 HF = LLAMA_NAMES
 META = {

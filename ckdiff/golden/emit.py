@@ -4,7 +4,7 @@ Independent of the converters: target key names, split rules and rank layouts co
 golden/fixtures.py (written down from the specs), never from formats/layouts.py or
 formats/megatron_llm.py; the Megatron and Meta shard files are written here with explicit index
 loops and ``torch.save``, not with the converters' writers or TP slicing. The model itself (its HF
-tensor names, block kind) comes from its family declaration (ckdiff/models/families.py), so a family
+tensor names, block kind) comes from its family declaration (ckdiff/models/families/), so a family
 declared there gets its golden layouts without an edit here. Formulas (specs' index form):
   Meta row ``h*hd + 2j + i`` = HF row ``h*hd + i*hd/2 + j`` (q with H heads, k with K; biases alike);
   Megatron QKV = for each KV group g: P(q_{g*r}) .. P(q_{g*r+r-1}), P(k_g), v_g (weights and biases);

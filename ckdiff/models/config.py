@@ -256,7 +256,7 @@ class ModelConfig:
         return self
 
     # ------------------------------------------------------------ HF config.json
-    # Both directions are read off the family's declaration (ckdiff/models/families.py): its config keys,
+    # Both directions are read off the family's declaration (ckdiff/models/families/): its config keys,
     # defaults, block flags and, for what a table cannot say, its hf_read / hf_write hooks.
     @classmethod
     def from_hf(cls, cfg: dict, tensors: dict, where: str = "config.json") -> "ModelConfig":

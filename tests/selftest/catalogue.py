@@ -917,7 +917,7 @@ def run_format_mutations(work: Path, catalogue=None) -> tuple[list[MutationOutco
 
 # ---------------------------------------------------------------- the families' own bug classes
 # Each judged like the entries above (golden HF model vs its mutated copy, diff and logits); the cause
-# must be named by a finding the family's declaration gives (ckdiff/models/families.py: ``dropped`` roles, the
+# must be named by a finding the family's declaration gives (ckdiff/models/families/: ``dropped`` roles, the
 # family's ``diagnose`` hook, the MTP config finding) or by the generic diagnoses.
 def _fam_key(cfg, slot: str, **ix) -> str:
     from ckdiff.models import families

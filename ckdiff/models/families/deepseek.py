@@ -1,0 +1,106 @@
+"""DeepSeek-V3: multi-head latent attention, MoE with shared experts and group-limited routing, dense
+first layers, the MTP layer."""
+from __future__ import annotations
+
+from typing import Optional
+
+from ckdiff.models.family import Attn, Block, Extra, Family, Mlp, Router, register
+from ckdiff.models.families.common import LLAMA_NAMES, _EXPERTS, _GB, _GGUF_BASE, _GGUF_EXPERTS, _HF_ONLY, _L, _SA
+
+_DS_MLA = {"q_down": _SA + "q_a_proj.weight", "q_down_norm": _SA + "q_a_layernorm.weight",
+           "q_up": _SA + "q_b_proj.weight",
+           "mla_q": _SA + "q_proj.weight",  # instead of q_a/q_b when q_lora_rank is null (V2-Lite style)
+           "kv_down": _SA + "kv_a_proj_with_mqa.weight", "kv_down_norm": _SA + "kv_a_layernorm.weight",
+           "kv_up": _SA + "kv_b_proj.weight"}
+_DS_MOE = {**_EXPERTS, "e_bias": _L + "mlp.gate.e_score_correction_bias",
+           "shared_gate": _L + "mlp.shared_experts.gate_proj.weight",
+           "shared_up": _L + "mlp.shared_experts.up_proj.weight",
+           "shared_down": _L + "mlp.shared_experts.down_proj.weight"}
+# DeepSeek-V3's multi-token-prediction layer, stored as layer num_hidden_layers (+ j) beside a full decoder
+# layer's tensors (DeepSeek-V3 README_WEIGHTS.md); transformers neither builds nor saves it
+MTP_NAMES = ("embed_tokens.weight", "enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
+             "shared_head.head.weight")
+
+
+def _deepseek_read(cfg: dict, where: str, strict: bool) -> dict:
+    from ckdiff.errors import InputError
+    E, g = cfg.get("n_routed_experts"), cfg.get("n_group", 8)
+    if strict and isinstance(E, int) and isinstance(g, int) and (g < 1 or E % g):
+        raise InputError(where, f"key 'n_group': {E} routed experts do not split into {g} groups")
+    tg = cfg.get("topk_group", 4)
+    if strict and isinstance(g, int) and isinstance(tg, int) and tg > g:
+        raise InputError(where, f"key 'topk_group': {tg} groups chosen out of n_group {g}")
+    if strict and cfg.get("scoring_func", "sigmoid") != "sigmoid":
+        raise InputError(where, f"key 'scoring_func': {cfg['scoring_func']!r} is not supported (sigmoid only)")
+    H = cfg.get("num_attention_heads")
+    return {"kv_heads": H} if isinstance(H, int) else {}  # MLA: every head has its own k and v
+
+
+def _deepseek_diagnose(slot: str, a, b, cfg) -> Optional[str]:
+    """MLA's parts in the wrong place. kv_a_proj_with_mqa rows are [latent | k_rope], each q head's rows
+    [nope | rope], each kv_b_proj head's rows [k_nope | v]: a converter that splits them the other way round
+    moves rotary rows into the latent (or nope) part, or swaps k and v. Also: the rotary rows in the other
+    pair order (DeepSeek's rope_interleave layout permuted as if it were rotate_half's)."""
+    import torch
+    from ckdiff.tensor.ops import rope_to_interleaved
+    x, dr, H = cfg.extra or {}, cfg.head_dim, cfg.heads
+    if a.dim() != 2 or a.shape != b.shape:
+        return None
+    dn = x.get("qk_nope_head_dim", 0)
+    split = {"kv_down": (1, a.shape[0] - dr, "kv_a_proj_with_mqa", "latent"), "q_up": (H, dn, "q_b_proj", "nope"),
+             "mla_q": (H, dn, "q_proj", "nope"), "kv_up": (H, dn, "kv_b_proj", "k_nope")}.get(slot)
+    if split is None or a.shape[0] % split[0]:
+        return None
+    n, first, what, part = split
+    heads = a.reshape(n, -1, a.shape[1])
+    if torch.equal(torch.cat([heads[:, first:], heads[:, :first]], 1).reshape(a.shape), b):
+        if slot == "kv_up":
+            return (f"MLA k_nope and v swapped in kv_b_proj: each of its {H} heads holds [v | k_nope] instead of "
+                    f"[k_nope ({dn} rows) | v]")
+        return (f"MLA rotary part mixed into the latent part: {what} holds its {dr} rotary rows (qk_rope_head_dim) "
+                f"before the {first} {part} rows{' of each head' if n > 1 else ''} instead of after them")
+    if slot == "kv_up":
+        return None
+
+    def pairs(t):  # the rotary rows of every head to the other pair order
+        h = t.reshape(n, -1, t.shape[1])
+        rot = rope_to_interleaved(h[:, first:].reshape(n * dr, -1), n, dr).reshape(n, dr, -1)
+        return torch.cat([h[:, :first], rot], 1).reshape(t.shape)
+    if torch.equal(pairs(a), b) or torch.equal(pairs(b), a):
+        return (f"MLA rotary rows of {what} in the other pair order (interleaved vs half-split): the rope_interleave "
+                "layout was permuted like a q/k projection")
+    return None
+
+
+DEEPSEEK_V3 = register(Family(
+    "deepseek-v3", ("deepseek_v3",), "DeepseekV3ForCausalLM",
+    Block(attn=Attn.MLA, mlp=Mlp.MOE, router=Router.SIGMOID_GROUPED, shared_expert=True),
+    {**{k: v for k, v in LLAMA_NAMES.items() if k not in ("q", "k", "v")}, **_DS_MLA, **_DS_MOE},
+    config_keys={"experts": "n_routed_experts", "head_dim": "qk_rope_head_dim", "sliding_window": None},
+    default_eps=1e-6,
+    extra_keys={"q_lora_rank": Extra("q_lora_rank", "int", 1536, nullable=True),
+                "kv_lora_rank": Extra("kv_lora_rank", "int", 512),
+                "qk_nope_head_dim": Extra("qk_nope_head_dim", "int", 128),
+                "v_head_dim": Extra("v_head_dim", "int", 128),
+                "moe_ffn": Extra("moe_intermediate_size", "int", 2048),
+                "n_shared_experts": Extra("n_shared_experts", "int", 1),
+                "n_group": Extra("n_group", "int", 8), "topk_group": Extra("topk_group", "int", 4),
+                "routed_scaling_factor": Extra("routed_scaling_factor", "num", 2.5),
+                "first_k_dense_replace": Extra("first_k_dense_replace", "int", 3, lo=0),
+                "norm_topk_prob": Extra("norm_topk_prob", "flag", True),
+                "mtp_layers": Extra("num_nextn_predict_layers", "int", 1, lo=0),
+                "rope_interleave": Extra("rope_interleave", "flag", True)},
+    dropped={"shared_gate": "shared expert", "shared_up": "shared expert", "shared_down": "shared expert",
+             "e_bias": "e_score_correction_bias (expert choice falls back to the raw sigmoid scores)"},
+    diagnose=_deepseek_diagnose, hf_read=_deepseek_read,
+    dense_layer=lambda cfg, i: i < (cfg.extra or {}).get("first_k_dense_replace", 3),
+    gguf_arch="deepseek2", layout_names={"gguf": {
+        **{k: v for k, v in _GGUF_BASE.items() if k not in ("q", "k", "v")}, **_GGUF_EXPERTS,
+        "q_down": _GB + "attn_q_a.weight", "q_down_norm": _GB + "attn_q_a_norm.weight", "q_up": _GB + "attn_q_b.weight",
+        "mla_q": _GB + "attn_q.weight", "kv_down": _GB + "attn_kv_a_mqa.weight",
+        "kv_down_norm": _GB + "attn_kv_a_norm.weight", "kv_up": _GB + "attn_kv_b.weight",
+        "e_bias": _GB + "exp_probs_b.bias", "shared_gate": _GB + "ffn_gate_shexp.weight",
+        "shared_up": _GB + "ffn_up_shexp.weight", "shared_down": _GB + "ffn_down_shexp.weight"}},
+    unsupported={**_HF_ONLY, "megatron": "Megatron-LLM has no multi-head latent attention",
+                 "gguf": "llama.cpp's deepseek2 converter splits kv_b_proj into attn_k_b (each head transposed) and "
+                         "attn_v_b, which no GGUF table here writes yet"}))
