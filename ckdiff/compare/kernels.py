@@ -419,6 +419,43 @@ def _qrun(x, q, sv, m, bb, rmc, dbuf):
     return s, dot, na, nb, over, hit, zero, dm
 
 
+@njit(cache=True, nogil=True, fastmath=_FM, error_model="numpy")
+def _qcols(x, q, sv, m, bb, rmc, dbuf, ubuf):
+    """``_qrun`` for a scale per element (per-column scales, JetStream's embedding): float ``x`` against
+    int8 codes ``q`` times ``sv[j]``; also the bits of the largest error in units of its own scale."""
+    s = 0.0
+    dot = 0.0
+    na = 0.0
+    nb = 0.0
+    over = 0
+    hit = 0
+    zero = 0
+    for j in range(m):
+        xv = x[j]
+        u = abs(np.float64(sv[j]))
+        yv = np.float64(np.float32(q[j]) * sv[j])
+        d = abs(xv - yv)
+        s += d
+        dot += xv * yv
+        na += xv * xv
+        nb += yv * yv
+        over += d > bb * u
+        p = rmc * abs(xv)
+        nz = yv != 0.0
+        hit += ((d > p) | ((d > 0.0) & (p < 2.2250738585072014e-308))) & nz
+        zero += (d > 0.0) & ~nz
+        dbuf[j] = d
+        ubuf[j] = d / max(u, 1e-30)
+    du = dbuf.view(np.uint64)
+    uu = ubuf.view(np.uint64)
+    dm = np.uint64(0)
+    um = np.uint64(0)
+    for j in range(m):
+        dm = max(dm, du[j])
+        um = max(um, uu[j])
+    return s, dot, na, nb, over, hit, zero, dm, um
+
+
 @njit(parallel=True, cache=True, nogil=True, error_model="numpy")
 def _scaled_metrics(a, mode_a, lut_a, steps_a, grid_a, br_a, ncb_a, bc_a, kind_a,
                     b, mode_b, lut_b, steps_b, grid_b, br_b, ncb_b, bc_b, kind_b,
@@ -457,7 +494,40 @@ def _scaled_metrics(a, mode_a, lut_a, steps_a, grid_a, br_a, ncb_a, bc_a, kind_a
             j0 = 0
             while j0 < C:
                 m = min(C, j0 + SBLOCK) - j0
-                if fast:  # a float side against int8 codes: runs of one block scale, in one pass
+                if fast and bc_b == 1:  # a scale per column: one pass over a block of them
+                    g0 = (i // br_b) * ncb_b + j0
+                    _decode(a, i * C + j0, m, mode_a, lut_a, x, tmp)
+                    rmc = mr * _SLACK if mr >= _TINY else 0.0
+                    qv = b[i * C + j0:i * C + j0 + m].view(np.int8)
+                    bs, bdot, bna, bnb, bover, hit, zero, dm, um = _qcols(x, qv, grid_b[g0:g0 + m], m, bb, rmc,
+                                                                          dbuf, ubuf)
+                    if dm < _INF_BITS:
+                        s += bs
+                        dot += bdot
+                        na += bna
+                        nb += bnb
+                        over += bover
+                        if zero:
+                            mr = max(mr, 1.0)
+                        if hit:
+                            one[0] = _rel(x, dbuf, m, rbuf)
+                            mr = max(mr, one.view(np.float64)[0])
+                        one[0] = um
+                        umax = max(umax, one.view(np.float64)[0])
+                        one[0] = dm
+                        bm = one.view(np.float64)[0]
+                        if bm > mx:
+                            for j in range(m):
+                                if dbuf[j] == bm:
+                                    mx = bm
+                                    mi = i * C + j0 + j
+                                    break
+                        j0 += m
+                        continue
+                    for j in range(m):  # uy stays 0: the scale is applied below
+                        y[j] = np.float64(np.float32(qv[j]) * grid_b[g0 + j])
+                        uy[j] = abs(np.float64(grid_b[g0 + j]))
+                elif fast:  # a float side against int8 codes: runs of one block scale, in one pass
                     col = j0 // bc_b
                     m = min(m, (col + 1) * bc_b - j0)
                     sv = grid_b[(i // br_b) * ncb_b + col]
