@@ -80,11 +80,12 @@ def make_b(case: str, a: Path, b: Path, tensors: dict, cfg, env) -> None:
         shutil.copytree(a, b)
         if case == "one":  # flip a low mantissa bit of one bf16 element in the middle of a big tensor
             from ckdiff.io.safetensors import SafetensorsFile
-            f = SafetensorsFile(b / "model.safetensors")
+            path = max(b.glob("*.safetensors"), key=lambda p: p.stat().st_size)  # one file or the largest shard
+            f = SafetensorsFile(path)
             name = max(f.entries, key=lambda k: f.entries[k][3] - f.entries[k][2])
             _, shape, lo, hi = f.entries[name]
             off = f.data_start + lo + ((hi - lo) // 4) * 2
-            with open(b / "model.safetensors", "r+b") as fh:
+            with open(path, "r+b") as fh:
                 fh.seek(off)
                 x = fh.read(1)
                 fh.seek(off)

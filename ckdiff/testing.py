@@ -40,7 +40,7 @@ def _table(res, limit=30) -> str:
              *(f"  {r}" for r in res.reasons()),
              f"  {'status':<8} {'tensor':<60} {'max abs':>10}  index / diagnosis"]
     for t in rows:
-        where = t.max_abs_index if t.max_abs_index is not None else (t.shape_a, t.shape_b)
+        where = t.max_abs_index if t.max_abs_index is not None else tuple(None if s is None else list(s) for s in (t.shape_a, t.shape_b))
         lines.append(f"  {t.status:<8} {t.name:<60} {t.max_abs:>10.3g}  {where} {'; '.join(t.diagnosis)}")
     return "\n".join(lines)
 

@@ -336,16 +336,20 @@ def write_report(path, content, inputs=(), flag: str = "report", force: bool = F
     """Write one report: ``-`` is standard output, a FIFO or character device is written as a stream,
     anything else appears only by atomic rename; never onto an input's files, never replacing a link."""
     import stat as S
-    data = content.encode() if isinstance(content, str) else content
+    if isinstance(content, (str, bytes)):
+        content = (content,)
+    chunks = (c.encode() if isinstance(c, str) else c for c in content)  # text pieces, written as they come
     where = check_target(flag, path, inputs, force)
     if where is None:
         sys.stdout.flush()
         out = getattr(sys.stdout, "buffer", None)
+        for data in chunks:
+            if out is not None:
+                out.write(data)
+            else:
+                sys.stdout.write(data.decode())
         if out is not None:
-            out.write(data)
             out.flush()
-        else:
-            sys.stdout.write(data.decode())
         return
     kind, dest = where
     if kind == "stream":
@@ -358,7 +362,8 @@ def write_report(path, content, inputs=(), flag: str = "report", force: bool = F
             if not (S.S_ISFIFO(os.fstat(fd).st_mode) or S.S_ISCHR(os.fstat(fd).st_mode)):
                 raise UsageError(f"{name} changed into a regular file while being opened; not written")
             with os.fdopen(fd, "wb", closefd=False) as f:
-                f.write(data)
+                for data in chunks:
+                    f.write(data)
         except OSError as e:
             raise UsageError(f"{name}: {_why(e)}") from None
         finally:
@@ -367,8 +372,9 @@ def write_report(path, content, inputs=(), flag: str = "report", force: bool = F
     from ckdiff.io.writers import atomic_file
 
     def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(data)
+        with open(tmp, "wb", buffering=1 << 20) as f:
+            for data in chunks:
+                f.write(data)
     atomic_file(dest, write)
 
 
@@ -377,12 +383,14 @@ def emit_reports(args, kind: str, res, inputs=(), command: str = "") -> None:
     summary, for any result object with to_dict()/verdict()/equivalent."""
     from ckdiff.reports import html as H
     from ckdiff.reports.junit import render_junit
-    from ckdiff.reports.render import render_json
+    from ckdiff.reports.render import iter_json, render_json
 
     def record():
         from ckdiff.provenance import record
-        return render_json(kind, res.to_dict(), res.verdict(), command,
-                           record(command, inputs, getattr(args, "hash", False)))
+        rec = record(command, inputs, getattr(args, "hash", False))
+        if hasattr(res, "tensor_dicts"):  # rows streamed: a result of 10^6 tensors is never one string
+            return iter_json(kind, res.to_dict(tensors=False), res.tensor_dicts(), res.verdict(), command, rec)
+        return render_json(kind, res.to_dict(), res.verdict(), command, rec)
     render = {"json": record,
               "html": lambda: H.render_html(kind, res, command),
               "markdown": lambda: H.render_markdown(kind, res, command),

@@ -845,7 +845,7 @@ def _rotary_some_layers(res: CompareResult, ctx: _Ctx) -> None:
             res.notes.append(text)
             for t in res.tensors:
                 if LAYER.sub("{i}", t.name) == kind and t.name in ctx.rotary:
-                    t.diagnosis.append(f"in some layers only (layers {hit}; layers {clean} are equal)")
+                    t.diagnosis = [*t.diagnosis, f"in some layers only (layers {hit}; layers {clean} are equal)"]
 
 
 def diagnose_result(res: CompareResult, a: Checkpoint, b: Checkpoint) -> None:

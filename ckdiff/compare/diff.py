@@ -16,7 +16,7 @@ import math
 import queue
 import threading
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -55,8 +55,8 @@ class Tolerance:
 class TensorResult:
     name: str
     status: Status  # compare/status.py: equal, close, cast, quant, reordered, dtype, differ, shape, only-a, only-b
-    shape_a: Optional[list] = None
-    shape_b: Optional[list] = None
+    shape_a: Optional[tuple] = None  # the lazy tensors' own shape tuples (shared, not copied); lists in to_dict
+    shape_b: Optional[tuple] = None
     dtype_a: Optional[str] = None
     dtype_b: Optional[str] = None
     bit_exact: Optional[bool] = None
@@ -76,13 +76,21 @@ class TensorResult:
     atol: Optional[float] = None
     rtol: Optional[float] = None
     tol_source: Optional[str] = None
-    diagnosis: list = field(default_factory=list)  # texts, rendered from ``findings`` where those are typed
-    findings: list = field(default_factory=list)  # typed findings ({"kind", **params}, compare/findings.py)
+    # () until the diagnosis assigns a list: an equal tensor (most of 10^6) allocates none
+    diagnosis: Sequence = ()  # texts, rendered from ``findings`` where those are typed
+    findings: Sequence = ()  # typed findings ({"kind", **params}, compare/findings.py)
     note: Optional[str] = None
 
     @property
     def ok(self) -> bool:
         return Status(self.status).ok
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("shape_a", "shape_b", "diagnosis", "findings"):
+            if d[k] is not None:
+                d[k] = list(d[k])
+        return d
 
 
 @dataclass
@@ -135,15 +143,20 @@ class CompareResult:
         return sorted(self.tensors, key=lambda t: (rank(t.status), -(t.n_over_tol or 0),
                                                    -(t.max_abs or 0.0), t.name))
 
-    def to_dict(self) -> dict:
+    def to_dict(self, tensors: bool = True) -> dict:
+        """The JSON-ready result; ``tensors=False`` leaves the per-tensor rows out (``tensor_dicts`` streams
+        them: 10^6 rows as one list of dicts would take gigabytes)."""
         return {
             "verdict": self.verdict(), "a": self.a, "b": self.b,
             "format_a": self.format_a, "format_b": self.format_b,
             "counts": self.counts(), "options": self.options, "notes": self.notes,
             "config_diff": self.config_diff, "config_findings": self.config_findings, "warnings": self.warnings,
             "strict": self.strict, "mapping": self.mapping,
-            "coverage": self.coverage, "tensors": [asdict(t) for t in self.tensors],
+            "coverage": self.coverage, **({"tensors": list(self.tensor_dicts())} if tensors else {}),
         }
+
+    def tensor_dicts(self):
+        return (t.to_dict() for t in self.tensors)
 
 
 def counts_text(counts: dict) -> str:
@@ -312,7 +325,7 @@ def compare_tensor(name: str, ta: LazyTensor, tb: LazyTensor, opts: Options,
                    progress: Optional[Callable[[int], None]] = None) -> TensorResult:
     """One pass over both tensors: bytes first, and from the first differing chunk on every
     metric from the fused kernel (chunks before it are read once more for their norms)."""
-    r = TensorResult(name=name, status=Status.EQUAL, shape_a=list(ta.shape), shape_b=list(tb.shape),
+    r = TensorResult(name=name, status=Status.EQUAL, shape_a=ta.shape, shape_b=tb.shape,
                      dtype_a=dtype_name(ta.dtype), dtype_b=dtype_name(tb.dtype), numel=ta.numel)
     if ta.shape != tb.shape:
         r.status, r.bit_exact = Status.SHAPE, False
@@ -397,11 +410,11 @@ def compare_checkpoints(a: Checkpoint, b: Checkpoint, opts: Optional[Options] = 
     for n in names_a:
         if n not in set_b:
             t = a.tensors[n]
-            one_sided.append(TensorResult(n, Status.ONLY_A, shape_a=list(t.shape), dtype_a=dtype_name(t.dtype), numel=t.numel))
+            one_sided.append(TensorResult(n, Status.ONLY_A, shape_a=t.shape, dtype_a=dtype_name(t.dtype), numel=t.numel))
     for n in names_b:
         if n not in a.tensors:
             t = b.tensors[n]
-            one_sided.append(TensorResult(n, Status.ONLY_B, shape_b=list(t.shape), dtype_b=dtype_name(t.dtype), numel=t.numel))
+            one_sided.append(TensorResult(n, Status.ONLY_B, shape_b=t.shape, dtype_b=dtype_name(t.dtype), numel=t.numel))
     jobs = [(n, a.tensors[n].nbytes + b.tensors[n].nbytes,
              lambda n=n, progress=None: compare_tensor(n, a.tensors[n], b.tensors[n], opts, progress))
             for n in common]

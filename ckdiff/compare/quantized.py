@@ -60,7 +60,7 @@ def _same_encoding(ta, tb) -> bool:
 def compare_scaled(name: str, ta, tb, chunk_bytes: int = 32 << 20) -> TensorResult:
     """``ta`` vs ``tb`` (lazy, at least one block-scaled), streamed by row blocks through one kernel.
     Row blocks of 32 MiB of float32-equivalent rows keep the kernel launches few."""
-    r = TensorResult(name=name, status=Status.QUANT, shape_a=list(ta.shape), shape_b=list(tb.shape),
+    r = TensorResult(name=name, status=Status.QUANT, shape_a=ta.shape, shape_b=tb.shape,
                      dtype_a=kind(ta), dtype_b=kind(tb), numel=ta.numel)
     if tuple(ta.shape) != tuple(tb.shape):
         r.status, r.bit_exact = Status.SHAPE, False

@@ -421,5 +421,12 @@ def open_checkpoint(spec: str, fmt: str | None = None, cache_dir: str | None = N
     return ck if stored else registry.apply_encodings(ck)
 
 
+_DTYPE_NAMES: dict = {}
+
+
 def dtype_name(dt: torch.dtype) -> str:
-    return str(dt).replace("torch.", "")
+    """``float32`` for torch.float32; one string per dtype, shared by every result that names it."""
+    name = _DTYPE_NAMES.get(dt)
+    if name is None:
+        name = _DTYPE_NAMES[dt] = str(dt).replace("torch.", "")
+    return name

@@ -65,6 +65,22 @@ def render_json(kind: str, result: dict, verdict: str, command: str = "", proven
     return json.dumps(_clean(envelope(kind, result, verdict, command, provenance)), indent=1) + "\n"
 
 
+_MARK = "\x00ckdiff-tensors\x00"
+
+
+def iter_json(kind: str, result: dict, tensors, verdict: str, command: str = "", provenance: dict | None = None):
+    """``render_json``'s text, piece by piece, with ``result["tensors"]`` taken from the iterable ``tensors``
+    one row at a time (the same bytes as rendering the whole list at once; memory flat in the row count)."""
+    doc = _clean(envelope(kind, {**result, "tensors": _MARK}, verdict, command, provenance))
+    head, tail = json.dumps(doc, indent=1).split(json.dumps(_MARK), 1)
+    yield head
+    first = True
+    for t in tensors:  # rows sit at depth 3 (envelope, result, tensors): each line indented 3 more
+        yield ("[\n   " if first else ",\n   ") + json.dumps(_clean(t), indent=1).replace("\n", "\n   ")
+        first = False
+    yield ("[]" if first else "\n  ]") + tail + "\n"
+
+
 def fmt(x, nd=3) -> str:
     if x is None:
         return "-"

@@ -22,9 +22,10 @@ STATUS_STYLE = {Status.ONLY_A: "bold red", Status.ONLY_B: "bold red", Status.SHA
 
 
 def _shape(t) -> str:
-    if t.shape_a == t.shape_b:
-        return str(t.shape_a or "-")
-    return f"{t.shape_a or '-'} / {t.shape_b or '-'}"
+    a, b = (list(s) if s is not None else None for s in (t.shape_a, t.shape_b))
+    if a == b:
+        return str(a or "-")
+    return f"{a or '-'} / {b or '-'}"
 
 
 def _dtype(t) -> str:
