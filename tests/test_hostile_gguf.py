@@ -74,3 +74,27 @@ def test_gguf_metadata_errors_name_the_file(tmp_path, run_cli, tiny_hf):
     w.write_tensors_to_file()
     w.close()
     _expect_2(run_cli, p, tiny_hf(), words=["nohead.gguf", "head_count"])
+
+
+def test_a_million_tensors_is_refused_before_the_package_parses_them(tmp_path, run_cli):
+    """Each tensor costs the gguf package's reader ~60 us and ~13 KB; a header of 10^6 (which the file is
+    large enough to hold) is refused from the counts alone, fast and in one line."""
+    p = tmp_path / "m.gguf"
+    p.write_bytes(_header(10**6, b"", 0) + bytes(28 * 10**6))
+    line = _expect_2(run_cli, "inspect", p, words=["m.gguf", "1000000 tensors"])
+    assert "limits 65536" in line
+
+
+def test_many_tensors_below_the_limit_are_read(tmp_path, run_cli):
+    import gguf
+    p = tmp_path / "many.gguf"
+    w = gguf.GGUFWriter(str(p), "llama")
+    rng = np.random.default_rng(0)
+    for i in range(3000):
+        w.add_tensor(f"t{i}.weight", rng.standard_normal(2).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    code, out, err = run_cli("inspect", p)
+    assert code == 0 and "3000 tensors" in out, (code, err)

@@ -225,6 +225,13 @@ _SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8} 
 _STRING, _ARRAY = 8, 9
 
 
+# llama.cpp stores a layer's experts as one tensor: its largest models (DeepSeek-V3, Qwen3-MoE 235B) hold
+# about a thousand tensors. The gguf package builds numpy views per tensor (10^5 tensors: 16 s, 1.35 GB
+# before anything is compared), so a header claiming far more is refused before it is parsed.
+MAX_TENSORS = 1 << 16
+MAX_KEYS = 1 << 16
+
+
 def check_layout(p: Path, gguf) -> None:
     """Walk a GGUF header before the gguf package does: every count (keys, tensors, array elements,
     string lengths, tensor bytes) is checked against what is left of the file, so a 10-byte claim of
@@ -269,6 +276,9 @@ def check_layout(p: Path, gguf) -> None:
 
         if n_kv * 13 > size or n_tensors * 28 > size:  # the smallest key-value and tensor-info records
             raise InputError(p, f"GGUF header claims {n_kv} metadata keys and {n_tensors} tensors in {size} bytes")
+        if n_tensors > MAX_TENSORS or n_kv > MAX_KEYS:
+            raise InputError(p, f"GGUF header claims {n_tensors} tensors and {n_kv} metadata keys: more than any "
+                                f"model file holds (limits {MAX_TENSORS} and {MAX_KEYS})")
         for _ in range(n_kv):
             string("a metadata key")
             t = u("I", "a value type")
