@@ -58,3 +58,18 @@ def test_comparing_dispatches_to_the_compare_module_alone(tmp_path):
     assert d["code"] == 2
     assert [m for m in d["modules"] if m.startswith("ckdiff.commands.")] == ["ckdiff.commands.common",
                                                                               "ckdiff.commands.compare"]
+
+
+def test_identical_pair_never_loads_the_numba_kernels(tmp_path):
+    """Byte-identical tensors are decided by memcmp: numba (its import and cached kernels, ~0.25 s and
+    ~60 MB) is loaded only once a chunk differs."""
+    import torch
+    from safetensors.torch import save_file
+    t = {"w": torch.randn(8, 16), "b": torch.randn(5)}
+    save_file(t, str(tmp_path / "a.safetensors"))
+    save_file({**t, "b": t["b"] + 1}, str(tmp_path / "b.safetensors"))
+    code, out, modules = _fresh(*map(str, (tmp_path / "a.safetensors", tmp_path / "a.safetensors", "-q")))
+    assert code == 0 and "EQUIVALENT" in out
+    assert not [m for m in modules if m.split(".")[0] == "numba"]
+    code, out, modules = _fresh(*map(str, (tmp_path / "a.safetensors", tmp_path / "b.safetensors", "-q")))
+    assert code == 1 and "DIFFER" in out and "numba" in modules  # the probe can see numba when it is loaded

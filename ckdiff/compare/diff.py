@@ -32,7 +32,7 @@ from ckdiff.models.config import (
 from ckdiff.formats.readers import dtype_name
 from ckdiff.tensor.lazy import Checkpoint, LazyTensor
 from ckdiff.tensor.blockscaled import BlockScaled
-from ckdiff.compare.kernels import Stats, as_kernel_input, bytes_equal, plan
+from ckdiff.compare.bytes_equal import bytes_equal
 from ckdiff.compare.status import Status, rank
 
 # rtol, atol per dtype (torch.testing's _DTYPE_PRECISIONS, fp32/fp64 from its defaults)
@@ -306,10 +306,12 @@ def _pairs(ta, tb, ranges, row: int) -> Iterator:
 def _kin(x, dtype: torch.dtype):
     """Kernel input (compare/kernels.py) for a chunk: raw bytes of ``dtype`` or a tensor."""
     if isinstance(x, np.ndarray):
+        from ckdiff.compare.kernels import plan  # numba: loaded once a chunk differs
         p = plan(dtype)
         if p is not None:
             return x, x.size // dtype.itemsize, p[0], p[1]
         x = torch.frombuffer(x, dtype=dtype) if x.size else torch.empty(0, dtype=dtype)
+    from ckdiff.compare.kernels import as_kernel_input
     return as_kernel_input(x)
 
 
@@ -319,6 +321,11 @@ def _unravel(flat: int, shape) -> list:
         idx.append(flat % s if s else 0)
         flat //= s if s else 1
     return list(reversed(idx))
+
+
+def _new_stats():
+    from ckdiff.compare.kernels import Stats  # numba: loaded once a chunk differs
+    return Stats()
 
 
 def compare_tensor(name: str, ta: LazyTensor, tb: LazyTensor, opts: Options,
@@ -342,7 +349,7 @@ def compare_tensor(name: str, ta: LazyTensor, tb: LazyTensor, opts: Options,
     r.atol, r.rtol, r.tol_source = tol.atol, tol.rtol, tol.source
     same_dtype = ta.dtype == tb.dtype
     ranges, row = _ranges(ta, tb, opts.chunk_bytes, _raw(ta) and _raw(tb))
-    stats = Stats()
+    stats = None  # the fused kernel (numba), made at the first differing chunk
     first_diff = None if same_dtype else 0
     for k, (lo, hi, ca, cb) in enumerate(_pairs(ta, tb, ranges, row)):
         if first_diff is None:
@@ -351,6 +358,7 @@ def compare_tensor(name: str, ta: LazyTensor, tb: LazyTensor, opts: Options,
                     progress((hi - lo) * (ta.dtype.itemsize + tb.dtype.itemsize))
                 continue
             first_diff = k
+        stats = stats or _new_stats()
         stats.add(_kin(ca, ta.dtype), _kin(cb, tb.dtype), lo, tol.atol, tol.rtol)
         del ca, cb  # a window is unmapped as soon as it is dropped
         if progress:
@@ -359,6 +367,7 @@ def compare_tensor(name: str, ta: LazyTensor, tb: LazyTensor, opts: Options,
     if r.bit_exact:
         r.cosine = 1.0 if ta.numel else None
         return r
+    stats = stats or _new_stats()  # (an empty tensor cast to another dtype has no chunk)
     if first_diff:  # the equal chunks before the first difference still count in norms and NaN/Inf
         for lo, hi, ca, cb in _pairs(ta, tb, ranges[:first_diff], row):
             stats.add(_kin(ca, ta.dtype), _kin(cb, tb.dtype), lo, tol.atol, tol.rtol)
