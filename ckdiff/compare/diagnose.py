@@ -37,7 +37,7 @@ from ckdiff.tensor.lazy import Checkpoint, LazyTensor
 from ckdiff.tensor.ops import rope_to_half, rope_to_interleaved
 from ckdiff.tensor.blockscaled import BlockScaled
 from ckdiff.compare.diagnose_scaled import diagnose_scaled
-from ckdiff.compare.diff import CompareResult, TensorResult
+from ckdiff.compare.result import CompareResult, TensorResult
 from ckdiff.compare.findings import record
 from ckdiff.compare.status import Status
 
@@ -525,8 +525,8 @@ def _whole_tensor(name: str, a: torch.Tensor, b: torch.Tensor, r: TensorResult, 
 
 
 def _cast_tol(da: torch.dtype, db: torch.dtype) -> tuple[float, float]:
-    """(atol, rtol) of the less precise of two dtypes (compare/diff.py's table), exact for one dtype."""
-    from ckdiff.compare.diff import default_tolerance
+    """(atol, rtol) of the less precise of two dtypes (compare/result.py's table), exact for one dtype."""
+    from ckdiff.compare.result import default_tolerance
     t = default_tolerance(da, db)
     return t.atol, t.rtol
 
@@ -562,7 +562,8 @@ def _diagnose_shape(a: torch.Tensor, b: torch.Tensor) -> list[str]:
 def diagnose_pair(name: str, a: torch.Tensor, b: torch.Tensor, config: dict | None = None) -> list[str]:
     """Diagnose two in-memory tensors (for tests and callers without a checkpoint)."""
     from ckdiff.tensor.lazy import EagerTensor
-    from ckdiff.compare.diff import Options, compare_tensor
+    from ckdiff.compare.result import Options
+    from ckdiff.compare.tensor import compare_tensor
     if a.shape != b.shape:
         return _diagnose_shape(a, b)
     ta, tb = EagerTensor(name, a), EagerTensor(name + " ", b)

@@ -11,7 +11,7 @@ carry their own ``fastmath`` (numba's IR-level inlining would compile them with
 the caller's flags) and ``error_model="numpy"`` (no zero-division branch), and
 take maxima as integer maxima of the float bits (a float maximum without 'nnan'
 is not vectorised). A block holding a NaN or Inf is redone element by element
-with the NaN/Inf policy of compare/diff.py. ``ScaledStats.add`` does the same for two
+with the NaN/Inf policy of compare/tensor.py. ``ScaledStats.add`` does the same for two
 sides in scale units, each plain values, codes times a block scale, or values with a unit per element
 (the block-scaled protocol, tensor/blockscaled.py): one kernel for every encoding.
 

@@ -16,7 +16,8 @@ import torch
 
 from ckdiff.formats.readers import dtype_name
 from ckdiff.tensor.blockscaled import BlockScaled
-from ckdiff.compare.diff import TensorResult, _prefetch, _unravel
+from ckdiff.compare.result import TensorResult
+from ckdiff.compare.stream import _prefetch, _unravel
 from ckdiff.compare.kernels import ScaledStats, Side
 from ckdiff.compare.status import Status
 

@@ -11,7 +11,7 @@ import math
 from types import SimpleNamespace
 from typing import Optional
 
-from ckdiff.compare.diff import reasons
+from ckdiff.compare.result import reasons
 from ckdiff.compare.status import Status, is_ok, ok_text, tally
 from ckdiff.text import html_text, md_cell, md_code, md_text, printable, script_json
 from ckdiff.reports.render import _clean, envelope, fmt, worst_first_key
@@ -356,7 +356,7 @@ class _Shape:
     models (logits), or converter checks (roundtrip, demo)."""
 
     def __init__(self, res):
-        from ckdiff.compare.diff import CompareResult
+        from ckdiff.compare.result import CompareResult
         from ckdiff.compare.logits import LogitsResult
         from ckdiff.golden.suite import SuiteResult
         self.tensors = isinstance(res, CompareResult)
