@@ -24,6 +24,8 @@ class Kind(str, Enum):
     INT4_UNSIGNED = "int4-unsigned"          # int4 codes stored 0..15 instead of sign-extended
     BLOCKS_WRONG_AXIS = "blocks-wrong-axis"  # blocks over the output axis instead of the input axis
     ENCODES_OTHER = "encodes-other"          # the encoded tensor is a correct encoding of another float tensor
+    E8M0_AS_VALUE = "e8m0-as-value"          # E8M0 scale bytes used as the scale instead of 2 ** (byte - 127)
+    NOT_TRANSPOSED = "not-transposed"        # values dequantized in the stored order, reshaped without transposing
 
 
 TEXT = {
@@ -50,6 +52,10 @@ TEXT = {
                             "transposed weight (blocks of {block} over the output axis instead of the input axis)",
     Kind.ENCODES_OTHER: "another tensor: {tensor} is a correct {encoding} encoding of {other} of the float side "
                         "({where}; every element within its quantization step): tensors swapped or misnamed",
+    Kind.E8M0_AS_VALUE: "E8M0 scale read as a value: the float side is the {encoding} codes times each block's "
+                        "scale byte itself, not 2 ** (byte - 127)",
+    Kind.NOT_TRANSPOSED: "not transposed: the float side is the {encoding} values in their stored {stored} order "
+                         "reshaped to {logical} (the transpose to the logical layout is missing)",
 }
 
 

@@ -56,13 +56,14 @@ import numpy as np
 import torch
 
 from ckdiff.errors import InputError
+from ckdiff.tensor.fp4 import _FP4_BYTES, FP4, FP4_STEPS, round_fp4  # noqa: F401 (FP4: re-exported)
 from ckdiff.tensor.blockscaled import FLOAT8, BlockScaled, Scaled, fold
 from ckdiff.tensor.lazy import Checkpoint, LazyTensor
 
 METHOD = "compressed-tensors"
 # quantization_config quant_methods some reader here handles: "fp8" is the block-scaled FP8 of DeepSeek-V3 and
 # transformers' FineGrainedFP8 (``<name>_scale_inv``, formats/fp8.py)
-KNOWN_METHODS = (METHOD, "fp8")
+KNOWN_METHODS = (METHOD, "fp8", "mxfp4")  # fp8: formats/fp8.py; mxfp4: formats/mxfp4.py
 FORMATS = ("float-quantized", "pack-quantized", "nvfp4-pack-quantized")
 STRATEGIES = {"float-quantized": ("tensor", "channel", "group", "block"), "pack-quantized": ("channel", "group"),
               "nvfp4-pack-quantized": ("tensor_group",)}
@@ -75,27 +76,11 @@ WEIGHT_PARTS = ("weight_scale", "weight_packed", "weight_shape", "weight_zero_po
                 "weight_g_idx")
 E4M3_MAX = 448.0
 FP4_MAX = 6.0
-FP4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 MAX_DIM = 1 << 31
 ARITH = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}  # config.json dtype
 BOUND = 0.55
 
 
-def _fp4_steps() -> np.ndarray:
-    """The FP4 (e2m1) spacing at each FP4 value, indexed by that value's float8_e4m3fn byte (other bytes:
-    the FP8 spacing; FP4 codes never hold them)."""
-    from ckdiff.tensor.blockscaled import step_table
-    t = step_table(torch.float8_e4m3fn).copy()
-    for v, st in zip(FP4.tolist(), (0.5, 0.5, 0.5, 0.5, 1.0, 1.0, 2.0, 2.0)):
-        for sv in (v, -v):
-            b = int(torch.tensor([sv]).to(torch.float8_e4m3fn).view(torch.uint8))
-            t[b] = st
-    return t
-
-
-FP4_STEPS = _fp4_steps()
-# nibble -> the byte of its FP4 value as a float8_e4m3fn code
-_FP4_BYTES = torch.cat([FP4, -FP4]).to(torch.float8_e4m3fn).view(torch.uint8)
 
 
 # ------------------------------------------------------------------ quantization_config
@@ -461,16 +446,6 @@ class CtNvfp4(_CtView):
         eff = (s / gs).repeat_interleave(self.block[1], 1)[:, :x.shape[1]]
         codes = round_fp4((xf / eff).clamp(-FP4_MAX, FP4_MAX)).to(torch.float8_e4m3fn)
         return Scaled(codes, s / gs, self.block, steps=FP4_STEPS)
-
-
-def round_fp4(x: torch.Tensor) -> torch.Tensor:
-    """Round to the nearest FP4 (e2m1) value, ties as compressed-tensors' ``_round_to_fp4``."""
-    a = x.abs()
-    r = torch.zeros_like(a)
-    for thr, v, incl in ((0.25, 0.5, False), (0.75, 1.0, True), (1.25, 1.5, False), (1.75, 2.0, True),
-                         (2.5, 3.0, False), (3.5, 4.0, True), (5.0, 6.0, False)):
-        r = torch.where(a >= thr if incl else a > thr, torch.tensor(v), r)
-    return torch.where(x < 0, -r, r)
 
 
 # ------------------------------------------------------------------ the encoding

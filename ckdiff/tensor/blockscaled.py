@@ -277,8 +277,9 @@ def reencoded(floats: dict, encoded: dict) -> Optional[dict]:
     out = dict(floats)
     for k, v in views.items():
         f = floats.get(k)
-        if f is None or isinstance(f, BlockScaled) or tuple(f.shape) != tuple(v.shape) or len(v.shape) != 2 \
-                or not f.dtype.is_floating_point or v.reference(f.rows(0, min(1, f.nrows)).float()) is None:
+        if f is None or isinstance(f, BlockScaled) or tuple(f.shape) != tuple(v.shape) \
+                or (len(v.shape) != 2 and not getattr(v, "flat_reference", False)) or not f.dtype.is_floating_point \
+                or v.reference(f.rows(0, min(1, f.nrows)).float().reshape(-1, v.shape[-1])) is None:
             return None
         out[k] = Reencoded(f, v)
     return out

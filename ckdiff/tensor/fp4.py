@@ -1,0 +1,41 @@
+"""FP4 (e2m1: one sign, two exponent, one mantissa bit) as microscaling encodings store it: the values of the 16
+codes, their spacing, and rounding to them.
+
+A nibble ``n`` holds the sign in bit 3 and the magnitude ``FP4[n & 7]`` (0, 0.5, 1, 1.5, 2, 3, 4, 6; OCP
+Microscaling Formats v1.0, section 5.3.3). Every FP4 value is exactly a float8_e4m3fn value, so decoded codes are
+held as float8_e4m3fn bytes (``FP4_BYTES``) with the FP4 spacing as their step table (``FP4_STEPS``, the
+block-scaled protocol's ``Scaled.steps``)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+FP4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def _fp4_steps() -> np.ndarray:
+    """The FP4 (e2m1) spacing at each FP4 value, indexed by that value's float8_e4m3fn byte (other bytes:
+    the FP8 spacing; FP4 codes never hold them)."""
+    from ckdiff.tensor.blockscaled import step_table
+    t = step_table(torch.float8_e4m3fn).copy()
+    for v, st in zip(FP4.tolist(), (0.5, 0.5, 0.5, 0.5, 1.0, 1.0, 2.0, 2.0)):
+        for sv in (v, -v):
+            b = int(torch.tensor([sv]).to(torch.float8_e4m3fn).view(torch.uint8))
+            t[b] = st
+    return t
+
+
+FP4_STEPS = _fp4_steps()
+# nibble -> the byte of its FP4 value as a float8_e4m3fn code
+_FP4_BYTES = torch.cat([FP4, -FP4]).to(torch.float8_e4m3fn).view(torch.uint8)
+FP4_BYTES = _FP4_BYTES
+
+
+def round_fp4(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest FP4 (e2m1) value, ties as compressed-tensors' ``_round_to_fp4``."""
+    a = x.abs()
+    r = torch.zeros_like(a)
+    for thr, v, incl in ((0.25, 0.5, False), (0.75, 1.0, True), (1.25, 1.5, False), (1.75, 2.0, True),
+                         (2.5, 3.0, False), (3.5, 4.0, True), (5.0, 6.0, False)):
+        r = torch.where(a >= thr if incl else a > thr, torch.tensor(v), r)
+    return torch.where(x < 0, -r, r)
