@@ -81,6 +81,11 @@ def _scales(name: str, enc: BlockScaled, s: Scaled, ref: Scaled, eck: Checkpoint
     if n_bad and int(nz.sum()) == n_bad:
         ratio = g[bad] / gr[bad]
         k = float(ratio.median())
+        glob = getattr(enc, "global_scale", None)
+        if glob is not None and n_bad == total and k > 0:  # every block off by the stored global squared (or
+            g0 = float(glob())                               # its inverse): the global stored inverted
+            if g0 > 0 and any(abs(k / t - 1) < RTOL for t in (g0 * g0, 1 / (g0 * g0))):
+                return Finding(Kind.SCALE_RECIPROCAL, {**p, "unit": "global"})
         if k != 0 and bool(torch.allclose(ratio, torch.full_like(ratio, k), rtol=RTOL, atol=0)) \
                 and not (n_bad == total and _close(g, 1 / gr.clamp_min(1e-30))):
             return Finding(Kind.SCALE_MULTIPLIED, {**p, "factor": float(f"{k:.3g}"), "blocks": n_bad, "total": total,

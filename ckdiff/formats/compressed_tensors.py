@@ -63,7 +63,7 @@ from ckdiff.tensor.lazy import Checkpoint, LazyTensor
 METHOD = "compressed-tensors"
 # quantization_config quant_methods some reader here handles: "fp8" is the block-scaled FP8 of DeepSeek-V3 and
 # transformers' FineGrainedFP8 (``<name>_scale_inv``, formats/fp8.py)
-KNOWN_METHODS = (METHOD, "fp8", "mxfp4")  # fp8: formats/fp8.py; mxfp4: formats/mxfp4.py
+KNOWN_METHODS = (METHOD, "fp8", "mxfp4", "modelopt")  # read by formats/fp8.py, mxfp4.py, modelopt.py
 FORMATS = ("float-quantized", "pack-quantized", "nvfp4-pack-quantized")
 STRATEGIES = {"float-quantized": ("tensor", "channel", "group", "block"), "pack-quantized": ("channel", "group"),
               "nvfp4-pack-quantized": ("tensor_group",)}

@@ -1,0 +1,137 @@
+"""NVFP4 in NVIDIA Model Optimizer's unified HF export (``hf_quant_config.json``; ``weight_scale_2`` multiplies).
+
+Fixtures are written by the producer itself: nvidia-modelopt 0.47.0 ``mtq.quantize(model, NVFP4_DEFAULT_CFG)``
++ ``export_hf_checkpoint`` of a tiny transformers ``LlamaForCausalLM`` (GQA, every parameter random, calibrated
+on a 12-token batch), on CPU; the float side is the same model saved by ``save_pretrained`` before quantizing.
+Bugs are then made the way a converter makes them: values written with compressed-tensors' convention (the
+global scale dividing), nibbles read high first, ``weight_scale_2`` stored inverted."""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import warnings
+
+import modelopt.torch.quantization as mtq  # the producer, pinned in .ci/run
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from ckdiff.compare.diff import Options, compare_checkpoints
+from ckdiff.formats.modelopt import ModeloptNvfp4
+from ckdiff.formats.readers import open_checkpoint
+from ckdiff.tensor.fp4 import FP4
+
+VALUES = torch.cat([FP4, -FP4])
+Q = "model.layers.1.self_attn.q_proj"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(float dir by save_pretrained, NVFP4 dir by modelopt's export)."""
+    from modelopt.torch.export import export_hf_checkpoint
+    root = tmp_path_factory.mktemp("modelopt")
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=100, max_position_embeddings=64,
+                                   architectures=["LlamaForCausalLM"])
+    assert 1 < cfg.num_key_value_heads < cfg.num_attention_heads
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_((1.0 if n.endswith("norm.weight") else 0.0) + torch.randn(p.shape, generator=g) * 0.1)
+    q = copy.deepcopy(model)  # before save_pretrained, which leaves the config's dtype as a string
+    model.save_pretrained(root / "float")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = mtq.quantize(q, mtq.NVFP4_DEFAULT_CFG, lambda m: m(torch.randint(0, 100, (2, 12), generator=g)))
+        export_hf_checkpoint(q, export_dir=root / "nvfp4")
+    return root / "float", root / "nvfp4"
+
+
+def test_the_export_reads_as_views_equal_to_modelopts_own_dequantizer(exported):
+    from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
+    _, nv = exported
+    ck = open_checkpoint(str(nv))
+    view = ck.tensors[Q + ".weight"]
+    assert isinstance(view, ModeloptNvfp4) and Q + ".weight_scale_2" not in ck.tensors
+    st = load_file(str(nv / "model.safetensors"))
+    theirs = NVFP4QTensor(torch.Size(view.shape), torch.float32, st[Q + ".weight"]).dequantize(
+        dtype=torch.float32, scale=st[Q + ".weight_scale"], double_scale=st[Q + ".weight_scale_2"],
+        block_sizes={-1: 16})
+    assert torch.equal(view.dequantized(), theirs)
+
+
+def test_export_against_its_float_source_both_ways(exported):
+    flt, nv = exported
+    for a, b in ((nv, flt), (flt, nv)):
+        res = compare_checkpoints(open_checkpoint(str(a)), open_checkpoint(str(b)))
+        assert res.equivalent, [(t.name, t.status, t.diagnosis) for t in res.tensors if not t.ok]
+        assert res.counts().get("quant") == 14  # 7 linears in each of 2 layers
+    same = compare_checkpoints(open_checkpoint(str(nv)), open_checkpoint(str(nv)))
+    assert same.equivalent and set(same.counts()) == {"equal"}
+
+
+def _float_from(tmp_path, nv, how):
+    """A float checkpoint a converter reading the export ``how`` would write (float32)."""
+    st = load_file(str(nv / "model.safetensors"))
+    out = {}
+    for k, v in st.items():
+        if k.endswith((".weight_scale", ".weight_scale_2", ".input_scale")):
+            continue
+        if v.dtype != torch.uint8:
+            out[k] = v
+            continue
+        m = k[: -len(".weight")]
+        lo, hi = (v & 15).long(), (v >> 4).long()
+        nib = torch.stack((hi, lo) if how == "nibbles" else (lo, hi), -1).reshape(v.shape[0], -1)
+        s, s2 = st[m + ".weight_scale"].float().repeat_interleave(16, 1), st[m + ".weight_scale_2"].float()
+        out[k] = VALUES[nib] * s * (1 / s2 if how == "divided" else s2)
+    d = tmp_path / f"float-{how}"
+    d.mkdir()
+    save_file(out, str(d / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((nv / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.mark.parametrize("how,kind", [("divided", "scale-reciprocal"), ("nibbles", "nibbles-swapped")])
+def test_a_misread_conversion_is_named(tmp_path, exported, how, kind):
+    _, nv = exported
+    assert compare_checkpoints(open_checkpoint(str(nv)), open_checkpoint(str(_float_from(tmp_path, nv, "right")))) \
+        .equivalent
+    res = compare_checkpoints(open_checkpoint(str(nv)), open_checkpoint(str(_float_from(tmp_path, nv, how))),
+                              Options(diagnose=True))
+    wrong = [t for t in res.tensors if not t.ok]
+    assert len(wrong) == 14
+    for t in wrong:
+        assert [f["kind"] for f in t.findings] == [kind], (t.name, t.diagnosis)
+
+
+def test_weight_scale_2_stored_inverted_is_named(tmp_path, exported):
+    flt, nv = exported
+    st = load_file(str(nv / "model.safetensors"))
+    st[Q + ".weight_scale_2"] = 1 / st[Q + ".weight_scale_2"]  # compressed-tensors' global where modelopt's belongs
+    d = tmp_path / "inverted"
+    shutil.copytree(nv, d)
+    save_file(st, str(d / "model.safetensors"), metadata={"format": "pt"})
+    res = compare_checkpoints(open_checkpoint(str(flt)), open_checkpoint(str(d)), Options(diagnose=True))
+    wrong = [t for t in res.tensors if not t.ok]
+    assert [t.name for t in wrong] == [Q + ".weight"]
+    assert [f["kind"] for f in wrong[0].findings] == ["scale-reciprocal"], wrong[0].diagnosis
+
+
+@pytest.mark.parametrize("edit,words", [({"quant_algo": "W4A8_AWQ"}, "quant_algo 'W4A8_AWQ' is not read"),
+                                        ({"group_size": 32}, "group_size 32")])
+def test_what_is_not_read_is_one_line(tmp_path, exported, run_cli, edit, words):
+    _, nv = exported
+    d = tmp_path / "edited"
+    shutil.copytree(nv, d)
+    hq = json.loads((d / "hf_quant_config.json").read_text())
+    hq["quantization"].update(edit)
+    (d / "hf_quant_config.json").write_text(json.dumps(hq))
+    code, _, err = run_cli(d, d)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and words in err and "hf_quant_config.json" in err
