@@ -140,7 +140,7 @@ def test_builtin_detection_order_and_registry_rules():
     assert registry.get("tensors").layout is None and registry.get("dcp").layout is None
     assert registry.get("megatron").true_vocab({"true_vocab_size": 100}) == 100
     assert registry.lookup("megatron->hf", "target").name == "hf"
-    assert [e.name for e in registry.encodings()] == ["compressed-tensors", "fp8", "jetstream", "modelopt", "mxfp4"]
+    assert [e.name for e in registry.encodings()] == ["compressed-tensors", "fp8", "jetstream", "mlx", "modelopt", "mxfp4"]
 
 
 # ---------------------------------------------------------------- statuses: one enum, JSON unchanged

@@ -26,6 +26,9 @@ class Kind(str, Enum):
     ENCODES_OTHER = "encodes-other"          # the encoded tensor is a correct encoding of another float tensor
     E8M0_AS_VALUE = "e8m0-as-value"          # E8M0 scale bytes used as the scale instead of 2 ** (byte - 127)
     NOT_TRANSPOSED = "not-transposed"        # values dequantized in the stored order, reshaped without transposing
+    SCALES_BIASES_SWAPPED = "scales-biases-swapped"  # an affine group's scale used as its bias and back
+    WORD_ORDER_REVERSED = "word-order-reversed"      # the codes packed in a word read from its other end
+    GROUP_SIZE_WRONG = "group-size-wrong"            # the scales applied with another group size
 
 
 TEXT = {
@@ -56,6 +59,12 @@ TEXT = {
                         "scale byte itself, not 2 ** (byte - 127)",
     Kind.NOT_TRANSPOSED: "not transposed: the float side is the {encoding} values in their stored {stored} order "
                          "reshaped to {logical} (the transpose to the logical layout is missing)",
+    Kind.SCALES_BIASES_SWAPPED: "scales and biases swapped: the float side is the {encoding} codes times each "
+                                "group's bias plus its scale",
+    Kind.WORD_ORDER_REVERSED: "code order reversed: the float side reads the {bits}-bit {encoding} codes of each "
+                              "32-bit word from its high end (the first element is in the low bits)",
+    Kind.GROUP_SIZE_WRONG: "wrong group size: the float side applies the {encoding} scales in groups of {read}, "
+                           "the file's groups are {stored}",
 }
 
 

@@ -469,6 +469,8 @@ def ct_view(ck: Checkpoint) -> Checkpoint:
     if not isinstance(q, dict):
         raise InputError(where, f"quantization_config {str(q)[:60]!r} is not a mapping")
     method = q.get("quant_method")
+    if method is None and isinstance((ck.config or {}).get("quantization"), dict):
+        return ck  # mlx-lm writes its "quantization" object under this name too (formats/mlx.py)
     if method not in KNOWN_METHODS:
         raise InputError(where, f"quantization_config quant_method {_show(method)} is not read "
                                 f"(read: {', '.join(KNOWN_METHODS)})")

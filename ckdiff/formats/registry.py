@@ -101,7 +101,7 @@ def _compiled(pattern: str) -> re.Pattern:
 
 # the modules that declare the built-in formats, in the order the CLI lists them
 BUILTIN = ("readers", "megatron_llm", "mcore", "dcp", "gguf", "fp8", "jetstream_quant", "compressed_tensors",
-           "mxfp4", "modelopt")
+           "mxfp4", "modelopt", "mlx")
 
 
 @dataclass

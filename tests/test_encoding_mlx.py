@@ -1,0 +1,165 @@
+"""MLX affine-quantized safetensors as mlx-lm writes them, read as logical views.
+
+Fixtures by the producer itself: mlx-lm 0.32.2 (``load_model``, ``quantize_model``, ``save_model``,
+``save_config``) on mlx 0.32.4's CPU backend, from a tiny transformers ``LlamaForCausalLM`` (GQA, every parameter
+random) saved by ``save_pretrained``, which is also the float side. The views are checked against mlx's own
+``mx.dequantize``. Bugs are made the way a converter makes them: a float side written from a misread encoding,
+and config values mlx never writes."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx  # the producer, pinned in .ci/run
+import numpy as np
+import pytest
+import torch
+import transformers
+from mlx_lm import utils as mlx_lm_utils
+from safetensors.numpy import load_file as load_np
+from safetensors.torch import load_file, save_file
+
+from ckdiff.compare.diff import Options, compare_checkpoints
+from ckdiff.formats.mlx import MlxAffine
+from ckdiff.formats.readers import open_checkpoint
+
+QUANTIZED = 16  # 7 linears in each of 2 layers, the embedding and lm_head
+CASES = [(4, 32), (3, 64), (8, 32)]
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """(float dir, {(bits, group): MLX dir}, MLX dir with a per-module override)."""
+    root = tmp_path_factory.mktemp("mlx")
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+                                   architectures=["LlamaForCausalLM"])
+    assert 1 < cfg.num_key_value_heads < cfg.num_attention_heads
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_((1.0 if n.endswith("norm.weight") else 0.0) + torch.randn(p.shape, generator=g) * 0.1)
+    model.save_pretrained(root / "float")
+    out = {}
+    for bits, group in CASES + [("override", None)]:
+        m, c = mlx_lm_utils.load_model(root / "float")
+        if bits == "override":  # down_proj at 8 bits in groups of 64, the rest at 4 in groups of 32
+            m, c = mlx_lm_utils.quantize_model(m, c, 32, 4, quant_predicate=lambda p, mod: (
+                {"bits": 8, "group_size": 64} if p.endswith("down_proj") else True))
+        else:
+            m, c = mlx_lm_utils.quantize_model(m, c, group, bits)
+        d = root / f"mlx-{bits}-{group}"
+        d.mkdir()
+        mlx_lm_utils.save_model(d, m)
+        mlx_lm_utils.save_config(c, d / "config.json")
+        out[(bits, group)] = d
+    return root / "float", out
+
+
+@pytest.mark.parametrize("case", CASES + [("override", None)], ids=str)
+def test_views_equal_mlx_dequantize(written, case):
+    _, dirs = written
+    d = dirs[case]
+    ck = open_checkpoint(str(d))
+    st = load_np(str(d / "model.safetensors"))
+    seen = 0
+    for k, t in ck.tensors.items():
+        if not isinstance(t, MlxAffine):
+            continue
+        m = k[: -len(".weight")]
+        theirs = np.array(mx.dequantize(mx.array(st[m + ".weight"]), mx.array(st[m + ".scales"]),
+                                        mx.array(st[m + ".biases"]), group_size=t.group, bits=t.bits))
+        assert np.array_equal(t.dequantized().numpy(), theirs), k
+        seen += 1
+    assert seen == QUANTIZED
+    if case[0] == "override":
+        assert ck.tensors["model.layers.1.mlp.down_proj.weight"].bits == 8
+        assert ck.tensors["model.layers.1.mlp.up_proj.weight"].bits == 4
+
+
+@pytest.mark.parametrize("case", CASES + [("override", None)], ids=str)
+def test_mlx_against_its_float_source_both_ways(written, case):
+    flt, dirs = written
+    for a, b in ((dirs[case], flt), (flt, dirs[case])):
+        res = compare_checkpoints(open_checkpoint(str(a)), open_checkpoint(str(b)))
+        assert res.equivalent, [(t.name, t.status, t.max_abs) for t in res.tensors if not t.ok]
+        assert res.counts().get("quant") == QUANTIZED
+    same = compare_checkpoints(open_checkpoint(str(dirs[case])), open_checkpoint(str(dirs[case])))
+    assert same.equivalent and set(same.counts()) == {"equal"}
+
+
+def _misread(tmp_path, d, how):
+    """A float checkpoint a converter misreading the MLX files ``how`` would write."""
+    ck = open_checkpoint(str(d))
+    out = {}
+    for k, t in ck.tensors.items():
+        if isinstance(t, MlxAffine):
+            v = t.dequantized() if how == "right" else t.misreadings(0, t.nrows)[how][1]
+            out[k] = v.contiguous()
+        else:
+            out[k] = t.load()
+    p = tmp_path / f"float-{how}"
+    p.mkdir()
+    save_file(out, str(p / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.pop("quantization"), cfg.pop("quantization_config", None)
+    (p / "config.json").write_text(json.dumps(cfg))
+    return p
+
+
+def _unpacked_by_hand(t: MlxAffine, how: str) -> torch.Tensor:
+    """The misread values computed here from the stored words, independently of the view's own misreadings."""
+    w = t.packed.load().numpy().view(np.uint32)
+    per = 32 // t.bits
+    shifts = np.arange(per, dtype=np.uint32) * t.bits
+    if how == "word-order-reversed":
+        shifts = shifts[::-1]
+    codes = torch.from_numpy(((w[..., None] >> shifts) & ((1 << t.bits) - 1)).reshape(w.shape[0], -1).astype(np.int64))
+    s, b = t.scales.load().float(), t.biases.load().float()
+    g = 64 if how == "group-size-wrong" else t.group
+    if how == "scales-biases-swapped":
+        s, b = b, s
+    idx = torch.arange(t.shape[1]) // g
+    return codes.float() * s[:, idx] + b[:, idx]
+
+
+@pytest.mark.parametrize("how", ["scales-biases-swapped", "word-order-reversed", "group-size-wrong"])
+def test_a_misread_conversion_is_named(tmp_path, written, how):
+    _, dirs = written
+    d = dirs[(4, 32)]
+    t = open_checkpoint(str(d)).tensors["model.layers.0.self_attn.q_proj.weight"]
+    assert torch.allclose(t.misreadings(0, t.nrows)[how][1], _unpacked_by_hand(t, how), rtol=0, atol=1e-6)
+    assert compare_checkpoints(open_checkpoint(str(d)), open_checkpoint(str(_misread(tmp_path, d, "right")))).equivalent
+    res = compare_checkpoints(open_checkpoint(str(d)), open_checkpoint(str(_misread(tmp_path, d, how))),
+                              Options(diagnose=True))
+    wrong = [t for t in res.tensors if not t.ok]
+    assert len(wrong) == QUANTIZED
+    for t in wrong:
+        assert [f["kind"] for f in t.findings] == [how], (t.name, t.diagnosis)
+
+
+@pytest.mark.parametrize("edit,words", [({"bits": 7}, "bits 7"), ({"mode": "mxfp4"}, "mode 'mxfp4' is not read"),
+                                        ({"group_size": "32"}, "group_size '32'")])
+def test_config_values_mlx_never_writes_are_one_line(tmp_path, written, run_cli, edit, words):
+    _, dirs = written
+    d = tmp_path / "edited"
+    shutil.copytree(dirs[(4, 32)], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization"].update(edit)
+    (d / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run_cli(d, d)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and words in err and "config.json" in err
+
+
+def test_codes_whose_scales_do_not_fit_are_one_line(tmp_path, written, run_cli):
+    _, dirs = written
+    d = tmp_path / "cut"
+    shutil.copytree(dirs[(4, 32)], d)
+    st = load_file(str(d / "model.safetensors"))
+    st["model.layers.0.mlp.up_proj.scales"] = st["model.layers.0.mlp.up_proj.scales"][:, :1].contiguous()
+    save_file(st, str(Path(d) / "model.safetensors"), metadata={"format": "mlx"})
+    code, _, err = run_cli(d, d)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "up_proj.scales" in err
