@@ -163,3 +163,20 @@ def test_codes_whose_scales_do_not_fit_are_one_line(tmp_path, written, run_cli):
     save_file(st, str(Path(d) / "model.safetensors"), metadata={"format": "mlx"})
     code, _, err = run_cli(d, d)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "up_proj.scales" in err
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_reference_quantizer_is_mlx_quantize(written, case):
+    """The view's own quantizer (the logit check's noise floor) gives what mx.quantize + mx.dequantize give."""
+    _, dirs = written
+    t = open_checkpoint(str(dirs[case])).tensors["model.layers.0.mlp.gate_proj.weight"]
+    x = torch.randn(t.shape, generator=torch.Generator().manual_seed(5)) * 0.1
+    q, s, b = mx.quantize(mx.array(x.numpy()), group_size=t.group, bits=t.bits)
+    theirs = np.array(mx.dequantize(q, s, b, group_size=t.group, bits=t.bits))
+    assert np.array_equal(t.reference(x).codes.numpy(), theirs)
+
+
+def test_logits_of_mlx_against_float_pass_against_the_noise_floor(written, run_cli):
+    flt, dirs = written
+    code, out, err = run_cli("logits", dirs[(8, 32)], flt, "--length", 12)
+    assert code == 0 and "from the encoded reference" in out, (out, err)

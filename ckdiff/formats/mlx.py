@@ -87,6 +87,26 @@ class MlxAffine(BlockScaled):
     def problems(self, s: Scaled) -> list[str]:
         return [] if bool(torch.isfinite(s.codes).all()) else ["non-finite scales or biases"]
 
+    def reference(self, x: torch.Tensor) -> Scaled | None:
+        """mlx's affine quantizer on float rows ``x`` (the logit check's noise floor re-encodes A with it): per
+        group, the scale spans [min, max] in ``2**bits - 1`` steps, signed so that the larger-magnitude edge is a
+        code, and the bias is that edge, so zero stays on the grid."""
+        if x.dim() != 2 or x.shape[1] != self.shape[1]:
+            return None
+        n = (1 << self.bits) - 1
+        g = x.float().reshape(x.shape[0], -1, self.group)
+        lo, hi = g.amin(-1), g.amax(-1)
+        low_edge = lo.abs() > hi.abs()
+        scale = ((hi - lo) / n).clamp_min(1e-7)
+        scale = torch.where(low_edge, scale, -scale)
+        edge = torch.where(low_edge, lo, hi)
+        q0 = torch.round(edge / scale)
+        scale = torch.where(q0 != 0, edge / q0, scale)
+        bias = torch.where(q0 == 0, torch.zeros_like(edge), edge)
+        codes = torch.round((g - bias[..., None]) / scale[..., None]).clamp(0, n)
+        values = (codes * scale[..., None] + bias[..., None]).reshape(x.shape)
+        return Scaled(values, scale.abs().repeat_interleave(self.group, 1), (1, 1), dense=True)
+
     def misreadings(self, start: int, stop: int) -> dict:
         """Values a converter that misreads the encoding writes, by the finding each names."""
         C = self.shape[1]
