@@ -1,4 +1,4 @@
-"""NVFP4 checkpoints in NVIDIA Model Optimizer's unified HF export, read as logical block-scaled views.
+"""NVFP4 and MXFP8 checkpoints in NVIDIA Model Optimizer's unified HF export, read as logical block-scaled views.
 
 Facts (NVIDIA/TensorRT-Model-Optimizer ``modelopt/torch/quantization/qtensor/nvfp4_tensor.py``
 ``NVFP4QTensor`` at commit ``0ad6e5f``; ``docs/source/deployment/3_unified_hf.rst``):
@@ -13,6 +13,8 @@ Facts (NVIDIA/TensorRT-Model-Optimizer ``modelopt/torch/quantization/qtensor/nvf
   A converter between the two that forgets the inversion writes every value scaled by ``amax**2 / 2688**2``.
 - Quantizer: block scale ``amax_block / (6 * weight_scale_2)`` cast to float8_e4m3fn (0 -> 1), codes rounded
   to e2m1 with ties at 0.75, 1.75 and 2.5 going up and the others down (``_cast_fp4``): half a step, bound 0.55.
+- MXFP8 (``quant_algo: MXFP8``, ``mxfp8_tensor.py`` ``MXFP8QTensor``): ``m.weight`` float8_e4m3fn ``[out, in]``,
+  ``m.weight_scale`` uint8 ``[out, in/32]`` E8M0 (``2 ** (byte - 127)``); exponent ``ceil(log2(amax / 448))``.
 """
 from __future__ import annotations
 
@@ -27,10 +29,11 @@ from ckdiff.tensor.fp4 import FP4, FP4_BYTES, FP4_STEPS
 from ckdiff.tensor.lazy import Checkpoint, LazyTensor
 
 QUANT_FILE = "hf_quant_config.json"
-READ_ALGOS = ("NVFP4",)
-GROUP = 16
+READ_ALGOS = ("NVFP4", "MXFP8")
+GROUP = {"NVFP4": 16, "MXFP8": 32}
 E4M3_MAX, FP4_MAX = 448.0, 6.0
 BOUND = 0.55
+G16, G32 = GROUP["NVFP4"], GROUP["MXFP8"]
 _VALUES = torch.cat([FP4, -FP4])
 _BOUNDS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
 
@@ -51,9 +54,9 @@ class ModeloptNvfp4(BlockScaled):
         if packed.dtype != torch.uint8 or len(packed.shape) != 2:
             raise InputError(where, f"{packed.name}: {list(packed.shape)} {packed.dtype} is not 2-D uint8 NVFP4 codes")
         R, C = packed.shape[0], packed.shape[1] * 2
-        if C % GROUP or tuple(s.shape) != (R, C // GROUP) or s.dtype != torch.float8_e4m3fn:
+        if C % G16 or tuple(s.shape) != (R, C // G16) or s.dtype != torch.float8_e4m3fn:
             raise InputError(where, f"{s.name}: {list(s.shape)} {s.dtype} does not fit NVFP4 {name} [{R}, {C}] "
-                                    f"(expected [{R}, {C // GROUP}] float8_e4m3fn)")
+                                    f"(expected [{R}, {C // G16}] float8_e4m3fn)")
         if s2.numel != 1 or s2.dtype != torch.float32:
             raise InputError(where, f"{s2.name}: {list(s2.shape)} {s2.dtype} is not one float32 weight_scale_2")
         self.packed, self.s, self.s2 = packed, s, s2
@@ -74,7 +77,7 @@ class ModeloptNvfp4(BlockScaled):
 
     def scaled(self, start: int, stop: int) -> Scaled:
         codes = FP4_BYTES[self._nibbles(start, stop)].view(torch.float8_e4m3fn)
-        return Scaled(codes, self.s.rows(start, stop).float() * self.global_scale(), (1, GROUP), steps=FP4_STEPS)
+        return Scaled(codes, self.s.rows(start, stop).float() * self.global_scale(), (1, G16), steps=FP4_STEPS)
 
     def raw(self, start: int, stop: int) -> torch.Tensor:
         return torch.cat([self.packed.rows(start, stop).flatten(), self.s.rows(start, stop).view(torch.uint8).flatten(),
@@ -91,20 +94,20 @@ class ModeloptNvfp4(BlockScaled):
         xf = x.float()
         amax = xf.abs().max() if xf.numel() else torch.tensor(0.0)
         s2 = amax / (FP4_MAX * E4M3_MAX) if float(amax) > 0 else torch.tensor(1.0)
-        blocks = xf.reshape(xf.shape[0], -1, GROUP)
+        blocks = xf.reshape(xf.shape[0], -1, G16)
         s = blocks.abs().amax(-1) / (FP4_MAX * s2)
         s = torch.where(s == 0, torch.tensor(1.0), s).to(torch.float8_e4m3fn).float()
         nib = cast_fp4((blocks / (s * s2)[..., None]).reshape(xf.shape))
-        return Scaled(FP4_BYTES[nib].view(torch.float8_e4m3fn), s * s2, (1, GROUP), steps=FP4_STEPS)
+        return Scaled(FP4_BYTES[nib].view(torch.float8_e4m3fn), s * s2, (1, G16), steps=FP4_STEPS)
 
     def misreadings(self, start: int, stop: int) -> dict:
         """Values a converter that misreads the encoding writes, by the finding each names."""
-        s = self.s.rows(start, stop).float().repeat_interleave(GROUP, 1)
+        s = self.s.rows(start, stop).float().repeat_interleave(G16, 1)
         g = self.global_scale()
         return {
             # compressed-tensors' convention applied to modelopt's scale: divided instead of multiplied
             "scale-reciprocal": ({"unit": "global"}, _VALUES[self._nibbles(start, stop)] * s / g),
-            "nibbles-swapped": ({"blocks": (stop - start) * self.shape[1] // GROUP},
+            "nibbles-swapped": ({"blocks": (stop - start) * self.shape[1] // G16},
                                 _VALUES[self._nibbles(start, stop, swap=True)] * s * g),
         }
 
@@ -123,19 +126,23 @@ def quant_algo(ck: Checkpoint) -> str | None:
         where, q = d / "config.json", qc
     if not isinstance(q, dict):
         raise InputError(where, "'quantization' is not an object")
-    algo, group = q.get("quant_algo"), q.get("group_size", GROUP)
+    algo = q.get("quant_algo")
     if algo not in READ_ALGOS:
         raise InputError(where, f"modelopt quant_algo {repr(algo)[:40]} is not read (read: {', '.join(READ_ALGOS)})")
-    if not isinstance(group, int) or isinstance(group, bool) or group != GROUP:
-        raise InputError(where, f"modelopt NVFP4 group_size {repr(group)[:40]} (NVFP4 groups are {GROUP})")
+    group = q.get("group_size", GROUP[algo])
+    if not isinstance(group, int) or isinstance(group, bool) or group != GROUP[algo]:
+        raise InputError(where, f"modelopt {algo} group_size {repr(group)[:40]} ({algo} groups are {GROUP[algo]})")
     return algo
 
 
 def modelopt_view(ck: Checkpoint) -> Checkpoint:
-    """Each ``m.weight`` + ``m.weight_scale`` + ``m.weight_scale_2`` of a modelopt NVFP4 export becomes one view
-    under ``m.weight`` (``m.input_scale`` folded into it: an activation scale, not a weight)."""
-    if quant_algo(ck) is None:
+    """Each ``m.weight`` + ``m.weight_scale`` (+ ``m.weight_scale_2``) of a modelopt NVFP4 or MXFP8 export becomes
+    one view under ``m.weight`` (``m.input_scale`` folded into it: an activation scale, not a weight)."""
+    algo = quant_algo(ck)
+    if algo is None:
         return ck
+    if algo == "MXFP8":
+        return _mxfp8_view(ck)
     t = ck.tensors
     views = {}
     for k, w in t.items():
@@ -150,6 +157,74 @@ def modelopt_view(ck: Checkpoint) -> Checkpoint:
     note = (f"{len(views)} NVFP4 weights (modelopt: e2m1 codes, an e4m3 scale per 16, weight_scale_2 multiplying): "
             f"judged in units of each element's FP4 spacing times its scales (bound {BOUND})")
     return fold(ck, views, "NVFP4 (modelopt)", note)
+
+
+class ModeloptMxfp8(BlockScaled):
+    """A linear's MXFP8 weight: float8_e4m3fn codes ``[out, in]`` and an E8M0 scale per 32 columns (uint8
+    ``[out, in/32]``, ``2 ** (byte - 127)``). modelopt's quantizer (``MXFP8QTensor``) takes the exponent
+    ``ceil(log2(amax / 448))`` and casts ``x / 2**e`` to e4m3 (round to nearest): half an FP8 step."""
+
+    def __init__(self, name: str, w: LazyTensor, s: LazyTensor, extra: tuple = ()):
+        where = w.origin
+        if w.dtype != torch.float8_e4m3fn or len(w.shape) != 2 or w.shape[1] % G32:
+            raise InputError(where, f"{w.name}: {list(w.shape)} {w.dtype} is not 2-D float8_e4m3fn MXFP8 codes "
+                                    f"in blocks of {G32}")
+        R, C = w.shape
+        if tuple(s.shape) != (R, C // G32) or s.dtype != torch.uint8:
+            raise InputError(where, f"{s.name}: {list(s.shape)} {s.dtype} does not fit MXFP8 {name} [{R}, {C}] "
+                                    f"(expected [{R}, {C // G32}] uint8 E8M0)")
+        self.w, self.s = w, s
+        super().__init__(name, (R, C), where, "MXFP8 (modelopt) e4m3, e8m0 per 32", BOUND, (w.name, s.name, *extra))
+
+    @property
+    def nbytes(self) -> int:
+        return self.w.nbytes + self.s.nbytes
+
+    def _grid(self, e: torch.Tensor) -> torch.Tensor:
+        g = torch.ldexp(torch.ones(e.shape), e.to(torch.int32) - 127)
+        return torch.where(e == 255, torch.tensor(float("nan")), g)
+
+    def scaled(self, start: int, stop: int) -> Scaled:
+        return Scaled(self.w.rows(start, stop), self._grid(self.s.rows(start, stop)), (1, G32))
+
+    def raw(self, start: int, stop: int) -> torch.Tensor:
+        return torch.cat([self.w.rows(start, stop).view(torch.uint8).flatten(), self.s.rows(start, stop).flatten()])
+
+    def problems(self, s: Scaled) -> list[str]:
+        n = int(torch.isnan(s.grid).sum())
+        return [f"{n} E8M0 scales are 255 (NaN)"] if n else []
+
+    def reference(self, x: torch.Tensor) -> Scaled | None:
+        """modelopt's MXFP8 quantizer on float rows ``x``."""
+        if x.dim() != 2 or x.shape[1] != self.shape[1]:
+            return None
+        b = x.float().reshape(x.shape[0], -1, G32)
+        d = b.abs().amax(-1) / E4M3_MAX
+        e = torch.where(d > 0, torch.ceil(torch.log2(d)), torch.full_like(d, -127.0)).clamp(-127, 127)
+        codes = (b * torch.exp2(-e)[..., None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+        return Scaled(codes.reshape(x.shape), torch.exp2(e), (1, G32))
+
+    def misreadings(self, start: int, stop: int) -> dict:
+        e = self.s.rows(start, stop).float().repeat_interleave(G32, 1)
+        w = self.w.rows(start, stop).float()
+        return {"e8m0-as-value": ({}, w * e)}
+
+
+def _mxfp8_view(ck: Checkpoint) -> Checkpoint:
+    t = ck.tensors
+    views = {}
+    for k, w in t.items():
+        if not k.endswith(".weight") or w.dtype != torch.float8_e4m3fn:
+            continue
+        m = k[: -len(".weight")]
+        s = t.get(m + ".weight_scale")
+        if s is None:
+            raise InputError(ck.path, f"{k}: float8 MXFP8 codes without {m}.weight_scale")
+        extra = (m + ".input_scale",) if m + ".input_scale" in t else ()
+        views[k] = ModeloptMxfp8(k, w, s, extra)
+    note = (f"{len(views)} MXFP8 weights (modelopt: e4m3 codes, an E8M0 scale per 32): judged in units of each "
+            f"element's FP8 spacing times its block scale (bound {BOUND})")
+    return fold(ck, views, "MXFP8 (modelopt)", note)
 
 
 # ---------------------------------------------------------------- declaration (formats/registry.py)

@@ -1,7 +1,8 @@
-"""NVFP4 in NVIDIA Model Optimizer's unified HF export (``hf_quant_config.json``; ``weight_scale_2`` multiplies).
+"""NVFP4 and MXFP8 in NVIDIA Model Optimizer's unified HF export (``hf_quant_config.json``; NVFP4's
+``weight_scale_2`` multiplies; MXFP8 has an E8M0 scale per 32).
 
 Fixtures are written by the producer itself: nvidia-modelopt 0.47.0 ``mtq.quantize(model, NVFP4_DEFAULT_CFG)``
-+ ``export_hf_checkpoint`` of a tiny transformers ``LlamaForCausalLM`` (GQA, every parameter random, calibrated
+(and ``MXFP8_DEFAULT_CFG``) + ``export_hf_checkpoint`` of a tiny transformers ``LlamaForCausalLM`` (GQA, every parameter random, calibrated
 on a 12-token batch), on CPU; the float side is the same model saved by ``save_pretrained`` before quantizing.
 Bugs are then made the way a converter makes them: values written with compressed-tensors' convention (the
 global scale dividing), nibbles read high first, ``weight_scale_2`` stored inverted."""
@@ -27,11 +28,9 @@ VALUES = torch.cat([FP4, -FP4])
 Q = "model.layers.1.self_attn.q_proj"
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """(float dir by save_pretrained, NVFP4 dir by modelopt's export)."""
+def _export(root, qcfg, name):
+    """(float dir by save_pretrained, ``name`` dir by modelopt's export with ``qcfg``)."""
     from modelopt.torch.export import export_hf_checkpoint
-    root = tmp_path_factory.mktemp("modelopt")
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=100, max_position_embeddings=64,
                                    architectures=["LlamaForCausalLM"])
@@ -46,9 +45,19 @@ def exported(tmp_path_factory):
     model.save_pretrained(root / "float")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        q = mtq.quantize(q, mtq.NVFP4_DEFAULT_CFG, lambda m: m(torch.randint(0, 100, (2, 12), generator=g)))
-        export_hf_checkpoint(q, export_dir=root / "nvfp4")
-    return root / "float", root / "nvfp4"
+        q = mtq.quantize(q, qcfg, lambda m: m(torch.randint(0, 100, (2, 12), generator=g)))
+        export_hf_checkpoint(q, export_dir=root / name)
+    return root / "float", root / name
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    return _export(tmp_path_factory.mktemp("modelopt"), mtq.NVFP4_DEFAULT_CFG, "nvfp4")
+
+
+@pytest.fixture(scope="module")
+def exported_mxfp8(tmp_path_factory):
+    return _export(tmp_path_factory.mktemp("modelopt-mxfp8"), mtq.MXFP8_DEFAULT_CFG, "mxfp8")
 
 
 def test_the_export_reads_as_views_equal_to_modelopts_own_dequantizer(exported):
@@ -135,3 +144,50 @@ def test_what_is_not_read_is_one_line(tmp_path, exported, run_cli, edit, words):
     (d / "hf_quant_config.json").write_text(json.dumps(hq))
     code, _, err = run_cli(d, d)
     assert code == 2 and len(err.strip().splitlines()) == 1 and words in err and "hf_quant_config.json" in err
+
+
+# ------------------------------------------------------------------ MXFP8 (e4m3 codes, an E8M0 scale per 32)
+def test_mxfp8_export_reads_as_views_equal_to_modelopts_own_dequantizer(exported_mxfp8):
+    from modelopt.torch.quantization.qtensor.mxfp8_tensor import MXFP8QTensor
+    from ckdiff.formats.modelopt import ModeloptMxfp8
+    _, mx8 = exported_mxfp8
+    view = open_checkpoint(str(mx8)).tensors[Q + ".weight"]
+    assert isinstance(view, ModeloptMxfp8)
+    st = load_file(str(mx8 / "model.safetensors"))
+    theirs = MXFP8QTensor(torch.Size(view.shape), torch.float32, st[Q + ".weight"]).dequantize(
+        dtype=torch.float32, scale=st[Q + ".weight_scale"])
+    assert torch.equal(view.dequantized(), theirs)
+
+
+def test_mxfp8_export_against_its_float_source_both_ways(exported_mxfp8):
+    flt, mx8 = exported_mxfp8
+    for a, b in ((mx8, flt), (flt, mx8)):
+        res = compare_checkpoints(open_checkpoint(str(a)), open_checkpoint(str(b)))
+        assert res.equivalent, [(t.name, t.status, t.diagnosis) for t in res.tensors if not t.ok]
+        assert res.counts().get("quant") == 14
+
+
+def test_mxfp8_scale_bytes_used_as_values_and_a_doubled_block_are_named(tmp_path, exported_mxfp8):
+    flt, mx8 = exported_mxfp8
+    st = load_file(str(mx8 / "model.safetensors"))
+    bad = {k: v for k, v in st.items() if not k.endswith((".weight_scale", ".input_scale"))}
+    for k in list(bad):
+        if bad[k].dtype == torch.float8_e4m3fn:  # a converter that multiplies by the E8M0 byte itself
+            bad[k] = bad[k].float() * st[k + "_scale"].float().repeat_interleave(32, 1)
+    d = tmp_path / "bytes"
+    d.mkdir()
+    save_file(bad, str(d / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((mx8 / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    (d / "config.json").write_text(json.dumps(cfg))
+    res = compare_checkpoints(open_checkpoint(str(mx8)), open_checkpoint(str(d)), Options(diagnose=True))
+    wrong = [t for t in res.tensors if not t.ok]
+    assert len(wrong) == 14 and all([f["kind"] for f in t.findings] == ["e8m0-as-value"] for t in wrong)
+    doubled = tmp_path / "doubled"
+    shutil.copytree(mx8, doubled)
+    st[Q + ".weight_scale"][3, 1] += 1  # that block's scale doubled
+    save_file(st, str(doubled / "model.safetensors"), metadata={"format": "pt"})
+    res = compare_checkpoints(open_checkpoint(str(flt)), open_checkpoint(str(doubled)), Options(diagnose=True))
+    wrong = [t for t in res.tensors if not t.ok]
+    assert [t.name for t in wrong] == [Q + ".weight"]
+    assert "scale-multiplied" in [f["kind"] for f in wrong[0].findings], wrong[0].diagnosis
