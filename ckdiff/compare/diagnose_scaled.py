@@ -151,11 +151,12 @@ def _misread(enc: BlockScaled, flt: LazyTensor) -> Optional[Finding]:
     x = flt.load().float().reshape(-1, enc.shape[-1])
     tol = 1e-2 * float(x.abs().max()) if x.numel() else 0.0  # bf16 writes of the misread values
     right = enc.rows(0, enc.nrows).reshape(x.shape)
-    for kind, (params, values) in misreadings(0, enc.nrows).items():
-        if values.shape != x.shape or bool(((values - right).abs() <= tol).all()):
-            continue  # a misreading that reads as the right values here names nothing
-        if bool(((values - x).abs() <= tol).all()):
-            return Finding(Kind(kind), {"encoding": enc.encoding, **params})
+    for kind, found in misreadings(0, enc.nrows).items():
+        for params, values in (found if isinstance(found, list) else [found]):  # a list: variants of one kind
+            if values.shape != x.shape or bool(((values - right).abs() <= tol).all()):
+                continue  # a misreading that reads as the right values here names nothing
+            if bool(((values - x).abs() <= tol).all()):
+                return Finding(Kind(kind), {"encoding": enc.encoding, **params})
     return None
 
 

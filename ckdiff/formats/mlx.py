@@ -16,7 +16,8 @@ Facts (ml-explore/mlx 0.32 ``mlx.core.quantize`` / ``dequantize``, mode ``affine
   so the bound is 1.02 steps, the issue's "one step per side".
 
 Converters that misread the encoding write values a view can reproduce (``misreadings``): scales and biases
-swapped, the element order in each word reversed, another group size; a float side equal to one names it.
+swapped, the element order in each word reversed, another group size, a narrower bit width (4 read from an
+8-bit file); a float side equal to one names it.
 """
 from __future__ import annotations
 
@@ -108,7 +109,8 @@ class MlxAffine(BlockScaled):
         return Scaled(values, scale.abs().repeat_interleave(self.group, 1), (1, 1), dense=True)
 
     def misreadings(self, start: int, stop: int) -> dict:
-        """Values a converter that misreads the encoding writes, by the finding each names."""
+        """Values a converter that misreads the encoding writes, by the finding each names (a list where one
+        finding has several variants: each narrower bit width)."""
         C = self.shape[1]
         words = self.packed.rows(start, stop)
         codes = _unpack(words, self.bits, C)
@@ -117,6 +119,13 @@ class MlxAffine(BlockScaled):
         if 32 % self.bits == 0 and self.bits < 32:
             out["word-order-reversed"] = ({"bits": self.bits}, self._values(_unpack(words, self.bits, C, True), s, b,
                                                                             self.group))
+        # a dequantizer with the bit width hard-coded (4 on an 8-bit file) that takes the logical shape from the
+        # model config: it reads the first C fields of the row's bit stream at that width, in the file's groups;
+        # a wider width runs past the row's words, so only narrower ones write a tensor of the logical shape
+        narrower = [({"stored": self.bits, "read": w}, self._values(_unpack(words, w, C), s, b, self.group))
+                    for w in BITS if w < self.bits]
+        if narrower:
+            out["bits-wrong"] = narrower
         for g in GROUPS:  # a larger group read: every element takes the scale and bias of group j // g
             if g > self.group and C % g == 0:
                 idx = torch.arange(C) // g
