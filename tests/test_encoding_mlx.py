@@ -175,6 +175,40 @@ def test_bits_read_wrong_is_named_both_ways(tmp_path, written):
             assert "4-bit codes, the file's codes are 8-bit" in t.diagnosis[0]
 
 
+def _relabelled(tmp_path, d, **q):
+    e = tmp_path / "relabelled"
+    shutil.copytree(d, e)
+    cfg = json.loads((e / "config.json").read_text())
+    cfg["quantization"].update(q)
+    cfg["quantization_config"] = cfg["quantization"]
+    (e / "config.json").write_text(json.dumps(cfg))
+    return e
+
+
+def test_a_config_naming_other_bits_is_named_both_ways(tmp_path, written):
+    """mlx-lm's 2-bit file with groups of 64 whose config says 4 bits in groups of 32 (the stored shapes fit both):
+    the views are read at the config's bits, so every quantized module has half the float side's width; read at
+    the bits and group size the shapes also fit it is the float side within one step, which the finding names."""
+    flt, dirs = written
+    e = _relabelled(tmp_path, dirs[(2, 64)], bits=4, group_size=32)
+    for a, b in ((e, flt), (flt, e)):
+        res = compare_checkpoints(open_checkpoint(str(a)), open_checkpoint(str(b)), Options(diagnose=True))
+        assert not res.equivalent
+        wrong = [t for t in res.tensors if not t.ok]
+        assert len(wrong) == QUANTIZED and {t.status.value for t in wrong} == {"shape"}
+        for t in wrong:
+            assert t.findings == [{"kind": "quant-config-wrong", "encoding": "MLX affine 4-bit, group 32", "bits": 2,
+                                   "group": 64, "config_bits": 4, "config_group": 32}], (t.name, t.diagnosis)
+
+
+def test_a_config_whose_bits_no_shape_fits_names_what_fits(tmp_path, written, run_cli):
+    flt, dirs = written
+    e = _relabelled(tmp_path, dirs[(2, 64)], bits=8, group_size=64)
+    code, _, err = run_cli(e, flt)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "the stored shapes fit 2-bit groups of 64, 4-bit groups of 32" in err and "model.safetensors" in err
+
+
 @pytest.mark.parametrize("edit,words", [({"bits": 7}, "bits 7"), ({"mode": "mxfp4"}, "mode 'mxfp4' is not read"),
                                         ({"group_size": "32"}, "group_size '32'")])
 def test_config_values_mlx_never_writes_are_one_line(tmp_path, written, run_cli, edit, words):

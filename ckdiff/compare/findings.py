@@ -30,6 +30,7 @@ class Kind(str, Enum):
     WORD_ORDER_REVERSED = "word-order-reversed"      # the codes packed in a word read from its other end
     GROUP_SIZE_WRONG = "group-size-wrong"            # the scales applied with another group size
     BITS_WRONG = "bits-wrong"                        # packed codes read at another bit width
+    QUANT_CONFIG_WRONG = "quant-config-wrong"        # the file's config names other bits / group size than its codes
 
 
 TEXT = {
@@ -68,6 +69,9 @@ TEXT = {
                            "the file's groups are {stored}",
     Kind.BITS_WRONG: "wrong bit width: the float side reads the {encoding} words as {read}-bit codes, the file's "
                      "codes are {stored}-bit",
+    Kind.QUANT_CONFIG_WRONG: "quantization config wrong: read as {bits}-bit codes in groups of {group}, the stored "
+                             "words and scales are the float side within one step; the config says {config_bits}-bit "
+                             "groups of {config_group}",
 }
 
 

@@ -60,9 +60,11 @@ class MlxAffine(BlockScaled):
         R, C = packed.shape[0], packed.shape[1] * 32 // bits
         if C % group or tuple(scales.shape) != (R, C // group) or tuple(biases.shape) != (R, C // group) \
                 or not scales.dtype.is_floating_point or biases.dtype != scales.dtype:
+            fit = [f"{b}-bit groups of {g}" for b, g in _fits(packed.shape[1], scales.shape)]
             raise InputError(where, f"{scales.name} {list(scales.shape)} / {biases.name} {list(biases.shape)} do not "
                                     f"fit MLX {name} [{R}, {C}] in groups of {group} (expected [{R}, {C // group}] "
-                                    f"floats each)")
+                                    f"floats each)" + (f"; the stored shapes fit {', '.join(fit)}: config.json's "
+                                                       f"quantization does not describe this module" if fit else ""))
         self.packed, self.scales, self.biases, self.bits, self.group = packed, scales, biases, bits, group
         super().__init__(name, (R, C), where, f"MLX affine {bits}-bit, group {group}", BOUND,
                          (packed.name, scales.name, biases.name))
@@ -108,6 +110,22 @@ class MlxAffine(BlockScaled):
         values = (codes * scale[..., None] + bias[..., None]).reshape(x.shape)
         return Scaled(values, scale.abs().repeat_interleave(self.group, 1), (1, 1), dense=True)
 
+    def refits(self) -> list:
+        """The module read at each other (bits, group size) its stored shapes also fit (``bits * group`` the
+        file's): ``(params, values, units)`` per reading. A float side of another shape that one of them matches
+        within the bound says that the config's bits and group size are not the ones the codes were written at."""
+        out = []
+        W = self.packed.shape[1]
+        for b, g in _fits(W, self.scales.shape):
+            if (b, g) == (self.bits, self.group) or self.numel * self.bits // b > (1 << 26):
+                continue
+            C = W * 32 // b
+            s, z = self.scales.load().float(), self.biases.load().float()
+            values = self._values(_unpack(self.packed.load(), b, C), s, z, g)
+            out.append(({"bits": b, "group": g, "config_bits": self.bits, "config_group": self.group}, values,
+                        s.abs().repeat_interleave(g, 1)))
+        return out
+
     def misreadings(self, start: int, stop: int) -> dict:
         """Values a converter that misreads the encoding writes, by the finding each names (a list where one
         finding has several variants: each narrower bit width)."""
@@ -132,6 +150,14 @@ class MlxAffine(BlockScaled):
                 out.setdefault("group-size-wrong", ({"stored": self.group, "read": g},
                                                     codes.float() * s[:, idx] + b[:, idx]))
         return out
+
+
+def _fits(words: int, scales_shape) -> list:
+    """The (bits, group size) pairs of MLX's choices that ``words`` uint32 per row and ``scales_shape`` fit."""
+    if len(scales_shape) != 2 or not scales_shape[1]:
+        return []
+    return [(b, g) for b in BITS for g in GROUPS
+            if (words * 32) % b == 0 and words * 32 // b == g * scales_shape[1]]
 
 
 def _int(v, choices) -> bool:
