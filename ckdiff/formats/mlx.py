@@ -1,7 +1,9 @@
 """MLX quantized safetensors (mlx-lm's affine quantization), read as logical block-scaled views.
 
-Facts (ml-explore/mlx 0.32 ``mlx.core.quantize`` / ``dequantize``, mode ``affine``; ml-explore/mlx-lm 0.32
-``mlx_lm/utils.py`` ``quantize_model`` / ``save_model`` / ``save_config``, whose files the tests read):
+Facts (ml-explore/mlx 0.32 ``mlx.core.quantize`` / ``dequantize``, mode ``affine``, and the packing in
+``mlx/backend/cpu/quantized.cpp`` at commit 784203f ``extract_bits`` / ``get_pack_factor``; ml-explore/mlx-lm
+0.32.2 ``mlx_lm/utils.py`` ``quantize_model`` (modules with ``to_quantized`` whose input width is a multiple of the
+group size) / ``save_model`` / ``save_config``, whose files the tests read):
 
 - config.json ``quantization`` (and the same object as ``quantization_config``): ``{"group_size": g, "bits":
   b, "mode": "affine"}``; a module path key inside it overrides one module (an object with its own
@@ -17,7 +19,8 @@ Facts (ml-explore/mlx 0.32 ``mlx.core.quantize`` / ``dequantize``, mode ``affine
 
 Converters that misread the encoding write values a view can reproduce (``misreadings``): scales and biases
 swapped, the element order in each word reversed, another group size, a narrower bit width (4 read from an
-8-bit file); a float side equal to one names it.
+8-bit file); a float side equal to one names it. A config naming other bits and group size than the codes were
+written at (the shapes fit both) gives views of another width; ``refits`` reads them at the pairs the shapes fit.
 """
 from __future__ import annotations
 
