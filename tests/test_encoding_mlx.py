@@ -25,7 +25,13 @@ from ckdiff.formats.mlx import MlxAffine
 from ckdiff.formats.readers import open_checkpoint
 
 QUANTIZED = 16  # 7 linears in each of 2 layers, the embedding and lm_head
-CASES = [(4, 32), (3, 64), (8, 32)]
+
+
+def quantized(case) -> int:
+    """How many modules mlx-lm quantizes: those whose input width is a multiple of the group size (hidden 64,
+    intermediate 128: at groups of 128 only the two down_proj)."""
+    return 2 if case[1] == 128 else QUANTIZED
+CASES = [(4, 32), (3, 64), (8, 32), (6, 128), (2, 64)]  # 3 and 6 bits straddle the uint32 words
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +80,7 @@ def test_views_equal_mlx_dequantize(written, case):
                                         mx.array(st[m + ".biases"]), group_size=t.group, bits=t.bits))
         assert np.array_equal(t.dequantized().numpy(), theirs), k
         seen += 1
-    assert seen == QUANTIZED
+    assert seen == quantized(case)
     if case[0] == "override":
         assert ck.tensors["model.layers.1.mlp.down_proj.weight"].bits == 8
         assert ck.tensors["model.layers.1.mlp.up_proj.weight"].bits == 4
@@ -86,7 +92,7 @@ def test_mlx_against_its_float_source_both_ways(written, case):
     for a, b in ((dirs[case], flt), (flt, dirs[case])):
         res = compare_checkpoints(open_checkpoint(str(a)), open_checkpoint(str(b)))
         assert res.equivalent, [(t.name, t.status, t.max_abs) for t in res.tensors if not t.ok]
-        assert res.counts().get("quant") == QUANTIZED
+        assert res.counts().get("quant") == quantized(case)
     same = compare_checkpoints(open_checkpoint(str(dirs[case])), open_checkpoint(str(dirs[case])))
     assert same.equivalent and set(same.counts()) == {"equal"}
 
@@ -110,14 +116,17 @@ def _misread(tmp_path, d, how):
     return p
 
 
-def _unpacked_by_hand(t: MlxAffine, how: str) -> torch.Tensor:
-    """The misread values computed here from the stored words, independently of the view's own misreadings."""
+def _unpacked_by_hand(t: MlxAffine, how: str, bits: int | None = None) -> torch.Tensor:
+    """The misread values computed here from the stored words, independently of the view's own misreadings
+    (``bits``: the width a dequantizer with it hard-coded reads, the first ``in`` fields of each row)."""
     w = t.packed.load().numpy().view(np.uint32)
-    per = 32 // t.bits
-    shifts = np.arange(per, dtype=np.uint32) * t.bits
+    bits = bits or t.bits
+    per = 32 // bits
+    shifts = np.arange(per, dtype=np.uint32) * bits
     if how == "word-order-reversed":
         shifts = shifts[::-1]
-    codes = torch.from_numpy(((w[..., None] >> shifts) & ((1 << t.bits) - 1)).reshape(w.shape[0], -1).astype(np.int64))
+    codes = torch.from_numpy(((w[..., None] >> shifts) & ((1 << bits) - 1)).reshape(w.shape[0], -1)[:, :t.shape[1]]
+                             .astype(np.int64))
     s, b = t.scales.load().float(), t.biases.load().float()
     g = 64 if how == "group-size-wrong" else t.group
     if how == "scales-biases-swapped":
@@ -139,6 +148,65 @@ def test_a_misread_conversion_is_named(tmp_path, written, how):
     assert len(wrong) == QUANTIZED
     for t in wrong:
         assert [f["kind"] for f in t.findings] == [how], (t.name, t.diagnosis)
+
+
+def test_bits_read_wrong_is_named_both_ways(tmp_path, written):
+    """An 8-bit file dequantized by a converter that reads 4-bit codes (the logical shape from the config): the
+    float side is written here by hand from the stored words; every quantized tensor is named bits-wrong."""
+    flt, dirs = written
+    d = dirs[(8, 32)]
+    ck = open_checkpoint(str(d))
+    out = {k: (_unpacked_by_hand(t, "bits-wrong", bits=4) if isinstance(t, MlxAffine) else t.load()).contiguous()
+           for k, t in ck.tensors.items()}
+    p = tmp_path / "float-bits4"
+    p.mkdir()
+    save_file(out, str(p / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.pop("quantization"), cfg.pop("quantization_config", None)
+    (p / "config.json").write_text(json.dumps(cfg))
+    for a, b in ((d, p), (p, d)):
+        res = compare_checkpoints(open_checkpoint(str(a)), open_checkpoint(str(b)), Options(diagnose=True))
+        assert not res.equivalent
+        wrong = [t for t in res.tensors if not t.ok]
+        assert len(wrong) == QUANTIZED
+        for t in wrong:
+            assert t.findings == [{"kind": "bits-wrong", "encoding": "MLX affine 8-bit, group 32", "stored": 8,
+                                   "read": 4}], (t.name, t.diagnosis)
+            assert "4-bit codes, the file's codes are 8-bit" in t.diagnosis[0]
+
+
+def _relabelled(tmp_path, d, **q):
+    e = tmp_path / "relabelled"
+    shutil.copytree(d, e)
+    cfg = json.loads((e / "config.json").read_text())
+    cfg["quantization"].update(q)
+    cfg["quantization_config"] = cfg["quantization"]
+    (e / "config.json").write_text(json.dumps(cfg))
+    return e
+
+
+def test_a_config_naming_other_bits_is_named_both_ways(tmp_path, written):
+    """mlx-lm's 2-bit file with groups of 64 whose config says 4 bits in groups of 32 (the stored shapes fit both):
+    the views are read at the config's bits, so every quantized module has half the float side's width; read at
+    the bits and group size the shapes also fit it is the float side within one step, which the finding names."""
+    flt, dirs = written
+    e = _relabelled(tmp_path, dirs[(2, 64)], bits=4, group_size=32)
+    for a, b in ((e, flt), (flt, e)):
+        res = compare_checkpoints(open_checkpoint(str(a)), open_checkpoint(str(b)), Options(diagnose=True))
+        assert not res.equivalent
+        wrong = [t for t in res.tensors if not t.ok]
+        assert len(wrong) == QUANTIZED and {t.status.value for t in wrong} == {"shape"}
+        for t in wrong:
+            assert t.findings == [{"kind": "quant-config-wrong", "encoding": "MLX affine 4-bit, group 32", "bits": 2,
+                                   "group": 64, "config_bits": 4, "config_group": 32}], (t.name, t.diagnosis)
+
+
+def test_a_config_whose_bits_no_shape_fits_names_what_fits(tmp_path, written, run_cli):
+    flt, dirs = written
+    e = _relabelled(tmp_path, dirs[(2, 64)], bits=8, group_size=64)
+    code, _, err = run_cli(e, flt)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "the stored shapes fit 2-bit groups of 64, 4-bit groups of 32" in err and "model.safetensors" in err
 
 
 @pytest.mark.parametrize("edit,words", [({"bits": 7}, "bits 7"), ({"mode": "mxfp4"}, "mode 'mxfp4' is not read"),
@@ -169,7 +237,7 @@ def test_codes_whose_scales_do_not_fit_are_one_line(tmp_path, written, run_cli):
 def test_reference_quantizer_is_mlx_quantize(written, case):
     """The view's own quantizer (the logit check's noise floor) gives what mx.quantize + mx.dequantize give."""
     _, dirs = written
-    t = open_checkpoint(str(dirs[case])).tensors["model.layers.0.mlp.gate_proj.weight"]
+    t = open_checkpoint(str(dirs[case])).tensors["model.layers.0.mlp.down_proj.weight"]  # quantized at every group
     x = torch.randn(t.shape, generator=torch.Generator().manual_seed(5)) * 0.1
     q, s, b = mx.quantize(mx.array(x.numpy()), group_size=t.group, bits=t.bits)
     theirs = np.array(mx.dequantize(q, s, b, group_size=t.group, bits=t.bits))

@@ -857,8 +857,9 @@ def diagnose_result(res: CompareResult, a: Checkpoint, b: Checkpoint) -> None:
         if r.status not in (Status.DIFFER, Status.SHAPE) or r.name not in a.tensors or r.name not in b.tensors:
             continue
         ta, tb = a.tensors[r.name], b.tensors[r.name]
-        if isinstance(ta, BlockScaled) != isinstance(tb, BlockScaled) and r.status == Status.DIFFER:
-            # an encoding against its float source: first in scale units, on codes and block scales
+        if isinstance(ta, BlockScaled) != isinstance(tb, BlockScaled):
+            # an encoding against its float source: first in scale units, on codes and block scales (of
+            # another shape: the encoding read at other parameters its stored shapes fit)
             enc, flt, eck, fck = (ta, tb, a, b) if isinstance(ta, BlockScaled) else (tb, ta, b, a)
             found = diagnose_scaled(r.name, enc, flt, eck, fck)
             if found:

@@ -151,16 +151,35 @@ def _misread(enc: BlockScaled, flt: LazyTensor) -> Optional[Finding]:
     x = flt.load().float().reshape(-1, enc.shape[-1])
     tol = 1e-2 * float(x.abs().max()) if x.numel() else 0.0  # bf16 writes of the misread values
     right = enc.rows(0, enc.nrows).reshape(x.shape)
-    for kind, (params, values) in misreadings(0, enc.nrows).items():
-        if values.shape != x.shape or bool(((values - right).abs() <= tol).all()):
-            continue  # a misreading that reads as the right values here names nothing
-        if bool(((values - x).abs() <= tol).all()):
-            return Finding(Kind(kind), {"encoding": enc.encoding, **params})
+    for kind, found in misreadings(0, enc.nrows).items():
+        for params, values in (found if isinstance(found, list) else [found]):  # a list: variants of one kind
+            if values.shape != x.shape or bool(((values - right).abs() <= tol).all()):
+                continue  # a misreading that reads as the right values here names nothing
+            if bool(((values - x).abs() <= tol).all()):
+                return Finding(Kind(kind), {"encoding": enc.encoding, **params})
+    return None
+
+
+def _refit(enc: BlockScaled, flt: LazyTensor) -> Optional[Finding]:
+    """A float side of another shape that ``enc`` read at other encoding parameters its stored shapes also fit
+    (its ``refits``) matches within its bound: the parameters the file declares are not the codes' own."""
+    refits = getattr(enc, "refits", None)
+    if refits is None or flt.numel > MAX_NUMEL or isinstance(flt, BlockScaled) or not flt.dtype.is_floating_point \
+            or len(flt.shape) != 2:
+        return None
+    x = flt.load().float()
+    for params, values, units in refits():
+        if values.shape == x.shape and bool(((values - x).abs() <= enc.bound * units * (1 + 1e-6)).all()):
+            return Finding(Kind.QUANT_CONFIG_WRONG, {"encoding": enc.encoding, **params})
     return None
 
 
 def diagnose_scaled(name: str, enc: BlockScaled, flt: LazyTensor, eck: Checkpoint, fck: Checkpoint) -> list[Finding]:
-    """Typed causes for ``enc`` (an encoded tensor) against ``flt`` (the float tensor it should encode)."""
+    """Typed causes for ``enc`` (an encoded tensor) against ``flt`` (the float tensor it should encode); of
+    another shape, only the encoding read at other parameters its stored shapes fit (``_refit``)."""
+    if tuple(flt.shape) != tuple(enc.shape):
+        refit = _refit(enc, flt)
+        return [refit] if refit else []
     misread = _misread(enc, flt)
     if misread is not None:
         return [misread]

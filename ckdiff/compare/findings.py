@@ -29,6 +29,8 @@ class Kind(str, Enum):
     SCALES_BIASES_SWAPPED = "scales-biases-swapped"  # an affine group's scale used as its bias and back
     WORD_ORDER_REVERSED = "word-order-reversed"      # the codes packed in a word read from its other end
     GROUP_SIZE_WRONG = "group-size-wrong"            # the scales applied with another group size
+    BITS_WRONG = "bits-wrong"                        # packed codes read at another bit width
+    QUANT_CONFIG_WRONG = "quant-config-wrong"        # the file's config names other bits / group size than its codes
 
 
 TEXT = {
@@ -65,6 +67,11 @@ TEXT = {
                               "32-bit word from its high end (the first element is in the low bits)",
     Kind.GROUP_SIZE_WRONG: "wrong group size: the float side applies the {encoding} scales in groups of {read}, "
                            "the file's groups are {stored}",
+    Kind.BITS_WRONG: "wrong bit width: the float side reads the {encoding} words as {read}-bit codes, the file's "
+                     "codes are {stored}-bit",
+    Kind.QUANT_CONFIG_WRONG: "quantization config wrong: read as {bits}-bit codes in groups of {group}, the stored "
+                             "words and scales are the float side within one step; the config says {config_bits}-bit "
+                             "groups of {config_group}",
 }
 
 

@@ -1,7 +1,9 @@
 """MLX quantized safetensors (mlx-lm's affine quantization), read as logical block-scaled views.
 
-Facts (ml-explore/mlx 0.32 ``mlx.core.quantize`` / ``dequantize``, mode ``affine``; ml-explore/mlx-lm 0.32
-``mlx_lm/utils.py`` ``quantize_model`` / ``save_model`` / ``save_config``, whose files the tests read):
+Facts (ml-explore/mlx 0.32 ``mlx.core.quantize`` / ``dequantize``, mode ``affine``, and the packing in
+``mlx/backend/cpu/quantized.cpp`` at commit 784203f ``extract_bits`` / ``get_pack_factor``; ml-explore/mlx-lm
+0.32.2 ``mlx_lm/utils.py`` ``quantize_model`` (modules with ``to_quantized`` whose input width is a multiple of the
+group size) / ``save_model`` / ``save_config``, whose files the tests read):
 
 - config.json ``quantization`` (and the same object as ``quantization_config``): ``{"group_size": g, "bits":
   b, "mode": "affine"}``; a module path key inside it overrides one module (an object with its own
@@ -16,7 +18,9 @@ Facts (ml-explore/mlx 0.32 ``mlx.core.quantize`` / ``dequantize``, mode ``affine
   so the bound is 1.02 steps, the issue's "one step per side".
 
 Converters that misread the encoding write values a view can reproduce (``misreadings``): scales and biases
-swapped, the element order in each word reversed, another group size; a float side equal to one names it.
+swapped, the element order in each word reversed, another group size, a narrower bit width (4 read from an
+8-bit file); a float side equal to one names it. A config naming other bits and group size than the codes were
+written at (the shapes fit both) gives views of another width; ``refits`` reads them at the pairs the shapes fit.
 """
 from __future__ import annotations
 
@@ -59,9 +63,11 @@ class MlxAffine(BlockScaled):
         R, C = packed.shape[0], packed.shape[1] * 32 // bits
         if C % group or tuple(scales.shape) != (R, C // group) or tuple(biases.shape) != (R, C // group) \
                 or not scales.dtype.is_floating_point or biases.dtype != scales.dtype:
+            fit = [f"{b}-bit groups of {g}" for b, g in _fits(packed.shape[1], scales.shape)]
             raise InputError(where, f"{scales.name} {list(scales.shape)} / {biases.name} {list(biases.shape)} do not "
                                     f"fit MLX {name} [{R}, {C}] in groups of {group} (expected [{R}, {C // group}] "
-                                    f"floats each)")
+                                    f"floats each)" + (f"; the stored shapes fit {', '.join(fit)}: config.json's "
+                                                       f"quantization does not describe this module" if fit else ""))
         self.packed, self.scales, self.biases, self.bits, self.group = packed, scales, biases, bits, group
         super().__init__(name, (R, C), where, f"MLX affine {bits}-bit, group {group}", BOUND,
                          (packed.name, scales.name, biases.name))
@@ -107,8 +113,25 @@ class MlxAffine(BlockScaled):
         values = (codes * scale[..., None] + bias[..., None]).reshape(x.shape)
         return Scaled(values, scale.abs().repeat_interleave(self.group, 1), (1, 1), dense=True)
 
+    def refits(self) -> list:
+        """The module read at each other (bits, group size) its stored shapes also fit (``bits * group`` the
+        file's): ``(params, values, units)`` per reading. A float side of another shape that one of them matches
+        within the bound says that the config's bits and group size are not the ones the codes were written at."""
+        out = []
+        W = self.packed.shape[1]
+        for b, g in _fits(W, self.scales.shape):
+            if (b, g) == (self.bits, self.group) or self.numel * self.bits // b > (1 << 26):
+                continue
+            C = W * 32 // b
+            s, z = self.scales.load().float(), self.biases.load().float()
+            values = self._values(_unpack(self.packed.load(), b, C), s, z, g)
+            out.append(({"bits": b, "group": g, "config_bits": self.bits, "config_group": self.group}, values,
+                        s.abs().repeat_interleave(g, 1)))
+        return out
+
     def misreadings(self, start: int, stop: int) -> dict:
-        """Values a converter that misreads the encoding writes, by the finding each names."""
+        """Values a converter that misreads the encoding writes, by the finding each names (a list where one
+        finding has several variants: each narrower bit width)."""
         C = self.shape[1]
         words = self.packed.rows(start, stop)
         codes = _unpack(words, self.bits, C)
@@ -117,12 +140,27 @@ class MlxAffine(BlockScaled):
         if 32 % self.bits == 0 and self.bits < 32:
             out["word-order-reversed"] = ({"bits": self.bits}, self._values(_unpack(words, self.bits, C, True), s, b,
                                                                             self.group))
+        # a dequantizer with the bit width hard-coded (4 on an 8-bit file) that takes the logical shape from the
+        # model config: it reads the first C fields of the row's bit stream at that width, in the file's groups;
+        # a wider width runs past the row's words, so only narrower ones write a tensor of the logical shape
+        narrower = [({"stored": self.bits, "read": w}, self._values(_unpack(words, w, C), s, b, self.group))
+                    for w in BITS if w < self.bits]
+        if narrower:
+            out["bits-wrong"] = narrower
         for g in GROUPS:  # a larger group read: every element takes the scale and bias of group j // g
             if g > self.group and C % g == 0:
                 idx = torch.arange(C) // g
                 out.setdefault("group-size-wrong", ({"stored": self.group, "read": g},
                                                     codes.float() * s[:, idx] + b[:, idx]))
         return out
+
+
+def _fits(words: int, scales_shape) -> list:
+    """The (bits, group size) pairs of MLX's choices that ``words`` uint32 per row and ``scales_shape`` fit."""
+    if len(scales_shape) != 2 or not scales_shape[1]:
+        return []
+    return [(b, g) for b in BITS for g in GROUPS
+            if (words * 32) % b == 0 and words * 32 // b == g * scales_shape[1]]
 
 
 def _int(v, choices) -> bool:
