@@ -323,7 +323,7 @@ def _declare() -> None:
     from ckdiff.formats.layouts import DROP
     register = registry.register
     # the mapping-free formats read the generic layer pattern (layers.N., h.N., blk.N.)
-    register(Format("file", "a single .safetensors, .bin, .pt or .pth file", is_tensor_file, read_file,
+    register(Format("file", "a single .safetensors, .bin, .pt, .pth or .ckpt file", is_tensor_file, read_file,
                     priority=10, input=Input.FILE))
     register(Format("hf", "Hugging Face directory: config.json with model.safetensors, sharded *.safetensors + "
                           "index, or pytorch_model*.bin", is_hf_dir, read_hf, priority=60, layout="hf",
@@ -394,7 +394,7 @@ def detect_format(p: Path) -> str:
     if f is not None:
         return f.name
     raise InputError(p, f"unknown file type {p.suffix or '(no suffix)'}: expected .safetensors, "
-                        ".bin, .pt or .pth")
+                        ".bin, .pt, .pth or .ckpt (or a .gguf file)")
 
 
 def open_checkpoint(spec: str, fmt: str | None = None, cache_dir: str | None = None,
