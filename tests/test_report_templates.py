@@ -11,7 +11,7 @@ from markupsafe import Markup
 from ckdiff.compare.diff import CompareResult, TensorResult
 from ckdiff.golden.suite import CheckResult, SuiteResult
 from ckdiff.reports import html as H
-from ckdiff.text import html_text
+from ckdiff.text import html_text, printable
 
 PAYLOADS = ["<script>alert(1)</script>", "<img src=x onerror=alert(2)>", "'><svg onload=alert(3)>",
             "\"><b onmouseover=alert(4)>", "</script><script>alert(5)//", "<!--", "x\x1b[2J\u202e"]
@@ -63,12 +63,13 @@ def test_payloads_appear_only_escaped(payload):
             assert live not in shown, (kind, live)
         assert html_text(payload) in shown, kind  # shown, as text
         assert shown.count("<script") == 0 and page.count("<script") == 1 + (kind == "compare")
-    # the data block holds the names exactly (as JSON text), with no character that could end the block
+    # the data block holds the names as shown (printable: controls as visible escapes), as JSON text with no
+    # character that could end the block
     page = H.render_html("compare", _compare(payload))
     block = page.split("<script id=data type=application/json>")[1].split("</script>")[0]
     assert "<" not in block and ">" not in block
     rows = json.loads(block)["rows"]
-    assert set(_names(payload)) <= {r[0] for r in rows}
+    assert {printable(n) for n in _names(payload)} <= {r[0] for r in rows}
 
 
 def test_the_page_is_markup_where_it_should_be():
