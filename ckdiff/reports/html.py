@@ -4,6 +4,10 @@ The HTML page embeds its data as JSON and draws the tensor table with a few
 lines of inline JavaScript (sort by clicking a header, filter by name and
 status), so a 70B-scale report with thousands of tensors stays small: each
 tensor is one compact JSON row, not a block of markup. No remote assets.
+
+The markup lives in jinja2 templates (``ckdiff/reports/templates/*.html.j2``) rendered with autoescape on;
+this module turns a result into the plain values they print (no computation beyond layout: cell classes,
+SVG geometry, formatted numbers). Markdown is written here, each value escaped with ``md_text``.
 """
 from __future__ import annotations
 
@@ -367,7 +371,8 @@ def render_html(kind: str, res, command: str = "") -> str:
     rows = _rows(d["tensors"]) if shape.tensors else []
     view = {
         "title": title, "ok": ok, "headline": headline, "sub": sub,
-        "sides": [(str(d["a"]), str(d.get("format_a"))), (str(d["b"]), str(d.get("format_b")))] if shape.sides else None,
+        "sides": ([(str(d["a"]), str(d.get("format_a"))), (str(d["b"]), str(d.get("format_b")))]
+                  if shape.sides else None),
         "command": doc["command"], "ckdiff_version": doc["ckdiff_version"], "torch_version": doc["torch_version"],
         "schema": doc["schema"],
         "compare": _compare_view(d) if shape.tensors else None,
