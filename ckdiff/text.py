@@ -65,11 +65,3 @@ def md_code(s) -> str:
     """A name set in monospace in Markdown: ``<code>`` around ``md_text`` (a backtick code span could be
     closed by a backtick in the name)."""
     return f"<code>{md_text(s)}</code>"
-
-
-def script_json(obj) -> str:
-    """JSON for an HTML ``<script>`` data block: ``<``, ``>`` and ``&`` as ``\\u`` escapes, so that
-    neither ``</script>`` nor ``<!--`` (which would change how the block ends) can appear in it."""
-    import json
-    return (json.dumps(obj, separators=(",", ":")).replace("<", "\\u003c").replace(">", "\\u003e")
-            .replace("&", "\\u0026").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))

@@ -4,16 +4,24 @@ The HTML page embeds its data as JSON and draws the tensor table with a few
 lines of inline JavaScript (sort by clicking a header, filter by name and
 status), so a 70B-scale report with thousands of tensors stays small: each
 tensor is one compact JSON row, not a block of markup. No remote assets.
+
+The markup lives in jinja2 templates (``ckdiff/reports/templates/*.html.j2``) rendered with autoescape on;
+this module turns a result into the plain values they print (no computation beyond layout: cell classes,
+SVG geometry, formatted numbers). Markdown is written here, each value escaped with ``md_text``.
 """
 from __future__ import annotations
 
+import functools
 import math
+import re
 from types import SimpleNamespace
 from typing import Optional
 
+from markupsafe import Markup
+
 from ckdiff.compare.result import reasons
 from ckdiff.compare.status import Status, is_ok, ok_text, tally
-from ckdiff.text import html_text, md_cell, md_code, md_text, printable, script_json
+from ckdiff.text import html_text, md_cell, md_code, md_text, printable
 from ckdiff.reports.render import _clean, envelope, fmt, worst_first_key
 
 
@@ -87,23 +95,25 @@ def _heat_class(lv: float) -> str:
     return "h3" if lv < 2.01 else "h4"
 
 
-def _breakable(text: str) -> str:
-    """Escaped text that may wrap after a dot or an underscore (long tensor kinds in narrow headers)."""
-    return html_text(text).replace(".", ".<wbr>").replace("_", "_<wbr>")
+def breakable(text) -> list[str]:
+    """``text`` cut after every dot and underscore: the template puts a ``<wbr>`` between the pieces, so
+    long tensor kinds may wrap in narrow headers while every piece is still escaped as text."""
+    return re.split(r"(?<=[._])", str(text))
 
 
-def _heat_html(tensors, formats=()) -> str:
+def _heat_view(tensors, formats=()) -> Optional[dict]:
+    """What the heatmap template draws: header kinds, one row of cells per layer, the legend of the classes
+    present and the failing cells named above the grid (so a failing grid never looks green)."""
     layers, kinds, cells = heatmap(tensors, formats)
     if not layers:
-        return ""
-    head = "".join(f"<th title='{html_text(k)}'>{_breakable(k.replace('.weight', ''))}</th>" for k in kinds)
+        return None
     rows, present = [], set()
     for i in layers:
         tds = []
         for k in kinds:
             c = cells.get((i, k))
             if c is None:
-                tds.append("<td class=na></td>")
+                tds.append(None)
                 continue
             lv, t = c
             cls = _heat_class(lv)
@@ -114,21 +124,16 @@ def _heat_html(tensors, formats=()) -> str:
             text = {"h5": "x", "h2": "dtype"}.get(cls, "")
             if cls in ("h3", "h4"):
                 text = fmt(t.get("max_abs"), 2)
-            tds.append(f"<td class={cls} title='{html_text(tip)}'>{html_text(text)}</td>")
-        rows.append(f"<tr><th>layer {i}</th>{''.join(tds)}</tr>")
-    legend = "".join(f"<span class=lg><i class={c}></i>{html_text(label)}</span>" for c, label in LEGEND
-                     if c in present)
-    bad = [(i, k) for i in layers for k in kinds if (i, k) in cells and cells[(i, k)][0] > 1]
-    failing = ""
-    if bad:  # named above the grid, which also scrolls to the first of them: never a green-looking grid
-        more = f" and {len(bad) - 12} more" if len(bad) > 12 else ""
-        failing = ("<p class=failing id=heat-failing>failing: " + ", ".join(
-            f"layer {i} <code>{html_text(k.replace('.weight', ''))}</code>" for i, k in bad[:12]) + more + "</p>")
-    return ("<h2>Per layer, against the tolerance</h2><p class=legend>" + legend + "</p>" + failing +
-            f"<div class=scroll><table class=heat><tr><th></th>{head}</tr>" + "".join(rows) + "</table></div>")
+            tds.append({"cls": cls, "tip": tip, "text": text})
+        rows.append({"layer": i, "cells": tds})
+    bad = [(i, k.replace(".weight", "")) for i in layers for k in kinds if (i, k) in cells and cells[(i, k)][0] > 1]
+    return {"kinds": [(k, k.replace(".weight", "")) for k in kinds], "rows": rows,
+            "legend": [(c, label) for c, label in LEGEND if c in present],
+            "failing": bad[:12], "more": max(0, len(bad) - 12)}
 
 
-CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:1600px}h1{font-size:20px}
+# the page's own style and script: static text of this module, the only values marked safe
+CSS = Markup("""body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:1600px}h1{font-size:20px}
 h2{font-size:16px;margin:20px 0 6px}
 .banner{padding:12px 16px;border-radius:6px;font-size:18px;font-weight:600;margin-bottom:12px}
 .banner small{display:block;font-size:14px;font-weight:400}
@@ -150,9 +155,9 @@ code{background:#f3f3f3;padding:1px 4px;overflow-wrap:anywhere}
 #checks td.s-NO{color:#9b1111;font-weight:600}small{color:#666}
 #checks td.dt{white-space:normal;min-width:16em}#checks td.rp{white-space:normal;font-size:12px}
 .kv th{cursor:default;font-weight:500}.kv td{white-space:normal}
-svg text{font:11px system-ui,sans-serif;fill:#333}"""
+svg text{font:11px system-ui,sans-serif;fill:#333}""")
 
-JS = """const D=JSON.parse(document.getElementById('data').textContent),DIAG=D.diag;
+JS = Markup("""const D=JSON.parse(document.getElementById('data').textContent),DIAG=D.diag;
 for(const box of document.querySelectorAll('.scroll')){const c=box.querySelector('.heat .h2,.heat .h3,.heat .h4,.heat .h5');
 if(c){const b=box.getBoundingClientRect(),r=c.getBoundingClientRect();
 box.scrollTop+=r.top-b.top-(box.clientHeight-r.height)/2;box.scrollLeft+=r.left-b.left-(box.clientWidth-r.width)/2;}}
@@ -165,7 +170,7 @@ tb.innerHTML=h;document.getElementById('count').textContent=n+' of '+rows.length
 let sortCol=-1,asc=true;document.querySelectorAll('#tensors th').forEach((th,i)=>th.onclick=()=>{
 asc=(sortCol===i)?!asc:(i<2);sortCol=i;D.rows.sort((a,b)=>{const x=a[i],y=b[i];
 if(x===y)return 0;if(x===null)return 1;if(y===null)return -1;return (x<y?-1:1)*(asc?1:-1);});render();});
-document.getElementById('q').oninput=render;document.getElementById('st').onchange=render;render();"""
+document.getElementById('q').oninput=render;document.getElementById('st').onchange=render;render();""")
 
 # the diagnosis third, beside the name and status, so a failing row's cause is in view at any width
 COLUMNS = ["tensor", "status", "diagnosis", "shape A", "shape B", "dtype A", "dtype B", "max abs", "index",
@@ -183,41 +188,18 @@ def _rows(tensors):
              f"{t.get('nan_a', 0)}/{t.get('nan_b', 0)}"] for t in ts]
 
 
-def _compare_section(d: dict) -> str:
+def _compare_view(d: dict) -> dict:
+    """What the compare section shows: key-set differences, reasons, diagnosis, warnings, config
+    differences, the heatmap and the statuses the tensor table filters by."""
     tensors = d.get("tensors", [])
-    parts = []
-    only_a = [t["name"] for t in tensors if t["status"] == Status.ONLY_A]
-    only_b = [t["name"] for t in tensors if t["status"] == Status.ONLY_B]
-    if only_a or only_b:
-        parts.append("<h2>Key-set differences</h2><ul>" + "".join(
-            f"<li>only in A: <code>{html_text(n)}</code></li>" for n in only_a[:200]) + "".join(
-            f"<li>only in B: <code>{html_text(n)}</code></li>" for n in only_b[:200]) + "</ul>")
-    why = reasons(d)
-    if why:
-        parts.append("<h2>Why it differs</h2><ul id=reasons>" + "".join(f"<li>{html_text(r)}</li>" for r in why)
-                     + "</ul>")
-    diag = [(t["name"], x) for t in tensors for x in (t.get("diagnosis") or [])]
-    notes = d.get("notes") or []
-    if diag or notes:
-        parts.append("<h2>Diagnosis</h2><ul>" + "".join(f"<li>{html_text(n)}</li>" for n in notes) + "".join(
-            f"<li><code>{html_text(n)}</code>: {html_text(x)}</li>" for n, x in diag[:500]) + "</ul>")
-    if d.get("warnings"):
-        parts.append("<h2>Warnings</h2><p><small>findings that hold on both sides alike: about the checkpoints, "
-                     f"not a difference between them{'' if d.get('strict') else ' (they fail with --strict)'}"
-                     "</small></p><ul id=warnings>" + "".join(f"<li>{html_text(w)}</li>" for w in d["warnings"])
-                     + "</ul>")
-    if d.get("config_diff"):
-        parts.append("<h2>Config differences</h2><table><tr><th>key</th><th>A</th><th>B</th></tr>" + "".join(
-            f"<tr><td>{html_text(str(k))}</td><td>{html_text(repr(a))}</td><td>{html_text(repr(b))}</td></tr>"
-            for k, a, b in d["config_diff"]) + "</table>")
-    parts.append(_heat_html(tensors, (d.get("format_a"), d.get("format_b"))))
-    statuses = sorted({t["status"] for t in tensors})
-    opts = "".join(f"<option>{s}</option>" for s in statuses)
-    parts.append("<h2>Tensors</h2><p><input id=q placeholder='filter by name' size=40> "
-                 f"<select id=st><option value=''>all statuses</option>{opts}</select> <small id=count></small></p>"
-                 "<div class=scroll><table id=tensors><thead><tr>"
-                 + "".join(f"<th>{c}</th>" for c in COLUMNS) + "</tr></thead><tbody></tbody></table></div>")
-    return "".join(parts)
+    return {"only_a": [t["name"] for t in tensors if t["status"] == Status.ONLY_A][:200],
+            "only_b": [t["name"] for t in tensors if t["status"] == Status.ONLY_B][:200],
+            "reasons": reasons(d), "notes": d.get("notes") or [],
+            "diag": [(t["name"], x) for t in tensors for x in (t.get("diagnosis") or [])][:500],
+            "warnings": d.get("warnings") or [], "strict": d.get("strict"),
+            "config_diff": [(str(k), repr(a), repr(b)) for k, a, b in d.get("config_diff") or []],
+            "heat": _heat_view(tensors, (d.get("format_a"), d.get("format_b"))),
+            "statuses": sorted({t["status"] for t in tensors}), "columns": COLUMNS}
 
 
 def logits_gate(d: dict) -> str:
@@ -230,17 +212,14 @@ def logits_gate(d: dict) -> str:
             f"{fmt(_num(sig['limit']))} (noise floor {fmt(_num(sig['floor']))}, {d.get('profile')} profile)")
 
 
-def _signals_table(d: dict) -> str:
+def _signals_view(d: dict) -> Optional[dict]:
     fl = d.get("noise_floor") or {}
     if not fl:
-        return ""
-    rows = "".join(f"<tr><td>{html_text(str(r['signal']))}</td><td>{fmt(_num(r['observed']))}</td>"
-                   f"<td>{fmt(_num(r['floor']))}</td><td>{fmt(_num(r['limit']))}</td>"
-                   f"<td>{'over' if _num(r['ratio']) > 1 else 'ok'}</td></tr>" for r in d.get("signals") or [])
-    return (f"<h2>Noise floor and signals</h2><p class=legend>{html_text(str(fl.get('applied_to')))}'s weights "
-            f"as {html_text(str(fl.get('encoding')))}, against {html_text(str(fl.get('reference')))}; "
-            f"{html_text(str(d.get('profile')))} profile</p><table><tr><th>signal</th><th>observed</th>"
-            f"<th>noise floor</th><th>limit</th><th></th></tr>{rows}</table>")
+        return None
+    return {"applied_to": str(fl.get("applied_to")), "encoding": str(fl.get("encoding")),
+            "reference": str(fl.get("reference")), "profile": str(d.get("profile")),
+            "rows": [(str(r["signal"]), fmt(_num(r["observed"])), fmt(_num(r["floor"])), fmt(_num(r["limit"])),
+                      "over" if _num(r["ratio"]) > 1 else "ok") for r in d.get("signals") or []]}
 
 
 def _kl_color(kl: float, thr: float) -> str:
@@ -251,35 +230,31 @@ def _kl_color(kl: float, thr: float) -> str:
     return f"rgb({int(215 - 60 * r)},{int(239 - 40 * r)},{int(220 - 90 * r)})"
 
 
-def _token_kl_svg(d: dict) -> str:
+def _token_kl_view(d: dict) -> Optional[dict]:
+    """The per-token KL grid as SVG geometry: one rect (x, y, w, h, fill, tooltip) per sequence and position."""
     grid = d.get("token_kl") or []
     if not grid or not grid[0]:
-        return ""
+        return None
     thr = _num(d.get("threshold")) or 1e-30
     T = len(grid[0])
     w = max(4, min(16, 760 // T))
     h = 16
     left, top = 46, 16
-    rects = []
+    shift = int(bool(d.get("skip_first")))
+    rows = []  # per sequence: its cells (x, y, width, height, fill, tooltip) and its label's baseline
     for si, row in enumerate(grid):
-        for pi, v in enumerate(row):
-            v = _num(v)
-            rects.append(f"<rect x={left + pi * w} y={top + si * h} width={w - 1} height={h - 1} "
-                         f"fill='{_kl_color(v, thr)}'><title>seq {si}, pos {pi + int(bool(d.get('skip_first')))}: "
-                         f"KL {fmt(v)}</title></rect>")
-        rects.append(f"<text x=0 y={top + si * h + 12}>seq {si}</text>")
-    width, height = left + T * w + 4, top + len(grid) * h + 18
-    axis = (f"<text x={left} y=11>position 0</text>"
-            f"<text x={left + T * w} y=11 text-anchor=end>{T - 1 + int(bool(d.get('skip_first')))}</text>")
-    return (f"<h2>Per-token KL (sequence x position)</h2><p class=legend>green: below the threshold "
-            f"{fmt(thr)} (darker = closer to it); orange to red: over it. Hover a cell for its value.</p>"
-            f"<svg width={width} height={height} role=img aria-label='per-token KL'>{axis}{''.join(rects)}</svg>")
+        rects = [(left + pi * w, top + si * h, w - 1, h - 1, _kl_color(_num(v), thr),
+                  f"seq {si}, pos {pi + shift}: KL {fmt(_num(v))}") for pi, v in enumerate(row)]
+        rows.append((rects, top + si * h + 12, f"seq {si}"))
+    return {"width": left + T * w + 4, "height": top + len(grid) * h + 18, "left": left, "right": left + T * w,
+            "last": T - 1 + shift, "threshold": fmt(thr), "rows": rows}
 
 
-def _layers_svg(d: dict) -> str:
+def _layers_view(d: dict) -> Optional[dict]:
+    """The per-layer hidden-state divergence as SVG geometry: bars on a log scale against each layer's limit."""
     errs = [_num(x) for x in d.get("layer_rel_errors") or []]
     if not errs:
-        return ""
+        return None
     from ckdiff.compare.noise import PROFILES
     prof = PROFILES.get(d.get("profile")) or PROFILES["standard"]
     floor = [_num(x) for x in (d.get("noise_floor") or {}).get("layer_rel_errors") or []]
@@ -291,34 +266,28 @@ def _layers_svg(d: dict) -> str:
     bars = []
     for i, v in enumerate(errs):
         top = y(v)
-        color = "#b3261e" if not v <= limits[i] else "#2e8b57"
-        bars.append(f"<rect x={left + i * bw + 1} y={top:.1f} width={bw - 2} height={max(1.0, 8 + H - top):.1f} "
-                    f"fill='{color}'><title>hidden state {i}: relative error "
-                    f"{fmt(v)} (limit {fmt(limits[i])})</title></rect>")
-    ticks = "".join(f"<text x=0 y={y(10.0 ** e) + 4:.1f}>1e{e}</text>" for e in (0, -6, -12, -18))
-    ty = y(thr)
-    line = (f"<line x1={left} x2={left + len(errs) * bw} y1={ty:.1f} y2={ty:.1f} stroke='#b3261e' "
-            f"stroke-dasharray='4 3'/><text x={left + len(errs) * bw + 4} y={ty + 4:.1f}>highest limit {fmt(thr)}</text>")
+        bars.append((left + i * bw + 1, f"{top:.1f}", bw - 2, f"{max(1.0, 8 + H - top):.1f}",
+                     "#b3261e" if not v <= limits[i] else "#2e8b57",
+                     f"hidden state {i}: relative error {fmt(v)} (limit {fmt(limits[i])})"))
     first = d.get("first_divergent_layer")
-    return (f"<h2>Hidden-state divergence per layer</h2><p class=legend>relative error of each layer's hidden state "
-            f"(log scale); first divergent layer: {'none' if first is None else first}</p>"
-            f"<svg width={left + len(errs) * bw + 130} height={H + 30} role=img aria-label='per-layer divergence'>"
-            f"{ticks}{line}{''.join(bars)}</svg>")
+    right = left + len(errs) * bw
+    return {"width": right + 130, "height": H + 30, "left": left, "right": right,
+            "ticks": [(f"{y(10.0 ** e) + 4:.1f}", f"1e{e}") for e in (0, -6, -12, -18)],
+            "ty": f"{y(thr):.1f}", "ty_label": f"{y(thr) + 4:.1f}", "threshold": fmt(thr), "bars": bars,
+            "first": "none" if first is None else first}
 
 
-def _topk_table(d: dict) -> str:
+def _topk_view(d: dict) -> Optional[dict]:
     w = d.get("worst_topk") or {}
     if not w.get("a_ids"):
-        return ""
+        return None
     seq, pos = (d.get("max_kl_at") or [0, 0])[:2]
-    rows = "".join(f"<tr><td>{i + 1}</td><td>{a}</td><td>{fmt(_num(la), 4)}</td><td>{b}</td><td>{fmt(_num(lb), 4)}</td></tr>"
-                   for i, (a, la, b, lb) in enumerate(zip(w["a_ids"], w["a_logprob"], w["b_ids"], w["b_logprob"])))
-    return (f"<h2>Top-{len(w['a_ids'])} at the worst token (sequence {seq}, position {pos})</h2><table>"
-            "<tr><th>rank</th><th>A token id</th><th>A log-prob</th><th>B token id</th><th>B log-prob</th></tr>"
-            f"{rows}</table>")
+    return {"k": len(w["a_ids"]), "seq": seq, "pos": pos,
+            "rows": [(i + 1, a, fmt(_num(la), 4), b, fmt(_num(lb), 4)) for i, (a, la, b, lb)
+                     in enumerate(zip(w["a_ids"], w["a_logprob"], w["b_ids"], w["b_logprob"]))]}
 
 
-def _logits_section(d: dict) -> str:
+def _logits_view(d: dict) -> dict:
     at = lambda x: "-" if x is None else ", ".join(map(str, x))  # noqa: E731
     kv = [("verdict", logits_gate(d)),
           ("tokens", f"{d.get('batch')} sequences x {d.get('length')} positions of random ids (seed {d.get('seed')}), "
@@ -333,22 +302,14 @@ def _logits_section(d: dict) -> str:
           ("max |logit difference|", f"{fmt(_num(d.get('max_abs')))} at sequence, position, token "
                                      f"{at(d.get('max_abs_at'))}"),
           ("NMSE", fmt(_num(d.get("nmse"))))]
-    rows = "".join(f"<tr><th>{html_text(k)}</th><td>{html_text(v)}</td></tr>" for k, v in kv)
-    notes = "".join(f"<li>{html_text(n)}</li>" for n in d.get("notes", []))
-    return (f"<h2>Logits</h2><table class=kv>{rows}</table>" + (f"<ul>{notes}</ul>" if notes else "")
-            + _signals_table(d) + _token_kl_svg(d) + _layers_svg(d) + _topk_table(d))
+    return {"kv": kv, "notes": d.get("notes", []), "signals": _signals_view(d), "token_kl": _token_kl_view(d),
+            "layers": _layers_view(d), "topk": _topk_view(d)}
 
 
-def _suite_section(d: dict) -> str:
-    rows = "".join(
-        f"<tr><td>{html_text(c['converter'])}</td><td>{html_text(c['model'])}</td>"
-        f"<td>{html_text(c.get('variant') or '-')}</td><td>{c['check']}</td>"
-        f"<td class='s-{ok_text(c['ok'])}'>{ok_text(c['ok'])}</td>"
-        f"<td class=dt>{html_text(c['detail'])}</td>"
-        f"<td class=rp>{'<code>' + html_text(c['command']) + '</code>' if c.get('command') else '-'}</td></tr>"
-        for c in d.get("checks", []))
-    return ("<h2>Checks</h2><div class=scroll><table id=checks><tr><th>converter</th><th>model</th><th>options</th>"
-            f"<th>check</th><th>ok</th><th>detail</th><th>reproduce</th></tr>{rows}</table></div>")
+def _suite_view(d: dict) -> list[dict]:
+    return [{"converter": c["converter"], "model": c["model"], "variant": c.get("variant") or "-",
+             "check": c["check"], "ok": ok_text(c["ok"]), "detail": c["detail"], "command": c.get("command")}
+            for c in d.get("checks", [])]
 
 
 class _Shape:
@@ -368,6 +329,30 @@ class _Shape:
             raise TypeError(f"no report layout for a {type(res).__name__}")
 
 
+def _escape(value):
+    """The environment's ``finalize``: every value a template prints is passed through ``html_text``
+    (``printable`` plus ``& < > " '`` as entities, the one HTML escape ckdiff uses), which writes control
+    characters and direction marks as visible escapes, something markupsafe's escape does not do. Values
+    already ``Markup`` (the package's static CSS and JavaScript, macro output) pass as they are."""
+    return value if isinstance(value, Markup) else Markup(html_text(value))
+
+
+@functools.lru_cache(maxsize=1)
+def environment():
+    """The jinja2 environment the HTML report renders through: templates shipped in
+    ``ckdiff/reports/templates``, autoescape on for every template (so ``~``, ``join``, ``replace`` and
+    macro output escape as well), undefined names an error rather than an empty string."""
+    import jinja2
+    env = jinja2.Environment(loader=jinja2.PackageLoader("ckdiff.reports", "templates"), autoescape=True,
+                             finalize=_escape, undefined=jinja2.StrictUndefined, trim_blocks=True,
+                             lstrip_blocks=True, keep_trailing_newline=True)
+    env.filters["breakable"] = breakable
+    # the data block goes through jinja2's own ``tojson`` (``< > & '`` as \\u escapes, so no value can close
+    # the block or open a comment in it), compact and in the order the page's script reads it
+    env.policies["json.dumps_kwargs"] = {"separators": (",", ":")}
+    return env
+
+
 def render_html(kind: str, res, command: str = "") -> str:
     shape = _Shape(res)
     doc = _clean(envelope(kind, res.to_dict(), res.verdict(), command))
@@ -375,41 +360,29 @@ def render_html(kind: str, res, command: str = "") -> str:
     ok = res.equivalent
     title = {"compare": "Checkpoint diff", "logits": "Logit comparison", "golden": "Golden diff",
              "roundtrip": "Round trip", "demo": "Converter suite"}.get(kind, kind)
-    sides = ""
-    if shape.sides:
-        sides = (f"<p>A: <code>{html_text(str(d['a']))}</code> [{html_text(str(d.get('format_a')))}]<br>"
-                 f"B: <code>{html_text(str(d['b']))}</code> [{html_text(str(d.get('format_b')))}]</p>")
     headline = f"{'EQUIVALENT' if ok else 'DIFFER'}" if not shape.checks else ("PASS" if ok else "FAIL")
     if shape.tensors and d["counts"]:
         headline += ": " + ", ".join(f"{v} {k}" for k, v in sorted(d["counts"].items()))
-    sub = ""
+    sub = None
     if shape.logits:
-        sub = f"<small>{html_text(logits_gate(d))}</small>"
+        sub = logits_gate(d)
     elif shape.checks:
-        sub = f"<small>{tally([SimpleNamespace(ok=c['ok']) for c in d['checks']])}</small>"
-    reproduce = f"Reproduce: <code>{html_text(doc['command'])}</code><br>" if doc["command"] else ""
-    body = [f"<div class='banner {'ok' if ok else 'bad'}' id=verdict>{html_text(headline)}{sub}</div>",
-            f"<h1>ckdiff {html_text(title)}</h1>", sides,
-            f"<p>{reproduce}<small>ckdiff {doc['ckdiff_version']}, "
-            f"torch {doc['torch_version']}, schema {doc['schema']}</small></p>"]
-    rows = []
-    if shape.tensors:
-        body.append(_compare_section(d))
-        rows = _rows(d["tensors"])
-    if shape.logits:
-        body.append(_logits_section(d))
-    if shape.checks:
-        body.append(_suite_section(d))
-    if shape.mapping and d["mapping"]:
-        body.append("<h2>Mapping</h2><table class=map><tr><th>source</th><th>target</th><th>op</th></tr>" + "".join(
-            f"<tr><td>{_breakable(', '.join(s))}</td><td>{_breakable(', '.join(t))}</td><td>{html_text(o)}</td></tr>"
-            for s, t, o in d["mapping"]) + "</table>")
-    data = script_json({"rows": [[printable(c) if isinstance(c, str) else c for c in r] for r in rows],
-                        "diag": DIAG_COL})
-    script = f"<script id=data type=application/json>{data}</script>" + (f"<script>{JS}</script>" if rows else "")
-    return (f"<!doctype html><html><head><meta charset=utf-8><title>ckdiff {html_text(title)}: "
-            f"{'equivalent' if ok else 'differ'}</title><style>{CSS}</style></head><body>"
-            + "".join(body) + script + "</body></html>\n")
+        sub = tally([SimpleNamespace(ok=c["ok"]) for c in d["checks"]])
+    rows = _rows(d["tensors"]) if shape.tensors else []
+    view = {
+        "title": title, "ok": ok, "headline": headline, "sub": sub,
+        "sides": ([(str(d["a"]), str(d.get("format_a"))), (str(d["b"]), str(d.get("format_b")))]
+                  if shape.sides else None),
+        "command": doc["command"], "ckdiff_version": doc["ckdiff_version"], "torch_version": doc["torch_version"],
+        "schema": doc["schema"],
+        "compare": _compare_view(d) if shape.tensors else None,
+        "logits": _logits_view(d) if shape.logits else None,
+        "checks": _suite_view(d) if shape.checks else None,
+        "mapping": [(", ".join(s), ", ".join(t), o) for s, t, o in d["mapping"]] if shape.mapping else [],
+        "data": {"rows": [[printable(c) if isinstance(c, str) else c for c in r] for r in rows], "diag": DIAG_COL},
+        "css": CSS, "js": JS if rows else None,
+    }
+    return environment().get_template("report.html.j2").render(view)
 
 
 def render_markdown(kind: str, res, command: str = "") -> str:
