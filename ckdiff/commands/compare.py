@@ -33,6 +33,9 @@ def parser(prog: str = "ckdiff compare"):
     p.add_argument("--workers", type=common.workers_arg, default=1, metavar="N",
                    help="spread the tensors over N local processes (torch.distributed, gloo on 127.0.0.1; "
                         "default 1). Under torchrun the launcher's ranks are used instead")
+    p.add_argument("--device", default="cpu", metavar="DEV",
+                   help="where the metrics of differing tensors are computed: cpu (default, the numba kernels) or "
+                        "cuda[:N] (torch on the GPU, pinned buffers, reads overlapping compute)")
     common.add_formats(p)
     common.add_reports(p)
     common.add_common(p)
@@ -79,12 +82,16 @@ def _run(args, command: str, shard) -> int:
     if main_rank:
         common.check_reports(args)
     tol = parse_tol(args.tol)
+    device = None
+    if args.device != "cpu":  # cpu: the numba kernels; anything else must name a device that runs here
+        from ckdiff.compare.kernels_torch import check_device
+        device = str(check_device(args.device))
     a, b = open_pair(args)
     if main_rank:
         common.check_reports(args, (a, b))
     opts = Options(atol=args.atol, rtol=args.rtol, patterns=tol, only=args.only, ignore=args.ignore,
                    diagnose=not args.no_diagnose, strict_dtype=args.strict_dtype,
-                   strict=args.strict)
+                   strict=args.strict, device=device)
     res = compare_checkpoints(a, b, opts, progress_factory=common.progress_factory(
         common.show_progress(args) and main_rank), map_layouts=not args.no_map, shard=shard)
     if not main_rank:

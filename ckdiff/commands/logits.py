@@ -32,6 +32,8 @@ def parser(prog: str = "ckdiff logits"):
     p.add_argument("--no-tensor-diff", action="store_true",
                    help="skip the tensor diff run before the forward passes (it names weight differences the "
                         "logits may not show)")
+    p.add_argument("--device", default="cpu", metavar="DEV",
+                   help="where the forward passes run: cpu (default) or cuda[:N]")
     common.add_formats(p, names=runnable)  # the formats ckdiff logits can run
     common.add_reports(p)
     common.add_common(p)
@@ -44,6 +46,10 @@ def run(argv, command: str = "") -> int:
     from ckdiff.commands.compare import open_pair
     args = parser().parse_args(argv)
     common.check_reports(args)
+    device = None
+    if args.device != "cpu":
+        from ckdiff.compare.kernels_torch import check_device
+        device = str(check_device(args.device))
     a, b = open_pair(args)
     common.check_reports(args, (a, b))
     from ckdiff.formats import registry
@@ -53,10 +59,11 @@ def run(argv, command: str = "") -> int:
             raise UsageError(f"{ck.path}: {side} is a plain set of tensors ({ck.format}); ckdiff logits runs the "
                              "model, which needs its config: pass a model directory (HF config.json, Meta/JetStream "
                              "params.json or a Megatron-LLM checkpoint)")
-    diff = None if args.no_tensor_diff else _tensor_diff(a, b)
+    diff = None if args.no_tensor_diff else _tensor_diff(a, b, device)
     pf = common.progress_factory(common.show_progress(args), "running")
     res = compare_logits(a, b, args.batch, args.length, args.seed, args.dtype, args.topk,
-                         args.skip_first_token, args.threshold, progress_factory=pf, profile=args.profile)
+                         args.skip_first_token, args.threshold, progress_factory=pf, profile=args.profile,
+                         device=device)
     _cross_check(diff, res)
     console = common.console(args)
     if args.quiet:
@@ -67,12 +74,12 @@ def run(argv, command: str = "") -> int:
     return 0 if res.equivalent else 1
 
 
-def _tensor_diff(a, b):
+def _tensor_diff(a, b, device=None):
     """The tensor diff of the pair (the cheap structural check), or the one-line reason it cannot run."""
-    from ckdiff.compare.diff import compare_checkpoints
+    from ckdiff.compare.diff import Options, compare_checkpoints
     from ckdiff.errors import CkdiffError
     try:
-        return compare_checkpoints(a, b)
+        return compare_checkpoints(a, b, Options(device=device))
     except CkdiffError as e:
         return str(e).splitlines()[0] if str(e) else e.__class__.__name__
 

@@ -207,7 +207,7 @@ def _encoding_name(ck: Checkpoint) -> str:
 def compare_logits(a: Checkpoint, b: Checkpoint, batch: int = 4, length: int = 48, seed: int = 0,
                    dtype: str = "float32", topk: int = 5, skip_first: bool = False,
                    threshold: Optional[float] = None, progress_factory=None,
-                   profile: str = "standard") -> LogitsResult:
+                   profile: str = "standard", device: Optional[str] = None) -> LogitsResult:
     """The observed divergence of A and B judged against the noise floor (compare/noise.py): the lossier
     side's encoding applied to the other side's weights, run in that side's runtime. Every KL is
     KL(reference || other), the reference being the side the floor's encoding is applied to, so the
@@ -230,6 +230,8 @@ def compare_logits(a: Checkpoint, b: Checkpoint, batch: int = 4, length: int = 4
     vocab = min(true_a, true_b)
     bos, spec = special_ids(a, b)
     ids = random_ids(vocab, batch, length, seed, bos, spec)
+    if device is not None:  # drawn on the CPU either way; the forward passes run where the ids are
+        ids = ids.to(device)
     tdt = DTYPE_BY_NAME[dtype]
     ea, eb = noise.encoding_of(a), noise.encoding_of(b)
     enc, ref_side = noise.lossier(ea, eb)

@@ -178,6 +178,9 @@ class Options:
     # interrupts the kernel's threads, as 8 MiB); rows gathered through a table go a sixteenth of it at a
     # time, block-scaled rows a quarter
     chunk_bytes: int = 32 * 1024 * 1024
+    # None: the numba kernels (compare/kernels.py); a torch device name ("cuda", "cpu"): the same metrics
+    # as torch operations on that device (compare/kernels_torch.py)
+    device: Optional[str] = None
 
     def tolerance(self, name: str, da, db) -> Tolerance:
         for pat, atol, rtol, reason in self.patterns:

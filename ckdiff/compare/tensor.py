@@ -13,6 +13,8 @@ from __future__ import annotations
 
 
 import math
+
+import torch
 from typing import Callable, Optional
 
 
@@ -46,7 +48,12 @@ def compare_tensor(name: str, ta: LazyTensor, tb: LazyTensor, opts: Options,
     r.atol, r.rtol, r.tol_source = tol.atol, tol.rtol, tol.source
     same_dtype = ta.dtype == tb.dtype
     ranges, row = _ranges(ta, tb, opts.chunk_bytes, _raw(ta) and _raw(tb))
-    stats = None  # the fused kernel (numba), made at the first differing chunk
+    # the fused kernel, made at the first differing chunk: numba's (Options.device None) or torch's on a device
+    stats, kin = None, _kin
+    if opts.device is not None:
+        from ckdiff.compare.kernels_torch import TorchStats
+        stats = TorchStats(torch.device(opts.device))
+        kin = stats.input
     first_diff = None if same_dtype else 0
     for k, (lo, hi, ca, cb) in enumerate(_pairs(ta, tb, ranges, row)):
         if first_diff is None:
@@ -56,7 +63,7 @@ def compare_tensor(name: str, ta: LazyTensor, tb: LazyTensor, opts: Options,
                 continue
             first_diff = k
         stats = stats or _new_stats()
-        stats.add(_kin(ca, ta.dtype), _kin(cb, tb.dtype), lo, tol.atol, tol.rtol)
+        stats.add(kin(ca, ta.dtype), kin(cb, tb.dtype), lo, tol.atol, tol.rtol)
         del ca, cb  # a window is unmapped as soon as it is dropped
         if progress:
             progress((hi - lo) * (ta.dtype.itemsize + tb.dtype.itemsize))
@@ -67,7 +74,7 @@ def compare_tensor(name: str, ta: LazyTensor, tb: LazyTensor, opts: Options,
     stats = stats or _new_stats()  # (an empty tensor cast to another dtype has no chunk)
     if first_diff:  # the equal chunks before the first difference still count in norms and NaN/Inf
         for lo, hi, ca, cb in _pairs(ta, tb, ranges[:first_diff], row):
-            stats.add(_kin(ca, ta.dtype), _kin(cb, tb.dtype), lo, tol.atol, tol.rtol)
+            stats.add(kin(ca, ta.dtype), kin(cb, tb.dtype), lo, tol.atol, tol.rtol)
     r.max_abs = max(0.0, stats.max_abs)
     r.max_abs_index = _unravel(stats.max_idx, ta.shape) if stats.max_idx is not None else None
     r.mean_abs = stats.sum_abs / max(1, ta.numel)

@@ -352,8 +352,9 @@ class Weights:
     with a clear error for a missing one. With ``meta``, only shapes: every read is an empty meta tensor
     (the shape check before a forward pass)."""
 
-    def __init__(self, ck: Checkpoint, dtype: torch.dtype, progress=None, meta: bool = False):
+    def __init__(self, ck: Checkpoint, dtype: torch.dtype, progress=None, meta: bool = False, device=None):
         self.ck, self.dtype, self.meta = ck, dtype, meta
+        self.device = torch.device("cpu") if device is None else torch.device(device)  # read on the host, copied
         self.t = logical_tensors(ck)
         self.progress = progress  # told the bytes of each tensor (or chunk) read
         self.read: list = []  # names read, in order (the shape check names the culprit from them)
@@ -379,8 +380,8 @@ class Weights:
             out = torch.empty(lt.shape, dtype=self.dtype)
             for lo, hi in lt.row_chunks():
                 out[lo:hi] = lt.rows(lo, hi)
-            return out
-        return lt.load().to(self.dtype)
+            return out.to(self.device)
+        return lt.load().to(self.device, self.dtype)
 
     def _tell(self, n: int) -> None:
         if self.progress is not None:
@@ -392,7 +393,7 @@ class Weights:
         if self.meta:
             return torch.empty(tuple(ids.shape) + tuple(lt.shape[1:]), dtype=self.dtype, device="meta")
         uniq, inv = torch.unique(ids, return_inverse=True)
-        rows = torch.stack([lt.rows(int(i), int(i) + 1)[0] for i in uniq]).to(self.dtype)
+        rows = torch.stack([lt.rows(int(i), int(i) + 1)[0] for i in uniq]).to(self.device, self.dtype)
         self._tell(lt.nbytes)
         return rows[inv]
 
@@ -403,7 +404,7 @@ class Weights:
         lt = self._get(k)
         out = []
         for lo, hi in lt.row_chunks():
-            out.append(x @ lt.rows(lo, hi).to(self.dtype).T)
+            out.append(x @ lt.rows(lo, hi).to(self.device, self.dtype).T)
             self._tell(lt.nbytes * (hi - lo) // max(1, lt.nrows))
         return torch.cat(out, -1)
 
@@ -509,7 +510,8 @@ LAYOUT_ADAPTERS: dict = {"hf": hf_layout, "meta": meta_layout, "jetstream": meta
 # ---------------------------------------------------------------- the generic decoder
 def decoder(layout: Layout, ck: Checkpoint, cfg: ModelConfig, block: Block, ids, dtype, progress=None):
     """The family's block over the layout's weights, layer by layer (see ``_decoder``)."""
-    W = Weights(ck, dtype, progress=progress, meta=ids.device.type == "meta")
+    meta = ids.device.type == "meta"
+    W = Weights(ck, dtype, progress=progress, meta=meta, device=None if meta else ids.device)
     ang = Angles(cfg, ids.shape[1])
     rope = ROPE[layout.rotary]
     act = ACT[block.act]
