@@ -2,7 +2,7 @@
 the equivalence named; the same rewrite done to one tensor only still fails.
 
 Fixtures: HF checkpoints by transformers' save_pretrained (tiny random Llama / Mixtral, GQA 4 heads /
-2 KV heads), GGUF by the gguf package's writer (gguf_io.write_gguf)."""
+2 KV heads), GGUF by the gguf package's writer (formats/gguf.py write_gguf)."""
 import json
 from dataclasses import replace
 

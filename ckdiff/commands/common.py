@@ -1,8 +1,8 @@
 """What every command shares: the parser class, the common flags, the console, progress bars,
 the command string of a run, and the one report-writing path.
 
-Commands parse, print and choose exit codes; the library (compare/, converters/, golden/, reports/)
-does neither.
+Commands parse, print and choose exit codes; the library (tensor/, io/, models/, formats/, convert/,
+compare/, runtime/, golden/, reports/) does neither.
 """
 from __future__ import annotations
 

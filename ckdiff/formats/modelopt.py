@@ -25,7 +25,7 @@ import torch
 from ckdiff.errors import InputError
 from ckdiff.io.inputs import read_json_object
 from ckdiff.tensor.blockscaled import BlockScaled, Scaled, fold
-from ckdiff.tensor.fp4 import FP4, FP4_BYTES, FP4_STEPS
+from ckdiff.tensor.fp4 import FP4_BYTES, FP4_STEPS, FP4_VALUES, e8m0_problems, e8m0_scales
 from ckdiff.tensor.lazy import Checkpoint, LazyTensor
 
 QUANT_FILE = "hf_quant_config.json"
@@ -34,7 +34,6 @@ GROUP = {"NVFP4": 16, "MXFP8": 32}
 E4M3_MAX, FP4_MAX = 448.0, 6.0
 BOUND = 0.55
 G16, G32 = GROUP["NVFP4"], GROUP["MXFP8"]
-_VALUES = torch.cat([FP4, -FP4])
 _BOUNDS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
 
 
@@ -106,9 +105,9 @@ class ModeloptNvfp4(BlockScaled):
         g = self.global_scale()
         return {
             # compressed-tensors' convention applied to modelopt's scale: divided instead of multiplied
-            "scale-reciprocal": ({"unit": "global"}, _VALUES[self._nibbles(start, stop)] * s / g),
+            "scale-reciprocal": ({"unit": "global"}, FP4_VALUES[self._nibbles(start, stop)] * s / g),
             "nibbles-swapped": ({"blocks": (stop - start) * self.shape[1] // G16},
-                                _VALUES[self._nibbles(start, stop, swap=True)] * s * g),
+                                FP4_VALUES[self._nibbles(start, stop, swap=True)] * s * g),
         }
 
 
@@ -180,19 +179,14 @@ class ModeloptMxfp8(BlockScaled):
     def nbytes(self) -> int:
         return self.w.nbytes + self.s.nbytes
 
-    def _grid(self, e: torch.Tensor) -> torch.Tensor:
-        g = torch.ldexp(torch.ones(e.shape), e.to(torch.int32) - 127)
-        return torch.where(e == 255, torch.tensor(float("nan")), g)
-
     def scaled(self, start: int, stop: int) -> Scaled:
-        return Scaled(self.w.rows(start, stop), self._grid(self.s.rows(start, stop)), (1, G32))
+        return Scaled(self.w.rows(start, stop), e8m0_scales(self.s.rows(start, stop)), (1, G32))
 
     def raw(self, start: int, stop: int) -> torch.Tensor:
         return torch.cat([self.w.rows(start, stop).view(torch.uint8).flatten(), self.s.rows(start, stop).flatten()])
 
     def problems(self, s: Scaled) -> list[str]:
-        n = int(torch.isnan(s.grid).sum())
-        return [f"{n} E8M0 scales are 255 (NaN)"] if n else []
+        return e8m0_problems(s.grid)
 
     def reference(self, x: torch.Tensor) -> Scaled | None:
         """modelopt's MXFP8 quantizer on float rows ``x``."""

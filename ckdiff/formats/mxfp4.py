@@ -25,14 +25,14 @@ import torch
 
 from ckdiff.errors import InputError
 from ckdiff.tensor.blockscaled import BlockScaled, Scaled, fold
-from ckdiff.tensor.fp4 import FP4, FP4_BYTES, FP4_STEPS, round_fp4
+from ckdiff.tensor.fp4 import (
+    E8M0_BIAS, FP4_BYTES, FP4_STEPS, FP4_VALUES, e8m0_problems, e8m0_scales, round_fp4,
+)
 from ckdiff.tensor.lazy import Checkpoint, LazyTensor
 
 BLOCKS, SCALES = "_blocks", "_scales"
 BLOCK = 32
 BOUND = 1.05
-E8M0_BIAS = 127
-_VALUES = torch.cat([FP4, -FP4])  # nibble -> FP4 value
 
 
 class Mxfp4(BlockScaled):
@@ -72,17 +72,14 @@ class Mxfp4(BlockScaled):
     def scaled(self, start: int, stop: int) -> Scaled:
         nib = self._nibbles(start, stop)
         codes = FP4_BYTES[nib.long()].transpose(1, 2).reshape(-1, self.shape[-1]).view(torch.float8_e4m3fn)
-        e = self.scales.rows(start, stop)
-        grid = torch.ldexp(torch.ones(e.shape), e.to(torch.int32) - E8M0_BIAS)
-        grid = torch.where(e == 255, torch.tensor(float("nan")), grid)  # E8M0's NaN
+        grid = e8m0_scales(self.scales.rows(start, stop))
         return Scaled(codes, grid.transpose(1, 2).reshape(-1, self.shape[-1]), (BLOCK, 1), steps=FP4_STEPS)
 
     def raw(self, start: int, stop: int) -> torch.Tensor:
         return torch.cat([self.blocks.rows(start, stop).flatten(), self.scales.rows(start, stop).flatten()])
 
     def problems(self, s: Scaled) -> list[str]:
-        n = int(torch.isnan(s.grid).sum())
-        return [f"{n} E8M0 scales are 255 (NaN)"] if n else []
+        return e8m0_problems(s.grid)
 
     def reference(self, x: torch.Tensor) -> Scaled | None:
         """The OCP quantizer on logical float rows ``x`` ``[n * 32 G, R]``: a shared exponent per 32 rows of a
@@ -105,7 +102,7 @@ class Mxfp4(BlockScaled):
         e = self._exponents(start, stop).float()  # [n, R, G]
 
         def dequant(nib, scale):  # stored order [n, R, K] -> values
-            return _VALUES[nib.long()] * scale.repeat_interleave(BLOCK, -1)
+            return FP4_VALUES[nib.long()] * scale.repeat_interleave(BLOCK, -1)
 
         def logical(v):
             return v.transpose(1, 2).reshape(-1, R)

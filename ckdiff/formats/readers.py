@@ -2,7 +2,7 @@
 declarations, and the entry points: ``detect_format`` and ``open_checkpoint``.
 
 Every format is one ``registry.Format`` declared next to its reader (here, or in its own module:
-megatron.py, mcore.py, dcp.py, gguf_io.py); detection and ``--format`` come from the registry.
+megatron_llm.py, mcore.py, dcp.py, gguf.py, ...); detection and ``--format`` come from the registry.
 """
 from __future__ import annotations
 

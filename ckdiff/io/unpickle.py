@@ -4,7 +4,7 @@ Pickles reach ckdiff from DCP ``.metadata`` files, the ``data.pkl`` of every tor
 (``.bin``/``.pt``/``.pth``, Meta ``consolidated.*.pth``, Megatron-LLM rank files, DCP chunks and byte
 items, Megatron-Core ``common.pt``) and the five pickles of a legacy (pre-zip) torch file. All of them
 go through ``RestrictedUnpickler`` below; none is handed to ``pickle.load`` or to
-``torch.load(weights_only=False)`` (only ``--trust-pickle`` does that, in pickle_io.py).
+``torch.load(weights_only=False)`` (only ``--trust-pickle`` does that, in io/pickles.py).
 
 The unpickler is Python's own pure-Python one (``pickle._Unpickler``) with every opcode that can
 create an object or allocate memory under a budget decided before it happens:

@@ -332,7 +332,7 @@ def logical_tensors(ck: Checkpoint) -> dict:
 
     The one place the runtime meets encodings: FP8 weights with block scales (``<name>_scale_inv``) become
     ``Fp8Block`` views, JetStream int8/int4 codes with ``_scaler`` become dequantizing views of their float
-    shape (quant.py), GGUF block quants already read dequantized (gguf_io.GgufQuant); the scale tensors
+    shape (formats/jetstream_quant.py), GGUF block quants already read dequantized (formats/gguf.py GgufQuant); the scale tensors
     themselves are folded in and not exposed."""
     from ckdiff.formats.fp8 import Fp8Block, _block, fp8_pairs
     from ckdiff.formats.jetstream_quant import SCALER, dequantize_tensors, is_quantized

@@ -1,5 +1,5 @@
 """FP4 (e2m1: one sign, two exponent, one mantissa bit) as microscaling encodings store it: the values of the 16
-codes, their spacing, and rounding to them.
+codes, their spacing, and rounding to them; and the E8M0 block scales those encodings pair it with.
 
 A nibble ``n`` holds the sign in bit 3 and the magnitude ``FP4[n & 7]`` (0, 0.5, 1, 1.5, 2, 3, 4, 6; OCP
 Microscaling Formats v1.0, section 5.3.3). Every FP4 value is exactly a float8_e4m3fn value, so decoded codes are
@@ -29,6 +29,20 @@ FP4_STEPS = _fp4_steps()
 # nibble -> the byte of its FP4 value as a float8_e4m3fn code
 _FP4_BYTES = torch.cat([FP4, -FP4]).to(torch.float8_e4m3fn).view(torch.uint8)
 FP4_BYTES = _FP4_BYTES
+FP4_VALUES = torch.cat([FP4, -FP4])  # nibble -> FP4 value as float32
+E8M0_BIAS = 127
+
+
+def e8m0_scales(b: torch.Tensor) -> torch.Tensor:
+    """float32 scales ``2 ** (byte - 127)`` of E8M0 bytes (OCP MX v1.0, 5.4.1); the byte 255 is NaN."""
+    g = torch.ldexp(torch.ones(b.shape), b.to(torch.int32) - E8M0_BIAS)
+    return torch.where(b == 255, torch.tensor(float("nan")), g)
+
+
+def e8m0_problems(grid: torch.Tensor) -> list[str]:
+    """The NaN scales (byte 255) of a grid made by ``e8m0_scales``, as a problem line."""
+    n = int(torch.isnan(grid).sum())
+    return [f"{n} E8M0 scales are 255 (NaN)"] if n else []
 
 
 def round_fp4(x: torch.Tensor) -> torch.Tensor:
