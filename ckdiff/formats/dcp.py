@@ -34,14 +34,19 @@ METADATA = ".metadata"
 SUFFIX = ".distcp"
 
 
+def dcp_class(name: str) -> type:
+    """The stand-in the DCP metadata policy reads torch's DCP dataclass ``name`` as (io/dcp_pickle.py)."""
+    from ckdiff.io.unpickle import policy
+    return next(s for c, s in policy("dcp").slims.items() if c.__name__ == name)
+
+
 def read_metadata(path: Path):
     """The ``Metadata`` object of a DCP ``.metadata`` file, unpickled under the DCP metadata policy
     (io/unpickle.py): DCP's metadata and planner dataclasses as data, nothing else."""
-    from torch.distributed.checkpoint.metadata import Metadata
     from ckdiff.io.inputs import read_input
     from ckdiff.io.unpickle import MAX_PICKLE_BYTES, load_pickle_bytes
     md = load_pickle_bytes(read_input(path, MAX_PICKLE_BYTES), path, "dcp", "DCP metadata")
-    if not isinstance(md, Metadata) or not isinstance(getattr(md, "state_dict_metadata", None), dict):
+    if not isinstance(md, dcp_class("Metadata")) or not isinstance(getattr(md, "state_dict_metadata", None), dict):
         raise InputError(path, f"not a DCP Metadata object (found {type(md).__name__})")
     if not isinstance(md.storage_data, dict):
         raise InputError(path, "DCP metadata has no storage_data: it was not written by FileSystemWriter")
@@ -167,7 +172,7 @@ def read_dcp_entries(root: Path):
     """(tensors: name -> DcpTensor, byte items: name -> (file, offset, length), metadata)."""
     mpath = root / METADATA
     md = read_metadata(mpath)
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+    BytesStorageMetadata, TensorStorageMetadata = dcp_class("BytesStorageMetadata"), dcp_class("TensorStorageMetadata")
     by_fqn: dict = {}
     for idx, info in md.storage_data.items():
         fqn = getattr(idx, "fqn", None)

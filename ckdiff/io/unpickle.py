@@ -40,12 +40,18 @@ import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ckdiff.errors import InputError
 
 MAX_DEPTH = 100  # containers within containers; real checkpoints stay under 20
 MAX_PICKLE_BYTES = 512 << 20  # one pickle (a data.pkl record, a .metadata file); real ones are far smaller
+# What one pickle read by the pure-Python unpickler may cost, checked by the pre-scan before it runs:
+# opcodes (~1.5 µs each: 25 s at most; a 10^5-tensor .bin's data.pkl has ~3 M) and the estimated bytes
+# of the objects it builds (io/pickle_scan.py)
+MAX_OPS = 1 << 24
+MAX_OBJECT_BYTES = 1 << 30
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
 LEGACY_PROTOCOL = 1001
 
@@ -210,8 +216,8 @@ class Policy:
     what: str
     allowed: dict
     opaque: tuple = ()
-    checked: tuple = ()  # allowlisted dataclasses whose field types are checked after loading
     extra_fields: dict = dataclasses.field(default_factory=dict)  # class -> {attribute: type} set beyond its fields
+    slims: dict = dataclasses.field(default_factory=dict)  # dataclass -> its slim stand-in (io/dcp_pickle.py)
 
 
 def _base() -> dict:
@@ -272,8 +278,14 @@ def _dcp_policy() -> Policy:
     # megatron-core's dist_checkpointing.save keeps every rank's SavePlan on the Metadata (to reuse the
     # plan at the next save) and its own markers (MCoreMetadata, MCoreSavePlan: inert stand-ins here)
     extra = {md.Metadata: {"all_local_plans": typing.Optional[list], "mcore_data": typing.Any}}
-    return Policy("DCP metadata", ok, opaque=("megatron.core.dist_checkpointing",), checked=tuple(classes),
-                  extra_fields=extra)
+    from ckdiff.io.dcp_pickle import _size, slim_classes
+    old_props = ok.get(("torch.distributed._shard.sharded_tensor.metadata", "TensorProperties"))
+    if old_props is not None and old_props not in classes:
+        classes.append(old_props)
+    slims = slim_classes(classes, extra)
+    ok = {k: slims.get(v, v) if isinstance(v, type) else v for k, v in ok.items()}
+    ok[("torch", "Size")] = _size
+    return Policy("DCP metadata", ok, opaque=("megatron.core.dist_checkpointing",), extra_fields=extra, slims=slims)
 
 
 _POLICIES: dict = {}
@@ -284,6 +296,23 @@ def policy(kind: str) -> Policy:
     if kind not in _POLICIES:
         _POLICIES[kind] = {"torch": _torch_policy, "dcp": _dcp_policy}[kind]()
     return _POLICIES[kind]
+
+
+def resolve(pol: Policy, module, name, proto: int):
+    """The object a pickle's global ``module.name`` stands for under ``pol``; a Refusal otherwise."""
+    if not isinstance(module, str) or not isinstance(name, str):
+        raise Refusal("a global that is not named by strings")
+    if proto < 3:  # protocol 2 names Python 2 modules (__builtin__.set): the same renaming pickle does
+        import _compat_pickle
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+    obj = pol.allowed.get((module, name))
+    if obj is None and any(module == p or module.startswith(p + ".") for p in pol.opaque):
+        obj = Opaque
+    if obj is None:
+        raise Refusal(f"{module[:80]}.{name[:80]} is not allowed in a {pol.what} "
+                      "(only plain data, tensors and the format's own classes are read)")
+    return obj
 
 
 # ---------------------------------------------------------------- the unpickler
@@ -331,18 +360,7 @@ class RestrictedUnpickler(pickle._Unpickler):
 
     # --- names
     def find_class(self, module, name):
-        if not isinstance(module, str) or not isinstance(name, str):
-            raise Refusal("a global that is not named by strings")
-        if self.proto < 3:  # protocol 2 names Python 2 modules (__builtin__.set): the same renaming pickle does
-            import _compat_pickle
-            module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
-            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        obj = self._policy.allowed.get((module, name))
-        if obj is None and any(module == p or module.startswith(p + ".") for p in self._policy.opaque):
-            obj = Opaque
-        if obj is None:
-            raise Refusal(f"{module[:80]}.{name[:80]} is not allowed in a {self._policy.what} "
-                          "(only plain data, tensors and the format's own classes are read)")
+        obj = resolve(self._policy, module, name, self.proto)
         self._globals.add(id(obj))
         return obj
 
@@ -449,6 +467,22 @@ class RestrictedUnpickler(pickle._Unpickler):
     del _op, _kids, _t, _k, _after, _grow, _mark_items
 
 
+def _prescan(buf, start: int, end: int) -> int:
+    """The opcode pre-scan (io/pickle_scan.py) of the pickle at ``buf[start:end]``: its structure,
+    memo order, depth, and the opcodes and bytes it would cost, before the unpickler runs; the offset
+    just past its STOP."""
+    from ckdiff.io.pickle_scan import MESSAGES, scan
+    code, at, stop, ops, est = scan(buf, start, end, MAX_DEPTH)
+    if code:
+        raise Refusal(f"{MESSAGES[code].format(depth=MAX_DEPTH)} (at byte {at - start})")
+    if ops > MAX_OPS:
+        raise Refusal(f"{ops} opcodes, more than the {MAX_OPS} a checkpoint's pickle needs")
+    if est > MAX_OBJECT_BYTES:
+        raise Refusal(f"its objects would take about {est >> 20} MiB, more than the {MAX_OBJECT_BYTES >> 20} MiB "
+                      "a checkpoint's pickle needs")
+    return stop
+
+
 def _reason(e: BaseException) -> str:
     if isinstance(e, Refusal):
         return str(e)
@@ -467,10 +501,8 @@ def unpickle(data: bytes, path, pol: Policy, storage=None, what="pickle"):
                                "a checkpoint's pickle needs; refused")
     u = RestrictedUnpickler(io.BytesIO(data), len(data), pol, storage)
     try:
-        obj = u.load()
-        if pol.checked:
-            check_fields(obj, pol)
-        return obj
+        _prescan(np.frombuffer(data, dtype=np.uint8), 0, len(data))
+        return u.load()
     except InputError:
         raise
     except Exception as e:  # noqa: BLE001 - whatever a hostile or corrupt pickle raises is an input error
@@ -478,82 +510,22 @@ def unpickle(data: bytes, path, pol: Policy, storage=None, what="pickle"):
 
 
 def load_pickle_bytes(data: bytes, path, kind: str, what="pickle"):
-    """A whole pickle (a DCP ``.metadata``) under the policy ``kind``."""
-    return unpickle(data, path, policy(kind), None, what)
-
-
-# ---------------------------------------------------------------- field types of allowlisted dataclasses
-_HINTS: dict = {}
-
-
-def _type_ok(v, hint, classes) -> bool:
-    if hint is typing.Any or hint is object:
-        return True
-    origin = typing.get_origin(hint)
-    if origin is typing.Union or origin is types.UnionType:
-        return any(_type_ok(v, h, classes) for h in typing.get_args(hint))
-    if origin in (list, tuple, dict, set, frozenset):
-        if not isinstance(v, origin) and not (origin is tuple and isinstance(v, torch.Size)):
-            return False
-        args = typing.get_args(hint)
-        if origin is list and args:
-            return all(_type_ok(x, args[0], classes) for x in v)
-        if origin is dict and len(args) == 2:
-            return all(_type_ok(k, args[0], classes) and _type_ok(x, args[1], classes) for k, x in v.items())
-        return True
-    if hint is type(None):
-        return v is None
-    if isinstance(hint, type):
-        if hint in (float,):
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
-        if hint is torch.Size:
-            return isinstance(v, torch.Size)
-        return isinstance(v, hint) or (hint in (int,) and isinstance(v, bool))
-    return True  # a hint we do not model (a TypeVar, a string forward reference left unresolved)
-
-
-def check_fields(obj, pol: Policy, depth=0) -> None:
-    """Every allowlisted dataclass instance in ``obj`` has only its own fields (and the policy's extra
-    attributes), each of its declared type."""
-    classes = pol.checked
-    if depth > MAX_DEPTH:
-        raise Refusal(f"objects nested more than {MAX_DEPTH} levels deep")
-    if isinstance(obj, (list, tuple)):
-        for x in obj:
-            check_fields(x, pol, depth + 1)
-    elif isinstance(obj, dict):
-        for k, x in obj.items():
-            check_fields(k, pol, depth + 1)
-            check_fields(x, pol, depth + 1)
-    elif type(obj) in classes:
-        cls = type(obj)
-        if cls not in _HINTS:
-            try:
-                _HINTS[cls] = typing.get_type_hints(cls)
-            except Exception:  # noqa: BLE001 - an unresolvable annotation is left unchecked
-                _HINTS[cls] = {}
-        names = {f.name for f in dataclasses.fields(cls)}
-        allowed_extra = pol.extra_fields.get(cls, {})
-        extra = set(vars(obj)) - names if hasattr(obj, "__dict__") else set()
-        if extra - set(allowed_extra):
-            raise Refusal(f"{cls.__name__} with unknown fields {sorted(extra - set(allowed_extra))[:3]}")
-        for name in extra:
-            v = getattr(obj, name)
-            if not _type_ok(v, allowed_extra[name], classes):
-                raise Refusal(f"{cls.__name__}.{name} is a {type(v).__name__}")
-            check_fields(v, pol, depth + 1)
-        for f in dataclasses.fields(cls):
-            if not hasattr(obj, f.name):
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                    raise Refusal(f"{cls.__name__} without its field {f.name!r}")
-                continue
-            v = getattr(obj, f.name)
-            hint = _HINTS[cls].get(f.name)
-            if hint is not None and not _type_ok(v, hint, classes):
-                raise Refusal(f"{cls.__name__}.{f.name} is a {type(v).__name__}, not {getattr(hint, '__name__', hint)}")
-            check_fields(v, pol, depth + 1)
-    elif isinstance(obj, enum.Enum) or obj is None or isinstance(obj, (str, int, float, bytes, torch.dtype)):
-        return
+    """A whole pickle (a DCP ``.metadata``) under the policy ``kind``. DCP metadata runs through the C
+    unpickler after the opcode pre-scan, with slim stand-ins for DCP's dataclasses (io/dcp_pickle.py):
+    a checkpoint of 10^6 chunks has ~10^8 opcodes of metadata."""
+    pol = policy(kind)
+    if kind != "dcp":
+        return unpickle(data, path, pol, None, what)
+    if len(data) > MAX_PICKLE_BYTES:
+        raise InputError(path, f"{what} of {len(data)} bytes is larger than the {MAX_PICKLE_BYTES >> 20} MiB "
+                               "a checkpoint's pickle needs; refused")
+    from ckdiff.io import dcp_pickle
+    try:
+        return dcp_pickle.load(data, lambda m, n, proto: resolve(pol, m, n, proto), MAX_DEPTH)
+    except (Refusal, ValueError, TypeError, pickle.UnpicklingError) as e:
+        raise InputError(path, f"refused to unpickle the {what}: {str(e)[:300] or type(e).__name__}") from None
+    except Exception as e:  # noqa: BLE001 - whatever a hostile or corrupt pickle raises is an input error
+        raise InputError(path, f"refused to unpickle the {what}: {_reason(e)}") from None
 
 
 # ---------------------------------------------------------------- torch files (zip archives and legacy files)
@@ -702,6 +674,13 @@ def _one_pickle(f, path, pol, storage=None, what="pickle", end=None):
     start = f.tell()
     u = RestrictedUnpickler(f, min(MAX_PICKLE_BYTES, end - start), pol, storage)
     try:
+        import mmap
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            buf = np.frombuffer(m, dtype=np.uint8)
+            try:
+                _prescan(buf, start, min(end, start + MAX_PICKLE_BYTES))
+            finally:
+                del buf  # the map closes only once no array points into it
         return u.load()
     except Exception as e:  # noqa: BLE001 - whatever a hostile or corrupt pickle raises is an input error
         raise InputError(path, f"refused to unpickle the {what}: {_reason(e)}") from None
