@@ -53,3 +53,35 @@ def round_fp4(x: torch.Tensor) -> torch.Tensor:
                          (2.5, 3.0, False), (3.5, 4.0, True), (5.0, 6.0, False)):
         r = torch.where(a >= thr if incl else a > thr, torch.tensor(v), r)
     return torch.where(x < 0, -r, r)
+
+
+READ_BLOCKS = (16, 32, 64, 128)  # block sizes a dequantizer may have hard-coded (NVFP4's, MX's, int4 groups')
+
+
+def blocks_misread(values: torch.Tensor, scales: torch.Tensor, stored: int, flat_scales: torch.Tensor,
+                   offset: int = 0, logical=None) -> list:
+    """``block-size-wrong`` variants: stored-order code values ``[..., K]`` (each row's blocks of ``stored`` along
+    the last dim) with their scales ``[..., K / stored]`` applied by a dequantizer that has another block size
+    ``b`` hard-coded: per row (element ``j`` takes its row's scale ``j // b``: the grid expanded ``b`` times
+    and cut to the row), or as one stream (element ``n`` of the flat codes takes scale ``n // b`` of the flat
+    scales ``flat_scales``: a kernel computing its own strides; ``offset`` is the flat index of ``values``' first
+    element). A smaller ``b`` runs past the scales (a crash, or other memory read), so only larger ones write a
+    tensor of the logical shape. ``logical`` maps stored-order values to the view's rows; each variant's values
+    are made when called."""
+    K = values.shape[-1]
+    logical = logical or (lambda v: v)
+    flat = flat_scales.reshape(-1)
+
+    def per_row(b):
+        return logical(values * scales[..., torch.arange(K) // b])
+
+    def stream(b):
+        n = torch.arange(offset, offset + values.numel()).reshape(values.shape)
+        return logical(values * flat[n // b])
+    out = []
+    for b in READ_BLOCKS:
+        if b > stored:
+            out.append(({"stored": stored, "read": b, "order": "each row's own scales"}, lambda b=b: per_row(b)))
+            out.append(({"stored": stored, "read": b, "order": "the scales read as one stream across rows"},
+                        lambda b=b: stream(b)))
+    return out

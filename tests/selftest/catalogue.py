@@ -372,7 +372,7 @@ class StateMutation:
     names: str = ""  # regex the findings must match (for a negative: what its report must say)
     dtype: str = "float32"
     negative: bool = False
-    target: Callable | None = None  # (golden hf dir, work dir) -> path: B built by a converter instead
+    target: Callable | None = None  # (golden hf dir, work dir) -> path: B built by a converter instead; or (A, B)
     kinds: tuple = ()  # typed finding kinds (compare/findings.py) the diff must report
 
 
@@ -646,6 +646,32 @@ def _fp8_stale(st, k):
     st[k + "_scale_inv"] = old
 
 
+def _fp8_read_as(read: str):
+    """(A, B): A the golden HF model written as FP8 (``_fp8``), B the float checkpoint a converter dequantizing
+    A with its e4m3 codes decoded as ``read`` writes (weights times their block scales; NaN and inf where an
+    e4m3 byte is not a finite e5m2 value)."""
+    def target(gold, work):
+        import json
+        from ckdiff.formats.readers import open_checkpoint
+        from ckdiff.golden.models import lazy
+        from ckdiff.io.writers import atomic_dir, write_hf
+        a = _fp8(lambda st, k: None)(gold, work / "fp8")
+        st = {k: t.load() for k, t in open_checkpoint(str(a), stored=True).tensors.items()}
+        out = {}
+        for k, v in st.items():
+            if k.endswith("_scale_inv"):
+                continue
+            if k + "_scale_inv" in st:
+                s = st[k + "_scale_inv"].repeat_interleave(128, 0).repeat_interleave(128, 1)[:v.shape[0], :v.shape[1]]
+                v = v.view(getattr(torch, f"float8_{read}")).float() * s
+            out[k] = v
+        config = json.loads((gold / "config.json").read_text())
+        with atomic_dir(work / "float", overwrite=True) as tmp:
+            write_hf(tmp, lazy(out), config)
+        return a, work / "float"
+    return target
+
+
 def _head_is_embedding(st, c, cfg):
     st[layouts.HF["head"]] = st[layouts.HF["embed"]].clone()
 
@@ -737,7 +763,12 @@ STATE_CATALOGUE = [
                   r"scale grid transposed", target=_fp8(_fp8_transposed, "q"), kinds=("scale-transposed",)),
     StateMutation("FP8 stale scales (of the weight before an update)", "Quantization scales", "llama-blockwise",
                   None, r"stale scales", target=_fp8(_fp8_stale), kinds=("scale-stale",)),
+    StateMutation("FP8 e4m3 codes dequantized as e5m2", "Quantization codes", "llama-blockwise", None,
+                  r"codes decoded as another encoding: the float side reads the float8_e4m3fn block 128x128 codes "
+                  r"\(FP8 e4m3\) as FP8 e5m2", target=_fp8_read_as("e5m2"), kinds=("codes-of-another-encoding",)),
     # negatives: correct conversions and functionally equivalent rewrites
+    StateMutation("FP8 dequantized right (e4m3 codes times their block scales)", "negative", "llama-blockwise", None,
+                  negative=True, target=_fp8_read_as("e4m3fn")),
     StateMutation("config in transformers v5 spelling with explicit defaults", "negative", "llama-gqa", _v5_spelling,
                   negative=True),
     StateMutation("plain fp32 -> bf16 cast", "negative", "llama-gqa", _cast_bf16, negative=True),
@@ -783,7 +814,10 @@ def run_state_mutations(work: Path, catalogue=None, first: int = 0) -> list[Muta
             with atomic_dir(mut, overwrite=True) as tmp:
                 write_hf(tmp, lazy({k: v.contiguous() for k, v in state.items()}), config)
         checks = []
-        a, b = open_checkpoint(str(gold)), open_checkpoint(str(mut))
+        base = gold
+        if isinstance(mut, tuple):  # (A, B): A built from the golden model too (an encoding of it)
+            base, mut = mut
+        a, b = open_checkpoint(str(base)), open_checkpoint(str(mut))
         res = compare_checkpoints(a, b)
         try:
             lr = compare_logits(a, b, batch=2, length=40)
