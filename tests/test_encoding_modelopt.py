@@ -25,6 +25,7 @@ from ckdiff.formats.readers import open_checkpoint
 from ckdiff.tensor.fp4 import FP4
 
 VALUES = torch.cat([FP4, -FP4])
+INT4 = torch.tensor([0.0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1])  # a nibble read as a signed int4
 Q = "model.layers.1.self_attn.q_proj"
 
 
@@ -101,7 +102,7 @@ def _float_from(tmp_path, nv, how):
             out[k] = v.view(torch.float8_e4m3fn).float() * s.repeat_interleave(8, 1) * s2
             continue
         per = _per_element(s, nib.shape, how) if how.startswith(("row", "stream")) else s.repeat_interleave(16, 1)
-        out[k] = VALUES[nib] * per * (1 / s2 if how == "divided" else s2)
+        out[k] = (INT4 if how == "int4" else VALUES)[nib] * per * (1 / s2 if how == "divided" else s2)
     d = tmp_path / f"float-{how}"
     d.mkdir()
     save_file(out, str(d / "model.safetensors"), metadata={"format": "pt"})
@@ -123,10 +124,11 @@ def _per_element(s: torch.Tensor, shape, how: str) -> torch.Tensor:
 @pytest.mark.parametrize("how,kind,params", [
     ("row32", "block-size-wrong", {"stored": 16, "read": 32, "order": "each row's own scales"}),
     ("stream32", "block-size-wrong", {"stored": 16, "read": 32, "order": "the scales read as one stream across rows"}),
-    ("fp8", "codes-of-another-encoding", {"codes": "FP4 e2m1, two per byte", "read": "FP8 e4m3, one per byte"})])
+    ("fp8", "codes-of-another-encoding", {"codes": "FP4 e2m1, two per byte", "read": "FP8 e4m3, one per byte"}),
+    ("int4", "codes-of-another-encoding", {"read": "int4, each nibble a signed integer"})])
 def test_a_dequantizer_for_other_blocks_or_codes_is_named_both_ways(tmp_path, exported, how, kind, params):
-    """NVFP4 read with MX's 32-element blocks, or its bytes read as FP8 (a weight of half the input width: a shape
-    mismatch whose cause is still named); the float side written here by hand from the export's tensors."""
+    """NVFP4 read with MX's 32-element blocks, its bytes read as FP8 (a weight of half the input width: a shape
+    mismatch whose cause is still named), or its nibbles as signed int4 (an int4 dequantizer); the float side written here by hand from the export's tensors."""
     _, nv = exported
     good, bad = _float_from(tmp_path, nv, "right"), _float_from(tmp_path, nv, how)
     for a, b in ((nv, good), (good, nv)):
@@ -203,7 +205,7 @@ def test_mxfp8_export_against_its_float_source_both_ways(exported_mxfp8):
 def _mxfp8_float(tmp_path, mx8, how):
     """A float checkpoint a converter reading the MXFP8 export ``how`` writes: ``right``; ``row64`` / ``stream64``
     (64-element blocks hard-coded, see ``_per_element``); ``e5m2`` (the e4m3 bytes decoded as e5m2: NaN and inf
-    where the e4m3 exponent is all ones)."""
+    where the e4m3 exponent is all ones); ``uint8`` (the bytes cast to float as integers 0..255)."""
     st = load_file(str(mx8 / "model.safetensors"))
     out = {k: v for k, v in st.items() if not k.endswith((".weight_scale", ".input_scale"))}
     for k in list(out):
@@ -211,7 +213,7 @@ def _mxfp8_float(tmp_path, mx8, how):
             continue
         s = torch.exp2(st[k + "_scale"].float() - 127)
         per = _per_element(s, out[k].shape, how) if how.startswith(("row", "stream")) else s.repeat_interleave(32, 1)
-        out[k] = (out[k].view(torch.float8_e5m2) if how == "e5m2" else out[k]).float() * per
+        out[k] = out[k].view({"e5m2": torch.float8_e5m2, "uint8": torch.uint8}.get(how, out[k].dtype)).float() * per
     d = tmp_path / f"mxfp8-float-{how}"
     d.mkdir()
     save_file(out, str(d / "model.safetensors"), metadata={"format": "pt"})
@@ -224,7 +226,8 @@ def _mxfp8_float(tmp_path, mx8, how):
 @pytest.mark.parametrize("how,kind,params", [
     ("row64", "block-size-wrong", {"stored": 32, "read": 64, "order": "each row's own scales"}),
     ("stream64", "block-size-wrong", {"stored": 32, "read": 64, "order": "the scales read as one stream across rows"}),
-    ("e5m2", "codes-of-another-encoding", {"codes": "FP8 e4m3", "read": "FP8 e5m2"})])
+    ("e5m2", "codes-of-another-encoding", {"codes": "FP8 e4m3", "read": "FP8 e5m2"}),
+    ("uint8", "codes-of-another-encoding", {"codes": "FP8 e4m3", "read": "uint8, each byte an unsigned integer"})])
 def test_mxfp8_other_blocks_or_codes_are_named_both_ways(tmp_path, exported_mxfp8, how, kind, params):
     _, mx8 = exported_mxfp8
     good, bad = _mxfp8_float(tmp_path, mx8, "right"), _mxfp8_float(tmp_path, mx8, how)

@@ -23,6 +23,7 @@ from ckdiff.tensor.fp4 import FP4, round_fp4
 
 EXPERTS = ("gate_up_proj", "down_proj")
 VALUES = torch.cat([FP4, -FP4])
+INT4 = torch.tensor([0.0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1])  # a nibble read as a signed int4
 
 
 def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +122,7 @@ def _misread_float(tmp_path, mx, how):
             per = scale.reshape(-1)[torch.arange(E * R * G * 32) // int(how[6:])].reshape(E, R, G * 32)
         else:
             per = scale.repeat_interleave(32, -1)
-        v = VALUES[nib.long()] * per  # [E, R, K]
+        v = (INT4 if how == "int4" else VALUES)[nib.long()] * per  # [E, R, K]
         out[p] = (v.reshape(E, G * 32, R) if how == "transpose" else v.transpose(1, 2)).to(torch.bfloat16)
     d = tmp_path / f"bf16-{how}"
     d.mkdir()
@@ -147,11 +148,12 @@ def test_a_misread_conversion_is_named(tmp_path, gptoss, how, kind):
 @pytest.mark.parametrize("how,kind,params", [
     ("row64", "block-size-wrong", {"stored": 32, "read": 64, "order": "each row's own scales"}),
     ("stream128", "block-size-wrong", {"stored": 32, "read": 128, "order": "the scales read as one stream across rows"}),
-    ("fp8", "codes-of-another-encoding", {"codes": "FP4 e2m1, two per byte", "read": "FP8 e4m3, one per byte"})])
+    ("fp8", "codes-of-another-encoding", {"codes": "FP4 e2m1, two per byte", "read": "FP8 e4m3, one per byte"}),
+    ("int4", "codes-of-another-encoding", {"read": "int4, each nibble a signed integer"})])
 def test_a_dequantizer_for_other_blocks_or_codes_is_named_both_ways(tmp_path, gptoss, how, kind, params):
     """The float side written here by hand from the stored blocks: each scale applied to 64 (or 128) elements, or
     the bytes decoded one e4m3 value each (experts of half the input width: a shape mismatch whose cause is
-    still named). The right reading by the same writer is EQUIVALENT both ways."""
+    still named), or each nibble read as a signed int4. The right reading by the same writer is EQUIVALENT both ways."""
     _, mx, _ = gptoss
     good, bad = _misread_float(tmp_path, mx, "right"), _misread_float(tmp_path, mx, how)
     st = load_file(str(bad / "model.safetensors"))

@@ -65,12 +65,17 @@ class Fp8Block(BlockScaled):
 
     def misreadings(self, start: int, stop: int) -> dict:
         """Values a converter that misreads the encoding writes, by the finding each names: e4m3 codes decoded as
-        e5m2 (a dequantizer that takes any one-byte weight for the other FP8 format)."""
+        e5m2 (a dequantizer that takes any one-byte weight for the other FP8 format), or their bytes cast to float
+        as integers 0..255."""
         if self.w.dtype != torch.float8_e4m3fn:
             return {}
         s = self.scaled(start, stop)
-        return {"codes-of-another-encoding": ({"codes": "FP8 e4m3", "read": "FP8 e5m2", "shape": ""},
-                                              lambda: s.codes.view(torch.float8_e5m2).float() * s.per_element())}
+        return {"codes-of-another-encoding": [
+            ({"codes": "FP8 e4m3", "read": "FP8 e5m2", "shape": ""},
+             lambda: s.codes.view(torch.float8_e5m2).float() * s.per_element()),
+            # the bytes cast as integers (a uint8 tensor cast to float without decoding)
+            ({"codes": "FP8 e4m3", "read": "uint8, each byte an unsigned integer", "shape": ""},
+             lambda: s.codes.view(torch.uint8).float() * s.per_element())]}
 
     def reference(self, x: torch.Tensor) -> Scaled | None:
         """DeepSeek's quantizer (``fp8_quantize``) on float rows ``x``."""

@@ -27,7 +27,7 @@ import torch
 from ckdiff.errors import InputError
 from ckdiff.tensor.blockscaled import BlockScaled, Scaled, fold
 from ckdiff.tensor.fp4 import (
-    E8M0_BIAS, FP4_BYTES, FP4_STEPS, FP4_VALUES, blocks_misread, e8m0_problems, e8m0_scales, round_fp4,
+    E8M0_BIAS, FP4_BYTES, FP4_STEPS, FP4_VALUES, INT4_VALUES, blocks_misread, e8m0_problems, e8m0_scales, round_fp4,
 )
 from ckdiff.tensor.lazy import Checkpoint, LazyTensor
 
@@ -121,10 +121,14 @@ class Mxfp4(BlockScaled):
             # a dequantizer with another block size hard-coded (tensor/fp4.py blocks_misread)
             "block-size-wrong": blocks_misread(FP4_VALUES[nib.long()], right, BLOCK,
                                                e8m0_scales(self.scales.load()), start * R * K, logical),
-            # an FP8 dequantizer on the FP4 bytes: each byte one e4m3 value, scaled by its block's scale
-            "codes-of-another-encoding": ({"codes": "FP4 e2m1, two per byte", "read": "FP8 e4m3, one per byte",
-                                           "shape": f" (experts [{n}, {K // 2}, {R}], the logical [{n}, {K}, {R}])"},
-                                          lambda: self._bytes_as_fp8(start, stop)),
+            "codes-of-another-encoding": [
+                # an FP8 dequantizer on the FP4 bytes: each byte one e4m3 value, scaled by its block's scale
+                ({"codes": "FP4 e2m1, two per byte", "read": "FP8 e4m3, one per byte",
+                  "shape": f" (experts [{n}, {K // 2}, {R}], the logical [{n}, {K}, {R}])"},
+                 lambda: self._bytes_as_fp8(start, stop)),
+                # an int4 dequantizer on the nibbles: each a two's-complement integer
+                ({"codes": "FP4 e2m1, two per byte", "read": "int4, each nibble a signed integer", "shape": ""},
+                 lambda: logical(INT4_VALUES[nib.long()] * right.repeat_interleave(BLOCK, -1)))],
         }
 
     def _bytes_as_fp8(self, start: int, stop: int) -> torch.Tensor:

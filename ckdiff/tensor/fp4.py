@@ -30,6 +30,7 @@ FP4_STEPS = _fp4_steps()
 _FP4_BYTES = torch.cat([FP4, -FP4]).to(torch.float8_e4m3fn).view(torch.uint8)
 FP4_BYTES = _FP4_BYTES
 FP4_VALUES = torch.cat([FP4, -FP4])  # nibble -> FP4 value as float32
+INT4_VALUES = torch.cat([torch.arange(8.0), torch.arange(-8.0, 0.0)])  # nibble -> its two's-complement int4 value
 E8M0_BIAS = 127
 
 

@@ -38,7 +38,7 @@ def test_catalogue_covers_the_bug_classes():
     assert all(m.names for m in CATALOGUE)
     kinds = {k for m in STATE_CATALOGUE for k in m.kinds}
     assert {"scale-zeroed", "scale-multiplied", "nibbles-swapped", "scale-reciprocal", "scale-transposed",
-            "scale-stale"} <= kinds
+            "scale-stale", "codes-of-another-encoding"} <= kinds
 
 
 @pytest.mark.parametrize("key", list(dict.fromkeys(baseline_key(m) for m in CATALOGUE)), ids=lambda k: "-".join(
