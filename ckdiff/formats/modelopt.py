@@ -115,7 +115,8 @@ class ModeloptNvfp4(BlockScaled):
             # shapes (8 bytes per scale), so each byte keeps the scale of the block it belongs to
             "codes-of-another-encoding": [
                 ({"codes": "FP4 e2m1, two per byte", "read": "FP8 e4m3, one per byte",
-                  "shape": f" ([{stop - start}, {self.shape[1] // 2}], the logical [{stop - start}, {self.shape[1]}])"},
+                  "shape": f": a [{stop - start}, {self.shape[1] // 2}] tensor where the weight is "
+                           f"[{stop - start}, {self.shape[1]}]"},
                  lambda: self.packed.rows(start, stop).contiguous().view(torch.float8_e4m3fn).float()
                  * self.s.rows(start, stop).float().repeat_interleave(G16 // 2, 1) * g),
                 # an int4 dequantizer on the nibbles (compressed-tensors' pack-quantized reading): signed integers

@@ -124,7 +124,7 @@ class Mxfp4(BlockScaled):
             "codes-of-another-encoding": [
                 # an FP8 dequantizer on the FP4 bytes: each byte one e4m3 value, scaled by its block's scale
                 ({"codes": "FP4 e2m1, two per byte", "read": "FP8 e4m3, one per byte",
-                  "shape": f" (experts [{n}, {K // 2}, {R}], the logical [{n}, {K}, {R}])"},
+                  "shape": f": experts [{n}, {K // 2}, {R}] where they are [{n}, {K}, {R}]"},
                  lambda: self._bytes_as_fp8(start, stop)),
                 # an int4 dequantizer on the nibbles: each a two's-complement integer
                 ({"codes": "FP4 e2m1, two per byte", "read": "int4, each nibble a signed integer", "shape": ""},
