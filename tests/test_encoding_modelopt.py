@@ -128,7 +128,8 @@ def _per_element(s: torch.Tensor, shape, how: str) -> torch.Tensor:
     ("int4", "codes-of-another-encoding", {"read": "int4, each nibble a signed integer"})])
 def test_a_dequantizer_for_other_blocks_or_codes_is_named_both_ways(tmp_path, exported, how, kind, params):
     """NVFP4 read with MX's 32-element blocks, its bytes read as FP8 (a weight of half the input width: a shape
-    mismatch whose cause is still named), or its nibbles as signed int4 (an int4 dequantizer); the float side written here by hand from the export's tensors."""
+    mismatch whose cause is still named), or its nibbles as signed int4 (an int4 dequantizer); the float side
+    written here by hand from the export's tensors."""
     _, nv = exported
     good, bad = _float_from(tmp_path, nv, "right"), _float_from(tmp_path, nv, how)
     for a, b in ((nv, good), (good, nv)):

@@ -147,7 +147,8 @@ def test_a_misread_conversion_is_named(tmp_path, gptoss, how, kind):
 
 @pytest.mark.parametrize("how,kind,params", [
     ("row64", "block-size-wrong", {"stored": 32, "read": 64, "order": "each row's own scales"}),
-    ("stream128", "block-size-wrong", {"stored": 32, "read": 128, "order": "the scales read as one stream across rows"}),
+    ("stream128", "block-size-wrong", {"stored": 32, "read": 128,
+                                       "order": "the scales read as one stream across rows"}),
     ("fp8", "codes-of-another-encoding", {"codes": "FP4 e2m1, two per byte", "read": "FP8 e4m3, one per byte"}),
     ("int4", "codes-of-another-encoding", {"read": "int4, each nibble a signed integer"})])
 def test_a_dequantizer_for_other_blocks_or_codes_is_named_both_ways(tmp_path, gptoss, how, kind, params):

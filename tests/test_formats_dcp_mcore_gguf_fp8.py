@@ -421,7 +421,8 @@ def test_fp8_codes_read_as_e5m2_or_as_integers_are_named_both_ways(tmp_path):
     for how in ("e4m3fn", "e5m2", "uint8"):
         out = {k: v for k, v in st.items() if not k.endswith("_scale_inv")}
         for k in encoded:
-            s = st[k + "_scale_inv"].repeat_interleave(128, 0).repeat_interleave(128, 1)[:st[k].shape[0], :st[k].shape[1]]
+            s = st[k + "_scale_inv"].repeat_interleave(128, 0).repeat_interleave(128, 1)
+            s = s[:st[k].shape[0], :st[k].shape[1]]
             out[k] = (st[k].view(torch.uint8 if how == "uint8" else getattr(torch, f"float8_{how}")).float()
                       * s).to(torch.bfloat16)
         floats[how] = tmp_path / how

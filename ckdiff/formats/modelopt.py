@@ -109,8 +109,9 @@ class ModeloptNvfp4(BlockScaled):
             "nibbles-swapped": ({"blocks": (stop - start) * self.shape[1] // G16},
                                 FP4_VALUES[self._nibbles(start, stop, swap=True)] * s * g),
             # a dequantizer with MX's 32 (or a larger group) hard-coded (tensor/fp4.py blocks_misread)
-            "block-size-wrong": blocks_misread(FP4_VALUES[self._nibbles(start, stop)] * g, self.s.rows(start, stop).float(),
-                                               G16, self.s.load().float(), start * self.shape[1]),
+            "block-size-wrong": blocks_misread(FP4_VALUES[self._nibbles(start, stop)] * g,
+                                               self.s.rows(start, stop).float(), G16, self.s.load().float(),
+                                               start * self.shape[1]),
             # an FP8 dequantizer on the packed bytes: each byte one e4m3 value; its group size taken from the
             # shapes (8 bytes per scale), so each byte keeps the scale of the block it belongs to
             "codes-of-another-encoding": [

@@ -4,7 +4,8 @@ codes, their spacing, and rounding to them; and the E8M0 block scales those enco
 A nibble ``n`` holds the sign in bit 3 and the magnitude ``FP4[n & 7]`` (0, 0.5, 1, 1.5, 2, 3, 4, 6; OCP
 Microscaling Formats v1.0, section 5.3.3). Every FP4 value is exactly a float8_e4m3fn value, so decoded codes are
 held as float8_e4m3fn bytes (``FP4_BYTES``) with the FP4 spacing as their step table (``FP4_STEPS``, the
-block-scaled protocol's ``Scaled.steps``)."""
+block-scaled protocol's ``Scaled.steps``). ``blocks_misread`` gives what a dequantizer with another block size
+hard-coded makes of the microscaling encodings (MXFP4, NVFP4, MXFP8), for their ``misreadings``."""
 from __future__ import annotations
 
 import numpy as np
