@@ -102,6 +102,9 @@ def _float_from(tmp_path, nv, how):
             out[k] = v.view(torch.float8_e4m3fn).float() * s.repeat_interleave(8, 1) * s2
             continue
         per = _per_element(s, nib.shape, how) if how.startswith(("row", "stream")) else s.repeat_interleave(16, 1)
+        if how == "row32":  # computed in bf16 arithmetic, as a dequantizer running in bf16 does
+            out[k] = (VALUES[nib].bfloat16() * per.bfloat16() * s2.bfloat16()).float()
+            continue
         out[k] = (INT4 if how == "int4" else VALUES)[nib] * per * (1 / s2 if how == "divided" else s2)
     d = tmp_path / f"float-{how}"
     d.mkdir()
