@@ -175,6 +175,96 @@ def test_bits_read_wrong_is_named_both_ways(tmp_path, written):
             assert "4-bit codes, the file's codes are 8-bit" in t.diagnosis[0]
 
 
+@pytest.fixture(scope="module")
+def zero_points(tmp_path_factory):
+    """(float dir, mlx-lm's 4-bit groups of 32 of it) for a model whose zero points leave the 4-bit range: layer
+    0's q_proj has head 1's rows zeroed (a pruned head: all-zero groups, zero point 0) and layer 1's up_proj has
+    8 rows shifted by +0.4 and 8 by -0.4 (groups of one sign: the code of 0.0 lies past 15); random otherwise."""
+    root = tmp_path_factory.mktemp("mlx-zp")
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+                                   architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_((1.0 if n.endswith("norm.weight") else 0.0) + torch.randn(p.shape, generator=g) * 0.1)
+        model.model.layers[0].self_attn.q_proj.weight[16:32] = 0
+        model.model.layers[1].mlp.up_proj.weight[:8] += 0.4
+        model.model.layers[1].mlp.up_proj.weight[8:16] -= 0.4
+    model.save_pretrained(root / "float")
+    m, c = mlx_lm_utils.load_model(root / "float")
+    m, c = mlx_lm_utils.quantize_model(m, c, 32, 4)
+    d = root / "mlx"
+    d.mkdir()
+    mlx_lm_utils.save_model(d, m)
+    mlx_lm_utils.save_config(c, d / "config.json")
+    return root / "float", d
+
+
+def _zero_point_float(tmp_path, d, how):
+    """The float side of a converter that turns each group's bias into an integer zero point z = -bias / scale
+    (computed here from the stored scales and biases) and keeps it in 4 unsigned bits: ``offset``, z - 1 packed so
+    0 comes back as 15 (ModelCloud/GPTQModel PR #2351); ``wrap``, z modulo 16; ``clip``, z clamped to [0, 15].
+    Values (code - z') * scale, codes unpacked here from the words (4 bits, low first)."""
+    ck = open_checkpoint(str(d), stored=True)
+    out = {}
+    for k, t in ck.tensors.items():
+        if k.endswith((".scales", ".biases")):
+            continue
+        if t.dtype != torch.uint32:
+            out[k] = t.load()
+            continue
+        m = k[: -len(".weight")]
+        w = t.load().numpy().view(np.uint32)
+        codes = torch.from_numpy(((w[..., None] >> (np.arange(8, dtype=np.uint32) * 4)) & 15)
+                                 .reshape(w.shape[0], -1).astype(np.float32))
+        s, b = ck.tensors[m + ".scales"].load().float(), ck.tensors[m + ".biases"].load().float()
+        z = torch.round(-b / s)
+        if how == "offset":
+            z = torch.where(z == 0, 15.0, z)
+        elif how == "wrap":
+            z = torch.remainder(z, 16)
+        elif how == "clip":
+            z = z.clamp(0, 15)
+        else:  # the right reading: code * scale + bias
+            out[k] = codes * s.repeat_interleave(32, 1) + b.repeat_interleave(32, 1)
+            continue
+        out[k] = (codes - z.repeat_interleave(32, 1)) * s.repeat_interleave(32, 1)
+    p = tmp_path / f"float-zp-{how}"
+    p.mkdir()
+    save_file({k: v.contiguous() for k, v in out.items()}, str(p / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.pop("quantization"), cfg.pop("quantization_config", None)
+    (p / "config.json").write_text(json.dumps(cfg))
+    return p
+
+
+@pytest.mark.parametrize("how,says,tensors", [
+    ("offset", "0 read as 15 (z - 1 packed)", {"model.layers.0.self_attn.q_proj.weight"}),
+    ("wrap", "wrapped modulo 16", {"model.layers.1.mlp.up_proj.weight"}),
+    ("clip", "clipped to [0, 15]", {"model.layers.1.mlp.up_proj.weight"})])
+def test_a_zero_point_wrapped_in_its_bits_is_named_both_ways(tmp_path, zero_points, how, says, tensors):
+    """mlx-lm's file against its float source and a right reading by this writer: EQUIVALENT both ways; the
+    zero points wrapped or clipped: only the tensors with such groups differ, each named zero-point-underflow
+    with the groups it changes (16 pruned rows x 2 groups; the shifted rows' groups of one sign)."""
+    flt, d = zero_points
+    for a, b in ((d, flt), (flt, d), (d, _zero_point_float(tmp_path, d, "right"))):
+        res = compare_checkpoints(open_checkpoint(str(a)), open_checkpoint(str(b)))
+        assert res.equivalent, [(t.name, t.status, t.max_abs) for t in res.tensors if not t.ok]
+    bad = _zero_point_float(tmp_path, d, how)
+    for a, b in ((d, bad), (bad, d)):
+        res = compare_checkpoints(open_checkpoint(str(a)), open_checkpoint(str(b)), Options(diagnose=True))
+        wrong = [t for t in res.tensors if not t.ok]
+        assert not res.equivalent and {t.name for t in wrong} == tensors
+        for t in wrong:
+            assert [f["kind"] for f in t.findings] == ["zero-point-underflow"], (t.name, t.diagnosis)
+            f = t.findings[0]
+            assert f["how"] == says and f["bits"] == 4 and (f["groups"] == 32 if how == "offset" else
+                                                          16 <= f["groups"] <= 32), f
+
+
 def _relabelled(tmp_path, d, **q):
     e = tmp_path / "relabelled"
     shutil.copytree(d, e)

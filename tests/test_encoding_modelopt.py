@@ -25,6 +25,7 @@ from ckdiff.formats.readers import open_checkpoint
 from ckdiff.tensor.fp4 import FP4
 
 VALUES = torch.cat([FP4, -FP4])
+INT4 = torch.tensor([0.0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1])  # a nibble read as a signed int4
 Q = "model.layers.1.self_attn.q_proj"
 
 
@@ -96,8 +97,15 @@ def _float_from(tmp_path, nv, how):
         m = k[: -len(".weight")]
         lo, hi = (v & 15).long(), (v >> 4).long()
         nib = torch.stack((hi, lo) if how == "nibbles" else (lo, hi), -1).reshape(v.shape[0], -1)
-        s, s2 = st[m + ".weight_scale"].float().repeat_interleave(16, 1), st[m + ".weight_scale_2"].float()
-        out[k] = VALUES[nib] * s * (1 / s2 if how == "divided" else s2)
+        s, s2 = st[m + ".weight_scale"].float(), st[m + ".weight_scale_2"].float()
+        if how == "fp8":  # an FP8 dequantizer: each byte one e4m3 value, the group size from the shapes (8 bytes)
+            out[k] = v.view(torch.float8_e4m3fn).float() * s.repeat_interleave(8, 1) * s2
+            continue
+        per = _per_element(s, nib.shape, how) if how.startswith(("row", "stream")) else s.repeat_interleave(16, 1)
+        if how == "row32":  # computed in bf16 arithmetic, as a dequantizer running in bf16 does
+            out[k] = (VALUES[nib].bfloat16() * per.bfloat16() * s2.bfloat16()).float()
+            continue
+        out[k] = (INT4 if how == "int4" else VALUES)[nib] * per * (1 / s2 if how == "divided" else s2)
     d = tmp_path / f"float-{how}"
     d.mkdir()
     save_file(out, str(d / "model.safetensors"), metadata={"format": "pt"})
@@ -105,6 +113,37 @@ def _float_from(tmp_path, nv, how):
     cfg.pop("quantization_config", None)
     (d / "config.json").write_text(json.dumps(cfg))
     return d
+
+
+def _per_element(s: torch.Tensor, shape, how: str) -> torch.Tensor:
+    """Block scales ``s`` spread over ``shape`` by a dequantizer with the block size hard-coded: ``row<b>``, element
+    j of a row takes that row's scale j // b; ``stream<b>``, element n of the flat codes takes flat scale n // b."""
+    R, C = shape
+    if how.startswith("row"):
+        return s[:, torch.arange(C) // int(how[3:])]
+    return s.reshape(-1)[torch.arange(R * C) // int(how[6:])].reshape(R, C)
+
+
+@pytest.mark.parametrize("how,kind,params", [
+    ("row32", "block-size-wrong", {"stored": 16, "read": 32, "order": "each row's own scales"}),
+    ("stream32", "block-size-wrong", {"stored": 16, "read": 32, "order": "the scales read as one stream across rows"}),
+    ("fp8", "codes-of-another-encoding", {"codes": "FP4 e2m1, two per byte", "read": "FP8 e4m3, one per byte"}),
+    ("int4", "codes-of-another-encoding", {"read": "int4, each nibble a signed integer"})])
+def test_a_dequantizer_for_other_blocks_or_codes_is_named_both_ways(tmp_path, exported, how, kind, params):
+    """NVFP4 read with MX's 32-element blocks, its bytes read as FP8 (a weight of half the input width: a shape
+    mismatch whose cause is still named), or its nibbles as signed int4 (an int4 dequantizer); the float side
+    written here by hand from the export's tensors."""
+    _, nv = exported
+    good, bad = _float_from(tmp_path, nv, "right"), _float_from(tmp_path, nv, how)
+    for a, b in ((nv, good), (good, nv)):
+        assert compare_checkpoints(open_checkpoint(str(a)), open_checkpoint(str(b))).equivalent
+    for a, b in ((nv, bad), (bad, nv)):
+        res = compare_checkpoints(open_checkpoint(str(a)), open_checkpoint(str(b)), Options(diagnose=True))
+        wrong = [t for t in res.tensors if not t.ok]
+        assert not res.equivalent and len(wrong) == 14
+        for t in wrong:
+            assert [f["kind"] for f in t.findings] == [kind], (t.name, t.diagnosis)
+            assert params.items() <= t.findings[0].items() and (t.status.value == "shape") == (how == "fp8")
 
 
 @pytest.mark.parametrize("how,kind", [("divided", "scale-reciprocal"), ("nibbles", "nibbles-swapped")])
@@ -165,6 +204,46 @@ def test_mxfp8_export_against_its_float_source_both_ways(exported_mxfp8):
         res = compare_checkpoints(open_checkpoint(str(a)), open_checkpoint(str(b)))
         assert res.equivalent, [(t.name, t.status, t.diagnosis) for t in res.tensors if not t.ok]
         assert res.counts().get("quant") == 14
+
+
+def _mxfp8_float(tmp_path, mx8, how):
+    """A float checkpoint a converter reading the MXFP8 export ``how`` writes: ``right``; ``row64`` / ``stream64``
+    (64-element blocks hard-coded, see ``_per_element``); ``e5m2`` (the e4m3 bytes decoded as e5m2: NaN and inf
+    where the e4m3 exponent is all ones); ``uint8`` (the bytes cast to float as integers 0..255)."""
+    st = load_file(str(mx8 / "model.safetensors"))
+    out = {k: v for k, v in st.items() if not k.endswith((".weight_scale", ".input_scale"))}
+    for k in list(out):
+        if out[k].dtype != torch.float8_e4m3fn:
+            continue
+        s = torch.exp2(st[k + "_scale"].float() - 127)
+        per = _per_element(s, out[k].shape, how) if how.startswith(("row", "stream")) else s.repeat_interleave(32, 1)
+        out[k] = out[k].view({"e5m2": torch.float8_e5m2, "uint8": torch.uint8}.get(how, out[k].dtype)).float() * per
+    d = tmp_path / f"mxfp8-float-{how}"
+    d.mkdir()
+    save_file(out, str(d / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((mx8 / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.mark.parametrize("how,kind,params", [
+    ("row64", "block-size-wrong", {"stored": 32, "read": 64, "order": "each row's own scales"}),
+    ("stream64", "block-size-wrong", {"stored": 32, "read": 64, "order": "the scales read as one stream across rows"}),
+    ("e5m2", "codes-of-another-encoding", {"codes": "FP8 e4m3", "read": "FP8 e5m2"}),
+    ("uint8", "codes-of-another-encoding", {"codes": "FP8 e4m3", "read": "uint8, each byte an unsigned integer"})])
+def test_mxfp8_other_blocks_or_codes_are_named_both_ways(tmp_path, exported_mxfp8, how, kind, params):
+    _, mx8 = exported_mxfp8
+    good, bad = _mxfp8_float(tmp_path, mx8, "right"), _mxfp8_float(tmp_path, mx8, how)
+    for a, b in ((mx8, good), (good, mx8)):
+        assert compare_checkpoints(open_checkpoint(str(a)), open_checkpoint(str(b))).equivalent
+    for a, b in ((mx8, bad), (bad, mx8)):
+        res = compare_checkpoints(open_checkpoint(str(a)), open_checkpoint(str(b)), Options(diagnose=True))
+        wrong = [t for t in res.tensors if not t.ok]
+        assert not res.equivalent and len(wrong) == 14
+        for t in wrong:
+            assert [f["kind"] for f in t.findings] == [kind], (t.name, t.diagnosis)
+            assert params.items() <= t.findings[0].items()
 
 
 def test_mxfp8_scale_bytes_used_as_values_and_a_doubled_block_are_named(tmp_path, exported_mxfp8):

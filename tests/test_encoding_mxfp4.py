@@ -23,6 +23,7 @@ from ckdiff.tensor.fp4 import FP4, round_fp4
 
 EXPERTS = ("gate_up_proj", "down_proj")
 VALUES = torch.cat([FP4, -FP4])
+INT4 = torch.tensor([0.0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1])  # a nibble read as a signed int4
 
 
 def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,9 +110,19 @@ def _misread_float(tmp_path, mx, how):
         lo, hi = b & 15, b >> 4
         nib = torch.stack((hi, lo) if how == "nibbles" else (lo, hi), -1).reshape(E, R, G * 32)
         scale = s.float() if how == "e8m0" else torch.exp2(s.float() - 127)
+        if how == "fp8":  # an FP8 dequantizer: each byte one e4m3 value times its block's scale, [E, R, 16 G]
+            v = (b.view(torch.float8_e4m3fn).float() * scale[..., None]).reshape(E, R, G * 16)
+            out[p] = v.transpose(1, 2).to(torch.bfloat16)
+            continue
         if how == "grid":
             scale = scale.reshape(E, G, R).transpose(1, 2)
-        v = VALUES[nib.long()] * scale.repeat_interleave(32, -1)  # [E, R, K]
+        if how.startswith("row"):  # block size hard-coded: element j of a row takes that row's scale j // size
+            per = scale[..., torch.arange(G * 32) // int(how[3:])]
+        elif how.startswith("stream"):  # element n of all the codes takes scale n // size of all the scales
+            per = scale.reshape(-1)[torch.arange(E * R * G * 32) // int(how[6:])].reshape(E, R, G * 32)
+        else:
+            per = scale.repeat_interleave(32, -1)
+        v = (INT4 if how == "int4" else VALUES)[nib.long()] * per  # [E, R, K]
         out[p] = (v.reshape(E, G * 32, R) if how == "transpose" else v.transpose(1, 2)).to(torch.bfloat16)
     d = tmp_path / f"bf16-{how}"
     d.mkdir()
@@ -132,6 +143,35 @@ def test_a_misread_conversion_is_named(tmp_path, gptoss, how, kind):
     assert not res.equivalent and {t.name.rsplit(".", 1)[1] for t in wrong} == expect
     for t in wrong:
         assert [f["kind"] for f in t.findings] == [kind], (t.name, t.diagnosis)
+
+
+@pytest.mark.parametrize("how,kind,params", [
+    ("row64", "block-size-wrong", {"stored": 32, "read": 64, "order": "each row's own scales"}),
+    ("stream128", "block-size-wrong", {"stored": 32, "read": 128,
+                                       "order": "the scales read as one stream across rows"}),
+    ("fp8", "codes-of-another-encoding", {"codes": "FP4 e2m1, two per byte", "read": "FP8 e4m3, one per byte"}),
+    ("int4", "codes-of-another-encoding", {"read": "int4, each nibble a signed integer"})])
+def test_a_dequantizer_for_other_blocks_or_codes_is_named_both_ways(tmp_path, gptoss, how, kind, params):
+    """The float side written here by hand from the stored blocks: each scale applied to 64 (or 128) elements, or
+    the bytes decoded one e4m3 value each (experts of half the input width: a shape mismatch whose cause is
+    still named), or each nibble read as a signed int4. The right reading by the same writer is EQUIVALENT both ways."""
+    _, mx, _ = gptoss
+    good, bad = _misread_float(tmp_path, mx, "right"), _misread_float(tmp_path, mx, how)
+    st = load_file(str(bad / "model.safetensors"))
+    for a, b in ((mx, good), (good, mx)):
+        assert compare_checkpoints(open_checkpoint(str(a)), open_checkpoint(str(b))).equivalent
+    for a, b in ((mx, bad), (bad, mx)):
+        res = compare_checkpoints(open_checkpoint(str(a)), open_checkpoint(str(b)), Options(diagnose=True))
+        wrong = [t for t in res.tensors if not t.ok]
+        # per row, a 64-element block reads down_proj's single block per row right (intermediate 32)
+        expect = {"gate_up_proj"} if how == "row64" else set(EXPERTS)
+        assert not res.equivalent and {t.name.rsplit(".", 1)[1] for t in wrong} == expect
+        for t in wrong:
+            assert [f["kind"] for f in t.findings] == [kind], (t.name, t.diagnosis)
+            assert params.items() <= t.findings[0].items(), t.findings
+            if how == "fp8":
+                assert t.status.value == "shape" and list(st[t.name].shape)[1] * 2 == \
+                    open_checkpoint(str(mx)).tensors[t.name].shape[1]
 
 
 def test_right_dequantization_is_not_a_misreading(tmp_path, gptoss):

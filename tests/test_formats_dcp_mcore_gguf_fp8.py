@@ -405,6 +405,42 @@ def test_fp8_mutations_are_caught(tmp_path, bug):
     assert [r.name for r in res.tensors if not r.ok] == [key]
 
 
+def test_fp8_codes_read_as_e5m2_or_as_integers_are_named_both_ways(tmp_path):
+    """A float side a converter writes from the FP8 file with the e4m3 bytes decoded as e5m2 (computed here: the
+    bytes viewed as float8_e5m2 times their 128x128 block scales; NaN and inf where the e4m3 exponent is all ones)
+    or cast as integers 0..255 (ml-explore/mlx-lm PR #1192's ``weight.astype(bfloat16)`` on uint8 FP8 bytes), and
+    the right reading by the same writer: EQUIVALENT both ways; each misreading named in both orders."""
+    from ckdiff.io.writers import write_hf
+    from ckdiff.golden.models import lazy
+    cfg = tiny_config("llama-blockwise", "bfloat16")
+    state = hf_state(cfg, seed=4)
+    fp8 = _write_fp8(tmp_path / "fp8", state, cfg)
+    st = {k: t.load() for k, t in open_checkpoint(str(fp8), stored=True).tensors.items()}
+    encoded = sorted(k for k in st if k + "_scale_inv" in st)
+    floats = {}
+    for how in ("e4m3fn", "e5m2", "uint8"):
+        out = {k: v for k, v in st.items() if not k.endswith("_scale_inv")}
+        for k in encoded:
+            s = st[k + "_scale_inv"].repeat_interleave(128, 0).repeat_interleave(128, 1)
+            s = s[:st[k].shape[0], :st[k].shape[1]]
+            out[k] = (st[k].view(torch.uint8 if how == "uint8" else getattr(torch, f"float8_{how}")).float()
+                      * s).to(torch.bfloat16)
+        floats[how] = tmp_path / how
+        floats[how].mkdir()
+        write_hf(floats[how], lazy(out), cfg.to_hf(), 1)
+    for a, b in ((fp8, floats["e4m3fn"]), (floats["e4m3fn"], fp8)):
+        res = compare_checkpoints(open_checkpoint(str(a)), open_checkpoint(str(b)))
+        assert res.equivalent, [(r.name, r.status) for r in res.tensors if not r.ok]
+    for how, read in (("e5m2", "FP8 e5m2"), ("uint8", "uint8, each byte an unsigned integer")):
+        for a, b in ((fp8, floats[how]), (floats[how], fp8)):
+            res = compare_checkpoints(open_checkpoint(str(a)), open_checkpoint(str(b)))
+            wrong = [r for r in res.tensors if not r.ok]
+            assert not res.equivalent and sorted(r.name for r in wrong) == encoded
+            for r in wrong:
+                assert r.findings == [{"kind": "codes-of-another-encoding", "encoding": "float8_e4m3fn block 128x128",
+                                       "codes": "FP8 e4m3", "read": read, "shape": ""}], (r.name, r.diagnosis)
+
+
 # ------------------------------------------------------------------ mutation self-test and golden entries
 def test_format_mutations_are_all_caught_and_named(tmp_path):
     from selftest.catalogue import run_format_mutations

@@ -217,6 +217,54 @@ def test_nvfp4_halved_group_scale_is_named(ct, run_cli, tmp_path):
     assert _findings(tmp_path / "r.json") == {"model.layers.1.mlp.down_proj.weight": ["scale-multiplied"]}, out
 
 
+def _nvfp4_float(src, dst, how):
+    """The float checkpoint a converter reading compressed-tensors' NVFP4 file ``how`` writes, computed here from
+    the stored tensors: ``right`` (fp4 * weight_scale / weight_global_scale); ``multiplied`` (the global scale
+    multiplying, modelopt's convention); ``row32`` (each row's scales applied to 32 columns each); ``fp8`` (each
+    packed byte one e4m3 value, 8 bytes per scale: a weight of half the width)."""
+    from ckdiff.tensor.fp4 import FP4_VALUES
+    sd = load_file(src / "model.safetensors")
+    out = {}
+    for k, v in sd.items():
+        if not k.endswith(".weight_packed"):
+            if not k.endswith((".weight_scale", ".weight_global_scale", "input_global_scale")):
+                out[k] = v
+            continue
+        m = k[: -len("_packed")]
+        s, g = sd[m + "_scale"].float(), sd[m + "_global_scale"].float().reshape(())
+        if how == "fp8":
+            out[m] = v.view(torch.float8_e4m3fn).float() * s.repeat_interleave(8, 1) / g
+            continue
+        nib = torch.stack([v.long() & 15, v.long() >> 4], -1).reshape(v.shape[0], -1)
+        per = s[:, torch.arange(nib.shape[1]) // 32] if how == "row32" else s.repeat_interleave(16, 1)
+        out[m] = FP4_VALUES[nib] * per * (g if how == "multiplied" else 1 / g)
+    dst.mkdir()
+    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
+    c = json.loads((src / "config.json").read_text())
+    c.pop("quantization_config")
+    (dst / "config.json").write_text(json.dumps(c))
+    return dst
+
+
+@pytest.mark.parametrize("how,kind", [("multiplied", "scale-reciprocal"), ("row32", "block-size-wrong"),
+                                      ("fp8", "codes-of-another-encoding")])
+def test_nvfp4_misread_conversion_is_named_both_ways(ct, tmp_path, how, kind):
+    """The global scale multiplied (modular/modular#6699's convention mix-up), a 32-element block hard-coded, the
+    bytes read as FP8 (a shape mismatch whose cause is still named); the right reading passes both ways."""
+    from ckdiff.compare.diff import compare_checkpoints
+    from ckdiff.formats.readers import open_checkpoint
+    nv, good, bad = ct["nvfp4"], _nvfp4_float(ct["nvfp4"], tmp_path / "right", "right"), \
+        _nvfp4_float(ct["nvfp4"], tmp_path / how, how)
+    for a, b in ((nv, good), (good, nv)):
+        res = compare_checkpoints(open_checkpoint(str(a)), open_checkpoint(str(b)))
+        assert res.equivalent, [(t.name, t.status) for t in res.tensors if not t.ok]
+    for a, b in ((nv, bad), (bad, nv)):
+        res = compare_checkpoints(open_checkpoint(str(a)), open_checkpoint(str(b)))
+        wrong = [t for t in res.tensors if not t.ok]
+        assert len(wrong) == 14 and all([f["kind"] for f in t.findings] == [kind] for t in wrong), \
+            [(t.name, t.diagnosis) for t in wrong]
+
+
 def test_dropped_tensors(ct, run_cli, tmp_path):
     def drop_module(sd):
         for k in [k for k in sd if k.startswith("model.layers.1.mlp.down_proj.")]:

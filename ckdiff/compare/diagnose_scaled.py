@@ -141,21 +141,49 @@ def _encodes_other(name: str, enc: BlockScaled, fck: Checkpoint) -> Optional[Fin
     return None
 
 
+def _matches(a: torch.Tensor, b: torch.Tensor, slack) -> bool:
+    """``a`` and ``b`` agree element by element within two bf16 roundings (2**-7 of the larger magnitude: a
+    dequantizer computing in bf16, then writing bf16), plus ``slack`` (per element or a number) and float32 noise
+    of the tensor's scale (1e-6 of its largest finite value); non-finite values agree only with the same
+    non-finite value (a NaN with a NaN)."""
+    if a.shape != b.shape:
+        return False
+    fa, fb = torch.isfinite(a), torch.isfinite(b)
+    if not bool((fa == fb).all()) or not bool(((a == b) | (torch.isnan(a) & torch.isnan(b)) | fa).all()):
+        return False
+    a, b = torch.where(fa, a, 0.0), torch.where(fb, b, 0.0)
+    floor = 1e-6 * float(b.abs().max()) if b.numel() else 0.0
+    return bool(((a - b).abs() <= 2.0 ** -7 * torch.maximum(a.abs(), b.abs()) + slack + floor).all())
+
+
+def _variants(found):
+    """(params, values) of a misreading: one pair, or a list of them (variants of one kind); ``values`` may be a
+    callable that makes them (computed only when reached)."""
+    for params, values in (found if isinstance(found, list) else [found]):
+        yield params, (values() if callable(values) else values)
+
+
 def _misread(enc: BlockScaled, flt: LazyTensor) -> Optional[Finding]:
     """The float side equals one of the ways a converter misreads ``enc`` (its ``misreadings``: E8M0 bytes used
-    as values, nibbles swapped, a scale grid or a layout not transposed): that misreading names the bug."""
+    as values, nibbles swapped, a scale grid or a layout not transposed, another block size, codes decoded as
+    another code format, a zero point wrapped): that misreading names the bug. Values are rows ``[-1, last]``;
+    a misreading of another shape than ``enc`` (FP4 bytes read one value each) is tried on a float side of its
+    shape."""
     misreadings = getattr(enc, "misreadings", None)
-    if misreadings is None or enc.numel > MAX_NUMEL or isinstance(flt, BlockScaled) \
-            or not flt.dtype.is_floating_point or tuple(flt.shape) != tuple(enc.shape):
+    if misreadings is None or enc.numel > MAX_NUMEL or flt.numel > MAX_NUMEL or isinstance(flt, BlockScaled) \
+            or not flt.dtype.is_floating_point or not len(flt.shape) or not flt.numel:
         return None
-    x = flt.load().float().reshape(-1, enc.shape[-1])
-    tol = 1e-2 * float(x.abs().max()) if x.numel() else 0.0  # bf16 writes of the misread values
-    right = enc.rows(0, enc.nrows).reshape(x.shape)
+    x = flt.load().float().reshape(-1, flt.shape[-1])
+    right = enc.rows(0, enc.nrows).reshape(-1, enc.shape[-1])
+    unit = enc.units(0, enc.nrows).reshape(right.shape)
     for kind, found in misreadings(0, enc.nrows).items():
-        for params, values in (found if isinstance(found, list) else [found]):  # a list: variants of one kind
-            if values.shape != x.shape or bool(((values - right).abs() <= tol).all()):
-                continue  # a misreading that reads as the right values here names nothing
-            if bool(((values - x).abs() <= tol).all()):
+        for params, values in _variants(found):
+            if values.shape != x.shape:
+                continue
+            same = values.shape == right.shape
+            if same and _matches(values, right, enc.bound * unit):
+                continue  # a misreading that reads as the right values here (within a step) names nothing
+            if _matches(values, x, 0.5 * unit if same else 0.0):
                 return Finding(Kind(kind), {"encoding": enc.encoding, **params})
     return None
 
@@ -176,10 +204,11 @@ def _refit(enc: BlockScaled, flt: LazyTensor) -> Optional[Finding]:
 
 def diagnose_scaled(name: str, enc: BlockScaled, flt: LazyTensor, eck: Checkpoint, fck: Checkpoint) -> list[Finding]:
     """Typed causes for ``enc`` (an encoded tensor) against ``flt`` (the float tensor it should encode); of
-    another shape, only the encoding read at other parameters its stored shapes fit (``_refit``)."""
+    another shape, only a misreading of that shape or the encoding read at other parameters its stored shapes fit
+    (``_refit``)."""
     if tuple(flt.shape) != tuple(enc.shape):
-        refit = _refit(enc, flt)
-        return [refit] if refit else []
+        found = _misread(enc, flt) or _refit(enc, flt)
+        return [found] if found else []
     misread = _misread(enc, flt)
     if misread is not None:
         return [misread]

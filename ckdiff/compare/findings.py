@@ -31,6 +31,9 @@ class Kind(str, Enum):
     GROUP_SIZE_WRONG = "group-size-wrong"            # the scales applied with another group size
     BITS_WRONG = "bits-wrong"                        # packed codes read at another bit width
     QUANT_CONFIG_WRONG = "quant-config-wrong"        # the file's config names other bits / group size than its codes
+    BLOCK_SIZE_WRONG = "block-size-wrong"            # each block scale applied to another number of elements
+    CODES_OF_ANOTHER_ENCODING = "codes-of-another-encoding"  # the codes decoded as another code format's
+    ZERO_POINT_UNDERFLOW = "zero-point-underflow"    # an affine group's zero point wrapped or clipped to its bits
 
 
 TEXT = {
@@ -72,6 +75,13 @@ TEXT = {
     Kind.QUANT_CONFIG_WRONG: "quantization config wrong: read as {bits}-bit codes in groups of {group}, the stored "
                              "words and scales are the float side within one step; the config says {config_bits}-bit "
                              "groups of {config_group}",
+    Kind.BLOCK_SIZE_WRONG: "wrong block size: the float side applies each {encoding} scale to {read} elements "
+                           "({order}), the file's blocks are {stored}",
+    Kind.CODES_OF_ANOTHER_ENCODING: "codes decoded as another encoding: the float side reads the {encoding} codes "
+                                    "({codes}) as {read}{shape}",
+    Kind.ZERO_POINT_UNDERFLOW: "zero point {how}: the float side is the {encoding} values with each group's zero "
+                               "point (-bias / scale, the code of 0.0) held in an unsigned {bits}-bit field "
+                               "({groups} groups changed)",
 }
 
 

@@ -37,7 +37,10 @@ the FP4 spacing as their step table (``Scaled.steps``) and ``weight_scale / weig
 grid. Every element is judged in units of its own quantization step (the scale for integer codes, the
 FP8/FP4 spacing at the code times the scale for float codes): bound 0.55 with float32 scales (round to
 nearest, and a rounded zero point shifts the grid by at most half a step, so clamping stays within it),
-widened by the rounding of 16-bit arithmetic when the scales are bf16/fp16 (``_bound``).
+widened by the rounding of 16-bit arithmetic when the scales are bf16/fp16 (``_bound``). An NVFP4 view lists
+the ways a converter misreads it (``misreadings``: the global scale multiplied as modelopt's is, nibbles
+swapped, a larger block hard-coded, the bytes read as FP8 or the nibbles as int4); a float side equal to one is
+named by it.
 
 Activation and KV-cache quantization parameters (``input_scale``, ``k_scale`` ...) are run-time settings,
 not weights: the reader skips them by name (coverage lists them). Anything else in ``quantization_config``
@@ -56,7 +59,9 @@ import numpy as np
 import torch
 
 from ckdiff.errors import InputError
-from ckdiff.tensor.fp4 import _FP4_BYTES, FP4, FP4_STEPS, round_fp4  # noqa: F401 (FP4: re-exported)
+from ckdiff.tensor.fp4 import (  # noqa: F401 (FP4: re-exported)
+    _FP4_BYTES, FP4, FP4_STEPS, FP4_VALUES, INT4_VALUES, blocks_misread, round_fp4,
+)
 from ckdiff.tensor.blockscaled import FLOAT8, BlockScaled, Scaled, fold
 from ckdiff.tensor.lazy import Checkpoint, LazyTensor
 
@@ -416,9 +421,33 @@ class CtNvfp4(_CtView):
     def global_scale(self) -> torch.Tensor:
         return self.gs.load().float().reshape(())
 
-    def scaled(self, start: int, stop: int) -> Scaled:
+    def _nibbles(self, start: int, stop: int, swap: bool = False) -> torch.Tensor:
         b = self.packed.rows(start, stop).to(torch.int64)
-        idx = torch.stack([b & 15, b >> 4], -1).reshape(stop - start, self.shape[1])
+        return torch.stack([b >> 4, b & 15] if swap else [b & 15, b >> 4], -1).reshape(stop - start, self.shape[1])
+
+    def misreadings(self, start: int, stop: int) -> dict:
+        """Values a converter that misreads the encoding writes, by the finding each names (the kinds and readings
+        of modelopt's NVFP4, ``formats/modelopt.py``; ``compare/diagnose_scaled.py`` tries them)."""
+        s, g, C = self.s.rows(start, stop).float(), self.global_scale(), self.shape[1]
+        grp = self.block[1]
+        nib = self._nibbles(start, stop)
+        return {
+            # modelopt's convention applied to compressed-tensors' global scale: multiplied instead of divided
+            "scale-reciprocal": ({"unit": "global"}, FP4_VALUES[nib] * s.repeat_interleave(grp, 1)[:, :C] * g),
+            "nibbles-swapped": ({"blocks": int(s.numel())},
+                                FP4_VALUES[self._nibbles(start, stop, True)] * s.repeat_interleave(grp, 1)[:, :C] / g),
+            "block-size-wrong": blocks_misread(FP4_VALUES[nib] / g, s, grp, self.s.load().float(), start * C),
+            "codes-of-another-encoding": [
+                ({"codes": "FP4 e2m1, two per byte", "read": "FP8 e4m3, one per byte",
+                  "shape": f": a [{stop - start}, {C // 2}] tensor where the weight is [{stop - start}, {C}]"},
+                 lambda: self.packed.rows(start, stop).contiguous().view(torch.float8_e4m3fn).float()
+                 * s.repeat_interleave(grp // 2, 1)[:, :C // 2] / g),
+                ({"codes": "FP4 e2m1, two per byte", "read": "int4, each nibble a signed integer", "shape": ""},
+                 lambda: INT4_VALUES[nib] * s.repeat_interleave(grp, 1)[:, :C] / g)],
+        }
+
+    def scaled(self, start: int, stop: int) -> Scaled:
+        idx = self._nibbles(start, stop)
         codes = _FP4_BYTES[idx].view(torch.float8_e4m3fn)
         grid = self.s.rows(start, stop).float() / self.global_scale()
         return Scaled(codes, grid, self.block, steps=FP4_STEPS)

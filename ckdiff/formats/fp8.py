@@ -12,7 +12,8 @@ Facts (DeepSeek-V3 ``inference/kernel.py`` ``weight_dequant_kernel`` / ``weight_
   the FP8 spacing at its code), bound 0.5 plus a little for fp32 arithmetic.
 
 Every such pair becomes one ``Fp8Block`` view under the weight's name when the checkpoint is read
-(``tensor/blockscaled.py``); two FP8 checkpoints compare codes and scales exactly.
+(``tensor/blockscaled.py``); two FP8 checkpoints compare codes and scales exactly. A float side equal to the
+e4m3 codes decoded as e5m2 times their scales names that misreading (``misreadings``).
 """
 from __future__ import annotations
 
@@ -61,6 +62,20 @@ class Fp8Block(BlockScaled):
         M = self.shape[-2]
         grid = self.s.rows(start, stop).float().repeat_interleave(bm, -2)[..., :M, :]
         return Scaled(codes.reshape(-1, self.shape[-1]), grid.reshape(-1, grid.shape[-1]), (1, bn))
+
+    def misreadings(self, start: int, stop: int) -> dict:
+        """Values a converter that misreads the encoding writes, by the finding each names: e4m3 codes decoded as
+        e5m2 (a dequantizer that takes any one-byte weight for the other FP8 format), or their bytes cast to float
+        as integers 0..255."""
+        if self.w.dtype != torch.float8_e4m3fn:
+            return {}
+        s = self.scaled(start, stop)
+        return {"codes-of-another-encoding": [
+            ({"codes": "FP8 e4m3", "read": "FP8 e5m2", "shape": ""},
+             lambda: s.codes.view(torch.float8_e5m2).float() * s.per_element()),
+            # the bytes cast as integers (a uint8 tensor cast to float without decoding)
+            ({"codes": "FP8 e4m3", "read": "uint8, each byte an unsigned integer", "shape": ""},
+             lambda: s.codes.view(torch.uint8).float() * s.per_element())]}
 
     def reference(self, x: torch.Tensor) -> Scaled | None:
         """DeepSeek's quantizer (``fp8_quantize``) on float rows ``x``."""

@@ -19,7 +19,8 @@ group size) / ``save_model`` / ``save_config``, whose files the tests read):
 
 Converters that misread the encoding write values a view can reproduce (``misreadings``): scales and biases
 swapped, the element order in each word reversed, another group size, a narrower bit width (4 read from an
-8-bit file); a float side equal to one names it. A config naming other bits and group size than the codes were
+8-bit file), a group's zero point (-bias / scale) wrapped or clipped in an unsigned field of the bit width; a
+float side equal to one names it. A config naming other bits and group size than the codes were
 written at (the shapes fit both) gives views of another width; ``refits`` reads them at the pairs the shapes fit.
 """
 from __future__ import annotations
@@ -147,11 +148,35 @@ class MlxAffine(BlockScaled):
                     for w in BITS if w < self.bits]
         if narrower:
             out["bits-wrong"] = narrower
+        zp = self._zero_points(codes, s, b)
+        if zp:
+            out["zero-point-underflow"] = zp
         for g in GROUPS:  # a larger group read: every element takes the scale and bias of group j // g
             if g > self.group and C % g == 0:
                 idx = torch.arange(C) // g
                 out.setdefault("group-size-wrong", ({"stored": self.group, "read": g},
                                                     codes.float() * s[:, idx] + b[:, idx]))
+        return out
+
+    def _zero_points(self, codes: torch.Tensor, s: torch.Tensor, b: torch.Tensor) -> list:
+        """``zero-point-underflow`` variants: each group's values with its zero point ``z = -bias / scale`` (the code
+        of 0.0, an integer since mlx keeps zero on the code grid; 0 for an all-zero group, past ``2**bits - 1``
+        for a group of one sign) held in an unsigned ``bits``-bit field, as a converter to an integer zero-point
+        format (GPTQ, AWQ) stores it: ``z - 1`` packed, so 0 underflows to ``2**bits - 1`` (ModelCloud/GPTQModel
+        PR #2351, ``unpack_reorder_pack`` for the ExLlamaV2 AWQ kernel); ``z`` wrapped modulo ``2**bits``; ``z``
+        clipped to ``[0, 2**bits - 1]`` (AWQ's quantizer clamps its zero points so). Values ``(code - z') * scale``;
+        a variant that changes no group is left out."""
+        n = (1 << self.bits) - 1
+        z = torch.round(torch.where(s != 0, -b / torch.where(s != 0, s, 1.0), 0.0))
+        out = []
+        for how, zw in ((f"0 read as {n} (z - 1 packed)", torch.where(z == 0, float(n), z)),
+                        (f"wrapped modulo {n + 1}", torch.remainder(z, n + 1)),
+                        (f"clipped to [0, {n}]", z.clamp(0, n))):
+            changed = zw != z
+            if bool(changed.any()):
+                shift = ((z - zw) * s).repeat_interleave(self.group, 1)  # (code - z') s = (code - z) s + (z - z') s
+                out.append(({"bits": self.bits, "how": how, "groups": int(changed.sum())},
+                            lambda shift=shift: self._values(codes, s, b, self.group) + shift))
         return out
 
 

@@ -25,7 +25,7 @@ import torch
 from ckdiff.errors import InputError
 from ckdiff.io.inputs import read_json_object
 from ckdiff.tensor.blockscaled import BlockScaled, Scaled, fold
-from ckdiff.tensor.fp4 import FP4_BYTES, FP4_STEPS, FP4_VALUES, e8m0_problems, e8m0_scales
+from ckdiff.tensor.fp4 import FP4_BYTES, FP4_STEPS, FP4_VALUES, INT4_VALUES, blocks_misread, e8m0_problems, e8m0_scales
 from ckdiff.tensor.lazy import Checkpoint, LazyTensor
 
 QUANT_FILE = "hf_quant_config.json"
@@ -108,6 +108,21 @@ class ModeloptNvfp4(BlockScaled):
             "scale-reciprocal": ({"unit": "global"}, FP4_VALUES[self._nibbles(start, stop)] * s / g),
             "nibbles-swapped": ({"blocks": (stop - start) * self.shape[1] // G16},
                                 FP4_VALUES[self._nibbles(start, stop, swap=True)] * s * g),
+            # a dequantizer with MX's 32 (or a larger group) hard-coded (tensor/fp4.py blocks_misread)
+            "block-size-wrong": blocks_misread(FP4_VALUES[self._nibbles(start, stop)] * g,
+                                               self.s.rows(start, stop).float(), G16, self.s.load().float(),
+                                               start * self.shape[1]),
+            # an FP8 dequantizer on the packed bytes: each byte one e4m3 value; its group size taken from the
+            # shapes (8 bytes per scale), so each byte keeps the scale of the block it belongs to
+            "codes-of-another-encoding": [
+                ({"codes": "FP4 e2m1, two per byte", "read": "FP8 e4m3, one per byte",
+                  "shape": f": a [{stop - start}, {self.shape[1] // 2}] tensor where the weight is "
+                           f"[{stop - start}, {self.shape[1]}]"},
+                 lambda: self.packed.rows(start, stop).contiguous().view(torch.float8_e4m3fn).float()
+                 * self.s.rows(start, stop).float().repeat_interleave(G16 // 2, 1) * g),
+                # an int4 dequantizer on the nibbles (compressed-tensors' pack-quantized reading): signed integers
+                ({"codes": "FP4 e2m1, two per byte", "read": "int4, each nibble a signed integer", "shape": ""},
+                 lambda: INT4_VALUES[self._nibbles(start, stop)] * s * g)],
         }
 
 
@@ -200,8 +215,19 @@ class ModeloptMxfp8(BlockScaled):
 
     def misreadings(self, start: int, stop: int) -> dict:
         e = self.s.rows(start, stop).float().repeat_interleave(G32, 1)
-        w = self.w.rows(start, stop).float()
-        return {"e8m0-as-value": ({}, w * e)}
+        w = self.w.rows(start, stop)
+        right = e8m0_scales(self.s.rows(start, stop))
+        return {"e8m0-as-value": ({}, w.float() * e),
+                # a dequantizer with a larger block hard-coded (tensor/fp4.py blocks_misread)
+                "block-size-wrong": blocks_misread(w.float(), right, G32, e8m0_scales(self.s.load()),
+                                                   start * self.shape[1]),
+                # the e4m3 bytes decoded as e5m2 (same size, another split of exponent and mantissa)
+                "codes-of-another-encoding": [
+                    ({"codes": "FP8 e4m3", "read": "FP8 e5m2", "shape": ""},
+                     lambda: w.view(torch.float8_e5m2).float() * right.repeat_interleave(G32, 1)),
+                    # the bytes cast as integers (a uint8 tensor cast to float without decoding)
+                    ({"codes": "FP8 e4m3", "read": "uint8, each byte an unsigned integer", "shape": ""},
+                     lambda: w.view(torch.uint8).float() * right.repeat_interleave(G32, 1))]}
 
 
 def _mxfp8_view(ck: Checkpoint) -> Checkpoint:

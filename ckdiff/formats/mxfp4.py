@@ -17,7 +17,8 @@ Facts (transformers 5.25 ``integrations/mxfp4.py`` ``_convert_moe_packed_tensors
 Every ``<p>_blocks`` + ``<p>_scales`` pair of uint8 tensors of these shapes becomes one ``Mxfp4`` view under
 ``<p>``. The diagnosis also tries the ways a converter misreads the encoding (``misreadings``): a float side
 equal to one of them names the bug (E8M0 bytes used as values, nibble order swapped, the scale grid read in
-the stored order, the dequantized experts left untransposed).
+the stored order, the dequantized experts left untransposed, each scale applied to 64 or 128 elements, the
+bytes decoded by an FP8 dequantizer: one e4m3 value per byte, experts of half the input width).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import torch
 from ckdiff.errors import InputError
 from ckdiff.tensor.blockscaled import BlockScaled, Scaled, fold
 from ckdiff.tensor.fp4 import (
-    E8M0_BIAS, FP4_BYTES, FP4_STEPS, FP4_VALUES, e8m0_problems, e8m0_scales, round_fp4,
+    E8M0_BIAS, FP4_BYTES, FP4_STEPS, FP4_VALUES, INT4_VALUES, blocks_misread, e8m0_problems, e8m0_scales, round_fp4,
 )
 from ckdiff.tensor.lazy import Checkpoint, LazyTensor
 
@@ -117,7 +118,24 @@ class Mxfp4(BlockScaled):
             "scale-transposed": ({"unit": "block"}, logical(dequant(nib, right.reshape(n, G, R).transpose(1, 2)))),
             # dequantized in the stored [R, K] order and reshaped to [K, R] without the transpose
             "not-transposed": ({"stored": f"[{R}, {K}]", "logical": f"[{K}, {R}]"}, dequant(nib, right).reshape(-1, R)),
+            # a dequantizer with another block size hard-coded (tensor/fp4.py blocks_misread)
+            "block-size-wrong": blocks_misread(FP4_VALUES[nib.long()], right, BLOCK,
+                                               e8m0_scales(self.scales.load()), start * R * K, logical),
+            "codes-of-another-encoding": [
+                # an FP8 dequantizer on the FP4 bytes: each byte one e4m3 value, scaled by its block's scale
+                ({"codes": "FP4 e2m1, two per byte", "read": "FP8 e4m3, one per byte",
+                  "shape": f": experts [{n}, {K // 2}, {R}] where they are [{n}, {K}, {R}]"},
+                 lambda: self._bytes_as_fp8(start, stop)),
+                # an int4 dequantizer on the nibbles: each a two's-complement integer
+                ({"codes": "FP4 e2m1, two per byte", "read": "int4, each nibble a signed integer", "shape": ""},
+                 lambda: logical(INT4_VALUES[nib.long()] * right.repeat_interleave(BLOCK, -1)))],
         }
+
+    def _bytes_as_fp8(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[n * 16 G, R]``: the packed bytes read as float8_e4m3fn values times their block's scale."""
+        b = self.blocks.rows(start, stop)  # [n, R, G, 16]
+        v = b.contiguous().view(torch.float8_e4m3fn).float() * e8m0_scales(self.scales.rows(start, stop))[..., None]
+        return v.reshape(b.shape[0], b.shape[1], -1).transpose(1, 2).reshape(-1, self.shape[-1])
 
 
 def mxfp4_pairs(tensors) -> dict:

@@ -372,7 +372,7 @@ class StateMutation:
     names: str = ""  # regex the findings must match (for a negative: what its report must say)
     dtype: str = "float32"
     negative: bool = False
-    target: Callable | None = None  # (golden hf dir, work dir) -> path: B built by a converter instead
+    target: Callable | None = None  # (golden hf dir, work dir) -> path: B built by a converter instead; or (A, B)
     kinds: tuple = ()  # typed finding kinds (compare/findings.py) the diff must report
 
 
@@ -646,6 +646,73 @@ def _fp8_stale(st, k):
     st[k + "_scale_inv"] = old
 
 
+def _fp8_read_as(read: str):
+    """(A, B): A the golden HF model written as FP8 (``_fp8``), B the float checkpoint a converter dequantizing
+    A with its e4m3 codes decoded as ``read`` writes (weights times their block scales; NaN and inf where an
+    e4m3 byte is not a finite e5m2 value)."""
+    def target(gold, work):
+        import json
+        from ckdiff.formats.readers import open_checkpoint
+        from ckdiff.golden.models import lazy
+        from ckdiff.io.writers import atomic_dir, write_hf
+        a = _fp8(lambda st, k: None)(gold, work / "fp8")
+        st = {k: t.load() for k, t in open_checkpoint(str(a), stored=True).tensors.items()}
+        out = {}
+        for k, v in st.items():
+            if k.endswith("_scale_inv"):
+                continue
+            if k + "_scale_inv" in st:
+                s = st[k + "_scale_inv"].repeat_interleave(128, 0).repeat_interleave(128, 1)[:v.shape[0], :v.shape[1]]
+                v = v.view(getattr(torch, f"float8_{read}")).float() * s
+            out[k] = v
+        config = json.loads((gold / "config.json").read_text())
+        with atomic_dir(work / "float", overwrite=True) as tmp:
+            write_hf(tmp, lazy(out), config)
+        return a, work / "float"
+    return target
+
+
+def _mxfp4_read_as(how: str):
+    """(A, B): A the golden GPT-OSS model with its experts written as MXFP4 (the OCP quantizer of
+    tests/test_encoding_mxfp4.py, whose layout that file checks against transformers' dequantizer), B the bf16
+    checkpoint a converter reading A ``how`` writes (``_misread_float`` there: ``row64``, a 64-element block
+    hard-coded; ``fp8``, each byte one e4m3 value)."""
+    def target(gold, work):
+        from ckdiff.formats.readers import open_checkpoint
+        from test_encoding_mxfp4 import _misread_float, write_mxfp4
+        state = {k: t.load() for k, t in open_checkpoint(str(gold)).tensors.items()}
+        work.mkdir(parents=True, exist_ok=True)
+        a = write_mxfp4(work / "mxfp4", gold, state)
+        return a, _misread_float(work, a, how)
+    return target
+
+
+def _mlx_zero_points(gold, work):
+    """(A, B): A mlx-lm's 4-bit groups of 32 of the golden model with one head of layer 0's q_proj pruned (its rows
+    zero: groups whose zero point is 0), B the float checkpoint of a converter that keeps each group's zero point
+    in 4 unsigned bits with GPTQ's ``z - 1`` offset, so 0 comes back as 15 (``_zero_point_float`` of
+    tests/test_encoding_mlx.py)."""
+    import shutil
+    from mlx_lm import utils as mlx_lm_utils
+    from safetensors.torch import load_file, save_file
+    from test_encoding_mlx import _zero_point_float
+    work.mkdir(parents=True, exist_ok=True)
+    pruned = work / "pruned"
+    shutil.copytree(gold, pruned, dirs_exist_ok=True)
+    for f in pruned.glob("*.safetensors"):
+        st = load_file(str(f))
+        if _L(0, "q") in st:
+            st[_L(0, "q")][16:32] = 0
+            save_file(st, str(f), metadata={"format": "pt"})
+    m, c = mlx_lm_utils.load_model(pruned)
+    m, c = mlx_lm_utils.quantize_model(m, c, 32, 4)
+    a = work / "mlx"
+    a.mkdir(exist_ok=True)
+    mlx_lm_utils.save_model(a, m)
+    mlx_lm_utils.save_config(c, a / "config.json")
+    return a, _zero_point_float(work, a, "offset")
+
+
 def _head_is_embedding(st, c, cfg):
     st[layouts.HF["head"]] = st[layouts.HF["embed"]].clone()
 
@@ -737,7 +804,22 @@ STATE_CATALOGUE = [
                   r"scale grid transposed", target=_fp8(_fp8_transposed, "q"), kinds=("scale-transposed",)),
     StateMutation("FP8 stale scales (of the weight before an update)", "Quantization scales", "llama-blockwise",
                   None, r"stale scales", target=_fp8(_fp8_stale), kinds=("scale-stale",)),
+    StateMutation("FP8 e4m3 codes dequantized as e5m2", "Quantization codes", "llama-blockwise", None,
+                  r"codes decoded as another encoding: the float side reads the float8_e4m3fn block 128x128 codes "
+                  r"\(FP8 e4m3\) as FP8 e5m2", target=_fp8_read_as("e5m2"), kinds=("codes-of-another-encoding",)),
+    StateMutation("MXFP4 dequantized with 64-element blocks", "Quantization scales", "gpt-oss", None,
+                  r"wrong block size: the float side applies each MXFP4 e2m1, e8m0 per 32 scale to 64 elements",
+                  target=_mxfp4_read_as("row64"), kinds=("block-size-wrong",)),
+    StateMutation("MXFP4 bytes dequantized as FP8 (one value per byte)", "Quantization codes", "gpt-oss", None,
+                  r"codes decoded as another encoding: .* as FP8 e4m3, one per byte",
+                  target=_mxfp4_read_as("fp8"), kinds=("codes-of-another-encoding",)),
+    StateMutation("MLX zero point 0 wrapped to 15 (z - 1 packed in 4 bits)", "Quantization zero points", "llama-gqa",
+                  None, r"zero point 0 read as 15", target=_mlx_zero_points, kinds=("zero-point-underflow",)),
     # negatives: correct conversions and functionally equivalent rewrites
+    StateMutation("MXFP4 dequantized right", "negative", "gpt-oss", None, negative=True,
+                  target=_mxfp4_read_as("right")),
+    StateMutation("FP8 dequantized right (e4m3 codes times their block scales)", "negative", "llama-blockwise", None,
+                  negative=True, target=_fp8_read_as("e4m3fn")),
     StateMutation("config in transformers v5 spelling with explicit defaults", "negative", "llama-gqa", _v5_spelling,
                   negative=True),
     StateMutation("plain fp32 -> bf16 cast", "negative", "llama-gqa", _cast_bf16, negative=True),
@@ -783,7 +865,10 @@ def run_state_mutations(work: Path, catalogue=None, first: int = 0) -> list[Muta
             with atomic_dir(mut, overwrite=True) as tmp:
                 write_hf(tmp, lazy({k: v.contiguous() for k, v in state.items()}), config)
         checks = []
-        a, b = open_checkpoint(str(gold)), open_checkpoint(str(mut))
+        base = gold
+        if isinstance(mut, tuple):  # (A, B): A built from the golden model too (an encoding of it)
+            base, mut = mut
+        a, b = open_checkpoint(str(base)), open_checkpoint(str(mut))
         res = compare_checkpoints(a, b)
         try:
             lr = compare_logits(a, b, batch=2, length=40)

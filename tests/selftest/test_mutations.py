@@ -5,7 +5,9 @@ catalogue gives them); every correct conversion and equivalent rewrite passes an
 Fixtures: the tiny models are written by ckdiff's own writers (golden/emit.py) and converters; GGUF files by
 the gguf package's writer and quantizer, then their block bytes edited the way a broken writer leaves them;
 FP8 files by DeepSeek-V3's ``weight_quant`` rule (formats/fp8.py ``fp8_quantize``: no tool on CPU writes
-that layout)."""
+that layout); MXFP4 experts by the OCP quantizer of test_encoding_mxfp4.py (no CPU tool writes GPT-OSS's layout);
+MLX files by mlx-lm itself. The misread float sides of those encodings are written by the catalogue (the bug
+planted by the test)."""
 from __future__ import annotations
 
 import shutil
@@ -38,7 +40,7 @@ def test_catalogue_covers_the_bug_classes():
     assert all(m.names for m in CATALOGUE)
     kinds = {k for m in STATE_CATALOGUE for k in m.kinds}
     assert {"scale-zeroed", "scale-multiplied", "nibbles-swapped", "scale-reciprocal", "scale-transposed",
-            "scale-stale"} <= kinds
+            "scale-stale", "codes-of-another-encoding", "block-size-wrong", "zero-point-underflow"} <= kinds
 
 
 @pytest.mark.parametrize("key", list(dict.fromkeys(baseline_key(m) for m in CATALOGUE)), ids=lambda k: "-".join(
