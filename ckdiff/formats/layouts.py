@@ -227,7 +227,7 @@ def _hf_keys(cfg: ModelConfig) -> list:
     (optional ones as the config says), MoE experts expanded."""
     fam = families.get(cfg.family) or family_for(cfg, "hf")
     keys = []
-    slots = fam.slots(tied=cfg.tied, two_norms=cfg.two_norms)
+    slots = fam.slots(tied=cfg.tied, two_norms=cfg.two_norms, q_lora=(cfg.extra or {}).get("q_lora_rank") is not None)
     per_layer = [set(fam.layer_slots(cfg, i, slots)) for i in range(cfg.layers)]
     for s in slots:
         t = fam.hf_names[s]
