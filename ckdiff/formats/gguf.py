@@ -541,7 +541,8 @@ def hf_to_gguf(cfg: ModelConfig) -> list:
 # ------------------------------------------------------------------ writer (fixtures, golden entries)
 def write_gguf(path: Path, hf: dict, cfg: ModelConfig, qtype: str = "F16", keep_float=("norm",),
                faults=None) -> Path:
-    """A llama GGUF file of the HF tensors ``hf``, written by the gguf package's writer; 2-D weights are
+    """A GGUF file (the family's arch) of the HF tensors ``hf``, written by the gguf package's writer, with the
+    metadata keys llama.cpp's converter writes (the family's own through ``gguf_write``); 2-D weights are
     quantized to ``qtype`` by the package's own quantizer (norms stay F32, as llama.cpp keeps them).
     ``faults`` (tests only, convert/faults.py) sees the table."""
     from ckdiff.convert.faults import NONE
@@ -551,16 +552,24 @@ def write_gguf(path: Path, hf: dict, cfg: ModelConfig, qtype: str = "F16", keep_
     src = {k: EagerTensor(k, v, "<generated>") for k, v in hf.items()}
     table = (faults or NONE).on_rules("gguf", cfg, hf_to_gguf(cfg))
     tensors = {k: v.load().float().numpy() for k, v in apply(src, table, cfg.layers).items()}
-    w = gguf.GGUFWriter(str(path), families.family(cfg.family).gguf_arch)
-    w.add_block_count(cfg.layers)
-    w.add_embedding_length(cfg.hidden)
-    w.add_feed_forward_length(cfg.ffn)
-    w.add_head_count(cfg.heads)
-    w.add_head_count_kv(cfg.kv_heads)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
-    w.add_rope_freq_base(cfg.rope_theta)
+    fam = families.family(cfg.family)
+    w = gguf.GGUFWriter(str(path), fam.gguf_arch)
+    meta = {"block_count": cfg.layers, "embedding_length": cfg.hidden, "feed_forward_length": cfg.ffn,
+            "attention.head_count": cfg.heads, "attention.head_count_kv": cfg.kv_heads,
+            "attention.key_length": cfg.head_dim, "attention.value_length": cfg.head_dim,
+            "attention.layer_norm_rms_epsilon": float(cfg.norm_eps), "rope.freq_base": float(cfg.rope_theta),
+            "context_length": cfg.max_pos, "vocab_size": cfg.vocab}
+    if cfg.experts:
+        meta.update({"expert_count": cfg.experts, "expert_used_count": cfg.experts_per_tok})
+    meta.update(fam.gguf_write(cfg) if fam.gguf_write else {})  # what llama.cpp writes for the arch on its own
+    for key, v in meta.items():
+        k = f"{fam.gguf_arch}.{key}"
+        if isinstance(v, bool):
+            w.add_bool(k, v)
+        elif isinstance(v, int):
+            w.add_uint32(k, v)
+        elif v is not None:
+            w.add_float32(k, float(v))
     sc = cfg.rope_scaling or {}
     kind = sc.get("rope_type") or sc.get("type")
     if kind in ("linear", "yarn", "longrope"):
@@ -571,15 +580,9 @@ def write_gguf(path: Path, hf: dict, cfg: ModelConfig, qtype: str = "F16", keep_
     elif kind not in (None, "default"):
         raise InputError(str(path), f"rope scaling {kind!r}: llama.cpp keeps it as rope_freqs factors, which "
                                     "this writer does not write")
-    w.add_context_length(cfg.max_pos)
-    w.add_vocab_size(cfg.vocab)
-    if cfg.experts:
-        w.add_expert_count(cfg.experts)
-        w.add_expert_used_count(cfg.experts_per_tok)
-    fam = families.family(cfg.family)
     for name, key in fam.gguf_extra.items():  # the family's values llama.cpp keeps as metadata
         v = (cfg.extra or {}).get(name)
-        if isinstance(key, str) and isinstance(v, int) and not isinstance(v, bool):
+        if isinstance(key, str) and isinstance(v, int) and not isinstance(v, bool) and key not in meta:
             w.add_uint32(f"{fam.gguf_arch}.{key}", v)
     qt = gguf.GGMLQuantizationType[qtype]
     for k, a in tensors.items():

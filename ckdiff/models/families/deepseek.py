@@ -110,6 +110,24 @@ def _deepseek_gguf(F, arch: str) -> dict:
         "scoring_func": _GATING[gating or 1]}}
 
 
+def _deepseek_gguf_write(cfg) -> dict:
+    """The deepseek2 keys llama.cpp's converter writes (``DeepseekV2Model.set_gguf_parameters``)."""
+    x = cfg.extra or {}
+    kv, rope = x["kv_lora_rank"], cfg.head_dim
+    out = {"attention.head_count_kv": 1, "attention.key_length": kv + rope, "attention.value_length": kv,
+           "attention.kv_lora_rank": kv, "attention.key_length_mla": x["qk_nope_head_dim"] + rope,
+           "attention.value_length_mla": x["v_head_dim"], "rope.dimension_count": rope,
+           "leading_dense_block_count": x["first_k_dense_replace"], "expert_feed_forward_length": x["moe_ffn"],
+           "expert_shared_count": x["n_shared_experts"], "expert_group_count": x["n_group"],
+           "expert_group_used_count": x["topk_group"], "expert_weights_scale": float(x["routed_scaling_factor"]),
+           "expert_gating_func": next(k for k, v in _GATING.items() if v == x.get("scoring_func", "sigmoid"))}
+    if x.get("q_lora_rank") is not None:
+        out["attention.q_lora_rank"] = x["q_lora_rank"]
+    if x.get("norm_topk_prob"):
+        out["expert_weights_norm"] = True
+    return out
+
+
 DEEPSEEK_V3 = register(Family(
     "deepseek-v3", ("deepseek_v3",), "DeepseekV3ForCausalLM",
     Block(attn=Attn.MLA, mlp=Mlp.MOE, router=Router.SIGMOID_GROUPED, shared_expert=True),
@@ -134,6 +152,7 @@ DEEPSEEK_V3 = register(Family(
     diagnose=_deepseek_diagnose, hf_read=_deepseek_read,
     dense_layer=lambda cfg, i: i < (cfg.extra or {}).get("first_k_dense_replace", 3),
     gguf_arch="deepseek2", layouts=frozenset({"hf", "gguf"}), gguf_read=_deepseek_gguf,
+    gguf_write=_deepseek_gguf_write,
     # llama.cpp's deepseek2 graph ropes adjacent pairs (the rope_interleave layout, no permutation in the converter)
     gguf_extra={"moe_ffn": "expert_feed_forward_length", "rope_interleave": True},
     layout_names={"gguf": {

@@ -58,6 +58,7 @@ GPT_OSS = register(Family(
              "router_b": "router bias", "o_b": "o_proj bias"}, diagnose=_gpt_oss_diagnose,
     hf_read=_gpt_oss_read, hf_write=_gpt_oss_write, gguf_arch="gpt-oss", layouts=frozenset({"hf", "gguf"}),
     gguf_read=_gpt_oss_gguf,
+    gguf_write=lambda cfg: {"attention.sliding_window": cfg.sliding_window, "expert_feed_forward_length": cfg.ffn},
     # llama.cpp's graph fixes the clamped SwiGLU's constants (llama-graph.cpp build_moe_ffn, LLM_FFN_SWIGLU_OAI_MOE)
     gguf_extra={"swiglu_limit": 7.0, "swiglu_alpha": 1.702},
     # llama.cpp splits the fused gate_up_proj (gate and up alternating) into ffn_gate_exps / ffn_up_exps, its
