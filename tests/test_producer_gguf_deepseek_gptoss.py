@@ -135,10 +135,15 @@ def test_mxfp4_experts_against_the_float_source(mla_gguf, run_cli):
     assert code == 0 and out.startswith("EQUIVALENT") and "6 quant" in out.splitlines()[0], out + err
 
 
-@pytest.mark.parametrize("name", ["ds", "oss"])
-def test_logits_agree(mla_gguf, run_cli, name):
-    code, out, err = run_cli("logits", mla_gguf / f"{name}.f32.gguf", mla_gguf / name)
+@pytest.mark.parametrize("gguf_file,hf", [("ds.f32", "ds"), ("oss.f32", "oss"), ("ds.q8_0", "ds"), ("oss.q8_0", "oss"),
+                                           ("ossmx.f16", "ossmx"), ("ossmx.f16", "oss")])
+def test_logits_agree(mla_gguf, run_cli, gguf_file, hf):
+    """At q8_0 and MXFP4 the noise floor is the source encoded as the file stores each tensor (llama.cpp keeps
+    routers F32, quantizes GPT-OSS's experts along D after the transposition): a correct file lands on it."""
+    code, out, err = run_cli("logits", mla_gguf / f"{gguf_file}.gguf", mla_gguf / hf)
     assert code == 0 and out.startswith("EQUIVALENT"), out + err
+    if gguf_file.endswith("q8_0"):
+        assert "mean_kl from the encoded reference: observed 0," in out, out
 
 
 def test_missing_gating_function_is_named(mla_gguf, run_cli):
