@@ -254,6 +254,9 @@ def _fields(path):
      "'deepseek2.leading_dense_block_count': expected an integer >= 0"),
     ("ds", "deepseek2.rope.dimension_count", None, "metadata lacks deepseek2.rope.dimension_count"),
     ("ds", "deepseek2.expert_feed_forward_length", 0, "'deepseek2.expert_feed_forward_length': expected a positive"),
+    ("oss", "gpt-oss.embedding_length", "96", "'gpt-oss.embedding_length': expected a positive integer"),
+    ("oss", "gpt-oss.attention.head_count_kv", True, "'gpt-oss.attention.head_count_kv': expected a positive integer"),
+    ("oss", "gpt-oss.rope.freq_base", float("nan"), "'gpt-oss.rope.freq_base': expected a positive finite number"),
     ("oss", "gpt-oss.attention.sliding_window", 2.5, "'gpt-oss.attention.sliding_window': expected a positive integer"),
 ])
 def test_metadata_values_checked_in_one_line(mla_gguf, name, key, value, says):

@@ -360,13 +360,18 @@ def config_from_gguf(f: dict, tensors: dict, where="gguf") -> ModelConfig:
     if not isinstance(arch, str) or arch not in families.gguf_archs():
         raise InputError(where, f"GGUF architecture {arch!r} has no table here (declared: "
                                 f"{', '.join(families.gguf_archs())})")
-    g = lambda k, d=None: f.get(f"{arch}.{k}", d)  # noqa: E731
-    try:
-        D, L, H = g("embedding_length"), g("block_count"), g("attention.head_count")
-        if None in (D, L, H):
-            raise KeyError("embedding_length/block_count/attention.head_count")
-    except KeyError as e:
-        raise InputError(where, f"GGUF metadata lacks {e.args[0]}") from None
+    F = Fields(f, where, "metadata key")
+    from ckdiff.models.fields import MAX_POSITIONS, MAX_SIZE, MAX_VOCAB
+    sizes = {"embedding_length": MAX_SIZE, "feed_forward_length": MAX_SIZE, "attention.key_length": MAX_SIZE,
+             "context_length": MAX_POSITIONS, "vocab_size": MAX_VOCAB}
+    ints = {k: F.int(f"{arch}.{k}", lo=0 if k.startswith("expert") else 1, hi=sizes.get(k, 1 << 16)) for k in (
+        "embedding_length", "block_count", "attention.head_count", "attention.head_count_kv", "attention.key_length",
+        "feed_forward_length", "context_length", "vocab_size", "expert_count", "expert_used_count")}
+    nums = {k: F.num(f"{arch}.{k}") for k in ("attention.layer_norm_rms_epsilon", "rope.freq_base")}
+    g = lambda k, d=None: ints[k] if k in ints else nums[k] if k in nums else f.get(f"{arch}.{k}", d)  # noqa: E731
+    D, L, H = g("embedding_length"), g("block_count"), g("attention.head_count")
+    if None in (D, L, H):
+        raise InputError(where, "GGUF metadata lacks embedding_length/block_count/attention.head_count")
     K = g("attention.head_count_kv") or H
     emb = tensors.get(GGUF["embed"])
     E = g("expert_count") or 0
@@ -374,14 +379,14 @@ def config_from_gguf(f: dict, tensors: dict, where="gguf") -> ModelConfig:
     if fam is None:
         raise InputError(where, f"GGUF architecture {arch!r} {'with' if E else 'without'} experts: no family declares it")
     extra = gguf_extra(fam, f, where)
-    own = fam.gguf_read(Fields(f, where, "metadata key"), arch) if fam.gguf_read else {}
+    own = fam.gguf_read(F, arch) if fam.gguf_read else {}
     extra.update(own.get("extra", {}))
     return ModelConfig(
         family=fam.name, hidden=D, layers=L, heads=H, kv_heads=own.get("kv_heads", K),
         head_dim=own.get("head_dim") or g("attention.key_length") or D // H,
         ffn=own.get("ffn") or g("feed_forward_length") or 4 * D,
         vocab=emb.shape[0] if emb is not None else g("vocab_size"),
-        norm_eps=float(g("attention.layer_norm_rms_epsilon") or 1e-5), rope_theta=float(g("rope.freq_base") or 10000.0),
+        norm_eps=g("attention.layer_norm_rms_epsilon") or 1e-5, rope_theta=g("rope.freq_base") or 10000.0,
         tied=GGUF["head"] not in tensors, max_pos=g("context_length") or 2048, experts=E,
         experts_per_tok=g("expert_used_count") or 0, hf_model_type=fam.hf_model_types[0],
         rope_scaling=rope_scaling(f, arch, where), rope_freq_factors=_freq_factors(tensors, where),
