@@ -92,7 +92,8 @@ def _deepseek_gguf(F, arch: str) -> dict:
     if None in (H, rope, kmla, vmla, kv):
         raise InputError(F.where, f"metadata lacks {arch}.rope.dimension_count, attention.key_length_mla, "
                                   "value_length_mla or kv_lora_rank: not a DeepSeek MLA file as llama.cpp's converter "
-                                  "writes it")
+                                  "writes it (files from before llama.cpp's MLA split hold attn_kv_b, which no table "
+                                  "here reads)")
     if kmla <= rope:
         F.fail(k("attention.key_length_mla"), f"more than rope.dimension_count ({rope})", kmla)
     gating = F.int(k("expert_gating_func"), lo=0, hi=8)
