@@ -319,3 +319,18 @@ def test_fused_ops_round_trip():
     assert torch.equal(SwapLast()(SwapLast()([w]))[0], w)
     with pytest.raises(ValueError, match="kv_b_proj"):
         SplitKvB(4, 8, 8)([kv])
+
+
+def test_shared_expert_dropped_on_the_hf_side_is_named(mla_gguf, run_cli, tmp_path):
+    """An HF side that lost its shared expert (a converter back from GGUF that skips ffn_*_shexp): the mapping
+    into the GGUF layout stops at the missing tensor, named, and the verdict is DIFFER in both orders."""
+    from safetensors.torch import load_file, save_file
+    bad = tmp_path / "ds"
+    shutil.copytree(mla_gguf / "ds", bad)
+    st = load_file(str(bad / "model.safetensors"))
+    save_file({k: v for k, v in st.items() if ".shared_experts." not in k}, str(bad / "model.safetensors"),
+              metadata={"format": "pt"})
+    for a, b in ((bad, mla_gguf / "ds.f32.gguf"), (mla_gguf / "ds.f32.gguf", bad)):
+        code, out, err = run_cli(a, b)
+        assert code == 1 and out.startswith("DIFFER"), out + err
+        assert "missing tensor 'model.layers.1.mlp.shared_experts.gate_proj.weight'" in " ".join(out.split()), out
