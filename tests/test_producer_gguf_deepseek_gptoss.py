@@ -46,6 +46,10 @@ _OSS = dict(hidden_size=96, num_attention_heads=4, num_key_value_heads=2, head_d
 ARCH = {"ds": "deepseek2", "ds-q": "deepseek2", "oss": "gpt-oss", "ossmx": "gpt-oss"}
 TYPES = {"ds": ("f32", "q8_0"), "ds-q": ("f32",), "oss": ("f32", "q8_0"), "ossmx": ("f16",)}
 NO_GATING = "ds-no-gating"  # config.json without scoring_func, as transformers saves it
+# YaRN as GPT-OSS ships it (truncate false: the correction range not rounded) and with truncate true
+_YARN = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+         "beta_fast": 32.0, "beta_slow": 1.0}
+YARN = {"oss-yarn": False, "oss-yarn-trunc": True}
 MTP = "ds-mtp"  # with its MTP layer (layer 2, DeepSeek-V3's published layout)
 
 
@@ -97,12 +101,14 @@ def mla_gguf(tmp_path_factory):
             _random_buffers(out / d, seed)
         tiny_llama(out / "oss", 9, "GptOss", **_OSS)
         write_mxfp4(out / "ossmx", out / "oss", load_file(str(out / "oss" / "model.safetensors")))
+        for name, trunc in YARN.items():
+            tiny_llama(out / name, 9, "GptOss", **{**_OSS, "rope_parameters": {**_YARN, "truncate": trunc}})
         shutil.copytree(out / "ds", out / NO_GATING)
         for d in ("ds", "ds-q"):
             _set(out / d, scoring_func="sigmoid")
         _add_mtp(out / "ds", out / MTP)
         items = []
-        for name in list(ARCH) + [NO_GATING, MTP]:
+        for name in list(ARCH) + [NO_GATING, MTP, *YARN]:
             shutil.copy(tok, out / name / "tokenizer.model")
             items += [f"{out / name}:{t}:{out / f'{name}.{t}.gguf'}:spm" for t in TYPES.get(name, ("f32",))]
         launch(HERE / "gguf_convert.py", 1, conv, *items)
@@ -144,6 +150,24 @@ def test_logits_agree(mla_gguf, run_cli, gguf_file, hf):
     assert code == 0 and out.startswith("EQUIVALENT"), out + err
     if gguf_file.endswith("q8_0"):
         assert "mean_kl from the encoded reference: observed 0," in out, out
+
+
+def test_yarn_as_gpt_oss_ships_it_is_named(mla_gguf, run_cli):
+    """GPT-OSS's YaRN does not round its correction range (truncate false); ggml's rope always rounds it outward
+    (ggml_rope_yarn_corr_dims), and the GGUF has no key to say otherwise: the config difference is named and the
+    logits differ. With truncate true (transformers' default) the file is EQUIVALENT and the logits agree, so
+    the YaRN betas, factor and original length are read back as HF spells them."""
+    f = mla_gguf / "oss-yarn.f32.gguf"
+    code, out, err = run_cli(mla_gguf / "oss-yarn", f)
+    assert code == 1 and out.startswith("DIFFER: 41 tensors (41 equal)"), out + err
+    assert "config rope_scaling:" in out and "'truncate': False" in out, out
+    code, out, err = run_cli("logits", f, mla_gguf / "oss-yarn")
+    assert code == 1 and out.startswith("DIFFER"), out + err
+    f = mla_gguf / "oss-yarn-trunc.f32.gguf"
+    for args in ((mla_gguf / "oss-yarn-trunc", f), (f, mla_gguf / "oss-yarn-trunc"),
+                 ("logits", f, mla_gguf / "oss-yarn-trunc")):
+        code, out, err = run_cli(*args)
+        assert code == 0 and out.startswith("EQUIVALENT"), out + err
 
 
 def test_missing_gating_function_is_named(mla_gguf, run_cli):
@@ -257,6 +281,8 @@ def _fields(path):
     ("oss", "gpt-oss.embedding_length", "96", "'gpt-oss.embedding_length': expected a positive integer"),
     ("oss", "gpt-oss.attention.head_count_kv", True, "'gpt-oss.attention.head_count_kv': expected a positive integer"),
     ("oss", "gpt-oss.rope.freq_base", float("nan"), "'gpt-oss.rope.freq_base': expected a positive finite number"),
+    ("oss-yarn", "gpt-oss.rope.scaling.yarn_beta_fast", "32", "'yarn_beta_fast': expected a positive finite number"),
+    ("oss-yarn", "gpt-oss.rope.scaling.yarn_attn_factor", float("inf"), "'yarn_attn_factor': expected a finite number"),
     ("oss", "gpt-oss.attention.sliding_window", 2.5, "'gpt-oss.attention.sliding_window': expected a positive integer"),
 ])
 def test_metadata_values_checked_in_one_line(mla_gguf, name, key, value, says):

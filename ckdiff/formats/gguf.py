@@ -17,6 +17,7 @@ Facts (gguf 0.19.0, ``gguf/gguf_reader.py``, ``gguf/quants.py``, ``gguf/constant
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -429,6 +430,20 @@ def rope_scaling(f: dict, arch: str, where="gguf") -> Optional[dict]:
     out = {"rope_type": kind, "factor": factor if factor is not None else 1.0}
     if orig is not None:
         out["original_max_position_embeddings"] = orig
+    if kind == "yarn":
+        # the correction range's betas are HF's beta_fast / beta_slow. llama.cpp's other YaRN values (extension
+        # and attention factors, DeepSeek's log multiplier) are not HF's keys: kept under their own names, so a
+        # file that sets them differs from a config that cannot say them. ggml always rounds the correction
+        # range outward (ggml_rope_yarn_corr_dims: floor / ceil), HF's truncate true (its default, left out)
+        for k, hf in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+            if x.num(k) is not None:
+                out[hf] = x.num(k)
+        for k in ("yarn_ext_factor", "yarn_attn_factor", "yarn_log_multiplier"):
+            v = sub.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                x.fail(k, "a finite number", v)
+            if v is not None:
+                out[k] = float(v)
     return out
 
 
@@ -582,6 +597,10 @@ def write_gguf(path: Path, hf: dict, cfg: ModelConfig, qtype: str = "F16", keep_
         w.add_rope_scaling_factor(float(sc.get("factor", 1.0)))
         if sc.get("original_max_position_embeddings"):
             w.add_rope_scaling_orig_ctx_len(int(sc["original_max_position_embeddings"]))
+        if kind == "yarn" and sc.get("beta_fast") is not None:  # as llama.cpp's converter writes them
+            w.add_rope_scaling_yarn_beta_fast(float(sc["beta_fast"]))
+        if kind == "yarn" and sc.get("beta_slow") is not None:
+            w.add_rope_scaling_yarn_beta_slow(float(sc["beta_slow"]))
     elif kind not in (None, "default"):
         raise InputError(str(path), f"rope scaling {kind!r}: llama.cpp keeps it as rope_freqs factors, which "
                                     "this writer does not write")
