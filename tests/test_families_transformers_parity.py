@@ -152,8 +152,8 @@ def test_other_layouts_refused_in_one_line_with_the_reason(name):
     from ckdiff.convert import api
     from ckdiff.formats import layouts
     from ckdiff.errors import InputError, UsageError
-    has = families.family(TINY[name].family).layouts  # Qwen2, Qwen3, Qwen3-MoE: GGUF too (llama.cpp's tables)
-    assert has == ({"hf", "gguf"} if name.startswith("qwen") else {"hf"})
+    has = families.family(TINY[name].family).layouts  # every one of them: GGUF too (llama.cpp's tables)
+    assert has == {"hf", "gguf"}
     for layout in sorted({"megatron", "meta", "jetstream", "mcore", "gguf"} - has):
         with pytest.raises(InputError) as e:
             layouts.hf_to(layout, TINY[name])
@@ -195,7 +195,21 @@ def test_declared_gguf_names_are_llama_cpps(name):
     tmap = gguf.get_tensor_name_map(arch, TINY[name].layers)
     names = fam.layout_names["gguf"]
     assert names and set(names) <= set(fam.hf_names)
+    # slots the converter splits, by the HF names it gives the parts before mapping them (llama.cpp
+    # conversion/deepseek.py: kv_b_proj -> k_b_proj, v_b_proj; conversion/gpt_oss.py: gate_up_proj -> gate_proj,
+    # up_proj)
+    parts = {"kv_up": ("k_b_proj", "v_b_proj"), "experts_gate_up": ("gate_proj", "up_proj"),
+             "experts_gate_up_b": ("gate_proj", "up_proj")}
     for slot, want in names.items():
+        if isinstance(want, tuple):
+            fused = fam.hf_names[slot].format(i=1)
+            for part, w in zip(parts[slot], want):
+                hf = re.sub(r"(kv_b_proj|gate_up_proj)(_bias)?", part, fused)
+                got = tmap.get_name(hf, try_suffixes=(".weight", ".bias")) if hf.endswith(".weight") \
+                    else tmap.get_name(hf[:-len("_bias")] if hf.endswith("_bias") else hf) + \
+                    (".bias" if fused.endswith("_bias") else ".weight")
+                assert got == w.format(i=1), (slot, hf, got)
+            continue
         hf = re.sub(r"\.\{e\}", "", fam.hf_names[slot]).format(i=1)
         if hf.endswith((".weight", ".bias")):
             got = tmap.get_name(hf, try_suffixes=(".weight", ".bias"))

@@ -82,12 +82,13 @@ def encoding_of(ck: Checkpoint) -> Encoding:
     if is_quantized(t):
         q = qtype_of(ck.config or {}, t)
         return Encoding("jetstream", q, 5 if q.startswith("int4") else 3)
-    if ck.format == "gguf":  # the type most 2-D tensors are stored in (norms stay F32 in every GGUF)
+    if ck.format == "gguf":  # the lossiest type its weights (2-D, stacked experts 3-D) are stored in, the most
+        # common among equals (norms stay F32 in every GGUF; GPT-OSS keeps attention in F16 beside MXFP4 experts)
         names = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
         kinds = Counter(getattr(v, "qtype", None) or names.get(v.dtype, "F32") for v in t.values()
-                        if len(v.shape) == 2)
-        q = kinds.most_common(1)[0][0] if kinds else "F32"
-        return Encoding("gguf", q, GGUF_RANK.get(q, 5))
+                        if len(v.shape) >= 2)
+        q = max(kinds, key=lambda k: (GGUF_RANK.get(k, 5), kinds[k])) if kinds else "F32"
+        return Encoding("gguf", q, GGUF_RANK.get(q, 5), ref=ck)
     from ckdiff.tensor.blockscaled import BlockScaled
     views = sorted({v.encoding for v in t.values() if isinstance(v, BlockScaled)})
     if views:  # another encoding on the block-scaled protocol: each view's own reference quantizer
@@ -198,9 +199,43 @@ def encode(tensors: dict, enc: Encoding) -> dict:
 
 
 def floor_checkpoint(ck: Checkpoint, enc: Encoding) -> Checkpoint:
-    """``ck`` with its logical (dequantized) weights passed through ``enc``, for its own runtime."""
+    """``ck`` with its logical (dequantized) weights passed through ``enc``, for its own runtime. A GGUF
+    encoding is applied as the file itself stores each tensor (``like_gguf_file``) where ``ck`` maps onto it,
+    else by the type most of its 2-D tensors have."""
     from ckdiff.runtime.forward import logical_tensors
-    return Checkpoint(ck.path, ck.format, encode(logical_tensors(ck), enc), ck.config, ck.meta)
+    tensors = logical_tensors(ck)
+    out = like_gguf_file(ck, tensors, enc.ref) if enc.kind == "gguf" and enc.ref is not None else None
+    return Checkpoint(ck.path, ck.format, out if out is not None else encode(tensors, enc), ck.config, ck.meta)
+
+
+def like_gguf_file(ck: Checkpoint, tensors: dict, gguf_ck: Checkpoint) -> Optional[dict]:
+    """``tensors`` (``ck``'s logical weights, in its layout) as the GGUF file ``gguf_ck`` stores them: mapped into
+    the GGUF layout through the table, each tensor quantized or cast to the type the file holds under that name
+    (llama.cpp keeps routers in F32, quantizes GPT-OSS's experts along the transposed axis, keeps MLA's small
+    tensors in F16), and mapped back. None where ``ck`` does not map onto the file's tensors (another model,
+    a layout without a table): the caller falls back to one type for every 2-D tensor."""
+    from ckdiff.formats import registry
+    from ckdiff.formats.layouts import convert_formats
+    from ckdiff.models.config import model_config
+    names = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
+    try:
+        src, dst = registry.lookup(ck.format), registry.lookup(gguf_ck.format)
+        same = ck.format == gguf_ck.format
+        cfg = None if same else model_config(ck)
+        mapped = tensors if same else convert_formats(tensors, src, dst, cfg, ck.path)
+        out = {}
+        for k, t in mapped.items():
+            g = gguf_ck.tensors.get(k)
+            if g is None or tuple(g.shape) != tuple(t.shape):
+                return None
+            q = getattr(g, "qtype", None) or names.get(g.dtype)
+            if q is None or not t.dtype.is_floating_point:
+                return None
+            out[k] = t if q == "F32" else Encoded(t, _cast(torch.float16 if q == "F16" else torch.bfloat16)) \
+                if q in ("F16", "BF16") else Encoded(t, _gguf(q))
+        return out if same else convert_formats(out, dst, src, cfg, ck.path)
+    except Exception:  # noqa: BLE001 - no mapping onto this file: the caller's one-type encoding
+        return None
 
 
 # ---------------------------------------------------------------- the profiles

@@ -17,6 +17,7 @@ Facts (gguf 0.19.0, ``gguf/gguf_reader.py``, ``gguf/quants.py``, ``gguf/constant
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -30,6 +31,7 @@ from ckdiff.errors import InputError
 from ckdiff.models.families import Mlp
 from ckdiff.io.inputs import open_input
 from ckdiff.models.config import ModelConfig
+from ckdiff.models.fields import Fields
 from ckdiff.tensor.blockscaled import BlockScaled, Scaled
 from ckdiff.tensor.lazy import Checkpoint, LazyTensor
 from ckdiff.tensor.ops import AddConst, Identity, PermuteRope, Stack
@@ -53,7 +55,10 @@ UNIT = {"Q8_0": (32, 0.6), "Q4_0": (32, 1.02), "Q4_K": (32, 1.0), "Q6_K": (16, 1
         # the other 32-element legacy types, unit their fp16 d (ggml-quants.c quantize_row_*_ref): Q4_1 and
         # Q5_1 round (x - m) / d to the nearest code (0.5 plus fp16 rounding of d and m, as Q8_0), Q5_0 clamps
         # the code opposite the block's extreme as Q4_0 does
-        "Q4_1": (32, 0.6), "Q5_0": (32, 1.02), "Q5_1": (32, 0.6)}
+        "Q4_1": (32, 0.6), "Q5_0": (32, 1.02), "Q5_1": (32, 0.6),
+        # MXFP4 (GPT-OSS experts, repacked from HF's MXFP4 blocks without rounding): e2m1 codes times the block's
+        # E8M0 scale, judged in units of the code's FP4 spacing times that scale, with the OCP quantizer's bound
+        "MXFP4": (32, 1.05)}
 LEGACY_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24}  # per 32 elements, d (fp16) first
 
 
@@ -182,17 +187,25 @@ class GgufQuant(BlockScaled):
         return _split(self.qtype, raw.reshape(x.shape[0], -1), x.shape[-1])
 
 
-# Q8_0 and Q4_0 blocks: (bytes per block, elements per block); d (fp16) first, then the codes
-BLOCKS = {"Q8_0": (34, 32), "Q4_0": (18, 32)}
+# Q8_0 and Q4_0 blocks: (bytes per block, elements per block); d (fp16) first, then the codes. MXFP4: its E8M0
+# scale byte first, then 16 bytes of nibbles
+BLOCKS = {"Q8_0": (34, 32), "Q4_0": (18, 32), "MXFP4": (17, 32)}
 
 
 def _split(qtype: str, raw: np.ndarray, C: int) -> Scaled:
-    """Codes [R, C] (int8, in element order) and the block scales [R, C / 32] of Q8_0 / Q4_0 row bytes.
+    """Codes [R, C] (int8, in element order) and the block scales [R, C / 32] of Q8_0 / Q4_0 / MXFP4 row bytes.
     Q4_0 packs element j of a block in the low nibble of byte j and element j + 16 in the high nibble,
     stored as code + 8 (gguf ``quants.Q4_0``)."""
     bs, n = BLOCKS[qtype]
     R = raw.shape[0]
     b = np.ascontiguousarray(raw).reshape(R, -1, bs)
+    if qtype == "MXFP4":  # gguf quants.MXFP4: element j in the low nibble of byte j, j + 16 in the high one; a
+        # nibble's bit 3 the sign, bits 0-2 the e2m1 magnitude (tensor/fp4.py's order); scale 2 ** (byte - 127)
+        from ckdiff.tensor.fp4 import FP4_BYTES, FP4_STEPS, e8m0_scales
+        qs = b[:, :, 1:]
+        nib = torch.from_numpy(np.ascontiguousarray(np.concatenate([qs & 0x0F, qs >> 4], axis=2)).reshape(R, C))
+        codes = FP4_BYTES[nib.long()].view(torch.float8_e4m3fn)
+        return Scaled(codes, e8m0_scales(torch.from_numpy(b[:, :, 0].copy())), (1, n), steps=FP4_STEPS)
     d = torch.from_numpy(b[:, :, :2].copy().view(np.float16).astype(np.float32).reshape(R, -1))
     if qtype == "Q8_0":
         codes = torch.from_numpy(b[:, :, 2:].copy().view(np.int8).reshape(R, C))
@@ -348,13 +361,18 @@ def config_from_gguf(f: dict, tensors: dict, where="gguf") -> ModelConfig:
     if not isinstance(arch, str) or arch not in families.gguf_archs():
         raise InputError(where, f"GGUF architecture {arch!r} has no table here (declared: "
                                 f"{', '.join(families.gguf_archs())})")
-    g = lambda k, d=None: f.get(f"{arch}.{k}", d)  # noqa: E731
-    try:
-        D, L, H = g("embedding_length"), g("block_count"), g("attention.head_count")
-        if None in (D, L, H):
-            raise KeyError("embedding_length/block_count/attention.head_count")
-    except KeyError as e:
-        raise InputError(where, f"GGUF metadata lacks {e.args[0]}") from None
+    F = Fields(f, where, "metadata key")
+    from ckdiff.models.fields import MAX_POSITIONS, MAX_SIZE, MAX_VOCAB
+    sizes = {"embedding_length": MAX_SIZE, "feed_forward_length": MAX_SIZE, "attention.key_length": MAX_SIZE,
+             "context_length": MAX_POSITIONS, "vocab_size": MAX_VOCAB}
+    ints = {k: F.int(f"{arch}.{k}", lo=0 if k.startswith("expert") else 1, hi=sizes.get(k, 1 << 16)) for k in (
+        "embedding_length", "block_count", "attention.head_count", "attention.head_count_kv", "attention.key_length",
+        "feed_forward_length", "context_length", "vocab_size", "expert_count", "expert_used_count")}
+    nums = {k: F.num(f"{arch}.{k}") for k in ("attention.layer_norm_rms_epsilon", "rope.freq_base")}
+    g = lambda k, d=None: ints[k] if k in ints else nums[k] if k in nums else f.get(f"{arch}.{k}", d)  # noqa: E731
+    D, L, H = g("embedding_length"), g("block_count"), g("attention.head_count")
+    if None in (D, L, H):
+        raise InputError(where, "GGUF metadata lacks embedding_length/block_count/attention.head_count")
     K = g("attention.head_count_kv") or H
     emb = tensors.get(GGUF["embed"])
     E = g("expert_count") or 0
@@ -362,28 +380,35 @@ def config_from_gguf(f: dict, tensors: dict, where="gguf") -> ModelConfig:
     if fam is None:
         raise InputError(where, f"GGUF architecture {arch!r} {'with' if E else 'without'} experts: no family declares it")
     extra = gguf_extra(fam, f, where)
+    own = fam.gguf_read(F, arch) if fam.gguf_read else {}
+    extra.update(own.get("extra", {}))
     return ModelConfig(
-        family=fam.name, hidden=D, layers=L, heads=H, kv_heads=K,
-        head_dim=g("attention.key_length") or D // H, ffn=g("feed_forward_length") or 4 * D,
+        family=fam.name, hidden=D, layers=L, heads=H, kv_heads=own.get("kv_heads", K),
+        head_dim=own.get("head_dim") or g("attention.key_length") or D // H,
+        ffn=own.get("ffn") or g("feed_forward_length") or 4 * D,
         vocab=emb.shape[0] if emb is not None else g("vocab_size"),
-        norm_eps=float(g("attention.layer_norm_rms_epsilon") or 1e-5), rope_theta=float(g("rope.freq_base") or 10000.0),
+        norm_eps=g("attention.layer_norm_rms_epsilon") or 1e-5, rope_theta=g("rope.freq_base") or 10000.0,
         tied=GGUF["head"] not in tensors, max_pos=g("context_length") or 2048, experts=E,
         experts_per_tok=g("expert_used_count") or 0, hf_model_type=fam.hf_model_types[0],
         rope_scaling=rope_scaling(f, arch, where), rope_freq_factors=_freq_factors(tensors, where),
-        extra=extra).check(where)
+        sliding_window=own.get("sliding_window"), extra=extra).check(where)
 
 
 def gguf_extra(fam, f: dict, where="gguf") -> dict:
     """The family's extra config values a GGUF file says (``Family.gguf_extra``): metadata keys read where
-    present (an integer extra must be one), values llama.cpp's graph fixes for the arch as they are."""
+    present, type- and range-checked as the family declares the value (an integer, a positive number, a
+    flag); values llama.cpp's graph fixes for the arch as they are."""
+    from ckdiff.models.fields import MAX_SIZE
     out = {}
+    F = Fields(f, where, "metadata key")
     for name, key in fam.gguf_extra.items():
-        v = f.get(f"{fam.gguf_arch}.{key}") if isinstance(key, str) else key
-        ex = fam.extra_keys.get(name)
-        if v is not None and isinstance(key, str) and ex is not None and ex.kind == "int" and (
-                not isinstance(v, int) or isinstance(v, bool) or v < ex.lo):
-            raise InputError(where, f"metadata key '{fam.gguf_arch}.{key}': expected an integer >= {ex.lo}, got "
-                                    f"{str(v)[:40]}")
+        if not isinstance(key, str):
+            out[name] = key
+            continue
+        k, ex = f"{fam.gguf_arch}.{key}", fam.extra_keys.get(name)
+        kind = ex.kind if ex is not None else None
+        v = (F.int(k, lo=ex.lo, hi=MAX_SIZE) if kind == "int" else F.num(k) if kind == "num"
+             else F.flag(k) if kind == "flag" else f.get(k))
         if v is not None:
             out[name] = v
     return out
@@ -405,6 +430,20 @@ def rope_scaling(f: dict, arch: str, where="gguf") -> Optional[dict]:
     out = {"rope_type": kind, "factor": factor if factor is not None else 1.0}
     if orig is not None:
         out["original_max_position_embeddings"] = orig
+    if kind == "yarn":
+        # the correction range's betas are HF's beta_fast / beta_slow. llama.cpp's other YaRN values (extension
+        # and attention factors, DeepSeek's log multiplier) are not HF's keys: kept under their own names, so a
+        # file that sets them differs from a config that cannot say them. ggml always rounds the correction
+        # range outward (ggml_rope_yarn_corr_dims: floor / ceil), HF's truncate true (its default, left out)
+        for k, hf in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+            if x.num(k) is not None:
+                out[hf] = x.num(k)
+        for k in ("yarn_ext_factor", "yarn_attn_factor", "yarn_log_multiplier"):
+            v = sub.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                x.fail(k, "a finite number", v)
+            if v is not None:
+                out[k] = float(v)
     return out
 
 
@@ -433,6 +472,8 @@ def canonical(f: dict, tensors: dict) -> dict:
         out["rope_scaling"] = _rope_scaling(c.rope_scaling)
     if c.experts:
         out.update(experts=c.experts, experts_per_tok=c.experts_per_tok)
+    if c.sliding_window:  # where the family reads a window from the file (GPT-OSS)
+        out["sliding_window"] = c.sliding_window
     out.update(c.extra)  # what the file says of the family's own values (llama.cpp's fixed ones included)
     return out
 
@@ -442,10 +483,17 @@ def hf_to_gguf(cfg: ModelConfig) -> list:
     """The table of llama.cpp's converter for ``cfg``'s family, derived from its declaration: its GGUF names
     (``layout_names["gguf"]`` where declared, else llama's), q/k permuted to interleaved pairs (q with the query
     head count, k with the KV head count) unless the family declares the GGUF rotary half-split; norms stored
-    as ``1 + w`` for a ``1 + w`` norm (Gemma); q/k/v biases and q/k norms when the block has them; per-expert
-    HF tensors stacked over the experts (``ffn_{gate,up,down}_exps``)."""
+    as ``1 + w`` for a ``1 + w`` norm (Gemma); q/k/v and o biases, sinks and q/k norms when the block has them;
+    per-expert HF tensors stacked over the experts (``ffn_{gate,up,down}_exps``).
+
+    A slot whose GGUF name is a pair is split by the converter: MLA's ``kv_b_proj`` into ``attn_k_b`` (each
+    head's k part transposed) and ``attn_v_b`` (llama.cpp ``conversion/deepseek.py``), GPT-OSS's fused
+    ``gate_up_proj`` (gate and up alternating) into ``ffn_gate_exps`` / ``ffn_up_exps`` with its ``down_proj``
+    transposed to ``[E, D, F]`` (``conversion/gpt_oss.py``). An MoE model's dense first layers (DeepSeek's
+    first_k_dense_replace) keep ``ffn_{gate,up,down}``; the MoE rows apply to the other layers."""
     from ckdiff.formats.layouts import MOE_HF, family_for
-    from ckdiff.models.families import Norm, Rotary
+    from ckdiff.models.families import Attn, Norm, Rotary
+    from ckdiff.tensor.ops_fused import Deinterleave, SplitKvB, SwapLast
     fam = family_for(cfg, "gguf")
     hf, G = fam.hf_names, fam.layout_names.get("gguf") or GGUF
     if fam.layout_rotary.get("gguf", Rotary.INTERLEAVED) is Rotary.INTERLEAVED:
@@ -453,10 +501,21 @@ def hf_to_gguf(cfg: ModelConfig) -> list:
     else:
         qop = kop = Identity()
     norm = AddConst(1.0) if fam.block.norm is Norm.RMS_PLUS_ONE else Identity()
-    rules = [R(hf["embed"], G["embed"]),
-             R(hf["attn_norm"], G["attn_norm"], norm),
-             R(hf["q"], G["q"], qop), R(hf["k"], G["k"], kop),
-             R(hf["v"], G["v"]), R(hf["o"], G["o"]), R(hf["mlp_norm"], G["mlp_norm"], norm)]
+    x = cfg.extra or {}
+    rules = [R(hf["embed"], G["embed"]), R(hf["attn_norm"], G["attn_norm"], norm)]
+    if fam.block.attn is Attn.MLA:  # DeepSeek: no rotary permutation (llama.cpp's deepseek2 ropes adjacent pairs,
+        # as DeepSeek's rope_interleave weights are laid out)
+        q = ("q_down", "q_down_norm", "q_up") if x.get("q_lora_rank") is not None else ("mla_q",)
+        rules += [R(hf[s], G[s]) for s in q + ("kv_down", "kv_down_norm")]
+        rules.append(R(hf["kv_up"], G["kv_up"], SplitKvB(cfg.heads, x["qk_nope_head_dim"], x["v_head_dim"])))
+    else:
+        rules += [R(hf["q"], G["q"], qop), R(hf["k"], G["k"], kop), R(hf["v"], G["v"])]
+    rules.append(R(hf["o"], G["o"]))
+    if fam.block.o_bias:
+        rules.append(R(hf["o_b"], G["o_b"]))
+    if fam.block.sinks:
+        rules.append(R(hf["sinks"], G["sinks"]))
+    rules.append(R(hf["mlp_norm"], G["mlp_norm"], norm))
     if fam.block.qkv_bias:
         rules += [R(hf[f"{s}_b"], G[f"{s}_b"] if f"{s}_b" in G else G[s].replace(".weight", ".bias"), op)
                   for s, op in (("q", qop), ("k", kop), ("v", Identity()))]
@@ -468,16 +527,29 @@ def hf_to_gguf(cfg: ModelConfig) -> list:
                                    "has no tensors for (every layer's MLP is the MoE there)")
     if fam.block.mlp is Mlp.MOE:
         E = cfg.experts
+        moe = [i for i in range(cfg.layers) if i not in dense] if dense else None
         if "expert" in hf:  # Mixtral: experts.{e}.w{n}
             rules.append(R(MOE_HF["router"], GGUF["router"]))
             for n, w in ((1, "gate"), (2, "down"), (3, "up")):
                 rules.append(R([MOE_HF["w"].format(e=e, n=n) for e in range(E)], GGUF["exps"].replace("{w}", w),
                                Stack(E)))
-        else:  # one HF slot per expert weight (Qwen3-MoE's experts.{e}.gate_proj ...)
-            rules.append(R(hf["router"], G["router"]))
+        elif "experts_gate_up" in hf:  # GPT-OSS: experts fused over E, gate and up alternating
+            rules += [R(hf["router"], G["router"], layers=moe), R(hf["router_b"], G["router_b"], layers=moe),
+                      R(hf["experts_gate_up"], G["experts_gate_up"], Deinterleave(transpose=True), layers=moe),
+                      R(hf["experts_gate_up_b"], G["experts_gate_up_b"], Deinterleave(), layers=moe),
+                      R(hf["experts_down"], G["experts_down"], SwapLast(), layers=moe),
+                      R(hf["experts_down_b"], G["experts_down_b"], layers=moe)]
+        else:  # one HF slot per expert weight (Qwen3-MoE's, DeepSeek's experts.{e}.gate_proj ...)
+            rules.append(R(hf["router"], G["router"], layers=moe))
             for s in ("expert_gate", "expert_down", "expert_up"):
                 t = hf[s].replace("{i}", "{{i}}")
-                rules.append(R([t.format(e=e) for e in range(E)], G[s], Stack(E)))
+                rules.append(R([t.format(e=e) for e in range(E)], G[s], Stack(E), layers=moe))
+        if "e_bias" in hf:
+            rules.append(R(hf["e_bias"], G["e_bias"], layers=moe))
+        if fam.block.shared_expert:
+            rules += [R(hf[s], G[s], layers=moe) for s in ("shared_gate", "shared_up", "shared_down")]
+        if dense:
+            rules += [R(hf[s], G[s], layers=dense) for s in ("gate", "up", "down")]
     else:
         rules += [R(hf[s], G[s], Identity()) for s in ("gate", "up", "down")]
     rules.append(R(hf["norm"], G["norm"], norm))
@@ -489,7 +561,8 @@ def hf_to_gguf(cfg: ModelConfig) -> list:
 # ------------------------------------------------------------------ writer (fixtures, golden entries)
 def write_gguf(path: Path, hf: dict, cfg: ModelConfig, qtype: str = "F16", keep_float=("norm",),
                faults=None) -> Path:
-    """A llama GGUF file of the HF tensors ``hf``, written by the gguf package's writer; 2-D weights are
+    """A GGUF file (the family's arch) of the HF tensors ``hf``, written by the gguf package's writer, with the
+    metadata keys llama.cpp's converter writes (the family's own through ``gguf_write``); 2-D weights are
     quantized to ``qtype`` by the package's own quantizer (norms stay F32, as llama.cpp keeps them).
     ``faults`` (tests only, convert/faults.py) sees the table."""
     from ckdiff.convert.faults import NONE
@@ -499,16 +572,24 @@ def write_gguf(path: Path, hf: dict, cfg: ModelConfig, qtype: str = "F16", keep_
     src = {k: EagerTensor(k, v, "<generated>") for k, v in hf.items()}
     table = (faults or NONE).on_rules("gguf", cfg, hf_to_gguf(cfg))
     tensors = {k: v.load().float().numpy() for k, v in apply(src, table, cfg.layers).items()}
-    w = gguf.GGUFWriter(str(path), families.family(cfg.family).gguf_arch)
-    w.add_block_count(cfg.layers)
-    w.add_embedding_length(cfg.hidden)
-    w.add_feed_forward_length(cfg.ffn)
-    w.add_head_count(cfg.heads)
-    w.add_head_count_kv(cfg.kv_heads)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
-    w.add_rope_freq_base(cfg.rope_theta)
+    fam = families.family(cfg.family)
+    w = gguf.GGUFWriter(str(path), fam.gguf_arch)
+    meta = {"block_count": cfg.layers, "embedding_length": cfg.hidden, "feed_forward_length": cfg.ffn,
+            "attention.head_count": cfg.heads, "attention.head_count_kv": cfg.kv_heads,
+            "attention.key_length": cfg.head_dim, "attention.value_length": cfg.head_dim,
+            "attention.layer_norm_rms_epsilon": float(cfg.norm_eps), "rope.freq_base": float(cfg.rope_theta),
+            "context_length": cfg.max_pos, "vocab_size": cfg.vocab}
+    if cfg.experts:
+        meta.update({"expert_count": cfg.experts, "expert_used_count": cfg.experts_per_tok})
+    meta.update(fam.gguf_write(cfg) if fam.gguf_write else {})  # what llama.cpp writes for the arch on its own
+    for key, v in meta.items():
+        k = f"{fam.gguf_arch}.{key}"
+        if isinstance(v, bool):
+            w.add_bool(k, v)
+        elif isinstance(v, int):
+            w.add_uint32(k, v)
+        elif v is not None:
+            w.add_float32(k, float(v))
     sc = cfg.rope_scaling or {}
     kind = sc.get("rope_type") or sc.get("type")
     if kind in ("linear", "yarn", "longrope"):
@@ -516,18 +597,16 @@ def write_gguf(path: Path, hf: dict, cfg: ModelConfig, qtype: str = "F16", keep_
         w.add_rope_scaling_factor(float(sc.get("factor", 1.0)))
         if sc.get("original_max_position_embeddings"):
             w.add_rope_scaling_orig_ctx_len(int(sc["original_max_position_embeddings"]))
+        if kind == "yarn" and sc.get("beta_fast") is not None:  # as llama.cpp's converter writes them
+            w.add_rope_scaling_yarn_beta_fast(float(sc["beta_fast"]))
+        if kind == "yarn" and sc.get("beta_slow") is not None:
+            w.add_rope_scaling_yarn_beta_slow(float(sc["beta_slow"]))
     elif kind not in (None, "default"):
         raise InputError(str(path), f"rope scaling {kind!r}: llama.cpp keeps it as rope_freqs factors, which "
                                     "this writer does not write")
-    w.add_context_length(cfg.max_pos)
-    w.add_vocab_size(cfg.vocab)
-    if cfg.experts:
-        w.add_expert_count(cfg.experts)
-        w.add_expert_used_count(cfg.experts_per_tok)
-    fam = families.family(cfg.family)
     for name, key in fam.gguf_extra.items():  # the family's values llama.cpp keeps as metadata
         v = (cfg.extra or {}).get(name)
-        if isinstance(key, str) and isinstance(v, int) and not isinstance(v, bool):
+        if isinstance(key, str) and isinstance(v, int) and not isinstance(v, bool) and key not in meta:
             w.add_uint32(f"{fam.gguf_arch}.{key}", v)
     qt = gguf.GGMLQuantizationType[qtype]
     for k, a in tensors.items():

@@ -179,10 +179,15 @@ def hf_to(layout: str, cfg: ModelConfig) -> list:
     raise InputError(layout, "unknown layout")
 
 
-def hf_drop(cfg: ModelConfig) -> list:
+def hf_drop(cfg: ModelConfig, layout: str = "hf") -> list:
     drop = list(DROP["hf"])
     if cfg.tied:
         drop.append(r"^lm_head\.weight$")  # tied: HF sometimes stores the duplicate
+    mtp = (cfg.extra or {}).get("mtp_layers") or 0
+    if mtp and layout != "hf":  # DeepSeek's MTP layers follow the decoder's: no other layout here holds them (the
+        # pattern's comment names why in the coverage record; the config's mtp_layers differs and says so)
+        drop += [rf"^model\.layers\.{i}\.(?#an MTP layer, which the {layout} layout does not hold)"
+                 for i in range(cfg.layers, cfg.layers + mtp)]
     return drop
 
 
@@ -199,7 +204,7 @@ def convert(tensors: Mapping[str, LazyTensor], src: str, dst: str, cfg: ModelCon
         if src != "hf":
             canon = apply(tensors, invert(table(src, cfg)), cfg.layers, DROP.get(src, ()), where, plan, cover)
         else:
-            canon = apply(tensors, [R(k, k) for k in _hf_keys(cfg)], cfg.layers, hf_drop(cfg), where, cover=cover)
+            canon = apply(tensors, [R(k, k) for k in _hf_keys(cfg)], cfg.layers, hf_drop(cfg, dst), where, cover=cover)
     except (UnmappedError, InputError) as e:  # tensors left over or missing: an undeclared model type says so
         raise undeclared_family(cfg, src, where) or e from None
     if rules is None:
@@ -222,7 +227,7 @@ def _hf_keys(cfg: ModelConfig) -> list:
     (optional ones as the config says), MoE experts expanded."""
     fam = families.get(cfg.family) or family_for(cfg, "hf")
     keys = []
-    slots = fam.slots(tied=cfg.tied, two_norms=cfg.two_norms)
+    slots = fam.slots(tied=cfg.tied, two_norms=cfg.two_norms, q_lora=(cfg.extra or {}).get("q_lora_rank") is not None)
     per_layer = [set(fam.layer_slots(cfg, i, slots)) for i in range(cfg.layers)]
     for s in slots:
         t = fam.hf_names[s]

@@ -460,6 +460,8 @@ def _rope_scaling(d) -> Optional[dict]:
     kind = d.get("rope_type") or d.get("type") or "default"
     if kind == "default" and not out:
         return None
+    if kind == "yarn" and out.get("truncate") is True:  # transformers' default: the same as leaving it out
+        del out["truncate"]
     out["rope_type"] = kind
     return dict(sorted(out.items()))
 

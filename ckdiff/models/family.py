@@ -164,6 +164,11 @@ class Family:
     gguf_extra: Mapping[str, object] = field(default_factory=dict)  # ModelConfig.extra name -> the GGUF
     #                                          metadata key it is read from (a str, after "{gguf_arch}."), or the
     #                                          value llama.cpp's graph fixes for the arch (any other value)
+    gguf_write: Optional[Callable] = None  # (cfg: ModelConfig) -> {metadata key after "{gguf_arch}.": value} a
+    #                                          writer adds or overrides, as llama.cpp's converter writes them
+    gguf_read: Optional[Callable] = None  # (fields: models.fields.Fields over the GGUF metadata, arch) -> the
+    #                                          ModelConfig values (kv_heads, head_dim, ffn, sliding_window, extra)
+    #                                          llama.cpp spells in keys of the arch's own (MLA's key lengths)
     extra_keys: Mapping[str, Extra] = field(default_factory=dict)  # ModelConfig.extra name -> config.json value
     # per-layer structure: whether layer i attends through the sliding window, and whether its MLP is the MoE
     # (None: every layer alike; the window from ``layer_types`` in extra when the family declares it)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 
@@ -23,19 +23,21 @@ class Rule:
     src: tuple
     dst: tuple
     op: Op = field(default_factory=Identity)
+    layers: Optional[tuple] = None  # a layered rule's layers, where not every layer has its tensors
 
     def inverse(self) -> "Rule":
-        return Rule(self.dst, self.src, self.op.reverse())
+        return Rule(self.dst, self.src, self.op.reverse(), self.layers)
 
     @property
     def layered(self) -> bool:
         return any("{i}" in k for k in self.src + self.dst)
 
 
-def R(src, dst, op: Op | None = None) -> Rule:
-    """Shorthand: ``R("a.{i}.w", "b.{i}.w", PermuteRope(...))``; lists for many keys."""
+def R(src, dst, op: Op | None = None, layers=None) -> Rule:
+    """Shorthand: ``R("a.{i}.w", "b.{i}.w", PermuteRope(...))``; lists for many keys. ``layers``: the layers
+    a layered rule applies to (an MoE model's dense first layers have other tensors), every layer when None."""
     as_t = lambda x: (x,) if isinstance(x, str) else tuple(x)  # noqa: E731
-    return Rule(as_t(src), as_t(dst), op or Identity())
+    return Rule(as_t(src), as_t(dst), op or Identity(), None if layers is None else tuple(layers))
 
 
 def invert(rules: Sequence) -> list:
@@ -120,6 +122,7 @@ def apply(tensors: Mapping[str, LazyTensor], rules: Sequence[Rule], layers: int,
     out: dict[str, LazyTensor] = {}
     used: set = set()
     uses: dict = {}
+    planned: set = set()
     head = [r for r in rules if not r.layered]
     first_layered = next((i for i, r in enumerate(rules) if r.layered), len(rules))
     pre = [r for r in rules[:first_layered] if not r.layered]
@@ -147,14 +150,16 @@ def apply(tensors: Mapping[str, LazyTensor], rules: Sequence[Rule], layers: int,
                 raise InputError(where, f"cannot map {src} -> {dst}: {e}") from None
             for t in targets:
                 out[t.name] = t
-        if plan is not None and (i in (None, 0)):
+        if plan is not None and id(rule) not in planned:  # each rule once, where it first applies
+            planned.add(id(rule))
             plan.rows.append([list(rule.src), list(rule.dst), rule.op.describe()])
 
     for r in pre:
         run(r, None)
     for i in range(layers):
         for r in layered:
-            run(r, i)
+            if r.layers is None or i in r.layers:
+                run(r, i)
     for r in post:
         run(r, None)
     unused = [k for k in tensors if k not in used and not any(p.search(k) for p in drop_re)]

@@ -72,6 +72,63 @@ def _deepseek_diagnose(slot: str, a, b, cfg) -> Optional[str]:
     return None
 
 
+# llama.cpp's expert gating function codes (gguf ``ExpertGatingFuncType``); a deepseek2 file without the key is
+# run with softmax gating (llama.cpp ``llama-model.cpp``, for DeepSeek-V2 files written before the key existed)
+_GATING = {1: "softmax", 2: "sigmoid"}
+
+
+def _deepseek_gguf(F, arch: str) -> dict:
+    """What llama.cpp's deepseek2 metadata says in keys of its own (llama.cpp ``conversion/deepseek.py``
+    ``DeepseekV2Model.set_gguf_parameters``): MLA runs as MQA there (head_count_kv 1; every head has its own k and
+    v here), ``rope.dimension_count`` is qk_rope_head_dim, ``attention.key_length_mla`` is nope + rope. Keys the
+    converter leaves out take llama.cpp's defaults: no gating function -> softmax, no expert_weights_norm ->
+    false, no expert_weights_scale -> 1, no group counts -> one group; no nextn key -> no MTP layer."""
+    from ckdiff.errors import InputError
+    from ckdiff.models.fields import MAX_SIZE
+    k = lambda s: f"{arch}.{s}"  # noqa: E731
+    H = F.int(k("attention.head_count"))
+    rope, kmla = F.int(k("rope.dimension_count"), hi=MAX_SIZE), F.int(k("attention.key_length_mla"), hi=MAX_SIZE)
+    vmla, kv = F.int(k("attention.value_length_mla"), hi=MAX_SIZE), F.int(k("attention.kv_lora_rank"), hi=MAX_SIZE)
+    if None in (H, rope, kmla, vmla, kv):
+        raise InputError(F.where, f"metadata lacks {arch}.rope.dimension_count, attention.key_length_mla, "
+                                  "value_length_mla or kv_lora_rank: not a DeepSeek MLA file as llama.cpp's converter "
+                                  "writes it (files from before llama.cpp's MLA split hold attn_kv_b, which no table "
+                                  "here reads)")
+    if kmla <= rope:
+        F.fail(k("attention.key_length_mla"), f"more than rope.dimension_count ({rope})", kmla)
+    gating = F.int(k("expert_gating_func"), lo=0, hi=8)
+    if gating not in (None, 0, *_GATING):
+        F.fail(k("expert_gating_func"), "1 (softmax) or 2 (sigmoid)", gating)
+    norm = F.flag(k("expert_weights_norm"))
+    return {"kv_heads": H, "head_dim": rope, "extra": {
+        "q_lora_rank": F.int(k("attention.q_lora_rank"), hi=MAX_SIZE), "kv_lora_rank": kv,
+        "qk_nope_head_dim": kmla - rope, "v_head_dim": vmla,
+        "n_shared_experts": F.int(k("expert_shared_count"), lo=0) or 0,
+        "n_group": F.int(k("expert_group_count")) or 1, "topk_group": F.int(k("expert_group_used_count")) or 1,
+        "routed_scaling_factor": F.num(k("expert_weights_scale")) or 1.0,
+        "first_k_dense_replace": F.int(k("leading_dense_block_count"), lo=0) or 0,
+        "norm_topk_prob": bool(norm), "mtp_layers": F.int(k("nextn_predict_layers"), lo=0) or 0,
+        "scoring_func": _GATING[gating or 1]}}
+
+
+def _deepseek_gguf_write(cfg) -> dict:
+    """The deepseek2 keys llama.cpp's converter writes (``DeepseekV2Model.set_gguf_parameters``)."""
+    x = cfg.extra or {}
+    kv, rope = x["kv_lora_rank"], cfg.head_dim
+    out = {"attention.head_count_kv": 1, "attention.key_length": kv + rope, "attention.value_length": kv,
+           "attention.kv_lora_rank": kv, "attention.key_length_mla": x["qk_nope_head_dim"] + rope,
+           "attention.value_length_mla": x["v_head_dim"], "rope.dimension_count": rope,
+           "leading_dense_block_count": x["first_k_dense_replace"], "expert_feed_forward_length": x["moe_ffn"],
+           "expert_shared_count": x["n_shared_experts"], "expert_group_count": x["n_group"],
+           "expert_group_used_count": x["topk_group"], "expert_weights_scale": float(x["routed_scaling_factor"]),
+           "expert_gating_func": next(k for k, v in _GATING.items() if v == x.get("scoring_func", "sigmoid"))}
+    if x.get("q_lora_rank") is not None:
+        out["attention.q_lora_rank"] = x["q_lora_rank"]
+    if x.get("norm_topk_prob"):
+        out["expert_weights_norm"] = True
+    return out
+
+
 DEEPSEEK_V3 = register(Family(
     "deepseek-v3", ("deepseek_v3",), "DeepseekV3ForCausalLM",
     Block(attn=Attn.MLA, mlp=Mlp.MOE, router=Router.SIGMOID_GROUPED, shared_expert=True),
@@ -89,18 +146,23 @@ DEEPSEEK_V3 = register(Family(
                 "first_k_dense_replace": Extra("first_k_dense_replace", "int", 3, lo=0),
                 "norm_topk_prob": Extra("norm_topk_prob", "flag", True),
                 "mtp_layers": Extra("num_nextn_predict_layers", "int", 1, lo=0),
-                "rope_interleave": Extra("rope_interleave", "flag", True)},
+                "rope_interleave": Extra("rope_interleave", "flag", True),
+                "scoring_func": Extra("scoring_func", "text", "sigmoid")},
     dropped={"shared_gate": "shared expert", "shared_up": "shared expert", "shared_down": "shared expert",
              "e_bias": "e_score_correction_bias (expert choice falls back to the raw sigmoid scores)"},
     diagnose=_deepseek_diagnose, hf_read=_deepseek_read,
     dense_layer=lambda cfg, i: i < (cfg.extra or {}).get("first_k_dense_replace", 3),
-    gguf_arch="deepseek2", layout_names={"gguf": {
+    gguf_arch="deepseek2", layouts=frozenset({"hf", "gguf"}), gguf_read=_deepseek_gguf,
+    gguf_write=_deepseek_gguf_write,
+    # llama.cpp's deepseek2 graph ropes adjacent pairs (the rope_interleave layout, no permutation in the converter)
+    gguf_extra={"moe_ffn": "expert_feed_forward_length", "rope_interleave": True},
+    layout_names={"gguf": {
         **{k: v for k, v in _GGUF_BASE.items() if k not in ("q", "k", "v")}, **_GGUF_EXPERTS,
         "q_down": _GB + "attn_q_a.weight", "q_down_norm": _GB + "attn_q_a_norm.weight", "q_up": _GB + "attn_q_b.weight",
         "mla_q": _GB + "attn_q.weight", "kv_down": _GB + "attn_kv_a_mqa.weight",
-        "kv_down_norm": _GB + "attn_kv_a_norm.weight", "kv_up": _GB + "attn_kv_b.weight",
+        "kv_down_norm": _GB + "attn_kv_a_norm.weight",
+        # kv_b_proj split per head into k_b (transposed) and v_b (llama.cpp keeps no attn_kv_b)
+        "kv_up": (_GB + "attn_k_b.weight", _GB + "attn_v_b.weight"),
         "e_bias": _GB + "exp_probs_b.bias", "shared_gate": _GB + "ffn_gate_shexp.weight",
         "shared_up": _GB + "ffn_up_shexp.weight", "shared_down": _GB + "ffn_down_shexp.weight"}},
-    unsupported={**_HF_ONLY, "megatron": "Megatron-LLM has no multi-head latent attention",
-                 "gguf": "llama.cpp's deepseek2 converter splits kv_b_proj into attn_k_b (each head transposed) and "
-                         "attn_v_b, which no GGUF table here writes yet"}))
+    unsupported={**_HF_ONLY, "megatron": "Megatron-LLM has no multi-head latent attention"}))

@@ -37,6 +37,16 @@ def _gpt_oss_diagnose(slot: str, a, b, cfg) -> Optional[str]:
     return None
 
 
+def _gpt_oss_gguf(F, arch: str) -> dict:
+    """llama.cpp's gpt-oss: the window from ``attention.sliding_window``, on the even layers (its swa pattern 2:
+    sliding, full, sliding, ...; llama.cpp ``llama-model.cpp``), as transformers' GptOssConfig derives
+    layer_types."""
+    from ckdiff.models.fields import MAX_SIZE
+    L = F.int(f"{arch}.block_count")
+    kinds = [_LAYER_TYPES[i % 2 == 0] for i in range(L)] if L else None
+    return {"sliding_window": F.int(f"{arch}.attention.sliding_window", hi=MAX_SIZE), "extra": {"layer_types": kinds}}
+
+
 GPT_OSS = register(Family(
     "gpt-oss", ("gpt_oss",), "GptOssForCausalLM",
     Block(act=Act.SWIGLU_CLAMP, mlp=Mlp.MOE, qkv_bias=True, o_bias=True, sinks=True, router=Router.TOPK_SOFTMAX),
@@ -46,14 +56,20 @@ GPT_OSS = register(Family(
                 "swiglu_alpha": Extra("swiglu_alpha", "num", 1.702)},
     dropped={"sinks": "attention sinks (each head's softmax loses its sink logit)",
              "router_b": "router bias", "o_b": "o_proj bias"}, diagnose=_gpt_oss_diagnose,
-    hf_read=_gpt_oss_read, hf_write=_gpt_oss_write, gguf_arch="gpt-oss",
-    # (llama.cpp splits the fused gate_up_proj into ffn_gate_exps / ffn_up_exps: no one-to-one name for it)
+    hf_read=_gpt_oss_read, hf_write=_gpt_oss_write, gguf_arch="gpt-oss", layouts=frozenset({"hf", "gguf"}),
+    gguf_read=_gpt_oss_gguf,
+    gguf_write=lambda cfg: {"attention.sliding_window": cfg.sliding_window, "expert_feed_forward_length": cfg.ffn},
+    # llama.cpp's graph fixes the clamped SwiGLU's constants (llama-graph.cpp build_moe_ffn, LLM_FFN_SWIGLU_OAI_MOE)
+    gguf_extra={"swiglu_limit": 7.0, "swiglu_alpha": 1.702},
+    # llama.cpp splits the fused gate_up_proj (gate and up alternating) into ffn_gate_exps / ffn_up_exps, its
+    # weights transposed to [E, F, D], and stores down_proj transposed to [E, D, F]
     layout_names={"gguf": {**{k: v for k, v in _GGUF_BASE.items() if k not in DENSE_MLP_SLOTS}, **_GGUF_QKV_BIAS,
                            "mlp_norm": _GB + "post_attention_norm.weight", "o_b": _GB + "attn_output.bias",
                            "sinks": _GB + "attn_sinks.weight", "router": _GB + "ffn_gate_inp.weight",
-                           "router_b": _GB + "ffn_gate_inp.bias", "experts_down": _GB + "ffn_down_exps.weight",
+                           "router_b": _GB + "ffn_gate_inp.bias",
+                           "experts_gate_up": (_GB + "ffn_gate_exps.weight", _GB + "ffn_up_exps.weight"),
+                           "experts_gate_up_b": (_GB + "ffn_gate_exps.bias", _GB + "ffn_up_exps.bias"),
+                           "experts_down": _GB + "ffn_down_exps.weight",
                            "experts_down_b": _GB + "ffn_down_exps.bias"}}, layout_rotary={"gguf": Rotary.HALF},
     unsupported={**_HF_ONLY,
-                 "megatron": "Megatron-LLM has no GPT-OSS model (attention sinks, clamped SwiGLU experts)",
-                 "gguf": "llama.cpp's converter de-interleaves gate_up_proj into ffn_gate_exps / ffn_up_exps and "
-                         "writes the experts as MXFP4, which no GGUF table here reads yet"}))
+                 "megatron": "Megatron-LLM has no GPT-OSS model (attention sinks, clamped SwiGLU experts)"}))
