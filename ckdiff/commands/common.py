@@ -383,7 +383,7 @@ def emit_reports(args, kind: str, res, inputs=(), command: str = "") -> None:
     summary, for any result object with to_dict()/verdict()/equivalent."""
     from ckdiff.reports import html as H
     from ckdiff.reports.junit import render_junit
-    from ckdiff.reports.render import iter_json, render_json
+    from ckdiff.reports.render import bounded_result, iter_json, render_json
 
     def record():
         from ckdiff.provenance import record
@@ -394,7 +394,7 @@ def emit_reports(args, kind: str, res, inputs=(), command: str = "") -> None:
     render = {"json": record,
               "html": lambda: H.render_html(kind, res, command),
               "markdown": lambda: H.render_markdown(kind, res, command),
-              "junit": lambda: render_junit(kind, res.to_dict(), res.verdict(), command)}
+              "junit": lambda: render_junit(kind, bounded_result(res), res.verdict(), command)}
     force = getattr(args, "force", False)
     for f in REPORT_FLAGS:
         target = getattr(args, f, None)

@@ -22,7 +22,7 @@ from markupsafe import Markup
 from ckdiff.compare.result import reasons
 from ckdiff.compare.status import Status, is_ok, ok_text, tally
 from ckdiff.text import html_text, md_cell, md_code, md_text, printable
-from ckdiff.reports.render import _clean, envelope, fmt, worst_first_key
+from ckdiff.reports.render import _clean, bounded_result, envelope, fmt, omitted_text, worst_first_key
 
 
 def _num(x) -> float:
@@ -199,7 +199,7 @@ def _compare_view(d: dict) -> dict:
             "warnings": d.get("warnings") or [], "strict": d.get("strict"),
             "config_diff": [(str(k), repr(a), repr(b)) for k, a, b in d.get("config_diff") or []],
             "heat": _heat_view(tensors, (d.get("format_a"), d.get("format_b"))),
-            "statuses": sorted({t["status"] for t in tensors}), "columns": COLUMNS}
+            "statuses": sorted({t["status"] for t in tensors}), "columns": COLUMNS, "omitted": omitted_text(d)}
 
 
 def logits_gate(d: dict) -> str:
@@ -355,7 +355,7 @@ def environment():
 
 def render_html(kind: str, res, command: str = "") -> str:
     shape = _Shape(res)
-    doc = _clean(envelope(kind, res.to_dict(), res.verdict(), command))
+    doc = _clean(envelope(kind, bounded_result(res), res.verdict(), command))
     d = doc["result"]
     ok = res.equivalent
     title = {"compare": "Checkpoint diff", "logits": "Logit comparison", "golden": "Golden diff",
@@ -387,7 +387,7 @@ def render_html(kind: str, res, command: str = "") -> str:
 
 def render_markdown(kind: str, res, command: str = "") -> str:
     shape = _Shape(res)
-    doc = _clean(envelope(kind, res.to_dict(), res.verdict(), command))
+    doc = _clean(envelope(kind, bounded_result(res), res.verdict(), command))
     d = doc["result"]
     ok = res.equivalent
     icon = ":white_check_mark:" if ok else ":x:"
@@ -408,12 +408,15 @@ def render_markdown(kind: str, res, command: str = "") -> str:
         lines += [f"- {md_cell(w)}" for w in d["warnings"]] + [""]
     bad = sorted((t for t in d["tensors"] if not is_ok(t["status"])), key=worst_first_key) if shape.tensors else []
     if bad:
-        lines += ["<details><summary>" + f"{len(bad)} mismatching tensors</summary>", "",
+        n_bad = len(bad) + (d.get("tensors_omitted") or {}).get("mismatching", 0)
+        lines += ["<details><summary>" + f"{n_bad} mismatching tensors</summary>", "",
                   "| tensor | status | max abs @ index | diagnosis |", "|---|---|---|---|"]
         for t in bad[:200]:
             lines.append(f"| {md_code(t['name'])} | {t['status']} | {fmt(t.get('max_abs'))} @ {t.get('max_abs_index')} | "
                          f"{md_cell('; '.join(t.get('diagnosis') or []) or '-')} |")
         lines += ["", "</details>", ""]
+    if shape.tensors and omitted_text(d):
+        lines += [md_text(omitted_text(d)), ""]
     if shape.checks:
         failed = [c for c in d["checks"] if c["ok"] is False]
         lines += [f"{len(d['checks']) - len(failed)}/{len(d['checks'])} checks passed", "",

@@ -21,7 +21,7 @@ import xml.etree.ElementTree as ET
 
 from ckdiff.compare.status import is_ok
 from ckdiff.text import printable
-from ckdiff.reports.render import LAYER_RE, _clean, envelope, fmt, worst_first_key
+from ckdiff.reports.render import LAYER_RE, _clean, envelope, fmt, omitted_text, worst_first_key
 
 MAX_LINES = 200  # mismatching tensors listed in one failure's text
 
@@ -82,6 +82,13 @@ def _compare_cases(suite, cls: str, d: dict) -> None:
         if len(bad) > MAX_LINES:
             text += f"\n... {len(bad) - MAX_LINES} more"
         _case(suite, cls, f"tensors {group}", ("/".join(statuses), first + more, text))
+    omitted = d.get("tensors_omitted") or {}
+    if omitted.get("mismatching"):  # rows a bounded report leaves out still fail the suite
+        n = omitted["mismatching"]
+        _case(suite, cls, "tensors not listed", ("differ", f"{n} more mismatching tensors (the --json report "
+                                                           "lists every row)", omitted_text(d)))
+    elif omitted.get("matching"):
+        _case(suite, cls, f"tensors not listed ({omitted['matching']} matching)")
     findings = [f"config {f}: {a!r} -> {b!r}" for f, a, b in (d.get("config_diff") or [])] \
         + [str(x) for x in d.get("config_findings") or []]
     _case(suite, cls, "config", ("config", findings[0] + (f" (+{len(findings) - 1} more)" if len(findings) > 1

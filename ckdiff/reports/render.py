@@ -48,6 +48,69 @@ def worst_first_key(t: dict):
     return (rank(t["status"]), -(t.get("n_over_tol") or 0), -(m if m == m else float("inf")), t["name"])
 
 
+# Rows a page-sized report (HTML, Markdown, JUnit) lists: the worst first, every mismatching tensor up to
+# this many, then matching ones while room is left; --json alone has every row. A report of 10^6 rows
+# would be a browser tab of gigabytes and a JUnit file CI systems choke on.
+REPORT_ROWS = 20_000
+
+
+def bounded_result(res) -> dict:
+    """``res.to_dict()`` with its tensor rows bounded to ``REPORT_ROWS`` (streamed from ``tensor_dicts``:
+    memory flat in the row count): the mismatching rows worst first, then matching ones, and
+    ``tensors_omitted`` {"mismatching": n, "matching": n} for the rows left out. Results without
+    per-tensor rows are returned whole."""
+    if not hasattr(res, "tensor_dicts"):
+        return res.to_dict()
+    import heapq
+    from ckdiff.compare.status import is_ok
+    d = res.to_dict(tensors=False)
+    bad_heap, good, n_bad, n_good = [], [], 0, 0
+    for i, t in enumerate(res.tensor_dicts()):
+        if is_ok(t["status"]):
+            n_good += 1
+            if len(good) < REPORT_ROWS:
+                good.append(t)
+            continue
+        n_bad += 1
+        key = _Worst(worst_first_key(t), i)
+        if len(bad_heap) < REPORT_ROWS:
+            heapq.heappush(bad_heap, (key, t))
+        elif bad_heap[0][0] < key:  # the heap's top is its least bad row: the new one is worse, keep it
+            heapq.heapreplace(bad_heap, (key, t))
+    bad = [t for _, t in sorted(bad_heap, key=lambda kt: kt[0], reverse=True)]
+    rows = bad + good[:max(0, REPORT_ROWS - len(bad))]
+    d["tensors"] = rows
+    if n_bad + n_good > len(rows):
+        d["tensors_omitted"] = {"mismatching": n_bad - len(bad), "matching": n_good - (len(rows) - len(bad))}
+    return d
+
+
+class _Worst:
+    """A heap key that inverts worst-first order: the heap's top is the least bad row kept."""
+    __slots__ = ("k", "i")
+
+    def __init__(self, k, i):
+        self.k, self.i = k, i
+
+    def __lt__(self, other):
+        return (self.k, self.i) > (other.k, other.i)
+
+    def __eq__(self, other):
+        return (self.k, self.i) == (other.k, other.i)
+
+    __hash__ = None
+
+
+def omitted_text(d: dict) -> str:
+    """One line for the rows a bounded report leaves out, or ''."""
+    o = d.get("tensors_omitted")
+    if not o:
+        return ""
+    parts = [f"{n} {w}" for w, n in (("mismatching", o["mismatching"]), ("matching", o["matching"])) if n]
+    return (f"{' and '.join(parts)} tensor{'s' if sum(o.values()) != 1 else ''} not listed here (the "
+            f"{REPORT_ROWS} worst are); the --json report has every row")
+
+
 def _clean(o):
     if isinstance(o, float):
         if o != o:
