@@ -74,10 +74,37 @@ def run(argv, command: str = "") -> int:
     return common.run_sharded("compare", argv, args.workers, lambda shard: _run(args, command, shard))
 
 
+def _quick(args):
+    """The identical pair of plain safetensors files, decided before torch is imported (compare/quick.py),
+    when nothing asked for changes the answer or needs the full result's machinery: no format, prefix,
+    tolerance or selection option, no report, one process on the CPU. None: the full comparison runs."""
+    if (args.format or args.format_a or args.format_b or getattr(args, "prefix_a", None)
+            or getattr(args, "prefix_b", None) or args.only or args.ignore or args.tol or args.atol is not None
+            or args.rtol is not None or args.strict_dtype or args.strict or args.workers != 1 or args.device != "cpu"
+            or any(getattr(args, f, None) for f in common.REPORT_FLAGS) or common.summary_target(args) is not None):
+        return None
+    from ckdiff.compare.quick import identical_safetensors
+    return identical_safetensors(args.a, args.b)
+
+
+def _print(args, res) -> None:
+    from ckdiff.reports.terminal import print_compare
+    console = common.console(args)
+    if args.quiet:
+        console.print(("EQUIVALENT" if res.equivalent else "DIFFER") + ": "
+                      + res.counts_text() + (f", {len(res.warnings)} warning(s)" if res.warnings else ""))
+    else:
+        print_compare(res, console, args.limit)
+
+
 def _run(args, command: str, shard) -> int:
     """One comparison; with ``shard`` every rank runs this and rank 0 prints and writes the reports."""
+    if shard is None:
+        res = _quick(args)
+        if res is not None:
+            _print(args, res)
+            return 0
     from ckdiff.compare.diff import Options, compare_checkpoints
-    from ckdiff.reports.terminal import print_compare
     main_rank = shard is None or shard.is_main
     if main_rank:
         common.check_reports(args)
@@ -96,12 +123,7 @@ def _run(args, command: str, shard) -> int:
         common.show_progress(args) and main_rank), map_layouts=not args.no_map, shard=shard)
     if not main_rank:
         return shard.agree(None)
-    console = common.console(args)
-    if args.quiet:
-        console.print(("EQUIVALENT" if res.equivalent else "DIFFER") + ": "
-                      + res.counts_text() + (f", {len(res.warnings)} warning(s)" if res.warnings else ""))
-    else:
-        print_compare(res, console, args.limit)
+    _print(args, res)
     common.emit_reports(args, "compare", res, (a, b), command)
     code = 0 if res.equivalent else 1
     return shard.agree(code) if shard is not None else code

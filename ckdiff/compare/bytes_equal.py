@@ -1,12 +1,11 @@
 """Equality of two chunks' bytes: libc's memcmp through ctypes (the GIL released), in two halves on two
 threads for large chunks. Kept apart from the numba kernels (compare/kernels.py) so that a comparison whose
-tensors are all byte-identical never imports numba."""
+tensors are all byte-identical never imports numba, and torch-free (compare/quick.py uses it before torch)."""
 from __future__ import annotations
 
 import threading
 
 import numpy as np
-import torch
 
 
 def _libc_memcmp():
@@ -38,6 +37,7 @@ def _as_bytes(x) -> np.ndarray:
     """The bytes of a uint8 array (a mapped window) or of a tensor, as a flat uint8 array."""
     if isinstance(x, np.ndarray):
         return x
+    import torch  # a tensor was given: torch is loaded already
     x = x.contiguous().reshape(-1)
     return x.view(torch.uint8).numpy() if x.numel() else np.zeros(0, np.uint8)
 
@@ -50,7 +50,7 @@ def bytes_equal(x, y) -> bool:
     released). A large pair is checked in two halves on two threads: over mapped windows each first
     touch of a page faults, and the faults and the compare then run on both cores (1 GiB copy, the
     command after its start-up: 0.38 -> 0.22-0.29 s)."""
-    if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype != y.dtype:
+    if not isinstance(x, np.ndarray) and not isinstance(y, np.ndarray) and x.dtype != y.dtype:  # two tensors
         return False
     u, v = _as_bytes(x), _as_bytes(y)
     if u.size != v.size:

@@ -9,7 +9,10 @@ equivalent. This is the check that catches the "MoE experts silently dropped" cl
 """
 from __future__ import annotations
 
-from ckdiff.tensor.lazy import Checkpoint
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: rendering a result's coverage needs no torch
+    from ckdiff.tensor.lazy import Checkpoint
 from ckdiff.compare.status import Status
 
 

@@ -7,21 +7,18 @@ import fnmatch
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
-import torch
-
-from ckdiff.formats.readers import dtype_name
 from ckdiff.compare.status import Status, rank
+from ckdiff.tensor.dtype_names import dtype_name
 
-
-# rtol, atol per dtype (torch.testing's _DTYPE_PRECISIONS, fp32/fp64 from its defaults)
+# rtol, atol per dtype, by name (torch.testing's _DTYPE_PRECISIONS, fp32/fp64 from its defaults); no torch
+# import here: the identical-pair check (compare/quick.py) builds these results before torch is loaded
 DTYPE_TOL = {
-    torch.float16: (1e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5), torch.float32: (1.3e-6, 1e-5),
-    torch.float64: (1e-7, 1e-7), torch.float8_e4m3fn: (1.25e-1, 1e-3), torch.float8_e5m2: (2.5e-1, 1e-3),
+    "float16": (1e-3, 1e-5), "bfloat16": (1.6e-2, 1e-5), "float32": (1.3e-6, 1e-5),
+    "float64": (1e-7, 1e-7), "float8_e4m3fn": (1.25e-1, 1e-3), "float8_e5m2": (2.5e-1, 1e-3),
 }
 
 
-PRECISION_ORDER = [torch.float8_e5m2, torch.float8_e4m3fn, torch.bfloat16, torch.float16,
-                   torch.float32, torch.float64]
+PRECISION_ORDER = ["float8_e5m2", "float8_e4m3fn", "bfloat16", "float16", "float32", "float64"]
 
 
 @dataclass
@@ -153,15 +150,17 @@ def reasons(d: dict) -> list[str]:
     return out + unaccounted_note(d.get("coverage") or {})
 
 
-def default_tolerance(da: torch.dtype, db: torch.dtype) -> Tolerance:
+def default_tolerance(da, db) -> Tolerance:
+    """The tolerance of a pair of dtypes (torch dtypes or their names): exact for one dtype, else the
+    looser of the two floating dtypes'."""
     if da == db:
         return Tolerance(0.0, 0.0, "exact")
-    floats = [d for d in (da, db) if d in DTYPE_TOL]
+    floats = [n for n in (dtype_name(da), dtype_name(db)) if n in DTYPE_TOL]
     if not floats:
         return Tolerance(0.0, 0.0, "exact")
     low = min(floats, key=PRECISION_ORDER.index)
     rtol, atol = DTYPE_TOL[low]
-    return Tolerance(atol, rtol, f"dtype {dtype_name(low)}")
+    return Tolerance(atol, rtol, f"dtype {low}")
 
 
 @dataclass

@@ -11,7 +11,6 @@ import re
 import stat
 from pathlib import Path
 
-import torch
 
 from ckdiff.errors import InputError, UsageError
 from ckdiff.tensor.lazy import Checkpoint, DerivedGroup, LazyTensor
@@ -19,6 +18,7 @@ from ckdiff.tensor.ops import Shard, ShardRow, ShardSplit, ShardTable
 from ckdiff.io.inputs import inside_root, kind_of, read_json_object, stat_input
 from ckdiff.io.pickles import read_pickle_tensors
 from ckdiff.io.safetensors import read_safetensors
+from ckdiff.tensor.dtype_names import dtype_name  # noqa: F401 - re-exported: readers name dtypes
 from ckdiff.formats import registry
 from ckdiff.formats.registry import Format, Input, Runtime
 
@@ -424,9 +424,3 @@ def open_checkpoint(spec: str, fmt: str | None = None, cache_dir: str | None = N
 _DTYPE_NAMES: dict = {}
 
 
-def dtype_name(dt: torch.dtype) -> str:
-    """``float32`` for torch.float32; one string per dtype, shared by every result that names it."""
-    name = _DTYPE_NAMES.get(dt)
-    if name is None:
-        name = _DTYPE_NAMES[dt] = str(dt).replace("torch.", "")
-    return name
