@@ -34,7 +34,7 @@ from common import (big_hf_tensors, cat_seconds, child_peak_rss_anon, ensure_spa
                     sized_config)
 from ckdiff.tensor.lazy import LazyTensor  # noqa: E402
 
-TARGET = {"copy": 1.5, "one": 2.0, "all": 3.0, "cast": 3.0, "int8": 4.0, "megatron": 3.0}
+TARGET = {"copy": 1.5, "one": 2.0, "all": 3.0, "cast": 3.0, "perm": 3.0, "int8": 4.0, "megatron": 3.0}
 MAIN = "import sys; from ckdiff.cli import main; sys.exit(main(sys.argv[1:]))"
 # the same command, timed from after its fixed start-up (imports, numba's cached kernels loaded) to its end
 TIMED = ("import sys, time; from ckdiff.cli import main; from ckdiff.compare.kernels import warm; warm(); "
@@ -45,12 +45,15 @@ TIMED = ("import sys, time; from ckdiff.cli import main; from ckdiff.compare.ker
 class Changed(LazyTensor):
     """``base`` with every element perturbed (``noise``) or cast to ``dtype``."""
 
-    def __init__(self, base, dtype=None, noise=0.0):
+    def __init__(self, base, dtype=None, noise=0.0, permute=False):
         super().__init__(base.name, base.shape, dtype or base.dtype, "<bench>")
-        self.base, self.noise = base, noise
+        self.base, self.noise, self.permute = base, noise, permute
 
     def load(self):
         t = self.base.load()
+        if self.permute:  # the rows in another order (a rotary permutation applied twice, q against k)
+            g = torch.Generator().manual_seed(hash(self.name) % 2**31)
+            t = t[torch.randperm(t.shape[0], generator=g)]
         if self.noise:
             g = torch.Generator().manual_seed(hash(self.name) % 2**31)
             t = (t.float() * (1 + self.noise * torch.randn(t.shape, generator=g))).to(t.dtype)
@@ -91,8 +94,9 @@ def make_b(case: str, a: Path, b: Path, tensors: dict, cfg, env) -> None:
                 fh.seek(off)
                 fh.write(bytes([x[0] ^ 1]))
         return
-    if case in ("all", "cast"):
-        changed = {k: Changed(t, noise=1e-2) if case == "all" else Changed(t, dtype=torch.float16)
+    if case in ("all", "cast", "perm"):
+        changed = {k: Changed(t, noise=1e-2) if case == "all" else
+                   Changed(t, permute=k.endswith("q_proj.weight")) if case == "perm" else Changed(t, dtype=torch.float16)
                    for k, t in tensors.items()}
         with atomic_dir(b, overwrite=True) as tmp:
             write_hf(tmp, changed, cfg.to_hf(), num_shards=1)

@@ -6,12 +6,12 @@ forms people write them:
              maximum absolute difference where they are not equal (holds both models in memory)
   safe_open  the same per tensor through ``safe_open(...).get_tensor`` (one tensor of each side at a time)
 Each verdict is checked against what the pair is: ``copy`` and ``cast`` (bf16 -> fp16, within the cast's
-rounding) are the same model, ``one`` (one element changed) and ``all`` (every element changed by ~1%)
-are not. A tool's row is ``right`` when its verdict matches, so the table shows speed and correctness
+rounding) are the same model, ``one`` (one element changed), ``all`` (every element changed by ~1%) and
+``perm`` (every q_proj's rows in another order) are not. A tool's row is ``right`` when its verdict matches, so the table shows speed and correctness
 side by side. Every run is a fresh process (start-up included: that is what a user waits for), the page
 cache warm; the row is the median wall of ``--repeat`` runs and the highest peak RssAnon.
 
-    python bench/bench_peers.py [--sizes 1] [--cases copy,one,all,cast] [--repeat 3] [--dir DIR] [--keep]
+    python bench/bench_peers.py [--sizes 1] [--cases copy,one,all,cast,perm] [--repeat 3] [--dir DIR] [--keep]
 
 The pairs are made as in bench_compare.py (generated bf16 Llama-shaped HF directories).
 """
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_compare import MAIN, make_b  # noqa: E402
 from common import big_hf_tensors, child_peak_rss_anon, ensure_space, human, sized_config  # noqa: E402
 
-SAME = {"copy": True, "cast": True, "one": False, "all": False}
+SAME = {"copy": True, "cast": True, "one": False, "all": False, "perm": False}
 
 LOAD_FILE = r"""
 import sys, torch

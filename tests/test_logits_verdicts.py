@@ -196,3 +196,19 @@ def test_bug_classes_fail_in_quantized_files(gold, tmp_path, enc):
             m.edit(st, {}, CFG)
         r = compare_logits(a, encoded(st, CFG.to_hf(), enc, tmp_path / str(i)), **RUN)
         assert not r.equivalent, (m.name if m else "gate/up swapped", enc, r.summary())
+
+
+@pytest.mark.parametrize("where", ["A", "B"])
+def test_non_finite_logits_fail_and_say_so(gold, tmp_path, where):
+    """A NaN in the weights (an e4m3 byte read as e5m2 can decode to one) makes its forward pass NaN: the
+    verdict fails in both argument orders and the summary names non-finite logits instead of a NaN limit."""
+    st, a = gold
+    bad = dict(st)
+    w = st[L0 + "mlp.down_proj.weight"].clone()
+    w[3, 5] = float("nan")
+    bad[L0 + "mlp.down_proj.weight"] = w
+    b = encoded(bad, CFG.to_hf(), "bfloat16", tmp_path / "nan")
+    x, y = (a, b) if where == "B" else (b, a)
+    r = compare_logits(x, y, **RUN)
+    assert not r.passed and not r.equivalent and r.verdict() == "differ"
+    assert "non-finite logits" in r.summary() and "limit nan" not in r.summary()

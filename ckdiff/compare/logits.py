@@ -15,6 +15,8 @@ decides, and is named.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -91,6 +93,10 @@ class LogitsResult:
             return f"max per-token KL {self.max_kl:.3g} (threshold {self.threshold:.3g})"
         rel = ">" if sig["ratio"] > 1 else "<="
         f1 = self.noise_floor.get("top1_agreement")
+        if not all(math.isfinite(float(sig[k])) for k in ("observed", "limit")):
+            return (f"non-finite logits: {sig['signal']} {sig['observed']:.3g} against limit {sig['limit']:.3g} "
+                    f"(noise floor {sig['floor']:.3g}): a forward pass gave NaN or Inf, which no limit passes; "
+                    f"top-1 {self.top1_agreement:.3f}")
         if self.passed and not self.informative:
             return (f"inconclusive: {self.noise_floor.get('encoding')} alone keeps top-1 {f1:.3f} of the predictions "
                     f"at these prompts (a logit check needs >= {MIN_FLOOR_TOP1}); it cannot tell a bug from the "
@@ -280,7 +286,10 @@ def compare_logits(a: Checkpoint, b: Checkpoint, batch: int = 4, length: int = 4
     encoded_ref = None if cm is None else {"mean_kl": cm.mean_kl, "max_kl": cm.max_kl,
                                            "top1_agreement": cm.top1_agreement, "layer_rel_errors": rels[-1]}
     signals = noise.judge(prof, observed, floor, threshold, encoded_ref)
-    worst = max(signals, key=lambda r: r["ratio"])
+    # a NaN ratio sorts nowhere: a signal whose numbers are not finite decides, and fails
+    finite = [r for r in signals if all(math.isfinite(float(r[k])) for k in ("observed", "limit", "ratio"))]
+    worst = max(finite, key=lambda r: r["ratio"]) if len(finite) == len(signals) else \
+        next(r for r in signals if r not in finite)
     first_div = noise.first_divergent(prof, rel_errors, floor.layer_rel_errors)
     if progress is not None and hasattr(progress, "stop"):
         progress.stop()
@@ -318,7 +327,8 @@ def compare_logits(a: Checkpoint, b: Checkpoint, batch: int = 4, length: int = 4
         token_kl=[[float(f"{x:.4g}") for x in row] for row in m.kl.tolist()], worst_topk=worst_topk,
         p99_kl=observed["p99_kl"], profile=prof.name, kl_reference=ref_side,
         encodings={"A": ea.describe(), "B": eb.describe()}, noise_floor=asdict(floor), signals=signals,
-        deciding_signal=worst["signal"], passed=worst["ratio"] <= 1.0, from_encoded_reference=encoded_ref,
+        deciding_signal=worst["signal"], passed=len(finite) == len(signals) and worst["ratio"] <= 1.0,
+        from_encoded_reference=encoded_ref,
         informative=floor.top1_agreement >= MIN_FLOOR_TOP1)
 
 
