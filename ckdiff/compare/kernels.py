@@ -30,6 +30,27 @@ import torch
 numba.config.THREADING_LAYER = "workqueue"
 from numba import njit, prange  # noqa: E402
 
+
+def _load_numba_registries() -> None:
+    """Load numba's CPU registries now, without scipy.linalg. The first compiled function numba loads
+    imports its numpy implementations, one of which probes for BLAS by importing scipy.linalg (~0.2 s of a
+    compare's start-up); these kernels call no BLAS routine. The probe then finds no BLAS (numba's own
+    ``np.dot`` and ``np.linalg`` stay unavailable to jitted code in this process) and scipy.linalg imports
+    normally for anyone else afterwards."""
+    import sys
+    blocked = "scipy.linalg" not in sys.modules
+    if blocked:
+        sys.modules["scipy.linalg"] = None  # an import of it raises ImportError while this is set
+    try:
+        from numba.core.registry import cpu_target
+        cpu_target.target_context.refresh()
+    finally:
+        if blocked and sys.modules.get("scipy.linalg", 0) is None:
+            del sys.modules["scipy.linalg"]
+
+
+_load_numba_registries()
+
 BLOCK = 2048
 SBLOCK = 512  # the scaled kernel's block: its six float64 buffers stay in a core's L1 cache
 _BIG = 1.7976931348623157e308
