@@ -6,6 +6,7 @@ case at a time, a B that is
   one      a copy with one element changed
   all      every element changed slightly (x * (1 + 1e-2 * noise), a fine-tune or a numerics change)
   cast     every tensor cast bf16 -> fp16
+  perm     every q_proj's rows in another order (a rotary permutation applied to q and not k)
   int8     A converted to JetStream int8 per-channel (float vs quantized, across layouts)
   megatron A converted to Megatron-LLM TP=2 (across layouts)
 and runs the command line `ckdiff A B -q` in a fresh process. Figures per row: wall time, the
