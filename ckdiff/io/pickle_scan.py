@@ -24,6 +24,7 @@ import numpy as np
 
 # Result codes (index into MESSAGES); 0 is success.
 OK, TRUNCATED, BAD_OPCODE, UNDERFLOW, MEMO_ORDER, MEMO_MISSING, TOO_DEEP, BUILD_GLOBAL, BAD_TEXT, NO_MARK = range(10)
+GROW = 10  # not an error: the scan stopped for larger arrays and resumes from ``state``
 MESSAGES = {
     TRUNCATED: "it ends inside an opcode or its operand, or before its STOP",
     BAD_OPCODE: "an opcode that has no place in a checkpoint (INST, OBJ, EXT, out-of-band buffers or an unknown byte)",
@@ -45,7 +46,7 @@ _LIST, _DICT, _SET, _TUPLE = 56, 64, 216, 40
 _OBJECT = 216  # the result of a REDUCE or NEWOBJ: an instance (slots or a small dict), a set, a dtype
 
 
-def _scan(buf, start, end, max_depth, remap, out):
+def _scan(buf, start, end, max_depth, remap, out, dep, glo, mdep, mglo, mref, marks, state):
     """Scan the pickle at ``buf[start:end]``. Returns (code, position, stop, opcodes, bytes, referenced,
     written): ``code`` 0 and ``stop`` the offset just past STOP on success, otherwise the error code
     and the offset of the opcode at fault; ``referenced[i]`` is 1 where memo entry ``i`` is read back.
@@ -53,43 +54,23 @@ def _scan(buf, start, end, max_depth, remap, out):
     With a non-empty ``out`` the scan also writes the pickle again into ``out`` (``written`` bytes)
     without its frames and without the memo stores nothing reads back (``remap[i]``: the new index
     of entry ``i``, -1 to drop it): the unpickler's memo then keeps alive only what is shared, not
-    every state dict and argument tuple it has built."""
-    dep = np.zeros(1024, dtype=np.int32)  # the abstract stack: nesting depth of each slot
-    glo = np.zeros(1024, dtype=np.uint8)  # 1: the slot holds a global (GLOBAL/STACK_GLOBAL)
-    mdep = np.zeros(1024, dtype=np.int32)  # the memo, same two facts
-    mglo = np.zeros(1024, dtype=np.uint8)
-    marks = np.zeros(64, dtype=np.int64)  # stack heights at each open MARK
-    mref = np.zeros(1024, dtype=np.uint8)  # memo entries read back by a GET
+    every state dict and argument tuple it has built.
+
+    The abstract stack (``dep`` depth, ``glo`` is-global), the memo (``mdep``, ``mglo``, ``mref``) and the
+    MARK heights (``marks``) are the caller's arrays, never reallocated here (a compiled loop that
+    reassigns arrays pays reference counting on every opcode: 6x slower): when one is full the scan
+    saves its place in ``state`` (position, stack height, memo size, marks, opcodes, bytes, written) and
+    returns GROW; ``_run`` enlarges it and calls again."""
     rewrite = out.shape[0] > 0
-    o = 0
-    sp = 0
-    nmarks = 0
-    nmemo = 0
-    ops = 0
-    est = 0
-    pos = start
+    pos, sp, nmemo, nmarks, ops, est, o = state[0], state[1], state[2], state[3], state[4], state[5], state[6]
     while pos < end:
+        if sp + 2 >= dep.shape[0] or nmemo + 1 >= mdep.shape[0] or nmarks + 1 >= marks.shape[0]:
+            state[0], state[1], state[2], state[3], state[4], state[5], state[6] = pos, sp, nmemo, nmarks, ops, est, o
+            return GROW, pos, 0, ops, est, mref[:nmemo], o
         at = pos
         op = np.int64(buf[pos])
         pos += 1
         ops += 1
-        if sp + 2 >= dep.shape[0]:  # room for this opcode's push
-            d2 = np.zeros(dep.shape[0] * 2, dtype=np.int32)
-            d2[:sp] = dep[:sp]
-            dep = d2
-            g2 = np.zeros(glo.shape[0] * 2, dtype=np.uint8)
-            g2[:sp] = glo[:sp]
-            glo = g2
-        if nmemo + 1 >= mdep.shape[0]:  # room for a memo store
-            m2 = np.zeros(mdep.shape[0] * 2, dtype=np.int32)
-            m2[:nmemo] = mdep[:nmemo]
-            mdep = m2
-            h2 = np.zeros(mglo.shape[0] * 2, dtype=np.uint8)
-            h2[:nmemo] = mglo[:nmemo]
-            mglo = h2
-            r2 = np.zeros(mref.shape[0] * 2, dtype=np.uint8)
-            r2[:nmemo] = mref[:nmemo]
-            mref = r2
         base = marks[nmarks - 1] if nmarks > 0 else 0
         push = -1  # depth of the slot pushed by this opcode, if any
         copy = True  # rewriting: the opcode goes to ``out`` as it is
@@ -112,10 +93,6 @@ def _scan(buf, start, end, max_depth, remap, out):
                 return TRUNCATED, at, 0, ops, est, mref[:nmemo], o
             pos += 1
         elif op == 0x28:  # MARK
-            if nmarks + 1 >= marks.shape[0]:
-                k2 = np.zeros(marks.shape[0] * 2, dtype=np.int64)
-                k2[:nmarks] = marks[:nmarks]
-                marks = k2
             marks[nmarks] = sp
             nmarks += 1
         elif op == 0x4E or op == 0x88 or op == 0x89:  # NONE, NEWTRUE, NEWFALSE
@@ -421,11 +398,33 @@ _EMPTY = np.zeros(0, dtype=np.uint8)
 def _run(buf, start, end, max_depth, remap, out):
     global _COMPILED
     if end - start <= COMPILE_ABOVE:
-        return _scan(buf, start, end, max_depth, remap, out)
-    if _COMPILED is None:
-        import numba
-        _COMPILED = numba.njit(cache=True, nogil=True)(_scan)
-    return _COMPILED(buf, start, end, max_depth, remap, out)
+        fn = _scan
+    else:
+        if _COMPILED is None:
+            import numba
+            _COMPILED = numba.njit(cache=True, nogil=True)(_scan)
+        fn = _COMPILED
+    dep, glo = np.zeros(1 << 12, dtype=np.int32), np.zeros(1 << 12, dtype=np.uint8)
+    mdep, mglo, mref = np.zeros(1 << 12, dtype=np.int32), np.zeros(1 << 12, dtype=np.uint8), np.zeros(1 << 12, dtype=np.uint8)
+    marks = np.zeros(1 << 8, dtype=np.int64)
+    state = np.array([start, 0, 0, 0, 0, 0, 0], dtype=np.int64)
+    while True:
+        res = fn(buf, start, end, max_depth, remap, out, dep, glo, mdep, mglo, mref, marks, state)
+        if res[0] != GROW:
+            return res
+        sp, nmemo, nmarks = int(state[1]), int(state[2]), int(state[3])
+        if sp + 2 >= dep.shape[0]:
+            dep, glo = _doubled(dep, sp), _doubled(glo, sp)
+        if nmemo + 1 >= mdep.shape[0]:
+            mdep, mglo, mref = _doubled(mdep, nmemo), _doubled(mglo, nmemo), _doubled(mref, nmemo)
+        if nmarks + 1 >= marks.shape[0]:
+            marks = _doubled(marks, nmarks)
+
+
+def _doubled(a: np.ndarray, used: int) -> np.ndarray:
+    b = np.zeros(a.shape[0] * 2, dtype=a.dtype)
+    b[:used] = a[:used]
+    return b
 
 
 def scan(buf: np.ndarray, start: int, end: int, max_depth: int):
@@ -439,6 +438,7 @@ def scan_and_prune(buf: np.ndarray, max_depth: int):
     stores nothing reads back: (code, position, stop, opcodes, bytes, pruned bytes or None)."""
     res = _run(buf, 0, len(buf), max_depth, _NONE, _EMPTY)
     code, at, stop, ops, est, ref, _ = res
+    ref = ref.copy()  # a view of the scan's own memo array
     if code:
         return code, at, stop, ops, est, None
     remap = np.where(ref == 1, np.cumsum(ref, dtype=np.int64) - 1, -1)
