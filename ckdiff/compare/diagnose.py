@@ -497,6 +497,18 @@ def _whole_tensor(name: str, a: torch.Tensor, b: torch.Tensor, r: TensorResult, 
     tol = (r.atol or 0.0, r.rtol or 0.0)
     if a.dim() == 2 and a.shape[0] == a.shape[1] and _eq(a.T, b, *tol):
         return "transposed: B == A^T"
+    # whole rows (or columns) moved first: one hash of each row finds it (~0.02 s for 4M elements), while
+    # each TP-shard hypothesis below builds a full candidate (~0.007 s apiece, six of them)
+    if a.dim() == 2 and a.numel() <= HASH_NUMEL and time.perf_counter() <= deadline:
+        perm = _row_perm(a, b)
+        if perm is not None and perm != list(range(len(perm))):
+            ctx.perms[(name, "rows")] = perm
+            return _describe_perm(perm, "rows")
+        if a.shape[1] > 1:
+            perm = _row_perm(a.T.contiguous(), b.T.contiguous())
+            if perm is not None and perm != list(range(len(perm))):
+                ctx.perms[(name, "cols")] = perm
+                return _describe_perm(perm, "columns")
     if a.dim() == 2:
         for s in (2, 4, 8):
             for ax in (0, 1):
@@ -511,16 +523,6 @@ def _whole_tensor(name: str, a: torch.Tensor, b: torch.Tensor, r: TensorResult, 
                 if _eq(torch.cat(parts, 1 - ax).reshape(a.shape), b, *tol):
                     return (f"TP shards concatenated on the wrong axis: {s} shards along dim {ax} were concatenated "
                             f"along dim {1 - ax} and reshaped to {list(a.shape)}")
-    if a.dim() == 2 and a.numel() <= HASH_NUMEL and time.perf_counter() <= deadline:
-        perm = _row_perm(a, b)
-        if perm is not None and perm != list(range(len(perm))):
-            ctx.perms[(name, "rows")] = perm
-            return _describe_perm(perm, "rows")
-        if a.shape[1] > 1:
-            perm = _row_perm(a.T.contiguous(), b.T.contiguous())
-            if perm is not None and perm != list(range(len(perm))):
-                ctx.perms[(name, "cols")] = perm
-                return _describe_perm(perm, "columns")
     return None
 
 
