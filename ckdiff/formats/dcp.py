@@ -22,6 +22,8 @@ chunks that intersect the requested range.
 from __future__ import annotations
 
 import math
+import os
+import struct
 from pathlib import Path
 
 import torch
@@ -78,13 +80,87 @@ def read_range(file: Path, offset: int, length: int, transforms=()) -> bytes:
     return data
 
 
+# Archive layouts already read through the torch policy: a checkpoint's chunks of one shape and dtype are
+# archives laid out alike (the same data.pkl, the same records at the same places), so the element
+# offset and strides found for the first hold for every archive of the same layout.
+_LAYOUTS: dict = {}
+_MAX_LAYOUTS = 1 << 12
+_CD_ENTRY = struct.Struct("<4s6H3I5H2I")  # a zip central-directory entry (46 bytes)
+
+
+def _archive_layout(c: "_Chunk", dtype):
+    """A key naming everything the torch-policy read of the chunk's archive depends on, read from its zip
+    directory without unpickling: the chunk's shape and dtype, data.pkl's bytes, every record's name,
+    method, sizes and place (and the CRC of its byteorder record), the data records' local
+    header lengths. None where the archive is not laid out as torch.save writes it (the directory right
+    before its end records, no comment, no zip64 sizes): the full read then decides."""
+    try:
+        with open_input(c.file) as f:
+            fd = f.fileno()
+            tail = os.pread(fd, min(c.length, 8192), c.offset + c.length - min(c.length, 8192))
+            if len(tail) < 22 or tail[-22:-18] != b"PK\x05\x06" or tail[-2:] != b"\x00\x00":
+                return None
+            n, size, at = struct.unpack("<HII", tail[-12:-2])
+            gap = c.length - 22 - (at + size)  # torch writes zip64 end records (56 + 20 bytes) between them
+            if gap not in (0, 76) or (gap and tail[-98:-94] != b"PK\x06\x06") or size + 22 + gap > len(tail):
+                return None
+            end = len(tail) - 22 - gap
+            cd, pos, entries, pkl, data = tail[end - size:end], 0, [], None, []
+            for _ in range(n):
+                e = _CD_ENTRY.unpack_from(cd, pos)
+                if e[0] != b"PK\x01\x02":
+                    return None
+                name = cd[pos + 46:pos + 46 + e[10]]
+                crc, csize, usize, lho = e[7], e[8], e[9], e[16]
+                if 0xFFFFFFFF in (csize, usize, lho) or lho + 30 > at:
+                    return None
+                is_data = b"/data/" in name
+                # the byteorder record is the one other record the full read looks into (serialization_id
+                # and the version records differ from save to save and are not read)
+                entries.append((name, e[4], csize, usize, lho, crc if name.endswith(b"/byteorder") else None))
+                if name.endswith(b"data.pkl"):
+                    pkl = (lho, usize)
+                elif is_data:
+                    data.append(lho)
+                pos += 46 + e[10] + e[11] + e[12]
+            if pkl is None or pkl[1] > 1 << 20:
+                return None
+            heads = []
+            for lho in [pkl[0], *data]:
+                h = os.pread(fd, 30, c.offset + lho)
+                if len(h) != 30 or h[:4] != b"PK\x03\x04":
+                    return None
+                heads.append(struct.unpack("<HH", h[26:30]))
+            start = c.offset + pkl[0] + 30 + sum(heads[0])
+            body = os.pread(fd, pkl[1], start)
+            if len(body) != pkl[1]:
+                return None
+    except (OSError, struct.error):
+        return None
+    return (c.sizes, str(dtype), c.length, body, tuple(entries), tuple(heads))
+
+
 def _locate(c: "_Chunk", name: str, dtype):
     """(absolute byte offset of the chunk's first element, element strides): the chunk's archive is
-    read under the torch policy (io/unpickle.py), which maps its storage and checks its layout."""
+    read under the torch policy (io/unpickle.py), which maps its storage and checks its layout; an
+    archive laid out like one read before (``_archive_layout``) reuses what that read found."""
     from ckdiff.io.unpickle import load_torch
     if c.transforms:
         raise InputError(c.file, f"DCP stream transform {list(c.transforms)} is not supported (only "
                                  "untransformed torch.save chunks are read)")
+    key = _archive_layout(c, dtype)
+    hit = _LAYOUTS.get(key) if key is not None else None
+    if hit is not None:
+        return c.offset + hit[0], hit[1]
+    found = _locate_read(c, name, dtype, load_torch)
+    if key is not None:
+        if len(_LAYOUTS) >= _MAX_LAYOUTS:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = (found[0] - c.offset, found[1])
+    return found
+
+
+def _locate_read(c: "_Chunk", name: str, dtype, load_torch):
     t = load_torch(c.file, (c.offset, c.length), f"chunk of {name!r} at offset {c.offset}")
     if not isinstance(t, torch.Tensor) or tuple(t.shape) != c.sizes or t.dtype != dtype:
         got = f"{list(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
