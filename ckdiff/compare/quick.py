@@ -14,6 +14,7 @@ encodings, read as views there), file metadata other than ``{"format": "pt"}``, 
 """
 from __future__ import annotations
 
+import math
 import mmap
 from pathlib import Path
 from typing import Optional
@@ -69,7 +70,7 @@ def identical_safetensors(a: str, b: str) -> Optional[CompareResult]:
         return None
     rows = []
     for n, (dt, shape, _, _) in ea.items():  # the fields compare/tensor.py sets on a bit-exact pair
-        numel = _numel(shape)
+        numel = math.prod(shape)
         rows.append(TensorResult(n, Status.EQUAL, shape_a=shape, shape_b=shape, dtype_a=dt.name, dtype_b=dt.name,
                                  bit_exact=True, numel=numel, cosine=1.0 if numel else None, atol=0.0, rtol=0.0,
                                  tol_source="exact"))
@@ -78,13 +79,6 @@ def identical_safetensors(a: str, b: str) -> Optional[CompareResult]:
     return CompareResult(str(pa), str(pb), "file", "file", rows, config_diff=[], config_findings=[], warnings=[],
                          strict=False, options={"atol": None, "rtol": None, "only": [], "ignore": [], "patterns": []},
                          notes=[], mapping=[], coverage={"A": dict(side), "B": dict(side)})
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _bytes_equal(pa, pb, ea, eb, sa, sb) -> bool:

@@ -240,8 +240,7 @@ def load(data: bytes, resolve, max_depth: int):
     if ops > MAX_OPS:
         raise ValueError(f"{ops} opcodes, more than the {MAX_OPS} a checkpoint's metadata needs")
     _Pending.count = 0
-    u = FastUnpickler(pruned, resolve)
-    u._proto = data[1] if data[:1] == b"\x80" and len(data) > 1 else 0
+    u = FastUnpickler(pruned, resolve)  # the pruned pickle keeps its PROTO opcode first
     enabled = gc.isenabled()
     gc.disable()  # ~10^7 new containers would start a collection every few hundred: none can form a cycle
     try:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import enum
 import io
 import math
 import pathlib
@@ -216,7 +215,6 @@ class Policy:
     what: str
     allowed: dict
     opaque: tuple = ()
-    extra_fields: dict = dataclasses.field(default_factory=dict)  # class -> {attribute: type} set beyond its fields
     slims: dict = dataclasses.field(default_factory=dict)  # dataclass -> its slim stand-in (io/dcp_pickle.py)
 
 
@@ -285,7 +283,7 @@ def _dcp_policy() -> Policy:
     slims = slim_classes(classes, extra)
     ok = {k: slims.get(v, v) if isinstance(v, type) else v for k, v in ok.items()}
     ok[("torch", "Size")] = _size
-    return Policy("DCP metadata", ok, opaque=("megatron.core.dist_checkpointing",), extra_fields=extra, slims=slims)
+    return Policy("DCP metadata", ok, opaque=("megatron.core.dist_checkpointing",), slims=slims)
 
 
 _POLICIES: dict = {}

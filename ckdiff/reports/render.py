@@ -64,41 +64,24 @@ def bounded_result(res) -> dict:
     import heapq
     from ckdiff.compare.status import is_ok
     d = res.to_dict(tensors=False)
-    bad_heap, good, n_bad, n_good = [], [], 0, 0
-    for i, t in enumerate(res.tensor_dicts()):
-        if is_ok(t["status"]):
-            n_good += 1
-            if len(good) < REPORT_ROWS:
-                good.append(t)
-            continue
-        n_bad += 1
-        key = _Worst(worst_first_key(t), i)
-        if len(bad_heap) < REPORT_ROWS:
-            heapq.heappush(bad_heap, (key, t))
-        elif bad_heap[0][0] < key:  # the heap's top is its least bad row: the new one is worse, keep it
-            heapq.heapreplace(bad_heap, (key, t))
-    bad = [t for _, t in sorted(bad_heap, key=lambda kt: kt[0], reverse=True)]
+    good, n_bad, n_good = [], 0, 0
+
+    def mismatching():  # the rows streamed once: matching ones kept while room is left, both counted
+        nonlocal n_bad, n_good
+        for i, t in enumerate(res.tensor_dicts()):
+            if is_ok(t["status"]):
+                n_good += 1
+                if len(good) < REPORT_ROWS:
+                    good.append(t)
+            else:
+                n_bad += 1
+                yield i, t
+    bad = [t for _, t in heapq.nsmallest(REPORT_ROWS, mismatching(), key=lambda it: (worst_first_key(it[1]), it[0]))]
     rows = bad + good[:max(0, REPORT_ROWS - len(bad))]
     d["tensors"] = rows
     if n_bad + n_good > len(rows):
         d["tensors_omitted"] = {"mismatching": n_bad - len(bad), "matching": n_good - (len(rows) - len(bad))}
     return d
-
-
-class _Worst:
-    """A heap key that inverts worst-first order: the heap's top is the least bad row kept."""
-    __slots__ = ("k", "i")
-
-    def __init__(self, k, i):
-        self.k, self.i = k, i
-
-    def __lt__(self, other):
-        return (self.k, self.i) > (other.k, other.i)
-
-    def __eq__(self, other):
-        return (self.k, self.i) == (other.k, other.i)
-
-    __hash__ = None
 
 
 def omitted_text(d: dict) -> str:
