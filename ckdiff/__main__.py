@@ -1,6 +1,4 @@
 """``python3 -m ckdiff``: the same as the ``ckdiff`` command."""
-import sys
+from ckdiff.cli import run
 
-from ckdiff.commands import main
-
-sys.exit(main())
+run()

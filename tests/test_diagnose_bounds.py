@@ -58,3 +58,38 @@ def test_a_scale_at_the_edge_of_the_element_tolerance_is_not_ruled_out():
     b = a * 1.7 * (1 + 0.0019 * sign)
     assert _scale_offset(a, b, "t").startswith("scaled")
     assert _may_scale_or_offset(_result(a, b), EagerTensor("t", a), EagerTensor("t", b))
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), rows=st.integers(2, 40), cols=st.integers(1, 40),
+       distinct=st.integers(1, 40), permute=st.booleans(), change=st.booleans(),
+       dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.int8]))
+def test_hashed_row_permutation_agrees_with_matching_the_bytes(seed, rows, cols, distinct, permute, change, dtype):
+    # rows drawn from a few distinct ones (duplicates pair in order), every row width (8-, 4-, 2-, 1-byte words)
+    from ckdiff.compare.diagnose import _row_perm, _row_perm_exact
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(distinct, cols, generator=g) * 50).to(dtype)
+    a = base[torch.randint(0, distinct, (rows,), generator=g)]
+    b = a[torch.randperm(rows, generator=g)] if permute else a.clone()
+    if change:
+        b[rows // 2, cols // 2] += 1
+    ua = a.contiguous().view(torch.uint8).numpy().reshape(rows, -1)
+    ub = b.contiguous().view(torch.uint8).numpy().reshape(rows, -1)
+    want = _row_perm_exact(ua, ub)
+    assert _row_perm(a, b) == want
+    if want is not None:
+        assert torch.equal(a[want].view(torch.uint8), b.view(torch.uint8))
+
+
+def test_rows_whose_keys_collide_are_matched_on_their_bytes():
+    # two different rows with one key: word w0 * m0 == w1 * m1 (mod 2^64) is arranged by hand
+    import numpy as np
+    from ckdiff.compare import diagnose
+    m0, m1 = int(diagnose._HASH_MUL[0]), int(diagnose._HASH_MUL[1])
+    x = np.array([[1, 0], [0, 0]], np.uint64)
+    y = np.array([[0, (m0 * pow(m1, -1, 1 << 64)) % (1 << 64)], [0, 0]], np.uint64)  # key(y row 0) == key(x row 0)
+    ka, kb = diagnose._row_keys(x.view(np.uint8)), diagnose._row_keys(y.view(np.uint8))
+    assert ka[0] == kb[0] and not np.array_equal(x[0], y[0])
+    a = torch.from_numpy(np.concatenate([x, y]).view(np.int64))  # rows X, 0, Y, 0
+    b = a[[2, 1, 0, 3]]
+    assert diagnose._row_perm(a, b) == [2, 1, 0, 3]

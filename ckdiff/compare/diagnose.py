@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Optional
 
+import numpy as np
 import torch
 
 from ckdiff.tensor.lazy import Checkpoint, LazyTensor
@@ -134,12 +135,46 @@ def _index_map(fn, n: int) -> torch.Tensor:
     return fn(torch.arange(n).unsqueeze(1)).squeeze(1)
 
 
+# fixed odd multipliers of the row hash below (any odd values serve; fixed so a run repeats exactly)
+_HASH_MUL = np.random.default_rng(0x636B64).integers(0, 1 << 63, 1 << 16, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+
+
+def _row_keys(u: np.ndarray) -> np.ndarray:
+    """One 64-bit key per row of a 2-D uint8 array: its bytes read as words, each times a fixed odd
+    multiplier, summed modulo 2^64. Equal rows get equal keys; distinct rows rarely collide, and a caller
+    confirms any match on the bytes."""
+    w = u.shape[1]
+    size = next(s for s in (8, 4, 2, 1) if w % s == 0)
+    words = u.view(np.dtype(f"<u{size}")).astype(np.uint64, copy=False)
+    n = words.shape[1]
+    mul = _HASH_MUL[:n] if n <= len(_HASH_MUL) else np.resize(_HASH_MUL, n)
+    with np.errstate(over="ignore"):
+        return (words * mul).sum(axis=1, dtype=np.uint64)
+
+
 def _row_perm(a: torch.Tensor, b: torch.Tensor):
-    """If b's rows are a permutation of a's rows, the source row for each row of b."""
-    if a.dim() != 2 or a.shape[0] < 2:
+    """If b's rows are a permutation of a's rows, the source row for each row of b (equal rows are taken
+    in order: the k-th copy in b comes from the k-th copy in a)."""
+    if a.dim() != 2 or a.shape[0] < 2 or a.shape != b.shape or a.dtype != b.dtype:
         return None
-    ka = [bytes(r.contiguous().view(torch.uint8).numpy()) for r in a]
-    kb = [bytes(r.contiguous().view(torch.uint8).numpy()) for r in b]
+    rows = a.shape[0]
+    ua = a.contiguous().view(torch.uint8).numpy().reshape(rows, -1)
+    ub = b.contiguous().view(torch.uint8).numpy().reshape(rows, -1)
+    if ua.shape[1] == 0:
+        return None
+    ka, kb = _row_keys(ua), _row_keys(ub)
+    oa, ob = np.argsort(ka, kind="stable"), np.argsort(kb, kind="stable")
+    if not np.array_equal(ka[oa], kb[ob]):
+        return None  # different multisets of keys: different multisets of rows
+    perm = np.empty(rows, np.int64)
+    perm[ob] = oa
+    if np.array_equal(ua[perm], ub):
+        return perm.tolist()
+    return _row_perm_exact(ua, ub)  # two distinct rows share a key: match on the bytes themselves
+
+
+def _row_perm_exact(ua: np.ndarray, ub: np.ndarray):
+    ka, kb = [r.tobytes() for r in ua], [r.tobytes() for r in ub]
     if sorted(ka) != sorted(kb):
         return None
     where: dict = {}
@@ -187,6 +222,15 @@ class _Ctx:
     perms: dict = field(default_factory=dict)  # (name, "rows"|"cols") -> permutation list
     sample_cache: dict = field(default_factory=dict)
     rotary: set = field(default_factory=set)  # tensors whose diagnosis is a rotary permutation
+    maps: dict = field(default_factory=dict)  # (builder, rows, unit) -> the row maps to try, built once per shape
+
+    def row_maps(self, build, rows: int, *unit) -> list:
+        """``build(rows, config, *unit)``, made once per checkpoint pair: every layer's tensor of one kind
+        tries the same maps (nine q_proj tensors: 28 -> 3 ms)."""
+        key = (build, rows, unit)
+        if key not in self.maps:
+            self.maps[key] = build(rows, self.config, *unit)
+        return self.maps[key]
 
 
 class _Side:
@@ -468,13 +512,14 @@ def _try_maps(label_prefix: str, maps, A: _Side, B: _Side, rows_idx, cols: bool,
               deadline: float, perms: Optional[dict] = None) -> Optional[Finding]:
     tol = (r.atol or 0.0, r.rtol or 0.0)
     bs = B.rows_at(rows_idx)
+    sampled = A.rows_at(rows_idx) if cols else None
     for finding, m in maps:
         if time.perf_counter() > deadline:
             return None
         if cols:
-            pred = A.rows_at(rows_idx)[:, m]
+            pred = sampled[:, m]
         else:
-            pred = A.rows_at([int(m[i]) for i in rows_idx])
+            pred = A.rows_at(m[rows_idx].tolist())
         if not _eq(pred, bs, *tol):
             continue
         # the winner, confirmed on the whole tensor when it can be loaded
@@ -625,11 +670,11 @@ def diagnose_tensor(r: TensorResult, ta: LazyTensor, tb: LazyTensor, ctx: _Ctx) 
     # 5. structural: row maps, column maps, then whole-tensor hypotheses
     found = None
     if "query_key_value" in r.name:
-        found = _try_maps("", _fused_qkv_maps(n, ctx.config), A, B, rows_idx, False, r, deadline, ctx.perms)
+        found = _try_maps("", ctx.row_maps(_fused_qkv_maps, n), A, B, rows_idx, False, r, deadline, ctx.perms)
     if not found:
-        found = _try_maps("", _row_maps(n, ctx.config), A, B, rows_idx, False, r, deadline, ctx.perms)
+        found = _try_maps("", ctx.row_maps(_row_maps, n), A, B, rows_idx, False, r, deadline, ctx.perms)
     if not found:
-        found = _try_maps("columns: ", _row_maps(ta.shape[1], ctx.config, "columns"), A, B, rows_idx, True, r,
+        found = _try_maps("columns: ", ctx.row_maps(_row_maps, ta.shape[1], "columns"), A, B, rows_idx, True, r,
                           deadline, ctx.perms)
     if found:
         text = found.text

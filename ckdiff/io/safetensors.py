@@ -12,7 +12,6 @@ import json
 import mmap
 import os
 import struct
-import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -121,9 +120,9 @@ class SafetensorsTensor(LazyTensor):
         if byte_hi == byte_lo:
             return torch.empty(shape, dtype=self.dtype)
         start = self.file.data_start + byte_lo
-        with warnings.catch_warnings():  # a read-only map: the data is never written through this view
-            warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
-            raw = torch.frombuffer(self.file.buffer(), dtype=torch.uint8, count=byte_hi - byte_lo, offset=start)
+        # the map is ACCESS_COPY, writable as torch wants (no per-view warning to silence): a write through
+        # a view would change this process's copy of the page only, never the file
+        raw = torch.frombuffer(self.file.buffer(), dtype=torch.uint8, count=byte_hi - byte_lo, offset=start)
         return raw.view(self.dtype).reshape(shape)
 
     def load(self) -> torch.Tensor:
