@@ -83,6 +83,9 @@ def main():
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep
            + os.environ.get("PYTHONPATH", "")}
     from ckdiff.io.writers import atomic_dir, write_hf
+    import compileall  # an installed ckdiff has its bytecode compiled; a checkout run under
+    # PYTHONDONTWRITEBYTECODE would otherwise compile its modules in every timed process
+    compileall.compile_dir(str(Path(__file__).resolve().parents[1] / "ckdiff"), quiet=1)
     print(f"machine: {os.cpu_count()} cores; each row: the median wall of {args.repeat} fresh processes, "
           "the highest peak RssAnon")
     print(f"{'size':>8} {'case':5} {'tool':10} {'wall':>7} {'vs ckdiff':>9} {'peak RssAnon':>13}  verdict")
