@@ -13,7 +13,7 @@ def run() -> None:
     """Run the command line and end the process at once.
 
     Python's own shutdown would walk every object torch and numba created (its final garbage collections
-    and the modules' teardown, 0.2-0.4 s after a comparison) although nothing is left to do: reports and
+    and the modules' teardown) although nothing is left to do: reports and
     converted checkpoints are complete, fsynced and renamed into place before ``main`` returns, and the
     command has joined its threads and worker processes. So the console script flushes its standard streams
     and leaves with ``os._exit``. When a stream cannot be flushed (the reader of a pipe went away) or a
