@@ -18,7 +18,14 @@ def run() -> None:
     command has joined its threads and worker processes. So the console script flushes its standard streams
     and leaves with ``os._exit``. When a stream cannot be flushed (the reader of a pipe went away) or a
     torch.distributed process group is still up (its launcher may wait on the group's own teardown), the
-    normal exit runs instead."""
+    normal exit runs instead.
+
+    Before anything imports torch, OpenMP's idle threads are told to sleep rather than spin (``OMP_WAIT_POLICY``
+    PASSIVE, unless the caller set it): libgomp's default spins after every parallel region, and on a machine
+    whose cores are all busy (a CI runner with parallel jobs) each of the diagnosis's many small torch
+    operations then waits for spinning threads the scheduler took off their cores. libgomp reads the variable
+    once, when torch loads it."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     code = main()
     leave(code)
 

@@ -55,3 +55,18 @@ def test_a_reader_that_leaves_early_gets_the_pipe_exit(tiny_hf):
     p.stdout.close()  # the reader goes away with most of the report unread
     err = p.stderr.read()
     assert p.wait(timeout=300) == 141 and b"Traceback" not in err and b"Exception ignored" not in err
+
+
+def test_openmp_threads_sleep_when_idle_unless_the_caller_says_otherwise():
+    # the console script sets OMP_WAIT_POLICY before torch (and its libgomp, which reads it once) is loaded
+    probe = ("import os, sys; import ckdiff.cli as c\n"
+             "c.main = lambda: sys.stdout.write(os.environ.get('OMP_WAIT_POLICY', '-') + ' '\n"
+             "                                  + str('torch' in sys.modules)) and 0\n"
+             "c.run()")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["PYTHONPATH"] = str(ROOT)
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, env=env, timeout=120)
+    assert (r.returncode, r.stdout) == (0, b"PASSIVE False"), r.stderr
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                       timeout=120)
+    assert (r.returncode, r.stdout) == (0, b"ACTIVE False"), r.stderr
