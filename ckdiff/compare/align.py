@@ -71,7 +71,8 @@ def _align(a: Checkpoint, b: Checkpoint) -> tuple[Checkpoint, Checkpoint, list, 
         cfg = _config(src)
         plan = Plan()
         cover: list = []
-        mapped = convert_formats(src.tensors, fsrc, fdst, cfg, src.path, plan, cover)
+        absent: dict = {}  # a target whose source this side lacks -> the missing source tensors
+        mapped = convert_formats(src.tensors, fsrc, fdst, cfg, src.path, plan, cover, absent=absent)
     except ConfigError:
         raise  # mapping across layouts needs a sound config: fatal, one line naming the file and key
     except Exception as e:  # noqa: BLE001 - unmappable: compare as is and say why
@@ -84,7 +85,7 @@ def _align(a: Checkpoint, b: Checkpoint) -> tuple[Checkpoint, Checkpoint, list, 
     mapped, pad_note = _strip_config_padding(mapped, src, fsrc.true_vocab, dst_layout, side)
     notes += pad_note
     moved = Checkpoint(src.path, f"{src.format}->{dst_layout}", mapped, src.config,
-                       {**src.meta, "cover": cover, "source_tensors": list(src.tensors)})
+                       {**src.meta, "cover": cover, "source_tensors": list(src.tensors), "absent": absent})
     return (moved, b, plan.rows, notes) if move_a else (a, moved, plan.rows, notes)
 
 
