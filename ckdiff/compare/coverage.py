@@ -43,7 +43,9 @@ def account(x0: Checkpoint, x: Checkpoint, in_results: set, consumed: set, selec
                     if j == 0:
                         dropped[k] = f"dropped by rule {p['dropped'][k]}"
                 elif k in p.get("set_aside", {}):  # the other inputs of a target whose source is missing
-                    dropped[k] = p["set_aside"][k] if j == 0 else f"(canonical view) {p['set_aside'][k]}"
+                    # a later pass names the canonical view's tensor (the side's own when that pass read it)
+                    dropped[k] = p["set_aside"][k] if j == 0 or k in x0.tensors else \
+                        f"(canonical view) {p['set_aside'][k]}"
                 else:
                     unaccounted.append(f"{k} (consumed by no rule)")
         targets = set((x.meta or {}).get("targets", x.tensors))

@@ -108,7 +108,7 @@ def _name_missing(rows: list, a: Checkpoint, b: Checkpoint, most: int = 8) -> li
         r.note = f"missing in {side}: {', '.join(origins or [r.name])}"
         for o in origins or [r.name]:
             by.setdefault((side, o), []).append(r.name if origins else None)
-    notes = [f"missing in {side}: {o}" + (f" (the mapping needs it for {', '.join(t for t in ts if t)}: reported "
+    notes = [f"missing in {side}: {o}" + (f" (the mapping needs it for {', '.join(sorted(t for t in ts if t))}: reported "
                                           "one-sided)" if any(ts) else "")
              for (side, o), ts in list(by.items())[:most]]
     if len(by) > most:

@@ -124,8 +124,8 @@ def apply(tensors: Mapping[str, LazyTensor], rules: Sequence[Rule], layers: int,
     absent from ``tensors``, each -> the tensors whose absence it stems from, e.g. an earlier pass's
     targets), such a rule is skipped: its targets are left out, its present sources are set aside, and on
     return ``absent`` holds this pass's skipped targets instead (each -> the missing tensors at the start
-    of the chain), so a comparison can name what is missing. More skipped rows than applied ones is still
-    an error: that is another model, not one missing tensor."""
+    of the chain), so a comparison can name what is missing. Tensors no rule consumes are an error either
+    way (another model, not a missing tensor)."""
     drop_re = [re.compile(p) for p in drop]
     cache = cache if cache is not None else OutputCache()
     out: dict[str, LazyTensor] = {}
@@ -135,8 +135,6 @@ def apply(tensors: Mapping[str, LazyTensor], rules: Sequence[Rule], layers: int,
     known = dict(absent or {})  # names absent from ``tensors`` -> their missing origins
     gone: dict = {}  # targets left out -> missing origins
     aside: dict = {}  # present sources of a skipped rule -> why they are set aside
-    counts = [0, 0]  # rule applications: applied, skipped
-    first_missing: list = []
     head = [r for r in rules if not r.layered]
     first_layered = next((i for i, r in enumerate(rules) if r.layered), len(rules))
     pre = [r for r in rules[:first_layered] if not r.layered]
@@ -151,15 +149,12 @@ def apply(tensors: Mapping[str, LazyTensor], rules: Sequence[Rule], layers: int,
             raise InputError(where, f"missing tensor {missing[0]!r} (needed for {dst[0]!r})")
         if missing:
             origins = list(dict.fromkeys(o for k in missing for o in known.get(k, [k])))
-            first_missing.append((origins[0], dst[0]))
-            counts[1] += 1
             for d in dst:
                 gone[d] = origins
             for k in src:
                 if k in tensors:
-                    aside[k] = f"set aside: input of {dst[0]}, which lacks {', '.join(origins)}"
+                    aside[k] = f"set aside: input of {dst[0]}, which cannot be built without the missing {', '.join(origins)}"
             return
-        counts[0] += 1
         used.update(src)
         if cover is not None:
             for k in src:
@@ -187,10 +182,6 @@ def apply(tensors: Mapping[str, LazyTensor], rules: Sequence[Rule], layers: int,
                 run(r, i)
     for r in post:
         run(r, None)
-    if counts[1] > counts[0]:
-        o, d = first_missing[0]
-        raise InputError(where, f"missing tensor {o!r} (needed for {d!r}) and {counts[1] - 1} more rows of "
-                                f"{sum(counts)} without a source: not a checkpoint of this table's model")
     unused = [k for k in tensors if k not in used and k not in aside and not any(p.search(k) for p in drop_re)]
     if cover is not None:
         cover.append({"sources": list(tensors), "uses": uses, "dropped": {

@@ -864,7 +864,7 @@ STATE_CATALOGUE = [
     StateMutation("Megatron-LLM TP rank file lacks one tensor", "Dropped tensor across layouts", "llama-gqa", None,
                   r"mp_rank_01/model_optim_rng\.pt lacks language_model\.encoder\.layers\.1\.self_attention\."
                   r"query_key_value\.weight(.|\n)*missing in B: language_model\.encoder\.layers\.1\.self_attention\."
-                  r"query_key_value\.weight \(the mapping needs it for model\.layers\.1\.self_attn\.q_proj",
+                  r"query_key_value\.weight \(the mapping needs it for model\.layers\.1\.self_attn\.k_proj",
                   target=_converted_without("hf-to-megatron", {"tp": 2}, _megatron_rank_without(
                       "layers.1.attention.query_key_value.weight", "mp_rank_01"))),
     StateMutation("Megatron-LLM converter dropped one tensor on every rank", "Dropped tensor across layouts",
