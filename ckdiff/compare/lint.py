@@ -102,8 +102,10 @@ def _coverage(ck: Checkpoint, cfg, res: LintResult) -> None:
         for o in origins:
             by.setdefault(o, []).append(target)
     for o, targets in by.items():
-        if o not in left_out:
-            res.findings.append(LintFinding("coverage", f"missing tensor {o!r} (needed for {', '.join(targets)})"))
+        if o not in left_out:  # the targets it feeds, unless it is its own (an HF source)
+            feeds = [t for t in sorted(targets) if t != o]
+            res.findings.append(LintFinding("coverage", f"missing tensor {o!r}"
+                                            + (f" (needed for {', '.join(feeds)})" if feeds else "")))
 
 
 def _incomplete(ck: Checkpoint, res: LintResult) -> None:
