@@ -6,8 +6,8 @@ targets are reported one-sided, naming the missing tensor), dropped by a named r
 non-weight pattern such as rotary caches, or a reader's skip such as Megatron-Core ``_extra_state``),
 excluded by the user (``--only`` / ``--ignore``), or present in the results (compared, or reported as
 one-sided). Anything else, and any tensor consumed by more than one rule, is *unaccounted*: the result
-lists it and is not
-equivalent. This is the check that catches the "MoE experts silently dropped" class of bug.
+lists it and is not equivalent. This is the check that catches the "MoE experts silently dropped" class
+of bug.
 """
 from __future__ import annotations
 
