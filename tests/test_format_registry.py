@@ -190,24 +190,30 @@ def test_markdown_table_cells_escape_pipes():
 
 
 def test_alignment_note_names_the_side_that_could_not_be_mapped(tiny_hf, ckdiff_golden, tmp_path):
-    """A float HF side with a missing tensor against a quantized GGUF side: the float side (A) is the one
-    mapped, so the note must name A (it named B whatever the side)."""
+    """A float HF side against a quantized GGUF side: the float side (A) is the one mapped, so the notes
+    must name A (they named B whatever the side). A missing tensor no longer stops the mapping (the target
+    it feeds is left out and named); a tensor no rule knows still does."""
     from ckdiff.compare.align import align
     from safetensors.torch import load_file, save_file
     src = tiny_hf()
-    d = tmp_path / "hf-missing"
-    d.mkdir()
-    (d / "config.json").write_text((src / "config.json").read_text())
     t = {}
     for f in sorted(src.glob("*.safetensors")):
         t.update(load_file(f))
     del t["model.layers.1.mlp.up_proj.weight"]
-    save_file(t, d / "model.safetensors")
-    a = open_checkpoint(str(d))
     b = open_checkpoint(str(ckdiff_golden("llama-gqa", "gguf-Q8_0")))
-    _, _, rows, notes = align(a, b)
-    assert not rows
-    assert len(notes) == 1 and "and A could not be mapped" in notes[0] and "B could not" not in notes[0]
+    for name, extra in (("missing", {}), ("unknown", {"model.layers.0.mlp.up_proj.bias": torch.randn(96)})):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text((src / "config.json").read_text())
+        save_file({**t, **extra}, d / "model.safetensors")
+        a2, _, rows, notes = align(open_checkpoint(str(d)), b)
+        if not extra:
+            assert rows and notes[0].startswith("A (hf) was mapped")
+            assert a2.meta["absent"] == {"blk.1.ffn_up.weight": ["model.layers.1.mlp.up_proj.weight"]}
+            continue
+        assert not rows
+        assert len(notes) == 1 and "and A could not be mapped" in notes[0] and "B could not" not in notes[0]
+        assert "model.layers.0.mlp.up_proj.bias" in notes[0]
 
 
 def test_gguf_names_get_a_per_layer_view():

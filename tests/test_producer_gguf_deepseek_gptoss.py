@@ -349,14 +349,18 @@ def test_fused_ops_round_trip():
 
 def test_shared_expert_dropped_on_the_hf_side_is_named(mla_gguf, run_cli, tmp_path):
     """An HF side that lost its shared expert (a converter back from GGUF that skips ffn_*_shexp): the mapping
-    into the GGUF layout stops at the missing tensor, named, and the verdict is DIFFER in both orders."""
+    into the GGUF layout goes on without it, the GGUF targets it feeds are one-sided rows naming the missing HF
+    tensor, and the verdict is DIFFER in both orders."""
     from safetensors.torch import load_file, save_file
     bad = tmp_path / "ds"
     shutil.copytree(mla_gguf / "ds", bad)
     st = load_file(str(bad / "model.safetensors"))
     save_file({k: v for k, v in st.items() if ".shared_experts." not in k}, str(bad / "model.safetensors"),
               metadata={"format": "pt"})
-    for a, b in ((bad, mla_gguf / "ds.f32.gguf"), (mla_gguf / "ds.f32.gguf", bad)):
+    for side, (a, b) in (("A", (bad, mla_gguf / "ds.f32.gguf")), ("B", (mla_gguf / "ds.f32.gguf", bad))):
         code, out, err = run_cli(a, b)
         assert code == 1 and out.startswith("DIFFER"), out + err
-        assert "missing tensor 'model.layers.1.mlp.shared_experts.gate_proj.weight'" in " ".join(out.split()), out
+        text = " ".join(out.split())
+        for n in ("gate", "up", "down"):
+            assert f"missing in {side}: model.layers.1.mlp.shared_experts.{n}_proj.weight" in text, out
+        assert "(3 only-" in text and "different naming" not in text, out

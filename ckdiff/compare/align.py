@@ -11,11 +11,13 @@ the layouts agree, or when the user passes ``--no-map``.
 from __future__ import annotations
 
 
+from ckdiff.errors import InputError
 from ckdiff.formats import registry
 from ckdiff.formats.layouts import convert_formats
 from ckdiff.models.config import ConfigError
 from ckdiff.tensor.lazy import Checkpoint
 from ckdiff.tensor.blockscaled import BlockScaled, through_table
+from ckdiff.text import printable
 
 
 def _config(ck: Checkpoint):
@@ -71,12 +73,16 @@ def _align(a: Checkpoint, b: Checkpoint) -> tuple[Checkpoint, Checkpoint, list, 
         cfg = _config(src)
         plan = Plan()
         cover: list = []
-        mapped = convert_formats(src.tensors, fsrc, fdst, cfg, src.path, plan, cover)
+        absent: dict = {}  # a target whose source this side lacks -> the missing source tensors
+        mapped = convert_formats(src.tensors, fsrc, fdst, cfg, src.path, plan, cover, absent=absent)
     except ConfigError:
         raise  # mapping across layouts needs a sound config: fatal, one line naming the file and key
     except Exception as e:  # noqa: BLE001 - unmappable: compare as is and say why
+        # one line; the side's own path is left out (the side is named and its path heads the report)
+        own = isinstance(e, InputError) and e.path == str(src.path)
+        why = (printable(e.problem) if own else str(e)).splitlines() or [type(e).__name__]
         return a, b, [], [f"layouts differ ({a.format} vs {b.format}) and {'A' if move_a else 'B'} could not be "
-                          f"mapped: {str(e).splitlines()[0][:200]}"]
+                          f"mapped: {why[0][:300]}"]
     mapped = through_table(mapped)  # an encoded side that moves keeps its own scales
     side = "A" if move_a else "B"
     notes = [f"{side} ({src.format}) was mapped into the {dst_layout} layout of "
@@ -84,7 +90,7 @@ def _align(a: Checkpoint, b: Checkpoint) -> tuple[Checkpoint, Checkpoint, list, 
     mapped, pad_note = _strip_config_padding(mapped, src, fsrc.true_vocab, dst_layout, side)
     notes += pad_note
     moved = Checkpoint(src.path, f"{src.format}->{dst_layout}", mapped, src.config,
-                       {**src.meta, "cover": cover, "source_tensors": list(src.tensors)})
+                       {**src.meta, "cover": cover, "source_tensors": list(src.tensors), "absent": absent})
     return (moved, b, plan.rows, notes) if move_a else (a, moved, plan.rows, notes)
 
 

@@ -1,11 +1,13 @@
 """Coverage, proved: every tensor on both sides of a comparison is accounted for.
 
 Each tensor a reader found is either consumed by exactly one rule of the layout table (when its
-side was mapped), dropped by a named rule (a layout's non-weight pattern such as rotary caches,
-or a reader's skip such as Megatron-Core ``_extra_state``), excluded by the user (``--only`` /
-``--ignore``), or present in the results (compared, or reported as one-sided). Anything else, and
-any tensor consumed by more than one rule, is *unaccounted*: the result lists it and is not
-equivalent. This is the check that catches the "MoE experts silently dropped" class of bug.
+side was mapped), set aside (an input of a rule another of whose inputs is missing: the rule's
+targets are reported one-sided, naming the missing tensor), dropped by a named rule (a layout's
+non-weight pattern such as rotary caches, or a reader's skip such as Megatron-Core ``_extra_state``),
+excluded by the user (``--only`` / ``--ignore``), or present in the results (compared, or reported as
+one-sided). Anything else, and any tensor consumed by more than one rule, is *unaccounted*: the result
+lists it and is not equivalent. This is the check that catches the "MoE experts silently dropped" class
+of bug.
 """
 from __future__ import annotations
 
@@ -40,6 +42,10 @@ def account(x0: Checkpoint, x: Checkpoint, in_results: set, consumed: set, selec
                 elif k in p["dropped"]:
                     if j == 0:
                         dropped[k] = f"dropped by rule {p['dropped'][k]}"
+                elif k in p.get("set_aside", {}):  # the other inputs of a target whose source is missing
+                    # a later pass names the canonical view's tensor (the side's own when that pass read it)
+                    dropped[k] = p["set_aside"][k] if j == 0 or k in x0.tensors else \
+                        f"(canonical view) {p['set_aside'][k]}"
                 else:
                     unaccounted.append(f"{k} (consumed by no rule)")
         targets = set((x.meta or {}).get("targets", x.tensors))

@@ -921,7 +921,8 @@ def diagnose_result(res: CompareResult, a: Checkpoint, b: Checkpoint) -> None:
         res.notes.append("equivalent reordering: some tensors differ only by a permutation applied consistently "
                          "to every tensor that uses it; the logits will agree")
     swapped = [r.name for r in res.tensors if r.status == Status.ONLY_A]
-    if swapped and any(r.status == Status.ONLY_B for r in res.tensors):
+    # after a mapping both sides are in one naming: what is one-sided is missing, each row says where
+    if swapped and any(r.status == Status.ONLY_B for r in res.tensors) and not res.mapping:
         res.notes.append("key sets differ: the two checkpoints may use different naming "
                          "(compare like with like, or convert one side first)")
 

@@ -79,6 +79,8 @@ def compare_checkpoints(a: Checkpoint, b: Checkpoint, opts: Optional[Options] = 
         done = [fn(progress=progress) for _, _, fn in jobs]
         if progress is not None and hasattr(progress, "stop"):
             progress.stop()
+    if mapping:
+        notes += _name_missing(one_sided, a, b)
     results = one_sided + done
     res = CompareResult(a.path, b.path, a.format, b.format, results,
                         config_diff=cdiff, config_findings=cfindings, warnings=cwarnings, strict=opts.strict,
@@ -92,6 +94,26 @@ def compare_checkpoints(a: Checkpoint, b: Checkpoint, opts: Optional[Options] = 
         from ckdiff.compare.diagnose import diagnose_result
         (diagnose_fn or diagnose_result)(res, a, b)
     return res
+
+
+def _name_missing(rows: list, a: Checkpoint, b: Checkpoint, most: int = 8) -> list:
+    """After a mapping, each one-sided row says which tensor the other side lacks: the missing source
+    tensor in that side's own naming where the mapping left the target out for it (the side's ``absent``,
+    compare/align.py), else the row's tensor itself. Either direction names the same missing tensor.
+    Returns the notes, one per missing tensor (the first ``most``)."""
+    by: dict = {}
+    for r in rows:
+        side, x = ("B", b) if r.status == Status.ONLY_A else ("A", a)
+        origins = ((x.meta or {}).get("absent") or {}).get(r.name)
+        r.note = f"missing in {side}: {', '.join(origins or [r.name])}"
+        for o in origins or [r.name]:
+            by.setdefault((side, o), []).append(r.name if origins else None)
+    notes = [f"missing in {side}: {o}" + (f" (the mapping needs it for {', '.join(sorted(t for t in ts if t))}: reported "
+                                          "one-sided)" if any(ts) else "")
+             for (side, o), ts in list(by.items())[:most]]
+    if len(by) > most:
+        notes.append(f"and {len(by) - most} more tensors missing (each one-sided row names its own)")
+    return notes
 
 
 def _tied(ck: Checkpoint) -> bool:

@@ -3,7 +3,8 @@
 - config: the config read and range-checked, and checked against the tensor shapes (models/config.py);
   its findings against the tensors (tie flag vs head, vocab vs embedding rows, head counts vs rows);
 - coverage: every tensor is consumed by the layout's table into canonical HF, or dropped by a named
-  rule of the layout (a tensor the family does not declare is a finding);
+  rule of the layout (a tensor the family does not declare is a finding), and every tensor the table
+  needs is there (each missing one a finding, as is one the reader left out for lack of a shard);
 - values: NaN and Inf per tensor, streamed row block by row block;
 - dtypes: weight matrices of more than one floating dtype (a partial cast); norms and vectors kept in
   a wider dtype, scales, FP8 and integer codes are not counted;
@@ -89,10 +90,31 @@ def _coverage(ck: Checkpoint, cfg, res: LintResult) -> None:
     if cfg is None or f is None or (f.layout is None and f.table is None):
         return
     cover: list = []
+    absent: dict = {}  # every missing tensor a finding, not only the first
     try:
-        convert_formats(ck.tensors, f, registry.get("hf"), cfg, ck.path, cover=cover)
+        convert_formats(ck.tensors, f, registry.get("hf"), cfg, ck.path, cover=cover, absent=absent)
     except InputError as e:
         res.findings.append(LintFinding("coverage", str(e.problem)))
+        return
+    left_out = (ck.meta or {}).get("incomplete", {})  # found by _incomplete
+    by: dict = {}
+    for target, origins in absent.items():
+        for o in origins:
+            by.setdefault(o, []).append(target)
+    for o, targets in by.items():
+        if o not in left_out:  # the targets it feeds, unless it is its own (an HF source)
+            feeds = [t for t in sorted(targets) if t != o]
+            res.findings.append(LintFinding("coverage", f"missing tensor {o!r}"
+                                            + (f" (needed for {', '.join(feeds)})" if feeds else "")))
+
+
+def _incomplete(ck: Checkpoint, res: LintResult) -> None:
+    """Tensors the reader left out for lack of a shard (a Megatron-LLM TP rank file without one)."""
+    from pathlib import Path
+    for f, problem in (ck.meta or {}).get("incomplete", {}).values():
+        if "coverage" not in res.checks:
+            res.checks.append("coverage")
+        res.findings.append(LintFinding("coverage", f"{Path(f).parent.name}/{Path(f).name} {problem}"))
 
 
 def _values(ck: Checkpoint, res: LintResult, chunk_bytes: int, progress=None) -> None:
@@ -133,6 +155,7 @@ def lint(ck: Checkpoint, chunk_bytes: int = CHUNK_BYTES, progress_factory=None) 
     """Every check on one checkpoint; a finding per problem, never an exception for a finding."""
     res = LintResult(ck.path, ck.format, len(ck.tensors))
     cfg = _config(ck, res)
+    _incomplete(ck, res)
     _coverage(ck, cfg, res)
     _dtypes(ck, res)
     total = sum(t.nbytes for t in ck.tensors.values() if t.dtype.is_floating_point)

@@ -62,8 +62,17 @@ def read_source(spec: str, cache_dir=None, trust_pickle=False, fmt=None, faults:
                 step: Optional[Step] = None):
     """Checkpoint plus its canonical config (through ``faults``' read and parse hooks when given)."""
     F = faults or NO_FAULTS
-    ck = F.on_read(open_checkpoint(spec, fmt, cache_dir, trust_pickle), step or Step("read", ""))
+    ck = F.on_read(complete(open_checkpoint(spec, fmt, cache_dir, trust_pickle)), step or Step("read", ""))
     return ck, F.on_parsed(model_config(ck))
+
+
+def complete(ck):
+    """``ck``, refused in one line when its reader left a tensor out for lack of a shard (a Megatron-LLM TP
+    rank file without it, formats/megatron_llm.py): a comparison reports that, a converter must not write
+    a model without it."""
+    for f, problem in (ck.meta or {}).get("incomplete", {}).values():
+        raise InputError(f, f"{problem}; refusing to convert an incomplete checkpoint")
+    return ck
 
 
 def _run_guarded(fn):
@@ -251,7 +260,7 @@ def jetstream_to_hf(input_checkpoint_dir, output_checkpoint_dir, *, num_output_s
     a = _NS(input_checkpoint_dir=str(input_checkpoint_dir), output_checkpoint_dir=str(output_checkpoint_dir),
             num_output_shards=num_output_shards, overwrite=overwrite, trust_pickle=trust_pickle)
     F, step = faults or NO_FAULTS, Step("jetstream-to-hf", "hf")
-    ck = F.on_read(open_checkpoint(a.input_checkpoint_dir, None, None, a.trust_pickle), step)
+    ck = F.on_read(complete(open_checkpoint(a.input_checkpoint_dir, None, None, a.trust_pickle)), step)
     if ck.format not in ("jetstream", "meta"):
         raise InputError(ck.path, f"expected a JetStream checkpoint, found {ck.format}")
     tensors = ck.tensors

@@ -193,23 +193,27 @@ def hf_drop(cfg: ModelConfig, layout: str = "hf") -> list:
 
 def convert(tensors: Mapping[str, LazyTensor], src: str, dst: str, cfg: ModelConfig,
             where: str = "input", plan: Plan | None = None, cover: list | None = None,
-            faults=None) -> dict[str, LazyTensor]:
+            faults=None, absent: dict | None = None) -> dict[str, LazyTensor]:
     """Lazy tensors of layout ``dst`` from tensors of layout ``src`` (through canonical HF).
     ``cover`` collects what each pass consumed and dropped (see table.apply); ``faults`` (tests only)
-    sees every table on its way (convert/faults.py)."""
+    sees every table on its way (convert/faults.py). With ``absent`` (a dict, for comparisons) a missing
+    source is no error: the targets it feeds are left out and ``absent`` maps each to the missing source
+    tensors (table.apply)."""
     table = hf_to if faults is None else (lambda layout, cfg: faults.on_rules(layout, cfg, hf_to(layout, cfg)))
     rules = table(dst, cfg) if dst != "hf" else None  # a layout the family lacks is refused before any work
     canon = dict(tensors)
     try:
         if src != "hf":
-            canon = apply(tensors, invert(table(src, cfg)), cfg.layers, DROP.get(src, ()), where, plan, cover)
+            canon = apply(tensors, invert(table(src, cfg)), cfg.layers, DROP.get(src, ()), where, plan, cover,
+                          absent=absent)
         else:
-            canon = apply(tensors, [R(k, k) for k in _hf_keys(cfg)], cfg.layers, hf_drop(cfg, dst), where, cover=cover)
+            canon = apply(tensors, [R(k, k) for k in _hf_keys(cfg)], cfg.layers, hf_drop(cfg, dst), where,
+                          cover=cover, absent=absent)
     except (UnmappedError, InputError) as e:  # tensors left over or missing: an undeclared model type says so
         raise undeclared_family(cfg, src, where) or e from None
     if rules is None:
         return canon
-    return apply(canon, rules, cfg.layers, (), where, plan, cover)
+    return apply(canon, rules, cfg.layers, (), where, plan, cover, absent=absent)
 
 
 def undeclared_family(cfg: ModelConfig, layout: str, where) -> Optional[InputError]:
@@ -244,15 +248,18 @@ def _hf_keys(cfg: ModelConfig) -> list:
                 keys.append(t)
     return keys
 
-def convert_formats(tensors, src: "registry.Format", dst: "registry.Format", cfg, where: str = "input", plan=None, cover=None) -> dict:
+
+def convert_formats(tensors, src: "registry.Format", dst: "registry.Format", cfg, where: str = "input", plan=None,
+                    cover=None, absent: dict | None = None) -> dict:
     """Lazy tensors in ``dst``'s layout from tensors in ``src``'s, through canonical HF: the built-in
-    layouts by ``convert``, a format's own ``table`` by the same ``apply``/``invert``."""
+    layouts by ``convert``, a format's own ``table`` by the same ``apply``/``invert``. ``absent``: as
+    for ``convert``."""
     if src.table is None and dst.table is None:
-        return convert(tensors, src.layout, dst.layout, cfg, where, plan, cover)
+        return convert(tensors, src.layout, dst.layout, cfg, where, plan, cover, absent=absent)
     if src.table is not None:
-        canon = apply(tensors, invert(src.table(cfg)), cfg.layers, src.drop, where, plan, cover)
+        canon = apply(tensors, invert(src.table(cfg)), cfg.layers, src.drop, where, plan, cover, absent=absent)
     else:
-        canon = convert(tensors, src.layout, "hf", cfg, where, plan, cover)
+        canon = convert(tensors, src.layout, "hf", cfg, where, plan, cover, absent=absent)
     if dst.table is not None:
-        return apply(canon, dst.table(cfg), cfg.layers, (), where, plan, cover)
-    return convert(canon, "hf", dst.layout, cfg, where, plan, cover)
+        return apply(canon, dst.table(cfg), cfg.layers, (), where, plan, cover, absent=absent)
+    return convert(canon, "hf", dst.layout, cfg, where, plan, cover, absent=absent)

@@ -147,18 +147,23 @@ def read_megatron(root: Path, trust_pickle: bool = False, **_) -> Checkpoint:
     L = valid_int(args.get("num_layers"))  # a bad value is named by config_from_args; here it is unused
     glu = bool(args.get("glu_activation"))
     tensors: dict[str, LazyTensor] = {}
+    incomplete: dict = {}  # a tensor some TP ranks of its stage lack -> [file lacking it, problem]
     for p in range(PP):
         per_tp = stages[p]
-        keys = list(per_tp[0])
-        for t in range(1, TP):
-            if set(per_tp[t]) != set(keys):
-                diff = sorted(set(per_tp[t]) ^ set(keys))[:2]
-                raise InputError(ranks[(t, p)], f"keys differ from TP rank 0: {diff}")
+        keys = list(dict.fromkeys(k for t in range(TP) for k in per_tp[t]))  # rank 0's order first
         local_layers = {int(m.group(1)) for k in keys for m in [re.search(r"layers\.(\d+)\.", k)] if m}
         per_stage = (L // PP) if L else len(local_layers)
         for k in keys:
-            parts = [per_tp[t][k] for t in range(TP)]
             name = global_layer_name(k, p, per_stage)
+            lacking = [t for t in range(TP) if k not in per_tp[t]]
+            if lacking:  # no merge without every shard: left out, named (a comparison reports it missing,
+                # ``ckdiff check`` as a finding; the converters refuse it, convert/api.py read_source)
+                held = [t for t in range(TP) if t not in lacking]
+                incomplete[name] = [str(ranks[(lacking[0], p)]), f"lacks {name} (TP rank{'s' if len(held) > 1 else ''} "
+                                    f"{', '.join(map(str, held))} of its stage hold{'' if len(held) > 1 else 's'} "
+                                    "a shard): the tensor-parallel set is incomplete"]
+                continue
+            parts = [per_tp[t][k] for t in range(TP)]
             if name in tensors:
                 raise InputError(ranks[(0, p)], f"{name!r} appears in two pipeline stages")
             tensors[name] = _merge_tp(name, parts, glu, ranks, p)
@@ -166,6 +171,11 @@ def read_megatron(root: Path, trust_pickle: bool = False, **_) -> Checkpoint:
         L = len({m.group(1) for k in tensors for m in [re.search(r"layers\.(\d+)\.", k)] if m})
         args["num_layers"] = L
     meta = {"tp": TP, "pp": PP, "iteration": iteration, "files": [str(f) for f in ranks.values()]}
+    if incomplete:
+        meta["incomplete"] = incomplete
+        meta["skipped"] = {k: f"{Path(f).parent.name} {why}" for k, (f, why) in incomplete.items()}
+        meta["notes"] = [f"{Path(f).parent.name}/{Path(f).name} {why}; left out of the merged view"
+                         for f, why in incomplete.values()]
     head, emb = "word_embeddings_for_head.weight", "language_model.embedding.word_embeddings.weight"
     if head in tensors and emb in tensors:
         # tied model with PP > 1: the last stage keeps a copy of the embedding. Verify the tie,

@@ -109,20 +109,32 @@ class Plan:
 
 def apply(tensors: Mapping[str, LazyTensor], rules: Sequence[Rule], layers: int,
           drop: Iterable[str] = (), where: str = "input", plan: Plan | None = None,
-          cover: list | None = None, cache: OutputCache | None = None) -> dict[str, LazyTensor]:
+          cover: list | None = None, cache: OutputCache | None = None,
+          absent: dict | None = None) -> dict[str, LazyTensor]:
     """Lazy targets of ``rules`` over ``tensors``; every source key must be used or dropped.
 
     The groups of this pass keep their computed outputs in ``cache`` (a fresh ``OutputCache`` of this
     pass when none is given).
 
     With ``cover`` (a list), one record of this pass is appended: how many times each source key was
-    consumed by a rule and which were dropped by which named pattern (compare/coverage.py checks them)."""
+    consumed by a rule, which were dropped by which named pattern, and which were set aside (below)
+    (compare/coverage.py checks them).
+
+    Without ``absent`` a rule whose source is missing is an error. With it (a dict: the names known to be
+    absent from ``tensors``, each -> the tensors whose absence it stems from, e.g. an earlier pass's
+    targets), such a rule is skipped: its targets are left out, its present sources are set aside, and on
+    return ``absent`` holds this pass's skipped targets instead (each -> the missing tensors at the start
+    of the chain), so a comparison can name what is missing. Tensors no rule consumes are an error either
+    way (another model, not a missing tensor)."""
     drop_re = [re.compile(p) for p in drop]
     cache = cache if cache is not None else OutputCache()
     out: dict[str, LazyTensor] = {}
     used: set = set()
     uses: dict = {}
     planned: set = set()
+    known = dict(absent or {})  # names absent from ``tensors`` -> their missing origins
+    gone: dict = {}  # targets left out -> missing origins
+    aside: dict = {}  # present sources of a skipped rule -> why they are set aside
     head = [r for r in rules if not r.layered]
     first_layered = next((i for i, r in enumerate(rules) if r.layered), len(rules))
     pre = [r for r in rules[:first_layered] if not r.layered]
@@ -133,8 +145,16 @@ def apply(tensors: Mapping[str, LazyTensor], rules: Sequence[Rule], layers: int,
         src = [k.format(i=i) for k in rule.src]
         dst = [k.format(i=i) for k in rule.dst]
         missing = [k for k in src if k not in tensors]
-        if missing:
+        if missing and absent is None:
             raise InputError(where, f"missing tensor {missing[0]!r} (needed for {dst[0]!r})")
+        if missing:
+            origins = list(dict.fromkeys(o for k in missing for o in known.get(k, [k])))
+            for d in dst:
+                gone[d] = origins
+            for k in src:
+                if k in tensors:
+                    aside[k] = f"set aside: input of {dst[0]}, which cannot be built without the missing {', '.join(origins)}"
+            return
         used.update(src)
         if cover is not None:
             for k in src:
@@ -162,11 +182,15 @@ def apply(tensors: Mapping[str, LazyTensor], rules: Sequence[Rule], layers: int,
                 run(r, i)
     for r in post:
         run(r, None)
-    unused = [k for k in tensors if k not in used and not any(p.search(k) for p in drop_re)]
+    unused = [k for k in tensors if k not in used and k not in aside and not any(p.search(k) for p in drop_re)]
     if cover is not None:
         cover.append({"sources": list(tensors), "uses": uses, "dropped": {
             k: next(p.pattern for p in drop_re if p.search(k)) for k in tensors
-            if k not in used and any(p.search(k) for p in drop_re)}})
+            if k not in used and any(p.search(k) for p in drop_re)},
+            "set_aside": {k: why for k, why in aside.items() if k not in used}})
+    if absent is not None:
+        absent.clear()
+        absent.update(gone)
     if unused:
         more = f" (and {len(unused) - 3} more)" if len(unused) > 3 else ""
         raise UnmappedError(where, f"unmapped tensors {unused[:3]}{more}: the converter does not know them", unused)

@@ -13,6 +13,7 @@ score of 100% means something.
 from __future__ import annotations
 
 import re
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -713,6 +714,46 @@ def _mlx_zero_points(gold, work):
     return a, _zero_point_float(work, a, "offset")
 
 
+def _converted_without(converter: str, options: dict, drop: Callable, both: bool = False):
+    """B: the golden HF model converted by ``converter`` (ckdiff's, with ``options``), then one tensor taken
+    out of what it wrote, the way a converter that skips one leaves it: ``drop(out)`` edits the files.
+    With ``both``, (A, B) = (the conversion as written, the golden HF model with ``drop`` applied to it):
+    the HF side is then the one mapped (into the converted layout) and the one lacking a tensor."""
+    def target(gold, work):
+        from ckdiff.golden.suite import convert
+        out = convert(converter, gold, work / converter, options)
+        if not both:
+            drop(out)
+            return out
+        hf = work / "hf-dropped"
+        shutil.copytree(gold, hf, dirs_exist_ok=True)
+        drop(hf)
+        return out, hf
+    return target
+
+
+def _safetensors_without(key: str):
+    def drop(d):
+        from safetensors.torch import load_file, save_file
+        for f in d.glob("*.safetensors"):
+            st = load_file(str(f))
+            if key in st:
+                del st[key]
+                save_file(st, str(f), metadata={"format": "pt"})
+    return drop
+
+
+def _megatron_rank_without(key: str, ranks: str = "*"):
+    """A Megatron-LLM rank file (``ranks``: a glob of rank directories) saved without ``key`` (legacy names,
+    as the rank files hold them), by torch.save as Megatron-LLM saves them."""
+    def drop(d):
+        for f in sorted(d.glob(f"release/{ranks}/model_optim_rng.pt")):
+            obj = torch.load(f, weights_only=False)
+            del obj["model"]["language_model"]["transformer"][key]
+            torch.save(obj, f)
+    return drop
+
+
 def _head_is_embedding(st, c, cfg):
     st[layouts.HF["head"]] = st[layouts.HF["embed"]].clone()
 
@@ -815,6 +856,28 @@ STATE_CATALOGUE = [
                   target=_mxfp4_read_as("fp8"), kinds=("codes-of-another-encoding",)),
     StateMutation("MLX zero point 0 wrapped to 15 (z - 1 packed in 4 bits)", "Quantization zero points", "llama-gqa",
                   None, r"zero point 0 read as 15", target=_mlx_zero_points, kinds=("zero-point-underflow",)),
+    # a converter that dropped one tensor, compared across layouts: the mapping goes on without it and names it
+    StateMutation("JetStream converter dropped one layer's wq", "Dropped tensor across layouts", "llama-gqa", None,
+                  r"missing in B: layers\.1\.attention\.wq\.weight \(the mapping needs it for "
+                  r"model\.layers\.1\.self_attn\.q_proj\.weight",
+                  target=_converted_without("to-jetstream", {}, _safetensors_without("layers.1.attention.wq.weight"))),
+    StateMutation("Megatron-LLM TP rank file lacks one tensor", "Dropped tensor across layouts", "llama-gqa", None,
+                  r"mp_rank_01/model_optim_rng\.pt lacks language_model\.encoder\.layers\.1\.self_attention\."
+                  r"query_key_value\.weight(.|\n)*missing in B: language_model\.encoder\.layers\.1\.self_attention\."
+                  r"query_key_value\.weight \(the mapping needs it for model\.layers\.1\.self_attn\.k_proj",
+                  target=_converted_without("hf-to-megatron", {"tp": 2}, _megatron_rank_without(
+                      "layers.1.attention.query_key_value.weight", "mp_rank_01"))),
+    StateMutation("Megatron-LLM converter dropped one tensor on every rank", "Dropped tensor across layouts",
+                  "llama-gqa", None, r"missing in B: language_model\.encoder\.layers\.0\.mlp\.dense_4h_to_h\.weight "
+                  r"\(the mapping needs it for model\.layers\.0\.mlp\.down_proj\.weight",
+                  target=_converted_without("hf-to-megatron", {"tp": 2}, _megatron_rank_without(
+                      "layers.0.mlp.dense_4h_to_h.weight"))),
+    StateMutation("HF export dropped k_proj, against its Megatron-LLM source (fused QKV)",
+                  "Dropped tensor across layouts", "llama-gqa", None,
+                  r"missing in B: model\.layers\.0\.self_attn\.k_proj\.weight \(the mapping needs it for "
+                  r"language_model\.encoder\.layers\.0\.self_attention\.query_key_value\.weight",
+                  target=_converted_without("hf-to-megatron", {}, _safetensors_without(
+                      "model.layers.0.self_attn.k_proj.weight"), both=True)),
     # negatives: correct conversions and functionally equivalent rewrites
     StateMutation("MXFP4 dequantized right", "negative", "gpt-oss", None, negative=True,
                   target=_mxfp4_read_as("right")),
