@@ -432,8 +432,8 @@ def rope_scaling(f: dict, arch: str, where="gguf") -> Optional[dict]:
         out["original_max_position_embeddings"] = orig
     if kind == "yarn":
         # the correction range's betas are HF's beta_fast / beta_slow. llama.cpp's other YaRN values (extension
-        # and attention factors, DeepSeek's log multiplier) are not HF's keys: kept under their own names, so a
-        # file that sets them differs from a config that cannot say them. ggml always rounds the correction
+        # and attention factors, another arch's log multiplier) are not HF's keys: kept under their own names, so
+        # a file that sets them differs from a config that cannot say them. ggml always rounds the correction
         # range outward (ggml_rope_yarn_corr_dims: floor / ceil), HF's truncate true (its default, left out)
         for k, hf in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
             if x.num(k) is not None:
@@ -444,7 +444,38 @@ def rope_scaling(f: dict, arch: str, where="gguf") -> Optional[dict]:
                 x.fail(k, "a finite number", v)
             if v is not None:
                 out[k] = float(v)
+        if arch in YARN_LOG_MUL_IS_MSCALE and "yarn_log_multiplier" in out:
+            out.update(yarn_mscales(out.pop("yarn_log_multiplier"), x))
     return out
+
+
+# archs whose ``rope.scaling.yarn_log_multiplier`` is 0.1 x HF's mscale_all_dim (llama.cpp conversion/deepseek.py,
+# DeepseekV2Model.set_gguf_parameters; llama.cpp PR 17945). The file has one value where HF has two (mscale for
+# the cos/sin factor, mscale_all_dim for the score scale): llama.cpp's deepseek2 graph takes them as equal
+YARN_LOG_MUL_IS_MSCALE = ("deepseek2",)
+
+
+def yarn_mscales(mul: float, x) -> dict:
+    """HF's ``mscale`` and ``mscale_all_dim``, both multiplier / 0.1, to float32 precision (the file stores the
+    multiplier in float32: the shortest decimal that rounds to the same float32)."""
+    if mul < 0:
+        x.fail("yarn_log_multiplier", "a finite number >= 0", mul)
+    m = float(np.format_float_positional(np.float32(mul / 0.1), unique=True, trim="-"))
+    return {"mscale": m, "mscale_all_dim": m}
+
+
+def yarn_log_multiplier(sc: dict, where) -> Optional[float]:
+    """What llama.cpp's converter writes as deepseek2's ``rope.scaling.yarn_log_multiplier`` for HF rope scaling
+    ``sc``: 0.1 x mscale_all_dim, None without one. The file cannot say an mscale other than mscale_all_dim
+    (which sets the cos/sin attention factor to mscale(factor, mscale) / mscale(factor, mscale_all_dim)):
+    refused, as no GGUF says that function."""
+    m = sc.get("mscale_all_dim")
+    if m is None:
+        return None
+    if m and (sc.get("rope_type") or sc.get("type")) == "yarn" and sc.get("mscale") != m:
+        raise InputError(where, f"rope scaling mscale {sc.get('mscale')!r} != mscale_all_dim {m!r}: a deepseek2 "
+                                "GGUF has one yarn_log_multiplier (0.1 x mscale_all_dim) for both")
+    return 0.1 * float(m)
 
 
 GGUF_FREQS = "rope_freqs.weight"
@@ -601,6 +632,8 @@ def write_gguf(path: Path, hf: dict, cfg: ModelConfig, qtype: str = "F16", keep_
             w.add_rope_scaling_yarn_beta_fast(float(sc["beta_fast"]))
         if kind == "yarn" and sc.get("beta_slow") is not None:
             w.add_rope_scaling_yarn_beta_slow(float(sc["beta_slow"]))
+    if fam.gguf_arch in YARN_LOG_MUL_IS_MSCALE and (mul := yarn_log_multiplier(sc, str(path))) is not None:
+        w.add_rope_scaling_yarn_log_mul(mul)  # whatever the rope type, as llama.cpp's converter writes it
     elif kind not in (None, "default"):
         raise InputError(str(path), f"rope scaling {kind!r}: llama.cpp keeps it as rope_freqs factors, which "
                                     "this writer does not write")
