@@ -416,7 +416,8 @@ def gguf_extra(fam, f: dict, where="gguf") -> dict:
 
 def rope_scaling(f: dict, arch: str, where="gguf") -> Optional[dict]:
     """``{arch}.rope.scaling.*`` (llama.cpp's keys: type none/linear/yarn/longrope, factor, original context
-    length) as HF spells rope scaling; None for none. Values are type-checked (one line naming the key)."""
+    length; YaRN's betas and deepseek2's log multiplier) as HF spells rope scaling; None for none. Values are
+    type-checked (one line naming the key)."""
     from ckdiff.models.config import Fields
     sub = {k[len(f"{arch}.rope.scaling."):]: v for k, v in f.items() if k.startswith(f"{arch}.rope.scaling.")}
     if not sub:
