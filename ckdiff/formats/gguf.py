@@ -605,6 +605,8 @@ def write_gguf(path: Path, hf: dict, cfg: ModelConfig, qtype: str = "F16", keep_
     table = (faults or NONE).on_rules("gguf", cfg, hf_to_gguf(cfg))
     tensors = {k: v.load().float().numpy() for k, v in apply(src, table, cfg.layers).items()}
     fam = families.family(cfg.family)
+    sc = cfg.rope_scaling or {}
+    mul = yarn_log_multiplier(sc, str(path)) if fam.gguf_arch in YARN_LOG_MUL_IS_MSCALE else None
     w = gguf.GGUFWriter(str(path), fam.gguf_arch)
     meta = {"block_count": cfg.layers, "embedding_length": cfg.hidden, "feed_forward_length": cfg.ffn,
             "attention.head_count": cfg.heads, "attention.head_count_kv": cfg.kv_heads,
@@ -622,7 +624,6 @@ def write_gguf(path: Path, hf: dict, cfg: ModelConfig, qtype: str = "F16", keep_
             w.add_uint32(k, v)
         elif v is not None:
             w.add_float32(k, float(v))
-    sc = cfg.rope_scaling or {}
     kind = sc.get("rope_type") or sc.get("type")
     if kind in ("linear", "yarn", "longrope"):
         w.add_rope_scaling_type(gguf.RopeScalingType(kind))
@@ -633,11 +634,11 @@ def write_gguf(path: Path, hf: dict, cfg: ModelConfig, qtype: str = "F16", keep_
             w.add_rope_scaling_yarn_beta_fast(float(sc["beta_fast"]))
         if kind == "yarn" and sc.get("beta_slow") is not None:
             w.add_rope_scaling_yarn_beta_slow(float(sc["beta_slow"]))
-    if fam.gguf_arch in YARN_LOG_MUL_IS_MSCALE and (mul := yarn_log_multiplier(sc, str(path))) is not None:
-        w.add_rope_scaling_yarn_log_mul(mul)  # whatever the rope type, as llama.cpp's converter writes it
     elif kind not in (None, "default"):
         raise InputError(str(path), f"rope scaling {kind!r}: llama.cpp keeps it as rope_freqs factors, which "
                                     "this writer does not write")
+    if mul is not None:  # whatever the rope type, as llama.cpp's converter writes it
+        w.add_rope_scaling_yarn_log_mul(mul)
     for name, key in fam.gguf_extra.items():  # the family's values llama.cpp keeps as metadata
         v = (cfg.extra or {}).get(name)
         if isinstance(key, str) and isinstance(v, int) and not isinstance(v, bool) and key not in meta:
