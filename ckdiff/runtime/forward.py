@@ -251,7 +251,7 @@ def mla_score_scale(cfg: ModelConfig) -> float:
     """DeepSeek's extra softmax scale under rope scaling: mscale(factor, mscale_all_dim)^2, where mscale(s, m) is
     0.1 m ln(s) + 1 for s > 1, else 1. It applies to every score (the nope part too), on top of the cos/sin
     attention factor of the rotary part, for any rope type but default when ``mscale_all_dim`` is set and
-    non-zero (transformers ``yarn_apply_mscale``, v5; DeepSeek-V2/V3's own modeling code likewise)."""
+    non-zero (transformers ``modeling_rope_utils.yarn_apply_mscale``, v5, in its DeepSeek-V2 and V3 attention)."""
     sc = _scaling(cfg)
     m = sc.get("mscale_all_dim")
     if sc["rope_type"] == "default" or m is None:
