@@ -416,7 +416,8 @@ def gguf_extra(fam, f: dict, where="gguf") -> dict:
 
 def rope_scaling(f: dict, arch: str, where="gguf") -> Optional[dict]:
     """``{arch}.rope.scaling.*`` (llama.cpp's keys: type none/linear/yarn/longrope, factor, original context
-    length) as HF spells rope scaling; None for none. Values are type-checked (one line naming the key)."""
+    length; YaRN's betas and deepseek2's log multiplier) as HF spells rope scaling; None for none. Values are
+    type-checked (one line naming the key)."""
     from ckdiff.models.config import Fields
     sub = {k[len(f"{arch}.rope.scaling."):]: v for k, v in f.items() if k.startswith(f"{arch}.rope.scaling.")}
     if not sub:
@@ -432,8 +433,8 @@ def rope_scaling(f: dict, arch: str, where="gguf") -> Optional[dict]:
         out["original_max_position_embeddings"] = orig
     if kind == "yarn":
         # the correction range's betas are HF's beta_fast / beta_slow. llama.cpp's other YaRN values (extension
-        # and attention factors, DeepSeek's log multiplier) are not HF's keys: kept under their own names, so a
-        # file that sets them differs from a config that cannot say them. ggml always rounds the correction
+        # and attention factors, another arch's log multiplier) are not HF's keys: kept under their own names, so
+        # a file that sets them differs from a config that cannot say them. ggml always rounds the correction
         # range outward (ggml_rope_yarn_corr_dims: floor / ceil), HF's truncate true (its default, left out)
         for k, hf in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
             if x.num(k) is not None:
@@ -444,7 +445,38 @@ def rope_scaling(f: dict, arch: str, where="gguf") -> Optional[dict]:
                 x.fail(k, "a finite number", v)
             if v is not None:
                 out[k] = float(v)
+        if arch in YARN_LOG_MUL_IS_MSCALE and "yarn_log_multiplier" in out:
+            out.update(yarn_mscales(out.pop("yarn_log_multiplier"), x))
     return out
+
+
+# archs whose ``rope.scaling.yarn_log_multiplier`` is 0.1 x HF's mscale_all_dim (llama.cpp conversion/deepseek.py,
+# DeepseekV2Model.set_gguf_parameters; llama.cpp PR 17945). The file has one value where HF has two (mscale for
+# the cos/sin factor, mscale_all_dim for the score scale): llama.cpp's deepseek2 graph takes them as equal
+YARN_LOG_MUL_IS_MSCALE = ("deepseek2",)
+
+
+def yarn_mscales(mul: float, x) -> dict:
+    """HF's ``mscale`` and ``mscale_all_dim``, both multiplier / 0.1, to float32 precision (the file stores the
+    multiplier in float32: the shortest decimal that rounds to the same float32)."""
+    if mul < 0:
+        x.fail("yarn_log_multiplier", "a finite number >= 0", mul)
+    m = float(np.format_float_positional(np.float32(mul / 0.1), unique=True, trim="-"))
+    return {"mscale": m, "mscale_all_dim": m}
+
+
+def yarn_log_multiplier(sc: dict, where) -> Optional[float]:
+    """What llama.cpp's converter writes as deepseek2's ``rope.scaling.yarn_log_multiplier`` for HF rope scaling
+    ``sc``: 0.1 x mscale_all_dim, None without one. The file cannot say an mscale other than mscale_all_dim
+    (which sets the cos/sin attention factor to mscale(factor, mscale) / mscale(factor, mscale_all_dim)):
+    refused, as no GGUF says that function."""
+    m = sc.get("mscale_all_dim")
+    if m is None:
+        return None
+    if m and (sc.get("rope_type") or sc.get("type")) == "yarn" and sc.get("mscale") != m:
+        raise InputError(where, f"rope scaling mscale {sc.get('mscale')!r} != mscale_all_dim {m!r}: a deepseek2 "
+                                "GGUF has one yarn_log_multiplier (0.1 x mscale_all_dim) for both")
+    return 0.1 * float(m)
 
 
 GGUF_FREQS = "rope_freqs.weight"
@@ -573,6 +605,8 @@ def write_gguf(path: Path, hf: dict, cfg: ModelConfig, qtype: str = "F16", keep_
     table = (faults or NONE).on_rules("gguf", cfg, hf_to_gguf(cfg))
     tensors = {k: v.load().float().numpy() for k, v in apply(src, table, cfg.layers).items()}
     fam = families.family(cfg.family)
+    sc = cfg.rope_scaling or {}
+    mul = yarn_log_multiplier(sc, str(path)) if fam.gguf_arch in YARN_LOG_MUL_IS_MSCALE else None
     w = gguf.GGUFWriter(str(path), fam.gguf_arch)
     meta = {"block_count": cfg.layers, "embedding_length": cfg.hidden, "feed_forward_length": cfg.ffn,
             "attention.head_count": cfg.heads, "attention.head_count_kv": cfg.kv_heads,
@@ -590,7 +624,6 @@ def write_gguf(path: Path, hf: dict, cfg: ModelConfig, qtype: str = "F16", keep_
             w.add_uint32(k, v)
         elif v is not None:
             w.add_float32(k, float(v))
-    sc = cfg.rope_scaling or {}
     kind = sc.get("rope_type") or sc.get("type")
     if kind in ("linear", "yarn", "longrope"):
         w.add_rope_scaling_type(gguf.RopeScalingType(kind))
@@ -604,6 +637,8 @@ def write_gguf(path: Path, hf: dict, cfg: ModelConfig, qtype: str = "F16", keep_
     elif kind not in (None, "default"):
         raise InputError(str(path), f"rope scaling {kind!r}: llama.cpp keeps it as rope_freqs factors, which "
                                     "this writer does not write")
+    if mul is not None:  # whatever the rope type, as llama.cpp's converter writes it
+        w.add_rope_scaling_yarn_log_mul(mul)
     for name, key in fam.gguf_extra.items():  # the family's values llama.cpp keeps as metadata
         v = (cfg.extra or {}).get(name)
         if isinstance(key, str) and isinstance(v, int) and not isinstance(v, bool) and key not in meta:

@@ -462,6 +462,13 @@ def _rope_scaling(d) -> Optional[dict]:
         return None
     if kind == "yarn" and out.get("truncate") is True:  # transformers' default: the same as leaving it out
         del out["truncate"]
+    # YaRN's mscale / mscale_all_dim (DeepSeek): 0 is unset (transformers tests them for truth), and mscale
+    # without mscale_all_dim is never read (the cos/sin factor takes both or neither)
+    for k in ("mscale", "mscale_all_dim"):
+        if out.get(k) == 0:
+            del out[k]
+    if "mscale_all_dim" not in out:
+        out.pop("mscale", None)
     out["rope_type"] = kind
     return dict(sorted(out.items()))
 
@@ -617,6 +624,8 @@ def compare_configs(ca: Optional[dict], cb: Optional[dict]) -> tuple[list, list]
             continue
         if isinstance(va, float) and isinstance(vb, float) and va == vb:
             continue
+        if k == "rope_scaling" and _same_at_float32(va, vb):
+            continue
         if va != vb:
             diffs.append([k, va, vb])
     for k in NOTE_FIELDS:
@@ -624,6 +633,21 @@ def compare_configs(ca: Optional[dict], cb: Optional[dict]) -> tuple[list, list]
             notes.append(f"config {k} differs ({ca[k]} vs {cb[k]}); it does not change the outputs within "
                          "the shorter context")
     return diffs, notes
+
+
+def _same_at_float32(a, b) -> bool:
+    """Two rope scalings with the same keys whose numbers agree to float32 precision (GGUF stores them in
+    float32; deepseek2's mscale comes back as a float32 multiplier / 0.1: within 2 ulps)."""
+    if not isinstance(a, dict) or not isinstance(b, dict) or a.keys() != b.keys():
+        return False
+    for k, va in a.items():
+        vb = b[k]
+        if isinstance(va, float) and isinstance(vb, float):
+            if not math.isclose(va, vb, rel_tol=2 ** -22):
+                return False
+        elif va != vb:
+            return False
+    return True
 
 
 # names of the tensors the config-vs-tensors checks look at, per layout

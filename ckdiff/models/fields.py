@@ -75,6 +75,15 @@ class Fields:
             self.fail(key, f"a positive finite number (at most {hi:g})", v)
         return float(v)
 
+    def nonneg(self, key, hi: float = MAX_THETA) -> Optional[float]:
+        """A finite number >= 0 (zero is a value of its own: DeepSeek's ``mscale_all_dim`` 0 turns a scale off)."""
+        v = self.src.get(key)
+        if v is None:
+            return None
+        if not _is_num(v) or not math.isfinite(v) or not 0 <= v <= hi:
+            self.fail(key, f"a finite number >= 0 (at most {hi:g})", v)
+        return float(v)
+
     def flag(self, key) -> Optional[bool]:
         v = self.src.get(key)
         if v is None:
@@ -119,6 +128,8 @@ class Fields:
         for k in ("factor", "low_freq_factor", "high_freq_factor", "rope_theta"):
             sub.num(k)
         sub.int("original_max_position_embeddings", hi=MAX_POSITIONS)
+        for k in ("mscale", "mscale_all_dim"):  # YaRN's attention scales (DeepSeek): 0 or unset means unused
+            sub.nonneg(k)
         sub.text("rope_type")
         sub.text("type")
         return v

@@ -187,14 +187,15 @@ def layer_window(cfg: ModelConfig, i: int) -> Optional[int]:
     return cfg.sliding_window if cfg.sliding_layers is None or i in cfg.sliding_layers else None
 
 
-def attention(q, k, v, cfg: ModelConfig, window: Optional[int] = None, sinks=None) -> torch.Tensor:
+def attention(q, k, v, cfg: ModelConfig, window: Optional[int] = None, sinks=None, scale: float = 1.0
+              ) -> torch.Tensor:
     """q [B,T,H,hd], k [B,T,K,hd], v [B,T,K,hv]; query head h uses KV head h // (H/K). Causal; scores scaled
-    by 1/sqrt(hd). ``sinks`` [H]: one more logit per head in the softmax, whose probability goes nowhere."""
+    by ``scale``/sqrt(hd). ``sinks`` [H]: one more logit per head in the softmax, whose probability goes nowhere."""
     B, T, H, hd = q.shape
     r = H // k.shape[2]
     k = k.repeat_interleave(r, dim=2)
     v = v.repeat_interleave(r, dim=2)
-    s = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * (scale / math.sqrt(hd))
     i = torch.arange(T, device=q.device)
     mask = i[None, :] <= i[:, None]
     if window:
@@ -232,7 +233,7 @@ def mla_attention(h, w: Callable, has: Callable, rope, ang, cfg: ModelConfig, no
     """DeepSeek multi-head latent attention. q: q_b(norm(q_a(h))) (or one q projection), per head
     [nope | rope] columns; kv_a(h) = [latent (kv_lora_rank) | k_rope (one head, shared by all heads)];
     kv_b(norm(latent)) per head [k_nope | v]. Only the rope parts rotate (``rope``: the layout's row order
-    for them); scores are scaled by 1/sqrt(nope + rope)."""
+    for them); scores are scaled by 1/sqrt(nope + rope) times ``mla_score_scale``."""
     x = cfg.extra
     B, T, _ = h.shape
     H, dr, dn, dv, r = cfg.heads, cfg.head_dim, x["qk_nope_head_dim"], x["v_head_dim"], x["kv_lora_rank"]
@@ -243,7 +244,28 @@ def mla_attention(h, w: Callable, has: Callable, rope, ang, cfg: ModelConfig, no
     k_rot = rope(k_rot.view(B, T, 1, dr), ang).expand(B, T, H, dr)
     q = torch.cat([q_nope, rope(q_rot, ang)], -1)
     k = torch.cat([k_nope, k_rot], -1)
-    return attention(q, k, v, cfg) @ w("o").T
+    return attention(q, k, v, cfg, scale=mla_score_scale(cfg)) @ w("o").T
+
+
+def mla_score_scale(cfg: ModelConfig) -> float:
+    """DeepSeek's extra softmax scale under rope scaling: mscale(factor, mscale_all_dim)^2, where mscale(s, m) is
+    0.1 m ln(s) + 1 for s > 1, else 1. It applies to every score (the nope part too), on top of the cos/sin
+    attention factor of the rotary part, for any rope type but default when ``mscale_all_dim`` is set and
+    non-zero (transformers ``modeling_rope_utils.yarn_apply_mscale``, v5, in its DeepSeek-V2 and V3 attention)."""
+    sc = _scaling(cfg)
+    m = sc.get("mscale_all_dim")
+    if sc["rope_type"] == "default" or m is None:
+        return 1.0
+    if isinstance(m, bool) or not isinstance(m, (int, float)) or not (0 <= m < float("inf")):
+        raise InputError("rope_scaling", f"rope_scaling 'mscale_all_dim' = {m!r}: expected a number >= 0")
+    if m == 0:
+        return 1.0
+    factor = sc.get("factor")
+    if factor is None and sc["rope_type"] == "yarn":  # YaRN's own default (rope_frequencies)
+        factor = cfg.max_pos / _num(sc, "original_max_position_embeddings", cfg.max_pos)
+    factor = _num({"factor": factor}, "factor")
+    ms = 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+    return ms * ms
 
 
 def grouped_attention(h, wqkv, wo, rope, ang, cfg: ModelConfig, window=None, bias=None) -> torch.Tensor:
