@@ -408,7 +408,33 @@ def read_gguf(p: Path, **_) -> Checkpoint:
         meta["shards"] = len(files)
         notes.append(f"split GGUF set of {len(files)} shards ({files[0].name} ... {files[-1].name}): read as one "
                      "checkpoint, metadata from the first shard")
-    return Checkpoint(str(files[0]), "gguf", tensors, config=fields, meta=meta)
+    return Checkpoint(str(files[0]), _mla_layout(fields, tensors, files[0]), tensors, config=fields, meta=meta)
+
+
+# deepseek2 files written before llama.cpp split kv_b_proj for MLA's weight absorption (llama.cpp PR 12801, April
+# 2025) hold one attn_kv_b a layer and no attention.key_length_mla / value_length_mla; llama.cpp still runs them
+# (src/models/deepseek2.cpp: without the MLA lengths the file is run as MHA through wkv_b)
+KV_B = _B + "attn_kv_b.weight"
+_KV_B = re.compile(r"^blk\.\d+\.attn_kv_b\.weight$")
+_K_B = re.compile(r"^blk\.\d+\.attn_[kv]_b\.weight$")
+
+
+def _mla_layout(fields: dict, tensors: dict, p: Path) -> str:
+    """The format a file's tensors follow: ``gguf-kvb`` for a deepseek2 file with ``attn_kv_b``, else ``gguf``.
+    A file that mixes the two layouts, or whose MLA metadata says the other one, is refused."""
+    if fields.get("general.architecture") != "deepseek2":
+        return "gguf"
+    fused, split = any(_KV_B.match(n) for n in tensors), any(_K_B.match(n) for n in tensors)
+    mla = [k for k in ("deepseek2.attention.key_length_mla", "deepseek2.attention.value_length_mla") if k in fields]
+    if fused and split:
+        raise InputError(p, "holds both attn_kv_b and attn_k_b / attn_v_b (llama.cpp writes one layout or the other)")
+    if fused and mla:
+        raise InputError(p, f"holds attn_kv_b (the layout from before llama.cpp split kv_b_proj) but its metadata has "
+                            f"{mla[0]}, which only files with attn_k_b / attn_v_b have")
+    if split and len(mla) < 2:
+        raise InputError(p, "holds attn_k_b / attn_v_b but its metadata lacks deepseek2.attention.key_length_mla or "
+                            "value_length_mla, which llama.cpp needs to run them")
+    return "gguf-kvb" if fused else "gguf"
 
 
 def _read_split(p: Path, reader, fields: dict, split: tuple, gguf, tensors: dict) -> tuple:
@@ -609,7 +635,7 @@ def canonical(f: dict, tensors: dict) -> dict:
 
 
 # ------------------------------------------------------------------ layout table (HF -> GGUF)
-def hf_to_gguf(cfg: ModelConfig) -> list:
+def hf_to_gguf(cfg: ModelConfig, kv_b: bool = False) -> list:
     """The table of llama.cpp's converter for ``cfg``'s family, derived from its declaration: its GGUF names
     (``layout_names["gguf"]`` where declared, else llama's), q/k permuted to interleaved pairs (q with the query
     head count, k with the KV head count) unless the family declares the GGUF rotary half-split; norms stored
@@ -620,7 +646,10 @@ def hf_to_gguf(cfg: ModelConfig) -> list:
     head's k part transposed) and ``attn_v_b`` (llama.cpp ``conversion/deepseek.py``), GPT-OSS's fused
     ``gate_up_proj`` (gate and up alternating) into ``ffn_gate_exps`` / ``ffn_up_exps`` with its ``down_proj``
     transposed to ``[E, D, F]`` (``conversion/gpt_oss.py``). An MoE model's dense first layers (DeepSeek's
-    first_k_dense_replace) keep ``ffn_{gate,up,down}``; the MoE rows apply to the other layers."""
+    first_k_dense_replace) keep ``ffn_{gate,up,down}``; the MoE rows apply to the other layers.
+
+    ``kv_b``: the deepseek2 layout of files written before llama.cpp split ``kv_b_proj`` (format ``gguf-kvb``):
+    ``attn_kv_b`` is ``kv_b_proj`` as it is."""
     from ckdiff.formats.layouts import MOE_HF, family_for
     from ckdiff.models.families import Attn, Norm, Rotary
     from ckdiff.tensor.ops_fused import Deinterleave, SplitKvB, SwapLast
@@ -637,7 +666,8 @@ def hf_to_gguf(cfg: ModelConfig) -> list:
         # as DeepSeek's rope_interleave weights are laid out)
         q = ("q_down", "q_down_norm", "q_up") if x.get("q_lora_rank") is not None else ("mla_q",)
         rules += [R(hf[s], G[s]) for s in q + ("kv_down", "kv_down_norm")]
-        rules.append(R(hf["kv_up"], G["kv_up"], SplitKvB(cfg.heads, x["qk_nope_head_dim"], x["v_head_dim"])))
+        rules.append(R(hf["kv_up"], KV_B) if kv_b else
+                     R(hf["kv_up"], G["kv_up"], SplitKvB(cfg.heads, x["qk_nope_head_dim"], x["v_head_dim"])))
     else:
         rules += [R(hf["q"], G["q"], qop), R(hf["k"], G["k"], kop), R(hf["v"], G["v"])]
     rules.append(R(hf["o"], G["o"]))
@@ -767,6 +797,10 @@ def _declare() -> None:
                     input=Input.FILE, **same))
     register(Format("gguf-split", "a directory holding the shards of one split GGUF set, read as one gguf checkpoint",
                     is_gguf_split_dir, read_gguf_split_dir, priority=70, **same))
+    # never detected: the gguf reader names a file of this layout so (its tensor names differ from gguf's)
+    register(Format("gguf-kvb", "a deepseek2 .gguf from before llama.cpp split MLA's kv_b_proj (one attn_kv_b a "
+                                "layer), as the gguf reader finds it", lambda p: False, read_gguf, priority=25,
+                    input=Input.FILE, **{**same, "names": "gguf-kvb", "table": lambda cfg: hf_to_gguf(cfg, kv_b=True)}))
 
 
 _declare()
