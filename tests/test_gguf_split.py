@@ -99,6 +99,13 @@ def test_split_against_hf_as_the_unsplit_file(split_gguf, run_cli, t):
         assert code == 0 and out.splitlines()[0] == ref.splitlines()[0], out + err
 
 
+def test_logits_of_a_split_set(split_gguf, run_cli):
+    """The set runs in the HF runtime like one file: the q8_0 set against its float source, judged against the
+    noise floor of the source encoded as the set stores each tensor."""
+    code, out, err = run_cli("logits", split_gguf / "split-q8_0", split_gguf / "llama")
+    assert code == 0 and out.startswith("EQUIVALENT"), out + err
+
+
 def _copy_set(d: Path, t: str, to: Path) -> Path:
     shutil.copytree(d / f"split-{t}", to)
     return to

@@ -411,8 +411,8 @@ def read_gguf(p: Path, **_) -> Checkpoint:
     return Checkpoint(str(files[0]), _mla_layout(fields, tensors, files[0]), tensors, config=fields, meta=meta)
 
 
-# deepseek2 files written before llama.cpp split kv_b_proj for MLA's weight absorption (llama.cpp PR 12801, April
-# 2025) hold one attn_kv_b a layer and no attention.key_length_mla / value_length_mla; llama.cpp still runs them
+# deepseek2 files written before llama.cpp split kv_b_proj for MLA's weight absorption (llama.cpp PR 12801) hold
+# one attn_kv_b a layer and no attention.key_length_mla / value_length_mla; llama.cpp still runs them
 # (src/models/deepseek2.cpp: without the MLA lengths the file is run as MHA through wkv_b)
 KV_B = _B + "attn_kv_b.weight"
 _KV_B = re.compile(r"^blk\.\d+\.attn_kv_b\.weight$")
