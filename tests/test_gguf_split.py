@@ -251,3 +251,13 @@ def test_bad_split_key_values(tmp_path, run_cli):
     _one_line_error(run_cli, paths[0], paths[0].name, "split.no")
     paths = _write_set(tmp_path / "t", SET, keys={0: {"split.tensors.count": None}})
     _one_line_error(run_cli, paths[0], paths[0].name, "split.tensors.count is missing")
+
+
+def test_a_set_of_one_shard(tmp_path, run_cli):
+    """split.count 1 (llama.cpp's gguf-split writes the keys even then) is one file: split.no is not needed, as
+    llama.cpp reads it only for a count above 1, but split.tensors.count must be the file's own count."""
+    p = _write_set(tmp_path / "s", SET[:1], keys={0: {"split.no": None}})[0]
+    code, out, err = run_cli("inspect", p)
+    assert code == 0 and "2 tensors" in out and "shards" not in out, out + err
+    p = _write_set(tmp_path / "t", SET[:1], keys={0: {"split.tensors.count": 9}})[0]
+    _one_line_error(run_cli, p, p.name, "split.tensors.count is 9, the file holds 2 tensors")

@@ -376,15 +376,15 @@ def _split_keys(f: dict, p: Path) -> Optional[tuple]:
     not part of a split set (no split.count, or 1)."""
     F = Fields(f, str(p), "metadata key")
     count = F.int("split.count", lo=1, hi=MAX_SPLITS)
-    if count is None:
-        return None
     no = F.int("split.no", lo=0, hi=MAX_SPLITS)
     total = F.int("split.tensors.count", lo=0, hi=MAX_TENSORS * MAX_SPLITS)
+    if count is None or count == 1:  # llama.cpp reads the other split keys only for a split.count above 1
+        return None
     if no is None or total is None:
         raise InputError(p, f"split.count is {count} but split.{'no' if no is None else 'tensors.count'} is missing")
     if no >= count:
         F.fail("split.no", f"a shard number below split.count ({count})", no)
-    return (no, count, total) if count > 1 else None
+    return no, count, total
 
 
 def read_gguf(p: Path, **_) -> Checkpoint:
