@@ -261,3 +261,11 @@ def test_a_set_of_one_shard(tmp_path, run_cli):
     assert code == 0 and "2 tensors" in out and "shards" not in out, out + err
     p = _write_set(tmp_path / "t", SET[:1], keys={0: {"split.tensors.count": 9}})[0]
     _one_line_error(run_cli, p, p.name, "split.tensors.count is 9, the file holds 2 tensors")
+
+
+def test_a_directory_of_two_sets_names_them(tmp_path, run_cli):
+    _write_set(tmp_path / "d", SET, name="q4")
+    _write_set(tmp_path / "d", SET[:2], name="q8")
+    _one_line_error(run_cli, tmp_path / "d", "holds 2 split GGUF sets (q4-*-of-00003.gguf, q8-*-of-00002.gguf)")
+    code, out, err = run_cli("inspect", tmp_path / "d" / "q8-00002-of-00002.gguf")  # one shard names its set
+    assert code == 0 and "4 tensors" in out and "shards: 2" in out, out + err

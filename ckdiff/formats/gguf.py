@@ -490,25 +490,36 @@ def _agree(first: dict, other: dict, p0: Path, q: Path) -> None:
             raise InputError(q, f"metadata key {k!r} is {v!r}, the first shard {p0.name} says {first[k]!r}")
 
 
-def is_gguf_split_dir(p: Path) -> bool:
-    """A directory whose .gguf files are the shards of one split set (one prefix, one shard count)."""
-    if not p.is_dir():
-        return False
+def _shards_in(p: Path) -> Optional[dict]:
+    """{(prefix, count): shard paths} of a directory whose .gguf files are all named as split shards, else None."""
     try:
-        names = [q.name for q in p.iterdir() if q.name.endswith(".gguf")]
+        files = [q for q in p.iterdir() if q.name.endswith(".gguf")]
     except OSError:
-        return False
-    sets = {(m["prefix"], m["count"]) if (m := SPLIT_NAME.match(n)) else None for n in names}
-    return len(sets) == 1 and None not in sets
+        return None
+    sets: dict = {}
+    for q in files:
+        m = SPLIT_NAME.match(q.name)
+        if m is None:
+            return None
+        sets.setdefault((m["prefix"], m["count"]), []).append(q)
+    return sets or None
+
+
+def is_gguf_split_dir(p: Path) -> bool:
+    """A directory whose .gguf files are all shards of split sets (<name>-NNNNN-of-NNNNN.gguf)."""
+    return p.is_dir() and _shards_in(p) is not None
 
 
 def read_gguf_split_dir(p: Path, **kw) -> Checkpoint:
     """The split set a directory holds, read from its first shard by name (or, if that one is missing, from
-    any of them: the missing shard is then named)."""
-    shards = sorted(q for q in p.iterdir() if q.name.endswith(".gguf") and SPLIT_NAME.match(q.name))
-    if not shards:
+    the first there is: the missing shard is then named). A directory of several sets names them."""
+    sets = _shards_in(p)
+    if not sets:
         raise InputError(p, "no split GGUF shards (<name>-00001-of-0000N.gguf) in the directory")
-    return read_gguf(shards[0], **kw)
+    if len(sets) > 1:
+        names = ", ".join(sorted(f"{prefix}-*-of-{count}.gguf" for prefix, count in sets))
+        raise InputError(p, f"holds {len(sets)} split GGUF sets ({names}): name one shard of the set to read")
+    return read_gguf(min(next(iter(sets.values()))), **kw)
 
 
 # ------------------------------------------------------------------ config
