@@ -254,9 +254,13 @@ def test_bad_split_key_values(tmp_path, run_cli):
 
 
 def test_a_set_of_one_shard(tmp_path, run_cli):
-    """split.count 1 (llama.cpp's gguf-split writes the keys even then) is one file: split.no is not needed, as
-    llama.cpp reads it only for a count above 1, but split.tensors.count must be the file's own count."""
+    """split.count 1 (llama.cpp's gguf-split writes the keys even then) or 0 (a set merged by llama-gguf-split
+    --merge keeps the first shard's keys with split.count 0) is one file: split.no is not needed, as llama.cpp
+    reads it only for a count above 1, but split.tensors.count must be the file's own count."""
     p = _write_set(tmp_path / "s", SET[:1], keys={0: {"split.no": None}})[0]
+    code, out, err = run_cli("inspect", p)
+    assert code == 0 and "2 tensors" in out and "shards" not in out, out + err
+    p = _write_set(tmp_path / "m", SET[:1], keys={0: {"split.count": 0}})[0]  # llama-gguf-split --merge's output
     code, out, err = run_cli("inspect", p)
     assert code == 0 and "2 tensors" in out and "shards" not in out, out + err
     p = _write_set(tmp_path / "t", SET[:1], keys={0: {"split.tensors.count": 9}})[0]

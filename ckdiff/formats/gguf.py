@@ -373,12 +373,13 @@ def split_name(prefix: str, no: int, count: int) -> str:
 
 def _split_keys(f: dict, p: Path) -> Optional[tuple]:
     """(split.no, split.count, split.tensors.count) of a shard, type- and range-checked; None for a file that is
-    not part of a split set (no split.count, or 1)."""
+    not part of a split set (no split.count, 0 or 1)."""
     F = Fields(f, str(p), "metadata key")
-    count = F.int("split.count", lo=1, hi=MAX_SPLITS)
+    count = F.int("split.count", lo=0, hi=MAX_SPLITS)
     no = F.int("split.no", lo=0, hi=MAX_SPLITS)
     total = F.int("split.tensors.count", lo=0, hi=MAX_TENSORS * MAX_SPLITS)
-    if count is None or count == 1:  # llama.cpp reads the other split keys only for a split.count above 1
+    if count is None or count <= 1:  # llama.cpp reads the other split keys only for a split.count above 1; a set
+        # merged by llama-gguf-split --merge says 0 (tools/gguf-split/gguf-split.cpp)
         return None
     if no is None or total is None:
         raise InputError(p, f"split.count is {count} but split.{'no' if no is None else 'tensors.count'} is missing")
