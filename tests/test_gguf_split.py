@@ -273,3 +273,10 @@ def test_a_directory_of_two_sets_names_them(tmp_path, run_cli):
     _one_line_error(run_cli, tmp_path / "d", "holds 2 split GGUF sets (q4-*-of-00003.gguf, q8-*-of-00002.gguf)")
     code, out, err = run_cli("inspect", tmp_path / "d" / "q8-00002-of-00002.gguf")  # one shard names its set
     assert code == 0 and "4 tensors" in out and "shards: 2" in out, out + err
+
+
+def test_a_set_claiming_more_tensors_than_one_file_may_hold(tmp_path, run_cli):
+    """split.tensors.count is bounded like one file's tensor count (65536): a claim beyond it is refused before
+    any other shard is opened."""
+    paths = _write_set(tmp_path / "s", SET, keys={0: {"split.tensors.count": 1 << 20}})
+    _one_line_error(run_cli, paths[0], paths[0].name, "'split.tensors.count'", "at most 65536")

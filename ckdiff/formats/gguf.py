@@ -377,7 +377,7 @@ def _split_keys(f: dict, p: Path) -> Optional[tuple]:
     F = Fields(f, str(p), "metadata key")
     count = F.int("split.count", lo=0, hi=MAX_SPLITS)
     no = F.int("split.no", lo=0, hi=MAX_SPLITS)
-    total = F.int("split.tensors.count", lo=0, hi=MAX_TENSORS * MAX_SPLITS)
+    total = F.int("split.tensors.count", lo=0, hi=MAX_TENSORS)  # the set's views cost what one file's would
     if count is None or count <= 1:  # llama.cpp reads the other split keys only for a split.count above 1; a set
         # merged by llama-gguf-split --merge says 0 (tools/gguf-split/gguf-split.cpp)
         return None
