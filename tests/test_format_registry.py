@@ -128,8 +128,8 @@ def test_detection_priority_decides_between_overlapping_formats(tiny_hf):
 def test_builtin_detection_order_and_registry_rules():
     # the order detect_format always used: the most specific directory layouts first
     assert [f.name for f in registry.detection_order(Input.DIR)] == \
-        ["mcore", "dcp", "megatron", "jetstream", "meta", "hf", "tensors"]
-    assert [f.name for f in registry.detection_order(Input.FILE)] == ["file", "gguf"]
+        ["mcore", "dcp", "megatron", "jetstream", "meta", "hf", "gguf-split", "tensors"]
+    assert [f.name for f in registry.detection_order(Input.FILE)] == ["file", "gguf", "gguf-kvb"]
     with pytest.raises(ValueError, match="priority 60 is taken by 'hf'"):
         registry.register(_toy_format(priority=60, name="toy-clash"))
     with pytest.raises(ValueError, match="already registered"):

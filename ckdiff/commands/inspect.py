@@ -32,7 +32,7 @@ def run(argv, command: str = "") -> int:
     console = common.console(args)
     console.print(f"{terminal(ck.path)} \\[{ck.format}]: {len(ck)} tensors, {ck.num_params:,} parameters, "
                   f"{ck.num_bytes:,} bytes")
-    for k in ("tp", "pp", "iteration"):
+    for k in ("tp", "pp", "iteration", "shards"):
         if k in ck.meta:
             console.print(terminal(f"{k}: {ck.meta[k]}"))
     if not args.quiet:

@@ -82,8 +82,11 @@ def encoding_of(ck: Checkpoint) -> Encoding:
     if is_quantized(t):
         q = qtype_of(ck.config or {}, t)
         return Encoding("jetstream", q, 5 if q.startswith("int4") else 3)
-    if ck.format == "gguf":  # the lossiest type its weights (2-D, stacked experts 3-D) are stored in, the most
-        # common among equals (norms stay F32 in every GGUF; GPT-OSS keeps attention in F16 beside MXFP4 experts)
+    from ckdiff.formats import registry
+    f = registry.lookup(ck.format)
+    if f is not None and f.layout == "gguf" and "->" not in ck.format:  # gguf, gguf-kvb: the lossiest type its
+        # weights (2-D, stacked experts 3-D) are stored in, the most common among equals (norms stay F32 in every
+        # GGUF; GPT-OSS keeps attention in F16 beside MXFP4 experts)
         names = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
         kinds = Counter(getattr(v, "qtype", None) or names.get(v.dtype, "F32") for v in t.values()
                         if len(v.shape) >= 2)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Optional
 
 from pathlib import Path
@@ -334,25 +335,192 @@ def check_layout(p: Path, gguf) -> None:
         m.close()
 
 
-def read_gguf(p: Path, **_) -> Checkpoint:
-    gguf = _gguf()
+def _open(p: Path, gguf):
+    """One GGUF file's header, parsed by the gguf package after ``check_layout``; its data stays mapped."""
     check_layout(p, gguf)
     try:
-        reader = gguf.GGUFReader(str(p), "r")
+        return gguf.GGUFReader(str(p), "r")
     except Exception as e:  # noqa: BLE001 - whatever a broken file makes the package raise
         msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else e.__class__.__name__
         raise InputError(p, f"not a readable GGUF file ({msg})") from None
+
+
+def _add_tensors(reader, p: Path, gguf, tensors: dict, owner: dict) -> None:
+    """``reader``'s tensors into ``tensors`` (lazy views of the file's map); ``owner`` names the file each came
+    from, so a name that repeats across the shards of a split set is named with both files."""
     plain = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
-    tensors: dict[str, LazyTensor] = {}
     for rt in reader.tensors:
         if rt.name in tensors:
-            raise InputError(p, f"tensor {rt.name!r} appears twice")
+            again = "twice" if owner[rt.name] == p else f"again (it is also in {owner[rt.name].name})"
+            raise InputError(p, f"tensor {rt.name!r} appears {again}")
         tensors[rt.name] = GgufTensor(rt.name, rt, p) if rt.tensor_type in plain else GgufQuant(rt.name, rt, p)
+        owner[rt.name] = p
+
+
+# split GGUF sets (llama.cpp src/llama.cpp llama_split_path / llama_split_prefix; gguf-py GGUFWriter and
+# tools/gguf-split write them): shard k of n (1-based) is named "<prefix>-%05d-of-%05d.gguf"; every shard holds
+# split.no (0-based, uint16), split.count (uint16) and split.tensors.count (the set's tensors, int32); the first
+# holds the model's metadata, the others only the split keys and their own tensors
+SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
+SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>[0-9]{5,})-of-(?P<count>[0-9]{5,})\.gguf$")
+MAX_SPLITS = (1 << 16) - 1  # split.count is a uint16
+
+
+def split_name(prefix: str, no: int, count: int) -> str:
+    """llama.cpp's name of shard ``no`` (0-based) of ``count``."""
+    return f"{prefix}-{no + 1:05d}-of-{count:05d}.gguf"
+
+
+def _split_keys(f: dict, p: Path) -> Optional[tuple]:
+    """(split.no, split.count, split.tensors.count) of a shard, type- and range-checked; None for a file that is
+    not part of a split set (no split.count, 0 or 1)."""
+    F = Fields(f, str(p), "metadata key")
+    count = F.int("split.count", lo=0, hi=MAX_SPLITS)
+    no = F.int("split.no", lo=0, hi=MAX_SPLITS)
+    total = F.int("split.tensors.count", lo=0, hi=MAX_TENSORS)  # the set's views cost what one file's would
+    if count is None or count <= 1:  # llama.cpp reads the other split keys only for a split.count above 1; a set
+        # merged by llama-gguf-split --merge says 0 (tools/gguf-split/gguf-split.cpp)
+        return None
+    if no is None or total is None:
+        raise InputError(p, f"split.count is {count} but split.{'no' if no is None else 'tensors.count'} is missing")
+    if no >= count:
+        F.fail("split.no", f"a shard number below split.count ({count})", no)
+    return no, count, total
+
+
+def read_gguf(p: Path, **_) -> Checkpoint:
+    gguf = _gguf()
+    reader = _open(p, gguf)
+    tensors: dict[str, LazyTensor] = {}
     fields = _fields(reader)
+    split = _split_keys(fields, p)
+    files = [p]
+    if split is None:  # one file: its own tensors (a set of one shard says split.tensors.count: checked)
+        _add_tensors(reader, p, gguf, tensors, {})
+        total = fields.get("split.tensors.count")
+        if "split.count" in fields and total is not None and total != len(tensors):
+            raise InputError(p, f"split.tensors.count is {total}, the file holds {len(tensors)} tensors")
+    else:
+        files, fields = _read_split(p, reader, fields, split, gguf, tensors)
     types = sorted({t.qtype for t in tensors.values() if isinstance(t, GgufQuant)})
     notes = [f"GGUF quantized types {', '.join(types)}: dequantized row by row through the gguf package"] if types else []
-    return Checkpoint(str(p), "gguf", tensors, config=fields, meta={"files": [str(p)], "notes": notes,
-                                                                   "skipped": {}})
+    meta = {"files": [str(f) for f in files], "notes": notes, "skipped": {}}
+    if len(files) > 1:
+        meta["shards"] = len(files)
+        notes.append(f"split GGUF set of {len(files)} shards ({files[0].name} ... {files[-1].name}): read as one "
+                     "checkpoint, metadata from the first shard")
+    return Checkpoint(str(files[0]), _mla_layout(fields, tensors, files[0]), tensors, config=fields, meta=meta)
+
+
+# deepseek2 files written before llama.cpp split kv_b_proj for MLA's weight absorption (llama.cpp PR 12801) hold
+# one attn_kv_b a layer and no attention.key_length_mla / value_length_mla; llama.cpp still runs them
+# (src/models/deepseek2.cpp: without the MLA lengths the file is run as MHA through wkv_b)
+KV_B = _B + "attn_kv_b.weight"
+_KV_B = re.compile(r"^blk\.\d+\.attn_kv_b\.weight$")
+_K_B = re.compile(r"^blk\.\d+\.attn_[kv]_b\.weight$")
+
+
+def _mla_layout(fields: dict, tensors: dict, p: Path) -> str:
+    """The format a file's tensors follow: ``gguf-kvb`` for a deepseek2 file with ``attn_kv_b``, else ``gguf``.
+    A file that mixes the two layouts, or whose MLA metadata says the other one, is refused."""
+    if fields.get("general.architecture") != "deepseek2":
+        return "gguf"
+    fused, split = any(_KV_B.match(n) for n in tensors), any(_K_B.match(n) for n in tensors)
+    mla = [k for k in ("deepseek2.attention.key_length_mla", "deepseek2.attention.value_length_mla") if k in fields]
+    if fused and split:
+        raise InputError(p, "holds both attn_kv_b and attn_k_b / attn_v_b (llama.cpp writes one layout or the other)")
+    if fused and mla:
+        raise InputError(p, f"holds attn_kv_b (the layout from before llama.cpp split kv_b_proj) but its metadata has "
+                            f"{mla[0]}, which only files with attn_k_b / attn_v_b have")
+    if split and len(mla) < 2:
+        raise InputError(p, "holds attn_k_b / attn_v_b but its metadata lacks deepseek2.attention.key_length_mla or "
+                            "value_length_mla, which llama.cpp needs to run them")
+    return "gguf-kvb" if fused else "gguf"
+
+
+def _read_split(p: Path, reader, fields: dict, split: tuple, gguf, tensors: dict) -> tuple:
+    """Every shard of the split set ``p`` belongs to, found by llama.cpp's naming and checked as llama.cpp's
+    loader checks them (llama-model-loader.cpp): each present, of the same split.count, with its own split.no
+    and the same split.tensors.count, no tensor name twice, the tensors adding up to split.tensors.count; the
+    metadata is the first shard's, which no other shard may contradict. Returns (the shards' paths, the
+    set's metadata)."""
+    no, count, total = split
+    m = SPLIT_NAME.match(p.name)
+    if m is None or p.name != split_name(m["prefix"], no, count):
+        raise InputError(p, f"a shard of a split GGUF set (split.no {no}, split.count {count}) must be named "
+                            f"{split_name('<name>', no, count)} (llama.cpp's naming), so its other shards can be found")
+    paths = [p.with_name(split_name(m["prefix"], i, count)) for i in range(count)]
+    for i, q in enumerate(paths):
+        if not q.is_file():
+            raise InputError(q, f"shard {i + 1} of the split GGUF set of {count} is missing (given {p.name})")
+    owner: dict = {}
+    first = fields
+    for i, q in enumerate(paths):
+        r, f = (reader, fields) if q == p else (None, None)
+        if r is None:
+            r = _open(q, gguf)
+            f = _fields(r)
+        s = _split_keys(f, q)
+        if s is None:
+            raise InputError(q, f"not a shard of a split set (no split.count above 1), but named as shard {i + 1} "
+                                f"of {count}")
+        if s[1] != count:
+            raise InputError(q, f"split.count is {s[1]}, {p.name} says {count}")
+        if s[0] != i:
+            raise InputError(q, f"split.no is {s[0]}, but the file is shard {i + 1} of {count} (split.no {i})")
+        if s[2] != total:
+            raise InputError(q, f"split.tensors.count is {s[2]}, {p.name} says {total}")
+        if i == 0:
+            first = f
+        else:
+            _agree(first, f, paths[0], q)
+        _add_tensors(r, q, gguf, tensors, owner)
+    if len(tensors) != total:
+        raise InputError(paths[0], f"split.tensors.count is {total}, the {count} shards hold {len(tensors)} tensors")
+    return paths, {k: v for k, v in first.items() if k not in SPLIT_KEYS}
+
+
+def _agree(first: dict, other: dict, p0: Path, q: Path) -> None:
+    """A later shard's metadata against the first's: a key both hold must have one value (llama.cpp reads the
+    model from the first shard only, so a different value elsewhere is a file that contradicts its set). The
+    gguf package's own header fields (GGUF.*: version, tensor and key counts) are per file."""
+    for k, v in other.items():
+        if k in SPLIT_KEYS or k.startswith("GGUF.") or k not in first:
+            continue
+        if first[k] != v:
+            raise InputError(q, f"metadata key {k!r} is {v!r}, the first shard {p0.name} says {first[k]!r}")
+
+
+def _shards_in(p: Path) -> Optional[dict]:
+    """{(prefix, count): shard paths} of a directory whose .gguf files are all named as split shards, else None."""
+    try:
+        files = [q for q in p.iterdir() if q.name.endswith(".gguf")]
+    except OSError:
+        return None
+    sets: dict = {}
+    for q in files:
+        m = SPLIT_NAME.match(q.name)
+        if m is None:
+            return None
+        sets.setdefault((m["prefix"], m["count"]), []).append(q)
+    return sets or None
+
+
+def is_gguf_split_dir(p: Path) -> bool:
+    """A directory whose .gguf files are all shards of split sets (<name>-NNNNN-of-NNNNN.gguf)."""
+    return p.is_dir() and _shards_in(p) is not None
+
+
+def read_gguf_split_dir(p: Path, **kw) -> Checkpoint:
+    """The split set a directory holds, read from its first shard by name (or, if that one is missing, from
+    the first there is: the missing shard is then named). A directory of several sets names them."""
+    sets = _shards_in(p)
+    if not sets:
+        raise InputError(p, "no split GGUF shards (<name>-00001-of-0000N.gguf) in the directory")
+    if len(sets) > 1:
+        names = ", ".join(sorted(f"{prefix}-*-of-{count}.gguf" for prefix, count in sets))
+        raise InputError(p, f"holds {len(sets)} split GGUF sets ({names}): name one shard of the set to read")
+    return read_gguf(min(next(iter(sets.values()))), **kw)
 
 
 # ------------------------------------------------------------------ config
@@ -511,7 +679,7 @@ def canonical(f: dict, tensors: dict) -> dict:
 
 
 # ------------------------------------------------------------------ layout table (HF -> GGUF)
-def hf_to_gguf(cfg: ModelConfig) -> list:
+def hf_to_gguf(cfg: ModelConfig, kv_b: bool = False) -> list:
     """The table of llama.cpp's converter for ``cfg``'s family, derived from its declaration: its GGUF names
     (``layout_names["gguf"]`` where declared, else llama's), q/k permuted to interleaved pairs (q with the query
     head count, k with the KV head count) unless the family declares the GGUF rotary half-split; norms stored
@@ -522,7 +690,10 @@ def hf_to_gguf(cfg: ModelConfig) -> list:
     head's k part transposed) and ``attn_v_b`` (llama.cpp ``conversion/deepseek.py``), GPT-OSS's fused
     ``gate_up_proj`` (gate and up alternating) into ``ffn_gate_exps`` / ``ffn_up_exps`` with its ``down_proj``
     transposed to ``[E, D, F]`` (``conversion/gpt_oss.py``). An MoE model's dense first layers (DeepSeek's
-    first_k_dense_replace) keep ``ffn_{gate,up,down}``; the MoE rows apply to the other layers."""
+    first_k_dense_replace) keep ``ffn_{gate,up,down}``; the MoE rows apply to the other layers.
+
+    ``kv_b``: the deepseek2 layout of files written before llama.cpp split ``kv_b_proj`` (format ``gguf-kvb``):
+    ``attn_kv_b`` is ``kv_b_proj`` as it is."""
     from ckdiff.formats.layouts import MOE_HF, family_for
     from ckdiff.models.families import Attn, Norm, Rotary
     from ckdiff.tensor.ops_fused import Deinterleave, SplitKvB, SwapLast
@@ -539,7 +710,8 @@ def hf_to_gguf(cfg: ModelConfig) -> list:
         # as DeepSeek's rope_interleave weights are laid out)
         q = ("q_down", "q_down_norm", "q_up") if x.get("q_lora_rank") is not None else ("mla_q",)
         rules += [R(hf[s], G[s]) for s in q + ("kv_down", "kv_down_norm")]
-        rules.append(R(hf["kv_up"], G["kv_up"], SplitKvB(cfg.heads, x["qk_nope_head_dim"], x["v_head_dim"])))
+        rules.append(R(hf["kv_up"], KV_B) if kv_b else
+                     R(hf["kv_up"], G["kv_up"], SplitKvB(cfg.heads, x["qk_nope_head_dim"], x["v_head_dim"])))
     else:
         rules += [R(hf["q"], G["q"], qop), R(hf["k"], G["k"], kop), R(hf["v"], G["v"])]
     rules.append(R(hf["o"], G["o"]))
@@ -665,10 +837,17 @@ def _declare() -> None:
     from ckdiff.formats.layouts import DROP, register_table
     from ckdiff.formats.registry import Format, Input, Runtime, register
     register_table("gguf", lambda cfg: hf_to_gguf(cfg))  # looked up per call: tests patch the table
-    register(Format("gguf", "a .gguf file (llama.cpp), read through the gguf package", is_gguf, read_gguf,
-                    priority=20, input=Input.FILE, layout="gguf", config_file=".", config=config_from_gguf,
-                    canonical=canonical, drop=tuple(DROP["gguf"]), runtime=Runtime.VIA_HF,
-                    layer=r"^blk\.(\d+)\.", mapped_into=True))
+    same = dict(layout="gguf", config_file=".", config=config_from_gguf, canonical=canonical, drop=tuple(DROP["gguf"]),
+                runtime=Runtime.VIA_HF, layer=r"^blk\.(\d+)\.", mapped_into=True)
+    register(Format("gguf", "a .gguf file (llama.cpp), read through the gguf package; a shard of a split set "
+                            "(<name>-00001-of-0000N.gguf) reads the whole set", is_gguf, read_gguf, priority=20,
+                    input=Input.FILE, **same))
+    register(Format("gguf-split", "a directory holding the shards of one split GGUF set, read as one gguf checkpoint",
+                    is_gguf_split_dir, read_gguf_split_dir, priority=70, **same))
+    # never detected: the gguf reader names a file of this layout so (its tensor names differ from gguf's)
+    register(Format("gguf-kvb", "a deepseek2 .gguf from before llama.cpp split MLA's kv_b_proj (one attn_kv_b a "
+                                "layer), as the gguf reader finds it", lambda p: False, read_gguf, priority=25,
+                    input=Input.FILE, **{**same, "names": "gguf-kvb", "table": lambda cfg: hf_to_gguf(cfg, kv_b=True)}))
 
 
 _declare()

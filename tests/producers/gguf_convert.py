@@ -1,7 +1,7 @@
 """Runs llama.cpp's own ``convert_hf_to_gguf.py`` (from the llama-cpp-python sdist, vendor/llama.cpp)
 several times in one process: the converter's import of torch and transformers is paid once.
 
-Usage: python gguf_convert.py LLAMA_CPP_DIR HF_DIR:OUTTYPE:OUTFILE[:spm]...
+Usage: python gguf_convert.py LLAMA_CPP_DIR HF_DIR:OUTTYPE:OUTFILE[:spm][:split=N]...
 
 Each item is exactly the command line ``convert_hf_to_gguf.py HF_DIR --outtype OUTTYPE --outfile OUTFILE``
 (the converter's ``main()`` with that argv); the converter uses its own bundled ``gguf-py``.
@@ -10,6 +10,8 @@ Each item is exactly the command line ``convert_hf_to_gguf.py HF_DIR --outtype O
 hub tokenizer whose pre-tokenizer hash it knows, which an offline tiny tokenizer cannot be; for that item
 the vocab is written by the converter's own sentencepiece step instead (as its Qwen2Model/Qwen3Model do).
 Only the tokenizer metadata differs: the tensors and hyperparameters are the converter's as they are.
+
+``:split=N``: the converter's own ``--split-max-tensors N`` (a split set, ``<OUTFILE stem>-00001-of-0000K.gguf``).
 """
 import logging
 import sys
@@ -25,6 +27,7 @@ def main():
     for item in sys.argv[2:]:
         hf, outtype, outfile, *opt = item.split(":")
         sys.argv = ["convert_hf_to_gguf.py", hf, "--outtype", outtype, "--outfile", outfile]
+        sys.argv += [a for o in opt if o.startswith("split=") for a in ("--split-max-tensors", o[len("split="):])]
         base.TextModel._set_vocab_gpt2 = base.TextModel._set_vocab_sentencepiece if "spm" in opt else gpt2
         conv.main()
         logging.getLogger().handlers.clear()

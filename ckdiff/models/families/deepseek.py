@@ -80,7 +80,10 @@ _GATING = {1: "softmax", 2: "sigmoid"}
 def _deepseek_gguf(F, arch: str) -> dict:
     """What llama.cpp's deepseek2 metadata says in keys of its own (llama.cpp ``conversion/deepseek.py``
     ``DeepseekV2Model.set_gguf_parameters``): MLA runs as MQA there (head_count_kv 1; every head has its own k and
-    v here), ``rope.dimension_count`` is qk_rope_head_dim, ``attention.key_length_mla`` is nope + rope. Keys the
+    v here), ``rope.dimension_count`` is qk_rope_head_dim, ``attention.key_length_mla`` is nope + rope. A file
+    without the two MLA lengths is one from before llama.cpp split kv_b_proj (one ``attn_kv_b``): llama.cpp runs it
+    as MHA (``src/models/deepseek2.cpp``, ``llama-hparams.cpp`` ``is_mla``), so ``key_length`` is nope + rope,
+    ``value_length`` is v_head_dim and ``head_count_kv`` the head count, as its converter wrote them. Keys the
     converter leaves out take llama.cpp's defaults: no gating function -> softmax, no expert_weights_norm ->
     false, no expert_weights_scale -> 1, no group counts -> one group; no nextn key -> no MTP layer."""
     from ckdiff.errors import InputError
@@ -89,13 +92,23 @@ def _deepseek_gguf(F, arch: str) -> dict:
     H = F.int(k("attention.head_count"))
     rope, kmla = F.int(k("rope.dimension_count"), hi=MAX_SIZE), F.int(k("attention.key_length_mla"), hi=MAX_SIZE)
     vmla, kv = F.int(k("attention.value_length_mla"), hi=MAX_SIZE), F.int(k("attention.kv_lora_rank"), hi=MAX_SIZE)
+    if (kmla is None) != (vmla is None):  # llama.cpp reads the file as MLA only with both (is_mla)
+        raise InputError(F.where, f"metadata has only one of {arch}.attention.key_length_mla and value_length_mla")
+    if kmla is None:  # kv_b_proj unsplit: the MHA sizes
+        kmla, vmla = F.int(k("attention.key_length"), hi=MAX_SIZE), F.int(k("attention.value_length"), hi=MAX_SIZE)
+        kvh = F.int(k("attention.head_count_kv"), hi=1 << 16)
+        if None not in (H, kvh) and kvh != H:
+            F.fail(k("attention.head_count_kv"), f"the head count ({H}): without key_length_mla llama.cpp runs MLA "
+                                                 "as MHA, every head with its own k and v", kvh)
+        lengths = "attention.key_length, value_length"
+    else:
+        lengths = "attention.key_length_mla, value_length_mla"
     if None in (H, rope, kmla, vmla, kv):
-        raise InputError(F.where, f"metadata lacks {arch}.rope.dimension_count, attention.key_length_mla, "
-                                  "value_length_mla or kv_lora_rank: not a DeepSeek MLA file as llama.cpp's converter "
-                                  "writes it (files from before llama.cpp's MLA split hold attn_kv_b, which no table "
-                                  "here reads)")
+        raise InputError(F.where, f"metadata lacks {arch}.rope.dimension_count, {lengths} or kv_lora_rank: not a "
+                                  "DeepSeek MLA file as llama.cpp's converter writes it")
     if kmla <= rope:
-        F.fail(k("attention.key_length_mla"), f"more than rope.dimension_count ({rope})", kmla)
+        F.fail(k("attention.key_length_mla" if lengths.endswith("_mla") else "attention.key_length"),
+               f"more than rope.dimension_count ({rope})", kmla)
     gating = F.int(k("expert_gating_func"), lo=0, hi=8)
     if gating not in (None, 0, *_GATING):
         F.fail(k("expert_gating_func"), "1 (softmax) or 2 (sigmoid)", gating)
