@@ -1,0 +1,146 @@
+"""Misreadings of compressed-tensors' float-quantized / pack-quantized and GGUF's legacy quant types are named.
+
+The encoded side is written by the producing library: compressed-tensors 0.20.0's ``ModelCompressor`` (the ``ct``
+fixture of tests/test_producer_compressed_tensors.py, a tiny GQA Llama with random weights) and gguf-py's own
+``quants.quantize`` with its ``GGUFWriter`` (driven by ``ckdiff.formats.gguf.write_gguf``, which adds llama.cpp's
+metadata keys; the blocks are gguf-py's). The float side is what a converter with the bug writes, made here from
+the stored tensors with the producer's own decoding (compressed-tensors' ``unpack_from_int32`` and
+``dequantize``; gguf-py's ``quants.dequantize``) and the bug applied on top of it. ``ckdiff A B`` must name the
+misreading's kind on every tensor the bug changes, both ways round; the right decoding must pass (no finding).
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from test_producer_compressed_tensors import ct  # noqa: F401 (the session fixture)
+
+
+def _compare(a, b):
+    from ckdiff.compare.diff import compare_checkpoints
+    from ckdiff.formats.readers import open_checkpoint
+    return compare_checkpoints(open_checkpoint(str(a)), open_checkpoint(str(b)))
+
+
+def _save_float(src, dst, out: dict):
+    """``out`` (float tensors by HF name) written as an HF directory with ``src``'s config minus its
+    quantization_config (a dequantized model as converters save it)."""
+    dst.mkdir()
+    save_file({k: v.contiguous() for k, v in out.items()}, dst / "model.safetensors", metadata={"format": "pt"})
+    c = json.loads((src / "config.json").read_text())
+    c.pop("quantization_config", None)
+    (dst / "config.json").write_text(json.dumps(c))
+    return dst
+
+
+def _check(enc, good, bad, kind, changed):
+    """``good`` passes against ``enc`` both ways; against ``bad`` exactly the tensors ``changed`` differ, each named
+    ``kind`` and nothing else."""
+    for a, b in ((enc, good), (good, enc)):
+        res = _compare(a, b)
+        assert res.equivalent, [(t.name, t.status, t.diagnosis) for t in res.tensors if not t.ok]
+    for a, b in ((enc, bad), (bad, enc)):
+        res = _compare(a, b)
+        wrong = {t.name: [f["kind"] for f in t.findings] for t in res.tensors if not t.ok}
+        assert set(wrong) == set(changed) and all(k == [kind] for k in wrong.values()), \
+            (sorted(changed), [(t.name, t.diagnosis) for t in res.tensors if not t.ok])
+
+
+# ------------------------------------------------------------------ compressed-tensors
+def _ct_float(src, dst, how):
+    """The float checkpoint a converter dequantizing the compressed-tensors directory ``src`` ``how`` writes, with
+    compressed-tensors' own ``unpack_from_int32`` and ``dequantize``; returns (path, names of the weights whose
+    values the bug changes)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+    from compressed_tensors.quantization.lifecycle.forward_helpers import _dequantize
+    q = json.loads((src / "config.json").read_text())["quantization_config"]
+    args = QuantizationArgs(**q["config_groups"]["group_0"]["weights"])
+    sd = load_file(src / "model.safetensors")
+    mods = sorted(k[: -len(".weight_scale")] for k in sd if k.endswith(".weight_scale"))
+    parts = {f"{m}.{p}" for m in mods for p in ("weight", "weight_packed", "weight_shape", "weight_scale",
+                                                  "weight_zero_point")}
+    out = {k: v for k, v in sd.items() if k not in parts}
+    changed = set()
+    bits = args.num_bits
+    for m in mods:
+        s, zp = sd[f"{m}.weight_scale"], sd.get(f"{m}.weight_zero_point")
+        if f"{m}.weight" in sd:  # float-quantized: float8_e4m3fn codes
+            w = sd[f"{m}.weight"]
+            right = dequantize(w, s, None, args)
+            if how == "e5m2":
+                v = dequantize(w.view(torch.float8_e5m2), s, None, args)
+            elif how == "uint8":
+                v = dequantize(w.view(torch.uint8), s, None, args)
+            elif how == "reciprocal":
+                v = dequantize(w, 1 / s, None, args)
+            elif how == "transposed" and args.strategy == "channel" and w.shape[0] == w.shape[1]:
+                v = w.float() * s.reshape(1, -1)  # the [out, 1] scales flattened: broadcast over the columns
+            elif how == "transposed" and s.dim() == 2 and s.shape[0] == s.shape[1] > 1:
+                v = dequantize(w, s.T.contiguous(), None, args)
+            else:
+                v = right
+        else:  # pack-quantized: int codes in int32 words
+            R, C = sd[f"{m}.weight_shape"].tolist()
+            G = s.shape[1]
+            codes = unpack_from_int32(sd[f"{m}.weight_packed"], bits, torch.Size([R, C])).to(torch.int16)
+            z = unpack_from_int32(zp, bits, torch.Size([R, G]), packed_dim=0) if zp is not None else None
+            right = dequantize(codes, s, z, args)
+            off = 1 << (bits - 1)
+            if how == "offset-forgotten":
+                v = dequantize(codes + off, s, z, args)
+            elif how == "offset-twice":
+                v = dequantize(codes - off, s, z, args)
+            elif how == "zp-sign":
+                v = dequantize(codes, s, -z, args)
+            elif how == "reciprocal":
+                v = dequantize(codes, 1 / s, z, args)
+            elif how == "reversed":  # the fields of each int32 word in the opposite order
+                per = 32 // bits
+                v = dequantize(codes.reshape(R, -1, per).flip(-1).reshape(R, C), s, z, args)
+            elif how == "group64":  # groups of 64 hard-coded: element j takes its row's scale / zero point j // 64
+                idx = torch.arange(C) // 64
+                v = _dequantize(codes, s[:, idx], z[:, idx] if z is not None else None)
+            else:
+                v = right
+        out[f"{m}.weight"] = v.float()
+        if not torch.equal(v.float(), right.float()):
+            changed.add(f"{m}.weight")
+    return _save_float(src, dst, out), changed
+
+
+@pytest.mark.parametrize("scheme,how,kind", [
+    ("fp8-channel", "e5m2", "codes-of-another-encoding"),
+    ("fp8-block", "uint8", "codes-of-another-encoding"),
+    ("fp8-tensor", "reciprocal", "scale-reciprocal"),
+    ("fp8-block", "reciprocal", "scale-reciprocal"),
+    ("fp8-channel", "transposed", "scale-transposed"),
+    ("fp8-block", "transposed", "scale-transposed"),
+    ("int4-group", "offset-forgotten", "code-offset-wrong"),
+    ("int8-channel-zp", "offset-forgotten", "code-offset-wrong"),
+    ("int4-group-zp", "offset-twice", "code-offset-wrong"),
+    ("int4-group", "reversed", "word-order-reversed"),
+    ("int8-channel", "reversed", "word-order-reversed"),
+    ("int4-group-zp", "zp-sign", "offset-sign-wrong"),
+    ("int8-channel-zp", "zp-sign", "offset-sign-wrong"),
+    ("int8-channel", "reciprocal", "scale-reciprocal"),
+    ("int4-group-zp", "reciprocal", "scale-reciprocal"),
+    ("int4-group", "group64", "group-size-wrong"),
+    ("int4-group-zp", "group64", "group-size-wrong"),
+])
+def test_ct_misreading_is_named_both_ways(ct, tmp_path, scheme, how, kind):  # noqa: F811
+    good, _ = _ct_float(ct[scheme], tmp_path / "right", "right")
+    bad, changed = _ct_float(ct[scheme], tmp_path / how, how)
+    assert changed, "the bug changes nothing in this fixture: the test could not fail"
+    if how == "transposed":  # only where the shapes let the broadcast through: q_proj, o_proj (and down_proj's
+        # 2 x 2 grid of 32 x 48 blocks)
+        assert {n.split(".")[-2] for n in changed} == ({"q_proj", "o_proj"} if scheme == "fp8-channel"
+                                                       else {"q_proj", "o_proj", "down_proj"}), changed
+    else:
+        assert len(changed) == 14, changed
+    _check(ct[scheme], good, bad, kind, changed)
