@@ -144,3 +144,94 @@ def test_ct_misreading_is_named_both_ways(ct, tmp_path, scheme, how, kind):  # n
     else:
         assert len(changed) == 14, changed
     _check(ct[scheme], good, bad, kind, changed)
+
+
+# ------------------------------------------------------------------ GGUF legacy types
+def _gguf_names(cfg) -> dict:
+    """GGUF name -> (HF name, rotary head count or 0) of llama.cpp's llama tensors."""
+    out = {"token_embd.weight": ("model.embed_tokens.weight", 0), "output.weight": ("lm_head.weight", 0)}
+    for i in range(cfg.layers):
+        for g, h, heads in (("attn_q", "self_attn.q_proj", cfg.heads), ("attn_k", "self_attn.k_proj", cfg.kv_heads),
+                            ("attn_v", "self_attn.v_proj", 0), ("attn_output", "self_attn.o_proj", 0),
+                            ("ffn_gate", "mlp.gate_proj", 0), ("ffn_up", "mlp.up_proj", 0),
+                            ("ffn_down", "mlp.down_proj", 0)):
+            out[f"blk.{i}.{g}.weight"] = (f"model.layers.{i}.{h}.weight", heads)
+    return out
+
+
+def _gguf_float(gguf_path, src, dst, cfg, how):
+    """The HF checkpoint a converter dequantizing the GGUF file ``gguf_path`` ``how`` writes (the float source
+    ``src`` gives the tensors GGUF keeps in float, and config.json): gguf-py's ``quants.dequantize`` of each
+    quantized tensor with the bug applied, q and k permuted back to HF's rotary order; returns (path, GGUF names
+    of the tensors the bug changes)."""
+    import gguf
+
+    from ckdiff.formats.readers import open_checkpoint
+    from ckdiff.tensor.ops import rope_to_half
+    out = {k: t.load().float() for k, t in open_checkpoint(str(src)).tensors.items()}
+    names, changed = _gguf_names(cfg), set()
+    for rt in gguf.GGUFReader(str(gguf_path)).tensors:
+        qt = rt.tensor_type
+        if qt.name not in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"):
+            continue
+        raw = np.array(rt.data)
+        bs = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24}[qt.name]
+        R = raw.shape[0]
+        blocks = raw.reshape(R, -1, bs)
+        right = torch.from_numpy(gguf.quants.dequantize(raw, qt).astype(np.float32))
+        C = right.shape[1]
+        d = torch.from_numpy(blocks[:, :, :2].copy().view(np.float16).astype(np.float32)[..., 0])
+        per = d.repeat_interleave(32, 1)
+        if how == "interleaved":  # element 2j from byte j's low nibble, 2j+1 from its high one
+            v = right.reshape(R, -1, 2, 16).transpose(2, 3).reshape(R, C)
+        elif how == "halves-swapped":
+            v = right.reshape(R, -1, 2, 16).flip(2).reshape(R, C)
+        elif how == "bf16":  # the fp16 d (and m) bytes decoded as bfloat16
+            one = blocks.copy()
+            one[:, :, :2] = np.array([1.0], dtype=np.float16).view(np.uint8)
+            has_m = qt.name in ("Q4_1", "Q5_1")
+            if has_m:
+                one[:, :, 2:4] = 0
+            codes = torch.from_numpy(gguf.quants.dequantize(one.reshape(R, -1), qt).astype(np.float32))
+            bf = lambda lo: torch.from_numpy(blocks[:, :, lo:lo + 2].copy()).view(torch.bfloat16).float()[..., 0]  # noqa
+            v = codes * bf(0).repeat_interleave(32, 1) + (bf(2).repeat_interleave(32, 1) if has_m else 0.0)
+        elif how == "min-sign":  # d * q - m: m's sign bit flipped, then gguf-py's own dequantization
+            flip = blocks.copy()
+            flip[:, :, 3] ^= 0x80
+            v = torch.from_numpy(gguf.quants.dequantize(flip.reshape(R, -1), qt).astype(np.float32))
+        elif how == "offset-forgotten":  # Q4_0's stored nibble (code + 8) taken as the code
+            v = right + 8 * per
+        elif how == "reciprocal":
+            v = right / per / per
+        else:
+            v = right
+        hf_name, heads = names[rt.name]
+        if not torch.equal(v, right):
+            changed.add(rt.name)
+        out[hf_name] = rope_to_half(v, heads, cfg.head_dim) if heads else v
+    return _save_float(src, dst, out), changed
+
+
+@pytest.mark.parametrize("qtype,how,kind", [
+    ("Q4_0", "interleaved", "nibbles-interleaved"),
+    ("Q4_1", "interleaved", "nibbles-interleaved"),
+    ("Q5_0", "interleaved", "nibbles-interleaved"),
+    ("Q5_1", "halves-swapped", "nibbles-swapped"),
+    ("Q8_0", "bf16", "scale-of-another-encoding"),
+    ("Q4_0", "bf16", "scale-of-another-encoding"),
+    ("Q4_1", "bf16", "scale-of-another-encoding"),
+    ("Q4_1", "min-sign", "offset-sign-wrong"),
+    ("Q5_1", "min-sign", "offset-sign-wrong"),
+    ("Q4_0", "offset-forgotten", "code-offset-wrong"),
+    ("Q8_0", "reciprocal", "scale-reciprocal"),
+])
+def test_gguf_misreading_is_named_both_ways(tiny_hf, tmp_path, qtype, how, kind):
+    from ckdiff.convert.api import read_source
+    from ckdiff.formats.gguf import write_gguf
+    src = tiny_hf("llama-gqa")
+    ck, cfg = read_source(str(src))
+    enc = write_gguf(tmp_path / "m.gguf", {k: t.load() for k, t in ck.tensors.items()}, cfg, qtype)
+    good, _ = _gguf_float(enc, src, tmp_path / "right", cfg, "right")
+    bad, changed = _gguf_float(enc, src, tmp_path / how, cfg, how)
+    assert len(changed) == 16, changed  # every quantized tensor: 7 per layer, the embedding and the head
+    _check(enc, good, bad, kind, changed)

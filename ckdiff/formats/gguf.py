@@ -175,6 +175,51 @@ class GgufQuant(BlockScaled):
             return super().rows(start, stop)
         return torch.from_numpy(self.dense(start, stop)).reshape((stop - start,) + self.shape[1:])
 
+    def misreadings(self, start, stop) -> dict:
+        """Values a converter that misreads the 32-element legacy blocks (and MXFP4's) writes, by the finding each
+        names (``compare/diagnose_scaled.py`` tries them). The 4- and 5-bit types hold element j of a block in the
+        low nibble of byte j and element j + 16 in the high one: read as interleaved pairs (element 2j low, 2j + 1
+        high: the order of HF's MXFP4, compressed-tensors' and NVFP4's packing, ``nibbles-interleaved``) or with
+        the halves exchanged (``nibbles-swapped``). The fp16 ``d`` (and Q4_1/Q5_1's ``m``) decoded as bfloat16
+        (``scale-of-another-encoding``, judged in the misread scale's own steps: its values are about 1e-20 of
+        the right ones); ``d`` dividing (``scale-reciprocal``); Q4_0/Q5_0's stored ``code + 8`` / ``code + 16``
+        read without the offset or with it subtracted twice (``code-offset-wrong``); Q4_1/Q5_1's minimum
+        subtracted, ``d * q - m`` (``offset-sign-wrong``)."""
+        if self.qtype not in LEGACY_BYTES and self.qtype != "MXFP4":
+            return {}
+        raw = self._bytes(start, stop)
+        C = self.shape[-1]
+        R, nb = raw.shape[0], C // 32
+        if not R or C % 32:
+            return {}
+        out = {}
+        if self.qtype == "MXFP4":
+            right = self.rows(start, stop).reshape(R, C)
+        else:
+            codes, d, m, dbf, mbf = _legacy(self.qtype, raw)
+            per = lambda g: g.repeat_interleave(32, 1)  # noqa: E731 (a block's value for each element)
+            base = per(m) if m is not None else 0.0
+            right = codes * per(d) + base
+            out["scale-of-another-encoding"] = (
+                {"scales": "fp16 d and m" if m is not None else "fp16 d", "read": "bfloat16"},
+                codes * per(dbf) + (per(mbf) if m is not None else 0.0), per(dbf).abs())
+            out["scale-reciprocal"] = ({"unit": "block"}, lambda: codes / per(d) + base)
+            if self.qtype in ("Q4_0", "Q5_0"):
+                off = 8 if self.qtype == "Q4_0" else 16
+                out["code-offset-wrong"] = [
+                    ({"how": "as their stored fields, without subtracting the offset", "offset": off},
+                     lambda: (codes + off) * per(d)),
+                    ({"how": "with the offset subtracted twice", "offset": off}, lambda: (codes - off) * per(d))]
+            if m is not None:
+                out["offset-sign-wrong"] = ({"read": "subtracts each block's minimum, d * q - m",
+                                             "right": "d * q + m"}, lambda: codes * per(d) - base)
+        if self.qtype != "Q8_0":
+            halves = lambda: right.reshape(R, nb, 2, 16)  # noqa: E731
+            out["nibbles-interleaved"] = ({"half": 16, "blocks": R * nb},
+                                          lambda: halves().transpose(2, 3).reshape(R, C))
+            out["nibbles-swapped"] = ({"blocks": R * nb}, lambda: halves().flip(2).reshape(R, C))
+        return out
+
     def reference(self, x: torch.Tensor):
         """The gguf package's own quantizer on float rows ``x``."""
         if self.qtype not in BLOCKS:
@@ -214,6 +259,27 @@ def _split(qtype: str, raw: np.ndarray, C: int) -> Scaled:
         nib = np.concatenate([qs & 0x0F, qs >> 4], axis=2).astype(np.int8) - 8
         codes = torch.from_numpy(np.ascontiguousarray(nib).reshape(R, C))
     return Scaled(codes, d, (1, n))
+
+
+def _legacy(qtype: str, raw: np.ndarray) -> tuple:
+    """(codes [R, C], d, m, d and m decoded as bfloat16 [R, C / 32]; float32) of legacy-type row bytes, each element
+    ``codes * d + m`` (m None for the types without a minimum). The codes are the gguf package's own decoding of
+    the blocks with d set to 1 and m to 0 (``quants.dequantize``), so they carry its nibble and fifth-bit order."""
+    gguf = _gguf()
+    bs, R = LEGACY_BYTES[qtype], raw.shape[0]
+    b = np.ascontiguousarray(raw).reshape(R, -1, bs).copy()
+    as16 = lambda lo: np.ascontiguousarray(b[:, :, lo:lo + 2]).view(np.uint16)[..., 0]  # noqa: E731
+    bf16 = lambda u: torch.from_numpy((u.astype(np.uint32) << 16).view(np.float32))  # noqa: E731 (the top half)
+    fp16 = lambda u: torch.from_numpy(u.view(np.float16).astype(np.float32))  # noqa: E731
+    du = as16(0)
+    mu = as16(2) if qtype in ("Q4_1", "Q5_1") else None
+    b[:, :, :2] = np.array([1.0], dtype=np.float16).view(np.uint8)
+    if mu is not None:
+        b[:, :, 2:4] = 0
+    codes = gguf.quants.dequantize(b.reshape(R, -1), gguf.GGMLQuantizationType[qtype])
+    codes = torch.from_numpy(np.ascontiguousarray(codes, dtype=np.float32).reshape(R, -1))
+    return (codes, fp16(du), fp16(mu) if mu is not None else None, bf16(du),
+            bf16(mu) if mu is not None else None)
 
 
 def _fields(reader) -> dict:
