@@ -169,8 +169,9 @@ def _variants(found):
 
 def _misread(enc: BlockScaled, flt: LazyTensor) -> Optional[Finding]:
     """The float side equals one of the ways a converter misreads ``enc`` (its ``misreadings``: E8M0 bytes used
-    as values, nibbles swapped, a scale grid or a layout not transposed, another block size, codes decoded as
-    another code format, a zero point wrapped): that misreading names the bug. Values are rows ``[-1, last]``;
+    as values, nibbles swapped or interleaved, a scale grid or a layout not transposed, another block size, codes
+    or scales decoded as another format, a code offset or a zero point's sign wrong, a zero point wrapped): that
+    misreading names the bug. Values are rows ``[-1, last]``;
     a misreading of another shape than ``enc`` (FP4 bytes read one value each) is tried on a float side of its
     shape."""
     misreadings = getattr(enc, "misreadings", None)

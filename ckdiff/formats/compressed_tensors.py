@@ -40,7 +40,9 @@ nearest, and a rounded zero point shifts the grid by at most half a step, so cla
 widened by the rounding of 16-bit arithmetic when the scales are bf16/fp16 (``_bound``). An NVFP4 view lists
 the ways a converter misreads it (``misreadings``: the global scale multiplied as modelopt's is, nibbles
 swapped, a larger block hard-coded, the bytes read as FP8 or the nibbles as int4); a float side equal to one is
-named by it.
+named by it. So do the FP8 views (codes read as e5m2 or uint8, scales divided or applied along the other axis)
+and the packed int views (the field offset not subtracted or subtracted twice, each word's fields reversed, the
+zero point added, scales divided, a wider group).
 
 Activation and KV-cache quantization parameters (``input_scale``, ``k_scale`` ...) are run-time settings,
 not weights: the reader skips them by name (coverage lists them). Anything else in ``quantization_config``

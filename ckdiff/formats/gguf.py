@@ -14,6 +14,8 @@ Facts (gguf 0.19.0, ``gguf/gguf_reader.py``, ``gguf/quants.py``, ``gguf/constant
 - Scale of each element (what a quantized value is judged in): Q8_0 and Q4_0 the block's fp16 ``d``
   (32 elements); Q4_K the sub-block step ``d * sc`` (32 elements, 6-bit ``sc``); Q6_K ``d * sc``
   (16 elements, int8 ``sc``).
+- A float side equal to a misreading of the legacy blocks (``GgufQuant.misreadings``: nibbles interleaved or
+  halves swapped, fp16 scales decoded as bfloat16, the offset or the minimum's sign wrong) is named by it.
 """
 from __future__ import annotations
 
