@@ -172,6 +172,13 @@ def _gguf_float(gguf_path, src, dst, cfg, how):
     names, changed = _gguf_names(cfg), set()
     for rt in gguf.GGUFReader(str(gguf_path)).tensors:
         qt = rt.tensor_type
+        if qt.name == "Q4_K":
+            v, right = _q4k_float(rt, how)
+            hf_name, heads = names[rt.name]
+            if not torch.equal(v, right):
+                changed.add(rt.name)
+            out[hf_name] = rope_to_half(v, heads, cfg.head_dim) if heads else v
+            continue
         if qt.name not in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"):
             continue
         raw = np.array(rt.data)
@@ -210,6 +217,55 @@ def _gguf_float(gguf_path, src, dst, cfg, how):
             changed.add(rt.name)
         out[hf_name] = rope_to_half(v, heads, cfg.head_dim) if heads else v
     return _save_float(src, dst, out), changed
+
+
+def _q4k_float(rt, how):
+    """(buggy, right) values of a Q4_K tensor: gguf-py's ``quants.dequantize`` of its blocks, for the sub-scale bugs
+    on blocks whose 12 scale bytes are rewritten so that the package's own ``get_scale_min`` reads what the buggy
+    unpacking reads; interleaved nibbles as each 64 elements' placement."""
+    import gguf
+    raw = np.array(rt.data)
+    R = raw.shape[0]
+    qt = rt.tensor_type
+    deq = lambda b: torch.from_numpy(gguf.quants.dequantize(b.reshape(R, -1), qt).astype(np.float32))  # noqa
+    right = deq(raw)
+    b = raw.reshape(-1, 144).copy()
+    lo, mn, hi = (b[:, 4 + 4 * i: 8 + 4 * i].copy() for i in range(3))
+    if how == "k-high-bits":  # sub-blocks 4-7 without the top two bits kept in bytes 0-7
+        b[:, 4:12] &= 0x3F
+    elif how == "k-low-rule":  # sub-blocks 4-7 read as 0-3 are: scale = byte 4+j & 63, minimum = byte 8+j & 63
+        b[:, 4:8] = (lo & 0x3F) | (((mn >> 4) & 3) << 6)
+        b[:, 8:12] = (mn & 0x3F) | (((hi >> 4) & 3) << 6)
+        b[:, 12:16] = (mn & 0x0F) | ((hi & 0x0F) << 4)
+    elif how == "k-nibbles":  # the scale and minimum nibbles of bytes 8-11 exchanged
+        b[:, 12:16] = (hi >> 4) | ((hi & 0x0F) << 4)
+    elif how == "interleaved":
+        return right.reshape(R, -1, 2, 32).transpose(2, 3).reshape(R, -1), right
+    return deq(b), right
+
+
+@pytest.mark.parametrize("how,kind", [("k-high-bits", "sub-scales-misread"), ("k-low-rule", "sub-scales-misread"),
+                                      ("k-nibbles", "sub-scales-misread"), ("interleaved", "nibbles-interleaved")])
+def test_gguf_q4_k_misreading_is_named_both_ways(tmp_path, how, kind):
+    """Q4_K blocks of random bytes (d, dmin in a weight's range) written by gguf-py's GGUFWriter: the package has
+    no K-quant quantizer and llama.cpp's is compiled C, so these are not a quantizer's output, but every byte
+    pattern is a valid block, and gguf-py's dequantization is the oracle of the right and the buggy readings. The
+    float source for the tensors GGUF keeps in float comes from the file itself (ckdiff's GGUF -> HF table)."""
+    from test_formats_dcp_mcore_gguf_fp8 import _random_kquant_gguf, _write_hf
+
+    from ckdiff.formats.layouts import convert
+    from ckdiff.formats.readers import open_checkpoint
+    from ckdiff.golden.models import tiny_config
+    from ckdiff.models.config import model_config
+    cfg = tiny_config("llama-blockwise")
+    enc = _random_kquant_gguf(tmp_path / "k.gguf", cfg, "Q4_K")
+    ck = open_checkpoint(str(enc))
+    src = _write_hf(tmp_path / "hf", {k: t.load().float().clone() for k, t in
+                                      convert(ck.tensors, "gguf", "hf", model_config(ck)).items()}, model_config(ck))
+    good, _ = _gguf_float(enc, src, tmp_path / "right", cfg, "right")
+    bad, changed = _gguf_float(enc, src, tmp_path / how, cfg, how)
+    assert len(changed) == 16, changed
+    _check(enc, good, bad, kind, changed)
 
 
 @pytest.mark.parametrize("qtype,how,kind", [

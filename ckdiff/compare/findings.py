@@ -38,6 +38,7 @@ class Kind(str, Enum):
     OFFSET_SIGN_WRONG = "offset-sign-wrong"          # a zero point or block minimum applied with the wrong sign
     NIBBLES_INTERLEAVED = "nibbles-interleaved"      # block-halves nibble order read as interleaved pairs
     SCALE_OF_ANOTHER_ENCODING = "scale-of-another-encoding"  # the scale bytes decoded as another float format
+    SUB_SCALES_MISREAD = "sub-scales-misread"        # K-quant 6-bit sub-block scales / minimums unpacked wrong
 
 
 TEXT = {
@@ -95,6 +96,8 @@ TEXT = {
                               "nibble and element j+{half} in the high one ({blocks} blocks)",
     Kind.SCALE_OF_ANOTHER_ENCODING: "scales decoded as another format: the float side reads the {encoding} block "
                                     "scales ({scales}) as {read}",
+    Kind.SUB_SCALES_MISREAD: "sub-block scales unpacked wrong: the float side reads the 6-bit {encoding} scales and "
+                             "minimums of sub-blocks 4-7 {how}",
 }
 
 
