@@ -17,7 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from test_producer_compressed_tensors import ct  # noqa: F401 (the session fixture)
+from test_producer_compressed_tensors import ct  # noqa: F401 (the session fixtures)
+from test_producer_gguf import gguf_files  # noqa: F401
 
 
 def _compare(a, b):
@@ -132,8 +133,13 @@ def _ct_float(src, dst, how):
     ("int4-group-zp", "reciprocal", "scale-reciprocal"),
     ("int4-group", "group64", "group-size-wrong"),
     ("int4-group-zp", "group64", "group-size-wrong"),
+    # from the bfloat16 source: bf16 scales, and compressed-tensors' dequantize computing in bf16
+    ("bf16/int4-group-zp", "zp-sign", "offset-sign-wrong"),
+    ("bf16/int8-channel-zp", "offset-forgotten", "code-offset-wrong"),
+    ("bf16/fp8-block", "e5m2", "codes-of-another-encoding"),
 ])
 def test_ct_misreading_is_named_both_ways(ct, tmp_path, scheme, how, kind):  # noqa: F811
+    """Every quantized Linear (14) misread, or where the shapes let the broadcast through, the square ones."""
     good, _ = _ct_float(ct[scheme], tmp_path / "right", "right")
     bad, changed = _ct_float(ct[scheme], tmp_path / how, how)
     assert changed, "the bug changes nothing in this fixture: the test could not fail"
@@ -290,4 +296,17 @@ def test_gguf_misreading_is_named_both_ways(tiny_hf, tmp_path, qtype, how, kind)
     good, _ = _gguf_float(enc, src, tmp_path / "right", cfg, "right")
     bad, changed = _gguf_float(enc, src, tmp_path / how, cfg, how)
     assert len(changed) == 16, changed  # every quantized tensor: 7 per layer, the embedding and the head
+    _check(enc, good, bad, kind, changed)
+
+
+@pytest.mark.parametrize("how,kind", [("bf16", "scale-of-another-encoding"), ("reciprocal", "scale-reciprocal")])
+def test_llama_cpp_q8_0_misreading_is_named_both_ways(gguf_files, tmp_path, how, kind):  # noqa: F811
+    """The Q8_0 file llama.cpp's own convert_hf_to_gguf.py wrote (``--outtype q8_0``, tests/test_producer_gguf.py)
+    of a tiny Llama: every tensor it quantized, misread."""
+    from ckdiff.convert.api import read_source
+    src, enc = gguf_files / "llama", gguf_files / "llama.q8_0.gguf"
+    _, cfg = read_source(str(src))
+    good, _ = _gguf_float(enc, src, tmp_path / "right", cfg, "right")
+    bad, changed = _gguf_float(enc, src, tmp_path / how, cfg, how)
+    assert len(changed) >= 14, changed  # the 7 Linears of each of 2 layers at least
     _check(enc, good, bad, kind, changed)
