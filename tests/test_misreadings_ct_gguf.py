@@ -206,7 +206,8 @@ def _gguf_float(gguf_path, src, dst, cfg, how):
             if has_m:
                 one[:, :, 2:4] = 0
             codes = torch.from_numpy(gguf.quants.dequantize(one.reshape(R, -1), qt).astype(np.float32))
-            bf = lambda lo: torch.from_numpy(blocks[:, :, lo:lo + 2].copy()).view(torch.bfloat16).float()[..., 0]  # noqa
+            def bf(lo):
+                return torch.from_numpy(blocks[:, :, lo:lo + 2].copy()).view(torch.bfloat16).float()[..., 0]
             v = codes * bf(0).repeat_interleave(32, 1) + (bf(2).repeat_interleave(32, 1) if has_m else 0.0)
         elif how == "min-sign":  # d * q - m: m's sign bit flipped, then gguf-py's own dequantization
             flip = blocks.copy()
