@@ -157,16 +157,21 @@ def _matches(a: torch.Tensor, b: torch.Tensor, slack) -> bool:
 
 
 def _variants(found):
-    """(params, values) of a misreading: one pair, or a list of them (variants of one kind); ``values`` may be a
-    callable that makes them (computed only when reached)."""
-    for params, values in (found if isinstance(found, list) else [found]):
-        yield params, (values() if callable(values) else values)
+    """(params, values, units) of a misreading: one ``(params, values)`` or ``(params, values, units)``, or a list
+    of them (variants of one kind); ``values`` may be a callable that makes them (computed only when reached).
+    ``units`` (optional, per element): the misread encoding's own steps, for a misreading whose values are far
+    smaller than the right ones (a scale decoded as another float format): half of one is the slack then, where
+    half a step of the right encoding would let any small float side match."""
+    for item in (found if isinstance(found, list) else [found]):
+        params, values, units = (tuple(item) + (None,))[:3]
+        yield params, (values() if callable(values) else values), units
 
 
 def _misread(enc: BlockScaled, flt: LazyTensor) -> Optional[Finding]:
     """The float side equals one of the ways a converter misreads ``enc`` (its ``misreadings``: E8M0 bytes used
-    as values, nibbles swapped, a scale grid or a layout not transposed, another block size, codes decoded as
-    another code format, a zero point wrapped): that misreading names the bug. Values are rows ``[-1, last]``;
+    as values, nibbles swapped or interleaved, a scale grid or a layout not transposed, another block size, codes
+    or scales decoded as another format, a code offset or a zero point's sign wrong, a zero point wrapped): that
+    misreading names the bug. Values are rows ``[-1, last]``;
     a misreading of another shape than ``enc`` (FP4 bytes read one value each) is tried on a float side of its
     shape."""
     misreadings = getattr(enc, "misreadings", None)
@@ -177,13 +182,14 @@ def _misread(enc: BlockScaled, flt: LazyTensor) -> Optional[Finding]:
     right = enc.rows(0, enc.nrows).reshape(-1, enc.shape[-1])
     unit = enc.units(0, enc.nrows).reshape(right.shape)
     for kind, found in misreadings(0, enc.nrows).items():
-        for params, values in _variants(found):
+        for params, values, own in _variants(found):
             if values.shape != x.shape:
                 continue
             same = values.shape == right.shape
             if same and _matches(values, right, enc.bound * unit):
                 continue  # a misreading that reads as the right values here (within a step) names nothing
-            if _matches(values, x, 0.5 * unit if same else 0.0):
+            slack = 0.5 * own if own is not None else (0.5 * unit if same else 0.0)
+            if _matches(values, x, slack):
                 return Finding(Kind(kind), {"encoding": enc.encoding, **params})
     return None
 

@@ -34,6 +34,11 @@ class Kind(str, Enum):
     BLOCK_SIZE_WRONG = "block-size-wrong"            # each block scale applied to another number of elements
     CODES_OF_ANOTHER_ENCODING = "codes-of-another-encoding"  # the codes decoded as another code format's
     ZERO_POINT_UNDERFLOW = "zero-point-underflow"    # an affine group's zero point wrapped or clipped to its bits
+    CODE_OFFSET_WRONG = "code-offset-wrong"          # unsigned stored fields (code + offset) read without / twice
+    OFFSET_SIGN_WRONG = "offset-sign-wrong"          # a zero point or block minimum applied with the wrong sign
+    NIBBLES_INTERLEAVED = "nibbles-interleaved"      # block-halves nibble order read as interleaved pairs
+    SCALE_OF_ANOTHER_ENCODING = "scale-of-another-encoding"  # the scale bytes decoded as another float format
+    SUB_SCALES_MISREAD = "sub-scales-misread"        # K-quant 6-bit sub-block scales / minimums unpacked wrong
 
 
 TEXT = {
@@ -82,6 +87,17 @@ TEXT = {
     Kind.ZERO_POINT_UNDERFLOW: "zero point {how}: the float side is the {encoding} values with each group's zero "
                                "point (-bias / scale, the code of 0.0) held in an unsigned {bits}-bit field "
                                "({groups} groups changed)",
+    Kind.CODE_OFFSET_WRONG: "code offset wrong: the float side reads the {encoding} codes {how}; each stored field "
+                            "holds the code plus {offset}",
+    Kind.OFFSET_SIGN_WRONG: "offset with the wrong sign: the float side {read}; the {encoding} dequantization is "
+                            "{right}",
+    Kind.NIBBLES_INTERLEAVED: "nibble order read as interleaved: the float side places the two {encoding} codes of "
+                              "byte j of each block at elements 2j and 2j+1; the file holds element j in the low "
+                              "nibble and element j+{half} in the high one ({blocks} blocks)",
+    Kind.SCALE_OF_ANOTHER_ENCODING: "scales decoded as another format: the float side reads the {encoding} block "
+                                    "scales ({scales}) as {read}",
+    Kind.SUB_SCALES_MISREAD: "sub-block scales unpacked wrong: the float side reads the 6-bit {encoding} scales and "
+                             "minimums of sub-blocks 4-7 {how}",
 }
 
 

@@ -40,7 +40,9 @@ nearest, and a rounded zero point shifts the grid by at most half a step, so cla
 widened by the rounding of 16-bit arithmetic when the scales are bf16/fp16 (``_bound``). An NVFP4 view lists
 the ways a converter misreads it (``misreadings``: the global scale multiplied as modelopt's is, nibbles
 swapped, a larger block hard-coded, the bytes read as FP8 or the nibbles as int4); a float side equal to one is
-named by it.
+named by it. So do the FP8 views (codes read as e5m2 or uint8, scales divided or applied along the other axis)
+and the packed int views (the field offset not subtracted or subtracted twice, each word's fields reversed, the
+zero point added, scales divided, a wider group).
 
 Activation and KV-cache quantization parameters (``input_scale``, ``k_scale`` ...) are run-time settings,
 not weights: the reader skips them by name (coverage lists them). Anything else in ``quantization_config``
@@ -60,7 +62,7 @@ import torch
 
 from ckdiff.errors import InputError
 from ckdiff.tensor.fp4 import (  # noqa: F401 (FP4: re-exported)
-    _FP4_BYTES, FP4, FP4_STEPS, FP4_VALUES, INT4_VALUES, blocks_misread, round_fp4,
+    _FP4_BYTES, FP4, FP4_STEPS, FP4_VALUES, INT4_VALUES, READ_BLOCKS, blocks_misread, round_fp4,
 )
 from ckdiff.tensor.blockscaled import FLOAT8, BlockScaled, Scaled, fold
 from ckdiff.tensor.lazy import Checkpoint, LazyTensor
@@ -290,6 +292,30 @@ class CtFloat(_CtView):
     def scaled(self, start: int, stop: int) -> Scaled:
         return self._scaled(self.w.rows(start, stop), start, stop)
 
+    def misreadings(self, start: int, stop: int) -> dict:
+        """Values a converter that misreads the encoding writes, by the finding each names: the e4m3 codes decoded
+        as e5m2 or cast as the integers 0..255 (``fp8.e4m3_misread``), each code divided by its scale (the scale
+        taken for an inverse, as DeepSeek's ``weight_scale_inv`` is not), and, where the shapes let a broadcast
+        through, the scales applied along the other axis: a per-channel scale ``[out, 1]`` flattened and
+        broadcast over the columns of a square weight (column j takes row j's scale), a square grid of group or
+        block scales read transposed."""
+        from ckdiff.formats.fp8 import e4m3_misread
+        s = self.scaled(start, stop)
+        R, C = self.shape
+        out = {"codes-of-another-encoding": e4m3_misread(s),
+               "scale-reciprocal": ({"unit": self.scheme.strategy}, lambda: s.codes.float() / s.per_element())}
+        br, bc = self.block
+        full = self.s.load().float().reshape(-(-R // br), -(-C // bc))
+        if self.scheme.strategy == "channel" and R == C > 1:
+            out["scale-transposed"] = ({"unit": "per-output-channel"},
+                                       lambda: s.codes.float() * full.reshape(1, -1))
+        elif self.scheme.strategy in ("group", "block") and full.shape[0] == full.shape[1] > 1:
+            def transposed():
+                per = full.T.repeat_interleave(br, 0).repeat_interleave(bc, 1)[:R, :C]
+                return s.codes.float() * per[start:stop]
+            out["scale-transposed"] = ({"unit": self.scheme.strategy}, transposed)
+        return out
+
     def reference(self, x: torch.Tensor) -> Optional[Scaled]:
         """compressed-tensors' min-max quantizer on float rows ``x`` (``calculate_qparams`` + ``_quantize``)."""
         if x.shape[1] != self.shape[1]:
@@ -319,6 +345,16 @@ def _unpack(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         m = stream.shape[1] // bits
         v = (stream[:, :m * bits].reshape(R, m, bits).astype(np.uint16) << np.arange(bits, dtype=np.uint16)).sum(-1)
     return torch.from_numpy(np.array(v[:, :n], dtype=np.int16))  # one copy
+
+
+def _unpack_reversed(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The first ``n`` ``bits``-bit fields of each row (``bits`` dividing 32) with each 32-bit word's fields taken
+    from its high end: what a reader that unpacks the word in the opposite order sees (float32)."""
+    w = words.contiguous().numpy().astype("<i4", copy=False).view("<u4")
+    per = 32 // bits
+    shifts = (np.arange(per, dtype=np.uint32)[::-1] * bits).astype(np.uint32)
+    v = (w[:, :, None] >> shifts) & np.uint32((1 << bits) - 1)
+    return torch.from_numpy(v.reshape(w.shape[0], -1)[:, :n].astype(np.float32))
 
 
 class CtPacked(_CtView):
@@ -369,6 +405,44 @@ class CtPacked(_CtView):
         z = self.zero_points()[start:stop]
         bc = self.block[1]
         return self._scaled(q.sub_(z.repeat_interleave(bc, 1)[:, :C] if bc > 1 else z), start, stop)
+
+    def misreadings(self, start: int, stop: int) -> dict:
+        """Values a converter that misreads the encoding writes, by the finding each names. The stored fields
+        hold ``q + 2**(bits-1)`` (``pack_to_int32``): read as the codes (the offset never subtracted) or with it
+        subtracted twice (``code-offset-wrong``); each 32-bit word's fields read from its high end for 2, 4 and 8
+        bits (``word-order-reversed``); the zero point added instead of subtracted (``offset-sign-wrong``,
+        asymmetric only); each code divided by its scale (``scale-reciprocal``); and a larger group size than the
+        file's (16 to 128) hard-coded, element j taking the scale and zero point of group j // g of its row
+        (``group-size-wrong``: a smaller one indexes past the scales)."""
+        bits, C = self.scheme.bits, self.shape[1]
+        off = 1 << (bits - 1)
+        words = self.packed.rows(start, stop)
+        fields = _unpack(words, bits, C).float()
+        q = fields - off
+        s = self.s.rows(start, stop).float().reshape(stop - start, -1)
+        z = self.zero_points()[start:stop].float() if self.zp is not None else torch.zeros_like(s)
+        bc = self.block[1]
+
+        def val(codes, g=bc, sign=-1.0):
+            idx = torch.arange(C) // g
+            return (codes + sign * z[:, idx]) * s[:, idx]
+        out = {"code-offset-wrong": [
+            ({"how": "as their stored fields, without subtracting the offset", "offset": off}, lambda: val(fields)),
+            ({"how": "with the offset subtracted twice", "offset": off}, lambda: val(q - off))]}
+        if 32 % bits == 0 and bits < 32:
+            out["word-order-reversed"] = ({"bits": bits}, lambda: val(_unpack_reversed(words, bits, C) - off))
+        if self.zp is not None:
+            out["offset-sign-wrong"] = ({"read": "adds each group's zero point to the codes, (q + z) * s",
+                                         "right": "(q - z) * s"}, lambda: val(q, sign=1.0))
+        out["scale-reciprocal"] = ({"unit": self.scheme.strategy},
+                                   lambda: (q - z[:, torch.arange(C) // bc]) / s[:, torch.arange(C) // bc])
+        if self.scheme.strategy == "group":
+            # from the first g >= C on, every element takes its row's first group: one variant of those
+            reads = [g for g in READ_BLOCKS if g > bc and not any(bc < h < g and h >= C for h in READ_BLOCKS)]
+            wider = [({"stored": bc, "read": g}, lambda g=g: val(q, g)) for g in reads]
+            if wider:
+                out["group-size-wrong"] = wider
+        return out
 
     def reference(self, x: torch.Tensor) -> Optional[Scaled]:
         """compressed-tensors' min-max quantizer on float rows ``x`` (``calculate_qparams`` + ``_quantize``)."""

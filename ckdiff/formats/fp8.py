@@ -69,13 +69,7 @@ class Fp8Block(BlockScaled):
         as integers 0..255."""
         if self.w.dtype != torch.float8_e4m3fn:
             return {}
-        s = self.scaled(start, stop)
-        return {"codes-of-another-encoding": [
-            ({"codes": "FP8 e4m3", "read": "FP8 e5m2", "shape": ""},
-             lambda: s.codes.view(torch.float8_e5m2).float() * s.per_element()),
-            # the bytes cast as integers (a uint8 tensor cast to float without decoding)
-            ({"codes": "FP8 e4m3", "read": "uint8, each byte an unsigned integer", "shape": ""},
-             lambda: s.codes.view(torch.uint8).float() * s.per_element())]}
+        return {"codes-of-another-encoding": e4m3_misread(self.scaled(start, stop))}
 
     def reference(self, x: torch.Tensor) -> Scaled | None:
         """DeepSeek's quantizer (``fp8_quantize``) on float rows ``x``."""
@@ -83,6 +77,16 @@ class Fp8Block(BlockScaled):
             return None
         codes, s = fp8_quantize(x, self.block)
         return Scaled(codes, s, self.block)
+
+
+def e4m3_misread(s: Scaled) -> list:
+    """``codes-of-another-encoding`` variants of float8_e4m3fn codes times their scales (``s``): the codes decoded
+    as e5m2 (a dequantizer that takes any one-byte weight for the other FP8 format), or their bytes cast to float
+    as the integers 0..255 (a uint8 tensor cast without decoding). Values made when called."""
+    return [({"codes": "FP8 e4m3", "read": "FP8 e5m2", "shape": ""},
+             lambda: s.codes.view(torch.float8_e5m2).float() * s.per_element()),
+            ({"codes": "FP8 e4m3", "read": "uint8, each byte an unsigned integer", "shape": ""},
+             lambda: s.codes.view(torch.uint8).float() * s.per_element())]
 
 
 def fp8_quantize(x: torch.Tensor, block=(128, 128)) -> tuple[torch.Tensor, torch.Tensor]:

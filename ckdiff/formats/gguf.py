@@ -14,6 +14,9 @@ Facts (gguf 0.19.0, ``gguf/gguf_reader.py``, ``gguf/quants.py``, ``gguf/constant
 - Scale of each element (what a quantized value is judged in): Q8_0 and Q4_0 the block's fp16 ``d``
   (32 elements); Q4_K the sub-block step ``d * sc`` (32 elements, 6-bit ``sc``); Q6_K ``d * sc``
   (16 elements, int8 ``sc``).
+- A float side equal to a misreading of the legacy blocks (``GgufQuant.misreadings``: nibbles interleaved or
+  halves swapped, fp16 scales decoded as bfloat16, the offset or the minimum's sign wrong; Q4_K's 6-bit sub-block
+  scales unpacked wrong) is named by it.
 """
 from __future__ import annotations
 
@@ -176,6 +179,53 @@ class GgufQuant(BlockScaled):
             return super().rows(start, stop)
         return torch.from_numpy(self.dense(start, stop)).reshape((stop - start,) + self.shape[1:])
 
+    def misreadings(self, start, stop) -> dict:
+        """Values a converter that misreads the 32-element legacy blocks (and MXFP4's) writes, by the finding each
+        names (``compare/diagnose_scaled.py`` tries them). The 4- and 5-bit types hold element j of a block in the
+        low nibble of byte j and element j + 16 in the high one: read as interleaved pairs (element 2j low, 2j + 1
+        high: the order of HF's MXFP4, compressed-tensors' and NVFP4's packing, ``nibbles-interleaved``) or with
+        the halves exchanged (``nibbles-swapped``). The fp16 ``d`` (and Q4_1/Q5_1's ``m``) decoded as bfloat16
+        (``scale-of-another-encoding``, judged in the misread scale's own steps: its values are about 1e-20 of
+        the right ones); ``d`` dividing (``scale-reciprocal``); Q4_0/Q5_0's stored ``code + 8`` / ``code + 16``
+        read without the offset or with it subtracted twice (``code-offset-wrong``); Q4_1/Q5_1's minimum
+        subtracted, ``d * q - m`` (``offset-sign-wrong``). Q4_K: ``_q4k_misread``."""
+        if self.qtype not in LEGACY_BYTES and self.qtype not in ("MXFP4", "Q4_K"):
+            return {}
+        raw = self._bytes(start, stop)
+        C = self.shape[-1]
+        R, nb = raw.shape[0], C // 32
+        if not R or C % 32:
+            return {}
+        if self.qtype == "Q4_K":
+            return _q4k_misread(raw, C)
+        out = {}
+        if self.qtype == "MXFP4":
+            right = self.rows(start, stop).reshape(R, C)
+        else:
+            codes, d, m, dbf, mbf = _legacy(self.qtype, raw)
+            per = lambda g: g.repeat_interleave(32, 1)  # noqa: E731 (a block's value for each element)
+            base = per(m) if m is not None else 0.0
+            right = codes * per(d) + base
+            out["scale-of-another-encoding"] = (
+                {"scales": "fp16 d and m" if m is not None else "fp16 d", "read": "bfloat16"},
+                codes * per(dbf) + (per(mbf) if m is not None else 0.0), per(dbf).abs())
+            out["scale-reciprocal"] = ({"unit": "block"}, lambda: codes / per(d) + base)
+            if self.qtype in ("Q4_0", "Q5_0"):
+                off = 8 if self.qtype == "Q4_0" else 16
+                out["code-offset-wrong"] = [
+                    ({"how": "as their stored fields, without subtracting the offset", "offset": off},
+                     lambda: (codes + off) * per(d)),
+                    ({"how": "with the offset subtracted twice", "offset": off}, lambda: (codes - off) * per(d))]
+            if m is not None:
+                out["offset-sign-wrong"] = ({"read": "subtracts each block's minimum, d * q - m",
+                                             "right": "d * q + m"}, lambda: codes * per(d) - base)
+        if self.qtype != "Q8_0":
+            halves = lambda: right.reshape(R, nb, 2, 16)  # noqa: E731
+            out["nibbles-interleaved"] = ({"half": 16, "blocks": R * nb},
+                                          lambda: halves().transpose(2, 3).reshape(R, C))
+            out["nibbles-swapped"] = ({"blocks": R * nb}, lambda: halves().flip(2).reshape(R, C))
+        return out
+
     def reference(self, x: torch.Tensor):
         """The gguf package's own quantizer on float rows ``x``."""
         if self.qtype not in BLOCKS:
@@ -215,6 +265,70 @@ def _split(qtype: str, raw: np.ndarray, C: int) -> Scaled:
         nib = np.concatenate([qs & 0x0F, qs >> 4], axis=2).astype(np.int8) - 8
         codes = torch.from_numpy(np.ascontiguousarray(nib).reshape(R, C))
     return Scaled(codes, d, (1, n))
+
+
+def _legacy(qtype: str, raw: np.ndarray) -> tuple:
+    """(codes [R, C], d, m, d and m decoded as bfloat16 [R, C / 32]; float32) of legacy-type row bytes, each element
+    ``codes * d + m`` (m None for the types without a minimum). The codes are the gguf package's own decoding of
+    the blocks with d set to 1 and m to 0 (``quants.dequantize``), so they carry its nibble and fifth-bit order."""
+    gguf = _gguf()
+    bs, R = LEGACY_BYTES[qtype], raw.shape[0]
+    b = np.ascontiguousarray(raw).reshape(R, -1, bs).copy()
+    as16 = lambda lo: np.ascontiguousarray(b[:, :, lo:lo + 2]).view(np.uint16)[..., 0]  # noqa: E731
+    bf16 = lambda u: torch.from_numpy((u.astype(np.uint32) << 16).view(np.float32))  # noqa: E731 (the top half)
+    fp16 = lambda u: torch.from_numpy(u.view(np.float16).astype(np.float32))  # noqa: E731
+    du = as16(0)
+    mu = as16(2) if qtype in ("Q4_1", "Q5_1") else None
+    b[:, :, :2] = np.array([1.0], dtype=np.float16).view(np.uint8)
+    if mu is not None:
+        b[:, :, 2:4] = 0
+    codes = gguf.quants.dequantize(b.reshape(R, -1), gguf.GGMLQuantizationType[qtype])
+    codes = torch.from_numpy(np.ascontiguousarray(codes, dtype=np.float32).reshape(R, -1))
+    return (codes, fp16(du), fp16(mu) if mu is not None else None, bf16(du),
+            bf16(mu) if mu is not None else None)
+
+
+Q4K_BYTES = 144  # per 256 elements: d, dmin (fp16), 12 bytes of 6-bit scales and minimums, 128 bytes of nibbles
+
+
+def _q4k_misread(raw: np.ndarray, C: int) -> dict:
+    """Misreadings of Q4_K row bytes (gguf ``quants.Q4_K``): each 256-element super-block holds eight 32-element
+    sub-blocks with a 6-bit scale and minimum each, ``d * sc * q - dmin * m``. Bytes 0-3 hold scales 0-3 (low 6
+    bits), 4-7 minimums 0-3, 8-11 the low nibbles of scale and minimum 4-7 whose top two bits are the top bits of
+    bytes 0-3 / 4-7 (``get_scale_min``). A dequantizer that drops those top bits, reads sub-blocks 4-7 by the rule
+    of 0-3, or exchanges the two nibbles of bytes 8-11 writes ``sub-scales-misread``; one that places each byte's
+    nibbles at adjacent elements (each 64 elements hold 32 bytes' low nibbles, then their high ones) writes
+    ``nibbles-interleaved``."""
+    gguf = _gguf()
+    R = raw.shape[0]
+    b = np.ascontiguousarray(raw).reshape(-1, Q4K_BYTES)
+    fp16 = lambda lo: b[:, lo:lo + 2].copy().view(np.float16).astype(np.float32)  # noqa: E731 ([n, 1])
+    d, dmin = fp16(0), fp16(2)
+    ones = b.copy()  # d 1, dmin 0, every scale 1 and minimum 0: the package's own decoding gives the codes
+    ones[:, 0:2] = np.array([1.0], dtype=np.float16).view(np.uint8)
+    ones[:, 2:4] = 0
+    ones[:, 4:16] = np.array([1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1], dtype=np.uint8)
+    qt = gguf.GGMLQuantizationType.Q4_K
+    codes = np.ascontiguousarray(gguf.quants.dequantize(ones, qt), dtype=np.float32).reshape(-1, 8, 32)
+    q = b[:, 4:16].reshape(-1, 3, 4)
+    lo, mn, hi = q[:, 0], q[:, 1], q[:, 2]
+
+    def values(sc, m):
+        v = d[:, :, None] * sc[:, :, None].astype(np.float32) * codes - dmin[:, :, None] * m[:, :, None]
+        return torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32).reshape(R, C))
+    cat = lambda x, y: np.concatenate([x, y], axis=1)  # noqa: E731 (sub-blocks 0-3, then 4-7)
+    reads = [("without the top two bits held in bytes 0-7", hi & 0x0F, hi >> 4),
+             ("by the rule of sub-blocks 0-3 (bytes 4-7 as their scales, 8-11 as their minimums)", mn & 0x3F,
+              hi & 0x3F),
+             ("with the two nibbles of bytes 8-11 exchanged", (hi >> 4) | ((lo >> 2) & 0x30),
+              (hi & 0x0F) | ((mn >> 2) & 0x30))]
+    out = {"sub-scales-misread": [({"how": how}, lambda s4=s4, m4=m4: values(cat(lo & 0x3F, s4), cat(mn & 0x3F, m4)))
+                                  for how, s4, m4 in reads]}
+    sc, m = gguf.quants.Q4_K.get_scale_min(b[:, 4:16].copy())
+    right = values(sc, m)
+    out["nibbles-interleaved"] = ({"half": 32, "blocks": R * C // 64},
+                                  lambda: right.reshape(R, -1, 2, 32).transpose(2, 3).reshape(R, C))
+    return out
 
 
 def _fields(reader) -> dict:

@@ -62,14 +62,21 @@ def launch(script: Path, world: int, *args, timeout: float = 300) -> None:
             raise AssertionError(f"{script.name} rank {r} exited {p.returncode}:\n{out[-3000:]}")
 
 
+_BUILT: dict = {}  # (name, keys) -> directory built in this session
+
+
 def cached(tmp_path_factory, name: str, build, *keys: str) -> Path:
     """``build(out)`` once per session (or once per key in CKDIFF_PRODUCER_CACHE); the directory appears
-    only when the build finished."""
+    only when the build finished. A fixture imported by another test module is a second fixture of the same
+    name to pytest: it finds the first one's directory here instead of building it again."""
     base = os.environ.get("CKDIFF_PRODUCER_CACHE")
     if not base:
-        out = tmp_path_factory.mktemp(name) / "out"
-        build(out)
-        return out
+        key = (name, *keys)
+        if key not in _BUILT:
+            out = tmp_path_factory.mktemp(name) / "out"
+            build(out)
+            _BUILT[key] = out
+        return _BUILT[key]
     h = hashlib.sha256()
     for k in keys:
         h.update(k.encode())

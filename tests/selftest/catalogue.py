@@ -754,6 +754,33 @@ def _megatron_rank_without(key: str, ranks: str = "*"):
     return drop
 
 
+def _ct_read_as(scheme: str, how: str):
+    """(A, B): A the golden model written by compressed-tensors itself (tests/producers/ct_save.py: its
+    ``calculate_qparams`` and ``ModelCompressor``) in ``scheme``, B the float checkpoint a converter decoding A
+    ``how`` writes (``_ct_float`` of tests/test_misreadings_ct_gguf.py, on compressed-tensors' own
+    ``unpack_from_int32`` / ``dequantize``)."""
+    def target(gold, work):
+        from producers import HERE, launch
+        from test_misreadings_ct_gguf import _ct_float
+        work.mkdir(parents=True, exist_ok=True)
+        launch(HERE / "ct_save.py", 1, gold, work, scheme)
+        return work / scheme, _ct_float(work / scheme, work / how, how)[0]
+    return target
+
+
+def _gguf_read_as(qtype: str, how: str):
+    """(A, B): A the golden model written as GGUF ``qtype`` by the gguf package (its quantizer and GGUFWriter), B
+    the HF checkpoint a converter dequantizing A ``how`` writes (``_gguf_float`` of
+    tests/test_misreadings_ct_gguf.py, on gguf-py's own ``quants.dequantize``)."""
+    def target(gold, work):
+        from ckdiff.golden.emit import emit
+        from ckdiff.golden.models import tiny_config
+        from test_misreadings_ct_gguf import _gguf_float
+        a = emit(work / "gguf", "llama-gqa", f"gguf-{qtype}")
+        return a, _gguf_float(a, gold, work / how, tiny_config("llama-gqa"), how)[0]
+    return target
+
+
 def _head_is_embedding(st, c, cfg):
     st[layouts.HF["head"]] = st[layouts.HF["embed"]].clone()
 
@@ -878,7 +905,24 @@ STATE_CATALOGUE = [
                   r"language_model\.encoder\.layers\.0\.self_attention\.query_key_value\.weight",
                   target=_converted_without("hf-to-megatron", {}, _safetensors_without(
                       "model.layers.0.self_attn.k_proj.weight"), both=True)),
+    StateMutation("compressed-tensors int4 read without the +8 field offset", "Quantization codes", "llama-gqa",
+                  None, r"code offset wrong: the float side reads the compressed-tensors int4 group 32 codes as "
+                  r"their stored fields", target=_ct_read_as("int4-group", "offset-forgotten"),
+                  kinds=("code-offset-wrong",)),
+    StateMutation("compressed-tensors int4 zero point added instead of subtracted", "Quantization zero points",
+                  "llama-gqa", None, r"offset with the wrong sign: the float side adds each group's zero point",
+                  target=_ct_read_as("int4-group-zp", "zp-sign"), kinds=("offset-sign-wrong",)),
+    StateMutation("GGUF Q4_0 nibbles read as interleaved pairs", "Quantization codes", "llama-gqa", None,
+                  r"nibble order read as interleaved: the float side places the two Q4_0 codes",
+                  target=_gguf_read_as("Q4_0", "interleaved"), kinds=("nibbles-interleaved",)),
+    StateMutation("GGUF Q8_0 block scales decoded as bfloat16", "Quantization scales", "llama-gqa", None,
+                  r"scales decoded as another format: the float side reads the Q8_0 block scales \(fp16 d\) as "
+                  r"bfloat16", target=_gguf_read_as("Q8_0", "bf16"), kinds=("scale-of-another-encoding",)),
     # negatives: correct conversions and functionally equivalent rewrites
+    StateMutation("compressed-tensors int4 dequantized right", "negative", "llama-gqa", None, negative=True,
+                  target=_ct_read_as("int4-group-zp", "right")),
+    StateMutation("GGUF Q4_0 dequantized right", "negative", "llama-gqa", None, negative=True,
+                  target=_gguf_read_as("Q4_0", "right")),
     StateMutation("MXFP4 dequantized right", "negative", "gpt-oss", None, negative=True,
                   target=_mxfp4_read_as("right")),
     StateMutation("FP8 dequantized right (e4m3 codes times their block scales)", "negative", "llama-blockwise", None,

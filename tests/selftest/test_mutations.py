@@ -40,7 +40,8 @@ def test_catalogue_covers_the_bug_classes():
     assert all(m.names for m in CATALOGUE)
     kinds = {k for m in STATE_CATALOGUE for k in m.kinds}
     assert {"scale-zeroed", "scale-multiplied", "nibbles-swapped", "scale-reciprocal", "scale-transposed",
-            "scale-stale", "codes-of-another-encoding", "block-size-wrong", "zero-point-underflow"} <= kinds
+            "scale-stale", "codes-of-another-encoding", "block-size-wrong", "zero-point-underflow", "code-offset-wrong",
+            "offset-sign-wrong", "nibbles-interleaved", "scale-of-another-encoding"} <= kinds
 
 
 @pytest.mark.parametrize("key", list(dict.fromkeys(baseline_key(m) for m in CATALOGUE)), ids=lambda k: "-".join(
