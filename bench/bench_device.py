@@ -165,9 +165,9 @@ def main() -> int:
                 verdict = (stdout.strip().splitlines() or [err.strip()])[0][:100]
                 print(f"{human(size):>8} logits {where:6} {secs:6.2f}s {wall:6.1f}s {peak:9.0f} MiB  rc={rc} {verdict}",
                       flush=True)
-        if not args.keep:
-            shutil.rmtree(out, ignore_errors=True)
-            out.mkdir(parents=True, exist_ok=True)
+        if not args.keep:  # only what this size made: --dir may hold other benches' checkpoints
+            for d in [a, *out.glob(f"b-{gib:g}-*")]:
+                shutil.rmtree(d, ignore_errors=True)
     return 1 if bad else 0
 
 
