@@ -74,17 +74,29 @@ def run(argv, command: str = "") -> int:
     return common.run_sharded("compare", argv, args.workers, lambda shard: _run(args, command, shard))
 
 
+def _plain(args) -> bool:
+    """Nothing asked for changes the answer or needs the full result's machinery: no format, prefix,
+    tolerance or selection option, no report, one process on the CPU."""
+    return not (args.format or args.format_a or args.format_b or getattr(args, "prefix_a", None)
+                or getattr(args, "prefix_b", None) or args.only or args.ignore or args.tol or args.atol is not None
+                or args.rtol is not None or args.strict_dtype or args.strict or args.workers != 1
+                or args.device != "cpu"
+                or any(getattr(args, f, None) for f in common.REPORT_FLAGS) or common.summary_target(args) is not None)
+
+
 def _quick(args):
-    """The identical pair of plain safetensors files, decided before torch is imported (compare/quick.py),
-    when nothing asked for changes the answer or needs the full result's machinery: no format, prefix,
-    tolerance or selection option, no report, one process on the CPU. None: the full comparison runs."""
-    if (args.format or args.format_a or args.format_b or getattr(args, "prefix_a", None)
-            or getattr(args, "prefix_b", None) or args.only or args.ignore or args.tol or args.atol is not None
-            or args.rtol is not None or args.strict_dtype or args.strict or args.workers != 1 or args.device != "cpu"
-            or any(getattr(args, f, None) for f in common.REPORT_FLAGS) or common.summary_target(args) is not None):
+    """Without torch, where the options allow (``_plain``): the identical pair of plain safetensors files,
+    decided before numba too (compare/quick.py), then any pair of plain float safetensors checkpoints
+    (compare/lane.py). None: the full comparison runs."""
+    if not _plain(args):
         return None
     from ckdiff.compare.quick import identical_safetensors
-    return identical_safetensors(args.a, args.b)
+    res = identical_safetensors(args.a, args.b)
+    if res is None:
+        from ckdiff.compare.lane import compare_plain
+        res = compare_plain(args.a, args.b, diagnose=not args.no_diagnose, progress_factory=common.progress_factory(
+            common.show_progress(args)))
+    return res
 
 
 def _print(args, res) -> None:
@@ -103,7 +115,7 @@ def _run(args, command: str, shard) -> int:
         res = _quick(args)
         if res is not None:
             _print(args, res)
-            return 0
+            return 0 if res.equivalent else 1
     from ckdiff.compare.diff import Options, compare_checkpoints
     main_rank = shard is None or shard.is_main
     if main_rank:

@@ -14,7 +14,7 @@ from ckdiff.models.config import (
     config_findings,
     config_where,
 )
-from ckdiff.formats.readers import dtype_name
+from ckdiff.tensor.dtype_names import dtype_name
 from ckdiff.tensor.lazy import Checkpoint
 from ckdiff.compare.status import Status
 from ckdiff.compare.result import (  # noqa: F401 (the result types are re-exported: callers import them from here)

@@ -20,11 +20,15 @@ numba compiles each array-type signature once and caches it on disk.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numba
 import numpy as np
-import torch
+
+from ckdiff.tensor.dtype_names import dtype_name
+
+if TYPE_CHECKING:
+    import torch
 
 # numba's own thread pool, not a second OpenMP runtime spinning beside torch's on the same cores
 numba.config.THREADING_LAYER = "workqueue"
@@ -602,45 +606,45 @@ def _scaled_metrics(a, mode_a, lut_a, steps_a, grid_a, br_a, ncb_a, bc_a, kind_a
 # ------------------------------------------------------------------ host side
 _LUTS: dict = {}
 _NO_LUT = np.zeros(1, np.float64)
-_INT16 = (torch.float16, torch.int16, torch.uint16)
-_INT8 = (torch.float8_e4m3fn, torch.float8_e5m2, torch.int8, torch.uint8, torch.bool)
+# dtypes decoded through an exact table of every code's value, by name (the plain floats need no table, so a
+# comparison of float checkpoints runs without torch: compare/lane.py)
+_INT16 = ("float16", "int16", "uint16")
+_INT8 = ("float8_e4m3fn", "float8_e5m2", "int8", "uint8", "bool")
+_DIRECT = {"float32": F32, "float64": F64, "bfloat16": BF16, "float16": FP16, "int8": I8}
 
 
-def _lut(dtype: torch.dtype) -> np.ndarray:
-    if dtype not in _LUTS:
-        if dtype in _INT16:
+def _lut(dtype) -> np.ndarray:
+    name = dtype_name(dtype)
+    if name not in _LUTS:
+        import torch  # the table dtypes are torch's own (fp8, unsigned 16-bit)
+        dt = getattr(torch, name)
+        if name in _INT16:
             codes = torch.from_numpy(np.arange(65536, dtype=np.uint16).view(np.int16))
-            vals = codes if dtype == torch.int16 else codes.view(dtype)
+            vals = codes if dt == torch.int16 else codes.view(dt)
         else:
             codes = torch.from_numpy(np.arange(256, dtype=np.uint8))
-            vals = (codes != 0) if dtype == torch.bool else codes.view(dtype)
-        lut = vals.to(torch.float64).numpy().copy()
-        _LUTS[dtype] = lut
-    return _LUTS[dtype]
+            vals = (codes != 0) if dt == torch.bool else codes.view(dt)
+        _LUTS[name] = vals.to(torch.float64).numpy().copy()
+    return _LUTS[name]
 
 
-def plan(dtype: torch.dtype):
-    """(decode mode, lut) for element data of ``dtype``; None when the data must be converted to
-    float64 first (32- and 64-bit integers)."""
-    if dtype == torch.float32:
-        return F32, _NO_LUT
-    if dtype == torch.float64:
-        return F64, _NO_LUT
-    if dtype == torch.bfloat16:
-        return BF16, _NO_LUT
-    if dtype == torch.float16:
-        return FP16, _NO_LUT
-    if dtype in _INT16:
-        return LUT16, _lut(dtype)
-    if dtype == torch.int8:
-        return I8, _NO_LUT
-    if dtype in _INT8:
-        return LUT8, _lut(dtype)
+def plan(dtype):
+    """(decode mode, lut) for element data of ``dtype`` (a torch dtype or its name); None when the data
+    must be converted to float64 first (32- and 64-bit integers)."""
+    name = dtype_name(dtype)
+    mode = _DIRECT.get(name)
+    if mode is not None:
+        return mode, _NO_LUT
+    if name in _INT16:
+        return LUT16, _lut(name)
+    if name in _INT8:
+        return LUT8, _lut(name)
     return None
 
 
-def as_kernel_input(t: torch.Tensor):
-    """(raw bytes as a uint8 numpy view, element count, decode mode, table) for a tensor."""
+def as_kernel_input(t):
+    """(raw bytes as a uint8 numpy view, element count, decode mode, table) for a torch tensor."""
+    import torch
     t = t.reshape(-1)
     p = plan(t.dtype)
     if p is None:
@@ -717,12 +721,13 @@ class Side:
     """One side of a scaled comparison, rows [R, C]: ``kind`` 0 plain values, 1 codes times a scale grid
     (``grid[(i // br) * ncb + j // bc]``, flat float32), 2 values with a unit per element in ``grid``."""
 
-    def __init__(self, data: torch.Tensor, kind: int = 0, grid: Optional[torch.Tensor] = None, block=(1, 1),
+    def __init__(self, data: "torch.Tensor", kind: int = 0, grid: "Optional[torch.Tensor]" = None, block=(1, 1),
                  steps: Optional[np.ndarray] = None):
         self.R, self.C = data.shape
         self.src, _, self.mode, self.lut = as_kernel_input(data)
         self.kind = kind
         if kind:
+            import torch
             g = grid.to(torch.float32).contiguous()
             self.ncb = g.shape[1] if g.dim() == 2 else 1
             self.grid = g.reshape(-1).numpy() if g.numel() else _NO_GRID
@@ -787,6 +792,7 @@ class ScaledStats(_Sums):
 
 def warm() -> None:
     """Compile (or load from numba's on-disk cache) every kernel once, on tiny inputs."""
+    import torch
     a = torch.arange(8192, dtype=torch.float32).to(torch.bfloat16)
     b = a.clone()
     b[3] += 1

@@ -27,16 +27,24 @@ from ckdiff.errors import InputError
 from ckdiff.io.inputs import open_input
 
 
-class _Float:
+class Float:
+    """A floating-point dtype as the torch-free comparisons know it: its name (``str``, as
+    tensor/dtype_names.py reads a dtype), size and kind. One object per dtype, so ``==`` is identity."""
     __slots__ = ("name", "itemsize")
+    is_floating_point = True
 
     def __init__(self, name: str, itemsize: int):
         self.name, self.itemsize = name, itemsize
 
+    def __str__(self) -> str:
+        return self.name
+
+    __repr__ = __str__
+
 
 # the floating dtypes a plain checkpoint stores; every other dtype name is declined by the parser
-FLOATS = {"F64": _Float("float64", 8), "F32": _Float("float32", 4), "F16": _Float("float16", 2),
-          "BF16": _Float("bfloat16", 2)}
+FLOATS = {"F64": Float("float64", 8), "F32": Float("float32", 4), "F16": Float("float16", 2),
+          "BF16": Float("bfloat16", 2)}
 PLAIN_METADATA = ({}, {"format": "pt"})
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
-import torch
 
-from ckdiff.tensor.lazy import LazyTensor
+if TYPE_CHECKING:
+    import torch
+
+    from ckdiff.tensor.lazy import LazyTensor
 
 
 def _raw(t: LazyTensor) -> bool:
@@ -27,6 +29,7 @@ def _prefetch(items: Iterator, depth: int = 1, torch_threads: Optional[int] = No
 
     def run():
         if torch_threads:
+            import torch  # a caller that sets torch's threads has loaded it
             torch.set_num_threads(torch_threads)
         try:
             for x in items:
@@ -102,13 +105,14 @@ def _pairs(ta, tb, ranges, row: int) -> Iterator:
     return gen() if (raw_a and raw_b) or len(ranges) < 2 else _prefetch(gen())
 
 
-def _kin(x, dtype: torch.dtype):
+def _kin(x, dtype):
     """Kernel input (compare/kernels.py) for a chunk: raw bytes of ``dtype`` or a tensor."""
     if isinstance(x, np.ndarray):
         from ckdiff.compare.kernels import plan  # numba: loaded once a chunk differs
         p = plan(dtype)
         if p is not None:
             return x, x.size // dtype.itemsize, p[0], p[1]
+        import torch  # integers wider than 16 bits are converted through torch (never a float checkpoint's)
         x = torch.frombuffer(x, dtype=dtype) if x.size else torch.empty(0, dtype=dtype)
     from ckdiff.compare.kernels import as_kernel_input
     return as_kernel_input(x)

@@ -13,18 +13,24 @@ from __future__ import annotations
 
 
 import math
+import sys
+from typing import TYPE_CHECKING, Callable, Optional
 
-import torch
-from typing import Callable, Optional
-
-
-from ckdiff.formats.readers import dtype_name
-from ckdiff.tensor.lazy import LazyTensor
-from ckdiff.tensor.blockscaled import BlockScaled
+from ckdiff.tensor.dtype_names import dtype_name
 from ckdiff.compare.bytes_equal import bytes_equal
 from ckdiff.compare.status import Status
 from ckdiff.compare.result import Options, TensorResult
 from ckdiff.compare.stream import _kin, _new_stats, _pairs, _ranges, _raw, _unravel
+
+if TYPE_CHECKING:
+    from ckdiff.tensor.lazy import LazyTensor
+
+
+def _block_scaled(t) -> bool:
+    """Whether ``t`` is an encoding's block-scaled view. Such views exist only once their module is loaded
+    (with torch), so a comparison that never loaded it (compare/lane.py) has none."""
+    mod = sys.modules.get("ckdiff.tensor.blockscaled")
+    return mod is not None and isinstance(t, mod.BlockScaled)
 
 
 def compare_tensor(name: str, ta: LazyTensor, tb: LazyTensor, opts: Options,
@@ -38,7 +44,7 @@ def compare_tensor(name: str, ta: LazyTensor, tb: LazyTensor, opts: Options,
         if progress:
             progress(ta.nbytes + tb.nbytes)
         return r
-    if isinstance(ta, BlockScaled) or isinstance(tb, BlockScaled):  # encodings: judged in scale units
+    if _block_scaled(ta) or _block_scaled(tb):  # encodings: judged in scale units
         from ckdiff.compare.quantized import compare_scaled
         out = compare_scaled(name, ta, tb, opts.chunk_bytes)
         if progress:
@@ -51,6 +57,7 @@ def compare_tensor(name: str, ta: LazyTensor, tb: LazyTensor, opts: Options,
     # the fused kernel, made at the first differing chunk: numba's (Options.device None) or torch's on a device
     stats, kin = None, _kin
     if opts.device is not None:
+        import torch
         from ckdiff.compare.kernels_torch import TorchStats
         stats = TorchStats(torch.device(opts.device))
         kin = stats.input

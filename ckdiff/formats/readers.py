@@ -15,7 +15,8 @@ from pathlib import Path
 from ckdiff.errors import InputError, UsageError
 from ckdiff.tensor.lazy import Checkpoint, DerivedGroup, LazyTensor
 from ckdiff.tensor.ops import Shard, ShardRow, ShardSplit, ShardTable
-from ckdiff.io.inputs import inside_root, kind_of, read_json_object, stat_input
+from ckdiff.io.inputs import kind_of, stat_input
+from ckdiff.io.weight_files import _hf_weight_files, _json, _merge_files, _read_indexed
 from ckdiff.io.pickles import read_pickle_tensors
 from ckdiff.io.safetensors import read_safetensors
 from ckdiff.tensor.dtype_names import dtype_name  # noqa: F401 - re-exported: readers name dtypes
@@ -23,51 +24,6 @@ from ckdiff.formats import registry
 from ckdiff.formats.registry import Format, Input, Runtime
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-
-
-def _json(path: Path) -> dict:
-    return read_json_object(path)
-
-
-
-
-def _merge_files(files: list[Path], read_one, root: Path) -> dict[str, LazyTensor]:
-    out: dict[str, LazyTensor] = {}
-    for f in files:
-        for k, t in read_one(f).items():
-            if k in out:
-                raise InputError(f, f"tensor {k!r} also appears in {out[k].origin}")
-            out[k] = t
-    return out
-
-
-def _read_indexed(root: Path, index: Path, read_one) -> dict[str, LazyTensor]:
-    data = _json(index)
-    wm = data.get("weight_map")
-    if not isinstance(wm, dict) or not wm:
-        raise InputError(index, "has no weight_map")
-    shard_of: dict[str, Path] = {}  # each shard name is resolved and checked once
-    real_root = root.resolve()
-    for key, rel in wm.items():
-        if not isinstance(rel, str):
-            raise InputError(index, f"weight_map entry for {key!r} is not a file name")
-        if rel in shard_of:
-            continue
-        p = shard_of[rel] = inside_root(root, rel, real_root)
-        try:
-            is_file = p.is_file()
-        except OSError:
-            is_file = False
-        if not is_file:
-            raise InputError(index, f"names shard {rel!r}, which is missing or not a regular file")
-    files = {p: rel for rel, p in shard_of.items()}  # two names of one file are read once
-    tensors = _merge_files(sorted(files), read_one, root)
-    origins = {rel: str(p) for rel, p in shard_of.items()}
-    for k, rel in wm.items():
-        t = tensors.get(k)
-        if t is None or t.origin != origins[rel]:
-            raise InputError(index, f"maps {k!r} to {shard_of[rel].name}, which does not hold it")
-    return {k: tensors[k] for k in wm}
 
 
 def _read_single(path: Path, trust_pickle: bool = False) -> dict[str, LazyTensor]:
@@ -86,19 +42,6 @@ def read_file(p: Path, trust_pickle=False, **_) -> Checkpoint:
 
 
 # ---------------------------------------------------------------- HF directories
-def _hf_weight_files(p: Path):
-    for idx in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if os.path.lexists(p / idx):  # a FIFO or a broken link here is an error, not a missing index
-            return "index", p / idx
-    st = sorted(p.glob("*.safetensors"))
-    if st:
-        return "files", st
-    bins = sorted(p.glob("pytorch_model*.bin"))
-    if bins:
-        return "files", bins
-    return None, None
-
-
 def is_hf_dir(p: Path) -> bool:
     return p.is_dir() and os.path.lexists(p / "config.json") and _hf_weight_files(p)[0] is not None
 

@@ -127,6 +127,11 @@ def _load() -> None:
         _REG.loading = False
 
 
+def loaded() -> bool:
+    """Whether the built-in formats' modules have been imported (they import torch)."""
+    return _REG.loaded
+
+
 def register(f: Format) -> Format:
     """Add a format. Its name and its (input, priority) must be new: detection order is never ambiguous."""
     if f.name in _REG.formats:

@@ -20,7 +20,7 @@ import torch
 
 from ckdiff.errors import InputError
 from ckdiff.io.inputs import no_gc, open_input, os_problem
-from ckdiff.io.safetensors_header import parse_header, read_header
+from ckdiff.io.safetensors_header import MappedFile, parse_header, read_header  # noqa: F401
 from ckdiff.tensor.lazy import LazyTensor
 
 DTYPES = {
@@ -31,16 +31,11 @@ DTYPES = {
     "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-class SafetensorsFile:
-    """Header of one .safetensors file plus a memory map of its data."""
+class SafetensorsFile(MappedFile):
+    """Header of one .safetensors file plus a memory map of its data, tensors as torch views."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.origin = str(self.path)  # one string shared by every tensor of the file (a header can hold 10^6)
-        raw, self.data_start, size = read_header(self.path)
-        with no_gc():  # a header of a million entries allocates millions of objects, none of them cyclic
-            self.metadata, self.entries = parse_header(path, raw, size - self.data_start, DTYPES)
-        self._mm = None
+        super().__init__(path, DTYPES)
 
     def buffer(self):
         if self._mm is None:
@@ -50,50 +45,6 @@ class SafetensorsFile:
                 # ACCESS_COPY: writable pages for torch, backed by the file until written.
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         return self._mm
-
-    def window(self, offset: int, n: int) -> np.ndarray:
-        """Data bytes [offset, offset + n) as a uint8 array over a map of just their pages: the
-        page cache's own pages, nothing copied (a private map: never written through), unmapped
-        when the array is dropped. A file that has shrunk since its header was read is refused
-        here rather than faulting on a page past its end."""
-        start = self.data_start + offset
-        fd = self._fd()
-        try:
-            size = os.fstat(fd).st_size
-        except OSError as e:
-            raise InputError(self.path, os_problem(e)) from None
-        if start + n > size:
-            raise InputError(self.path, f"file shrank to {size} bytes while being read (data up to byte "
-                                        f"{start + n} expected)")
-        if n == 0:
-            return np.zeros(0, np.uint8)
-        base = start - start % mmap.ALLOCATIONGRANULARITY
-        try:
-            mm = mmap.mmap(fd, start + n - base, access=mmap.ACCESS_COPY, offset=base)
-        except (OSError, ValueError):  # a file system that cannot map: read the bytes instead
-            buf = np.empty(n, np.uint8)
-            try:
-                got = os.preadv(fd, [memoryview(buf)], start)
-            except OSError as e:
-                raise InputError(self.path, os_problem(e)) from None
-            if got != n:
-                raise InputError(self.path, f"short read ({got} of {n} bytes at byte {start})")
-            return buf
-        return np.frombuffer(mm, np.uint8, count=n, offset=start - base)
-
-    def will_need(self, offset: int, n: int) -> None:
-        """Ask the kernel to start reading data bytes [offset, offset + n) into the page cache
-        (asynchronously: a later window over them does not wait on the disk)."""
-        if n > 0 and hasattr(os, "posix_fadvise"):
-            try:
-                os.posix_fadvise(self._fd(), self.data_start + offset, n, os.POSIX_FADV_WILLNEED)
-            except OSError:
-                pass  # a hint only
-
-    def _fd(self) -> int:
-        if getattr(self, "_fh", None) is None:
-            self._fh = open_input(self.path)
-        return self._fh.fileno()
 
     def tensors(self) -> dict[str, "SafetensorsTensor"]:
         """The file's lazy tensors, made once: the parsed entries are dropped after (a header of 10^6

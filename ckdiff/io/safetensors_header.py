@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import re
 import struct
+from pathlib import Path
+
+import numpy as np
 
 from ckdiff.errors import InputError
-from ckdiff.io.inputs import open_input, os_problem
+from ckdiff.io.inputs import no_gc, open_input, os_problem
 
 # Every dtype name the format defines, and the bytes per element of those with a whole number of bytes
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
@@ -232,3 +236,60 @@ def read_header(path) -> tuple[bytes, int, int]:
         except OSError as e:
             raise InputError(path, os_problem(e)) from None
     return raw, 8 + hlen, size
+
+
+class MappedFile:
+    """Header of one .safetensors file (its dtype codes read through ``dtypes``) and windows over its data.
+    Torch-free: io/safetensors.py's reader and the torch-free comparison (compare/lane.py) share it."""
+
+    def __init__(self, path: str | os.PathLike, dtypes: dict):
+        self.path = Path(path)
+        self.origin = str(self.path)  # one string shared by every tensor of the file (a header can hold 10^6)
+        raw, self.data_start, size = read_header(self.path)
+        with no_gc():  # a header of a million entries allocates millions of objects, none of them cyclic
+            self.metadata, self.entries = parse_header(path, raw, size - self.data_start, dtypes)
+        self._mm = None
+
+    def window(self, offset: int, n: int) -> np.ndarray:
+        """Data bytes [offset, offset + n) as a uint8 array over a map of just their pages: the
+        page cache's own pages, nothing copied (a private map: never written through), unmapped
+        when the array is dropped. A file that has shrunk since its header was read is refused
+        here rather than faulting on a page past its end."""
+        start = self.data_start + offset
+        fd = self._fd()
+        try:
+            size = os.fstat(fd).st_size
+        except OSError as e:
+            raise InputError(self.path, os_problem(e)) from None
+        if start + n > size:
+            raise InputError(self.path, f"file shrank to {size} bytes while being read (data up to byte "
+                                        f"{start + n} expected)")
+        if n == 0:
+            return np.zeros(0, np.uint8)
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        try:
+            mm = mmap.mmap(fd, start + n - base, access=mmap.ACCESS_COPY, offset=base)
+        except (OSError, ValueError):  # a file system that cannot map: read the bytes instead
+            buf = np.empty(n, np.uint8)
+            try:
+                got = os.preadv(fd, [memoryview(buf)], start)
+            except OSError as e:
+                raise InputError(self.path, os_problem(e)) from None
+            if got != n:
+                raise InputError(self.path, f"short read ({got} of {n} bytes at byte {start})")
+            return buf
+        return np.frombuffer(mm, np.uint8, count=n, offset=start - base)
+
+    def will_need(self, offset: int, n: int) -> None:
+        """Ask the kernel to start reading data bytes [offset, offset + n) into the page cache
+        (asynchronously: a later window over them does not wait on the disk)."""
+        if n > 0 and hasattr(os, "posix_fadvise"):
+            try:
+                os.posix_fadvise(self._fd(), self.data_start + offset, n, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass  # a hint only
+
+    def _fd(self) -> int:
+        if getattr(self, "_fh", None) is None:
+            self._fh = open_input(self.path)
+        return self._fh.fileno()

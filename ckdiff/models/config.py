@@ -11,14 +11,22 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
-import torch
+import numpy as np
 
 from ckdiff.errors import InputError
+from ckdiff.tensor.dtype_names import dtype_name
 from ckdiff.models import families
 from ckdiff.models.families import Mlp, Norm
 
-DTYPE_BY_NAME = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                 "float64": torch.float64}
+_DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
+
+
+def __getattr__(name: str):
+    """``DTYPE_BY_NAME`` ({"float32": torch.float32, ...}), made on first use: reading a config needs no torch."""
+    if name == "DTYPE_BY_NAME":
+        import torch
+        return {n: getattr(torch, n) for n in _DTYPE_NAMES}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # typed, range-checked config values: models/fields.py
@@ -395,6 +403,9 @@ class ModelConfig:
 
 def config_where(ck) -> str:
     """The file a checkpoint's config comes from, for messages (Megatron: the first rank file's args)."""
+    where = (ck.meta or {}).get("config_where")
+    if where:  # said by the torch-free comparison (compare/lane.py), which never loads the format registry
+        return where
     from ckdiff.formats.registry import lookup
     f = lookup(ck.format)
     if f is not None:
@@ -508,17 +519,29 @@ def canonical_config(fmt: str, cfg: dict, tensors: dict, where: str = "config") 
         # an explicit null that is a value of its own (a family's nullable extra) survives the parse
         kept = {k: None for k in families.nullable_keys() if k in cfg and cfg[k] is None}
         cfg = {**parse_config(fmt, cfg, where), **kept}
-    from ckdiff.formats.registry import lookup
-    f = lookup(fmt)  # each format declares its canonical reader (formats/registry.py)
-    if cfg and f is not None and f.canonical is not None:
+    if not cfg:
+        return None
+    canonical = _canonical_reader(fmt)
+    if canonical is not None:
         from ckdiff.errors import InputError
         try:
-            return f.canonical(cfg, tensors)
+            return canonical(cfg, tensors)
         except InputError as e:  # a format's reader names its config generically ("gguf", "args"): name the file
             if e.path in ("gguf", "args", "config"):
                 raise InputError(where, e.problem) from None
             raise
     return None
+
+
+def _canonical_reader(fmt: str):
+    """The canonical config reader a format declares (formats/registry.py). HF's is this module's own
+    ``_canonical_hf``: while the registry is not loaded (the torch-free comparison, compare/lane.py, never
+    loads every format's module) it is taken directly."""
+    from ckdiff.formats import registry
+    if fmt == "hf" and not registry.loaded():
+        return _canonical_hf
+    f = registry.lookup(fmt)
+    return f.canonical if f is not None else None
 
 
 def _canonical_hf(cfg: dict, tensors: dict) -> dict:
@@ -690,9 +713,18 @@ def _rows_equal(x, y) -> bool:
         return False
     n = x.shape[0]
     for i in sorted({0, n // 3, (2 * n) // 3, n - 1})[:SAMPLE_ROWS]:
-        if not torch.equal(x.rows(i, i + 1), y.rows(i, i + 1)):
+        if not _equal(x.rows(i, i + 1), y.rows(i, i + 1)):
             return False
-    return x.numel > (1 << 24) or torch.equal(x.load(), y.load())
+    return x.numel > (1 << 24) or _equal(x.load(), y.load())
+
+
+def _equal(u, v) -> bool:
+    """Equal values (NaN never equal, -0 == 0), for torch tensors or the numpy arrays of the torch-free
+    comparison (compare/lane.py, whose tensors load as numpy)."""
+    if isinstance(u, np.ndarray):
+        return u.shape == v.shape and bool(np.array_equal(u, v))
+    import torch
+    return torch.equal(u, v)
 
 
 # stored rotary frequency buffers (derived from rope_theta, head_dim and rope scaling, never trained): Meta's
@@ -703,13 +735,13 @@ ROTARY_BUFFERS = re.compile(r"(?:^rope\.freqs|rotary_emb\.inv_freq)$")
 def rotary_buffer_findings(tensors: dict, canon: dict) -> list:
     """A stored rotary buffer against the frequencies its config implies (within the buffer dtype's
     rounding): a stale buffer (another theta, scaling dropped) is what a runtime that loads it uses."""
-    from types import SimpleNamespace
-
-    from ckdiff.runtime.forward import rope_frequencies
     hd, theta = canon.get("head_dim"), canon.get("rope_theta")
     names = [n for n in tensors if ROTARY_BUFFERS.search(n)]
     if not names or not (isinstance(hd, int) and hd > 0 and hd % 2 == 0 and isinstance(theta, float)):
         return []
+    from types import SimpleNamespace
+
+    from ckdiff.runtime.forward import rope_frequencies  # torch: only where a buffer is stored
     mp = canon.get("max_pos") if isinstance(canon.get("max_pos"), int) else 2048
     want = rope_frequencies(SimpleNamespace(head_dim=hd, rope_theta=theta, rope_scaling=canon.get("rope_scaling"),
                                             max_pos=mp, rope_freq_factors=None), 0)[0]
@@ -720,7 +752,7 @@ def rotary_buffer_findings(tensors: dict, canon: dict) -> list:
             bad.append(f"{n} has shape {list(t.shape)}, not [{hd // 2}] (head_dim / 2)")
             continue
         have = t.load().double()
-        rtol = {torch.bfloat16: 1.6e-2, torch.float16: 1e-3}.get(t.dtype, 1e-6)
+        rtol = {"bfloat16": 1.6e-2, "float16": 1e-3}.get(dtype_name(t.dtype), 1e-6)
         worst = float(((have - want).abs() / want.abs()).max())
         if worst > rtol:
             bad.append(f"{n} differs from the frequencies its config implies (rope_theta {theta:g}, head_dim "
@@ -730,7 +762,7 @@ def rotary_buffer_findings(tensors: dict, canon: dict) -> list:
                     ("rotary-buffer", x.split(" ")[0])) for x in bad]
 
 
-_FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+_FP8 = {"e4m3": "float8_e4m3fn", "e5m2": "float8_e5m2"}  # by dtype name
 
 
 def fp8_format_findings(cfg: dict, tensors: dict) -> list:
@@ -741,12 +773,12 @@ def fp8_format_findings(cfg: dict, tensors: dict) -> list:
     if fmt not in _FP8:
         return []
     other = next((d for f, d in _FP8.items() if f != fmt), None)
-    wrong = [n for n, t in tensors.items() if t.dtype == other]
+    wrong = [n for n, t in tensors.items() if dtype_name(t.dtype) == other]
     if not wrong:
         return []
     more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
     return [Finding(f"quantization_config.fmt says {fmt} but {wrong[0]}{more} is stored as "
-                    f"{str(other).replace('torch.', '')}: read as {fmt}, every code decodes to another value",
+                    f"{other}: read as {fmt}, every code decodes to another value",
                     ("fp8-format", fmt))]
 
 

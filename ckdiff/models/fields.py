@@ -6,9 +6,21 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import torch
+import sys
 
 from ckdiff.errors import InputError
+
+
+# dtype names that configs use, accepted without importing torch; any other name is checked against torch
+COMMON_DTYPES = frozenset(("float32", "float16", "bfloat16", "float64", "float", "half", "double"))
+
+
+def _torch_dtype(name) -> bool:
+    """Whether ``name`` names a torch dtype (``torch.<name>``)."""
+    if not name:
+        return False
+    import torch
+    return isinstance(getattr(torch, name, None), torch.dtype)
 
 
 class ConfigError(InputError):
@@ -102,10 +114,11 @@ class Fields:
 
     def dtype(self, key) -> Optional[str]:
         v = self.src.get(key)
-        if v is None or isinstance(v, torch.dtype):
+        torch = sys.modules.get("torch")  # a torch dtype can only be here once torch is loaded
+        if v is None or (torch is not None and isinstance(v, torch.dtype)):
             return None if v is None else str(v).replace("torch.", "")
         name = v.replace("torch.", "") if isinstance(v, str) else None
-        if name != "auto" and not (name and isinstance(getattr(torch, name, None), torch.dtype)):
+        if name != "auto" and name not in COMMON_DTYPES and not _torch_dtype(name):
             self.fail(key, "a dtype name (float32, bfloat16, ...)", v)
         return name
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
-import torch
+if TYPE_CHECKING:  # torch is imported by the methods that make tensors: a checkpoint's index needs none
+    import torch
 
 # Bytes per chunk when streaming a tensor; a few of these are alive at once.
 CHUNK_BYTES = 32 * 1024 * 1024
@@ -49,6 +50,7 @@ class LazyTensor:
 
     def meta(self) -> torch.Tensor:
         """An empty tensor on the meta device with this shape and dtype."""
+        import torch
         return torch.empty(self.shape, dtype=self.dtype, device="meta")
 
     # -- data ------------------------------------------------------------------
@@ -184,6 +186,7 @@ class DerivedGroup:
         if self._maps is None:
             self._maps = []
             if getattr(self.fn, "rowwise", False) and all(t.shape for t in self.inputs):
+                import torch
                 provs = [((j << _SRC_SHIFT) + torch.arange(t.shape[0], dtype=torch.int64)).reshape(
                     (t.shape[0],) + (1,) * (len(t.shape) - 1)) for j, t in enumerate(self.inputs)]
                 try:
@@ -199,6 +202,7 @@ class DerivedGroup:
 
     def gather(self, codes: torch.Tensor, shape, dtype) -> torch.Tensor:
         """Rows named by provenance ``codes``, each source read as one span of rows."""
+        import torch
         src = codes >> _SRC_SHIFT
         rows = codes & ((1 << _SRC_SHIFT) - 1)
         sources = torch.unique(src).tolist()
