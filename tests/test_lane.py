@@ -200,3 +200,38 @@ def test_the_command_never_loads_torch_on_a_plain_pair(tmp_path, base):
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip().endswith("exit " + ("1" if "--no-diagnose" in args else "0")), r.stdout
     assert b.is_dir()
+
+
+def test_reports_from_the_lane_match_the_full_comparison(tmp_path, base):
+    """--json and --junit through the lane (torch never loaded) hold what the full comparison's do (forced by
+    --format hf, which the lane leaves to it); --html and --markdown alike, apart from the command line."""
+    b = _mutated(base, tmp_path / "b", _one)
+    code = ("import sys\nfrom ckdiff.cli import main\nrc = main(sys.argv[1:])\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    lane = [str(tmp_path / f"lane.{x}") for x in ("json", "xml")]
+    r = subprocess.run([sys.executable, "-c", code, str(base), str(b), "--no-diagnose", "-q", "--json", lane[0],
+                        "--junit", lane[1]], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    full = [str(tmp_path / f"full.{x}") for x in ("json", "xml")]
+    from ckdiff.cli import main
+    assert main([str(base), str(b), "--no-diagnose", "-q", "--format", "hf", "--json", full[0], "--junit", full[1]]) == 1
+    x, y = (json.loads(open(p).read()) for p in (lane[0], full[0]))
+    assert x["result"] == y["result"] and x["verdict"] == y["verdict"] == "differ"
+    assert [f["path"] for i in x["provenance"]["inputs"] for f in i["files"]] == \
+        [f["path"] for i in y["provenance"]["inputs"] for f in i["files"]]
+    strip = lambda p: open(p).read().replace(" --format hf", "").replace("full.", "lane.")  # noqa: E731
+    assert strip(full[1]) == open(lane[1]).read()
+    for ext in ("html", "md"):
+        flag = "--html" if ext == "html" else "--markdown"
+        assert main([str(base), str(b), "--no-diagnose", "-q", flag, str(tmp_path / f"lane.{ext}")]) == 1
+        assert main([str(base), str(b), "--no-diagnose", "-q", "--format", "hf", flag, str(tmp_path / f"full.{ext}")]) == 1
+        assert strip(tmp_path / f"full.{ext}") == open(tmp_path / f"lane.{ext}").read()
+
+
+def test_a_report_is_never_written_over_an_input(tmp_path, base):
+    b = _mutated(base, tmp_path / "b", _one)
+    from ckdiff.cli import main
+    target = b / "model.safetensors"
+    before = target.read_bytes()
+    assert main([str(base), str(b), "--no-diagnose", "-q", "--json", str(target), "--force"]) == 2
+    assert target.read_bytes() == before

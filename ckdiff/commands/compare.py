@@ -75,28 +75,43 @@ def run(argv, command: str = "") -> int:
 
 
 def _plain(args) -> bool:
-    """Nothing asked for changes the answer or needs the full result's machinery: no format, prefix,
-    tolerance or selection option, no report, one process on the CPU."""
+    """Nothing asked for changes the answer or needs the full comparison's machinery: no format, prefix,
+    tolerance or selection option, one process on the CPU."""
     return not (args.format or args.format_a or args.format_b or getattr(args, "prefix_a", None)
                 or getattr(args, "prefix_b", None) or args.only or args.ignore or args.tol or args.atol is not None
                 or args.rtol is not None or args.strict_dtype or args.strict or args.workers != 1
-                or args.device != "cpu"
-                or any(getattr(args, f, None) for f in common.REPORT_FLAGS) or common.summary_target(args) is not None)
+                or args.device != "cpu")
 
 
-def _quick(args):
-    """Without torch, where the options allow (``_plain``): the identical pair of plain safetensors files,
-    decided before numba too (compare/quick.py), then any pair of plain float safetensors checkpoints
-    (compare/lane.py). None: the full comparison runs."""
+def _reports(args) -> bool:
+    return any(getattr(args, f, None) for f in common.REPORT_FLAGS) or common.summary_target(args) is not None
+
+
+def _quick(args, command: str = "") -> int | None:
+    """Without torch, where the options allow (``_plain``): the identical pair of plain safetensors files
+    without reports, decided before numba too (compare/quick.py), then any pair of plain float safetensors
+    checkpoints (compare/lane.py), reports included. None: the full comparison runs."""
     if not _plain(args):
         return None
-    from ckdiff.compare.quick import identical_safetensors
-    res = identical_safetensors(args.a, args.b)
+    if not _reports(args):
+        from ckdiff.compare.quick import identical_safetensors
+        res = identical_safetensors(args.a, args.b)
+        if res is not None:
+            _print(args, res)
+            return 0
+    common.check_reports(args)
+    from ckdiff.compare.lane import compare_plain_pair, open_plain_pair
+    pair = open_plain_pair(args.a, args.b)
+    if pair is None:
+        return None
+    common.check_reports(args, pair)
+    res = compare_plain_pair(*pair, diagnose=not args.no_diagnose,
+                             progress_factory=common.progress_factory(common.show_progress(args)))
     if res is None:
-        from ckdiff.compare.lane import compare_plain
-        res = compare_plain(args.a, args.b, diagnose=not args.no_diagnose, progress_factory=common.progress_factory(
-            common.show_progress(args)))
-    return res
+        return None
+    _print(args, res)
+    common.emit_reports(args, "compare", res, pair, command)
+    return 0 if res.equivalent else 1
 
 
 def _print(args, res) -> None:
@@ -112,10 +127,9 @@ def _print(args, res) -> None:
 def _run(args, command: str, shard) -> int:
     """One comparison; with ``shard`` every rank runs this and rank 0 prints and writes the reports."""
     if shard is None:
-        res = _quick(args)
-        if res is not None:
-            _print(args, res)
-            return 0 if res.equivalent else 1
+        code = _quick(args, command)
+        if code is not None:
+            return code
     from ckdiff.compare.diff import Options, compare_checkpoints
     main_rank = shard is None or shard.is_main
     if main_rank:

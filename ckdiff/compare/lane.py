@@ -133,7 +133,9 @@ def _side(spec: str) -> Checkpoint:
 
 
 def open_plain_pair(a: str, b: str) -> Optional[tuple[Checkpoint, Checkpoint]]:
-    """Both sides read without torch, or None when either is not a plain pair this lane takes."""
+    """Both sides read without torch, or None when either is not a plain pair this lane takes. Each path
+    and weight file read is recorded as an input (io/inputs.py), as the readers record them, so no report
+    is ever written over one."""
     try:
         ca, cb = _side(a), _side(b)
     except (_Declined, InputError, OSError, ValueError):
@@ -142,17 +144,24 @@ def open_plain_pair(a: str, b: str) -> Optional[tuple[Checkpoint, Checkpoint]]:
         return None
     if any(ca.tensors[n].shape != cb.tensors[n].shape for n in ca.tensors):
         return None  # a shape mismatch is diagnosed on torch tensors (compare/diagnose.py _diagnose_shape)
+    from ckdiff.io.inputs import note_input
+    for ck in (ca, cb):
+        for f in [ck.path, *ck.meta["files"]]:
+            note_input(f)
     return ca, cb
 
 
 def compare_plain(a: str, b: str, diagnose: bool = True, progress_factory=None):
     """The CompareResult of ``ckdiff A B`` with default options on a plain pair, or None (the full
-    comparison decides). The steps are compare/diff.py's ``compare_checkpoints`` for two checkpoints of one
-    layout with the same names: nothing is mapped, no tied-head view applies, every tensor is in the results."""
+    comparison decides)."""
     pair = open_plain_pair(a, b)
-    if pair is None:
-        return None
-    ca, cb = pair
+    return None if pair is None else compare_plain_pair(*pair, diagnose=diagnose, progress_factory=progress_factory)
+
+
+def compare_plain_pair(ca: Checkpoint, cb: Checkpoint, diagnose: bool = True, progress_factory=None):
+    """The comparison of a pair ``open_plain_pair`` read, with default options. The steps are compare/diff.py's
+    ``compare_checkpoints`` for two checkpoints of one layout with the same names: nothing is mapped, no
+    tied-head view applies, every tensor is in the results."""
     from ckdiff.compare.coverage import unaccounted_note
     from ckdiff.compare.diff import CompareResult, Options, compare_config_semantics, compare_tensor
     opts = Options(diagnose=diagnose)

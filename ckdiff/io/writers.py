@@ -17,12 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Iterable, Sequence
 
-import torch
-
 from ckdiff.errors import CkdiffError, InputError, UsageError
 from ckdiff.tensor.lazy import LazyTensor
-from ckdiff.io.safetensors import write_safetensors
-from ckdiff.io.torch_zip import TensorSource, write_torch_zip
 
 
 def _umask() -> int:
@@ -277,6 +273,13 @@ def shard_groups(tensors: Sequence[LazyTensor], n_shards: int) -> list[list[Lazy
     return groups
 
 
+def write_safetensors(path, tensors, metadata=None, progress=None) -> int:
+    """io/safetensors.py's streaming writer, imported on first use: it imports torch, which the reports
+    written through ``atomic_file`` never need."""
+    from ckdiff.io.safetensors import write_safetensors as write
+    return write(path, tensors, metadata, progress)
+
+
 def _write_st(path: Path, tensors, progress=None):
     if progress is None:
         return write_safetensors(path, tensors, {"format": "pt"})
@@ -326,6 +329,7 @@ def write_meta_like(out_dir: Path, tensors: dict[str, LazyTensor], params: dict,
     total = sum(t.nbytes for t in tensors.values())
 
     def pth():  # the torch.save format JetStream asks for, written tensor by tensor
+        from ckdiff.io.torch_zip import TensorSource, write_torch_zip
         write_torch_zip(out_dir / "consolidated.00.pth",
                         {k: TensorSource.rows_of(t) for k, t in tensors.items()}, progress)
         digest = hashlib.md5()
@@ -362,7 +366,10 @@ def write_meta_shards(out_dir: Path, tensors: dict[str, LazyTensor], params: dic
     Each shard is streamed in torch's format, one row chunk of one tensor at a time.
     ``llama_version`` picks the embedding split axis (hidden for 1/2, vocab for 3).
     """
+    import torch
+
     from ckdiff.formats.readers import META_SHARDS, meta_variant
+    from ckdiff.io.torch_zip import TensorSource, write_torch_zip
     from ckdiff.tensor.lazy import DerivedGroup
     from ckdiff.tensor.ops import Shard, ShardSplit
     files = []

@@ -11,9 +11,11 @@ SVG geometry, formatted numbers). Markdown is written here, each value escaped w
 """
 from __future__ import annotations
 
+
 import functools
 import math
 import re
+import sys
 from types import SimpleNamespace
 from typing import Optional
 
@@ -312,17 +314,22 @@ def _suite_view(d: dict) -> list[dict]:
             for c in d.get("checks", [])]
 
 
+def _instance(res, module: str, name: str) -> bool:
+    """``isinstance(res, module.name)`` without importing ``module`` (logits and golden import torch): a
+    result of that type exists only once its module is loaded."""
+    mod = sys.modules.get(module)
+    return mod is not None and isinstance(res, getattr(mod, name))
+
+
 class _Shape:
     """What a result holds, from its type: two sides with tensors (compare, golden), two sides run as
     models (logits), or converter checks (roundtrip, demo)."""
 
     def __init__(self, res):
         from ckdiff.compare.result import CompareResult
-        from ckdiff.compare.logits import LogitsResult
-        from ckdiff.golden.suite import SuiteResult
         self.tensors = isinstance(res, CompareResult)
-        self.logits = isinstance(res, LogitsResult)
-        self.checks = isinstance(res, SuiteResult)
+        self.logits = _instance(res, "ckdiff.compare.logits", "LogitsResult")
+        self.checks = _instance(res, "ckdiff.golden.suite", "SuiteResult")
         self.sides = self.tensors or self.logits
         self.mapping = self.tensors or self.checks
         if not (self.tensors or self.logits or self.checks):
