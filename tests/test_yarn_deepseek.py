@@ -97,19 +97,13 @@ def converted(tmp_path_factory):
     """name -> (HF dir written by transformers, the f32 GGUF llama.cpp's converter made of it)."""
     from pathlib import Path
 
-    from producers import HERE, LLAMA_CPP_PYTHON, cached, launch, llama_cpp_dir, sentencepiece_tokenizer
-    conv = llama_cpp_dir()
+    from producers import gguf_converted
 
-    def build(out):
-        import shutil
-        out.mkdir(parents=True)
-        tok = sentencepiece_tokenizer(out, 100)
+    def sources(out):
         for seed, (name, m) in enumerate(CONVERTED.items()):
             deepseek_yarn(out / name, m, seed)
-            shutil.copy(tok, out / name / "tokenizer.model")
-        launch(HERE / "gguf_convert.py", 1, conv, *(f"{out / n}:f32:{out / n}.gguf:spm" for n in CONVERTED))
-    root = cached(tmp_path_factory, "gguf-yarn-deepseek", build, LLAMA_CPP_PYTHON, str(conv),
-                  Path(__file__).read_text())
+        return [f"{out / n}:f32:{out / n}.gguf:spm" for n in CONVERTED]
+    root = gguf_converted(tmp_path_factory, "gguf-yarn-deepseek", sources, Path(__file__).read_text())
     return {n: (root / n, root / f"{n}.gguf") for n in CONVERTED}
 
 
