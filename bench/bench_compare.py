@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (add_dir_keep, cat_seconds, checkout_env, child_peak_rss_anon, files_of, human,  # noqa: E402
-                    out_dir, sized_model, timed_child, warm_kernels, write_model)
+from common import (add_dir_keep, cat_seconds, checkout_env, child_peak_rss_anon, discard, files_of,  # noqa: E402
+                    human, out_dir, sized_model, timed_child, warm_kernels, write_model)
 from ckdiff.tensor.lazy import LazyTensor  # noqa: E402
 
 TARGET = {"copy": 1.5, "one": 2.0, "all": 3.0, "cast": 3.0, "perm": 3.0, "int8": 4.0, "megatron": 3.0}
@@ -159,10 +159,8 @@ def main():
             print(f"{human(size):>8} {case:9} {wall:6.1f}s {secs:6.2f}s {floor:5.2f}s {fig:6.2f}x "
                   f"{TARGET[case]:5.1f}x {peak:9.0f} MiB  rc={rc} {verdict}  (figures {runs[0][0]:.2f}-"
                   f"{runs[-1][0]:.2f}x)", flush=True)
-            if not args.keep:
-                shutil.rmtree(b)
-        if not args.keep:
-            shutil.rmtree(a)
+            discard(args.keep, b)
+        discard(args.keep, a)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_compare import ckdiff_timed, make_b  # noqa: E402
-from common import (add_dir_keep, checkout_env, files_of, human, out_dir, read_bytes_seconds,  # noqa: E402
+from common import (add_dir_keep, checkout_env, discard, files_of, human, out_dir, read_bytes_seconds,  # noqa: E402
                     sized_model, warm_kernels, write_model)
 
 
@@ -111,10 +110,8 @@ def main():
         print(f"{case:6} {wall:6.1f}s {secs:6.1f}s {floor:6.1f}s {secs / floor:6.2f}x "
               f"{2 * size / secs / 2**20:7.0f} MiB/s {peak:9.0f} MiB  rc={rc} {verdict} "
               f"(cached before the run: {left:.1%}; floor rate {2 * size / floor / 2**20:.0f} MiB/s)", flush=True)
-        if not args.keep:
-            shutil.rmtree(b)
-    if not args.keep:
-        shutil.rmtree(a)
+        discard(args.keep, b)
+    discard(args.keep, a)
 
 
 if __name__ == "__main__":

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_compare import MAIN, make_b  # noqa: E402
-from common import (add_dir_keep, checkout_env, child_peak_rss_anon, human, median, out_dir,  # noqa: E402
+from common import (add_dir_keep, checkout_env, child_peak_rss_anon, discard, human, median, out_dir,  # noqa: E402
                     sized_model, write_model)
 
 SAME = {"copy": True, "cast": True, "one": False, "all": False, "perm": False}
@@ -107,10 +106,8 @@ def main():
                 right = "right" if says == SAME[case] else "WRONG"
                 print(f"{human(size):>8} {case:5} {name:10} {wall:6.2f}s {wall / base:8.2f}x {peak:9.0f} MiB  "
                       f"{'same' if says else 'differ'} ({right})", flush=True)
-            if not args.keep:
-                shutil.rmtree(b)
-        if not args.keep:
-            shutil.rmtree(a)
+            discard(args.keep, b)
+        discard(args.keep, a)
 
 
 if __name__ == "__main__":

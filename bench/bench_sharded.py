@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_compare import MAIN, make_b  # noqa: E402
-from common import (add_dir_keep, cat_seconds, checkout_env, human, out_dir, rss_anon_kib,  # noqa: E402
+from common import (add_dir_keep, cat_seconds, checkout_env, discard, human, out_dir, rss_anon_kib,  # noqa: E402
                     sized_model, write_model)
 
 
@@ -72,10 +71,8 @@ def main():
             print(f"{case:5s} workers={n}: {wall:6.2f}s  ({2 * size / wall / 2**30:.2f} GiB/s of both sides; "
                   f"cat {floor:.2f}s)  peak RssAnon per rank [MiB]: {per_rank}  -> {stdout.strip()[:50]}")
         print(f"{case:5s} speed-up with 2 processes: {walls[1] / walls[2]:.2f}x")
-        if not args.keep:
-            shutil.rmtree(b)
-    if not args.keep:
-        shutil.rmtree(a)
+        discard(args.keep, b)
+    discard(args.keep, a)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import sys
 import threading
 import time
@@ -144,6 +145,13 @@ def write_model(path: Path, tensors: dict, cfg, num_shards: int = 1) -> None:
     from ckdiff.io.writers import atomic_dir, write_hf
     with atomic_dir(path, overwrite=True) as tmp:
         write_hf(tmp, tensors, cfg.to_hf(), num_shards=num_shards)
+
+
+def discard(keep: bool, *paths) -> None:
+    """The generated checkpoint directories removed, unless ``--keep`` asked to keep them."""
+    if not keep:
+        for path in paths:
+            shutil.rmtree(path)
 
 
 def files_of(d) -> list:
