@@ -2,21 +2,19 @@
 from __future__ import annotations
 
 from ckdiff.commands import common
-from ckdiff.commands.roundtrip import add_suite_args, converter_names, converter_options, progress, workdir
+from ckdiff.commands.roundtrip import converter_options, progress, suite_parser, workdir
 
 NAME = "golden"
 SUMMARY = "convert a golden source and a candidate source with one converter; diff the outputs"
 
 
 def parser(prog: str = "ckdiff golden"):
-    p = common.Parser(prog=prog, description="The JetStream guide's workflow: convert GOLDEN_SRC (a supported "
-                      "path, e.g. Meta weights) and CANDIDATE_SRC (the new path, e.g. HF weights) with CONVERTER "
-                      "and diff the two outputs. Exit 0 equivalent, 1 differ, 2 error.")
-    p.add_argument("converter", choices=converter_names(), help="a registered converter")
-    p.add_argument("golden_src", help="source whose conversion is the golden")
-    p.add_argument("candidate_src", help="source whose conversion is checked against the golden")
-    add_suite_args(p)
-    return p
+    def add(p):
+        p.add_argument("golden_src", help="source whose conversion is the golden")
+        p.add_argument("candidate_src", help="source whose conversion is checked against the golden")
+    return suite_parser(prog, "The JetStream guide's workflow: convert GOLDEN_SRC (a supported path, e.g. Meta "
+                        "weights) and CANDIDATE_SRC (the new path, e.g. HF weights) with CONVERTER and diff the two "
+                        "outputs. Exit 0 equivalent, 1 differ, 2 error.", add)
 
 
 def run(argv, command: str = "") -> int:

@@ -84,15 +84,22 @@ def progress(a):
     return lambda label: common.progress_factory(common.show_progress(a), label)
 
 
-def parser(prog: str = "ckdiff roundtrip"):
-    p = common.Parser(prog=prog, description="Convert SRC with CONVERTER, convert the result back with its "
-                      "registered inverse, diff the two (bit-exact, config drift included) and compare logits of "
-                      "SRC and the converted checkpoint. Exit 0 pass, 1 fail, 2 error.")
+def suite_parser(prog: str, description: str, add) -> common.Parser:
+    """The parser of a converter suite command: the converter, what ``add(parser)`` adds, the suite's flags."""
+    p = common.Parser(prog=prog, description=description)
     p.add_argument("converter", choices=converter_names(), help="a registered converter")
-    p.add_argument("src", help="your checkpoint, in the converter's source layout")
-    p.add_argument("--no-logits", action="store_true", help="skip the logit comparison")
+    add(p)
     add_suite_args(p)
     return p
+
+
+def parser(prog: str = "ckdiff roundtrip"):
+    def add(p):
+        p.add_argument("src", help="your checkpoint, in the converter's source layout")
+        p.add_argument("--no-logits", action="store_true", help="skip the logit comparison")
+    return suite_parser(prog, "Convert SRC with CONVERTER, convert the result back with its registered inverse, "
+                        "diff the two (bit-exact, config drift included) and compare logits of SRC and the "
+                        "converted checkpoint. Exit 0 pass, 1 fail, 2 error.", add)
 
 
 def run(argv, command: str = "") -> int:
