@@ -1,8 +1,7 @@
 """``ckdiff golden CONVERTER GOLDEN_SRC CANDIDATE_SRC``: the supported path is the golden, the new one is diffed."""
 from __future__ import annotations
 
-from ckdiff.commands import common
-from ckdiff.commands.roundtrip import converter_options, progress, suite_parser, workdir
+from ckdiff.commands.roundtrip import run_suite, suite_parser
 
 NAME = "golden"
 SUMMARY = "convert a golden source and a candidate source with one converter; diff the outputs"
@@ -21,18 +20,11 @@ def run(argv, command: str = "") -> int:
     from ckdiff.golden.suite import golden_diff
     from ckdiff.reports.terminal import print_compare
     a = parser().parse_args(argv)
-    opts = converter_options(a)
-    inputs = (a.golden_src, a.candidate_src)
-    common.check_reports(a, inputs)
-    with workdir(a.work, "ckdiff-golden-") as work:
-        res = golden_diff(a.converter, a.golden_src, a.candidate_src, work, a.tp, a.pp, options=opts,
-                          progress=progress(a))
-    console = common.console(a)
-    if a.quiet:
-        console.print(("EQUIVALENT" if res.equivalent else "DIFFER") + ": "
-                      + res.counts_text())
-    else:
+
+    def show(res, console):
         print_compare(res, console)
         console.print(f"converter: {res.options['converter']} {res.options['converter_options']}", markup=False)
-    common.emit_reports(a, "golden", res, inputs, command)
-    return 0 if res.equivalent else 1
+    return run_suite(a, "golden", (a.golden_src, a.candidate_src), command, "ckdiff-golden-",
+                     lambda work, opts, prog: golden_diff(a.converter, a.golden_src, a.candidate_src, work, a.tp,
+                                                          a.pp, options=opts, progress=prog),
+                     lambda res: ("EQUIVALENT" if res.equivalent else "DIFFER") + ": " + res.counts_text(), show)
