@@ -95,3 +95,32 @@ def browser():
 def box(d, el):
     """[left, top, right, bottom] of an element in the viewport."""
     return d.execute_script("const r=arguments[0].getBoundingClientRect();return [r.left,r.top,r.right,r.bottom];", el)
+
+
+def llama_hf(out, seed: int, tied: bool = False):
+    """A tiny transformers ``LlamaForCausalLM`` (GQA: 4 heads over 2 KV heads, transformers' own random init
+    seeded by ``seed``), saved by ``save_pretrained`` to ``out``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=100, tie_word_embeddings=tied, max_position_embeddings=128)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+def rewrite_hf(src, out, tensors=None, config=None):
+    """A copy of the HF directory ``src`` at ``out``: its state dict edited in place by ``tensors(state)`` and
+    saved by safetensors' own ``save_file``, its config.json edited by ``config(dict)``."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    out.mkdir()
+    state = load_file(str(src / "model.safetensors"))
+    if tensors:
+        tensors(state)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    if config:
+        config(cfg)
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
