@@ -124,3 +124,18 @@ def rewrite_hf(src, out, tensors=None, config=None):
         config(cfg)
     (out / "config.json").write_text(json.dumps(cfg))
     return out
+
+
+def train_spm(d: Path, words, seed: int, per_line: int, lines: int, vocab: int) -> Path:
+    """``d/tokenizer.model``: a BPE model trained by sentencepiece on ``lines`` lines of ``per_line`` words drawn at
+    random (seeded) from ``words``."""
+    import pytest
+    spm = pytest.importorskip("sentencepiece")
+    g = torch.Generator().manual_seed(seed)
+    text = (" ".join(words[int(i)] for i in torch.randint(0, len(words), (per_line,), generator=g))
+            for _ in range(lines))
+    (d / "corpus.txt").write_text("\n".join(text))
+    spm.SentencePieceTrainer.train(input=str(d / "corpus.txt"), model_prefix=str(d / "tokenizer"), vocab_size=vocab,
+                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+    (d / "corpus.txt").unlink()
+    return d / "tokenizer.model"
