@@ -139,3 +139,18 @@ def train_spm(d: Path, words, seed: int, per_line: int, lines: int, vocab: int) 
                                    model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
     (d / "corpus.txt").unlink()
     return d / "tokenizer.model"
+
+
+def redraw(model, seed: int, router_scale: float = 0.3):
+    """Every floating parameter and buffer of a transformers model but the rotary tables drawn again at random
+    (seeded): norms (layer, q and k norms) around 1 (x 0.1), router weights (``gate.weight``, ``router.weight``)
+    x ``router_scale``, the rest x 0.3 (e_score_correction_bias included)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in list(model.named_parameters()) + list(model.named_buffers()):
+            if "rotary_emb" in n or not p.dtype.is_floating_point:
+                continue
+            base = 1.0 if n.endswith("norm.weight") else 0.0
+            scale = 0.1 if base else (router_scale if n.endswith(("gate.weight", "router.weight")) else 0.3)
+            p.copy_(base + torch.randn(p.shape, generator=g) * scale)
+    return model
