@@ -62,6 +62,26 @@ def launch(script: Path, world: int, *args, timeout: float = 300) -> None:
             raise AssertionError(f"{script.name} rank {r} exited {p.returncode}:\n{out[-3000:]}")
 
 
+def launch_together(*runs) -> None:
+    """``launch(script, world, *args)`` for each ``(script, world, *args)`` of ``runs`` at once (one thread each);
+    the first failure raised once all have ended."""
+    import threading
+    errs = []
+
+    def run(*args):
+        try:
+            launch(*args)
+        except AssertionError as e:  # re-raised in the caller's thread below
+            errs.append(e)
+    ts = [threading.Thread(target=run, args=r) for r in runs]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    if errs:
+        raise errs[0]
+
+
 _BUILT: dict = {}  # (name, keys) -> directory built in this session
 
 
