@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (add_dir_keep, cat_seconds, checkout_env, child_peak_rss_anon, discard, files_of,  # noqa: E402
-                    human, out_dir, sized_model, timed_child, warm_kernels, write_model)
+                    human, out_dir, sized_model, timed_child, verdict, warm_kernels, write_model)
 from ckdiff.tensor.lazy import LazyTensor  # noqa: E402
 
 TARGET = {"copy": 1.5, "one": 2.0, "all": 3.0, "cast": 3.0, "perm": 3.0, "int8": 4.0, "megatron": 3.0}
@@ -155,9 +155,9 @@ def main():
             runs.sort(key=lambda r: r[0])
             fig, secs, wall, floor, peak, rc, stdout, err = runs[len(runs) // 2]  # the median figure
             peak = max(r[4] for r in runs)
-            verdict = (stdout.strip().splitlines() or [err.strip()])[0][:60]
+            said = verdict(stdout, err, 60)
             print(f"{human(size):>8} {case:9} {wall:6.1f}s {secs:6.2f}s {floor:5.2f}s {fig:6.2f}x "
-                  f"{TARGET[case]:5.1f}x {peak:9.0f} MiB  rc={rc} {verdict}  (figures {runs[0][0]:.2f}-"
+                  f"{TARGET[case]:5.1f}x {peak:9.0f} MiB  rc={rc} {said}  (figures {runs[0][0]:.2f}-"
                   f"{runs[-1][0]:.2f}x)", flush=True)
             discard(args.keep, b)
         discard(args.keep, a)

@@ -37,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_compare import make_b, write_a  # noqa: E402
 from common import (add_dir_keep, cat_seconds, checkout_env, files_of, human, median, out_dir,  # noqa: E402
-                    sized_model, timed_child)
+                    sized_model, timed_child, verdict)
 
 # the ckdiff command timed from after its fixed start-up: numba's kernels loaded and, on a GPU, the CUDA
 # context made, so that the figure is the reading and the compute
@@ -123,9 +123,9 @@ def main() -> int:
                     argv = [a, b, "-q", "--json", rep, "--device", dev]
                     secs, wall, peak, rc, stdout, err, floor = median_run(argv, dev, env, args.repeat,
                                                                           files_of(a) + files_of(b))
-                    verdict = (stdout.strip().splitlines() or [err.strip()])[0][:60]
+                    said = verdict(stdout, err, 60)
                     print(f"{human(size):>8} {case:5} {where:6} {secs:6.2f}s {wall:6.1f}s {floor:5.2f}s "
-                          f"{secs / floor:6.2f}x {peak:9.0f} MiB  rc={rc} {verdict}", flush=True)
+                          f"{secs / floor:6.2f}x {peak:9.0f} MiB  rc={rc} {said}", flush=True)
                     if rc not in (0, 1) or not rep.exists():
                         print(f"  no report: {err.strip()[-800:]}")
                         bad += 1
@@ -143,8 +143,8 @@ def main() -> int:
             for where, dev in (("cpu", "cpu"), ("device", args.device)):
                 argv = ["logits", a, b, "-q", "--no-tensor-diff", "--device", dev]
                 secs, wall, peak, rc, stdout, err, _ = median_run(argv, dev, env, 1, None)
-                verdict = (stdout.strip().splitlines() or [err.strip()])[0][:100]
-                print(f"{human(size):>8} logits {where:6} {secs:6.2f}s {wall:6.1f}s {peak:9.0f} MiB  rc={rc} {verdict}",
+                said = verdict(stdout, err, 100)
+                print(f"{human(size):>8} logits {where:6} {secs:6.2f}s {wall:6.1f}s {peak:9.0f} MiB  rc={rc} {said}",
                       flush=True)
         if not args.keep:  # only what this size made: --dir may hold other benches' checkpoints
             for d in [a, *out.glob(f"b-{gib:g}-*")]:

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_compare import ckdiff_timed, make_b  # noqa: E402
 from common import (add_dir_keep, checkout_env, discard, files_of, human, out_dir, read_bytes_seconds,  # noqa: E402
-                    sized_model, warm_kernels, write_model)
+                    sized_model, verdict, warm_kernels, write_model)
 
 
 def mem_total_bytes() -> int:
@@ -106,9 +106,9 @@ def main():
         evict(files)
         left = cached_fraction(files)
         secs, wall, peak, rc, stdout, err = ckdiff_timed([a, b, "-q"], env)
-        verdict = (stdout.strip().splitlines() or [err.strip()])[0][:50]
+        said = verdict(stdout, err, 50)
         print(f"{case:6} {wall:6.1f}s {secs:6.1f}s {floor:6.1f}s {secs / floor:6.2f}x "
-              f"{2 * size / secs / 2**20:7.0f} MiB/s {peak:9.0f} MiB  rc={rc} {verdict} "
+              f"{2 * size / secs / 2**20:7.0f} MiB/s {peak:9.0f} MiB  rc={rc} {said} "
               f"(cached before the run: {left:.1%}; floor rate {2 * size / floor / 2**20:.0f} MiB/s)", flush=True)
         discard(args.keep, b)
     discard(args.keep, a)

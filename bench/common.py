@@ -154,6 +154,12 @@ def discard(keep: bool, *paths) -> None:
             shutil.rmtree(path)
 
 
+def verdict(stdout: str, stderr: str, width: int) -> str:
+    """A run's verdict for a table row: its first line of output (of stderr when stdout is empty), cut to
+    ``width``."""
+    return (stdout.strip().splitlines() or [stderr.strip()])[0][:width]
+
+
 def files_of(d) -> list:
     return sorted(p for p in Path(d).rglob("*") if p.is_file())
 

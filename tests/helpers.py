@@ -154,3 +154,13 @@ def redraw(model, seed: int, router_scale: float = 0.3):
             scale = 0.1 if base else (router_scale if n.endswith(("gate.weight", "router.weight")) else 0.3)
             p.copy_(base + torch.randn(p.shape, generator=g) * scale)
     return model
+
+
+def assert_equivalent_both_ways(run_cli, a, b, what: str = "", quant: bool = False) -> None:
+    """``ckdiff A B`` and ``ckdiff B A`` both EQUIVALENT (the verdict does not depend on the order); with
+    ``quant`` the verdict line counts quantized tensors."""
+    for x, y in ((a, b), (b, a)):
+        code, out, err = run_cli(x, y)
+        assert code == 0 and out.startswith("EQUIVALENT"), f"{what}: " + out + err
+        if quant:
+            assert "quant" in out.splitlines()[0], out

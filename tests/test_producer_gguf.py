@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from helpers import assert_equivalent_both_ways
 from producers import edit_gguf_tensors, gguf_converted, llama_permute, llama_unpermute, swap_tensors, tiny_llama, \
     tiny_mixtral
 
@@ -46,12 +47,7 @@ def test_converter_output_equivalent_with_hf_source(gguf_files, run_cli, fam):
         f = gguf_files / f"{fam}.{t}.gguf"
         arch = gguf.GGUFReader(str(f)).fields["general.architecture"].contents()
         assert arch == ("gemma" if fam == "gemma" else "llama")
-        for a, b in ((f, gguf_files / fam), (gguf_files / fam, f)):  # the verdict does not depend on the order
-            code, out, err = run_cli(a, b)
-            assert code == 0, f"{fam} {t}: " + out + err
-            assert out.startswith("EQUIVALENT"), out
-            if t == "q8_0":
-                assert "quant" in out.splitlines()[0], out
+        assert_equivalent_both_ways(run_cli, f, gguf_files / fam, f"{fam} {t}", quant=t == "q8_0")
 
 
 @pytest.mark.parametrize("fam", ["llama", "mixtral", "gemma"])

@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import assert_equivalent_both_ways
 from producers import edit_gguf, edit_gguf_tensors, gguf_converted, tiny_llama
 
 _DS = dict(num_attention_heads=4, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8,
@@ -120,11 +121,7 @@ def test_converter_output_equivalent_with_hf_source(mla_gguf, run_cli, name):
             assert "blk.0.attn_k_b.weight" in types and not any("attn_kv_b" in n for n in types)
         if name == "ossmx":
             assert types["blk.1.ffn_gate_exps.weight"] == types["blk.1.ffn_down_exps.weight"] == "MXFP4"
-        for a, b in ((f, mla_gguf / name), (mla_gguf / name, f)):  # the verdict does not depend on the order
-            code, out, err = run_cli(a, b)
-            assert code == 0 and out.startswith("EQUIVALENT"), f"{name} {t}: " + out + err
-            if t == "q8_0" or name == "ossmx":
-                assert "quant" in out.splitlines()[0], out
+        assert_equivalent_both_ways(run_cli, f, mla_gguf / name, f"{name} {t}", quant=t == "q8_0" or name == "ossmx")
 
 
 def test_mxfp4_experts_against_the_float_source(mla_gguf, run_cli):

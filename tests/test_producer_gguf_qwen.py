@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import assert_equivalent_both_ways
 from producers import edit_gguf_tensors, gguf_converted, llama_permute, swap_tensors, tiny_llama
 
 _QWEN3_MOE = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
@@ -70,12 +71,7 @@ def test_converter_output_equivalent_with_hf_source(qwen_gguf, run_cli, name):
         assert r.fields["general.architecture"].contents() == SOURCES[name][1]
         names = {x.name for x in r.tensors}
         assert ("output.weight" in names) == (name != "qwen2")  # Qwen2 tied: no output tensor
-        for a, b in ((f, qwen_gguf / name), (qwen_gguf / name, f)):  # the verdict does not depend on the order
-            code, out, err = run_cli(a, b)
-            assert code == 0, f"{name} {t}: " + out + err
-            assert out.startswith("EQUIVALENT"), out
-            if t == "q8_0":
-                assert "quant" in out.splitlines()[0], out
+        assert_equivalent_both_ways(run_cli, f, qwen_gguf / name, f"{name} {t}", quant=t == "q8_0")
 
 
 @pytest.mark.parametrize("name", SOURCES)
