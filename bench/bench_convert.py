@@ -12,7 +12,6 @@ fsyncs its outputs before the rename that publishes them), and its peak anonymou
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import os
@@ -22,8 +21,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (add_dir_keep, files_of, human, measured, out_dir, read_bytes_seconds, run_one,  # noqa: E402
-                    sized_model, write_model)
+from common import (files_of, human, measured, per_size_main, read_bytes_seconds, run_one, sized_model,  # noqa: E402
+                    write_model)
 
 
 def one(argv):
@@ -64,7 +63,7 @@ def floor_seconds(src: Path, out_bytes: int, scratch: Path) -> tuple[float, floa
     return read + timed(False), read + timed(True)
 
 
-def bench_size(gib: float, out: Path, keep: bool) -> None:
+def bench_size(gib: float, out: Path, args) -> None:
     cfg, tensors, size = sized_model(gib, out, 5)
     src = out / f"hf-{gib:g}g"
     t = time.perf_counter()
@@ -91,22 +90,13 @@ def bench_size(gib: float, out: Path, keep: bool) -> None:
                   f"peak RssAnon {peak:6.0f} MiB (target < 300; after imports {base:.0f})  "
                   f"in {human(sum(p.stat().st_size for p in files_of(inp)))} out {human(written)}")
     finally:
-        if not keep:
+        if not args.keep:
             for d in (src, meg, js, back):
                 shutil.rmtree(d, ignore_errors=True)
 
 
 def main():
-    if sys.argv[1:2] == ["--one"]:
-        return one(sys.argv[2:])
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="1,4", help="model sizes in GiB, comma separated")
-    add_dir_keep(p)
-    a = p.parse_args()
-    out = out_dir(a.dir)
-    print(f"machine: {os.cpu_count()} CPUs; page cache warm; each conversion in a fresh process")
-    for gib in (float(s) for s in a.sizes.split(",")):
-        bench_size(gib, out, a.keep)
+    return per_size_main(__doc__, one, bench_size, "each conversion")
 
 
 if __name__ == "__main__":

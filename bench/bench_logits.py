@@ -11,25 +11,25 @@ plus activations, over the interpreter's own RssAnon.
 """
 from __future__ import annotations
 
-import argparse
-import os
 import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import add_dir_keep, human, measured, out_dir, run_one, sized_model, write_model  # noqa: E402
+from common import human, measured, per_size_main, run_one, sized_model, write_model  # noqa: E402
 
 
-def one(a, b, dtype):
-    """``ckdiff logits a b`` here; print seconds, RssAnon after imports, peak, verdict."""
+def one(argv):
+    """``ckdiff logits A B`` here (``argv``: A, B, dtype); print seconds, RssAnon after imports, peak, verdict."""
+    a, b, dtype = argv[:3]
     from ckdiff.compare.logits import compare_logits
     from ckdiff.formats.readers import open_checkpoint
     dt, base, peak, res = measured(lambda: compare_logits(open_checkpoint(a), open_checkpoint(b), dtype=dtype))
     print(dt, base, peak, res.verdict())
 
 
-def bench_size(gib: float, out: Path, dtype: str, keep: bool) -> None:
+def bench_size(gib: float, out: Path, args) -> None:
+    dtype = args.dtype
     import torch
 
     from ckdiff.convert import api
@@ -49,23 +49,14 @@ def bench_size(gib: float, out: Path, dtype: str, keep: bool) -> None:
               f"peak RssAnon {peak:6.0f} MiB (after imports {base:.0f}; one layer in {dtype} is "
               f"{human(layer * item)}, so about {target:.0f} MiB + activations)")
     finally:
-        if not keep:
+        if not args.keep:
             for d in (src, meg):
                 shutil.rmtree(d, ignore_errors=True)
 
 
 def main():
-    if sys.argv[1:2] == ["--one"]:
-        return one(*sys.argv[2:5])
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="1,4", help="model sizes in GiB, comma separated")
-    p.add_argument("--dtype", default="float32", help="compute dtype")
-    add_dir_keep(p)
-    a = p.parse_args()
-    out = out_dir(a.dir)
-    print(f"machine: {os.cpu_count()} CPUs; page cache warm; logits in a fresh process")
-    for gib in (float(s) for s in a.sizes.split(",")):
-        bench_size(gib, out, a.dtype, a.keep)
+    return per_size_main(__doc__, one, bench_size, "logits",
+                         lambda p: p.add_argument("--dtype", default="float32", help="compute dtype"))
 
 
 if __name__ == "__main__":

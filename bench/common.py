@@ -242,3 +242,22 @@ def run_one(script, what: str, *args) -> list:
     if r.returncode:
         raise SystemExit(f"{what} failed:\n{r.stderr[-2000:]}")
     return r.stdout.split()
+
+
+def per_size_main(doc: str, one, bench_size, steps: str, add=None):
+    """The main of a benchmark that measures each step in a fresh process of its own script: ``SCRIPT --one ARGS``
+    runs ``one(ARGS)``; else the options (--sizes, what ``add(parser)`` adds, --dir, --keep) are parsed and
+    ``bench_size(gib, out dir, args)`` runs for each size."""
+    import argparse
+    if sys.argv[1:2] == ["--one"]:
+        return one(sys.argv[2:])
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="1,4", help="model sizes in GiB, comma separated")
+    if add is not None:
+        add(p)
+    add_dir_keep(p)
+    args = p.parse_args()
+    out = out_dir(args.dir)
+    print(f"machine: {os.cpu_count()} CPUs; page cache warm; {steps} in a fresh process")
+    for gib in (float(s) for s in args.sizes.split(",")):
+        bench_size(gib, out, args)
