@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,8 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (big_hf_tensors, cat_seconds, child_peak_rss_anon, ensure_space, human,  # noqa: E402
-                    sized_config)
+from common import (add_dir_keep, cat_seconds, checkout_env, child_peak_rss_anon, discard, files_of,  # noqa: E402
+                    human, out_dir, sized_model, timed_child, verdict, warm_kernels, write_model)
 from ckdiff.tensor.lazy import LazyTensor  # noqa: E402
 
 TARGET = {"copy": 1.5, "one": 2.0, "all": 3.0, "cast": 3.0, "perm": 3.0, "int8": 4.0, "megatron": 3.0}
@@ -61,25 +60,30 @@ class Changed(LazyTensor):
         return t.to(self.dtype)
 
 
-def files_of(d: Path) -> list:
-    return sorted(p for p in d.rglob("*") if p.is_file())
-
-
 def ckdiff(argv, env) -> tuple:
     return child_peak_rss_anon([sys.executable, "-c", MAIN, *map(str, argv)], env=env)
 
 
 def ckdiff_timed(argv, env) -> tuple:
     """(seconds after start-up, wall, peak RssAnon MiB, returncode, stdout, stderr) of one fresh process."""
-    wall, peak, rc, out, err = child_peak_rss_anon([sys.executable, "-c", TIMED, *map(str, argv)], env=env)
-    lines = [x for x in err.splitlines() if x.startswith("CKDIFF_BENCH_SECONDS ")]
-    if not lines:
-        raise SystemExit(f"ckdiff {argv}: no timing ({err.strip()[-500:]})")
-    return float(lines[-1].split()[1]), wall, peak, rc, out, err
+    return timed_child([sys.executable, "-c", TIMED, *map(str, argv)], env, f"ckdiff {argv}", 500)
 
 
-def make_b(case: str, a: Path, b: Path, tensors: dict, cfg, env) -> None:
-    from ckdiff.io.writers import atomic_dir, write_hf
+def write_a(a: Path, tensors: dict, cfg, size: int) -> None:
+    """A at ``a``, unless a --keep run left it there; says how long it took."""
+    if not (a / "config.json").exists():
+        t = time.perf_counter()
+        write_model(a, tensors, cfg)
+        print(f"generated {a} ({human(size)}, {len(tensors)} tensors) in {time.perf_counter() - t:.0f}s", flush=True)
+
+
+def make_b(case: str, a: Path, b: Path, tensors: dict, cfg, env, reuse: bool = False) -> None:
+    """B of ``case`` made from A at ``b`` (a leftover there removed first); with ``reuse`` one already there is
+    kept as it is."""
+    if b.exists():
+        if reuse:
+            return
+        shutil.rmtree(b)
     if case in ("copy", "one"):
         shutil.copytree(a, b)
         if case == "one":  # flip a low mantissa bit of one bf16 element in the middle of a big tensor
@@ -99,8 +103,7 @@ def make_b(case: str, a: Path, b: Path, tensors: dict, cfg, env) -> None:
         changed = {k: Changed(t, noise=1e-2) if case == "all" else
                    Changed(t, permute=k.endswith("q_proj.weight")) if case == "perm" else Changed(t, dtype=torch.float16)
                    for k, t in tensors.items()}
-        with atomic_dir(b, overwrite=True) as tmp:
-            write_hf(tmp, changed, cfg.to_hf(), num_shards=1)
+        write_model(b, changed, cfg)
         return
     if case == "int8":
         argv = ["convert", "to-jetstream", "--model_name", "llama-2", "--input_checkpoint_dir", a,
@@ -115,23 +118,19 @@ def make_b(case: str, a: Path, b: Path, tensors: dict, cfg, env) -> None:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dir", default=str(Path(__file__).parent / "out"))
+    add_dir_keep(p)
     p.add_argument("--sizes", default="1,4", help="GiB per side, comma separated")
     p.add_argument("--cases", default=",".join(TARGET), help="comma separated, of " + ",".join(TARGET))
-    p.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     p.add_argument("--repeat", type=int, default=3,
                    help="runs per case; the row shows the median wall (with the cat before it) and the highest peak")
     p.add_argument("--reuse", action="store_true",
                    help="use the B checkpoints a previous --keep run left in --dir instead of making them again "
                         "(a run that was interrupted may have left one half made: delete it)")
     args = p.parse_args()
-    out = Path(args.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep
-           + os.environ.get("PYTHONPATH", "")}
-    from ckdiff.io.writers import atomic_dir, write_hf
-    t = time.perf_counter()  # numba compiles the kernels once and caches them on disk
-    subprocess.run([sys.executable, "-c", "from ckdiff.compare.kernels import warm; warm()"], env=env, check=True)
+    out = out_dir(args.dir)
+    env = checkout_env()
+    t = time.perf_counter()
+    warm_kernels(env)
     print(f"kernels compiled or loaded from numba's cache: {time.perf_counter() - t:.1f}s (once per install)")
     # Each run is a fresh process timed from after its fixed start-up (interpreter, torch, numba's
     # cached kernels: 1.8-3 s here) to its end: opening, mapping, comparing, diagnosing, reporting.
@@ -142,22 +141,12 @@ def main():
     print(f"{'size':>8} {'case':9} {'wall':>7} {'timed':>7} {'cat':>6} {'figure':>7} {'target':>6} "
           f"{'peak RssAnon':>13}  verdict")
     for gib in [float(s) for s in args.sizes.split(",")]:
-        cfg = sized_config(gib)
-        tensors = big_hf_tensors(cfg)
-        size = sum(t.nbytes for t in tensors.values())
-        ensure_space(out, 3 * size)
+        cfg, tensors, size = sized_model(gib, out, 3)
         a = out / f"a-{gib:g}"
-        if not (a / "config.json").exists():
-            t = time.perf_counter()
-            with atomic_dir(a, overwrite=True) as tmp:
-                write_hf(tmp, tensors, cfg.to_hf(), num_shards=1)
-            print(f"generated {a} ({human(size)}, {len(tensors)} tensors) in {time.perf_counter() - t:.0f}s")
+        write_a(a, tensors, cfg, size)
         for case in args.cases.split(","):
             b = out / f"b-{gib:g}-{case}"
-            if not (args.reuse and b.exists()):
-                if b.exists():
-                    shutil.rmtree(b)
-                make_b(case, a, b, tensors, cfg, env)
+            make_b(case, a, b, tensors, cfg, env, args.reuse)
             runs = []
             for _ in range(args.repeat):
                 floor = cat_seconds(files_of(a) + files_of(b))  # the page cache warm for the run
@@ -166,14 +155,12 @@ def main():
             runs.sort(key=lambda r: r[0])
             fig, secs, wall, floor, peak, rc, stdout, err = runs[len(runs) // 2]  # the median figure
             peak = max(r[4] for r in runs)
-            verdict = (stdout.strip().splitlines() or [err.strip()])[0][:60]
+            said = verdict(stdout, err, 60)
             print(f"{human(size):>8} {case:9} {wall:6.1f}s {secs:6.2f}s {floor:5.2f}s {fig:6.2f}x "
-                  f"{TARGET[case]:5.1f}x {peak:9.0f} MiB  rc={rc} {verdict}  (figures {runs[0][0]:.2f}-"
+                  f"{TARGET[case]:5.1f}x {peak:9.0f} MiB  rc={rc} {said}  (figures {runs[0][0]:.2f}-"
                   f"{runs[-1][0]:.2f}x)", flush=True)
-            if not args.keep:
-                shutil.rmtree(b)
-        if not args.keep:
-            shutil.rmtree(a)
+            discard(args.keep, b)
+        discard(args.keep, a)
 
 
 if __name__ == "__main__":

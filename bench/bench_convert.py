@@ -12,32 +12,25 @@ fsyncs its outputs before the rename that publishes them), and its peak anonymou
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PeakRssAnon, big_hf_tensors, ensure_space, human, read_bytes_seconds, sized_config  # noqa: E402
+from common import (files_of, human, measured, per_size_main, read_bytes_seconds, run_one, sized_model,  # noqa: E402
+                    write_model)
 
 
 def one(argv):
     """Run one ``ckdiff convert`` subcommand here; print seconds, RssAnon after imports, peak."""
     from ckdiff.commands.convert import COMMANDS
-    with PeakRssAnon() as m, contextlib.redirect_stdout(io.StringIO()):
-        t = time.perf_counter()
-        COMMANDS[argv[0]](argv[1:])
-        dt = time.perf_counter() - t
-    print(dt, m.base / 1024, m.peak_mib)
-
-
-def files_of(d: Path) -> list[Path]:
-    return sorted(p for p in Path(d).rglob("*") if p.is_file())
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt, base, peak, _ = measured(lambda: COMMANDS[argv[0]](argv[1:]))
+    print(dt, base, peak)
 
 
 def write_seconds(path: Path, nbytes: int, block=32 << 20, sync: bool = False) -> float:
@@ -70,24 +63,11 @@ def floor_seconds(src: Path, out_bytes: int, scratch: Path) -> tuple[float, floa
     return read + timed(False), read + timed(True)
 
 
-def run_one(argv) -> tuple[float, float, float]:
-    r = subprocess.run([sys.executable, __file__, "--one", *map(str, argv)], capture_output=True, text=True)
-    if r.returncode:
-        raise SystemExit(f"{argv[0]} failed:\n{r.stderr[-2000:]}")
-    dt, base, peak = map(float, r.stdout.split())
-    return dt, base, peak
-
-
-def bench_size(gib: float, out: Path, keep: bool) -> None:
-    from ckdiff.io.writers import atomic_dir, write_hf
-    cfg = sized_config(gib)
-    tensors = big_hf_tensors(cfg)
-    size = sum(t.nbytes for t in tensors.values())
-    ensure_space(out, 5 * size)
+def bench_size(gib: float, out: Path, args) -> None:
+    cfg, tensors, size = sized_model(gib, out, 5)
     src = out / f"hf-{gib:g}g"
     t = time.perf_counter()
-    with atomic_dir(src, overwrite=True) as tmp:
-        write_hf(tmp, tensors, cfg.to_hf(), num_shards=4)
+    write_model(src, tensors, cfg, num_shards=4)
     print(f"\n== {human(size)} model: {cfg.layers} layers, hidden {cfg.hidden}, {len(tensors)} tensors, "
           f"4 shards (generated in {time.perf_counter() - t:.0f}s)")
     meg, js, back = out / f"meg-{gib:g}g", out / f"js-{gib:g}g", out / f"hf-back-{gib:g}g"
@@ -102,7 +82,7 @@ def bench_size(gib: float, out: Path, keep: bool) -> None:
     ]
     try:
         for name, inp, outp, argv in runs:
-            dt, base, peak = run_one(argv)
+            dt, base, peak = map(float, run_one(__file__, argv[0], *argv))
             written = sum(p.stat().st_size for p in files_of(outp))
             floor, durable = floor_seconds(inp, written, out / ".floor")
             print(f"{name:22s} {dt:7.1f}s  floor {floor:6.1f}s  ratio {dt / floor:5.2f} (target <= 3)  "
@@ -110,24 +90,13 @@ def bench_size(gib: float, out: Path, keep: bool) -> None:
                   f"peak RssAnon {peak:6.0f} MiB (target < 300; after imports {base:.0f})  "
                   f"in {human(sum(p.stat().st_size for p in files_of(inp)))} out {human(written)}")
     finally:
-        if not keep:
+        if not args.keep:
             for d in (src, meg, js, back):
                 shutil.rmtree(d, ignore_errors=True)
 
 
 def main():
-    if sys.argv[1:2] == ["--one"]:
-        return one(sys.argv[2:])
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="1,4", help="model sizes in GiB, comma separated")
-    p.add_argument("--dir", default=str(Path(__file__).parent / "out"))
-    p.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
-    a = p.parse_args()
-    out = Path(a.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"machine: {os.cpu_count()} CPUs; page cache warm; each conversion in a fresh process")
-    for gib in (float(s) for s in a.sizes.split(",")):
-        bench_size(gib, out, a.keep)
+    return per_size_main(__doc__, one, bench_size, "each conversion")
 
 
 if __name__ == "__main__":

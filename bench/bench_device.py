@@ -32,12 +32,12 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_compare import files_of, make_b  # noqa: E402
-from common import big_hf_tensors, cat_seconds, child_peak_rss_anon, ensure_space, human, sized_config  # noqa: E402
+from bench_compare import make_b, write_a  # noqa: E402
+from common import (add_dir_keep, cat_seconds, checkout_env, files_of, human, median, out_dir,  # noqa: E402
+                    sized_model, timed_child, verdict)
 
 # the ckdiff command timed from after its fixed start-up: numba's kernels loaded and, on a GPU, the CUDA
 # context made, so that the figure is the reading and the compute
@@ -53,11 +53,7 @@ CLOSE = ("mean_abs", "cosine", "norm_a", "norm_b", "max_rel")
 
 def timed(argv, device: str, env) -> tuple:
     """(seconds after start-up, wall, peak RssAnon MiB, returncode, stdout, stderr) of one fresh process."""
-    wall, peak, rc, out, err = child_peak_rss_anon([sys.executable, "-c", TIMED, device, *map(str, argv)], env=env)
-    lines = [x for x in err.splitlines() if x.startswith("CKDIFF_BENCH_SECONDS ")]
-    if not lines:
-        raise SystemExit(f"ckdiff {argv} ({device}): no timing ({err.strip()[-800:]})")
-    return float(lines[-1].split()[1]), wall, peak, rc, out, err
+    return timed_child([sys.executable, "-c", TIMED, device, *map(str, argv)], env, f"ckdiff {argv} ({device})")
 
 
 def rows_of(report: Path) -> dict:
@@ -88,26 +84,21 @@ def median_run(argv, device, env, repeat, floor_paths):
     for _ in range(repeat):
         floor = cat_seconds(floor_paths) if floor_paths else 0.0
         runs.append((*timed(argv, device, env), floor))
-    runs.sort(key=lambda r: r[0])
-    secs, wall, peak, rc, out, err, floor = runs[len(runs) // 2]
+    secs, wall, peak, rc, out, err, floor = median(runs, key=lambda r: r[0])
     return secs, wall, max(r[2] for r in runs), rc, out, err, floor
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="the torch device to measure against the CPU kernels")
-    p.add_argument("--dir", default=str(Path(__file__).parent / "out"))
+    add_dir_keep(p)
     p.add_argument("--sizes", default="1,4", help="GiB per side, comma separated")
     p.add_argument("--cases", default="one,all,cast,perm", help="comma separated, of one,all,cast,perm")
     p.add_argument("--repeat", type=int, default=2, help="runs per row (the median is shown)")
     p.add_argument("--logits", action="store_true", help="also ckdiff logits on both devices at the smallest size")
-    p.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     args = p.parse_args()
-    out = Path(args.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep
-           + os.environ.get("PYTHONPATH", "")}
-    from ckdiff.io.writers import atomic_dir, write_hf
+    out = out_dir(args.dir)
+    env = checkout_env()
     import torch
     if args.device.startswith("cuda"):
         if not torch.cuda.is_available():
@@ -119,21 +110,12 @@ def main() -> int:
     bad = 0
     sizes = [float(s) for s in args.sizes.split(",")]
     for gib in sizes:
-        cfg = sized_config(gib)
-        tensors = big_hf_tensors(cfg)
-        size = sum(t.nbytes for t in tensors.values())
-        ensure_space(out, 3 * size)
+        cfg, tensors, size = sized_model(gib, out, 3)
         a = out / f"a-{gib:g}"
-        if not (a / "config.json").exists():
-            t = time.perf_counter()
-            with atomic_dir(a, overwrite=True) as tmp:
-                write_hf(tmp, tensors, cfg.to_hf(), num_shards=1)
-            print(f"generated {a} ({human(size)}, {len(tensors)} tensors) in {time.perf_counter() - t:.0f}s",
-                  flush=True)
+        write_a(a, tensors, cfg, size)
         for case in args.cases.split(","):
             b = out / f"b-{gib:g}-{case}"
-            if not b.exists():
-                make_b(case, a, b, tensors, cfg, env)
+            make_b(case, a, b, tensors, cfg, env, reuse=True)
             reports = {}
             with tempfile.TemporaryDirectory() as td:
                 for where, dev in (("cpu", "cpu"), ("device", args.device)):
@@ -141,9 +123,9 @@ def main() -> int:
                     argv = [a, b, "-q", "--json", rep, "--device", dev]
                     secs, wall, peak, rc, stdout, err, floor = median_run(argv, dev, env, args.repeat,
                                                                           files_of(a) + files_of(b))
-                    verdict = (stdout.strip().splitlines() or [err.strip()])[0][:60]
+                    said = verdict(stdout, err, 60)
                     print(f"{human(size):>8} {case:5} {where:6} {secs:6.2f}s {wall:6.1f}s {floor:5.2f}s "
-                          f"{secs / floor:6.2f}x {peak:9.0f} MiB  rc={rc} {verdict}", flush=True)
+                          f"{secs / floor:6.2f}x {peak:9.0f} MiB  rc={rc} {said}", flush=True)
                     if rc not in (0, 1) or not rep.exists():
                         print(f"  no report: {err.strip()[-800:]}")
                         bad += 1
@@ -157,13 +139,12 @@ def main() -> int:
                     bad += bool(diff)
         if args.logits and gib == min(sizes):
             b = out / f"b-{gib:g}-all"
-            if not b.exists():
-                make_b("all", a, b, tensors, cfg, env)
+            make_b("all", a, b, tensors, cfg, env, reuse=True)
             for where, dev in (("cpu", "cpu"), ("device", args.device)):
                 argv = ["logits", a, b, "-q", "--no-tensor-diff", "--device", dev]
                 secs, wall, peak, rc, stdout, err, _ = median_run(argv, dev, env, 1, None)
-                verdict = (stdout.strip().splitlines() or [err.strip()])[0][:100]
-                print(f"{human(size):>8} logits {where:6} {secs:6.2f}s {wall:6.1f}s {peak:9.0f} MiB  rc={rc} {verdict}",
+                said = verdict(stdout, err, 100)
+                print(f"{human(size):>8} logits {where:6} {secs:6.2f}s {wall:6.1f}s {peak:9.0f} MiB  rc={rc} {said}",
                       flush=True)
         if not args.keep:  # only what this size made: --dir may hold other benches' checkpoints
             for d in [a, *out.glob(f"b-{gib:g}-*")]:

@@ -11,50 +11,36 @@ plus activations, over the interpreter's own RssAnon.
 """
 from __future__ import annotations
 
-import argparse
-import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PeakRssAnon, big_hf_tensors, ensure_space, human, sized_config  # noqa: E402
+from common import human, measured, per_size_main, run_one, sized_model, write_model  # noqa: E402
 
 
-def one(a, b, dtype):
-    """``ckdiff logits a b`` here; print seconds, RssAnon after imports, peak, verdict."""
+def one(argv):
+    """``ckdiff logits A B`` here (``argv``: A, B, dtype); print seconds, RssAnon after imports, peak, verdict."""
+    a, b, dtype = argv[:3]
     from ckdiff.compare.logits import compare_logits
     from ckdiff.formats.readers import open_checkpoint
-    with PeakRssAnon() as m:
-        t = time.perf_counter()
-        res = compare_logits(open_checkpoint(a), open_checkpoint(b), dtype=dtype)
-        dt = time.perf_counter() - t
-    print(dt, m.base / 1024, m.peak_mib, res.verdict())
+    dt, base, peak, res = measured(lambda: compare_logits(open_checkpoint(a), open_checkpoint(b), dtype=dtype))
+    print(dt, base, peak, res.verdict())
 
 
-def bench_size(gib: float, out: Path, dtype: str, keep: bool) -> None:
+def bench_size(gib: float, out: Path, args) -> None:
+    dtype = args.dtype
     import torch
 
     from ckdiff.convert import api
-    from ckdiff.io.writers import atomic_dir, write_hf
-    cfg = sized_config(gib)
-    tensors = big_hf_tensors(cfg)
-    size = sum(t.nbytes for t in tensors.values())
-    ensure_space(out, 2.2 * size)
+    cfg, tensors, size = sized_model(gib, out, 2.2)
     src, meg = out / f"logits-hf-{gib:g}g", out / f"logits-meg-{gib:g}g"
     try:
-        with atomic_dir(src, overwrite=True) as tmp:
-            write_hf(tmp, tensors, cfg.to_hf(), num_shards=4)
+        write_model(src, tensors, cfg, num_shards=4)
         api.hf_to_megatron("llama2", meg, model_path=src, tp=2, overwrite=True)
         layer = sum(t.numel for n, t in tensors.items() if ".layers.0." in n)
         item = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
-        r = subprocess.run([sys.executable, __file__, "--one", str(src), str(meg), dtype],
-                           capture_output=True, text=True)
-        if r.returncode:
-            raise SystemExit(f"logits failed:\n{r.stderr[-2000:]}")
-        dt, base, peak, verdict = r.stdout.split()
+        dt, base, peak, verdict = run_one(__file__, "logits", src, meg, dtype)
         dt, base, peak = float(dt), float(base), float(peak)
         target = base + layer * item / 2**20
         print(f"\n== {human(size)} model: {cfg.layers} layers, hidden {cfg.hidden}; HF vs Megatron TP=2, "
@@ -63,25 +49,14 @@ def bench_size(gib: float, out: Path, dtype: str, keep: bool) -> None:
               f"peak RssAnon {peak:6.0f} MiB (after imports {base:.0f}; one layer in {dtype} is "
               f"{human(layer * item)}, so about {target:.0f} MiB + activations)")
     finally:
-        if not keep:
+        if not args.keep:
             for d in (src, meg):
                 shutil.rmtree(d, ignore_errors=True)
 
 
 def main():
-    if sys.argv[1:2] == ["--one"]:
-        return one(*sys.argv[2:5])
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="1,4", help="model sizes in GiB, comma separated")
-    p.add_argument("--dtype", default="float32", help="compute dtype")
-    p.add_argument("--dir", default=str(Path(__file__).parent / "out"))
-    p.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
-    a = p.parse_args()
-    out = Path(a.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"machine: {os.cpu_count()} CPUs; page cache warm; logits in a fresh process")
-    for gib in (float(s) for s in a.sizes.split(",")):
-        bench_size(gib, out, a.dtype, a.keep)
+    return per_size_main(__doc__, one, bench_size, "logits",
+                         lambda p: p.add_argument("--dtype", default="float32", help="compute dtype"))
 
 
 if __name__ == "__main__":

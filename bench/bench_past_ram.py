@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_compare import ckdiff_timed, files_of, make_b  # noqa: E402
-from common import big_hf_tensors, ensure_space, human, read_bytes_seconds, sized_config  # noqa: E402
+from bench_compare import ckdiff_timed, make_b  # noqa: E402
+from common import (add_dir_keep, checkout_env, discard, files_of, human, out_dir, read_bytes_seconds,  # noqa: E402
+                    sized_model, verdict, warm_kernels, write_model)
 
 
 def mem_total_bytes() -> int:
@@ -79,54 +78,40 @@ def cached_fraction(paths) -> float:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dir", default=str(Path(__file__).parent / "out"))
+    add_dir_keep(p, None)
     p.add_argument("--ratio", type=float, default=1.5, help="pair size as a multiple of the machine's memory")
     p.add_argument("--cases", default="copy,one,all")
-    p.add_argument("--keep", action="store_true")
     p.add_argument("--reuse", action="store_true", help="use the checkpoints a --keep run left")
     args = p.parse_args()
-    out = Path(args.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep
-           + os.environ.get("PYTHONPATH", "")}
-    from ckdiff.io.writers import atomic_dir, write_hf
-    subprocess.run([sys.executable, "-c", "from ckdiff.compare.kernels import warm; warm()"], env=env, check=True)
+    out = out_dir(args.dir)
+    env = checkout_env()
+    warm_kernels(env)
     mem = mem_total_bytes()
-    gib = args.ratio * mem / 2 / 2**30
-    cfg = sized_config(gib)
-    tensors = big_hf_tensors(cfg)
-    size = sum(t.nbytes for t in tensors.values())
-    ensure_space(out, 2 * size)
+    cfg, tensors, size = sized_model(args.ratio * mem / 2 / 2**30, out, 2)
     print(f"machine: {os.cpu_count()} cores, {human(mem)} memory; pair {human(2 * size)} "
           f"({2 * size / mem:.2f}x memory), page cache evicted before every run")
     a = out / "past-ram-a"
     if not (args.reuse and (a / "config.json").exists()):
         t = time.perf_counter()
-        with atomic_dir(a, overwrite=True) as tmp:
-            write_hf(tmp, tensors, cfg.to_hf(), num_shards=4)
+        write_model(a, tensors, cfg, num_shards=4)
         print(f"generated A: {human(size)} in {time.perf_counter() - t:.0f}s", flush=True)
     print(f"{'case':6} {'wall':>7} {'timed':>7} {'floor':>7} {'figure':>7} {'read rate':>10} "
           f"{'peak RssAnon':>13}  verdict")
     for case in args.cases.split(","):
         b = out / f"past-ram-b-{case}"
-        if not (args.reuse and b.exists()):
-            if b.exists():
-                shutil.rmtree(b)
-            make_b(case, a, b, tensors, cfg, env)
+        make_b(case, a, b, tensors, cfg, env, args.reuse)
         files = files_of(a) + files_of(b)
         evict(files)
         floor = read_bytes_seconds(files)
         evict(files)
         left = cached_fraction(files)
         secs, wall, peak, rc, stdout, err = ckdiff_timed([a, b, "-q"], env)
-        verdict = (stdout.strip().splitlines() or [err.strip()])[0][:50]
+        said = verdict(stdout, err, 50)
         print(f"{case:6} {wall:6.1f}s {secs:6.1f}s {floor:6.1f}s {secs / floor:6.2f}x "
-              f"{2 * size / secs / 2**20:7.0f} MiB/s {peak:9.0f} MiB  rc={rc} {verdict} "
+              f"{2 * size / secs / 2**20:7.0f} MiB/s {peak:9.0f} MiB  rc={rc} {said} "
               f"(cached before the run: {left:.1%}; floor rate {2 * size / floor / 2**20:.0f} MiB/s)", flush=True)
-        if not args.keep:
-            shutil.rmtree(b)
-    if not args.keep:
-        shutil.rmtree(a)
+        discard(args.keep, b)
+    discard(args.keep, a)
 
 
 if __name__ == "__main__":

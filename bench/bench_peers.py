@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_compare import MAIN, make_b  # noqa: E402
-from common import big_hf_tensors, child_peak_rss_anon, ensure_space, human, sized_config  # noqa: E402
+from common import (add_dir_keep, checkout_env, child_peak_rss_anon, discard, human, median, out_dir,  # noqa: E402
+                    sized_model, write_model)
 
 SAME = {"copy": True, "cast": True, "one": False, "all": False, "perm": False}
 
@@ -72,17 +72,13 @@ def tools(a: Path, b: Path) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dir", default=str(Path(__file__).parent / "out"))
+    add_dir_keep(p)
     p.add_argument("--sizes", default="1", help="GiB per side, comma separated")
     p.add_argument("--cases", default=",".join(SAME), help="comma separated, of " + ",".join(SAME))
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     args = p.parse_args()
-    out = Path(args.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep
-           + os.environ.get("PYTHONPATH", "")}
-    from ckdiff.io.writers import atomic_dir, write_hf
+    out = out_dir(args.dir)
+    env = checkout_env()
     import compileall  # an installed ckdiff has its bytecode compiled; a checkout run under
     # PYTHONDONTWRITEBYTECODE would otherwise compile its modules in every timed process
     compileall.compile_dir(str(Path(__file__).resolve().parents[1] / "ckdiff"), quiet=1)
@@ -90,36 +86,28 @@ def main():
           "the highest peak RssAnon")
     print(f"{'size':>8} {'case':5} {'tool':10} {'wall':>7} {'vs ckdiff':>9} {'peak RssAnon':>13}  verdict")
     for gib in [float(s) for s in args.sizes.split(",")]:
-        cfg = sized_config(gib)
-        tensors = big_hf_tensors(cfg)
-        size = sum(t.nbytes for t in tensors.values())
-        ensure_space(out, 3 * size)
+        cfg, tensors, size = sized_model(gib, out, 3)
         a = out / f"a-{gib:g}"
         if not (a / "config.json").exists():
-            with atomic_dir(a, overwrite=True) as tmp:
-                write_hf(tmp, tensors, cfg.to_hf(), num_shards=1)
+            write_model(a, tensors, cfg)
         for case in args.cases.split(","):
             b = out / f"b-{gib:g}-{case}"
-            if b.exists():
-                shutil.rmtree(b)
             make_b(case, a, b, tensors, cfg, env)
             rows = {}
             for _ in range(args.repeat):  # interleaved, so a change in machine state hits every tool alike
                 for name, (argv, same) in tools(a, b).items():
                     wall, peak, rc, stdout, err = child_peak_rss_anon(argv, env=env)
                     rows.setdefault(name, []).append((wall, peak, same(stdout, rc), rc, stdout.strip()[:40]))
-            base = sorted(r[0] for r in rows["ckdiff"])[len(rows["ckdiff"]) // 2]
+            base = median(r[0] for r in rows["ckdiff"])
             for name, runs in rows.items():
-                wall = sorted(r[0] for r in runs)[len(runs) // 2]
+                wall = median(r[0] for r in runs)
                 peak = max(r[1] for r in runs)
                 says = runs[-1][2]
                 right = "right" if says == SAME[case] else "WRONG"
                 print(f"{human(size):>8} {case:5} {name:10} {wall:6.2f}s {wall / base:8.2f}x {peak:9.0f} MiB  "
                       f"{'same' if says else 'differ'} ({right})", flush=True)
-            if not args.keep:
-                shutil.rmtree(b)
-        if not args.keep:
-            shutil.rmtree(a)
+            discard(args.keep, b)
+        discard(args.keep, a)
 
 
 if __name__ == "__main__":

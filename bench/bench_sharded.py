@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -20,18 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_compare import MAIN, make_b  # noqa: E402
-from common import big_hf_tensors, cat_seconds, ensure_space, human, sized_config  # noqa: E402
-
-
-def rss_anon(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+from common import (add_dir_keep, cat_seconds, checkout_env, discard, human, out_dir, rss_anon_kib,  # noqa: E402
+                    sized_model, write_model)
 
 
 def children(pid: int) -> list:
@@ -50,7 +39,7 @@ def run(argv, env):
     peaks: dict = {}
     while p.poll() is None:
         for pid in [p.pid] + children(p.pid):
-            peaks[pid] = max(peaks.get(pid, 0), rss_anon(pid))
+            peaks[pid] = max(peaks.get(pid, 0), rss_anon_kib(pid))
         time.sleep(0.005)
     out, err = p.communicate()
     if p.returncode not in (0, 1):
@@ -60,28 +49,18 @@ def run(argv, env):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dir", default=str(Path(__file__).parent / "out"))
+    add_dir_keep(ap, None)
     ap.add_argument("--size", type=float, default=4.0, help="GiB per side")
-    ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
-    out = Path(args.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep
-           + os.environ.get("PYTHONPATH", "")}
-    from ckdiff.io.writers import atomic_dir, write_hf
-    cfg = sized_config(args.size)
-    tensors = big_hf_tensors(cfg)
-    size = sum(t.nbytes for t in tensors.values())
-    ensure_space(out, 3 * size)
+    out = out_dir(args.dir)
+    env = checkout_env()
+    cfg, tensors, size = sized_model(args.size, out, 3)
     a = out / f"sharded-a-{args.size:g}"
     if not (a / "config.json").exists():
-        with atomic_dir(a, overwrite=True) as tmp:
-            write_hf(tmp, tensors, cfg.to_hf(), num_shards=1)
+        write_model(a, tensors, cfg)
     print(f"model {human(size)} per side, {len(tensors)} tensors; {os.cpu_count()} cores")
     for case in ("all", "copy"):
         b = out / f"sharded-b-{case}"
-        if b.exists():
-            shutil.rmtree(b)
         make_b(case, a, b, tensors, cfg, env)
         floor = cat_seconds([a / "model.safetensors", b / "model.safetensors"])
         walls = {}
@@ -92,10 +71,8 @@ def main():
             print(f"{case:5s} workers={n}: {wall:6.2f}s  ({2 * size / wall / 2**30:.2f} GiB/s of both sides; "
                   f"cat {floor:.2f}s)  peak RssAnon per rank [MiB]: {per_rank}  -> {stdout.strip()[:50]}")
         print(f"{case:5s} speed-up with 2 processes: {walls[1] / walls[2]:.2f}x")
-        if not args.keep:
-            shutil.rmtree(b)
-    if not args.keep:
-        shutil.rmtree(a)
+        discard(args.keep, b)
+    discard(args.keep, a)
 
 
 if __name__ == "__main__":

@@ -95,3 +95,72 @@ def browser():
 def box(d, el):
     """[left, top, right, bottom] of an element in the viewport."""
     return d.execute_script("const r=arguments[0].getBoundingClientRect();return [r.left,r.top,r.right,r.bottom];", el)
+
+
+def llama_hf(out, seed: int, tied: bool = False):
+    """A tiny transformers ``LlamaForCausalLM`` (GQA: 4 heads over 2 KV heads, transformers' own random init
+    seeded by ``seed``), saved by ``save_pretrained`` to ``out``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=100, tie_word_embeddings=tied, max_position_embeddings=128)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+def rewrite_hf(src, out, tensors=None, config=None):
+    """A copy of the HF directory ``src`` at ``out``: its state dict edited in place by ``tensors(state)`` and
+    saved by safetensors' own ``save_file``, its config.json edited by ``config(dict)``."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    out.mkdir()
+    state = load_file(str(src / "model.safetensors"))
+    if tensors:
+        tensors(state)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    if config:
+        config(cfg)
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def train_spm(d: Path, words, seed: int, per_line: int, lines: int, vocab: int) -> Path:
+    """``d/tokenizer.model``: a BPE model trained by sentencepiece on ``lines`` lines of ``per_line`` words drawn at
+    random (seeded) from ``words``."""
+    import pytest
+    spm = pytest.importorskip("sentencepiece")
+    g = torch.Generator().manual_seed(seed)
+    text = (" ".join(words[int(i)] for i in torch.randint(0, len(words), (per_line,), generator=g))
+            for _ in range(lines))
+    (d / "corpus.txt").write_text("\n".join(text))
+    spm.SentencePieceTrainer.train(input=str(d / "corpus.txt"), model_prefix=str(d / "tokenizer"), vocab_size=vocab,
+                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+    (d / "corpus.txt").unlink()
+    return d / "tokenizer.model"
+
+
+def redraw(model, seed: int, router_scale: float = 0.3):
+    """Every floating parameter and buffer of a transformers model but the rotary tables drawn again at random
+    (seeded): norms (layer, q and k norms) around 1 (x 0.1), router weights (``gate.weight``, ``router.weight``)
+    x ``router_scale``, the rest x 0.3 (e_score_correction_bias included)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in list(model.named_parameters()) + list(model.named_buffers()):
+            if "rotary_emb" in n or not p.dtype.is_floating_point:
+                continue
+            base = 1.0 if n.endswith("norm.weight") else 0.0
+            scale = 0.1 if base else (router_scale if n.endswith(("gate.weight", "router.weight")) else 0.3)
+            p.copy_(base + torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def assert_equivalent_both_ways(run_cli, a, b, what: str = "", quant: bool = False) -> None:
+    """``ckdiff A B`` and ``ckdiff B A`` both EQUIVALENT (the verdict does not depend on the order); with
+    ``quant`` the verdict line counts quantized tensors."""
+    for x, y in ((a, b), (b, a)):
+        code, out, err = run_cli(x, y)
+        assert code == 0 and out.startswith("EQUIVALENT"), f"{what}: " + out + err
+        if quant:
+            assert "quant" in out.splitlines()[0], out

@@ -6,33 +6,14 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from ckdiff.golden.emit import emit
+from helpers import llama_hf, rewrite_hf
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=100, tie_word_embeddings=False, max_position_embeddings=128)
-    out = tmp_path_factory.mktemp("check") / "llama"
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    return out
-
-
-def _edit(src, out, tensors=None, config=None):
-    out.mkdir()
-    state = load_file(str(src / "model.safetensors"))
-    if tensors:
-        tensors(state)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((src / "config.json").read_text())
-    if config:
-        config(cfg)
-    (out / "config.json").write_text(json.dumps(cfg))
-    return out
+    return llama_hf(tmp_path_factory.mktemp("check") / "llama", 0)
 
 
 def _nan(s):
@@ -75,7 +56,7 @@ def test_clean_checkpoints_pass(llama, tmp_path, run_cli):
 @pytest.mark.parametrize("fault", sorted(FAULTS))
 def test_each_fault_is_a_finding(llama, tmp_path, run_cli, fault):
     edit, cedit, check, words = FAULTS[fault]
-    bad = _edit(llama, tmp_path / fault, edit, cedit)
+    bad = rewrite_hf(llama, tmp_path / fault, edit, cedit)
     code, out, err = run_cli("check", bad, "--json", tmp_path / "r.json")
     assert code == 1, (out, err)
     found = json.loads((tmp_path / "r.json").read_text())["result"]["findings"]

@@ -27,6 +27,7 @@ from ckdiff.models.config import ModelConfig, model_config
 from ckdiff.formats.readers import open_checkpoint
 from ckdiff.runtime import forward as runtimes
 from ckdiff.golden.models import TINY, hf_state, lazy
+from helpers import redraw
 
 FAMILIES = {  # tiny model -> transformers model class
     "qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
@@ -34,7 +35,6 @@ FAMILIES = {  # tiny model -> transformers model class
     "gpt-oss": transformers.GptOssForCausalLM,
     "deepseek-v3-q": transformers.DeepseekV3ForCausalLM, "qwen3-moe-dense0": transformers.Qwen3MoeForCausalLM,
 }
-NORMS = ("norm.weight", "layernorm.weight", "q_norm.weight", "k_norm.weight")
 
 
 def transformers_model(name: str, seed: int = 0):
@@ -43,16 +43,7 @@ def transformers_model(name: str, seed: int = 0):
     hf = {k: v for k, v in cfg.to_hf().items() if k != "torch_dtype"}
     config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
     torch.manual_seed(seed)
-    model = FAMILIES[name](config).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in list(model.named_parameters()) + list(model.named_buffers()):
-            if "rotary_emb" in n or not p.dtype.is_floating_point:
-                continue
-            base = 1.0 if n.endswith(NORMS) else 0.0
-            scale = 0.1 if base else (1.0 if n.endswith(("gate.weight", "router.weight")) else 0.3)
-            p.copy_(base + torch.randn(p.shape, generator=g) * scale)
-    return model
+    return redraw(FAMILIES[name](config).eval(), seed, router_scale=1.0)
 
 
 @pytest.fixture(scope="module")

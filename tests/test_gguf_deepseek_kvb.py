@@ -14,13 +14,12 @@ heads, q LoRA 24, kv LoRA 16, nope 8, rope 4, v 8, 8 experts in 2 groups, layer 
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from producers import HERE, LLAMA_CPP_PYTHON, cached, launch, llama_cpp_dir, sentencepiece_tokenizer, tiny_llama
+from producers import edit_gguf_tensors, gguf_converted, tiny_llama
 from test_producer_gguf_deepseek_gptoss import _DS, _random_buffers, _set
 
 H, NOPE, ROPE, V, KV = 4, 8, 4, 8, 16
@@ -68,18 +67,13 @@ def write_old_layout(template: Path, hf: Path, out: Path, meta=None, keep=()) ->
 
 @pytest.fixture(scope="session")
 def kvb_gguf(tmp_path_factory):
-    conv = llama_cpp_dir()
-
-    def build(out):
-        out.mkdir(parents=True)
-        tok = sentencepiece_tokenizer(out, 100)
+    def sources(out):
         tiny_llama(out / "ds", 7, "DeepseekV3", **_DS)
         _random_buffers(out / "ds", 0)
         _set(out / "ds", scoring_func="sigmoid")
-        shutil.copy(tok, out / "ds" / "tokenizer.model")
-        launch(HERE / "gguf_convert.py", 1, conv, f"{out / 'ds'}:f32:{out / 'ds.f32.gguf'}:spm")
-        write_old_layout(out / "ds.f32.gguf", out / "ds", out / "ds.kvb.gguf")
-    return cached(tmp_path_factory, "gguf-kvb", build, LLAMA_CPP_PYTHON, str(conv), Path(__file__).read_text())
+        return [f"{out / 'ds'}:f32:{out / 'ds.f32.gguf'}:spm"]
+    return gguf_converted(tmp_path_factory, "gguf-kvb", sources, Path(__file__).read_text(),
+                          then=lambda out: write_old_layout(out / "ds.f32.gguf", out / "ds", out / "ds.kvb.gguf"))
 
 
 def test_the_fixture_has_the_old_layout(kvb_gguf):
@@ -140,15 +134,11 @@ def test_k_and_v_swapped_in_attn_kv_b_is_named(kvb_gguf, run_cli, tmp_path):
     """An old-converter bug: each head's kv_b rows [v | k_nope] instead of [k_nope | v] (nope = v = 8 rows here, so
     a row permutation: named as one, the rows a head starts with being its v rows 8..15). Compared in the GGUF
     layout, so the family's own MLA diagnoses, which read HF names, do not apply."""
-    import gguf
-    bad = tmp_path / "bad.gguf"
-    shutil.copy(kvb_gguf / "ds.kvb.gguf", bad)
-    r = gguf.GGUFReader(str(bad), "r+")
-    t = next(x for x in r.tensors if x.name == "blk.1.attn_kv_b.weight")
-    h = np.array(t.data).reshape(H, NOPE + V, KV)
-    t.data[...] = np.concatenate([h[:, NOPE:], h[:, :NOPE]], axis=1).reshape(H * (NOPE + V), KV)
-    r.data.flush()
-    del r
+    def edit(t):
+        kv_b = t["blk.1.attn_kv_b.weight"]
+        h = np.array(kv_b).reshape(H, NOPE + V, KV)
+        kv_b[...] = np.concatenate([h[:, NOPE:], h[:, :NOPE]], axis=1).reshape(H * (NOPE + V), KV)
+    bad = edit_gguf_tensors(kvb_gguf / "ds.kvb.gguf", tmp_path / "bad.gguf", edit)
     code, out, err = run_cli(bad, kvb_gguf / "ds")
     assert code == 1 and out.startswith("DIFFER"), out + err
     table = out.split("mismatching tensors", 1)[-1]  # not the paths, which hold the test's name

@@ -18,27 +18,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from producers import HERE, LLAMA_CPP_PYTHON, cached, launch, llama_cpp_dir, sentencepiece_tokenizer, tiny_llama
+from producers import edit_gguf, gguf_converted, tiny_llama
 
 SHARDS = 3  # 21 tensors at 8 a shard
 
 
 @pytest.fixture(scope="session")
 def split_gguf(tmp_path_factory):
-    conv = llama_cpp_dir()
-
-    def build(out):
-        out.mkdir(parents=True)
-        tok = sentencepiece_tokenizer(out, 100)
+    def sources(out):
         tiny_llama(out / "llama")
-        shutil.copy(tok, out / "llama" / "tokenizer.model")
         items = []
         for t in ("f32", "q8_0"):
             (out / f"split-{t}").mkdir()
             items += [f"{out / 'llama'}:{t}:{out / f'llama.{t}.gguf'}",
                       f"{out / 'llama'}:{t}:{out / f'split-{t}' / f'llama.{t}.gguf'}:split=8"]
-        launch(HERE / "gguf_convert.py", 1, conv, *items)
-    return cached(tmp_path_factory, "gguf-split", build, LLAMA_CPP_PYTHON, str(conv), Path(__file__).read_text())
+        return items
+    return gguf_converted(tmp_path_factory, "gguf-split", sources, Path(__file__).read_text())
 
 
 def shard(d: Path, t: str, k: int) -> Path:
@@ -112,15 +107,17 @@ def _copy_set(d: Path, t: str, to: Path) -> Path:
 
 
 def test_a_tensor_changed_in_shard_2_is_found(split_gguf, run_cli, tmp_path):
-    import gguf
     bad = _copy_set(split_gguf, "f32", tmp_path / "bad")
     p = bad / shard(split_gguf, "f32", 2).name
-    r = gguf.GGUFReader(str(p), "r+")
-    t = next(x for x in r.tensors if x.name.endswith("ffn_down.weight") or x.name.endswith("attn_k.weight"))
-    name, rows, cols = t.name, int(t.shape[1]), int(t.shape[0])  # GGUF dims are reversed: [cols, rows]
-    t.data[rows // 2, cols - 1] += 0.5
-    r.data.flush()
-    del r
+    changed = []
+
+    def edit(r):
+        t = next(x for x in r.tensors if x.name.endswith("ffn_down.weight") or x.name.endswith("attn_k.weight"))
+        rows, cols = int(t.shape[1]), int(t.shape[0])  # GGUF dims are reversed: [cols, rows]
+        t.data[rows // 2, cols - 1] += 0.5
+        changed.extend((t.name, rows, cols))
+    edit_gguf(p, p, edit)
+    name, rows, cols = changed
     one = split_gguf / "llama.f32.gguf"
     for a, b in ((bad, one), (one, bad / shard(split_gguf, "f32", 1).name)):
         code, out, err = run_cli(a, b)
@@ -209,11 +206,11 @@ def test_split_no_edited_in_place_in_a_split_writer_set(tmp_path, run_cli):
     w.write_tensors_to_file()
     w.close()
     p = tmp_path / "m-00002-of-00003.gguf"
-    r = gguf.GGUFReader(str(p), "r+")
-    f = r.fields["split.no"]
-    f.parts[f.data[0]][0] = 0
-    r.data.flush()
-    del r
+
+    def edit(r):
+        f = r.fields["split.no"]
+        f.parts[f.data[0]][0] = 0
+    edit_gguf(p, p, edit)
     _one_line_error(run_cli, tmp_path / "m-00001-of-00003.gguf", p.name, "split.no is 0")
 
 

@@ -8,7 +8,7 @@ import torch
 from ckdiff.formats.readers import open_checkpoint
 from ckdiff.io.pickles import load_pickle
 from ckdiff.golden.emit import emit
-from helpers import assert_same, convert, diff, tree
+from helpers import assert_same, convert, diff, train_spm, tree
 
 CASES = [("llama-gqa", "llama2", 1, 1), ("llama-gqa", "llama2", 2, 2), ("llama-gqa", "llama2", 2, 1),
          ("mistral-gqa", "mistral", 3, 2), ("llama-mha-tied", "llama", 4, 1), ("llama-mha-tied", "codellama", 2, 2), ("falcon-7b", "falcon", 1, 2),
@@ -166,15 +166,8 @@ def test_output_dir_rules(tiny_hf, tmp_path, run_cli):
 
 @pytest.fixture(scope="module")
 def spm_model(tmp_path_factory):
-    spm = pytest.importorskip("sentencepiece")
-    d = tmp_path_factory.mktemp("spm")
     words = ["alpha", "beta", "gamma", "delta", "rotary", "permute", "layer", "norm", "head", "query", "key"]
-    g = torch.Generator().manual_seed(0)
-    lines = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (10,), generator=g)) for _ in range(200)]
-    (d / "corpus.txt").write_text("\n".join(lines))
-    spm.SentencePieceTrainer.train(input=str(d / "corpus.txt"), model_prefix=str(d / "tokenizer"), vocab_size=50,
-                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
-    return d / "tokenizer.model"
+    return train_spm(tmp_path_factory.mktemp("spm"), words, 0, 10, 200, 50)
 
 
 def test_tokenizer_export(tiny_hf, tmp_path, spm_model):

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from producers import HERE, cached, launch, tiny_llama, version
+from producers import HERE, cached, launch_together, tiny_llama, version
 
 CT = version("compressed-tensors")
 SCHEMES = ("fp8-block", "fp8-channel", "fp8-tensor", "int4-group", "int4-group-zp", "int8-channel",
@@ -45,21 +44,8 @@ def ct(tmp_path_factory):
         tiny_llama(out / "hf")
         transformers.AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.bfloat16).save_pretrained(
             out / "hf-bf16")
-        errs = []
-
-        def run(*args):
-            try:
-                launch(HERE / "ct_save.py", 1, *args)
-            except AssertionError as e:  # re-raised in the test's thread below
-                errs.append(e)
-        ts = [threading.Thread(target=run, args=a) for a in ((out / "hf", out, *SCHEMES),
-                                                              (out / "hf-bf16", out / "bf16", *BF16))]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        if errs:
-            raise errs[0]
+        launch_together((HERE / "ct_save.py", 1, out / "hf", out, *SCHEMES),
+                        (HERE / "ct_save.py", 1, out / "hf-bf16", out / "bf16", *BF16))
     root = cached(tmp_path_factory, "ct", build, CT, torch.__version__, version("transformers"))
     return {"hf": root / "hf", "hf-bf16": root / "hf-bf16", **{s: root / s for s in SCHEMES},
             **{f"bf16/{s}": root / "bf16" / s for s in BF16}}

@@ -10,12 +10,11 @@ have written them.
 """
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 
-from producers import HERE, LLAMA_CPP_PYTHON, cached, launch, llama_cpp_dir, sentencepiece_tokenizer, tiny_llama, \
+from helpers import assert_equivalent_both_ways
+from producers import edit_gguf_tensors, gguf_converted, llama_permute, llama_unpermute, swap_tensors, tiny_llama, \
     tiny_mixtral
 
 FAMILIES = {  # name -> how the tiny HF source is made
@@ -32,18 +31,13 @@ TYPES = ("f32", "f16", "bf16", "q8_0")
 
 @pytest.fixture(scope="session")
 def gguf_files(tmp_path_factory):
-    conv = llama_cpp_dir()
-
-    def build(out):
-        out.mkdir(parents=True)
-        tok = sentencepiece_tokenizer(out, 100)
+    def sources(out):
         items = []
         for fam, make in FAMILIES.items():
             make(out / fam)
-            shutil.copy(tok, out / fam / "tokenizer.model")
             items += [f"{out / fam}:{t}:{out / f'{fam}.{t}.gguf'}" for t in TYPES]
-        launch(HERE / "gguf_convert.py", 1, conv, *items)
-    return cached(tmp_path_factory, "gguf", build, LLAMA_CPP_PYTHON, str(conv))
+        return items
+    return gguf_converted(tmp_path_factory, "gguf", sources)
 
 
 @pytest.mark.parametrize("fam", FAMILIES)
@@ -53,12 +47,7 @@ def test_converter_output_equivalent_with_hf_source(gguf_files, run_cli, fam):
         f = gguf_files / f"{fam}.{t}.gguf"
         arch = gguf.GGUFReader(str(f)).fields["general.architecture"].contents()
         assert arch == ("gemma" if fam == "gemma" else "llama")
-        for a, b in ((f, gguf_files / fam), (gguf_files / fam, f)):  # the verdict does not depend on the order
-            code, out, err = run_cli(a, b)
-            assert code == 0, f"{fam} {t}: " + out + err
-            assert out.startswith("EQUIVALENT"), out
-            if t == "q8_0":
-                assert "quant" in out.splitlines()[0], out
+        assert_equivalent_both_ways(run_cli, f, gguf_files / fam, f"{fam} {t}", quant=t == "q8_0")
 
 
 @pytest.mark.parametrize("fam", ["llama", "mixtral", "gemma"])
@@ -74,30 +63,12 @@ def test_mistral_sliding_window_is_lost(gguf_files, run_cli):
     assert code == 1 and out.startswith("DIFFER"), out + err
 
 
-def _edit(src, dst, edit):
-    import gguf
-    shutil.copy(src, dst)
-    r = gguf.GGUFReader(str(dst), "r+")
-    edit({t.name: t.data for t in r.tensors})
-    r.data.flush()
-    del r
-    return dst
-
-
-def _permute(w, heads):  # llama.cpp's LlamaModel.permute: HF half split -> interleaved pairs per head
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _unpermute(w, heads):
-    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def test_rotary_not_applied_is_named(gguf_files, run_cli, tmp_path):
     """A converter that forgot to permute q (llama: 8 heads): the HF rows as they are."""
     def edit(t):
         q = t["blk.1.attn_q.weight"]
-        q[...] = _unpermute(np.array(q), 8)
-    bad = _edit(gguf_files / "llama.f32.gguf", tmp_path / "bad.gguf", edit)
+        q[...] = llama_unpermute(np.array(q), 8)
+    bad = edit_gguf_tensors(gguf_files / "llama.f32.gguf", tmp_path / "bad.gguf", edit)
     code, out, err = run_cli(bad, gguf_files / "llama")
     assert code == 1, out + err
     assert "blk.1.attn_q.weight" in out and "rotary" in out, out
@@ -108,20 +79,16 @@ def test_wrong_head_count_is_named(gguf_files, run_cli, tmp_path):
     would be no permutation at all here: 16 rows as 8 heads of 2.)"""
     def edit(t):
         q = t["blk.0.attn_q.weight"]
-        q[...] = _permute(_unpermute(np.array(q), 8), 2)
-    bad = _edit(gguf_files / "llama.f32.gguf", tmp_path / "bad.gguf", edit)
+        q[...] = llama_permute(llama_unpermute(np.array(q), 8), 2)
+    bad = edit_gguf_tensors(gguf_files / "llama.f32.gguf", tmp_path / "bad.gguf", edit)
     code, out, err = run_cli(bad, gguf_files / "llama")
     assert code == 1, out + err
     assert "blk.0.attn_q.weight" in out and "rotary permutation with the wrong head count" in out, out
 
 
 def test_gate_up_swapped_is_named(gguf_files, run_cli, tmp_path):
-    def edit(t):
-        g, u = t["blk.0.ffn_gate.weight"], t["blk.0.ffn_up.weight"]
-        a = np.array(g)
-        g[...] = u
-        u[...] = a
-    bad = _edit(gguf_files / "mistral.q8_0.gguf", tmp_path / "bad.gguf", edit)
+    bad = edit_gguf_tensors(gguf_files / "mistral.q8_0.gguf", tmp_path / "bad.gguf",
+                            swap_tensors("blk.0.ffn_gate.weight", "blk.0.ffn_up.weight"))
     code, out, err = run_cli(bad, gguf_files / "mistral")
     assert code == 1, out + err
     assert "blk.0.ffn_gate.weight" in out and "blk.0.ffn_up.weight" in out, out

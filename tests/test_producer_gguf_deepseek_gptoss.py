@@ -31,7 +31,8 @@ import numpy as np
 import pytest
 import torch
 
-from producers import HERE, LLAMA_CPP_PYTHON, cached, launch, llama_cpp_dir, sentencepiece_tokenizer, tiny_llama
+from helpers import assert_equivalent_both_ways
+from producers import edit_gguf, edit_gguf_tensors, gguf_converted, tiny_llama
 
 _DS = dict(num_attention_heads=4, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8,
            qk_rope_head_dim=4, v_head_dim=8, head_dim=4, intermediate_size=96, moe_intermediate_size=32,
@@ -88,13 +89,9 @@ def _add_mtp(src: Path, out: Path) -> None:
 
 @pytest.fixture(scope="session")
 def mla_gguf(tmp_path_factory):
-    conv = llama_cpp_dir()
-
-    def build(out):
+    def sources(out):
         from safetensors.torch import load_file
         from test_encoding_mxfp4 import write_mxfp4
-        out.mkdir(parents=True)
-        tok = sentencepiece_tokenizer(out, 100)
         tiny_llama(out / "ds", 7, "DeepseekV3", **_DS)
         tiny_llama(out / "ds-q", 8, "DeepseekV3", **_DS_Q)
         for seed, d in enumerate(("ds", "ds-q")):
@@ -107,12 +104,9 @@ def mla_gguf(tmp_path_factory):
         for d in ("ds", "ds-q"):
             _set(out / d, scoring_func="sigmoid")
         _add_mtp(out / "ds", out / MTP)
-        items = []
-        for name in list(ARCH) + [NO_GATING, MTP, *YARN]:
-            shutil.copy(tok, out / name / "tokenizer.model")
-            items += [f"{out / name}:{t}:{out / f'{name}.{t}.gguf'}:spm" for t in TYPES.get(name, ("f32",))]
-        launch(HERE / "gguf_convert.py", 1, conv, *items)
-    return cached(tmp_path_factory, "gguf-mla-oss", build, LLAMA_CPP_PYTHON, str(conv), Path(__file__).read_text())
+        return [f"{out / name}:{t}:{out / f'{name}.{t}.gguf'}:spm"
+                for name in list(ARCH) + [NO_GATING, MTP, *YARN] for t in TYPES.get(name, ("f32",))]
+    return gguf_converted(tmp_path_factory, "gguf-mla-oss", sources, Path(__file__).read_text())
 
 
 @pytest.mark.parametrize("name", list(ARCH))
@@ -127,11 +121,7 @@ def test_converter_output_equivalent_with_hf_source(mla_gguf, run_cli, name):
             assert "blk.0.attn_k_b.weight" in types and not any("attn_kv_b" in n for n in types)
         if name == "ossmx":
             assert types["blk.1.ffn_gate_exps.weight"] == types["blk.1.ffn_down_exps.weight"] == "MXFP4"
-        for a, b in ((f, mla_gguf / name), (mla_gguf / name, f)):  # the verdict does not depend on the order
-            code, out, err = run_cli(a, b)
-            assert code == 0 and out.startswith("EQUIVALENT"), f"{name} {t}: " + out + err
-            if t == "q8_0" or name == "ossmx":
-                assert "quant" in out.splitlines()[0], out
+        assert_equivalent_both_ways(run_cli, f, mla_gguf / name, f"{name} {t}", quant=t == "q8_0" or name == "ossmx")
 
 
 def test_mxfp4_experts_against_the_float_source(mla_gguf, run_cli):
@@ -196,16 +186,6 @@ def test_mtp_layer_dropped_is_reported(mla_gguf, run_cli, tmp_path):
     assert code == 1 and "config mtp_layers: A=0 B=1" in out, out + err
 
 
-def _edit(src, dst, edit):
-    import gguf
-    shutil.copy(src, dst)
-    r = gguf.GGUFReader(str(dst), "r+")
-    edit({t.name: t.data for t in r.tensors})
-    r.data.flush()
-    del r
-    return dst
-
-
 def _swap_experts(name, e0, e1):
     def edit(t):
         x = np.array(t[name][e0])
@@ -233,7 +213,7 @@ def _zero(name):
      ["blk.1.ffn_up_exps.weight|model.layers.1.mlp.experts.gate_up_proj"]),
 ])
 def test_planted_bug_is_named(mla_gguf, run_cli, tmp_path, src, edit, named):
-    bad = _edit(mla_gguf / f"{src}.gguf", tmp_path / "bad.gguf", edit)
+    bad = edit_gguf_tensors(mla_gguf / f"{src}.gguf", tmp_path / "bad.gguf", edit)
     hf = mla_gguf / src.split(".")[0]
     for a, b in ((hf, bad), (bad, hf)):
         code, out, err = run_cli(a, b)
@@ -253,7 +233,7 @@ def test_gate_up_taken_as_halves_is_caught(mla_gguf, run_cli, tmp_path):
             F = w.shape[1] // 2
             t[f"blk.{i}.ffn_gate_exps.weight"][...] = w[:, :F]
             t[f"blk.{i}.ffn_up_exps.weight"][...] = w[:, F:]
-    bad = _edit(mla_gguf / "oss.f32.gguf", tmp_path / "bad.gguf", edit)
+    bad = edit_gguf_tensors(mla_gguf / "oss.f32.gguf", tmp_path / "bad.gguf", edit)
     code, out, err = run_cli(mla_gguf / "oss", bad)
     assert code == 1 and out.startswith("DIFFER: 41 tensors (4 differ, 37 equal)"), out + err
     assert "differ  blk.1.ffn_gate_exps.weight" in out and "differ  blk.0.ffn_up_exps.weight" in out, out
@@ -314,14 +294,10 @@ def test_metadata_read_back(mla_gguf):
 
 def test_unknown_arch_is_one_line(mla_gguf, run_cli, tmp_path):
     """An arch no family declares (here deepseek2 renamed in place) stops with one line naming the file."""
-    import gguf
-    bad = tmp_path / "bad.gguf"
-    shutil.copy(mla_gguf / "ds.f32.gguf", bad)
-    r = gguf.GGUFReader(str(bad), "r+")
-    f = r.fields["general.architecture"]
-    f.parts[f.data[0]][:] = np.frombuffer(b"deepseek3", dtype=np.uint8)
-    r.data.flush()
-    del r
+    def edit(r):
+        f = r.fields["general.architecture"]
+        f.parts[f.data[0]][:] = np.frombuffer(b"deepseek3", dtype=np.uint8)
+    bad = edit_gguf(mla_gguf / "ds.f32.gguf", tmp_path / "bad.gguf", edit)
     code, out, err = run_cli(mla_gguf / "ds", bad)
     assert code == 2 and err.startswith("ckdiff: error:") and len(err.strip().splitlines()) == 1, err
     assert "GGUF architecture 'deepseek3' has no table here" in err and "bad.gguf" in err, err

@@ -24,13 +24,13 @@ converter with that bug would have written them.
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from producers import HERE, LLAMA_CPP_PYTHON, cached, launch, llama_cpp_dir, sentencepiece_tokenizer, tiny_llama
+from helpers import assert_equivalent_both_ways
+from producers import edit_gguf_tensors, gguf_converted, llama_permute, swap_tensors, tiny_llama
 
 _QWEN3_MOE = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
                   moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
@@ -47,26 +47,19 @@ TYPES = ("f32", "f16", "bf16", "q8_0")
 
 @pytest.fixture(scope="session")
 def qwen_gguf(tmp_path_factory):
-    conv = llama_cpp_dir()
-
-    def build(out):
-        out.mkdir(parents=True)
-        tok = sentencepiece_tokenizer(out, 100)
+    def sources(out):
         items = []
         for name, (make, _arch, vocab) in SOURCES.items():
             make(out / name)
-            shutil.copy(tok, out / name / "tokenizer.model")
             items += [f"{out / name}:{t}:{out / f'{name}.{t}.gguf'}{vocab}" for t in TYPES]
         tiny_llama(out / NO_NORM, 6, "Qwen3Moe", norm_topk_prob=False, **_QWEN3_MOE)
-        shutil.copy(tok, out / NO_NORM / "tokenizer.model")
         items.append(f"{out / NO_NORM}:f32:{out / f'{NO_NORM}.f32.gguf'}:spm")
         tiny_llama(out / WINDOW, 4, "Qwen2", num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                    use_sliding_window=True, sliding_window=4, max_window_layers=1)
-        shutil.copy(tok, out / WINDOW / "tokenizer.model")
         items.append(f"{out / WINDOW}:f32:{out / f'{WINDOW}.f32.gguf'}")
-        launch(HERE / "gguf_convert.py", 1, conv, *items)
+        return items
     # keyed by this file too: the sources are made here, not in tests/producers/
-    return cached(tmp_path_factory, "gguf-qwen", build, LLAMA_CPP_PYTHON, str(conv), Path(__file__).read_text())
+    return gguf_converted(tmp_path_factory, "gguf-qwen", sources, Path(__file__).read_text())
 
 
 @pytest.mark.parametrize("name", SOURCES)
@@ -78,12 +71,7 @@ def test_converter_output_equivalent_with_hf_source(qwen_gguf, run_cli, name):
         assert r.fields["general.architecture"].contents() == SOURCES[name][1]
         names = {x.name for x in r.tensors}
         assert ("output.weight" in names) == (name != "qwen2")  # Qwen2 tied: no output tensor
-        for a, b in ((f, qwen_gguf / name), (qwen_gguf / name, f)):  # the verdict does not depend on the order
-            code, out, err = run_cli(a, b)
-            assert code == 0, f"{name} {t}: " + out + err
-            assert out.startswith("EQUIVALENT"), out
-            if t == "q8_0":
-                assert "quant" in out.splitlines()[0], out
+        assert_equivalent_both_ways(run_cli, f, qwen_gguf / name, f"{name} {t}", quant=t == "q8_0")
 
 
 @pytest.mark.parametrize("name", SOURCES)
@@ -110,40 +98,18 @@ def test_qwen2_sliding_window_is_lost(qwen_gguf, run_cli):
     assert code == 1 and out.startswith("DIFFER"), out + err
 
 
-def _edit(src, dst, edit):
-    import gguf
-    shutil.copy(src, dst)
-    r = gguf.GGUFReader(str(dst), "r+")
-    edit({t.name: t.data for t in r.tensors})
-    r.data.flush()
-    del r
-    return dst
-
-
-def _permute(w, heads):  # llama.cpp's LlamaModel.permute: HF half split -> interleaved pairs per head
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def test_llama_permute_on_qwen2_is_named(qwen_gguf, run_cli, tmp_path):
     """A converter that treats Qwen2 like llama: q rows (and q bias) of every layer permuted to interleaved
     pairs with the query head count (4), where llama.cpp's qwen2 keeps HF's half-split rows."""
     def edit(t):
         for n in ("blk.{}.attn_q.weight", "blk.{}.attn_q.bias"):
             for i in (0, 1):
-                t[n.format(i)][...] = _permute(np.array(t[n.format(i)]), 4)
-    bad = _edit(qwen_gguf / "qwen2.f32.gguf", tmp_path / "bad.gguf", edit)
+                t[n.format(i)][...] = llama_permute(np.array(t[n.format(i)]), 4)
+    bad = edit_gguf_tensors(qwen_gguf / "qwen2.f32.gguf", tmp_path / "bad.gguf", edit)
     code, out, err = run_cli(qwen_gguf / "qwen2", bad)
     assert code == 1, out + err
     assert "blk.1.attn_q.weight" in out, out
     assert "rotary permutation: B == P(A), half-split -> interleaved, 4 heads" in out, out
-
-
-def _swap(a, b):
-    def edit(t):
-        x = np.array(t[a])
-        t[a][...] = t[b]
-        t[b][...] = x
-    return edit
 
 
 @pytest.mark.parametrize("name,t,gate,up", [
@@ -151,7 +117,7 @@ def _swap(a, b):
     ("qwen3moe", "f16", "blk.1.ffn_gate_exps.weight", "blk.1.ffn_up_exps.weight"),  # the stacked experts
 ])
 def test_gate_up_swapped_is_named(qwen_gguf, run_cli, tmp_path, name, t, gate, up):
-    bad = _edit(qwen_gguf / f"{name}.{t}.gguf", tmp_path / "bad.gguf", _swap(gate, up))
+    bad = edit_gguf_tensors(qwen_gguf / f"{name}.{t}.gguf", tmp_path / "bad.gguf", swap_tensors(gate, up))
     code, out, err = run_cli(qwen_gguf / name, bad)
     assert code == 1, out + err
     assert f"another tensor: B[{gate}] == A[{up}], a tensor of another kind of the same layer" in out, out
@@ -162,7 +128,7 @@ def test_gate_up_swapped_in_q8_0_is_caught(qwen_gguf, run_cli, tmp_path):
     """At Q8_0 the swap is caught (both tensors differ, nothing else does); the another-tensor diagnosis
     compares with a cast's tolerance, not a quantized one, so it does not name the swap there."""
     gate, up = "blk.0.ffn_gate.weight", "blk.0.ffn_up.weight"
-    bad = _edit(qwen_gguf / "qwen3.q8_0.gguf", tmp_path / "bad.gguf", _swap(gate, up))
+    bad = edit_gguf_tensors(qwen_gguf / "qwen3.q8_0.gguf", tmp_path / "bad.gguf", swap_tensors(gate, up))
     code, out, err = run_cli(bad, qwen_gguf / "qwen3")
     assert code == 1, out + err
     assert out.startswith("DIFFER: 25 tensors (2 differ,"), out

@@ -20,12 +20,11 @@ from __future__ import annotations
 import io
 import pickle
 import shutil
-import threading
 
 import pytest
 import torch
 
-from producers import HERE, cached, launch, tiny_llama, tiny_mixtral, version
+from producers import HERE, cached, launch_together, tiny_llama, tiny_mixtral, version
 
 MCORE = version("megatron-core")
 
@@ -37,22 +36,10 @@ def mcore(tmp_path_factory):
     def build(out):
         tiny_llama(out / "llama")
         tiny_mixtral(out / "mixtral")
-        errs = []
-
-        def run(tp, *items):
-            try:
-                launch(HERE / "mcore_save.py", tp, out, tp, *items)
-            except AssertionError as e:  # re-raised in the test's thread below
-                errs.append(e)
         ll, mx = out / "llama", out / "mixtral"
-        ts = [threading.Thread(target=run, args=a) for a in (
-            (1, f"{ll}:ok", f"{mx}:ok", f"{mx}:expert_dropped"), (2, f"{ll}:tp2", f"{ll}:gate_up_swapped"))]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        if errs:
-            raise errs[0]
+        script = HERE / "mcore_save.py"
+        launch_together((script, 1, out, 1, f"{ll}:ok", f"{mx}:ok", f"{mx}:expert_dropped"),
+                        (script, 2, out, 2, f"{ll}:tp2", f"{ll}:gate_up_swapped"))
     root = cached(tmp_path_factory, "mcore", build, MCORE, torch.__version__)
     return {"hf": root / "llama", "moe-hf": root / "mixtral", 1: root / "llama-ok", 2: root / "llama-tp2",
             "gate_up_swapped": root / "llama-gate_up_swapped", "moe": root / "mixtral-ok",

@@ -8,6 +8,7 @@ import torch
 
 from ckdiff.io.safetensors import read_safetensors, write_safetensors
 from ckdiff.tensor.lazy import EagerTensor
+from helpers import train_spm
 
 
 def test_safetensors_reads_raise_no_warning(tmp_path):
@@ -57,16 +58,8 @@ def test_dcp_reads_emit_no_warnings(tmp_path):
 
 @pytest.fixture(scope="module")
 def spm_dir(tmp_path_factory):
-    spm = pytest.importorskip("sentencepiece")
-    d = tmp_path_factory.mktemp("spm")
     words = ["rotary", "shard", "vocab", "merge", "split", "tensor", "rank", "pad", "strip", "glu", "half"]
-    g = torch.Generator().manual_seed(1)
-    lines = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (9,), generator=g)) for _ in range(150)]
-    (d / "corpus.txt").write_text("\n".join(lines))
-    spm.SentencePieceTrainer.train(input=str(d / "corpus.txt"), model_prefix=str(d / "tokenizer"), vocab_size=48,
-                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
-    (d / "corpus.txt").unlink()
-    return d
+    return train_spm(tmp_path_factory.mktemp("spm"), words, 1, 9, 150, 48).parent
 
 
 def test_exported_tokenizer_means_what_the_library_builds(tmp_path, spm_dir):

@@ -29,8 +29,8 @@ from ckdiff.formats.readers import open_checkpoint
 from ckdiff.golden.models import TINY
 from ckdiff.models.config import model_config
 from ckdiff.runtime.forward import run
+from helpers import redraw
 
-NORMS = ("norm.weight", "layernorm.weight")
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 16,
         "beta_fast": 32.0, "beta_slow": 1.0}
 CASES = {"v3": {"mscale": 1.0, "mscale_all_dim": 1.0}, "split": {"mscale": 0.5, "mscale_all_dim": 1.0},
@@ -48,14 +48,7 @@ def deepseek_yarn(out, mscales: dict, seed: int = 0):
     hf.update(max_position_embeddings=640, rope_parameters={**YARN, **mscales})
     config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
     torch.manual_seed(seed)
-    model = transformers.DeepseekV3ForCausalLM(config).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in list(model.named_parameters()) + list(model.named_buffers()):
-            if "rotary_emb" in n or not p.dtype.is_floating_point:
-                continue
-            base = 1.0 if n.endswith(NORMS) else 0.0
-            p.copy_(base + torch.randn(p.shape, generator=g) * (0.1 if base else 0.3))
+    model = redraw(transformers.DeepseekV3ForCausalLM(config).eval(), seed)
     model.save_pretrained(out)
     return model
 
@@ -97,19 +90,13 @@ def converted(tmp_path_factory):
     """name -> (HF dir written by transformers, the f32 GGUF llama.cpp's converter made of it)."""
     from pathlib import Path
 
-    from producers import HERE, LLAMA_CPP_PYTHON, cached, launch, llama_cpp_dir, sentencepiece_tokenizer
-    conv = llama_cpp_dir()
+    from producers import gguf_converted
 
-    def build(out):
-        import shutil
-        out.mkdir(parents=True)
-        tok = sentencepiece_tokenizer(out, 100)
+    def sources(out):
         for seed, (name, m) in enumerate(CONVERTED.items()):
             deepseek_yarn(out / name, m, seed)
-            shutil.copy(tok, out / name / "tokenizer.model")
-        launch(HERE / "gguf_convert.py", 1, conv, *(f"{out / n}:f32:{out / n}.gguf:spm" for n in CONVERTED))
-    root = cached(tmp_path_factory, "gguf-yarn-deepseek", build, LLAMA_CPP_PYTHON, str(conv),
-                  Path(__file__).read_text())
+        return [f"{out / n}:f32:{out / n}.gguf:spm" for n in CONVERTED]
+    root = gguf_converted(tmp_path_factory, "gguf-yarn-deepseek", sources, Path(__file__).read_text())
     return {n: (root / n, root / f"{n}.gguf") for n in CONVERTED}
 
 

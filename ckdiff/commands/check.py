@@ -9,27 +9,19 @@ SUMMARY = "lint one checkpoint: config vs tensors, coverage, NaN/Inf, tied head,
 
 
 def parser(prog: str = "ckdiff check"):
-    p = common.Parser(prog=prog, description="Lint one checkpoint: its config against its tensors, every tensor "
-                      "accounted for by its layout, NaN/Inf, the tied head, mixed dtypes, vocab padding. "
-                      "Exit 0 clean, 1 findings, 2 usage or input error.")
-    p.add_argument("path", help="a model directory, a directory of tensor files, a tensor file or a hub id")
-    common.add_formats(p, sides=1)
-    common.add_reports(p, ("json",))
-    common.add_common(p)
-    return p
+    return common.one_side_parser(prog, "Lint one checkpoint: its config against its tensors, every tensor "
+                                  "accounted for by its layout, NaN/Inf, the tied head, mixed dtypes, vocab padding. "
+                                  "Exit 0 clean, 1 findings, 2 usage or input error.")
 
 
 def run(argv, command: str = "") -> int:
     from rich.markup import escape
 
     from ckdiff.compare.lint import lint
-    from ckdiff.formats.readers import open_checkpoint
     from ckdiff.reports.render import render_json
     from ckdiff.text import printable
     args = parser().parse_args(argv)
-    common.check_reports(args)
-    ck = open_checkpoint(args.path, args.format, args.cache_dir, args.trust_pickle)
-    common.check_reports(args, (ck,))
+    ck = common.open_one_side(args)
     res = lint(ck, progress_factory=common.progress_factory(common.show_progress(args), "checking"))
     console = common.console(args)
     style = "bold green" if res.equivalent else "bold red"

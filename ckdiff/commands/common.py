@@ -188,6 +188,29 @@ def add_reports(p: argparse.ArgumentParser, flags=REPORT_FLAGS) -> None:
                    help="write a report through a symbolic link (never onto an input's files)")
 
 
+def one_side_parser(prog: str, description: str, add=None) -> Parser:
+    """The parser of a command on one checkpoint: its path, what ``add(parser)`` adds, the format flags of one
+    side, --json and the common flags."""
+    p = Parser(prog=prog, description=description)
+    p.add_argument("path", help="a model directory, a directory of tensor files, a tensor file or a hub id")
+    if add is not None:
+        add(p)
+    add_formats(p, sides=1)
+    add_reports(p, ("json",))
+    add_common(p)
+    return p
+
+
+def open_one_side(args):
+    """The checkpoint at ``args.path`` (read as --format, with --cache-dir and --trust-pickle), the report paths
+    checked before it is opened and again against its files."""
+    from ckdiff.formats.readers import open_checkpoint
+    check_reports(args)
+    ck = open_checkpoint(args.path, args.format, args.cache_dir, args.trust_pickle)
+    check_reports(args, (ck,))
+    return ck
+
+
 def command_line(argv) -> str:
     """The command that reproduces this run, as a shell line."""
     return "ckdiff " + " ".join(shlex.quote(str(a)) for a in argv)

@@ -1,40 +1,30 @@
 """``ckdiff golden CONVERTER GOLDEN_SRC CANDIDATE_SRC``: the supported path is the golden, the new one is diffed."""
 from __future__ import annotations
 
-from ckdiff.commands import common
-from ckdiff.commands.roundtrip import add_suite_args, converter_names, converter_options, progress, workdir
+from ckdiff.commands.roundtrip import run_suite, suite_parser
 
 NAME = "golden"
 SUMMARY = "convert a golden source and a candidate source with one converter; diff the outputs"
 
 
 def parser(prog: str = "ckdiff golden"):
-    p = common.Parser(prog=prog, description="The JetStream guide's workflow: convert GOLDEN_SRC (a supported "
-                      "path, e.g. Meta weights) and CANDIDATE_SRC (the new path, e.g. HF weights) with CONVERTER "
-                      "and diff the two outputs. Exit 0 equivalent, 1 differ, 2 error.")
-    p.add_argument("converter", choices=converter_names(), help="a registered converter")
-    p.add_argument("golden_src", help="source whose conversion is the golden")
-    p.add_argument("candidate_src", help="source whose conversion is checked against the golden")
-    add_suite_args(p)
-    return p
+    def add(p):
+        p.add_argument("golden_src", help="source whose conversion is the golden")
+        p.add_argument("candidate_src", help="source whose conversion is checked against the golden")
+    return suite_parser(prog, "The JetStream guide's workflow: convert GOLDEN_SRC (a supported path, e.g. Meta "
+                        "weights) and CANDIDATE_SRC (the new path, e.g. HF weights) with CONVERTER and diff the two "
+                        "outputs. Exit 0 equivalent, 1 differ, 2 error.", add)
 
 
 def run(argv, command: str = "") -> int:
     from ckdiff.golden.suite import golden_diff
     from ckdiff.reports.terminal import print_compare
     a = parser().parse_args(argv)
-    opts = converter_options(a)
-    inputs = (a.golden_src, a.candidate_src)
-    common.check_reports(a, inputs)
-    with workdir(a.work, "ckdiff-golden-") as work:
-        res = golden_diff(a.converter, a.golden_src, a.candidate_src, work, a.tp, a.pp, options=opts,
-                          progress=progress(a))
-    console = common.console(a)
-    if a.quiet:
-        console.print(("EQUIVALENT" if res.equivalent else "DIFFER") + ": "
-                      + res.counts_text())
-    else:
+
+    def show(res, console):
         print_compare(res, console)
         console.print(f"converter: {res.options['converter']} {res.options['converter_options']}", markup=False)
-    common.emit_reports(a, "golden", res, inputs, command)
-    return 0 if res.equivalent else 1
+    return run_suite(a, "golden", (a.golden_src, a.candidate_src), command, "ckdiff-golden-",
+                     lambda work, opts, prog: golden_diff(a.converter, a.golden_src, a.candidate_src, work, a.tp,
+                                                          a.pp, options=opts, progress=prog),
+                     lambda res: ("EQUIVALENT" if res.equivalent else "DIFFER") + ": " + res.counts_text(), show)

@@ -9,24 +9,18 @@ SUMMARY = "list a checkpoint's tensors (layers collapsed), parameter count and b
 
 
 def parser(prog: str = "ckdiff inspect"):
-    p = common.Parser(prog=prog, description="List a checkpoint's tensors with repeated layers collapsed "
-                      "(layers.{0..31}.attention.wq.weight), its parameter count and bytes.")
-    p.add_argument("path", help="a model directory, a directory of tensor files, a tensor file or a hub id")
-    p.add_argument("--full", action="store_true", help="one row per tensor, no collapsing")
-    common.add_formats(p, sides=1)
-    common.add_reports(p, ("json",))
-    common.add_common(p)
-    return p
+    return common.one_side_parser(prog, "List a checkpoint's tensors with repeated layers collapsed "
+                                  "(layers.{0..31}.attention.wq.weight), its parameter count and bytes.",
+                                  lambda p: p.add_argument("--full", action="store_true",
+                                                           help="one row per tensor, no collapsing"))
 
 
 def run(argv, command: str = "") -> int:
-    from ckdiff.formats.readers import dtype_name, open_checkpoint
+    from ckdiff.formats.readers import dtype_name
     from ckdiff.reports.render import collapse_layers, render_json
     from ckdiff.text import terminal
     args = parser().parse_args(argv)
-    common.check_reports(args)
-    ck = open_checkpoint(args.path, args.format, args.cache_dir, args.trust_pickle)
-    common.check_reports(args, (ck,))
+    ck = common.open_one_side(args)
     rows = [(n, t.shape, dtype_name(t.dtype)) for n, t in ck.tensors.items()]
     shown = [(n, list(s), d, 1) for n, s, d in rows] if args.full else collapse_layers(rows)
     console = common.console(args)

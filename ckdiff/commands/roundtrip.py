@@ -84,32 +84,50 @@ def progress(a):
     return lambda label: common.progress_factory(common.show_progress(a), label)
 
 
-def parser(prog: str = "ckdiff roundtrip"):
-    p = common.Parser(prog=prog, description="Convert SRC with CONVERTER, convert the result back with its "
-                      "registered inverse, diff the two (bit-exact, config drift included) and compare logits of "
-                      "SRC and the converted checkpoint. Exit 0 pass, 1 fail, 2 error.")
+def suite_parser(prog: str, description: str, add) -> common.Parser:
+    """The parser of a converter suite command: the converter, what ``add(parser)`` adds, the suite's flags."""
+    p = common.Parser(prog=prog, description=description)
     p.add_argument("converter", choices=converter_names(), help="a registered converter")
-    p.add_argument("src", help="your checkpoint, in the converter's source layout")
-    p.add_argument("--no-logits", action="store_true", help="skip the logit comparison")
+    add(p)
     add_suite_args(p)
     return p
+
+
+def parser(prog: str = "ckdiff roundtrip"):
+    def add(p):
+        p.add_argument("src", help="your checkpoint, in the converter's source layout")
+        p.add_argument("--no-logits", action="store_true", help="skip the logit comparison")
+    return suite_parser(prog, "Convert SRC with CONVERTER, convert the result back with its registered inverse, "
+                        "diff the two (bit-exact, config drift included) and compare logits of SRC and the "
+                        "converted checkpoint. Exit 0 pass, 1 fail, 2 error.", add)
+
+
+def run_suite(a, kind: str, inputs, command: str, prefix: str, suite, quiet_line, show) -> int:
+    """``suite(work, converter options, progress)`` in the work directory (--work, else a temporary one named
+    ``prefix``...), after the report paths are checked against ``inputs``; then ``quiet_line(result)`` under -q,
+    else ``show(result, console)``, and the reports. Exit 0 equivalent, 1 not."""
+    opts = converter_options(a)
+    common.check_reports(a, inputs)
+    with workdir(a.work, prefix) as work:
+        res = suite(work, opts, progress(a))
+    console = common.console(a)
+    if a.quiet:
+        console.print(quiet_line(res))
+    else:
+        show(res, console)
+    common.emit_reports(a, kind, res, inputs, command)
+    return 0 if res.equivalent else 1
 
 
 def run(argv, command: str = "") -> int:
     from ckdiff.golden.suite import roundtrip
     from ckdiff.reports.terminal import print_suite
     a = parser().parse_args(argv)
-    opts = converter_options(a)
-    common.check_reports(a, (a.src,))
-    with workdir(a.work, "ckdiff-rt-") as work:
-        res = roundtrip(a.converter, a.src, work, a.tp, a.pp, logits=not a.no_logits, options=opts,
-                        progress=progress(a))
-    for c in res.checks:
-        c.command = command
-    console = common.console(a)
-    if a.quiet:
-        console.print(f"{'PASS' if res.equivalent else 'FAIL'}: {res.tally()}")
-    else:
-        print_suite(res, console)
-    common.emit_reports(a, "roundtrip", res, (a.src,), command)
-    return 0 if res.equivalent else 1
+
+    def suite(work, opts, prog):
+        res = roundtrip(a.converter, a.src, work, a.tp, a.pp, logits=not a.no_logits, options=opts, progress=prog)
+        for c in res.checks:
+            c.command = command
+        return res
+    return run_suite(a, "roundtrip", (a.src,), command, "ckdiff-rt-", suite,
+                     lambda res: f"{'PASS' if res.equivalent else 'FAIL'}: {res.tally()}", print_suite)

@@ -17,7 +17,7 @@ import torch
 from ckdiff.formats.readers import dtype_name
 from ckdiff.tensor.blockscaled import BlockScaled
 from ckdiff.compare.result import TensorResult
-from ckdiff.compare.stream import _prefetch, _unravel
+from ckdiff.compare.stream import _fill_stats, _prefetch
 from ckdiff.compare.kernels import ScaledStats, Side
 from ckdiff.compare.status import Status
 
@@ -87,14 +87,7 @@ def compare_scaled(name: str, ta, tb, chunk_bytes: int = 32 << 20) -> TensorResu
     # one torch thread on the reader: an OpenMP team of its own would spin beside the kernel's threads
     for lo, sa, sb, ba, bb in _prefetch(blocks(), torch_threads=1):
         st.add(sa, sb, ba, bb, lo * max(1, ta.numel // max(1, n)))
-    r.max_abs = max(0.0, st.max_abs)
-    r.max_abs_index = _unravel(st.max_idx, ta.shape) if st.max_idx is not None else None
-    r.mean_abs = st.sum_abs / max(1, ta.numel)
-    r.max_rel = st.max_rel
-    r.cosine = st.cosine
-    r.norm_a, r.norm_b = math.sqrt(max(0.0, st.na)), math.sqrt(max(0.0, st.nb))
-    r.n_over_tol = st.over
-    r.nan_a, r.nan_b, r.inf_a, r.inf_b = st.nan_a, st.nan_b, st.inf_a, st.inf_b
+    _fill_stats(r, st, ta.shape, ta.numel)
     r.bit_exact = False
     r.tol_source = " + ".join(f"{t.encoding}: {t.bound} x scale" for t in (ta, tb) if isinstance(t, BlockScaled))
     r.note = f"dequantized; max error {st.max_units:.3g} x scale ({r.tol_source})"

@@ -3,6 +3,7 @@ through a table on a read-ahead thread, and the kernel inputs of a chunk."""
 from __future__ import annotations
 
 
+import math
 import queue
 import threading
 from typing import TYPE_CHECKING, Iterator, Optional
@@ -124,6 +125,18 @@ def _unravel(flat: int, shape) -> list:
         idx.append(flat % s if s else 0)
         flat //= s if s else 1
     return list(reversed(idx))
+
+
+def _fill_stats(r, st, shape, numel: int) -> None:
+    """A TensorResult's figures from a kernel accumulator (Stats or ScaledStats) of the whole tensor."""
+    r.max_abs = max(0.0, st.max_abs)
+    r.max_abs_index = _unravel(st.max_idx, shape) if st.max_idx is not None else None
+    r.mean_abs = st.sum_abs / max(1, numel)
+    r.max_rel = st.max_rel
+    r.cosine = st.cosine
+    r.norm_a, r.norm_b = math.sqrt(max(0.0, st.na)), math.sqrt(max(0.0, st.nb))
+    r.n_over_tol = st.over
+    r.nan_a, r.nan_b, r.inf_a, r.inf_b = st.nan_a, st.nan_b, st.inf_a, st.inf_b
 
 
 def _new_stats():

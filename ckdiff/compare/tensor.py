@@ -12,7 +12,6 @@ Policy (documented in the README):
 from __future__ import annotations
 
 
-import math
 import sys
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -20,7 +19,7 @@ from ckdiff.tensor.dtype_names import dtype_name
 from ckdiff.compare.bytes_equal import bytes_equal
 from ckdiff.compare.status import Status
 from ckdiff.compare.result import Options, TensorResult
-from ckdiff.compare.stream import _kin, _new_stats, _pairs, _ranges, _raw, _unravel
+from ckdiff.compare.stream import _fill_stats, _kin, _new_stats, _pairs, _ranges, _raw
 
 if TYPE_CHECKING:
     from ckdiff.tensor.lazy import LazyTensor
@@ -82,14 +81,7 @@ def compare_tensor(name: str, ta: LazyTensor, tb: LazyTensor, opts: Options,
     if first_diff:  # the equal chunks before the first difference still count in norms and NaN/Inf
         for lo, hi, ca, cb in _pairs(ta, tb, ranges[:first_diff], row):
             stats.add(kin(ca, ta.dtype), kin(cb, tb.dtype), lo, tol.atol, tol.rtol)
-    r.max_abs = max(0.0, stats.max_abs)
-    r.max_abs_index = _unravel(stats.max_idx, ta.shape) if stats.max_idx is not None else None
-    r.mean_abs = stats.sum_abs / max(1, ta.numel)
-    r.max_rel = stats.max_rel
-    r.cosine = stats.cosine
-    r.norm_a, r.norm_b = math.sqrt(max(0.0, stats.na)), math.sqrt(max(0.0, stats.nb))
-    r.n_over_tol = stats.over
-    r.nan_a, r.nan_b, r.inf_a, r.inf_b = stats.nan_a, stats.nan_b, stats.inf_a, stats.inf_b
+    _fill_stats(r, stats, ta.shape, ta.numel)
     r.status = Status.DIFFER if stats.over else (Status.CLOSE if same_dtype else Status.CAST)
     if not same_dtype and r.status == Status.CAST and opts.strict_dtype:
         r.status = Status.DTYPE

@@ -115,14 +115,19 @@ class PermuteRope(Op):
 
 
 @dataclass(frozen=True)
-class Concat(Op):
-    """Concatenate inputs along ``dim``; ``sizes`` makes the reverse exact."""
+class _Sizes(Op):
+    """Concat and Split: pieces of ``sizes`` along ``dim``."""
     sizes: tuple
     dim: int = 0
 
     @property
     def rowwise(self):
         return self.dim == 0
+
+
+@dataclass(frozen=True)
+class Concat(_Sizes):
+    """Concatenate inputs along ``dim``; ``sizes`` makes the reverse exact."""
 
     @property
     def n_in(self):
@@ -142,13 +147,8 @@ class Concat(Op):
 
 
 @dataclass(frozen=True)
-class Split(Op):
-    sizes: tuple
-    dim: int = 0
-
-    @property
-    def rowwise(self):
-        return self.dim == 0
+class Split(_Sizes):
+    """One input cut along ``dim`` into pieces of ``sizes``."""
 
     @property
     def n_out(self):
@@ -297,13 +297,18 @@ class SplitQKV(Op):
 
 
 @dataclass(frozen=True)
-class Each(Op):
-    """Apply one op per input (e.g. permute q with H heads and k with K heads)."""
+class _Ops(Op):
+    """Each and Chain: built of other ops; moves whole rows when every one of them does."""
     ops: tuple
 
     @property
     def rowwise(self):
         return all(op.rowwise for op in self.ops)
+
+
+@dataclass(frozen=True)
+class Each(_Ops):
+    """Apply one op per input (e.g. permute q with H heads and k with K heads)."""
 
     @property
     def n_in(self):
@@ -324,12 +329,8 @@ class Each(Op):
 
 
 @dataclass(frozen=True)
-class Chain(Op):
-    ops: tuple
-
-    @property
-    def rowwise(self):
-        return all(op.rowwise for op in self.ops)
+class Chain(_Ops):
+    """The ops one after another."""
 
     def __call__(self, xs):
         for op in self.ops:
@@ -442,14 +443,10 @@ def _shard_size(x: torch.Tensor, how: Shard, n: int) -> int:
 
 
 @dataclass(frozen=True)
-class ShardSplit(Op):
-    """One tensor -> its ``n`` pieces, cut as ``how`` says; the reverse merges them."""
+class _Sharding(Op):
+    """ShardSplit and ShardMerge: ``n`` pieces cut as ``how``."""
     how: Shard
     n: int
-
-    @property
-    def n_out(self):
-        return self.n
 
     @property
     def rowwise(self):
@@ -458,6 +455,15 @@ class ShardSplit(Op):
     @property
     def rowlocal(self):  # a column cut: output rows come from the same input rows
         return self.how is Shard.COLS
+
+
+@dataclass(frozen=True)
+class ShardSplit(_Sharding):
+    """One tensor -> its ``n`` pieces, cut as ``how`` says; the reverse merges them."""
+
+    @property
+    def n_out(self):
+        return self.n
 
     def __call__(self, xs):
         x, n, how = xs[0], self.n, self.how
@@ -479,22 +485,12 @@ class ShardSplit(Op):
 
 
 @dataclass(frozen=True)
-class ShardMerge(Op):
+class ShardMerge(_Sharding):
     """``n`` pieces -> the whole tensor (a replicated tensor: rank 0's copy)."""
-    how: Shard
-    n: int
 
     @property
     def n_in(self):
         return self.n
-
-    @property
-    def rowwise(self):
-        return self.how is not Shard.COLS
-
-    @property
-    def rowlocal(self):
-        return self.how is Shard.COLS
 
     def __call__(self, xs):
         if len(xs) != self.n:

@@ -62,6 +62,26 @@ def launch(script: Path, world: int, *args, timeout: float = 300) -> None:
             raise AssertionError(f"{script.name} rank {r} exited {p.returncode}:\n{out[-3000:]}")
 
 
+def launch_together(*runs) -> None:
+    """``launch(script, world, *args)`` for each ``(script, world, *args)`` of ``runs`` at once (one thread each);
+    the first failure raised once all have ended."""
+    import threading
+    errs = []
+
+    def run(*args):
+        try:
+            launch(*args)
+        except AssertionError as e:  # re-raised in the caller's thread below
+            errs.append(e)
+    ts = [threading.Thread(target=run, args=r) for r in runs]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    if errs:
+        raise errs[0]
+
+
 _BUILT: dict = {}  # (name, keys) -> directory built in this session
 
 
@@ -147,3 +167,64 @@ def sentencepiece_tokenizer(out_dir: Path, vocab: int) -> Path:
     text.unlink()
     (out_dir / "tokenizer.vocab").unlink()
     return out_dir / "tokenizer.model"
+
+
+def gguf_converted(tmp_path_factory, name: str, sources, *keys: str, then=None) -> Path:
+    """GGUF files written by llama.cpp's own converter (tests/producers/gguf_convert.py), built once per session
+    by ``cached``. ``sources(out)`` writes the tiny HF sources under ``out`` and returns the converter's items
+    (``HF_DIR:OUTTYPE:OUTFILE[:spm][:split=N]``); every source named by an item gets a sentencepiece tokenizer of
+    100 pieces (the converter needs one; its pieces do not matter to the weights), then one converter process
+    runs all items, then ``then(out)`` if given. ``keys``: more cache keys (a test module that makes its sources
+    itself passes its own text)."""
+    conv = llama_cpp_dir()
+
+    def build(out):
+        out.mkdir(parents=True)
+        tok = sentencepiece_tokenizer(out, 100)
+        items = list(sources(out))
+        for hf in dict.fromkeys(item.split(":")[0] for item in items):
+            shutil.copy(tok, Path(hf) / "tokenizer.model")
+        launch(HERE / "gguf_convert.py", 1, conv, *items)
+        if then is not None:
+            then(out)
+    return cached(tmp_path_factory, name, build, LLAMA_CPP_PYTHON, str(conv), *keys)
+
+
+def edit_gguf(src: Path, dst: Path, edit) -> Path:
+    """``src`` copied to ``dst`` and opened in place with gguf-py's ``GGUFReader(..., "r+")``: ``edit(reader)``
+    changes tensor bytes or field parts in the mapped file, which is then flushed (as a converter with that bug
+    would have written it)."""
+    import gguf
+    if Path(src) != Path(dst):
+        shutil.copy(src, dst)
+    r = gguf.GGUFReader(str(dst), "r+")
+    edit(r)
+    r.data.flush()
+    del r
+    return dst
+
+
+def edit_gguf_tensors(src: Path, dst: Path, edit) -> Path:
+    """``edit_gguf`` with ``edit({tensor name: its mapped data})``."""
+    return edit_gguf(src, dst, lambda r: edit({t.name: t.data for t in r.tensors}))
+
+
+def llama_permute(w, heads: int):
+    """llama.cpp's LlamaModel.permute of q/k rows: HF's half split -> interleaved pairs per head."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama_unpermute(w, heads: int):
+    """The reverse of ``llama_permute``: interleaved pairs per head -> HF's half split."""
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def swap_tensors(a: str, b: str):
+    """An ``edit_gguf_tensors`` edit: tensors ``a`` and ``b`` (same shape and type) swapped."""
+    import numpy as np
+
+    def edit(t):
+        x = np.array(t[a])
+        t[a][...] = t[b]
+        t[b][...] = x
+    return edit
