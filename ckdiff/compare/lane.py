@@ -58,27 +58,41 @@ class LaneTensor(LazyTensor):
         self.name, self.shape, self.dtype, self.origin = name, shape, dtype, file.origin
         self.file, self.lo, self.hi = file, lo, hi
 
-    def _values(self, byte_lo: int, byte_hi: int, shape) -> np.ndarray:
-        return float_values(self.file.window(byte_lo, byte_hi - byte_lo), self.dtype.name).reshape(shape)
+    def _stored(self, byte_lo: int, byte_hi: int, shape) -> np.ndarray:
+        raw = self.file.view(byte_lo, byte_hi - byte_lo)
+        return raw.view(_STORED[self.dtype.name]).reshape(shape)
+
+    def stored(self) -> np.ndarray:
+        """The whole tensor as stored, read-only, nothing copied: float32/float64/float16 as numpy holds
+        them, bfloat16 as its 16-bit words (the diagnosis matches rows on these bytes)."""
+        return self._stored(self.lo, self.hi, self.shape)
 
     def load(self) -> np.ndarray:
-        return self._values(self.lo, self.hi, self.shape)
+        return float_values(self.stored(), self.dtype.name)
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         if not self.shape:
             return self.load().reshape(1)
         row = self.nbytes // self.shape[0] if self.shape[0] else 0
-        return self._values(self.lo + start * row, self.lo + stop * row, (stop - start,) + self.shape[1:])
+        shape = (stop - start,) + self.shape[1:]
+        return float_values(self._stored(self.lo + start * row, self.lo + stop * row, shape), self.dtype.name)
 
 
-def float_values(raw: np.ndarray, name: str) -> np.ndarray:
-    """The values of little-endian float data of dtype ``name``: float32/float64 as stored, bfloat16 and
-    float16 widened to float32 (exact; bfloat16 is the upper half of a float32)."""
+# how numpy holds each dtype's stored elements
+_STORED = {"bfloat16": "<u2", "float16": "<f2", "float32": "<f4", "float64": "<f8"}
+
+
+def float_values(stored: np.ndarray, name: str) -> np.ndarray:
+    """The values of elements of dtype ``name`` as stored (``LaneTensor.stored``): float32/float64 as they
+    are (a copy: the map is read-only), bfloat16 and float16 widened to float32 (exact; bfloat16 is the upper
+    half of a float32)."""
     if name == "bfloat16":
-        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+        w = stored.astype(np.uint32)
+        w <<= 16
+        return w.view(np.float32)
     if name == "float16":
-        return raw.view("<f2").astype(np.float32)
-    return raw.view("<f4" if name == "float32" else "<f8")
+        return stored.astype(np.float32)
+    return stored.copy()
 
 
 def _read_file(path: Path) -> dict:

@@ -280,6 +280,26 @@ class MappedFile:
             return buf
         return np.frombuffer(mm, np.uint8, count=n, offset=start - base)
 
+    def view(self, offset: int, n: int) -> np.ndarray:
+        """Data bytes [offset, offset + n) as a read-only uint8 array over one map of the whole file, made on
+        first use: for many small reads (a diagnosis's single rows), where a map per read would cost a
+        system call each. Streaming goes through ``window``, whose maps are dropped as it moves on."""
+        if n == 0:
+            return np.zeros(0, np.uint8)
+        if getattr(self, "_ro", None) is None:
+            fd = self._fd()
+            try:
+                size = os.fstat(fd).st_size
+                self._ro = np.frombuffer(mmap.mmap(fd, 0, access=mmap.ACCESS_READ), np.uint8) if size else \
+                    np.zeros(0, np.uint8)
+            except (OSError, ValueError) as e:
+                raise InputError(self.path, os_problem(e) if isinstance(e, OSError) else str(e)) from None
+        start = self.data_start + offset
+        if start + n > self._ro.size:
+            raise InputError(self.path, f"file shrank to {self._ro.size} bytes while being read (data up to byte "
+                                        f"{start + n} expected)")
+        return self._ro[start:start + n]
+
     def will_need(self, offset: int, n: int) -> None:
         """Ask the kernel to start reading data bytes [offset, offset + n) into the page cache
         (asynchronously: a later window over them does not wait on the disk)."""
