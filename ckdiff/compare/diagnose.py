@@ -96,9 +96,27 @@ def _values(x) -> np.ndarray:
     (``LazyTensor.dtype``) decide what is exact, since bfloat16 and float32 are both float32 here."""
     if isinstance(x, np.ndarray):
         return x if x.dtype.kind in "biufc" else x.astype(np.float32)
-    if dtype_name(x.dtype) in _AS_IS:
+    name = dtype_name(x.dtype)
+    if name in _AS_IS:
         return x.numpy()
+    if name == "bfloat16":  # a bfloat16 is the upper half of the float32 of the same value: 4x torch's .float()
+        w = _bits(x).view(np.uint16).astype(np.uint32)
+        w <<= 16
+        return w.view(np.float32)
+    if name == "float16":
+        return x.numpy().astype(np.float32)  # 2x torch's .float()
     return x.float().numpy()
+
+
+def _bits(x) -> np.ndarray:
+    """A numpy array holding a tensor's elements as stored, byte for byte: its values where numpy has the
+    dtype, else the same bytes as unsigned integers of the same width (bfloat16 as 16-bit words)."""
+    if isinstance(x, np.ndarray):
+        return x if x.dtype.kind in "biufc" else x.view(f"u{x.dtype.itemsize}")
+    if dtype_name(x.dtype) in _AS_IS or dtype_name(x.dtype) == "float16":
+        return x.numpy()
+    import torch  # x is a torch tensor: torch is loaded already
+    return x.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]).numpy()
 
 
 def _is_float(name: str) -> bool:
@@ -123,6 +141,18 @@ def _allclose(x: np.ndarray, y: np.ndarray, rtol: float, atol: float, equal_nan:
         return bool(close.all())
 
 
+_BLOCK = 1 << 16  # elements compared at a time by _array_equal
+
+
+def _array_equal(x: np.ndarray, y: np.ndarray) -> bool:
+    """np.array_equal of two arrays of one shape, a block of rows at a time, stopping at the first block that
+    differs: a wrong hypothesis (a transpose, a row map) usually differs in its first rows already."""
+    if x.ndim == 0 or x.size <= _BLOCK:
+        return bool(np.array_equal(x, y))
+    step = max(1, _BLOCK // max(1, x.size // x.shape[0]))
+    return all(np.array_equal(x[i:i + step], y[i:i + step]) for i in range(0, x.shape[0], step))
+
+
 def _eq(x: np.ndarray, y: np.ndarray, atol: float = 0.0, rtol: float = 0.0, same: Optional[bool] = None) -> bool:
     """Equal (``same`` dtype, no tolerance: exact), else close within the tolerance in float64 with NaN equal
     to NaN. ``same`` says whether the tensors' own dtypes are one (default: the arrays' dtypes)."""
@@ -131,7 +161,7 @@ def _eq(x: np.ndarray, y: np.ndarray, atol: float = 0.0, rtol: float = 0.0, same
     if same is None:
         same = x.dtype == y.dtype
     if same and not atol and not rtol:
-        return bool(np.array_equal(x, y))
+        return _array_equal(x, y)
     return _allclose(x.astype(np.float64, copy=False), y.astype(np.float64, copy=False), max(rtol, 1e-12), atol,
                      equal_nan=True)
 
@@ -221,12 +251,11 @@ def _row_keys(u: np.ndarray) -> np.ndarray:
 
 def _row_perm(a, b, same: Optional[bool] = None):
     """If b's rows are a permutation of a's rows, the source row for each row of b (equal rows are taken
-    in order: the k-th copy in b comes from the k-th copy in a). Rows are matched on the bytes of their
-    values (``_values``: a widening to float32 keeps distinct values distinct); ``same`` says whether the
-    tensors' own dtypes are one (default: a's and b's dtypes)."""
+    in order: the k-th copy in b comes from the k-th copy in a). Rows are matched on their stored bytes
+    (``_bits``); ``same`` says whether the tensors' own dtypes are one (default: a's and b's dtypes)."""
     if same is None:
         same = a.dtype == b.dtype
-    a, b = _values(a), _values(b)
+    a, b = _bits(a), _bits(b)
     if a.ndim != 2 or a.shape[0] < 2 or a.shape != b.shape or not same:
         return None
     rows = a.shape[0]
@@ -306,31 +335,42 @@ class _Ctx:
 
 
 class _Side:
-    """Row access to one side, as numpy arrays (``_values``): the whole tensor when small, else cached
-    single-row reads. ``dtype`` is the tensor's own dtype name."""
+    """Row access to one side, as numpy arrays (``_values``): the whole tensor loaded when small (its values
+    made only for the rows asked for until the whole is needed), else cached single-row reads. ``dtype`` is
+    the tensor's own dtype name."""
 
     def __init__(self, t: LazyTensor, whole: bool):
         self.t = t
         self.dtype = dtype_name(t.dtype)
-        self.full = _values(t.load()) if whole else None
+        self.raw = t.load() if whole else None  # the loaded tensor, as ``load`` gave it
+        self.full: Optional[np.ndarray] = None  # its values
         self.cache: dict = {}
 
     def row(self, i: int) -> np.ndarray:
         if self.full is not None:
             return self.full[i]
         if i not in self.cache:
-            self.cache[i] = _values(self.t.rows(i, i + 1))[0]
+            self.cache[i] = _values(self.raw[i:i + 1] if self.raw is not None else self.t.rows(i, i + 1))[0]
         return self.cache[i]
 
     def rows_at(self, idx) -> np.ndarray:
         if self.full is not None:
             return self.full[np.asarray(list(idx), dtype=np.int64)]
+        if self.raw is not None and isinstance(idx, range) and idx.step == 1:
+            return _values(self.raw[idx.start:idx.stop])
         return np.stack([self.row(int(i)) for i in idx])
 
     def load(self) -> np.ndarray:
         if self.full is None:
-            self.full = _values(self.t.load())
+            if self.raw is None:
+                self.raw = self.t.load()
+            self.full = _values(self.raw)
         return self.full
+
+    def bits(self) -> np.ndarray:
+        """The whole tensor's stored bytes (``_bits``)."""
+        self.load()
+        return _bits(self.raw)
 
 
 def _sample_rows(n: int, extra: Optional[int] = None) -> list[int]:
@@ -619,21 +659,22 @@ def _try_maps(label_prefix: str, maps, A: _Side, B: _Side, rows_idx, cols: bool,
     return None
 
 
-def _whole_tensor(name: str, a: np.ndarray, b: np.ndarray, r: TensorResult, ctx: _Ctx, deadline: float,
-                  same: bool) -> Optional[str]:
-    """Whole-tensor hypotheses on both sides' values; ``same``: whether the tensors' own dtypes are one."""
+def _whole_tensor(name: str, A: _Side, B: _Side, r: TensorResult, ctx: _Ctx, deadline: float) -> Optional[str]:
+    """Whole-tensor hypotheses on both sides' values (rows moved: on their stored bytes)."""
+    a, b, same = A.load(), B.load(), A.dtype == B.dtype
     tol = (r.atol or 0.0, r.rtol or 0.0)
     if a.ndim == 2 and a.shape[0] == a.shape[1] and _eq(a.T, b, *tol, same=same):
         return "transposed: B == A^T"
     # whole rows (or columns) moved first: one hash of each row finds it (~0.02 s for 4M elements), while
     # each TP-shard hypothesis below builds a full candidate (~0.007 s apiece, six of them)
     if a.ndim == 2 and a.size <= HASH_NUMEL and time.perf_counter() <= deadline:
-        perm = _row_perm(a, b, same)
+        ua, ub = A.bits(), B.bits()
+        perm = _row_perm(ua, ub, same)
         if perm is not None and perm != list(range(len(perm))):
             ctx.perms[(name, "rows")] = perm
             return _describe_perm(perm, "rows")
         if a.shape[1] > 1:
-            perm = _row_perm(np.ascontiguousarray(a.T), np.ascontiguousarray(b.T), same)
+            perm = _row_perm(np.ascontiguousarray(ua.T), np.ascontiguousarray(ub.T), same)
             if perm is not None and perm != list(range(len(perm))):
                 ctx.perms[(name, "cols")] = perm
                 return _describe_perm(perm, "columns")
@@ -775,7 +816,7 @@ def diagnose_tensor(r: TensorResult, ta: LazyTensor, tb: LazyTensor, ctx: _Ctx) 
         return notes + [text]
     whole = None
     if ta.numel <= MAX_NUMEL and time.perf_counter() <= deadline:
-        whole = _whole_tensor(r.name, A.load(), B.load(), r, ctx, deadline, A.dtype == B.dtype)
+        whole = _whole_tensor(r.name, A, B, r, ctx, deadline)
     if whole:
         return notes + [whole]
     if time.perf_counter() > deadline:
