@@ -99,10 +99,8 @@ def _values(x) -> np.ndarray:
     name = dtype_name(x.dtype)
     if name in _AS_IS:
         return x.numpy()
-    if name == "bfloat16":  # a bfloat16 is the upper half of the float32 of the same value: 4x torch's .float()
-        w = _bits(x).view(np.uint16).astype(np.uint32)
-        w <<= 16
-        return w.view(np.float32)
+    if name == "bfloat16":  # 4x torch's .float()
+        return _widen(_bits(x), name)
     if name == "float16":
         return x.numpy().astype(np.float32)  # 2x torch's .float()
     return x.float().numpy()
@@ -117,6 +115,18 @@ def _bits(x) -> np.ndarray:
         return x.numpy()
     import torch  # x is a torch tensor: torch is loaded already
     return x.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]).numpy()
+
+
+def _widen(u: np.ndarray, name: str) -> Optional[np.ndarray]:
+    """The values of stored bytes ``u`` (``_bits``) of dtype ``name``, where numpy can make them: as they
+    are, float16 and bfloat16 (the upper half of the float32 of the same value) widened to float32; else None."""
+    if name == "bfloat16":
+        w = u.view(np.uint16).astype(np.uint32)
+        w <<= 16
+        return w.view(np.float32)
+    if name == "float16" and u.dtype == np.float16:
+        return u.astype(np.float32)
+    return u if name in _AS_IS and u.dtype.kind in "biufc" else None
 
 
 def _is_float(name: str) -> bool:
@@ -148,9 +158,9 @@ def _array_equal(x: np.ndarray, y: np.ndarray) -> bool:
     """np.array_equal of two arrays of one shape, a block of rows at a time, stopping at the first block that
     differs: a wrong hypothesis (a transpose, a row map) usually differs in its first rows already."""
     if x.ndim == 0 or x.size <= _BLOCK:
-        return bool(np.array_equal(x, y))
+        return bool((x == y).all())
     step = max(1, _BLOCK // max(1, x.size // x.shape[0]))
-    return all(np.array_equal(x[i:i + step], y[i:i + step]) for i in range(0, x.shape[0], step))
+    return all((x[i:i + step] == y[i:i + step]).all() for i in range(0, x.shape[0], step))
 
 
 def _eq(x: np.ndarray, y: np.ndarray, atol: float = 0.0, rtol: float = 0.0, same: Optional[bool] = None) -> bool:
@@ -369,8 +379,17 @@ class _Side:
 
     def bits(self) -> np.ndarray:
         """The whole tensor's stored bytes (``_bits``)."""
-        self.load()
+        if self.raw is None:
+            self.raw = self.t.load()
         return _bits(self.raw)
+
+    def columns(self, idx) -> np.ndarray:
+        """Values of columns ``idx`` of the whole (2-D) tensor, widened from its bytes where numpy can."""
+        if self.full is None:
+            cols = _widen(self.bits()[:, list(idx)], self.dtype)
+            if cols is not None:
+                return cols
+        return self.load()[:, list(idx)]
 
 
 def _sample_rows(n: int, extra: Optional[int] = None) -> list[int]:
@@ -659,26 +678,31 @@ def _try_maps(label_prefix: str, maps, A: _Side, B: _Side, rows_idx, cols: bool,
     return None
 
 
-def _whole_tensor(name: str, A: _Side, B: _Side, r: TensorResult, ctx: _Ctx, deadline: float) -> Optional[str]:
-    """Whole-tensor hypotheses on both sides' values (rows moved: on their stored bytes)."""
-    a, b, same = A.load(), B.load(), A.dtype == B.dtype
+def _whole_tensor(name: str, A: _Side, B: _Side, r: TensorResult, ctx: _Ctx, deadline: float,
+                  rows_idx: list) -> Optional[str]:
+    """Whole-tensor hypotheses on a 2-D tensor's values (rows moved: on their stored bytes); ``rows_idx``
+    are the sampled rows, which a transpose must hold before the whole tensor is compared."""
+    same, shape = A.dtype == B.dtype, A.t.shape
     tol = (r.atol or 0.0, r.rtol or 0.0)
-    if a.ndim == 2 and a.shape[0] == a.shape[1] and _eq(a.T, b, *tol, same=same):
+    if len(shape) == 2 and shape[0] == shape[1] \
+            and _eq(A.columns(rows_idx).T, B.rows_at(rows_idx), *tol, same=same) \
+            and _eq(A.load().T, B.load(), *tol, same=same):
         return "transposed: B == A^T"
     # whole rows (or columns) moved first: one hash of each row finds it (~0.02 s for 4M elements), while
     # each TP-shard hypothesis below builds a full candidate (~0.007 s apiece, six of them)
-    if a.ndim == 2 and a.size <= HASH_NUMEL and time.perf_counter() <= deadline:
+    if len(shape) == 2 and A.t.numel <= HASH_NUMEL and time.perf_counter() <= deadline:
         ua, ub = A.bits(), B.bits()
         perm = _row_perm(ua, ub, same)
         if perm is not None and perm != list(range(len(perm))):
             ctx.perms[(name, "rows")] = perm
             return _describe_perm(perm, "rows")
-        if a.shape[1] > 1:
+        if shape[1] > 1:
             perm = _row_perm(np.ascontiguousarray(ua.T), np.ascontiguousarray(ub.T), same)
             if perm is not None and perm != list(range(len(perm))):
                 ctx.perms[(name, "cols")] = perm
                 return _describe_perm(perm, "columns")
-    if a.ndim == 2:
+    if len(shape) == 2:
+        a, b = A.load(), B.load()
         for s in (2, 4, 8):
             for ax in (0, 1):
                 if time.perf_counter() > deadline:
@@ -816,7 +840,7 @@ def diagnose_tensor(r: TensorResult, ta: LazyTensor, tb: LazyTensor, ctx: _Ctx) 
         return notes + [text]
     whole = None
     if ta.numel <= MAX_NUMEL and time.perf_counter() <= deadline:
-        whole = _whole_tensor(r.name, A, B, r, ctx, deadline)
+        whole = _whole_tensor(r.name, A, B, r, ctx, deadline, rows_idx)
     if whole:
         return notes + [whole]
     if time.perf_counter() > deadline:
