@@ -118,15 +118,16 @@ def _bits(x) -> np.ndarray:
 
 
 def _widen(u: np.ndarray, name: str) -> Optional[np.ndarray]:
-    """The values of stored bytes ``u`` (``_bits``) of dtype ``name``, where numpy can make them: as they
-    are, float16 and bfloat16 (the upper half of the float32 of the same value) widened to float32; else None."""
-    if name == "bfloat16":
+    """The values of ``u`` (from ``_bits``) of a tensor of dtype ``name``, where numpy can make them: values
+    numpy holds (floats, complex, the integers of an integer dtype) as they are, the 16-bit words of a
+    bfloat16 as float32 (a bfloat16 is the upper half of the float32 of the same value); else None."""
+    if u.dtype.kind in "fc" or (name in _AS_IS and u.dtype.kind in "biu"):
+        return u
+    if name == "bfloat16" and u.dtype.itemsize == 2:
         w = u.view(np.uint16).astype(np.uint32)
         w <<= 16
         return w.view(np.float32)
-    if name == "float16" and u.dtype == np.float16:
-        return u.astype(np.float32)
-    return u if name in _AS_IS and u.dtype.kind in "biufc" else None
+    return None
 
 
 def _is_float(name: str) -> bool:
