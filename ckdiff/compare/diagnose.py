@@ -655,13 +655,14 @@ def _try_maps(label_prefix: str, maps, A: _Side, B: _Side, rows_idx, cols: bool,
     same = A.dtype == B.dtype
     bs = B.rows_at(rows_idx)
     sampled = A.rows_at(rows_idx) if cols else None
+    ridx = np.asarray(rows_idx, dtype=np.int64)
     for finding, m in maps:
         if time.perf_counter() > deadline:
             return None
         if cols:
             pred = sampled[:, m]
         else:
-            pred = A.rows_at(m[rows_idx].tolist())
+            pred = A.rows_at(m[ridx].tolist())
         if not _eq(pred, bs, *tol, same=same):
             continue
         # the winner, confirmed on the whole tensor when it can be loaded
