@@ -174,10 +174,8 @@ def _part_rows(which: str) -> torch.Tensor:
     return part.reshape(-1)
 
 
-NUMPY_SIDE = r"""
-import json, math, pickle, sys, types
-import numpy as np
-from ckdiff.compare.diagnose import diagnose_result
+NUMPY_TENSOR = r"""
+import math
 
 class NumpyTensor:
     # the lazy-tensor surface the diagnosis reads, over numpy arrays (bfloat16 values held as float32)
@@ -191,6 +189,12 @@ class NumpyTensor:
         return self._v
     def rows(self, start, stop):
         return self._v.reshape(1) if self._v.ndim == 0 else self._v[start:stop]
+"""
+
+NUMPY_SIDE = NUMPY_TENSOR + r"""
+import json, pickle, sys, types
+import numpy as np
+from ckdiff.compare.diagnose import diagnose_result
 
 d = sys.argv[1]
 meta = json.load(open(f"{d}/meta.json"))
@@ -239,3 +243,40 @@ def test_a_numpy_pair_gets_the_diagnoses_of_the_torch_pair_without_torch(tmp_pat
               "copies of the last real row", "the experts of layer 2 are permuted together",
               "k and v swapped in the fused QKV", "rotary permutation in some layers only"):
         assert s in text, s
+
+
+def _numpy_side(path: str, tensors: dict, config: dict):
+    """A checkpoint whose tensors load as numpy arrays (bfloat16 values as float32). Their dtypes stay torch's:
+    ModelConfig.from_hf, which a family hook's caller reads, asks a dtype ``is_floating_point``."""
+    import types
+    ns: dict = {}
+    exec(NUMPY_TENSOR, ns)
+    made = {n: ns["NumpyTensor"](n, t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy(), t.dtype,
+                                 t.element_size()) for n, t in tensors.items()}
+    return types.SimpleNamespace(path=path, format="safetensors", tensors=made, config=config, meta={})
+
+
+def test_a_family_diagnose_hook_runs_on_numpy_loads():
+    """DeepSeek-V3's own diagnosis (models/families/deepseek.py, on torch tensors) also names a pair whose tensors
+    load as numpy arrays: q_b_proj with every head's rotary rows moved from interleaved pairs to half-split order.
+    Weights: ckdiff's tiny DeepSeek-V3 (golden/models.py), random."""
+    from ckdiff.golden.models import TINY, hf_state
+    cfg = TINY["deepseek-v3"]
+    dn, dr = cfg.extra["qk_nope_head_dim"], cfg.head_dim
+    a = hf_state(cfg)
+    b = dict(a)
+    q = "model.layers.0.self_attn.q_b_proj.weight"
+    b[q] = a[q].clone()
+    for h in range(cfg.heads):
+        rot = a[q][h * (dn + dr) + dn:(h + 1) * (dn + dr)]
+        b[q][h * (dn + dr) + dn:(h + 1) * (dn + dr)] = torch.cat([rot[0::2], rot[1::2]])
+    hf = cfg.to_hf()
+    cka = Checkpoint("a", "safetensors", {n: EagerTensor(n, t) for n, t in a.items()}, hf, {})
+    ckb = Checkpoint("b", "safetensors", {n: EagerTensor(n, t) for n, t in b.items()}, hf, {})
+    res = compare_checkpoints(cka, ckb, Options(diagnose=False), map_layouts=False)
+    want, got = copy.deepcopy(res), copy.deepcopy(res)
+    diagnose_result(want, cka, ckb)
+    diagnose_result(got, _numpy_side("a", a, hf), _numpy_side("b", b, hf))
+    assert _view(got) == _view(want)
+    row = next(t for t in got.tensors if t.name == q)
+    assert row.diagnosis[0].startswith("MLA rotary rows of q_b_proj in the other pair order"), row.diagnosis
