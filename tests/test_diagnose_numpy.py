@@ -280,3 +280,18 @@ def test_a_family_diagnose_hook_runs_on_numpy_loads():
     assert _view(got) == _view(want)
     row = next(t for t in got.tensors if t.name == q)
     assert row.diagnosis[0].startswith("MLA rotary rows of q_b_proj in the other pair order"), row.diagnosis
+
+
+def test_shape_mismatches_of_empty_tensors_are_named_from_their_shapes():
+    """numpy holds no array of some empty shapes; any two empty tensors of one shape are equal, and a side with
+    no rows against one with some has no last real row to pad with."""
+    from ckdiff.compare.diagnose import diagnose_pair
+    g = torch.Generator().manual_seed(3)
+    assert diagnose_pair("w", torch.zeros(2, 0), torch.zeros(3, 0, dtype=torch.bfloat16)) == [
+        "padding: the first 2 rows agree; B has 1 extra rows (copies of the last real row)"]
+    assert diagnose_pair("w", torch.zeros(0, 4), torch.zeros(4, 0)) == ["transposed: B == A^T"]
+    assert diagnose_pair("w", torch.zeros(0, 4), torch.zeros(0, 8)) == [
+        "shards concatenated on the wrong axis: B is A's 2 shards along dim 0 concatenated along dim 1 ([0, 4] -> "
+        "[0, 8])"]
+    assert diagnose_pair("w", torch.zeros(0, 4), torch.randn(2, 4, generator=g)) == []
+    assert diagnose_pair("w", torch.zeros(0, 1 << 31, 1 << 31), torch.zeros(0, 1 << 61)) == []

@@ -92,17 +92,18 @@ _AS_IS = frozenset({"float32", "float64", "int8", "int16", "int32", "int64", "ui
 def _values(x) -> np.ndarray:
     """The values of a tensor as a numpy array: a numpy array as it is (a non-numeric one, such as an
     ml_dtypes bfloat16 array, widened to float32), a torch tensor as its numpy view, or widened to float32
-    where numpy has no such dtype. Every hypothesis below works on these arrays; the tensors' own dtypes
+    (bfloat16, float16, float8). Every hypothesis below works on these arrays; the tensors' own dtypes
     (``LazyTensor.dtype``) decide what is exact, since bfloat16 and float32 are both float32 here."""
     if isinstance(x, np.ndarray):
         return x if x.dtype.kind in "biufc" else x.astype(np.float32)
     name = dtype_name(x.dtype)
     if name in _AS_IS:
         return x.numpy()
-    if name == "bfloat16":  # 4x torch's .float()
+    # bfloat16 and float16 widened by numpy: 4x and 2x as fast as torch's .float() (4M elements: 2 and 4 ms, 8 ms)
+    if name == "bfloat16":
         return _widen(_bits(x), name)
     if name == "float16":
-        return x.numpy().astype(np.float32)  # 2x torch's .float()
+        return x.numpy().astype(np.float32)
     return x.float().numpy()
 
 
@@ -733,6 +734,8 @@ def _diagnose_shape(a, b, dtypes: Optional[tuple[str, str]] = None) -> list[str]
     """Causes of a shape mismatch; a cast between the sides is allowed its rounding. ``dtypes``: the tensors'
     own dtype names (default: those of a and b)."""
     da, db = dtypes or (dtype_name(a.dtype), dtype_name(b.dtype))
+    if not math.prod(a.shape) or not math.prod(b.shape):
+        return _diagnose_empty(tuple(a.shape), tuple(b.shape))
     a, b = _values(a), _values(b)
     tol = _cast_tol(da, db)
     _eq_ = lambda x, y, same=da == db: _eq(x, y, *tol, same=same)  # noqa: E731
@@ -756,6 +759,33 @@ def _diagnose_shape(a, b, dtypes: Optional[tuple[str, str]] = None) -> list[str]
                 if cat.shape == b.shape and _eq_(cat, b):
                     notes.append(f"shards concatenated on the wrong axis: B is A's {s} shards along dim {ax} "
                                  f"concatenated along dim {1 - ax} ({list(a.shape)} -> {list(b.shape)})")
+                    return notes
+    return notes
+
+
+def _diagnose_empty(sa: tuple, sb: tuple) -> list[str]:
+    """``_diagnose_shape`` where a side holds no elements, from the shapes alone (numpy holds no array of
+    some empty shapes, such as (0, 2^31, 2^31)): any two empty tensors of one shape are equal. A side with no
+    rows against one with some has no last real row: no padding is named."""
+    notes = []
+    if len(sa) == len(sb) >= 1 and sa[1:] == sb[1:]:
+        n = min(sa[0], sb[0])
+        if n:  # rows on both sides and no elements: both sides are empty
+            big, which = (sa, "A") if sa[0] > sb[0] else (sb, "B")
+            notes.append(f"padding: the first {n} rows agree; {which} has {big[0] - n} extra rows (copies of the "
+                         "last real row)")
+    if len(sa) == 2 and sa == sb[::-1]:
+        notes.append("transposed: B == A^T")
+    if len(sa) == 2 and len(sb) == 2 and math.prod(sa) == math.prod(sb) and not notes:
+        for s in (2, 3, 4, 6, 8, 12, 16):
+            for ax in (0, 1):
+                if sa[ax] % s:
+                    continue
+                cat = list(sa)
+                cat[ax], cat[1 - ax] = sa[ax] // s, sa[1 - ax] * s
+                if tuple(cat) == sb:
+                    notes.append(f"shards concatenated on the wrong axis: B is A's {s} shards along dim {ax} "
+                                 f"concatenated along dim {1 - ax} ({list(sa)} -> {list(sb)})")
                     return notes
     return notes
 
