@@ -1023,6 +1023,8 @@ def _expert_reorderings(res: CompareResult, ctx: _Ctx) -> None:
         if router is None or not names or all(by[n].ok for n in names + [router]):
             continue
         E = ctx.a.tensors[router].shape[0]
+        if not E:  # no experts: nothing can be permuted (and the router may be an empty shape numpy cannot hold)
+            continue
         perms = []
         for k, v in parts.items():
             if k[0] == "each":
