@@ -57,7 +57,7 @@ def _mutated(src, dst, change, config=None):
     return dst
 
 
-def _both(a, b, diagnose=False):
+def _both(a, b, diagnose=True):
     """The lane's result equals the full comparison's, in both orders; returns the A-B result."""
     out = None
     for x, y in ((a, b), (b, a)):
@@ -106,16 +106,26 @@ def _head(s):
     s["lm_head.weight"] = s["model.embed_tokens.weight"].clone()
 
 
+def _shapes(s):
+    s["lm_head.weight"] = s["lm_head.weight"][:-2].clone()
+    s["model.norm.weight"] = torch.cat([s["model.norm.weight"], s["model.norm.weight"][-1:]])
+
+
 MUTATIONS = {"copy": lambda s: None, "one element": _one, "noise": _noise, "rows permuted": _rows,
              "rotary": _rotary, "scaled norm": _scaled, "cast to fp16": _cast, "nan and inf": _nan,
-             "head is the embedding": _head}
+             "head is the embedding": _head, "shapes": _shapes}
 
 
 @pytest.mark.parametrize("case", list(MUTATIONS))
 def test_same_result_as_the_full_comparison(tmp_path, base, case):
     b = _mutated(base, tmp_path / "b", MUTATIONS[case])
     res = _both(base, b)
+    assert _both(base, b, diagnose=False).equivalent == res.equivalent
     assert res.equivalent == (case in ("copy", "cast to fp16"))
+    # every differing tensor gets a cause, or a note saying why none was sought
+    assert all(t.diagnosis or t.note for t in res.tensors if t.status.value == "differ")
+    if case == "shapes":
+        assert all(t.diagnosis for t in res.tensors if t.status.value == "shape")
 
 
 def test_config_differences_and_bf16_weights(tmp_path, base):
@@ -154,7 +164,7 @@ def test_values_decode_exactly():
 
 
 @pytest.mark.parametrize("case", ["quantization config", "extra file", "sub-directory", "int tensor", "names",
-                                  "shape", "file metadata", "scale tensor", "family with its own diagnoses",
+                                  "file metadata", "scale tensor", "family with its own diagnoses",
                                   "file against directory"])
 def test_declined_where_the_answer_needs_the_full_comparison(tmp_path, base, case):
     a = _mutated(base, tmp_path / "a", lambda s: None)
@@ -171,10 +181,6 @@ def test_declined_where_the_answer_needs_the_full_comparison(tmp_path, base, cas
     elif case == "names":
         s = load_file(b / "model.safetensors")
         s["extra.weight"] = s["model.norm.weight"].clone()
-        save_file(s, b / "model.safetensors")
-    elif case == "shape":
-        s = load_file(b / "model.safetensors")
-        s["model.norm.weight"] = s["model.norm.weight"][:-1].clone()
         save_file(s, b / "model.safetensors")
     elif case == "file metadata":
         save_file(load_file(b / "model.safetensors"), b / "model.safetensors", metadata={"format": "mlx"})
@@ -196,11 +202,12 @@ def test_the_command_never_loads_torch_on_a_plain_pair(tmp_path, base):
     b = _mutated(base, tmp_path / "b", _noise)
     code = ("import sys\nfrom ckdiff.cli import main\nrc = main(sys.argv[1:])\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\nprint('exit', rc)\n")
-    for args in ([str(base), str(tmp_path / "b"), "--no-diagnose"], [str(base), str(base)]):
+    for args in ([str(base), str(tmp_path / "b")], [str(base), str(tmp_path / "b"), "--no-diagnose"],
+                 [str(base), str(base)]):
         r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
                            env={**os.environ, "COLUMNS": "200"})
         assert r.returncode == 0, r.stderr
-        assert r.stdout.strip().endswith("exit " + ("1" if "--no-diagnose" in args else "0")), r.stdout
+        assert r.stdout.strip().endswith("exit " + ("0" if args[1] == str(base) else "1")), r.stdout
     assert b.is_dir()
 
 

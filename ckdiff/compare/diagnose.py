@@ -380,7 +380,11 @@ class _Side:
         return self.full
 
     def bits(self) -> np.ndarray:
-        """The whole tensor's stored bytes (``_bits``)."""
+        """The whole tensor's stored bytes (``_bits``); a tensor that gives its stored elements itself
+        (compare/lane.py's ``stored``) gives them unconverted."""
+        stored = getattr(self.t, "stored", None)
+        if self.raw is None and stored is not None:
+            return stored()
         if self.raw is None:
             self.raw = self.t.load()
         return _bits(self.raw)

@@ -15,7 +15,7 @@ full comparison runs:
 - each side a ``.safetensors`` file, or a directory of ``config.json`` with ``*.safetensors`` (or their
   ``model.safetensors.index.json``) and nothing another format's detection could claim (the files allowed
   are listed in ``_ALLOWED``; no sub-directory);
-- both sides of one kind, holding the same tensor names, every tensor F64/F32/F16/BF16, file metadata
+- both sides of one kind, holding the same tensor names (shapes may differ), every tensor F64/F32/F16/BF16, file metadata
   plain, no tensor name that an encoding (scales, codes, packed weights), a fused-expert view or a stored
   rotary buffer would read differently;
 - a config without a quantization section, of a model family without family-specific diagnoses;
@@ -156,8 +156,6 @@ def open_plain_pair(a: str, b: str) -> Optional[tuple[Checkpoint, Checkpoint]]:
         return None
     if ca.format != cb.format or set(ca.tensors) != set(cb.tensors) or any(_SPECIAL.search(n) for n in ca.tensors):
         return None
-    if any(ca.tensors[n].shape != cb.tensors[n].shape for n in ca.tensors):
-        return None  # a shape mismatch is diagnosed on torch tensors (compare/diagnose.py _diagnose_shape)
     from ckdiff.io.inputs import note_input
     for ck in (ca, cb):
         for f in [ck.path, *ck.meta["files"]]:
@@ -194,8 +192,9 @@ def compare_plain_pair(ca: Checkpoint, cb: Checkpoint, diagnose: bool = True, pr
             "ignored": 0, "dropped": {}, "unaccounted": []}
     res.coverage = {"A": dict(side), "B": dict(side)}
     res.notes += unaccounted_note(res.coverage)
-    # the diagnosis has work only where a tensor differs (shapes are equal here; no one-sided tensor, no
-    # family-specific diagnosis)
-    if diagnose and any(r.status == Status.DIFFER for r in rows):
-        return None  # the diagnosis reads torch tensors (compare/diagnose.py): the full comparison diagnoses
+    # the diagnosis has work only where a tensor differs (no one-sided tensor here, no family-specific
+    # diagnosis); it runs on the numpy arrays these tensors load as
+    if diagnose and any(r.status in (Status.DIFFER, Status.SHAPE) for r in rows):
+        from ckdiff.compare.diagnose import diagnose_result
+        diagnose_result(res, ca, cb)
     return res
