@@ -1362,10 +1362,11 @@ def test_empty_tensors_with_huge_dimensions_compare_without_overflow(tmp_path, r
                                 "w": _entry((4,), (0, 16))}, torch.randn(4).numpy().tobytes(), name="a.safetensors")
     b = _header_file(tmp_path, {"z": _entry((0, 1 << 61), (0, 0)), "y": _entry((1 << 61, 0), (0, 0)),
                                 "w": _entry((4,), (0, 16))}, torch.randn(4).numpy().tobytes(), name="b.safetensors")
-    code, out, err = run_cli(a, b, "--json", tmp_path / "r.json")
-    assert code == 1 and not err, err
-    rows = {t["name"]: t["status"] for t in json.loads((tmp_path / "r.json").read_text())["result"]["tensors"]}
-    assert rows == {"z": "shape", "y": "equal", "w": "differ"}
+    for extra in ([], ["--format", "file"]):  # the torch-free lane (compare/lane.py), then the full comparison
+        code, out, err = run_cli(a, b, "--json", tmp_path / "r.json", *extra)
+        assert code == 1 and not err, err
+        rows = {t["name"]: t["status"] for t in json.loads((tmp_path / "r.json").read_text())["result"]["tensors"]}
+        assert rows == {"z": "shape", "y": "equal", "w": "differ"}
 
 
 # -------------------------------------------------------------- 1. reports to streams and through links

@@ -817,6 +817,8 @@ def diagnose_tensor(r: TensorResult, ta: LazyTensor, tb: LazyTensor, ctx: _Ctx) 
         if ta.numel > MAX_NUMEL or tb.numel > MAX_NUMEL:
             _skip(r, f"diagnosis skipped: the tensors are too large to load ({ta.numel} elements)")
             return []
+        if not ta.numel or not tb.numel:  # named from the shapes: numpy holds no array of some empty shapes
+            return _diagnose_empty(tuple(ta.shape), tuple(tb.shape))
         return _diagnose_shape(ta.load(), tb.load(), (dtype_name(ta.dtype), dtype_name(tb.dtype)))
     if not (_is_float(dtype_name(ta.dtype)) or dtype_name(ta.dtype) == dtype_name(tb.dtype)):
         return []
