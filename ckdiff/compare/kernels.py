@@ -721,7 +721,7 @@ class Side:
     """One side of a scaled comparison, rows [R, C]: ``kind`` 0 plain values, 1 codes times a scale grid
     (``grid[(i // br) * ncb + j // bc]``, flat float32), 2 values with a unit per element in ``grid``."""
 
-    def __init__(self, data: "torch.Tensor", kind: int = 0, grid: "Optional[torch.Tensor]" = None, block=(1, 1),
+    def __init__(self, data: torch.Tensor, kind: int = 0, grid: Optional[torch.Tensor] = None, block=(1, 1),
                  steps: Optional[np.ndarray] = None):
         self.R, self.C = data.shape
         self.src, _, self.mode, self.lut = as_kernel_input(data)

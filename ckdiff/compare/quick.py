@@ -49,10 +49,9 @@ PLAIN_METADATA = ({}, {"format": "pt"})
 
 
 def _header(path: Path):
-    from ckdiff.io.safetensors_header import parse_header, read_header
-    raw, start, size = read_header(path)
-    metadata, entries = parse_header(path, raw, size - start, FLOATS)
-    return metadata, entries, start
+    from ckdiff.io.safetensors_header import MappedFile
+    f = MappedFile(path, FLOATS)
+    return f.metadata, f.entries, f.data_start
 
 
 def _mapped(path: Path):

@@ -12,15 +12,12 @@ import json
 import mmap
 import os
 import struct
-from pathlib import Path
 from typing import Iterable
 
-import numpy as np
 import torch
 
-from ckdiff.errors import InputError
-from ckdiff.io.inputs import no_gc, open_input, os_problem
-from ckdiff.io.safetensors_header import MappedFile, parse_header, read_header  # noqa: F401
+from ckdiff.io.inputs import no_gc, open_input
+from ckdiff.io.safetensors_header import MappedFile
 from ckdiff.tensor.lazy import LazyTensor
 
 DTYPES = {

@@ -248,7 +248,8 @@ class MappedFile:
         raw, self.data_start, size = read_header(self.path)
         with no_gc():  # a header of a million entries allocates millions of objects, none of them cyclic
             self.metadata, self.entries = parse_header(path, raw, size - self.data_start, dtypes)
-        self._mm = None
+        self._mm = None  # a writable map of the whole file (io/safetensors.py's torch views)
+        self._ro: np.ndarray | None = None  # a read-only map of the whole file (``view``)
 
     def window(self, offset: int, n: int) -> np.ndarray:
         """Data bytes [offset, offset + n) as a uint8 array over a map of just their pages: the
@@ -286,7 +287,7 @@ class MappedFile:
         system call each. Streaming goes through ``window``, whose maps are dropped as it moves on."""
         if n == 0:
             return np.zeros(0, np.uint8)
-        if getattr(self, "_ro", None) is None:
+        if self._ro is None:
             fd = self._fd()
             try:
                 size = os.fstat(fd).st_size
